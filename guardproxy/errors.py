@@ -1,0 +1,111 @@
+"""The exception tree of guardproxy.
+
+Every error that domain code raises derives from ``GuardProxyError``. The app maps them to
+OpenAI-shaped error JSON in one place (``guardproxy.app``); domain code never builds responses.
+
+    GuardProxyError
+    ├── ConfigError              bad settings, policy or model files (CLI: one line with file and line)
+    ├── RequestError             the client's request is invalid (HTTP 400)
+    │   ├── PayloadTooLarge      body over the limit (HTTP 413)
+    │   └── HeadersTooLarge      too many or oversized headers (HTTP 431)
+    ├── AuthError                missing or wrong gateway key (HTTP 401)
+    ├── RateLimited              tenant over its token bucket (HTTP 429, Retry-After)
+    ├── Overloaded               gateway at capacity (HTTP 503, Retry-After)
+    ├── RouteNotGuarded          a generating route this gateway does not guard (HTTP 403)
+    ├── UpstreamError            the upstream failed
+    │   ├── UpstreamUnreachable  connect failure or reset before headers (HTTP 502)
+    │   ├── UpstreamTimeout      connect, read-gap or overall deadline exceeded (HTTP 504)
+    │   └── UpstreamStreamError  a 200 stream that carried an error payload or broke mid-way
+    ├── ClassifierError          the guard model failed (raised, timed out, missing)
+    ├── StateBackendError        conversation state backend failed (Redis down or slow)
+    └── StoreError               the drill store failed (queue full, disk full, database down)
+"""
+
+from __future__ import annotations
+
+
+class GuardProxyError(Exception):
+    """Root of every error guardproxy raises on purpose."""
+
+
+class ConfigError(GuardProxyError):
+    """Bad settings, policy or model file. ``where`` is ``file:line`` when known."""
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+
+
+class RequestError(GuardProxyError):
+    """The client's request is invalid."""
+
+    status_code = 400
+    code: str | None = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class HeadersTooLarge(RequestError):
+    status_code = 431
+    code = "headers_too_large"
+
+
+class AuthError(GuardProxyError):
+    status_code = 401
+
+
+class RateLimited(GuardProxyError):
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(GuardProxyError):
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RouteNotGuarded(GuardProxyError):
+    status_code = 403
+
+
+class UpstreamError(GuardProxyError):
+    status_code = 502
+
+
+class UpstreamUnreachable(UpstreamError):
+    status_code = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+
+
+class UpstreamStreamError(UpstreamError):
+    status_code = 502
+
+
+class ClassifierError(GuardProxyError):
+    """The guard model raised, timed out, or could not be loaded."""
+
+
+class StateBackendError(GuardProxyError):
+    """The conversation state backend failed or was too slow."""
+
+
+class StoreError(GuardProxyError):
+    """The drill store failed; samples are dropped and counted, requests never fail for it."""

@@ -1,0 +1,41 @@
+"""Logging helpers: a redaction filter so credentials never reach a log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+# Bearer tokens, OpenAI-style keys and anything that looks like an api key assignment.
+_PATTERNS = [
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{6,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|token)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]{6,}"),
+]
+
+
+def redact(text: str) -> str:
+    """Replace credentials in ``text`` with ``[REDACTED]``."""
+    for pattern in _PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[REDACTED]", text)
+    return text
+
+
+class RedactionFilter(logging.Filter):
+    """Formats the record once and redacts credentials from the final message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_text is None and record.exc_info[1] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def install_redaction(logger: logging.Logger | None = None) -> None:
+    """Attach the redaction filter to every handler of ``logger`` (the root logger by default)."""
+    target = logger or logging.getLogger()
+    for handler in target.handlers:
+        if not any(isinstance(f, RedactionFilter) for f in handler.filters):
+            handler.addFilter(RedactionFilter())

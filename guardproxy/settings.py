@@ -1,0 +1,164 @@
+"""Settings: the only place that reads the environment.
+
+Sources, highest priority first: explicit arguments (CLI flags), ``GUARDPROXY_*`` environment
+variables (nested with ``__``, e.g. ``GUARDPROXY_UPSTREAM__BASE_URL``), then an optional TOML config
+file (``--config FILE`` or ``GUARDPROXY_CONFIG_FILE``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from guardproxy.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "guard-v1"
+DEFAULT_POLICY = PROJECT_ROOT / "policies" / "default.toml"
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shutdown_timeout: float = Field(10.0, ge=0, description="seconds open streams may run on after SIGTERM")
+    max_concurrent_requests: int = Field(512, ge=1, description="beyond this, a fast 503 with Retry-After")
+    log_level: str = "info"
+
+
+class UpstreamSettings(BaseModel):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: SecretStr | None = Field(
+        None, description="replace mode: send this key upstream and require gateway keys from clients"
+    )
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0, description="longest gap between two reads from the upstream")
+    total_timeout: float = Field(600.0, gt=0, description="overall deadline of one upstream exchange")
+    max_connections: int = Field(256, ge=1)
+    max_keepalive_connections: int = Field(64, ge=0)
+
+
+class LimitSettings(BaseModel):
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    max_messages: int = Field(2048, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=256)
+    max_headers: int = Field(100, ge=1)
+    max_json_depth: int = Field(64, ge=4)
+    max_n: int = Field(8, ge=1)
+    max_tokens_cap: int | None = Field(None, description="clamp max_tokens to this; None leaves it as sent")
+    rate_per_second: float | None = Field(None, description="per-tenant token bucket refill rate; None is off")
+    rate_burst: int = Field(50, ge=1)
+
+
+class AuthSettings(BaseModel):
+    # tenant name -> sha256 hex of a gateway key. Required in replace mode (upstream.api_key set).
+    gateway_keys: dict[str, str] = Field(default_factory=dict)
+
+
+class RouteSettings(BaseModel):
+    forward_unguarded_generating: bool = Field(
+        False, description="forward /v1/completions, /v1/responses, /v1/messages unguarded (counted)"
+    )
+
+
+class GuardSettings(BaseModel):
+    enabled: bool = True
+    model_dir: Path = DEFAULT_MODEL_DIR
+    speculative: bool = Field(False, description="start the upstream call while the input check runs")
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
+    workers: int = Field(1, ge=1, description="size of the one inference executor")
+    timeout: float = Field(2.0, gt=0, description="a classification slower than this counts as a failure")
+    cache_size: int = Field(8192, ge=0)
+
+
+class PolicySettings(BaseModel):
+    active: Path = DEFAULT_POLICY
+    shadows: list[Path] = Field(default_factory=list)
+    mapping: Path | None = Field(None, description="TOML picking active/shadow policies per tenant or model")
+    decision_log: Path | None = Field(None, description="JSONL decision log; None keeps it in the drill store only")
+    watch: bool = Field(False, description="reload when a policy file changes")
+
+
+class StateSettings(BaseModel):
+    url: str = Field("memory://", description="memory:// or redis://host:port/db")
+    hmac_secret: SecretStr = Field(SecretStr(""), description="shared by all replicas; required for redis://")
+    ttl_seconds: int = Field(24 * 3600, ge=1)
+    max_conversations: int = Field(100_000, ge=1)
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    backend_timeout: float = Field(0.05, gt=0, description="a slower state backend falls back to local state")
+
+
+class DrillSettings(BaseModel):
+    store: str = Field("sqlite:///guardproxy-drills.db", description="sqlite:///path or postgresql://...")
+    sample_rate: float = Field(0.01, ge=0, le=1)
+    sample_secret: SecretStr = Field(SecretStr(""), description="keys the sampling hash; random per process if empty")
+    per_tenant_hourly_cap: int = Field(200, ge=0)
+    hourly_budget: int = Field(2000, ge=0)
+    queue_size: int = Field(1000, ge=1)
+    retention_days: int = Field(30, ge=1)
+    redact_patterns: list[str] = Field(default_factory=lambda: ["email", "phone", "card"])
+    hash_only: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GUARDPROXY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    limits: LimitSettings = LimitSettings()
+    auth: AuthSettings = AuthSettings()
+    routes: RouteSettings = RouteSettings()
+    guard: GuardSettings = GuardSettings()
+    policy: PolicySettings = PolicySettings()
+    state: StateSettings = StateSettings()
+    drills: DrillSettings = DrillSettings()
+    admin_token: SecretStr | None = Field(None, description="GUARDPROXY_ADMIN_TOKEN: review page and admin endpoints")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file (model_config["toml_file"], set by load_settings) ranks below the environment.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a config file, the environment and explicit overrides (nested dicts).
+
+    The config file is ``config_file`` or else ``GUARDPROXY_CONFIG_FILE``.
+    """
+    if config_file is None:
+        config_file = os.environ.get("GUARDPROXY_CONFIG_FILE") or None
+    if config_file is None:
+        return Settings(**overrides)
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError("config file not found", where=str(path))
+    file_settings = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    try:
+        return file_settings(**overrides)  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc), where=str(path)) from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field_path = ".".join(str(p) for p in err["loc"])
+    return f"{field_path}: {err['msg']}" + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")

@@ -1,0 +1,76 @@
+"""The guard's signals: what the classifier, the conversation tracker and the failure paths produce,
+and what policies decide on. Computed once per exchange and shared by the active and shadow policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+RefusalClass = Literal["none", "partial", "full"]
+REFUSAL_CLASSES: tuple[RefusalClass, ...] = ("none", "partial", "full")
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """Guard-model scores of one user turn (or a window of turns)."""
+
+    harm: float  # probability the text requests harmful assistance
+    category: str  # taxonomy id of the most likely hazard category (guardproxy.taxonomy)
+    jailbreak: float  # probability the text is a jailbreak wrapper / instruction override
+    embedding: npt.NDArray[np.float32] = field(repr=False, compare=False)  # L2-normalised pooled embedding
+
+
+@dataclass(frozen=True)
+class ReplyScore:
+    """Guard-model scores of one (user turn, assistant reply) pair."""
+
+    refusal: RefusalClass
+    refusal_probs: tuple[float, float, float]  # none, partial, full
+    reply_harm: float  # probability the reply carries harmful assistance
+
+
+class Classifier(Protocol):
+    """The guard model as the rest of guardproxy sees it. Implementations run inference off the event loop."""
+
+    async def score_prompts(self, texts: Sequence[str]) -> list[PromptScore]: ...
+
+    async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ConversationSignals:
+    """Escalation signals of the conversation tracker (guardproxy.conversation)."""
+
+    window_harm: float = 0.0  # guard model on the recent turns together
+    trajectory: float = 0.0  # decaying cumulative risk
+    trend: float = 0.0  # slope of per-turn risk over recent turns
+    escalation: float = 0.0  # the combined escalation score in [0, 1]
+    refusal_events: int = 0  # earlier refusals (assistant or policy) in this conversation
+    rephrase_similarity: float = 0.0  # max cosine to a request refused earlier for this tenant
+    history: Literal["verified", "unverified", "forged", "none"] = "none"
+    turn_index: int = 0  # number of user turns so far
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Everything a policy rule can test. Output-side fields are None until a reply exists."""
+
+    harm: float = 0.0  # max over the scored user turns (and tool results) of this request
+    category: str = "none"
+    jailbreak: float = 0.0
+    conversation: ConversationSignals = ConversationSignals()
+    refusal: RefusalClass | None = None
+    reply_harm: float | None = None
+    classifier_failed: bool = False
+    state_failed: bool = False
+
+    def false_refusal(self, harm_threshold: float) -> bool:
+        """Derived: a full or partial refusal of a request whose harm is below ``harm_threshold``."""
+        return self.refusal in ("partial", "full") and self.harm < harm_threshold
