@@ -8,6 +8,7 @@ The gateway owns the HTTP side; guard parts fill three hook points:
   plain path it runs once with ``final=True``; on the streaming path it runs every time the
   accumulated text grows by ``output_check_chars`` and once more at the end, so both paths run
   the same checks.
+- ``start()`` / ``aclose()``: once at app startup and shutdown.
 - ``finish(exchange)``: once after the exchange ends, whatever the outcome, off the request path
   (state updates, decision log, drill sampling). It must not raise.
 
@@ -127,6 +128,8 @@ class Check(Protocol):
 
     name: str
 
+    async def start(self) -> None: ...
+
     async def check_input(self, exchange: Exchange) -> Verdict: ...
 
     async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict: ...
@@ -146,6 +149,10 @@ class Pipeline:
     @property
     def passthrough(self) -> bool:
         return not self.checks
+
+    async def start(self) -> None:
+        for c in self.checks:
+            await c.start()
 
     async def check_input(self, exchange: Exchange) -> Verdict:
         verdicts = [await c.check_input(exchange) for c in self.checks]
