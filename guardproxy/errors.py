@@ -5,6 +5,7 @@ OpenAI-shaped error JSON in one place (``guardproxy.app``); domain code never bu
 
     GuardProxyError
     ├── ConfigError              bad settings, policy or model files (CLI: one line with file and line)
+    │   └── PolicyError          a policy or mapping file failed validation (every problem, file:line: field)
     ├── RequestError             the client's request is invalid (HTTP 400)
     │   ├── PayloadTooLarge      body over the limit (HTTP 413)
     │   └── HeadersTooLarge      too many or oversized headers (HTTP 431)
@@ -33,6 +34,17 @@ class ConfigError(GuardProxyError):
 
     def __init__(self, message: str, *, where: str | None = None) -> None:
         super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+
+
+class PolicyError(ConfigError):
+    """A policy or mapping file is invalid. ``issues`` holds every problem as ``file:line: field: message``."""
+
+    def __init__(self, issues: list[str], *, where: str | None = None) -> None:
+        self.issues = tuple(issues) or ("invalid policy file",)
+        more = f" (and {len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
+        # The first issue already names file and line; ``where`` is kept for callers that want the file.
+        Exception.__init__(self, self.issues[0] + more)
         self.where = where
 
 

@@ -1,0 +1,640 @@
+"""Policies as files: TOML validated by pydantic, turned into allow / flag / block decisions.
+
+A policy is a pure function of ``signals.Signals``: the guard computes the signals once per exchange
+and every policy (the active one and any shadows) decides on the same object. Evaluation order, per
+stage (documented in ``policies/README.md``):
+
+1. the classifier failed → ``on_classifier_failure`` decides alone (the scores are meaningless);
+2. otherwise the stage's rules (``input_rules`` or ``output_rules``) in file order: the first rule whose
+   every condition holds decides; none matching means ``allow``;
+3. on the output stage, a final plain reply that is a false refusal of a very-low-harm request may ask
+   for one retry (``output.retry_on_false_refusal``, off by default) when no rule blocked;
+4. the state backend failed → ``fail_closed`` blocks, ``fail_open`` raises the result to at least
+   ``flag`` (the per-turn scores still count; only the conversation signals are missing).
+
+``load_policy`` raises ``PolicyError`` (a ``ConfigError``) listing every problem as ``file:line: field:
+message``; ``check_policy_file`` returns the same list without raising.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from guardproxy.errors import PolicyError
+from guardproxy.pipeline import Action, Verdict
+from guardproxy.signals import RefusalClass, Signals
+from guardproxy.taxonomy import CATEGORY_IDS
+
+SCHEMA_VERSION = 1
+
+HEADER_DECISION = "x-guardproxy-decision"
+HEADER_POLICY = "x-guardproxy-policy"
+HEADER_FLAG = "x-guardproxy-flag"
+
+# Rule ids the engine itself uses in decisions (never valid in a file: they are reserved).
+RULE_CLASSIFIER_FAILURE = "classifier_failure"
+RULE_STATE_FAILURE = "state_failure"
+RULE_RETRY = "retry_on_false_refusal"
+_RESERVED_RULE_IDS = {RULE_CLASSIFIER_FAILURE, RULE_STATE_FAILURE, RULE_RETRY}
+
+Stage = Literal["input", "output"]
+History = Literal["verified", "unverified", "forged", "none"]
+
+
+class FailMode(StrEnum):
+    FAIL_OPEN = "fail_open"  # allow, flag, count
+    FAIL_CLOSED = "fail_closed"  # block with the policy's failure message
+
+
+class Delivery(StrEnum):
+    REPLY = "reply"  # an OpenAI-shaped assistant message carrying the refusal text
+    ERROR = "error"  # an OpenAI error body with the configured status code
+
+
+def _known_category(value: str) -> str:
+    if value not in CATEGORY_IDS:
+        raise ValueError(f"unknown category {value!r}; known: {', '.join(CATEGORY_IDS)}")
+    return value
+
+
+def _refusal_key(value: str) -> str:
+    if value != "default" and value not in CATEGORY_IDS:
+        raise ValueError(f"unknown category {value!r}; use 'default' or one of: {', '.join(CATEGORY_IDS)}")
+    return value
+
+
+CategoryId = Annotated[str, AfterValidator(_known_category)]
+RefusalKey = Annotated[str, AfterValidator(_refusal_key)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# A refusal text short enough to be one canned sentence is what this product warns against.
+RefusalText = Annotated[str, Field(min_length=40, max_length=4000)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputCondition(_Strict):
+    """Conditions over the input-side signals; every one that is set must hold (an empty table always matches)."""
+
+    harm_at_least: Probability | None = None
+    harm_below: Probability | None = None
+    category_in: tuple[CategoryId, ...] | None = None
+    category_not_in: tuple[CategoryId, ...] | None = None
+    jailbreak_at_least: Probability | None = None
+    escalation_at_least: Probability | None = None
+    window_harm_at_least: Probability | None = None
+    trajectory_at_least: Annotated[float, Field(ge=0.0)] | None = None
+    trend_at_least: float | None = None
+    refusal_events_at_least: Annotated[int, Field(ge=0)] | None = None
+    rephrase_similarity_at_least: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
+    history_in: tuple[History, ...] | None = None
+    turn_at_least: Annotated[int, Field(ge=0)] | None = None
+
+    def matches(self, s: Signals, harm_threshold: float, *, final: bool = True) -> bool:
+        conv = s.conversation
+        checks: list[bool] = [
+            self.harm_at_least is None or s.harm >= self.harm_at_least,
+            self.harm_below is None or s.harm < self.harm_below,
+            self.category_in is None or s.category in self.category_in,
+            self.category_not_in is None or s.category not in self.category_not_in,
+            self.jailbreak_at_least is None or s.jailbreak >= self.jailbreak_at_least,
+            self.escalation_at_least is None or conv.escalation >= self.escalation_at_least,
+            self.window_harm_at_least is None or conv.window_harm >= self.window_harm_at_least,
+            self.trajectory_at_least is None or conv.trajectory >= self.trajectory_at_least,
+            self.trend_at_least is None or conv.trend >= self.trend_at_least,
+            self.refusal_events_at_least is None or conv.refusal_events >= self.refusal_events_at_least,
+            self.rephrase_similarity_at_least is None or conv.rephrase_similarity >= self.rephrase_similarity_at_least,
+            self.history_in is None or conv.history in self.history_in,
+            self.turn_at_least is None or conv.turn_index >= self.turn_at_least,
+        ]
+        return all(checks)
+
+
+class OutputCondition(InputCondition):
+    """Input conditions plus the reply's own signals. ``refusal_in`` and ``false_refusal`` only match on the
+    final check of a reply: the refusal class of half a reply is not settled."""
+
+    reply_harm_at_least: Probability | None = None
+    refusal_in: tuple[RefusalClass, ...] | None = None
+    false_refusal: bool | None = None
+
+    def matches(self, s: Signals, harm_threshold: float, *, final: bool = True) -> bool:
+        if not super().matches(s, harm_threshold, final=final):
+            return False
+        if self.reply_harm_at_least is not None and (s.reply_harm is None or s.reply_harm < self.reply_harm_at_least):
+            return False
+        needs_final = self.refusal_in is not None or self.false_refusal is not None
+        if needs_final and (not final or s.refusal is None):
+            return False
+        if self.refusal_in is not None and s.refusal not in self.refusal_in:
+            return False
+        return self.false_refusal is None or s.false_refusal(harm_threshold) == self.false_refusal
+
+
+RuleId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+
+
+class _Rule(_Strict):
+    id: RuleId
+    action: Action
+    when: InputCondition
+    description: str = ""
+    reply: RefusalText | None = None  # overrides the per-category refusal text when this rule blocks
+    delivery: Delivery | None = None  # None: the policy's [block] delivery
+    status_code: Annotated[int, Field(ge=400, le=599)] | None = None
+
+
+class InputRule(_Rule):
+    pass
+
+
+class OutputRule(_Rule):
+    when: OutputCondition
+
+
+class BlockSettings(_Strict):
+    delivery: Delivery = Delivery.REPLY
+    status_code: Annotated[int, Field(ge=400, le=599)] = 400
+
+
+class OutputSettings(_Strict):
+    check_chars: Annotated[int, Field(ge=16, le=65536)] = 256
+    retry_on_false_refusal: bool = False
+    retry_below_harm: Probability = 0.05
+    retry_note: Annotated[str, Field(min_length=20, max_length=2000)] = (
+        "The previous answer declined a request that appears to be harmless. If the request is safe to help "
+        "with, answer it directly and helpfully; decline only the parts that would cause real harm, and say why."
+    )
+
+
+class FailureMessages(_Strict):
+    classifier: RefusalText = (
+        "This request could not be checked by the safety service right now, and this deployment does not "
+        "forward unchecked requests. Please try again in a moment; nothing about your request was judged."
+    )
+    state: RefusalText = (
+        "The conversation could not be checked against its history right now, and this deployment does not "
+        "continue unchecked conversations. Please try again in a moment."
+    )
+
+
+class Policy(_Strict):
+    """One policy file. Decisions come from ``decide_input`` and ``decide_output``."""
+
+    schema_version: Literal[1]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str = ""
+    harm_threshold: Probability  # below it a full/partial refusal is a false refusal
+    on_classifier_failure: FailMode
+    on_state_failure: FailMode
+    flag_header: bool = False  # add x-guardproxy-flag: <rule id> to flagged replies
+    block: BlockSettings = BlockSettings()
+    output: OutputSettings = OutputSettings()
+    failure_messages: FailureMessages = FailureMessages()
+    refusals: dict[RefusalKey, RefusalText]
+    input_rules: tuple[InputRule, ...] = ()
+    output_rules: tuple[OutputRule, ...] = ()
+
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def refusal_text(self, category: str) -> str:
+        return self.refusals.get(category) or self.refusals["default"]
+
+    def decide_input(self, signals: Signals) -> Decision:
+        return self._decide("input", self.input_rules, signals, final=True, may_retry=False)
+
+    def decide_output(self, signals: Signals, *, final: bool, may_retry: bool = True) -> Decision:
+        """``may_retry`` is False on the streaming path and after one retry: the caller knows, the policy doesn't."""
+        return self._decide("output", self.output_rules, signals, final=final, may_retry=may_retry)
+
+    def _decide(self, stage: Stage, rules: Sequence[_Rule], s: Signals, *, final: bool, may_retry: bool) -> Decision:
+        if s.classifier_failed:
+            return self._failure(stage, s, RULE_CLASSIFIER_FAILURE, self.on_classifier_failure)
+        decision = self._rules(stage, rules, s, final=final)
+        if decision is None and stage == "output" and final and may_retry:
+            decision = self._retry(s)
+        if decision is None:
+            decision = self._make(stage, Action.ALLOW, None, s, reason="no rule matched")
+        if s.state_failed:
+            if self.on_state_failure is FailMode.FAIL_CLOSED:
+                return self._failure(stage, s, RULE_STATE_FAILURE, self.on_state_failure)
+            if decision.action is Action.ALLOW:
+                return self._make(stage, Action.FLAG, RULE_STATE_FAILURE, s, reason="state backend failed: fail_open")
+        return decision
+
+    def _rules(self, stage: Stage, rules: Sequence[_Rule], s: Signals, *, final: bool) -> Decision | None:
+        for rule in rules:
+            if not rule.when.matches(s, self.harm_threshold, final=final):
+                continue
+            if rule.action is not Action.BLOCK:
+                return self._make(stage, rule.action, rule.id, s, reason=rule.description or f"rule {rule.id}")
+            delivery = rule.delivery or self.block.delivery
+            status = (rule.status_code or self.block.status_code) if delivery is Delivery.ERROR else None
+            return self._make(
+                stage,
+                Action.BLOCK,
+                rule.id,
+                s,
+                reason=rule.description or f"rule {rule.id}",
+                reply_text=rule.reply or self.refusal_text(s.category),
+                status_code=status,
+            )
+        return None
+
+    def _retry(self, s: Signals) -> Decision | None:
+        out = self.output
+        # Never for anything near the threshold: retry_below_harm <= harm_threshold is checked at load time.
+        if not out.retry_on_false_refusal or s.refusal not in ("partial", "full") or s.harm >= out.retry_below_harm:
+            return None
+        return self._make(
+            "output", Action.FLAG, RULE_RETRY, s, reason="false refusal of a very-low-harm request: retry once",
+            retry_note=out.retry_note,
+        )  # fmt: skip
+
+    def _failure(self, stage: Stage, s: Signals, rule: str, mode: FailMode) -> Decision:
+        what = "classifier" if rule == RULE_CLASSIFIER_FAILURE else "state backend"
+        if mode is FailMode.FAIL_OPEN:
+            return self._make(stage, Action.FLAG, rule, s, reason=f"{what} failed: fail_open")
+        text = self.failure_messages.classifier if rule == RULE_CLASSIFIER_FAILURE else self.failure_messages.state
+        delivery = self.block.delivery
+        return self._make(
+            stage,
+            Action.BLOCK,
+            rule,
+            s,
+            reason=f"{what} failed: fail_closed",
+            reply_text=text,
+            status_code=self.block.status_code if delivery is Delivery.ERROR else None,
+        )
+
+    def _make(
+        self,
+        stage: Stage,
+        action: Action,
+        rule: str | None,
+        s: Signals,
+        *,
+        reason: str,
+        reply_text: str | None = None,
+        status_code: int | None = None,
+        retry_note: str | None = None,
+    ) -> Decision:
+        return Decision(
+            policy=self.name,
+            version=self.version,
+            stage=stage,
+            action=action,
+            rule=rule,
+            category=s.category,
+            reply_text=reply_text,
+            status_code=status_code,
+            retry_note=retry_note,
+            reason=reason,
+            flag_header=self.flag_header,
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one policy decided at one stage. ``rule`` is None when no rule matched (default allow)."""
+
+    policy: str
+    version: str
+    stage: Stage
+    action: Action
+    rule: str | None
+    category: str
+    reply_text: str | None = None
+    status_code: int | None = None
+    retry_note: str | None = None
+    reason: str = ""
+    flag_header: bool = False
+
+    @property
+    def policy_ref(self) -> str:
+        return f"{self.policy}@{self.version}"
+
+    def verdict(self) -> Verdict:
+        """The client-facing verdict of an active decision (shadow decisions never become verdicts)."""
+        notes = {HEADER_DECISION: self.action.value, HEADER_POLICY: self.policy_ref}
+        if self.action is Action.FLAG and self.flag_header and self.rule:
+            notes[HEADER_FLAG] = self.rule
+        return Verdict(
+            action=self.action,
+            reason=self.reason,
+            category=self.category,
+            reply_text=self.reply_text,
+            status_code=self.status_code,
+            annotations=notes,
+            retry_note=self.retry_note,
+        )
+
+
+# --- loading and checking ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyIssue:
+    """One problem in a policy (or mapping) file."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field or '(file)'}: {self.message}"
+
+
+def _field_path(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown field",
+    "missing": "required field is missing",
+}
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    msg = _MESSAGES.get(str(err["type"]), str(err["msg"]))
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and err["loc"] and str(err["loc"][-1]).endswith("_at_least"):
+        msg += " (output-only conditions such as reply_harm_at_least belong in output_rules)"
+    return msg
+
+
+def _semantic_issues(policy: Policy) -> list[tuple[tuple[str | int, ...], str]]:
+    """Cross-field checks pydantic's per-field validation cannot express, with the loc they belong to."""
+    issues: list[tuple[tuple[str | int, ...], str]] = []
+    if "default" not in policy.refusals:
+        issues.append((("refusals",), "a 'default' refusal text is required (used for categories without one)"))
+    if policy.output.retry_below_harm > policy.harm_threshold:
+        issues.append((("output", "retry_below_harm"), f"must not exceed harm_threshold ({policy.harm_threshold})"))
+    seen: dict[str, tuple[str | int, ...]] = {}
+    for stage, rules in (("input_rules", policy.input_rules), ("output_rules", policy.output_rules)):
+        for i, rule in enumerate(rules):
+            loc: tuple[str | int, ...] = (stage, i, "id")
+            if rule.id in _RESERVED_RULE_IDS:
+                issues.append((loc, f"rule id {rule.id!r} is reserved for the engine"))
+            elif rule.id in seen:
+                issues.append((loc, f"duplicate rule id {rule.id!r}"))
+            seen.setdefault(rule.id, loc)
+            if rule.action is not Action.BLOCK and (rule.reply or rule.delivery or rule.status_code):
+                issues.append(((stage, i, "action"), "reply, delivery and status_code only apply to block rules"))
+    return issues
+
+
+def _parse_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[PolicyIssue]]:
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, "", [PolicyIssue(name, 0, "", f"cannot read file: {exc}")]
+    try:
+        return tomllib.loads(text), text, []
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        line = int(m.group(1)) if m else 0
+        return None, text, [PolicyIssue(name, line, "", f"TOML syntax error: {exc}")]
+
+
+def _issues_from_validation(name: str, lines: KeyLines, exc: ValidationError) -> list[PolicyIssue]:
+    return [
+        PolicyIssue(name, lines.line_of(err["loc"]), _field_path(err["loc"]), _message(err))
+        for err in exc.errors(include_url=False)
+    ]
+
+
+def check_policy_file(path: str | Path) -> list[PolicyIssue]:
+    """Every problem in a policy file, each with file, line and field; an empty list means it is valid."""
+    return _load(Path(path))[1]
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load and validate one policy file; raises ``PolicyError`` listing every problem."""
+    policy, issues = _load(Path(path))
+    if issues or policy is None:
+        raise PolicyError([str(i) for i in issues], where=str(path))
+    return policy
+
+
+def _load(path: Path) -> tuple[Policy | None, list[PolicyIssue]]:
+    data, text, issues = _parse_toml(path)
+    if data is None:
+        return None, issues
+    lines = KeyLines(text)
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        return None, _issues_from_validation(str(path), lines, exc)
+    issues = [
+        PolicyIssue(str(path), lines.line_of(loc), _field_path(loc), msg) for loc, msg in _semantic_issues(policy)
+    ]
+    if issues:
+        return None, issues
+    policy._source = path.resolve()
+    return policy, []
+
+
+# --- mapping: active and shadow policies per tenant or model --------------------------------------------
+
+
+class _MappingEntry(_Strict):
+    tenant: str | None = None
+    model: str | None = None  # fnmatch pattern over the request's "model"
+    active: str
+    shadows: tuple[str, ...] = ()
+
+
+class _MappingDefault(_Strict):
+    active: str | None = None  # None: settings.policy.active
+    shadows: tuple[str, ...] | None = None  # None: settings.policy.shadows
+
+
+class MappingFile(_Strict):
+    schema_version: Literal[1]
+    default: _MappingDefault = _MappingDefault()
+    routes: tuple[_MappingEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class MappingRule:
+    """Which policies apply to one exchange: the first mapping route whose tenant and model both match."""
+
+    tenant: str | None
+    model: str | None
+    active: Path
+    shadows: tuple[Path, ...]
+
+    def matches(self, tenant: str, model: str | None) -> bool:
+        from fnmatch import fnmatchcase
+
+        if self.tenant is not None and self.tenant != tenant:
+            return False
+        return self.model is None or (model is not None and fnmatchcase(model, self.model))
+
+
+@dataclass(frozen=True)
+class PolicyMapping:
+    default_active: Path
+    default_shadows: tuple[Path, ...]
+    routes: tuple[MappingRule, ...] = field(default=())
+
+    def select(self, tenant: str, model: str | None) -> tuple[Path, tuple[Path, ...]]:
+        for route in self.routes:
+            if route.matches(tenant, model):
+                return route.active, route.shadows
+        return self.default_active, self.default_shadows
+
+    def paths(self) -> set[Path]:
+        out = {self.default_active, *self.default_shadows}
+        for r in self.routes:
+            out.update((r.active, *r.shadows))
+        return out
+
+
+def load_mapping(path: str | Path, *, active: Path, shadows: Sequence[Path]) -> PolicyMapping:
+    """Load a mapping file; policy paths in it are relative to the mapping file. Raises ``PolicyError``."""
+    path = Path(path)
+    data, text, issues = _parse_toml(path)
+    if data is None:
+        raise PolicyError([str(i) for i in issues], where=str(path))
+    try:
+        mf = MappingFile.model_validate(data)
+    except ValidationError as exc:
+        issues = _issues_from_validation(str(path), KeyLines(text), exc)
+        raise PolicyError([str(i) for i in issues], where=str(path)) from exc
+    base = path.resolve().parent
+
+    def rel(p: str) -> Path:
+        return (base / p).resolve()
+
+    return PolicyMapping(
+        default_active=rel(mf.default.active) if mf.default.active else active.resolve(),
+        default_shadows=(
+            tuple(rel(p) for p in mf.default.shadows)
+            if mf.default.shadows is not None
+            else tuple(p.resolve() for p in shadows)
+        ),
+        routes=tuple(
+            MappingRule(r.tenant, r.model, rel(r.active), tuple(rel(s) for s in r.shadows)) for r in mf.routes
+        ),
+    )
+
+
+# --- TOML key positions -----------------------------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+_INLINE_KEY = re.compile(r"[{,]\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=")
+_STRINGS = re.compile(r"\"\"\"|'''|\"(?:[^\"\\]|\\.)*\"|'[^']*'")
+
+
+def _split_key(raw: str) -> list[str]:
+    parts = re.findall(r"\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+", raw)
+    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
+
+
+class KeyLines:
+    """Line numbers of the keys and tables of a TOML text, keyed by pydantic-style locs.
+
+    tomllib keeps no positions, so this scans the text: table headers, arrays of tables (their index
+    becomes part of the path, as in a pydantic loc), dotted keys and one level of inline tables, skipping
+    the inside of multi-line strings and arrays. Good enough to point a person at the right line.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[tuple[str | int, ...], int] = {}
+        self._arrays: dict[tuple[str | int, ...], int] = {}  # array-of-tables path -> entries so far
+        self._scan(text)
+
+    def _resolve(self, keys: list[str]) -> tuple[str | int, ...]:
+        path: tuple[str | int, ...] = ()
+        for key in keys:
+            path = (*path, key)
+            if path in self._arrays:
+                path = (*path, self._arrays[path] - 1)
+        return path
+
+    def _scan(self, text: str) -> None:
+        table: tuple[str | int, ...] = ()
+        in_string: str | None = None
+        depth = 0  # open brackets of a multi-line array value
+        for number, line in enumerate(text.splitlines(), start=1):
+            if in_string is not None:
+                if line.count(in_string) % 2 == 1:
+                    in_string = None
+                continue
+            if depth > 0:
+                depth += self._bracket_delta(line)
+                continue
+            header = _HEADER.match(line)
+            if header and not _KEY.match(line):
+                keys = _split_key(header.group(2))
+                if header.group(1) == "[[":
+                    parent = self._resolve(keys[:-1])
+                    arr = (*parent, keys[-1])
+                    self._lines.setdefault(arr, number)
+                    self._arrays[arr] = self._arrays.get(arr, 0) + 1
+                    table = (*arr, self._arrays[arr] - 1)
+                else:
+                    table = self._resolve(keys)
+                self._lines.setdefault(table, number)
+                continue
+            key = _KEY.match(line)
+            if not key:
+                continue
+            path = (*table, *_split_key(key.group(1)))
+            self._lines.setdefault(path, number)
+            value = line[key.end() :]
+            for opener in ('"""', "'''"):
+                if value.count(opener) % 2 == 1:
+                    in_string = opener
+            if in_string is None:
+                stripped = value.strip()
+                if stripped.startswith("{"):
+                    for inner in _INLINE_KEY.finditer(_STRINGS.sub('""', stripped)):
+                        self._lines.setdefault((*path, _split_key(inner.group(1))[0]), number)
+                depth = max(0, self._bracket_delta(value))
+
+    @staticmethod
+    def _bracket_delta(text: str) -> int:
+        bare = _STRINGS.sub("", text).split("#", 1)[0]
+        return bare.count("[") + bare.count("{") - bare.count("]") - bare.count("}")
+
+    def line_of(self, loc: Iterable[str | int]) -> int:
+        """The line of the longest prefix of ``loc`` that appears in the text (1 for the top level)."""
+        path = tuple(p for p in loc if p != "[key]")
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return 1
