@@ -1,0 +1,128 @@
+"""guardproxy.encoding: head+tail truncation, pair layout, padding, and the shared normalization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from guardproxy.encoding import encode_pair, encode_prompt, load_tokenizer, pad_batch
+from guardproxy.errors import ConfigError
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["alpha", "beta", "gamma", "delta", "how", "to", "make", "a", "bomb", "sorry", "sure", "here", "is"]
+WORDS += [f"w{i}" for i in range(600)]
+
+
+@pytest.fixture
+def tokenizer_path(tmp_path: Path) -> Path:
+    """A tiny BERT-style WordPiece tokenizer saved with fixed padding on, as the base model's file ships."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=128)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture
+def tokenizer(tokenizer_path: Path) -> Tokenizer:
+    return load_tokenizer(tokenizer_path)
+
+
+def ids_of(tokenizer: Tokenizer, words: list[str]) -> list[int]:
+    return [tokenizer.token_to_id(w) for w in words]
+
+
+def test_load_disables_padding_and_truncation(tokenizer: Tokenizer) -> None:
+    assert tokenizer.padding is None
+    assert tokenizer.truncation is None
+    assert len(tokenizer.encode(" ".join(["alpha"] * 300)).ids) > 128
+
+
+def test_load_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_tokenizer(tmp_path / "nope.json")
+
+
+def test_short_prompt_is_cls_text_sep(tokenizer: Tokenizer) -> None:
+    enc = encode_prompt(tokenizer, "how to make a bomb", 64)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    assert enc.input_ids == (cls, *ids_of(tokenizer, ["how", "to", "make", "a", "bomb"]), sep)
+    assert enc.token_type_ids == (0,) * 7
+
+
+def test_long_prompt_keeps_head_and_tail(tokenizer: Tokenizer) -> None:
+    words = [f"w{i}" for i in range(500)]
+    text = " ".join(words) + " how to make a bomb"
+    enc = encode_prompt(tokenizer, text, 64)
+    assert len(enc) == 64
+    body = list(enc.input_ids[1:-1])
+    # The ask at the very end survives, and so does the wrapper's opening.
+    assert body[-5:] == ids_of(tokenizer, ["how", "to", "make", "a", "bomb"])
+    assert body[0] == tokenizer.token_to_id("w0")
+    # The middle is what goes.
+    assert tokenizer.token_to_id("w250") not in body
+    assert body.index(tokenizer.token_to_id("w0")) < body.index(tokenizer.token_to_id("w499"))
+
+
+def test_prompt_is_normalized_before_tokenizing(tokenizer: Tokenizer) -> None:
+    plain = encode_prompt(tokenizer, "how to make a bomb", 64)
+    assert encode_prompt(tokenizer, "ｈｏｗ to mаke a b\u200b0mb", 64) == plain
+
+
+def test_pair_layout_and_type_ids(tokenizer: Tokenizer) -> None:
+    enc = encode_pair(tokenizer, "how to make a bomb", "sorry", 64)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    prompt = ids_of(tokenizer, ["how", "to", "make", "a", "bomb"])
+    assert enc.input_ids == (cls, *prompt, sep, tokenizer.token_to_id("sorry"), sep)
+    assert enc.token_type_ids == (0,) * 7 + (1,) * 2
+
+
+def test_long_pair_keeps_prompt_tail_and_reply_head(tokenizer: Tokenizer) -> None:
+    prompt = " ".join(f"w{i}" for i in range(300)) + " how to make a bomb"
+    reply = "sorry " + " ".join(f"w{i}" for i in range(300, 600))
+    enc = encode_pair(tokenizer, prompt, reply, 96)
+    assert len(enc) == 96
+    sep = tokenizer.token_to_id("[SEP]")
+    first_sep = enc.input_ids.index(sep)
+    prompt_part, reply_part = list(enc.input_ids[1:first_sep]), list(enc.input_ids[first_sep + 1 : -1])
+    assert prompt_part[-5:] == ids_of(tokenizer, ["how", "to", "make", "a", "bomb"])
+    assert reply_part[0] == tokenizer.token_to_id("sorry")
+    assert len(prompt_part) >= (96 - 3) // 3  # a long reply does not starve the prompt
+    assert enc.token_type_ids == (0,) * (first_sep + 1) + (1,) * (96 - first_sep - 1)
+
+
+def test_short_reply_leaves_its_budget_to_the_prompt(tokenizer: Tokenizer) -> None:
+    prompt = " ".join(f"w{i}" for i in range(300))
+    enc = encode_pair(tokenizer, prompt, "sure", 64)
+    assert len(enc) == 64
+    assert enc.input_ids[-3:-1] == (tokenizer.token_to_id("[SEP]"), tokenizer.token_to_id("sure"))
+
+
+def test_pad_batch_shapes_and_mask(tokenizer: Tokenizer) -> None:
+    a = encode_prompt(tokenizer, "alpha beta", 32)
+    b = encode_pair(tokenizer, "alpha", "beta gamma delta", 32)
+    feeds = pad_batch([a, b])
+    assert set(feeds) == {"input_ids", "attention_mask", "token_type_ids"}
+    for array in feeds.values():
+        assert array.dtype == np.int64
+        assert array.shape == (2, len(b))
+    assert feeds["attention_mask"].tolist() == [[1] * len(a) + [0] * (len(b) - len(a)), [1] * len(b)]
+    assert feeds["input_ids"][0, len(a) :].tolist() == [0] * (len(b) - len(a))
+    assert feeds["token_type_ids"][1].tolist() == list(b.token_type_ids)
+
+
+def test_pad_batch_of_nothing_is_empty() -> None:
+    assert pad_batch([])["input_ids"].shape == (0, 0)
+
+
+@pytest.mark.parametrize("max_length", [0, 2])
+def test_tiny_max_length_is_rejected(tokenizer: Tokenizer, max_length: int) -> None:
+    with pytest.raises(ValueError):
+        encode_pair(tokenizer, "a", "b", max_length)
