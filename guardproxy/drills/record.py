@@ -1,0 +1,176 @@
+"""What one drill holds: a guarded exchange as a reviewer (and the next drill set) needs it.
+
+A ``DrillRecord`` is built once per guarded exchange by the guard's ``finish`` hook (``from_exchange``),
+handed to ``DrillRecorder.submit`` and, if sampled, redacted and written by the store's writer thread.
+It holds no credentials: the exchange's headers are never copied, the tenant is already a hash.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from guardproxy.pipeline import Exchange
+from guardproxy.signals import Signals
+
+Label = Literal["correct_refusal", "missed_harm", "false_refusal", "correct_answer", "unclear"]
+LABELS: tuple[Label, ...] = ("correct_refusal", "missed_harm", "false_refusal", "correct_answer", "unclear")
+LABEL_TITLES: Mapping[str, str] = {
+    "correct_refusal": "Correct refusal",
+    "missed_harm": "Missed harm (should have refused)",
+    "false_refusal": "False refusal",
+    "correct_answer": "Correct answer",
+    "unclear": "Unclear",
+}
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """One policy's decision on the exchange (the active one, or a shadow)."""
+
+    policy: str
+    version: str
+    action: str  # allow | flag | block
+    rule: str | None = None
+    category: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "policy": self.policy,
+            "version": self.version,
+            "action": self.action,
+            "rule": self.rule,
+            "category": self.category,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicyDecision:
+        return cls(
+            policy=str(data.get("policy", "")),
+            version=str(data.get("version", "")),
+            action=str(data.get("action", "allow")),
+            rule=data.get("rule"),
+            category=data.get("category"),
+        )
+
+
+NO_POLICY = PolicyDecision(policy="none", version="", action="allow")
+
+
+@dataclass(frozen=True)
+class DrillRecord:
+    """One guarded exchange, as sampled for review.
+
+    ``signals`` are numbers only (harm, jailbreak, reply_harm, escalation, ...); the refusal class is
+    ``refusal``. ``thresholds`` are the active policy's thresholds for the same signal names, which the
+    sampler's uncertainty rule and the review page use. ``replies`` are the upstream's reply texts per
+    choice, or the policy's own text when the policy blocked (``reply_from_policy``). ``reasons`` is why
+    it was sampled; the recorder fills it.
+    """
+
+    request_id: str
+    tenant: str
+    messages: tuple[Mapping[str, Any], ...]
+    replies: tuple[str, ...] = ()
+    signals: Mapping[str, float] = field(default_factory=dict)
+    refusal: str | None = None
+    category: str = "none"  # hazard category (guardproxy.taxonomy) the guard saw
+    active: PolicyDecision = NO_POLICY
+    shadows: tuple[PolicyDecision, ...] = ()
+    reasons: tuple[str, ...] = ()
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    reply_from_policy: bool = False
+    model: str | None = None
+    family: str | None = None  # groups rephrasings of one request, where the caller knows them
+    created: float = field(default_factory=time.time)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    hashed: bool = False  # texts are sha256 digests (settings.drills.hash_only)
+
+    def __post_init__(self) -> None:
+        if self.category == "none" and self.active.category:
+            object.__setattr__(self, "category", self.active.category)
+
+    @property
+    def harm(self) -> float:
+        return float(self.signals.get("harm", 0.0))
+
+    def user_texts(self) -> list[str]:
+        return [message_text(m) for m in self.messages if m.get("role") == "user"]
+
+    def last_user_text(self) -> str:
+        texts = self.user_texts()
+        return texts[-1] if texts else ""
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of a chat message: a string, or the text parts of a content-part array."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "\n".join(parts)
+    return ""
+
+
+def signals_dict(signals: Signals) -> dict[str, float]:
+    """Flatten ``Signals`` into the numbers a drill keeps (the refusal class travels separately)."""
+    conv = signals.conversation
+    out = {
+        "harm": signals.harm,
+        "jailbreak": signals.jailbreak,
+        "window_harm": conv.window_harm,
+        "trajectory": conv.trajectory,
+        "trend": conv.trend,
+        "escalation": conv.escalation,
+        "refusal_events": float(conv.refusal_events),
+        "rephrase_similarity": conv.rephrase_similarity,
+        "turn_index": float(conv.turn_index),
+        "classifier_failed": float(signals.classifier_failed),
+        "state_failed": float(signals.state_failed),
+    }
+    if signals.reply_harm is not None:
+        out["reply_harm"] = signals.reply_harm
+    return out
+
+
+def from_exchange(
+    exchange: Exchange,
+    signals: Signals,
+    active: PolicyDecision,
+    shadows: Sequence[PolicyDecision] = (),
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    family: str | None = None,
+) -> DrillRecord:
+    """Build the record of a finished exchange (cheap: no copying of text beyond references)."""
+    blocked = exchange.input_verdict is not None and exchange.input_verdict.blocks
+    out_blocked = exchange.output_verdict is not None and exchange.output_verdict.blocks
+    if blocked and exchange.input_verdict is not None and exchange.input_verdict.reply_text is not None:
+        replies: tuple[str, ...] = (exchange.input_verdict.reply_text,)
+        from_policy = True
+    else:
+        replies = tuple(exchange.reply_texts[k] for k in sorted(exchange.reply_texts))
+        from_policy = False
+        if out_blocked and exchange.output_verdict is not None and exchange.output_verdict.reply_text:
+            # the reviewer sees what the upstream wrote and what the client got instead
+            replies = (*replies, exchange.output_verdict.reply_text)
+    model = exchange.body.get("model")
+    return DrillRecord(
+        request_id=exchange.request_id,
+        tenant=exchange.tenant,
+        messages=tuple(m for m in exchange.messages if isinstance(m, dict)),
+        replies=replies,
+        signals=signals_dict(signals),
+        refusal=signals.refusal,
+        category=active.category or signals.category or "none",
+        active=active,
+        shadows=tuple(shadows),
+        thresholds=dict(thresholds or {}),
+        reply_from_policy=from_policy,
+        model=model if isinstance(model, str) else None,
+        family=family,
+    )

@@ -1,0 +1,116 @@
+"""Redaction of drill text before anything is written.
+
+Always: API keys and bearer tokens (``guardproxy.logs.redact`` plus the common provider key shapes).
+By setting (``settings.drills.redact_patterns``): ``email``, ``phone``, ``card`` (digit runs that pass
+the Luhn check, so order numbers and maths stay readable), and any other entry as a regular expression.
+With ``hash_only`` every text is replaced by ``sha256:<hex>`` of its (key-redacted) text: reviewers
+then see only which drills repeat, and the store holds nothing readable.
+
+Redaction runs in the store's writer thread (it is regex work over whole conversations), never on the
+request path; what sits in the bounded queue in memory is the only unredacted copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from guardproxy.drills.record import DrillRecord
+from guardproxy.errors import ConfigError
+from guardproxy.logs import redact as redact_credentials
+
+# Provider key shapes the log filter does not cover (AWS, GitHub, Slack, Google, Anthropic-style, JWTs).
+_KEY_PATTERNS = [
+    re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}\b"),
+    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+    re.compile(r"\bAIza[0-9A-Za-z_-]{30,}"),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    re.compile(r"(?i)\b(?:sk|pk|rk)[-_](?:live|test|proj|ant)[-_][A-Za-z0-9_-]{8,}"),
+]
+_STRUCTURE_KEYS = frozenset({"role", "type"})
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# International or grouped national numbers: +44 20 7946 0958, (555) 123-4567, 555-123-4567.
+_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])\d{3,4}[\s.-]?\d{3,4}(?!\w)")
+_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _card_sub(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    return "[CARD]" if 13 <= len(digits) <= 19 and luhn_ok(digits) else match.group(0)
+
+
+def redact_keys(text: str) -> str:
+    text = redact_credentials(text)
+    for pattern in _KEY_PATTERNS:
+        text = pattern.sub("[REDACTED]", text)
+    return text
+
+
+class Redactor:
+    """Applies the configured redaction to every string of a drill."""
+
+    def __init__(self, patterns: Iterable[str] = ("email", "phone", "card"), *, hash_only: bool = False) -> None:
+        self.hash_only = hash_only
+        self._steps: list[Callable[[str], str]] = []
+        for name in patterns:
+            if name == "email":
+                self._steps.append(lambda t: _EMAIL.sub("[EMAIL]", t))
+            elif name == "card":
+                # cards before phones: a spaced card number would otherwise read as a phone number
+                self._steps.insert(0, lambda t: _CARD.sub(_card_sub, t))
+            elif name == "phone":
+                self._steps.append(lambda t: _PHONE.sub("[PHONE]", t))
+            else:
+                try:
+                    compiled = re.compile(name)
+                except re.error as exc:
+                    raise ConfigError(f"drills.redact_patterns: bad regular expression {name!r}: {exc}") from exc
+                self._steps.append(functools.partial(compiled.sub, "[REDACTED]"))
+
+    def text(self, text: str) -> str:
+        text = redact_keys(text)
+        if self.hash_only:
+            return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        for step in self._steps:
+            text = step(text)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """Redact every string inside a JSON-like value (message dicts, content parts, tool calls)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            # roles and part types are structure, not content: keep them readable even in hash-only mode
+            return {k: v if k in _STRUCTURE_KEYS and isinstance(v, str) else self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        return value
+
+    def record(self, record: DrillRecord) -> DrillRecord:
+        messages = tuple(self.value(m) for m in record.messages)
+        return dataclasses.replace(
+            record,
+            messages=messages,
+            replies=tuple(self.text(r) for r in record.replies),
+            request_id=redact_keys(record.request_id),
+            model=redact_keys(record.model) if record.model else record.model,
+            family=redact_keys(record.family) if record.family else record.family,
+            hashed=self.hash_only,
+        )

@@ -1,0 +1,611 @@
+"""The drill store: one schema, one writer thread, two databases (SQLite, PostgreSQL).
+
+Writes never touch the request path. ``submit`` puts the record on a bounded in-memory queue and returns
+at once; one writer thread owns the write connection, redacts each record (``Redactor``) and writes it in
+batches. If the queue is full, or the database fails (locked, disk full, server down), the sample is
+dropped, counted in ``guardproxy_drill_samples_dropped{reason}`` and logged once per outage: a drill store
+never delays or fails a request. Review labels and retention purges go through the same writer thread
+(callers await them). Reads open short-lived connections in worker threads (``asyncio.to_thread``).
+
+Schema changes are numbered migrations in ``MIGRATIONS``, applied at open under a lock and recorded in
+``schema_version``; both databases run the same statements (types chosen to mean the same in both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter
+
+from guardproxy.drills.record import LABELS, DrillRecord, PolicyDecision
+from guardproxy.drills.redaction import Redactor
+from guardproxy.errors import StoreError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_LABEL_LIST = ", ".join(f"'{label}'" for label in LABELS)
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            "CREATE TABLE drills (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, tenant TEXT NOT NULL,"
+            " created DOUBLE PRECISION NOT NULL, model TEXT, messages TEXT NOT NULL, replies TEXT NOT NULL,"
+            " reply_from_policy BOOLEAN NOT NULL, signals TEXT NOT NULL, refusal TEXT, category TEXT NOT NULL,"
+            " harm DOUBLE PRECISION NOT NULL, thresholds TEXT NOT NULL, active_policy TEXT NOT NULL,"
+            " active_version TEXT NOT NULL, active_action TEXT NOT NULL, active_rule TEXT, shadows TEXT NOT NULL,"
+            " reasons TEXT NOT NULL, family TEXT, hashed BOOLEAN NOT NULL)",
+            "CREATE INDEX drills_created ON drills (created)",
+            "CREATE INDEX drills_action ON drills (active_action, created)",
+            "CREATE INDEX drills_category ON drills (category, created)",
+        ),
+    ),
+    (
+        2,
+        (
+            "CREATE TABLE labels (id {serial}, drill_id TEXT NOT NULL REFERENCES drills (id) ON DELETE CASCADE,"
+            f" label TEXT NOT NULL CHECK (label IN ({_LABEL_LIST})), note TEXT NOT NULL DEFAULT '',"
+            " reviewer TEXT NOT NULL DEFAULT '', created DOUBLE PRECISION NOT NULL)",
+            "CREATE INDEX labels_drill ON labels (drill_id, id)",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_COLS = (
+    "id, request_id, tenant, created, model, messages, replies, reply_from_policy, signals, refusal, category,"
+    " harm, thresholds, active_policy, active_version, active_action, active_rule, shadows, reasons, family, hashed"
+)
+_INSERT = f"INSERT INTO drills ({_COLS}) VALUES ({', '.join('?' * 21)}) ON CONFLICT DO NOTHING"
+_STOP = object()
+
+
+class MetricsLike(Protocol):
+    """``guardproxy.metrics.Metrics`` as the store uses it (its registry is what /metrics serves)."""
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter: ...
+
+
+@dataclass(frozen=True)
+class LabelEntry:
+    id: int
+    drill_id: str
+    label: str
+    note: str
+    reviewer: str
+    created: float
+
+
+@dataclass(frozen=True)
+class StoredDrill:
+    record: DrillRecord
+    labels: tuple[LabelEntry, ...] = ()
+
+    @property
+    def label(self) -> LabelEntry | None:
+        return self.labels[-1] if self.labels else None
+
+
+@dataclass(frozen=True)
+class DrillFilter:
+    """Queue filters of the review page (each ``None`` means any)."""
+
+    reason: str | None = None
+    policy: str | None = None
+    category: str | None = None
+    action: str | None = None
+    reviewed: bool | None = None
+
+
+@dataclass(frozen=True)
+class DrillStats:
+    """What the dashboard draws, over the most recent drills."""
+
+    rows: tuple[tuple[float, str, float, float | None], ...]  # created, active action, harm, reply_harm
+    agreement: dict[str, dict[tuple[str, str], int]]  # shadow policy -> (active, shadow) -> count
+    labels: dict[str, int]
+    total: int
+
+
+@dataclass
+class _Op:
+    fn: Callable[[Any], Any]
+    future: concurrent.futures.Future[Any]
+
+
+def _like(value: str) -> str:
+    return "%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def filter_sql(f: DrillFilter) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if f.reason:
+        where.append("reasons LIKE ? ESCAPE '\\'")
+        params.append(_like(json.dumps(f.reason)))
+    if f.policy:
+        where.append("(active_policy = ? OR shadows LIKE ? ESCAPE '\\')")
+        params += [f.policy, _like('"policy": ' + json.dumps(f.policy))]
+    if f.category:
+        where.append("category = ?")
+        params.append(f.category)
+    if f.action:
+        where.append("active_action = ?")
+        params.append(f.action)
+    if f.reviewed is not None:
+        exists = "EXISTS (SELECT 1 FROM labels l WHERE l.drill_id = drills.id)"
+        where.append(exists if f.reviewed else "NOT " + exists)
+    return (" WHERE " + " AND ".join(where)) if where else "", params
+
+
+def _row_params(r: DrillRecord) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.request_id,
+        r.tenant,
+        r.created,
+        r.model,
+        json.dumps(list(r.messages), ensure_ascii=False),
+        json.dumps(list(r.replies), ensure_ascii=False),
+        r.reply_from_policy,
+        json.dumps(dict(r.signals)),
+        r.refusal,
+        r.category,
+        r.harm,
+        json.dumps(dict(r.thresholds)),
+        r.active.policy,
+        r.active.version,
+        r.active.action,
+        r.active.rule,
+        json.dumps([d.as_dict() for d in r.shadows]),
+        json.dumps(list(r.reasons)),
+        r.family,
+        r.hashed,
+    )
+
+
+def _record_from_row(row: Sequence[Any]) -> DrillRecord:
+    (id_, request_id, tenant, created, model, messages, replies, from_policy, signals, refusal, category, _harm,
+     thresholds, policy, version, action, rule, shadows, reasons, family, hashed) = row  # fmt: skip
+    return DrillRecord(
+        id=id_,
+        request_id=request_id,
+        tenant=tenant,
+        created=float(created),
+        model=model,
+        messages=tuple(json.loads(messages)),
+        replies=tuple(json.loads(replies)),
+        reply_from_policy=bool(from_policy),
+        signals=json.loads(signals),
+        refusal=refusal,
+        category=category,
+        thresholds=json.loads(thresholds),
+        active=PolicyDecision(policy=policy, version=version, action=action, rule=rule, category=category),
+        shadows=tuple(PolicyDecision.from_dict(d) for d in json.loads(shadows)),
+        reasons=tuple(json.loads(reasons)),
+        family=family,
+        hashed=bool(hashed),
+    )
+
+
+class DrillStore(ABC):
+    """A drill database behind one writer thread. Subclasses supply connections and dialect details."""
+
+    serial_type = "INTEGER PRIMARY KEY"
+
+    def __init__(
+        self,
+        *,
+        redactor: Redactor | None = None,
+        queue_size: int = 1000,
+        retention_days: int = 30,
+        metrics: MetricsLike | None = None,
+        batch_size: int = 200,
+    ) -> None:
+        self.redactor = redactor or Redactor()
+        self.retention_days = retention_days
+        self.batch_size = batch_size
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._logged: set[str] = set()
+        self.dropped: Tally[str] = Tally()  # reason -> samples dropped (also in the prometheus counter)
+        self.written = 0
+        self.bind_metrics(metrics)
+
+    # -- dialect hooks ---------------------------------------------------------------------------------
+    @abstractmethod
+    def _connect(self, *, write: bool) -> Any:
+        """A new DB-API connection in autocommit mode (transactions are explicit)."""
+
+    @abstractmethod
+    def _sql(self, sql: str) -> str:
+        """Adapt ``?`` placeholders to the driver."""
+
+    @abstractmethod
+    def _lock_migrations(self, conn: Any) -> None:
+        """Take the lock that serialises migrations between processes, inside the open transaction."""
+
+    def _begin(self, conn: Any) -> None:
+        conn.execute("BEGIN")
+
+    def _drop_reason(self, exc: BaseException) -> str:
+        return "write_failed"
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def bind_metrics(self, metrics: MetricsLike | None) -> None:
+        """Count drops in the gateway's registry (``app.state.metrics``) or, without one, a private one."""
+        if metrics is not None:
+            self._dropped_metric = metrics.counter(
+                "guardproxy_drill_samples_dropped", "drill samples dropped (queue full, store failing)", ["reason"]
+            )
+            self._written_metric = metrics.counter("guardproxy_drill_samples_written", "drill samples written")
+        else:
+            registry = CollectorRegistry(auto_describe=True)
+            self._dropped_metric = Counter(
+                "guardproxy_drill_samples_dropped", "drill samples dropped", ["reason"], registry=registry
+            )
+            self._written_metric = Counter(
+                "guardproxy_drill_samples_written", "drill samples written", registry=registry
+            )
+
+    def open(self) -> None:
+        """Start the writer thread; it opens the database and applies migrations. Raises StoreError."""
+        if self._thread is not None:
+            return
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._writer_main, args=(ready,), name="drill-writer", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(timeout=60)
+        except BaseException:
+            self._thread.join(timeout=5)
+            self._thread = None
+            raise
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.open)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued and stop the writer thread."""
+        self._closed = True
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            log.warning("drill store: queue still full at close; %d queued samples lost", self._queue.qsize())
+        self._thread.join(timeout=timeout)
+        self._thread = None
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    # -- the request path -------------------------------------------------------------------------------
+    def submit(self, record: DrillRecord) -> bool:
+        """Queue a sampled record for writing. Never blocks, never raises; False when dropped."""
+        if self._closed or self._thread is None:
+            self._drop("closed", 1, None)
+            return False
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._drop("queue_full", 1, None)
+            return False
+        return True
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def _drop(self, reason: str, n: int, exc: BaseException | None) -> None:
+        self.dropped[reason] += n
+        self._dropped_metric.labels(reason).inc(n)
+        if reason not in self._logged:
+            self._logged.add(reason)  # once per outage: a failing disk must not flood the log
+            log.warning("drill store: dropping samples (%s)%s", reason, f": {exc}" if exc else "")
+
+    # -- the writer thread ------------------------------------------------------------------------------
+    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._connect(write=True)
+            self._migrate(conn)
+            self._purge(conn, time.time())
+        except Exception as exc:
+            ready.set_exception(StoreError(f"cannot open drill store: {exc}"))
+            return
+        ready.set_result(None)
+        last_purge = time.monotonic()
+        stop = False
+        while not stop:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                item = None
+            if item is None:
+                if time.monotonic() - last_purge > 3600:
+                    conn = self._guarded(conn, lambda c: self._purge(c, time.time()), None)
+                    last_purge = time.monotonic()
+                continue
+            batch = [item]
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            records: list[DrillRecord] = []
+            for it in batch:
+                if it is _STOP:
+                    stop = True
+                elif isinstance(it, _Op):
+                    conn = self._flush_records(conn, records)
+                    records = []
+                    conn = self._run_op(conn, it)
+                else:
+                    records.append(it)
+            conn = self._flush_records(conn, records)
+        if conn is not None:
+            conn.close()
+
+    def _flush_records(self, conn: Any, records: list[DrillRecord]) -> Any:
+        if not records:
+            return conn
+        try:
+            rows = [_row_params(self.redactor.record(r)) for r in records]
+        except Exception as exc:  # a bug in redaction must drop the sample, not write it unredacted
+            self._drop("redaction_failed", len(records), exc)
+            return conn
+
+        def write(c: Any) -> None:
+            self._begin(c)
+            try:
+                c.cursor().executemany(self._sql(_INSERT), rows)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        conn = self._guarded(conn, write, len(rows))
+        return conn
+
+    def _guarded(self, conn: Any, fn: Callable[[Any], Any], n_records: int | None) -> Any:
+        """Run a write; on failure drop (and count) the records, and reconnect next time if need be."""
+        try:
+            if conn is None:
+                conn = self._connect(write=True)
+            fn(conn)
+        except Exception as exc:
+            if n_records:
+                self._drop(self._drop_reason(exc), n_records, exc)
+            else:
+                log.warning("drill store: maintenance failed: %s", exc)
+            if not self._usable(conn):
+                conn = None
+            return conn
+        if n_records:
+            self.written += n_records
+            self._written_metric.inc(n_records)
+            if self._logged:
+                log.info("drill store: writing again after dropping %d samples", sum(self.dropped.values()))
+                self._logged.clear()
+        return conn
+
+    def _usable(self, conn: Any) -> bool:
+        return conn is not None
+
+    def _run_op(self, conn: Any, op: _Op) -> Any:
+        if not op.future.set_running_or_notify_cancel():
+            return conn
+        try:
+            if conn is None:
+                conn = self._connect(write=True)
+            op.future.set_result(op.fn(conn))
+        except Exception as exc:
+            op.future.set_exception(StoreError(f"drill store: {exc}"))
+            if not self._usable(conn):
+                conn = None
+        return conn
+
+    async def _write_op(self, fn: Callable[[Any], T], wait_s: float = 10.0) -> T:
+        """Run ``fn(write_connection)`` on the writer thread and wait for it (labels, purges, flush)."""
+        if self._thread is None:
+            raise StoreError("drill store is not open")
+        op = _Op(fn, concurrent.futures.Future())
+        try:
+            await asyncio.to_thread(self._queue.put, op, True, wait_s)
+        except queue.Full as exc:
+            raise StoreError("drill store is busy; try again") from exc
+        return await asyncio.wait_for(asyncio.wrap_future(op.future), timeout=wait_s + 30)
+
+    # -- schema -----------------------------------------------------------------------------------------
+    def _migrate(self, conn: Any) -> None:
+        self._begin(conn)
+        try:
+            self._lock_migrations(conn)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied DOUBLE PRECISION)"
+            )
+            current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"drill store schema {current} is newer than this guardproxy ({SCHEMA_VERSION})")
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    conn.execute(statement.replace("{serial}", self.serial_type))
+                conn.execute(
+                    self._sql("INSERT INTO schema_version (version, applied) VALUES (?, ?)"), (version, time.time())
+                )
+                log.info("drill store: applied migration %d", version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _purge(self, conn: Any, now: float) -> int:
+        cutoff = now - self.retention_days * 86400
+        cur = conn.execute(self._sql("DELETE FROM drills WHERE created < ?"), (cutoff,))
+        n = max(int(cur.rowcount), 0)
+        if n:
+            log.info("drill store: retention removed %d drills older than %d days", n, self.retention_days)
+        return n
+
+    # -- writes callers wait for ------------------------------------------------------------------------
+    async def add_label(self, drill_id: str, label: str, note: str = "", reviewer: str = "") -> LabelEntry:
+        if label not in LABELS:
+            raise StoreError(f"unknown label {label!r}")
+        created = time.time()
+
+        def insert(c: Any) -> LabelEntry:
+            row = c.execute(
+                self._sql(
+                    "INSERT INTO labels (drill_id, label, note, reviewer, created) VALUES (?, ?, ?, ?, ?) RETURNING id"
+                ),
+                (drill_id, label, note, reviewer, created),
+            ).fetchone()
+            return LabelEntry(int(row[0]), drill_id, label, note, reviewer, created)
+
+        return await self._write_op(insert)
+
+    async def purge(self, now: float | None = None) -> int:
+        """Delete drills (and their labels) older than ``retention_days``."""
+        return await self._write_op(lambda c: self._purge(c, time.time() if now is None else now))
+
+    async def flush(self, wait_s: float = 30.0) -> None:
+        """Wait until everything queued before this call has been written (or dropped)."""
+        await self._write_op(lambda c: None, wait_s=wait_s)
+
+    # -- reads ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _reader(self) -> Iterator[Any]:
+        conn = self._connect(write=False)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    async def _read(self, fn: Callable[[Any], T]) -> T:
+        def run() -> T:
+            try:
+                with self._reader() as conn:
+                    return fn(conn)
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"drill store read failed: {exc}") from exc
+
+        return await asyncio.to_thread(run)
+
+    def _labels_for(self, conn: Any, ids: Sequence[str]) -> dict[str, list[LabelEntry]]:
+        out: dict[str, list[LabelEntry]] = {i: [] for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ", ".join("?" * len(chunk))
+            rows = conn.execute(
+                self._sql(
+                    "SELECT id, drill_id, label, note, reviewer, created FROM labels"
+                    f" WHERE drill_id IN ({marks}) ORDER BY id"
+                ),
+                chunk,
+            ).fetchall()
+            for r in rows:
+                out[r[1]].append(LabelEntry(int(r[0]), r[1], r[2], r[3], r[4], float(r[5])))
+        return out
+
+    def _query(self, conn: Any, where: str, params: Sequence[Any], tail: str) -> list[StoredDrill]:
+        rows = conn.execute(self._sql(f"SELECT {_COLS} FROM drills{where} {tail}"), list(params)).fetchall()
+        records = [_record_from_row(r) for r in rows]
+        labels = self._labels_for(conn, [r.id for r in records])
+        return [StoredDrill(r, tuple(labels[r.id])) for r in records]
+
+    async def get(self, drill_id: str) -> StoredDrill | None:
+        found = await self._read(lambda c: self._query(c, " WHERE id = ?", [drill_id], ""))
+        return found[0] if found else None
+
+    async def find(self, f: DrillFilter = DrillFilter(), *, limit: int = 50, offset: int = 0) -> list[StoredDrill]:
+        where, params = filter_sql(f)
+        tail = "ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
+        return await self._read(lambda c: self._query(c, where, [*params, limit, offset], tail))
+
+    async def count(self, f: DrillFilter = DrillFilter()) -> int:
+        where, params = filter_sql(f)
+        return await self._read(
+            lambda c: int(c.execute(self._sql(f"SELECT count(*) FROM drills{where}"), params).fetchone()[0])
+        )
+
+    async def neighbours(self, drill: DrillRecord, f: DrillFilter = DrillFilter()) -> tuple[str | None, str | None]:
+        """(newer, older) drill ids around ``drill`` in queue order, under the same filter."""
+        where, params = filter_sql(f)
+        joiner = " AND " if where else " WHERE "
+
+        def run(c: Any) -> tuple[str | None, str | None]:
+            newer = c.execute(
+                self._sql(
+                    f"SELECT id FROM drills{where}{joiner}(created > ? OR (created = ? AND id > ?))"
+                    " ORDER BY created ASC, id ASC LIMIT 1"
+                ),
+                [*params, drill.created, drill.created, drill.id],
+            ).fetchone()
+            older = c.execute(
+                self._sql(
+                    f"SELECT id FROM drills{where}{joiner}(created < ? OR (created = ? AND id < ?))"
+                    " ORDER BY created DESC, id DESC LIMIT 1"
+                ),
+                [*params, drill.created, drill.created, drill.id],
+            ).fetchone()
+            return (newer[0] if newer else None, older[0] if older else None)
+
+        return await self._read(run)
+
+    async def all_drills(self, *, reviewed_only: bool = False, chunk: int = 1000) -> list[StoredDrill]:
+        """Every drill, oldest first (export, report)."""
+        f = DrillFilter(reviewed=True if reviewed_only else None)
+        where, params = filter_sql(f)
+
+        def run(c: Any) -> list[StoredDrill]:
+            out: list[StoredDrill] = []
+            offset = 0
+            while True:
+                page = self._query(c, where, [*params, chunk, offset], "ORDER BY created ASC, id ASC LIMIT ? OFFSET ?")
+                out += page
+                if len(page) < chunk:
+                    return out
+                offset += chunk
+
+        return await self._read(run)
+
+    async def stats(self, limit: int = 20000) -> DrillStats:
+        def run(c: Any) -> DrillStats:
+            rows = c.execute(
+                self._sql(
+                    "SELECT created, active_action, harm, signals, shadows FROM drills ORDER BY created DESC LIMIT ?"
+                ),
+                [limit],
+            ).fetchall()
+            agreement: dict[str, dict[tuple[str, str], int]] = {}
+            out_rows: list[tuple[float, str, float, float | None]] = []
+            for created, action, harm, signals, shadows in rows:
+                reply_harm = json.loads(signals).get("reply_harm")
+                out_rows.append((float(created), action, float(harm), reply_harm))
+                for d in json.loads(shadows):
+                    cell = agreement.setdefault(str(d.get("policy")), {})
+                    key = (action, str(d.get("action")))
+                    cell[key] = cell.get(key, 0) + 1
+            latest: dict[str, str] = {}
+            for drill_id, label in c.execute("SELECT drill_id, label FROM labels ORDER BY id").fetchall():
+                latest[drill_id] = label
+            total = int(c.execute("SELECT count(*) FROM drills").fetchone()[0])
+            return DrillStats(tuple(out_rows), agreement, dict(Tally(latest.values())), total)
+
+        return await self._read(run)
