@@ -1,0 +1,461 @@
+"""The guard model at runtime: one ONNX session, one bounded executor, one LRU cache.
+
+``OnnxClassifier.load(model_dir)`` reads the files described in ``models/README.md`` once, at startup. Inference
+never runs on the event loop: each ``score_*`` call becomes one job on the classifier's own
+``ThreadPoolExecutor`` (``workers`` threads, created at load, shut down by ``aclose``). At most ``max_pending``
+jobs are queued or running; a caller waits for a slot inside its own deadline, so a flood turns into
+``ClassifierError`` timeouts (which the policy maps to its configured failure outcome) instead of a queue that
+grows without bound. A timed-out job is told to stop at its next batch boundary, so abandoned work does not keep
+the worker busy.
+
+Caching: results are kept in an LRU keyed by sha256 of (mode, normalized text). Evasion variants of one text
+normalize to the same key. The event loop also checks a key of the raw text (a cheap hash, no normalization) so
+that a request whose turns were all seen before (every earlier user turn of a chat is re-sent with each request)
+does not take an executor hop at all.
+
+Batching: one call's texts are run in batches of at most ``max_batch`` inputs and ``max_batch_tokens``
+padded tokens (memory grows with batch x length; the issue measured 2.1 GiB for one 32 x 512 batch). Batching
+across concurrent calls (micro-batching) is not done: on this 2-core CPU it measured no faster than running the
+inputs one by one (see ``bench/classifier_runtime.py`` and the report in the README), and it would add a
+collection delay to every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from guardproxy import taxonomy
+from guardproxy.errors import ClassifierError, ConfigError
+from guardproxy.settings import GuardSettings
+from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore
+
+__all__ = ["ModelInfo", "OnnxClassifier", "Thresholds"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUTS = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding")
+
+T = TypeVar("T", PromptScore, ReplyScore)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Calibrated thresholds from ``config.json`` (see models/README.md)."""
+
+    harm: float  # default flag threshold of the harm head
+    harm_high: float  # block-level harm
+    jailbreak: float
+    reply_harm: float
+    refusal_partial: float  # p(partial) + p(full) at or above this is a refusal
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    max_length: int
+    thresholds: Thresholds
+    embedding_dim: int
+
+
+class _LRU:
+    """A small thread-safe LRU: the event loop and the executor threads both touch it."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._data: OrderedDict[bytes, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: bytes) -> Any | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: bytes, value: Any) -> None:
+        if self._size <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self._size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _key(kind: bytes, *parts: str) -> bytes:
+    # Length-prefixed parts: ("ab", "c") and ("a", "bc") must not collide.
+    h = hashlib.sha256(kind)
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.digest()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ClassifierError(f"{path}: model config not found") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClassifierError(f"{path}: cannot read model config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ClassifierError(f"{path}: model config is not a JSON object")
+    return raw
+
+
+def _parse_info(config: dict[str, Any], path: Path, embedding_dim: int) -> ModelInfo:
+    try:
+        t = config["thresholds"]
+        thresholds = Thresholds(
+            harm=float(t["harm"]),
+            harm_high=float(t["harm_high"]),
+            jailbreak=float(t["jailbreak"]),
+            reply_harm=float(t["reply_harm"]),
+            refusal_partial=float(t["refusal_partial"]),
+        )
+        max_length = int(config["max_length"])
+        categories = tuple(config["categories"])
+        refusal_labels = tuple(config["refusal_labels"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ClassifierError(f"{path}: model config lacks or mangles {exc}") from exc
+    # A model trained on another category list would silently mislabel every category.
+    if categories != taxonomy.CATEGORY_IDS:
+        raise ConfigError("model categories differ from guardproxy.taxonomy.CATEGORY_IDS", where=str(path))
+    if refusal_labels != REFUSAL_CLASSES:
+        raise ConfigError(f"refusal_labels must be {list(REFUSAL_CLASSES)}", where=str(path))
+    return ModelInfo(
+        name=str(config.get("name", path.parent.name)),
+        version=str(config.get("version", "")),
+        max_length=max_length,
+        thresholds=thresholds,
+        embedding_dim=embedding_dim,
+    )
+
+
+class OnnxClassifier:
+    """``signals.Classifier`` backed by the ONNX guard model. Build it with ``load`` or ``from_settings``."""
+
+    def __init__(
+        self,
+        session: Any,
+        tokenizer: Any,
+        info: ModelInfo,
+        *,
+        workers: int = 1,
+        timeout: float = 2.0,
+        cache_size: int = 8192,
+        max_pending: int | None = None,
+        max_batch: int = 1,
+        max_batch_tokens: int = 4096,
+    ) -> None:
+        self._session = session
+        self._tokenizer = tokenizer
+        self.info = info
+        self._timeout = timeout
+        self._cache = _LRU(cache_size)
+        self._max_pending = max_pending if max_pending is not None else 4 * workers
+        self._max_batch = max(1, max_batch)
+        self._max_batch_tokens = max(info.max_length, max_batch_tokens)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guardproxy-classifier")
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._closed = False
+
+    # --- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        threads: int = 1,
+        workers: int = 1,
+        timeout: float = 2.0,
+        cache_size: int = 8192,
+        **options: Any,
+    ) -> OnnxClassifier:
+        """Load ``model.onnx``, ``tokenizer.json`` and ``config.json`` from ``model_dir``.
+
+        Raises ``ClassifierError`` naming the file when one is missing or unreadable, ``ConfigError`` when the
+        model was trained on another taxonomy.
+        """
+        import onnxruntime as ort  # heavy import, only where a model is loaded
+
+        from guardproxy.encoding import load_tokenizer
+
+        directory = Path(model_dir)
+        for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE):
+            if not (directory / name).is_file():
+                raise ClassifierError(f"{directory / name}: model file not found")
+        config = _read_config(directory / CONFIG_FILE)
+        try:
+            tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+        except ConfigError as exc:
+            raise ClassifierError(str(exc)) from exc
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        model_path = directory / MODEL_FILE
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unexported exception types
+            raise ClassifierError(f"{model_path}: cannot load ONNX model: {exc}") from exc
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        missing = [n for n in INPUTS if n not in inputs] + [n for n in OUTPUTS if n not in outputs]
+        if missing:
+            raise ClassifierError(f"{model_path}: model lacks inputs/outputs {missing}")
+        dim = outputs["embedding"].shape[-1]
+        embedding_dim = int(dim) if isinstance(dim, int) else int(config.get("hidden", 0))
+        info = _parse_info(config, directory / CONFIG_FILE, embedding_dim)
+        logger.info("guard model %s %s loaded from %s (%d threads)", info.name, info.version, directory, threads)
+        return cls(session, tokenizer, info, workers=workers, timeout=timeout, cache_size=cache_size, **options)
+
+    @classmethod
+    def from_settings(cls, settings: GuardSettings) -> OnnxClassifier:
+        return cls.load(
+            settings.model_dir,
+            threads=settings.threads,
+            workers=settings.workers,
+            timeout=settings.timeout,
+            cache_size=settings.cache_size,
+        )
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.info.thresholds
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.info.embedding_dim
+
+    @property
+    def cache_stats(self) -> tuple[int, int, int]:
+        """(hits, misses, entries) of the result cache."""
+        return self._cache.hits, self._cache.misses, len(self._cache)
+
+    # --- the async API (signals.Classifier) -----------------------------------------------------------
+
+    async def score_prompts(self, texts: Sequence[str]) -> list[PromptScore]:
+        raw_keys = [_key(b"raw-prompt", t) for t in texts]
+        return await self._submit(raw_keys, self._prompt_job, list(texts))
+
+    async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
+        raw_keys = [_key(b"raw-pair", p, r) for p, r in pairs]
+        return await self._submit(raw_keys, self._pair_job, list(pairs))
+
+    async def aclose(self) -> None:
+        """Stop accepting work, drop queued jobs, and wait (off the loop) for a running one to finish."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
+    # --- the sync API (CLI: score, eval, classify) -----------------------------------------------------
+
+    def score_prompts_sync(self, texts: Sequence[str]) -> list[PromptScore]:
+        return self._prompt_job(list(texts), threading.Event())
+
+    def score_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
+        return self._pair_job(list(pairs), threading.Event())
+
+    def close(self) -> None:
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # --- plumbing ---------------------------------------------------------------------------------------
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        # asyncio primitives belong to one loop; tests (and a CLI that runs several loops) get one per loop.
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self._max_pending))
+        return self._slots[1]
+
+    async def _submit(
+        self,
+        raw_keys: list[bytes],
+        job: Callable[[list[Any], threading.Event], list[T]],
+        items: list[Any],
+    ) -> list[T]:
+        if self._closed:
+            raise ClassifierError("classifier is closed")
+        cached = [self._cache.get(k) for k in raw_keys]
+        todo = [i for i, hit in enumerate(cached) if hit is None]
+        if not todo:
+            return cached  # type: ignore[return-value]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        slots = self._semaphore()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await slots.acquire()
+        except TimeoutError:
+            raise ClassifierError(f"classifier busy: no slot within {self._timeout:g} s") from None
+        cancel = threading.Event()
+        try:
+            cfut: Future[list[T]] = self._executor.submit(job, [items[i] for i in todo], cancel)
+        except RuntimeError as exc:  # executor shut down between the check above and now
+            slots.release()
+            raise ClassifierError("classifier is closed") from exc
+        # The slot frees when the thread is really done (or the job was dropped unstarted), not when the
+        # caller gives up: abandoned work still occupies the executor and must count against the bound.
+        cfut.add_done_callback(lambda _f: _release_threadsafe(loop, slots))
+        try:
+            async with asyncio.timeout_at(deadline):
+                results = await asyncio.wrap_future(cfut)
+        except TimeoutError:
+            cancel.set()
+            raise ClassifierError(f"classification timed out after {self._timeout:g} s") from None
+        except BaseException as exc:
+            cancel.set()  # caller cancelled, or the job failed: stop at the next batch either way
+            if isinstance(exc, ClassifierError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                raise
+            raise ClassifierError(f"inference failed: {exc!r}") from exc
+        out: list[Any] = list(cached)
+        for i, result in zip(todo, results, strict=True):
+            out[i] = result
+            self._cache.put(raw_keys[i], result)
+        return out
+
+    def _prompt_job(self, texts: list[str], cancel: threading.Event) -> list[PromptScore]:
+        from guardproxy.encoding import encode_prompt
+        from guardproxy.normalize import normalize
+
+        normalized = [normalize(t) for t in texts]
+        keys = [_key(b"prompt", n) for n in normalized]
+        return self._run_cached(
+            keys,
+            lambda i: encode_prompt(self._tokenizer, normalized[i], self.info.max_length),
+            self._prompt_scores,
+            cancel,
+        )
+
+    def _pair_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
+        from guardproxy.encoding import encode_pair
+        from guardproxy.normalize import normalize
+
+        normalized = [(normalize(p), normalize(r)) for p, r in pairs]
+        keys = [_key(b"pair", p, r) for p, r in normalized]
+        return self._run_cached(
+            keys,
+            lambda i: encode_pair(self._tokenizer, normalized[i][0], normalized[i][1], self.info.max_length),
+            self._reply_scores,
+            cancel,
+        )
+
+    def _run_cached(
+        self,
+        keys: list[bytes],
+        encode: Callable[[int], Any],
+        decode: Callable[[dict[str, npt.NDArray[np.float32]]], list[T]],
+        cancel: threading.Event,
+    ) -> list[T]:
+        results: list[T | None] = [self._cache.get(k) for k in keys]
+        first: dict[bytes, int] = {}  # duplicates inside one call are computed once
+        for i, k in enumerate(keys):
+            if results[i] is None:
+                first.setdefault(k, i)
+        todo = list(first.values())
+        if todo:
+            scored = self._infer([encode(i) for i in todo], decode, cancel)
+            for i, score in zip(todo, scored, strict=True):
+                self._cache.put(keys[i], score)
+                results[i] = score
+        return [r if r is not None else results[first[keys[i]]] for i, r in enumerate(results)]  # type: ignore[misc]
+
+    def _infer(
+        self,
+        encodings: list[Any],
+        decode: Callable[[dict[str, npt.NDArray[np.float32]]], list[T]],
+        cancel: threading.Event,
+    ) -> list[T]:
+        from guardproxy.encoding import pad_batch
+
+        # Sort by length so a batch pads little; results go back to input order at the end.
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
+        out: list[T | None] = [None] * len(encodings)
+        start = 0
+        while start < len(order):
+            if cancel.is_set():
+                raise ClassifierError("classification abandoned")
+            end = start + 1
+            while (
+                end < len(order)
+                and end - start < self._max_batch
+                and (end - start + 1) * len(encodings[order[end]]) <= self._max_batch_tokens
+            ):
+                end += 1
+            batch = [encodings[i] for i in order[start:end]]
+            values = self._session.run(list(OUTPUTS), pad_batch(batch))
+            for i, score in zip(order[start:end], decode(dict(zip(OUTPUTS, values, strict=True))), strict=True):
+                out[i] = score
+            start = end
+        return out  # type: ignore[return-value]
+
+    def _prompt_scores(self, out: dict[str, npt.NDArray[np.float32]]) -> list[PromptScore]:
+        harm_threshold = self.info.thresholds.harm
+        scores = []
+        for harm, cat, jb, emb in zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], strict=True):
+            idx = int(np.argmax(cat))
+            # A request judged harmful always gets a hazard category the policy can write a refusal for.
+            if idx == 0 and float(harm) >= harm_threshold and len(cat) > 1:
+                idx = 1 + int(np.argmax(cat[1:]))
+            scores.append(
+                PromptScore(
+                    harm=float(harm),
+                    category=taxonomy.CATEGORY_IDS[idx],
+                    jailbreak=float(jb),
+                    embedding=np.array(emb, dtype=np.float32),  # a copy: do not pin the whole batch array
+                )
+            )
+        return scores
+
+    def _reply_scores(self, out: dict[str, npt.NDArray[np.float32]]) -> list[ReplyScore]:
+        scores = []
+        for probs, reply_harm in zip(out["refusal"], out["reply_harm"], strict=True):
+            p = (float(probs[0]), float(probs[1]), float(probs[2]))
+            scores.append(ReplyScore(refusal=self.refusal_class(p), refusal_probs=p, reply_harm=float(reply_harm)))
+        return scores
+
+    def refusal_class(self, probs: tuple[float, float, float]) -> RefusalClass:
+        """The contract's rule: ``none`` below ``refusal_partial``, else the likelier of partial and full."""
+        if probs[1] + probs[2] < self.info.thresholds.refusal_partial:
+            return "none"
+        return "partial" if probs[1] >= probs[2] else "full"
+
+
+def _release_threadsafe(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:
+    try:
+        loop.call_soon_threadsafe(slots.release)
+    except RuntimeError:  # the loop is closed: nobody is left waiting for the slot
+        pass

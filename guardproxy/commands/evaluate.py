@@ -1,0 +1,370 @@
+"""``guardproxy eval FILE.jsonl...``: metrics for labelled files in the ``../shared/data`` formats.
+
+Prompt rows (``label``): harm AUROC (``harmful`` against ``benign`` + ``borderline_benign``; ``jailbreak`` and
+``policy_restricted`` apart), per harmful source against the pooled negatives, and flag/block rates under the
+policy per source and label. Response rows (``refusal``, ``prompt_label``): refusal 3-way macro-F1, binary F1
+and false-refusal precision/recall per source, beside every keyword baseline of
+``baselines/refusal_keyword_lists.json`` scored by its own matching rule. Conversation rows (``label``): flagged
+rate, share flagged before the final user turn and median first-flag turn per label.
+
+A source is the file (``prompts/advbench.jsonl`` → ``advbench``; ``responses/phtest/claude-2.1.jsonl`` →
+``phtest/claude-2.1``), or file and a row field with ``--group-by FIELD``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from guardproxy.classifier import OnnxClassifier
+from guardproxy.commands.score import add_model_options, load_model_and_policy
+from guardproxy.errors import ConfigError
+from guardproxy.evaluation import (
+    ConversationRecord,
+    KeywordBaseline,
+    PromptRecord,
+    ResponseRecord,
+    conversation_report,
+    keyword_free,
+    load_baselines,
+    prompt_report,
+    response_report,
+)
+from guardproxy.policy import Policy
+from guardproxy.scoring import ParsedRow, Progress, RowError, RowScorer, parse_row, read_jsonl
+from guardproxy.settings import PROJECT_ROOT
+
+DEFAULT_BASELINES = PROJECT_ROOT.parent / "shared" / "data" / "baselines" / "refusal_keyword_lists.json"
+CHUNK_ROWS = 64
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, help="labelled JSONL files (prompts, responses, conversations)")
+    add_model_options(parser)
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every metric as JSON")
+    parser.add_argument("--png", type=Path, default=None, metavar="OUT", help="plot score distributions per label")
+    parser.add_argument("--baselines", type=Path, default=DEFAULT_BASELINES, help="keyword refusal baseline lists")
+    parser.add_argument("--sample", type=int, default=None, help="score at most N rows per file (fixed by id hash)")
+    parser.add_argument("--group-by", default=None, metavar="FIELD", help="split sources by this row field too")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def source_name(path: Path) -> str:
+    if path.parent.name in ("prompts", "responses", "conversations", "challenge", ""):
+        return path.stem
+    return f"{path.parent.name}/{path.stem}"
+
+
+def _load_rows(path: Path, sample: int | None) -> list[ParsedRow]:
+    rows = []
+    with path.open("rb") as stream:
+        for line, obj in read_jsonl(stream):
+            if isinstance(obj, RowError):
+                raise ConfigError(str(obj), where=f"{path}:{line}")
+            try:
+                rows.append(parse_row(line, obj))
+            except RowError as exc:
+                raise ConfigError(str(exc), where=f"{path}:{line}") from exc
+    if sample is not None and len(rows) > sample:
+        # A fixed, unbiased subset: the rows whose id hashes lowest (files are often sorted by category).
+        rows = sorted(rows, key=lambda r: hashlib.sha256(str(r.id).encode()).digest())[:sample]
+        rows.sort(key=lambda r: r.line)
+    return rows
+
+
+class Collector:
+    """Turns scored rows into metric records."""
+
+    def __init__(self, baselines: list[KeywordBaseline]) -> None:
+        self.baselines = baselines
+        self.prompts: list[PromptRecord] = []
+        self.responses: list[ResponseRecord] = []
+        self.conversations: list[ConversationRecord] = []
+        self.skipped = 0
+
+    def add(self, source: str, row: ParsedRow, result: dict[str, Any]) -> None:
+        raw = row.raw or {}
+        if row.kind == "prompt":
+            if not isinstance(raw.get("label"), str):
+                self.skipped += 1
+                return
+            self.prompts.append(
+                PromptRecord(source, raw["label"], result["harm"], result["jailbreak"], result["action"])
+            )
+        elif row.kind == "response":
+            gold = raw.get("refusal")
+            compliance = raw.get("harmful_compliance_human_majority", raw.get("reply_harm"))
+            self.responses.append(
+                ResponseRecord(
+                    source=source,
+                    prompt_label=raw.get("prompt_label"),
+                    gold_refusal=gold if gold in ("none", "partial", "full") else None,
+                    refusal=result["refusal"],
+                    harm=result["harm"],
+                    reply_harm=result["reply_harm"],
+                    harmful_compliance=None if compliance is None else bool(compliance),
+                    keyword_refused=tuple(b.refused(row.response) for b in self.baselines),
+                    keyword_free=keyword_free(row.response, self.baselines),
+                    refusal_score=result["refusal_probs"][1] + result["refusal_probs"][2],
+                )
+            )
+        else:
+            if not isinstance(raw.get("label"), str):
+                self.skipped += 1
+                return
+            turns = result["turns"]
+            first = next((k for k, t in enumerate(turns, start=1) if t["action"] != "allow"), None)
+            self.conversations.append(ConversationRecord(source, raw["label"], len(turns), first))
+
+
+def run(args: argparse.Namespace) -> int:
+    baselines = load_baselines(args.baselines)
+    files = [(path, _load_rows(path, args.sample)) for path in args.files]
+    classifier, policy = load_model_and_policy(args)
+    try:
+        collector = score_files(classifier, policy, files, baselines, args)
+    finally:
+        classifier.close()
+    metrics: dict[str, Any] = {
+        "model": {"name": classifier.info.name, "version": classifier.info.version},
+        "policy": policy.ref,
+        "files": [str(p) for p, _rows in files],
+        "sample": args.sample,
+    }
+    if collector.prompts:
+        metrics["prompts"] = prompt_report(collector.prompts, policy.harm_threshold)
+    if collector.responses:
+        metrics["responses"] = response_report(collector.responses, [b.name for b in baselines], policy.harm_threshold)
+    if collector.conversations:
+        metrics["conversations"] = conversation_report(collector.conversations)
+    metrics["unlabelled_rows_skipped"] = collector.skipped
+    print(render_tables(metrics))
+    if args.json:
+        args.json.write_text(json.dumps(_clean(metrics), indent=1) + "\n", encoding="utf-8")
+        print(f"metrics written to {args.json}", file=sys.stderr)
+    if args.png:
+        plot_distributions(collector, args.png, policy.harm_threshold)
+        print(f"score distributions written to {args.png}", file=sys.stderr)
+    return 0
+
+
+def score_files(
+    classifier: OnnxClassifier,
+    policy: Policy,
+    files: list[tuple[Path, list[ParsedRow]]],
+    baselines: list[KeywordBaseline],
+    args: argparse.Namespace,
+) -> Collector:
+    scorer = RowScorer(classifier, policy)
+    collector = Collector(baselines)
+    total = sum(len(rows) for _p, rows in files)
+    progress = Progress("eval", total, enabled=not args.no_progress)
+    for path, rows in files:
+        base = source_name(path)
+        for start in range(0, len(rows), CHUNK_ROWS):
+            chunk = rows[start : start + CHUNK_ROWS]
+            for row, result in zip(chunk, scorer.score(chunk), strict=True):
+                source = base
+                if args.group_by and row.raw and args.group_by in row.raw:
+                    source = f"{base}:{row.raw[args.group_by]}"
+                collector.add(source, row, result)
+            progress.update(len(chunk), len(chunk))  # "bytes" are rows here: the total is known
+    progress.close()
+    return collector
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: undefined metrics become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _f(x: Any) -> str:
+    if isinstance(x, float):
+        return "  -  " if math.isnan(x) else f"{x:.3f}"
+    return str(x)
+
+
+def _numeric(x: Any) -> bool:
+    return isinstance(x, int | float) or x == ""
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[_f(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    # Text columns (the first, and any whose values are not numbers) read best left-aligned.
+    text = [i == 0 or not all(_numeric(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if text[i] else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_tables(m: dict[str, Any]) -> str:
+    out = [f"model {m['model']['name']} {m['model']['version']}, policy {m['policy']}"]
+    if "prompts" in m:
+        p = m["prompts"]
+        out += [
+            "",
+            "PROMPTS  harm AUROC (harmful vs benign + borderline_benign): " + _f(p["harm_auroc"]),
+            f"  jailbreak label: harm AUROC {_f(p['jailbreak_label_harm_auroc'])}, "
+            f"jailbreak-head AUROC {_f(p['jailbreak_label_jailbreak_auroc'])}; "
+            f"policy_restricted: harm AUROC {_f(p['policy_restricted_harm_auroc'])}",
+        ]
+        if p["harmful_source_auroc"]:
+            out += [
+                "",
+                _table(
+                    ["harmful source", "AUROC vs all negatives"], list(map(list, p["harmful_source_auroc"].items()))
+                ),
+            ]
+        rows = [
+            [v["source"], v["label"], v["n"], v["mean_harm"], v["flag_rate"], v["block_rate"], v["over_threshold_rate"]]
+            for v in p["by_source"].values()
+        ]
+        rows += [
+            ["(all)", lab, v["n"], v["mean_harm"], v["flag_rate"], v["block_rate"], v["over_threshold_rate"]]
+            for lab, v in p["by_label"].items()
+        ]
+        out += ["", _table(["source", "label", "n", "mean harm", "flagged", "blocked", "harm>=thr"], rows)]
+        out.append("  flagged = action not allow under the policy: recall for harmful rows, over-flag rate otherwise")
+    if "responses" in m:
+        out += ["", "RESPONSES  refusal detection: model vs keyword baselines"]
+        rows = []
+        for source, s in m["responses"].items():
+            mm = s["model"]
+            rows.append(
+                [
+                    source,
+                    "guard model",
+                    s["n_refusal_labelled"],
+                    mm["macro_f1"],
+                    mm["binary_f1"],
+                    mm["false_refusal_precision"],
+                    mm["false_refusal_recall"],
+                    s["reply_harm_auroc"],
+                ]
+            )
+            for name, b in s["baselines"].items():
+                rows.append(
+                    [
+                        "",
+                        name,
+                        "",
+                        b["macro_f1"],
+                        b["binary_f1"],
+                        b["false_refusal_precision"],
+                        b["false_refusal_recall"],
+                        "",
+                    ]
+                )
+        out.append(
+            _table(
+                ["source", "detector", "n", "macro-F1", "binary F1", "FR prec", "FR recall", "reply-harm AUROC"], rows
+            )
+        )
+        rows = [
+            [
+                src,
+                s["keyword_free"]["n"],
+                s["keyword_free"]["n_refusals"],
+                s["keyword_free"]["refusal_recall"],
+                s["keyword_free"]["binary_f1"],
+                s["keyword_free"]["macro_f1"],
+            ]
+            for src, s in m["responses"].items()
+        ]
+        out += [
+            "",
+            "  replies no keyword baseline matches:",
+            _table(["source", "n", "refusals", "recall", "binary F1", "macro-F1"], rows),
+        ]
+    if "conversations" in m:
+        rows = [
+            [
+                lab,
+                v["n"],
+                v["flagged_rate"],
+                v["flagged_before_final_rate"],
+                v["median_first_flag_turn"],
+                v["median_user_turns"],
+            ]
+            for lab, v in m["conversations"].items()
+        ]
+        out += [
+            "",
+            "CONVERSATIONS",
+            _table(["label", "n", "flagged", "before final turn", "median first flag", "median turns"], rows),
+        ]
+    if m.get("unlabelled_rows_skipped"):
+        out.append(f"\n{m['unlabelled_rows_skipped']} unlabelled rows skipped")
+    return "\n".join(out)
+
+
+Panel = tuple[str, dict[str, list[float]], float | None]  # title, values per group, threshold line
+
+
+def _panels(c: Collector, harm_threshold: float) -> list[Panel]:
+    panels: list[tuple[str, dict[str, list[float]], float | None]] = []
+    if c.prompts:
+        by: dict[str, list[float]] = {}
+        for r in c.prompts:
+            by.setdefault(r.label, []).append(r.harm)
+        panels.append(("prompt harm by label", by, harm_threshold))
+    if c.responses:
+        by = {}
+        for rr in c.responses:
+            if rr.gold_refusal is not None:
+                by.setdefault(f"gold {rr.gold_refusal}", []).append(rr.refusal_score)
+        if by:
+            panels.append(("refusal score p(partial) + p(full) by gold class", by, None))
+        by_h: dict[str, list[float]] = {}
+        for rr in c.responses:
+            if rr.harmful_compliance is not None:
+                by_h.setdefault("complied" if rr.harmful_compliance else "did not comply", []).append(rr.reply_harm)
+        if by_h:
+            panels.append(("reply harm by human label", by_h, None))
+    if c.conversations:
+        by = {}
+        for cr in c.conversations:
+            by.setdefault(cr.label, []).append(float(cr.first_flag_turn or 0))
+        panels.append(("first flagged user turn (0 = never)", by, None))
+    return panels
+
+
+def plot_distributions(c: Collector, path: Path, harm_threshold: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = _panels(c, harm_threshold)
+    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(8, 3.2 * max(1, len(panels))), squeeze=False)
+    for ax, (title, groups, threshold) in zip(axes[:, 0], panels, strict=False):
+        discrete = title.startswith("first flagged")
+        top = max(max(v) for v in groups.values())
+        for label, values in sorted(groups.items()):
+            if discrete:  # whole turns: one bar per turn number
+                bins: Any = [b - 0.5 for b in range(int(top) + 2)]
+            else:
+                bins = [i / 40 for i in range(41)]
+            ax.hist(values, bins=bins, alpha=0.5, label=f"{label} (n={len(values)})", density=True)
+        if threshold is not None:
+            ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.2f}")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

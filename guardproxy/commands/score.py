@@ -1,0 +1,118 @@
+"""``guardproxy score FILE.jsonl``: one JSON line per input row on stdout, the machine contract of issue 3.
+
+Rows stream through in chunks (nothing holds the whole file). A row that cannot be scored still gets its line,
+``{"id", "line", "error"}``, so a consumer sees every id; the problem also goes to stderr as ``file:line:
+message`` and the command exits 1 at the end. Progress goes to stderr only when it is a terminal or with
+``--progress``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from guardproxy.classifier import OnnxClassifier
+from guardproxy.policy import Policy, load_policy
+from guardproxy.scoring import ParsedRow, Progress, RowError, RowScorer, error_row, parse_row, read_jsonl
+from guardproxy.settings import load_settings
+
+CHUNK_ROWS = 64
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, help="model directory (default: guard.model_dir)")
+    parser.add_argument("--policy", type=Path, default=None, help="policy file (default: policy.active)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: guard.threads)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="JSONL file of prompt, response or conversation rows; - reads stdin")
+    add_model_options(parser)
+    parser.add_argument("--progress", action="store_true", help="draw progress on stderr even when not a terminal")
+
+
+def load_model_and_policy(args: argparse.Namespace) -> tuple[OnnxClassifier, Policy]:
+    settings = load_settings()
+    policy = load_policy(args.policy or settings.policy.active)
+    classifier = OnnxClassifier.load(
+        args.model or settings.guard.model_dir,
+        threads=args.threads or settings.guard.threads,
+        cache_size=settings.guard.cache_size,
+    )
+    return classifier, policy
+
+
+def run(args: argparse.Namespace) -> int:
+    classifier, policy = load_model_and_policy(args)
+    try:
+        if args.file == "-":
+            return score_stream(sys.stdin.buffer, "<stdin>", None, RowScorer(classifier, policy), sys.stdout, args)
+        path = Path(args.file)
+        with path.open("rb") as stream:
+            return score_stream(stream, str(path), path.stat().st_size, RowScorer(classifier, policy), sys.stdout, args)
+    finally:
+        classifier.close()
+
+
+def chunks(
+    stream: Iterable[bytes], name: str, size: int = CHUNK_ROWS
+) -> Iterator[list[tuple[int, ParsedRow | dict[str, Any]]]]:
+    """Parsed rows (or their error rows) in chunks of ``size``."""
+    chunk: list[tuple[int, ParsedRow | dict[str, Any]]] = []
+    for line, obj in read_jsonl(stream):
+        if isinstance(obj, RowError):
+            chunk.append((line, error_row(name, line, None, str(obj))))
+        else:
+            try:
+                chunk.append((line, parse_row(line, obj)))
+            except RowError as exc:
+                chunk.append((line, error_row(name, line, obj, str(exc))))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Counting:
+    """Wraps a binary stream to count the bytes read, for the progress bar."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.count = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self.stream:
+            self.count += len(line)
+            yield line
+
+
+def score_stream(
+    stream: BinaryIO, name: str, total: int | None, scorer: RowScorer, out: IO[str], args: argparse.Namespace
+) -> int:
+    progress = Progress("score", total, enabled=bool(getattr(args, "progress", False)) or sys.stderr.isatty())
+    counting = _Counting(stream)
+    errors = 0
+    seen = 0
+    for chunk in chunks(counting, name):
+        good = [row for _line, row in chunk if isinstance(row, ParsedRow)]
+        scored = iter(scorer.score(good))
+        for _line, row in chunk:
+            if isinstance(row, ParsedRow):
+                result = next(scored)
+            else:
+                result = row
+                errors += 1
+                print(f"guardproxy score: {row['error']}", file=sys.stderr)
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        out.flush()
+        progress.update(len(chunk), counting.count - seen)
+        seen = counting.count
+    progress.close()
+    if errors:
+        print(f"guardproxy score: {errors} row(s) could not be scored", file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,280 @@
+"""Scoring JSONL rows with the guard model and a policy: the engine of ``guardproxy score`` and ``guardproxy eval``.
+
+Three row kinds, told apart by their fields (the formats of ``../shared/data``):
+
+- ``{"id", "prompt"}``: a prompt row → ``{"id", "kind": "prompt", "harm", "action", ...}``;
+- ``{"id", "prompt", "response"}``: a response row → ``{"id", "kind": "response", "harm", "refusal",
+  "false_refusal", "reply_harm", ...}`` (``harm`` is the prompt's);
+- ``{"id", "messages"}``: a conversation row → ``{"id", "kind": "conversation", "turns": [{"index", "harm",
+  "escalation", "action"}], "flagged", "first_flag_index"}``, one turn per user message, ``index`` its position
+  in ``messages``.
+
+Conversation rows are replayed turn by turn as the gateway would see them: at user turn k the request holds
+every user turn up to k, so the policy's ``harm`` is the maximum over them (the turn entry reports the turn's
+own harm). ``escalation`` comes from the conversation tracker when ``guardproxy.conversation`` provides a
+replay; without it, it is the guard model's harm on a window of the last ``WINDOW_TURNS`` turns in the
+window format of ``models/README.md``.
+
+Rows are scored in chunks so that a file of any size streams: the caller reads, scores and writes one chunk at
+a time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from guardproxy.classifier import OnnxClassifier
+from guardproxy.pipeline import Action
+from guardproxy.policy import Policy
+from guardproxy.signals import ConversationSignals, PromptScore, ReplyScore, Signals
+
+__all__ = ["ParsedRow", "RowScorer", "parse_row", "read_jsonl", "turn_texts"]
+
+WINDOW_TURNS = 4
+RowKind = Literal["prompt", "response", "conversation"]
+
+
+class RowError(ValueError):
+    """A row that cannot be scored; the message says why (the caller adds file:line)."""
+
+
+@dataclass(frozen=True)
+class ParsedRow:
+    line: int
+    id: Any
+    kind: RowKind
+    prompt: str = ""
+    response: str = ""
+    # (index in messages, role, text) of the user and assistant messages of a conversation row
+    turns: tuple[tuple[int, str, str], ...] = ()
+    raw: dict[str, Any] | None = None
+
+
+def read_jsonl(stream: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Yield (1-based line number, object or the reason it is not one) per non-blank line.
+
+    Lines split on "\\n" only: some texts of the shared data hold U+2028, which ``str.splitlines`` would split.
+    """
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield number, RowError(f"not UTF-8: {exc.reason} at byte {exc.start}")
+            continue
+        except json.JSONDecodeError as exc:
+            yield number, RowError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(obj, dict):
+            yield number, RowError(f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield number, obj
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's text: a string, or the text parts of a content-part array (images etc. carry no text)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise RowError(f"{where}: content parts must be objects")
+            if part.get("type") == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RowError(f"{where}: a text part needs a string 'text'")
+                texts.append(part["text"])
+        return "\n".join(texts)
+    raise RowError(f"{where}: content must be a string or an array of parts")
+
+
+def parse_row(line: int, obj: dict[str, Any]) -> ParsedRow:
+    """Validate one row and tell its kind; raises ``RowError``."""
+    if "id" not in obj or not isinstance(obj["id"], str | int) or isinstance(obj["id"], bool):
+        raise RowError("missing or non-scalar 'id'")
+    row_id = obj["id"]
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list):
+            raise RowError("'messages' must be an array")
+        turns = []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                raise RowError(f"messages[{i}] must be an object with a string 'role'")
+            if msg["role"] in ("user", "assistant"):
+                turns.append((i, msg["role"], _content_text(msg.get("content"), f"messages[{i}]")))
+        return ParsedRow(line=line, id=row_id, kind="conversation", turns=tuple(turns), raw=obj)
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str):
+        raise RowError("needs a string 'prompt' or a 'messages' array")
+    if "response" in obj:
+        response = obj["response"]
+        if not isinstance(response, str):
+            raise RowError("'response' must be a string")
+        return ParsedRow(line=line, id=row_id, kind="response", prompt=prompt, response=response, raw=obj)
+    return ParsedRow(line=line, id=row_id, kind="prompt", prompt=prompt, raw=obj)
+
+
+def turn_texts(turns: Sequence[tuple[int, str, str]], upto: int, k: int = WINDOW_TURNS) -> str:
+    """The window of the last ``k`` turns ending at ``turns[upto]``, oldest first, as training formatted it."""
+    window = turns[max(0, upto - k + 1) : upto + 1]
+    return "\n".join(f"{role}: {text}" for _i, role, text in window)
+
+
+class RowScorer:
+    """Scores parsed rows in batches: every prompt text of a chunk in one classifier call, every pair in another."""
+
+    def __init__(self, classifier: OnnxClassifier, policy: Policy) -> None:
+        self.classifier = classifier
+        self.policy = policy
+
+    def score(self, rows: Sequence[ParsedRow]) -> list[dict[str, Any]]:
+        texts: list[str] = []
+        pairs: list[tuple[str, str]] = []
+        for row in rows:
+            if row.kind in ("prompt", "response"):
+                texts.append(row.prompt)
+            if row.kind == "response":
+                pairs.append((row.prompt, row.response))
+            if row.kind == "conversation":
+                for pos, (_i, role, text) in enumerate(row.turns):
+                    if role == "user":
+                        texts += [text, turn_texts(row.turns, pos)]
+        prompt_scores = iter(self.classifier.score_prompts_sync(texts))
+        reply_scores = iter(self.classifier.score_replies_sync(pairs))
+        out = []
+        for row in rows:
+            if row.kind == "prompt":
+                out.append(self._prompt(row, next(prompt_scores)))
+            elif row.kind == "response":
+                out.append(self._response(row, next(prompt_scores), next(reply_scores)))
+            else:
+                out.append(self._conversation(row, prompt_scores))
+        return out
+
+    def _prompt(self, row: ParsedRow, s: PromptScore) -> dict[str, Any]:
+        decision = self.policy.decide_input(Signals(harm=s.harm, category=s.category, jailbreak=s.jailbreak))
+        return {
+            "id": row.id,
+            "kind": "prompt",
+            "harm": round(s.harm, 6),
+            "action": decision.action.value,
+            "category": s.category,
+            "jailbreak": round(s.jailbreak, 6),
+            "rule": decision.rule,
+        }
+
+    def _response(self, row: ParsedRow, s: PromptScore, r: ReplyScore) -> dict[str, Any]:
+        signals = Signals(
+            harm=s.harm, category=s.category, jailbreak=s.jailbreak, refusal=r.refusal, reply_harm=r.reply_harm
+        )
+        decision = self.policy.decide_output(signals, final=True, may_retry=False)
+        return {
+            "id": row.id,
+            "kind": "response",
+            "harm": round(s.harm, 6),
+            "refusal": r.refusal,
+            "false_refusal": signals.false_refusal(self.policy.harm_threshold),
+            "reply_harm": round(r.reply_harm, 6),
+            "refusal_probs": [round(p, 6) for p in r.refusal_probs],
+            "category": s.category,
+            "action": decision.action.value,
+            "rule": decision.rule,
+        }
+
+    def _conversation(self, row: ParsedRow, scores: Iterator[PromptScore]) -> dict[str, Any]:
+        turns = []
+        max_harm = max_jailbreak = 0.0
+        worst: PromptScore | None = None
+        user_turns = 0
+        first_flag: int | None = None
+        for _pos, (index, role, _text) in enumerate(row.turns):
+            if role != "user":
+                continue
+            own, window = next(scores), next(scores)
+            user_turns += 1
+            if worst is None or own.harm >= max_harm:
+                max_harm, worst = own.harm, own
+            max_jailbreak = max(max_jailbreak, own.jailbreak)
+            conv = ConversationSignals(window_harm=window.harm, escalation=window.harm, turn_index=user_turns)
+            decision = self.policy.decide_input(
+                Signals(
+                    harm=max_harm,
+                    category=worst.category,
+                    jailbreak=max_jailbreak,
+                    conversation=conv,
+                )
+            )
+            action = decision.action
+            if action is not Action.ALLOW and first_flag is None:
+                first_flag = index
+            turns.append(
+                {
+                    "index": index,
+                    "harm": round(own.harm, 6),
+                    "escalation": round(conv.escalation, 6),
+                    "action": action.value,
+                    "window_harm": round(window.harm, 6),
+                    "rule": decision.rule,
+                }
+            )
+        return {
+            "id": row.id,
+            "kind": "conversation",
+            "turns": turns,
+            "flagged": first_flag is not None,
+            "first_flag_index": first_flag,
+        }
+
+
+def error_row(path: Path | str, line: int, obj: dict[str, Any] | None, message: str) -> dict[str, Any]:
+    row_id = obj.get("id") if isinstance(obj, dict) else None
+    return {"id": row_id, "kind": "error", "line": line, "error": f"{path}:{line}: {message}"}
+
+
+class Progress:
+    """A one-line progress bar on stderr (by bytes read), drawn at most every 0.2 s; silent when disabled."""
+
+    def __init__(self, label: str, total_bytes: int | None, *, enabled: bool, stream: Any = None) -> None:
+        import sys
+
+        self.label = label
+        self.total = total_bytes
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.rows = 0
+        self.done_bytes = 0
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def update(self, rows: int, nbytes: int) -> None:
+        self.rows += rows
+        self.done_bytes += nbytes
+        now = time.monotonic()
+        if self.enabled and now - self._drawn >= 0.2:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self.rows / max(now - self._started, 1e-9)
+        if self.total:
+            frac = min(1.0, self.done_bytes / self.total)
+            bar = "#" * int(frac * 30)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.rows} rows {rate:.0f}/s")
+        else:
+            self.stream.write(f"\r{self.label} {self.rows} rows {rate:.0f}/s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
