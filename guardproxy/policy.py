@@ -215,6 +215,21 @@ class Policy(_Strict):
     def source(self) -> Path | None:
         return self._source
 
+    def thresholds(self) -> dict[str, float]:
+        """Per signal, the lowest threshold of a block rule that tests that signal alone (``harm`` defaults to
+        ``harm_threshold``): where "near a threshold" is for drill sampling. Compound rules are left out."""
+        out: dict[str, float] = {}
+        for rule in (*self.input_rules, *self.output_rules):
+            conditions = rule.when.model_dump(exclude_none=True)
+            if rule.action is not Action.BLOCK or len(conditions) != 1:
+                continue
+            ((key, value),) = conditions.items()
+            if key.endswith("_at_least") and isinstance(value, float):
+                name = key.removesuffix("_at_least")
+                out[name] = min(out.get(name, value), value)
+        out.setdefault("harm", self.harm_threshold)
+        return out
+
     def refusal_text(self, category: str) -> str:
         return self.refusals.get(category) or self.refusals["default"]
 
@@ -386,9 +401,15 @@ def _message(err: Mapping[str, Any]) -> str:
     msg = _MESSAGES.get(str(err["type"]), str(err["msg"]))
     if err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden" and err["loc"] and str(err["loc"][-1]).endswith("_at_least"):
-        msg += " (output-only conditions such as reply_harm_at_least belong in output_rules)"
+    last = str(err["loc"][-1]) if err["loc"] else ""
+    if err["type"] == "extra_forbidden" and last in _OUTPUT_ONLY:
+        msg += f" here: {last} is an output condition and belongs in output_rules"
+    if err["type"] == "missing" and last.startswith("on_") and last.endswith("_failure"):
+        msg += ": every policy states 'fail_open' or 'fail_closed'"
     return msg
+
+
+_OUTPUT_ONLY = frozenset(OutputCondition.model_fields) - frozenset(InputCondition.model_fields)
 
 
 def _semantic_issues(policy: Policy) -> list[tuple[tuple[str | int, ...], str]]:
@@ -638,3 +659,83 @@ class KeyLines:
                 return self._lines[path]
             path = path[:-1]
         return 1
+
+
+# --- the loaded set: active and shadow policies, swapped whole on reload ------------------------------
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    error: str | None
+    policies: tuple[str, ...]  # name@version of every loaded policy (the old ones when ok is False)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    mapping: PolicyMapping
+    policies: Mapping[Path, Policy]
+    mtimes: Mapping[Path, float]
+
+
+class PolicySet:
+    """The policies in force: the active one and the shadows per tenant or model (``settings.policy``).
+
+    ``reload`` builds a complete new set and swaps it in one assignment, so a request sees either the
+    old set or the new one; if any file fails validation nothing changes and the error is returned.
+    """
+
+    def __init__(self, active: Path, shadows: Sequence[Path] = (), *, mapping: Path | None = None) -> None:
+        self._active = Path(active)
+        self._shadows = tuple(Path(p) for p in shadows)
+        self._mapping = Path(mapping) if mapping is not None else None
+        self._loaded = self._load()  # raises PolicyError: a gateway does not start on a broken policy
+
+    def _load(self) -> _Loaded:
+        if self._mapping is not None:
+            mapping = load_mapping(self._mapping, active=self._active, shadows=self._shadows)
+        else:
+            mapping = PolicyMapping(self._active.resolve(), tuple(p.resolve() for p in self._shadows))
+        policies: dict[Path, Policy] = {}
+        problems: list[str] = []
+        for path in sorted(mapping.paths()):
+            try:
+                policies[path] = load_policy(path)
+            except PolicyError as exc:
+                problems.extend(exc.issues)
+        if problems:
+            raise PolicyError(problems)
+        watched = set(policies) | ({self._mapping.resolve()} if self._mapping else set())
+        return _Loaded(mapping, policies, {p: _mtime(p) for p in watched})
+
+    def reload(self) -> ReloadResult:
+        try:
+            loaded = self._load()
+        except PolicyError as exc:
+            return ReloadResult(False, "; ".join(exc.issues), self.refs())
+        self._loaded = loaded
+        return ReloadResult(True, None, self.refs())
+
+    def changed(self) -> bool:
+        """Whether any loaded file's modification time differs from when it was loaded."""
+        return any(_mtime(p) != m for p, m in self._loaded.mtimes.items())
+
+    def refs(self) -> tuple[str, ...]:
+        return tuple(sorted(p.ref for p in self._loaded.policies.values()))
+
+    def select(self, tenant: str, model: str | None) -> tuple[Policy, tuple[Policy, ...]]:
+        loaded = self._loaded  # one read: a concurrent reload cannot mix old and new
+        active, shadows = loaded.mapping.select(tenant, model)
+        return loaded.policies[active], tuple(loaded.policies[s] for s in shadows if s != active)
+
+    @property
+    def default(self) -> Policy:
+        loaded = self._loaded
+        return loaded.policies[loaded.mapping.default_active]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0

@@ -1,0 +1,70 @@
+"""``guardproxy policy check FILE...`` and ``guardproxy policy compare [--log FILE] [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from guardproxy.errors import ConfigError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = sub.add_parser("check", help="validate policy files; every error with file, line and field")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    check.add_argument("--mapping", action="store_true", help="the files are mapping files, not policies")
+    cmp = sub.add_parser("compare", help="agreement between the active and each shadow policy, from the decision log")
+    cmp.add_argument("--log", type=Path, help="JSONL decision log (default: settings.policy.decision_log)")
+    cmp.add_argument("--config", type=Path, help="gateway config file (to find the decision log)")
+    cmp.add_argument("--examples", type=int, default=5, help="example request ids per disagreement cell")
+    cmp.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        return _check(args.files, mapping=args.mapping)
+    return _compare(args)
+
+
+def _check(files: list[Path], *, mapping: bool) -> int:
+    from guardproxy.errors import PolicyError
+    from guardproxy.policy import check_policy_file, load_mapping
+
+    failed = 0
+    for path in files:
+        if mapping:
+            try:
+                load_mapping(path, active=Path("default.toml"), shadows=())
+                problems: list[str] = []
+            except PolicyError as exc:
+                problems = list(exc.issues)
+        else:
+            problems = [str(issue) for issue in check_policy_file(path)]
+        if problems:
+            failed += 1
+            for line in problems:
+                print(line, file=sys.stderr)
+        else:
+            print(f"{path}: ok")
+    if failed:
+        print(f"{failed} of {len(files)} file(s) invalid", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from guardproxy.decisions import compare, read_log
+
+    log_path: Path | None = args.log
+    if log_path is None:
+        from guardproxy.settings import load_settings
+
+        log_path = load_settings(args.config).policy.decision_log
+        if log_path is None:
+            raise ConfigError("no decision log: pass --log FILE or set GUARDPROXY_POLICY__DECISION_LOG")
+    if not log_path.is_file():
+        raise ConfigError("decision log not found", where=str(log_path))
+    report = compare(read_log(log_path), examples=args.examples)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
+    return 0

@@ -1,0 +1,315 @@
+"""Policy files: validation errors with file:line:field, decisions over signals, mapping, reload."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guardproxy.errors import ConfigError, PolicyError
+from guardproxy.pipeline import Action
+from guardproxy.policy import (
+    HEADER_DECISION,
+    HEADER_POLICY,
+    PolicySet,
+    check_policy_file,
+    load_mapping,
+    load_policy,
+)
+from guardproxy.signals import ConversationSignals, Signals
+from guardproxy.taxonomy import CATEGORY_IDS
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "policies"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "policies"
+SHIPPED = ["default", "strict", "monitor"]
+
+
+def shipped(name: str) -> Path:
+    return POLICIES / f"{name}.toml"
+
+
+# --- check: every error with file, line and field --------------------------------------------------------
+
+BROKEN = [
+    # file, [(line, field, message fragment)]
+    ("wrong_type.toml", [(4, "harm_threshold", "valid number")]),
+    ("unknown_field.toml", [(16, "input_rules[1].when.harm_above", "unknown field")]),
+    ("missing_fail_mode.toml", [(1, "on_state_failure", "required field is missing")]),
+    ("bad_category.toml", [(11, "input_rules[0].when.category_in[1]", "unknown category 'weapons'")]),
+    ("bad_syntax.toml", [(5, "(file)", "TOML syntax error")]),
+    ("output_condition_on_input.toml", [(11, "input_rules[0].when.reply_harm_at_least", "belongs in output_rules")]),
+    ("retry_above_threshold.toml", [(10, "output.retry_below_harm", "must not exceed harm_threshold")]),
+    ("duplicate_rule.toml", [(14, "output_rules[0].id", "duplicate rule id 'same'")]),
+    (
+        "many_errors.toml",
+        [
+            (1, "schema_version", "Input should be 1"),
+            (2, "name", "pattern"),
+            (4, "harm_threshold", "less than or equal to 1"),
+            (5, "on_classifier_failure", "'fail_open' or 'fail_closed'"),
+            (1, "on_state_failure", "required field is missing"),
+            (8, "refusals.default", "at least 40 characters"),
+            (9, "refusals.weapons", "unknown category 'weapons'"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_check_reports_every_error_with_file_line_and_field(name: str, expected: list[tuple[int, str, str]]) -> None:
+    path = FIXTURES / name
+    issues = check_policy_file(path)
+    assert len(issues) == len(expected), [str(i) for i in issues]
+    for issue, (line, field, fragment) in zip(issues, expected, strict=True):
+        text = str(issue)
+        assert text.startswith(f"{path}:{line}: {field}: "), text
+        assert fragment in text
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert info.value.issues == tuple(str(i) for i in issues)
+    assert isinstance(info.value, ConfigError)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_policies_are_valid(name: str) -> None:
+    assert check_policy_file(shipped(name)) == []
+    policy = load_policy(shipped(name))
+    assert policy.name == name and policy.schema_version == 1
+
+
+@pytest.mark.parametrize("name", ["default", "strict"])
+def test_refusal_texts_are_written_per_category(name: str) -> None:
+    policy = load_policy(shipped(name))
+    hazards = [c for c in CATEGORY_IDS if c != "none"]
+    assert set(hazards) <= set(policy.refusals), "every hazard category has its own text"
+    texts = [policy.refusals[c] for c in hazards]
+    assert len(set(texts)) == len(texts), "no two categories share a text"
+    assert policy.refusals["default"] not in texts
+    for text in texts:
+        assert len(text) > 120  # a reason and an alternative, not a canned sentence
+
+
+def test_strict_and_default_refusals_differ() -> None:
+    default, strict = load_policy(shipped("default")), load_policy(shipped("strict"))
+    assert all(default.refusals[c] != strict.refusals[c] for c in default.refusals)
+
+
+def test_monitor_never_blocks() -> None:
+    monitor = load_policy(shipped("monitor"))
+    assert all(r.action is not Action.BLOCK for r in (*monitor.input_rules, *monitor.output_rules))
+    worst = Signals(
+        harm=1.0,
+        category="violent_crimes",
+        jailbreak=1.0,
+        conversation=ConversationSignals(escalation=1.0, window_harm=1.0, history="forged"),
+        state_failed=True,
+    )
+    assert monitor.decide_input(worst).action is Action.FLAG
+    assert monitor.decide_input(Signals(classifier_failed=True)).action is Action.FLAG
+    assert monitor.decide_output(Signals(harm=1.0, reply_harm=1.0, refusal="none"), final=True).action is Action.FLAG
+
+
+# --- decisions: table-driven over shipped and fixture policies -------------------------------------------
+
+CONV = ConversationSignals
+INPUT_CASES = [
+    # policy, signals, action, rule
+    ("default", Signals(harm=0.05), Action.ALLOW, None),
+    ("default", Signals(harm=0.4, category="privacy"), Action.FLAG, "flag-uncertain-harm"),
+    ("default", Signals(harm=0.7, category="privacy"), Action.BLOCK, "block-harm"),
+    ("default", Signals(harm=0.1, jailbreak=0.9), Action.FLAG, "flag-jailbreak"),
+    ("default", Signals(harm=0.2, conversation=CONV(escalation=0.9, window_harm=0.6)), Action.BLOCK,
+     "block-escalation"),
+    ("default", Signals(harm=0.35, conversation=CONV(rephrase_similarity=0.9, refusal_events=1)), Action.BLOCK,
+     "block-rephrase-after-refusal"),
+    ("default", Signals(harm=0.1, conversation=CONV(history="forged")), Action.FLAG, "flag-forged-history"),
+    ("default", Signals(harm=0.1, classifier_failed=True), Action.FLAG, "classifier_failure"),
+    ("default", Signals(harm=0.1, state_failed=True), Action.FLAG, "state_failure"),
+    ("default", Signals(harm=0.9, state_failed=True), Action.BLOCK, "block-harm"),
+    ("strict", Signals(harm=0.05), Action.ALLOW, None),
+    ("strict", Signals(harm=0.2), Action.FLAG, "flag-uncertain-harm"),
+    ("strict", Signals(harm=0.4, category="privacy"), Action.BLOCK, "block-harm"),
+    ("strict", Signals(harm=0.1, jailbreak=0.9), Action.BLOCK, "block-jailbreak"),
+    ("strict", Signals(harm=0.1, conversation=CONV(history="forged")), Action.BLOCK, "block-forged-history"),
+    ("strict", Signals(harm=0.1, conversation=CONV(history="unverified")), Action.FLAG, "flag-unverified-history"),
+    ("strict", Signals(harm=0.1, classifier_failed=True), Action.BLOCK, "classifier_failure"),
+    ("strict", Signals(harm=0.1, state_failed=True), Action.BLOCK, "state_failure"),
+    ("monitor", Signals(harm=0.9), Action.FLAG, "flag-harm"),
+    ("monitor", Signals(harm=0.1), Action.ALLOW, None),
+    ("fixture:shadow_blocks_all", Signals(harm=0.0), Action.BLOCK, "block-everything"),
+    ("fixture:error_status", Signals(harm=0.6, category="violent_crimes"), Action.BLOCK, "block-harm"),
+    ("fixture:error_status", Signals(classifier_failed=True), Action.BLOCK, "classifier_failure"),
+]  # fmt: skip
+
+
+def _policy(ref: str):  # type: ignore[no-untyped-def]
+    if ref.startswith("fixture:"):
+        return load_policy(FIXTURES / f"{ref.removeprefix('fixture:')}.toml")
+    return load_policy(shipped(ref))
+
+
+@pytest.mark.parametrize(("ref", "signals", "action", "rule"), INPUT_CASES)
+def test_decide_input(ref: str, signals: Signals, action: Action, rule: str | None) -> None:
+    policy = _policy(ref)
+    decision = policy.decide_input(signals)
+    assert (decision.action, decision.rule) == (action, rule)
+    assert decision.stage == "input" and decision.policy == policy.name and decision.version == policy.version
+    verdict = decision.verdict()
+    assert verdict.action is action
+    assert verdict.annotations[HEADER_DECISION] == action.value
+    assert verdict.annotations[HEADER_POLICY] == f"{policy.name}@{policy.version}"
+    if action is Action.BLOCK:
+        assert decision.reply_text and len(decision.reply_text) >= 40
+    else:
+        assert decision.reply_text is None
+
+
+def test_the_block_text_is_the_categorys_own() -> None:
+    default = load_policy(shipped("default"))
+    texts = {c: default.decide_input(Signals(harm=0.9, category=c)).reply_text for c in CATEGORY_IDS if c != "none"}
+    assert texts["suicide_self_harm"] == default.refusals["suicide_self_harm"]
+    assert "988" in (texts["suicide_self_harm"] or "")
+    assert len(set(texts.values())) == len(texts)
+    # a rule's own reply wins over the category text
+    escalation = default.decide_input(
+        Signals(harm=0.1, category="privacy", conversation=CONV(escalation=0.95, window_harm=0.7))
+    )
+    assert escalation.reply_text != default.refusals["privacy"] and "step by step" in (escalation.reply_text or "")
+
+
+def test_error_delivery_carries_status() -> None:
+    policy = load_policy(FIXTURES / "error_status.toml")
+    decision = policy.decide_input(Signals(harm=0.9, category="violent_crimes"))
+    assert decision.status_code == 403
+    assert decision.reply_text == policy.refusals["violent_crimes"]
+    failure = policy.decide_input(Signals(classifier_failed=True))
+    assert failure.status_code == 403 and "safety service" in (failure.reply_text or "")
+    assert load_policy(shipped("default")).decide_input(Signals(harm=0.9)).status_code is None
+
+
+OUTPUT_CASES = [
+    # policy, signals, final, action, rule
+    ("default", Signals(harm=0.1, reply_harm=0.8, refusal="none"), False, Action.BLOCK, "stop-harmful-reply"),
+    ("default", Signals(harm=0.1, reply_harm=0.2, refusal="none"), True, Action.ALLOW, None),
+    ("default", Signals(harm=0.1, reply_harm=0.0, refusal="full"), True, Action.FLAG, "flag-false-refusal"),
+    ("default", Signals(harm=0.1, reply_harm=0.0, refusal="full"), False, Action.ALLOW, None),  # not settled yet
+    ("default", Signals(harm=0.7, reply_harm=0.0, refusal="full"), True, Action.ALLOW, None),  # a correct refusal
+    ("strict", Signals(harm=0.1, reply_harm=0.35, refusal="none"), False, Action.BLOCK, "stop-harmful-reply"),
+    ("default", Signals(harm=0.1, reply_harm=0.35, refusal="none"), False, Action.ALLOW, None),
+    ("strict", Signals(classifier_failed=True), True, Action.BLOCK, "classifier_failure"),
+    ("monitor", Signals(harm=0.1, reply_harm=0.9, refusal="none"), False, Action.FLAG, "flag-harmful-reply"),
+]
+
+
+@pytest.mark.parametrize(("ref", "signals", "final", "action", "rule"), OUTPUT_CASES)
+def test_decide_output(ref: str, signals: Signals, final: bool, action: Action, rule: str | None) -> None:
+    decision = _policy(ref).decide_output(signals, final=final)
+    assert (decision.action, decision.rule) == (action, rule)
+    assert decision.stage == "output"
+
+
+def test_retry_on_false_refusal_only_when_harm_is_very_low() -> None:
+    policy = load_policy(FIXTURES / "retry.toml")
+    low = policy.decide_output(Signals(harm=0.02, reply_harm=0.0, refusal="full"), final=True)
+    assert low.retry_note and "Test note" in low.retry_note and low.action is Action.FLAG
+    # the retry is for plain replies once: the caller says when it may not retry
+    assert policy.decide_output(Signals(harm=0.02, refusal="full"), final=True, may_retry=False).retry_note is None
+    assert policy.decide_output(Signals(harm=0.02, refusal="full"), final=False).retry_note is None
+    # above retry_below_harm (still below the harm threshold): no retry
+    assert policy.decide_output(Signals(harm=0.3, refusal="full"), final=True).retry_note is None
+    # off by default
+    assert (
+        load_policy(shipped("default")).decide_output(Signals(harm=0.0, refusal="full"), final=True).retry_note is None
+    )
+
+
+def test_default_and_strict_differ_on_the_same_scores() -> None:
+    # the contract `guardproxy score --policy policies/strict.toml` relies on: one band, two actions
+    default, strict = load_policy(shipped("default")), load_policy(shipped("strict"))
+    for harm, d, s in [(0.2, Action.ALLOW, Action.FLAG), (0.4, Action.FLAG, Action.BLOCK)]:
+        assert default.decide_input(Signals(harm=harm)).action is d
+        assert strict.decide_input(Signals(harm=harm)).action is s
+
+
+# --- mapping and reload ----------------------------------------------------------------------------------
+
+
+def test_mapping_picks_active_and_shadows_per_tenant_and_model(tmp_path: Path) -> None:
+    for name in SHIPPED:
+        shutil.copy(shipped(name), tmp_path / f"{name}.toml")
+    (tmp_path / "mapping.toml").write_text(
+        'schema_version = 1\n[default]\nactive = "default.toml"\nshadows = ["strict.toml"]\n'
+        '[[routes]]\ntenant = "kids-app"\nactive = "strict.toml"\nshadows = ["default.toml"]\n'
+        '[[routes]]\nmodel = "experimental-*"\nactive = "monitor.toml"\n'
+    )
+    pset = PolicySet(tmp_path / "default.toml", mapping=tmp_path / "mapping.toml")
+    active, shadows = pset.select("acme", "gpt-4o")
+    assert (active.name, [p.name for p in shadows]) == ("default", ["strict"])
+    active, shadows = pset.select("kids-app", "experimental-1")
+    assert (active.name, [p.name for p in shadows]) == ("strict", ["default"])
+    active, shadows = pset.select("acme", "experimental-1")
+    assert (active.name, shadows) == ("monitor", ())
+
+
+def test_broken_mapping_reports_line(tmp_path: Path) -> None:
+    path = tmp_path / "mapping.toml"
+    path.write_text('schema_version = 1\n[[routes]]\ntenant = "a"\nactiv = "x.toml"\n')
+    with pytest.raises(PolicyError) as info:
+        load_mapping(path, active=shipped("default"), shadows=())
+    assert any(f"{path}:4: routes[0].activ: unknown field" in i for i in info.value.issues)
+
+
+def test_reload_with_a_broken_file_keeps_the_old_policy(tmp_path: Path) -> None:
+    path = tmp_path / "active.toml"
+    shutil.copy(shipped("default"), path)
+    pset = PolicySet(path)
+    assert pset.select("t", None)[0].ref == "default@2026.11.27"
+    path.write_text(path.read_text().replace('on_state_failure = "fail_open"\n', ""))
+    assert pset.changed()
+    result = pset.reload()
+    assert not result.ok and result.error and "on_state_failure" in result.error and f"{path}:" in result.error
+    assert pset.select("t", None)[0].ref == "default@2026.11.27"
+    shutil.copy(shipped("strict"), path)
+    result = pset.reload()
+    assert result.ok and pset.select("t", None)[0].name == "strict"
+
+
+def test_a_gateway_does_not_start_on_a_broken_policy() -> None:
+    with pytest.raises(PolicyError):
+        PolicySet(FIXTURES / "unknown_field.toml")
+
+
+def test_thresholds_for_drill_sampling() -> None:
+    th = load_policy(shipped("default")).thresholds()
+    assert th == {"harm": 0.5, "reply_harm": 0.5}
+    assert load_policy(shipped("strict")).thresholds() == {
+        "harm": 0.3,
+        "jailbreak": 0.5,
+        "escalation": 0.6,
+        "reply_harm": 0.3,
+    }
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "guardproxy.cli", "policy", *args], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+
+
+def test_cli_check_exits_nonzero_and_lists_every_error() -> None:
+    ok = _cli("check", *(str(shipped(n)) for n in SHIPPED))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count(": ok") == 3
+    bad = _cli("check", str(shipped("default")), str(FIXTURES / "many_errors.toml"), str(FIXTURES / "bad_syntax.toml"))
+    assert bad.returncode == 1
+    lines = [ln for ln in bad.stderr.splitlines() if ln.startswith(str(FIXTURES))]
+    assert len(lines) == 8
+    assert f"{FIXTURES / 'many_errors.toml'}:9: refusals.weapons:" in bad.stderr
+    assert "2 of 3 file(s) invalid" in bad.stderr
