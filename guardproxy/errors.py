@@ -13,9 +13,11 @@ OpenAI-shaped error JSON in one place (``guardproxy.app``); domain code never bu
     ├── RateLimited              tenant over its token bucket (HTTP 429, Retry-After)
     ├── Overloaded               gateway at capacity (HTTP 503, Retry-After)
     ├── RouteNotGuarded          a generating route this gateway does not guard (HTTP 403)
+    ├── Blocked                  a check blocked the request and its policy asks for an error status
     ├── UpstreamError            the upstream failed
     │   ├── UpstreamUnreachable  connect failure or reset before headers (HTTP 502)
     │   ├── UpstreamTimeout      connect, read-gap or overall deadline exceeded (HTTP 504)
+    │   ├── UpstreamHTTPError    the upstream answered 4xx/5xx: passed through with its body and Retry-After
     │   └── UpstreamStreamError  a 200 stream that carried an error payload or broke mid-way
     ├── ClassifierError          the guard model failed (raised, timed out, missing)
     ├── StateBackendError        conversation state backend failed (Redis down or slow)
@@ -95,6 +97,15 @@ class RouteNotGuarded(GuardProxyError):
     status_code = 403
 
 
+class Blocked(GuardProxyError):
+    """A check blocked the exchange and asked for an error status instead of an assistant reply."""
+
+    def __init__(self, message: str, *, status_code: int = 400, category: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.category = category
+
+
 class UpstreamError(GuardProxyError):
     status_code = 502
 
@@ -109,6 +120,17 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamStreamError(UpstreamError):
     status_code = 502
+
+
+class UpstreamHTTPError(UpstreamError):
+    """The upstream answered with an error status; the client gets that status, body and Retry-After."""
+
+    def __init__(self, status_code: int, body: bytes, *, content_type: str = "", retry_after: str | None = None) -> None:
+        super().__init__(f"upstream answered HTTP {status_code}")
+        self.status_code = status_code
+        self.body = body
+        self.content_type = content_type
+        self.retry_after = retry_after
 
 
 class ClassifierError(GuardProxyError):

@@ -1,0 +1,434 @@
+"""The ASGI app: ``create_app(settings)`` wires the gateway's routes, lifecycle and error mapping.
+
+Every ``GuardProxyError`` becomes an OpenAI-shaped error here and nowhere else (``error_payload``): as
+an HTTP error before the response headers went out, or as an SSE error event followed by
+``data: [DONE]`` on a stream already under way, so a failed stream never looks complete.
+
+``/v1/*`` is served by one raw ASGI endpoint (no per-request Request/Response objects on the hot path):
+header limits → request id → capacity → client auth → rate limit → route → body limit → the guarded
+chat handler or a plain forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from guardproxy.auth import Authenticator, RateLimiter
+from guardproxy.chat import Call, ChatHandler
+from guardproxy.errors import (
+    AuthError,
+    Blocked,
+    ClassifierError,
+    GuardProxyError,
+    HeadersTooLarge,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    RequestError,
+    RouteNotGuarded,
+    StateBackendError,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from guardproxy.metrics import CONTENT_TYPE, Metrics
+from guardproxy.pipeline import Exchange, Pipeline
+from guardproxy.proxy import (
+    RouteKind,
+    Upstream,
+    classify_route,
+    normalize_path,
+    response_headers,
+    route_label,
+    split_request_headers,
+    upstream_failure,
+)
+from guardproxy.settings import Settings
+from guardproxy.streaming import error_tail
+from guardproxy.validation import parse_chat
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_JSON = (b"content-type", b"application/json")
+FINISH_GRACE_SECONDS = 5.0  # how long shutdown waits for pending pipeline.finish tasks
+
+
+class ClientGone(Exception):
+    """The client disconnected while sending its body: nothing to answer."""
+
+
+# -- error mapping: the one place -----------------------------------------------------------------
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+    """Status, OpenAI-shaped body and extra headers for any error."""
+    param: str | None = None
+    headers: list[tuple[bytes, bytes]] = []
+    message = str(exc)
+    if isinstance(exc, RequestError):
+        status, etype, code, param = exc.status_code, "invalid_request_error", exc.code, exc.param
+    elif isinstance(exc, AuthError):
+        status, etype, code = 401, "authentication_error", "invalid_api_key"
+    elif isinstance(exc, RateLimited):
+        status, etype, code = 429, "rate_limit_error", "rate_limit_exceeded"
+        headers.append((b"retry-after", str(max(1, int(exc.retry_after + 0.999))).encode()))
+    elif isinstance(exc, Overloaded):
+        status, etype, code = 503, "server_error", "overloaded"
+        headers.append((b"retry-after", str(max(1, int(exc.retry_after + 0.999))).encode()))
+    elif isinstance(exc, RouteNotGuarded):
+        status, etype, code = 403, "permission_error", "route_not_guarded"
+    elif isinstance(exc, Blocked):
+        status, etype, code = exc.status_code, "content_filter", "content_filter"
+    elif isinstance(exc, UpstreamHTTPError):
+        status, etype, code = exc.status_code, "upstream_error", f"upstream_{exc.status_code}"
+        if exc.retry_after is not None:
+            headers.append((b"retry-after", exc.retry_after.encode("latin-1", "replace")))
+        upstream_body = _upstream_error_body(exc)
+        if upstream_body is not None:
+            return status, upstream_body, headers
+        message = f"upstream answered HTTP {exc.status_code}"
+    elif isinstance(exc, UpstreamTimeout):
+        status, etype, code = 504, "upstream_error", "upstream_timeout"
+    elif isinstance(exc, UpstreamUnreachable):
+        status, etype, code = 502, "upstream_error", "upstream_unreachable"
+    elif isinstance(exc, UpstreamStreamError):
+        status, etype, code = 502, "upstream_error", "upstream_stream_error"
+    elif isinstance(exc, UpstreamError):
+        status, etype, code = 502, "upstream_error", "upstream_error"
+    elif isinstance(exc, ClassifierError | StateBackendError):
+        status, etype, code = 503, "server_error", "guard_unavailable"
+    else:
+        status, etype, code, message = 500, "server_error", "internal_error", "internal error"
+    return status, {"error": {"message": message, "type": etype, "param": param, "code": code}}, headers
+
+
+def _upstream_error_body(exc: UpstreamHTTPError) -> dict[str, Any] | None:
+    """The upstream's own error body when it is already OpenAI-shaped JSON."""
+    if "json" not in exc.content_type:
+        return None
+    try:
+        body = json.loads(exc.body)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) and isinstance(body.get("error"), dict | str) else None
+
+
+async def send_error(call: Call, exc: BaseException) -> None:
+    """Answer ``exc`` as well as the state of the response allows."""
+    status, body, headers = error_payload(exc)
+    if call.finished:
+        return
+    if call.streaming:
+        # Headers are gone: end the stream in-band so it never looks complete.
+        await call.body(error_tail(body), more=False)
+    elif not call.started:
+        data = json.dumps(body).encode()
+        await call.respond(status, data, [_JSON, *headers])
+    else:
+        raise exc  # a non-SSE body under way: let the server abort the connection
+
+
+# -- the gateway ----------------------------------------------------------------------------------
+
+
+class Gateway:
+    """Per-app state: the upstream client, the pipeline, counters and the shutdown machinery."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: Metrics, transport: Any) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.transport: httpx.AsyncBaseTransport | None = transport
+        self.auth = Authenticator(settings)
+        lim = settings.limits
+        self.limiter = RateLimiter(lim.rate_per_second, lim.rate_burst) if lim.rate_per_second else None
+        self.upstream: Upstream | None = None
+        self.chat: ChatHandler | None = None
+        self.in_flight = 0
+        self.calls: set[Call] = set()
+        self.finish_tasks: set[asyncio.Task[None]] = set()
+        self.ready = False
+        self.draining = False
+        self._terminate_handle: asyncio.TimerHandle | None = None
+
+    async def startup(self) -> None:
+        self.upstream = Upstream(self.settings, self.transport)
+        self.chat = ChatHandler(
+            self.upstream,
+            self.pipeline,
+            self.metrics,
+            total_timeout=self.settings.upstream.total_timeout,
+            speculative=self.settings.guard.speculative,
+            max_event_chars=self.settings.limits.max_body_bytes,
+            spawn=self.spawn_finish,
+        )
+        await self.pipeline.start()
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        self.terminate()  # anything still open (a plain test server) ends now, in-band
+        for _ in range(100):
+            if not self.calls:
+                break
+            await asyncio.sleep(0.01)
+        if self.finish_tasks:
+            _, pending = await asyncio.wait(set(self.finish_tasks), timeout=FINISH_GRACE_SECONDS)
+            for task in pending:
+                task.cancel()
+            if pending:
+                logger.warning("cancelled %d pipeline.finish tasks still running at shutdown", len(pending))
+        try:
+            await self.pipeline.aclose()
+        finally:
+            if self.upstream is not None:
+                await self.upstream.aclose()
+
+    def begin_shutdown(self, timeout: float | None = None) -> None:
+        """Stop taking requests; open exchanges may run ``timeout`` seconds more, then end in-band."""
+        if self.draining:
+            return
+        self.draining = True
+        self.ready = False
+        delay = self.settings.server.shutdown_timeout if timeout is None else timeout
+        logger.info("draining: %d open requests get %.1f s", len(self.calls), delay)
+        self._terminate_handle = asyncio.get_running_loop().call_later(delay, self.terminate)
+
+    def terminate(self) -> None:
+        for call in list(self.calls):
+            call.cut(shutdown=True)
+
+    def spawn_finish(self, ex: Exchange) -> None:
+        task = asyncio.create_task(self._finish(ex))
+        self.finish_tasks.add(task)
+        task.add_done_callback(self.finish_tasks.discard)
+
+    async def _finish(self, ex: Exchange) -> None:
+        try:
+            await self.pipeline.finish(ex)
+        except Exception:
+            self.metrics.finish_errors.inc()
+            logger.exception("pipeline.finish raised for request %s", ex.request_id)
+
+
+class V1Endpoint:
+    """Raw ASGI endpoint for every ``/v1/*`` request."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        gw = self.gw
+        t0 = time.perf_counter()
+        call = Call(send)
+        path = normalize_path(scope["path"])
+        method = scope["method"]
+        kind = classify_route(method, path)
+        label = route_label(kind, path)
+        counted = False
+        watcher: asyncio.Task[None] | None = None
+        try:
+            headers = self._check_headers(scope["headers"])
+            rid = headers.get("x-request-id", "")
+            call.request_id = rid if _REQUEST_ID_RE.fullmatch(rid) else uuid.uuid4().hex
+            call.headers.append((b"x-request-id", call.request_id.encode()))
+            if gw.draining:
+                raise Overloaded("the gateway is shutting down")
+            if gw.in_flight >= gw.settings.server.max_concurrent_requests:
+                gw.metrics.rejected.labels("capacity").inc()
+                raise Overloaded("the gateway is at capacity")
+            gw.in_flight += 1
+            counted = True
+            gw.calls.add(call)
+            call.tenant = gw.auth.tenant(headers)
+            if gw.limiter is not None:
+                gw.limiter.acquire(call.tenant)
+            if kind is RouteKind.UNGUARDED_GENERATING:
+                if not gw.settings.routes.forward_unguarded_generating:
+                    raise RouteNotGuarded(
+                        f"{path} generates text but is not guarded by this gateway; use /v1/chat/completions"
+                    )
+                gw.metrics.unguarded.labels(label).inc()
+            raw = await self._read_body(receive, headers.get("content-length"))
+            watcher = asyncio.create_task(self._watch(receive, call))
+            call.upstream_headers, call.visible_headers = split_request_headers(
+                scope["headers"], replace_key=gw.upstream.replace_key if gw.upstream else None
+            )
+            call.upstream_headers.append((b"x-request-id", call.request_id.encode()))
+            if kind is RouteKind.GUARDED:
+                t1 = time.perf_counter()
+                req = parse_chat(raw, gw.settings.limits)
+                assert gw.chat is not None
+                await gw.chat.handle(call, req, raw, time.perf_counter() - t1)
+            else:
+                await self._forward(call, method, path, scope.get("query_string", b""), raw)
+        except ClientGone:
+            call.disconnected = True
+        except GuardProxyError as exc:
+            if isinstance(exc, AuthError | RateLimited | RouteNotGuarded | RequestError):
+                gw.metrics.rejected.labels(type(exc).__name__).inc()
+            if call.streaming:
+                gw.metrics.stream_errors.labels(error_payload(exc)[1]["error"]["code"]).inc()
+            await send_error(call, exc)
+        except Exception as exc:
+            logger.exception("unexpected error on %s %s (request %s)", method, label, call.request_id)
+            await send_error(call, exc)
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+            if counted:
+                gw.in_flight -= 1
+                gw.calls.discard(call)
+            status = call.status if call.started else 499
+            gw.metrics.requests.labels(label, str(status)).inc()
+            gw.metrics.request_seconds.labels(label).observe(time.perf_counter() - t0)
+
+    def _check_headers(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+        lim = self.gw.settings.limits
+        if len(raw) > lim.max_headers:
+            raise HeadersTooLarge(f"too many request headers: {len(raw)} > {lim.max_headers}")
+        size = 0
+        out: dict[str, str] = {}
+        for name, value in raw:
+            size += len(name) + len(value)
+            out[name.decode("latin-1")] = value.decode("latin-1")
+        if size > lim.max_header_bytes:
+            raise HeadersTooLarge(f"request headers too large: {size} bytes > {lim.max_header_bytes}")
+        return out
+
+    async def _read_body(self, receive: Any, content_length: str | None) -> bytes:
+        limit = self.gw.settings.limits.max_body_bytes
+        if content_length is not None:
+            try:
+                declared = int(content_length)
+            except ValueError:
+                raise RequestError("invalid Content-Length header", code="invalid_header") from None
+            if declared > limit:
+                raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @staticmethod
+    async def _watch(receive: Any, call: Call) -> None:
+        """Wait for the client to go away; cut the exchange (and its upstream call) if it does early."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not call.finished:
+            call.cut()
+
+    async def _forward(self, call: Call, method: str, path: str, query: bytes, raw: bytes) -> None:
+        """A non-guarded route: forward as is, relaying the body raw (encoding and length kept)."""
+        gw = self.gw
+        assert gw.upstream is not None
+        upstream = gw.upstream
+        try:
+            async with asyncio.timeout(gw.settings.upstream.total_timeout) as deadline:
+                call.deadline = deadline
+                resp = await upstream.open(method, upstream.url(path, query), call.upstream_headers, raw or None)
+                try:
+                    if resp.status_code >= 400:
+                        raise await upstream.error_from(resp)
+                    sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+                    await call.start(resp.status_code, response_headers(resp.headers, decoded=False))
+                    call.streaming = sse
+                    try:
+                        async for chunk in resp.aiter_raw():
+                            await call.body(chunk, more=True)
+                    except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
+                        raise upstream_failure(exc, started=True) from exc
+                    await call.body(b"", more=False)
+                finally:
+                    await resp.aclose()
+        except TimeoutError:
+            if call.disconnected:
+                return
+            if call.shutting_down:
+                raise Overloaded("the gateway is shutting down") from None
+            raise UpstreamTimeout("upstream exceeded the overall deadline") from None
+
+
+# -- health, readiness, metrics -------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    if gw.ready and not gw.draining:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "draining" if gw.draining else "starting"}, status_code=503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    pipeline: Pipeline | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+    metrics: Metrics | None = None,
+) -> Starlette:
+    """The gateway as an ASGI app. ``transport`` overrides the upstream transport (tests, benchmarks);
+    ``metrics`` lets a guard built before the app record into the app's registry."""
+    pipeline = pipeline if pipeline is not None else Pipeline()
+    metrics = metrics or Metrics()
+    gateway = Gateway(settings, pipeline, metrics, transport)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.startup()
+        try:
+            yield
+        finally:
+            await gateway.shutdown()
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *extra_routes,
+        Route("/v1/{rest:path}", V1Endpoint(gateway)),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gateway
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.pipeline = pipeline
+    return app

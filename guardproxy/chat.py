@@ -1,0 +1,531 @@
+"""The guarded route: ``POST /v1/chat/completions`` through the pipeline, plain and streaming.
+
+Both paths run the same hook points. The plain path checks every choice once (``final=True``); the
+streaming path relays SSE events as they arrive and checks a choice each time its text grew by
+``pipeline.output_check_chars`` and once more before its last chunk, so a block cuts the stream
+before the chunk that tripped it. Errors are raised, never turned into responses here: the app maps
+them (``guardproxy.app``), as an HTTP error before the headers went out or as an in-band SSE error
+event followed by ``[DONE]`` after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import httpx
+
+from guardproxy.errors import (
+    Blocked,
+    GuardProxyError,
+    Overloaded,
+    UpstreamError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+)
+from guardproxy.metrics import Metrics
+from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
+from guardproxy.proxy import GUARDED_PATH, Upstream, response_headers, upstream_failure
+from guardproxy.streaming import DONE_BYTES, SSEParser, sse_json
+from guardproxy.validation import ChatRequest
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _header_value(value: str) -> bytes:
+    # Header values must be one line of latin-1; annotations come from policies, not from clients.
+    return value.replace("\r", " ").replace("\n", " ").encode("latin-1", "replace")
+
+
+@dataclass(eq=False)
+class Call:
+    """One client request as the ASGI side sees it: what was sent, and how it may be cut short."""
+
+    send: Send
+    request_id: str = ""
+    tenant: str = ""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
+    upstream_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    visible_headers: dict[str, str] = field(default_factory=dict)
+    deadline: asyncio.Timeout | None = None
+    disconnected: bool = False
+    shutting_down: bool = False
+    started: bool = False  # response headers sent
+    streaming: bool = False  # an SSE body is in progress: errors go in-band
+    finished: bool = False  # the last body message is being (or was) sent
+    status: int = 0
+
+    def cut(self, *, shutdown: bool = False) -> None:
+        """End the exchange now (client gone or gateway shutting down): fire its deadline."""
+        if self.finished:
+            return
+        if shutdown:
+            self.shutting_down = True
+        else:
+            self.disconnected = True
+        if self.deadline is not None and not self.deadline.expired():
+            self.deadline.reschedule(asyncio.get_running_loop().time())
+
+    def annotate(self, verdict: Verdict | None) -> None:
+        if verdict is None:
+            return
+        for key, value in verdict.annotations.items():
+            name = key.lower()
+            if not name.startswith("x-guardproxy-"):
+                name = "x-guardproxy-" + name
+            self.headers.append((name.encode("latin-1", "replace"), _header_value(value)))
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers + self.headers})
+
+    async def body(self, data: bytes, *, more: bool) -> None:
+        if not more:
+            self.finished = True
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        hdrs = [*(headers if headers is not None else [_JSON]), (b"content-length", str(len(body)).encode())]
+        await self.start(status, hdrs)
+        await self.body(body, more=False)
+
+
+@dataclass
+class _ChoiceText:
+    """The assistant text of one streamed choice: content deltas and tool-call argument deltas."""
+
+    content: list[str] = field(default_factory=list)
+    args: dict[int, list[str]] = field(default_factory=dict)
+    size: int = 0
+    checked: int = 0
+    final_checked: bool = False
+
+    def add(self, delta: dict[str, Any]) -> None:
+        c = delta.get("content")
+        if isinstance(c, str) and c:
+            self.content.append(c)
+            self.size += len(c)
+        for tc in delta.get("tool_calls") or []:
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            a = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(a, str) and a:
+                self.args.setdefault(tc.get("index", 0), []).append(a)
+                self.size += len(a)
+
+    def text(self) -> str:
+        return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
+
+
+def choice_text(content: str, tool_args: list[str]) -> str:
+    """What the output checks read for one choice: the content, then each tool call's arguments."""
+    parts = [content] if content else []
+    parts.extend(a for a in tool_args if a)
+    return "\n".join(parts)
+
+
+def message_text(message: Any) -> str:
+    """``choice_text`` of a complete (non-streamed) assistant message."""
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    args: list[str] = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            args.append(fn["arguments"])
+    fc = message.get("function_call")
+    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
+        args.append(fc["arguments"])
+    return choice_text(content if isinstance(content, str) else "", args)
+
+
+def blocked_completion(body: dict[str, Any], request_id: str, verdict: Verdict, n: int) -> dict[str, Any]:
+    """The OpenAI-shaped reply the client gets when a check blocks the request."""
+    return {
+        "id": f"chatcmpl-guard-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model") or "guardproxy",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": verdict.reply_text or ""},
+                "finish_reason": "content_filter",
+            }
+            for i in range(n)
+        ],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+def blocked_stream(body: dict[str, Any], request_id: str, verdict: Verdict, n: int) -> bytes:
+    """``blocked_completion`` as an SSE stream of chunks, ending with ``[DONE]``."""
+    base = {
+        "id": f"chatcmpl-guard-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.get("model") or "guardproxy",
+    }
+    out = b""
+    for i in range(n):
+        delta = {"role": "assistant", "content": verdict.reply_text or ""}
+        out += sse_json({**base, "choices": [{"index": i, "delta": delta, "finish_reason": None}]})
+        out += sse_json({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"}]})
+    return out + DONE_BYTES
+
+
+class ChatHandler:
+    def __init__(
+        self,
+        upstream: Upstream,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        *,
+        total_timeout: float,
+        speculative: bool,
+        max_event_chars: int,
+        spawn: Callable[[Exchange], None],
+    ) -> None:
+        self.upstream = upstream
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.total_timeout = total_timeout
+        self.speculative = speculative
+        self.max_event_chars = max_event_chars
+        self.spawn = spawn
+        self.url = upstream.url(GUARDED_PATH)
+        self._upstream_hist = metrics.upstream_seconds.labels(GUARDED_PATH)
+
+    async def handle(self, call: Call, req: ChatRequest, raw: bytes, parse_seconds: float) -> None:
+        ex = Exchange(
+            request_id=call.request_id,
+            tenant=call.tenant,
+            route=GUARDED_PATH,
+            body=req.body,
+            headers=call.visible_headers,
+            stream=req.stream,
+        )
+        ex.timings["parse"] = parse_seconds
+        content = _dumps(req.body) if req.changed else raw
+        try:
+            async with asyncio.timeout(self.total_timeout) as deadline:
+                call.deadline = deadline
+                await self._run(call, ex, req, content)
+        except TimeoutError:
+            if call.disconnected:
+                ex.outcome = "client_disconnected"
+                return
+            ex.outcome = "shutdown" if call.shutting_down else "upstream_error"
+            if call.shutting_down:
+                raise Overloaded("the gateway is shutting down") from None
+            raise UpstreamTimeout(f"upstream exceeded the overall deadline of {self.total_timeout:g} s") from None
+        except UpstreamError:
+            ex.outcome = "upstream_error"
+            raise
+        except GuardProxyError:
+            if ex.outcome == "pending":
+                ex.outcome = "error"
+            raise
+        except asyncio.CancelledError:
+            ex.outcome = "client_disconnected"
+            raise
+        except Exception:
+            ex.outcome = "error"
+            raise
+        finally:
+            if ex.outcome == "pending":
+                ex.outcome = "client_disconnected" if call.disconnected else "ok"
+            self.metrics.outcomes.labels(ex.outcome).inc()
+            self.metrics.observe_timings(ex.timings)
+            if not self.pipeline.passthrough:
+                self.spawn(ex)
+
+    async def _open(self, call: Call, ex: Exchange, content: bytes) -> httpx.Response:
+        t0 = time.perf_counter()
+        resp = await self.upstream.open("POST", self.url, call.upstream_headers, content)
+        dt = time.perf_counter() - t0
+        ex.timings["upstream"] = ex.timings.get("upstream", 0.0) + dt
+        self._upstream_hist.observe(dt)
+        ex.upstream_status = resp.status_code
+        return resp
+
+    async def _run(self, call: Call, ex: Exchange, req: ChatRequest, content: bytes) -> None:
+        if self.pipeline.passthrough:
+            resp = await self._open(call, ex, content)
+        else:
+            opened = await self._check_input(call, ex, req, content)
+            if opened is None:
+                return
+            resp = opened
+        try:
+            if resp.status_code >= 400:
+                raise await self.upstream.error_from(resp)
+            if req.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                await self._relay(call, ex, resp)
+            else:
+                await self._plain(call, ex, req, resp)
+        finally:
+            await resp.aclose()
+
+    async def _check_input(self, call: Call, ex: Exchange, req: ChatRequest, content: bytes) -> httpx.Response | None:
+        """Run the input check (with the upstream call in parallel when speculative); None if blocked."""
+        task: asyncio.Task[httpx.Response] | None = None
+        if self.speculative:
+            task = asyncio.create_task(self._open(call, ex, content))
+        try:
+            with ex.timed("input_check"):
+                verdict = await self.pipeline.check_input(ex)
+        except BaseException:
+            if task is not None:
+                await _cancel(task)
+            raise
+        ex.input_verdict = verdict
+        call.annotate(verdict)
+        if verdict.blocks:
+            if task is not None:
+                await _cancel(task)
+            ex.outcome = "blocked_input"
+            await self._send_block(call, req, verdict, stream=req.stream)
+            return None
+        return await task if task is not None else await self._open(call, ex, content)
+
+    async def _send_block(self, call: Call, req: ChatRequest, verdict: Verdict, *, stream: bool) -> None:
+        if verdict.status_code is not None:
+            raise Blocked(verdict.reply_text or verdict.reason or "blocked by policy", status_code=verdict.status_code,
+                          category=verdict.category)  # fmt: skip
+        if stream:
+            await call.start(200, list(_SSE_HEADERS))
+            call.streaming = True
+            await call.body(blocked_stream(req.body, call.request_id, verdict, req.n), more=False)
+        else:
+            await call.respond(200, _dumps(blocked_completion(req.body, call.request_id, verdict, req.n)))
+
+    # -- plain replies ---------------------------------------------------------------------------
+
+    async def _plain(self, call: Call, ex: Exchange, req: ChatRequest, resp: httpx.Response) -> None:
+        data = await self.upstream.read(resp)
+        headers = response_headers(resp.headers, decoded=True)
+        if self.pipeline.passthrough:
+            await call.respond(resp.status_code, data, headers)
+            return
+        reply = _json_reply(data)
+        verdicts = await self._check_choices(ex, reply)
+        worst = combine(list(verdicts.values()))
+        if worst.retry_note and not worst.blocks:
+            # One re-ask with the policy's note; whatever the second reply gets is final.
+            ex.state["retried"] = True
+            body = {**req.body, "messages": [*ex.messages, {"role": "system", "content": worst.retry_note}]}
+            retry = await self._open(call, ex, _dumps(body))
+            try:
+                if retry.status_code >= 400:
+                    raise await self.upstream.error_from(retry)
+                data = await self.upstream.read(retry)
+                headers = response_headers(retry.headers, decoded=True)
+            finally:
+                await retry.aclose()
+            reply = _json_reply(data)
+            verdicts = await self._check_choices(ex, reply)
+            worst = combine(list(verdicts.values()))
+        ex.output_verdict = worst
+        call.annotate(worst)
+        if worst.blocks:
+            ex.outcome = "blocked_output"
+            if worst.status_code is not None:
+                raise Blocked(worst.reply_text or worst.reason or "blocked by policy", status_code=worst.status_code,
+                              category=worst.category)  # fmt: skip
+            for choice in reply.get("choices") or []:
+                v = verdicts.get(choice.get("index", 0))
+                if v is not None and v.blocks:
+                    choice["message"] = {"role": "assistant", "content": v.reply_text or ""}
+                    choice["finish_reason"] = "content_filter"
+            data = _dumps(reply)
+        else:
+            ex.outcome = "ok"
+        await call.respond(resp.status_code, data, headers)
+
+    async def _check_choices(self, ex: Exchange, reply: dict[str, Any]) -> dict[int, Verdict]:
+        verdicts: dict[int, Verdict] = {}
+        choices = reply.get("choices")
+        if not isinstance(choices, list):
+            return verdicts
+        with ex.timed("output_check"):
+            for pos, choice in enumerate(choices):
+                if not isinstance(choice, dict):
+                    continue
+                idx = choice.get("index", pos)
+                idx = idx if isinstance(idx, int) else pos
+                text = message_text(choice.get("message"))
+                ex.reply_texts[idx] = text
+                verdicts[idx] = await self.pipeline.check_output(ex, idx, text, final=True)
+        return verdicts
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    async def _relay(self, call: Call, ex: Exchange, resp: httpx.Response) -> None:
+        await call.start(200, response_headers(resp.headers, decoded=True) + [(b"cache-control", b"no-cache")])
+        call.streaming = True
+        parser = SSEParser(self.max_event_chars)
+        guard = None if self.pipeline.passthrough else _StreamGuard(self.pipeline, ex)
+        try:
+            async for chunk in resp.aiter_bytes():
+                out = bytearray()
+                for ev in parser.feed(chunk):
+                    if ev.comment:
+                        out += ev.encode()
+                        continue
+                    if ev.done:
+                        if guard is not None and (block := await guard.finish()) is not None:
+                            out += block
+                        else:
+                            out += DONE_BYTES
+                        await call.body(bytes(out), more=False)
+                        ex.outcome = "blocked_output" if guard is not None and guard.blocked else "ok"
+                        return
+                    if guard is None:
+                        if '"error"' in ev.data:
+                            _raise_stream_error(ev.data)
+                    else:
+                        block = await guard.event(ev.data)
+                        if block is not None:
+                            await call.body(bytes(out) + block, more=False)
+                            ex.outcome = "blocked_output"
+                            return
+                    out += ev.encode()
+                if out:
+                    await call.body(bytes(out), more=True)
+            parser.close()
+        except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
+            raise upstream_failure(exc, started=True) from exc
+        finally:
+            if guard is not None:
+                guard.record()
+        raise UpstreamStreamError("the upstream stream ended without [DONE]")
+
+
+def _json_reply(data: bytes) -> dict[str, Any]:
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise UpstreamStreamError("upstream sent a reply that is not valid JSON") from None
+    if not isinstance(reply, dict):
+        raise UpstreamStreamError("upstream sent a reply that is not a JSON object")
+    return reply
+
+
+def _raise_stream_error(data: str) -> None:
+    """An upstream ``{"error": ...}`` event inside a 200 stream is an error, not content."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return
+    if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        raise UpstreamStreamError(f"upstream error in stream: {msg}")
+
+
+async def _cancel(task: asyncio.Task[httpx.Response]) -> None:
+    """Cancel a speculative upstream call; close its response if it had already arrived."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is None:
+        await task.result().aclose()
+
+
+class _StreamGuard:
+    """Accumulates streamed choices and runs the output checks at the right moments."""
+
+    def __init__(self, pipeline: Pipeline, ex: Exchange) -> None:
+        self.pipeline = pipeline
+        self.ex = ex
+        self.choices: dict[int, _ChoiceText] = {}
+        self.meta: dict[str, Any] = {}
+        self.blocked = False
+        self.verdicts: list[Verdict] = []
+
+    async def event(self, data: str) -> bytes | None:
+        """Account for one event; the bytes that end the stream if a check blocks, else None."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise UpstreamStreamError("upstream sent an event that is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamStreamError("upstream sent an event that is not a JSON object")
+        if "error" in obj and "choices" not in obj:
+            _raise_stream_error(data)
+        for key in ("id", "created", "model"):
+            if key in obj:
+                self.meta[key] = obj[key]
+        step = self.pipeline.output_check_chars
+        for pos, ch in enumerate(obj.get("choices") or []):
+            if not isinstance(ch, dict):
+                continue
+            idx = ch.get("index", pos)
+            idx = idx if isinstance(idx, int) else pos
+            st = self.choices.get(idx)
+            if st is None:
+                st = self.choices[idx] = _ChoiceText()
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                st.add(delta)
+            if ch.get("finish_reason") is not None:
+                block = await self._check(idx, st, final=True)
+            elif st.size - st.checked >= step:
+                block = await self._check(idx, st, final=False)
+            else:
+                block = None
+            if block is not None:
+                return block
+        return None
+
+    async def finish(self) -> bytes | None:
+        """At ``[DONE]``: the final check of every choice that has not had one."""
+        for idx, st in self.choices.items():
+            if not st.final_checked and (block := await self._check(idx, st, final=True)) is not None:
+                return block
+        self.record()
+        return None
+
+    async def _check(self, idx: int, st: _ChoiceText, *, final: bool) -> bytes | None:
+        text = st.text()
+        st.checked = st.size
+        st.final_checked = st.final_checked or final
+        with self.ex.timed("output_check"):
+            verdict = await self.pipeline.check_output(self.ex, idx, text, final=final)
+        self.verdicts.append(verdict)
+        if not verdict.blocks:
+            return None
+        self.blocked = True
+        self.record()
+        base = {
+            "id": self.meta.get("id", f"chatcmpl-guard-{self.ex.request_id}"),
+            "object": "chat.completion.chunk",
+            "created": self.meta.get("created", int(time.time())),
+            "model": self.meta.get("model", self.ex.body.get("model") or "guardproxy"),
+        }
+        choices = []
+        for i in sorted(self.choices):
+            delta = {"content": verdict.reply_text} if i == idx and verdict.reply_text else {}
+            choices.append({"index": i, "delta": delta, "finish_reason": "content_filter"})
+        return sse_json({**base, "choices": choices}) + DONE_BYTES
+
+    def record(self) -> None:
+        self.ex.reply_texts = {i: st.text() for i, st in self.choices.items()}
+        self.ex.output_verdict = combine(self.verdicts)

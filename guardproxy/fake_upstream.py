@@ -1,0 +1,331 @@
+"""A FAKE OpenAI-compatible upstream, for tests, the demo and the benchmarks. It is not a model.
+
+``FakeUpstream`` is a plain ASGI app. It answers ``/v1/chat/completions`` (JSON or SSE), ``/v1/models``,
+``/v1/embeddings`` and echoes anything else, with a configurable time to first token, token rate and
+reply text, and fault modes chosen per app (``fake.fault = "..."``) or per request (header
+``x-fake-fault``; the gateway forwards it). It records every request and every cancellation (the client
+went away before the reply was complete) so tests can assert that the gateway really cut the upstream.
+
+Fault modes: ``json`` / ``sse`` (normal), ``slow`` (long time to first byte), ``drip`` (the reply one
+byte at a time), ``stall`` (stream stops mid-way), ``status_500``/``502``/``503``/``429`` (``429``
+carries ``Retry-After: 7``), ``reset_before_headers``, ``reset_mid_stream``, ``error_in_stream``,
+``never`` (accepts and never answers), ``no_done`` (stream ends cleanly without ``[DONE]``), ``gzip``,
+``split_sse`` (CRLF, comments and events split across tiny writes), ``oversized_event`` and
+``invalid_json_sse``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+DEFAULT_REPLY = "This is a reply from the FAKE upstream, not from a model."
+_ERROR_EVENT = (
+    b'data: {"error": {"message": "FAKE upstream failed mid-stream", '
+    b'"type": "server_error", "code": "fake_stream"}}\n\n'
+)
+FAULTS = frozenset(
+    {
+        "json",
+        "sse",
+        "slow",
+        "drip",
+        "stall",
+        "status_500",
+        "status_502",
+        "status_503",
+        "status_429",
+        "reset_before_headers",
+        "reset_mid_stream",
+        "error_in_stream",
+        "never",
+        "no_done",
+        "gzip",
+        "split_sse",
+        "oversized_event",
+        "invalid_json_sse",
+    }
+)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    fault: str
+    cancelled: bool = False
+    completed: bool = False
+
+
+@dataclass
+class FakeUpstream:
+    """Configure by attribute between requests; per-request headers override ``fault`` and ``reply``."""
+
+    reply: str = DEFAULT_REPLY
+    replies: list[str] | None = None  # per-choice texts for n > 1 (cycled)
+    tool_call: tuple[str, str] | None = None  # (function name, arguments): reply with a tool call instead
+    ttft: float = 0.0  # seconds before the first byte of the reply
+    token_interval: float = 0.0  # seconds between streamed tokens
+    fault: str | None = None  # None: json or sse, as the request asks
+    slow_seconds: float = 30.0
+    drip_interval: float = 0.05
+    oversized_chars: int = 2 * 1024 * 1024
+    record: bool = True
+    requests: list[Recorded] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def cancellations(self) -> int:
+        return sum(r.cancelled for r in self.requests)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        fault = headers.get("x-fake-fault") or self.fault
+        rec = Recorded(scope["method"], scope["path"], headers, parsed, fault or "")
+        if self.record:
+            self.requests.append(rec)
+        # Watch for the client going away while we answer: that is the cancellation tests assert.
+        watcher = asyncio.create_task(self._watch(receive, rec))
+        try:
+            await self._answer(scope, send, rec, fault, parsed if isinstance(parsed, dict) else {})
+            rec.completed = True
+        except OSError:
+            self._cancelled(rec)
+        finally:
+            watcher.cancel()
+
+    def _cancelled(self, rec: Recorded) -> None:
+        if not rec.completed and not rec.cancelled:
+            rec.cancelled = True
+            self.cancelled.set()
+
+    async def _watch(self, receive: Receive, rec: Recorded) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._cancelled(rec)
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    async def _answer(self, scope: Scope, send: Send, rec: Recorded, fault: str | None, body: dict[str, Any]) -> None:
+        path = scope["path"]
+        if fault == "never":
+            await asyncio.sleep(3600)
+        if fault == "reset_before_headers":
+            _reset(send)
+            return
+        if fault and fault.startswith("status_"):
+            await self._status(send, int(fault[7:]))
+            return
+        if fault == "slow":
+            await asyncio.sleep(self.slow_seconds)
+        if path.endswith("/models"):
+            await _json(
+                send, 200, {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": "fake"}]}
+            )
+            return
+        if path.endswith("/embeddings"):
+            data = [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]
+            await _json(send, 200, {"object": "list", "data": data, "model": body.get("model", "fake")})
+            return
+        if not path.endswith("/chat/completions"):
+            await _json(send, 200, {"echo": {"method": scope["method"], "path": path, "body": rec.body}})
+            return
+        if self.ttft:
+            await asyncio.sleep(self.ttft)
+        rec_reply = rec.headers.get("x-fake-reply")
+        n_field = body.get("n")
+        n = n_field if isinstance(n_field, int) and 0 < n_field <= 128 else 1
+        texts = [rec_reply or self._text(i) for i in range(n)]
+        model = body.get("model") or "fake-model"
+        if body.get("stream") or fault in ("sse", "stall", "reset_mid_stream", "error_in_stream", "no_done",
+                                           "split_sse", "oversized_event", "invalid_json_sse"):  # fmt: skip
+            await self._stream(send, texts, model, fault, body)
+        else:
+            await self._plain(send, texts, model, fault)
+
+    def _text(self, i: int) -> str:
+        if self.replies:
+            return self.replies[i % len(self.replies)]
+        return self.reply
+
+    async def _status(self, send: Send, status: int) -> None:
+        err = {"error": {"message": f"FAKE upstream error {status}", "type": "server_error", "param": None,
+                         "code": f"fake_{status}"}}  # fmt: skip
+        headers = [(b"retry-after", b"7")] if status == 429 else []
+        await _json(send, status, err, headers)
+
+    def _completion(self, texts: list[str], model: str) -> dict[str, Any]:
+        choices = []
+        for i, text in enumerate(texts):
+            if self.tool_call is not None:
+                name, args = self.tool_call
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
+                    ],
+                }
+                finish = "tool_calls"
+            else:
+                message, finish = {"role": "assistant", "content": text}, "stop"
+            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
+        tokens = sum(len(t.split()) for t in texts)
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": tokens + 5},
+        }
+
+    async def _plain(self, send: Send, texts: list[str], model: str, fault: str | None) -> None:
+        data = json.dumps(self._completion(texts, model)).encode()
+        if self.token_interval:
+            await asyncio.sleep(self.token_interval * sum(len(t.split()) for t in texts))
+        if fault == "gzip":
+            data = gzip.compress(data)
+            await _start(send, 200, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip"),
+                                     (b"content-length", str(len(data)).encode())])  # fmt: skip
+            await send({"type": "http.response.body", "body": data})
+            return
+        if fault == "drip":
+            await _start(
+                send, 200, [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+            )
+            for i in range(len(data)):
+                await send({"type": "http.response.body", "body": data[i : i + 1], "more_body": True})
+                await asyncio.sleep(self.drip_interval)
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await _json(send, 200, data)
+
+    def _chunks(self, texts: list[str], model: str, body: dict[str, Any]) -> list[bytes]:
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+
+        def ev(obj: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps({**base, **obj}).encode() + b"\n\n"
+
+        out = []
+        for i, text in enumerate(texts):
+            out.append(
+                ev({"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            )
+            if self.tool_call is not None:
+                name, args = self.tool_call
+                head = {"index": 0, "id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": ""}}
+                out.append(ev({"choices": [{"index": i, "delta": {"tool_calls": [head]}, "finish_reason": None}]}))
+                for j in range(0, len(args), 8):
+                    tc = {"index": 0, "function": {"arguments": args[j : j + 8]}}
+                    out.append(ev({"choices": [{"index": i, "delta": {"tool_calls": [tc]}, "finish_reason": None}]}))
+                finish = "tool_calls"
+            else:
+                for tok in _tokens(text):
+                    out.append(ev({"choices": [{"index": i, "delta": {"content": tok}, "finish_reason": None}]}))
+                finish = "stop"
+            out.append(ev({"choices": [{"index": i, "delta": {}, "finish_reason": finish}]}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            out.append(
+                ev(
+                    {
+                        "choices": [],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": len(out), "total_tokens": 5 + len(out)},
+                    }
+                )
+            )
+        return out
+
+    async def _stream(self, send: Send, texts: list[str], model: str, fault: str | None, body: dict[str, Any]) -> None:
+        chunks = self._chunks(texts, model, body)
+        await _start(send, 200, [(b"content-type", b"text/event-stream")])
+        if fault == "error_in_stream":
+            chunks = chunks[:2] + [_ERROR_EVENT]
+        elif fault == "invalid_json_sse":
+            chunks = chunks[:2] + [b"data: {not json\n\n"] + chunks[2:]
+        elif fault == "oversized_event":
+            chunks = chunks[:1] + [b"data: " + b"x" * self.oversized_chars + b"\n\n"]
+        elif fault == "split_sse":
+            joined = b": ping\r\n\r\n".join(chunks).replace(b"\n\n", b"\r\n\r\n")
+            chunks = [joined[i : i + 3] for i in range(0, len(joined), 3)]
+        half = max(1, len(chunks) // 2)
+        for n, chunk in enumerate(chunks):
+            if n == half and fault == "stall":
+                await asyncio.sleep(3600)
+            if n == half and fault == "reset_mid_stream":
+                _reset(send)
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if self.token_interval:
+                await asyncio.sleep(self.token_interval)
+        if fault not in ("no_done", "error_in_stream", "oversized_event"):
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _tokens(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+async def _start(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+async def _json(send: Send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *(headers or [])]
+    await _start(send, status, hdrs)
+    await send({"type": "http.response.body", "body": data})
+
+
+def _reset(send: Send) -> None:
+    """Abort the TCP connection with a RST. A fake's hack: uvicorn's ``send`` is a bound method of the
+    request cycle, which holds the transport; a real upstream that crashes looks the same on the wire."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        raise RuntimeError("reset fault needs uvicorn's transport")
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

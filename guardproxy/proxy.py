@@ -1,0 +1,255 @@
+"""The upstream side: one HTTP client, header hygiene, route classification and error translation.
+
+httpx is the client API; the transport under it is ``httpx_aiohttp.AiohttpTransport`` by default
+because it measured faster here than httpx's own (see ``bench/RESULTS.md``). Failures of either
+transport are translated into the ``UpstreamError`` tree at one boundary (``upstream_failure``).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterable
+from enum import Enum
+from typing import Literal
+
+import aiohttp
+import httpx
+
+from guardproxy.errors import (
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from guardproxy.settings import Settings
+
+TransportKind = Literal["aiohttp", "httpx"]
+
+# RFC 9110 7.6.1 connection-specific fields, plus proxy-connection (non-standard but seen in the wild).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Never forwarded upstream: set by the transport, or replaced by the gateway.
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
+# Credentials: never in Exchange.headers (checks, logs, drills), and not sent upstream in replace mode.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"cookie", b"proxy-authorization"})
+# The ASGI server writes its own date/server; a body we re-encode gets a fresh length and no encoding.
+_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
+_RESPONSE_DROP_DECODED = _RESPONSE_DROP | {b"content-length", b"content-encoding"}
+
+GUARDED_PATH = "/v1/chat/completions"
+# POST routes under these prefixes generate text without passing the guard. Matching is by prefix on the
+# normalised, lower-cased path, so "/v1//completions/", "/V1/Responses;x" or "/v1/models/../messages"
+# cannot slip past as a "non-generating" route.
+_GENERATING_PREFIXES = (
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/chat/",
+    "/v1/engines/",
+    "/v1/batches",
+    "/v1/threads",
+    "/v1/assistants",
+    "/v1/realtime",
+)
+_SLASHES = re.compile(r"/{2,}")
+
+
+class RouteKind(Enum):
+    GUARDED = "guarded"
+    UNGUARDED_GENERATING = "unguarded_generating"
+    FORWARD = "forward"
+
+
+def normalize_path(path: str) -> str:
+    """Collapse repeated slashes, resolve dot segments, drop a trailing slash."""
+    return posixpath.normpath(_SLASHES.sub("/", "/" + path)) if path else "/"
+
+
+def classify_route(method: str, path: str) -> RouteKind:
+    low = path.lower().split(";", 1)[0]
+    if method == "POST":
+        if low == GUARDED_PATH:
+            return RouteKind.GUARDED
+        if any(low == p.rstrip("/") or low.startswith(p) for p in _GENERATING_PREFIXES):
+            return RouteKind.UNGUARDED_GENERATING
+        if low.startswith(GUARDED_PATH):
+            return RouteKind.UNGUARDED_GENERATING
+    return RouteKind.FORWARD
+
+
+def route_label(kind: RouteKind, path: str) -> str:
+    """A bounded metric label: the guarded path, or the first segment after /v1 (never raw client input)."""
+    if kind is RouteKind.GUARDED:
+        return GUARDED_PATH
+    parts = path.lower().split("/")
+    seg = parts[2] if len(parts) > 2 and parts[1] == "v1" else "other"
+    return "/v1/" + (seg if re.fullmatch(r"[a-z_-]{1,32}", seg) else "other")
+
+
+def split_request_headers(
+    raw: Iterable[tuple[bytes, bytes]], *, replace_key: str | None
+) -> tuple[list[tuple[bytes, bytes]], dict[str, str]]:
+    """Headers to send upstream, and the credential-free headers the checks see (``Exchange.headers``).
+
+    Header names from an ASGI server are already lower-case. Names listed in ``Connection`` are hop-by-hop too.
+    """
+    raw = list(raw)
+    drop = _REQUEST_DROP
+    for name, value in raw:
+        if name == b"connection":
+            drop = drop | {t.strip().lower().encode() for t in value.decode("latin-1").split(",")}
+    if replace_key is not None:
+        drop = drop | CREDENTIAL_HEADERS
+    upstream: list[tuple[bytes, bytes]] = []
+    visible: dict[str, str] = {}
+    for name, value in raw:
+        if name not in drop:
+            upstream.append((name, value))
+        if name not in CREDENTIAL_HEADERS and name not in HOP_BY_HOP:
+            visible[name.decode("latin-1")] = value.decode("latin-1")
+    if replace_key is not None:
+        upstream.append((b"authorization", b"Bearer " + replace_key.encode()))
+    return upstream, visible
+
+
+def response_headers(headers: httpx.Headers, *, decoded: bool) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers as the client gets them (lower-case names for ASGI)."""
+    drop = _RESPONSE_DROP_DECODED if decoded else _RESPONSE_DROP
+    conn = headers.get("connection")
+    if conn:
+        drop = drop | {t.strip().lower().encode() for t in conn.split(",")}
+    out = []
+    for name, value in headers.raw:
+        low = name.lower()
+        if low not in drop:
+            out.append((low, value))
+    return out
+
+
+def _causes(exc: BaseException) -> Iterable[BaseException]:
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+
+
+def upstream_failure(exc: BaseException, *, started: bool) -> UpstreamError:
+    """Translate a transport error into the ``UpstreamError`` tree.
+
+    ``started``: the upstream's response headers had arrived. httpx_aiohttp maps every aiohttp
+    connection error (a reset, a disconnect) to ``httpx.ConnectTimeout``, so the aiohttp cause, when
+    there is one, decides, not the httpx class.
+    """
+    for cause in _causes(exc):
+        if isinstance(cause, aiohttp.ClientError | OSError) and not isinstance(cause, httpx.HTTPError):
+            if isinstance(cause, aiohttp.ServerTimeoutError | TimeoutError):
+                what = "did not answer in time" if not started else "stalled mid-response"
+                return UpstreamTimeout(f"upstream {what} (read timeout)")
+            if isinstance(cause, aiohttp.ClientConnectorError):
+                return UpstreamUnreachable("could not connect to the upstream")
+            break
+    if isinstance(exc, httpx.ConnectTimeout) and not isinstance(exc.__cause__, aiohttp.ClientError):
+        return UpstreamTimeout("timed out connecting to the upstream")
+    if isinstance(exc, httpx.PoolTimeout):
+        return UpstreamTimeout("timed out waiting for an upstream connection")
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc.__cause__, aiohttp.ClientError):
+        return UpstreamTimeout("upstream stalled (read timeout)" if started else "upstream did not answer in time")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnreachable("could not connect to the upstream")
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamStreamError("upstream sent a body that could not be decoded")
+    if started:
+        return UpstreamStreamError("the upstream connection broke mid-response")
+    return UpstreamUnreachable("the upstream closed the connection before answering")
+
+
+def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx.AsyncBaseTransport:
+    up = settings.upstream
+    limits = httpx.Limits(
+        max_connections=up.max_connections, max_keepalive_connections=up.max_keepalive_connections, keepalive_expiry=30
+    )
+    if kind == "httpx":
+        return httpx.AsyncHTTPTransport(limits=limits, retries=0)
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport(limits=limits, trust_env=False)
+
+
+class Upstream:
+    """The one upstream HTTP client of an app, created at startup."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        up = settings.upstream
+        base = httpx.URL(up.base_url)
+        self.base = str(base).rstrip("/")
+        # A base URL ending in /v1 maps /v1/x to base/x; any other base gets the path after /v1 appended.
+        self.timeout = httpx.Timeout(
+            connect=up.connect_timeout, read=up.read_timeout, write=up.read_timeout, pool=up.connect_timeout
+        )
+        self.client = httpx.AsyncClient(
+            transport=transport or make_transport(settings), timeout=self.timeout, trust_env=False
+        )
+        self.replace_key = up.api_key.get_secret_value() if up.api_key is not None else None
+
+    def url(self, path: str, query: bytes = b"") -> str:
+        rest = path[3:] if path.lower().startswith("/v1") else path
+        url = self.base + rest
+        return url + "?" + query.decode("latin-1") if query else url
+
+    async def open(
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], content: bytes | None
+    ) -> httpx.Response:
+        """Send a request; return once the response headers arrived (the body is read by the caller)."""
+        request = self.client.build_request(method, url, headers=headers, content=content)
+        try:
+            return await self.client.send(request, stream=True)
+        except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
+            raise upstream_failure(exc, started=False) from exc
+
+    @staticmethod
+    async def read(response: httpx.Response, limit: int | None = None) -> bytes:
+        """The whole (decoded) body; a broken or oversized body is an ``UpstreamError``."""
+        try:
+            if limit is None:
+                return await response.aread()
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamStreamError(f"upstream body over {limit} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
+            raise upstream_failure(exc, started=True) from exc
+
+    @staticmethod
+    async def error_from(response: httpx.Response) -> UpstreamHTTPError:
+        """An upstream error status as an ``UpstreamHTTPError`` carrying its body (at most 64 KiB) and Retry-After."""
+        try:
+            body = await Upstream.read(response, limit=64 * 1024)
+        except UpstreamError:
+            body = b""
+        return UpstreamHTTPError(
+            response.status_code,
+            body,
+            content_type=response.headers.get("content-type", ""),
+            retry_after=response.headers.get("retry-after"),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

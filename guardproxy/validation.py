@@ -1,0 +1,204 @@
+"""Parsing and validating a chat-completions request body: untrusted input, so every way it can be bad
+ends in a ``RequestError`` naming the problem (HTTP 400), never in a 500 or a blown stack.
+
+The order matters: bytes are decoded as strict UTF-8 first, nesting depth is measured by scanning the
+brackets *before* ``json.loads`` recurses (a body 20,000 levels deep must cost a scan, not a
+``RecursionError``), then the JSON is parsed rejecting NaN/Infinity and duplicate keys (two ``messages``
+keys would let the guard and the upstream read different conversations), then lone UTF-16 surrogates,
+then the shape of the fields the gateway and the guard rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from guardproxy.errors import RequestError
+from guardproxy.settings import LimitSettings
+
+# No model accepts anywhere near this many output tokens; above it the value is a mistake or an attack.
+ABSURD_MAX_TOKENS = 10_000_000
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated chat-completions body. ``changed`` is True when the gateway rewrote it (clamping)."""
+
+    body: dict[str, Any]
+    stream: bool
+    n: int
+    changed: bool
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RequestError(f"duplicate key {key!r} in a JSON object", code="duplicate_key")
+            seen.add(key)
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise RequestError(f"{name} is not valid JSON", code="invalid_json")
+
+
+def json_depth_exceeds(text: str, limit: int) -> bool:
+    """True when arrays/objects nest deeper than ``limit`` (strings skipped, so brackets in text don't count)."""
+    opens = text.count("[") + text.count("{")
+    if opens <= limit:
+        return False  # fast path: not enough brackets to nest that deep
+    stripped = _STRING_RE.sub("", text) if '"' in text else text
+    depth = 0
+    for ch in stripped:
+        if ch == "[" or ch == "{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch == "]" or ch == "}":
+            depth -= 1
+    return False
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    stack = [obj]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, str):
+            yield cur
+        elif isinstance(cur, dict):
+            for k, v in cur.items():
+                yield k
+                stack.append(v)
+        elif isinstance(cur, list):
+            stack.extend(cur)
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> Any:
+    """Decode and parse a JSON body with the strict rules above."""
+    if not raw.strip():
+        raise RequestError("request body is empty", code="empty_body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8") from None
+    if text.startswith("\ufeff"):
+        raise RequestError("request body starts with a byte order mark", code="invalid_json")
+    if json_depth_exceeds(text, max_depth):
+        raise RequestError(f"JSON nested deeper than {max_depth} levels", code="json_too_deep")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            f"invalid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})", code="invalid_json"
+        ) from None
+    except RecursionError:  # belt and braces: the scan above should have caught it
+        raise RequestError(f"JSON nested deeper than {max_depth} levels", code="json_too_deep") from None
+    if _SURROGATE_ESCAPE_RE.search(text):
+        # Only bodies with a \uD8xx-\uDFxx escape can hold a lone surrogate; check those precisely.
+        for s in _strings(obj):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("JSON string holds a lone UTF-16 surrogate", code="invalid_unicode") from None
+    return obj
+
+
+def _int_field(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{name}' must be an integer", param=name, code="invalid_type")
+    return value
+
+
+def _check_message(i: int, msg: Any) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(msg, dict):
+        raise RequestError(f"'{where}' must be an object", param=where, code="invalid_type")
+    role = msg.get("role")
+    if not isinstance(role, str) or not role:
+        raise RequestError(f"'{where}.role' must be a non-empty string", param=f"{where}.role", code="invalid_type")
+    content = msg.get("content")
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise RequestError(
+            f"'{where}.content' must be a string, an array of content parts or null",
+            param=f"{where}.content",
+            code="invalid_type",
+        )
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise RequestError(
+                f"'{where}.content[{j}]' must be an object", param=f"{where}.content[{j}]", code="invalid_type"
+            )
+        if part.get("type") == "text" and not isinstance(part.get("text"), str):
+            raise RequestError(
+                f"'{where}.content[{j}].text' must be a string",
+                param=f"{where}.content[{j}].text",
+                code="invalid_type",
+            )
+
+
+def validate_chat(obj: Any, limits: LimitSettings) -> ChatRequest:
+    """Check the fields the gateway and the guard rely on; everything else is the upstream's business."""
+    if not isinstance(obj, dict):
+        raise RequestError("request body must be a JSON object", code="invalid_type")
+    body: dict[str, Any] = obj
+    if "messages" not in body:
+        raise RequestError("missing required parameter 'messages'", param="messages", code="missing_required_parameter")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise RequestError("'messages' must be an array", param="messages", code="invalid_type")
+    if not messages:
+        raise RequestError("'messages' must not be empty", param="messages", code="empty_array")
+    if len(messages) > limits.max_messages:
+        raise RequestError(
+            f"too many messages: {len(messages)} > {limits.max_messages}", param="messages", code="too_many_messages"
+        )
+    for i, msg in enumerate(messages):
+        _check_message(i, msg)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("'model' must be a string", param="model", code="invalid_type")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream", code="invalid_type")
+    n = _int_field(body, "n")
+    if n is not None and not 1 <= n <= limits.max_n:
+        raise RequestError(f"'n' must be between 1 and {limits.max_n}", param="n", code="invalid_value")
+    changed = _limit_tokens(body, limits)
+    return ChatRequest(body=body, stream=stream, n=n or 1, changed=changed)
+
+
+def _limit_tokens(body: dict[str, Any], limits: LimitSettings) -> bool:
+    """Validate max_tokens / max_completion_tokens; clamp to ``max_tokens_cap``. True if the body changed."""
+    changed = False
+    for name in _TOKEN_FIELDS:
+        value = _int_field(body, name)
+        if value is None:
+            continue
+        if value < 1:
+            raise RequestError(f"'{name}' must be at least 1", param=name, code="invalid_value")
+        if limits.max_tokens_cap is not None and value > limits.max_tokens_cap:
+            body[name] = limits.max_tokens_cap
+            changed = True
+        elif value > ABSURD_MAX_TOKENS:
+            raise RequestError(f"'{name}' is absurdly large: {value}", param=name, code="invalid_value")
+    return changed
+
+
+def parse_chat(raw: bytes, limits: LimitSettings) -> ChatRequest:
+    return validate_chat(parse_json_body(raw, limits.max_json_depth), limits)

@@ -1,0 +1,126 @@
+"""Shared by the gateway tests: a FAKE upstream and the gateway, both real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+
+from guardproxy.app import create_app
+from guardproxy.fake_upstream import FakeUpstream
+from guardproxy.pipeline import Check, Exchange, Pipeline, Verdict
+from guardproxy.settings import Settings
+from tests.servers import serve
+
+CHAT = "/v1/chat/completions"
+HELLO = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@dataclass
+class Env:
+    fake: FakeUpstream
+    upstream_url: str
+    url: str
+    client: httpx.AsyncClient
+    app: Starlette
+
+
+def settings_for(upstream_url: str, **sections: dict[str, Any]) -> Settings:
+    merged: dict[str, Any] = {"guard": {"enabled": False}, **sections}
+    merged["upstream"] = {"base_url": upstream_url + "/v1", **sections.get("upstream", {})}
+    return Settings(**merged)
+
+
+@asynccontextmanager
+async def gateway(
+    fake: FakeUpstream | None = None,
+    *,
+    checks: Sequence[Check] = (),
+    output_check_chars: int = 256,
+    upstream_url: str | None = None,
+    **sections: dict[str, Any],
+) -> AsyncIterator[Env]:
+    """The gateway in front of a FAKE upstream (or ``upstream_url``), with a client pointed at it."""
+    fake = fake or FakeUpstream()
+    async with serve(fake) as fake_url:
+        settings = settings_for(upstream_url or fake_url, **sections)
+        app = create_app(settings, pipeline=Pipeline(checks, output_check_chars=output_check_chars))
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=20) as client:
+            yield Env(fake, fake_url, url, client, app)
+
+
+def sse_events(text: str) -> list[Any]:
+    """The data of each event of an SSE body, JSON-decoded where it is JSON."""
+    out: list[Any] = []
+    for block in text.split("\n\n"):
+        lines = [line[6:] for line in block.split("\n") if line.startswith("data: ")]
+        if lines:
+            data = "\n".join(lines)
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def streamed_text(events: list[Any], choice: int = 0) -> str:
+    text = ""
+    for ev in events:
+        if isinstance(ev, dict):
+            for ch in ev.get("choices", []):
+                if ch.get("index", 0) == choice:
+                    text += ch.get("delta", {}).get("content") or ""
+    return text
+
+
+class ScriptedCheck:
+    """A fake of the Check interface: verdicts by rule, and a record of every call."""
+
+    name = "scripted"
+
+    def __init__(
+        self,
+        *,
+        input_verdict: Verdict | None = None,
+        block_output_on: str | None = None,
+        output_verdict: Verdict | None = None,
+        retry_note_on: str | None = None,
+        input_delay: float = 0.0,
+    ) -> None:
+        self.input_verdict = input_verdict or Verdict()
+        self.block_output_on = block_output_on
+        self.output_verdict = output_verdict or Verdict()
+        self.retry_note_on = retry_note_on
+        self.input_delay = input_delay
+        self.inputs: list[Exchange] = []
+        self.outputs: list[tuple[int, str, bool]] = []
+        self.finished: list[Exchange] = []
+        self.started = False
+        self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def check_input(self, exchange: Exchange) -> Verdict:
+        import asyncio
+
+        self.inputs.append(exchange)
+        if self.input_delay:
+            await asyncio.sleep(self.input_delay)
+        return self.input_verdict
+
+    async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
+        self.outputs.append((choice, text, final))
+        if self.block_output_on is not None and self.block_output_on in text:
+            return self.output_verdict
+        if self.retry_note_on is not None and self.retry_note_on in text:
+            return Verdict(retry_note="Please answer the question helpfully.")
+        return Verdict()
+
+    async def finish(self, exchange: Exchange) -> None:
+        self.finished.append(exchange)
+
+    async def aclose(self) -> None:
+        self.closed = True
