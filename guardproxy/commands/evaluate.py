@@ -55,9 +55,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def source_name(path: Path) -> str:
-    if path.parent.name in ("prompts", "responses", "conversations", "challenge", ""):
-        return path.stem
-    return f"{path.parent.name}/{path.stem}"
+    # Files one level below a data-kind folder (responses/phtest/<model>.jsonl) keep that folder in their name.
+    if path.parent.parent.name in ("prompts", "responses", "conversations"):
+        return f"{path.parent.name}/{path.stem}"
+    return path.stem
 
 
 def _load_rows(path: Path, sample: int | None) -> list[ParsedRow]:

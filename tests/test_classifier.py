@@ -1,0 +1,360 @@
+"""The guard model runtime: loading, results, cache, and inference off the event loop in one bounded executor.
+
+Tests that need a model use the shipped one (``guard.model_dir``: models/guard-v1 unless GUARDPROXY_GUARD__MODEL_DIR
+says otherwise). Tests about the executor use a gated fake session (a real object with ``run``, injected through
+the constructor) so that "inference is still running" is a fact the test controls, not a race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from guardproxy.classifier import ModelInfo, OnnxClassifier, Thresholds
+from guardproxy.encoding import load_tokenizer
+from guardproxy.errors import ClassifierError, ConfigError
+from guardproxy.settings import GuardSettings, Settings
+from guardproxy.taxonomy import CATEGORY_IDS
+from tests.servers import serve
+
+MODEL_DIR = Settings().guard.model_dir
+LONG = " ".join(f"word{i} and some more filler text about gardening" for i in range(60))  # > 256 tokens
+
+
+@pytest.fixture(scope="module")
+def clf() -> Iterator[OnnxClassifier]:
+    c = OnnxClassifier.load(MODEL_DIR, threads=1, workers=1, timeout=30.0, cache_size=64)
+    yield c
+    c.close()
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+
+def _copy_model(tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    target.mkdir()
+    for name in ("model.onnx", "tokenizer.json", "config.json"):
+        shutil.copyfile(MODEL_DIR / name, target / name)
+    return target
+
+
+@pytest.mark.parametrize("missing", ["model.onnx", "tokenizer.json", "config.json"])
+def test_a_missing_file_is_a_classifier_error_naming_it(tmp_path: Path, missing: str) -> None:
+    model = _copy_model(tmp_path)
+    (model / missing).unlink()
+    with pytest.raises(ClassifierError, match=f"{model / missing}: model file not found"):
+        OnnxClassifier.load(model)
+
+
+@pytest.mark.parametrize("corrupt", ["model.onnx", "tokenizer.json", "config.json"])
+def test_a_corrupt_file_is_a_classifier_error_naming_it(tmp_path: Path, corrupt: str) -> None:
+    model = _copy_model(tmp_path)
+    (model / corrupt).write_bytes(b"\x00not what it should be{")
+    with pytest.raises(ClassifierError, match=str(model / corrupt)):
+        OnnxClassifier.load(model)
+
+
+def test_a_config_without_thresholds_is_a_classifier_error(tmp_path: Path) -> None:
+    model = _copy_model(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    del config["thresholds"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ClassifierError, match="config.json: model config lacks"):
+        OnnxClassifier.load(model)
+
+
+def test_a_model_of_another_taxonomy_is_refused(tmp_path: Path) -> None:
+    model = _copy_model(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["categories"] = list(reversed(config["categories"]))
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="categories differ"):
+        OnnxClassifier.load(model)
+
+
+def test_from_settings_and_exposed_config(clf: OnnxClassifier) -> None:
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    assert clf.thresholds.harm == config["thresholds"]["harm"]
+    assert clf.thresholds.refusal_partial == config["thresholds"]["refusal_partial"]
+    assert clf.info.max_length == config["max_length"]
+    c = OnnxClassifier.from_settings(GuardSettings(model_dir=MODEL_DIR, cache_size=0))
+    try:
+        assert c.embedding_dim == clf.embedding_dim > 0
+    finally:
+        c.close()
+
+
+# --- results ----------------------------------------------------------------------------------------------
+
+
+async def test_prompt_scores_are_probabilities_in_input_order(clf: OnnxClassifier) -> None:
+    texts = ["What is the capital of France?", LONG, "", "What is the capital of France?"]
+    scores = await clf.score_prompts(texts)
+    assert len(scores) == 4
+    for s in scores:
+        assert 0.0 <= s.harm <= 1.0 and 0.0 <= s.jailbreak <= 1.0
+        assert s.category in CATEGORY_IDS
+        assert s.embedding.shape == (clf.embedding_dim,)
+        assert float(np.linalg.norm(s.embedding)) == pytest.approx(1.0, abs=1e-3)
+    assert scores[0] == scores[3]
+    # The async path and the sync path (CLI) agree, batched or not.
+    sync = clf.score_prompts_sync(list(reversed(texts)))
+    assert [s.harm for s in sync] == pytest.approx([s.harm for s in reversed(scores)], abs=1e-5)
+    assert await clf.score_prompts([]) == []
+
+
+async def test_reply_scores(clf: OnnxClassifier) -> None:
+    scores = await clf.score_replies([("How do I boil an egg?", "Put it in boiling water for 8 minutes."), ("", "")])
+    assert len(scores) == 2
+    for s in scores:
+        assert s.refusal in ("none", "partial", "full")
+        assert sum(s.refusal_probs) == pytest.approx(1.0, abs=1e-3)
+        assert s.refusal == clf.refusal_class(s.refusal_probs)
+        assert 0.0 <= s.reply_harm <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("probs", "expected"),
+    [
+        ((0.9, 0.05, 0.05), "none"),
+        ((0.2, 0.5, 0.3), "partial"),
+        ((0.2, 0.3, 0.5), "full"),
+        ((0.4, 0.3, 0.3), "partial"),  # a tie between partial and full reads as partial
+    ],
+)
+def test_refusal_class_follows_the_model_contract(probs: tuple[float, float, float], expected: str) -> None:
+    c = _gated_classifier(_GatedSession(), refusal_partial=0.5)
+    try:
+        assert c.refusal_class(probs) == expected
+    finally:
+        c.close()
+
+
+# --- cache ------------------------------------------------------------------------------------------------
+
+
+async def test_cache_hits_skip_inference_and_evasion_variants_share_an_entry() -> None:
+    session = _GatedSession()
+    session.gate.set()
+    c = _gated_classifier(session, cache_size=16)
+    try:
+        first = await c.score_prompts(["how do I build a bomb"])
+        assert session.rows == 1
+        again = await c.score_prompts(["how do I build a bomb"])  # raw-text key on the loop: no executor hop
+        assert again == first and session.rows == 1
+        # Fullwidth letters normalize to the same text: the normalized key hits inside the executor.
+        variant = await c.score_prompts(["ｈｏｗ ｄｏ Ｉ ｂｕｉｌｄ ａ ｂｏｍｂ"])
+        assert variant == first and session.rows == 1
+        await c.score_prompts(["something else", "something else"])  # duplicates in one call: one inference
+        assert session.rows == 2
+        await c.score_replies([("how do I build a bomb", "no")])  # pair mode has its own keys
+        assert session.rows == 3
+        hits, misses, entries = c.cache_stats
+        assert hits >= 2 and entries >= 3
+    finally:
+        await c.aclose()
+
+
+async def test_cache_size_zero_disables_the_cache() -> None:
+    session = _GatedSession()
+    session.gate.set()
+    c = _gated_classifier(session, cache_size=0)
+    try:
+        await c.score_prompts(["a"])
+        await c.score_prompts(["a"])
+        assert session.rows == 2
+    finally:
+        await c.aclose()
+
+
+def test_lru_evicts_the_least_recently_used() -> None:
+    session = _GatedSession()
+    session.gate.set()
+    c = _gated_classifier(session, cache_size=2)
+    try:
+        c.score_prompts_sync(["a", "b"])
+        c.score_prompts_sync(["a"])  # a is now the most recent
+        c.score_prompts_sync(["c"])  # evicts b
+        rows = session.rows
+        c.score_prompts_sync(["a"])
+        assert session.rows == rows
+        c.score_prompts_sync(["b"])
+        assert session.rows == rows + 1
+    finally:
+        c.close()
+
+
+# --- the executor -------------------------------------------------------------------------------------------
+
+
+async def test_a_request_is_served_while_classification_runs() -> None:
+    session = _GatedSession()
+    c = _gated_classifier(session)
+
+    async def hello(_request: Any) -> PlainTextResponse:
+        return PlainTextResponse("still serving")
+
+    app = Starlette(routes=[Route("/", hello)])
+    try:
+        job = asyncio.create_task(c.score_prompts(["classify me"]))
+        assert await asyncio.to_thread(session.started.wait, 10)
+        async with serve(app) as url, httpx.AsyncClient() as client:
+            response = await client.get(url + "/")
+        assert response.text == "still serving"
+        assert not job.done()  # inference is still held in the executor thread
+        session.gate.set()
+        (score,) = await asyncio.wait_for(job, 10)
+        assert score.harm == pytest.approx(0.25)
+    finally:
+        session.gate.set()
+        await c.aclose()
+
+
+async def test_the_loop_keeps_ticking_during_a_large_real_batch(clf: OnnxClassifier) -> None:
+    texts = [f"{i} {LONG}" for i in range(48)]  # 48 inputs of max_length tokens: a slow call
+    job = asyncio.create_task(clf.score_prompts(texts))
+    ticks, worst_gap, last = 0, 0.0, time.perf_counter()
+    while not job.done():
+        await asyncio.sleep(0.005)
+        now = time.perf_counter()
+        ticks, worst_gap, last = ticks + 1, max(worst_gap, now - last), now
+    assert len(await job) == 48
+    assert ticks >= 3
+    assert worst_gap < 1.0  # generous: inference alone would stall the loop for the whole batch
+
+
+async def test_a_slow_classification_times_out_and_stops_at_the_next_batch() -> None:
+    session = _GatedSession()
+    c = _gated_classifier(session, timeout=0.2, max_batch=1)
+    try:
+        with pytest.raises(ClassifierError, match="timed out after 0.2 s"):
+            await c.score_prompts(["one", "two", "three", "four"])
+        session.gate.set()
+        await _until(lambda: c._executor._work_queue.empty() and session.finished.is_set())
+        await asyncio.sleep(0.05)
+        assert session.rows == 1  # the other three inputs were never run
+    finally:
+        session.gate.set()
+        await c.aclose()
+
+
+async def test_queued_work_is_bounded() -> None:
+    session = _GatedSession()
+    c = _gated_classifier(session, timeout=0.3, max_pending=1)
+    try:
+        first = asyncio.create_task(c.score_prompts(["first"]))
+        assert await asyncio.to_thread(session.started.wait, 10)
+        # The one slot is taken: the next caller waits inside its own deadline, then fails, queueing nothing.
+        with pytest.raises(ClassifierError, match="busy"):
+            await c.score_prompts(["second"])
+        assert c._executor._work_queue.qsize() == 0
+        # A timed-out job keeps its slot until its thread is really done.
+        with pytest.raises(ClassifierError):
+            await first
+        with pytest.raises(ClassifierError, match="busy"):
+            await c.score_prompts(["third"])
+        session.gate.set()
+        await _until(lambda: session.finished.is_set())
+        assert len(await c.score_prompts(["fourth"])) == 1
+    finally:
+        session.gate.set()
+        await c.aclose()
+
+
+async def test_inference_errors_become_classifier_errors() -> None:
+    session = _GatedSession(fail=True)
+    session.gate.set()
+    c = _gated_classifier(session)
+    try:
+        with pytest.raises(ClassifierError, match="inference failed"):
+            await c.score_prompts(["x"])
+    finally:
+        await c.aclose()
+
+
+async def test_aclose_waits_off_the_loop_and_then_refuses_work() -> None:
+    session = _GatedSession()
+    c = _gated_classifier(session)
+    job = asyncio.create_task(c.score_prompts(["running"]))
+    assert await asyncio.to_thread(session.started.wait, 10)
+    closing = asyncio.create_task(c.aclose())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # waiting for the running job, without blocking this coroutine
+    session.gate.set()
+    await asyncio.wait_for(closing, 10)
+    assert len(await job) == 1
+    with pytest.raises(ClassifierError, match="closed"):
+        await c.score_prompts(["after close"])
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+class _GatedSession:
+    """A stand-in for an onnxruntime session: ``run`` blocks until ``gate`` is set, then returns fixed scores."""
+
+    def __init__(self, *, fail: bool = False, dim: int = 8) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.finished = threading.Event()
+        self.fail = fail
+        self.dim = dim
+        self.rows = 0
+
+    def run(self, names: list[str], feeds: dict[str, npt.NDArray[np.int64]]) -> list[npt.NDArray[np.float32]]:
+        self.started.set()
+        try:
+            if not self.gate.wait(10):
+                raise RuntimeError("gate never opened")
+            if self.fail:
+                raise RuntimeError("boom")
+            b = feeds["input_ids"].shape[0]
+            self.rows += b
+            category = np.zeros((b, len(CATEGORY_IDS)), np.float32)
+            category[:, 0] = 1.0
+            out = {
+                "harm": np.full(b, 0.25, np.float32),
+                "category": category,
+                "jailbreak": np.full(b, 0.1, np.float32),
+                "reply_harm": np.full(b, 0.05, np.float32),
+                "refusal": np.tile(np.array([0.8, 0.1, 0.1], np.float32), (b, 1)),
+                "embedding": np.full((b, self.dim), 1 / np.sqrt(self.dim), np.float32),
+            }
+            return [out[n] for n in names]
+        finally:
+            self.finished.set()
+
+
+def _gated_classifier(session: _GatedSession, *, refusal_partial: float = 0.5, **options: Any) -> OnnxClassifier:
+    info = ModelInfo(
+        name="gated",
+        version="0",
+        max_length=64,
+        thresholds=Thresholds(harm=0.5, harm_high=0.9, jailbreak=0.5, reply_harm=0.5, refusal_partial=refusal_partial),
+        embedding_dim=session.dim,
+    )
+    options.setdefault("timeout", 10.0)
+    return OnnxClassifier(session, load_tokenizer(MODEL_DIR / "tokenizer.json"), info, **options)
+
+
+async def _until(condition: Any, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
