@@ -33,7 +33,10 @@ _KEY_PATTERNS = [
     re.compile(r"(?i)\b(?:sk|pk|rk)[-_](?:live|test|proj|ant)[-_][A-Za-z0-9_-]{8,}"),
 ]
 _STRUCTURE_KEYS = frozenset({"role", "type"})
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Bounded and anchored at the start of a run: an unbounded local part backtracks quadratically on long text.
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}"
+)
 # International or grouped national numbers: +44 20 7946 0958, (555) 123-4567, 555-123-4567.
 _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])\d{3,4}[\s.-]?\d{3,4}(?!\w)")
 _CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
@@ -56,6 +59,14 @@ def _card_sub(match: re.Match[str]) -> str:
     return "[CARD]" if 13 <= len(digits) <= 19 and luhn_ok(digits) else match.group(0)
 
 
+def _phone_sub(match: re.Match[str]) -> str:
+    # a phone-shaped slice of a longer digit-group run (an order or account number) is not a phone number
+    text, start, end = match.string, match.start(), match.end()
+    if re.match(r"[ .-]?\d", text[end : end + 2]) or re.search(r"\d[ .-]?$", text[max(0, start - 2) : start]):
+        return match.group(0)
+    return "[PHONE]"
+
+
 def redact_keys(text: str) -> str:
     text = redact_credentials(text)
     for pattern in _KEY_PATTERNS:
@@ -76,7 +87,7 @@ class Redactor:
                 # cards before phones: a spaced card number would otherwise read as a phone number
                 self._steps.insert(0, lambda t: _CARD.sub(_card_sub, t))
             elif name == "phone":
-                self._steps.append(lambda t: _PHONE.sub("[PHONE]", t))
+                self._steps.append(lambda t: _PHONE.sub(_phone_sub, t))
             else:
                 try:
                     compiled = re.compile(name)

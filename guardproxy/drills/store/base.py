@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import queue
@@ -123,6 +124,12 @@ class DrillStats:
 class _Op:
     fn: Callable[[Any], Any]
     future: concurrent.futures.Future[Any]
+
+
+def _rollback(conn: Any) -> None:
+    # SQLite rolls back by itself on SQLITE_FULL; a failing ROLLBACK must not hide the real error
+    with contextlib.suppress(Exception):
+        conn.execute("ROLLBACK")
 
 
 def _like(value: str) -> str:
@@ -373,7 +380,7 @@ class DrillStore(ABC):
                 c.cursor().executemany(self._sql(_INSERT), rows)
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                _rollback(c)
                 raise
 
         conn = self._guarded(conn, write, len(rows))
@@ -450,7 +457,7 @@ class DrillStore(ABC):
                 log.info("drill store: applied migration %d", version)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     def _purge(self, conn: Any, now: float) -> int:

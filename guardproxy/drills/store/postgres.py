@@ -34,8 +34,6 @@ class PostgresStore(DrillStore):
         conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout)
         try:
             if self.schema:
-                if write:
-                    conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 conn.execute(f'SET search_path TO "{self.schema}"')
             if write:
                 # a stuck lock or a dead server must not hold the writer thread for long
@@ -51,6 +49,9 @@ class PostgresStore(DrillStore):
 
     def _lock_migrations(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        if self.schema:
+            # under the lock: CREATE SCHEMA IF NOT EXISTS races between replicas starting together
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
 
     def _usable(self, conn: Any) -> bool:
         return conn is not None and not conn.closed and not conn.broken

@@ -1,0 +1,271 @@
+"""Both drill stores against real databases: SQLite in tmp_path and the machine's PostgreSQL.
+
+Faults (a full queue, a locked database, a full disk) must drop samples, count them and keep
+``submit`` prompt; nothing may block or fail the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from guardproxy.drills.record import DrillRecord, PolicyDecision
+from guardproxy.drills.store import DrillFilter, DrillStore, open_store
+from guardproxy.drills.store.base import SCHEMA_VERSION
+from guardproxy.drills.store.sqlite import SqliteStore
+from guardproxy.errors import StoreError
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+CANARY = "sk-canary-0d1e2f3a4b5c6d7e8f90"
+
+
+def make(i: int = 0, **kw: Any) -> DrillRecord:
+    base: dict[str, Any] = {
+        "request_id": f"req-{i}",
+        "tenant": "tenant-hash",
+        "messages": ({"role": "user", "content": f"question {i}"},),
+        "replies": (f"answer {i}",),
+        "signals": {"harm": 0.1 * (i % 10)},
+        "active": PolicyDecision("default", "1", "block" if i % 3 == 0 else "allow", category="privacy"),
+        "shadows": (PolicyDecision("strict", "2", "block"),),
+        "reasons": ("blocked",) if i % 3 == 0 else ("base_rate",),
+        "created": 1_700_000_000.0 + i,
+    }
+    base.update(kw)
+    return DrillRecord(**base)
+
+
+def _file_bytes(folder: Path, pattern: str) -> bytes:
+    """The database, its WAL and shared-memory files, as bytes."""
+    return b"".join(p.read_bytes() for p in sorted(folder.glob(pattern)))
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    schema = f"gp_test_{uuid.uuid4().hex[:12]}"
+    yield schema
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DrillStore]:
+    if request.param == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path}/drills.db", retention_days=30)
+    else:
+        schema = request.getfixturevalue("pg_schema")
+        s = open_store(f"{PG_URL}?schema={schema}", retention_days=30)
+    await s.start()
+    yield s
+    await s.aclose()
+
+
+async def test_write_read_filter_label(store: DrillStore) -> None:
+    for i in range(9):
+        assert store.submit(make(i))
+    await store.flush()
+    assert store.written == 9
+    assert await store.count() == 9
+    assert await store.count(DrillFilter(action="block")) == 3
+    assert await store.count(DrillFilter(reason="blocked")) == 3
+    assert await store.count(DrillFilter(policy="strict")) == 9  # a shadow policy matches too
+    assert await store.count(DrillFilter(policy="stri")) == 0
+    assert await store.count(DrillFilter(reason="base_rate")) == 6
+    assert await store.count(DrillFilter(reason="base%")) == 0  # LIKE wildcards are escaped
+    assert await store.count(DrillFilter(category="privacy")) == 9
+    page = await store.find(limit=4)
+    assert [d.record.request_id for d in page] == ["req-8", "req-7", "req-6", "req-5"]  # newest first
+    drill = page[1].record
+    assert drill.shadows == (PolicyDecision("strict", "2", "block"),)
+    assert drill.messages[0]["content"] == "question 7"
+    newer, older = await store.neighbours(drill)
+    assert (newer, older) == (page[0].record.id, page[2].record.id)
+
+    await store.add_label(drill.id, "false_refusal", "asked about a public figure", "rev")
+    await store.add_label(drill.id, "correct_answer", "second look", "rev")
+    got = await store.get(drill.id)
+    assert got is not None and got.label is not None and got.label.label == "correct_answer"
+    assert [lab.label for lab in got.labels] == ["false_refusal", "correct_answer"]
+    assert await store.count(DrillFilter(reviewed=True)) == 1
+    assert await store.count(DrillFilter(reviewed=False)) == 8
+    with pytest.raises(StoreError):
+        await store.add_label(drill.id, "bogus")
+    stats = await store.stats()
+    assert stats.total == 9 and stats.labels == {"correct_answer": 1}
+    assert stats.agreement["strict"] == {("block", "block"): 3, ("allow", "block"): 6}
+
+
+async def test_retention_deletes_old_drills_and_their_labels(store: DrillStore) -> None:
+    now = time.time()
+    old, new = make(1, created=now - 40 * 86400), make(2, created=now - 86400)
+    store.submit(old)
+    store.submit(new)
+    await store.flush()
+    await store.add_label(old.id, "unclear")
+    assert await store.purge(now) == 1
+    assert await store.get(old.id) is None
+    assert await store.get(new.id) is not None
+    assert (await store.stats()).labels == {}
+
+
+async def test_canary_key_never_reaches_the_store(store: DrillStore, tmp_path: Path) -> None:
+    record = make(
+        1,
+        request_id=f"rid-{CANARY}",
+        messages=(
+            {"role": "user", "content": f"my key is {CANARY}, debug my code"},
+            {"role": "user", "content": [{"type": "text", "text": f"Authorization: Bearer {CANARY}"}]},
+        ),
+        replies=(f"Never share {CANARY}.",),
+        model=f"gpt-{CANARY}",
+    )
+    assert store.submit(record)
+    await store.flush()
+    got = await store.get(record.id)
+    assert got is not None and "[REDACTED]" in got.record.messages[0]["content"]
+    if isinstance(store, SqliteStore):
+        raw = _file_bytes(tmp_path, "drills.db*")
+        assert b"canary" not in raw and b"debug my code" in raw
+    else:
+        assert isinstance(store.schema, str)
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'SET search_path TO "{store.schema}"')
+            rows = conn.execute("SELECT d::text FROM drills d").fetchall()
+        text = " ".join(r[0] for r in rows)
+        assert "debug my code" in text and "canary" not in text
+
+
+async def test_migrations_run_once_and_refuse_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    for _ in range(2):
+        s = SqliteStore(path)
+        await s.start()
+        await s.aclose()
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == list(
+        range(1, SCHEMA_VERSION + 1)
+    )
+    conn.execute("INSERT INTO schema_version VALUES (999, 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        await SqliteStore(path).start()
+
+
+async def test_postgres_migrations_are_shared_by_replicas(pg_schema: str) -> None:
+    a = open_store(f"{PG_URL}?schema={pg_schema}")
+    b = open_store(f"{PG_URL}?schema={pg_schema}")
+    await asyncio.gather(a.start(), b.start())  # two replicas starting at once: one migrates
+    a.submit(make(1))
+    await a.flush()
+    assert (await b.get(make(1).id)) is None  # a fresh id: nothing shared by accident
+    assert await b.count() == 1
+    await a.aclose()
+    await b.aclose()
+
+
+async def _submit_many(store: DrillStore, n: int) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    accepted = sum(store.submit(make(i)) for i in range(n))
+    return accepted, time.perf_counter() - t0
+
+
+async def test_sqlite_locked_database_and_full_queue(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = SqliteStore(path, queue_size=20, busy_timeout=0.3)
+    await store.start()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        accepted, elapsed = await _submit_many(store, 500)
+        await asyncio.sleep(1.0)  # the writer meets the lock and drops what it took
+        accepted2, elapsed2 = await _submit_many(store, 500)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # submits stayed prompt while the database was locked (generous bound: no waiting on the lock)
+    assert elapsed < 0.5 and elapsed2 < 0.5
+    assert store.dropped["queue_full"] > 0
+    assert store.dropped["locked"] > 0
+    assert accepted + accepted2 < 1000
+    await store.flush()
+    # the store recovers by itself once the lock is gone
+    after = make(10_000)
+    assert store.submit(after)
+    await store.flush()
+    assert await store.get(after.id) is not None
+    await store.aclose()
+
+
+async def test_sqlite_full_disk_drops_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "full.db"
+    probe = SqliteStore(path)
+    await probe.start()
+    await probe.aclose()
+    pages = sqlite3.connect(path).execute("PRAGMA page_count").fetchone()[0]
+    store = SqliteStore(path, pragmas={"max_page_count": pages + 40}, queue_size=50)
+    await store.start()
+    big = "lorem ipsum dolor " * 1200
+    for i in range(3):
+        assert store.submit(make(i, replies=(big,)))
+    await store.flush()
+    assert store.written == 3
+    t0 = time.perf_counter()
+    for i in range(3, 80):
+        store.submit(make(i, replies=(big,)))
+        await asyncio.sleep(0)
+    assert time.perf_counter() - t0 < 0.5
+    await store.flush()
+    assert store.dropped["disk_full"] > 0
+    assert 3 <= store.written < 80
+    assert await store.count() == store.written  # what was written is intact and readable
+    await store.aclose()
+
+
+async def test_postgres_locked_table_drops_and_recovers(pg_schema: str) -> None:
+    store = open_store(f"{PG_URL}?schema={pg_schema}", queue_size=20)
+    await store.start()
+    blocker = psycopg.connect(PG_URL, autocommit=True)
+    try:
+        blocker.execute(f'SET search_path TO "{pg_schema}"')
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE drills IN ACCESS EXCLUSIVE MODE")
+        accepted, elapsed = await _submit_many(store, 300)
+        await asyncio.sleep(2.5)  # lock_timeout is 2 s
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    assert elapsed < 0.5
+    assert store.dropped["queue_full"] > 0
+    await store.flush()
+    assert sum(store.dropped.values()) > 0
+    after = make(5000)
+    assert store.submit(after)
+    await store.flush()
+    assert await store.get(after.id) is not None
+    await store.aclose()
+
+
+async def test_closed_store_drops_instead_of_raising(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    assert store.submit(make(1)) is False  # never opened
+    await store.start()
+    await store.aclose()
+    assert store.submit(make(2)) is False
+    assert store.dropped["closed"] == 2
+
+
+@pytest.mark.parametrize("url", ["mysql://x/y", "sqlite://host/x.db", "sqlite:///"])
+def test_bad_urls(url: str) -> None:
+    from guardproxy.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        open_store(url)
