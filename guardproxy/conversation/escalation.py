@@ -1,0 +1,130 @@
+"""The escalation signals and how they combine: window text, trajectory, trend and the escalation score.
+
+Per request the tracker knows, for each new user turn, the guard model's harm on that turn alone (``h_t``), and
+the guard model's harm on a window of the last ``window_turns`` messages together (``w``), which sees a request
+split over turns or steered by earlier ones that no single turn shows.
+
+- trajectory, a decaying cumulative risk: ``r_t = min(1, max(h_t, decay * r_{t-1} + gain * h_t))``. With
+  ``gain > 1 - decay`` steady medium risk accumulates (fixed point ``gain * h / (1 - decay)``), a single spike
+  decays by ``decay`` per turn, and ``r_t`` never drops below the current turn's own risk.
+- trend: the least-squares slope of ``h`` over the last four turns (risk per turn; positive = steering upward).
+- escalation, a noisy-OR of independent pieces of evidence, each in [0, 1]::
+
+      raw = 1 - (1 - max(w, r)) (1 - e_trend) (1 - e_refusal) (1 - e_rephrase) (1 - e_history)
+      e_trend    = clip(trend_weight * trend, 0, trend_cap)
+      e_refusal  = refusal_weight * min(refusals, 2) * max(w, r)    an earlier refusal makes risk count more
+      e_rephrase = rephrase_weight * clip((s - rephrase_low) / (rephrase_high - rephrase_low), 0, 1)
+      e_history  = forged_weight | unverified_weight | 0
+
+  then mapped piecewise-linearly so that the tuned flag threshold lands on 0.5: ``escalation >= 0.5`` is the
+  tracker's "flag" (``FLAG_THRESHOLD``), and policies can write round numbers.
+
+The parameters are tuned on the train part of the conversation data only (``python -m bench.conversation_eval``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from guardproxy.conversation.integrity import History
+
+__all__ = ["FLAG_THRESHOLD", "EscalationParams", "escalation", "trajectory_step", "trend", "window_text"]
+
+FLAG_THRESHOLD = 0.5
+WINDOW_TURNS = 4
+_WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined window; this only bounds the work
+
+
+@dataclass(frozen=True)
+class EscalationParams:
+    decay: float = 0.7
+    gain: float = 0.5
+    trend_weight: float = 1.0
+    trend_cap: float = 0.5
+    refusal_weight: float = 0.15
+    rephrase_low: float = 0.75
+    rephrase_high: float = 0.95
+    rephrase_weight: float = 0.9
+    forged_weight: float = 0.3
+    unverified_weight: float = 0.1
+    threshold: float = 0.5  # raw score mapped to FLAG_THRESHOLD
+
+
+def window_text(turns: Sequence[tuple[str, str]]) -> str:
+    """Turns (role, text), oldest first, in the window format of ``models/README.md``: ``"user: …\\nassistant: …"``."""
+    return "\n".join(f"{role}: {text[:_WINDOW_TURN_CHARS]}" for role, text in turns)
+
+
+def trajectory_step(previous: float, risk: float, p: EscalationParams) -> float:
+    return min(1.0, max(risk, p.decay * previous + p.gain * risk))
+
+
+def trend(risks: Sequence[float]) -> float:
+    """Least-squares slope of the risks (oldest first); 0 with fewer than two."""
+    n = len(risks)
+    if n < 2:
+        return 0.0
+    mean_x = (n - 1) / 2
+    mean_y = sum(risks) / n
+    num = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(risks))
+    den = sum((i - mean_x) ** 2 for i in range(n))
+    return num / den
+
+
+def _clip(x: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    return min(hi, max(lo, x))
+
+
+def raw_escalation(
+    *,
+    window: float,
+    trajectory: float,
+    trend_value: float,
+    refusals: int,
+    rephrase: float,
+    history: History,
+    p: EscalationParams,
+) -> float:
+    base = max(window, trajectory)
+    evidence = (
+        base,
+        _clip(p.trend_weight * trend_value, 0.0, p.trend_cap),
+        _clip(p.refusal_weight * min(refusals, 2) * base),
+        p.rephrase_weight * _clip((rephrase - p.rephrase_low) / max(p.rephrase_high - p.rephrase_low, 1e-6)),
+        p.forged_weight if history == "forged" else p.unverified_weight if history == "unverified" else 0.0,
+    )
+    keep = 1.0
+    for e in evidence:
+        keep *= 1.0 - _clip(e)
+    return 1.0 - keep
+
+
+def calibrate(raw: float, threshold: float) -> float:
+    """Monotone map of [0, 1] onto [0, 1] sending ``threshold`` to FLAG_THRESHOLD."""
+    t = _clip(threshold, 1e-6, 1 - 1e-6)
+    if raw < t:
+        return FLAG_THRESHOLD * raw / t
+    return FLAG_THRESHOLD + (1 - FLAG_THRESHOLD) * (raw - t) / (1 - t)
+
+
+def escalation(
+    *,
+    window: float,
+    trajectory: float,
+    trend_value: float,
+    refusals: int,
+    rephrase: float,
+    history: History,
+    p: EscalationParams,
+) -> float:
+    raw = raw_escalation(
+        window=window,
+        trajectory=trajectory,
+        trend_value=trend_value,
+        refusals=refusals,
+        rephrase=rephrase,
+        history=history,
+        p=p,
+    )
+    return _clip(calibrate(raw, p.threshold))

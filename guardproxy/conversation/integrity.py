@@ -1,0 +1,198 @@
+"""Conversation identity and history integrity: canonical messages, the keyed hash chain, position tags.
+
+Every message of a request (system and developer messages excepted: clients rewrite them per request, e.g. with
+the current date) is reduced to a canonical form: its role and its text, NFKC-normalised with every whitespace and
+zero-width character removed. Clients re-serialise what they got back (a string becomes a list of content parts,
+paragraphs are re-wrapped, trailing newlines dropped), so whitespace and part boundaries cannot count; the words
+and their order do.
+
+The chain starts from a secret seed for (tenant, subkey) and hashes one canonical message at a time::
+
+    h_0 = HMAC-SHA256(secret, "scope" | tenant | subkey)
+    h_i = SHA-256(h_{i-1} | role_i | len_i | canonical_i)
+    tag_i = HMAC-SHA256(secret, "pos" | h_i)[:8]           the position tag stored in the state record
+    root  = HMAC-SHA256(secret, "root" | h_1)[:16]         the state record of every conversation that opens so
+
+``h_0`` is secret, so no one without the secret can compute a tag; a tag therefore commits to the whole prefix
+before it. A tag of a position that ends with an assistant message is stored only when the gateway relayed that
+reply (``ConversationTracker.record_reply``): the tag is the HMAC of the canonical relayed reply bound to its
+prefix, and an incoming assistant turn whose position has no stored tag was never relayed by this gateway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "Chain",
+    "History",
+    "build_chain",
+    "canonical_text",
+    "message_text",
+    "tenant_key",
+    "worse_history",
+]
+
+History = Literal["verified", "unverified", "forged", "none"]
+Role = Literal["user", "assistant", "tool"]
+
+TAG_BYTES = 8
+ROOT_BYTES = 16
+
+# Ranked from least to most suspicious: a conversation's history status only ever gets worse.
+_HISTORY_RANK: dict[str, int] = {"none": 0, "verified": 1, "unverified": 2, "forged": 3}
+_ROLE_BYTE: dict[str, bytes] = {"user": b"u", "assistant": b"a", "tool": b"t", "function": b"t"}
+_SKIPPED_ROLES = frozenset({"system", "developer"})
+_SPACE = re.compile(r"[\s\u200b\u200c\u200d\u2060\ufeff]+")
+
+
+def worse_history(a: History, b: History) -> History:
+    return a if _HISTORY_RANK[a] >= _HISTORY_RANK[b] else b
+
+
+def _part_text(part: Any) -> tuple[str, str]:
+    """(model text, canonical extra) of one content part. Non-text parts enter the chain as a digest."""
+    if isinstance(part, str):
+        return part, ""
+    if not isinstance(part, Mapping):
+        return "", ""
+    kind = part.get("type")
+    for key in ("text", "refusal"):
+        value = part.get(key)
+        if isinstance(value, str) and kind in (None, "text", "input_text", "output_text", "refusal"):
+            return value, ""
+    # images, audio, files: the model sees a placeholder, the chain a digest of the part
+    digest = hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"[{kind}]", f"[{kind}:{digest}]"
+
+
+def _tool_calls_text(message: Mapping[str, Any]) -> str:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        call = message.get("function_call")
+        calls = [{"function": call}] if isinstance(call, Mapping) else []
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping):
+            continue
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:  # clients re-serialise JSON arguments: compare their meaning, not their spelling
+                args = json.dumps(json.loads(args), sort_keys=True, ensure_ascii=False)
+            except ValueError:
+                pass
+        elif args is not None:
+            args = json.dumps(args, sort_keys=True, ensure_ascii=False, default=str)
+        out.append(f"[call {fn.get('name')}({args or ''})]")
+    return " ".join(out)
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of one message as the guard model sees it: content parts joined, whitespace collapsed."""
+    content = message.get("content")
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = "\n".join(t for t, _ in map(_part_text, content) if t)
+    else:
+        text = ""
+    calls = _tool_calls_text(message)
+    if calls:
+        text = f"{text} {calls}" if text else calls
+    return _SPACE.sub(" ", text).strip()
+
+
+def canonical_text(message: Mapping[str, Any]) -> bytes:
+    """The canonical form hashed into the chain: NFKC text without any whitespace, plus non-text part digests."""
+    content = message.get("content")
+    extras = ""
+    if isinstance(content, list):
+        extras = "".join(e for _, e in map(_part_text, content) if e)
+    text = unicodedata.normalize("NFKC", message_text(message) + extras)
+    return _SPACE.sub("", text).encode("utf-8", "surrogatepass")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The chain over one request's conversation messages (system and developer messages left out).
+
+    ``indices[i]`` is the position of message i in the request's ``messages``; ``hashes[i]`` is ``h_{i+1}``.
+    """
+
+    roles: tuple[Role, ...]
+    indices: tuple[int, ...]
+    texts: tuple[str, ...]
+    hashes: tuple[bytes, ...]
+    secret: bytes
+    seed: bytes
+
+    def __len__(self) -> int:
+        return len(self.roles)
+
+    def tag(self, i: int) -> bytes:
+        """Position tag after message i (0-based)."""
+        return hmac.new(self.secret, b"pos" + self.hashes[i], hashlib.sha256).digest()[:TAG_BYTES]
+
+    def extend(self, message: Mapping[str, Any]) -> Chain:
+        """This chain with ``message`` appended (the reply being relayed)."""
+        role = _role(message)
+        h = _step(self.hashes[-1] if self.hashes else self.seed, role, canonical_text(message))
+        return Chain(
+            (*self.roles, role),
+            (*self.indices, self.indices[-1] + 1 if self.indices else 0),
+            (*self.texts, message_text(message)),
+            (*self.hashes, h),
+            self.secret,
+            self.seed,
+        )
+
+    @property
+    def root(self) -> bytes:
+        """Key of the state record; derived from the first message (with the scope), the same for every turn."""
+        return hmac.new(self.secret, b"root" + self.hashes[0], hashlib.sha256).digest()[:ROOT_BYTES]
+
+
+def _role(message: Mapping[str, Any]) -> Role:
+    role = message.get("role")
+    if role == "assistant":
+        return "assistant"
+    if role in ("tool", "function"):
+        return "tool"
+    return "user"  # unknown roles are the client's words: treat them as user turns
+
+
+def _step(prev: bytes, role: Role, canonical: bytes) -> bytes:
+    return hashlib.sha256(prev + _ROLE_BYTE[role] + len(canonical).to_bytes(8, "big") + canonical).digest()
+
+
+def build_chain(secret: bytes, tenant: str, subkey: str | None, messages: Sequence[Any]) -> Chain:
+    """The chain of a request. Messages that are not JSON objects are skipped (the gateway rejects them first)."""
+    seed = hmac.new(secret, b"scope\0" + tenant.encode() + b"\0" + (subkey or "").encode(), hashlib.sha256).digest()
+    roles: list[Role] = []
+    indices: list[int] = []
+    texts: list[str] = []
+    hashes: list[bytes] = []
+    h = seed
+    for idx, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("role") in _SKIPPED_ROLES:
+            continue
+        role = _role(message)
+        h = _step(h, role, canonical_text(message))
+        roles.append(role)
+        indices.append(idx)
+        texts.append(message_text(message))
+        hashes.append(h)
+    return Chain(tuple(roles), tuple(indices), tuple(texts), tuple(hashes), secret, seed)
+
+
+def tenant_key(secret: bytes, tenant: str) -> bytes:
+    """Key of a tenant's refusal memory: never the tenant name itself, and not subdivided by client-chosen keys."""
+    return hmac.new(secret, b"tenant\0" + tenant.encode(), hashlib.sha256).digest()[:ROOT_BYTES]

@@ -1,0 +1,241 @@
+"""Redis state backend (shared by every gateway replica) and the fallback wrapper that keeps requests moving.
+
+Keys (``prefix`` defaults to ``guardproxy:``; names are HMACs, never tenant names or text)::
+
+    {prefix}c:{root hex}    string: the conversation record (fixed-size entries, APPENDed; see state.py)
+    {prefix}t:{tenant hex}  list:   the tenant's refused-request embeddings, newest first, LTRIMmed to max_refused
+
+Every key carries the TTL, refreshed on each read and write. An over-long record is trimmed atomically by a
+short Lua script (keep the newest half behind the truncation marker).
+
+``ResilientBackend`` wraps the Redis backend: every call is bounded by ``timeout``; a failure or timeout
+answers from a local ``MemoryBackend`` instead, is logged once per outage, and counted
+(``guardproxy_state_fallbacks_total{op}``); while Redis is down it is probed at most once per
+``retry_interval`` and used again as soon as a probe succeeds. Reads consult the local state as well, so a
+conversation that went on during an outage keeps its history after Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from guardproxy.conversation.memory import MemoryBackend
+from guardproxy.conversation.state import ENTRY_BYTES, MARKER, Loaded, StateBackend
+from guardproxy.errors import StateBackendError
+
+__all__ = ["RedisBackend", "ResilientBackend"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRIM = """
+local len = redis.call('STRLEN', KEYS[1])
+if len <= tonumber(ARGV[1]) then return len end
+local keep = tonumber(ARGV[2])
+local tail = redis.call('GETRANGE', KEYS[1], len - keep, -1)
+redis.call('SET', KEYS[1], ARGV[3] .. tail, 'KEEPTTL')
+return keep + string.len(ARGV[3])
+"""
+
+
+class RedisBackend:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "guardproxy:",
+        ttl_seconds: int = 24 * 3600,
+        max_record_bytes: int = 8192 * ENTRY_BYTES,
+        max_refused: int = 32,
+        connect_timeout: float = 1.0,
+        client: Any = None,
+    ) -> None:
+        # Any: the types-redis stubs predate redis 5 (no aclose).
+        # No client-side retries: the wrapper's deadline decides, and a retry loop would only hide an outage.
+        self.redis: Any = client or aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=max(connect_timeout, 1.0),
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self.prefix = prefix.encode()
+        self.ttl = ttl_seconds
+        self.max_record_bytes = max_record_bytes
+        self.max_refused = max_refused
+        self._trim = self.redis.register_script(_TRIM)
+
+    def _ckey(self, root: bytes) -> bytes:
+        return self.prefix + b"c:" + root.hex().encode()
+
+    def _tkey(self, tenant: bytes) -> bytes:
+        return self.prefix + b"t:" + tenant.hex().encode()
+
+    async def _run(self, what: str, coro: Awaitable[T]) -> T:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StateBackendError(f"redis {what} failed: {type(exc).__name__}") from exc
+
+    async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded:
+        ck, tk = self._ckey(root), self._tkey(tenant)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.getrange(ck, -tail_entries * ENTRY_BYTES, -1)
+        pipe.getrange(ck, 0, ENTRY_BYTES - 1)
+        pipe.strlen(ck)
+        pipe.lrange(tk, 0, -1)
+        pipe.expire(ck, self.ttl)
+        pipe.expire(tk, self.ttl)
+        tail, head, length, refused, _, _ = await self._run("load", pipe.execute())
+        return Loaded(
+            record=bytes(tail),
+            complete=len(tail) >= int(length),
+            truncated=bytes(head) == MARKER,
+            refused=tuple(bytes(b) for b in refused),
+        )
+
+    async def load_record(self, root: bytes) -> Loaded:
+        data = await self._run("load", self.redis.get(self._ckey(root)))
+        record = bytes(data or b"")
+        return Loaded(record=record, complete=True, truncated=record[:ENTRY_BYTES] == MARKER)
+
+    async def append(self, root: bytes, entry: bytes) -> bool:
+        ck = self._ckey(root)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.append(ck, entry)
+        pipe.expire(ck, self.ttl)
+        length, _ = await self._run("append", pipe.execute())
+        if int(length) > self.max_record_bytes:
+            keep = (self.max_record_bytes // 2) // ENTRY_BYTES * ENTRY_BYTES
+            await self._run("trim", self._trim(keys=[ck], args=[self.max_record_bytes, keep, MARKER]))
+        return True
+
+    async def add_refused(self, tenant: bytes, blob: bytes) -> bool:
+        tk = self._tkey(tenant)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(tk, blob)
+        pipe.ltrim(tk, 0, self.max_refused - 1)
+        pipe.expire(tk, self.ttl)
+        await self._run("add_refused", pipe.execute())
+        return True
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+class _MetricsLike(Protocol):
+    def counter(self, name: str, doc: str, labels: Any = ()) -> Counter: ...
+
+    def gauge(self, name: str, doc: str, labels: Any = ()) -> Gauge: ...
+
+
+class ResilientBackend:
+    """A shared backend with a deadline and a local fallback (see the module docstring)."""
+
+    def __init__(
+        self,
+        primary: StateBackend,
+        local: MemoryBackend,
+        *,
+        timeout: float,
+        retry_interval: float = 1.0,
+        metrics: _MetricsLike | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.primary = primary
+        self.local = local
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self._clock = clock
+        self._down_since: float | None = None
+        self._next_probe = 0.0
+        doc = "state backend calls answered from local state (shared backend down or slow), by operation"
+        up_doc = "1 while the shared state backend answers, 0 while local state stands in"
+        if metrics is not None:
+            self.fallbacks = metrics.counter("guardproxy_state_fallbacks", doc, ["op"])
+            self.up = metrics.gauge("guardproxy_state_backend_up", up_doc)
+        else:
+            reg = registry if registry is not None else CollectorRegistry()
+            self.fallbacks = Counter("guardproxy_state_fallbacks", doc, ["op"], registry=reg)
+            self.up = Gauge("guardproxy_state_backend_up", up_doc, registry=reg)
+        self.up.set(1)
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    async def _try(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+        now = self._clock()
+        if self._down_since is not None and now < self._next_probe:
+            self.fallbacks.labels(op).inc()
+            return False, None
+        self._next_probe = now + self.retry_interval  # one probe at a time while down
+        try:
+            result = await asyncio.wait_for(call(), self.timeout)
+        except (StateBackendError, TimeoutError) as exc:
+            if self._down_since is None:
+                self._down_since = now
+                self.up.set(0)
+                logger.warning(
+                    "conversation state backend unavailable (%s); using local state until it answers again",
+                    "timed out" if isinstance(exc, TimeoutError) else exc,
+                )
+            self.fallbacks.labels(op).inc()
+            return False, None
+        if self._down_since is not None:
+            logger.warning("conversation state backend answers again after %.1f s", now - self._down_since)
+            self._down_since = None
+            self.up.set(1)
+        return True, result
+
+    async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded:
+        ok, shared = await self._try("load", lambda: self.primary.load(root, tenant, tail_entries=tail_entries))
+        local = await self.local.load(root, tenant, tail_entries=tail_entries)
+        if not ok or shared is None:
+            return Loaded(local.record, local.complete, local.truncated, local.refused, degraded=True)
+        if not local.record and not local.refused:
+            return shared
+        # Entries written locally during an outage are newer than what the shared backend holds.
+        return Loaded(
+            record=shared.record + local.record,
+            complete=shared.complete and local.complete,
+            truncated=shared.truncated,
+            refused=local.refused + shared.refused,
+        )
+
+    async def load_record(self, root: bytes) -> Loaded:
+        ok, shared = await self._try("load", lambda: self.primary.load_record(root))
+        local = await self.local.load_record(root)
+        if not ok or shared is None:
+            return Loaded(local.record, True, local.truncated, degraded=True)
+        return Loaded(shared.record + local.record, True, shared.truncated)
+
+    async def append(self, root: bytes, entry: bytes) -> bool:
+        ok, _ = await self._try("append", lambda: self.primary.append(root, entry))
+        if not ok:
+            self.local.append_now(root, entry)
+        return ok
+
+    async def add_refused(self, tenant: bytes, blob: bytes) -> bool:
+        ok, _ = await self._try("add_refused", lambda: self.primary.add_refused(tenant, blob))
+        if not ok:
+            await self.local.add_refused(tenant, blob)
+        return ok
+
+    async def aclose(self) -> None:
+        try:
+            await asyncio.wait_for(self.primary.aclose(), self.timeout * 10)
+        except (StateBackendError, TimeoutError, RedisError, OSError):
+            logger.warning("conversation state backend did not close cleanly")
+        await self.local.aclose()

@@ -1,0 +1,181 @@
+"""The state record of a conversation and the backend protocol that stores it.
+
+A record (one per ``Chain.root``) is a byte string of fixed-size entries, appended in time order::
+
+    entry = tag (8 bytes) | snapshot (12 bytes)
+
+An entry says: "the conversation was at this position, and this was its state there". ``observe`` appends one at
+the end of every request; ``record_reply`` appends one at the position after the relayed reply. Appending is the
+only write, so two gateway replicas never overwrite each other's state (Redis ``APPEND`` is atomic), a regenerated
+or edited turn finds the older position it branches from, and a conversation costs 40 bytes per turn. A record that
+outgrows its cap keeps its newest half behind a marker entry (``MARKER``), after which a missing position means
+"unknown", not "forged".
+
+The tenant's refusal memory is a separate short list (newest first) of the embeddings of refused requests,
+quantised to int8 (``pack_embedding``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from guardproxy.conversation.integrity import TAG_BYTES, History
+
+__all__ = ["ENTRY_BYTES", "Loaded", "Snapshot", "StateBackend", "find_entry", "pack_embedding", "unpack_embeddings"]
+
+_SNAPSHOT = struct.Struct("<BBHBBBBBBBB")  # flags refusals turns trajectory window peak r1 r2 r3 r4 escalation
+SNAPSHOT_BYTES = _SNAPSHOT.size
+ENTRY_BYTES = TAG_BYTES + SNAPSHOT_BYTES
+MARKER_TAG = b"\0" * TAG_BYTES
+RISKS_KEPT = 4  # the last per-turn risks, for the trend
+
+_HISTORY_CODES: tuple[History, ...] = ("none", "verified", "unverified", "forged")
+_F_RELAYED = 0x01
+_F_MARKER = 0x08
+_F_LAST_REFUSED = 0x10
+_ABSENT = 255  # a quantised risk that was never observed
+
+
+def _q(x: float) -> int:
+    return int(round(min(1.0, max(0.0, x)) * 254))
+
+
+def _dq(q: int) -> float:
+    return q / 254
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state of a conversation at one position. Probabilities are stored to 1/254."""
+
+    turns: int = 0  # user turns so far
+    trajectory: float = 0.0
+    window: float = 0.0
+    peak: float = 0.0  # highest single-turn risk so far
+    risks: tuple[float, ...] = ()  # the last RISKS_KEPT per-turn risks, oldest first
+    refusals: int = 0
+    history: History = "none"
+    relayed: bool = False  # the position ends with a reply this gateway relayed
+    last_refused: bool = False
+    escalation: float = 0.0
+
+    def pack(self) -> bytes:
+        risks = [_q(r) for r in self.risks[-RISKS_KEPT:]]
+        risks = [_ABSENT] * (RISKS_KEPT - len(risks)) + risks
+        flags = (
+            (_F_RELAYED if self.relayed else 0)
+            | (_HISTORY_CODES.index(self.history) << 1)
+            | (_F_LAST_REFUSED if self.last_refused else 0)
+        )
+        return _SNAPSHOT.pack(
+            flags,
+            min(self.refusals, 255),
+            min(self.turns, 65535),
+            _q(self.trajectory),
+            _q(self.window),
+            _q(self.peak),
+            *risks,
+            _q(self.escalation),
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Snapshot:
+        flags, refusals, turns, traj, window, peak, *risks, esc = _SNAPSHOT.unpack(data)
+        return cls(
+            turns=turns,
+            trajectory=_dq(traj),
+            window=_dq(window),
+            peak=_dq(peak),
+            risks=tuple(_dq(r) for r in risks if r != _ABSENT),
+            refusals=refusals,
+            history=_HISTORY_CODES[(flags >> 1) & 0x3],
+            relayed=bool(flags & _F_RELAYED),
+            last_refused=bool(flags & _F_LAST_REFUSED),
+            escalation=_dq(esc),
+        )
+
+    def entry(self, tag: bytes) -> bytes:
+        return tag + self.pack()
+
+
+MARKER = MARKER_TAG + _SNAPSHOT.pack(_F_MARKER, 0, 0, 0, 0, 0, _ABSENT, _ABSENT, _ABSENT, _ABSENT, 0)
+
+
+def find_entry(record: bytes, tag: bytes) -> Snapshot | None:
+    """The newest snapshot stored under ``tag`` in ``record`` (entries aligned to ENTRY_BYTES), or None."""
+    start = len(record) % ENTRY_BYTES  # a torn head (never written by us) is skipped, never misread
+    end = len(record)
+    while True:
+        pos = record.rfind(tag, start, end)
+        if pos < 0:
+            return None
+        if (pos - start) % ENTRY_BYTES == 0:
+            return Snapshot.unpack(record[pos + TAG_BYTES : pos + ENTRY_BYTES])
+        end = pos + TAG_BYTES - 1  # a match straddling entries: look further back
+
+
+def trim_record(record: bytes, max_bytes: int) -> bytes:
+    """Keep the newest half of an over-long record behind the truncation marker."""
+    keep = (max_bytes // 2) // ENTRY_BYTES * ENTRY_BYTES
+    return MARKER + record[len(record) - keep :]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What one state read returns."""
+
+    record: bytes  # the newest entries of the record (all of it when ``complete``), aligned
+    complete: bool  # ``record`` is the whole record
+    truncated: bool  # older entries were dropped (record cap): a missing position is unknown, not forged
+    refused: tuple[bytes, ...] = ()  # the tenant's refused-request embeddings, newest first
+    degraded: bool = False  # the shared backend failed and local state answered
+
+
+class StateBackend(Protocol):
+    """Where records and refusal memories live. Implementations raise StateBackendError on failure."""
+
+    async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded: ...
+
+    async def load_record(self, root: bytes) -> Loaded: ...
+
+    async def append(self, root: bytes, entry: bytes) -> bool:
+        """Append one entry; False when the shared backend failed and the entry went to local state only."""
+        ...
+
+    async def add_refused(self, tenant: bytes, blob: bytes) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+_EMB_HEADER = struct.Struct("<Hf")  # dimension, scale
+
+
+def pack_embedding(vector: npt.NDArray[np.float32]) -> bytes:
+    """int8-quantise an L2-normalised embedding (one scale per vector): 384 dims fit in 390 bytes."""
+    v = np.asarray(vector, dtype=np.float32).ravel()
+    scale = float(np.max(np.abs(v))) / 127 or 1.0
+    q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+    return bytes(_EMB_HEADER.pack(v.size, scale) + q.tobytes())
+
+
+def unpack_embeddings(blobs: tuple[bytes, ...], dim: int) -> npt.NDArray[np.float32]:
+    """Stack the blobs of dimension ``dim`` into an L2-normalised matrix; others (an older model) are skipped."""
+    rows = []
+    for blob in blobs:
+        if len(blob) < _EMB_HEADER.size:
+            continue
+        d, scale = _EMB_HEADER.unpack_from(blob)
+        if d != dim or len(blob) != _EMB_HEADER.size + d:
+            continue
+        rows.append(np.frombuffer(blob, dtype=np.int8, offset=_EMB_HEADER.size).astype(np.float32) * scale)
+    if not rows:
+        return np.zeros((0, dim), dtype=np.float32)
+    m = np.stack(rows)
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    out: npt.NDArray[np.float32] = (m / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out

@@ -1,0 +1,413 @@
+"""The conversation tracker: state per conversation, escalation signals per request, at constant cost.
+
+See ``guardproxy.conversation`` for the API and the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from guardproxy.conversation import escalation as esc
+from guardproxy.conversation.integrity import Chain, History, build_chain, message_text, tenant_key, worse_history
+from guardproxy.conversation.memory import MemoryBackend
+from guardproxy.conversation.state import (
+    RISKS_KEPT,
+    Loaded,
+    Snapshot,
+    StateBackend,
+    find_entry,
+    pack_embedding,
+    unpack_embeddings,
+)
+from guardproxy.signals import Classifier, ConversationSignals, PromptScore
+
+__all__ = ["ConversationTracker", "Observation", "TurnResult", "subkey_of"]
+
+logger = logging.getLogger(__name__)
+
+CONVERSATION_HEADER = "x-guardproxy-conversation"
+_TAIL_ENTRIES = 64  # entries read first: the last ~32 turns of a conversation and its recent branches
+_LOOKBACK = 256  # positions searched for a known prefix; an older branch point counts as an unknown conversation
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What ``observe`` found for one request.
+
+    ``new_user_scores`` are the guard model's scores of the user turns this request added (``new_user_indices``
+    are their positions in ``messages``), so the guard need not score them again. ``state_failed``: the state
+    backend failed or was too slow and local state answered (the signals may miss earlier turns).
+    """
+
+    signals: ConversationSignals
+    new_user_scores: tuple[PromptScore, ...] = ()
+    new_user_indices: tuple[int, ...] = ()
+    window: PromptScore | None = None
+    state_failed: bool = False
+    known: bool = False  # a stored position of this conversation was found
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """One user turn of a replayed conversation."""
+
+    index: int  # position of the user message in ``messages``
+    harm: float  # the guard model's harm on this turn alone
+    escalation: float
+    signals: ConversationSignals
+    prompt: PromptScore | None = None
+
+    @property
+    def flagged(self) -> bool:
+        return self.escalation >= esc.FLAG_THRESHOLD
+
+
+def subkey_of(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
+    """The client's subdivision of its tenant: the request's ``user`` and the conversation header."""
+    user = body.get("user")
+    conv = headers.get(CONVERSATION_HEADER)
+    parts = [user if isinstance(user, str) else "", conv or ""]
+    return None if not any(parts) else "\0".join(parts)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    snapshot: Snapshot
+    embedding: npt.NDArray[np.float32] | None
+
+
+class _ScoreCache:
+    """Prompt scores by content hash (LRU): a turn seen before, in any conversation, is never scored twice."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[bytes, PromptScore] = OrderedDict()
+
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]
+
+    def get(self, text: str) -> PromptScore | None:
+        k = self.key(text)
+        hit = self._data.get(k)
+        if hit is not None:
+            self._data.move_to_end(k)
+        return hit
+
+    def put(self, text: str, score: PromptScore) -> None:
+        if self.size <= 0:
+            return
+        self._data[self.key(text)] = score
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+
+class ConversationTracker:
+    """Conversation state and escalation signals. One per process, shared by every request.
+
+    ``shared``: the backend is shared by several processes (Redis), so a reply may be recorded by another
+    process; an assistant turn right after a request that has no recorded reply yet is then re-checked once
+    after ``reply_grace`` seconds before it counts as forged.
+    """
+
+    def __init__(
+        self,
+        backend: StateBackend,
+        classifier: Classifier,
+        *,
+        hmac_secret: bytes,
+        window_turns: int = esc.WINDOW_TURNS,
+        params: esc.EscalationParams | None = None,
+        max_new_turns: int = 16,
+        score_cache_size: int = 2048,
+        pending_size: int = 4096,
+        reply_grace: float = 0.2,
+        shared: bool = False,
+    ) -> None:
+        if not hmac_secret:
+            raise ValueError("hmac_secret must not be empty")
+        self.backend = backend
+        self.classifier = classifier
+        self.window_turns = max(1, min(window_turns, esc.WINDOW_TURNS))
+        self.params = params or esc.EscalationParams()
+        self.max_new_turns = max_new_turns
+        self.reply_grace = reply_grace
+        self.shared = shared
+        self._secret = hmac_secret
+        self._scores = _ScoreCache(score_cache_size)
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._pending_size = pending_size
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    # -- reading state --------------------------------------------------------------------------------------------
+
+    async def _locate(self, chain: Chain, loaded: Loaded, root: bytes) -> tuple[int | None, Snapshot | None, Loaded]:
+        """The longest prefix of ``chain`` with a stored entry: (its last index, its snapshot, the read used)."""
+        lo = max(0, len(chain) - _LOOKBACK)
+        tags = [chain.tag(i) for i in range(len(chain) - 1, lo - 1, -1)]
+        for attempt in range(2):
+            for k, tag in enumerate(tags):
+                snap = find_entry(loaded.record, tag)
+                if snap is not None:
+                    return len(chain) - 1 - k, snap, loaded
+            if attempt or loaded.complete:
+                break
+            full = await self.backend.load_record(root)
+            loaded = replace(full, refused=loaded.refused, degraded=loaded.degraded or full.degraded)
+        return None, None, loaded
+
+    async def _scores_for(
+        self, texts: Sequence[str], extra: Sequence[str]
+    ) -> tuple[list[PromptScore], list[PromptScore]]:
+        """Scores of ``texts`` (cached by content) and of ``extra`` (never cached), in one classifier call."""
+        out: list[PromptScore | None] = [self._scores.get(t) for t in texts]
+        todo = [t for t, s in zip(texts, out, strict=True) if s is None]
+        batch = list(dict.fromkeys(todo)) + list(extra)
+        fresh = await self.classifier.score_prompts(batch) if batch else []
+        by_text = dict(zip(batch[: len(batch) - len(extra)], fresh, strict=False))
+        for t, s in by_text.items():
+            self._scores.put(t, s)
+        scores = [s if s is not None else by_text[t] for t, s in zip(texts, out, strict=True)]
+        return scores, list(fresh[len(fresh) - len(extra) :]) if extra else []
+
+    def _window(self, chain: Chain, end: int) -> str | None:
+        start = max(0, end + 1 - self.window_turns)
+        turns = [(chain.roles[i], chain.texts[i]) for i in range(start, end + 1) if chain.texts[i]]
+        return esc.window_text(turns) if len(turns) >= 2 else None
+
+    def _rephrase(self, embeddings: Sequence[npt.NDArray[np.float32]], refused: tuple[bytes, ...]) -> float:
+        if not refused or not embeddings:
+            return 0.0
+        e = np.stack([np.asarray(v, dtype=np.float32).ravel() for v in embeddings])
+        m = unpack_embeddings(refused, e.shape[1])
+        if not len(m):
+            return 0.0
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return float(np.clip(np.max(e @ m.T), -1.0, 1.0))
+
+    # -- the API --------------------------------------------------------------------------------------------------
+
+    async def observe(self, tenant: str, subkey: str | None, messages: Sequence[Any]) -> Observation:
+        """Signals of one request. Scores only what this request adds to a known conversation.
+
+        Raises ``ClassifierError`` when the guard model fails; state backend failures never raise
+        (``state_failed`` says local state answered).
+        """
+        chain = build_chain(self._secret, tenant, subkey, messages)
+        n = len(chain)
+        if n == 0:
+            return Observation(ConversationSignals())
+        root = chain.root
+        tkey = tenant_key(self._secret, tenant)
+        loaded = await self.backend.load(root, tkey, tail_entries=_TAIL_ENTRIES)
+        found, snap, loaded = await self._locate(chain, loaded, root)
+        if self._reply_may_be_in_flight(chain, found, snap):
+            await asyncio.sleep(self.reply_grace)
+            again = await self.backend.load(root, tkey, tail_entries=_TAIL_ENTRIES)
+            found, snap, loaded = await self._locate(chain, again, root)
+        failed = loaded.degraded
+        prev = snap or Snapshot()
+        start = 0 if found is None else found + 1
+        history = self._history(chain, found, prev, loaded)
+
+        new_users = [i for i in range(start, n) if chain.roles[i] == "user"]
+        repeat = start == n  # the exact request again (a retry, or a regenerated reply)
+        if repeat and chain.roles[-1] == "user":
+            new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
+        scored = new_users[-self.max_new_turns :]
+        window_src = None if repeat else self._window(chain, n - 1)
+        user_scores, window_scores = await self._scores_for(
+            [chain.texts[i] for i in scored], [window_src] if window_src else []
+        )
+        window = window_scores[0] if window_scores else None
+
+        if repeat:
+            state = prev
+        else:
+            traj = prev.trajectory
+            risks = list(prev.risks)
+            for s in user_scores:
+                traj = esc.trajectory_step(traj, s.harm, self.params)
+                risks.append(s.harm)
+            if window is not None:
+                window_harm = window.harm
+            elif scored and chain.roles[-1] == "user":
+                window_harm = user_scores[-1].harm  # a one-turn window is the turn itself
+            else:
+                window_harm = 0.0
+            state = Snapshot(
+                turns=prev.turns + len(new_users),
+                trajectory=traj,
+                window=window_harm,
+                peak=max([prev.peak, *(s.harm for s in user_scores)]),
+                risks=tuple(risks[-RISKS_KEPT:]),
+                refusals=prev.refusals,
+                history=history,
+                relayed=False,
+                last_refused=prev.last_refused,
+            )
+        # Signals come from the state as stored (to 1/254), so a retry served from state reads exactly the same.
+        state = Snapshot.unpack(state.pack())
+        recent = [s.embedding for s in user_scores]
+        rephrase = self._rephrase(recent, loaded.refused)
+        trend_value = esc.trend(state.risks)
+        score = esc.escalation(
+            window=state.window,
+            trajectory=state.trajectory,
+            trend_value=trend_value,
+            refusals=state.refusals,
+            rephrase=rephrase,
+            history=state.history,
+            p=self.params,
+        )
+        state = replace(state, escalation=score)
+        tag = chain.tag(n - 1)
+        if not repeat:
+            failed = not await self.backend.append(root, state.entry(tag)) or failed
+        self._remember(tag, _Pending(state, recent[-1] if recent else None))
+        signals = ConversationSignals(
+            window_harm=state.window,
+            trajectory=state.trajectory,
+            trend=trend_value,
+            escalation=score,
+            refusal_events=state.refusals,
+            rephrase_similarity=rephrase,
+            history=state.history,
+            turn_index=state.turns,
+        )
+        return Observation(
+            signals=signals,
+            new_user_scores=tuple(user_scores),
+            new_user_indices=tuple(chain.indices[i] for i in scored),
+            window=window,
+            state_failed=failed,
+            known=found is not None,
+        )
+
+    def _reply_may_be_in_flight(self, chain: Chain, found: int | None, snap: Snapshot | None) -> bool:
+        """An assistant turn right after a request whose reply is not recorded yet: maybe it is being recorded."""
+        if found is None or snap is None or snap.relayed or found + 1 >= len(chain):
+            return False
+        if chain.roles[found + 1] != "assistant" or self.reply_grace <= 0:
+            return False
+        return self.shared or chain.tag(found) in self._pending
+
+    @staticmethod
+    def _history(chain: Chain, found: int | None, prev: Snapshot, loaded: Loaded) -> History:
+        new_assistant = any(r == "assistant" for r in chain.roles[(found or -1) + 1 :])
+        if found is None:
+            return "unverified" if new_assistant else "none"
+        if new_assistant:  # never relayed after a prefix this gateway knows
+            return worse_history(prev.history, "unverified" if loaded.truncated else "forged")
+        return prev.history
+
+    def _remember(self, tag: bytes, pending: _Pending) -> None:
+        self._pending[tag] = pending
+        self._pending.move_to_end(tag)
+        while len(self._pending) > self._pending_size:
+            self._pending.popitem(last=False)
+
+    async def record_reply(
+        self,
+        tenant: str,
+        subkey: str | None,
+        messages: Sequence[Any],
+        reply_text: str | Mapping[str, Any] | None,
+        *,
+        refused: bool,
+    ) -> bool:
+        """Record what the gateway relayed for the request ``messages``.
+
+        ``reply_text`` is the assistant text (or the whole assistant message, for tool calls) as relayed, the
+        policy's refusal text when the policy replaced the reply, or None when the client got an error status
+        instead of a message (a block as an error: only the refusal is recorded). ``refused``: the reply is a
+        refusal (the assistant's or the policy's); the request's embedding joins the tenant's refusal memory.
+        Returns False when the shared backend failed (local state took the write). Never raises for state.
+        """
+        chain = build_chain(self._secret, tenant, subkey, messages)
+        n = len(chain)
+        pending = self._pending.pop(chain.tag(n - 1), None) if n else None
+        if pending is not None:
+            snap, embedding = pending.snapshot, pending.embedding
+        elif n:
+            loaded = await self.backend.load_record(chain.root)
+            _found, found_snap, _ = await self._locate(chain, loaded, chain.root)
+            snap, embedding = found_snap or Snapshot(), None
+        else:
+            snap, embedding = Snapshot(), None
+        if refused:
+            snap = replace(snap, refusals=snap.refusals + 1, last_refused=True)
+        ok = True
+        if reply_text is not None:
+            reply = {"role": "assistant", "content": reply_text} if isinstance(reply_text, str) else reply_text
+            ext = chain.extend(reply)
+            entry = replace(snap, relayed=True, history=worse_history(snap.history, "verified")).entry(ext.tag(n))
+            ok = await self.backend.append(ext.root, entry)
+        elif n:
+            ok = await self.backend.append(chain.root, replace(snap, relayed=False).entry(chain.tag(n - 1)))
+        if refused and n:
+            if embedding is None:
+                users = [t for r, t in zip(chain.roles, chain.texts, strict=True) if r == "user" and t]
+                if users:
+                    (score,), _ = await self._scores_for([users[-1]], [])
+                    embedding = score.embedding
+            if embedding is not None:
+                ok = await self.backend.add_refused(tenant_key(self._secret, tenant), pack_embedding(embedding)) and ok
+        return ok
+
+    async def replay(self, messages: Sequence[Any], *, tenant: str = "score") -> list[TurnResult]:
+        """Replay a conversation turn by turn through a fresh tracker, as the gateway would have seen it.
+
+        At each user message the request is every message up to it; every assistant message of the file counts
+        as relayed by the gateway, and as a refusal when the guard model classifies it as one (full or partial).
+        """
+        fresh = ConversationTracker(
+            MemoryBackend(max_records=64, max_bytes=1 << 20),
+            self.classifier,
+            hmac_secret=secrets.token_bytes(32),
+            window_turns=self.window_turns,
+            params=self.params,
+            max_new_turns=self.max_new_turns,
+            score_cache_size=0,
+            reply_grace=0.0,
+        )
+        fresh._scores = self._scores  # share the content cache: replays of similar rows score each turn once
+        results: list[TurnResult] = []
+        msgs = list(messages)
+        for k, message in enumerate(msgs):
+            if not isinstance(message, Mapping):
+                continue
+            role = message.get("role")
+            if role == "assistant":
+                prefix = msgs[:k]
+                users = [message_text(m) for m in prefix if isinstance(m, Mapping) and m.get("role") == "user"]
+                refused = False
+                if users:
+                    (reply_score,) = await self.classifier.score_replies([(users[-1], message_text(message))])
+                    refused = reply_score.refusal != "none"
+                await fresh.record_reply(tenant, None, prefix, message, refused=refused)
+            elif role not in ("system", "developer", "tool", "function"):
+                obs = await fresh.observe(tenant, None, msgs[: k + 1])
+                own = obs.new_user_scores[-1] if obs.new_user_scores else None
+                results.append(
+                    TurnResult(
+                        index=k,
+                        harm=own.harm if own is not None else 0.0,
+                        escalation=obs.signals.escalation,
+                        signals=obs.signals,
+                        prompt=own,
+                    )
+                )
+        return results
