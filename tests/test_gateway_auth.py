@@ -1,0 +1,148 @@
+"""Client auth (replace and pass-through modes), per-tenant rate limits, capacity, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from guardproxy.app import create_app
+from guardproxy.auth import RateLimiter, hash_key
+from guardproxy.errors import ConfigError, RateLimited
+from guardproxy.fake_upstream import FakeUpstream
+from guardproxy.settings import Settings
+from tests.gateway_support import CHAT, HELLO, ScriptedCheck, gateway
+
+GATEWAY_KEY = "gw-key-alice-0123456789"
+UPSTREAM_KEY = "sk-upstream-secret-9876543210"
+REPLACE = {
+    "upstream": {"api_key": UPSTREAM_KEY},
+    "auth": {"gateway_keys": {"alice": hash_key(GATEWAY_KEY), "bob": hash_key("gw-key-bob-0000000000")}},
+}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong-key"},
+        {"authorization": f"Basic {GATEWAY_KEY}"},
+        {"authorization": f"Bearer {UPSTREAM_KEY}"},  # the upstream key is not a gateway key
+    ],
+    ids=["missing", "wrong", "not_bearer", "upstream_key"],
+)
+async def test_replace_mode_rejects_without_a_gateway_key(headers: dict[str, str]) -> None:
+    async with gateway(**REPLACE) as env:
+        r = await env.client.post(CHAT, json=HELLO, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert UPSTREAM_KEY not in r.text
+        assert env.fake.requests == []
+        r = await env.client.get("/v1/models", headers=headers)
+        assert r.status_code == 401
+
+
+async def test_replace_mode_swaps_the_key_and_names_the_tenant() -> None:
+    check = ScriptedCheck()
+    async with gateway(checks=[check], **REPLACE) as env:
+        r = await env.client.post(CHAT, json=HELLO, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+        assert r.status_code == 200
+        assert env.fake.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+        assert check.inputs[0].tenant == "alice"
+        assert "authorization" not in check.inputs[0].headers
+
+
+async def test_pass_through_tenant_is_a_key_hash() -> None:
+    check = ScriptedCheck()
+    async with gateway(checks=[check]) as env:
+        await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer sk-client-1"})
+        await env.client.post(CHAT, json=HELLO)
+        assert check.inputs[0].tenant == "k:" + hash_key("sk-client-1")[:16]
+        assert check.inputs[1].tenant == "anonymous"
+
+
+def test_replace_mode_without_gateway_keys_refuses_to_start() -> None:
+    with pytest.raises(ConfigError):
+        create_app(Settings(upstream={"api_key": "sk-x"}))
+
+
+async def test_rate_limit_per_tenant_is_429_with_retry_after() -> None:
+    async with gateway(limits={"rate_per_second": 0.01, "rate_burst": 2}) as env:
+        a = {"authorization": "Bearer tenant-a"}
+        assert (await env.client.post(CHAT, json=HELLO, headers=a)).status_code == 200
+        assert (await env.client.post(CHAT, json=HELLO, headers=a)).status_code == 200
+        r = await env.client.post(CHAT, json=HELLO, headers=a)
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(r.headers["retry-after"]) >= 1
+        # Another tenant has its own bucket.
+        assert (await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer b"})).status_code == 200
+        assert len(env.fake.requests) == 3
+
+
+def test_token_bucket_refills() -> None:
+    limiter = RateLimiter(rate=2.0, burst=1)
+    limiter.acquire("t", now=0.0)
+    with pytest.raises(RateLimited) as exc:
+        limiter.acquire("t", now=0.1)
+    assert exc.value.retry_after == pytest.approx(0.4)
+    limiter.acquire("t", now=0.6)
+
+
+def test_token_bucket_table_is_bounded() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, max_tenants=10)
+    for i in range(100):
+        limiter.acquire(f"t{i}", now=0.0)
+    assert len(limiter._buckets) == 10
+
+
+async def test_over_capacity_is_a_fast_503() -> None:
+    fake = FakeUpstream(ttft=1.0)
+    async with gateway(fake, server={"max_concurrent_requests": 2}) as env:
+        busy = [asyncio.create_task(env.client.post(CHAT, json=HELLO)) for _ in range(2)]
+        for _ in range(100):
+            if len(env.fake.requests) == 2:
+                break
+            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = await env.client.post(CHAT, json=HELLO)
+        assert loop.time() - t0 < 0.5
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded"
+        assert [t.status_code for t in await asyncio.gather(*busy)] == [200, 200]
+
+
+async def test_health_ready_and_metrics() -> None:
+    check = ScriptedCheck()
+    async with gateway(checks=[check]) as env:
+        assert (await env.client.get("/healthz")).json() == {"status": "ok"}
+        assert (await env.client.get("/readyz")).status_code == 200
+        await env.client.post(CHAT, json=HELLO)
+        await env.client.post(CHAT, json={"messages": []})
+        env.app.state.metrics.observe_decision("default", "flag")
+        text = (await env.client.get("/metrics")).text
+        assert 'guardproxy_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+        assert 'guardproxy_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
+        assert 'guardproxy_decisions_total{action="flag",policy="default",role="active"} 1.0' in text
+        for stage in ("parse", "input_check", "output_check", "upstream"):
+            assert f'guardproxy_stage_seconds_count{{stage="{stage}"}} 1.0' in text
+        assert 'guardproxy_upstream_seconds_count{route="/v1/chat/completions"} 1.0' in text
+        assert "sk-" not in text
+
+
+async def test_metrics_registries_are_per_app() -> None:
+    async with gateway() as one, gateway() as two:
+        await one.client.post(CHAT, json=HELLO)
+        text = (await two.client.get("/metrics")).text
+        assert 'status="200"' not in text
+
+
+async def test_extra_metrics_for_other_parts() -> None:
+    async with gateway() as env:
+        metrics = env.app.state.metrics
+        c = metrics.counter("guardproxy_test_things", "things", ["kind"])
+        assert metrics.counter("guardproxy_test_things", "things", ["kind"]) is c
+        c.labels("x").inc(3)
+        assert 'guardproxy_test_things_total{kind="x"} 3.0' in (await env.client.get("/metrics")).text
