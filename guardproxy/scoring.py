@@ -9,11 +9,12 @@ Three row kinds, told apart by their fields (the formats of ``../shared/data``):
   "escalation", "action"}], "flagged", "first_flag_index"}``, one turn per user message, ``index`` its position
   in ``messages``.
 
-Conversation rows are replayed turn by turn as the gateway would see them: at user turn k the request holds
-every user turn up to k, so the policy's ``harm`` is the maximum over them (the turn entry reports the turn's
-own harm). ``escalation`` comes from the conversation tracker when ``guardproxy.conversation`` provides a
-replay; without it, it is the guard model's harm on a window of the last ``WINDOW_TURNS`` turns in the
-window format of ``models/README.md``.
+Conversation rows are replayed turn by turn through the conversation tracker
+(``guardproxy.conversation.ConversationTracker.replay``), as the gateway would have seen them: at user turn k the
+request is every message up to k, each assistant message counts as relayed. ``escalation`` and the other
+conversation signals are the tracker's; the policy's ``harm`` is computed as the guard does
+(``guardproxy.guard``): the maximum over the user turns since the last assistant message when the tracker vouches
+for the history, over every user turn so far otherwise. The turn entry reports the turn's own harm.
 
 Rows are scored in chunks so that a file of any size streams: the caller reads, scores and writes one chunk at
 a time.
@@ -21,21 +22,26 @@ a time.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from guardproxy.classifier import OnnxClassifier
+from guardproxy.conversation import ConversationTracker, MemoryBackend, TurnResult
 from guardproxy.pipeline import Action
 from guardproxy.policy import Policy
-from guardproxy.signals import ConversationSignals, PromptScore, ReplyScore, Signals
+from guardproxy.signals import PromptScore, ReplyScore, Signals
 
-__all__ = ["ParsedRow", "RowScorer", "parse_row", "read_jsonl", "turn_texts"]
+__all__ = ["ParsedRow", "Progress", "RowScorer", "error_row", "parse_row", "read_jsonl"]
 
-WINDOW_TURNS = 4
+_EMPTY = np.zeros(0, dtype=np.float32)
 RowKind = Literal["prompt", "response", "conversation"]
 
 
@@ -123,31 +129,33 @@ def parse_row(line: int, obj: dict[str, Any]) -> ParsedRow:
     return ParsedRow(line=line, id=row_id, kind="prompt", prompt=prompt, raw=obj)
 
 
-def turn_texts(turns: Sequence[tuple[int, str, str]], upto: int, k: int = WINDOW_TURNS) -> str:
-    """The window of the last ``k`` turns ending at ``turns[upto]``, oldest first, as training formatted it."""
-    window = turns[max(0, upto - k + 1) : upto + 1]
-    return "\n".join(f"{role}: {text}" for _i, role, text in window)
-
-
 class RowScorer:
-    """Scores parsed rows in batches: every prompt text of a chunk in one classifier call, every pair in another."""
+    """Scores parsed rows: prompt and response rows of a chunk in one classifier call each (sync API), conversation
+    rows by replaying them through the conversation tracker (async API, on this scorer's own event loop)."""
 
     def __init__(self, classifier: OnnxClassifier, policy: Policy) -> None:
         self.classifier = classifier
         self.policy = policy
+        self._tracker = ConversationTracker(
+            MemoryBackend(max_records=64, max_bytes=1 << 20), classifier, hmac_secret=secrets.token_bytes(32)
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.run_until_complete(self._tracker.aclose())
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> RowScorer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def score(self, rows: Sequence[ParsedRow]) -> list[dict[str, Any]]:
-        texts: list[str] = []
-        pairs: list[tuple[str, str]] = []
-        for row in rows:
-            if row.kind in ("prompt", "response"):
-                texts.append(row.prompt)
-            if row.kind == "response":
-                pairs.append((row.prompt, row.response))
-            if row.kind == "conversation":
-                for pos, (_i, role, text) in enumerate(row.turns):
-                    if role == "user":
-                        texts += [text, turn_texts(row.turns, pos)]
+        texts = [row.prompt for row in rows if row.kind in ("prompt", "response")]
+        pairs = [(row.prompt, row.response) for row in rows if row.kind == "response"]
         prompt_scores = iter(self.classifier.score_prompts_sync(texts))
         reply_scores = iter(self.classifier.score_replies_sync(pairs))
         out = []
@@ -157,7 +165,7 @@ class RowScorer:
             elif row.kind == "response":
                 out.append(self._response(row, next(prompt_scores), next(reply_scores)))
             else:
-                out.append(self._conversation(row, prompt_scores))
+                out.append(self._conversation(row))
         return out
 
     def _prompt(self, row: ParsedRow, s: PromptScore) -> dict[str, Any]:
@@ -190,39 +198,46 @@ class RowScorer:
             "rule": decision.rule,
         }
 
-    def _conversation(self, row: ParsedRow, scores: Iterator[PromptScore]) -> dict[str, Any]:
+    def _replay(self, messages: list[Any]) -> list[TurnResult]:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self._tracker.replay(messages))
+
+    def _conversation(self, row: ParsedRow) -> dict[str, Any]:
+        messages = list((row.raw or {}).get("messages", []))
+        results = {r.index: r for r in self._replay(messages)}
         turns = []
-        max_harm = max_jailbreak = 0.0
-        worst: PromptScore | None = None
-        user_turns = 0
         first_flag: int | None = None
-        for _pos, (index, role, _text) in enumerate(row.turns):
-            if role != "user":
+        since_reply: list[PromptScore] = []  # user turns after the last assistant message
+        so_far: list[PromptScore] = []
+        for index, role, _text in row.turns:
+            if role == "assistant":
+                since_reply = []
                 continue
-            own, window = next(scores), next(scores)
-            user_turns += 1
-            if worst is None or own.harm >= max_harm:
-                max_harm, worst = own.harm, own
-            max_jailbreak = max(max_jailbreak, own.jailbreak)
-            conv = ConversationSignals(window_harm=window.harm, escalation=window.harm, turn_index=user_turns)
-            decision = self.policy.decide_input(
-                Signals(
-                    harm=max_harm,
-                    category=worst.category,
-                    jailbreak=max_jailbreak,
-                    conversation=conv,
-                )
+            result = results.get(index)
+            if result is None:
+                raise RowError(f"messages[{index}]: the conversation tracker returned no result for this turn")
+            score = result.prompt or PromptScore(harm=result.harm, category="none", jailbreak=0.0, embedding=_EMPTY)
+            since_reply.append(score)
+            so_far.append(score)
+            pool = since_reply if result.signals.history == "verified" else so_far
+            top = max(pool, key=lambda s: s.harm)
+            signals = Signals(
+                harm=top.harm,
+                category=top.category,
+                jailbreak=max(s.jailbreak for s in pool),
+                conversation=result.signals,
             )
-            action = decision.action
-            if action is not Action.ALLOW and first_flag is None:
+            decision = self.policy.decide_input(signals)
+            if decision.action is not Action.ALLOW and first_flag is None:
                 first_flag = index
             turns.append(
                 {
                     "index": index,
-                    "harm": round(own.harm, 6),
-                    "escalation": round(conv.escalation, 6),
-                    "action": action.value,
-                    "window_harm": round(window.harm, 6),
+                    "harm": round(result.harm, 6),
+                    "escalation": round(result.escalation, 6),
+                    "action": decision.action.value,
+                    "window_harm": round(result.signals.window_harm, 6),
                     "rule": decision.rule,
                 }
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from guardproxy.classifier import OnnxClassifier
 from guardproxy.cli import main
+from guardproxy.conversation import ConversationTracker, MemoryBackend
 from guardproxy.policy import load_policy
 from guardproxy.settings import DEFAULT_POLICY, PROJECT_ROOT, Settings
 from guardproxy.signals import Signals
@@ -105,6 +108,27 @@ def test_score_contract_for_every_row_kind(tmp_path: Path, capsys: pytest.Captur
             decided = policy.decide_input(Signals(harm=o["harm"], category=o["category"], jailbreak=o["jailbreak"]))
             assert o["action"] == decided.action.value
     assert out[-1] == {"id": "c-2", "kind": "conversation", "turns": [], "flagged": False, "first_flag_index": None}
+
+
+def test_conversation_rows_replay_through_the_conversation_tracker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    messages = ROWS[4]["messages"] + [
+        {"role": "assistant", "content": "Aimé Jacquet."},
+        {"role": "user", "content": "And which players scored in the final?"},
+    ]
+    code, out, _err = _score(capsys, str(_write(tmp_path / "c.jsonl", [{"id": "c", "messages": messages}])))
+    assert code == 0
+    clf = OnnxClassifier.load(MODEL_DIR)
+    try:
+        tracker = ConversationTracker(MemoryBackend(), clf, hmac_secret=b"k" * 32)
+        expected = asyncio.run(tracker.replay(messages))
+    finally:
+        clf.close()
+    turns = out[0]["turns"]
+    assert [t["index"] for t in turns] == [r.index for r in expected] == [1, 3, 5]
+    assert [t["escalation"] for t in turns] == pytest.approx([r.escalation for r in expected], abs=1e-5)
+    assert [t["harm"] for t in turns] == pytest.approx([r.harm for r in expected], abs=1e-5)
 
 
 def test_score_uses_the_given_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
         rows = [ParsedRow(line=0, id="cli", kind="prompt", prompt=args.prompt)]
         if args.reply is not None:
             rows.append(ParsedRow(line=0, id="cli", kind="response", prompt=args.prompt, response=args.reply))
-        scored = RowScorer(classifier, policy).score(rows)
+        with RowScorer(classifier, policy) as scorer:
+            scored = scorer.score(rows)
         result = scored[-1]
         if args.reply is not None:
             # The input verdict too: whoever asks about a reply also wants to know whether the prompt passes.

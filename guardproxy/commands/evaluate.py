@@ -161,20 +161,20 @@ def score_files(
     baselines: list[KeywordBaseline],
     args: argparse.Namespace,
 ) -> Collector:
-    scorer = RowScorer(classifier, policy)
     collector = Collector(baselines)
     total = sum(len(rows) for _p, rows in files)
     progress = Progress("eval", total, enabled=not args.no_progress)
-    for path, rows in files:
-        base = source_name(path)
-        for start in range(0, len(rows), CHUNK_ROWS):
-            chunk = rows[start : start + CHUNK_ROWS]
-            for row, result in zip(chunk, scorer.score(chunk), strict=True):
-                source = base
-                if args.group_by and row.raw and args.group_by in row.raw:
-                    source = f"{base}:{row.raw[args.group_by]}"
-                collector.add(source, row, result)
-            progress.update(len(chunk), len(chunk))  # "bytes" are rows here: the total is known
+    with RowScorer(classifier, policy) as scorer:
+        for path, rows in files:
+            base = source_name(path)
+            for start in range(0, len(rows), CHUNK_ROWS):
+                chunk = rows[start : start + CHUNK_ROWS]
+                for row, result in zip(chunk, scorer.score(chunk), strict=True):
+                    source = base
+                    if args.group_by and row.raw and args.group_by in row.raw:
+                        source = f"{base}:{row.raw[args.group_by]}"
+                    collector.add(source, row, result)
+                progress.update(len(chunk), len(chunk))  # "bytes" are rows here: the total is known
     progress.close()
     return collector
 

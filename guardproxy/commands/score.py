@@ -49,11 +49,12 @@ def load_model_and_policy(args: argparse.Namespace) -> tuple[OnnxClassifier, Pol
 def run(args: argparse.Namespace) -> int:
     classifier, policy = load_model_and_policy(args)
     try:
-        if args.file == "-":
-            return score_stream(sys.stdin.buffer, "<stdin>", None, RowScorer(classifier, policy), sys.stdout, args)
-        path = Path(args.file)
-        with path.open("rb") as stream:
-            return score_stream(stream, str(path), path.stat().st_size, RowScorer(classifier, policy), sys.stdout, args)
+        with RowScorer(classifier, policy) as scorer:
+            if args.file == "-":
+                return score_stream(sys.stdin.buffer, "<stdin>", None, scorer, sys.stdout, args)
+            path = Path(args.file)
+            with path.open("rb") as stream:
+                return score_stream(stream, str(path), path.stat().st_size, scorer, sys.stdout, args)
     finally:
         classifier.close()
 
