@@ -256,40 +256,44 @@ def error_row(path: Path | str, line: int, obj: dict[str, Any] | None, message: 
 
 
 class Progress:
-    """A one-line progress bar on stderr (by bytes read), drawn at most every 0.2 s; silent when disabled."""
+    """Progress on stderr: a bar redrawn in place on a terminal (every 0.2 s), a plain line every 5 s otherwise
+    (a log file gets readable lines, not carriage returns); silent when disabled."""
 
-    def __init__(self, label: str, total_bytes: int | None, *, enabled: bool, stream: Any = None) -> None:
+    def __init__(self, label: str, total: int | None, *, enabled: bool, stream: Any = None) -> None:
         import sys
 
         self.label = label
-        self.total = total_bytes
+        self.total = total
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.2 if self.tty else 5.0
         self.rows = 0
-        self.done_bytes = 0
+        self.done = 0
         self._started = time.monotonic()
-        self._drawn = 0.0
+        self._drawn = self._started
 
-    def update(self, rows: int, nbytes: int) -> None:
+    def update(self, rows: int, amount: int) -> None:
+        """``rows`` scored, ``amount`` of the total (bytes or rows) consumed."""
         self.rows += rows
-        self.done_bytes += nbytes
+        self.done += amount
         now = time.monotonic()
-        if self.enabled and now - self._drawn >= 0.2:
+        if self.enabled and now - self._drawn >= self.interval:
             self._drawn = now
             self._draw(now)
 
-    def _draw(self, now: float) -> None:
+    def _draw(self, now: float, end: str | None = None) -> None:
         rate = self.rows / max(now - self._started, 1e-9)
+        line = f"{self.label} {self.rows} rows {rate:.0f}/s"
         if self.total:
-            frac = min(1.0, self.done_bytes / self.total)
-            bar = "#" * int(frac * 30)
-            self.stream.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.rows} rows {rate:.0f}/s")
+            frac = min(1.0, self.done / self.total)
+            line = f"{self.label} [{'#' * int(frac * 30):<30}] {frac:6.1%} {self.rows} rows {rate:.0f}/s"
+        if self.tty:
+            self.stream.write("\r" + line + (end or ""))
         else:
-            self.stream.write(f"\r{self.label} {self.rows} rows {rate:.0f}/s")
+            self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
+            self._draw(time.monotonic(), end="\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from guardproxy.classifier import OnnxClassifier
 from guardproxy.cli import main
 from guardproxy.conversation import ConversationTracker, MemoryBackend
 from guardproxy.policy import load_policy
+from guardproxy.scoring import Progress
 from guardproxy.settings import DEFAULT_POLICY, PROJECT_ROOT, Settings
 from guardproxy.signals import Signals
 
@@ -236,3 +238,22 @@ def test_eval_stops_at_a_bad_row_naming_file_and_line(tmp_path: Path, capsys: py
     path = _write(tmp_path / "p.jsonl", [ROWS[0], {"id": "x"}])
     assert main(["eval", str(path), "--model", str(MODEL_DIR), "--no-progress"]) == 2
     assert f"{path}:2: needs a string 'prompt'" in capsys.readouterr().err
+
+
+def test_progress_writes_plain_lines_when_stderr_is_not_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = Progress("score", 10, enabled=True, stream=stream)
+    progress.update(4, 5)
+    progress.close()
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().startswith("score [" + "#" * 15 + " " * 15 + "]  50.0% 4 rows ")
+    assert stream.getvalue().endswith("/s\n")
+    silent = io.StringIO()
+    Progress("score", 10, enabled=False, stream=silent).close()
+    assert silent.getvalue() == ""
+
+
+def test_score_progress_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _score(capsys, str(_write(tmp_path / "r.jsonl", ROWS[:2])), "--progress")
+    assert code == 0 and len(out) == 2
+    assert "score [##############################] 100.0% 2 rows" in err
