@@ -11,12 +11,14 @@ drills recorder.
 What is scored: every user message (string content, or the text parts of a content-part array) and every
 tool result (untrusted input that can carry injected instructions). System messages are the operator's and
 are not scored unless ``score_system`` is set. ``Signals.harm`` is the maximum over the turns the gateway has
-not already checked: the turns after the last assistant message when the tracker vouches for the history
-(``history == "verified"``), and every scored turn otherwise (a history the gateway never saw may hide a
-harmful turn among fake dialogue).
+not already checked: the conversation tracker scores the user turns a request adds to a conversation it knows
+(all of them for one it does not: a history the gateway never saw may hide a harmful turn among fake
+dialogue); tool results are scored here, the new ones only once the tracker vouches for the history. Without
+a tracker every scored turn counts.
 
-Failure paths, each explicit: the classifier raising or timing out sets ``classifier_failed``; the tracker
-raising sets ``state_failed``; each policy's ``on_classifier_failure`` / ``on_state_failure`` decides.
+Failure paths, each explicit: the classifier raising or timing out sets ``classifier_failed`` (also when it
+fails inside the tracker); the state backend failing sets ``state_failed``; each policy's
+``on_classifier_failure`` / ``on_state_failure`` decides.
 
 ``build_guard(settings)`` wires the parts from settings and returns a ``GuardBundle``: the pipeline, the admin
 routes (POST /guard/admin/reload, GET /guard/admin/compare, token-protected) and ``reload()`` for SIGHUP.
@@ -29,14 +31,17 @@ import contextlib
 import dataclasses
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, compare, read_log, record_of
+from guardproxy.drills.record import PolicyDecision
+from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Exchange, Pipeline, Verdict
-from guardproxy.policy import Decision, Policy, PolicySet, ReloadResult
+from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy, PolicySet, ReloadResult
 from guardproxy.signals import Classifier, ConversationSignals, PromptScore, ReplyScore, Signals
 
 if TYPE_CHECKING:
@@ -56,35 +61,58 @@ _SEVERITY = {Action.ALLOW: 0, Action.FLAG: 1, Action.BLOCK: 2}
 
 @runtime_checkable
 class ConversationTracker(Protocol):
-    """What the guard needs from ``guardproxy.conversation``.
+    """What the guard needs from ``guardproxy.conversation`` (its ``ConversationTracker``).
 
-    ``observe`` sees the exchange and the scores of the texts ``scored_texts`` returned (same order) and
-    returns the conversation's escalation signals; it raises ``StateBackendError`` when its backend fails.
-    ``record`` runs in ``finish`` with the outcome (was the request or reply refused, by the policy or by the
-    upstream) and the assistant text relayed, so the next request can verify its history.
+    ``observe`` scores the user turns this request adds to a known conversation (all of them for an unknown one)
+    and returns them with the escalation signals; it raises whatever the classifier raises, and reports a state
+    backend failure as ``state_failed`` instead of raising. ``record_reply`` records what the client got (the
+    reply text, the policy's refusal text, or None for an error status) so the next request can verify it.
     """
 
-    async def observe(
-        self, exchange: Exchange, texts: Sequence[ScoredText], scores: Sequence[PromptScore]
-    ) -> ConversationSignals: ...
+    async def observe(self, tenant: str, subkey: str | None, messages: Sequence[Any]) -> Observation: ...
 
-    async def record(self, exchange: Exchange, *, refused: bool) -> None: ...
+    async def record_reply(
+        self,
+        tenant: str,
+        subkey: str | None,
+        messages: Sequence[Any],
+        reply_text: str | Mapping[str, Any] | None,
+        *,
+        refused: bool,
+    ) -> bool: ...
 
     async def aclose(self) -> None: ...
 
 
 @runtime_checkable
 class DrillSink(Protocol):
-    """What the guard needs from ``guardproxy.drills``: a non-blocking hand-off of one finished exchange."""
+    """What the guard needs from ``guardproxy.drills`` (``DrillRecorder``): a non-blocking hand-off of one
+    finished exchange with every policy's decision; it samples, redacts and stores off the request path."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
     def submit_exchange(
         self,
         exchange: Exchange,
         signals: Signals,
-        active: Decision,
-        shadows: Sequence[Decision],
-        thresholds: dict[str, float],
-    ) -> None: ...
+        active: PolicyDecision,
+        shadows: Sequence[PolicyDecision] = (),
+        *,
+        thresholds: Mapping[str, float] | None = None,
+        family: str | None = None,
+    ) -> bool: ...
+
+
+def drill_decision(decision: Decision) -> PolicyDecision:
+    return PolicyDecision(
+        policy=decision.policy,
+        version=decision.version,
+        action=decision.action.value,
+        rule=decision.rule,
+        category=decision.category,
+    )
 
 
 # --- what gets scored ------------------------------------------------------------------------------------
@@ -143,6 +171,8 @@ class _ExchangeState:
     output: dict[str, Decision] = field(default_factory=dict)  # policy ref -> most severe output decision
     output_signals: Signals | None = None
     retried: bool = False
+    subkey: str | None = None
+    recorded: bool = False  # the conversation tracker has this exchange's reply
 
     def policies(self) -> tuple[Policy, ...]:
         return (self.active, *self.shadows)
@@ -186,6 +216,8 @@ class GuardCheck:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.decision_log.start)
+        if self.drills is not None:
+            await self.drills.start()
         if self.watch_interval and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.watch_interval), name="guardproxy-policy-watch")
 
@@ -196,6 +228,8 @@ class GuardCheck:
                 await self._watcher
             self._watcher = None
         await asyncio.to_thread(self.decision_log.close)
+        if self.drills is not None:
+            await self.drills.aclose()
         if self.tracker is not None:
             await self.tracker.aclose()
         await self.classifier.aclose()
@@ -227,29 +261,52 @@ class GuardCheck:
         model = exchange.body.get("model")
         active, shadows = self.policies.select(exchange.tenant, model if isinstance(model, str) else None)
         texts = scored_texts(exchange.messages, score_system=self.score_system)
-        scores: list[PromptScore] | None = None
-        if texts:
-            with exchange.timed("inference"):
-                scores = await self._score_prompts([t.text for t in texts])
-        else:
-            scores = []
-        conv = ConversationSignals()
-        state_failed = False
-        if self.tracker is not None and scores is not None:
-            with exchange.timed("state"):
-                try:
-                    conv = await asyncio.wait_for(self.tracker.observe(exchange, texts, scores), self.timeout)
-                except Exception as exc:  # any tracker failure is a state failure: the policy decides
-                    self.failures["state"] += 1
-                    log.warning("conversation state failed for %s: %r", exchange.request_id, exc)
-                    state_failed = True
-        signals = _input_signals(texts, scores, conv, state_failed)
-        state = _ExchangeState(active, shadows, texts, signals)
+        subkey = subkey_of(exchange.body, exchange.headers) if self.tracker is not None else None
+        signals = await self._signals(exchange, texts, subkey)
+        state = _ExchangeState(active, shadows, texts, signals, subkey=subkey)
         exchange.state[STATE_KEY] = state
         with exchange.timed("policy"):
             for policy in state.policies():
                 state.input[policy.ref] = policy.decide_input(signals)
         return state.input[active.ref].verdict()
+
+    async def _signals(self, exchange: Exchange, texts: list[ScoredText], subkey: str | None) -> Signals:
+        """The request's signals, computed once for every policy."""
+        obs: Observation | None = None
+        state_failed = False
+        if self.tracker is not None:
+            with exchange.timed("state"):
+                try:
+                    obs = await asyncio.wait_for(
+                        self.tracker.observe(exchange.tenant, subkey, exchange.messages), self.timeout
+                    )
+                    state_failed = obs.state_failed
+                except StateBackendError as exc:
+                    self._state_failed(exchange, exc)
+                    state_failed = True
+                except Exception as exc:  # the tracker's only other dependency is the classifier
+                    self._classifier_failed(exc)
+                    return Signals(classifier_failed=True)
+        if obs is not None:
+            # The tracker scored the user turns the gateway has not seen; score the rest (tool results, system
+            # messages if configured) here, new ones only when the tracker vouches for the history.
+            verified = obs.signals.history == "verified"
+            rest = [t for t in texts if t.role != "user" and (t.new or not verified)]
+            extra = await self._score_texts(exchange, rest)
+            if extra is None:
+                return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed)
+            return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed)
+        # No tracker: no earlier request vouches for the history, so every scored turn counts.
+        scores = await self._score_texts(exchange, texts)
+        if scores is None:
+            return Signals(classifier_failed=True, state_failed=state_failed)
+        return _combine_scores(scores, ConversationSignals(), state_failed)
+
+    async def _score_texts(self, exchange: Exchange, texts: Sequence[ScoredText]) -> list[PromptScore] | None:
+        if not texts:
+            return []
+        with exchange.timed("inference"):
+            return await self._score_prompts([t.text for t in texts])
 
     async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
         state = exchange.state.get(STATE_KEY)
@@ -261,7 +318,8 @@ class GuardCheck:
         signals = _output_signals(state.signals, replies[0] if replies else None)
         state.output_signals = signals
         n = exchange.body.get("n", 1)
-        may_retry = not exchange.stream and not state.retried and (n is None or n == 1)
+        retried = state.retried or bool(exchange.state.get("retried"))  # the gateway marks its re-ask too
+        may_retry = not exchange.stream and not retried and (n is None or n == 1)
         current: Decision | None = None
         with exchange.timed("policy"):
             for policy in state.policies():
@@ -272,7 +330,22 @@ class GuardCheck:
         assert current is not None
         if current.retry_note:
             state.retried = True  # one retry per exchange; the re-asked reply is checked without one
-        return current.verdict()
+        elif final and choice == 0 and not state.recorded:
+            # Record the reply now, before the client can send its next turn (finish may run a moment later).
+            if current.action is not Action.BLOCK:
+                await self._record(exchange, state, text, refused=signals.refusal in ("partial", "full"))
+            elif not exchange.stream:
+                await self._record(exchange, state, current.reply_text if current.status_code is None else None,
+                                   refused=True)  # fmt: skip
+        verdict = current.verdict()
+        # The input verdict already set the decision and policy headers; the output adds one only when it makes
+        # the exchange's decision more severe (the gateway appends headers, and a client reads the last value).
+        first = state.input[state.active.ref].action
+        overall = _worse(state.input[state.active.ref], state.output[state.active.ref]).action
+        notes = {k: v for k, v in verdict.annotations.items() if k not in (HEADER_DECISION, HEADER_POLICY)}
+        if overall is not first:
+            notes[HEADER_DECISION] = overall.value
+        return dataclasses.replace(verdict, annotations=notes)
 
     async def finish(self, exchange: Exchange) -> None:
         state = exchange.state.get(STATE_KEY)
@@ -280,26 +353,44 @@ class GuardCheck:
             return
         try:
             self._log_decisions(exchange, state)
-            refused = self._refused(state)
-            if self.tracker is not None and not state.signals.classifier_failed:
-                try:
-                    await asyncio.wait_for(self.tracker.record(exchange, refused=refused), self.timeout)
-                except Exception as exc:
-                    self.failures["state"] += 1
-                    log.warning("conversation state record failed for %s: %r", exchange.request_id, exc)
+            if not state.recorded:
+                first = state.input[state.active.ref]
+                if first.action is Action.BLOCK:
+                    await self._record(exchange, state, first.reply_text if first.status_code is None else None,
+                                       refused=True)  # fmt: skip
+                elif self._refused(state):
+                    # a stream cut mid-way: what the client holds is not a reply this gateway can vouch for
+                    await self._record(exchange, state, None, refused=True)
             if self.drills is not None:
-                active = state.output.get(state.active.ref) or state.input[state.active.ref]
-                if _SEVERITY[state.input[state.active.ref].action] >= _SEVERITY[active.action]:
-                    active = state.input[state.active.ref]
-                shadows = [self._combined(state, p) for p in state.shadows]
+                active = self._combined(state, state.active)
                 self.drills.submit_exchange(
-                    exchange, state.output_signals or state.signals, active, shadows, state.active.thresholds()
+                    exchange,
+                    state.output_signals or state.signals,
+                    drill_decision(active),
+                    [drill_decision(self._combined(state, p)) for p in state.shadows],
+                    thresholds=state.active.thresholds(),
                 )
         except Exception:  # finish must not raise: count and log
             self.failures["finish"] += 1
             log.exception("guard finish failed for %s", exchange.request_id)
 
     # --- internals ---
+
+    async def _record(self, exchange: Exchange, state: _ExchangeState, reply: str | None, *, refused: bool) -> None:
+        state.recorded = True
+        if self.tracker is None or state.signals.classifier_failed:
+            return
+        try:
+            await asyncio.wait_for(
+                self.tracker.record_reply(exchange.tenant, state.subkey, exchange.messages, reply, refused=refused),
+                self.timeout,
+            )
+        except Exception as exc:  # state never fails a request; the next one sees it as unverified
+            self._state_failed(exchange, exc)
+
+    def _state_failed(self, exchange: Exchange, exc: BaseException) -> None:
+        self.failures["state"] += 1
+        log.warning("conversation state failed for %s: %r", exchange.request_id, exc)
 
     @staticmethod
     def _combined(state: _ExchangeState, policy: Policy) -> Decision:
@@ -358,21 +449,15 @@ class GuardCheck:
         log.warning("classifier failed: %r", exc)
 
 
-def _input_signals(
-    texts: Sequence[ScoredText], scores: Sequence[PromptScore] | None, conv: ConversationSignals, state_failed: bool
-) -> Signals:
-    if scores is None:
-        return Signals(conversation=conv, classifier_failed=True, state_failed=state_failed)
+def _combine_scores(scores: Sequence[PromptScore], conv: ConversationSignals, state_failed: bool) -> Signals:
+    """Request-level signals: the most harmful scored turn decides harm and category; jailbreak is the max."""
     if not scores:
         return Signals(conversation=conv, state_failed=state_failed)
-    # Turns an earlier request already checked (when the tracker vouches for the history) do not count again.
-    pool = [s for t, s in zip(texts, scores, strict=True) if t.new] if conv.history == "verified" else list(scores)
-    pool = pool or list(scores)
-    top = max(pool, key=lambda s: s.harm)
+    top = max(scores, key=lambda s: s.harm)
     return Signals(
         harm=top.harm,
-        category=top.category if top.harm > 0 else "none",
-        jailbreak=max(s.jailbreak for s in pool),
+        category=top.category,
+        jailbreak=max(s.jailbreak for s in scores),
         conversation=conv,
         state_failed=state_failed,
     )
@@ -410,8 +495,12 @@ def build_guard(
     tracker: ConversationTracker | None = None,
     drills: DrillSink | None = None,
     metrics: Metrics | None = None,
+    with_drills: bool = True,
+    with_tracker: bool = True,
 ) -> GuardBundle:
     """Wire the guard from settings; the keyword arguments replace a part (tests inject fakes here).
+    ``with_drills=False`` leaves drill sampling out, ``with_tracker=False`` the conversation tracker (the decision
+    log is always kept).
 
     Raises ``PolicyError`` for a broken policy or mapping file and ``ClassifierError`` for a missing model:
     a gateway that cannot enforce its policy does not start.
@@ -423,6 +512,14 @@ def build_guard(
         from guardproxy.classifier import OnnxClassifier
 
         classifier = OnnxClassifier.from_settings(settings.guard)
+    if tracker is None and with_tracker:
+        from guardproxy.conversation import build_tracker
+
+        tracker = build_tracker(settings, classifier, metrics=metrics)
+    if drills is None and with_drills:
+        from guardproxy.drills.recorder import DrillRecorder
+
+        drills = DrillRecorder.from_settings(settings, metrics=metrics)
     path = settings.policy.decision_log
     guard = GuardCheck(
         classifier,
