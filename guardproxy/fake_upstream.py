@@ -114,15 +114,26 @@ class FakeUpstream:
         rec = Recorded(scope["method"], scope["path"], headers, parsed, fault or "")
         if self.record:
             self.requests.append(rec)
-        # Watch for the client going away while we answer: that is the cancellation tests assert.
+        # Watch for the client going away while we answer: that is the cancellation tests assert, and
+        # it stops the answer (a real server stops generating for a client that left).
+        answer = asyncio.create_task(self._answer(scope, send, rec, fault, parsed if isinstance(parsed, dict) else {}))
         watcher = asyncio.create_task(self._watch(receive, rec))
         try:
-            await self._answer(scope, send, rec, fault, parsed if isinstance(parsed, dict) else {})
-            rec.completed = True
-        except OSError:
-            self._cancelled(rec)
+            await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
+            if not answer.done():
+                answer.cancel()
+            await asyncio.wait({answer, watcher})
+        if answer.cancelled():
+            return
+        exc = answer.exception()
+        if exc is None:
+            rec.completed = True
+        elif isinstance(exc, OSError):
+            self._cancelled(rec)
+        else:
+            raise exc
 
     def _cancelled(self, rec: Recorded) -> None:
         if not rec.completed and not rec.cancelled:
@@ -167,8 +178,7 @@ class FakeUpstream:
         n = n_field if isinstance(n_field, int) and 0 < n_field <= 128 else 1
         texts = [rec_reply or self._text(i) for i in range(n)]
         model = body.get("model") or "fake-model"
-        if body.get("stream") or fault in ("sse", "stall", "reset_mid_stream", "error_in_stream", "no_done",
-                                           "split_sse", "oversized_event", "invalid_json_sse"):  # fmt: skip
+        if body.get("stream") or fault == "sse":
             await self._stream(send, texts, model, fault, body)
         else:
             await self._plain(send, texts, model, fault)
@@ -219,6 +229,16 @@ class FakeUpstream:
             await _start(send, 200, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip"),
                                      (b"content-length", str(len(data)).encode())])  # fmt: skip
             await send({"type": "http.response.body", "body": data})
+            return
+        if fault in ("reset_mid_stream", "stall"):
+            # Declared length, half the body, then a reset or silence.
+            await _start(
+                send, 200, [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+            )
+            await send({"type": "http.response.body", "body": data[: len(data) // 2], "more_body": True})
+            if fault == "stall":
+                await asyncio.sleep(3600)
+            _reset(send)
             return
         if fault == "drip":
             await _start(
