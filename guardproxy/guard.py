@@ -534,7 +534,15 @@ def build_guard(
     )
     pipeline = Pipeline([guard], output_check_chars=policies.default.output.check_chars)
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
-    return GuardBundle(pipeline=pipeline, routes=admin_routes(guard, token, path), guard=guard)
+    routes = admin_routes(guard, token, path)
+    store = getattr(drills, "store", None)  # the DrillRecorder's store: mount its review page beside the admin API
+    if store is not None:
+        from guardproxy.drills.review import review_routes
+        from guardproxy.drills.store import DrillStore
+
+        if isinstance(store, DrillStore):
+            routes = (*routes, *review_routes(store, settings))
+    return GuardBundle(pipeline=pipeline, routes=routes, guard=guard)
 
 
 # --- admin endpoints (the HTTP edge of the guard: kept here so domain code stays free of it) -----------

@@ -514,14 +514,31 @@ async def test_admin_endpoints_are_off_without_a_token(tmp_path: Path) -> None:
 # --- drills hand-off -------------------------------------------------------------------------------------
 
 
-async def test_finished_exchanges_reach_the_drill_store(tmp_path: Path) -> None:
+async def test_finished_exchanges_reach_the_drill_store_and_both_compare_sources(tmp_path: Path) -> None:
     import sqlite3
+    import subprocess
+    import sys
 
-    async with gateway(tmp_path, POLICIES / "default.toml", [POLICIES / "strict.toml"], with_drills=True) as gw:
+    shadows = [POLICIES / "strict.toml"]
+    async with gateway(tmp_path, POLICIES / "default.toml", shadows, with_drills=True) as gw:
         await gw.chat("uncertain")
+        await gw.chat("benign")
+        review = await gw.client.get(f"{gw.url}/guard/review", follow_redirects=False)
+    assert review.status_code != 404, "the drills review page is mounted with the guard"
     with sqlite3.connect(tmp_path / "drills.db") as db:
-        rows = db.execute("select count(*) from drills").fetchone()
-    assert rows[0] == 1
+        assert db.execute("select count(*) from drills").fetchone()[0] == 2  # sample_rate = 1.0
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "guardproxy.cli", "policy", "compare", "--json", *args],
+                              capture_output=True, text=True, check=True, cwd=ROOT)  # fmt: skip
+        return done.stdout
+
+    for source in (["--log", str(tmp_path / "decisions.jsonl")], ["--store", f"sqlite:///{tmp_path / 'drills.db'}"]):
+        report = json.loads(cli(*source))
+        (strict,) = report["shadows"]
+        assert report["requests"] == 2 and strict["shadow"] == "strict@2026.11.27"
+        assert strict["confusion"]["flag"] == {"block": 1} and strict["confusion"]["allow"] == {"allow": 1}
+        assert strict["by_category"]["privacy"]["rate"] == 1.0
 
 
 # --- what gets scored ------------------------------------------------------------------------------------

@@ -5,15 +5,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardproxy.errors import ConfigError, PolicyError
 from guardproxy.pipeline import Action
 from guardproxy.policy import (
     HEADER_DECISION,
     HEADER_POLICY,
+    KeyLines,
     PolicySet,
     check_policy_file,
     load_mapping,
@@ -313,3 +317,37 @@ def test_cli_check_exits_nonzero_and_lists_every_error() -> None:
     assert len(lines) == 8
     assert f"{FIXTURES / 'many_errors.toml'}:9: refusals.weapons:" in bad.stderr
     assert "2 of 3 file(s) invalid" in bad.stderr
+
+
+# --- line finding is a parser of untrusted text: property test ---------------------------------------------
+
+_ident = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True)
+_value = st.one_of(
+    st.integers(-5, 5).map(str),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126, exclude_characters='"\\'), max_size=12).map(
+        lambda t: f'"{t}"'
+    ),
+    st.just('"""a\nmulti-line = "string"\n[not.a.table]\n"""'),
+    st.just("[1,\n 2,\n 3]"),
+    st.just('{ a = 1, b = "x" }'),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(_ident, _value), min_size=1, max_size=4, unique_by=lambda kv: kv[0]),
+                max_size=4))  # fmt: skip
+def test_key_lines_point_at_the_key(rules: list[list[tuple[str, str]]]) -> None:
+    lines = ["schema_version = 1  # top", 'name = "x"']
+    where: dict[tuple[str | int, ...], int] = {("name",): 2}
+    for i, fields in enumerate(rules):
+        lines.append("[[input_rules]]")
+        where[("input_rules", i)] = len(lines)
+        for key, value in fields:
+            where[("input_rules", i, key)] = len(lines) + 1
+            lines.extend(f"{key} = {value}".split("\n"))
+    text = "\n".join(lines)
+    tomllib.loads(text)  # the generated text is valid TOML
+    found = KeyLines(text)
+    for loc, line in where.items():
+        assert found.line_of(loc) == line, (loc, text)
+    assert found.line_of(("input_rules", 99, "x")) in (1, where.get(("input_rules",), 1), *where.values())

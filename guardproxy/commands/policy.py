@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from guardproxy.errors import ConfigError
 
@@ -17,6 +19,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--mapping", action="store_true", help="the files are mapping files, not policies")
     cmp = sub.add_parser("compare", help="agreement between the active and each shadow policy, from the decision log")
     cmp.add_argument("--log", type=Path, help="JSONL decision log (default: settings.policy.decision_log)")
+    cmp.add_argument(
+        "--store", metavar="URL", help="compare over the drill store instead (sampled exchanges only: biased)"
+    )
     cmp.add_argument("--config", type=Path, help="gateway config file (to find the decision log)")
     cmp.add_argument("--examples", type=int, default=5, help="example request ids per disagreement cell")
     cmp.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -56,6 +61,11 @@ def _check(files: list[Path], *, mapping: bool) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from guardproxy.decisions import compare, read_log
 
+    if args.store:
+        report = compare(asyncio.run(_store_records(args.store)), examples=args.examples)
+        print("# over sampled drills: blocked and flagged exchanges are over-represented", file=sys.stderr)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
+        return 0
     log_path: Path | None = args.log
     if log_path is None:
         from guardproxy.settings import load_settings
@@ -68,3 +78,21 @@ def _compare(args: argparse.Namespace) -> int:
     report = compare(read_log(log_path), examples=args.examples)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
     return 0
+
+
+async def _store_records(url: str) -> list[dict[str, Any]]:
+    """Decision records from the drill store: each drill holds the active and shadow decisions of one exchange."""
+    from guardproxy.drills.store import open_store
+
+    store = open_store(url)
+    await store.start()
+    try:
+        drills = await store.all_drills()
+    finally:
+        await store.aclose()
+    out: list[dict[str, Any]] = []
+    for drill in drills:
+        rec = drill.record
+        for role, decision in [("active", rec.active), *(("shadow", d) for d in rec.shadows)]:
+            out.append({"request_id": rec.request_id, "role": role, "stage": "exchange", **decision.as_dict()})
+    return out
