@@ -1,0 +1,125 @@
+"""``guardproxy drills export|report|purge``: turn reviewed drills into a drill set, report refusal symptoms.
+
+    guardproxy drills export --store URL --out DIR [--reviewed]
+    guardproxy drills report --store URL --out DIR [--model DIR | --ngram]
+    guardproxy drills purge  --store URL
+
+``--store`` defaults to ``settings.drills.store`` (``GUARDPROXY_DRILLS__STORE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from guardproxy.drills.report import Embedder
+from guardproxy.drills.store import DrillStore, StoredDrill, open_store, redact_url
+from guardproxy.drills.store.sqlite import SqliteStore
+from guardproxy.errors import ConfigError
+from guardproxy.settings import load_settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = sub.add_parser("export", help="write prompts/responses/conversations.jsonl in the shared data formats")
+    report = sub.add_parser("report", help="refusal concentration, reasons, false refusals, consistency (HTML+JSON)")
+    purge = sub.add_parser("purge", help="delete drills older than drills.retention_days")
+    for p in (export, report, purge):
+        p.add_argument("--store", default=None, metavar="URL", help="sqlite:///path or postgresql://...")
+    for p in (export, report):
+        p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    export.add_argument("--reviewed", action="store_true", help="only drills with a review label")
+    group = report.add_mutually_exclusive_group()
+    group.add_argument(
+        "--model", type=Path, default=None, help="embed with this guard model (default: guard.model_dir)"
+    )
+    group.add_argument("--ngram", action="store_true", help="embed with character 3-gram hashing vectors")
+
+
+def _open(url: str | None) -> DrillStore:
+    settings = load_settings()
+    url = url or settings.drills.store
+    d = settings.drills
+    store = open_store(url, queue_size=d.queue_size, retention_days=d.retention_days)
+    if isinstance(store, SqliteStore) and not store.path.is_file():
+        raise ConfigError(f"drill store {redact_url(url)}: no such database file")
+    store.open()
+    return store
+
+
+def _read(store: DrillStore, *, reviewed_only: bool = False) -> list[StoredDrill]:
+    try:
+        return asyncio.run(store.all_drills(reviewed_only=reviewed_only))
+    finally:
+        store.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        return _export(args)
+    if args.action == "report":
+        return _report(args)
+    store = _open(args.store)
+    try:
+        removed = asyncio.run(store.purge())
+    finally:
+        store.close()
+    print(f"removed {removed} drills older than {store.retention_days} days")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from guardproxy.drills.export import build_rows, write_rows
+
+    drills = _read(_open(args.store), reviewed_only=args.reviewed)
+    rows = build_rows(drills, reviewed_only=args.reviewed)
+    counts = write_rows(rows, args.out)
+    for name, n in counts.items():
+        print(f"{args.out / name}: {n} rows")
+    if rows.skipped:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(rows.skipped.items()))
+        print(f"skipped: {skipped}", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from guardproxy.drills.report import ReportInputs, build_report, ngram_embed, write_report
+
+    drills = _read(_open(args.store))
+    embed: Embedder = ngram_embed
+    kind = "ngram"
+    model_dir = args.model
+    if model_dir is None and not args.ngram:
+        default = load_settings().guard.model_dir
+        model_dir = default if (default / "model.onnx").is_file() else None
+    if model_dir is not None:
+        embed, kind = _model_embedder(model_dir), "model"
+    report = build_report(ReportInputs(drills, embed, kind))
+    json_path, html_path = write_report(report, args.out)
+    c = report["refusal_concentration"]["all"]
+    print(f"{report['drills']} drills, {c['refusals']} refusals; written {json_path} and {html_path}")
+    if c["refusals"]:
+        print(f"top-3 refusal clusters cover {c['top3_share']:.0%}; {c['distinct_phrasings']} distinct phrasings")
+    return 0
+
+
+def _model_embedder(model_dir: Path) -> Embedder:
+    from guardproxy.classifier import OnnxClassifier
+
+    classifier = OnnxClassifier.load(model_dir)
+
+    def embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        vectors = []
+        for start in range(0, len(texts), 64):
+            vectors += [s.embedding for s in classifier.score_prompts_sync(texts[start : start + 64])]
+        if not vectors:
+            return np.zeros((0, classifier.embedding_dim), dtype=np.float32)
+        return np.stack(vectors).astype(np.float32)
+
+    return embed

@@ -1,0 +1,164 @@
+"""Drills as a drill set: ``prompts.jsonl``, ``responses.jsonl`` and ``conversations.jsonl`` in the
+``../shared/data`` formats, which ``guardproxy eval`` scores a candidate policy and model on.
+
+Review labels map to data labels by this table (the last user turn is the prompt; the first reply, or the
+policy's own text when the policy blocked, is the response):
+
+=================  ==================  ==========================================  ======================
+review label       prompt ``label``    response ``refusal``                        conversation ``label``
+=================  ==================  ==========================================  ======================
+missed_harm        ``harmful``         ``none`` (the reply complied)               ``escalation``
+correct_refusal    ``harmful``         ``full`` (``partial`` if the guard saw one) ``escalation``
+false_refusal      ``benign``          ``full`` (``partial`` if the guard saw one) ``benign``
+correct_answer     ``benign``          ``none``                                    ``benign``
+unclear            skipped             skipped                                     skipped
+(not reviewed)     ``null``            ``null``                                    ``null``
+=================  ==================  ==========================================  ======================
+
+Unreviewed drills are written only without ``--reviewed``, with null labels (``guardproxy eval`` skips
+unlabelled prompt and conversation rows and scores such response rows without a gold refusal). A conversation
+row is written for drills with two or more user turns. Drills stored as hashes only have no text to export
+and are skipped (counted). Every row keeps ``source`` (``guardproxy-drills``), the drill id and why it was
+sampled, so a metric can be traced back to the review page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardproxy.drills.record import DrillRecord, message_text
+from guardproxy.drills.store.base import StoredDrill
+
+SOURCE = "guardproxy-drills"
+LICENSE = "internal: reviewed live traffic"
+
+
+@dataclass(frozen=True)
+class DataLabels:
+    prompt: str
+    refusal: str | None  # None: take full/partial from the guard's refusal class
+    conversation: str
+
+
+LABEL_MAP: Mapping[str, DataLabels | None] = {
+    "missed_harm": DataLabels("harmful", "none", "escalation"),
+    "correct_refusal": DataLabels("harmful", None, "escalation"),
+    "false_refusal": DataLabels("benign", None, "benign"),
+    "correct_answer": DataLabels("benign", "none", "benign"),
+    "unclear": None,
+}
+
+
+@dataclass(frozen=True)
+class ExportRows:
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    conversations: list[dict[str, Any]] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def _refusal(record: DrillRecord, fixed: str | None) -> str:
+    if fixed is not None:
+        return fixed
+    return "partial" if record.refusal == "partial" else "full"
+
+
+def _common(drill: StoredDrill) -> dict[str, Any]:
+    r = drill.record
+    label = drill.label
+    return {
+        "source": SOURCE,
+        "license": LICENSE,
+        "drill_id": r.id,
+        "created": r.created,
+        "review_label": label.label if label else None,
+        "review_note": label.note if label and label.note else None,
+        "sampled_because": list(r.reasons),
+        "active_policy": f"{r.active.policy}@{r.active.version}",
+        "active_action": r.active.action,
+    }
+
+
+def build_rows(drills: Iterable[StoredDrill], *, reviewed_only: bool = False) -> ExportRows:
+    out = ExportRows()
+    for drill in drills:
+        r = drill.record
+        label = drill.label.label if drill.label else None
+        if label is None and reviewed_only:
+            out.skipped["not_reviewed"] += 1
+            continue
+        if label is not None and LABEL_MAP.get(label) is None:
+            out.skipped[label] += 1
+            continue
+        if r.hashed:
+            out.skipped["hash_only"] += 1
+            continue
+        prompt = r.last_user_text()
+        if not prompt:
+            out.skipped["no_user_text"] += 1
+            continue
+        data = LABEL_MAP[label] if label is not None else None
+        common = _common(drill)
+        out.prompts.append(
+            {
+                "id": f"drill-{r.id}",
+                "prompt": prompt,
+                "label": data.prompt if data else None,
+                "category": r.category if r.category != "none" else None,
+                **common,
+            }
+        )
+        if r.replies:
+            out.responses.append(
+                {
+                    "id": f"drill-{r.id}-reply",
+                    "prompt": prompt,
+                    "response": r.replies[0],
+                    "prompt_label": data.prompt if data else None,
+                    "refusal": _refusal(r, data.refusal) if data else None,
+                    "model": f"guardproxy-policy:{r.active.policy}" if r.reply_from_policy else (r.model or "unknown"),
+                    **common,
+                }
+            )
+        if len(r.user_texts()) >= 2:
+            out.conversations.append(
+                {
+                    "id": f"drill-{r.id}-conversation",
+                    "messages": _messages(r.messages),
+                    "label": data.conversation if data else None,
+                    **common,
+                }
+            )
+    return out
+
+
+def _messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    return [
+        {"role": str(m.get("role")), "content": message_text(m)}
+        for m in messages
+        if m.get("role") in ("system", "user", "assistant", "tool")
+    ]
+
+
+def write_rows(rows: ExportRows, out_dir: Path) -> dict[str, int]:
+    """Write the three files (each always present, possibly empty); returns rows per file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, items in (
+        ("prompts.jsonl", rows.prompts),
+        ("responses.jsonl", rows.responses),
+        ("conversations.jsonl", rows.conversations),
+    ):
+        tmp = out_dir / f".{name}.tmp"
+        with tmp.open("w", encoding="utf-8", newline="\n") as f:
+            for item in items:
+                # ensure_ascii keeps U+2028 and friends escaped: readers split lines on "\n" only
+                f.write(json.dumps(item, ensure_ascii=True) + "\n")
+        tmp.replace(out_dir / name)
+        counts[name] = len(items)
+    return counts
