@@ -1,0 +1,123 @@
+"""Running the gateway: settings → guard → app → uvicorn, kept apart as uvicorn keeps Config and Server.
+
+``build_app(settings)`` builds the guard (``guardproxy.guard.build_guard``) and the app around it.
+``GatewayServer`` is uvicorn's server with the gateway's shutdown: on SIGTERM/SIGINT it stops accepting,
+lets open requests run for ``server.shutdown_timeout`` seconds, then ends the rest (streams with an SSE
+error event and ``data: [DONE]``), then runs the app's shutdown (pending ``finish`` work, pipeline close).
+SIGHUP reloads the policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from guardproxy.app import Gateway, create_app
+from guardproxy.errors import ConfigError
+from guardproxy.metrics import Metrics
+from guardproxy.pipeline import Pipeline
+from guardproxy.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    app: Starlette
+    gateway: Gateway
+    bundle: Any | None  # guardproxy.guard.GuardBundle when a guard is configured
+
+
+def build_app(settings: Settings, **guard_parts: Any) -> Built:
+    """The app with the guard the settings describe; ``guard_parts`` go to ``build_guard`` (e.g. a classifier)."""
+    metrics = Metrics()
+    try:
+        from guardproxy.guard import build_guard
+    except ImportError as exc:
+        if settings.guard.enabled:
+            raise ConfigError(f"the guard is enabled but guardproxy.guard cannot be imported: {exc}") from exc
+        bundle = None
+        pipeline, routes = Pipeline(), tuple[BaseRoute, ...]()
+    else:
+        bundle = build_guard(settings, metrics=metrics, **guard_parts)
+        pipeline, routes = bundle.pipeline, tuple(bundle.routes)
+    app = create_app(settings, pipeline=pipeline, extra_routes=routes, metrics=metrics)
+    return Built(app, app.state.gateway, bundle)
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvloop and httptools where installed; no access log (metrics count requests); no Server header."""
+    srv = settings.server
+    options: dict[str, Any] = {
+        "host": srv.host,
+        "port": srv.port,
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "lifespan": "on",
+        "log_level": srv.log_level,
+        "access_log": False,
+        "server_header": False,
+        # A backstop only: the gateway ends its own streams after shutdown_timeout.
+        "timeout_graceful_shutdown": srv.shutdown_timeout + 5.0,
+        "backlog": 2048,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+class GatewayServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, built: Built) -> None:
+        super().__init__(config)
+        self.built = built
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if self.built.bundle is not None and hasattr(signal, "SIGHUP"):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, self._reload)
+        await super().serve(sockets)
+
+    def _reload(self) -> None:
+        try:
+            result = self.built.bundle.reload() if self.built.bundle is not None else None
+            logger.info("SIGHUP: policy reload: %s", result)
+        except Exception:
+            logger.exception("SIGHUP: policy reload failed; the old policy stays active")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.built.gateway.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def run(settings: Settings, **guard_parts: Any) -> int:
+    built = build_app(settings, **guard_parts)
+    server = GatewayServer(uvicorn_config(built.app, settings), built)
+    logger.info(
+        "guardproxy listening on http://%s:%d, upstream %s, guard %s",
+        settings.server.host,
+        settings.server.port,
+        settings.upstream.base_url,
+        "off (passthrough)" if built.gateway.pipeline.passthrough else "on",
+    )
+    # uvicorn re-raises SIGTERM after its graceful shutdown so the default handler kills the process;
+    # by then the drain is done, so a handler that ignores it lets `serve` return 0.
+    previous = signal.signal(signal.SIGTERM, _ignore)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    return None
