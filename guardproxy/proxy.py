@@ -202,7 +202,7 @@ class Upstream:
             connect=up.connect_timeout, read=up.read_timeout, write=up.read_timeout, pool=up.connect_timeout
         )
         self.client = httpx.AsyncClient(
-            transport=transport or make_transport(settings), timeout=self.timeout, trust_env=False
+            transport=transport or make_transport(settings, up.transport), timeout=self.timeout, trust_env=False
         )
         self.replace_key = up.api_key.get_secret_value() if up.api_key is not None else None
 
