@@ -40,8 +40,8 @@ def test_a_stuck_disk_drops_and_counts_instead_of_blocking(tmp_path: Path) -> No
     t0 = time.perf_counter()
     dropped = sum(log.submit([_record(i)]) for i in range(50))
     assert time.perf_counter() - t0 < 1.0, "submit never waits for the writer"
-    # the writer holds at most one batch; the queue holds 4; the rest is dropped and counted
-    assert dropped == log.dropped and 50 - 4 - 1 <= dropped <= 50 - 4
+    # the writer holds one batch (at most 1 + the 4 it could drain), the queue 4 more; the rest is dropped and counted
+    assert dropped == log.dropped and 50 - 4 - 5 <= dropped <= 50 - 4
     lines: list[str] = []
     stop = threading.Event()
 
