@@ -269,3 +269,81 @@ def test_bad_urls(url: str) -> None:
 
     with pytest.raises(ConfigError):
         open_store(url)
+
+
+class LoopbackProxy:
+    """A TCP proxy this test owns, in front of the shared PostgreSQL: ``cut()`` simulates an outage (open
+    connections reset, new ones refused) without touching the server itself."""
+
+    def __init__(self, target_port: int = 5432) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+        self._tasks.discard(task)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        await self._server.wait_closed()
+
+    async def restore(self) -> None:
+        await self.start()
+
+
+async def test_postgres_outage_drops_promptly_and_recovers(pg_schema: str) -> None:
+    proxy = LoopbackProxy()
+    await proxy.start()
+    store = open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}", queue_size=50)
+    await store.start()
+    first = make(1)
+    assert store.submit(first)
+    await store.flush()
+    await proxy.cut()
+    t0 = time.perf_counter()
+    accepted = 0
+    for i in range(200):
+        accepted += store.submit(make(100 + i))
+        await asyncio.sleep(0.005)  # requests keep arriving during the outage
+    assert time.perf_counter() - t0 < 5.0
+    await store.flush(wait_s=30)
+    assert store.dropped["unavailable"] > 0
+    with pytest.raises(StoreError):
+        await store.count()  # reads fail cleanly while the database is away
+    await proxy.restore()
+    await asyncio.sleep(1.1)  # the writer waits a second between reconnection attempts
+    after = make(999)
+    assert store.submit(after)
+    await store.flush()
+    assert await store.get(after.id) is not None and await store.get(first.id) is not None
+    await store.aclose()
+    await proxy.cut()

@@ -120,10 +120,15 @@ class DrillStats:
     total: int
 
 
+class _Backoff(StoreError):
+    """The writer is waiting before it tries to reconnect."""
+
+
 @dataclass
 class _Op:
     fn: Callable[[Any], Any]
     future: concurrent.futures.Future[Any]
+    needs_connection: bool = True  # a flush marker does not: it must answer while the database is down
 
 
 def _rollback(conn: Any) -> None:
@@ -228,6 +233,7 @@ class DrillStore(ABC):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._logged: set[str] = set()
+        self._retry_at = 0.0
         self.dropped: Tally[str] = Tally()  # reason -> samples dropped (also in the prometheus counter)
         self.written = 0
         self.bind_metrics(metrics)
@@ -390,11 +396,11 @@ class DrillStore(ABC):
         """Run a write; on failure drop (and count) the records, and reconnect next time if need be."""
         try:
             if conn is None:
-                conn = self._connect(write=True)
+                conn = self._reconnect()
             fn(conn)
         except Exception as exc:
             if n_records:
-                self._drop(self._drop_reason(exc), n_records, exc)
+                self._drop("unavailable" if isinstance(exc, _Backoff) else self._drop_reason(exc), n_records, exc)
             else:
                 log.warning("drill store: maintenance failed: %s", exc)
             if not self._usable(conn):
@@ -411,12 +417,24 @@ class DrillStore(ABC):
     def _usable(self, conn: Any) -> bool:
         return conn is not None
 
+    def _reconnect(self) -> Any:
+        # After a failed connect, wait a second before the next try: a database that is down (or a host that
+        # swallows packets until connect_timeout) must not cost every batch a connection attempt.
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise _Backoff("database unavailable; retrying shortly")
+        try:
+            return self._connect(write=True)
+        except Exception:
+            self._retry_at = now + 1.0
+            raise
+
     def _run_op(self, conn: Any, op: _Op) -> Any:
         if not op.future.set_running_or_notify_cancel():
             return conn
         try:
-            if conn is None:
-                conn = self._connect(write=True)
+            if conn is None and op.needs_connection:
+                conn = self._reconnect()
             op.future.set_result(op.fn(conn))
         except Exception as exc:
             op.future.set_exception(StoreError(f"drill store: {exc}"))
@@ -424,11 +442,11 @@ class DrillStore(ABC):
                 conn = None
         return conn
 
-    async def _write_op(self, fn: Callable[[Any], T], wait_s: float = 10.0) -> T:
+    async def _write_op(self, fn: Callable[[Any], T], wait_s: float = 10.0, *, needs_connection: bool = True) -> T:
         """Run ``fn(write_connection)`` on the writer thread and wait for it (labels, purges, flush)."""
         if self._thread is None:
             raise StoreError("drill store is not open")
-        op = _Op(fn, concurrent.futures.Future())
+        op = _Op(fn, concurrent.futures.Future(), needs_connection)
         try:
             await asyncio.to_thread(self._queue.put, op, True, wait_s)
         except queue.Full as exc:
@@ -491,7 +509,7 @@ class DrillStore(ABC):
 
     async def flush(self, wait_s: float = 30.0) -> None:
         """Wait until everything queued before this call has been written (or dropped)."""
-        await self._write_op(lambda c: None, wait_s=wait_s)
+        await self._write_op(lambda c: None, wait_s=wait_s, needs_connection=False)
 
     # -- reads ------------------------------------------------------------------------------------------
     @contextmanager
