@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +106,7 @@ class DecisionLog:
         self.dropped = 0
         self.write_errors = 0
         self._warned = False
+        self.on_drop: Callable[[int], None] | None = None  # e.g. a Prometheus counter's inc (thread-safe)
 
     def start(self) -> None:
         if self._thread is None and self.path is not None:
@@ -124,13 +125,19 @@ class DecisionLog:
             except queue.Full:
                 dropped += 1
         if dropped:
+            self._count_drops(dropped)
             with self._lock:
-                self.dropped += dropped
                 first = not self._warned
                 self._warned = True
             if first:
                 log.warning("decision log queue full: dropping records (counted in guardproxy_decision_log_dropped)")
         return dropped
+
+    def _count_drops(self, n: int) -> None:
+        with self._lock:
+            self.dropped += n
+        if self.on_drop is not None:
+            self.on_drop(n)
 
     def recent(self) -> list[DecisionRecord]:
         return list(self._ring)
@@ -175,9 +182,9 @@ class DecisionLog:
                 fh.write("".join(rec.to_json() + "\n" for rec in batch))
             self.written += len(batch)
         except OSError as exc:
+            self._count_drops(len(batch))
             with self._lock:
                 self.write_errors += 1
-                self.dropped += len(batch)
                 first = not self._warned
                 self._warned = True
             if first:

@@ -204,6 +204,11 @@ class GuardCheck:
         self.policies = policies
         self.tracker = tracker
         self.decision_log = decision_log or DecisionLog(None)
+        if metrics is not None:
+            dropped = metrics.counter(
+                "guardproxy_decision_log_dropped", "decision log records dropped (queue full, disk)"
+            )
+            self.decision_log.on_drop = dropped.inc
         self.drills = drills
         self.metrics = metrics
         self.timeout = timeout
@@ -247,11 +252,15 @@ class GuardCheck:
         return await asyncio.to_thread(self.reload)
 
     async def _watch(self, interval: float) -> None:
+        # Reload once per change of the files' mtimes: a broken file is reported once, not every poll.
+        seen = await asyncio.to_thread(self.policies.fingerprint)
         while True:
             await asyncio.sleep(interval)
             try:
-                if await asyncio.to_thread(self.policies.changed):
+                now = await asyncio.to_thread(self.policies.fingerprint)
+                if now != seen:
                     await self.areload()
+                    seen = await asyncio.to_thread(self.policies.fingerprint)  # the set may watch new files
             except Exception:  # the watcher must outlive any one bad poll
                 log.exception("policy file watch failed")
 
@@ -390,6 +399,8 @@ class GuardCheck:
 
     def _state_failed(self, exchange: Exchange, exc: BaseException) -> None:
         self.failures["state"] += 1
+        if self.metrics is not None:
+            self.metrics.counter("guardproxy_guard_state_failures", "conversation state calls that failed").inc()
         log.warning("conversation state failed for %s: %r", exchange.request_id, exc)
 
     @staticmethod
@@ -419,9 +430,7 @@ class GuardCheck:
             if self.metrics is not None:
                 worst = self._combined(state, policy)
                 self.metrics.observe_decision(policy.name, worst.action.value, shadow=role == "shadow")
-        dropped = self.decision_log.submit(records)
-        if dropped and self.metrics is not None:
-            self.metrics.counter("guardproxy_decision_log_dropped", "decision log records dropped").inc(dropped)
+        self.decision_log.submit(records)
 
     async def _score_prompts(self, texts: list[str]) -> list[PromptScore] | None:
         try:

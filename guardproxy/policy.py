@@ -703,6 +703,11 @@ class PolicySet:
                 policies[path] = load_policy(path)
             except PolicyError as exc:
                 problems.extend(exc.issues)
+        refs: dict[str, Path] = {}
+        for path, policy in policies.items():
+            if policy.ref in refs:
+                problems.append(f"{path}:1: name: {policy.ref} is also the name@version of {refs[policy.ref]}")
+            refs.setdefault(policy.ref, path)
         if problems:
             raise PolicyError(problems)
         watched = set(policies) | ({self._mapping.resolve()} if self._mapping else set())
@@ -719,6 +724,10 @@ class PolicySet:
     def changed(self) -> bool:
         """Whether any loaded file's modification time differs from when it was loaded."""
         return any(_mtime(p) != m for p, m in self._loaded.mtimes.items())
+
+    def fingerprint(self) -> tuple[tuple[Path, float], ...]:
+        """The current modification times of the loaded files: a watcher reloads when this changes, once."""
+        return tuple((p, _mtime(p)) for p in sorted(self._loaded.mtimes))
 
     def refs(self) -> tuple[str, ...]:
         return tuple(sorted(p.ref for p in self._loaded.policies.values()))

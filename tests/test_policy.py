@@ -351,3 +351,11 @@ def test_key_lines_point_at_the_key(rules: list[list[tuple[str, str]]]) -> None:
     for loc, line in where.items():
         assert found.line_of(loc) == line, (loc, text)
     assert found.line_of(("input_rules", 99, "x")) in (1, where.get(("input_rules",), 1), *where.values())
+
+
+def test_two_files_with_one_name_and_version_are_refused(tmp_path: Path) -> None:
+    copy = tmp_path / "copy.toml"
+    shutil.copy(shipped("default"), copy)
+    with pytest.raises(PolicyError) as info:
+        PolicySet(shipped("default"), [copy])
+    assert any("default@2026.11.27 is also the name@version" in i for i in info.value.issues)
