@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, compare, read_log, record_of
-from guardproxy.drills.record import PolicyDecision
+from guardproxy.drills.record import PolicyDecision, message_text
 from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy, PolicySet, ReloadResult
@@ -126,19 +126,12 @@ class ScoredText:
     new: bool  # after the last assistant message: not checked by an earlier request
 
 
-def message_text(message: dict[str, Any]) -> str:
-    """The text of a message: a string, or the text parts of a content-part array joined by newlines."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
-        return "\n".join(p["text"] for p in parts if isinstance(p.get("text"), str))
-    return ""
-
-
 def scored_texts(messages: Sequence[Any], *, score_system: bool = False) -> list[ScoredText]:
-    """Every user message and tool result (and system message if asked) with non-empty text, in order."""
+    """Every user message and tool result (and system message if asked) with non-empty text, in order.
+
+    A message's text is its string content or every part of a content-part array that carries text, whatever
+    the part's declared type (``drills.record.message_text``): a part the guard skipped would be a side door.
+    """
     roles = {"user", "tool", "function"} | ({"system", "developer"} if score_system else set())
     assistant = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
     last_assistant = assistant[-1] if assistant else -1
