@@ -487,7 +487,12 @@ class GuardBundle:
     guard: GuardCheck | None = None
 
     def reload(self) -> ReloadResult | None:
+        """Reload the policy files now (small files, read on the calling thread); None without a guard."""
         return self.guard.reload() if self.guard is not None else None
+
+    async def areload(self) -> ReloadResult | None:
+        """``reload`` off the event loop: what a SIGHUP handler should schedule."""
+        return await self.guard.areload() if self.guard is not None else None
 
 
 def build_guard(

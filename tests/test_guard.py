@@ -474,7 +474,8 @@ async def test_reload_with_a_broken_file_keeps_the_old_policy(tmp_path: Path) ->
         assert r.status_code == 422 and f"{active}:10: harm_threshold" in r.json()["error"]
         after = await gw.chat("uncertain")
         assert (after.decision, after.policy) == ("flag", "default@2026.11.27")
-        assert gw.bundle.reload() is not None  # the SIGHUP path: same rejection
+        sighup = await gw.bundle.areload()  # the SIGHUP path: same rejection
+        assert sighup is not None and not sighup.ok
         assert (await gw.chat("uncertain")).policy == "default@2026.11.27"
         shutil.copy(POLICIES / "strict.toml", active)
         r = await gw.client.post(f"{gw.url}/guard/admin/reload", headers={"x-guardproxy-admin-token": ADMIN})
