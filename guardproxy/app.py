@@ -297,9 +297,8 @@ class V1Endpoint:
             if counted:
                 gw.in_flight -= 1
                 gw.calls.discard(call)
-            status = call.status if call.started else 499
-            gw.metrics.requests.labels(label, str(status)).inc()
-            gw.metrics.request_seconds.labels(label).observe(time.perf_counter() - t0)
+            # 499: the client went away before an answer (nginx's convention).
+            gw.metrics.observe_request(label, call.status if call.started else 499, time.perf_counter() - t0)
 
     def _check_headers(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
         lim = self.gw.settings.limits

@@ -210,7 +210,7 @@ class ChatHandler:
         self.speculative = speculative
         self.max_event_chars = max_event_chars
         self.spawn = spawn
-        self.url = upstream.url(GUARDED_PATH)
+        self.url = httpx.URL(upstream.url(GUARDED_PATH))
         self._upstream_hist = metrics.upstream_seconds.labels(GUARDED_PATH)
 
     async def handle(self, call: Call, req: ChatRequest, raw: bytes, parse_seconds: float) -> None:

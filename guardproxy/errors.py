@@ -125,7 +125,9 @@ class UpstreamStreamError(UpstreamError):
 class UpstreamHTTPError(UpstreamError):
     """The upstream answered with an error status; the client gets that status, body and Retry-After."""
 
-    def __init__(self, status_code: int, body: bytes, *, content_type: str = "", retry_after: str | None = None) -> None:
+    def __init__(
+        self, status_code: int, body: bytes, *, content_type: str = "", retry_after: str | None = None
+    ) -> None:
         super().__init__(f"upstream answered HTTP {status_code}")
         self.status_code = status_code
         self.body = body

@@ -84,6 +84,7 @@ class FakeUpstream:
     drip_interval: float = 0.05
     oversized_chars: int = 2 * 1024 * 1024
     record: bool = True
+    set_cookie: str | None = None  # a Set-Cookie header on every chat reply (tests: no cookie jar in the gateway)
     requests: list[Recorded] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -249,7 +250,8 @@ class FakeUpstream:
                 await asyncio.sleep(self.drip_interval)
             await send({"type": "http.response.body", "body": b""})
             return
-        await _json(send, 200, data)
+        cookie = [(b"set-cookie", self.set_cookie.encode())] if self.set_cookie else []
+        await _json(send, 200, data, cookie)
 
     def _chunks(self, texts: list[str], model: str, body: dict[str, Any]) -> list[bytes]:
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}

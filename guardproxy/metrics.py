@@ -60,6 +60,20 @@ class Metrics:
         self.finish_errors = Counter("guardproxy_finish_errors", "pipeline.finish calls that raised", registry=r)
         self._extra: dict[str, Counter | Histogram | Gauge] = {}
         self._stage_children: dict[str, Histogram] = {}
+        self._request_children: dict[tuple[str, int], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """One answered request (children cached: ``labels()`` costs more than the increment)."""
+        key = (route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(route, str(status))
+        child.inc()
+        hist = self._duration_children.get(route)
+        if hist is None:
+            hist = self._duration_children[route] = self.request_seconds.labels(route)
+        hist.observe(seconds)
 
     def observe_decision(self, policy: str, action: str, *, shadow: bool = False) -> None:
         self.decisions.labels(policy, action, "shadow" if shadow else "active").inc()

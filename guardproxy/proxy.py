@@ -191,19 +191,24 @@ def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx
 
 
 class Upstream:
-    """The one upstream HTTP client of an app, created at startup."""
+    """The one upstream HTTP client of an app, created at startup.
+
+    Requests go straight to the client's transport rather than through ``AsyncClient.send``: a shared
+    client keeps a cookie jar, and a cookie the upstream set on one tenant's response must never ride
+    along on another tenant's request; the client's auth, redirect and hook machinery is not wanted on a
+    proxy's hot path either. The ``AsyncClient`` still owns the transport's lifecycle.
+    """
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         up = settings.upstream
-        base = httpx.URL(up.base_url)
-        self.base = str(base).rstrip("/")
         # A base URL ending in /v1 maps /v1/x to base/x; any other base gets the path after /v1 appended.
+        self.base = str(httpx.URL(up.base_url)).rstrip("/")
         self.timeout = httpx.Timeout(
             connect=up.connect_timeout, read=up.read_timeout, write=up.read_timeout, pool=up.connect_timeout
         )
-        self.client = httpx.AsyncClient(
-            transport=transport or make_transport(settings, up.transport), timeout=self.timeout, trust_env=False
-        )
+        self.transport = transport or make_transport(settings, up.transport)
+        self.client = httpx.AsyncClient(transport=self.transport, timeout=self.timeout, trust_env=False)
+        self._extensions = {"timeout": self.timeout.as_dict()}
         self.replace_key = up.api_key.get_secret_value() if up.api_key is not None else None
 
     def url(self, path: str, query: bytes = b"") -> str:
@@ -212,14 +217,16 @@ class Upstream:
         return url + "?" + query.decode("latin-1") if query else url
 
     async def open(
-        self, method: str, url: str, headers: list[tuple[bytes, bytes]], content: bytes | None
+        self, method: str, url: str | httpx.URL, headers: list[tuple[bytes, bytes]], content: bytes | None
     ) -> httpx.Response:
         """Send a request; return once the response headers arrived (the body is read by the caller)."""
-        request = self.client.build_request(method, url, headers=headers, content=content)
         try:
-            return await self.client.send(request, stream=True)
+            request = httpx.Request(method, url, headers=headers, content=content, extensions=self._extensions)
+            response = await self.transport.handle_async_request(request)
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
             raise upstream_failure(exc, started=False) from exc
+        response.request = request
+        return response
 
     @staticmethod
     async def read(response: httpx.Response, limit: int | None = None) -> bytes:

@@ -100,6 +100,8 @@ class GatewayServer(uvicorn.Server):
 
 
 def run(settings: Settings, **guard_parts: Any) -> int:
+    # httpx logs every request at INFO: on the hot path that costs more than the proxying itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     built = build_app(settings, **guard_parts)
     server = GatewayServer(uvicorn_config(built.app, settings), built)
     logger.info(

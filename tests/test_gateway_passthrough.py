@@ -5,6 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from guardproxy.fake_upstream import FakeUpstream
 from tests.gateway_support import CHAT, HELLO, gateway, sse_events, streamed_text
 
 
@@ -49,6 +50,16 @@ async def test_hop_by_hop_headers_are_not_forwarded() -> None:
         seen = env.fake.requests[0].headers
         assert "x-hop" not in seen and "te" not in seen
         assert seen["x-kept"] == "yes"
+
+
+async def test_upstream_cookies_are_not_kept_between_clients() -> None:
+    fake = FakeUpstream(set_cookie="session=tenant-a-secret; Path=/")
+    async with gateway(fake) as env:
+        r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-a"})
+        assert r.headers["set-cookie"].startswith("session=")  # relayed to the client that got it
+        env.client.cookies.clear()
+        await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-b"})
+        assert "cookie" not in env.fake.requests[1].headers  # the gateway keeps no cookie jar
 
 
 async def test_gzip_reply_is_decoded_without_stale_headers() -> None:

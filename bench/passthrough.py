@@ -1,0 +1,264 @@
+"""Passthrough benchmark: the gateway with no checks against the same FAKE upstream directly.
+
+    python -m bench.passthrough [--seconds 4] [--concurrency 1,16,64] [--transports aiohttp,httpx]
+
+Starts the FAKE upstream and one gateway per upstream transport as separate processes on loopback
+(uvloop + httptools), then drives each target with an aiohttp load generator (this process) at each
+concurrency, plain JSON and streaming, interleaving direct and gateway runs in the same run. Reports
+requests/s, p50/p99 latency (and time to first byte for streams) and the gateway/direct ratio. Progress
+goes to stderr; results, with the machine described, replace the "Passthrough" section of
+bench/RESULTS.md. Numbers, not pass/fail: on a 2-core machine the load generator, the gateway and the
+fake upstream share the same two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SECTION = "## Passthrough"
+BODY = b'{"model":"fake-model","messages":[{"role":"user","content":"Say something short."}]}'
+STREAM_BODY = b'{"model":"fake-model","stream":true,"messages":[{"role":"user","content":"Say something short."}]}'
+# About 20 tokens: a short chat reply.
+REPLY = "The quick brown fox jumps over the lazy dog while the cat watches from a sunny window ledge nearby."
+
+
+@dataclass
+class Run:
+    target: str
+    mode: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+    ttfb: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float, values: list[float] | None = None) -> float:
+        vals = sorted(values if values is not None else self.latencies)
+        if not vals:
+            return float("nan")
+        return vals[min(len(vals) - 1, int(q * len(vals)))] * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def serve_upstream(port: int) -> None:
+    """--role upstream: the FAKE upstream alone in this process."""
+    import uvicorn
+
+    from guardproxy.fake_upstream import FakeUpstream
+
+    uvicorn.run(FakeUpstream(reply=REPLY, record=False), host="127.0.0.1", port=port, log_level="warning",
+                loop="uvloop", http="httptools", lifespan="off", access_log=False)  # fmt: skip
+
+
+def start_processes(transports: list[str]) -> tuple[list[subprocess.Popen[bytes]], str, dict[str, str]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    up_port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.passthrough", "--role", "upstream", "--port", str(up_port)],
+                              cwd=ROOT, env=env)]  # fmt: skip
+    upstream = f"http://127.0.0.1:{up_port}"
+    gateways: dict[str, str] = {}
+    for transport in transports:
+        port = free_port()
+        genv = {**env, "GUARDPROXY_GUARD__ENABLED": "false", "GUARDPROXY_UPSTREAM__TRANSPORT": transport,
+                "GUARDPROXY_SERVER__LOG_LEVEL": "warning"}  # fmt: skip
+        cmd = [sys.executable, "-m", "guardproxy.cli", "serve", "--upstream", upstream + "/v1", "--port", str(port)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=genv))
+        gateways[transport] = f"http://127.0.0.1:{port}"
+    return procs, upstream, gateways
+
+
+async def wait_ready(urls: list[str]) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            for _ in range(400):
+                try:
+                    async with session.get(url + "/v1/models") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"{url} did not come up")
+
+
+async def drive(url: str, target: str, mode: str, concurrency: int, seconds: float) -> Run:
+    import aiohttp
+
+    body = STREAM_BODY if mode == "stream" else BODY
+    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+    latencies: list[float] = []
+    ttfb: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                    first = None
+                    async for _ in r.content.iter_any():
+                        if first is None:
+                            first = time.perf_counter()
+                    if r.status != 200:
+                        errors += 1
+                        return
+                t1 = time.perf_counter()
+                latencies.append(t1 - t0)
+                ttfb.append((first or t1) - t0)
+            except aiohttp.ClientError:
+                errors += 1
+
+        async def worker(deadline: float) -> None:
+            while time.perf_counter() < deadline:
+                await one()
+
+        # Warm-up: fill the pools, then measure.
+        warm = time.perf_counter() + min(1.0, seconds / 4)
+        await asyncio.gather(*(worker(warm) for _ in range(concurrency)))
+        latencies.clear()
+        ttfb.clear()
+        errors = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(t0 + seconds) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return Run(target, mode, concurrency, len(latencies), errors, elapsed, latencies, ttfb)
+
+
+def machine() -> str:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, {platform.system()} "
+            f"{platform.release()}; load generator, gateway and FAKE upstream on the same machine")  # fmt: skip
+
+
+def render(runs: list[Run], args: argparse.Namespace, transports: list[str]) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"`python -m bench.passthrough --seconds {args.seconds:g} --concurrency {args.concurrency} "
+        f"--transports {','.join(transports)}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Gateway with no checks (`guardproxy serve --no-guard`, uvloop + httptools) in front of the FAKE upstream",
+        "(`guardproxy.fake_upstream`, ~20-token reply, no delay), each in its own process; `direct` is the same",
+        "load against the FAKE upstream itself, measured in the same run. Latency is the whole response (for",
+        "streams: through `[DONE]`); TTFB is the first body byte. `added p50` is gateway p50 minus direct p50.",
+        "",
+        "| mode | c | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 ms | req/s vs direct | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    direct = {(r.mode, r.concurrency): r for r in runs if r.target == "direct"}
+    for r in runs:
+        d = direct[(r.mode, r.concurrency)]
+        added = "" if r.target == "direct" else f"{r.pct(0.5) - d.pct(0.5):+.2f}"
+        ratio = "" if r.target == "direct" else f"{r.rps / d.rps:.2f}"
+        lines.append(
+            f"| {r.mode} | {r.concurrency} | {r.target} | {r.rps:.0f} | {r.pct(0.5):.2f} | {r.pct(0.99):.2f} "
+            f"| {r.pct(0.5, r.ttfb):.2f} | {added} | {ratio} | {r.errors} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(section: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+
+
+async def bench(args: argparse.Namespace) -> list[Run]:
+    transports = args.transports.split(",")
+    procs, upstream, gateways = start_processes(transports)
+    runs: list[Run] = []
+    try:
+        await wait_ready([upstream, *gateways.values()])
+        levels = [int(c) for c in args.concurrency.split(",")]
+        targets = [("direct", upstream)] + [(f"gateway ({t})", u) for t, u in gateways.items()]
+        total = 2 * len(levels) * len(targets)
+        for mode in ("plain", "stream"):
+            for c in levels:
+                for name, url in targets:
+                    log(f"[{len(runs) + 1}/{total}] {mode} c={c} {name} ...")
+                    run = await drive(url, name, mode, c, args.seconds)
+                    log(f"    {run.rps:.0f} req/s  p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms  "
+                        f"errors {run.errors}")  # fmt: skip
+                    runs.append(run)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (after warm-up)")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--transports", default="aiohttp,httpx", help="gateway upstream transports to compare")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave bench/RESULTS.md alone")
+    parser.add_argument("--role", choices=["bench", "upstream"], default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "upstream":
+        serve_upstream(args.port)
+        return 0
+    import uvloop
+
+    runs = uvloop.run(bench(args))
+    section = render(runs, args, args.transports.split(","))
+    print(section)
+    if not args.no_write:
+        write_section(section)
+        log(f"wrote the Passthrough section of {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
