@@ -430,7 +430,37 @@ def _semantic_issues(policy: Policy) -> list[tuple[tuple[str | int, ...], str]]:
             seen.setdefault(rule.id, loc)
             if rule.action is not Action.BLOCK and (rule.reply or rule.delivery or rule.status_code):
                 issues.append(((stage, i, "action"), "reply, delivery and status_code only apply to block rules"))
+            # First match wins, so a rule that an earlier, broader rule always pre-empts is dead: almost always a
+            # flag rule written above the block rule it was meant to back up.
+            earlier = next((r for r in rules[:i] if _covers(r.when, rule.when)), None)
+            if earlier is not None:
+                issues.append(
+                    ((stage, i, "when"), f"can never match: rule {earlier.id!r} comes first and matches whenever "
+                     "this one would (first match wins; put the narrower rule first)")
+                )  # fmt: skip
     return issues
+
+
+def _covers(a: InputCondition, b: InputCondition) -> bool:
+    """Whether every signal set that satisfies ``b`` also satisfies ``a`` (so ``a`` listed first shadows ``b``)."""
+    mine, theirs = a.model_dump(exclude_none=True), b.model_dump(exclude_none=True)
+    for name, value in mine.items():
+        other = theirs.get(name)
+        if other is None:
+            return False
+        if name.endswith("_at_least"):
+            ok = other >= value
+        elif name == "harm_below":
+            ok = other <= value
+        elif name == "category_not_in":
+            ok = set(other) >= set(value)
+        elif name.endswith("_in"):
+            ok = set(other) <= set(value)
+        else:  # false_refusal
+            ok = other == value
+        if not ok:
+            return False
+    return True
 
 
 def _parse_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[PolicyIssue]]:

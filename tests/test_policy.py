@@ -48,6 +48,7 @@ BROKEN = [
     ("output_condition_on_input.toml", [(11, "input_rules[0].when.reply_harm_at_least", "belongs in output_rules")]),
     ("retry_above_threshold.toml", [(10, "output.retry_below_harm", "must not exceed harm_threshold")]),
     ("duplicate_rule.toml", [(14, "output_rules[0].id", "duplicate rule id 'same'")]),
+    ("unreachable_rule.toml", [(17, "input_rules[1].when", "can never match: rule 'flag-harm' comes first")]),
     (
         "many_errors.toml",
         [
