@@ -41,7 +41,8 @@ from guardproxy.decisions import DecisionLog, DecisionRecord, compare, read_log,
 from guardproxy.drills.record import PolicyDecision, message_text
 from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Exchange, Pipeline, Verdict
-from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy, PolicySet, ReloadResult
+from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
+from guardproxy.policyset import PolicySet, ReloadResult
 from guardproxy.signals import Classifier, ConversationSignals, PromptScore, ReplyScore, Signals
 
 if TYPE_CHECKING:

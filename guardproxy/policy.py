@@ -13,7 +13,8 @@ stage (documented in ``policies/README.md``):
    ``flag`` (the per-turn scores still count; only the conversation signals are missing).
 
 ``load_policy`` raises ``PolicyError`` (a ``ConfigError``) listing every problem as ``file:line: field:
-message``; ``check_policy_file`` returns the same list without raising.
+message``; ``check_policy_file`` returns the same list without raising. Which policies are in force (active,
+shadows, per tenant or model, reload) is ``guardproxy.policyset``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +33,7 @@ from guardproxy.errors import PolicyError
 from guardproxy.pipeline import Action, Verdict
 from guardproxy.signals import RefusalClass, Signals
 from guardproxy.taxonomy import CATEGORY_IDS
+from guardproxy.tomllines import KeyLines
 
 SCHEMA_VERSION = 1
 
@@ -463,7 +465,7 @@ def _covers(a: InputCondition, b: InputCondition) -> bool:
     return True
 
 
-def _parse_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[PolicyIssue]]:
+def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[PolicyIssue]]:
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -477,7 +479,7 @@ def _parse_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[PolicyIssu
         return None, text, [PolicyIssue(name, line, "", f"TOML syntax error: {exc}")]
 
 
-def _issues_from_validation(name: str, lines: KeyLines, exc: ValidationError) -> list[PolicyIssue]:
+def validation_issues(name: str, lines: KeyLines, exc: ValidationError) -> list[PolicyIssue]:
     return [
         PolicyIssue(name, lines.line_of(err["loc"]), _field_path(err["loc"]), _message(err))
         for err in exc.errors(include_url=False)
@@ -498,14 +500,14 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def _load(path: Path) -> tuple[Policy | None, list[PolicyIssue]]:
-    data, text, issues = _parse_toml(path)
+    data, text, issues = read_toml(path)
     if data is None:
         return None, issues
     lines = KeyLines(text)
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        return None, _issues_from_validation(str(path), lines, exc)
+        return None, validation_issues(str(path), lines, exc)
     issues = [
         PolicyIssue(str(path), lines.line_of(loc), _field_path(loc), msg) for loc, msg in _semantic_issues(policy)
     ]
@@ -513,268 +515,3 @@ def _load(path: Path) -> tuple[Policy | None, list[PolicyIssue]]:
         return None, issues
     policy._source = path.resolve()
     return policy, []
-
-
-# --- mapping: active and shadow policies per tenant or model --------------------------------------------
-
-
-class _MappingEntry(_Strict):
-    tenant: str | None = None
-    model: str | None = None  # fnmatch pattern over the request's "model"
-    active: str
-    shadows: tuple[str, ...] = ()
-
-
-class _MappingDefault(_Strict):
-    active: str | None = None  # None: settings.policy.active
-    shadows: tuple[str, ...] | None = None  # None: settings.policy.shadows
-
-
-class MappingFile(_Strict):
-    schema_version: Literal[1]
-    default: _MappingDefault = _MappingDefault()
-    routes: tuple[_MappingEntry, ...] = ()
-
-
-@dataclass(frozen=True)
-class MappingRule:
-    """Which policies apply to one exchange: the first mapping route whose tenant and model both match."""
-
-    tenant: str | None
-    model: str | None
-    active: Path
-    shadows: tuple[Path, ...]
-
-    def matches(self, tenant: str, model: str | None) -> bool:
-        from fnmatch import fnmatchcase
-
-        if self.tenant is not None and self.tenant != tenant:
-            return False
-        return self.model is None or (model is not None and fnmatchcase(model, self.model))
-
-
-@dataclass(frozen=True)
-class PolicyMapping:
-    default_active: Path
-    default_shadows: tuple[Path, ...]
-    routes: tuple[MappingRule, ...] = field(default=())
-
-    def select(self, tenant: str, model: str | None) -> tuple[Path, tuple[Path, ...]]:
-        for route in self.routes:
-            if route.matches(tenant, model):
-                return route.active, route.shadows
-        return self.default_active, self.default_shadows
-
-    def paths(self) -> set[Path]:
-        out = {self.default_active, *self.default_shadows}
-        for r in self.routes:
-            out.update((r.active, *r.shadows))
-        return out
-
-
-def load_mapping(path: str | Path, *, active: Path, shadows: Sequence[Path]) -> PolicyMapping:
-    """Load a mapping file; policy paths in it are relative to the mapping file. Raises ``PolicyError``."""
-    path = Path(path)
-    data, text, issues = _parse_toml(path)
-    if data is None:
-        raise PolicyError([str(i) for i in issues], where=str(path))
-    try:
-        mf = MappingFile.model_validate(data)
-    except ValidationError as exc:
-        issues = _issues_from_validation(str(path), KeyLines(text), exc)
-        raise PolicyError([str(i) for i in issues], where=str(path)) from exc
-    base = path.resolve().parent
-
-    def rel(p: str) -> Path:
-        return (base / p).resolve()
-
-    return PolicyMapping(
-        default_active=rel(mf.default.active) if mf.default.active else active.resolve(),
-        default_shadows=(
-            tuple(rel(p) for p in mf.default.shadows)
-            if mf.default.shadows is not None
-            else tuple(p.resolve() for p in shadows)
-        ),
-        routes=tuple(
-            MappingRule(r.tenant, r.model, rel(r.active), tuple(rel(s) for s in r.shadows)) for r in mf.routes
-        ),
-    )
-
-
-# --- TOML key positions -----------------------------------------------------------------------------------
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
-_INLINE_KEY = re.compile(r"[{,]\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=")
-_STRINGS = re.compile(r"\"\"\"|'''|\"(?:[^\"\\]|\\.)*\"|'[^']*'")
-
-
-def _split_key(raw: str) -> list[str]:
-    parts = re.findall(r"\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+", raw)
-    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
-
-
-class KeyLines:
-    """Line numbers of the keys and tables of a TOML text, keyed by pydantic-style locs.
-
-    tomllib keeps no positions, so this scans the text: table headers, arrays of tables (their index
-    becomes part of the path, as in a pydantic loc), dotted keys and one level of inline tables, skipping
-    the inside of multi-line strings and arrays. Good enough to point a person at the right line.
-    """
-
-    def __init__(self, text: str) -> None:
-        self._lines: dict[tuple[str | int, ...], int] = {}
-        self._arrays: dict[tuple[str | int, ...], int] = {}  # array-of-tables path -> entries so far
-        self._scan(text)
-
-    def _resolve(self, keys: list[str]) -> tuple[str | int, ...]:
-        path: tuple[str | int, ...] = ()
-        for key in keys:
-            path = (*path, key)
-            if path in self._arrays:
-                path = (*path, self._arrays[path] - 1)
-        return path
-
-    def _scan(self, text: str) -> None:
-        table: tuple[str | int, ...] = ()
-        in_string: str | None = None
-        depth = 0  # open brackets of a multi-line array value
-        for number, line in enumerate(text.splitlines(), start=1):
-            if in_string is not None:
-                if line.count(in_string) % 2 == 1:
-                    in_string = None
-                continue
-            if depth > 0:
-                depth += self._bracket_delta(line)
-                continue
-            header = _HEADER.match(line)
-            if header and not _KEY.match(line):
-                keys = _split_key(header.group(2))
-                if header.group(1) == "[[":
-                    parent = self._resolve(keys[:-1])
-                    arr = (*parent, keys[-1])
-                    self._lines.setdefault(arr, number)
-                    self._arrays[arr] = self._arrays.get(arr, 0) + 1
-                    table = (*arr, self._arrays[arr] - 1)
-                else:
-                    table = self._resolve(keys)
-                self._lines.setdefault(table, number)
-                continue
-            key = _KEY.match(line)
-            if not key:
-                continue
-            path = (*table, *_split_key(key.group(1)))
-            self._lines.setdefault(path, number)
-            value = line[key.end() :]
-            for opener in ('"""', "'''"):
-                if value.count(opener) % 2 == 1:
-                    in_string = opener
-            if in_string is None:
-                stripped = value.strip()
-                if stripped.startswith("{"):
-                    for inner in _INLINE_KEY.finditer(_STRINGS.sub('""', stripped)):
-                        self._lines.setdefault((*path, _split_key(inner.group(1))[0]), number)
-                depth = max(0, self._bracket_delta(value))
-
-    @staticmethod
-    def _bracket_delta(text: str) -> int:
-        bare = _STRINGS.sub("", text).split("#", 1)[0]
-        return bare.count("[") + bare.count("{") - bare.count("]") - bare.count("}")
-
-    def line_of(self, loc: Iterable[str | int]) -> int:
-        """The line of the longest prefix of ``loc`` that appears in the text (1 for the top level)."""
-        path = tuple(p for p in loc if p != "[key]")
-        while path:
-            if path in self._lines:
-                return self._lines[path]
-            path = path[:-1]
-        return 1
-
-
-# --- the loaded set: active and shadow policies, swapped whole on reload ------------------------------
-
-
-@dataclass(frozen=True)
-class ReloadResult:
-    ok: bool
-    error: str | None
-    policies: tuple[str, ...]  # name@version of every loaded policy (the old ones when ok is False)
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    mapping: PolicyMapping
-    policies: Mapping[Path, Policy]
-    mtimes: Mapping[Path, float]
-
-
-class PolicySet:
-    """The policies in force: the active one and the shadows per tenant or model (``settings.policy``).
-
-    ``reload`` builds a complete new set and swaps it in one assignment, so a request sees either the
-    old set or the new one; if any file fails validation nothing changes and the error is returned.
-    """
-
-    def __init__(self, active: Path, shadows: Sequence[Path] = (), *, mapping: Path | None = None) -> None:
-        self._active = Path(active)
-        self._shadows = tuple(Path(p) for p in shadows)
-        self._mapping = Path(mapping) if mapping is not None else None
-        self._loaded = self._load()  # raises PolicyError: a gateway does not start on a broken policy
-
-    def _load(self) -> _Loaded:
-        if self._mapping is not None:
-            mapping = load_mapping(self._mapping, active=self._active, shadows=self._shadows)
-        else:
-            mapping = PolicyMapping(self._active.resolve(), tuple(p.resolve() for p in self._shadows))
-        policies: dict[Path, Policy] = {}
-        problems: list[str] = []
-        for path in sorted(mapping.paths()):
-            try:
-                policies[path] = load_policy(path)
-            except PolicyError as exc:
-                problems.extend(exc.issues)
-        refs: dict[str, Path] = {}
-        for path, policy in policies.items():
-            if policy.ref in refs:
-                problems.append(f"{path}:1: name: {policy.ref} is also the name@version of {refs[policy.ref]}")
-            refs.setdefault(policy.ref, path)
-        if problems:
-            raise PolicyError(problems)
-        watched = set(policies) | ({self._mapping.resolve()} if self._mapping else set())
-        return _Loaded(mapping, policies, {p: _mtime(p) for p in watched})
-
-    def reload(self) -> ReloadResult:
-        try:
-            loaded = self._load()
-        except PolicyError as exc:
-            return ReloadResult(False, "; ".join(exc.issues), self.refs())
-        self._loaded = loaded
-        return ReloadResult(True, None, self.refs())
-
-    def changed(self) -> bool:
-        """Whether any loaded file's modification time differs from when it was loaded."""
-        return any(_mtime(p) != m for p, m in self._loaded.mtimes.items())
-
-    def fingerprint(self) -> tuple[tuple[Path, float], ...]:
-        """The current modification times of the loaded files: a watcher reloads when this changes, once."""
-        return tuple((p, _mtime(p)) for p in sorted(self._loaded.mtimes))
-
-    def refs(self) -> tuple[str, ...]:
-        return tuple(sorted(p.ref for p in self._loaded.policies.values()))
-
-    def select(self, tenant: str, model: str | None) -> tuple[Policy, tuple[Policy, ...]]:
-        loaded = self._loaded  # one read: a concurrent reload cannot mix old and new
-        active, shadows = loaded.mapping.select(tenant, model)
-        return loaded.policies[active], tuple(loaded.policies[s] for s in shadows if s != active)
-
-    @property
-    def default(self) -> Policy:
-        loaded = self._loaded
-        return loaded.policies[loaded.mapping.default_active]
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return -1.0

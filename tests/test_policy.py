@@ -17,14 +17,13 @@ from guardproxy.pipeline import Action
 from guardproxy.policy import (
     HEADER_DECISION,
     HEADER_POLICY,
-    KeyLines,
-    PolicySet,
     check_policy_file,
-    load_mapping,
     load_policy,
 )
+from guardproxy.policyset import PolicySet, load_mapping
 from guardproxy.signals import ConversationSignals, Signals
 from guardproxy.taxonomy import CATEGORY_IDS
+from guardproxy.tomllines import KeyLines
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _check(files: list[Path], *, mapping: bool) -> int:
     from guardproxy.errors import PolicyError
-    from guardproxy.policy import check_policy_file, load_mapping
+    from guardproxy.policy import check_policy_file
+    from guardproxy.policyset import load_mapping
 
     failed = 0
     for path in files:
