@@ -19,14 +19,17 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _frame(title: str, body: list[str], legend: Sequence[tuple[str, str]] = ()) -> str:
+def _frame(title: str, body: list[str], legend: Sequence[tuple[str, str]] = (), *, axes: bool = True) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img"'
         f' aria-label="{_e(title)}">',
         f'<text x="{PAD_L}" y="16" font-size="13" font-family="sans-serif" fill="#222">{_e(title)}</text>',
-        f'<line x1="{PAD_L}" y1="{H - PAD_B}" x2="{W - 8}" y2="{H - PAD_B}" stroke="#999"/>',
-        f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{H - PAD_B}" stroke="#999"/>',
     ]
+    if axes:
+        parts += [
+            f'<line x1="{PAD_L}" y1="{H - PAD_B}" x2="{W - 8}" y2="{H - PAD_B}" stroke="#999"/>',
+            f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{H - PAD_B}" stroke="#999"/>',
+        ]
     x = W - 8
     for name, colour in reversed(legend):
         x -= 8 + 7 * len(name) + 14
@@ -130,4 +133,4 @@ def agreement_bars(agreement: Mapping[str, Mapping[tuple[str, str], int]]) -> st
             f'<text x="{PAD_L + plot_w + 6}" y="{y + row_h / 2:.1f}" font-size="11" font-family="sans-serif">'
             f"{_e(policy)} {share:.0%} of {total}</text>"
         )
-    return _frame(title, body)
+    return _frame(title, body, axes=False)

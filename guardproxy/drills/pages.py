@@ -17,6 +17,7 @@ from urllib.parse import quote, urlencode
 from guardproxy.drills.record import LABEL_TITLES, LABELS, DrillRecord, message_text
 from guardproxy.drills.sampling import REASONS
 from guardproxy.drills.store.base import StoredDrill
+from guardproxy.taxonomy import CATEGORY_IDS
 
 BASE = "/guard/review"
 ACTIONS = ("allow", "flag", "block")
@@ -137,7 +138,7 @@ def queue_page(
         + _select("action", filters.get("action", ""), ACTIONS)
         + _select("reviewed", filters.get("reviewed", ""), ("no", "yes"))
         + f'<label>policy <input name="policy" value="{_e(filters.get("policy", ""))}" size="12"></label>'
-        + f'<label>category <input name="category" value="{_e(filters.get("category", ""))}" size="14"></label>'
+        + _select("category", filters.get("category", ""), CATEGORY_IDS)
         + '<button type="submit">Filter</button></form>'
     )
     rows = []

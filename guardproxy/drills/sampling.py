@@ -106,6 +106,7 @@ class Sampler:
             secret = secret.encode()
         # An empty secret would make sampling predictable from outside: use a random one per process.
         self._secret = secret or secrets.token_bytes(32)
+        self._mac = hmac.new(self._secret, digestmod=hashlib.sha256)  # keyed once; copied per request id
         self._clock = clock
         self._lock = threading.Lock()
         self._hour = -1
@@ -113,7 +114,10 @@ class Sampler:
         self._per_tenant: dict[str, int] = {}
 
     def decide(self, record: DrillRecord) -> SampleDecision:
-        reasons = reasons_for(record, self.config, keyed_fraction(self._secret, record.request_id))
+        mac = self._mac.copy()
+        mac.update(record.request_id.encode("utf-8", "surrogatepass"))
+        fraction = int.from_bytes(mac.digest()[:8], "big") / 2.0**64
+        reasons = reasons_for(record, self.config, fraction)
         if not reasons:
             return SampleDecision(False, ())
         with self._lock:

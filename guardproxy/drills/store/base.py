@@ -3,7 +3,7 @@
 Writes never touch the request path. ``submit`` puts the record on a bounded in-memory queue and returns
 at once; one writer thread owns the write connection, redacts each record (``Redactor``) and writes it in
 batches. If the queue is full, or the database fails (locked, disk full, server down), the sample is
-dropped, counted in ``guardproxy_drill_samples_dropped{reason}`` and logged once per outage: a drill store
+dropped, counted in ``guardproxy_drill_samples_dropped{reason}`` and logged once per reason: a drill store
 never delays or fails a request. Review labels and retention purges go through the same writer thread
 (callers await them). Reads open short-lived connections in worker threads (``asyncio.to_thread``).
 
@@ -42,13 +42,15 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         1,
         (
+            # The large texts come last: SQLite reads a row's columns in order, so the queue and the dashboard,
+            # which never need the conversation, do not walk its overflow pages.
             "CREATE TABLE drills (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, tenant TEXT NOT NULL,"
-            " created DOUBLE PRECISION NOT NULL, model TEXT, messages TEXT NOT NULL, replies TEXT NOT NULL,"
-            " reply_from_policy BOOLEAN NOT NULL, signals TEXT NOT NULL, refusal TEXT, category TEXT NOT NULL,"
-            " harm DOUBLE PRECISION NOT NULL, thresholds TEXT NOT NULL, active_policy TEXT NOT NULL,"
-            " active_version TEXT NOT NULL, active_action TEXT NOT NULL, active_rule TEXT, shadows TEXT NOT NULL,"
-            " reasons TEXT NOT NULL, family TEXT, hashed BOOLEAN NOT NULL)",
-            "CREATE INDEX drills_created ON drills (created)",
+            " created DOUBLE PRECISION NOT NULL, model TEXT, reply_from_policy BOOLEAN NOT NULL,"
+            " signals TEXT NOT NULL, refusal TEXT, category TEXT NOT NULL, harm DOUBLE PRECISION NOT NULL,"
+            " thresholds TEXT NOT NULL, active_policy TEXT NOT NULL, active_version TEXT NOT NULL,"
+            " active_action TEXT NOT NULL, active_rule TEXT, shadows TEXT NOT NULL, reasons TEXT NOT NULL,"
+            " family TEXT, hashed BOOLEAN NOT NULL, messages TEXT NOT NULL, replies TEXT NOT NULL)",
+            "CREATE INDEX drills_created ON drills (created, id)",
             "CREATE INDEX drills_action ON drills (active_action, created)",
             "CREATE INDEX drills_category ON drills (category, created)",
         ),
@@ -326,8 +328,11 @@ class DrillStore(ABC):
         self.dropped[reason] += n
         self._dropped_metric.labels(reason).inc(n)
         if reason not in self._logged:
-            self._logged.add(reason)  # once per outage: a failing disk must not flood the log
-            log.warning("drill store: dropping samples (%s)%s", reason, f": {exc}" if exc else "")
+            # once per reason and process: a failing disk or a flood must not flood the log too; the
+            # guardproxy_drill_samples_dropped{reason} counter carries every drop
+            self._logged.add(reason)
+            detail = f": {exc}" if exc else ""
+            log.warning("drill store: dropping samples (%s)%s; further drops are only counted", reason, detail)
 
     # -- the writer thread ------------------------------------------------------------------------------
     def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
@@ -409,9 +414,6 @@ class DrillStore(ABC):
         if n_records:
             self.written += n_records
             self._written_metric.inc(n_records)
-            if self._logged:
-                log.info("drill store: writing again after dropping %d samples", sum(self.dropped.values()))
-                self._logged.clear()
         return conn
 
     def _usable(self, conn: Any) -> bool:
@@ -575,19 +577,18 @@ class DrillStore(ABC):
         joiner = " AND " if where else " WHERE "
 
         def run(c: Any) -> tuple[str | None, str | None]:
+            # row values compare (created, id) in one range both databases can walk on the (created, id) index
             newer = c.execute(
                 self._sql(
-                    f"SELECT id FROM drills{where}{joiner}(created > ? OR (created = ? AND id > ?))"
-                    " ORDER BY created ASC, id ASC LIMIT 1"
+                    f"SELECT id FROM drills{where}{joiner}(created, id) > (?, ?) ORDER BY created ASC, id ASC LIMIT 1"
                 ),
-                [*params, drill.created, drill.created, drill.id],
+                [*params, drill.created, drill.id],
             ).fetchone()
             older = c.execute(
                 self._sql(
-                    f"SELECT id FROM drills{where}{joiner}(created < ? OR (created = ? AND id < ?))"
-                    " ORDER BY created DESC, id DESC LIMIT 1"
+                    f"SELECT id FROM drills{where}{joiner}(created, id) < (?, ?) ORDER BY created DESC, id DESC LIMIT 1"
                 ),
-                [*params, drill.created, drill.created, drill.id],
+                [*params, drill.created, drill.id],
             ).fetchone()
             return (newer[0] if newer else None, older[0] if older else None)
 
