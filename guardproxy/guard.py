@@ -20,8 +20,9 @@ Failure paths, each explicit: the classifier raising or timing out sets ``classi
 fails inside the tracker); the state backend failing sets ``state_failed``; each policy's
 ``on_classifier_failure`` / ``on_state_failure`` decides.
 
-``build_guard(settings)`` wires the parts from settings and returns a ``GuardBundle``: the pipeline, the admin
-routes (POST /guard/admin/reload, GET /guard/admin/compare, token-protected) and ``reload()`` for SIGHUP.
+``build_guard(settings)`` wires the parts from settings and returns a ``GuardBundle``: the pipeline, the routes
+(``guardproxy.admin``: POST /guard/admin/reload, GET /guard/admin/compare; the drills review page) and
+``reload()`` / ``areload()`` for SIGHUP.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from guardproxy.conversation.tracker import Observation, subkey_of
-from guardproxy.decisions import DecisionLog, DecisionRecord, compare, read_log, record_of
+from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
 from guardproxy.drills.record import PolicyDecision, message_text
 from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Exchange, Pipeline, Verdict
@@ -542,6 +542,8 @@ def build_guard(
     )
     pipeline = Pipeline([guard], output_check_chars=policies.default.output.check_chars)
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+    from guardproxy.admin import admin_routes
+
     routes = admin_routes(guard, token, path)
     store = getattr(drills, "store", None)  # the DrillRecorder's store: mount its review page beside the admin API
     if store is not None:
@@ -551,51 +553,3 @@ def build_guard(
         if isinstance(store, DrillStore):
             routes = (*routes, *review_routes(store, settings))
     return GuardBundle(pipeline=pipeline, routes=routes, guard=guard)
-
-
-# --- admin endpoints (the HTTP edge of the guard: kept here so domain code stays free of it) -----------
-
-
-def admin_routes(guard: GuardCheck, token: str | None, decision_log: Path | None) -> tuple[BaseRoute, ...]:
-    """POST /guard/admin/reload and GET /guard/admin/compare, behind the admin token (Bearer or
-    ``x-guardproxy-admin-token``), compared in constant time. Without a configured token they answer 404."""
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
-    def _error(status: int, message: str, code: str) -> JSONResponse:
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-        return JSONResponse(body, status_code=status)
-
-    def _authorized(request: Request) -> JSONResponse | None:
-        if not token:
-            return _error(404, "admin endpoints are disabled (no admin token configured)", "not_found")
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-guardproxy-admin-token", "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return _error(401, "admin token missing or wrong", "invalid_admin_token")
-        return None
-
-    async def reload_endpoint(request: Request) -> JSONResponse:
-        if (denied := _authorized(request)) is not None:
-            return denied
-        result = await guard.areload()
-        body = {"ok": result.ok, "policies": list(result.policies), "error": result.error}
-        return JSONResponse(body, status_code=200 if result.ok else 422)
-
-    async def compare_endpoint(request: Request) -> JSONResponse:
-        if (denied := _authorized(request)) is not None:
-            return denied
-
-        def build() -> dict[str, Any]:
-            if decision_log is not None and decision_log.is_file():
-                return compare(read_log(decision_log)).to_dict()
-            return compare(dataclasses.asdict(r) for r in guard.decision_log.recent()).to_dict()
-
-        return JSONResponse(await asyncio.to_thread(build))
-
-    routes: tuple[BaseRoute, ...] = (
-        Route("/guard/admin/reload", reload_endpoint, methods=["POST"]),
-        Route("/guard/admin/compare", compare_endpoint, methods=["GET"]),
-    )
-    return routes
