@@ -347,3 +347,22 @@ async def test_postgres_outage_drops_promptly_and_recovers(pg_schema: str) -> No
     assert await store.get(after.id) is not None and await store.get(first.id) is not None
     await store.aclose()
     await proxy.cut()
+
+
+async def test_hash_only_stores_no_readable_text(tmp_path: Path) -> None:
+    from guardproxy.drills.export import build_rows
+    from guardproxy.drills.redaction import Redactor
+
+    store = SqliteStore(tmp_path / "h.db", redactor=Redactor(hash_only=True))
+    await store.start()
+    record = make(1, messages=({"role": "user", "content": "my secret plan is pineapples"},), replies=("ok sure",))
+    assert store.submit(record)
+    await store.flush()
+    got = await store.get(record.id)
+    assert got is not None and got.record.hashed
+    assert got.record.messages[0]["role"] == "user"
+    assert str(got.record.messages[0]["content"]).startswith("sha256:")
+    await store.aclose()
+    assert b"pineapples" not in _file_bytes(tmp_path, "h.db*")
+    rows = build_rows([got])
+    assert not rows.prompts and rows.skipped["hash_only"] == 1
