@@ -1,0 +1,504 @@
+"""Load: the request mix, the client that times one request, the bounded worker pool, percentiles, /metrics.
+
+The mix (``Mix``): single-turn requests and growing multi-turn conversations, streaming and not. Every new user
+turn is fresh text of about ``turn_words`` words (64 tokens at the default), composed from a pool of ordinary
+sentences with a per-request serial number, so no turn is ever a classifier cache hit. A conversation continues
+with the assistant text the target actually returned (the gateway checks that the history it gets back is the
+one it relayed) and starts over after ``max_turns`` user turns.
+
+Timing: ``total_ms`` (request sent to last byte) and, for streams, ``first_ms`` (to the first SSE event) are the
+client's; ``upstream_ms`` is the upstream's own stamp for the same request (``x-bench-upstream-ms``), so
+``overhead_ms`` is what the path to the upstream and back added to this request: for a plain reply
+``total_ms - upstream_ms``, for a stream ``first_ms - upstream_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from guardproxy.benchmark.upstream import PACED_HEADER, STAMP_HEADER, TTFT_HEADER
+
+DECISION_HEADER = "x-guardproxy-decision"
+
+_SENTENCES = (
+    "I am planning a weekend trip with my family and want to keep the budget reasonable",
+    "Could you explain the difference between a list and a tuple in Python with a small example",
+    "My tomato plants have yellow leaves near the bottom and I am not sure whether to water them less",
+    "We are writing a short report for school about how bees find their way back to the hive",
+    "I would like a simple weekly meal plan that uses mostly vegetables, rice and beans",
+    "Please summarise the main causes of the French Revolution in a few clear points",
+    "Our team wants to run shorter meetings, so I am looking for a format that keeps everyone focused",
+    "What are some good stretches for someone who sits at a desk for most of the day",
+    "I need to write a polite email to a landlord about a heater that stopped working last week",
+    "How does compound interest work if I add a small amount to my savings every month",
+    "Can you suggest a few board games that work well for four players aged eight to twelve",
+    "I am learning to play the guitar and my fingers hurt after practice, is that normal",
+    "Give me an outline for a talk about the history of the bicycle for a local club",
+    "What should I check before buying a second hand car from a private seller",
+    "Explain how a rainbow forms in a way a ten year old would understand",
+    "I want to start running again after a long break without hurting my knees",
+    "Help me plan a birthday party in the park for about twenty guests on a Saturday afternoon",
+    "Which houseplants do well in a dark flat with only one small north facing window",
+    "Please list the steps to set up a basic home network with a router and two laptops",
+    "How can I make my sourdough bread rise more, it always comes out rather flat",
+)
+_CITIES = ("Lisbon", "Oslo", "Leeds", "Lyon", "Porto", "Graz", "Turin", "Ghent", "Bergen", "Cork", "Basel", "Kyoto")
+
+
+def user_turn(rng: random.Random, serial: int, words: int) -> str:
+    """About ``words`` words of ordinary, benign request text, unique per ``serial``."""
+    parts: list[str] = [f"Question {serial} from {rng.choice(_CITIES)}."]
+    count = len(parts[0].split())
+    while count < words:
+        sentence = rng.choice(_SENTENCES)
+        parts.append(sentence + ".")
+        count += len(sentence.split())
+    text = " ".join(parts)
+    return " ".join(text.split()[:words]).rstrip(".,") + "?"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where requests go: ``direct`` (the upstream itself, for reference), a gateway, or another proxy."""
+
+    name: str
+    url: str  # the chat completions URL
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    target: str
+    stream: bool
+    history_turns: int  # user turns before the new one (0: a single-turn request)
+    status: int  # HTTP status; 0 when the connection failed
+    total_ms: float
+    first_ms: float | None  # streams: to the first SSE event
+    upstream_ms: float | None  # the upstream's stamp; None when it did not answer (blocked, error)
+    decision: str  # x-guardproxy-decision, "" when absent
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and not self.error
+
+    @property
+    def overhead_ms(self) -> float | None:
+        if not self.ok or self.upstream_ms is None:
+            return None
+        ref = self.first_ms if self.stream else self.total_ms
+        return None if ref is None else ref - self.upstream_ms
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    n: int
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    max: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"n": self.n, "p50": self.p50, "p90": self.p90, "p99": self.p99, "mean": self.mean, "max": self.max}
+
+
+def percentiles(values: Iterable[float]) -> Percentiles | None:
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return None
+    p50, p90, p99 = (float(x) for x in np.percentile(arr, [50, 90, 99]))
+    return Percentiles(int(arr.size), p50, p90, p99, float(arr.mean()), float(arr.max()))
+
+
+# --- the mix ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    stream_share: float = 0.3  # of requests that stream
+    conversation_share: float = 0.5  # of requests that continue a multi-turn conversation
+    max_turns: int = 8  # a conversation starts over after this many user turns
+    turn_words: int = 48  # ~64 tokens with the guard's WordPiece tokenizer
+    model: str = "fake-model"
+    max_tokens: int | None = None  # sent to a real upstream to keep replies (and costs) small
+
+
+@dataclass(frozen=True)
+class Planned:
+    body: bytes
+    stream: bool
+    history_turns: int
+    conversation: list[dict[str, Any]] | None  # continue this list with the reply, or None for a single turn
+
+
+class Mix:
+    """Builds requests; one per worker, so conversations never cross workers."""
+
+    serial = 0  # shared across instances: every turn text in a process is unique
+
+    def __init__(self, spec: MixSpec, seed: int) -> None:
+        self.spec = spec
+        self.rng = random.Random(seed)
+        self.conversations: dict[str, list[dict[str, Any]]] = {}
+
+    def _turn(self) -> str:
+        Mix.serial += 1
+        return user_turn(self.rng, Mix.serial, self.spec.turn_words)
+
+    def body(self, messages: list[dict[str, Any]], stream: bool) -> bytes:
+        obj: dict[str, Any] = {"model": self.spec.model, "messages": messages}
+        if stream:
+            obj["stream"] = True
+        if self.spec.max_tokens is not None:
+            obj["max_tokens"] = self.spec.max_tokens
+        return json.dumps(obj).encode()
+
+    def next(self, target: str, *, stream: bool | None = None, conversation: bool | None = None) -> Planned:
+        s = self.rng.random() < self.spec.stream_share if stream is None else stream
+        conv = self.rng.random() < self.spec.conversation_share if conversation is None else conversation
+        if not conv:
+            msgs = [{"role": "user", "content": self._turn()}]
+            return Planned(self.body(msgs, s), s, 0, None)
+        history = self.conversations.get(target)
+        if history is None or sum(m["role"] == "user" for m in history) >= self.spec.max_turns:
+            history = self.conversations[target] = []
+        turns = sum(m["role"] == "user" for m in history)
+        history.append({"role": "user", "content": self._turn()})
+        return Planned(self.body(history, s), s, turns, history)
+
+    def settle(self, target: str, planned: Planned, reply: str | None) -> None:
+        """After the reply: extend the conversation with it, or drop the conversation if there was none."""
+        if planned.conversation is None:
+            return
+        if reply is None:
+            self.conversations.pop(target, None)
+        else:
+            planned.conversation.append({"role": "assistant", "content": reply})
+
+
+# --- one request -----------------------------------------------------------------------------------------------
+
+
+def _stamp(headers: Mapping[str, str]) -> float | None:
+    value = headers.get(STAMP_HEADER)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _stream_text(raw: bytes) -> str:
+    out: list[str] = []
+    for block in raw.split(b"\n\n"):
+        for line in block.split(b"\n"):
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            try:
+                obj = json.loads(line[5:])
+            except ValueError:
+                continue
+            for ch in obj.get("choices") or []:
+                piece = (ch.get("delta") or {}).get("content")
+                if isinstance(piece, str) and ch.get("index", 0) == 0:
+                    out.append(piece)
+    return "".join(out)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    target: Target,
+    planned: Planned,
+    *,
+    want_text: bool,
+    ttft_ms: float | None = None,
+    fast: bool = False,
+) -> tuple[Sample, str | None]:
+    """Send one request and time it; also return the assistant text when ``want_text`` (None if it failed).
+    ``ttft_ms`` and ``fast`` are asks to the bench's FAKE upstream (its TTFT; the whole reply at once)."""
+    headers = dict(target.headers)
+    if ttft_ms is not None:
+        headers[TTFT_HEADER] = f"{ttft_ms:g}"
+    if fast:
+        headers[PACED_HEADER] = "0"
+    first: float | None = None
+    t0 = time.perf_counter()
+    try:
+        async with session.post(target.url, data=planned.body, headers=headers) as resp:
+            if planned.stream and resp.status == 200:
+                chunks: list[bytes] = []
+                async for chunk in resp.content.iter_any():
+                    if first is None and b"data:" in chunk:
+                        first = time.perf_counter()
+                    if want_text:
+                        chunks.append(chunk)
+                raw = b"".join(chunks)
+            else:
+                raw = await resp.read()
+            t1 = time.perf_counter()
+            status = resp.status
+            rh = resp.headers
+            stamp, decision = _stamp(rh), rh.get(DECISION_HEADER, "")
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        t1 = time.perf_counter()
+        sample = Sample(
+            target.name,
+            planned.stream,
+            planned.history_turns,
+            0,
+            (t1 - t0) * 1000.0,
+            None,
+            None,
+            "",
+            error=type(exc).__name__,
+        )
+        return sample, None
+    text: str | None = None
+    error = ""
+    if 200 <= status < 300 and want_text:
+        try:
+            if planned.stream:
+                text = _stream_text(raw)
+            else:
+                text = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            error = "bad_reply"
+    if planned.stream and status == 200 and first is None:
+        error = error or "empty_stream"
+    sample = Sample(
+        target.name,
+        planned.stream,
+        planned.history_turns,
+        status,
+        (t1 - t0) * 1000.0,
+        (first - t0) * 1000.0 if first is not None else None,
+        stamp,
+        decision,
+        error,
+    )
+    return sample, text
+
+
+# --- the worker pool -------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, a plain line every 5 s otherwise."""
+
+    def __init__(self, *, enabled: bool = True, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.25 if self.tty else 5.0
+        self.label = ""
+        self.total: int | None = None
+        self.done = 0
+        self.errors = 0
+        self._t0 = self._drawn = time.monotonic()
+
+    def phase(self, label: str, total: int | None) -> None:
+        self.end()
+        self.label, self.total, self.done, self.errors = label, total, 0, 0
+        self._t0 = self._drawn = time.monotonic()
+
+    def tick(self, ok: bool) -> None:
+        self.done += 1
+        self.errors += not ok
+        now = time.monotonic()
+        if self.enabled and now - self._drawn >= self.interval:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float, end: str = "") -> None:
+        rate = self.done / max(now - self._t0, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        line = f"{self.label}: {self.done}{of} requests, {rate:.0f}/s, {self.errors} not ok"
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.enabled and self.label and self.done:
+            self._draw(time.monotonic(), end="\n" if self.tty else "")
+        self.label = ""
+
+
+Job = Callable[[int, int], Awaitable[Sample]]  # (worker index, job index) -> sample
+
+
+async def run_pool(
+    job: Job,
+    *,
+    concurrency: int,
+    jobs: int | None,
+    seconds: float | None,
+    on_sample: Callable[[Sample], None] | None = None,
+) -> tuple[list[Sample], float]:
+    """Run ``job`` on ``concurrency`` workers until ``jobs`` ran or ``seconds`` passed; samples and wall time."""
+    if jobs is None and seconds is None:
+        raise ValueError("a pool needs a job count or a duration")
+    samples: list[Sample] = []
+    counter = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds if seconds is not None else math.inf
+
+    async def worker(w: int) -> None:
+        nonlocal counter
+        while (jobs is None or counter < jobs) and time.perf_counter() < deadline:
+            i = counter
+            counter += 1
+            sample = await job(w, i)
+            samples.append(sample)
+            if on_sample is not None:
+                on_sample(sample)
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return samples, time.perf_counter() - t0
+
+
+def client_session(concurrency: int, timeout: float = 120.0) -> aiohttp.ClientSession:
+    """One keep-alive pool per target, as wide as the concurrency."""
+    connector = aiohttp.TCPConnector(limit=max(concurrency, 1) + 8, limit_per_host=0, ttl_dns_cache=None)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+# --- /metrics --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """The gateway counters the bench diffs: stage histograms, classifier failures, rejections, statuses."""
+
+    stage_sum: dict[str, float]
+    stage_count: dict[str, float]
+    stage_buckets: dict[str, dict[float, float]]
+    counters: dict[str, float]
+
+
+async def scrape(session: aiohttp.ClientSession, base: str) -> Scrape:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get(base + "/metrics") as r:
+        text = await r.text()
+    ssum: dict[str, float] = {}
+    scount: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    counters: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if family.name == "guardproxy_stage_seconds":
+                stage = s.labels.get("stage", "")
+                if s.name.endswith("_sum"):
+                    ssum[stage] = s.value
+                elif s.name.endswith("_count"):
+                    scount[stage] = s.value
+                elif s.name.endswith("_bucket"):
+                    buckets.setdefault(stage, {})[float(s.labels["le"])] = s.value
+            elif family.type == "counter" and s.name.endswith("_total"):
+                key = s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()))
+                counters[key] = s.value
+    return Scrape(ssum, scount, buckets, counters)
+
+
+@dataclass(frozen=True)
+class StageStat:
+    stage: str
+    count: int
+    mean_ms: float
+    per_request_ms: float  # stage time summed, over guarded requests in the window
+    p50_ms: float | None  # from the histogram buckets (upper-bound interpolation): coarse
+    p90_ms: float | None
+
+
+def _bucket_quantile(buckets: Mapping[float, float], q: float) -> float | None:
+    items = sorted(buckets.items())
+    if not items or items[-1][1] <= 0:
+        return None
+    total = items[-1][1]
+    rank = q * total
+    prev_le, prev_n = 0.0, 0.0
+    for le, n in items:
+        if n >= rank:
+            if math.isinf(le):
+                return prev_le * 1000.0
+            frac = (rank - prev_n) / (n - prev_n) if n > prev_n else 1.0
+            return (prev_le + (le - prev_le) * frac) * 1000.0
+        prev_le, prev_n = le, n
+    return None
+
+
+def stage_diff(before: Scrape, after: Scrape, requests: int) -> list[StageStat]:
+    out = []
+    for stage in sorted(after.stage_count):
+        count = after.stage_count[stage] - before.stage_count.get(stage, 0.0)
+        if count <= 0:
+            continue
+        total = after.stage_sum.get(stage, 0.0) - before.stage_sum.get(stage, 0.0)
+        b0 = before.stage_buckets.get(stage, {})
+        diff = {le: n - b0.get(le, 0.0) for le, n in after.stage_buckets.get(stage, {}).items()}
+        out.append(
+            StageStat(
+                stage,
+                int(count),
+                total / count * 1000.0,
+                total / max(requests, 1) * 1000.0,
+                _bucket_quantile(diff, 0.5),
+                _bucket_quantile(diff, 0.9),
+            )
+        )
+    return out
+
+
+def counter_diff(before: Scrape, after: Scrape, prefix: str) -> dict[str, float]:
+    return {
+        k: v - before.counters.get(k, 0.0)
+        for k, v in after.counters.items()
+        if k.startswith(prefix) and v - before.counters.get(k, 0.0)
+    }
+
+
+def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Counts and overhead percentiles of a set of samples (plain and streams apart)."""
+    plain = [s for s in samples if not s.stream]
+    streams = [s for s in samples if s.stream]
+
+    def pct(values: Iterable[float | None]) -> dict[str, float | int] | None:
+        p = percentiles(v for v in values if v is not None)
+        return p.to_dict() if p is not None else None
+
+    statuses: dict[str, int] = {}
+    for s in samples:
+        key = str(s.status) if not s.error else f"{s.status or 'conn'}:{s.error}"
+        statuses[key] = statuses.get(key, 0) + 1
+    return {
+        "requests": len(samples),
+        "ok": sum(s.ok for s in samples),
+        "blocked": sum(s.ok and s.decision == "block" for s in samples),
+        "flagged": sum(s.ok and s.decision == "flag" for s in samples),
+        "statuses": statuses,
+        "plain": {
+            "n": len(plain),
+            "overhead_ms": pct(s.overhead_ms for s in plain),
+            "total_ms": pct(s.total_ms for s in plain if s.ok),
+        },
+        "stream": {
+            "n": len(streams),
+            "ttft_overhead_ms": pct(s.overhead_ms for s in streams),
+            "ttft_ms": pct(s.first_ms for s in streams if s.ok),
+            "total_ms": pct(s.total_ms for s in streams if s.ok),
+        },
+    }

@@ -1,0 +1,293 @@
+"""The processes a bench drives, all on loopback: the FAKE upstream and the gateway(s).
+
+Each gateway is a real ``guardproxy serve`` in its own process (the production entry point: uvicorn, the real
+guard, the default policy), configured by a TOML file the bench writes into its work directory. The child gets
+none of the caller's ``GUARDPROXY_*`` variables, so a stray environment setting cannot change what is measured;
+everything it runs with is in that file, and the file is reported.
+
+``ProcessSampler`` reads RSS and open file descriptors from ``/proc`` (Linux) for the processes it watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from guardproxy.errors import ConfigError, GuardProxyError
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+class BenchError(GuardProxyError):
+    """A bench process did not start, or the bench was configured beyond its caps."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDPROXY_")}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclass
+class Proc:
+    """One child process and where it listens."""
+
+    name: str
+    base: str  # http://127.0.0.1:PORT
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    config_path: Path | None = None
+    _log: TextIO | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, port: int, config_path: Path | None = None) -> Proc:
+    log_path = workdir / f"{name}.log"
+    log = log_path.open("w")
+    popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+    return Proc(name, f"http://{LOOPBACK}:{port}", popen, log_path, config_path, log)
+
+
+async def wait_ready(proc: Proc, path: str, within: float) -> None:
+    """Poll ``path`` until it answers 200; raise with the process's log tail if it exits or times out."""
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if proc.popen.poll() is not None:
+                raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+            try:
+                async with session.get(proc.base + path, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"{proc.name} not ready after {within:.0f} s:\n{proc.log_tail()}")
+            await asyncio.sleep(0.1)
+
+
+async def start_fake_upstream(workdir: Path, *, ttft_ms: float, tokens_per_s: float, reply_words: int) -> Proc:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "guardproxy.benchmark.upstream",
+        "--port",
+        str(port),
+        "--ttft-ms",
+        str(ttft_ms),
+        "--tokens-per-s",
+        str(tokens_per_s),
+        "--reply-words",
+        str(reply_words),
+    ]
+    proc = _spawn("fake-upstream", argv, workdir, port)
+    try:
+        await wait_ready(proc, "/v1/models", 30.0)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    """One gateway to start: its name in the report and what it runs with."""
+
+    name: str  # guarded | speculative | passthrough
+    guard: bool = True
+    speculative: bool = False
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def gateway_config(
+    spec: GatewaySpec,
+    *,
+    port: int,
+    upstream: str,
+    workdir: Path,
+    model_dir: Path | None,
+    policy: Path | None,
+    capacity: int,
+) -> dict[str, dict[str, Any]]:
+    """The settings sections a bench gateway runs with (written as TOML; no secrets but a random HMAC key)."""
+    cfg: dict[str, dict[str, Any]] = {
+        "server": {
+            "host": LOOPBACK,
+            "port": port,
+            "log_level": "warning",
+            "max_concurrent_requests": capacity,
+            "shutdown_timeout": 2.0,
+        },
+        "upstream": {"base_url": upstream},
+        "guard": {"enabled": spec.guard, "speculative": spec.speculative},
+        "state": {"url": "memory://", "hmac_secret": secrets.token_hex(16)},
+        "drills": {"store": f"sqlite:///{workdir / (spec.name + '-drills.db')}"},
+    }
+    if model_dir is not None:
+        cfg["guard"]["model_dir"] = str(model_dir)
+    if policy is not None:
+        cfg["policy"] = {"active": str(policy)}
+    return cfg
+
+
+def write_toml(path: Path, cfg: Mapping[str, Mapping[str, Any]]) -> None:
+    lines = []
+    for section, values in cfg.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+async def start_gateway(
+    spec: GatewaySpec,
+    workdir: Path,
+    *,
+    upstream: str,
+    model_dir: Path | None,
+    policy: Path | None,
+    capacity: int,
+    within: float = 180.0,
+) -> Proc:
+    """``guardproxy serve --config <file>`` in its own process; returns once ``/readyz`` answers 200."""
+    if model_dir is not None and spec.guard and not (model_dir / "model.onnx").is_file():
+        raise ConfigError("no guard model here (model.onnx missing)", where=str(model_dir))
+    port = free_port()
+    config_path = workdir / f"{spec.name}.toml"
+    write_toml(
+        config_path,
+        gateway_config(
+            spec, port=port, upstream=upstream, workdir=workdir, model_dir=model_dir, policy=policy, capacity=capacity
+        ),
+    )
+    argv = [sys.executable, "-m", "guardproxy.cli", "serve", "--config", str(config_path)]
+    proc = _spawn(spec.name, argv, workdir, port, config_path)
+    try:
+        await wait_ready(proc, "/readyz", within)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+# --- RSS and descriptors -------------------------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float | None:
+    """Resident set size of ``pid`` in MiB, from /proc (None where /proc is not there)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    t: float  # seconds since the sampler started
+    process: str
+    rss_mib: float
+    fds: int | None
+    phase: str
+    requests: int  # requests the bench had completed when sampled
+
+
+class ProcessSampler:
+    """Samples RSS and open fds of named processes every ``interval`` seconds while running."""
+
+    def __init__(self, pids: Mapping[str, int], interval: float = 0.5) -> None:
+        self.pids = dict(pids)
+        self.interval = interval
+        self.samples: list[ProcSample] = []
+        self.phase = "start"
+        self.requests = 0  # the load driver bumps this
+        self._t0 = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        now = time.monotonic() - self._t0
+        for name, pid in self.pids.items():
+            rss = rss_mib(pid)
+            if rss is not None:
+                self.samples.append(ProcSample(now, name, rss, open_fds(pid), self.phase, self.requests))
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.sample()

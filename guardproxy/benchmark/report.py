@@ -1,0 +1,280 @@
+"""Reporting a bench run: terminal tables, the JSON document, PNG charts (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# The gateway's stage labels, in request order. What each holds (guardproxy.chat, guardproxy.guard):
+STAGE_ORDER = ("parse", "input_check", "state", "inference", "policy", "upstream", "output_check")
+STAGE_LEGEND = (
+    "stages: parse = JSON + validation; input_check = the whole input hook (state + policy + tool-result scoring); "
+    "state = conversation lookup + scoring the new user turn(s) and the window (tokenize + inference inside); "
+    "inference = guard model calls outside the tracker (reply scoring, tool results); policy = every policy's "
+    "decisions; output_check = reply scoring + policy; upstream = time to upstream headers. Tokenization is not "
+    "timed apart from inference; the store (decision log, drills) runs after the response, off the request path."
+)
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers], *[[_f(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _pct(obj: dict[str, Any] | None) -> list[Any]:
+    if not obj:
+        return ["-", "-", "-"]
+    return [obj["p50"], obj["p90"], obj["p99"]]
+
+
+def render(result: dict[str, Any]) -> str:
+    out: list[str] = []
+    m = result["machine"]
+    cfg = result["config"]
+    out.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, loadavg {m.get('loadavg_at_start')}")
+    upstream = cfg["upstream"] or (
+        f"FAKE upstream (TTFT {cfg['ttft_ms']:g} ms, "
+        + (f"{cfg['tokens_per_s']:g} tokens/s" if cfg["tokens_per_s"] else "reply at once")
+        + ")"
+    )
+    out.append(f"upstream: {upstream}; guard model: {cfg['model_dir'] or 'default (models/guard-v1)'}")
+    out.append("")
+    out.append("Overhead per request, ms (client time minus the upstream's stamp for the same request)")
+    rows = []
+    for r in result["latency"]:
+        rows.append(
+            [
+                r["concurrency"],
+                r["target"],
+                r["plain"]["n"],
+                *_pct(r["plain"]["overhead_ms"]),
+                r["stream"]["n"],
+                *_pct(r["stream"]["ttft_overhead_ms"]),
+                r["ok"],
+                r["blocked"],
+                r["requests"] - r["ok"],
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "c",
+                "target",
+                "plain n",
+                "p50",
+                "p90",
+                "p99",
+                "stream n",
+                "TTFT p50",
+                "p90",
+                "p99",
+                "ok",
+                "blocked",
+                "not ok",
+            ],
+            rows,
+        )
+    )
+    if result["stages"]:
+        out.append("")
+        out.append(
+            "Gateway stages, ms per request (its /metrics histograms diffed over each phase: stage time / requests)"
+        )
+        names = [n for n in STAGE_ORDER if any(s["stage"] == n for st in result["stages"] for s in st["stages"])]
+        names += sorted({s["stage"] for st in result["stages"] for s in st["stages"]} - set(names))
+        rows = []
+        for st in result["stages"]:
+            per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}
+            rows.append([st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names]])
+        out.append(_table(["phase", "gateway", "requests", *names], rows))
+        out.append(STAGE_LEGEND)
+    length = result["length"]
+    if length:
+        out.append("")
+        single = length["single_turn_ms"] or {}
+        out.append(
+            f"Cost against conversation length ({length['target']}, plain, c=1): overhead p50 ms; "
+            f"single-turn reference p50 {_f(single.get('p50'))} ms"
+        )
+        wanted = set(length["reported"])
+        rows = [
+            [p["history_turns"], p["n"], p["p50_ms"], p["ratio_to_single"]]
+            for p in length["points"]
+            if p["history_turns"] in wanted
+        ]
+        out.append(_table(["history turns", "n", "p50", "x single"], rows))
+        lo, hi = length["tail_history_turns"]
+        out.append(f"history {lo}..{hi}: p50 {_f(length['tail_p50_ms'])} ms = {_f(length['ratio_at_longest'])}x single")
+    sweep = result["sweep"]
+    if sweep:
+        out.append("")
+        out.append(f"Throughput sweep ({sweep['target']}, upstream TTFT {_f(sweep['ttft_ms'], 0)} ms)")
+        rows = []
+        for r in sweep["levels"]:
+            rows.append(
+                [
+                    r["concurrency"],
+                    r["throughput_rps"],
+                    r["ok"],
+                    r["status_503"],
+                    r["errors"],
+                    *_pct(r["latency_ms"]),
+                    r.get("classifier_failures"),
+                    r.get("rss_mib"),
+                ]
+            )
+        out.append(_table(["c", "req/s", "ok", "503", "other", "lat p50", "p90", "p99", "clf fail", "RSS MiB"], rows))
+        out.append(f"best {sweep['best_rps']:.1f} req/s, reached at c={sweep['saturated_at']}")
+    rss = result["rss"].get("processes", {})
+    if rss:
+        out.append("")
+        rows = [
+            [
+                name,
+                r["first_mib"],
+                r["after_warmup_mib"],
+                r["max_mib"],
+                r["end_mib"],
+                r["growth_after_warmup_pct"],
+                r["fds_start"],
+                r["fds_end"],
+            ]
+            for name, r in rss.items()
+        ]
+        out.append("Gateway RSS (MiB) and open descriptors")
+        out.append(_table(["gateway", "first", "after warm-up", "max", "end", "growth %", "fds", "fds end"], rows))
+    if result["targets"]:
+        out.append("")
+        out.append("Issue 7 targets (reported, not asserted)")
+        rows = [
+            [
+                t["target"],
+                t["value"],
+                ("<= " if t["unit"] != "req/s" else ">= ") + _f(t["limit"]),
+                t["unit"],
+                {True: "met", False: "NOT met", None: "-"}[t["met"]],
+            ]
+            for t in result["targets"]
+        ]
+        out.append(_table(["target", "measured", "limit", "unit", ""], rows))
+    for note in result["notes"]:
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """latency.png (overhead percentiles vs concurrency), length.png (cost vs conversation length),
+    sweep.png (throughput and latency vs concurrency), rss.png (RSS over the run); those with data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    latency = result["latency"]
+    if latency:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, (kind, key, title) in zip(
+            axes,
+            [
+                ("plain", "overhead_ms", "plain replies: overhead to last byte"),
+                ("stream", "ttft_overhead_ms", "streams: overhead to first event"),
+            ],
+            strict=True,
+        ):
+            for target in dict.fromkeys(r["target"] for r in latency):
+                rows = [r for r in latency if r["target"] == target and r[kind][key]]
+                if not rows:
+                    continue
+                cs = [r["concurrency"] for r in rows]
+                (line,) = ax.plot(cs, [r[kind][key]["p50"] for r in rows], marker="o", label=f"{target} p50")
+                ax.plot(cs, [r[kind][key]["p90"] for r in rows], ls="--", color=line.get_color(), label=f"{target} p90")
+                ax.plot(cs, [r[kind][key]["p99"] for r in rows], ls=":", color=line.get_color(), label=f"{target} p99")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel("ms")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7, ncol=2)
+        fig.suptitle("guardproxy bench: per-request overhead (client time minus upstream stamp)")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "latency.png", plt))
+
+    length = result["length"]
+    if length and length["points"]:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        xs = [p["history_turns"] for p in length["points"]]
+        ax.plot(xs, [p["p50_ms"] for p in length["points"]], marker=".", label="request N+1, p50 over conversations")
+        single = (length["single_turn_ms"] or {}).get("p50")
+        if single:
+            ax.axhline(single, color="gray", ls="--", label=f"single turn p50 ({single:.1f} ms)")
+            ax.axhline(single * 1.2, color="red", ls=":", label="1.2x single turn")
+        ax.set_xlabel("history turns N")
+        ax.set_ylabel("overhead, ms")
+        ax.set_title(f"cost against conversation length ({length['target']}, plain, c=1)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "length.png", plt))
+
+    sweep = result["sweep"]
+    if sweep and sweep["levels"]:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        cs = [r["concurrency"] for r in sweep["levels"]]
+        ax.plot(cs, [r["throughput_rps"] for r in sweep["levels"]], marker="o", color="tab:blue", label="req/s")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("requests/s (ok)", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot(
+            cs,
+            [float((r["latency_ms"] or {}).get("p99", "nan")) for r in sweep["levels"]],
+            marker="s",
+            color="tab:red",
+            label="latency p99",
+        )
+        ax2.set_ylabel("latency p99, ms", color="tab:red")
+        ax.set_title(f"throughput sweep ({sweep['target']})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "sweep.png", plt))
+
+    procs = result["rss"].get("processes", {})
+    if procs:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, r in procs.items():
+            ax.plot([s[0] for s in r["samples"]], [s[1] for s in r["samples"]], label=name)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("RSS, MiB")
+        ax.set_title("gateway RSS over the run")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "rss.png", plt))
+    return written
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,234 @@
+"""``guardproxy bench``: it runs end to end on a tiny configuration and its numbers are internally consistent.
+
+Numbers never gate these tests (no latency or throughput bound is asserted): only that every section is there,
+that counts add up, that percentiles are ordered, that the charts are written, and that a real upstream's key is
+used but never shown. The bench starts real processes (the FAKE upstream, two gateways with the guard model) on
+loopback, as a user's run does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from guardproxy.benchmark.load import Mix, MixSpec, Scrape, percentiles, stage_diff, user_turn
+from guardproxy.benchmark.procs import BenchError
+from guardproxy.benchmark.run import BenchConfig
+from guardproxy.benchmark.upstream import STAMP_HEADER, TTFT_HEADER, build
+from guardproxy.fake_upstream import FakeUpstream
+from guardproxy.settings import PROJECT_ROOT, Settings
+from tests.servers import serve
+
+MONITOR = PROJECT_ROOT / "policies" / "monitor.toml"  # never blocks: every request reaches the upstream
+SECTIONS = {"machine", "config", "latency", "stages", "length", "sweep", "rss", "targets", "notes"}
+TINY = ["--concurrency", "1,2", "--requests", "10", "--warmup", "2", "--ttft-ms", "5", "--tokens-per-s", "0",
+        "--sweep", "1,2", "--sweep-seconds", "0.5", "--lengths", "0,1,3", "--conversations", "2"]  # fmt: skip
+
+
+def _bench(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "guardproxy.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+        env=env,
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    proc: subprocess.CompletedProcess[str]
+    result: dict[str, Any]
+    png: Path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    tmp = tmp_path_factory.mktemp("bench")
+    proc = _bench(["--fake-upstream", *TINY, "--policy", str(MONITOR), "--json", str(tmp / "b.json"),
+                   "--png", str(tmp / "png"), "--workdir", str(tmp / "work"), "--quiet"])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    yield Run(proc, json.loads((tmp / "b.json").read_text()), tmp / "png")
+
+
+def _ordered(p: dict[str, Any] | None) -> None:
+    if p is None:
+        return
+    assert p["n"] > 0
+    assert p["p50"] <= p["p90"] <= p["p99"] <= p["max"]
+
+
+def test_every_section_is_in_the_json_and_the_terminal_report(tiny: Run) -> None:
+    assert set(tiny.result) == SECTIONS
+    for heading in ("Overhead per request", "Gateway stages", "Cost against conversation length",
+                    "Throughput sweep", "Gateway RSS", "Issue 7 targets"):  # fmt: skip
+        assert heading in tiny.proc.stdout
+    assert tiny.result["config"]["api_key_set"] is False
+
+
+def test_latency_counts_add_up_and_percentiles_are_ordered(tiny: Run) -> None:
+    rows = tiny.result["latency"]
+    assert {(r["concurrency"], r["target"]) for r in rows} == {
+        (c, t) for c in (1, 2) for t in ("direct", "guarded", "speculative")
+    }
+    for r in rows:
+        assert r["requests"] == 10
+        assert sum(r["statuses"].values()) == r["requests"]
+        assert r["plain"]["n"] + r["stream"]["n"] == r["requests"]
+        assert r["ok"] == r["requests"], r["statuses"]  # FAKE upstream, monitor policy: nothing fails or blocks
+        assert r["blocked"] == 0
+        for p in (r["plain"]["overhead_ms"], r["plain"]["total_ms"], r["stream"]["ttft_overhead_ms"],
+                  r["stream"]["ttft_ms"], r["stream"]["total_ms"]):  # fmt: skip
+            _ordered(p)
+        # every ok request carried the upstream's stamp, so every one has an overhead sample
+        assert (r["plain"]["overhead_ms"] or {"n": 0})["n"] == r["plain"]["n"]
+        assert (r["stream"]["ttft_overhead_ms"] or {"n": 0})["n"] == r["stream"]["n"]
+        if r["plain"]["total_ms"] is not None:
+            assert r["plain"]["overhead_ms"]["p50"] <= r["plain"]["total_ms"]["p50"]
+
+
+def test_stage_breakdown_covers_every_gateway_request(tiny: Run) -> None:
+    stages = tiny.result["stages"]
+    phases = {(s["phase"], s["gateway"]) for s in stages}
+    assert {("latency c=1", "guarded"), ("latency c=2", "speculative"), ("conversation length", "guarded")} <= phases
+    for s in stages:
+        by = {st["stage"]: st for st in s["stages"]}
+        assert by["parse"]["count"] == s["requests"]  # one parse per guarded request
+        assert by["input_check"]["count"] == s["requests"]
+        for st in s["stages"]:
+            assert st["mean_ms"] >= 0 and st["per_request_ms"] >= 0
+
+
+def test_conversation_length_phase_records_every_step(tiny: Run) -> None:
+    length = tiny.result["length"]
+    assert length["failed_conversations"] == 0
+    assert [p["history_turns"] for p in length["points"]] == [0, 1, 2, 3]
+    assert all(p["n"] == 2 for p in length["points"])
+    assert length["single_turn_ms"]["n"] == 8  # one interleaved single-turn request per step
+    assert length["ratio_at_longest"] > 0
+
+
+def test_sweep_and_rss(tiny: Run) -> None:
+    levels = tiny.result["sweep"]["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["ok"] + lv["status_503"] + lv["errors"] == lv["requests"]
+        assert lv["throughput_rps"] > 0
+        _ordered(lv["latency_ms"])
+    assert tiny.result["sweep"]["best_rps"] == max(lv["throughput_rps"] for lv in levels)
+    procs = tiny.result["rss"]["processes"]
+    assert set(procs) == {"guarded", "speculative"}
+    for r in procs.values():
+        assert 0 < r["first_mib"] <= r["max_mib"] and r["end_mib"] <= r["max_mib"]
+        assert r["fds_end"] > 0
+        assert len(r["samples"]) >= 2
+
+
+def test_charts_are_written(tiny: Run) -> None:
+    for name in ("latency.png", "length.png", "sweep.png", "rss.png"):
+        data = (tiny.png / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+async def test_a_real_upstream_gets_the_key_and_nothing_shows_it(tmp_path: Path) -> None:
+    canary = "sk-bench-canary-7c1d2e9f00aa"
+    fake = FakeUpstream()
+    env = {**os.environ, "GP_BENCH_TEST_KEY": canary}
+    async with serve(fake) as base:
+        args = ["--upstream", base + "/v1", "--api-key-env", "GP_BENCH_TEST_KEY", "--modes", "direct,guarded",
+                "--concurrency", "1", "--requests", "4", "--warmup", "1", "--policy", str(MONITOR),
+                "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "work"), "--quiet"]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "guardproxy.cli", "bench", *args,
+            cwd=PROJECT_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-4000:]
+    seen = [r.headers.get("authorization") for r in fake.requests if r.path.endswith("/chat/completions")]
+    assert len(seen) == 2 * (4 + 1) and set(seen) == {f"Bearer {canary}"}  # direct and through the gateway
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["config"]["api_key_set"] is True
+    assert result["sweep"] == {} and result["length"] == {}  # not run against a real upstream unless asked
+    everything = out + err + (tmp_path / "b.json").read_bytes()
+    for path in (tmp_path / "work").rglob("*"):
+        if path.is_file():
+            everything += path.read_bytes()
+    assert canary.encode() not in everything
+
+
+def test_bad_configurations_are_refused() -> None:
+    with pytest.raises(BenchError, match="concurrency"):
+        BenchConfig(concurrency=(5000,)).validate()
+    with pytest.raises(BenchError, match="modes"):
+        BenchConfig(modes=("direct",)).validate()
+    with pytest.raises(BenchError, match="lengths"):
+        BenchConfig(lengths=(1000,)).validate()
+    proc = _bench(["--upstream", "http://127.0.0.1:9/v1", "--fake-upstream"], timeout=60)
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+# --- the parts ----------------------------------------------------------------------------------------------------
+
+
+async def test_the_fake_upstream_stamps_its_own_time() -> None:
+    app = build(ttft_ms=30, tokens_per_s=0, reply_words=12)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with serve(app) as base, httpx.AsyncClient(base_url=base) as client:
+        r = await client.post("/v1/chat/completions", json=body)
+        assert len(r.json()["choices"][0]["message"]["content"].split()) == 12
+        assert 30 <= float(r.headers[STAMP_HEADER]) < 5000
+        r = await client.post("/v1/chat/completions", json={**body, "stream": True}, headers={TTFT_HEADER: "0"})
+        assert r.text.rstrip().endswith("data: [DONE]")
+        assert 0 <= float(r.headers[STAMP_HEADER]) < 30
+
+
+def test_turns_are_unique_and_about_64_tokens() -> None:
+    import random
+
+    from guardproxy.encoding import load_tokenizer
+
+    rng = random.Random(0)
+    turns = [user_turn(rng, i, 48) for i in range(50)]
+    assert len(set(turns)) == 50
+    tok = load_tokenizer(Settings().guard.model_dir / "tokenizer.json")  # the model the bench runs
+    lengths = [len(tok.encode(t).ids) for t in turns]
+    assert 56 <= sum(lengths) / len(lengths) <= 72
+
+
+def test_conversations_grow_and_start_over() -> None:
+    mix = Mix(MixSpec(max_turns=3), seed=1)
+    seen = []
+    for _ in range(7):
+        planned = mix.next("t", stream=False, conversation=True)
+        seen.append(planned.history_turns)
+        body = json.loads(planned.body)
+        assert len(body["messages"]) == 2 * planned.history_turns + 1
+        mix.settle("t", planned, "reply")
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
+    single = mix.next("t", stream=True, conversation=False)
+    assert single.history_turns == 0 and single.conversation is None and json.loads(single.body)["stream"] is True
+
+
+def test_percentiles_and_stage_diff() -> None:
+    p = percentiles([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert p is not None and p.n == 5 and p.p50 == 3.0 and p.p50 <= p.p90 <= p.p99 <= p.max == 5.0
+    assert percentiles([]) is None
+    inf = float("inf")
+    before = Scrape({"parse": 1.0}, {"parse": 10}, {"parse": {0.001: 5, 0.01: 10, inf: 10}}, {})
+    after = Scrape({"parse": 1.5}, {"parse": 20}, {"parse": {0.001: 5, 0.01: 20, inf: 20}}, {})
+    (st,) = stage_diff(before, after, requests=10)
+    assert st.count == 10 and st.mean_ms == pytest.approx(50.0) and st.per_request_ms == pytest.approx(50.0)
+    assert st.p50_ms is not None and 1.0 <= st.p50_ms <= 10.0  # all ten new observations fell in (1, 10] ms
