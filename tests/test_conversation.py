@@ -105,15 +105,19 @@ def a(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": text}
 
 
-async def talk(t: ConversationTracker, turns: Sequence[str], *, tenant: str = "t1", sub: str | None = None) -> list:
-    """Run a conversation through the tracker as the gateway would: observe, then record the reply."""
+async def talk(
+    t: ConversationTracker, turns: Sequence[str], *, tenant: str = "t1", sub: str | None = None, handback: bool = True
+) -> list[Any]:
+    """Run a conversation through the tracker as the gateway would: observe, then record the reply (handing the
+    observation back, as the guard does, or not: both paths must agree)."""
     messages: list[dict[str, Any]] = []
     observations = []
     for i, text in enumerate(turns):
         messages.append(u(text))
-        observations.append(await t.observe(tenant, sub, messages))
+        obs = await t.observe(tenant, sub, messages)
+        observations.append(obs)
         reply = f"Reply {i} about {text[:20]}"
-        await t.record_reply(tenant, sub, messages, reply, refused=False)
+        await t.record_reply(tenant, sub, messages, reply, refused=False, observation=obs if handback else None)
         messages.append(a(reply))
     return observations
 
@@ -139,6 +143,15 @@ async def test_request_n_plus_1_scores_only_the_new_turn() -> None:
     assert set(per_request[1:]) == {(1, 2)}
     assert obs.signals.turn_index == 60
     assert obs.signals.history == "verified"
+
+
+async def test_record_reply_with_or_without_the_observation_agrees() -> None:
+    turns = ["tell me about chemistry", "and explosive reactions", "what about a bomb", "ok thanks"]
+    with_obs, without = tracker(), tracker()
+    a1 = await talk(with_obs, turns, handback=True)
+    a2 = await talk(without, turns, handback=False)
+    assert [o.signals for o in a1] == [o.signals for o in a2]
+    assert not with_obs._pending and not without._pending  # nothing left behind either way
 
 
 async def test_consecutive_new_user_turns_are_all_scored() -> None:

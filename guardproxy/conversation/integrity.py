@@ -51,6 +51,7 @@ _HISTORY_RANK: dict[str, int] = {"none": 0, "verified": 1, "unverified": 2, "for
 _ROLE_BYTE: dict[str, bytes] = {"user": b"u", "assistant": b"a", "tool": b"t", "function": b"t"}
 _SKIPPED_ROLES = frozenset({"system", "developer"})
 _SPACE = re.compile(r"[\s\u200b\u200c\u200d\u2060\ufeff]+")
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 
 
 def worse_history(a: History, b: History) -> History:
@@ -95,29 +96,40 @@ def _tool_calls_text(message: Mapping[str, Any]) -> str:
     return " ".join(out)
 
 
-def message_text(message: Mapping[str, Any]) -> str:
-    """The text of one message as the guard model sees it: content parts joined, whitespace collapsed."""
+def _raw_text(message: Mapping[str, Any]) -> tuple[str, str]:
+    """(text, canonical extras) of a message: content parts joined, tool calls appended, whitespace as sent."""
     content = message.get("content")
+    extras = ""
     if isinstance(content, str):
         text = content
     elif isinstance(content, list):
-        text = "\n".join(t for t, _ in map(_part_text, content) if t)
+        parts = [_part_text(p) for p in content]
+        text = "\n".join(t for t, _ in parts if t)
+        extras = "".join(e for _, e in parts if e)
     else:
         text = ""
-    calls = _tool_calls_text(message)
-    if calls:
-        text = f"{text} {calls}" if text else calls
-    return _SPACE.sub(" ", text).strip()
+    if "tool_calls" in message or "function_call" in message:
+        calls = _tool_calls_text(message)
+        if calls:
+            text = f"{text} {calls}" if text else calls
+    return text, extras
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of one message as the guard model sees it: content parts joined, whitespace collapsed."""
+    return _SPACE.sub(" ", _raw_text(message)[0]).strip()
 
 
 def canonical_text(message: Mapping[str, Any]) -> bytes:
     """The canonical form hashed into the chain: NFKC text without any whitespace, plus non-text part digests."""
-    content = message.get("content")
-    extras = ""
-    if isinstance(content, list):
-        extras = "".join(e for _, e in map(_part_text, content) if e)
-    text = unicodedata.normalize("NFKC", message_text(message) + extras)
-    return _SPACE.sub("", text).encode("utf-8", "surrogatepass")
+    text, extras = _raw_text(message)
+    text += extras
+    # The chain hashes every message of every request: keep the common case (plain, normalised text) in C.
+    if not text.isascii():
+        if not unicodedata.is_normalized("NFKC", text):
+            text = unicodedata.normalize("NFKC", text)
+        text = text.translate(_ZERO_WIDTH)
+    return "".join(text.split()).encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -129,7 +141,7 @@ class Chain:
 
     roles: tuple[Role, ...]
     indices: tuple[int, ...]
-    texts: tuple[str, ...]
+    messages: tuple[Mapping[str, Any], ...]
     hashes: tuple[bytes, ...]
     secret: bytes
     seed: bytes
@@ -137,9 +149,13 @@ class Chain:
     def __len__(self) -> int:
         return len(self.roles)
 
+    def text(self, i: int) -> str:
+        """The model text of message i (computed on demand: only new turns and the window need it)."""
+        return message_text(self.messages[i])
+
     def tag(self, i: int) -> bytes:
         """Position tag after message i (0-based)."""
-        return hmac.new(self.secret, b"pos" + self.hashes[i], hashlib.sha256).digest()[:TAG_BYTES]
+        return position_tag(self.secret, self.hashes[i])
 
     def extend(self, message: Mapping[str, Any]) -> Chain:
         """This chain with ``message`` appended (the reply being relayed)."""
@@ -148,7 +164,7 @@ class Chain:
         return Chain(
             (*self.roles, role),
             (*self.indices, self.indices[-1] + 1 if self.indices else 0),
-            (*self.texts, message_text(message)),
+            (*self.messages, message),
             (*self.hashes, h),
             self.secret,
             self.seed,
@@ -157,7 +173,7 @@ class Chain:
     @property
     def root(self) -> bytes:
         """Key of the state record; derived from the first message (with the scope), the same for every turn."""
-        return hmac.new(self.secret, b"root" + self.hashes[0], hashlib.sha256).digest()[:ROOT_BYTES]
+        return hmac.digest(self.secret, b"root" + self.hashes[0], "sha256")[:ROOT_BYTES]
 
 
 def _role(message: Mapping[str, Any]) -> Role:
@@ -169,30 +185,41 @@ def _role(message: Mapping[str, Any]) -> Role:
     return "user"  # unknown roles are the client's words: treat them as user turns
 
 
+def position_tag(secret: bytes, chain_hash: bytes) -> bytes:
+    return hmac.digest(secret, b"pos" + chain_hash, "sha256")[:TAG_BYTES]
+
+
+def reply_hash(prev: bytes, reply: Mapping[str, Any]) -> bytes:
+    """The chain hash after ``prev`` extended by a relayed assistant message."""
+    return _step(prev, "assistant", canonical_text(reply))
+
+
 def _step(prev: bytes, role: Role, canonical: bytes) -> bytes:
     return hashlib.sha256(prev + _ROLE_BYTE[role] + len(canonical).to_bytes(8, "big") + canonical).digest()
 
 
 def build_chain(secret: bytes, tenant: str, subkey: str | None, messages: Sequence[Any]) -> Chain:
     """The chain of a request. Messages that are not JSON objects are skipped (the gateway rejects them first)."""
-    seed = hmac.new(secret, b"scope\0" + tenant.encode() + b"\0" + (subkey or "").encode(), hashlib.sha256).digest()
+    seed = hmac.digest(secret, b"scope\0" + tenant.encode() + b"\0" + (subkey or "").encode(), "sha256")
     roles: list[Role] = []
     indices: list[int] = []
-    texts: list[str] = []
+    kept: list[Mapping[str, Any]] = []
     hashes: list[bytes] = []
     h = seed
+    sha256 = hashlib.sha256
     for idx, message in enumerate(messages):
         if not isinstance(message, Mapping) or message.get("role") in _SKIPPED_ROLES:
             continue
         role = _role(message)
-        h = _step(h, role, canonical_text(message))
+        canonical = canonical_text(message)
+        h = sha256(h + _ROLE_BYTE[role] + len(canonical).to_bytes(8, "big") + canonical).digest()  # = _step
         roles.append(role)
         indices.append(idx)
-        texts.append(message_text(message))
+        kept.append(message)
         hashes.append(h)
-    return Chain(tuple(roles), tuple(indices), tuple(texts), tuple(hashes), secret, seed)
+    return Chain(tuple(roles), tuple(indices), tuple(kept), tuple(hashes), secret, seed)
 
 
 def tenant_key(secret: bytes, tenant: str) -> bytes:
     """Key of a tenant's refusal memory: never the tenant name itself, and not subdivided by client-chosen keys."""
-    return hmac.new(secret, b"tenant\0" + tenant.encode(), hashlib.sha256).digest()[:ROOT_BYTES]
+    return hmac.digest(secret, b"tenant\0" + tenant.encode(), "sha256")[:ROOT_BYTES]

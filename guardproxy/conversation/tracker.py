@@ -11,14 +11,23 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from guardproxy.conversation import escalation as esc
-from guardproxy.conversation.integrity import Chain, History, build_chain, message_text, tenant_key, worse_history
+from guardproxy.conversation.integrity import (
+    Chain,
+    History,
+    build_chain,
+    message_text,
+    position_tag,
+    reply_hash,
+    tenant_key,
+    worse_history,
+)
 from guardproxy.conversation.memory import MemoryBackend
 from guardproxy.conversation.state import (
     RISKS_KEPT,
@@ -41,6 +50,18 @@ _LOOKBACK = 256  # positions searched for a known prefix; an older branch point 
 
 
 @dataclass(frozen=True)
+class _Handle:
+    """Where ``observe`` left a request: lets ``record_reply`` skip re-hashing the history and re-reading state."""
+
+    tenant: str
+    subkey: str | None
+    root: bytes
+    last_hash: bytes
+    snapshot: Snapshot
+    embedding: npt.NDArray[np.float32] | None
+
+
+@dataclass(frozen=True)
 class Observation:
     """What ``observe`` found for one request.
 
@@ -55,6 +76,7 @@ class Observation:
     window: PromptScore | None = None
     state_failed: bool = False
     known: bool = False  # a stored position of this conversation was found
+    handle: _Handle | None = field(default=None, repr=False, compare=False)  # pass it back to record_reply
 
 
 @dataclass(frozen=True)
@@ -156,12 +178,13 @@ class ConversationTracker:
     async def _locate(self, chain: Chain, loaded: Loaded, root: bytes) -> tuple[int | None, Snapshot | None, Loaded]:
         """The longest prefix of ``chain`` with a stored entry: (its last index, its snapshot, the read used)."""
         lo = max(0, len(chain) - _LOOKBACK)
-        tags = [chain.tag(i) for i in range(len(chain) - 1, lo - 1, -1)]
+        tags: dict[int, bytes] = {}  # computed on demand: the match is nearly always one or two positions back
         for attempt in range(2):
-            for k, tag in enumerate(tags):
+            for i in range(len(chain) - 1, lo - 1, -1):
+                tag = tags.get(i) or tags.setdefault(i, chain.tag(i))
                 snap = find_entry(loaded.record, tag)
                 if snap is not None:
-                    return len(chain) - 1 - k, snap, loaded
+                    return i, snap, loaded
             if attempt or loaded.complete:
                 break
             full = await self.backend.load_record(root)
@@ -184,7 +207,7 @@ class ConversationTracker:
 
     def _window(self, chain: Chain, end: int) -> str | None:
         start = max(0, end + 1 - self.window_turns)
-        turns = [(chain.roles[i], chain.texts[i]) for i in range(start, end + 1) if chain.texts[i]]
+        turns = [(chain.roles[i], text) for i in range(start, end + 1) if (text := chain.text(i))]
         return esc.window_text(turns) if len(turns) >= 2 else None
 
     def _rephrase(self, embeddings: Sequence[npt.NDArray[np.float32]], refused: tuple[bytes, ...]) -> float:
@@ -229,7 +252,7 @@ class ConversationTracker:
         scored = new_users[-self.max_new_turns :]
         window_src = None if repeat else self._window(chain, n - 1)
         user_scores, window_scores = await self._scores_for(
-            [chain.texts[i] for i in scored], [window_src] if window_src else []
+            [chain.text(i) for i in scored], [window_src] if window_src else []
         )
         window = window_scores[0] if window_scores else None
 
@@ -276,7 +299,8 @@ class ConversationTracker:
         tag = chain.tag(n - 1)
         if not repeat:
             failed = not await self.backend.append(root, state.entry(tag)) or failed
-        self._remember(tag, _Pending(state, recent[-1] if recent else None))
+        embedding = recent[-1] if recent else None
+        self._remember(tag, _Pending(state, embedding))
         signals = ConversationSignals(
             window_harm=state.window,
             trajectory=state.trajectory,
@@ -294,6 +318,7 @@ class ConversationTracker:
             window=window,
             state_failed=failed,
             known=found is not None,
+            handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding),
         )
 
     def _reply_may_be_in_flight(self, chain: Chain, found: int | None, snap: Snapshot | None) -> bool:
@@ -327,6 +352,7 @@ class ConversationTracker:
         reply_text: str | Mapping[str, Any] | None,
         *,
         refused: bool,
+        observation: Observation | None = None,
     ) -> bool:
         """Record what the gateway relayed for the request ``messages``.
 
@@ -334,34 +360,42 @@ class ConversationTracker:
         policy's refusal text when the policy replaced the reply, or None when the client got an error status
         instead of a message (a block as an error: only the refusal is recorded). ``refused``: the reply is a
         refusal (the assistant's or the policy's); the request's embedding joins the tenant's refusal memory.
+        ``observation``: what ``observe`` returned for these messages; with it nothing is hashed or read again.
         Returns False when the shared backend failed (local state took the write). Never raises for state.
         """
-        chain = build_chain(self._secret, tenant, subkey, messages)
-        n = len(chain)
-        pending = self._pending.pop(chain.tag(n - 1), None) if n else None
-        if pending is not None:
-            snap, embedding = pending.snapshot, pending.embedding
-        elif n:
-            loaded = await self.backend.load_record(chain.root)
-            _found, found_snap, _ = await self._locate(chain, loaded, chain.root)
-            snap, embedding = found_snap or Snapshot(), None
+        handle = observation.handle if observation is not None else None
+        if handle is not None and (handle.tenant, handle.subkey) == (tenant, subkey):
+            root, last_hash, snap, embedding = handle.root, handle.last_hash, handle.snapshot, handle.embedding
+            chain = None
+            self._pending.pop(position_tag(self._secret, last_hash), None)
         else:
-            snap, embedding = Snapshot(), None
+            chain = build_chain(self._secret, tenant, subkey, messages)
+            if not len(chain):
+                return True  # nothing the client could send back refers to this exchange
+            root, last_hash = chain.root, chain.hashes[-1]
+            pending = self._pending.pop(chain.tag(len(chain) - 1), None)
+            if pending is not None:
+                snap, embedding = pending.snapshot, pending.embedding
+            else:
+                loaded = await self.backend.load_record(root)
+                _found, found_snap, _ = await self._locate(chain, loaded, root)
+                snap, embedding = found_snap or Snapshot(), None
         if refused:
             snap = replace(snap, refusals=snap.refusals + 1, last_refused=True)
-        ok = True
         if reply_text is not None:
             reply = {"role": "assistant", "content": reply_text} if isinstance(reply_text, str) else reply_text
-            ext = chain.extend(reply)
-            entry = replace(snap, relayed=True, history=worse_history(snap.history, "verified")).entry(ext.tag(n))
-            ok = await self.backend.append(ext.root, entry)
-        elif n:
-            ok = await self.backend.append(chain.root, replace(snap, relayed=False).entry(chain.tag(n - 1)))
-        if refused and n:
+            tag = position_tag(self._secret, reply_hash(last_hash, reply))
+            snap = replace(snap, relayed=True, history=worse_history(snap.history, "verified"))
+        else:
+            tag = position_tag(self._secret, last_hash)
+            snap = replace(snap, relayed=False)
+        ok = await self.backend.append(root, snap.entry(tag))
+        if refused:
             if embedding is None:
-                users = [t for r, t in zip(chain.roles, chain.texts, strict=True) if r == "user" and t]
+                chain = chain or build_chain(self._secret, tenant, subkey, messages)
+                users = [i for i, r in enumerate(chain.roles) if r == "user"]
                 if users:
-                    (score,), _ = await self._scores_for([users[-1]], [])
+                    (score,), _ = await self._scores_for([chain.text(users[-1])], [])
                     embedding = score.embedding
             if embedding is not None:
                 ok = await self.backend.add_refused(tenant_key(self._secret, tenant), pack_embedding(embedding)) and ok
@@ -386,20 +420,24 @@ class ConversationTracker:
         fresh._scores = self._scores  # share the content cache: replays of similar rows score each turn once
         results: list[TurnResult] = []
         msgs = list(messages)
+        last_user: str | None = None
+        observed: tuple[int, Observation] | None = None  # (request length, what observe said about it)
         for k, message in enumerate(msgs):
             if not isinstance(message, Mapping):
                 continue
             role = message.get("role")
             if role == "assistant":
-                prefix = msgs[:k]
-                users = [message_text(m) for m in prefix if isinstance(m, Mapping) and m.get("role") == "user"]
                 refused = False
-                if users:
-                    (reply_score,) = await self.classifier.score_replies([(users[-1], message_text(message))])
+                if last_user is not None:
+                    (reply_score,) = await self.classifier.score_replies([(last_user, message_text(message))])
                     refused = reply_score.refusal != "none"
-                await fresh.record_reply(tenant, None, prefix, message, refused=refused)
+                obs = observed[1] if observed is not None and observed[0] == k else None
+                await fresh.record_reply(tenant, None, msgs[:k], message, refused=refused, observation=obs)
+                observed = None
             elif role not in ("system", "developer", "tool", "function"):
+                last_user = message_text(message)
                 obs = await fresh.observe(tenant, None, msgs[: k + 1])
+                observed = (k + 1, obs)
                 own = obs.new_user_scores[-1] if obs.new_user_scores else None
                 results.append(
                     TurnResult(
