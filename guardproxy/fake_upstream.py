@@ -88,6 +88,12 @@ class FakeUpstream:
     requests: list[Recorded] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def reset(self) -> None:
+        """Back to the defaults, records cleared (a test server shared by several tests)."""
+        fresh = FakeUpstream()
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
+
     @property
     def cancellations(self) -> int:
         return sum(r.cancelled for r in self.requests)

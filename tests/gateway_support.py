@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest_asyncio
 from starlette.applications import Starlette
 
 from guardproxy.app import create_app
@@ -28,6 +29,11 @@ class Env:
     url: str
     client: httpx.AsyncClient
     app: Starlette
+
+    @property
+    def pipeline(self) -> Pipeline:
+        pipeline: Pipeline = self.app.state.pipeline
+        return pipeline
 
 
 def settings_for(upstream_url: str, **sections: dict[str, Any]) -> Settings:
@@ -124,3 +130,24 @@ class ScriptedCheck:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+# A gateway shared by the tests of one module (starting and stopping two servers per test costs ~0.5 s).
+# Modules using it set ``pytestmark = pytest.mark.asyncio(loop_scope="module")``; each test gets it reset:
+# FAKE upstream back to its defaults, no checks (a passthrough), default check step. A test that needs
+# checks sets ``env.pipeline.checks``; tests that need other settings start their own gateway.
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_env() -> AsyncIterator[Env]:
+    async with gateway() as env:
+        yield env
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def env(shared_env: Env) -> Env:
+    shared_env.fake.reset()
+    shared_env.pipeline.checks = []
+    shared_env.pipeline.output_check_chars = 256
+    shared_env.client.cookies.clear()
+    return shared_env

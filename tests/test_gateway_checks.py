@@ -10,7 +10,10 @@ import pytest
 
 from guardproxy.fake_upstream import FakeUpstream
 from guardproxy.pipeline import Action, Verdict
-from tests.gateway_support import CHAT, HELLO, ScriptedCheck, gateway, sse_events, streamed_text
+from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+__all__ = ["env", "shared_env"]  # fixtures
 
 REFUSAL = "I can't help with that, because it could hurt someone; here is a safer alternative."
 BLOCK = Verdict(
@@ -31,56 +34,56 @@ async def _finished(check: ScriptedCheck, count: int = 1) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_allow_checks_input_and_every_output(stream: bool) -> None:
     check = ScriptedCheck()
-    async with gateway(checks=[check]) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": stream})
+    async with gateway(checks=[check]) as own:  # its own app: start() and aclose() are asserted
+        r = await own.client.post(CHAT, json={**HELLO, "stream": stream})
         assert r.status_code == 200
         await _finished(check)
     assert check.started and check.closed
     (ex,) = check.finished
     assert ex.outcome == "ok"
-    assert ex.reply_texts == {0: env.fake.reply}
+    assert ex.reply_texts == {0: own.fake.reply}
     assert ex.upstream_status == 200
     assert {"parse", "input_check", "output_check", "upstream"} <= set(ex.timings)
     assert "authorization" not in ex.headers
-    assert check.outputs[-1] == (0, env.fake.reply, True)
+    assert check.outputs[-1] == (0, own.fake.reply, True)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_flag_annotates_response_headers(stream: bool) -> None:
+async def test_flag_annotates_response_headers(stream: bool, env: Env) -> None:
     check = ScriptedCheck(input_verdict=FLAG)
-    async with gateway(checks=[check]) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": stream}, headers={"authorization": "Bearer sk-x"})
-        assert r.status_code == 200
-        assert r.headers["x-guardproxy-decision"] == "flag"
-        assert r.headers["x-guardproxy-policy"] == "p@1"
-        await _finished(check)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "stream": stream}, headers={"authorization": "Bearer sk-x"})
+    assert r.status_code == 200
+    assert r.headers["x-guardproxy-decision"] == "flag"
+    assert r.headers["x-guardproxy-policy"] == "p@1"
+    await _finished(check)
     assert check.finished[0].input_verdict == FLAG
 
 
-async def test_block_input_plain_gets_refusal_and_never_reaches_upstream() -> None:
+async def test_block_input_plain_gets_refusal_and_never_reaches_upstream(env: Env) -> None:
     check = ScriptedCheck(input_verdict=BLOCK)
-    async with gateway(checks=[check]) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "n": 2})
-        assert r.status_code == 200
-        body = r.json()
-        assert body["object"] == "chat.completion"
-        assert [c["message"]["content"] for c in body["choices"]] == [REFUSAL, REFUSAL]
-        assert {c["finish_reason"] for c in body["choices"]} == {"content_filter"}
-        assert r.headers["x-guardproxy-decision"] == "block"
-        assert env.fake.requests == []
-        await _finished(check)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "n": 2})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert [c["message"]["content"] for c in body["choices"]] == [REFUSAL, REFUSAL]
+    assert {c["finish_reason"] for c in body["choices"]} == {"content_filter"}
+    assert r.headers["x-guardproxy-decision"] == "block"
+    assert env.fake.requests == []
+    await _finished(check)
     assert check.finished[0].outcome == "blocked_input"
 
 
-async def test_block_input_stream_gets_refusal_as_sse() -> None:
+async def test_block_input_stream_gets_refusal_as_sse(env: Env) -> None:
     check = ScriptedCheck(input_verdict=BLOCK)
-    async with gateway(checks=[check]) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": True})
-        events = sse_events(r.text)
-        assert events[-1] == "[DONE]"
-        assert streamed_text(events) == REFUSAL
-        assert events[-2]["choices"][0]["finish_reason"] == "content_filter"
-        assert env.fake.requests == []
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert streamed_text(events) == REFUSAL
+    assert events[-2]["choices"][0]["finish_reason"] == "content_filter"
+    assert env.fake.requests == []
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -97,41 +100,42 @@ async def test_block_with_status_code_is_an_openai_error(stream: bool) -> None:
         }
 
 
-async def test_block_output_plain_replaces_only_the_blocked_choice() -> None:
-    fake = FakeUpstream(replies=["a fine answer", "a FORBIDDEN answer"])
+async def test_block_output_plain_replaces_only_the_blocked_choice(env: Env) -> None:
+    env.fake.replies = ["a fine answer", "a FORBIDDEN answer"]
     check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
-    async with gateway(fake, checks=[check]) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "n": 2})
-        choices = r.json()["choices"]
-        assert choices[0]["message"]["content"] == "a fine answer"
-        assert choices[1]["message"]["content"] == REFUSAL
-        assert choices[1]["finish_reason"] == "content_filter"
-        assert "FORBIDDEN" not in r.text
-        await _finished(check)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "n": 2})
+    choices = r.json()["choices"]
+    assert choices[0]["message"]["content"] == "a fine answer"
+    assert choices[1]["message"]["content"] == REFUSAL
+    assert choices[1]["finish_reason"] == "content_filter"
+    assert "FORBIDDEN" not in r.text
+    await _finished(check)
     # Every choice was checked, each once, final.
     assert sorted(check.outputs) == [(0, "a fine answer", True), (1, "a FORBIDDEN answer", True)]
     assert check.finished[0].outcome == "blocked_output"
 
 
-async def test_block_output_mid_stream_cuts_before_the_chunk() -> None:
-    fake = FakeUpstream(reply=LONG_REPLY)
+async def test_block_output_mid_stream_cuts_before_the_chunk(env: Env) -> None:
+    env.fake.reply = LONG_REPLY
     check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
-    async with gateway(fake, checks=[check], output_check_chars=64) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": True})
-        events = sse_events(r.text)
-        assert events[-1] == "[DONE]"
-        text = streamed_text(events)
-        assert text.startswith("word0 word1") and text.endswith(REFUSAL)
-        relayed = text[: -len(REFUSAL)]
-        # Checked every 64 characters: at most one step of text after the trigger got out, and the
-        # chunk that tripped the check was withheld (the checked text is longer than what was relayed).
-        assert len(relayed) < LONG_REPLY.index("FORBIDDEN") + len("FORBIDDEN") + 64
-        blocked_text = check.outputs[-1][1]
-        assert "FORBIDDEN" in blocked_text and blocked_text.startswith(relayed) and len(blocked_text) > len(relayed)
-        last = events[-2]["choices"][0]
-        assert last["finish_reason"] == "content_filter"
-        assert last["delta"]["content"] == REFUSAL
-        await _finished(check)
+    env.pipeline.checks = [check]
+    env.pipeline.output_check_chars = 64
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    text = streamed_text(events)
+    assert text.startswith("word0 word1") and text.endswith(REFUSAL)
+    relayed = text[: -len(REFUSAL)]
+    # Checked every 64 characters: at most one step of text after the trigger got out, and the
+    # chunk that tripped the check was withheld (the checked text is longer than what was relayed).
+    assert len(relayed) < LONG_REPLY.index("FORBIDDEN") + len("FORBIDDEN") + 64
+    blocked_text = check.outputs[-1][1]
+    assert "FORBIDDEN" in blocked_text and blocked_text.startswith(relayed) and len(blocked_text) > len(relayed)
+    last = events[-2]["choices"][0]
+    assert last["finish_reason"] == "content_filter"
+    assert last["delta"]["content"] == REFUSAL
+    await _finished(check)
     # Checked repeatedly as the text grew, never finally (the block came first).
     assert len(check.outputs) > 3
     assert not any(final for _, _, final in check.outputs)
@@ -152,43 +156,44 @@ async def test_stream_final_check_blocks_before_the_finishing_chunk() -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_tool_call_arguments_are_checked(stream: bool) -> None:
-    fake = FakeUpstream(tool_call=("run", json.dumps({"cmd": "FORBIDDEN thing", "pad": "x" * 40})))
+async def test_tool_call_arguments_are_checked(stream: bool, env: Env) -> None:
+    env.fake.tool_call = ("run", json.dumps({"cmd": "FORBIDDEN thing", "pad": "x" * 40}))
     check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
-    async with gateway(fake, checks=[check], output_check_chars=16) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": stream})
-        assert r.status_code == 200
-        if stream:
-            events = sse_events(r.text)
-            assert events[-2]["choices"][0]["finish_reason"] == "content_filter"
-        else:
-            assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+    env.pipeline.checks = [check]
+    env.pipeline.output_check_chars = 16
+    r = await env.client.post(CHAT, json={**HELLO, "stream": stream})
+    assert r.status_code == 200
+    if stream:
+        events = sse_events(r.text)
+        assert events[-2]["choices"][0]["finish_reason"] == "content_filter"
+    else:
+        assert r.json()["choices"][0]["finish_reason"] == "content_filter"
     assert any("FORBIDDEN" in text for _, text, _ in check.outputs)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_n_choices_are_all_checked(stream: bool) -> None:
-    fake = FakeUpstream(replies=["first answer", "second answer", "third answer"])
+async def test_n_choices_are_all_checked(stream: bool, env: Env) -> None:
+    env.fake.replies = ["first answer", "second answer", "third answer"]
     check = ScriptedCheck()
-    async with gateway(fake, checks=[check]) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "n": 3, "stream": stream})
-        assert r.status_code == 200
-        await _finished(check)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "n": 3, "stream": stream})
+    assert r.status_code == 200
+    await _finished(check)
     finals = {(i, text) for i, text, final in check.outputs if final}
     assert finals == {(0, "first answer"), (1, "second answer"), (2, "third answer")}
     assert check.finished[0].reply_texts == {0: "first answer", 1: "second answer", 2: "third answer"}
 
 
-async def test_retry_note_re_asks_once_with_a_system_note() -> None:
-    fake = FakeUpstream(reply="I cannot help RETRYME")
+async def test_retry_note_re_asks_once_with_a_system_note(env: Env) -> None:
+    env.fake.reply = "I cannot help RETRYME"
     check = ScriptedCheck(retry_note_on="RETRYME")
-    async with gateway(fake, checks=[check]) as env:
-        r = await env.client.post(CHAT, json=HELLO)
-        assert r.status_code == 200
-        assert len(env.fake.requests) == 2
-        retry_body = env.fake.requests[1].body
-        assert retry_body["messages"][-1] == {"role": "system", "content": "Please answer the question helpfully."}
-        await _finished(check)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json=HELLO)
+    assert r.status_code == 200
+    assert len(env.fake.requests) == 2
+    retry_body = env.fake.requests[1].body
+    assert retry_body["messages"][-1] == {"role": "system", "content": "Please answer the question helpfully."}
+    await _finished(check)
     # Both replies checked; the second one's retry note is not acted on again.
     assert len(check.outputs) == 2
     assert check.finished[0].state["retried"] is True
@@ -216,20 +221,20 @@ async def test_speculative_block_cancels_the_upstream_call() -> None:
         assert env.fake.cancellations == 1
 
 
-async def test_annotations_from_output_verdict_on_plain_reply() -> None:
+async def test_annotations_from_output_verdict_on_plain_reply(env: Env) -> None:
     check = ScriptedCheck(block_output_on="FAKE", output_verdict=FLAG)
-    async with gateway(checks=[check]) as env:
-        r = await env.client.post(CHAT, json=HELLO)
-        assert r.headers["x-guardproxy-decision"] == "flag"
-        assert r.json()["choices"][0]["message"]["content"] == env.fake.reply
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json=HELLO)
+    assert r.headers["x-guardproxy-decision"] == "flag"
+    assert r.json()["choices"][0]["message"]["content"] == env.fake.reply
 
 
-async def test_invalid_json_event_fails_the_guarded_stream_in_band() -> None:
+async def test_invalid_json_event_fails_the_guarded_stream_in_band(env: Env) -> None:
     check = ScriptedCheck()
-    async with gateway(checks=[check]) as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": True}, headers={"x-fake-fault": "invalid_json_sse"})
-        events = sse_events(r.text.replace("data: {not json\n\n", ""))
-        assert events[-1] == "[DONE]"
-        assert events[-2]["error"]["code"] == "upstream_stream_error"
-        await _finished(check)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True}, headers={"x-fake-fault": "invalid_json_sse"})
+    events = sse_events(r.text.replace("data: {not json\n\n", ""))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "upstream_stream_error"
+    await _finished(check)
     assert check.finished[0].outcome == "upstream_error"

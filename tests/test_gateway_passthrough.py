@@ -5,81 +5,76 @@ from __future__ import annotations
 import openai
 import pytest
 
-from guardproxy.fake_upstream import FakeUpstream
-from tests.gateway_support import CHAT, HELLO, gateway, sse_events, streamed_text
+from tests.gateway_support import CHAT, HELLO, Env, env, gateway, shared_env, sse_events, streamed_text
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+__all__ = ["env", "shared_env"]  # fixtures
 
 
-async def test_plain_reply_passes_through() -> None:
-    async with gateway() as env:
-        r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer sk-client"})
-        assert r.status_code == 200
-        assert r.json()["choices"][0]["message"]["content"] == env.fake.reply
-        assert r.headers["content-length"] == str(len(r.content))
-        (rec,) = env.fake.requests
-        assert rec.body == HELLO
-        assert rec.headers["authorization"] == "Bearer sk-client"  # pass-through mode
-        assert rec.headers["x-request-id"] == r.headers["x-request-id"]
+async def test_plain_reply_passes_through(env: Env) -> None:
+    r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer sk-client"})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == env.fake.reply
+    assert r.headers["content-length"] == str(len(r.content))
+    (rec,) = env.fake.requests
+    assert rec.body == HELLO
+    assert rec.headers["authorization"] == "Bearer sk-client"  # pass-through mode
+    assert rec.headers["x-request-id"] == r.headers["x-request-id"]
 
 
-async def test_stream_relays_every_event_and_done() -> None:
-    async with gateway() as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": True})
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r.text)
-        assert events[-1] == "[DONE]"
-        assert streamed_text(events) == env.fake.reply
-        assert "content-length" not in r.headers
+async def test_stream_relays_every_event_and_done(env: Env) -> None:
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert streamed_text(events) == env.fake.reply
+    assert "content-length" not in r.headers
 
 
-async def test_request_id_is_propagated() -> None:
-    async with gateway() as env:
-        r = await env.client.post(CHAT, json=HELLO, headers={"x-request-id": "abc-123"})
-        assert r.headers["x-request-id"] == "abc-123"
-        assert env.fake.requests[0].headers["x-request-id"] == "abc-123"
-        # An id that is not a plain token is replaced, not echoed.
-        r = await env.client.post(CHAT, json=HELLO, headers={"x-request-id": "a b<c>"})
-        assert r.headers["x-request-id"] != "a b<c>"
+async def test_request_id_is_propagated(env: Env) -> None:
+    r = await env.client.post(CHAT, json=HELLO, headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert env.fake.requests[0].headers["x-request-id"] == "abc-123"
+    # An id that is not a plain token is replaced, not echoed.
+    r = await env.client.post(CHAT, json=HELLO, headers={"x-request-id": "a b<c>"})
+    assert r.headers["x-request-id"] != "a b<c>"
 
 
-async def test_hop_by_hop_headers_are_not_forwarded() -> None:
-    async with gateway() as env:
-        headers = {"connection": "keep-alive, x-hop", "x-hop": "1", "te": "trailers", "x-kept": "yes"}
-        r = await env.client.post(CHAT, json=HELLO, headers=headers)
-        assert r.status_code == 200
-        seen = env.fake.requests[0].headers
-        assert "x-hop" not in seen and "te" not in seen
-        assert seen["x-kept"] == "yes"
+async def test_hop_by_hop_headers_are_not_forwarded(env: Env) -> None:
+    headers = {"connection": "keep-alive, x-hop", "x-hop": "1", "te": "trailers", "x-kept": "yes"}
+    r = await env.client.post(CHAT, json=HELLO, headers=headers)
+    assert r.status_code == 200
+    seen = env.fake.requests[0].headers
+    assert "x-hop" not in seen and "te" not in seen
+    assert seen["x-kept"] == "yes"
 
 
-async def test_upstream_cookies_are_not_kept_between_clients() -> None:
-    fake = FakeUpstream(set_cookie="session=tenant-a-secret; Path=/")
-    async with gateway(fake) as env:
-        r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-a"})
-        assert r.headers["set-cookie"].startswith("session=")  # relayed to the client that got it
-        env.client.cookies.clear()
-        await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-b"})
-        assert "cookie" not in env.fake.requests[1].headers  # the gateway keeps no cookie jar
+async def test_upstream_cookies_are_not_kept_between_clients(env: Env) -> None:
+    env.fake.set_cookie = "session=tenant-a-secret; Path=/"
+    r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-a"})
+    assert r.headers["set-cookie"].startswith("session=")  # relayed to the client that got it
+    env.client.cookies.clear()
+    await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-b"})
+    assert "cookie" not in env.fake.requests[1].headers  # the gateway keeps no cookie jar
 
 
-async def test_gzip_reply_is_decoded_without_stale_headers() -> None:
-    async with gateway() as env:
-        r = await env.client.post(CHAT, json=HELLO, headers={"x-fake-fault": "gzip", "accept-encoding": "identity"})
-        assert r.status_code == 200
-        assert "content-encoding" not in r.headers
-        assert int(r.headers["content-length"]) == len(r.content)
-        assert r.json()["choices"][0]["message"]["content"] == env.fake.reply
-        # The fake really compressed it (so the test above exercised the decoding).
-        raw = await env.client.post(env.upstream_url + CHAT, json=HELLO, headers={"x-fake-fault": "gzip"})
-        assert raw.headers["content-encoding"] == "gzip"
+async def test_gzip_reply_is_decoded_without_stale_headers(env: Env) -> None:
+    r = await env.client.post(CHAT, json=HELLO, headers={"x-fake-fault": "gzip", "accept-encoding": "identity"})
+    assert r.status_code == 200
+    assert "content-encoding" not in r.headers
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert r.json()["choices"][0]["message"]["content"] == env.fake.reply
+    # The fake really compressed it (so the test above exercised the decoding).
+    raw = await env.client.post(env.upstream_url + CHAT, json=HELLO, headers={"x-fake-fault": "gzip"})
+    assert raw.headers["content-encoding"] == "gzip"
 
 
-async def test_split_crlf_comment_stream_is_relayed_intact() -> None:
-    async with gateway() as env:
-        r = await env.client.post(CHAT, json={**HELLO, "stream": True}, headers={"x-fake-fault": "split_sse"})
-        events = sse_events(r.text)
-        assert events[-1] == "[DONE]"
-        assert streamed_text(events) == env.fake.reply
+async def test_split_crlf_comment_stream_is_relayed_intact(env: Env) -> None:
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True}, headers={"x-fake-fault": "split_sse"})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert streamed_text(events) == env.fake.reply
 
 
 @pytest.mark.parametrize(
@@ -89,11 +84,10 @@ async def test_split_crlf_comment_stream_is_relayed_intact() -> None:
         ("POST", "/v1/embeddings", {"model": "e", "input": "hi"}),
     ],
 )
-async def test_non_generating_routes_are_forwarded(method: str, path: str, payload: object) -> None:
-    async with gateway() as env:
-        r = await env.client.request(method, path, json=payload)
-        assert r.status_code == 200
-        assert env.fake.requests[0].path == path
+async def test_non_generating_routes_are_forwarded(method: str, path: str, payload: object, env: Env) -> None:
+    r = await env.client.request(method, path, json=payload)
+    assert r.status_code == 200
+    assert env.fake.requests[0].path == path
 
 
 @pytest.mark.parametrize(
@@ -108,12 +102,11 @@ async def test_non_generating_routes_are_forwarded(method: str, path: str, paylo
         "/v1/chat/completions/extra",
     ],
 )
-async def test_unguarded_generating_routes_are_refused(path: str) -> None:
-    async with gateway() as env:
-        r = await env.client.post(path, json={"model": "m", "prompt": "hi"})
-        assert r.status_code == 403
-        assert r.json()["error"]["code"] == "route_not_guarded"
-        assert env.fake.requests == []
+async def test_unguarded_generating_routes_are_refused(path: str, env: Env) -> None:
+    r = await env.client.post(path, json={"model": "m", "prompt": "hi"})
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "route_not_guarded"
+    assert env.fake.requests == []
 
 
 async def test_unguarded_generating_route_forwarded_when_allowed_and_counted() -> None:
@@ -124,53 +117,49 @@ async def test_unguarded_generating_route_forwarded_when_allowed_and_counted() -
         assert 'guardproxy_unguarded_forwards_total{route="/v1/completions"} 1.0' in metrics
 
 
-async def test_trailing_slash_still_goes_through_the_guarded_handler() -> None:
-    async with gateway() as env:
-        r = await env.client.post(CHAT + "/", content=b"{not json")
-        assert r.status_code == 400  # parsed by the guarded route, not forwarded raw
-        assert env.fake.requests == []
+async def test_trailing_slash_still_goes_through_the_guarded_handler(env: Env) -> None:
+    r = await env.client.post(CHAT + "/", content=b"{not json")
+    assert r.status_code == 400  # parsed by the guarded route, not forwarded raw
+    assert env.fake.requests == []
 
 
-async def test_forwarded_route_keeps_gzip_encoding_raw() -> None:
-    async with gateway() as env:
-        r = await env.client.get("/v1/models", headers={"accept-encoding": "gzip"})
-        assert r.status_code == 200
-        assert r.json()["data"][0]["id"] == "fake-model"
+async def test_forwarded_route_keeps_gzip_encoding_raw(env: Env) -> None:
+    r = await env.client.get("/v1/models", headers={"accept-encoding": "gzip"})
+    assert r.status_code == 200
+    assert r.json()["data"][0]["id"] == "fake-model"
 
 
-async def test_openai_sdk_plain_and_stream() -> None:
-    async with gateway() as env:
-        client = openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-test", max_retries=0)
-        try:
-            reply = await client.chat.completions.create(
-                model="fake-model", messages=[{"role": "user", "content": "hello"}]
-            )
-            assert reply.choices[0].message.content == env.fake.reply
-            stream = await client.chat.completions.create(
-                model="fake-model", messages=[{"role": "user", "content": "hello"}], stream=True
-            )
-            text = ""
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    text += chunk.choices[0].delta.content
-            assert text == env.fake.reply
-        finally:
-            await client.close()
+async def test_openai_sdk_plain_and_stream(env: Env) -> None:
+    client = openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-test", max_retries=0)
+    try:
+        reply = await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hello"}]
+        )
+        assert reply.choices[0].message.content == env.fake.reply
+        stream = await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+        text = ""
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+        assert text == env.fake.reply
+    finally:
+        await client.close()
 
 
-async def test_openai_sdk_parses_gateway_errors() -> None:
-    async with gateway() as env:
-        client = openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-test", max_retries=0)
-        try:
-            with pytest.raises(openai.BadRequestError) as bad:
-                await client.chat.completions.create(model="fake-model", messages=[])
-            assert bad.value.code == "empty_array"
-            assert bad.value.param == "messages"
-            with pytest.raises(openai.PermissionDeniedError):
-                await client.completions.create(model="fake-model", prompt="hi")
-            env.fake.fault = "status_429"
-            with pytest.raises(openai.RateLimitError) as limited:
-                await client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}])
-            assert limited.value.response.headers["retry-after"] == "7"
-        finally:
-            await client.close()
+async def test_openai_sdk_parses_gateway_errors(env: Env) -> None:
+    client = openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-test", max_retries=0)
+    try:
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(model="fake-model", messages=[])
+        assert bad.value.code == "empty_array"
+        assert bad.value.param == "messages"
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.completions.create(model="fake-model", prompt="hi")
+        env.fake.fault = "status_429"
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}])
+        assert limited.value.response.headers["retry-after"] == "7"
+    finally:
+        await client.close()
