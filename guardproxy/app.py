@@ -168,6 +168,7 @@ class Gateway:
         self.ready = False
         self.draining = False
         self._terminate_handle: asyncio.TimerHandle | None = None
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time: no per-request cost
 
     async def startup(self) -> None:
         self.upstream = Upstream(self.settings, self.transport)
@@ -391,6 +392,12 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "draining" if gw.draining else "starting"}, status_code=503)
 
 
+async def not_found(request: Request) -> Response:
+    body = {"error": {"message": f"no route {request.url.path}", "type": "invalid_request_error", "param": None,
+                      "code": "not_found"}}  # fmt: skip
+    return JSONResponse(body, status_code=404)
+
+
 async def metrics_endpoint(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
     return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -424,6 +431,7 @@ def create_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *extra_routes,
         Route("/v1/{rest:path}", V1Endpoint(gateway)),
+        Route("/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway

@@ -85,6 +85,7 @@ class FakeUpstream:
     oversized_chars: int = 2 * 1024 * 1024
     record: bool = True
     set_cookie: str | None = None  # a Set-Cookie header on every chat reply (tests: no cookie jar in the gateway)
+    extra_headers: list[tuple[str, str]] = field(default_factory=list)  # added to every plain chat reply
     requests: list[Recorded] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -256,8 +257,9 @@ class FakeUpstream:
                 await asyncio.sleep(self.drip_interval)
             await send({"type": "http.response.body", "body": b""})
             return
-        cookie = [(b"set-cookie", self.set_cookie.encode())] if self.set_cookie else []
-        await _json(send, 200, data, cookie)
+        extra = [(b"set-cookie", self.set_cookie.encode())] if self.set_cookie else []
+        extra += [(k.encode(), v.encode()) for k, v in self.extra_headers]
+        await _json(send, 200, data, extra)
 
     def _chunks(self, texts: list[str], model: str, body: dict[str, Any]) -> list[bytes]:
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}

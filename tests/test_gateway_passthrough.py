@@ -50,6 +50,27 @@ async def test_hop_by_hop_headers_are_not_forwarded(env: Env) -> None:
     assert seen["x-kept"] == "yes"
 
 
+async def test_hop_by_hop_response_headers_are_stripped(env: Env) -> None:
+    env.fake.extra_headers = [
+        ("keep-alive", "timeout=99"),
+        ("proxy-authenticate", "Basic"),
+        ("connection", "x-hop-resp"),
+        ("x-hop-resp", "1"),
+        ("x-upstream-kept", "yes"),
+    ]
+    r = await env.client.post(CHAT, json=HELLO)
+    assert r.status_code == 200
+    for name in ("keep-alive", "proxy-authenticate", "x-hop-resp"):
+        assert name not in r.headers
+    assert r.headers["x-upstream-kept"] == "yes"
+
+
+async def test_unknown_paths_get_an_openai_404(env: Env) -> None:
+    r = await env.client.get("/nope")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+
+
 async def test_upstream_cookies_are_not_kept_between_clients(env: Env) -> None:
     env.fake.set_cookie = "session=tenant-a-secret; Path=/"
     r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-a"})
