@@ -106,7 +106,8 @@ async def test_sigterm_drains_then_ends_streams_with_error_and_done() -> None:
         cmd = [sys.executable, "-m", "guardproxy.cli", "serve", "--upstream", upstream + "/v1", "--port", str(port)]
         proc = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20, limits=limits) as client:
                 for _ in range(300):
                     try:
                         if (await client.get("/readyz")).status_code == 200:
@@ -115,9 +116,9 @@ async def test_sigterm_drains_then_ends_streams_with_error_and_done() -> None:
                         pass
                     await asyncio.sleep(0.05)
                 body = {**HELLO, "stream": True}
-                streams = [asyncio.create_task(client.post(CHAT, json=body)) for _ in range(20)]
-                for _ in range(300):
-                    if len(fake.requests) == 20:
+                streams = [asyncio.create_task(client.post(CHAT, json=body)) for _ in range(100)]
+                for _ in range(500):
+                    if len(fake.requests) == 100:
                         break
                     await asyncio.sleep(0.01)
                 loop = asyncio.get_running_loop()
