@@ -232,3 +232,31 @@ def test_percentiles_and_stage_diff() -> None:
     (st,) = stage_diff(before, after, requests=10)
     assert st.count == 10 and st.mean_ms == pytest.approx(50.0) and st.per_request_ms == pytest.approx(50.0)
     assert st.p50_ms is not None and 1.0 <= st.p50_ms <= 10.0  # all ten new observations fell in (1, 10] ms
+
+
+def test_soak_growth_is_measured_from_the_end_of_warm_up() -> None:
+    from bench.soak import analyse
+    from guardproxy.benchmark.procs import ProcSample
+
+    # RSS climbs during warm-up (caches filling), then sits flat with a little noise
+    samples = [
+        ProcSample(i, "gateway", 100.0 + min(i, 10) * 5 + (i % 2) * 0.5, 20, "soak", i * 100) for i in range(101)
+    ]
+    r = analyse(samples, total=10_000, warmup=1_000, statuses={"200": 10_000}, wall=100.0, latency=None)
+    assert r["rss_first_mib"] == 100.0
+    assert r["rss_after_warmup_mib"] == pytest.approx(150.25, abs=0.5)
+    assert r["rss_growth_after_warmup_pct"] == pytest.approx(0.0, abs=0.5)
+    assert r["requests_done"] == 10_000 and r["throughput_rps"] == 100.0 and r["fds_end"] == 20
+
+
+def test_litellm_comparison_says_when_litellm_is_missing(tmp_path: Path) -> None:
+    from bench.litellm_compare import MASTER_KEY, litellm_config, litellm_missing
+
+    note = litellm_missing(tmp_path / "no-venv")
+    assert note is not None and "not installed" in note and "litellm[proxy]==1.108.7" in note
+    fake_venv = tmp_path / "venv"
+    (fake_venv / "bin").mkdir(parents=True)
+    (fake_venv / "bin" / "litellm").write_text("")
+    assert litellm_missing(fake_venv) is None
+    cfg = litellm_config("http://127.0.0.1:9/v1")
+    assert "api_base: http://127.0.0.1:9/v1" in cfg and f"master_key: {MASTER_KEY}" in cfg and "callbacks: []" in cfg

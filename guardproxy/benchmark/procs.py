@@ -84,10 +84,18 @@ class Proc:
             self._log = None
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, port: int, config_path: Path | None = None) -> Proc:
+def spawn(
+    name: str,
+    argv: list[str],
+    workdir: Path,
+    port: int,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Proc:
+    """Start ``argv`` with its output in ``workdir/<name>.log``; ``env`` defaults to ours minus ``GUARDPROXY_*``."""
     log_path = workdir / f"{name}.log"
     log = log_path.open("w")
-    popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+    popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(env) if env else _child_env())
     return Proc(name, f"http://{LOOPBACK}:{port}", popen, log_path, config_path, log)
 
 
@@ -124,7 +132,7 @@ async def start_fake_upstream(workdir: Path, *, ttft_ms: float, tokens_per_s: fl
         "--reply-words",
         str(reply_words),
     ]
-    proc = _spawn("fake-upstream", argv, workdir, port)
+    proc = spawn("fake-upstream", argv, workdir, port)
     try:
         await wait_ready(proc, "/v1/models", 30.0)
     except BaseException:
@@ -213,7 +221,7 @@ async def start_gateway(
         ),
     )
     argv = [sys.executable, "-m", "guardproxy.cli", "serve", "--config", str(config_path)]
-    proc = _spawn(spec.name, argv, workdir, port, config_path)
+    proc = spawn(spec.name, argv, workdir, port, config_path)
     try:
         await wait_ready(proc, "/readyz", within)
     except BaseException:

@@ -75,7 +75,7 @@ class BenchConfig:
     upstream_model: str = "fake-model"
     max_tokens: int | None = None
     ttft_ms: float = 50.0
-    tokens_per_s: float = 300.0
+    tokens_per_s: float = 500.0
     reply_words: int = 60
     concurrency: tuple[int, ...] = (1, 4, 16)
     requests: int = 200  # per concurrency level and target

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ttft-ms", type=float, default=50.0)
-    parser.add_argument("--tokens-per-s", type=float, default=300.0, help="0: the whole reply at once")
+    parser.add_argument("--tokens-per-s", type=float, default=500.0, help="0: the whole reply at once")
     parser.add_argument("--reply-words", type=int, default=60)
     args = parser.parse_args(argv)
     app = build(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, reply_words=args.reply_words)
