@@ -44,6 +44,7 @@ class Run:
     seconds: float
     latencies: list[float]
     ttfb: list[float]
+    cpu_ms: float | None = None  # the target process's CPU time per request (user + system)
 
     @property
     def rps(self) -> float:
@@ -63,6 +64,12 @@ def free_port() -> int:
         return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (independent of what else the machine runs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -78,6 +85,7 @@ def serve_upstream(port: int) -> None:
 
 
 def start_processes(transports: list[str]) -> tuple[list[subprocess.Popen[bytes]], str, dict[str, str]]:
+    """The FAKE upstream and one gateway per transport; gateways map name -> URL (pids in ``procs``)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     up_port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "bench.passthrough", "--role", "upstream", "--port", str(up_port)],
@@ -165,8 +173,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, {platform.system()} "
-            f"{platform.release()}; load generator, gateway and FAKE upstream on the same machine")  # fmt: skip
+            f"{platform.release()}; load generator, gateway and FAKE upstream on the same machine; load average "
+            f"at the end of the run {load}")  # fmt: skip
 
 
 def render(runs: list[Run], args: argparse.Namespace, transports: list[str]) -> str:
@@ -182,9 +192,13 @@ def render(runs: list[Run], args: argparse.Namespace, transports: list[str]) -> 
         "(`guardproxy.fake_upstream`, ~20-token reply, no delay), each in its own process; `direct` is the same",
         "load against the FAKE upstream itself, measured in the same run. Latency is the whole response (for",
         "streams: through `[DONE]`); TTFB is the first body byte. `added p50` is gateway p50 minus direct p50.",
+        "`CPU ms/req` is the CPU time (user + system, from /proc) the target process (the gateway, or the FAKE",
+        "upstream for `direct`) spent per request, warm-up included: unlike latency it does not depend on what",
+        "else the machine is running.",
         "",
-        "| mode | c | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 ms | req/s vs direct | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | c | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 ms | req/s vs direct "
+        "| CPU ms/req | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     direct = {(r.mode, r.concurrency): r for r in runs if r.target == "direct"}
     for r in runs:
@@ -193,7 +207,7 @@ def render(runs: list[Run], args: argparse.Namespace, transports: list[str]) -> 
         ratio = "" if r.target == "direct" else f"{r.rps / d.rps:.2f}"
         lines.append(
             f"| {r.mode} | {r.concurrency} | {r.target} | {r.rps:.0f} | {r.pct(0.5):.2f} | {r.pct(0.99):.2f} "
-            f"| {r.pct(0.5, r.ttfb):.2f} | {added} | {ratio} | {r.errors} |"
+            f"| {r.pct(0.5, r.ttfb):.2f} | {added} | {ratio} | {r.cpu_ms:.3f} | {r.errors} |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -216,13 +230,18 @@ async def bench(args: argparse.Namespace) -> list[Run]:
     try:
         await wait_ready([upstream, *gateways.values()])
         levels = [int(c) for c in args.concurrency.split(",")]
-        targets = [("direct", upstream)] + [(f"gateway ({t})", u) for t, u in gateways.items()]
+        targets = [("direct", upstream, procs[0].pid)] + [
+            (f"gateway ({t})", u, procs[i + 1].pid) for i, (t, u) in enumerate(gateways.items())
+        ]
         total = 2 * len(levels) * len(targets)
         for mode in ("plain", "stream"):
             for c in levels:
-                for name, url in targets:
+                for name, url, pid in targets:
                     log(f"[{len(runs) + 1}/{total}] {mode} c={c} {name} ...")
+                    cpu0 = cpu_seconds(pid)
                     run = await drive(url, name, mode, c, args.seconds)
+                    # Includes the warm-up requests' CPU: a slight overestimate, the same for every target.
+                    run.cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / max(1, run.requests)
                     log(f"    {run.rps:.0f} req/s  p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms  "
                         f"errors {run.errors}")  # fmt: skip
                     runs.append(run)
