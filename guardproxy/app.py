@@ -191,6 +191,8 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self._terminate_handle is not None:
+            self._terminate_handle.cancel()
         self.terminate()  # anything still open (a plain test server) ends now, in-band
         for _ in range(100):
             if not self.calls:
