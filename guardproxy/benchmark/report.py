@@ -88,6 +88,14 @@ def render(result: dict[str, Any]) -> str:
             rows,
         )
     )
+    out.append("")
+    out.append("Client-side latency, ms (the upstream's time included)")
+    rows = []
+    for r in result["latency"]:
+        plain, stream = r["plain"]["total_ms"] or {}, r["stream"]["ttft_ms"] or {}
+        rows.append([r["concurrency"], r["target"], plain.get("p50"), plain.get("p99"), stream.get("p50"),
+                     stream.get("p99"), (r["stream"]["total_ms"] or {}).get("p50")])  # fmt: skip
+    out.append(_table(["c", "target", "plain p50", "p99", "TTFT p50", "p99", "stream total p50"], rows))
     if result["stages"]:
         out.append("")
         out.append(
