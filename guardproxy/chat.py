@@ -386,28 +386,33 @@ class ChatHandler:
         try:
             async for chunk in resp.aiter_bytes():
                 out = bytearray()
-                for ev in parser.feed(chunk):
-                    if ev.comment:
-                        out += ev.encode()
-                        continue
-                    if ev.done:
-                        if guard is not None and (block := await guard.finish()) is not None:
-                            out += block
-                        else:
-                            out += DONE_BYTES
-                        await call.body(bytes(out), more=False)
-                        ex.outcome = "blocked_output" if guard is not None and guard.blocked else "ok"
-                        return
-                    if guard is None:
-                        if '"error"' in ev.data:
-                            _raise_stream_error(ev.data)
-                    else:
-                        block = await guard.event(ev.data)
-                        if block is not None:
-                            await call.body(bytes(out) + block, more=False)
-                            ex.outcome = "blocked_output"
+                try:
+                    for ev in parser.feed(chunk):
+                        if ev.comment:
+                            out += ev.encode()
+                            continue
+                        if ev.done:
+                            if guard is not None and (block := await guard.finish()) is not None:
+                                out += block
+                            else:
+                                out += DONE_BYTES
+                            await call.body(bytes(out), more=False)
+                            ex.outcome = "blocked_output" if guard is not None and guard.blocked else "ok"
                             return
-                    out += ev.encode()
+                        if guard is None:
+                            if '"error"' in ev.data:
+                                _raise_stream_error(ev.data)
+                        else:
+                            block = await guard.event(ev.data)
+                            if block is not None:
+                                await call.body(bytes(out) + block, more=False)
+                                ex.outcome = "blocked_output"
+                                return
+                        out += ev.encode()
+                except GuardProxyError:
+                    if out:  # the events before the failure arrived intact: relay them, then the error
+                        await call.body(bytes(out), more=True)
+                    raise
                 if out:
                     await call.body(bytes(out), more=True)
             parser.close()
