@@ -213,6 +213,33 @@ def render(runs: list[Run], args: argparse.Namespace, transports: list[str]) -> 
     return "\n".join(lines)
 
 
+def chart(runs: list[Run], path: Path) -> None:
+    """req/s and p50 by concurrency, direct vs each gateway, plain and streaming."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, mode in enumerate(("plain", "stream")):
+        for target in dict.fromkeys(r.target for r in runs):
+            sel = [r for r in runs if r.mode == mode and r.target == target]
+            xs = [r.concurrency for r in sel]
+            axes[0][col].plot(xs, [r.rps for r in sel], marker="o", label=target)
+            axes[1][col].plot(xs, [r.pct(0.5) for r in sel], marker="o", label=target)
+        axes[0][col].set_title(f"{mode}: requests/s")
+        axes[1][col].set_title(f"{mode}: p50 latency (ms)")
+        for row in (0, 1):
+            axes[row][col].set_xscale("log", base=2)
+            axes[row][col].set_xlabel("concurrency")
+            axes[row][col].grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("guardproxy passthrough (no checks) vs the FAKE upstream directly")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_section(section: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
@@ -274,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     section = render(runs, args, args.transports.split(","))
     print(section)
     if not args.no_write:
-        write_section(section)
-        log(f"wrote the Passthrough section of {RESULTS}")
+        chart(runs, RESULTS.parent / "passthrough.png")
+        write_section(section + "\n![passthrough](passthrough.png)\n")
+        log(f"wrote the Passthrough section of {RESULTS} and bench/passthrough.png")
     return 0
 
 
