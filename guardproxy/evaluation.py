@@ -288,9 +288,11 @@ def response_report(
     The keyword baselines have no harm model; they are given the model's prompt harm, so their
     false-refusal numbers differ from the model's only by the refusal detector.
     """
-    groups: dict[str, list[ResponseRecord]] = {"all": list(records)}
+    groups: dict[str, list[ResponseRecord]] = {}
     for r in records:
         groups.setdefault(r.source, []).append(r)
+    if len(groups) > 1:  # a pooled row only adds information over several sources
+        groups = {"all": list(records), **groups}
     return {name: _response_slice(rows, baseline_names, harm_threshold) for name, rows in groups.items()}
 
 
