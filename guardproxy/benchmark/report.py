@@ -201,31 +201,31 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     latency = result["latency"]
     if latency:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, (kind, key, title) in zip(
-            axes,
-            [
-                ("plain", "overhead_ms", "plain replies: overhead to last byte"),
-                ("stream", "ttft_overhead_ms", "streams: overhead to first event"),
-            ],
-            strict=True,
-        ):
-            for target in dict.fromkeys(r["target"] for r in latency):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+        targets = list(dict.fromkeys(r["target"] for r in latency))
+        levels = sorted({r["concurrency"] for r in latency})
+        panels = [("plain", "overhead_ms", "plain replies: overhead to the last byte"),
+                  ("stream", "ttft_overhead_ms", "streams: overhead to the first event (TTFT)")]  # fmt: skip
+        for ax, (kind, key, title) in zip(axes, panels, strict=True):
+            for target in targets:
                 rows = [r for r in latency if r["target"] == target and r[kind][key]]
                 if not rows:
                     continue
+                color = _COLORS.get(target)
                 cs = [r["concurrency"] for r in rows]
-                (line,) = ax.plot(cs, [r[kind][key]["p50"] for r in rows], marker="o", label=f"{target} p50")
-                ax.plot(cs, [r[kind][key]["p90"] for r in rows], ls="--", color=line.get_color(), label=f"{target} p90")
-                ax.plot(cs, [r[kind][key]["p99"] for r in rows], ls=":", color=line.get_color(), label=f"{target} p99")
+                ax.plot(cs, [r[kind][key]["p50"] for r in rows], marker="o", color=color, label=f"{target} p50")
+                ax.plot(cs, [r[kind][key]["p90"] for r in rows], ls="--", color=color, label=f"{target} p90")
+                ax.plot(cs, [r[kind][key]["p99"] for r in rows], ls=":", color=color, label=f"{target} p99")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
             ax.set_xlabel("concurrency")
             ax.set_ylabel("ms")
-            ax.set_title(title)
+            ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7, ncol=2)
-        fig.suptitle("guardproxy bench: per-request overhead (client time minus upstream stamp)")
-        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(targets), fontsize=7)
+        fig.suptitle("guardproxy bench: per-request overhead (client time minus the upstream's stamp)")
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         written.append(_save(fig, out_dir / "latency.png", plt))
 
     length = result["length"]
@@ -251,6 +251,14 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
         cs = [r["concurrency"] for r in sweep["levels"]]
         ax.plot(cs, [r["throughput_rps"] for r in sweep["levels"]], marker="o", color="tab:blue", label="req/s")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_ylim(bottom=0)
+        for r in sweep["levels"]:
+            bad = r["status_503"] + r["errors"] + int(r.get("classifier_failures") or 0)
+            if bad:
+                ax.annotate(f"{r['status_503']} x 503, {r.get('classifier_failures') or 0:.0f} guard timeouts",
+                            (r["concurrency"], r["throughput_rps"]), fontsize=7, textcoords="offset points",
+                            xytext=(-60, -14))  # fmt: skip
         ax.set_xlabel("concurrency")
         ax.set_ylabel("requests/s (ok)", color="tab:blue")
         ax2 = ax.twinx()
@@ -262,6 +270,7 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
             label="latency p99",
         )
         ax2.set_ylabel("latency p99, ms", color="tab:red")
+        ax2.set_ylim(bottom=0)
         ax.set_title(f"throughput sweep ({sweep['target']})")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -280,6 +289,9 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out_dir / "rss.png", plt))
     return written
+
+
+_COLORS = {"direct": "tab:gray", "passthrough": "tab:blue", "guarded": "tab:orange", "speculative": "tab:green"}
 
 
 def _save(fig: Any, path: Path, plt: Any) -> Path:
