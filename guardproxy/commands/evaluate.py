@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from guardproxy.classifier import OnnxClassifier
+from guardproxy.classifier import OnnxClassifier, Thresholds
 from guardproxy.commands.score import add_model_options, load_model_and_policy
 from guardproxy.errors import ConfigError
 from guardproxy.evaluation import (
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(_clean(metrics), indent=1) + "\n", encoding="utf-8")
         print(f"metrics written to {args.json}", file=sys.stderr)
     if args.png:
-        plot_distributions(collector, args.png, policy.harm_threshold)
+        plot_distributions(collector, args.png, policy.harm_threshold, classifier.thresholds)
         print(f"score distributions written to {args.png}", file=sys.stderr)
     return 0
 
@@ -317,7 +317,7 @@ def render_tables(m: dict[str, Any]) -> str:
 Panel = tuple[str, dict[str, list[float]], float | None]  # title, values per group, threshold line
 
 
-def _panels(c: Collector, harm_threshold: float) -> list[Panel]:
+def _panels(c: Collector, harm_threshold: float, model: Thresholds) -> list[Panel]:
     panels: list[tuple[str, dict[str, list[float]], float | None]] = []
     if c.prompts:
         by: dict[str, list[float]] = {}
@@ -330,13 +330,13 @@ def _panels(c: Collector, harm_threshold: float) -> list[Panel]:
             if rr.gold_refusal is not None:
                 by.setdefault(f"gold {rr.gold_refusal}", []).append(rr.refusal_score)
         if by:
-            panels.append(("refusal score p(partial) + p(full) by gold class", by, None))
+            panels.append(("refusal score p(partial) + p(full) by gold class", by, model.refusal_partial))
         by_h: dict[str, list[float]] = {}
         for rr in c.responses:
             if rr.harmful_compliance is not None:
                 by_h.setdefault("complied" if rr.harmful_compliance else "did not comply", []).append(rr.reply_harm)
         if by_h:
-            panels.append(("reply harm by human label", by_h, None))
+            panels.append(("reply harm by human label", by_h, model.reply_harm))
     if c.conversations:
         by = {}
         for cr in c.conversations:
@@ -345,13 +345,13 @@ def _panels(c: Collector, harm_threshold: float) -> list[Panel]:
     return panels
 
 
-def plot_distributions(c: Collector, path: Path, harm_threshold: float) -> None:
+def plot_distributions(c: Collector, path: Path, harm_threshold: float, model: Thresholds) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = _panels(c, harm_threshold)
+    panels = _panels(c, harm_threshold, model)
     fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(8, 3.2 * max(1, len(panels))), squeeze=False)
     for ax, (title, groups, threshold) in zip(axes[:, 0], panels, strict=False):
         discrete = title.startswith("first flagged")
