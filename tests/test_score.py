@@ -257,3 +257,16 @@ def test_score_progress_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     code, out, err = _score(capsys, str(_write(tmp_path / "r.jsonl", ROWS[:2])), "--progress")
     assert code == 0 and len(out) == 2
     assert "score [##############################] 100.0% 2 rows" in err
+
+
+def test_eval_sample_and_group_by(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{**ROWS[i % 2], "id": f"r{i}", "style": "direct" if i < 4 else "fiction"} for i in range(6)]
+    path = _write(tmp_path / "challenge.jsonl", rows)
+    out_json = tmp_path / "m.json"
+    args = ["eval", str(path), "--model", str(MODEL_DIR), "--no-progress", "--json", str(out_json)]
+    assert main([*args, "--group-by", "style", "--sample", "4"]) == 0
+    capsys.readouterr()
+    metrics = json.loads(out_json.read_text())
+    by_source = metrics["prompts"]["by_source"]
+    assert sum(v["n"] for v in by_source.values()) == 4
+    assert {v["source"] for v in by_source.values()} <= {"challenge:direct", "challenge:fiction"}
