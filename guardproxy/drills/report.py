@@ -1,10 +1,13 @@
 """The drill report: the "scripted refusal" symptoms that live traffic shows (``guardproxy drills report``).
 
 - Refusal concentration: refusal replies (the upstream's, and the policy's own block texts, reported apart)
-  clustered by embedding with a greedy leader pass (cosine to a cluster's centroid at or above a threshold);
-  the share the three largest clusters cover, the number of clusters and of distinct phrasings. Embeddings
-  come from the guard model when one is given (``OnnxClassifier``), else from character 3-gram hashing
-  vectors (no vocabulary to fit, deterministic, numpy only), whose threshold is set for surface similarity.
+  clustered by the embedding of their opening sentence (where a script shows; whole replies cluster on the
+  generic English they share) with a greedy leader pass (cosine to a cluster's centroid at or above a
+  threshold); the share the three largest clusters cover, the number of clusters and of distinct phrasings
+  (whole replies, case and punctuation folded). Embeddings come from the guard model when one is given
+  (``OnnxClassifier``), else from character 3-gram hashing vectors (no vocabulary to fit, deterministic,
+  numpy only). On PHTest's labelled refusals (ngram, 0.6) the top-3 share separates a scripted model
+  (claude-2.1: 59%) from varied ones (claude-3.5-sonnet 13%, zephyr-7b 20%, gpt-3.5 25%, mistral-7b 32%).
 - Reasoned refusals: the share of refusals that give a reason or offer an alternative, against bare ones
   ("I can't help with that."), by documented phrase patterns (English only).
 - False-refusal rate by category: among reviewed refusals, the share reviewers labelled false; and the
@@ -33,7 +36,7 @@ import numpy.typing as npt
 from guardproxy.drills.store.base import StoredDrill
 
 Embedder = Callable[[Sequence[str]], npt.NDArray[np.float32]]
-HASH_DIM = 4096
+HASH_DIM = 1024  # short texts (openings, prompts): few collisions, and clustering stays fast
 # Cosine thresholds: one phrasing with small edits stays together; different wordings separate.
 REFUSAL_THRESHOLD = {"ngram": 0.6, "model": 0.9}
 FAMILY_THRESHOLD = {"ngram": 0.55, "model": 0.85}
@@ -68,22 +71,33 @@ def ngram_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
 
 def leader_clusters(vectors: npt.NDArray[np.float32], threshold: float) -> list[list[int]]:
     """Greedy leader clustering by cosine to running centroids; clusters largest first."""
+    n, dim = vectors.shape if vectors.ndim == 2 else (0, 0)
     members: list[list[int]] = []
-    sums: list[npt.NDArray[np.float32]] = []
-    centroids = np.zeros((0, vectors.shape[1]), dtype=np.float32)
-    for i, v in enumerate(vectors):
-        if len(members):
-            sims = centroids @ v
+    sums = np.zeros((max(n, 1), dim), dtype=np.float32)  # at most one cluster per vector: no regrowing
+    centroids = np.zeros_like(sums)
+    for i in range(n):
+        v = vectors[i]
+        k = len(members)
+        if k:
+            sims = centroids[:k] @ v
             best = int(np.argmax(sims))
             if sims[best] >= threshold:
                 members[best].append(i)
-                sums[best] = sums[best] + v
+                sums[best] += v
                 centroids[best] = sums[best] / max(float(np.linalg.norm(sums[best])), 1e-9)
                 continue
         members.append([i])
-        sums.append(v.copy())
-        centroids = np.vstack([centroids, v[None, :]])
+        sums[k] = v
+        centroids[k] = v
     return sorted(members, key=len, reverse=True)
+
+
+def opening(text: str, limit: int = 160) -> str:
+    """The first sentence (at least 40 characters, at most ``limit``): where a scripted refusal shows its
+    template. Whole replies would cluster on the generic English they share, not on the script."""
+    t = " ".join(text.split())
+    end = re.search(r"[.!?](?:\s|$)", t[40:])
+    return t[: min(40 + end.end() if end else len(t), limit)].strip()
 
 
 def _normal(text: str) -> str:
@@ -108,7 +122,8 @@ class ReportInputs:
 def concentration(texts: Sequence[str], inputs: ReportInputs) -> dict[str, Any]:
     if not texts:
         return {"refusals": 0}
-    clusters = leader_clusters(inputs.embed(texts), REFUSAL_THRESHOLD[inputs.embedding])
+    openings = [opening(t) for t in texts]
+    clusters = leader_clusters(inputs.embed(openings), REFUSAL_THRESHOLD[inputs.embedding])
     top3 = sum(len(c) for c in clusters[:3])
     return {
         "refusals": len(texts),
@@ -116,7 +131,7 @@ def concentration(texts: Sequence[str], inputs: ReportInputs) -> dict[str, Any]:
         "top3_share": top3 / len(texts),
         "largest_share": len(clusters[0]) / len(texts),
         "distinct_phrasings": len({_normal(t) for t in texts}),
-        "largest": [{"size": len(c), "example": texts[c[0]]} for c in clusters[:5]],
+        "largest": [{"size": len(c), "opening": openings[c[0]], "example": texts[c[0]][:300]} for c in clusters[:5]],
     }
 
 
@@ -240,7 +255,7 @@ def render_html(report: dict[str, Any]) -> str:
         )
     parts.append("</table><h3>Largest refusal clusters</h3><ol>")
     for c in report["refusal_concentration"]["all"].get("largest", []):
-        parts.append(f"<li>{c['size']} × <q>{e(c['example'][:300])}</q></li>")
+        parts.append(f"<li>{c['size']} × <q>{e(c['opening'])}</q></li>")
     parts.append(
         "</ol><h2>Reasons and alternatives</h2><table><tr><th>replies</th><th>give a reason</th>"
         "<th>offer an alternative</th><th>either</th><th>bare</th></tr>"
