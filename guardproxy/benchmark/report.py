@@ -134,7 +134,7 @@ def render(result: dict[str, Any]) -> str:
         for r in sweep["levels"]:
             rows.append(
                 [
-                    r["concurrency"],
+                    f"{r['concurrency']}{' (overload)' if r.get('overload') else ''}",
                     r["throughput_rps"],
                     r["ok"],
                     r["status_503"],
@@ -145,7 +145,7 @@ def render(result: dict[str, Any]) -> str:
                 ]
             )
         out.append(_table(["c", "req/s", "ok", "503", "other", "lat p50", "p90", "p99", "clf fail", "RSS MiB"], rows))
-        out.append(f"best {sweep['best_rps']:.1f} req/s, reached at c={sweep['saturated_at']}")
+        out.append(f"best {sweep['best_rps']:.1f} req/s; throughput last grew by > 5% at c={sweep['saturated_at']}")
     rss = result["rss"].get("processes", {})
     if rss:
         out.append("")

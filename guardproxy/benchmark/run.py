@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -655,6 +656,7 @@ def evaluate_targets(
 async def run_bench(cfg: BenchConfig) -> BenchResult:
     bench = Bench(cfg)
     machine = machine_info()
+    ok = False
     try:
         await bench.start()
         await bench.warmup()
@@ -663,8 +665,11 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
         if length_stages is not None:
             stages.append(length_stages)
         sweep = await bench.sweep()
+        ok = True
     finally:
         await bench.close()
+        if ok and cfg.workdir is None:
+            shutil.rmtree(bench.workdir, ignore_errors=True)  # configs, logs and drill stores of a good run
     with contextlib.suppress(OSError, AttributeError):
         machine["loadavg_at_end"] = os.getloadavg()
     rss = bench.rss()
@@ -686,5 +691,5 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
             "a blocked request never reaches the upstream, so it has no overhead sample. Is the model right?",
         )
     config = cfg.public()
-    config["workdir"] = str(bench.workdir)
+    config["workdir"] = str(cfg.workdir) if cfg.workdir is not None else None
     return BenchResult(machine, config, latency, stages, length, sweep, rss, targets, notes)

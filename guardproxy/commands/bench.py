@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -44,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream-model", metavar="NAME", help="model name sent upstream (default fake-model)")
     parser.add_argument("--max-tokens", type=int, help="max_tokens sent upstream (default 32 for --upstream)")
     parser.add_argument("--ttft-ms", type=float, default=50.0, help="FAKE upstream time to first token (50)")
-    parser.add_argument("--tokens-per-s", type=float, default=300.0, help="FAKE upstream token rate (300; 0: at once)")
+    parser.add_argument("--tokens-per-s", type=float, default=500.0, help="FAKE upstream token rate (500; 0: at once)")
     parser.add_argument("--reply-words", type=int, default=60, help="FAKE upstream reply length in words (60)")
     parser.add_argument(
         "--concurrency",
@@ -66,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_ints,
         metavar="N[,N...]",
         help="throughput sweep levels (default: 1,2,4,... until throughput stops growing; "
-        "'0' skips; default skipped with --upstream)",
+        "'none' skips; default none with --upstream)",
     )
     parser.add_argument("--sweep-seconds", type=float, default=5.0, help="seconds per sweep level (5)")
     parser.add_argument("--sweep-ttft-ms", type=float, default=0.0, help="FAKE upstream TTFT in the sweep (0)")
@@ -76,7 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_ints,
         metavar="N[,N...]",
         help="history lengths reported by the conversation-length phase "
-        "(0,1,2,5,10,20,50,100; '0' alone skips it; default skipped with --upstream)",
+        "(0,1,2,5,10,20,50,100; 'none' skips it; default none with --upstream)",
     )
     parser.add_argument("--conversations", type=int, default=3, help="conversations grown in that phase (3)")
     parser.add_argument("--model", type=Path, metavar="DIR", help="guard model directory (default models/guard-v1)")
@@ -113,13 +115,11 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
     if model_dir is None:
         model_dir = load_settings().guard.model_dir  # GUARDPROXY_GUARD__MODEL_DIR or models/guard-v1
     sweep = args.sweep
-    if sweep == (0,) or (sweep is None and real):
-        sweep = ()
+    if sweep is None and real:
+        sweep = ()  # a sweep against a real (paid) upstream only when asked for
     lengths = args.lengths
     if lengths is None:
         lengths = () if real else (0, 1, 2, 5, 10, 20, 50, 100)
-    elif lengths == (0,):
-        lengths = ()
     mix = MixSpec(
         stream_share=args.stream_share,
         conversation_share=args.conversation_share,
