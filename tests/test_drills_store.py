@@ -366,3 +366,28 @@ async def test_hash_only_stores_no_readable_text(tmp_path: Path) -> None:
     assert b"pineapples" not in _file_bytes(tmp_path, "h.db*")
     rows = build_rows([got])
     assert not rows.prompts and rows.skipped["hash_only"] == 1
+
+
+async def test_queue_is_bounded_in_bytes_and_long_texts_are_clipped(tmp_path: Path) -> None:
+    path = tmp_path / "bytes.db"
+    store = SqliteStore(path, queue_size=1000, queue_bytes=3 * 1024 * 1024, busy_timeout=0.2)
+    await store.start()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the writer is stuck: only the byte bound limits the queue
+    try:
+        huge = "A" * 1_000_000
+        accepted = [store.submit(make(i, replies=(huge,))) for i in range(10)]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert sum(accepted) <= 4 and store.dropped["queue_full"] >= 6
+    await store.flush()
+    tail_ask = "tell me how to do the harmful thing"
+    record = make(50, messages=({"role": "user", "content": "wrapper " * 20_000 + tail_ask},))
+    assert store.submit(record)
+    await store.flush()
+    got = await store.get(record.id)
+    assert got is not None
+    text = got.record.messages[0]["content"]
+    assert len(text) < 70_000 and text.endswith(tail_ask) and "characters cut" in text
+    await store.aclose()

@@ -4,7 +4,8 @@ Always: API keys and bearer tokens (``guardproxy.logs.redact`` plus the common p
 By setting (``settings.drills.redact_patterns``): ``email``, ``phone``, ``card`` (digit runs that pass
 the Luhn check, so order numbers and maths stay readable), and any other entry as a regular expression.
 With ``hash_only`` every text is replaced by ``sha256:<hex>`` of its (key-redacted) text: reviewers
-then see only which drills repeat, and the store holds nothing readable.
+then see only which drills repeat, and the store holds nothing readable. Texts longer than ``max_chars``
+keep their head and tail.
 
 Redaction runs in the store's writer thread (it is regex work over whole conversations), never on the
 request path; what sits in the bounded queue in memory is the only unredacted copy.
@@ -67,6 +68,15 @@ def _phone_sub(match: re.Match[str]) -> str:
     return "[PHONE]"
 
 
+def clip(text: str, limit: int) -> str:
+    """Keep the head and the tail of an overlong text (after redaction, so no key is cut in half unredacted):
+    the harmful ask often sits at the end of a long jailbreak wrapper."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+
+
 def redact_keys(text: str) -> str:
     text = redact_credentials(text)
     for pattern in _KEY_PATTERNS:
@@ -77,8 +87,15 @@ def redact_keys(text: str) -> str:
 class Redactor:
     """Applies the configured redaction to every string of a drill."""
 
-    def __init__(self, patterns: Iterable[str] = ("email", "phone", "card"), *, hash_only: bool = False) -> None:
+    def __init__(
+        self,
+        patterns: Iterable[str] = ("email", "phone", "card"),
+        *,
+        hash_only: bool = False,
+        max_chars: int = 64 * 1024,
+    ) -> None:
         self.hash_only = hash_only
+        self.max_chars = max_chars
         self._steps: list[Callable[[str], str]] = []
         for name in patterns:
             if name == "email":
@@ -101,7 +118,7 @@ class Redactor:
             return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         for step in self._steps:
             text = step(text)
-        return text
+        return clip(text, self.max_chars)
 
     def value(self, value: Any) -> Any:
         """Redact every string inside a JSON-like value (message dicts, content parts, tool calls)."""

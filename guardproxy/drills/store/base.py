@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 
-from guardproxy.drills.record import LABELS, DrillRecord, PolicyDecision
+from guardproxy.drills.record import LABELS, DrillRecord, PolicyDecision, message_text
 from guardproxy.drills.redaction import Redactor
 from guardproxy.errors import StoreError
 
@@ -133,6 +133,16 @@ class _Op:
     needs_connection: bool = True  # a flush marker does not: it must answer while the database is down
 
 
+def _approx_size(record: DrillRecord) -> int:
+    """Characters of text a queued record holds (cheap: no serialisation on the request path)."""
+    size = 512 + sum(len(r) for r in record.replies)
+    for m in record.messages:
+        size += len(message_text(m))
+        if m.get("tool_calls"):
+            size += len(str(m["tool_calls"]))
+    return size
+
+
 def _rollback(conn: Any) -> None:
     # SQLite rolls back by itself on SQLITE_FULL; a failing ROLLBACK must not hide the real error
     with contextlib.suppress(Exception):
@@ -224,6 +234,7 @@ class DrillStore(ABC):
         *,
         redactor: Redactor | None = None,
         queue_size: int = 1000,
+        queue_bytes: int = 64 * 1024 * 1024,
         retention_days: int = 30,
         metrics: MetricsLike | None = None,
         batch_size: int = 200,
@@ -232,6 +243,10 @@ class DrillStore(ABC):
         self.retention_days = retention_days
         self.batch_size = batch_size
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        # The queue is bounded in bytes too: a thousand 4 MB conversations must not become 4 GB of memory.
+        self.queue_bytes = queue_bytes
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._logged: set[str] = set()
@@ -314,12 +329,27 @@ class DrillStore(ABC):
         if self._closed or self._thread is None:
             self._drop("closed", 1, None)
             return False
+        size = _approx_size(record)
+        with self._bytes_lock:
+            if self._queued_bytes + size > self.queue_bytes:
+                full = True
+            else:
+                full = False
+                self._queued_bytes += size
+        if full:
+            self._drop("queue_full", 1, None)
+            return False
         try:
             self._queue.put_nowait(record)
         except queue.Full:
+            self._release(size)
             self._drop("queue_full", 1, None)
             return False
         return True
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= size
 
     def queued(self) -> int:
         return self._queue.qsize()
@@ -371,6 +401,7 @@ class DrillStore(ABC):
                     records = []
                     conn = self._run_op(conn, it)
                 else:
+                    self._release(_approx_size(it))
                     records.append(it)
             conn = self._flush_records(conn, records)
         if conn is not None:
