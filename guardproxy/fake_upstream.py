@@ -122,9 +122,19 @@ class FakeUpstream:
         rec = Recorded(scope["method"], scope["path"], headers, parsed, fault or "")
         if self.record:
             self.requests.append(rec)
+
         # Watch for the client going away while we answer: that is the cancellation tests assert, and
         # it stops the answer (a real server stops generating for a client that left).
-        answer = asyncio.create_task(self._answer(scope, send, rec, fault, parsed if isinstance(parsed, dict) else {}))
+        async def send_marking(message: dict[str, Any]) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Marked before yielding: uvicorn wakes receive() with a disconnect once a response is
+                # complete, and the watcher must not mistake that for a cancellation.
+                rec.completed = True
+
+        send_marking.raw_send = send  # type: ignore[attr-defined]  # what _reset digs the socket out of
+        body_obj = parsed if isinstance(parsed, dict) else {}
+        answer = asyncio.create_task(self._answer(scope, send_marking, rec, fault, body_obj))
         watcher = asyncio.create_task(self._watch(receive, rec))
         try:
             await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -342,6 +352,7 @@ async def _json(send: Send, status: int, obj: Any, headers: list[tuple[bytes, by
 def _reset(send: Send) -> None:
     """Abort the TCP connection with a RST. A fake's hack: uvicorn's ``send`` is a bound method of the
     request cycle, which holds the transport; a real upstream that crashes looks the same on the wire."""
+    send = getattr(send, "raw_send", send)
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if transport is None:
         raise RuntimeError("reset fault needs uvicorn's transport")

@@ -187,7 +187,20 @@ def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx
         return httpx.AsyncHTTPTransport(limits=limits, retries=0)
     from httpx_aiohttp import AiohttpTransport
 
-    return AiohttpTransport(limits=limits, trust_env=False)
+    def session() -> aiohttp.ClientSession:
+        # Created lazily inside the running loop. No cookie jar: the default one would store a cookie
+        # the upstream set on one tenant's reply and send it with the next tenant's request. No invented
+        # Accept-Encoding or User-Agent: the upstream sees what the client sent.
+        connector = aiohttp.TCPConnector(limit=up.max_connections, limit_per_host=0, keepalive_timeout=30)
+        return aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
+
+    return AiohttpTransport(limits=limits, trust_env=False, client=session)
 
 
 class Upstream:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import openai
 import pytest
 
+from guardproxy.fake_upstream import FakeUpstream
 from tests.gateway_support import CHAT, HELLO, Env, env, gateway, shared_env, sse_events, streamed_text
+from tests.servers import serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 __all__ = ["env", "shared_env"]  # fixtures
@@ -71,13 +73,19 @@ async def test_unknown_paths_get_an_openai_404(env: Env) -> None:
     assert r.json()["error"]["code"] == "not_found"
 
 
-async def test_upstream_cookies_are_not_kept_between_clients(env: Env) -> None:
-    env.fake.set_cookie = "session=tenant-a-secret; Path=/"
-    r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-a"})
-    assert r.headers["set-cookie"].startswith("session=")  # relayed to the client that got it
-    env.client.cookies.clear()
-    await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-b"})
-    assert "cookie" not in env.fake.requests[1].headers  # the gateway keeps no cookie jar
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_upstream_cookies_are_not_kept_between_clients(transport: str) -> None:
+    fake = FakeUpstream(set_cookie="session=tenant-a-secret; Path=/")
+    async with serve(fake) as fake_url:
+        # A host name, not an IP: cookie jars refuse cookies from bare IPs, which would hide the bug.
+        upstream = fake_url.replace("127.0.0.1", "localhost")
+        async with gateway(upstream_url=upstream, upstream={"transport": transport}) as env:
+            r = await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-a"})
+            assert r.headers["set-cookie"].startswith("session=")  # relayed to the client that got it
+            env.client.cookies.clear()
+            await env.client.post(CHAT, json=HELLO, headers={"authorization": "Bearer tenant-b"})
+    assert len(fake.requests) == 2
+    assert "cookie" not in fake.requests[1].headers  # the gateway keeps no cookie jar
 
 
 async def test_gzip_reply_is_decoded_without_stale_headers(env: Env) -> None:
