@@ -118,7 +118,7 @@ async def drive(
     """``concurrency`` workers on one target for ``seconds``; the samples and the wall time (in-flight included)."""
     spec = MixSpec(stream_share=0.0, conversation_share=0.0)
     mixes = [Mix(spec, seed + w) for w in range(concurrency)]
-    async with client_session(concurrency) as session:
+    async with client_session() as session:
 
         async def job(w: int, i: int) -> Sample:
             sample, _ = await send(session, target, mixes[w].next(target.name), want_text=False, ttft_ms=0, fast=True)

@@ -141,7 +141,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 last_write = time.monotonic()
                 args.json.write_text(json.dumps(snapshot(False)) + "\n")
 
-        async with client_session(args.concurrency) as session:
+        async with client_session() as session:
             before = await scrape(session, gw.base)
 
             async def job(w: int, i: int) -> Sample:

@@ -370,9 +370,10 @@ async def run_pool(
     return samples, time.perf_counter() - t0
 
 
-def client_session(concurrency: int, timeout: float = 120.0) -> aiohttp.ClientSession:
-    """One keep-alive pool per target, as wide as the concurrency."""
-    connector = aiohttp.TCPConnector(limit=max(concurrency, 1) + 8, limit_per_host=0, ttl_dns_cache=None)
+def client_session(timeout: float = 120.0) -> aiohttp.ClientSession:
+    """One keep-alive pool per target, unbounded (the worker count bounds it): a pool narrower than the
+    concurrency would queue requests in the client and hide the gateway's own queueing."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
 
 

@@ -234,10 +234,10 @@ class Bench:
         for proc in reversed(self.procs):
             await asyncio.to_thread(proc.stop)
 
-    def session(self, target: str, concurrency: int) -> aiohttp.ClientSession:
+    def session(self, target: str) -> aiohttp.ClientSession:
         s = self.sessions.get(target)
         if s is None:
-            s = self.sessions[target] = client_session(max(concurrency, 64))
+            s = self.sessions[target] = client_session()
         return s
 
     def _ttft(self, ms: float | None) -> float | None:
@@ -259,7 +259,7 @@ class Bench:
     async def _scrape_all(self) -> dict[str, Scrape]:
         out = {}
         for name, proc in self.gateways.items():
-            out[name] = await scrape(self.session(name, 1), proc.base)
+            out[name] = await scrape(self.session(name), proc.base)
         return out
 
     async def _mixed(
@@ -280,7 +280,7 @@ class Bench:
             target = targets[i % len(targets)]
             planned = mixes[w].next(target.name)
             sample, text = await send(
-                self.session(target.name, concurrency),
+                self.session(target.name),
                 target,
                 planned,
                 want_text=planned.conversation is not None,
@@ -358,7 +358,7 @@ class Bench:
         per_turn: dict[int, list[float]] = {}
         single: list[float] = []
         failed = 0
-        session = self.session(target.name, 1)
+        session = self.session(target.name)
         total = cfg.conversations * (longest + 1) * 2
         self._phase(f"conversation length 0..{longest}", total)
         before = await self._scrape_all()
