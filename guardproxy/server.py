@@ -41,13 +41,14 @@ class Built:
 def build_app(settings: Settings, **guard_parts: Any) -> Built:
     """The app with the guard the settings describe; ``guard_parts`` go to ``build_guard`` (e.g. a classifier)."""
     metrics = Metrics()
+    routes: tuple[BaseRoute, ...] = ()
     try:
         from guardproxy.guard import build_guard
     except ImportError as exc:
         if settings.guard.enabled:
             raise ConfigError(f"the guard is enabled but guardproxy.guard cannot be imported: {exc}") from exc
         bundle = None
-        pipeline, routes = Pipeline(), tuple[BaseRoute, ...]()
+        pipeline = Pipeline()
     else:
         bundle = build_guard(settings, metrics=metrics, **guard_parts)
         pipeline, routes = bundle.pipeline, tuple(bundle.routes)
@@ -108,7 +109,7 @@ def run(settings: Settings, **guard_parts: Any) -> int:
         "guardproxy listening on http://%s:%d, upstream %s, guard %s",
         settings.server.host,
         settings.server.port,
-        settings.upstream.base_url,
+        _without_userinfo(settings.upstream.base_url),
         "off (passthrough)" if built.gateway.pipeline.passthrough else "on",
     )
     # uvicorn re-raises SIGTERM after its graceful shutdown so the default handler kills the process;
@@ -119,6 +120,17 @@ def run(settings: Settings, **guard_parts: Any) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _without_userinfo(url: str) -> str:
+    """A base URL may carry credentials (``http://user:key@host``): never log them."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "<invalid url>"
+    return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
 
 
 def _ignore(signum: int, frame: Any) -> None:
