@@ -13,9 +13,11 @@ split over turns or steered by earlier ones that no single turn shows.
       raw = 1 - (1 - max(w, r)) (1 - e_trend) (1 - e_refusal) (1 - e_rephrase) (1 - e_history)
       e_trend    = clip(trend_weight * trend, 0, trend_cap)
       e_refusal  = refusal_weight * min(refusals, 2) * max(w, r)    an earlier refusal makes risk count more
-      e_rephrase = rephrase_weight * clip((s - rephrase_low) / (rephrase_high - rephrase_low), 0, 1)
+      e_rephrase = rephrase_weight * max_i clip((s_i - rephrase_low) / (rephrase_high - rephrase_low), 0, 1) * q_i
       e_history  = forged_weight | unverified_weight | 0
 
+  where ``s_i`` is the cosine between this request and refused request i of the tenant and ``q_i`` that request's
+  risk when it was refused (a clarification after a false refusal of a harmless request is not probing), and
   then mapped piecewise-linearly so that the tuned flag threshold lands on 0.5: ``escalation >= 0.5`` is the
   tracker's "flag" (``FLAG_THRESHOLD``), and policies can write round numbers.
 
@@ -82,16 +84,18 @@ def raw_escalation(
     trajectory: float,
     trend_value: float,
     refusals: int,
-    rephrase: float,
+    rephrase: Sequence[tuple[float, float]],
     history: History,
     p: EscalationParams,
 ) -> float:
     base = max(window, trajectory)
+    span = max(p.rephrase_high - p.rephrase_low, 1e-6)
+    rephrase_evidence = max((_clip((s - p.rephrase_low) / span) * q for s, q in rephrase), default=0.0)
     evidence = (
         base,
         _clip(p.trend_weight * trend_value, 0.0, p.trend_cap),
         _clip(p.refusal_weight * min(refusals, 2) * base),
-        p.rephrase_weight * _clip((rephrase - p.rephrase_low) / max(p.rephrase_high - p.rephrase_low, 1e-6)),
+        p.rephrase_weight * rephrase_evidence,
         p.forged_weight if history == "forged" else p.unverified_weight if history == "unverified" else 0.0,
     )
     keep = 1.0
@@ -114,10 +118,11 @@ def escalation(
     trajectory: float,
     trend_value: float,
     refusals: int,
-    rephrase: float,
+    rephrase: Sequence[tuple[float, float]],
     history: History,
     p: EscalationParams,
 ) -> float:
+    """The escalation score; ``rephrase``: (cosine, risk when refused) per refused request of the tenant."""
     raw = raw_escalation(
         window=window,
         trajectory=trajectory,

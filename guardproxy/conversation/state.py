@@ -152,30 +152,32 @@ class StateBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
-_EMB_HEADER = struct.Struct("<Hf")  # dimension, scale
+_EMB_HEADER = struct.Struct("<HfB")  # dimension, scale, the request's risk when refused (1/254)
 
 
-def pack_embedding(vector: npt.NDArray[np.float32]) -> bytes:
-    """int8-quantise an L2-normalised embedding (one scale per vector): 384 dims fit in 390 bytes."""
+def pack_embedding(vector: npt.NDArray[np.float32], risk: float) -> bytes:
+    """int8-quantise an L2-normalised embedding (one scale per vector): 384 dims fit in 391 bytes."""
     v = np.asarray(vector, dtype=np.float32).ravel()
     scale = float(np.max(np.abs(v))) / 127 or 1.0
     q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
-    return bytes(_EMB_HEADER.pack(v.size, scale) + q.tobytes())
+    return bytes(_EMB_HEADER.pack(v.size, scale, _q(risk)) + q.tobytes())
 
 
-def unpack_embeddings(blobs: tuple[bytes, ...], dim: int) -> npt.NDArray[np.float32]:
-    """Stack the blobs of dimension ``dim`` into an L2-normalised matrix; others (an older model) are skipped."""
+def unpack_embeddings(blobs: tuple[bytes, ...], dim: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(L2-normalised matrix, risks) of the blobs of dimension ``dim``; others (an older model) are skipped."""
     rows = []
+    risks = []
     for blob in blobs:
         if len(blob) < _EMB_HEADER.size:
             continue
-        d, scale = _EMB_HEADER.unpack_from(blob)
+        d, scale, risk = _EMB_HEADER.unpack_from(blob)
         if d != dim or len(blob) != _EMB_HEADER.size + d:
             continue
         rows.append(np.frombuffer(blob, dtype=np.int8, offset=_EMB_HEADER.size).astype(np.float32) * scale)
+        risks.append(_dq(risk))
     if not rows:
-        return np.zeros((0, dim), dtype=np.float32)
+        return np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=np.float32)
     m = np.stack(rows)
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     out: npt.NDArray[np.float32] = (m / np.maximum(norms, 1e-12)).astype(np.float32)
-    return out
+    return out, np.asarray(risks, dtype=np.float32)

@@ -76,6 +76,7 @@ class Observation:
     window: PromptScore | None = None
     state_failed: bool = False
     known: bool = False  # a stored position of this conversation was found
+    rephrase_matches: tuple[tuple[float, float], ...] = ()  # (cosine, risk when refused) of the closest refusals
     handle: _Handle | None = field(default=None, repr=False, compare=False)  # pass it back to record_reply
 
 
@@ -88,6 +89,7 @@ class TurnResult:
     escalation: float
     signals: ConversationSignals
     prompt: PromptScore | None = None
+    rephrase_matches: tuple[tuple[float, float], ...] = ()
 
     @property
     def flagged(self) -> bool:
@@ -210,15 +212,22 @@ class ConversationTracker:
         turns = [(chain.roles[i], text) for i in range(start, end + 1) if (text := chain.text(i))]
         return esc.window_text(turns) if len(turns) >= 2 else None
 
-    def _rephrase(self, embeddings: Sequence[npt.NDArray[np.float32]], refused: tuple[bytes, ...]) -> float:
+    @staticmethod
+    def _rephrase(
+        embeddings: Sequence[npt.NDArray[np.float32]], refused: tuple[bytes, ...]
+    ) -> tuple[float, tuple[tuple[float, float], ...]]:
+        """(max cosine, (cosine, risk when refused) of the closest few) between this request's user turns and the
+        tenant's refused requests."""
         if not refused or not embeddings:
-            return 0.0
+            return 0.0, ()
         e = np.stack([np.asarray(v, dtype=np.float32).ravel() for v in embeddings])
-        m = unpack_embeddings(refused, e.shape[1])
+        m, risks = unpack_embeddings(refused, e.shape[1])
         if not len(m):
-            return 0.0
+            return 0.0, ()
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        return float(np.clip(np.max(e @ m.T), -1.0, 1.0))
+        sims = np.clip(np.max(e @ m.T, axis=0), -1.0, 1.0)
+        top = np.argsort(-sims)[:4]
+        return float(sims[top[0]]), tuple((float(sims[i]), float(risks[i])) for i in top)
 
     # -- the API --------------------------------------------------------------------------------------------------
 
@@ -284,14 +293,14 @@ class ConversationTracker:
         # Signals come from the state as stored (to 1/254), so a retry served from state reads exactly the same.
         state = Snapshot.unpack(state.pack())
         recent = [s.embedding for s in user_scores]
-        rephrase = self._rephrase(recent, loaded.refused)
+        rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
         trend_value = esc.trend(state.risks)
         score = esc.escalation(
             window=state.window,
             trajectory=state.trajectory,
             trend_value=trend_value,
             refusals=state.refusals,
-            rephrase=rephrase,
+            rephrase=rephrase_pairs,
             history=state.history,
             p=self.params,
         )
@@ -318,6 +327,7 @@ class ConversationTracker:
             window=window,
             state_failed=failed,
             known=found is not None,
+            rephrase_matches=rephrase_pairs,
             handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding),
         )
 
@@ -398,7 +408,10 @@ class ConversationTracker:
                     (score,), _ = await self._scores_for([chain.text(users[-1])], [])
                     embedding = score.embedding
             if embedding is not None:
-                ok = await self.backend.add_refused(tenant_key(self._secret, tenant), pack_embedding(embedding)) and ok
+                # the refused request's risk then: a rewording of a harmless request that was refused is no probe
+                risk = max(snap.window, snap.risks[-1] if snap.risks else 0.0)
+                blob = pack_embedding(embedding, risk)
+                ok = await self.backend.add_refused(tenant_key(self._secret, tenant), blob) and ok
         return ok
 
     async def replay(self, messages: Sequence[Any], *, tenant: str = "score") -> list[TurnResult]:
@@ -446,6 +459,7 @@ class ConversationTracker:
                         escalation=obs.signals.escalation,
                         signals=obs.signals,
                         prompt=own,
+                        rephrase_matches=obs.rephrase_matches,
                     )
                 )
         return results
