@@ -174,6 +174,11 @@ async def test_label_post_needs_session_csrf_and_same_origin(seeded: tuple[Drill
 
         logout_no_csrf = await client.post(f"{base}/guard/review/logout", data={}, headers={"origin": base})
         assert logout_no_csrf.status_code == 403
+        old_cookie = client.cookies[SESSION_COOKIE]
+        out = await client.post(f"{base}/guard/review/logout", data={"csrf": csrf}, headers={"origin": base})
+        assert out.status_code == 303
+        async with httpx.AsyncClient(cookies={SESSION_COOKIE: old_cookie}) as replay:
+            assert (await replay.get(f"{base}/guard/review")).status_code == 401  # a logged-out cookie is dead
 
 
 async def test_pages_escape_everything_and_dashboard_draws(seeded: tuple[DrillStore, list[DrillRecord]]):

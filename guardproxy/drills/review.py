@@ -75,6 +75,9 @@ class _Auth:
         self._token = admin_token.encode()
         self._key = hmac.new(self._token, b"guardproxy review session v1", hashlib.sha256).digest()
         self._failures: deque[float] = deque()
+        # Logged-out sessions until they would have expired (this process only: with several replicas a
+        # logged-out cookie stays valid on the others until its expiry; rotate the token to end them all).
+        self._revoked: dict[str, float] = {}
 
     def _sign(self, payload: str) -> str:
         return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
@@ -104,13 +107,18 @@ class _Auth:
         if not hmac.compare_digest(sig, self._sign(payload)):
             return None
         sid, expires, name = payload.split(".")
-        if not expires.isdigit() or int(expires) < time.time():
+        if not expires.isdigit() or int(expires) < time.time() or sid in self._revoked:
             return None
         try:
             reviewer = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
         except ValueError:
             return None
         return Session(sid, reviewer, self._sign("csrf:" + sid)[:40])
+
+    def revoke(self, session: Session) -> None:
+        now = time.time()
+        self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
+        self._revoked[session.sid] = now + SESSION_SECONDS
 
     def login_csrf(self, nonce: str) -> str:
         return self._sign("login:" + nonce)[:40]
@@ -262,6 +270,8 @@ class _ReviewPage:
     async def logout(self, request: Request, session: Session) -> Response:
         if await self._checked_form(request, session) is None:
             return _refused("Missing or wrong form token.")
+        if self.auth is not None:
+            self.auth.revoke(session)
         resp = RedirectResponse(f"{BASE}/login", status_code=303, headers=SECURITY_HEADERS)
         resp.delete_cookie(SESSION_COOKIE, path=BASE)
         return resp
