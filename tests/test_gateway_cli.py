@@ -1,0 +1,66 @@
+"""`guardproxy serve` flags, settings precedence, and how the server builds the app."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from guardproxy.commands import serve
+from guardproxy.errors import GuardProxyError
+from guardproxy.server import _without_userinfo, build_app, uvicorn_config
+from guardproxy.settings import Settings, load_settings
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.configure(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_flags_override_environment_and_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "gp.toml"
+    config.write_text(
+        '[server]\nport = 9000\nhost = "0.0.0.0"\n[upstream]\nbase_url = "http://file/v1"\nread_timeout = 7\n'
+    )
+    monkeypatch.setenv("GUARDPROXY_UPSTREAM__BASE_URL", "http://env/v1")
+    monkeypatch.setenv("GUARDPROXY_SERVER__PORT", "9100")
+    args = parse("--config", str(config), "--port", "9200", "--policy", "policies/strict.toml", "--store",
+                 "sqlite:///x.db", "--no-guard")  # fmt: skip
+    settings = load_settings(args.config, **serve.overrides_from(args))
+    assert settings.server.port == 9200  # flag over env over file
+    assert settings.upstream.base_url == "http://env/v1"  # env over file
+    assert settings.server.host == "0.0.0.0"  # file over default
+    assert settings.upstream.read_timeout == 7
+    assert settings.policy.active == Path("policies/strict.toml")
+    assert settings.drills.store == "sqlite:///x.db"
+    assert settings.guard.enabled is False
+
+
+def test_no_flags_leave_settings_alone() -> None:
+    assert serve.overrides_from(parse()) == {}
+
+
+def test_server_uses_uvloop_and_httptools_and_a_passthrough_without_guard() -> None:
+    settings = Settings(guard={"enabled": False})
+    built = build_app(settings)
+    assert built.gateway.pipeline.passthrough
+    config = uvicorn_config(built.app, settings)
+    assert (config.loop, config.http) == ("uvloop", "httptools")
+    assert config.timeout_graceful_shutdown == settings.server.shutdown_timeout + 5
+
+
+def test_guard_without_a_model_refuses_to_start(tmp_path: Path) -> None:
+    # A gateway that cannot enforce its policy does not start (no silent passthrough).
+    with pytest.raises(GuardProxyError):
+        build_app(
+            Settings(
+                guard={"enabled": True, "model_dir": tmp_path / "missing"},
+                drills={"store": "sqlite:///" + str(tmp_path / "d.db")},
+            )
+        )
+
+
+def test_upstream_credentials_are_not_logged() -> None:
+    assert _without_userinfo("http://user:sk-secret@example.com/v1") == "http://example.com/v1"
