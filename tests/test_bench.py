@@ -283,3 +283,13 @@ def test_targets_are_gateway_minus_direct_in_the_same_run() -> None:
     assert got["added to TTFT, c=1, speculative forwarding"] == (0.5, True)
     assert got["throughput at c=16 (guarded)"] == (200.0, True)
     assert got["request N+1 of a 100-turn conversation / single turn"] == (1.3, False)
+
+
+def test_server_timing_is_parsed_where_a_gateway_sends_it() -> None:
+    from guardproxy.benchmark.load import server_timing
+
+    assert server_timing('parse;dur=0.12, input_check;desc="guard";dur=4.5, cache;desc=hit, bad;dur=x') == (
+        ("parse", 0.12),
+        ("input_check", 4.5),
+    )
+    assert server_timing(None) == ()

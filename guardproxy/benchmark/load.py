@@ -88,6 +88,8 @@ class Sample:
     upstream_ms: float | None  # the upstream's stamp; None when it did not answer (blocked, error)
     decision: str  # x-guardproxy-decision, "" when absent
     error: str = ""
+    # The gateway's own per-request stage times from a ``Server-Timing`` header, where it sends one.
+    server_timing: tuple[tuple[str, float], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -199,6 +201,21 @@ def _stamp(headers: Mapping[str, str]) -> float | None:
         return None
 
 
+def server_timing(value: str | None) -> tuple[tuple[str, float], ...]:
+    """``Server-Timing: parse;dur=0.1, input_check;dur=4.2`` as ((name, ms), ...); malformed entries skipped."""
+    out: list[tuple[str, float]] = []
+    for entry in (value or "").split(","):
+        name, *params = (p.strip() for p in entry.split(";"))
+        for param in params:
+            key, _, num = param.partition("=")
+            if name and key.strip() == "dur":
+                try:
+                    out.append((name, float(num.strip('"'))))
+                except ValueError:
+                    pass
+    return tuple(out)
+
+
 def _stream_text(raw: bytes) -> str:
     out: list[str] = []
     for block in raw.split(b"\n\n"):
@@ -251,6 +268,7 @@ async def send(
             status = resp.status
             rh = resp.headers
             stamp, decision = _stamp(rh), rh.get(DECISION_HEADER, "")
+            timing = server_timing(rh.get("server-timing"))
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         t1 = time.perf_counter()
         sample = Sample(
@@ -287,6 +305,7 @@ async def send(
         stamp,
         decision,
         error,
+        timing,
     )
     return sample, text
 
@@ -485,7 +504,12 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
     for s in samples:
         key = str(s.status) if not s.error else f"{s.status or 'conn'}:{s.error}"
         statuses[key] = statuses.get(key, 0) + 1
+    timed: dict[str, list[float]] = {}
+    for s in samples:
+        for name, ms in s.server_timing:
+            timed.setdefault(name, []).append(ms)
     return {
+        "server_timing_ms": {name: pct(values) for name, values in sorted(timed.items())},
         "requests": len(samples),
         "ok": sum(s.ok for s in samples),
         "blocked": sum(s.ok and s.decision == "block" for s in samples),

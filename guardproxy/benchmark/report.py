@@ -96,6 +96,17 @@ def render(result: dict[str, Any]) -> str:
         rows.append([r["concurrency"], r["target"], plain.get("p50"), plain.get("p99"), stream.get("p50"),
                      stream.get("p99"), (r["stream"]["total_ms"] or {}).get("p50")])  # fmt: skip
     out.append(_table(["c", "target", "plain p50", "p99", "TTFT p50", "p99", "stream total p50"], rows))
+    timed = [r for r in result["latency"] if r.get("server_timing_ms")]
+    if timed:
+        out.append("")
+        out.append("Per-request stage times from the gateway's Server-Timing header, ms (p50 / p99)")
+        names = sorted({n for r in timed for n in r["server_timing_ms"]})
+        rows = []
+        for r in timed:
+            st = r["server_timing_ms"]
+            rows.append([r["concurrency"], r["target"], *[f"{_f(st[n]['p50'])} / {_f(st[n]['p99'])}" if st.get(n)
+                                                         else "-" for n in names]])  # fmt: skip
+        out.append(_table(["c", "target", *names], rows))
     if result["stages"]:
         out.append("")
         out.append(
