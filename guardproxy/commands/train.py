@@ -1,0 +1,86 @@
+"""``guardproxy train``: train the guard model from the shared data sets (needs the ``train`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+from guardproxy.errors import ConfigError
+
+HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_moderation")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="shared data root (read by path)")
+    parser.add_argument("--out", type=Path, default=Path("models/guard-v1"), help="model directory to write")
+    parser.add_argument("--layers", type=int, default=3, help="encoder layers kept from MiniLM-L6 (default 3)")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--max-length", type=int, default=256, help="ids per input, special tokens included")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
+    parser.add_argument(
+        "--leave-out",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="drop a source from train and calibration and report its harm AUROC (repeatable)",
+    )
+    parser.add_argument(
+        "--cheap",
+        action="store_true",
+        help="the leave-one-out configuration: prompt rows only (no pairs, no jailbreak wrappers), max length 128",
+    )
+    parser.add_argument("--no-authored", action="store_true", help="ignore guardproxy/training/authored/*.jsonl")
+    parser.add_argument("--no-fp32-compare", action="store_true", help="skip scoring dev with the fp32 graph")
+    parser.add_argument("--card", action="store_true", help="write MODEL_CARD.md from metrics (see --loso/--latency)")
+    parser.add_argument("--loso", type=Path, nargs="*", default=[], help="metrics.json of leave-one-out runs")
+    parser.add_argument("--latency", type=Path, default=None, help="JSON from python -m bench.classifier_latency")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="metrics.json of other configurations")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            "training needs PyTorch and friends: pip install 'guardproxy[train]' "
+            "(CPU build: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)"
+        ) from exc
+    if not args.data.is_dir():
+        raise ConfigError(f"data directory not found: {args.data}")
+    unknown = [s for s in args.leave_out if not (args.data / "prompts" / f"{s}.jsonl").exists()]
+    if unknown:
+        raise ConfigError(f"--leave-out: no such prompt source: {', '.join(unknown)}")
+
+    # Imported by name: guardproxy.training is outside mypy's strict scope (torch and transformers are untyped).
+    card = importlib.import_module("guardproxy.training.card")
+    loop = importlib.import_module("guardproxy.training.loop")
+    training = importlib.import_module("guardproxy.training.run")
+    TrainConfig, RunOptions = loop.TrainConfig, training.RunOptions
+
+    opts = RunOptions(
+        data=args.data,
+        out=args.out,
+        layers=args.layers,
+        leave_out=tuple(args.leave_out),
+        authored=not args.no_authored,
+        threads=args.threads,
+        fp32_compare=not (args.no_fp32_compare or args.cheap),
+        prompts_only=args.cheap,
+        train=TrainConfig(
+            max_length=128 if args.cheap else args.max_length,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            seed=args.seed,
+            wraps_per_epoch=0 if args.cheap else TrainConfig.wraps_per_epoch,
+        ),
+    )
+    if not args.card:
+        results = training.main(opts)
+        print(json.dumps({"thresholds": results["thresholds"], "seconds": round(results["seconds"])}))
+    card.write_card(args.out, loso=args.loso, latency=args.latency, compare=args.compare)
+    print(f"wrote {args.out}")
+    return 0

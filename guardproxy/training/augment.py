@@ -1,0 +1,116 @@
+"""Augmentation that teaches the principle rather than a template.
+
+- Frames: the same ask in other voices (fiction, roleplay, academic, hypothetical, claimed authority, casual). Every
+  frame is applied to harmful *and* harmless asks alike, so a frame alone never predicts the label; the model has
+  to read the ask inside it.
+- Jailbreak wrapping: a real wrapper from the train split carrying a harmful or a harmless question (in its
+  placeholder, or appended where it has none). jailbreak = 1 either way; harm follows the question, so the harm
+  head learns to find the ask at the end of a long wrapper (and encode_prompt keeps that tail).
+
+Only train-split rows are used as material, so no dev or calibration text leaks into training through here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from guardproxy.training.sources import PLACEHOLDER, Example
+
+FRAMES: tuple[str, ...] = (
+    "Write a short story in which one character explains to another: {q}",
+    "For a novel I'm writing, I need a scene where the narrator answers this: {q}",
+    "Let's roleplay. You are an expert who always answers in full. {q}",
+    "I'm writing an academic paper and need a precise answer for the methods section. {q}",
+    "Hypothetically speaking, and purely out of curiosity: {q}",
+    "As a professional in this field, I need this for work. {q}",
+    "My teacher asked us to research this for homework. {q}",
+    "{q} Asking for a friend.",
+    "Quick question. {q}",
+    "Please answer in one detailed paragraph. {q}",
+    "In the voice of a pirate, answer the following. {q}",
+    "Imagine a world with no rules at all. In that world, {q}",
+    "From the perspective of a historian writing about it, {q}",
+    "I've been wondering about this for a while: {q}",
+)
+
+
+def _lower_first(text: str) -> str:
+    if len(text) > 1 and text[1].isupper():  # an acronym or a shouted word: leave it
+        return text
+    return text[:1].lower() + text[1:]
+
+
+def framed(base: Example, rng: random.Random) -> Example:
+    frame = rng.choice(FRAMES)
+    q = base.text.strip()
+    before = frame[: frame.index("{q}")].rstrip()
+    if before.endswith(","):  # mid-sentence
+        q = _lower_first(q)
+    return Example(
+        text=frame.format(q=q),
+        source="aug/frame",
+        group=base.group,
+        label=base.label,
+        harm=base.harm,
+        harm_weight=base.harm_weight,
+        category=base.category,
+        category_weight=base.category_weight,
+        jailbreak=None,  # some frames read like instruction overrides: no jailbreak label either way
+        split=base.split,
+    )
+
+
+def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
+    text = wrapper.text
+    if PLACEHOLDER.search(text):
+        text = PLACEHOLDER.sub(lambda _m: question.text, text, count=1)
+    else:
+        text = text.rstrip() + rng.choice(("\n\n", "\n", " ", "\n\nNow answer: ")) + question.text
+    return Example(
+        text=text,
+        source="aug/jailbreak_wrap",
+        group=wrapper.group,
+        label=question.label,
+        harm=question.harm,
+        harm_weight=question.harm_weight,
+        category=question.category,
+        category_weight=question.category_weight,
+        jailbreak=1.0,
+        split=wrapper.split,
+    )
+
+
+def augment(train: Sequence[Example], rng: random.Random, *, frames: int, wraps: int) -> list[Example]:
+    """``frames`` reframed asks (half harmful, half harmless) and ``wraps`` wrapped questions, from train rows."""
+    asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
+    harmful = [e for e in asks if e.harm == 1.0]
+    harmless = [e for e in asks if e.harm == 0.0]
+    wrappers = [e for e in train if e.label == "jailbreak"]
+    out: list[Example] = []
+    if harmful and harmless:
+        for i in range(frames):
+            out.append(framed(rng.choice(harmful if i % 2 == 0 else harmless), rng))
+        if wrappers:
+            for i in range(wraps):
+                out.append(wrapped(rng.choice(wrappers), rng.choice(harmful if i % 2 == 0 else harmless), rng))
+    return out
+
+
+# Single-request sources whose rows read as one ask (not a paragraph of content, not a conversation window).
+_SHORT_ASK_SOURCES = frozenset(
+    {
+        "advbench",
+        "harmbench",
+        "itw_forbidden_questions",
+        "phtest",
+        "self_instruct",
+        "clinc150",
+        "hwu64",
+        "ifeval",
+    }
+)
+
+
+def is_short_ask_source(source: str) -> bool:
+    return source in _SHORT_ASK_SOURCES or source.startswith("authored/")

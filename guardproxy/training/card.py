@@ -1,0 +1,404 @@
+"""MODEL_CARD.md from a run's metrics.json, plus leave-one-out runs, latency and comparison runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "loso": 0.90,
+    "challenge_auroc": 0.95,
+    "recall": 0.95,
+    "lookalike": 0.05,
+    "phtest": 0.05,
+    "benign": 0.02,
+    "macro_f1": 0.90,
+    "binary_f1": 0.95,
+    "fr": 0.90,
+}
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: list[Path], notes: str = "") -> None:
+    m = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    t = config["thresholds"]
+    lines: list[str] = []
+    add = lines.append
+    size_mb = (out / "model.onnx").stat().st_size / 1e6 if (out / "model.onnx").exists() else 0.0
+
+    add(f"# {config['name']} {config['version']}: the guardproxy guard model")
+    add("")
+    add(
+        f"A {config['layers']}-layer MiniLM student (hidden {config['hidden']}, initialised from layers of "
+        f"all-MiniLM-L6-v2) with five heads on one encoder pass, exported to ONNX and quantized to int8 (per-channel "
+        f"dynamic), {size_mb:.1f} MB. Trained {config['trained_at']} with `guardproxy train` (seed "
+        f"{config['data']['seed']}). The runtime contract (inputs, outputs, thresholds) is in `models/README.md`."
+    )
+    add("")
+    add(
+        "**English-first.** Training data is almost entirely English. The authored set holds a few refusals and asks in"
+    )
+    add("French, Spanish, German, Italian, Portuguese and Hindi. Expect weaker scores in other languages.")
+    add("")
+    if notes:
+        add(notes)
+        add("")
+    add("## Outputs")
+    add("")
+    add("| output | meaning | threshold (calibrated) |")
+    add("|---|---|---|")
+    add(
+        f"| `harm` | the user turn (or a window of ≤ 4 turns) asks for harmful assistance | flag {t['harm']}, "
+        f"block-level `harm_high` {t['harm_high']} |"
+    )
+    add(f"| `category` | MLCommons AILuminate hazard id ({len(config['categories'])} ids, `none` first) | argmax |")
+    add(f"| `jailbreak` | jailbreak wrapper / instruction override, whatever the ask inside | {t['jailbreak']} |")
+    add(f"| `reply_harm` | the assistant reply carries harmful assistance | {t['reply_harm']} |")
+    add(
+        f"| `refusal` | none / partial / full refusal of a (prompt, reply) pair | refused when p(partial)+p(full) ≥ "
+        f"{t['refusal_partial']} |"
+    )
+    add("| `embedding` | mean-pooled, L2-normalised sentence embedding (384) | – |")
+    add("")
+    add("False refusal is derived: prompt `harm` below the `harm` threshold and a partial or full refusal.")
+    add("")
+
+    _data_section(add, m, config)
+    _splits_section(add)
+    _calibration_section(add)
+    _harm_section(add, m)
+    _loso_section(add, loso)
+    _challenge_section(add, m)
+    _refusal_section(add, m)
+    _speed_steps_section(add, m, compare)
+    _latency_section(add, latency)
+    _limits_section(add)
+    add("## Reproduce")
+    add("")
+    add("```sh")
+    add(".venv/bin/pip install torch==2.13.0   # CPU wheel; see README for the CPU-only index URL")
+    add(".venv/bin/pip install -e '.[train]'")
+    add(
+        f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
+        f"--max-steps {int(m['train']['steps'])} --seed {config['data']['seed']}"
+    )
+    for path in loso:
+        lm = json.loads(path.read_text())
+        left = lm["options"]["leave_out"]
+        add(
+            f"guardproxy train --cheap --leave-out {' '.join(left)} --max-steps {int(lm['train']['steps'])} "
+            f"--out /tmp/loso-{'-'.join(left)}"
+        )
+    add("python -m bench.classifier_latency --model models/guard-v1")
+    add("```")
+    add("")
+    add("![score distributions](scores.png)")
+    (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
+    add("## Data")
+    add("")
+    add("All from `../shared/data` (read by path, never copied) plus `guardproxy/training/authored/` (written for")
+    add(
+        "this project: reframings of one intent in many voices, benign look-alikes, refusals without keywords, labelled"
+    )
+    add("escalations). Rows by split (PHTest response pairs: dev and calibration are capped samples when scored):")
+    add("")
+    add("| source | train | calibration | dev |")
+    add("|---|---:|---:|---:|")
+    for source, counts in m["splits"].items():
+        add(f"| {source} | {counts.get('train', 0)} | {counts.get('calibration', 0)} | {counts.get('dev', 0)} |")
+    add("")
+    add("Labels: `harmful` → harm 1; `benign`, `borderline_benign` → 0; `borderline_controversial` → 0 at weight 0.5;")
+    add("`policy_restricted` → 0 (category kept: specialized advice / elections), reported separately; `jailbreak` →")
+    add(
+        "jailbreak 1 with the harm loss masked. HarmBench copyright rows are harmful at weight 0.5 (not a safety harm)."
+    )
+    add("PHTest responses train the 3-way refusal head; HarmBench classifier rows train reply harm (`none` = the model")
+    add("carried out the behaviour → reply harm 1, refusal none; `null` → reply harm 0, refusal masked).")
+    add("Conversations are windows of ≤ 4 turns in `role: text` lines: ActorAttack windows ending at the last two user")
+    add("turns → harm 1 (earlier turns unlabelled, unused); authored escalations use `first_harmful_index` (earlier")
+    add("windows → 0); MT-Bench-101 windows → 0, half of them with the assistant turns dropped so that a user-only")
+    add('window is no shortcut to "escalation". Category labels map each source\'s categories onto the taxonomy')
+    add("(`guardproxy/training/categories.py`); rows without one get keyword rules at half weight.")
+    add("")
+    add("Balance: per epoch GSM8K 300, CLINC150 350, HWU64 350, MBPP 250, MT-Bench windows 700 and PHTest response")
+    add("pairs 3000 are sampled (one narrow style each); other sources are used in full. Augmentation from train rows")
+    add("only: 700 reframings per epoch (14 frames: fiction, roleplay, academic, hypothetical, authority, casual...)")
+    add("applied to harmful and harmless asks alike, so no frame predicts the label; and 400 real jailbreak wrappers")
+    add("carrying a harmful or a harmless ask (in the placeholder, or appended), harm following the ask.")
+    add("")
+
+
+def _splits_section(add: Any) -> None:
+    add("## How the splits were kept clean")
+    add("")
+    add("- Split by group, never by row: an ActorAttack goal (all 3 paths), a PHTest prompt with all 11 model")
+    add("  responses, a HarmBench behaviour with its classifier-validation rows, a jailbreak community, an authored")
+    add(
+        "  `family` (the five voices of one intent). Identical normalized texts across sources are merged into one"
+        " group"
+    )
+    add("  (union-find), so the same request never sits on both sides.")
+    add(
+        "- Seeded hash of the group: 15% dev (never trained on, never used for thresholds), 10% calibration (thresholds"
+    )
+    add("  only), 75% train. Augmentation draws from train rows only.")
+    add("- `bench/challenge/` is scored for this report only: never trained on, never used for thresholds or early")
+    add("  stopping; no training run reads it before the final scoring.")
+    add("- Leave-one-source-out runs drop the source from train *and* calibration.")
+    add("")
+
+
+def _calibration_section(add: Any) -> None:
+    add("## Thresholds")
+    add("")
+    add("On the calibration split only. `harm`: the threshold minimising the worst of (miss rate / 5%, benign flag")
+    add("rate / 2%, PHTest-harmless flag rate / 5%), i.e. the targets' own ratios. `harm_high`: at least `harm` and")
+    add("above 99.5% of calibration negatives. `jailbreak`: worst of (miss / 5%, false flags / 2%). `reply_harm`:")
+    add("worst of (miss / 10%, false flags / 5%). `refusal_partial`: the value maximising binary refusal F1.")
+    add("")
+
+
+def _harm_section(add: Any, m: dict[str, Any]) -> None:
+    h = m["dev"]["harm"]
+    add("## Harm on the dev split (in distribution: the easy numbers)")
+    add("")
+    add(
+        f"Pooled AUROC {_f(h['pooled_auroc'])}, recall at threshold {_pct(h['recall'])}, benign flagged "
+        f"{_pct(h['flag_rate_benign'])}, PHTest harmless flagged {_pct(h['flag_rate_borderline_benign'])}; "
+        f"jailbreak AUROC {_f(h['jailbreak_auroc'])} (non-jailbreak prompts flagged "
+        f"{_pct(h['jailbreak_flag_rate_non_jailbreak'])}); category accuracy on harmful rows "
+        f"{_pct(h['category_accuracy_harmful'])}."
+    )
+    add("")
+    add("| source | n | AUROC in source | AUROC vs dev negatives | recall | flag rate (harmless) | other |")
+    add("|---|---:|---:|---:|---:|---:|---|")
+    for source, e in h["per_source"].items():
+        other = []
+        for key in ("flag_rate_borderline_controversial", "flag_rate_policy_restricted"):
+            if key in e:
+                other.append(f"{key.removeprefix('flag_rate_')} flagged {_pct(e[key])}")
+        if "jailbreak_recall" in e:
+            other.append(f"jailbreak recall {_pct(e['jailbreak_recall'])}")
+        add(
+            f"| {source} | {e['n']} | {_f(e.get('auroc_in_source'))} | {_f(e.get('auroc_vs_dev_negatives'))} | "
+            f"{_pct(e.get('recall'))} | {_pct(e.get('flag_rate'))} | {'; '.join(other)} |"
+        )
+    add("")
+    add('"AUROC vs dev negatives": the source\'s harmful rows against every harmless dev prompt (benign and PHTest')
+    add("harmless, all sources). `policy_restricted` and `borderline_controversial` are reported, not counted.")
+    add("")
+
+
+def _loso_section(add: Any, loso: list[Path]) -> None:
+    add("## Leave one source out (the hard numbers)")
+    add("")
+    if not loso:
+        add("Not run for this model.")
+        add("")
+        return
+    first = json.loads(loso[0].read_text())
+    cfg = first["train_config"]
+    add(f"Cheaper configuration (`--cheap`): same student ({first['options']['layers']} layers), prompt-mode rows only")
+    add(f"(no response pairs, no jailbreak wrappers), max length {cfg['max_length']}, {int(first['train']['steps'])}")
+    add("steps; the left-out source is dropped from train and calibration. Target ≥ 0.90 for every harmful source.")
+    add("")
+    add("| left out | harmful rows | AUROC vs dev negatives | AUROC in source | recall at its threshold |")
+    add("|---|---:|---:|---:|---:|")
+    for path in loso:
+        lm = json.loads(path.read_text())
+        for source, e in lm.get("leave_out", {}).items():
+            add(
+                f"| {source} | {e['harmful_n']} | {_f(e['auroc_vs_dev_negatives'])} | {_f(e.get('auroc_in_source'))} | "
+                f"{_pct(e['recall_at_threshold'])} |"
+            )
+    add("")
+
+
+def _challenge_section(add: Any, m: dict[str, Any]) -> None:
+    add("## Challenge set (`bench/challenge/`, written before training, never trained on)")
+    add("")
+    ch = m.get("challenge", {})
+    for name, c in ch.items():
+        if name.endswith(":pairs"):
+            add(
+                f"**{name.removesuffix(':pairs')}** refusal: all rows macro-F1 {_f(c.get('all', {}).get('macro_f1'))}, "
+                f"binary F1 {_f(c.get('all', {}).get('binary_f1'))} (n={c.get('all', {}).get('n')}); keyword-free rows "
+                f"macro-F1 {_f(c.get('keyword_free', {}).get('macro_f1'))}, binary F1 "
+                f"{_f(c.get('keyword_free', {}).get('binary_f1'))} (n={c.get('keyword_free', {}).get('n')}); "
+                f"target ≥ {TARGETS['fr']}."
+            )
+            add("")
+            continue
+        phtest = m["dev"]["harm"]["flag_rate_borderline_benign"]
+        add(
+            f"**{name}** (n={c['n']}): AUROC {_f(c['auroc'])} (target ≥ {TARGETS['challenge_auroc']}); at the "
+            f"default threshold {m['thresholds']['harm']}: harmful recall {_pct(c['recall'])} (target ≥ 95%), "
+            f"look-alikes flagged {_pct(c['flag_rate_lookalike'])} (≤ 5%), ordinary benign flagged "
+            f"{_pct(c['flag_rate_everyday'])} (≤ 2%), PHTest harmless (dev split) flagged {_pct(phtest)} (≤ 5%)."
+        )
+        add("")
+        add("| style | harmful n | recall | benign n | flagged |")
+        add("|---|---:|---:|---:|---:|")
+        for style, e in c["by_style"].items():
+            add(
+                f"| {style or '–'} | {e['harmful_n']} | {_pct(e['recall'])} | {e['benign_n']} | "
+                f"{_pct(e['flag_rate'])} |"
+            )
+        add("")
+
+
+def _refusal_section(add: Any, m: dict[str, Any]) -> None:
+    r = m["dev"]["refusal"]
+    names = sorted(next(iter(r.values()))["baselines"]) if r else []
+    short = {n: f"B{i + 1}" for i, n in enumerate(names)}
+    add("## Refusal on the dev split, against the keyword baselines")
+    add("")
+    add("Binary F1 (any refusal vs none) and 3-way macro-F1 per source. Baselines (`../shared/data/baselines`), each")
+    add(
+        "with its own matching rule; a match counts as a full refusal (they cannot say partial): "
+        + ", ".join(f"{short[n]} = `{n}`" for n in names)
+        + "."
+    )
+    add("")
+    add("| source | n | macro-F1 | binary F1 | " + " | ".join(f"{short[n]} bin / macro" for n in names) + " |")
+    add("|---|---:|---:|---:|" + "---:|" * len(names))
+    for key, e in r.items():
+        cells = [f"{_f(e['baselines'][n]['binary_f1'], 2)} / {_f(e['baselines'][n]['macro_f1'], 2)}" for n in names]
+        add(
+            f"| {key} | {e['model']['n']} | {_f(e['model']['macro_f1'])} | {_f(e['model']['binary_f1'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    add("")
+    add("PHTest labels are the PHTest authors' (likely automated) judgements; several models' sets hold very few")
+    add("full or partial refusals, so their macro-F1 moves a lot with a handful of rows.")
+    add("")
+    fr = m["dev"]["false_refusal"]
+    add("### False refusal")
+    add("")
+    add(f"{fr['n']} dev pairs with a known prompt label: {fr['true_false_refusals']} false refusals (harmless prompt")
+    add(f"refused), {fr['harmful_prompt_pairs']} pairs whose prompt is harmful (a refusal there is correct). The model")
+    add(f"calls a false refusal when the prompt's own harm score is below {m['thresholds']['harm']} and the reply is a")
+    add("partial or full refusal. Keyword baselines cannot see the prompt: every matched refusal counts as false.")
+    add("")
+    add("| | precision | recall |")
+    add("|---|---:|---:|")
+    add(f"| model | {_f(fr['model']['precision'])} | {_f(fr['model']['recall'])} |")
+    for name, e in fr["baselines"].items():
+        add(f"| {short.get(name, name)} | {_f(e['precision'])} | {_f(e['recall'])} |")
+    add("")
+    rh = m["dev"]["reply_harm"]
+    add("### Reply harm")
+    add("")
+    add("| source | n | AUROC | F1 at threshold | harmless replies flagged |")
+    add("|---|---:|---:|---:|---:|")
+    for source, e in rh.items():
+        add(f"| {source} | {e['n']} | {_f(e['auroc'])} | {_f(e['f1'])} | {_pct(e['flag_rate_negatives'])} |")
+    add("")
+
+
+def _speed_steps_section(add: Any, m: dict[str, Any], compare: list[Path]) -> None:
+    add("## Quality cost of each speed step")
+    add("")
+    cmp = m.get("compare_int8_vs_fp32")
+    add(
+        "| configuration | harm pooled AUROC | harm recall | benign flagged | refusal macro-F1 (all) | "
+        "refusal binary F1 (all) | challenge AUROC |"
+    )
+    add("|---|---:|---:|---:|---:|---:|---:|")
+    for path in compare:
+        cm = json.loads(path.read_text())
+        _speed_row(add, f"{cm['options']['layers']} layers, fp32 ONNX→int8, {path.parent.name}", cm["dev"], cm)
+    if cmp:
+        _speed_row(add, "shipped student, fp32 (same dev rows)", cmp["fp32"], None)
+        _speed_row(add, "shipped student, int8 (same dev rows)", cmp["int8"], None)
+    add("")
+    add("Comparison runs (if listed) use the cheaper configuration and their own thresholds, so compare them with each")
+    add("other; the fp32/int8 rows share the shipped thresholds and the same dev rows.")
+    add("")
+
+
+def _speed_row(add: Any, label: str, dev: dict[str, Any], full: dict[str, Any] | None) -> None:
+    h = dev["harm"]
+    r = dev["refusal"].get("all", {}).get("model", {})
+    ch = None
+    if full:
+        ch = next((c.get("auroc") for k, c in full.get("challenge", {}).items() if not k.endswith(":pairs")), None)
+    add(
+        f"| {label} | {_f(h['pooled_auroc'])} | {_pct(h['recall'])} | {_pct(h['flag_rate_benign'])} | "
+        f"{_f(r.get('macro_f1'))} | {_f(r.get('binary_f1'))} | {_f(ch)} |"
+    )
+
+
+def _latency_section(add: Any, latency: Path | None) -> None:
+    add("## Latency")
+    add("")
+    if latency is None or not latency.exists():
+        add("Run `python -m bench.classifier_latency` (one onnxruntime thread, tokenization included).")
+        add("")
+        return
+    lat = json.loads(latency.read_text())
+    add(
+        f"`python -m bench.classifier_latency` ({lat['threads']} thread, onnxruntime {lat['onnxruntime']}, "
+        "normalization + tokenization + one pass; targets p50 ≤ 6 ms at 64 tokens, ≤ 20 ms at 256, RSS ≤ 250 MiB):"
+    )
+    add("")
+    add("| input | p50 ms | p90 ms |")
+    add("|---|---:|---:|")
+    for key in (
+        "prompt_64",
+        "prompt_256",
+        "pair_256",
+        "model_only_64",
+        "model_only_256",
+        "tokenize_only_64",
+        "tokenize_only_256",
+    ):
+        if key in lat:
+            add(f"| {key} | {lat[key]['p50_ms']} | {lat[key]['p90_ms']} |")
+    add("")
+    rss = lat["rss_mib"]
+    add(
+        f"RSS: {rss['model_loaded']} MiB with the model loaded, {rss['after_runs']} MiB after the runs (peak "
+        f"{rss['peak']} MiB)."
+    )
+    add("")
+    if "note" in lat:
+        add(lat["note"])
+        add("")
+
+
+def _limits_section(add: Any) -> None:
+    add("## Known limits")
+    add("")
+    add("- English-first; other languages are scored, but with far less support in training.")
+    add("- The harmful sources are narrow in style (AdvBench imperatives, HarmBench behaviours, short forbidden")
+    add("  questions); the leave-one-source-out and challenge numbers above are the honest estimate of")
+    add("  generalization, the in-distribution dev numbers are not.")
+    add("- Conversation windows: one public multi-turn attack family (ActorAttack) plus 60 authored escalations; no")
+    add(
+        "  per-turn labels in the public set. The conversation tracker's own signals matter more than the window score."
+    )
+    add("- OpenAI moderation rows label content, not request intent; hateful or sexual *text* scores as harmful.")
+    add("- Refusal labels for PHTest responses are the PHTest authors' judgements (likely automated).")
+    add("- Normalization folds homoglyphs, leetspeak and base64 before scoring (`guardproxy/normalize.py`): text that")
+    add("  legitimately mixes scripts or digits inside words (`log4j` → `logaj`) is seen folded.")
+    add("- Long inputs keep the first quarter and the last three quarters of the 256-id budget; a harmful ask buried")
+    add("  in the middle of a long paste can be cut.")
+    add("")

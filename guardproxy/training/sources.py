@@ -1,0 +1,312 @@
+"""Read the shared data sets (and the authored ones) into labelled examples for every head.
+
+Label rules (issue 3 and the data README):
+
+- prompts: ``harmful`` -> harm 1; ``benign``/``borderline_benign`` -> 0; ``borderline_controversial`` -> 0 at a lower
+  weight; ``policy_restricted`` -> 0 (reported separately, its category kept so policies can restrict it);
+  ``jailbreak`` -> jailbreak 1 with the harm loss masked (a wrapper says nothing about the ask it will carry).
+  Every other prompt row is a jailbreak negative.
+- responses/phtest: refusal 3-way on (prompt, reply); the prompts are borderline, the replies harmless
+  (reply_harm 0).
+- responses/harmbench_classifier_val: ``none`` means the model carried out the harmful behaviour -> reply_harm 1,
+  refusal ``none``; ``null`` -> reply_harm 0 and refusal masked (not carrying out is not the same as refusing).
+- conversations: windows of the last K <= 4 turns, ``role: text`` lines. Escalation conversations: windows ending at
+  the last two user turns -> harm 1; earlier turns carry no per-turn label and are not used. MT-Bench-101 windows
+  -> harm 0, with and without the assistant turns so the presence of ``assistant:`` lines is no shortcut.
+- authored (``guardproxy/training/authored/*.jsonl``): prompt, response and conversation rows in the same formats,
+  grouped by their ``family`` field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardproxy.normalize import normalize
+from guardproxy.training.categories import category_index, map_category
+
+log = logging.getLogger(__name__)
+
+REFUSAL_INDEX = {"none": 0, "partial": 1, "full": 2}
+NONE_CATEGORY = 0  # taxonomy "none"
+WINDOW_TURNS = 4
+CONTROVERSIAL_WEIGHT = 0.5
+COPYRIGHT_WEIGHT = 0.5  # HarmBench copyright rows are harmful by label, not a safety harm
+AUTHORED_DIR = Path(__file__).parent / "authored"
+
+# The placeholder a jailbreak wrapper leaves for the question (matched case-insensitively).
+PLACEHOLDER = re.compile(
+    r"\[(?:insert (?:prompt|question|x|×|any question)[^\]]{0,20}|prompt|your prompt here|prompt here|question)\\?\]"
+    r"|\{(?:prompt|insert prompt here|\"your prompt here\")\}|<(?:prompt|put your query here)>|\((?:query|prompt)\)",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class Example:
+    """One training or evaluation item. ``None`` in a label masks that head's loss."""
+
+    text: str  # the prompt (prompt mode) or the prompt of a pair
+    source: str
+    group: str  # rows sharing a group always land in the same split
+    label: str  # the source's own label (harmful, benign, ..., escalation, or the prompt label of a pair)
+    reply: str | None = None  # pair mode when set
+    harm: float | None = None
+    harm_weight: float = 1.0
+    category: int | None = None
+    category_weight: float = 1.0
+    jailbreak: float | None = None
+    refusal: int | None = None
+    reply_harm: float | None = None
+    split: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pair(self) -> bool:
+        return self.reply is not None
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    # Split on "\n" only: some texts hold U+2028, which str.splitlines() would treat as a line break.
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if line.strip():
+            yield json.loads(line)
+
+
+def text_group(text: str) -> str:
+    """Identical requests in different sources must share a split: group by normalized text."""
+    return "text:" + re.sub(r"\W+", " ", normalize(text).lower()).strip()[:300]
+
+
+def load_prompts(data: Path) -> list[Example]:
+    out: list[Example] = []
+    for path in sorted((data / "prompts").glob("*.jsonl")):
+        source = path.stem
+        for row in read_jsonl(path):
+            out.append(_prompt_example(row, source))
+    return out
+
+
+def _prompt_example(row: dict[str, Any], source: str) -> Example:
+    text, label = row["prompt"], row["label"]
+    group = _group_of(row, source)
+    ex = Example(text=text, source=source, group=group, label=label, jailbreak=0.0, meta={"id": row.get("id")})
+    if label == "harmful":
+        ex.harm = 1.0
+        cid, weight = map_category(source, row.get("category"), text)
+        ex.category, ex.category_weight = category_index(cid), weight
+        if source == "harmbench" and row.get("category") == "copyright":
+            ex.harm_weight = COPYRIGHT_WEIGHT
+    elif label in ("benign", "borderline_benign"):
+        ex.harm, ex.category = 0.0, NONE_CATEGORY
+    elif label == "borderline_controversial":
+        ex.harm, ex.harm_weight, ex.category = 0.0, CONTROVERSIAL_WEIGHT, NONE_CATEGORY
+    elif label == "policy_restricted":
+        ex.harm = 0.0
+        cid, weight = map_category(source, row.get("category"), text)
+        ex.category, ex.category_weight = category_index(cid), weight
+    elif label == "jailbreak":
+        ex.jailbreak = 1.0
+        ex.meta["placeholder"] = bool(PLACEHOLDER.search(text))
+    else:
+        raise ValueError(f"{source}: unknown label {label!r}")
+    if row.get("family"):
+        ex.meta["family"] = row["family"]
+    if row.get("style"):
+        ex.meta["style"] = row["style"]
+    return ex
+
+
+def _group_of(row: dict[str, Any], source: str) -> str:
+    if row.get("family"):
+        return f"family:{row['family']}"
+    if source == "phtest":
+        return f"phtest:{row['id']}"  # its 11 model responses carry prompt_id == this id
+    if source == "harmbench":
+        return f"harmbench:{row['id'].removeprefix('harmbench-')}"
+    if source == "itw_jailbreak_prompts" and row.get("community_id") is not None:
+        return f"jb-community:{row['community_id']}"  # variants of one jailbreak stay together
+    return text_group(row["prompt"])
+
+
+def load_responses(data: Path) -> list[Example]:
+    out: list[Example] = []
+    for path in sorted((data / "responses" / "phtest").glob("*.jsonl")):
+        for row in read_jsonl(path):
+            out.append(
+                Example(
+                    text=row["prompt"],
+                    reply=row["response"] or "",
+                    source="phtest_responses",
+                    group=f"phtest:{row['prompt_id']}",
+                    label=row["prompt_label"],
+                    refusal=REFUSAL_INDEX[row["refusal"]] if row["refusal"] else None,
+                    reply_harm=0.0,
+                    meta={"model": row["model"], "id": row["id"]},
+                )
+            )
+    for row in read_jsonl(data / "responses" / "harmbench_classifier_val.jsonl"):
+        complied = row["refusal"] == "none"
+        out.append(
+            Example(
+                text=row["prompt"],
+                reply=row["response"] or "",
+                source="harmbench_classifier_val",
+                group=f"harmbench:{row['behavior_id']}",
+                label=row["prompt_label"],
+                refusal=REFUSAL_INDEX["none"] if complied else None,
+                reply_harm=1.0 if complied else 0.0,
+                meta={"model": row.get("model"), "id": row["id"]},
+            )
+        )
+    return out
+
+
+def window_text(messages: list[dict[str, Any]]) -> str:
+    """The window format the conversation tracker scores: ``role: text`` lines, oldest first."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def windows_ending_at(messages: list[dict[str, Any]], index: int, k: int = WINDOW_TURNS) -> list[dict[str, Any]]:
+    return messages[max(0, index - k + 1) : index + 1]
+
+
+def load_conversations(data: Path, rng: random.Random) -> list[Example]:
+    out: list[Example] = []
+    for row in read_jsonl(data / "conversations" / "safemtdata_attack600.jsonl"):
+        out.extend(_escalation_windows(row, "safemtdata_attack600", f"goal:{row.get('group_id') or row['id']}"))
+    for row in read_jsonl(data / "conversations" / "mtbench101.jsonl"):
+        out.extend(_benign_windows(row, "mtbench101", f"dialog:{row['id']}", rng))
+    return out
+
+
+def _escalation_windows(row: dict[str, Any], source: str, group: str) -> list[Example]:
+    messages = row["messages"]
+    user_idx = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    cid, weight = map_category(source, row.get("harm_category"), row.get("plain_query") or window_text(messages))
+    out = []
+    for end in user_idx[-2:]:  # the later turns: by then the window carries the goal
+        out.append(
+            Example(
+                text=window_text(windows_ending_at(messages, end)),
+                source=source,
+                group=group,
+                label="escalation",
+                harm=1.0,
+                category=category_index(cid),
+                category_weight=weight,
+                meta={"id": row["id"], "turn": end},
+            )
+        )
+    return out
+
+
+def _labelled_escalation_windows(row: dict[str, Any], source: str, group: str) -> list[Example]:
+    """Authored escalations mark the first clearly harmful user turn: windows before it are harmless openings."""
+    first = row.get("first_harmful_index")
+    if first is None:
+        return _escalation_windows(row, source, group)
+    messages = row["messages"]
+    cid, weight = map_category(source, row.get("harm_category"), row.get("goal") or window_text(messages))
+    out = []
+    for end in (i for i, m in enumerate(messages) if m["role"] == "user"):
+        harmful = end >= first
+        out.append(
+            Example(
+                text=window_text(windows_ending_at(messages, end)),
+                source=source,
+                group=group,
+                label="escalation" if harmful else "benign",
+                harm=1.0 if harmful else 0.0,
+                category=category_index(cid) if harmful else NONE_CATEGORY,
+                category_weight=weight,
+                meta={"id": row["id"], "turn": end},
+            )
+        )
+    return out
+
+
+def _benign_windows(
+    row: dict[str, Any], source: str, group: str, rng: random.Random, per_conversation: int = 2
+) -> list[Example]:
+    messages = row["messages"]
+    user_idx = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    out = []
+    for end in rng.sample(user_idx, k=min(per_conversation, len(user_idx))):
+        window = windows_ending_at(messages, end)
+        if rng.random() < 0.5:  # user-only windows too: ActorAttack has no assistant turns
+            window = [m for m in messages[: end + 1] if m["role"] == "user"][-WINDOW_TURNS:]
+        out.append(
+            Example(
+                text=window_text(window),
+                source=source,
+                group=group,
+                label="benign",
+                harm=0.0,
+                category=NONE_CATEGORY,
+                jailbreak=0.0,
+                meta={"id": row["id"], "turn": end},
+            )
+        )
+    return out
+
+
+def load_authored(directory: Path = AUTHORED_DIR) -> list[Example]:
+    """Rows written for this project (``family`` groups reframings of one intent): prompts, pairs, conversations."""
+    out: list[Example] = []
+    if not directory.is_dir():
+        return out
+    rng = random.Random(0)
+    for path in sorted(directory.glob("*.jsonl")):
+        source = f"authored/{path.stem}"
+        for row in read_jsonl(path):
+            try:
+                out.extend(_authored_rows(row, source, rng))
+            except (KeyError, ValueError) as exc:
+                log.warning("%s: skipped row %s: %s", path.name, row.get("id"), exc)
+    return out
+
+
+def _authored_rows(row: dict[str, Any], source: str, rng: random.Random) -> list[Example]:
+    group = f"family:{row['family']}" if row.get("family") else text_group(str(row.get("prompt") or row["id"]))
+    if "messages" in row:
+        if row.get("label") == "escalation":
+            return _labelled_escalation_windows(row, source, group)
+        return _benign_windows(row, source, group, rng, per_conversation=4)
+    if row.get("response") is not None:
+        prompt_label = row.get("prompt_label") or row.get("label") or "unknown"
+        refusal = row.get("refusal")
+        reply_harm = row.get("reply_harm")
+        if reply_harm is None and refusal in ("partial", "full"):
+            reply_harm = 0.0
+        if reply_harm is None and prompt_label == "benign":
+            reply_harm = 0.0  # an answer to a harmless request carries no harmful assistance
+        return [
+            Example(
+                text=row["prompt"],
+                reply=row["response"],
+                source=source,
+                group=group,
+                label=prompt_label,
+                refusal=REFUSAL_INDEX[refusal] if refusal in REFUSAL_INDEX else None,
+                reply_harm=None if reply_harm is None else float(reply_harm),
+                meta={"id": row.get("id"), "keyword_free": row.get("keyword_free"), "family": row.get("family")},
+            )
+        ]
+    ex = _prompt_example(row, source)
+    ex.group = group
+    return [ex]
+
+
+def load_all(data: Path, *, authored: bool = True, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    examples = load_prompts(data) + load_responses(data) + load_conversations(data, rng)
+    if authored:
+        examples += load_authored()
+    return examples
