@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import httpx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -385,6 +386,21 @@ class V1Endpoint:
             raise UpstreamTimeout("upstream exceeded the overall deadline") from None
 
 
+class V1First:
+    """Pure ASGI middleware: ``/v1/*`` goes straight to the gateway's endpoint, past the router's regex
+    scan of every other route (the guard's admin and review pages among them); the rest to Starlette."""
+
+    def __init__(self, app: Any, endpoint: V1Endpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 # -- health, readiness, metrics -------------------------------------------------------------------
 
 
@@ -437,10 +453,9 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *extra_routes,
-        Route("/v1/{rest:path}", V1Endpoint(gateway)),
         Route("/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(V1First, endpoint=V1Endpoint(gateway))])
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.settings = settings
