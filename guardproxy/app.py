@@ -435,7 +435,8 @@ def create_app(
     metrics: Metrics | None = None,
 ) -> Starlette:
     """The gateway as an ASGI app. ``transport`` overrides the upstream transport (tests, benchmarks);
-    ``metrics`` lets a guard built before the app record into the app's registry."""
+    ``metrics`` lets a guard built before the app record into the app's registry. ``extra_routes`` are
+    mounted beside /healthz, /readyz and /metrics; ``/v1/*`` always belongs to the gateway."""
     pipeline = pipeline if pipeline is not None else Pipeline()
     metrics = metrics or Metrics()
     gateway = Gateway(settings, pipeline, metrics, transport)
