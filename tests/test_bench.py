@@ -148,7 +148,8 @@ async def test_a_real_upstream_gets_the_key_and_nothing_shows_it(tmp_path: Path)
     fake = FakeUpstream()
     env = {**os.environ, "GP_BENCH_TEST_KEY": canary}
     async with serve(fake) as base:
-        args = ["--upstream", base + "/v1", "--api-key-env", "GP_BENCH_TEST_KEY", "--modes", "direct,guarded",
+        args = ["--upstream", base + "/v1", "--upstream-model", "m", "--api-key-env", "GP_BENCH_TEST_KEY",
+                "--modes", "direct,guarded",
                 "--concurrency", "1", "--requests", "4", "--warmup", "1", "--policy", str(MONITOR),
                 "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "work"), "--quiet"]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(

@@ -215,7 +215,8 @@ class Bench:
             if mode == "direct":
                 continue
             spec = GatewaySpec(mode, guard=mode != "passthrough", speculative=mode == "speculative")
-            print(f"starting gateway '{mode}' (loading the guard model)...", file=self.progress.stream, flush=True)
+            what = "no checks" if mode == "passthrough" else "loading the guard model"
+            print(f"starting gateway '{mode}' ({what})...", file=self.progress.stream, flush=True)
             proc = await start_gateway(
                 spec, self.workdir, upstream=upstream, model_dir=cfg.model_dir, policy=cfg.policy, capacity=cfg.capacity
             )

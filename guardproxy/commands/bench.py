@@ -103,10 +103,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace) -> BenchConfig:
     from guardproxy.benchmark.load import MixSpec
     from guardproxy.benchmark.run import BenchConfig
+    from guardproxy.errors import ConfigError
     from guardproxy.settings import load_settings
 
     real = args.upstream is not None
     api_key = None
+    if real and not args.upstream_model:
+        raise ConfigError("--upstream needs --upstream-model NAME (the model your upstream serves)")
     if real:
         api_key = os.environ.get(args.api_key_env) or None
         if api_key is None:
