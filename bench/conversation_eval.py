@@ -133,7 +133,7 @@ async def replay_all(convs: list[Conv], model: Path, concurrency: int) -> None:
                 "harm": r.harm,
                 "window": r.signals.window_harm,
                 "refusals": r.signals.refusal_events,
-                "rephrase": r.signals.rephrase_similarity,
+                "rephrase": [list(m) for m in r.rephrase_matches],
                 "history": r.signals.history,
                 "escalation": r.escalation,
             }
@@ -167,7 +167,7 @@ def escalations(turns: Sequence[dict[str, Any]], p: EscalationParams) -> list[fl
                 trajectory=traj,
                 trend_value=trend(risks),
                 refusals=t["refusals"],
-                rephrase=t["rephrase"],
+                rephrase=[tuple(m) for m in t["rephrase"]],
                 history=t["history"],
                 p=p,
             )

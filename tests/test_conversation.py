@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardproxy.conversation import (
     FLAG_THRESHOLD,
@@ -559,3 +561,39 @@ def test_build_tracker_from_settings(caplog: pytest.LogCaptureFixture) -> None:
         build_tracker(Settings(state={"url": "redis://127.0.0.1:6379/0"}), FakeClassifier())
     with pytest.raises(ConfigError, match="unsupported scheme"):
         build_tracker(Settings(state={"url": "ftp://x", "hmac_secret": "s"}), FakeClassifier())
+
+
+# -- property tests: canonical form of untrusted messages ----------------------------------------------------------
+
+_json_leaf = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+_json = st.recursive(
+    _json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4)
+)
+
+
+@given(
+    words=st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=["Zs", "Cc", "Zl", "Zp"]), min_size=1), max_size=12
+    ),
+    seps=st.data(),
+)
+@settings(max_examples=200, deadline=None)
+def test_canonical_form_survives_any_reserialisation(words: list[str], seps: st.DataObject) -> None:
+    spaces = st.text(alphabet=" \t\n\r\u00a0\u2003\u200b", min_size=1, max_size=3)
+    plain = " ".join(words)
+    reflowed = "".join(w + seps.draw(spaces) for w in words)
+    cut = seps.draw(st.integers(min_value=0, max_value=len(words)))
+    parts = [{"type": "text", "text": " ".join(words[:cut])}, {"type": "text", "text": " ".join(words[cut:])}]
+    assert (
+        canonical_text(a(plain))
+        == canonical_text(a(reflowed))
+        == canonical_text({"role": "assistant", "content": parts})
+    )
+
+
+@given(message=st.dictionaries(st.sampled_from(["role", "content", "tool_calls", "function_call", "name"]), _json))
+@settings(max_examples=300, deadline=None)
+def test_any_json_message_canonicalises_without_error(message: dict[str, Any]) -> None:
+    assert isinstance(canonical_text(message), bytes)
+    assert isinstance(message_text(message), str)
+    build_chain(SECRET, "t", None, [message, "not an object", 3])

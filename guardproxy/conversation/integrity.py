@@ -88,8 +88,8 @@ def _tool_calls_text(message: Mapping[str, Any]) -> str:
         if isinstance(args, str):
             try:  # clients re-serialise JSON arguments: compare their meaning, not their spelling
                 args = json.dumps(json.loads(args), sort_keys=True, ensure_ascii=False)
-            except ValueError:
-                pass
+            except (ValueError, RecursionError):
+                pass  # not JSON (or absurdly nested): compare the text itself
         elif args is not None:
             args = json.dumps(args, sort_keys=True, ensure_ascii=False, default=str)
         out.append(f"[call {fn.get('name')}({args or ''})]")
@@ -176,6 +176,10 @@ class Chain:
         return hmac.digest(self.secret, b"root" + self.hashes[0], "sha256")[:ROOT_BYTES]
 
 
+def _skipped(role: Any) -> bool:
+    return isinstance(role, str) and role in _SKIPPED_ROLES
+
+
 def _role(message: Mapping[str, Any]) -> Role:
     role = message.get("role")
     if role == "assistant":
@@ -208,7 +212,7 @@ def build_chain(secret: bytes, tenant: str, subkey: str | None, messages: Sequen
     h = seed
     sha256 = hashlib.sha256
     for idx, message in enumerate(messages):
-        if not isinstance(message, Mapping) or message.get("role") in _SKIPPED_ROLES:
+        if not isinstance(message, Mapping) or _skipped(message.get("role")):
             continue
         role = _role(message)
         canonical = canonical_text(message)
