@@ -391,3 +391,36 @@ async def test_queue_is_bounded_in_bytes_and_long_texts_are_clipped(tmp_path: Pa
     text = got.record.messages[0]["content"]
     assert len(text) < 70_000 and text.endswith(tail_ask) and "characters cut" in text
     await store.aclose()
+
+
+async def test_postgres_down_at_startup_starts_degraded_and_migrates_later(pg_schema: str) -> None:
+    proxy = LoopbackProxy()
+    await proxy.start()
+    await proxy.cut()  # nothing listens on the proxy's port: PostgreSQL is "down"
+    store = open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}")
+    await store.start()  # the gateway still starts
+    assert store.submit(make(1))
+    await store.flush()
+    assert store.dropped["unavailable"] == 1
+    await proxy.restore()
+    await asyncio.sleep(1.1)
+    after = make(2)
+    assert store.submit(after)
+    await store.flush()
+    assert await store.get(after.id) is not None  # connected, migrated, written
+    await store.aclose()
+    await proxy.cut()
+
+
+async def test_label_waiting_at_close_fails_instead_of_hanging(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "close.db")
+    await store.start()
+    record = make(1)
+    store.submit(record)
+    await store.flush()
+    label = asyncio.create_task(store.add_label(record.id, "unclear"))
+    await store.aclose()
+    try:
+        await asyncio.wait_for(label, timeout=5)
+    except StoreError:
+        pass  # queued behind the stop marker: refused, not left hanging

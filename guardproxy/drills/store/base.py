@@ -228,6 +228,8 @@ class DrillStore(ABC):
     """A drill database behind one writer thread. Subclasses supply connections and dialect details."""
 
     serial_type = "INTEGER PRIMARY KEY"
+    # Errors at open that mean "the database is down", not "misconfigured": the store starts degraded.
+    degraded_start_errors: tuple[type[Exception], ...] = ()
 
     def __init__(
         self,
@@ -251,6 +253,8 @@ class DrillStore(ABC):
         self._closed = False
         self._logged: set[str] = set()
         self._retry_at = 0.0
+        self._migrated = False
+        self._writer_done = threading.Event()
         self.dropped: Tally[str] = Tally()  # reason -> samples dropped (also in the prometheus counter)
         self.written = 0
         self.bind_metrics(metrics)
@@ -366,10 +370,13 @@ class DrillStore(ABC):
 
     # -- the writer thread ------------------------------------------------------------------------------
     def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        conn: Any = None
         try:
-            conn = self._connect(write=True)
-            self._migrate(conn)
-            self._purge(conn, time.time())
+            conn = self._open_connection()
+        except self.degraded_start_errors as exc:
+            # The database is down at startup: serve anyway, drop samples, connect (and migrate) when it is back.
+            log.warning("drill store: database unavailable at startup, samples are dropped until it returns: %s", exc)
+            self._retry_at = time.monotonic() + 1.0
         except Exception as exc:
             ready.set_exception(StoreError(f"cannot open drill store: {exc}"))
             return
@@ -378,16 +385,10 @@ class DrillStore(ABC):
         stop = False
         while not stop:
             try:
-                item = self._queue.get(timeout=1.0)
+                batch = [self._queue.get(timeout=1.0)]
             except queue.Empty:
-                item = None
-            if item is None:
-                if time.monotonic() - last_purge > 3600:
-                    conn = self._guarded(conn, lambda c: self._purge(c, time.time()), None)
-                    last_purge = time.monotonic()
-                continue
-            batch = [item]
-            while len(batch) < self.batch_size:
+                batch = []
+            while batch and len(batch) < self.batch_size:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -404,8 +405,39 @@ class DrillStore(ABC):
                     self._release(_approx_size(it))
                     records.append(it)
             conn = self._flush_records(conn, records)
+            if time.monotonic() - last_purge > 3600:  # retention, also under constant traffic
+                conn = self._guarded(conn, lambda c: self._purge(c, time.time()), None)
+                last_purge = time.monotonic()
+        self._fail_leftovers()
+        self._writer_done.set()
         if conn is not None:
             conn.close()
+
+    def _fail_leftovers(self) -> None:
+        """After stop: nothing may wait forever on an op the writer will never run."""
+        while True:
+            try:
+                it = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(it, _Op):
+                if it.future.set_running_or_notify_cancel():
+                    it.future.set_exception(StoreError("drill store is closed"))
+            elif it is not _STOP:
+                self._release(_approx_size(it))
+                self._drop("closed", 1, None)
+
+    def _open_connection(self) -> Any:
+        conn = self._connect(write=True)
+        try:
+            if not self._migrated:
+                self._migrate(conn)
+                self._purge(conn, time.time())
+                self._migrated = True
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _flush_records(self, conn: Any, records: list[DrillRecord]) -> Any:
         if not records:
@@ -457,7 +489,7 @@ class DrillStore(ABC):
         if now < self._retry_at:
             raise _Backoff("database unavailable; retrying shortly")
         try:
-            return self._connect(write=True)
+            return self._open_connection()
         except Exception:
             self._retry_at = now + 1.0
             raise
@@ -477,13 +509,15 @@ class DrillStore(ABC):
 
     async def _write_op(self, fn: Callable[[Any], T], wait_s: float = 10.0, *, needs_connection: bool = True) -> T:
         """Run ``fn(write_connection)`` on the writer thread and wait for it (labels, purges, flush)."""
-        if self._thread is None:
+        if self._thread is None or self._closed:
             raise StoreError("drill store is not open")
         op = _Op(fn, concurrent.futures.Future(), needs_connection)
         try:
             await asyncio.to_thread(self._queue.put, op, True, wait_s)
         except queue.Full as exc:
             raise StoreError("drill store is busy; try again") from exc
+        if self._writer_done.is_set():  # the writer stopped while this op was being queued
+            self._fail_leftovers()
         return await asyncio.wait_for(asyncio.wrap_future(op.future), timeout=wait_s + 30)
 
     # -- schema -----------------------------------------------------------------------------------------
