@@ -8,8 +8,9 @@ import json
 
 import pytest
 
+from guardproxy.errors import ClassifierError
 from guardproxy.fake_upstream import FakeUpstream
-from guardproxy.pipeline import Action, Verdict
+from guardproxy.pipeline import Action, Exchange, Verdict
 from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -238,3 +239,47 @@ async def test_invalid_json_event_fails_the_guarded_stream_in_band(env: Env) -> 
     assert events[-2]["error"]["code"] == "upstream_stream_error"
     await _finished(check)
     assert check.finished[0].outcome == "upstream_error"
+
+
+class RaisingCheck(ScriptedCheck):
+    """A check whose classifier fails, on input or on output."""
+
+    def __init__(self, *, on: str, exc: Exception) -> None:
+        super().__init__()
+        self.on, self.exc = on, exc
+
+    async def check_input(self, exchange: Exchange) -> Verdict:
+        if self.on == "input":
+            raise self.exc
+        return await super().check_input(exchange)
+
+    async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
+        if self.on == "output":
+            raise self.exc
+        return await super().check_output(exchange, choice, text, final=final)
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [(ClassifierError("model timed out"), 503, "guard_unavailable"), (RuntimeError("bug"), 500, "internal_error")],
+)
+@pytest.mark.parametrize("on", ["input", "output"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_check_that_raises_is_an_explicit_error(
+    exc: Exception, status: int, code: str, on: str, stream: bool, env: Env
+) -> None:
+    check = RaisingCheck(on=on, exc=exc)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "stream": stream})
+    if stream and on == "output":  # headers already sent: the stream ends in-band
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == code
+        # The final check failed before the finishing chunk: nothing claims the reply completed.
+        assert all(c.get("finish_reason") != "stop" for e in events[:-2] for c in e.get("choices", []))
+    else:
+        assert r.status_code == status
+        assert r.json()["error"]["code"] == code
+        assert "bug" not in r.text  # internal details stay in the log
+    await _finished(check)
+    assert check.finished[0].outcome == "error"
