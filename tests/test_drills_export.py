@@ -232,3 +232,43 @@ async def test_report_command_writes_json_and_escaped_html(tmp_path: Path, capsy
 def test_missing_sqlite_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["drills", "export", "--store", f"sqlite:///{tmp_path}/nope.db", "--out", str(tmp_path)]) == 2
     assert "no such database file" in capsys.readouterr().err
+
+
+async def test_export_and_purge_from_postgresql(tmp_path: Path) -> None:
+    import uuid
+
+    import psycopg
+
+    from guardproxy.drills.store import open_store
+
+    pg = "postgresql://postgres@127.0.0.1:5432/test"
+    url = f"{pg}?schema=gp_test_{uuid.uuid4().hex[:12]}"
+    store = open_store(url)
+    await store.start()
+    old = _stored(1, "I can't help with that.", created=time.time() - 400 * 86400).record
+    new = _stored(2, "I can't help with that.").record
+    store.submit(old)
+    store.submit(new)
+    await store.flush()
+    await store.add_label(new.id, "false_refusal")
+    await store.aclose()
+    try:
+        out = tmp_path / "pg"
+        assert await cli(["drills", "export", "--store", url, "--out", str(out), "--reviewed"]) == 0
+        (row,) = read_jsonl(out / "responses.jsonl")
+        assert (row["drill_id"], row["prompt_label"], row["refusal"]) == (new.id, "benign", "full")
+        assert await cli(["drills", "purge", "--store", url]) == 0  # retention_days defaults to 30
+        assert await cli(["drills", "export", "--store", url, "--out", str(out)]) == 0
+        assert [r["drill_id"] for r in read_jsonl(out / "prompts.jsonl")] == [new.id]
+    finally:
+        with psycopg.connect(pg, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{url.rsplit("=", 1)[1]}" CASCADE')
+
+
+def test_public_names() -> None:
+    import guardproxy.drills
+
+    assert sorted(guardproxy.drills.__all__) == sorted(
+        ["LABELS", "DrillFilter", "DrillRecord", "DrillRecorder", "DrillStore", "PolicyDecision", "Redactor",
+         "Sampler", "SamplingConfig", "StoredDrill", "from_exchange", "open_store"]
+    )  # fmt: skip
