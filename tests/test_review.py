@@ -81,6 +81,22 @@ async def seeded(tmp_path: Path) -> AsyncIterator[tuple[DrillStore, list[DrillRe
     await store.aclose()
 
 
+def attacker_app(target: str) -> Starlette:
+    """Another origin's page with a form aimed at the review page (what a CSRF attack looks like)."""
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    page = (
+        f'<form method="post" action="{target}"><input name="label" value="missed_harm">'
+        '<input name="csrf" value="guess"><button type="submit">win a prize</button></form>'
+    )
+
+    async def home(request: object) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return Starlette(routes=[Route("/", home)])
+
+
 def app_for(store: DrillStore, token: str | None = TOKEN) -> Starlette:
     return Starlette(routes=review_routes(store, Settings(admin_token=token)))
 
@@ -276,5 +292,15 @@ async def test_browser_login_label_with_keyboard_and_inert_xss(seeded: tuple[Dri
             got = await store.get(evil.id)
             assert got is not None and got.label is not None and got.label.label == "correct_refusal"
             assert dialogs == []
+
+            # a page on another origin (same site: another port) posts a label with the reviewer's cookie
+            victim = records[0]
+            async with serve(attacker_app(f"{base}/guard/review/drill/{victim.id}/label")) as evil_base:
+                await page.goto(evil_base)
+                async with page.expect_navigation():
+                    await page.click("button")
+                assert "Cross-site request refused" in await page.content()
+            got = await store.get(victim.id)
+            assert got is not None and got.labels == ()
         finally:
             await browser.close()
