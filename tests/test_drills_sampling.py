@@ -54,6 +54,9 @@ CASES = [
     ("similar but never refused", rec(signals={"harm": 0.1, "rephrase_similarity": 0.9, "refusal_events": 0.0}),
      NO_BASE, ()),
     ("no thresholds: harm 0.5 assumed", rec(signals={"harm": 0.5}, thresholds={}), NO_BASE, ("uncertain",)),
+    ("classifier failed, fail-open allowed it", rec(signals={"harm": 0.0, "classifier_failed": 1.0}), NO_BASE,
+     ("guard_failed",)),
+    ("state backend failed", rec(signals={"harm": 0.0, "state_failed": 1.0}), NO_BASE, ("guard_failed",)),
 ]  # fmt: skip
 
 

@@ -12,6 +12,8 @@ Decided per exchange, in microseconds, on the event loop (no I/O):
 - ``escalation``: the conversation's escalation score at or above ``escalation_min``.
 - ``rephrase``: a request close to one refused earlier (``rephrase_similarity`` at or above
   ``rephrase_min`` after at least one refusal).
+- ``guard_failed``: the classifier or the state backend failed, so the policy's fail mode decided
+  (a fail-open exchange went through unjudged: a person should see some of them).
 
 Every reason is subject to the caps: at most ``per_tenant_hourly_cap`` drills per tenant and
 ``hourly_budget`` in all per clock hour, so one noisy client (even one that gets blocked a lot) cannot
@@ -39,6 +41,7 @@ REASONS: tuple[str, ...] = (
     "false_refusal",
     "escalation",
     "rephrase",
+    "guard_failed",
 )
 DEFAULT_THRESHOLDS: Mapping[str, float] = {"harm": 0.5}
 
@@ -88,6 +91,8 @@ def reasons_for(record: DrillRecord, config: SamplingConfig, fraction: float) ->
         out.append("escalation")
     if s.get("refusal_events", 0.0) >= 1 and s.get("rephrase_similarity", 0.0) >= config.rephrase_min:
         out.append("rephrase")
+    if s.get("classifier_failed", 0.0) or s.get("state_failed", 0.0):
+        out.append("guard_failed")
     return tuple(out)
 
 
