@@ -243,3 +243,19 @@ async def test_slow_redis_times_out_to_local_state(prefix: str) -> None:
     finally:
         await t.aclose()
         await proxy.aclose()
+
+
+async def test_build_tracker_for_redis_uses_the_gateway_metrics() -> None:
+    from guardproxy.conversation import build_tracker
+    from guardproxy.metrics import Metrics
+    from guardproxy.settings import Settings
+
+    metrics = Metrics()
+    settings = Settings(state={"url": "redis://127.0.0.1:6379/0", "hmac_secret": "s3cret", "backend_timeout": 0.2})
+    t = build_tracker(settings, FakeClassifier(), metrics=metrics)
+    try:
+        assert isinstance(t.backend, ResilientBackend) and t.backend.timeout == 0.2 and t.shared
+        assert b"guardproxy_state_backend_up 1.0" in metrics.render()
+        assert metrics.counter("guardproxy_state_fallbacks", "") is t.backend.fallbacks
+    finally:
+        await t.aclose()
