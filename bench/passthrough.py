@@ -183,8 +183,9 @@ def render(runs: list[Run], args: argparse.Namespace, transports: list[str]) -> 
     lines = [
         SECTION,
         "",
-        f"`python -m bench.passthrough --seconds {args.seconds:g} --concurrency {args.concurrency} "
-        f"--transports {','.join(transports)}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"`python -m bench.passthrough --seconds {args.seconds:g} --rounds {args.rounds} "
+        f"--concurrency {args.concurrency} --transports {','.join(transports)}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Machine: {machine()}.",
         "",
@@ -210,7 +211,42 @@ def render(runs: list[Run], args: argparse.Namespace, transports: list[str]) -> 
             f"| {r.pct(0.5, r.ttfb):.2f} | {added} | {ratio} | {r.cpu_ms:.3f} | {r.errors} |"
         )
     lines.append("")
+    lines.extend(summary(runs, transports))
     return "\n".join(lines)
+
+
+def summary(runs: list[Run], transports: list[str]) -> list[str]:
+    """The transport choice and the issue's targets, computed from this run's numbers."""
+    out: list[str] = []
+    by = {(r.target, r.mode, r.concurrency): r for r in runs}
+    levels = sorted({(r.mode, r.concurrency) for r in runs})
+    if len(transports) > 1:
+        wins: dict[str, int] = dict.fromkeys(transports, 0)
+        for mode, c in levels:
+            best = max(transports, key=lambda t: by[(f"gateway ({t})", mode, c)].rps)
+            wins[best] += 1
+        ranked = sorted(wins.items(), key=lambda kv: -kv[1])
+        cheaper = dict.fromkeys(transports, 0)
+        for mode, c in levels:
+            best = min(transports, key=lambda t: by[(f"gateway ({t})", mode, c)].cpu_ms or float("inf"))
+            cheaper[best] += 1
+        out.append(
+            f"Upstream transport: `{ranked[0][0]}` had the higher throughput in {ranked[0][1]} of {len(levels)} "
+            "mode/concurrency cells (" + ", ".join(f"`{t}` {n}" for t, n in ranked) + ") and the lower CPU per "
+            "request in " + ", ".join(f"`{t}` {n}" for t, n in cheaper.items()) + ". The gateway's default "
+            '(`upstream.transport = "aiohttp"`) is httpx\'s API over `httpx_aiohttp.AiohttpTransport` with one '
+            "`aiohttp.TCPConnector(limit=upstream.max_connections)` per process and no cookie jar."
+        )
+    t = transports[0]
+    one = by.get((f"gateway ({t})", "plain", 1)), by.get(("direct", "plain", 1))
+    if one[0] and one[1]:
+        added = one[0].pct(0.5) - one[1].pct(0.5)
+        out.append(f'Target "adds <= 1 ms p50 at c=1" (`{t}`, plain): measured {added:+.2f} ms.')
+    c16 = by.get((f"gateway ({t})", "plain", 16))
+    if c16:
+        out.append(f'Target ">= 600 req/s JSON at c=16 on 2 cores" (`{t}`): measured {c16.rps:.0f} req/s.')
+    out.append("")
+    return out
 
 
 def chart(runs: list[Run], path: Path) -> None:
@@ -260,18 +296,36 @@ async def bench(args: argparse.Namespace) -> list[Run]:
         targets = [("direct", upstream, procs[0].pid)] + [
             (f"gateway ({t})", u, procs[i + 1].pid) for i, (t, u) in enumerate(gateways.items())
         ]
-        total = 2 * len(levels) * len(targets)
-        for mode in ("plain", "stream"):
-            for c in levels:
-                for name, url, pid in targets:
-                    log(f"[{len(runs) + 1}/{total}] {mode} c={c} {name} ...")
-                    cpu0 = cpu_seconds(pid)
-                    run = await drive(url, name, mode, c, args.seconds)
-                    # Includes the warm-up requests' CPU: a slight overestimate, the same for every target.
-                    run.cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / max(1, run.requests)
-                    log(f"    {run.rps:.0f} req/s  p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms  "
-                        f"errors {run.errors}")  # fmt: skip
-                    runs.append(run)
+        total = 2 * len(levels) * len(targets) * args.rounds
+        done = 0
+        merged: dict[tuple[str, str, int], Run] = {}
+        cpu: dict[tuple[str, str, int], float] = {}
+        # Rounds interleave the targets, so a burst of load from elsewhere on the machine hits all of them.
+        for rnd in range(args.rounds):
+            for mode in ("plain", "stream"):
+                for c in levels:
+                    for name, url, pid in targets:
+                        done += 1
+                        log(f"[{done}/{total}] round {rnd + 1} {mode} c={c} {name} ...")
+                        cpu0 = cpu_seconds(pid)
+                        run = await drive(url, name, mode, c, args.seconds / args.rounds)
+                        key = (name, mode, c)
+                        # Includes the warm-up requests' CPU: a slight overestimate, the same for every target.
+                        cpu[key] = cpu.get(key, 0.0) + cpu_seconds(pid) - cpu0
+                        log(f"    {run.rps:.0f} req/s  p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms  "
+                            f"errors {run.errors}")  # fmt: skip
+                        if key in merged:
+                            m = merged[key]
+                            m.requests += run.requests
+                            m.errors += run.errors
+                            m.seconds += run.seconds
+                            m.latencies += run.latencies
+                            m.ttfb += run.ttfb
+                        else:
+                            merged[key] = run
+        for key, run in merged.items():
+            run.cpu_ms = cpu[key] * 1000 / max(1, run.requests)
+        runs = [merged[(name, mode, c)] for mode in ("plain", "stream") for c in levels for name, _, _ in targets]
     finally:
         for p in procs:
             p.terminate()
@@ -285,8 +339,9 @@ async def bench(args: argparse.Namespace) -> list[Run]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (after warm-up)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell (after warm-ups)")
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell (seconds split across them)")
     parser.add_argument("--transports", default="aiohttp,httpx", help="gateway upstream transports to compare")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave bench/RESULTS.md alone")
     parser.add_argument("--role", choices=["bench", "upstream"], default="bench", help=argparse.SUPPRESS)
