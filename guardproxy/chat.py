@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 _JSON = (b"content-type", b"application/json")
+# A plain reply is held whole (to check it); an upstream that sends more than this is broken or hostile.
+MAX_REPLY_BYTES = 32 * 1024 * 1024
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -320,7 +322,7 @@ class ChatHandler:
     # -- plain replies ---------------------------------------------------------------------------
 
     async def _plain(self, call: Call, ex: Exchange, req: ChatRequest, resp: httpx.Response) -> None:
-        data = await self.upstream.read(resp)
+        data = await self.upstream.read(resp, limit=MAX_REPLY_BYTES)
         headers = response_headers(resp.headers, decoded=True)
         if self.pipeline.passthrough:
             await call.respond(resp.status_code, data, headers)
@@ -336,7 +338,7 @@ class ChatHandler:
             try:
                 if retry.status_code >= 400:
                     raise await self.upstream.error_from(retry)
-                data = await self.upstream.read(retry)
+                data = await self.upstream.read(retry, limit=MAX_REPLY_BYTES)
                 headers = response_headers(retry.headers, decoded=True)
             finally:
                 await retry.aclose()
