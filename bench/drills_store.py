@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -50,15 +52,39 @@ def record(i: int) -> DrillRecord:
     )
 
 
-def submit_cost(store: DrillStore, rate: float, n: int = 20000) -> float:
+def quiet(i: int) -> DrillRecord:
+    """The common exchange: allowed, far from every threshold, shadows agree: not sampled."""
+    r = record(i)
+    calm = PolicyDecision("default", "3", "allow")
+    return dataclasses.replace(r, active=calm, shadows=(calm,), refusal="none", signals={"harm": 0.05})
+
+
+def submit_cost(store: DrillStore, rate: float, records: list[DrillRecord]) -> float:
     recorder = DrillRecorder(
         store, Sampler(SamplingConfig(rate=rate, per_tenant_hourly_cap=10**9, hourly_budget=10**9), secret=b"k")
     )
-    records = [record(i) for i in range(n)]
     t0 = time.perf_counter()
     for r in records:
         recorder.submit(r)
-    return (time.perf_counter() - t0) / n * 1e6
+    return (time.perf_counter() - t0) / len(records) * 1e6
+
+
+async def request_path(tmp: Path, n: int = 20000) -> None:
+    quiet_records = [quiet(i) for i in range(n)]
+    sampled_records = [record(i) for i in range(n)]
+    sink = open_store(f"sqlite:///{tmp / 'sink.db'}", queue_size=10**6, queue_bytes=2**34)
+    await sink.start()
+    print(f"submit, not sampled:                {submit_cost(sink, 0.0, quiet_records):6.2f} µs per exchange")
+    blocker = sqlite3.connect(tmp / "sink.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the writer waits on the lock: measures sampling + enqueue alone
+    idle = submit_cost(sink, 1.0, sampled_records)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    print(f"submit, sampled, writer waiting:    {idle:6.2f} µs per exchange")
+    await sink.flush(wait_s=300)
+    busy = submit_cost(sink, 1.0, sampled_records)  # the writer redacts and writes alongside (GIL shared)
+    print(f"submit, sampled, writer busy:       {busy:6.2f} µs per exchange")
+    await sink.aclose()
 
 
 async def writer_throughput(store: DrillStore, n: int, chunk: int = 500) -> float:
@@ -112,11 +138,7 @@ async def main() -> None:
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sink = open_store(f"sqlite:///{Path(tmp) / 'sink.db'}", queue_size=10**6)
-        await sink.start()
-        print(f"submit, not sampled (rate 0):  {submit_cost(sink, 0.0):.2f} µs per exchange")
-        print(f"submit, sampled (rate 1):     {submit_cost(sink, 1.0):.2f} µs per exchange (queued, not yet written)")
-        await sink.aclose()
+        await request_path(Path(tmp))
         await run_store("sqlite", open_store(f"sqlite:///{Path(tmp) / 'bench.db'}", queue_size=1000), args.drills)
     schema = f"gp_bench_{uuid.uuid4().hex[:8]}"
     try:
