@@ -68,6 +68,7 @@ class Recorded:
     fault: str
     cancelled: bool = False
     completed: bool = False
+    sent_bytes: int = 0  # body bytes handed to the server so far (tests of backpressure)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class FakeUpstream:
         # it stops the answer (a real server stops generating for a client that left).
         async def send_marking(message: dict[str, Any]) -> None:
             await send(message)
+            rec.sent_bytes += len(message.get("body", b""))
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Marked before yielding: uvicorn wakes receive() with a disconnect once a response is
                 # complete, and the watcher must not mistake that for a cancellation.
