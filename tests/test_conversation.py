@@ -311,10 +311,12 @@ async def test_regenerate_and_edit_branch_from_older_positions() -> None:
     assert obs.signals.history == "verified" and obs.signals.turn_index == 2
 
 
-async def test_tool_call_replies_verify_with_reserialised_arguments() -> None:
+async def test_tool_call_replies_verify_as_the_gateway_records_them() -> None:
+    from guardproxy.chat import message_text as relayed_text
+
     t = tracker()
     messages = [u("weather in paris?")]
-    await t.observe("t1", None, messages)
+    obs = await t.observe("t1", None, messages)
     call = {
         "role": "assistant",
         "content": None,
@@ -326,13 +328,19 @@ async def test_tool_call_replies_verify_with_reserialised_arguments() -> None:
             }
         ],
     }
-    await t.record_reply("t1", None, messages, call, refused=False)
+    # the guard records the text the gateway accumulated from the reply: content, then the tool-call arguments
+    await t.record_reply("t1", None, messages, relayed_text(call), refused=False, observation=obs)
     echoed = dict(call)
     echoed["tool_calls"] = [
-        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"unit": "c", "city": "Paris"}'}}
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
     ]
-    obs = await t.observe("t1", None, [*messages, echoed, {"role": "tool", "tool_call_id": "c1", "content": "12C"}])
-    assert obs.signals.history == "verified"
+    tool = {"role": "tool", "tool_call_id": "c1", "content": "12C"}
+    assert (await t.observe("t1", None, [*messages, echoed, tool])).signals.history == "verified"
+    edited = dict(call)
+    edited["tool_calls"] = [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Rome"}'}}
+    ]
+    assert (await t.observe("t1", None, [*messages, edited, tool])).signals.history == "forged"
 
 
 def test_canonical_form_ignores_whitespace_and_part_boundaries() -> None:

@@ -6,6 +6,10 @@ zero-width character removed. Clients re-serialise what they got back (a string 
 paragraphs are re-wrapped, trailing newlines dropped), so whitespace and part boundaries cannot count; the words
 and their order do.
 
+An assistant message counts as its content followed by its tool calls' argument strings (what the gateway
+accumulates from a reply, streamed or not); clients that re-order the keys inside those JSON arguments read as
+edited.
+
 The chain starts from a secret seed for (tenant, subkey) and hashes one canonical message at a time::
 
     h_0 = HMAC-SHA256(secret, "scope" | tenant | subkey)
@@ -70,30 +74,21 @@ def _part_text(part: Any) -> tuple[str, str]:
         if isinstance(value, str) and kind in (None, "text", "input_text", "output_text", "refusal"):
             return value, ""
     # images, audio, files: the model sees a placeholder, the chain a digest of the part
-    digest = hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    try:
+        blob = json.dumps(part, sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        blob = repr(part)
+    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"[{kind}]", f"[{kind}:{digest}]"
 
 
-def _tool_calls_text(message: Mapping[str, Any]) -> str:
+def _tool_arguments(message: Mapping[str, Any]) -> list[str]:
+    """The argument strings of a message's tool calls, as sent. The gateway accumulates a relayed reply as its
+    content followed by its tool calls' arguments (``guardproxy.chat.choice_text``), so that is what is bound."""
     calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        call = message.get("function_call")
-        calls = [{"function": call}] if isinstance(call, Mapping) else []
-    out = []
-    for call in calls:
-        fn = call.get("function") if isinstance(call, Mapping) else None
-        if not isinstance(fn, Mapping):
-            continue
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:  # clients re-serialise JSON arguments: compare their meaning, not their spelling
-                args = json.dumps(json.loads(args), sort_keys=True, ensure_ascii=False)
-            except (ValueError, RecursionError):
-                pass  # not JSON (or absurdly nested): compare the text itself
-        elif args is not None:
-            args = json.dumps(args, sort_keys=True, ensure_ascii=False, default=str)
-        out.append(f"[call {fn.get('name')}({args or ''})]")
-    return " ".join(out)
+    fns = [c.get("function") for c in calls if isinstance(c, Mapping)] if isinstance(calls, list) else []
+    fns.append(message.get("function_call"))
+    return [fn["arguments"] for fn in fns if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str)]
 
 
 def _raw_text(message: Mapping[str, Any]) -> tuple[str, str]:
@@ -109,9 +104,7 @@ def _raw_text(message: Mapping[str, Any]) -> tuple[str, str]:
     else:
         text = ""
     if "tool_calls" in message or "function_call" in message:
-        calls = _tool_calls_text(message)
-        if calls:
-            text = f"{text} {calls}" if text else calls
+        text = "\n".join([text, *_tool_arguments(message)] if text else _tool_arguments(message))
     return text, extras
 
 
