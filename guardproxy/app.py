@@ -186,6 +186,7 @@ class Gateway:
             speculative=self.settings.guard.speculative,
             max_event_chars=self.settings.limits.max_body_bytes,
             spawn=self.spawn_finish,
+            timing_header=self.settings.server.timing_header,
         )
         await self.pipeline.start()
         self.ready = True

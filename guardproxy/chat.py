@@ -133,6 +133,15 @@ class _ChoiceText:
         return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
 
 
+def server_timing(ex: Exchange) -> bytes:
+    """``Server-Timing`` for the stages so far, in ms, plus ``gateway``: the time spent outside the upstream."""
+    upstream = ex.timings.get("upstream", 0.0)
+    own = max(0.0, time.perf_counter() - ex.started - upstream)
+    parts = [f"{name};dur={sec * 1000:.3f}" for name, sec in ex.timings.items()]
+    parts.append(f"gateway;dur={own * 1000:.3f}")
+    return ", ".join(parts).encode("latin-1", "replace")
+
+
 def choice_text(content: str, tool_args: list[str]) -> str:
     """What the output checks read for one choice: the content, then each tool call's arguments."""
     parts = [content] if content else []
@@ -204,6 +213,7 @@ class ChatHandler:
         speculative: bool,
         max_event_chars: int,
         spawn: Callable[[Exchange], None],
+        timing_header: bool = True,
     ) -> None:
         self.upstream = upstream
         self.pipeline = pipeline
@@ -212,6 +222,7 @@ class ChatHandler:
         self.speculative = speculative
         self.max_event_chars = max_event_chars
         self.spawn = spawn
+        self.timing_header = timing_header
         self.url = httpx.URL(upstream.url(GUARDED_PATH))
         self._upstream_hist = metrics.upstream_seconds.labels(GUARDED_PATH)
 
@@ -304,6 +315,7 @@ class ChatHandler:
             if task is not None:
                 await _cancel(task)
             ex.outcome = "blocked_input"
+            self._timing(call, ex)
             await self._send_block(call, req, verdict, stream=req.stream)
             return None
         return await task if task is not None else await self._open(call, ex, content)
@@ -319,12 +331,17 @@ class ChatHandler:
         else:
             await call.respond(200, _dumps(blocked_completion(req.body, call.request_id, verdict, req.n)))
 
+    def _timing(self, call: Call, ex: Exchange) -> None:
+        if self.timing_header:
+            call.headers.append((b"server-timing", server_timing(ex)))
+
     # -- plain replies ---------------------------------------------------------------------------
 
     async def _plain(self, call: Call, ex: Exchange, req: ChatRequest, resp: httpx.Response) -> None:
         data = await self.upstream.read(resp, limit=MAX_REPLY_BYTES)
         headers = response_headers(resp.headers, decoded=True)
         if self.pipeline.passthrough:
+            self._timing(call, ex)
             await call.respond(resp.status_code, data, headers)
             return
         reply = _json_reply(data)
@@ -360,6 +377,7 @@ class ChatHandler:
             data = _dumps(reply)
         else:
             ex.outcome = "ok"
+        self._timing(call, ex)
         await call.respond(resp.status_code, data, headers)
 
     async def _check_choices(self, ex: Exchange, reply: dict[str, Any]) -> dict[int, Verdict]:
@@ -381,6 +399,7 @@ class ChatHandler:
     # -- streams ---------------------------------------------------------------------------------
 
     async def _relay(self, call: Call, ex: Exchange, resp: httpx.Response) -> None:
+        self._timing(call, ex)
         await call.start(200, response_headers(resp.headers, decoded=True) + [(b"cache-control", b"no-cache")])
         call.streaming = True
         parser = SSEParser(self.max_event_chars)

@@ -32,6 +32,7 @@ class ServerSettings(BaseModel):
     shutdown_timeout: float = Field(10.0, ge=0, description="seconds open streams may run on after SIGTERM")
     max_concurrent_requests: int = Field(512, ge=1, description="beyond this, a fast 503 with Retry-After")
     log_level: str = "info"
+    timing_header: bool = Field(True, description="send a Server-Timing header with the gateway's stage times")
 
 
 class UpstreamSettings(BaseModel):

@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from guardproxy.fake_upstream import FakeUpstream
-from tests.gateway_support import CHAT, HELLO, Env, env, gateway, shared_env, sse_events, streamed_text
+from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
 from tests.servers import serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -192,3 +192,19 @@ async def test_openai_sdk_parses_gateway_errors(env: Env) -> None:
         assert limited.value.response.headers["retry-after"] == "7"
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_server_timing_header_carries_stage_times(stream: bool, env: Env) -> None:
+    env.pipeline.checks = [ScriptedCheck()]
+    r = await env.client.post(CHAT, json={**HELLO, "stream": stream})
+    entries = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    expected = {"parse", "input_check", "upstream", "gateway"} | (set() if stream else {"output_check"})
+    assert expected <= set(entries)
+    assert all(float(ms) >= 0 for ms in entries.values())
+
+
+async def test_server_timing_header_can_be_turned_off() -> None:
+    async with gateway(server={"timing_header": False}) as own:
+        r = await own.client.post(CHAT, json=HELLO)
+        assert "server-timing" not in r.headers
