@@ -207,6 +207,7 @@ async def test_redis_cut_off_falls_back_within_timeout_and_recovers(
             assert len(unavailable) == 1  # logged once per outage
             # local state carried the conversation through the outage
             assert obs.signals.turn_index == 5 and obs.signals.history == "unverified"
+            at_outage_end = list(messages)
 
             proxy.restore()
             await asyncio.sleep(0.35)  # past the retry interval: the next call probes Redis
@@ -215,10 +216,25 @@ async def test_redis_cut_off_falls_back_within_timeout_and_recovers(
             assert registry.get_sample_value("guardproxy_state_backend_up") == 1
             assert any("answers again" in r.getMessage() for r in caplog.records)
             count = fallback_count(registry)
-            obs, _ = await turn("and one more")
+            messages.append(u("and one more"))
+            obs = await t.observe("t1", None, messages)
             assert not obs.state_failed and fallback_count(registry) == count
             # the outage's turns are still known (local state is read alongside Redis)
             assert obs.known and obs.signals.turn_index == 7
+            # and were replayed to Redis: another replica picks the conversation up where the outage left it
+            for _ in range(100):
+                if not backend.backlog:
+                    break
+                await asyncio.sleep(0.02)
+            assert backend.backlog == 0
+            other = redis_tracker(prefix, clf)
+            try:
+                branch = [*at_outage_end, u("on the other replica")]
+                seen = await other.observe("t1", None, branch)
+                assert seen.known and seen.new_user_indices == (len(branch) - 1,)
+                assert seen.signals.turn_index == 6
+            finally:
+                await other.aclose()
     finally:
         await t.aclose()
         await proxy.aclose()

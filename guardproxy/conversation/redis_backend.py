@@ -11,15 +11,18 @@ short Lua script (keep the newest half behind the truncation marker).
 ``ResilientBackend`` wraps the Redis backend: every call is bounded by ``timeout``; a failure or timeout
 answers from a local ``MemoryBackend`` instead, is logged once per outage, and counted
 (``guardproxy_state_fallbacks_total{op}``); while Redis is down it is probed at most once per
-``retry_interval`` and used again as soon as a probe succeeds. Reads consult the local state as well, so a
-conversation that went on during an outage keeps its history after Redis returns.
+``retry_interval`` and used again as soon as a probe succeeds. Reads consult the local state as well, and the
+writes answered locally are replayed to Redis when it returns, so a conversation that went on during an outage
+keeps its history, on this replica and the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -140,7 +143,13 @@ class _MetricsLike(Protocol):
 
 
 class ResilientBackend:
-    """A shared backend with a deadline and a local fallback (see the module docstring)."""
+    """A shared backend with a deadline and a local fallback (see the module docstring).
+
+    Every call that fails or misses the deadline is answered locally and counted. After ``down_after``
+    consecutive failures the shared backend counts as down (logged once): calls skip it, one call per
+    ``retry_interval`` probes it. Writes answered locally are kept (up to ``backlog``) and replayed to the shared
+    backend once it answers again, so the other replicas learn what this one relayed during the outage.
+    """
 
     def __init__(
         self,
@@ -149,6 +158,8 @@ class ResilientBackend:
         *,
         timeout: float,
         retry_interval: float = 1.0,
+        down_after: int = 3,
+        backlog: int = 10_000,
         metrics: _MetricsLike | None = None,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -157,9 +168,13 @@ class ResilientBackend:
         self.local = local
         self.timeout = timeout
         self.retry_interval = retry_interval
+        self.down_after = down_after
         self._clock = clock
+        self._failures = 0
         self._down_since: float | None = None
         self._next_probe = 0.0
+        self._backlog: deque[tuple[str, bytes, bytes]] = deque(maxlen=backlog)
+        self._flush_task: asyncio.Task[None] | None = None
         doc = "state backend calls answered from local state (shared backend down or slow), by operation"
         up_doc = "1 while the shared state backend answers, 0 while local state stands in"
         if metrics is not None:
@@ -175,6 +190,10 @@ class ResilientBackend:
     def down(self) -> bool:
         return self._down_since is not None
 
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
     async def _try(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
         now = self._clock()
         if self._down_since is not None and now < self._next_probe:
@@ -184,7 +203,8 @@ class ResilientBackend:
         try:
             result = await asyncio.wait_for(call(), self.timeout)
         except (StateBackendError, TimeoutError) as exc:
-            if self._down_since is None:
+            self._failures += 1
+            if self._down_since is None and self._failures >= self.down_after:
                 self._down_since = now
                 self.up.set(0)
                 logger.warning(
@@ -193,11 +213,25 @@ class ResilientBackend:
                 )
             self.fallbacks.labels(op).inc()
             return False, None
+        self._failures = 0
         if self._down_since is not None:
             logger.warning("conversation state backend answers again after %.1f s", now - self._down_since)
             self._down_since = None
             self.up.set(1)
+        if self._backlog and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.create_task(self._flush())
         return True, result
+
+    async def _flush(self) -> None:
+        """Replay the writes answered locally during an outage; stop at the first failure (the rest waits)."""
+        while self._backlog:
+            kind, key, payload = self._backlog[0]
+            call = self.primary.append if kind == "append" else self.primary.add_refused
+            try:
+                await asyncio.wait_for(call(key, payload), self.timeout * 4)
+            except (StateBackendError, TimeoutError):
+                return
+            self._backlog.popleft()
 
     async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded:
         ok, shared = await self._try("load", lambda: self.primary.load(root, tenant, tail_entries=tail_entries))
@@ -225,15 +259,21 @@ class ResilientBackend:
         ok, _ = await self._try("append", lambda: self.primary.append(root, entry))
         if not ok:
             self.local.append_now(root, entry)
+            self._backlog.append(("append", root, entry))
         return ok
 
     async def add_refused(self, tenant: bytes, blob: bytes) -> bool:
         ok, _ = await self._try("add_refused", lambda: self.primary.add_refused(tenant, blob))
         if not ok:
             await self.local.add_refused(tenant, blob)
+            self._backlog.append(("add_refused", tenant, blob))
         return ok
 
     async def aclose(self) -> None:
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_task
         try:
             await asyncio.wait_for(self.primary.aclose(), self.timeout * 10)
         except (StateBackendError, TimeoutError, RedisError, OSError):
