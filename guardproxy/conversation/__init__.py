@@ -15,10 +15,13 @@ API (stable; used by ``guardproxy.guard`` and ``guardproxy score``)::
     obs.new_user_scores    # PromptScores of the user turns this request added (don't score them again);
     obs.new_user_indices   #   their positions in messages
     obs.state_failed       # the shared backend failed: local state answered, earlier turns may be missing
-    await tracker.record_reply(tenant, subkey, messages, reply_text, refused=...)   # after relaying a reply:
-                           # the reply's HMAC joins the history, a refusal counts, the refused request's
-                           # embedding joins the tenant's refusal memory. Call it before the client can send its
-                           # next turn (on the final output check), or that turn waits ``reply_grace`` once.
+    await tracker.record_reply(tenant, subkey, messages, reply_text, refused=..., observation=obs)
+                           # after relaying a reply: the reply (the text the gateway accumulated: content, then
+                           # tool-call arguments) joins the keyed history, a refusal counts, the refused request's
+                           # embedding joins the tenant's refusal memory. ``observation`` (optional) spares hashing
+                           # the history again. reply_text=None: the client got an error status (refusal only).
+                           # Call it before the client can send its next turn (on the final output check), or
+                           # that turn waits ``reply_grace`` once before its last assistant turn counts as forged.
     results = await tracker.replay(messages)                   # list[TurnResult], one per user turn
     await tracker.aclose()
 
@@ -30,9 +33,14 @@ HMAC over a whitespace-free canonical form), ``forged`` (an assistant turn this 
 conversation it knows), ``unverified`` (a conversation it never saw arrives with assistant turns), ``none`` (no
 assistant turns). ``escalation >= FLAG_THRESHOLD`` (0.5) is the tracker's flag.
 
+Cost: one state read (Redis: one pipelined round trip) and one append per request, one guard-model call with the
+new user turns and the window, and hashing the history (a few microseconds per message); nothing grows with the
+number of earlier turns except that hashing. State: 20 bytes per position, two positions per turn.
+
 Failure behaviour: state backend failures never raise and never hang a request: each call is bounded by
 ``settings.state.backend_timeout``, local state answers instead, ``state_failed`` says so, the outage is logged
-once and counted in ``guardproxy_state_fallbacks_total``; the policy decides what ``state_failed`` means.
+once and counted in ``guardproxy_state_fallbacks_total``; writes made locally are replayed to Redis when it
+returns. The policy decides what ``state_failed`` means.
 A failing guard model raises ``ClassifierError`` from ``observe`` (the guard's classifier-failure path).
 """
 
