@@ -4,8 +4,10 @@ gets a fast 503, and every stream ends complete or in-band."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import socket
 
 import aiohttp
 import pytest
@@ -111,3 +113,32 @@ async def test_a_thousand_concurrent_streams_complete_or_get_a_fast_503() -> Non
         assert set(statuses) <= {200, 503}
         assert statuses.count(200) >= 200
         assert len(statuses) == 1000
+
+
+async def test_a_client_that_stops_reading_holds_back_the_upstream(env: Env) -> None:
+    # A 24 MB stream to a client that reads nothing. The gateway relays chunk by chunk and waits for the
+    # client's socket to drain, so it buffers nothing itself: what the FAKE upstream manages to send
+    # levels off at what the kernel's socket buffers hold, far from the end of the stream.
+    env.fake.reply = " ".join(["x" * 4000] * 6000)
+    total = len(env.fake.reply)
+    host, port = env.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, (host, int(port)))
+        body = json.dumps({**HELLO, "stream": True}).encode()
+        head = (
+            f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, head.encode() + body)
+        samples = []
+        for _ in range(6):
+            await asyncio.sleep(0.4)
+            samples.append(env.fake.requests[0].sent_bytes if env.fake.requests else 0)
+        assert samples[-1] == samples[-2] == samples[-3], samples  # levelled off: backpressure
+        assert 0 < samples[-1] < total // 2, (samples, total)
+    finally:
+        sock.close()
+    await asyncio.wait_for(env.fake.cancelled.wait(), timeout=3)  # and the client leaving cancels it
