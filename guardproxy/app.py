@@ -74,6 +74,7 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _RID_PREFIX = os.urandom(8).hex()
 _rid_counter = itertools.count(1)
 _JSON = (b"content-type", b"application/json")
+_SINGLE_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-request-id"})
 FINISH_GRACE_SECONDS = 5.0  # how long shutdown waits for pending pipeline.finish tasks
 
 
@@ -318,7 +319,11 @@ class V1Endpoint:
         out: dict[str, str] = {}
         for name, value in raw:
             size += len(name) + len(value)
-            out[name.decode("latin-1")] = value.decode("latin-1")
+            key = name.decode("latin-1")
+            if key in out and name in _SINGLE_HEADERS:
+                # Two keys: the tenant would be one and the upstream might use the other.
+                raise RequestError(f"duplicate {key} header", code="duplicate_header")
+            out[key] = value.decode("latin-1")
         if size > lim.max_header_bytes:
             raise HeadersTooLarge(f"request headers too large: {size} bytes > {lim.max_header_bytes}")
         return out

@@ -61,6 +61,15 @@ async def test_pass_through_tenant_is_a_key_hash() -> None:
         assert check.inputs[1].tenant == "anonymous"
 
 
+async def test_two_authorization_headers_are_refused() -> None:
+    async with gateway() as env:
+        headers = [("authorization", "Bearer key-one"), ("authorization", "Bearer key-two")]
+        r = await env.client.post(CHAT, json=HELLO, headers=headers)
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "duplicate_header"
+        assert env.fake.requests == []
+
+
 def test_replace_mode_without_gateway_keys_refuses_to_start() -> None:
     with pytest.raises(ConfigError):
         create_app(Settings(upstream={"api_key": "sk-x"}))
