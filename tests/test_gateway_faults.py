@@ -146,3 +146,45 @@ async def test_upstream_non_json_reply_on_guarded_path_is_502(env: Env) -> None:
     r = await env.client.post(CHAT, json=HELLO, headers={"x-fake-fault": "sse"})
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_stream_error"
+
+
+# The same faults through httpx's own transport (``upstream.transport = "httpx"``): its errors are
+# translated by the same boundary, and must land on the same statuses.
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def httpx_shared() -> AsyncIterator[Env]:
+    async with gateway(upstream={"read_timeout": 0.3, "total_timeout": 0.8, "transport": "httpx"}) as e:
+        yield e
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream", "status", "code"),
+    [
+        ("reset_before_headers", False, 502, "upstream_unreachable"),
+        ("never", False, 504, "upstream_timeout"),
+        ("drip", False, 504, "upstream_timeout"),
+        ("status_429", False, 429, "fake_429"),
+        ("reset_mid_stream", False, 502, "upstream_stream_error"),
+        ("reset_mid_stream", True, 200, "upstream_stream_error"),
+        ("stall", True, 200, "upstream_timeout"),
+        ("error_in_stream", True, 200, "upstream_stream_error"),
+    ],
+)
+async def test_httpx_transport_maps_faults_the_same(
+    fault: str, stream: bool, status: int, code: str, httpx_shared: Env
+) -> None:
+    httpx_shared.fake.reset()
+    httpx_shared.fake.drip_interval = 0.05
+    r = await httpx_shared.client.post(CHAT, json={**HELLO, "stream": stream}, headers={"x-fake-fault": fault})
+    assert r.status_code == status
+    if status == 200:
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == code
+    else:
+        assert r.json()["error"]["code"] == code
+
+
+async def test_httpx_transport_unreachable_is_502() -> None:
+    async with gateway(upstream_url=f"http://127.0.0.1:{free_port()}", upstream={"transport": "httpx"}) as own:
+        r = await own.client.post(CHAT, json=HELLO)
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "upstream_unreachable"
