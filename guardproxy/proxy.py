@@ -90,13 +90,23 @@ def classify_route(method: str, path: str) -> RouteKind:
     return RouteKind.FORWARD
 
 
+# Metric labels: the OpenAI API's top-level resources. Anything else is "other": a label taken from the
+# client's path would let a client mint unbounded metric series.
+_KNOWN_RESOURCES = frozenset(
+    {
+        "assistants", "audio", "batches", "chat", "completions", "embeddings", "engines", "files", "fine_tuning",
+        "images", "messages", "models", "moderations", "realtime", "responses", "threads", "uploads", "vector_stores",
+    }
+)  # fmt: skip
+
+
 def route_label(kind: RouteKind, path: str) -> str:
-    """A bounded metric label: the guarded path, or the first segment after /v1 (never raw client input)."""
+    """A bounded metric label: the guarded path, or ``/v1/<known resource>``, or ``/v1/other``."""
     if kind is RouteKind.GUARDED:
         return GUARDED_PATH
-    parts = path.lower().split("/")
+    parts = path.lower().split(";", 1)[0].split("/")
     seg = parts[2] if len(parts) > 2 and parts[1] == "v1" else "other"
-    return "/v1/" + (seg if re.fullmatch(r"[a-z_-]{1,32}", seg) else "other")
+    return "/v1/" + (seg if seg in _KNOWN_RESOURCES else "other")
 
 
 def split_request_headers(

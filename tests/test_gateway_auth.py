@@ -155,3 +155,12 @@ async def test_extra_metrics_for_other_parts() -> None:
         assert metrics.counter("guardproxy_test_things", "things", ["kind"]) is c
         c.labels("x").inc(3)
         assert 'guardproxy_test_things_total{kind="x"} 3.0' in (await env.client.get("/metrics")).text
+
+
+async def test_metric_labels_stay_bounded_whatever_the_path() -> None:
+    async with gateway() as env:
+        for i in range(20):
+            await env.client.get(f"/v1/made-up-{chr(97 + i)}")
+        text = (await env.client.get("/metrics")).text
+        assert "made-up" not in text
+        assert 'route="/v1/other"' in text
