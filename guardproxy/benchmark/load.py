@@ -102,6 +102,13 @@ class Sample:
         ref = self.first_ms if self.stream else self.total_ms
         return None if ref is None else ref - self.upstream_ms
 
+    @property
+    def gateway_ms(self) -> float | None:
+        """The gateway's own account of its time outside the upstream (``Server-Timing: gateway``), if sent."""
+        if not self.ok:
+            return None
+        return next((ms for name, ms in self.server_timing if name == "gateway"), None)
+
 
 @dataclass(frozen=True)
 class Percentiles:
@@ -518,11 +525,13 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
         "plain": {
             "n": len(plain),
             "overhead_ms": pct(s.overhead_ms for s in plain),
+            "gateway_ms": pct(s.gateway_ms for s in plain),
             "total_ms": pct(s.total_ms for s in plain if s.ok),
         },
         "stream": {
             "n": len(streams),
             "ttft_overhead_ms": pct(s.overhead_ms for s in streams),
+            "gateway_ms": pct(s.gateway_ms for s in streams),
             "ttft_ms": pct(s.first_ms for s in streams if s.ok),
             "total_ms": pct(s.total_ms for s in streams if s.ok),
         },

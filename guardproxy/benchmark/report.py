@@ -41,157 +41,139 @@ def _pct(obj: dict[str, Any] | None) -> list[Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    out: list[str] = []
-    m = result["machine"]
-    cfg = result["config"]
-    out.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, loadavg {m.get('loadavg_at_start')}")
-    upstream = cfg["upstream"] or (
-        f"FAKE upstream (TTFT {cfg['ttft_ms']:g} ms, "
-        + (f"{cfg['tokens_per_s']:g} tokens/s" if cfg["tokens_per_s"] else "reply at once")
-        + ")"
+    """The whole run as terminal tables."""
+    sections = [_header(result), _latency(result), _own_account(result), _client(result), _server_timing(result),
+                _stages(result), _length(result), _sweep(result), _rss(result), _targets(result)]  # fmt: skip
+    notes = [f"note: {note}" for note in result["notes"]]
+    return "\n\n".join([s for s in sections if s] + ["\n".join(notes)] if notes else [s for s in sections if s])
+
+
+def _header(result: dict[str, Any]) -> str:
+    m, cfg = result["machine"], result["config"]
+    pace = f"{cfg['tokens_per_s']:g} tokens/s" if cfg["tokens_per_s"] else "reply at once"
+    upstream = cfg["upstream"] or f"FAKE upstream (TTFT {cfg['ttft_ms']:g} ms, {pace})"
+    return (
+        f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, loadavg {m.get('loadavg_at_start')}\n"
+        f"upstream: {upstream}; guard model: {cfg['model_dir'] or 'default (models/guard-v1)'}; "
+        f"policy: {cfg['policy'] or 'default'}"
     )
-    out.append(f"upstream: {upstream}; guard model: {cfg['model_dir'] or 'default (models/guard-v1)'}")
-    out.append("")
-    out.append("Overhead per request, ms (client time minus the upstream's stamp for the same request)")
+
+
+def _latency(result: dict[str, Any]) -> str:
+    rows = [
+        [r["concurrency"], r["target"], r["plain"]["n"], *_pct(r["plain"]["overhead_ms"]), r["stream"]["n"],
+         *_pct(r["stream"]["ttft_overhead_ms"]), r["ok"], r["blocked"], r["requests"] - r["ok"]]
+        for r in result["latency"]
+    ]  # fmt: skip
+    head = ["c", "target", "plain n", "p50", "p90", "p99", "stream n", "TTFT p50", "p90", "p99", "ok", "blocked",
+            "not ok"]  # fmt: skip
+    title = "Overhead per request, ms (client time minus the upstream's stamp for the same request)"
+    return title + "\n" + _table(head, rows)
+
+
+def _own_account(result: dict[str, Any]) -> str:
+    rows = [
+        [r["concurrency"], r["target"], *_pct(r["plain"].get("gateway_ms")), *_pct(r["stream"].get("gateway_ms"))]
+        for r in result["latency"]
+        if r["plain"].get("gateway_ms") or r["stream"].get("gateway_ms")
+    ]
+    if not rows:
+        return ""
+    title = ("The gateway's own account of the same requests, ms (Server-Timing 'gateway': its time outside the "
+             "upstream, without the client's and loopback share)")  # fmt: skip
+    return title + "\n" + _table(["c", "target", "plain p50", "p90", "p99", "stream p50", "p90", "p99"], rows)
+
+
+def _client(result: dict[str, Any]) -> str:
     rows = []
     for r in result["latency"]:
-        rows.append(
-            [
-                r["concurrency"],
-                r["target"],
-                r["plain"]["n"],
-                *_pct(r["plain"]["overhead_ms"]),
-                r["stream"]["n"],
-                *_pct(r["stream"]["ttft_overhead_ms"]),
-                r["ok"],
-                r["blocked"],
-                r["requests"] - r["ok"],
-            ]
-        )
-    out.append(
-        _table(
-            [
-                "c",
-                "target",
-                "plain n",
-                "p50",
-                "p90",
-                "p99",
-                "stream n",
-                "TTFT p50",
-                "p90",
-                "p99",
-                "ok",
-                "blocked",
-                "not ok",
-            ],
-            rows,
-        )
-    )
-    out.append("")
-    out.append("Client-side latency, ms (the upstream's time included)")
-    rows = []
-    for r in result["latency"]:
-        plain, stream = r["plain"]["total_ms"] or {}, r["stream"]["ttft_ms"] or {}
-        rows.append([r["concurrency"], r["target"], plain.get("p50"), plain.get("p99"), stream.get("p50"),
-                     stream.get("p99"), (r["stream"]["total_ms"] or {}).get("p50")])  # fmt: skip
-    out.append(_table(["c", "target", "plain p50", "p99", "TTFT p50", "p99", "stream total p50"], rows))
+        plain, ttft = r["plain"]["total_ms"] or {}, r["stream"]["ttft_ms"] or {}
+        rows.append([r["concurrency"], r["target"], plain.get("p50"), plain.get("p99"), ttft.get("p50"),
+                     ttft.get("p99"), (r["stream"]["total_ms"] or {}).get("p50")])  # fmt: skip
+    head = ["c", "target", "plain p50", "p99", "TTFT p50", "p99", "stream total p50"]
+    return "Client-side latency, ms (the upstream's time included)\n" + _table(head, rows)
+
+
+def _server_timing(result: dict[str, Any]) -> str:
     timed = [r for r in result["latency"] if r.get("server_timing_ms")]
-    if timed:
-        out.append("")
-        out.append("Per-request stage times from the gateway's Server-Timing header, ms (p50 / p99)")
-        names = sorted({n for r in timed for n in r["server_timing_ms"]})
-        rows = []
-        for r in timed:
-            st = r["server_timing_ms"]
-            rows.append([r["concurrency"], r["target"], *[f"{_f(st[n]['p50'])} / {_f(st[n]['p99'])}" if st.get(n)
-                                                         else "-" for n in names]])  # fmt: skip
-        out.append(_table(["c", "target", *names], rows))
-    if result["stages"]:
-        out.append("")
-        out.append(
-            "Gateway stages, ms per request (its /metrics histograms diffed over each phase: stage time / requests)"
-        )
-        names = [n for n in STAGE_ORDER if any(s["stage"] == n for st in result["stages"] for s in st["stages"])]
-        names += sorted({s["stage"] for st in result["stages"] for s in st["stages"]} - set(names))
-        rows = []
-        for st in result["stages"]:
-            per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}
-            rows.append([st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names]])
-        out.append(_table(["phase", "gateway", "requests", *names], rows))
-        out.append(STAGE_LEGEND)
+    if not timed:
+        return ""
+    names = [n for n in STAGE_ORDER if any(n in r["server_timing_ms"] for r in timed)]
+    names += sorted({n for r in timed for n in r["server_timing_ms"]} - set(names))
+    rows = []
+    for r in timed:
+        st = r["server_timing_ms"]
+        cells = [f"{_f(st[n]['p50'])} / {_f(st[n]['p99'])}" if st.get(n) else "-" for n in names]
+        rows.append([r["concurrency"], r["target"], *cells])
+    title = "Per-request stage times from the gateway's Server-Timing header, ms (p50 / p99; plain and streams)"
+    return title + "\n" + _table(["c", "target", *names], rows)
+
+
+def _stages(result: dict[str, Any]) -> str:
+    if not result["stages"]:
+        return ""
+    names = [n for n in STAGE_ORDER if any(s["stage"] == n for st in result["stages"] for s in st["stages"])]
+    names += sorted({s["stage"] for st in result["stages"] for s in st["stages"]} - set(names))
+    rows = []
+    for st in result["stages"]:
+        per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}
+        rows.append([st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names]])
+    title = "Gateway stages, ms per request (its /metrics histograms diffed over each phase: stage time / requests)"
+    return title + "\n" + _table(["phase", "gateway", "requests", *names], rows) + "\n" + STAGE_LEGEND
+
+
+def _length(result: dict[str, Any]) -> str:
     length = result["length"]
-    if length:
-        out.append("")
-        single = length["single_turn_ms"] or {}
-        out.append(
-            f"Cost against conversation length ({length['target']}, plain, c=1): overhead p50 ms; "
-            f"single-turn reference p50 {_f(single.get('p50'))} ms"
-        )
-        wanted = set(length["reported"])
-        rows = [
-            [p["history_turns"], p["n"], p["p50_ms"], p["ratio_to_single"]]
-            for p in length["points"]
-            if p["history_turns"] in wanted
-        ]
-        out.append(_table(["history turns", "n", "p50", "x single"], rows))
-        lo, hi = length["tail_history_turns"]
-        out.append(f"history {lo}..{hi}: p50 {_f(length['tail_p50_ms'])} ms = {_f(length['ratio_at_longest'])}x single")
+    if not length:
+        return ""
+    single = length["single_turn_ms"] or {}
+    wanted = set(length["reported"])
+    rows = [[p["history_turns"], p["n"], p["p50_ms"], p["ratio_to_single"]] for p in length["points"]
+            if p["history_turns"] in wanted]  # fmt: skip
+    lo, hi = length["tail_history_turns"]
+    return (
+        f"Cost against conversation length ({length['target']}, plain, c=1): overhead p50 ms; "
+        f"single-turn reference p50 {_f(single.get('p50'))} ms\n"
+        + _table(["history turns", "n", "p50", "x single"], rows)
+        + f"\nhistory {lo}..{hi}: p50 {_f(length['tail_p50_ms'])} ms = {_f(length['ratio_at_longest'])}x single"
+        + (f"; {length['blocked_turns']} turns blocked (no sample)" if length.get("blocked_turns") else "")
+    )
+
+
+def _sweep(result: dict[str, Any]) -> str:
     sweep = result["sweep"]
-    if sweep:
-        out.append("")
-        out.append(f"Throughput sweep ({sweep['target']}, upstream TTFT {_f(sweep['ttft_ms'], 0)} ms)")
-        rows = []
-        for r in sweep["levels"]:
-            rows.append(
-                [
-                    f"{r['concurrency']}{' (overload)' if r.get('overload') else ''}",
-                    r["throughput_rps"],
-                    r["ok"],
-                    r["status_503"],
-                    r["errors"],
-                    *_pct(r["latency_ms"]),
-                    r.get("classifier_failures"),
-                    r.get("rss_mib"),
-                ]
-            )
-        out.append(_table(["c", "req/s", "ok", "503", "other", "lat p50", "p90", "p99", "clf fail", "RSS MiB"], rows))
-        out.append(f"best {sweep['best_rps']:.1f} req/s; throughput last grew by > 5% at c={sweep['saturated_at']}")
-    rss = result["rss"].get("processes", {})
-    if rss:
-        out.append("")
-        rows = [
-            [
-                name,
-                r["first_mib"],
-                r["after_warmup_mib"],
-                r["max_mib"],
-                r["end_mib"],
-                r["growth_after_warmup_pct"],
-                r["fds_start"],
-                r["fds_end"],
-            ]
-            for name, r in rss.items()
-        ]
-        out.append("Gateway RSS (MiB) and open descriptors")
-        out.append(_table(["gateway", "first", "after warm-up", "max", "end", "growth %", "fds", "fds end"], rows))
-    if result["targets"]:
-        out.append("")
-        out.append("Issue 7 targets (reported, not asserted)")
-        rows = [
-            [
-                t["target"],
-                t["value"],
-                ("<= " if t["unit"] != "req/s" else ">= ") + _f(t["limit"]),
-                t["unit"],
-                {True: "met", False: "NOT met", None: "-"}[t["met"]],
-            ]
-            for t in result["targets"]
-        ]
-        out.append(_table(["target", "measured", "limit", "unit", ""], rows))
-    for note in result["notes"]:
-        out.append(f"note: {note}")
-    return "\n".join(out)
+    if not sweep:
+        return ""
+    rows = [
+        [f"{r['concurrency']}{' (overload)' if r.get('overload') else ''}", r["throughput_rps"], r["ok"],
+         r["status_503"], r["errors"], *_pct(r["latency_ms"]), r.get("classifier_failures"), r.get("rss_mib")]
+        for r in sweep["levels"]
+    ]  # fmt: skip
+    head = ["c", "req/s", "ok", "503", "other", "lat p50", "p90", "p99", "clf fail", "RSS MiB"]
+    return (
+        f"Throughput sweep ({sweep['target']}, upstream TTFT {_f(sweep['ttft_ms'], 0)} ms)\n"
+        + _table(head, rows)
+        + f"\nbest {sweep['best_rps']:.1f} req/s; throughput last grew by > 5% at c={sweep['saturated_at']}"
+    )
+
+
+def _rss(result: dict[str, Any]) -> str:
+    procs = result["rss"].get("processes", {})
+    if not procs:
+        return ""
+    rows = [[name, r["first_mib"], r["after_warmup_mib"], r["max_mib"], r["end_mib"], r["growth_after_warmup_pct"],
+             r["fds_start"], r["fds_end"]] for name, r in procs.items()]  # fmt: skip
+    head = ["gateway", "first", "after warm-up", "max", "end", "growth %", "fds", "fds end"]
+    return "Gateway RSS (MiB) and open descriptors\n" + _table(head, rows)
+
+
+def _targets(result: dict[str, Any]) -> str:
+    if not result["targets"]:
+        return ""
+    verdict = {True: "met", False: "NOT met", None: "-"}
+    rows = [[t["target"], t["value"], (">= " if t["unit"] == "req/s" else "<= ") + _f(t["limit"]), t["unit"],
+             verdict[t["met"]]] for t in result["targets"]]  # fmt: skip
+    return "Issue 7 targets (reported, not asserted)\n" + _table(["target", "measured", "limit", "unit", ""], rows)
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

@@ -358,7 +358,7 @@ class Bench:
         spec = dataclasses.replace(cfg.mix, max_turns=longest + 1)
         per_turn: dict[int, list[float]] = {}
         single: list[float] = []
-        failed = 0
+        failed = blocked = 0
         session = self.session(target.name)
         total = cfg.conversations * (longest + 1) * 2
         self._phase(f"conversation length 0..{longest}", total)
@@ -374,11 +374,16 @@ class Bench:
                     session, target, planned, want_text=True, ttft_ms=self._ttft(0), fast=self.cfg.fake
                 )
                 self._tick(sample)
-                if sample.overhead_ms is None or text is None:
+                if not sample.ok or text is None:
                     failed += 1
                     break  # a conversation that lost a reply cannot go on as the same conversation
+                # A blocked turn goes on with the policy's reply (what a client would hold), but has no overhead
+                # sample: it never reached the upstream, and skipped the output check.
                 mix.settle(target.name, planned, text)
-                per_turn.setdefault(n, []).append(sample.overhead_ms)
+                if sample.overhead_ms is None:
+                    blocked += 1
+                else:
+                    per_turn.setdefault(n, []).append(sample.overhead_ms)
                 ref, _ = await send(
                     session,
                     target,
@@ -419,6 +424,7 @@ class Bench:
             "tail_p50_ms": tail_p.p50 if tail_p is not None else None,
             "ratio_at_longest": (tail_p.p50 / base.p50) if tail_p is not None and base and base.p50 > 0 else None,
             "failed_conversations": failed,
+            "blocked_turns": blocked,
         }
         n_req = sum(len(v) for v in per_turn.values()) + len(single)
         stages = None
@@ -589,19 +595,22 @@ def evaluate_targets(
 
     # Without the FAKE upstream's stamp (a real upstream) there is no per-request upstream time: fall back to the
     # difference of the client-side p50s, and say so.
+    # Without the FAKE upstream's stamp (a real upstream) there is no client-side per-request overhead: use the
+    # gateway's own per-request account (Server-Timing ``gateway``), and say so.
     stamped = any(r["plain"]["overhead_ms"] or r["stream"]["ttft_overhead_ms"] for r in latency)
-    fallback = {"overhead_ms": "total_ms", "ttft_overhead_ms": "ttft_ms"}
 
     def added(mode: str, *keys: str) -> float | None:
         if not stamped:
-            keys = tuple(fallback.get(k, k) for k in keys)
+            if keys[0] == "by_history":
+                return None
+            return _p50(_find(latency, 1, mode), keys[0], "gateway_ms")
         g = _p50(_find(latency, 1, mode), *keys)
         d = _p50(_find(latency, 1, "direct"), *keys)
         return g - d if g is not None and d is not None else None
 
     how = "{} p50 minus the direct requests' p50 in the same run (client and loopback share)"
     if not stamped:
-        how = "difference of client-side p50s ({}; this upstream stamps no per-request time: less exact)"
+        how = "the gateway's own time outside the upstream, p50 of its Server-Timing header ({}: no upstream stamp)"
     add(
         "added to TTFT, c=1, input checks only (guarded)",
         added("guarded", "stream", "ttft_overhead_ms"),
