@@ -7,7 +7,7 @@ reply text, and fault modes chosen per app (``fake.fault = "..."``) or per reque
 went away before the reply was complete) so tests can assert that the gateway really cut the upstream.
 
 Fault modes: ``json`` / ``sse`` (normal), ``slow`` (long time to first byte), ``drip`` (the reply one
-byte at a time), ``stall`` (stream stops mid-way), ``status_500``/``502``/``503``/``429`` (``429``
+byte at a time), ``stall`` (stream stops mid-way), ``status_500``/``502``/``503``/``429``/``401`` (``429``
 carries ``Retry-After: 7``), ``reset_before_headers``, ``reset_mid_stream``, ``error_in_stream``,
 ``never`` (accepts and never answers), ``no_done`` (stream ends cleanly without ``[DONE]``), ``gzip``,
 ``split_sse`` (CRLF, comments and events split across tiny writes), ``oversized_event`` and
@@ -46,6 +46,7 @@ FAULTS = frozenset(
         "status_502",
         "status_503",
         "status_429",
+        "status_401",
         "reset_before_headers",
         "reset_mid_stream",
         "error_in_stream",
@@ -175,7 +176,7 @@ class FakeUpstream:
             _reset(send)
             return
         if fault and fault.startswith("status_"):
-            await self._status(send, int(fault[7:]))
+            await self._status(send, int(fault[7:]), rec.headers.get("authorization", ""))
             return
         if fault == "slow":
             await asyncio.sleep(self.slow_seconds)
@@ -208,7 +209,12 @@ class FakeUpstream:
             return self.replies[i % len(self.replies)]
         return self.reply
 
-    async def _status(self, send: Send, status: int) -> None:
+    async def _status(self, send: Send, status: int, auth: str = "") -> None:
+        if status == 401:  # like some upstreams: the error names the key it was sent
+            err401 = {"error": {"message": f"FAKE upstream: invalid key {auth.removeprefix('Bearer ')}",
+                                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}  # fmt: skip
+            await _json(send, 401, err401)
+            return
         err = {"error": {"message": f"FAKE upstream error {status}", "type": "server_error", "param": None,
                          "code": f"fake_{status}"}}  # fmt: skip
         headers = [(b"retry-after", b"7")] if status == 429 else []

@@ -267,13 +267,18 @@ class Upstream:
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
             raise upstream_failure(exc, started=True) from exc
 
-    @staticmethod
-    async def error_from(response: httpx.Response) -> UpstreamHTTPError:
-        """An upstream error status as an ``UpstreamHTTPError`` carrying its body (at most 64 KiB) and Retry-After."""
+    async def error_from(self, response: httpx.Response) -> UpstreamHTTPError:
+        """An upstream error status as an ``UpstreamHTTPError`` carrying its body (at most 64 KiB) and Retry-After.
+
+        In replace mode the gateway's own upstream key is cut out of the body: an upstream that echoes
+        the key it was sent ("invalid key sk-...") must not hand it to the client.
+        """
         try:
             body = await Upstream.read(response, limit=64 * 1024)
         except UpstreamError:
             body = b""
+        if self.replace_key and self.replace_key.encode() in body:
+            body = body.replace(self.replace_key.encode(), b"[REDACTED]")
         return UpstreamHTTPError(
             response.status_code,
             body,

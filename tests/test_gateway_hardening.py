@@ -45,7 +45,7 @@ async def test_canary_key_never_appears_in_logs_metrics_or_error_bodies(caplog: 
     keys = {"alice": hash_key("gw-alice-key-000000")}
     async with gateway(upstream={"api_key": CANARY}, auth={"gateway_keys": keys}) as env:
         for auth in (f"Bearer {CANARY}", "Bearer gw-alice-key-000000", ""):
-            for fault in ("", "status_500"):
+            for fault in ("", "status_500", "status_401"):
                 headers = {"authorization": auth, "x-fake-fault": fault} if auth else {"x-fake-fault": fault}
                 r = await env.client.post(CHAT, json=HELLO, headers=headers)
                 seen.append(r.text + repr(r.headers))
