@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_HEADER_NAME_JUNK = re.compile(r"[^a-z0-9-]")
 
 
 def _header_value(value: str) -> bytes:
@@ -86,10 +90,13 @@ class Call:
         if verdict is None:
             return
         for key, value in verdict.annotations.items():
-            name = key.lower()
+            name = _HEADER_NAME_JUNK.sub("-", key.lower())
             if not name.startswith("x-guardproxy-"):
                 name = "x-guardproxy-" + name
-            self.headers.append((name.encode("latin-1", "replace"), _header_value(value)))
+            # Replace, don't repeat: the input and output verdicts may both set x-guardproxy-decision.
+            encoded = name.encode()
+            self.headers = [h for h in self.headers if h[0] != encoded]
+            self.headers.append((encoded, _header_value(value)))
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status

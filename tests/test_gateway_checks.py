@@ -283,3 +283,14 @@ async def test_a_check_that_raises_is_an_explicit_error(
         assert "bug" not in r.text  # internal details stay in the log
     await _finished(check)
     assert check.finished[0].outcome == "error"
+
+
+async def test_annotation_names_are_sanitized_and_not_repeated(env: Env) -> None:
+    weird = Verdict(action=Action.FLAG, annotations={"Decision": "flag", "bad name:\r\nx": "a\r\nb"})
+    later = Verdict(action=Action.FLAG, annotations={"decision": "block"})
+    check = ScriptedCheck(input_verdict=weird, block_output_on="FAKE", output_verdict=later)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json=HELLO)
+    assert r.status_code == 200
+    assert r.headers.get_list("x-guardproxy-decision") == ["block"]  # the later verdict's value, once
+    assert r.headers["x-guardproxy-bad-name---x"] == "a  b"
