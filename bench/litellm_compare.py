@@ -50,6 +50,7 @@ from guardproxy.benchmark.procs import (
     spawn,
     start_fake_upstream,
     start_gateway,
+    tree_cpu_seconds,
     wait_ready,
 )
 from guardproxy.benchmark.run import machine_info
@@ -175,23 +176,34 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                      policy=None, capacity=512)  # fmt: skip
             procs.append(gw)
             targets.append(Target(name, gw.base + "/v1/chat/completions", headers))
+        pids = {"direct": up.pid, **{p.name: p.pid for p in procs if p.name in ("litellm", "passthrough", "guarded")}}
         # warm-up: every target, briefly
         for t in targets:
             await drive(t, 2, 1.5, seed=1)
         results: dict[tuple[str, int], list[Sample]] = {}
         seconds: dict[tuple[str, int], float] = {}
+        cpu: dict[tuple[str, int], float] = {}
         for rnd in range(args.rounds):
             order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
             for c in args.concurrency:
                 for t in order:
                     progress.phase(f"round {rnd + 1}/{args.rounds} c={c} {t.name}", None)
+                    cpu0 = tree_cpu_seconds(pids[t.name])
                     samples, wall = await drive(t, c, args.seconds, seed=100 * rnd + c, progress=progress)
-                    results.setdefault((t.name, c), []).extend(samples)
-                    seconds[(t.name, c)] = seconds.get((t.name, c), 0.0) + wall
+                    cpu1 = tree_cpu_seconds(pids[t.name])
+                    key = (t.name, c)
+                    results.setdefault(key, []).extend(samples)
+                    seconds[key] = seconds.get(key, 0.0) + wall
+                    if cpu0 is not None and cpu1 is not None:
+                        cpu[key] = cpu.get(key, 0.0) + cpu1 - cpu0
         progress.end()
         rows = []
         for (name, c), samples in results.items():
-            rows.append({"target": name, "concurrency": c, **summarize(samples, seconds[(name, c)])})
+            row = {"target": name, "concurrency": c, **summarize(samples, seconds[(name, c)])}
+            spent = cpu.get((name, c))
+            # direct: the FAKE upstream's own CPU; the others: the proxy's (the upstream's comes on top)
+            row["cpu_ms_per_request"] = spent * 1000.0 / len(samples) if spent is not None and samples else None
+            rows.append(row)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -209,11 +221,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
-    head = ("c", "target", "req/s", "ok", "not ok", "p50 ms", "p99 ms", "vs litellm")
+    head = ("c", "target", "req/s", "ok", "not ok", "p50 ms", "p99 ms", "vs litellm", "CPU ms/req")
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, loadavg {m['loadavg_at_start']}",
-             "{:>4} {:>12} {:>8} {:>7} {:>6} {:>8} {:>8} {:>10}".format(*head)]  # fmt: skip
+             "{:>4} {:>12} {:>8} {:>7} {:>6} {:>8} {:>8} {:>10} {:>10}".format(*head)]  # fmt: skip
     by = {(r["target"], r["concurrency"]): r for r in result["rows"]}
     for r in sorted(result["rows"], key=lambda r: (r["concurrency"], r["target"])):
         ll = by.get(("litellm", r["concurrency"]))
@@ -221,7 +237,8 @@ def render(result: dict[str, Any]) -> str:
         lat = r["latency_ms"] or {}
         lines.append(f"{r['concurrency']:>4} {r['target']:>12} {r['throughput_rps']:>8.1f} {r['ok']:>7} "
                      f"{r['not_ok']:>6} {lat.get('p50', float('nan')):>8.1f} {lat.get('p99', float('nan')):>8.1f} "
-                     f"{ratio:>10}")  # fmt: skip
+                     f"{ratio:>10} {_ms(r.get('cpu_ms_per_request')):>10}")  # fmt: skip
+    lines.append("CPU ms/req: the proxy process's own CPU per request (for direct: the FAKE upstream's), from /proc")
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 

@@ -414,6 +414,7 @@ class Scrape:
     stage_count: dict[str, float]
     stage_buckets: dict[str, dict[float, float]]
     counters: dict[str, float]
+    cpu_s: float | None = None  # the gateway process's CPU time when scraped (procs.cpu_seconds)
 
 
 async def scrape(session: aiohttp.ClientSession, base: str) -> Scrape:
@@ -488,6 +489,12 @@ def stage_diff(before: Scrape, after: Scrape, requests: int) -> list[StageStat]:
             )
         )
     return out
+
+
+def cpu_ms_per_request(before: Scrape, after: Scrape, requests: int) -> float | None:
+    if before.cpu_s is None or after.cpu_s is None or requests <= 0:
+        return None
+    return (after.cpu_s - before.cpu_s) * 1000.0 / requests
 
 
 def counter_diff(before: Scrape, after: Scrape, prefix: str) -> dict[str, float]:

@@ -245,6 +245,48 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid`` so far, from /proc/<pid>/stat (None where /proc is not there).
+
+    Per request, it does not depend on what else the machine runs, unlike latency on a shared machine."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name in parentheses may contain spaces
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of the line
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """``cpu_seconds`` of ``pid`` and every live descendant (a server that forks workers)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for child in entries:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        cpu = cpu_seconds(p)
+        if cpu is None and p == pid:
+            return None
+        total += cpu or 0.0
+        todo.extend(children.get(p, []))
+    return total
+
+
 def open_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))

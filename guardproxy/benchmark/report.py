@@ -117,9 +117,12 @@ def _stages(result: dict[str, Any]) -> str:
     rows = []
     for st in result["stages"]:
         per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}
-        rows.append([st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names]])
+        rows.append([st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names],
+                     st.get("cpu_ms_per_request")])  # fmt: skip
     title = "Gateway stages, ms per request (its /metrics histograms diffed over each phase: stage time / requests)"
-    return title + "\n" + _table(["phase", "gateway", "requests", *names], rows) + "\n" + STAGE_LEGEND
+    head = ["phase", "gateway", "requests", *names, "CPU ms/req"]
+    legend = STAGE_LEGEND + " CPU ms/req: the gateway process's user+system CPU per request (/proc), load-independent."
+    return title + "\n" + _table(head, rows) + "\n" + legend
 
 
 def _length(result: dict[str, Any]) -> str:
@@ -146,10 +149,11 @@ def _sweep(result: dict[str, Any]) -> str:
         return ""
     rows = [
         [f"{r['concurrency']}{' (overload)' if r.get('overload') else ''}", r["throughput_rps"], r["ok"],
-         r["status_503"], r["errors"], *_pct(r["latency_ms"]), r.get("classifier_failures"), r.get("rss_mib")]
+         r["status_503"], r["errors"], *_pct(r["latency_ms"]), r.get("classifier_failures"),
+         r.get("cpu_ms_per_request"), r.get("rss_mib")]
         for r in sweep["levels"]
     ]  # fmt: skip
-    head = ["c", "req/s", "ok", "503", "other", "lat p50", "p90", "p99", "clf fail", "RSS MiB"]
+    head = ["c", "req/s", "ok", "503", "other", "lat p50", "p90", "p99", "clf fail", "CPU ms/req", "RSS MiB"]
     return (
         f"Throughput sweep ({sweep['target']}, upstream TTFT {_f(sweep['ttft_ms'], 0)} ms)\n"
         + _table(head, rows)

@@ -44,6 +44,7 @@ from guardproxy.benchmark.load import (
     Target,
     client_session,
     counter_diff,
+    cpu_ms_per_request,
     percentiles,
     run_pool,
     scrape,
@@ -56,6 +57,7 @@ from guardproxy.benchmark.procs import (
     GatewaySpec,
     Proc,
     ProcessSampler,
+    cpu_seconds,
     start_fake_upstream,
     start_gateway,
 )
@@ -260,7 +262,8 @@ class Bench:
     async def _scrape_all(self) -> dict[str, Scrape]:
         out = {}
         for name, proc in self.gateways.items():
-            out[name] = await scrape(self.session(name), proc.base)
+            scraped = await scrape(self.session(name), proc.base)
+            out[name] = dataclasses.replace(scraped, cpu_s=cpu_seconds(proc.pid))
         return out
 
     async def _mixed(
@@ -337,6 +340,7 @@ class Bench:
                         "requests": n,
                         "stages": [dataclasses.asdict(st) for st in stage_diff(before[name], after[name], n)],
                         "counters": counter_diff(before[name], after[name], "guardproxy_"),
+                        "cpu_ms_per_request": cpu_ms_per_request(before[name], after[name], n),
                     }
                 )
             _ = wall
@@ -435,6 +439,7 @@ class Bench:
                 "requests": n_req,
                 "stages": [dataclasses.asdict(st) for st in stage_diff(before[target.name], after[target.name], n_req)],
                 "counters": counter_diff(before[target.name], after[target.name], "guardproxy_"),
+                "cpu_ms_per_request": cpu_ms_per_request(before[target.name], after[target.name], n_req),
             }
         return result, stages
 
@@ -458,6 +463,7 @@ class Bench:
         if before is not None:
             after = await self._scrape_all()
             counters = counter_diff(before[target.name], after[target.name], "guardproxy_")
+            row["cpu_ms_per_request"] = cpu_ms_per_request(before[target.name], after[target.name], len(samples))
             row["classifier_failures"] = sum(
                 v for k, v in counters.items() if k.startswith("guardproxy_classifier_failures")
             )
