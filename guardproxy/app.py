@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -76,6 +77,7 @@ _rid_counter = itertools.count(1)
 _JSON = (b"content-type", b"application/json")
 _SINGLE_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-request-id"})
 FINISH_GRACE_SECONDS = 5.0  # how long shutdown waits for pending pipeline.finish tasks
+PARSE_INLINE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop (well under 5 ms)
 
 
 class ClientGone(Exception):
@@ -175,6 +177,8 @@ class Gateway:
         self.ready = False
         self.draining = False
         self._terminate_handle: asyncio.TimerHandle | None = None
+        # Large request bodies are parsed here, off the event loop (the GIL still switches every 5 ms).
+        self.parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guardproxy-parse")
         metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time: no per-request cost
 
     async def startup(self) -> None:
@@ -210,6 +214,7 @@ class Gateway:
         try:
             await self.pipeline.aclose()
         finally:
+            self.parse_pool.shutdown(wait=False, cancel_futures=True)
             if self.upstream is not None:
                 await self.upstream.aclose()
 
@@ -286,7 +291,12 @@ class V1Endpoint:
             call.upstream_headers.append((b"x-request-id", call.request_id.encode()))
             if kind is RouteKind.GUARDED:
                 t1 = time.perf_counter()
-                req = parse_chat(raw, gw.settings.limits)
+                if len(raw) <= PARSE_INLINE_BYTES:
+                    req = parse_chat(raw, gw.settings.limits)
+                else:  # a multi-megabyte body takes the JSON parser a good part of a second: not on the loop
+                    req = await asyncio.get_running_loop().run_in_executor(
+                        gw.parse_pool, parse_chat, raw, gw.settings.limits
+                    )
                 assert gw.chat is not None
                 await gw.chat.handle(call, req, raw, time.perf_counter() - t1)
             else:

@@ -22,7 +22,10 @@ from guardproxy.settings import LimitSettings
 # No model accepts anywhere near this many output tokens; above it the value is a mistake or an attack.
 ABSURD_MAX_TOKENS = 10_000_000
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
-_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+# A JSON string, written so the regex engine does not backtrack per character (the naive form took 0.3 s on 4 MB).
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_PAIR_RE = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -51,21 +54,26 @@ def _reject_constant(name: str) -> Any:
     raise RequestError(f"{name} is not valid JSON", code="invalid_json")
 
 
-def json_depth_exceeds(text: str, limit: int) -> bool:
-    """True when arrays/objects nest deeper than ``limit`` (strings skipped, so brackets in text don't count)."""
-    opens = text.count("[") + text.count("{")
-    if opens <= limit:
+def json_depth_exceeds(raw: bytes | str, limit: int) -> bool:
+    """True when arrays/objects nest deeper than ``limit`` (strings skipped, so brackets in text don't count).
+
+    Works on the UTF-8 bytes (no multi-byte sequence contains an ASCII byte) at C speed: strings are cut
+    out, every byte but the brackets is deleted, then each pass removes the innermost ``[]``/``{}`` pairs;
+    a pair still left after ``limit`` passes sits deeper than ``limit``. A body with mismatched brackets
+    stops shrinking early and is left to the JSON parser to reject.
+    """
+    data = raw.encode() if isinstance(raw, str) else raw
+    if data.count(b"[") + data.count(b"{") <= limit:
         return False  # fast path: not enough brackets to nest that deep
-    stripped = _STRING_RE.sub("", text) if '"' in text else text
-    depth = 0
-    for ch in stripped:
-        if ch == "[" or ch == "{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch == "]" or ch == "}":
-            depth -= 1
-    return False
+    if b'"' in data:
+        data = _STRING_RE.sub(b"", data)
+    brackets = data.translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        shorter = _PAIR_RE.sub(b"", brackets)  # one level per pass (two chained replaces could take two)
+        if len(shorter) == len(brackets):
+            return False
+        brackets = shorter
+    return b"[]" in brackets or b"{}" in brackets
 
 
 def _strings(obj: Any) -> Iterator[str]:
@@ -92,7 +100,7 @@ def parse_json_body(raw: bytes, max_depth: int) -> Any:
         raise RequestError(f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8") from None
     if text.startswith("\ufeff"):
         raise RequestError("request body starts with a byte order mark", code="invalid_json")
-    if json_depth_exceeds(text, max_depth):
+    if json_depth_exceeds(raw, max_depth):
         raise RequestError(f"JSON nested deeper than {max_depth} levels", code="json_too_deep")
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)

@@ -97,6 +97,17 @@ async def test_bad_input_is_a_named_400(env: Env, raw: bytes, code: str, param: 
     assert env.fake.requests == []
 
 
+async def test_large_bodies_are_parsed_off_the_loop_with_the_same_rules() -> None:
+    async with gateway() as env:
+        big = "word " * 200_000  # ~1 MB: above the inline-parse size
+        ok = await env.client.post(CHAT, json={"model": "m", "messages": [{"role": "user", "content": big}]})
+        assert ok.status_code == 200
+        assert env.fake.requests[-1].body["messages"][0]["content"] == big
+        deep = b'{"pad": "' + b"x" * 400_000 + b'", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        bad = await env.client.post(CHAT, content=deep)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "json_too_deep"
+
+
 async def test_max_tokens_is_clamped_when_a_cap_is_set() -> None:
     async with gateway(limits={"max_tokens_cap": 512}) as env:
         r = await env.client.post(CHAT, content=body(max_tokens=100_000))
@@ -199,3 +210,19 @@ def test_valid_requests_round_trip(messages: list[dict[str, str]], stream: bool)
 def test_depth_scan_matches_nesting(depth: int, limit: int) -> None:
     text = '{"a": "[[[[", "b": ' + "[" * depth + "]" * depth + "}"
     assert json_depth_exceeds(text, limit) is (depth + 1 > limit)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json)
+def test_depth_scan_agrees_with_the_parsed_depth(value: Any) -> None:
+    text = json.dumps(value)
+    for limit in (1, 2, 3, 4, 6):
+        assert json_depth_exceeds(text, limit) is (_depth(value) > limit), (text, limit)
