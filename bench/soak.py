@@ -37,7 +37,15 @@ from guardproxy.benchmark.load import (
     scrape,
     send,
 )
-from guardproxy.benchmark.procs import GatewaySpec, Proc, ProcessSampler, ProcSample, start_fake_upstream, start_gateway
+from guardproxy.benchmark.procs import (
+    GatewaySpec,
+    Proc,
+    ProcessSampler,
+    ProcSample,
+    cpu_seconds,
+    start_fake_upstream,
+    start_gateway,
+)
 from guardproxy.benchmark.run import machine_info
 from guardproxy.settings import load_settings
 
@@ -143,6 +151,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
         async with client_session() as session:
             before = await scrape(session, gw.base)
+            cpu0 = cpu_seconds(gw.pid)
 
             async def job(w: int, i: int) -> Sample:
                 planned = mixes[w].next("guarded")
@@ -155,9 +164,12 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             await run_pool(job, concurrency=args.concurrency, jobs=args.requests, seconds=None, on_sample=on_sample)
             progress.end()
             after = await scrape(session, gw.base)
+            cpu1 = cpu_seconds(gw.pid)
         await sampler.stop()
         result = snapshot(True)
         result["counters"] = counter_diff(before, after, "guardproxy_")
+        if cpu0 is not None and cpu1 is not None:
+            result["result"]["cpu_ms_per_request"] = (cpu1 - cpu0) * 1000.0 / max(1, sampler.requests)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -178,7 +190,8 @@ def render(out: dict[str, Any]) -> str:
         f"RSS MiB: first {f(r['rss_first_mib'])}, after warm-up ({r['warmup_requests']} requests) "
         f"{f(r['rss_after_warmup_mib'])}, end {f(r['rss_end_mib'])}, max {f(r['rss_max_mib'])}; "
         f"growth after warm-up {f(r['rss_growth_after_warmup_pct'], 2)}% (target < 5%)",
-        f"open fds: after warm-up {f(r['fds_after_warmup'])}, end {f(r['fds_end'])}, max {f(r['fds_max'])}",
+        f"open fds: after warm-up {f(r['fds_after_warmup'])}, end {f(r['fds_end'])}, max {f(r['fds_max'])}; "
+        f"gateway CPU {f(r.get('cpu_ms_per_request'), 2)} ms per request",
     ])  # fmt: skip
 
 
