@@ -122,6 +122,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     "model_dir": str(model_dir),
                     "policy": str(args.policy) if args.policy else None,
                     "final": final,
+                    "max_seconds": args.max_seconds,
                 },  # fmt: skip
                 "result": analyse(
                     sampler.samples,
@@ -161,7 +162,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 return sample
 
             progress.phase(f"soak c={args.concurrency}", args.requests)
-            await run_pool(job, concurrency=args.concurrency, jobs=args.requests, seconds=None, on_sample=on_sample)
+            await run_pool(
+                job, concurrency=args.concurrency, jobs=args.requests, seconds=args.max_seconds, on_sample=on_sample
+            )
             progress.end()
             after = await scrape(session, gw.base)
             cpu1 = cpu_seconds(gw.pid)
@@ -225,6 +228,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between RSS samples (2)")
     parser.add_argument("--warmup-share", type=float, default=0.1)
+    parser.add_argument("--max-seconds", type=float, help="stop sending after this long (the report says how many ran)")
     parser.add_argument("--model", type=Path, help="guard model directory (default models/guard-v1)")
     parser.add_argument("--policy", type=Path, help="active policy (default policies/default.toml)")
     parser.add_argument("--json", type=Path)
