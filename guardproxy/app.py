@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from guardproxy.auth import Authenticator, RateLimiter
-from guardproxy.chat import Call, ChatHandler
+from guardproxy.chat import PARSE_INLINE_BYTES, Call, ChatHandler
 from guardproxy.errors import (
     AuthError,
     Blocked,
@@ -77,7 +77,6 @@ _rid_counter = itertools.count(1)
 _JSON = (b"content-type", b"application/json")
 _SINGLE_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-request-id"})
 FINISH_GRACE_SECONDS = 5.0  # how long shutdown waits for pending pipeline.finish tasks
-PARSE_INLINE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop (well under 5 ms)
 
 
 class ClientGone(Exception):
@@ -192,6 +191,7 @@ class Gateway:
             max_event_chars=self.settings.limits.max_body_bytes,
             spawn=self.spawn_finish,
             timing_header=self.settings.server.timing_header,
+            parse_pool=self.parse_pool,
         )
         await self.pipeline.start()
         self.ready = True

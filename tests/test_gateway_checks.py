@@ -294,3 +294,11 @@ async def test_annotation_names_are_sanitized_and_not_repeated(env: Env) -> None
     assert r.status_code == 200
     assert r.headers.get_list("x-guardproxy-decision") == ["block"]  # the later verdict's value, once
     assert r.headers["x-guardproxy-bad-name---x"] == "a  b"
+
+
+async def test_a_large_reply_is_checked_whole(env: Env) -> None:
+    env.fake.reply = "long " * 100_000 + "FORBIDDEN"  # ~500 KB: parsed off the event loop
+    check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json=HELLO)
+    assert r.json()["choices"][0]["message"]["content"] == REFUSAL
