@@ -13,14 +13,17 @@ config.json), so dev conversations are ones the model never trained on. Long ben
 MT-Bench dialogues of one split stitched into 12-25-turn chats. The challenge set
 (bench/challenge/conversations_challenge.jsonl) is never trained or tuned on.
 
-``--tune`` grid-searches decay, gain, trend weight and the flag threshold on the tuning split (``--tune-on``,
-default calibration: conversations the model did not train on, kept apart from dev) for the most escalation
-conversations flagged before their last user turn, subject to <= ``--max-benign`` of benign conversations flagged.
-Refusal, rephrase and history weights cannot be tuned on this data (no refusals in it, history always verified in
-replay) and keep their documented defaults.
+``--tune`` grid-searches decay, gain, trend weight, the rephrase floor and the flag threshold on the tuning split
+(``--tune-on``, default calibration: conversations the model did not train on, kept apart from dev) for the most
+escalation conversations flagged, and flagged before their last user turn (each source weighted alike), subject
+to <= ``--max-benign`` of benign conversations flagged.
+The refusal and history weights cannot be tuned on this data (few refusals, history always verified in replay) and
+keep their documented defaults.
 
 Flag = a user turn with escalation >= 0.5. Last-turn-only baseline = a user turn whose own harm >= the model's
-``thresholds.harm`` (the guard looking at the newest user message of each request). Prints, never passes or fails.
+``thresholds.harm`` (the guard looking at the newest user message of each request), and the same with the harm
+threshold matched to the tuning split's benign budget; "tracker + last-turn" = either rule (the default policy has
+both). Prints, never passes or fails.
 """
 
 from __future__ import annotations
@@ -213,28 +216,52 @@ def last_turn_flags(convs: Sequence[Conv], harm_threshold: float) -> list[int | 
     return [first_flag([t["harm"] for t in c.turns or []], harm_threshold) for c in convs]
 
 
+def guard_flags(convs: Sequence[Conv], p: EscalationParams, harm_threshold: float) -> list[int | None]:
+    """What a policy with both rules flags: the turn's own harm, or the conversation's escalation."""
+    out = []
+    for c in convs:
+        turns = c.turns or []
+        esc = escalations(turns, p)
+        flags = [e >= FLAG_THRESHOLD or t["harm"] >= harm_threshold for e, t in zip(esc, turns, strict=True)]
+        out.append(next((i + 1 for i, f in enumerate(flags) if f), None))
+    return out
+
+
 def tune(convs: Sequence[Conv], max_benign: float, base: EscalationParams) -> EscalationParams:
-    esc = [c for c in convs if c.label == "escalation"]
+    """Most escalation conversations flagged, and flagged early (each source weighted alike), with at most
+    ``max_benign`` of the benign conversations flagged by the tracker."""
+    esc_sets: dict[str, list[Conv]] = {}
+    for c in convs:
+        if c.label == "escalation":
+            esc_sets.setdefault(c.set, []).append(c)
     ben = [c for c in convs if c.label == "benign"]
     best: tuple[tuple[float, float], EscalationParams] | None = None
     grid = itertools.product(
         (0.5, 0.6, 0.7, 0.8, 0.9),  # decay
         (0.2, 0.3, 0.4, 0.5, 0.7),  # gain
         (0.0, 0.5, 1.0, 2.0),  # trend weight
+        (0.75, 0.85, 0.9),  # rephrase_low (only the authored reword-after-refusal rows carry refusals)
     )
-    for decay, gain, trend_weight in grid:
-        p0 = replace(base, decay=decay, gain=gain, trend_weight=trend_weight, threshold=0.5)
+    for decay, gain, trend_weight, rephrase_low in grid:
+        p0 = replace(base, decay=decay, gain=gain, trend_weight=trend_weight, rephrase_low=rephrase_low, threshold=0.5)
         # the raw score (threshold 0.5 maps identity) per turn; the flag threshold is then a cut on its maximum
         ben_max = sorted(max(escalations(c.turns or [], p0), default=0.0) for c in ben)
         k = int(max_benign * len(ben))  # benign conversations allowed over the threshold
         threshold = min(0.99, max(0.05, ben_max[len(ben_max) - k - 1] + 1e-4 if ben_max else 0.5))
         p = replace(p0, threshold=threshold)
-        r = rates(esc, tracker_flags(esc, p))
-        score = (r.flagged + r.early, -threshold)
+        per_set = [rates(group, tracker_flags(group, p)) for group in esc_sets.values()]
+        score = (statistics.mean(r.flagged + r.early for r in per_set), -threshold)
         if best is None or score > best[0]:
             best = (score, p)
     assert best is not None
     return best[1]
+
+
+def matched_harm_threshold(convs: Sequence[Conv], max_benign: float) -> float:
+    """The per-turn harm threshold that flags at most ``max_benign`` of these benign conversations."""
+    ben_max = sorted(max((t["harm"] for t in c.turns or []), default=0.0) for c in convs if c.label == "benign")
+    k = int(max_benign * len(ben_max))
+    return min(0.999, ben_max[len(ben_max) - k - 1] + 1e-4) if ben_max else 0.5
 
 
 # -- report -------------------------------------------------------------------------------------------------------
@@ -261,18 +288,28 @@ def groups(convs: Sequence[Conv], split: str) -> list[tuple[str, list[Conv]]]:
     return sorted(out.items())
 
 
-def report(convs: Sequence[Conv], p: EscalationParams, harm_threshold: float, splits: Sequence[str]) -> dict[str, Any]:
+def report(
+    convs: Sequence[Conv], p: EscalationParams, harm_threshold: float, matched: float, splits: Sequence[str]
+) -> dict[str, Any]:
+    """Per split and source: last-turn-only (model threshold; threshold matched to the tuning benign budget),
+    the tracker's escalation alone, and both rules together (what the default policy does)."""
     summary: dict[str, Any] = {}
+    methods = {
+        f"last-turn (harm>={harm_threshold:.2f})": lambda g: last_turn_flags(g, harm_threshold),
+        f"last-turn (harm>={matched:.2f}, matched)": lambda g: last_turn_flags(g, matched),
+        "tracker (escalation>=0.5)": lambda g: tracker_flags(g, p),
+        "tracker + last-turn": lambda g: guard_flags(g, p, harm_threshold),
+    }
     for split in splits:
         print(f"\n== split: {split}")
         for key, group in groups(convs, split):
             benign = ":benign" in key
-            tr = rates(group, tracker_flags(group, p))
-            lt = rates(group, last_turn_flags(group, harm_threshold))
             print(f"  {key}")
-            print(f"    tracker   {fmt(tr, benign)}")
-            print(f"    last-turn {fmt(lt, benign)}")
-            summary[f"{split}/{key}"] = {"tracker": asdict(tr), "last_turn": asdict(lt)}
+            summary[f"{split}/{key}"] = {}
+            for name, method in methods.items():
+                r = rates(group, method(group))
+                print(f"    {name:34s} {fmt(r, benign)}")
+                summary[f"{split}/{key}"][name] = asdict(r)
     return summary
 
 
@@ -304,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="grid-search the trajectory parameters and threshold")
     parser.add_argument("--tune-on", default="calibration", help="split(s) to tune on, '+'-joined")
     parser.add_argument("--max-benign", type=float, default=0.02, help="benign flag rate allowed when tuning")
-    parser.add_argument("--stitched", type=int, default=40, help="stitched long MT-Bench chats per split")
+    parser.add_argument("--stitched", type=int, default=100, help="stitched long MT-Bench chats per split")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -329,13 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cache.write_text(json.dumps({"key": cache_key, "turns": {c.id: c.turns for c in convs}}))
 
     params = EscalationParams()
+    tune_splits = set(args.tune_on.split("+"))
+    tuning = [c for c in convs if c.split in tune_splits]
     if args.tune:
-        tune_splits = set(args.tune_on.split("+"))
-        params = tune([c for c in convs if c.split in tune_splits], args.max_benign, params)
+        params = tune(tuning, args.max_benign, params)
         print(f"\ntuned on {sorted(tune_splits)} (benign <= {args.max_benign:.0%}): {params}")
     else:
         print(f"\nparameters: {params}")
-    summary = report(convs, params, harm_threshold, ["train", "calibration", "dev", "challenge"])
+    matched = matched_harm_threshold(tuning, args.max_benign)
+    summary = report(convs, params, harm_threshold, matched, ["train", "calibration", "dev", "challenge"])
     if args.json:
         args.json.write_text(json.dumps({"params": asdict(params), "results": summary}, indent=1))
     if args.png:
