@@ -378,7 +378,7 @@ class V1Endpoint:
         upstream = gw.upstream
         try:
             async with asyncio.timeout(gw.settings.upstream.total_timeout) as deadline:
-                call.deadline = deadline
+                call.arm(deadline)
                 resp = await upstream.open(method, upstream.url(path, query), call.upstream_headers, raw or None)
                 try:
                     if resp.status_code >= 400:

@@ -88,6 +88,12 @@ class Call:
         if self.deadline is not None and not self.deadline.expired():
             self.deadline.reschedule(asyncio.get_running_loop().time())
 
+    def arm(self, deadline: asyncio.Timeout) -> None:
+        """Bind the exchange's deadline; a cut that came earlier (client gone while the body was parsed) fires it."""
+        self.deadline = deadline
+        if self.disconnected or self.shutting_down:
+            deadline.reschedule(asyncio.get_running_loop().time())
+
     def annotate(self, verdict: Verdict | None) -> None:
         if verdict is None:
             return
@@ -250,7 +256,7 @@ class ChatHandler:
         content = _dumps(req.body) if req.changed else raw
         try:
             async with asyncio.timeout(self.total_timeout) as deadline:
-                call.deadline = deadline
+                call.arm(deadline)
                 await self._run(call, ex, req, content)
         except TimeoutError:
             if call.disconnected:
