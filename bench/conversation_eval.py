@@ -13,7 +13,7 @@ config.json), so dev conversations are ones the model never trained on. Long ben
 MT-Bench dialogues of one split stitched into 12-25-turn chats. The challenge set
 (bench/challenge/conversations_challenge.jsonl) is never trained or tuned on.
 
-``--tune`` grid-searches decay, gain, trend weight, the rephrase floor and the flag threshold on the tuning split
+``--tune`` grid-searches decay, gain, floor, trend weight, the rephrase floor and the flag threshold on the tuning split
 (``--tune-on``, default calibration: conversations the model did not train on, kept apart from dev) for the most
 escalation conversations flagged, and flagged before their last user turn (each source weighted alike), subject
 to <= ``--max-benign`` of benign conversations flagged.

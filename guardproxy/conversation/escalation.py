@@ -4,9 +4,10 @@ Per request the tracker knows, for each new user turn, the guard model's harm on
 the guard model's harm on a window of the last ``window_turns`` messages together (``w``), which sees a request
 split over turns or steered by earlier ones that no single turn shows.
 
-- trajectory, a decaying cumulative risk: ``r_t = min(1, max(h_t, decay * r_{t-1} + gain * h_t))``. With
-  ``gain > 1 - decay`` steady medium risk accumulates (fixed point ``gain * h / (1 - decay)``), a single spike
-  decays by ``decay`` per turn, and ``r_t`` never drops below the current turn's own risk.
+- trajectory, a decaying cumulative risk: ``r_t = min(1, max(h_t, decay * r_{t-1} + gain * max(0, h_t - floor)))``.
+  With ``gain > 1 - decay`` steady risk above the floor accumulates (fixed point ``gain * (h - floor) /
+  (1 - decay)``), the background noise of a long harmless chat (below ``floor``) does not, a single spike decays by
+  ``decay`` per turn, and ``r_t`` never drops below the current turn's own risk.
 - trend: the least-squares slope of ``h`` over the last four turns (risk per turn; positive = steering upward).
 - escalation, a noisy-OR of independent pieces of evidence, each in [0, 1]::
 
@@ -42,6 +43,7 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 class EscalationParams:
     decay: float = 0.7
     gain: float = 0.5
+    floor: float = 0.0
     trend_weight: float = 1.0
     trend_cap: float = 0.5
     refusal_weight: float = 0.15
@@ -59,7 +61,7 @@ def window_text(turns: Sequence[tuple[str, str]]) -> str:
 
 
 def trajectory_step(previous: float, risk: float, p: EscalationParams) -> float:
-    return min(1.0, max(risk, p.decay * previous + p.gain * risk))
+    return min(1.0, max(risk, p.decay * previous + p.gain * max(0.0, risk - p.floor)))
 
 
 def trend(risks: Sequence[float]) -> float:
