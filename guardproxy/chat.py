@@ -34,7 +34,7 @@ from guardproxy.errors import (
 from guardproxy.metrics import Metrics
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
 from guardproxy.proxy import GUARDED_PATH, Upstream, response_headers, upstream_failure
-from guardproxy.streaming import DONE_BYTES, SSEParser, sse_json
+from guardproxy.streaming import DONE_BYTES, StreamGuard, choice_text, relay, sse_json
 from guardproxy.validation import ChatRequest
 
 logger = logging.getLogger(__name__)
@@ -122,32 +122,6 @@ class Call:
         await self.body(body, more=False)
 
 
-@dataclass
-class _ChoiceText:
-    """The assistant text of one streamed choice: content deltas and tool-call argument deltas."""
-
-    content: list[str] = field(default_factory=list)
-    args: dict[int, list[str]] = field(default_factory=dict)
-    size: int = 0
-    checked: int = 0
-    final_checked: bool = False
-
-    def add(self, delta: dict[str, Any]) -> None:
-        c = delta.get("content")
-        if isinstance(c, str) and c:
-            self.content.append(c)
-            self.size += len(c)
-        for tc in delta.get("tool_calls") or []:
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            a = fn.get("arguments") if isinstance(fn, dict) else None
-            if isinstance(a, str) and a:
-                self.args.setdefault(tc.get("index", 0), []).append(a)
-                self.size += len(a)
-
-    def text(self) -> str:
-        return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
-
-
 def server_timing(ex: Exchange) -> bytes:
     """``Server-Timing`` for the stages so far, in ms, plus ``gateway``: the time spent outside the upstream."""
     upstream = ex.timings.get("upstream", 0.0)
@@ -155,13 +129,6 @@ def server_timing(ex: Exchange) -> bytes:
     parts = [f"{name};dur={sec * 1000:.3f}" for name, sec in ex.timings.items()]
     parts.append(f"gateway;dur={own * 1000:.3f}")
     return ", ".join(parts).encode("latin-1", "replace")
-
-
-def choice_text(content: str, tool_args: list[str]) -> str:
-    """What the output checks read for one choice: the content, then each tool call's arguments."""
-    parts = [content] if content else []
-    parts.extend(a for a in tool_args if a)
-    return "\n".join(parts)
 
 
 def message_text(message: Any) -> str:
@@ -425,47 +392,18 @@ class ChatHandler:
         self._timing(call, ex)
         await call.start(200, response_headers(resp.headers, decoded=True) + [(b"cache-control", b"no-cache")])
         call.streaming = True
-        parser = SSEParser(self.max_event_chars)
-        guard = None if self.pipeline.passthrough else _StreamGuard(self.pipeline, ex)
+        guard = None if self.pipeline.passthrough else StreamGuard(self.pipeline, ex)
+
+        async def send(data: bytes, more: bool) -> None:
+            await call.body(data, more=more)
+
         try:
-            async for chunk in resp.aiter_bytes():
-                out = bytearray()
-                try:
-                    for ev in parser.feed(chunk):
-                        if ev.comment:
-                            out += ev.encode()
-                            continue
-                        if ev.done:
-                            if guard is not None and (block := await guard.finish()) is not None:
-                                out += block
-                            else:
-                                out += DONE_BYTES
-                            await call.body(bytes(out), more=False)
-                            ex.outcome = "blocked_output" if guard is not None and guard.blocked else "ok"
-                            return
-                        if guard is None:
-                            if '"error"' in ev.data:
-                                _raise_stream_error(ev.data)
-                        else:
-                            block = await guard.event(ev.data)
-                            if block is not None:
-                                await call.body(bytes(out) + block, more=False)
-                                ex.outcome = "blocked_output"
-                                return
-                        out += ev.encode()
-                except GuardProxyError:
-                    if out:  # the events before the failure arrived intact: relay them, then the error
-                        await call.body(bytes(out), more=True)
-                    raise
-                if out:
-                    await call.body(bytes(out), more=True)
-            parser.close()
+            ex.outcome = await relay(resp.aiter_bytes(), send, guard=guard, max_event_chars=self.max_event_chars)
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
             raise upstream_failure(exc, started=True) from exc
         finally:
             if guard is not None:
                 guard.record()
-        raise UpstreamStreamError("the upstream stream ended without [DONE]")
 
 
 def _json_reply(data: bytes) -> dict[str, Any]:
@@ -478,103 +416,9 @@ def _json_reply(data: bytes) -> dict[str, Any]:
     return reply
 
 
-def _raise_stream_error(data: str) -> None:
-    """An upstream ``{"error": ...}`` event inside a 200 stream is an error, not content."""
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return
-    if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
-        err = obj["error"]
-        msg = err.get("message") if isinstance(err, dict) else str(err)
-        raise UpstreamStreamError(f"upstream error in stream: {msg}")
-
-
 async def _cancel(task: asyncio.Task[httpx.Response]) -> None:
     """Cancel a speculative upstream call; close its response if it had already arrived."""
     task.cancel()
     await asyncio.wait([task])
     if not task.cancelled() and task.exception() is None:
         await task.result().aclose()
-
-
-class _StreamGuard:
-    """Accumulates streamed choices and runs the output checks at the right moments."""
-
-    def __init__(self, pipeline: Pipeline, ex: Exchange) -> None:
-        self.pipeline = pipeline
-        self.ex = ex
-        self.choices: dict[int, _ChoiceText] = {}
-        self.meta: dict[str, Any] = {}
-        self.blocked = False
-        self.verdicts: list[Verdict] = []
-
-    async def event(self, data: str) -> bytes | None:
-        """Account for one event; the bytes that end the stream if a check blocks, else None."""
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            raise UpstreamStreamError("upstream sent an event that is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise UpstreamStreamError("upstream sent an event that is not a JSON object")
-        if "error" in obj and "choices" not in obj:
-            _raise_stream_error(data)
-        for key in ("id", "created", "model"):
-            if key in obj:
-                self.meta[key] = obj[key]
-        step = self.pipeline.output_check_chars
-        for pos, ch in enumerate(obj.get("choices") or []):
-            if not isinstance(ch, dict):
-                continue
-            idx = ch.get("index", pos)
-            idx = idx if isinstance(idx, int) else pos
-            st = self.choices.get(idx)
-            if st is None:
-                st = self.choices[idx] = _ChoiceText()
-            delta = ch.get("delta")
-            if isinstance(delta, dict):
-                st.add(delta)
-            if ch.get("finish_reason") is not None:
-                block = await self._check(idx, st, final=True)
-            elif st.size - st.checked >= step:
-                block = await self._check(idx, st, final=False)
-            else:
-                block = None
-            if block is not None:
-                return block
-        return None
-
-    async def finish(self) -> bytes | None:
-        """At ``[DONE]``: the final check of every choice that has not had one."""
-        for idx, st in self.choices.items():
-            if not st.final_checked and (block := await self._check(idx, st, final=True)) is not None:
-                return block
-        self.record()
-        return None
-
-    async def _check(self, idx: int, st: _ChoiceText, *, final: bool) -> bytes | None:
-        text = st.text()
-        st.checked = st.size
-        st.final_checked = st.final_checked or final
-        with self.ex.timed("output_check"):
-            verdict = await self.pipeline.check_output(self.ex, idx, text, final=final)
-        self.verdicts.append(verdict)
-        if not verdict.blocks:
-            return None
-        self.blocked = True
-        self.record()
-        base = {
-            "id": self.meta.get("id", f"chatcmpl-guard-{self.ex.request_id}"),
-            "object": "chat.completion.chunk",
-            "created": self.meta.get("created", int(time.time())),
-            "model": self.meta.get("model", self.ex.body.get("model") or "guardproxy"),
-        }
-        choices = []
-        for i in sorted(self.choices):
-            delta = {"content": verdict.reply_text} if i == idx and verdict.reply_text else {}
-            choices.append({"index": i, "delta": delta, "finish_reason": "content_filter"})
-        return sse_json({**base, "choices": choices}) + DONE_BYTES
-
-    def record(self) -> None:
-        self.ex.reply_texts = {i: st.text() for i, st in self.choices.items()}
-        self.ex.output_verdict = combine(self.verdicts)

@@ -1,4 +1,5 @@
-"""Server-sent events: an incremental parser for upstream streams and the encoders for what we relay.
+"""Streams: an incremental SSE parser for upstream streams, and the relay that forwards them while the
+output checks watch (``relay`` and ``StreamGuard``).
 
 The parser follows the WHATWG event-stream rules that matter for OpenAI-compatible streams: lines end
 with CRLF, LF or CR (a CR at the end of one read may be the first half of a CRLF split across reads);
@@ -7,16 +8,23 @@ with ``\\n``; a blank line dispatches the event; one optional space after the co
 are decoded incrementally, so a UTF-8 sequence split across two TCP reads decodes correctly. An event
 (or an unterminated line) larger than ``max_event_chars`` raises ``SSEError``: an upstream that never
 sends a newline must not grow our memory without bound.
+
+``StreamGuard`` accumulates each choice's text (content deltas and tool-call argument deltas) and runs
+``check_output`` every ``pipeline.output_check_chars`` new characters and once more (``final=True``)
+before a choice's finishing chunk or ``[DONE]``: the streaming path runs the same checks as the plain one.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from guardproxy.errors import UpstreamStreamError
+from guardproxy.errors import GuardProxyError, UpstreamStreamError
+from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
 
 DONE = "[DONE]"
 DONE_BYTES = b"data: [DONE]\n\n"
@@ -143,3 +151,175 @@ def sse_json(obj: Any) -> bytes:
 def error_tail(payload: dict[str, Any]) -> bytes:
     """What ends a stream that failed after its headers were sent: an error event, then ``[DONE]``."""
     return sse_json(payload) + DONE_BYTES
+
+
+def choice_text(content: str, tool_args: list[str]) -> str:
+    """What the output checks read for one choice: the content, then each tool call's arguments."""
+    parts = [content] if content else []
+    parts.extend(a for a in tool_args if a)
+    return "\n".join(parts)
+
+
+@dataclass
+class ChoiceText:
+    """The assistant text of one streamed choice: content deltas and tool-call argument deltas."""
+
+    content: list[str] = field(default_factory=list)
+    args: dict[int, list[str]] = field(default_factory=dict)
+    size: int = 0
+    checked: int = 0
+    final_checked: bool = False
+
+    def add(self, delta: dict[str, Any]) -> None:
+        c = delta.get("content")
+        if isinstance(c, str) and c:
+            self.content.append(c)
+            self.size += len(c)
+        for tc in delta.get("tool_calls") or []:
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            a = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(a, str) and a:
+                self.args.setdefault(tc.get("index", 0), []).append(a)
+                self.size += len(a)
+
+    def text(self) -> str:
+        return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
+
+
+def raise_stream_error(data: str) -> None:
+    """An upstream ``{"error": ...}`` event inside a 200 stream is an error, not content."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return
+    if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        raise UpstreamStreamError(f"upstream error in stream: {msg}")
+
+
+BodySender = Callable[[bytes, bool], Awaitable[None]]  # (data, more_body)
+
+
+async def relay(
+    chunks: AsyncIterator[bytes], send: BodySender, *, guard: StreamGuard | None, max_event_chars: int
+) -> str:
+    """Relay an upstream event stream to the client as it arrives; the exchange's outcome when it ends.
+
+    Events of one upstream read go out in one write. With a ``guard`` every event is accounted for and
+    checked when due; a block cuts the stream before the event that tripped it. Without one (a pure
+    passthrough) only ``[DONE]`` and ``{"error": ...}`` events are looked at. An upstream error event,
+    a malformed stream, or a stream that ends without ``[DONE]`` raises ``UpstreamStreamError`` (the
+    caller ends the client's stream in-band); events that arrived intact before it are relayed first.
+    """
+    parser = SSEParser(max_event_chars)
+    async for chunk in chunks:
+        out = bytearray()
+        try:
+            for ev in parser.feed(chunk):
+                if ev.comment:
+                    out += ev.encode()
+                    continue
+                if ev.done:
+                    block = await guard.finish() if guard is not None else None
+                    await send(bytes(out) + (block if block is not None else DONE_BYTES), False)
+                    return "blocked_output" if block is not None else "ok"
+                if guard is None:
+                    if '"error"' in ev.data:
+                        raise_stream_error(ev.data)
+                else:
+                    block = await guard.event(ev.data)
+                    if block is not None:
+                        await send(bytes(out) + block, False)
+                        return "blocked_output"
+                out += ev.encode()
+        except GuardProxyError:
+            if out:
+                await send(bytes(out), True)
+            raise
+        if out:
+            await send(bytes(out), True)
+    parser.close()
+    raise UpstreamStreamError("the upstream stream ended without [DONE]")
+
+
+class StreamGuard:
+    """Accumulates streamed choices and runs the output checks at the right moments."""
+
+    def __init__(self, pipeline: Pipeline, ex: Exchange) -> None:
+        self.pipeline = pipeline
+        self.ex = ex
+        self.choices: dict[int, ChoiceText] = {}
+        self.meta: dict[str, Any] = {}
+        self.blocked = False
+        self.verdicts: list[Verdict] = []
+
+    async def event(self, data: str) -> bytes | None:
+        """Account for one event; the bytes that end the stream if a check blocks, else None."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise UpstreamStreamError("upstream sent an event that is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamStreamError("upstream sent an event that is not a JSON object")
+        if "error" in obj and "choices" not in obj:
+            raise_stream_error(data)
+        for key in ("id", "created", "model"):
+            if key in obj:
+                self.meta[key] = obj[key]
+        step = self.pipeline.output_check_chars
+        for pos, ch in enumerate(obj.get("choices") or []):
+            if not isinstance(ch, dict):
+                continue
+            idx = ch.get("index", pos)
+            idx = idx if isinstance(idx, int) else pos
+            st = self.choices.get(idx)
+            if st is None:
+                st = self.choices[idx] = ChoiceText()
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                st.add(delta)
+            if ch.get("finish_reason") is not None:
+                block = await self._check(idx, st, final=True)
+            elif st.size - st.checked >= step:
+                block = await self._check(idx, st, final=False)
+            else:
+                block = None
+            if block is not None:
+                return block
+        return None
+
+    async def finish(self) -> bytes | None:
+        """At ``[DONE]``: the final check of every choice that has not had one."""
+        for idx, st in self.choices.items():
+            if not st.final_checked and (block := await self._check(idx, st, final=True)) is not None:
+                return block
+        self.record()
+        return None
+
+    async def _check(self, idx: int, st: ChoiceText, *, final: bool) -> bytes | None:
+        text = st.text()
+        st.checked = st.size
+        st.final_checked = st.final_checked or final
+        with self.ex.timed("output_check"):
+            verdict = await self.pipeline.check_output(self.ex, idx, text, final=final)
+        self.verdicts.append(verdict)
+        if not verdict.blocks:
+            return None
+        self.blocked = True
+        self.record()
+        base = {
+            "id": self.meta.get("id", f"chatcmpl-guard-{self.ex.request_id}"),
+            "object": "chat.completion.chunk",
+            "created": self.meta.get("created", int(time.time())),
+            "model": self.meta.get("model", self.ex.body.get("model") or "guardproxy"),
+        }
+        choices = []
+        for i in sorted(self.choices):
+            delta = {"content": verdict.reply_text} if i == idx and verdict.reply_text else {}
+            choices.append({"index": i, "delta": delta, "finish_reason": "content_filter"})
+        return sse_json({**base, "choices": choices}) + DONE_BYTES
+
+    def record(self) -> None:
+        self.ex.reply_texts = {i: st.text() for i, st in self.choices.items()}
+        self.ex.output_verdict = combine(self.verdicts)
