@@ -77,6 +77,7 @@ _rid_counter = itertools.count(1)
 _JSON = (b"content-type", b"application/json")
 _SINGLE_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-request-id"})
 FINISH_GRACE_SECONDS = 5.0  # how long shutdown waits for pending pipeline.finish tasks
+MAX_PENDING_FINISH = 10_000
 
 
 class ClientGone(Exception):
@@ -173,6 +174,8 @@ class Gateway:
         self.in_flight = 0
         self.calls: set[Call] = set()
         self.finish_tasks: set[asyncio.Task[None]] = set()
+        self._finish_drop_logged = False
+        self.max_pending_finish = MAX_PENDING_FINISH
         self.ready = False
         self.draining = False
         self._terminate_handle: asyncio.TimerHandle | None = None
@@ -233,6 +236,14 @@ class Gateway:
             call.cut(shutdown=True)
 
     def spawn_finish(self, ex: Exchange) -> None:
+        if len(self.finish_tasks) >= self.max_pending_finish:
+            # finish() is stuck somewhere (a state backend or store that hangs): drop, count and log once
+            # rather than let pending tasks grow without bound.
+            self.metrics.finish_dropped.inc()
+            if not self._finish_drop_logged:
+                self._finish_drop_logged = True
+                logger.warning("%d pipeline.finish calls pending: dropping new ones (counted)", len(self.finish_tasks))
+            return
         task = asyncio.create_task(self._finish(ex))
         self.finish_tasks.add(task)
         task.add_done_callback(self.finish_tasks.discard)

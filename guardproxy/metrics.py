@@ -58,6 +58,9 @@ class Metrics:
         )
         self.in_flight = Gauge("guardproxy_in_flight", "requests in flight", registry=r)
         self.finish_errors = Counter("guardproxy_finish_errors", "pipeline.finish calls that raised", registry=r)
+        self.finish_dropped = Counter(
+            "guardproxy_finish_dropped", "pipeline.finish calls dropped: too many pending", registry=r
+        )
         self._extra: dict[str, Counter | Histogram | Gauge] = {}
         self._stage_children: dict[str, Histogram] = {}
         self._request_children: dict[tuple[str, int], Counter] = {}

@@ -302,3 +302,31 @@ async def test_a_large_reply_is_checked_whole(env: Env) -> None:
     env.pipeline.checks = [check]
     r = await env.client.post(CHAT, json=HELLO)
     assert r.json()["choices"][0]["message"]["content"] == REFUSAL
+
+
+class StuckFinish(ScriptedCheck):
+    """A check whose finish hangs until released (a state backend that stopped answering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def finish(self, exchange: Exchange) -> None:
+        await self.release.wait()
+        await super().finish(exchange)
+
+
+async def test_pending_finish_work_is_bounded_and_never_delays_replies(env: Env) -> None:
+    check = StuckFinish()
+    env.pipeline.checks = [check]
+    gw = env.app.state.gateway
+    gw.max_pending_finish = 3
+    try:
+        for _ in range(6):
+            assert (await env.client.post(CHAT, json=HELLO)).status_code == 200
+        assert len(gw.finish_tasks) == 3
+        assert "guardproxy_finish_dropped_total 3.0" in (await env.client.get("/metrics")).text
+    finally:
+        check.release.set()
+        gw.max_pending_finish = 10_000
+    await _finished(check, 3)
