@@ -300,6 +300,7 @@ class V1Endpoint:
                 scope["headers"], replace_key=gw.upstream.replace_key if gw.upstream else None
             )
             call.upstream_headers.append((b"x-request-id", call.request_id.encode()))
+            call.query = scope.get("query_string", b"")
             if kind is RouteKind.GUARDED:
                 t1 = time.perf_counter()
                 if len(raw) <= PARSE_INLINE_BYTES:

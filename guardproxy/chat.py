@@ -76,6 +76,7 @@ class Call:
     streaming: bool = False  # an SSE body is in progress: errors go in-band
     finished: bool = False  # the last body message is being (or was) sent
     status: int = 0
+    query: bytes = b""  # the client's query string
 
     def cut(self, *, shutdown: bool = False) -> None:
         """End the exchange now (client gone or gateway shutting down): fire its deadline."""
@@ -256,7 +257,9 @@ class ChatHandler:
 
     async def _open(self, call: Call, ex: Exchange, content: bytes) -> httpx.Response:
         t0 = time.perf_counter()
-        resp = await self.upstream.open("POST", self.url, call.upstream_headers, content)
+        # The client's query string goes along (Azure-style endpoints need ?api-version=...).
+        url = httpx.URL(self.upstream.url(GUARDED_PATH, call.query)) if call.query else self.url
+        resp = await self.upstream.open("POST", url, call.upstream_headers, content)
         dt = time.perf_counter() - t0
         ex.timings["upstream"] = ex.timings.get("upstream", 0.0) + dt
         self._upstream_hist.observe(dt)

@@ -70,6 +70,7 @@ class Recorded:
     cancelled: bool = False
     completed: bool = False
     sent_bytes: int = 0  # body bytes handed to the server so far (tests of backpressure)
+    query: str = ""
 
 
 @dataclass
@@ -122,6 +123,7 @@ class FakeUpstream:
             parsed = None
         fault = headers.get("x-fake-fault") or self.fault
         rec = Recorded(scope["method"], scope["path"], headers, parsed, fault or "")
+        rec.query = scope.get("query_string", b"").decode("latin-1")
         if self.record:
             self.requests.append(rec)
 

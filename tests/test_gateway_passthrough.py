@@ -34,6 +34,14 @@ async def test_stream_relays_every_event_and_done(env: Env) -> None:
     assert "content-length" not in r.headers
 
 
+async def test_query_string_goes_upstream_on_every_route(env: Env) -> None:
+    await env.client.post(CHAT + "?api-version=2024-10-21", json=HELLO)
+    await env.client.get("/v1/models?limit=2")
+    assert [r.path for r in env.fake.requests] == [CHAT, "/v1/models"]
+    assert env.fake.requests[0].query == "api-version=2024-10-21"
+    assert env.fake.requests[1].query == "limit=2"
+
+
 async def test_request_id_is_propagated(env: Env) -> None:
     r = await env.client.post(CHAT, json=HELLO, headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
