@@ -27,14 +27,14 @@ def hash_key(key: str) -> str:
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
-    """The client's key from ``Authorization: Bearer ...`` (or ``x-api-key``), if any."""
+    """The client's key from ``Authorization: Bearer ...`` (or ``x-api-key``, or Azure's ``api-key``), if any."""
     value = headers.get("authorization")
     if value:
         scheme, _, token = value.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
-    return headers.get("x-api-key") or None
+    return headers.get("x-api-key") or headers.get("api-key") or None
 
 
 class Authenticator:

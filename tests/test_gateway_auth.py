@@ -59,6 +59,9 @@ async def test_pass_through_tenant_is_a_key_hash() -> None:
         await env.client.post(CHAT, json=HELLO)
         assert check.inputs[0].tenant == "k:" + hash_key("sk-client-1")[:16]
         assert check.inputs[1].tenant == "anonymous"
+        await env.client.post(CHAT, json=HELLO, headers={"api-key": "sk-client-1"})  # Azure's header
+        assert check.inputs[2].tenant == check.inputs[0].tenant
+        assert "api-key" not in check.inputs[2].headers
 
 
 async def test_two_authorization_headers_are_refused() -> None:
