@@ -7,11 +7,12 @@ reply text, and fault modes chosen per app (``fake.fault = "..."``) or per reque
 went away before the reply was complete) so tests can assert that the gateway really cut the upstream.
 
 Fault modes: ``json`` / ``sse`` (normal), ``slow`` (long time to first byte), ``drip`` (the reply one
-byte at a time), ``stall`` (stream stops mid-way), ``status_500``/``502``/``503``/``429``/``401`` (``429``
-carries ``Retry-After: 7``), ``reset_before_headers``, ``reset_mid_stream``, ``error_in_stream``,
-``never`` (accepts and never answers), ``no_done`` (stream ends cleanly without ``[DONE]``), ``gzip``,
-``split_sse`` (CRLF, comments and events split across tiny writes), ``oversized_event`` and
-``invalid_json_sse``.
+byte at a time), ``stall`` (the reply stops half-way), ``status_500``/``502``/``503``/``429``/``401``
+(``429`` carries ``Retry-After: 7``; ``401`` echoes the key it was sent, as some upstreams do),
+``reset_before_headers``, ``reset_mid_stream`` (a TCP reset half-way), ``error_in_stream``, ``never``
+(accepts and never answers), ``no_done`` (every choice finishes, then the stream ends without ``[DONE]``),
+``cut_clean`` (the stream ends cleanly half-way: no finish, no ``[DONE]``), ``gzip``, ``split_sse`` (CRLF,
+comments and events split across tiny writes), ``oversized_event`` and ``invalid_json_sse``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ FAULTS = frozenset(
         "error_in_stream",
         "never",
         "no_done",
+        "cut_clean",
         "gzip",
         "split_sse",
         "oversized_event",
@@ -325,6 +327,8 @@ class FakeUpstream:
             chunks = chunks[:2] + [b"data: {not json\n\n"] + chunks[2:]
         elif fault == "oversized_event":
             chunks = chunks[:1] + [b"data: " + b"x" * self.oversized_chars + b"\n\n"]
+        elif fault == "cut_clean":
+            chunks = chunks[: max(1, len(chunks) // 2)]  # then a clean end: no finish_reason, no [DONE]
         elif fault == "split_sse":
             joined = b": ping\r\n\r\n".join(chunks).replace(b"\n\n", b"\r\n\r\n")
             chunks = [joined[i : i + 3] for i in range(0, len(joined), 3)]
@@ -338,7 +342,7 @@ class FakeUpstream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if self.token_interval:
                 await asyncio.sleep(self.token_interval)
-        if fault not in ("no_done", "error_in_stream", "oversized_event"):
+        if fault not in ("no_done", "cut_clean", "error_in_stream", "oversized_event"):
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from guardproxy.errors import GuardProxyError, UpstreamStreamError
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
 
 DONE = "[DONE]"
+_FINISHED_RE = re.compile(r'"finish_reason"\s*:\s*"')  # a finish_reason that is a string, not null
 DONE_BYTES = b"data: [DONE]\n\n"
 KEEPALIVE_BYTES = b": keep-alive\n\n"
 
@@ -169,6 +171,7 @@ class ChoiceText:
     size: int = 0
     checked: int = 0
     final_checked: bool = False
+    finished: bool = False  # a chunk carried this choice's finish_reason
 
     def add(self, delta: dict[str, Any]) -> None:
         c = delta.get("content")
@@ -213,6 +216,7 @@ async def relay(
     caller ends the client's stream in-band); events that arrived intact before it are relayed first.
     """
     parser = SSEParser(max_event_chars)
+    finished = False  # passthrough: some event carried a finish_reason
     async for chunk in chunks:
         out = bytearray()
         try:
@@ -227,6 +231,7 @@ async def relay(
                 if guard is None:
                     if '"error"' in ev.data:
                         raise_stream_error(ev.data)
+                    finished = finished or _FINISHED_RE.search(ev.data) is not None
                 else:
                     block = await guard.event(ev.data)
                     if block is not None:
@@ -240,7 +245,13 @@ async def relay(
         if out:
             await send(bytes(out), True)
     parser.close()
-    raise UpstreamStreamError("the upstream stream ended without [DONE]")
+    # Some servers (older llama.cpp among them) end a complete stream without the [DONE] sentinel. A
+    # stream that ended cleanly after every choice finished is complete: say so. Anything else was cut.
+    if guard.all_finished() if guard is not None else finished:
+        block = await guard.finish() if guard is not None else None
+        await send(block if block is not None else DONE_BYTES, False)
+        return "blocked_output" if block is not None else "ok"
+    raise UpstreamStreamError("the upstream stream ended before every choice finished, without [DONE]")
 
 
 class StreamGuard:
@@ -280,6 +291,7 @@ class StreamGuard:
             if isinstance(delta, dict):
                 st.add(delta)
             if ch.get("finish_reason") is not None:
+                st.finished = True
                 block = await self._check(idx, st, final=True)
             elif st.size - st.checked >= step:
                 block = await self._check(idx, st, final=False)
@@ -288,6 +300,9 @@ class StreamGuard:
             if block is not None:
                 return block
         return None
+
+    def all_finished(self) -> bool:
+        return bool(self.choices) and all(st.finished for st in self.choices.values())
 
     async def finish(self) -> bytes | None:
         """At ``[DONE]``: the final check of every choice that has not had one."""

@@ -100,7 +100,7 @@ async def test_dripping_stream_trips_the_overall_deadline_in_band(tight: Env) ->
     [
         ("reset_mid_stream", "upstream_stream_error"),
         ("error_in_stream", "upstream_stream_error"),
-        ("no_done", "upstream_stream_error"),
+        ("cut_clean", "upstream_stream_error"),
         ("stall", "upstream_timeout"),
         ("oversized_event", "upstream_stream_error"),
     ],
@@ -118,16 +118,28 @@ async def test_mid_stream_failure_ends_with_error_event_and_done(
     err = events[-2]["error"]
     assert err["code"] == code
     assert set(err) == {"message", "type", "param", "code"}
-    # No chunk claims a normal finish before the error (no_done did finish, then lost its [DONE]).
-    assert fault == "no_done" or all(
-        c.get("finish_reason") != "stop" for e in events[:-2] for c in e.get("choices", [])
-    )
+    # No chunk claims a normal finish before the error.
+    assert all(c.get("finish_reason") != "stop" for e in events[:-2] for c in e.get("choices", []))
     if guarded:
         for _ in range(200):
             if check.finished:
                 break
             await asyncio.sleep(0.01)
         assert check.finished[0].outcome == "upstream_error"
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+async def test_finished_stream_without_done_is_completed(guarded: bool, env: Env) -> None:
+    # Older llama.cpp servers end a complete stream without [DONE]: every choice finished, so the gateway
+    # completes it rather than report an error.
+    check = ScriptedCheck()
+    env.pipeline.checks = [check] if guarded else []
+    env.fake.replies = ["one", "two"]
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True, "n": 2}, headers={"x-fake-fault": "no_done"})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert all("error" not in e for e in events[:-1])
+    assert streamed_text(events, 0) == "one" and streamed_text(events, 1) == "two"
 
 
 @pytest.mark.parametrize(("fault", "status"), [("reset_mid_stream", 502), ("stall", 504)])
