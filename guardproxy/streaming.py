@@ -244,10 +244,11 @@ async def relay(
             raise
         if out:
             await send(bytes(out), True)
+    cut_inside_an_event = parser.pending
     parser.close()
     # Some servers (older llama.cpp among them) end a complete stream without the [DONE] sentinel. A
     # stream that ended cleanly after every choice finished is complete: say so. Anything else was cut.
-    if guard.all_finished() if guard is not None else finished:
+    if not cut_inside_an_event and (guard.all_finished() if guard is not None else finished):
         block = await guard.finish() if guard is not None else None
         await send(block if block is not None else DONE_BYTES, False)
         return "blocked_output" if block is not None else "ok"

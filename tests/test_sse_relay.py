@@ -99,8 +99,9 @@ async def test_guarded_block_cuts_before_the_event_that_tripped_it() -> None:
         chunk(0, "half"),  # cut: no finish, no [DONE]
         chunk(0, "a") + b'data: {"error": {"message": "boom"}}\n\n',
         chunk(0, "a") + b"data: " + b"x" * 64,  # cut inside an event
+        chunk(0, "a", "stop") + b'data: {"usage": ',  # finished, then cut inside the usage event
     ],
-    ids=["no_finish", "error_event", "cut_inside_event"],
+    ids=["no_finish", "error_event", "cut_inside_event", "cut_after_finish"],
 )
 @pytest.mark.parametrize("guarded", [False, True])
 async def test_cut_or_failed_streams_raise(raw: bytes, guarded: bool) -> None:
