@@ -302,15 +302,7 @@ class V1Endpoint:
             call.upstream_headers.append((b"x-request-id", call.request_id.encode()))
             call.query = scope.get("query_string", b"")
             if kind is RouteKind.GUARDED:
-                t1 = time.perf_counter()
-                if len(raw) <= PARSE_INLINE_BYTES:
-                    req = parse_chat(raw, gw.settings.limits)
-                else:  # a multi-megabyte body takes the JSON parser a good part of a second: not on the loop
-                    req = await asyncio.get_running_loop().run_in_executor(
-                        gw.parse_pool, parse_chat, raw, gw.settings.limits
-                    )
-                assert gw.chat is not None
-                await gw.chat.handle(call, req, raw, time.perf_counter() - t1)
+                await self._chat(call, headers, raw)
             else:
                 await self._forward(call, method, path, scope.get("query_string", b""), raw)
         except ClientGone:
@@ -332,6 +324,19 @@ class V1Endpoint:
                 gw.calls.discard(call)
             # 499: the client went away before an answer (nginx's convention).
             gw.metrics.observe_request(label, call.status if call.started else 499, time.perf_counter() - t0)
+
+    async def _chat(self, call: Call, headers: dict[str, str], raw: bytes) -> None:
+        gw = self.gw
+        if headers.get("content-encoding", "identity").lower() != "identity":
+            # The guard must read the body; compressed uploads are refused, not guessed at.
+            raise RequestError("compressed request bodies are not supported", code="unsupported_encoding")
+        t1 = time.perf_counter()
+        if len(raw) <= PARSE_INLINE_BYTES:
+            req = parse_chat(raw, gw.settings.limits)
+        else:  # a multi-megabyte body takes the JSON parser a good part of a second: not on the loop
+            req = await asyncio.get_running_loop().run_in_executor(gw.parse_pool, parse_chat, raw, gw.settings.limits)
+        assert gw.chat is not None
+        await gw.chat.handle(call, req, raw, time.perf_counter() - t1)
 
     def _check_headers(self, raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
         lim = self.gw.settings.limits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -106,6 +107,15 @@ async def test_large_bodies_are_parsed_off_the_loop_with_the_same_rules() -> Non
         deep = b'{"pad": "' + b"x" * 400_000 + b'", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
         bad = await env.client.post(CHAT, content=deep)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "json_too_deep"
+
+
+async def test_compressed_request_body_is_refused() -> None:
+    async with gateway() as env:
+        raw = gzip.compress(json.dumps(HELLO).encode())
+        r = await env.client.post(CHAT, content=raw, headers={"content-encoding": "gzip"})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "unsupported_encoding"
+        assert env.fake.requests == []
 
 
 async def test_max_tokens_is_clamped_when_a_cap_is_set() -> None:
