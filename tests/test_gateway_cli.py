@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import httpx
 import pytest
 
 from guardproxy.commands import serve
@@ -64,3 +65,29 @@ def test_guard_without_a_model_refuses_to_start(tmp_path: Path) -> None:
 
 def test_upstream_credentials_are_not_logged() -> None:
     assert _without_userinfo("http://user:sk-secret@example.com/v1") == "http://example.com/v1"
+
+
+async def test_server_wires_the_real_guard_and_its_routes(tmp_path: Path) -> None:
+    # The real guard (policies, tracker) with the demo's KEYWORD stand-in in the model's place.
+    from guardproxy.commands.demo import HARMFUL, KeywordDemoClassifier
+    from guardproxy.fake_upstream import FakeUpstream
+    from tests.gateway_support import CHAT, sse_events, streamed_text
+    from tests.servers import serve
+
+    fake = FakeUpstream()
+    async with serve(fake) as upstream:
+        settings = Settings(upstream={"base_url": upstream + "/v1"}, state={"hmac_secret": "x" * 32})
+        built = build_app(settings, classifier=KeywordDemoClassifier(), with_drills=False)
+        assert not built.gateway.pipeline.passthrough
+        async with serve(built.app) as url, httpx.AsyncClient(base_url=url, timeout=20) as client:
+            harmful = {"model": "m", "messages": [{"role": "user", "content": HARMFUL}]}
+            r = await client.post(CHAT, json=harmful)
+            assert r.headers["x-guardproxy-decision"] == "block"
+            assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+            s = await client.post(CHAT, json={**harmful, "stream": True})
+            assert sse_events(s.text)[-1] == "[DONE]" and streamed_text(sse_events(s.text))
+            ok = await client.post(CHAT, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            assert ok.headers["x-guardproxy-decision"] == "allow"
+            assert ok.json()["choices"][0]["message"]["content"] == fake.reply
+            assert len(fake.requests) == 1  # the blocked ones never reached the upstream
+            assert "guardproxy_decisions_total" in (await client.get("/metrics")).text
