@@ -84,6 +84,7 @@ def _say(text: str = "") -> None:
 
 async def _demo(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("guardproxy.app").setLevel(logging.WARNING)  # no "draining" line at the end of a demo
     import httpx
     import uvicorn
 
@@ -92,7 +93,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from guardproxy.server import GatewayServer, build_app, uvicorn_config
     from guardproxy.settings import Settings
 
-    fake = FakeUpstream(reply="The sea covers most of the planet. It is deep, cold and full of life.",
+    fake = FakeUpstream(reply="A canned reply from the FAKE upstream, relayed by the gateway word by word.",
                         token_interval=0.03, record=False)  # fmt: skip
     fake_port = _free_port()
     fake_server = uvicorn.Server(uvicorn.Config(fake, host="127.0.0.1", port=fake_port, log_level="warning",
