@@ -26,6 +26,9 @@ from guardproxy.errors import (
 from guardproxy.settings import Settings
 
 TransportKind = Literal["aiohttp", "httpx"]
+# Idle upstream connections are dropped before the common 5 s server keep-alive (uvicorn, so vLLM) runs
+# out: reusing a connection the server is closing at that moment fails a POST that cannot be retried.
+KEEPALIVE_SECONDS = 4.0
 
 # RFC 9110 7.6.1 connection-specific fields, plus proxy-connection (non-standard but seen in the wild).
 HOP_BY_HOP = frozenset(
@@ -191,7 +194,9 @@ def upstream_failure(exc: BaseException, *, started: bool) -> UpstreamError:
 def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx.AsyncBaseTransport:
     up = settings.upstream
     limits = httpx.Limits(
-        max_connections=up.max_connections, max_keepalive_connections=up.max_keepalive_connections, keepalive_expiry=30
+        max_connections=up.max_connections,
+        max_keepalive_connections=up.max_keepalive_connections,
+        keepalive_expiry=KEEPALIVE_SECONDS,
     )
     if kind == "httpx":
         return httpx.AsyncHTTPTransport(limits=limits, retries=0)
@@ -201,7 +206,9 @@ def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx
         # Created lazily inside the running loop. No cookie jar: the default one would store a cookie
         # the upstream set on one tenant's reply and send it with the next tenant's request. No invented
         # Accept-Encoding or User-Agent: the upstream sees what the client sent.
-        connector = aiohttp.TCPConnector(limit=up.max_connections, limit_per_host=0, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(
+            limit=up.max_connections, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
+        )
         return aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
