@@ -7,7 +7,7 @@ tokens of benign filler (GSM8K word problems) at the start, middle or end, the w
 its ask. Each text is scored three ways:
 
 - ``head+tail``: the runtime's default (``encoding.encode_prompt`` keeps 1/4 head, 3/4 tail);
-- ``+last window``: also score the last ~max_length tokens alone, take the max harm;
+- ``+last window``: also score the last ~max_length tokens alone (``max_length * 3.5`` characters), take the max;
 - ``all windows``: max harm over consecutive windows covering the whole text (cost grows with length).
 
 Prints recall of harmful asks and flag rate of benign ones at the model's harm threshold, per placement, and the
@@ -25,7 +25,7 @@ from guardproxy.classifier import OnnxClassifier
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data" / "prompts"
-CHARS_PER_WINDOW = 900  # about 200 tokens of English: windows stay under max_length after tokenization
+CHARS_PER_TOKEN = 3.5  # English prose: a window of max_length * 3.5 characters fits in max_length ids
 
 
 def rows(name: str, label: str) -> list[str]:
@@ -33,8 +33,7 @@ def rows(name: str, label: str) -> list[str]:
     return [r["prompt"] for r in map(json.loads, filter(None, text.split("\n"))) if r["label"] == label]
 
 
-def windows(text: str) -> list[str]:
-    step = CHARS_PER_WINDOW
+def windows(text: str, step: int) -> list[str]:
     return [text[i : i + step] for i in range(0, max(1, len(text)), step)]
 
 
@@ -49,6 +48,7 @@ def main() -> None:
     filler_pool = rows("gsm8k.jsonl", "benign")
     clf = OnnxClassifier.load(args.model, threads=2, cache_size=0)
     t = clf.thresholds.harm
+    chars = int(clf.info.max_length * CHARS_PER_TOKEN)
     print(f"model {clf.info.name} {clf.info.version}, max_length {clf.info.max_length}, harm threshold {t:.3f}")
     plain_h = [s.harm for s in clf.score_prompts_sync(harmful)]
     plain_b = [s.harm for s in clf.score_prompts_sync(benign)]
@@ -70,8 +70,8 @@ def main() -> None:
                     }[place]
                 )
             base = [s.harm for s in clf.score_prompts_sync(texts)]
-            last = [s.harm for s in clf.score_prompts_sync([x[-CHARS_PER_WINDOW:] for x in texts])]
-            split = [windows(x) for x in texts]
+            last = [s.harm for s in clf.score_prompts_sync([x[-chars:] for x in texts])]
+            split = [windows(x, chars) for x in texts]
             flat = clf.score_prompts_sync([w for ws in split for w in ws])
             it = iter(flat)
             every = [max(max(next(it).harm for _ in ws), b) for ws, b in zip(split, base, strict=True)]
