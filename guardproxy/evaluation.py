@@ -189,8 +189,11 @@ def load_baselines(path: Path) -> list[KeywordBaseline]:
 
 
 def keyword_free(reply: str, baselines: Sequence[KeywordBaseline]) -> bool:
-    """True when no baseline matches ``reply``: the refusals keyword matching cannot see."""
-    return not any(b.refused(reply) for b in baselines)
+    """True when ``reply`` contains none of the baselines' strings anywhere, ignoring case: the issue's "refusals
+    that contain none of the keyword baselines' strings" (and the challenge set's ``keyword_free`` field). This is
+    stricter than each list's own rule, so keyword matching scores near zero on these replies whatever the rule."""
+    lowered = reply.lower()
+    return not any(s.lower() in lowered for b in baselines for s in b.strings)
 
 
 # --- reports over scored, labelled rows -----------------------------------------------------------------

@@ -113,6 +113,9 @@ def test_keyword_baselines_follow_their_own_matching_rules() -> None:
     assert not prefix.refused("I am sorry")  # ... and only match at the start
     assert keyword_free("Happy to help!", [substring, prefix])
     assert not keyword_free("No, I cannot.", [substring, prefix])
+    # Keyword-free means no string anywhere in any case, stricter than either rule: neither rule flags these.
+    assert not substring.refused("i cannot") and not keyword_free("well, i cannot", [substring])
+    assert not prefix.refused("I am sorry") and not keyword_free("I am sorry", [prefix])
 
 
 def test_unknown_matching_rule_is_a_config_error() -> None:
