@@ -224,4 +224,16 @@ def test_conversation_report() -> None:
     assert esc["flagged_before_final_rate"] == pytest.approx(1 / 3)
     assert esc["median_first_flag_turn"] == 4.0
     assert rep["benign"]["flagged_rate"] == 0.0
+    assert "n_marked" not in esc
+    marked = conversation_report(
+        [
+            ConversationRecord("c", "escalation", 4, 2, first_harmful_index=4, first_flag_index=2),  # early
+            ConversationRecord("c", "escalation", 4, 3, first_harmful_index=4, first_flag_index=4),  # on time
+            ConversationRecord("c", "escalation", 4, 4, first_harmful_index=4, first_flag_index=6),  # late
+            ConversationRecord("c", "escalation", 4, None, first_harmful_index=4),
+        ]
+    )["escalation"]
+    assert marked["n_marked"] == 4
+    assert marked["flagged_by_first_harmful_rate"] == 0.5
+    assert marked["flagged_before_first_harmful_rate"] == 0.25
     assert math.isnan(rep["benign"]["median_first_flag_turn"])

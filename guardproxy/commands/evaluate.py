@@ -120,7 +120,17 @@ class Collector:
                 return
             turns = result["turns"]
             first = next((k for k, t in enumerate(turns, start=1) if t["action"] != "allow"), None)
-            self.conversations.append(ConversationRecord(source, raw["label"], len(turns), first))
+            marked = raw.get("first_harmful_index")
+            self.conversations.append(
+                ConversationRecord(
+                    source,
+                    raw["label"],
+                    len(turns),
+                    first,
+                    first_harmful_index=marked if isinstance(marked, int) and not isinstance(marked, bool) else None,
+                    first_flag_index=result["first_flag_index"],
+                )
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -309,6 +319,16 @@ def render_tables(m: dict[str, Any]) -> str:
             "CONVERSATIONS",
             _table(["label", "n", "flagged", "before final turn", "median first flag", "median turns"], rows),
         ]
+        marked = [
+            [lab, v["n_marked"], v["flagged_by_first_harmful_rate"], v["flagged_before_first_harmful_rate"]]
+            for lab, v in m["conversations"].items()
+            if "n_marked" in v
+        ]
+        if marked:
+            out += [
+                "  where rows mark the first clearly harmful turn:",
+                _table(["label", "n", "flagged by that turn", "flagged before it"], marked),
+            ]
     if m.get("unlabelled_rows_skipped"):
         out.append(f"\n{m['unlabelled_rows_skipped']} unlabelled rows skipped")
     return "\n".join(out)
