@@ -1,0 +1,220 @@
+"""Shared by the hardening tests: the REAL gateway with the REAL guard (policies, conversation tracker, decision
+log, drill store) in front of a FAKE upstream, with a scripted fake classifier injected through ``build_guard``.
+
+Nothing of ours is patched: faults come from the fake classifier's script, from the fake upstream's fault
+headers, and from loopback TCP proxies the tests own in front of the machine's Redis and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from guardproxy.app import create_app
+from guardproxy.fake_upstream import FakeUpstream
+from guardproxy.guard import GuardBundle, build_guard
+from guardproxy.metrics import Metrics
+from guardproxy.settings import Settings
+from guardproxy.signals import PromptScore, ReplyScore
+from tests.gateway_support import CHAT, ScriptedCheck
+from tests.servers import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "policies"
+ADMIN = "admin-token-for-hardening-tests"
+TERMINAL = {"ok", "blocked_input", "blocked_output", "upstream_error", "client_disconnected", "error", "shutdown"}
+
+
+@dataclass
+class FakeClassifier:
+    """``signals.Classifier`` with a scripted failure mode, switchable between requests.
+
+    ``ok``: every text is benign. ``raise``: every call raises. ``hang``: every call awaits forever (counts the
+    cancellations it gets). ``hang_thread``: every call blocks a thread of a one-thread executor, as a stuck
+    ONNX session would block the real classifier's one bounded executor (released by ``aclose``).
+    """
+
+    mode: str = "ok"
+    calls: int = 0
+    cancelled: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="fakeclf"))
+
+    async def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.mode == "raise":
+            raise RuntimeError("scripted classifier failure")
+        if self.mode == "hang":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if self.mode == "hang_thread":
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.release.wait, 30.0)
+        elif self.mode != "ok":
+            raise AssertionError(f"unknown mode {self.mode}")
+
+    async def score_prompts(self, texts: Sequence[str]) -> list[PromptScore]:
+        await self._maybe_fail()
+        return [PromptScore(0.02, "none", 0.0, np.zeros(4, dtype=np.float32)) for _ in texts]
+
+    async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
+        await self._maybe_fail()
+        return [ReplyScore("none", (1.0, 0.0, 0.0), 0.0) for _ in pairs]
+
+    async def aclose(self) -> None:
+        self.release.set()
+        self.executor.shutdown(wait=False)
+
+
+@dataclass
+class Guarded:
+    url: str
+    client: httpx.AsyncClient
+    fake: FakeUpstream
+    bundle: GuardBundle
+    settings: Settings
+    recorder: ScriptedCheck  # a second check after the guard: it sees every exchange's final outcome
+    metrics: Metrics
+    app: Any
+
+
+def guard_settings(tmp_path: Path, upstream_url: str, policy: str = "default", **sections: Any) -> Settings:
+    merged: dict[str, Any] = {
+        "upstream": {"base_url": upstream_url + "/v1"},
+        "guard": {"timeout": 0.2},
+        "policy": {"active": POLICIES / f"{policy}.toml", "decision_log": tmp_path / "decisions.jsonl"},
+        "drills": {"store": f"sqlite:///{tmp_path / 'drills.db'}", "sample_rate": 1.0},
+        "admin_token": ADMIN,
+    }
+    for key, value in sections.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
+    return Settings(**merged)
+
+
+@asynccontextmanager
+async def guarded(
+    tmp_path: Path,
+    classifier: FakeClassifier | None = None,
+    policy: str = "default",
+    *,
+    guard_parts: dict[str, Any] | None = None,
+    **sections: Any,
+) -> AsyncIterator[Guarded]:
+    """The full guarded gateway; on exit the app has shut down (decision log and drill store flushed)."""
+    fake = FakeUpstream()
+    async with serve(fake) as fake_url:
+        settings = guard_settings(tmp_path, fake_url, policy, **sections)
+        metrics = Metrics()
+        bundle = build_guard(
+            settings, classifier=classifier or FakeClassifier(), metrics=metrics, **(guard_parts or {})
+        )
+        recorder = ScriptedCheck()
+        bundle.pipeline.checks.append(recorder)
+        app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
+        limits = httpx.Limits(max_connections=100)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=20, limits=limits) as client:
+            yield Guarded(url, client, fake, bundle, settings, recorder, metrics, app)
+
+
+def body(text: str = "hello", *, stream: bool = False) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": text}], "stream": stream}
+
+
+async def chat(g: Guarded, text: str = "hello", *, stream: bool = False, **headers: str) -> httpx.Response:
+    return await g.client.post(CHAT, json=body(text, stream=stream), headers=headers)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def settle() -> None:
+    """Let closed sockets and finished tasks go."""
+    for _ in range(5):
+        await asyncio.sleep(0.05)
+
+
+class TcpCut:
+    """A loopback TCP forwarder this test owns, in front of a shared server (Redis, PostgreSQL).
+
+    ``cut()``: the server is gone (open connections reset, new ones closed at once). ``stall()``: the server is
+    slow (connections stay open, no byte gets through). ``restore()``: back to normal.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.up = True
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TcpCut:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        self.flowing.set()
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        self._writers |= {writer, up_writer}
+        for task in (
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def cut(self) -> None:
+        self.up = False
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def restore(self) -> None:
+        self.up = True
+        self.flowing.set()
