@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -25,9 +26,10 @@ from guardproxy.app import create_app
 from guardproxy.fake_upstream import FakeUpstream
 from guardproxy.guard import GuardBundle, build_guard
 from guardproxy.metrics import Metrics
+from guardproxy.pipeline import Exchange, Verdict
 from guardproxy.settings import Settings
 from guardproxy.signals import PromptScore, ReplyScore
-from tests.gateway_support import CHAT, ScriptedCheck
+from tests.gateway_support import CHAT
 from tests.servers import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +81,38 @@ class FakeClassifier:
         self.executor.shutdown(wait=False)
 
 
+class OutcomeTally:
+    """A check after the guard (``pipeline.Check``): it allows everything and counts each finished exchange's
+    outcome, keeping no exchange (the memory rows measure the gateway, not this tally)."""
+
+    name = "outcome-tally"
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        pass
+
+    async def check_input(self, exchange: Exchange) -> Verdict:
+        return Verdict()
+
+    async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
+        return Verdict()
+
+    async def finish(self, exchange: Exchange) -> None:
+        self.outcomes[exchange.outcome] += 1
+
+    async def aclose(self) -> None:
+        pass
+
+    @property
+    def finished(self) -> int:
+        return sum(self.outcomes.values())
+
+    def all_terminal(self) -> bool:
+        return set(self.outcomes) <= TERMINAL
+
+
 @dataclass
 class Guarded:
     url: str
@@ -86,7 +120,7 @@ class Guarded:
     fake: FakeUpstream
     bundle: GuardBundle
     settings: Settings
-    recorder: ScriptedCheck  # a second check after the guard: it sees every exchange's final outcome
+    tally: OutcomeTally  # a second check after the guard: it sees every exchange's final outcome
     metrics: Metrics
     app: Any
 
@@ -96,7 +130,13 @@ def guard_settings(tmp_path: Path, upstream_url: str, policy: str = "default", *
         "upstream": {"base_url": upstream_url + "/v1"},
         "guard": {"timeout": 0.2},
         "policy": {"active": POLICIES / f"{policy}.toml", "decision_log": tmp_path / "decisions.jsonl"},
-        "drills": {"store": f"sqlite:///{tmp_path / 'drills.db'}", "sample_rate": 1.0},
+        # every exchange sampled, no hourly cap: each one must reach the store or be counted as dropped
+        "drills": {
+            "store": f"sqlite:///{tmp_path / 'drills.db'}",
+            "sample_rate": 1.0,
+            "per_tenant_hourly_cap": 100_000,
+            "hourly_budget": 100_000,
+        },
         "admin_token": ADMIN,
     }
     for key, value in sections.items():
@@ -114,19 +154,19 @@ async def guarded(
     **sections: Any,
 ) -> AsyncIterator[Guarded]:
     """The full guarded gateway; on exit the app has shut down (decision log and drill store flushed)."""
-    fake = FakeUpstream()
+    fake = FakeUpstream(record=False)
     async with serve(fake) as fake_url:
         settings = guard_settings(tmp_path, fake_url, policy, **sections)
         metrics = Metrics()
         bundle = build_guard(
             settings, classifier=classifier or FakeClassifier(), metrics=metrics, **(guard_parts or {})
         )
-        recorder = ScriptedCheck()
-        bundle.pipeline.checks.append(recorder)
+        tally = OutcomeTally()
+        bundle.pipeline.checks.append(tally)
         app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
         limits = httpx.Limits(max_connections=100)
         async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=20, limits=limits) as client:
-            yield Guarded(url, client, fake, bundle, settings, recorder, metrics, app)
+            yield Guarded(url, client, fake, bundle, settings, tally, metrics, app)
 
 
 def body(text: str = "hello", *, stream: bool = False) -> dict[str, Any]:

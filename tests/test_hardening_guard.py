@@ -31,7 +31,6 @@ from tests.gateway_support import CHAT, sse_events
 from tests.hardening_support import (
     ADMIN,
     ROOT,
-    TERMINAL,
     FakeClassifier,
     body,
     chat,
@@ -53,6 +52,7 @@ async def test_a_hanging_classifier_follows_the_policy_and_the_loop_stays_respon
     clf = FakeClassifier()
     n = 8
     async with guarded(tmp_path, clf, policy) as g:
+        g.fake.record = True
         assert (await chat(g)).status_code == 200  # warm: pools, store, tracker
         clf.mode = mode
         loop = asyncio.get_running_loop()
@@ -89,8 +89,7 @@ async def test_a_hanging_classifier_follows_the_policy_and_the_loop_stays_respon
     if mode == "hang":
         assert clf.cancelled >= n  # every timed-out call was cancelled, none left running
     # terminal records: every exchange finished, each decision logged with its failure rule, each sampled
-    outcomes = [ex.outcome for ex in g.recorder.finished]
-    assert len(outcomes) == n + 1 and set(outcomes) <= TERMINAL, outcomes
+    assert g.tally.finished == n + 1 and g.tally.all_terminal(), g.tally.outcomes
     inputs = [r for r in read_log(tmp_path / "decisions.jsonl") if r["stage"] == "input"]
     assert len(inputs) == n + 1
     assert sum(r["rule"] == "classifier_failure" for r in inputs) == n
@@ -145,6 +144,7 @@ async def test_a_canary_key_appears_nowhere_the_guard_writes(
     creds = {"authorization": f"Bearer {canary}", "x-api-key": canary}
     clf = FakeClassifier()
     async with guarded(tmp_path, clf, "default") as g:
+        g.fake.record = True
         for mode in ("ok", "raise"):
             clf.mode = mode
             for fault in ("", "status_500", "status_429", "reset_before_headers", "error_in_stream"):
@@ -161,8 +161,8 @@ async def test_a_canary_key_appears_nowhere_the_guard_writes(
             seen.append(r.text)
         seen.append((await g.client.get("/metrics")).text)
         assert g.fake.requests[0].headers["authorization"] == f"Bearer {canary}"  # pass-through: it went upstream
-        drills = g.recorder.finished
-    assert len(drills) >= 20
+        finished = g.tally.finished
+    assert finished >= 20
     db = tmp_path / "drills.db"
     assert await _drill_count(tmp_path) >= 20  # the drills were stored (sample rate 1.0)...
     out = tmp_path / "export"
