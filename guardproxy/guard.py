@@ -18,7 +18,8 @@ a tracker every scored turn counts.
 
 Failure paths, each explicit: the classifier raising or timing out sets ``classifier_failed`` (also when it
 fails inside the tracker); the state backend failing sets ``state_failed``; each policy's
-``on_classifier_failure`` / ``on_state_failure`` decides.
+``on_classifier_failure`` / ``on_state_failure`` decides. Reply scoring that failed once is not tried again in
+the same exchange, so a hung classifier costs a stream at most one timeout on input and one on output.
 
 ``build_guard(settings)`` wires the parts from settings and returns a ``GuardBundle``: the pipeline, the routes
 (``guardproxy.admin``: POST /guard/admin/reload, GET /guard/admin/compare; the drills review page) and
@@ -167,6 +168,10 @@ class _ExchangeState:
     retried: bool = False
     subkey: str | None = None
     recorded: bool = False  # the conversation tracker has this exchange's reply
+    # Reply scoring failed once in this exchange: later output checks reuse the failure instead of waiting out
+    # the timeout again (a stream is checked every few hundred characters: a hung classifier would otherwise
+    # cost one timeout per check, a delay that grows with the reply).
+    output_failed: bool = False
 
     def policies(self) -> tuple[Policy, ...]:
         return (self.active, *self.shadows)
@@ -316,8 +321,11 @@ class GuardCheck:
         if not isinstance(state, _ExchangeState):
             return Verdict()  # no input check ran (guard added mid-flight): nothing to compare against
         prompt = _prompt_for_reply(state.texts)
-        with exchange.timed("inference"):
-            replies = await self._score_replies([(prompt, text)])
+        replies = None
+        if not state.output_failed:
+            with exchange.timed("inference"):
+                replies = await self._score_replies([(prompt, text)])
+            state.output_failed = replies is None
         signals = _output_signals(state.signals, replies[0] if replies else None)
         state.output_signals = signals
         n = exchange.body.get("n", 1)

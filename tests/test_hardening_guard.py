@@ -283,3 +283,23 @@ async def test_health_probe_is_answered_promptly_while_requests_wait_on_the_clas
         print(f"\n/healthz with 20 requests on a hung classifier thread: {took * 1000:.1f} ms")
         assert r.status_code == 200 and took < 0.5
         assert all(x.status_code == 200 and x.headers["x-guardproxy-decision"] == "block" for x in results)
+
+
+async def test_a_hanging_classifier_costs_a_long_stream_one_timeout_not_one_per_check(tmp_path: Path) -> None:
+    # A stream is checked every few hundred characters. Each check waiting out the classifier's timeout made
+    # a 4 KB reply take 5 s at a 0.3 s timeout (17 calls; 50 s at the default 3 s): the delay grew with the reply.
+    clf = FakeClassifier()
+    async with guarded(tmp_path, clf, "default") as g:
+        g.fake.reply = " ".join(["word"] * 800)
+        clf.mode = "hang"
+        t0 = time.perf_counter()
+        r = await chat(g, "a long answer please", stream=True)
+        took = time.perf_counter() - t0
+        print(f"\n4 KB stream on a hung classifier: {took:.2f} s, {clf.calls} classifier calls")
+        events = sse_events(r.text)
+        assert r.status_code == 200 and r.headers["x-guardproxy-decision"] == "flag"  # fail-open
+        assert events[-1] == "[DONE]" and len(events) > 100
+        assert clf.calls == 2  # one input, one output: later checks reuse the failure
+        assert took < 2.0
+    outputs = [x for x in read_log(tmp_path / "decisions.jsonl") if x["stage"] == "output"]
+    assert outputs and all(x["scores"]["classifier_failed"] == 1.0 for x in outputs)
