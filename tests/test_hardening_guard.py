@@ -314,3 +314,25 @@ async def test_a_hanging_classifier_costs_a_long_stream_one_timeout_not_one_per_
         assert took < 2.0
     outputs = [x for x in read_log(tmp_path / "decisions.jsonl") if x["stage"] == "output"]
     assert outputs and all(x["scores"]["classifier_failed"] == 1.0 for x in outputs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_speculative_call_is_cancelled_when_a_hung_classifier_fails_closed(tmp_path: Path, stream: bool) -> None:
+    # Speculative forwarding starts the upstream call beside the input check; a check that times out under a
+    # fail-closed policy must cancel it, not release the reply.
+    clf = FakeClassifier(mode="hang")
+    async with guarded(tmp_path, clf, "strict", guard={"speculative": True}) as g:
+        g.fake.record = True
+        g.fake.ttft = 2.0
+        t0 = time.perf_counter()
+        r = await chat(g, "anything", stream=stream)
+        took = time.perf_counter() - t0
+        assert r.status_code == 200 and r.headers["x-guardproxy-decision"] == "block"
+        assert "chatcmpl-fake" not in r.text  # nothing of the upstream's reply reached the client
+        assert took < 1.5  # the block did not wait for the upstream's first byte
+        for _ in range(100):
+            if g.fake.cancellations:
+                break
+            await asyncio.sleep(0.01)
+        assert len(g.fake.requests) == 1 and g.fake.cancellations == 1
+    assert g.tally.outcomes == {"blocked_input": 1}
