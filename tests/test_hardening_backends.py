@@ -124,6 +124,23 @@ async def test_redis_down_then_slow_under_load(tmp_path: Path) -> None:
         assert any(r["scores"].get("state_failed") == 1.0 for r in inputs)
 
 
+async def test_redis_down_at_startup_starts_degraded_and_recovers(tmp_path: Path) -> None:
+    async with TcpCut(6379) as redis:
+        redis.cut()
+        state = {"url": f"redis://127.0.0.1:{redis.port}/0", "hmac_secret": uuid.uuid4().hex, "ttl_seconds": 60}
+        async with guarded(tmp_path, state=state) as g:  # starts: the state backend is not a startup dependency
+            assert (await g.client.get("/readyz")).status_code == 200
+            down = [await chat(g, f"down {i}") for i in range(5)]
+            assert all(r.status_code == 200 and r.headers["x-guardproxy-decision"] == "flag" for r in down)
+            redis.restore()
+            await asyncio.sleep(1.2)  # the next probe of the shared backend
+            up = [await chat(g, f"up {i}") for i in range(3)]
+            assert all(r.status_code == 200 and r.headers["x-guardproxy-decision"] == "allow" for r in up)
+            assert redis.connections > 0
+    states = [r["scores"]["state_failed"] for r in read_log(tmp_path / "decisions.jsonl") if r["stage"] == "input"]
+    assert states == [1.0] * 5 + [0.0] * 3
+
+
 def _fallbacks(g: Guarded) -> float:
     counter = g.metrics.counter("guardproxy_state_fallbacks", "", ["op"])
     return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from starlette.routing import Route
 
 from guardproxy.cli import main
@@ -38,6 +39,8 @@ from tests.hardening_support import (
     open_fds,
     settle,
 )
+
+REDIS_DB = 11  # the canary run's conversation state: only the keys this test creates are read and deleted
 
 # --- the classifier hanging past its timeout ---------------------------------------------------------------
 
@@ -143,7 +146,10 @@ async def test_a_canary_key_appears_nowhere_the_guard_writes(
     seen: list[str] = []
     creds = {"authorization": f"Bearer {canary}", "x-api-key": canary}
     clf = FakeClassifier()
-    async with guarded(tmp_path, clf, "default") as g:
+    redis = aioredis.Redis(port=6379, db=REDIS_DB)
+    keys_before = {k async for k in redis.scan_iter(count=1000)}
+    state = {"url": f"redis://127.0.0.1:6379/{REDIS_DB}", "hmac_secret": secrets.token_hex(16), "ttl_seconds": 60}
+    async with guarded(tmp_path, clf, "default", state=state) as g:
         g.fake.record = True
         for mode in ("ok", "raise"):
             clf.mode = mode
@@ -186,6 +192,19 @@ async def test_a_canary_key_appears_nowhere_the_guard_writes(
     with sqlite3.connect(db) as conn:  # ...and the store holds them readable, redacted
         dump = "\n".join(conn.iterdump())
     assert canary not in dump and "[REDACTED]" in dump
+    # the shared conversation state: keys and values are HMACs and hashes, never the text
+    new_keys = {k async for k in redis.scan_iter(count=1000)} - keys_before
+    try:
+        assert new_keys
+        for key in new_keys:
+            kind = (await redis.type(key)).decode()
+            values = [await redis.get(key)] if kind == "string" else await redis.lrange(key, 0, -1)
+            assert all(canary.encode() not in key + (v or b"") for v in values), key
+            assert all(b"my key is" not in (v or b"") for v in values), key
+    finally:
+        if new_keys:
+            await redis.delete(*new_keys)
+        await redis.aclose()
     for text in seen:
         assert canary not in text
     assert canary not in caplog.text
