@@ -355,3 +355,21 @@ async def test_speculative_call_is_cancelled_when_a_hung_classifier_fails_closed
             await asyncio.sleep(0.01)
         assert len(g.fake.requests) == 1 and g.fake.cancellations == 1
     assert g.tally.outcomes == {"blocked_input": 1}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_leaving_during_a_hung_check_cancels_the_classifier_call(tmp_path: Path, stream: bool) -> None:
+    clf = FakeClassifier(mode="hang")
+    async with guarded(tmp_path, clf, "default", guard={"timeout": 5.0}) as g:
+        g.fake.record = True
+        request = asyncio.create_task(g.client.post(CHAT, json=body("x", stream=stream)))
+        await asyncio.sleep(0.3)
+        request.cancel()  # the client closes its connection while the input check waits on the classifier
+        t0 = time.perf_counter()
+        while not clf.cancelled and time.perf_counter() - t0 < 3:
+            await asyncio.sleep(0.01)
+        assert clf.cancelled == 1 and time.perf_counter() - t0 < 1.0  # well before the 7.5 s check timeout
+        while not g.tally.finished and time.perf_counter() - t0 < 3:
+            await asyncio.sleep(0.01)
+        assert g.tally.outcomes == {"client_disconnected": 1}
+        assert g.fake.requests == []  # nothing went upstream
