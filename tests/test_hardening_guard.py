@@ -366,10 +366,14 @@ async def test_a_client_leaving_during_a_hung_check_cancels_the_classifier_call(
         await asyncio.sleep(0.3)
         request.cancel()  # the client closes its connection while the input check waits on the classifier
         t0 = time.perf_counter()
-        while not clf.cancelled and time.perf_counter() - t0 < 3:
+        for _ in range(300):
+            if clf.cancelled:
+                break
             await asyncio.sleep(0.01)
         assert clf.cancelled == 1 and time.perf_counter() - t0 < 1.0  # well before the 7.5 s check timeout
-        while not g.tally.finished and time.perf_counter() - t0 < 3:
+        for _ in range(300):
+            if g.tally.finished:
+                break
             await asyncio.sleep(0.01)
         assert g.tally.outcomes == {"client_disconnected": 1}
         assert g.fake.requests == []  # nothing went upstream
