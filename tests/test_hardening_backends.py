@@ -47,6 +47,12 @@ PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEADLINE = 3.0  # seconds, per request: generous on two busy cores; an outage that blocked would take far longer
 
 
+def deadline(healthy_slowest: float) -> float:
+    """The per-request deadline under a fault: generous, and wider when the same run's healthy phase was
+    slow (tracemalloc and a loaded machine slow every phase alike)."""
+    return max(DEADLINE, 4 * healthy_slowest)
+
+
 async def load(g: Guarded, n: int, concurrency: int = 20, *, prompts: int = 40) -> tuple[dict[int, int], float]:
     """``n`` chat requests, ``concurrency`` at a time, over ``prompts`` distinct conversations (plain and
     streaming): the status counts and the slowest request's seconds."""
@@ -92,13 +98,14 @@ async def test_redis_down_then_slow_under_load(tmp_path: Path) -> None:
                 statuses, slow = await load(g, 200)
                 m1 = traced_now()
                 assert statuses == {200: 200}
+                limit = deadline(slow)
                 report = [f"healthy {slow:.2f}s"]
                 for fault in ("cut", "stall"):
                     getattr(redis, fault)()
                     statuses, slow = await load(g, 200)
                     report.append(f"{fault} {slow:.2f}s")
                     assert statuses == {200: 200}, (fault, statuses)
-                    assert slow < DEADLINE, (fault, slow)
+                    assert slow < limit, (fault, slow)
                     redis.restore()
                     await asyncio.sleep(1.1)  # the resilient backend probes Redis once a second
                 statuses, slow = await load(g, 200)
@@ -184,7 +191,7 @@ async def test_postgres_down_under_load_drops_samples_not_requests(tmp_path: Pat
                   f"after {slow_after:.2f}s); dropped during the outage {dropped}, in all {dict(store.dropped)}; "
                   f"written {store.written}; traced memory +{(m1 - m0) / 1e6:.2f} MB over 100 healthy requests, "
                   f"+{(m2 - m1) / 1e6:.2f} MB over the 300 of the outage and recovery")  # fmt: skip
-            assert statuses == {200: 200} and slow < DEADLINE
+            assert statuses == {200: 200} and slow < deadline(slow_ok)
             assert statuses_after == {200: 100}
             assert sum(dropped.values()) > 0  # counted, not queued without bound
             assert store.written >= 200  # recovered by itself: the samples after the outage are stored
