@@ -83,6 +83,7 @@ def traced_now() -> int:
 
 
 async def test_redis_down_then_slow_under_load(tmp_path: Path) -> None:
+    tasks0, fds0 = len(asyncio.all_tasks()), open_fds()
     async with TcpCut(6379) as redis:
         state = {
             "url": f"redis://127.0.0.1:{redis.port}/0",
@@ -129,6 +130,8 @@ async def test_redis_down_then_slow_under_load(tmp_path: Path) -> None:
         assert len(inputs) == tally.finished
         assert {r["action"] for r in inputs} <= {"allow", "flag"}
         assert any(r["scores"].get("state_failed") == 1.0 for r in inputs)
+    await settle()
+    assert len(asyncio.all_tasks()) <= tasks0 and open_fds() <= fds0 + 2
 
 
 async def test_redis_down_at_startup_starts_degraded_and_recovers(tmp_path: Path) -> None:
@@ -165,6 +168,7 @@ def pg_schema() -> Iterator[str]:
 
 
 async def test_postgres_down_under_load_drops_samples_not_requests(tmp_path: Path, pg_schema: str) -> None:
+    tasks0, fds0 = len(asyncio.all_tasks()), open_fds()
     async with TcpCut(5432) as pg:
         drills = {"store": f"postgresql://postgres@127.0.0.1:{pg.port}/test?schema={pg_schema}"}
         async with guarded(tmp_path, drills=drills) as g:
@@ -203,6 +207,8 @@ async def test_postgres_down_under_load_drops_samples_not_requests(tmp_path: Pat
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         stored = conn.execute(f'SELECT count(*) FROM "{pg_schema}".drills').fetchone()
     assert stored is not None and stored[0] == store.written
+    await settle()
+    assert len(asyncio.all_tasks()) <= tasks0 and open_fds() <= fds0 + 2
 
 
 # --- SQLite locked, disk full -----------------------------------------------------------------------------
