@@ -145,6 +145,19 @@ def test_refusal_class_follows_the_model_contract(probs: tuple[float, float, flo
         c.close()
 
 
+@pytest.mark.parametrize(("harm", "expected"), [(0.75, CATEGORY_IDS[5]), (0.25, "none")])
+def test_a_harmful_turn_always_gets_a_hazard_category(harm: float, expected: str) -> None:
+    session = _GatedSession(harm=harm, category=5)
+    session.gate.set()
+    c = _gated_classifier(session)
+    try:
+        # "none" is the category head's favourite, but above the harm threshold the policy needs a hazard to
+        # write its refusal for: the likeliest one other than "none".
+        assert c.score_prompts_sync(["x"])[0].category == expected
+    finally:
+        c.close()
+
+
 # --- cache ------------------------------------------------------------------------------------------------
 
 
@@ -308,13 +321,15 @@ async def test_aclose_waits_off_the_loop_and_then_refuses_work() -> None:
 class _GatedSession:
     """A stand-in for an onnxruntime session: ``run`` blocks until ``gate`` is set, then returns fixed scores."""
 
-    def __init__(self, *, fail: bool = False, dim: int = 8) -> None:
+    def __init__(self, *, fail: bool = False, dim: int = 8, harm: float = 0.25, category: int | None = None) -> None:
         self.gate = threading.Event()
         self.started = threading.Event()
         self.finished = threading.Event()
         self.fail = fail
         self.dim = dim
         self.rows = 0
+        self.harm = harm
+        self.category = category  # index of the second-likeliest category (``none`` is always the likeliest)
 
     def run(self, names: list[str], feeds: dict[str, npt.NDArray[np.int64]]) -> list[npt.NDArray[np.float32]]:
         self.started.set()
@@ -327,8 +342,10 @@ class _GatedSession:
             self.rows += b
             category = np.zeros((b, len(CATEGORY_IDS)), np.float32)
             category[:, 0] = 1.0
+            if self.category is not None:
+                category[:, 0], category[:, self.category] = 0.6, 0.4
             out = {
-                "harm": np.full(b, 0.25, np.float32),
+                "harm": np.full(b, self.harm, np.float32),
                 "category": category,
                 "jailbreak": np.full(b, 0.1, np.float32),
                 "reply_harm": np.full(b, 0.05, np.float32),
