@@ -28,3 +28,14 @@ async def test_export_then_eval_round_trip(tmp_path: Path) -> None:
     assert by_label["harmful"]["n"] == 2 and by_label["benign"]["n"] == 3
     assert metrics["responses"]
     assert metrics["conversations"]["benign"]["n"] == 1
+
+
+async def test_report_with_the_guard_models_embeddings(tmp_path: Path) -> None:
+    db = tmp_path / "drills.db"
+    await record_session(db)
+    out = tmp_path / "report"
+    code = await cli(["drills", "report", "--store", f"sqlite:///{db}", "--out", str(out), "--model", str(MODEL_DIR)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["embedding"] == "model"
+    assert report["refusal_concentration"]["all"]["refusals"] == 3

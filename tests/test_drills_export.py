@@ -221,7 +221,7 @@ async def test_report_command_writes_json_and_escaped_html(tmp_path: Path, capsy
     await store.flush()
     await store.aclose()
     out = tmp_path / "report"
-    assert await cli(["drills", "report", "--store", f"sqlite:///{db}", "--out", str(out), "--ngram"]) == 0
+    assert await cli(["drills", "report", "--store", f"sqlite:///{db}", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["refusal_concentration"]["all"]["top3_share"] == 1.0
     page = (out / "report.html").read_text(encoding="utf-8")

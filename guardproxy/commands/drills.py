@@ -1,7 +1,7 @@
 """``guardproxy drills export|report|purge``: turn reviewed drills into a drill set, report refusal symptoms.
 
     guardproxy drills export --store URL --out DIR [--reviewed]
-    guardproxy drills report --store URL --out DIR [--model DIR | --ngram]
+    guardproxy drills report --store URL --out DIR [--model DIR]
     guardproxy drills purge  --store URL
 
 ``--store`` defaults to ``settings.drills.store`` (``GUARDPROXY_DRILLS__STORE``).
@@ -94,12 +94,8 @@ def _report(args: argparse.Namespace) -> int:
     drills = _read(_open(args.store))
     embed: Embedder = ngram_embed
     kind = "ngram"
-    model_dir = args.model
-    if model_dir is None and not args.ngram:
-        default = load_settings().guard.model_dir
-        model_dir = default if (default / "model.onnx").is_file() else None
-    if model_dir is not None:
-        embed, kind = _model_embedder(model_dir), "model"
+    if args.model is not None:
+        embed, kind = _model_embedder(args.model), "model"
     report = build_report(ReportInputs(drills, embed, kind))
     json_path, html_path = write_report(report, args.out)
     c = report["refusal_concentration"]["all"]

@@ -6,8 +6,12 @@
   threshold); the share the three largest clusters cover, the number of clusters and of distinct phrasings
   (whole replies, case and punctuation folded). Embeddings come from the guard model when one is given
   (``OnnxClassifier``), else from character 3-gram hashing vectors (no vocabulary to fit, deterministic,
-  numpy only). On PHTest's labelled refusals (ngram, 0.6) the top-3 share separates a scripted model
-  (claude-2.1: 59%) from varied ones (claude-3.5-sonnet 13%, zephyr-7b 20%, gpt-3.5 25%, mistral-7b 32%).
+  numpy only), the default. On PHTest's labelled refusals (ngram, 0.6) the top-3 share separates a scripted
+  model (claude-2.1: 59%) from varied ones (claude-3.5-sonnet 13%, zephyr-7b 20%, gpt-3.5 25%, mistral-7b
+  32%). The guard model's embedding (``--model``) was trained to tell refusals from answers, so it puts
+  most refusals close together whatever their wording (top-3 share at 0.95 on up to 800 refusals each:
+  claude-2.1 62%, claude-3.5-sonnet 49%, mistral-7b 51%, gpt-3.5 67%): it measures "refusals alike",
+  not scripted wording.
 - Reasoned refusals: the share of refusals that give a reason or offer an alternative, against bare ones
   ("I can't help with that."), by documented phrase patterns (English only).
 - False-refusal rate by category: among reviewed refusals, the share reviewers labelled false; and the
@@ -38,7 +42,7 @@ from guardproxy.drills.store.base import StoredDrill
 Embedder = Callable[[Sequence[str]], npt.NDArray[np.float32]]
 HASH_DIM = 1024  # short texts (openings, prompts): few collisions, and clustering stays fast
 # Cosine thresholds: one phrasing with small edits stays together; different wordings separate.
-REFUSAL_THRESHOLD = {"ngram": 0.6, "model": 0.9}
+REFUSAL_THRESHOLD = {"ngram": 0.6, "model": 0.95}
 FAMILY_THRESHOLD = {"ngram": 0.55, "model": 0.85}
 
 _REASON = re.compile(
