@@ -30,48 +30,26 @@ from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 
-from guardproxy.drills.record import LABELS, DrillRecord, PolicyDecision, message_text
+from guardproxy.drills.record import LABELS, DrillRecord, message_text
 from guardproxy.drills.redaction import Redactor
+from guardproxy.drills.store.schema import (
+    ANY_DRILL,
+    COLUMNS,
+    INSERT,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    DrillFilter,
+    filter_sql,
+    record_from_row,
+    row_params,
+)
 from guardproxy.errors import StoreError
+
+__all__ = ["DrillFilter", "DrillStats", "DrillStore", "LabelEntry", "MetricsLike", "StoredDrill", "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_LABEL_LIST = ", ".join(f"'{label}'" for label in LABELS)
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (
-        1,
-        (
-            # The large texts come last: SQLite reads a row's columns in order, so the queue and the dashboard,
-            # which never need the conversation, do not walk its overflow pages.
-            "CREATE TABLE drills (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, tenant TEXT NOT NULL,"
-            " created DOUBLE PRECISION NOT NULL, model TEXT, reply_from_policy BOOLEAN NOT NULL,"
-            " signals TEXT NOT NULL, refusal TEXT, category TEXT NOT NULL, harm DOUBLE PRECISION NOT NULL,"
-            " thresholds TEXT NOT NULL, active_policy TEXT NOT NULL, active_version TEXT NOT NULL,"
-            " active_action TEXT NOT NULL, active_rule TEXT, shadows TEXT NOT NULL, reasons TEXT NOT NULL,"
-            " family TEXT, hashed BOOLEAN NOT NULL, messages TEXT NOT NULL, replies TEXT NOT NULL)",
-            "CREATE INDEX drills_created ON drills (created, id)",
-            "CREATE INDEX drills_action ON drills (active_action, created)",
-            "CREATE INDEX drills_category ON drills (category, created)",
-        ),
-    ),
-    (
-        2,
-        (
-            "CREATE TABLE labels (id {serial}, drill_id TEXT NOT NULL REFERENCES drills (id) ON DELETE CASCADE,"
-            f" label TEXT NOT NULL CHECK (label IN ({_LABEL_LIST})), note TEXT NOT NULL DEFAULT '',"
-            " reviewer TEXT NOT NULL DEFAULT '', created DOUBLE PRECISION NOT NULL)",
-            "CREATE INDEX labels_drill ON labels (drill_id, id)",
-        ),
-    ),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-_COLS = (
-    "id, request_id, tenant, created, model, messages, replies, reply_from_policy, signals, refusal, category,"
-    " harm, thresholds, active_policy, active_version, active_action, active_rule, shadows, reasons, family, hashed"
-)
-_INSERT = f"INSERT INTO drills ({_COLS}) VALUES ({', '.join('?' * 21)}) ON CONFLICT DO NOTHING"
 _STOP = object()
 
 
@@ -99,17 +77,6 @@ class StoredDrill:
     @property
     def label(self) -> LabelEntry | None:
         return self.labels[-1] if self.labels else None
-
-
-@dataclass(frozen=True)
-class DrillFilter:
-    """Queue filters of the review page (each ``None`` means any)."""
-
-    reason: str | None = None
-    policy: str | None = None
-    category: str | None = None
-    action: str | None = None
-    reviewed: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -147,81 +114,6 @@ def _rollback(conn: Any) -> None:
     # SQLite rolls back by itself on SQLITE_FULL; a failing ROLLBACK must not hide the real error
     with contextlib.suppress(Exception):
         conn.execute("ROLLBACK")
-
-
-def _like(value: str) -> str:
-    return "%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def filter_sql(f: DrillFilter) -> tuple[str, list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if f.reason:
-        where.append("reasons LIKE ? ESCAPE '\\'")
-        params.append(_like(json.dumps(f.reason)))
-    if f.policy:
-        where.append("(active_policy = ? OR shadows LIKE ? ESCAPE '\\')")
-        params += [f.policy, _like('"policy": ' + json.dumps(f.policy))]
-    if f.category:
-        where.append("category = ?")
-        params.append(f.category)
-    if f.action:
-        where.append("active_action = ?")
-        params.append(f.action)
-    if f.reviewed is not None:
-        exists = "EXISTS (SELECT 1 FROM labels l WHERE l.drill_id = drills.id)"
-        where.append(exists if f.reviewed else "NOT " + exists)
-    return (" WHERE " + " AND ".join(where)) if where else "", params
-
-
-def _row_params(r: DrillRecord) -> tuple[Any, ...]:
-    return (
-        r.id,
-        r.request_id,
-        r.tenant,
-        r.created,
-        r.model,
-        json.dumps(list(r.messages), ensure_ascii=False),
-        json.dumps(list(r.replies), ensure_ascii=False),
-        r.reply_from_policy,
-        json.dumps(dict(r.signals)),
-        r.refusal,
-        r.category,
-        r.harm,
-        json.dumps(dict(r.thresholds)),
-        r.active.policy,
-        r.active.version,
-        r.active.action,
-        r.active.rule,
-        json.dumps([d.as_dict() for d in r.shadows]),
-        json.dumps(list(r.reasons)),
-        r.family,
-        r.hashed,
-    )
-
-
-def _record_from_row(row: Sequence[Any]) -> DrillRecord:
-    (id_, request_id, tenant, created, model, messages, replies, from_policy, signals, refusal, category, _harm,
-     thresholds, policy, version, action, rule, shadows, reasons, family, hashed) = row  # fmt: skip
-    return DrillRecord(
-        id=id_,
-        request_id=request_id,
-        tenant=tenant,
-        created=float(created),
-        model=model,
-        messages=tuple(json.loads(messages)),
-        replies=tuple(json.loads(replies)),
-        reply_from_policy=bool(from_policy),
-        signals=json.loads(signals),
-        refusal=refusal,
-        category=category,
-        thresholds=json.loads(thresholds),
-        active=PolicyDecision(policy=policy, version=version, action=action, rule=rule, category=category),
-        shadows=tuple(PolicyDecision.from_dict(d) for d in json.loads(shadows)),
-        reasons=tuple(json.loads(reasons)),
-        family=family,
-        hashed=bool(hashed),
-    )
 
 
 class DrillStore(ABC):
@@ -443,7 +335,7 @@ class DrillStore(ABC):
         if not records:
             return conn
         try:
-            rows = [_row_params(self.redactor.record(r)) for r in records]
+            rows = [row_params(self.redactor.record(r)) for r in records]
         except Exception as exc:  # a bug in redaction must drop the sample, not write it unredacted
             self._drop("redaction_failed", len(records), exc)
             return conn
@@ -451,7 +343,7 @@ class DrillStore(ABC):
         def write(c: Any) -> None:
             self._begin(c)
             try:
-                c.cursor().executemany(self._sql(_INSERT), rows)
+                c.cursor().executemany(self._sql(INSERT), rows)
                 c.execute("COMMIT")
             except BaseException:
                 _rollback(c)
@@ -616,8 +508,8 @@ class DrillStore(ABC):
         return out
 
     def _query(self, conn: Any, where: str, params: Sequence[Any], tail: str) -> list[StoredDrill]:
-        rows = conn.execute(self._sql(f"SELECT {_COLS} FROM drills{where} {tail}"), list(params)).fetchall()
-        records = [_record_from_row(r) for r in rows]
+        rows = conn.execute(self._sql(f"SELECT {COLUMNS} FROM drills{where} {tail}"), list(params)).fetchall()
+        records = [record_from_row(r) for r in rows]
         labels = self._labels_for(conn, [r.id for r in records])
         return [StoredDrill(r, tuple(labels[r.id])) for r in records]
 
@@ -625,18 +517,18 @@ class DrillStore(ABC):
         found = await self._read(lambda c: self._query(c, " WHERE id = ?", [drill_id], ""))
         return found[0] if found else None
 
-    async def find(self, f: DrillFilter = DrillFilter(), *, limit: int = 50, offset: int = 0) -> list[StoredDrill]:
+    async def find(self, f: DrillFilter = ANY_DRILL, *, limit: int = 50, offset: int = 0) -> list[StoredDrill]:
         where, params = filter_sql(f)
         tail = "ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
         return await self._read(lambda c: self._query(c, where, [*params, limit, offset], tail))
 
-    async def count(self, f: DrillFilter = DrillFilter()) -> int:
+    async def count(self, f: DrillFilter = ANY_DRILL) -> int:
         where, params = filter_sql(f)
         return await self._read(
             lambda c: int(c.execute(self._sql(f"SELECT count(*) FROM drills{where}"), params).fetchone()[0])
         )
 
-    async def neighbours(self, drill: DrillRecord, f: DrillFilter = DrillFilter()) -> tuple[str | None, str | None]:
+    async def neighbours(self, drill: DrillRecord, f: DrillFilter = ANY_DRILL) -> tuple[str | None, str | None]:
         """(newer, older) drill ids around ``drill`` in queue order, under the same filter."""
         where, params = filter_sql(f)
         joiner = " AND " if where else " WHERE "
