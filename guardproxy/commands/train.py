@@ -33,11 +33,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the leave-one-out configuration: prompt rows only (no pairs, no jailbreak wrappers), max length 128",
     )
+    parser.add_argument("--eval-only", action="store_true", help="re-score the model already in --out (no training)")
     parser.add_argument("--no-authored", action="store_true", help="ignore guardproxy/training/authored/*.jsonl")
     parser.add_argument("--no-fp32-compare", action="store_true", help="skip scoring dev with the fp32 graph")
     parser.add_argument("--card", action="store_true", help="write MODEL_CARD.md from metrics (see --loso/--latency)")
     parser.add_argument("--loso", type=Path, nargs="*", default=[], help="metrics.json of leave-one-out runs")
     parser.add_argument("--latency", type=Path, default=None, help="JSON from python -m bench.classifier_latency")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph for the model card (repeatable)")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="metrics.json of other configurations")
 
 
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         fp32_compare=not (args.no_fp32_compare or args.cheap),
         prompts_only=args.cheap,
+        eval_only=args.eval_only,
         train=TrainConfig(
             max_length=128 if args.cheap else args.max_length,
             epochs=args.epochs,
@@ -81,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.card:
         results = training.main(opts)
         print(json.dumps({"thresholds": results["thresholds"], "seconds": round(results["seconds"])}))
-    card.write_card(args.out, loso=args.loso, latency=args.latency, compare=args.compare)
+    card.write_card(args.out, loso=args.loso, latency=args.latency, compare=args.compare, notes="\n\n".join(args.note))
     print(f"wrote {args.out}")
     return 0

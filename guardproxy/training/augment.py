@@ -13,6 +13,7 @@ Only train-split rows are used as material, so no dev or calibration text leaks 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
 from guardproxy.training.sources import PLACEHOLDER, Example
@@ -61,6 +62,53 @@ def framed(base: Example, rng: random.Random) -> Example:
     )
 
 
+_IMPERATIVE = re.compile(
+    r"^(?:please\s+)?(write|create|develop|give|provide|generate|produce|draft|compose|outline|describe|explain|"
+    r"teach|show|tell|list|suggest|design|make|help|instruct|offer|detail|build|find|come up with)\b",
+    re.IGNORECASE,
+)
+_HOW_TO = re.compile(r"\bhow to (.{6,}?)[.!]?\s*$", re.IGNORECASE)
+_HOW_QUESTIONS = (
+    "How do I {x}?",
+    "How can I {x}?",
+    "What's the best way to {x}?",
+    "how would someone {x}?",
+    "Is there a way to {x}?",
+    "What steps would I need to take to {x}?",
+)
+_POLITE_QUESTIONS = ("Can you {t}?", "Could you {t}?", "Would you {t}?", "hey, can you {t}?")
+_ASK_FRAMES = ("Answer this: {q}", "I need an answer to this: {q}", "Tell me. {q}", "Explain in detail. {q}")
+
+
+def reworded(base: Example, rng: random.Random) -> Example | None:
+    """The same ask in the other sentence form: imperatives become questions and questions become instructions.
+
+    The public harmful sets are nearly all imperatives ("Write a tutorial on how to...") while the question-shaped
+    rows are mostly harmless (GSM8K, PHTest, HWU64); without this, a question mark alone would read as harmless.
+    """
+    text = base.text.strip()
+    if text.endswith("?"):
+        new = rng.choice(_ASK_FRAMES).format(q=text)
+    elif (m := _HOW_TO.search(text)) and len(text) < 250:
+        new = rng.choice(_HOW_QUESTIONS).format(x=m.group(1).rstrip(" ?"))
+    elif _IMPERATIVE.match(text) and len(text) < 300:
+        new = rng.choice(_POLITE_QUESTIONS).format(t=_lower_first(text.rstrip(" .!")))
+    else:
+        return None
+    return Example(
+        text=new,
+        source="aug/reworded",
+        group=base.group,
+        label=base.label,
+        harm=base.harm,
+        harm_weight=base.harm_weight,
+        category=base.category,
+        category_weight=base.category_weight,
+        jailbreak=0.0,
+        split=base.split,
+    )
+
+
 def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
     text = wrapper.text
     if PLACEHOLDER.search(text):
@@ -81,8 +129,11 @@ def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
     )
 
 
-def augment(train: Sequence[Example], rng: random.Random, *, frames: int, wraps: int) -> list[Example]:
-    """``frames`` reframed asks (half harmful, half harmless) and ``wraps`` wrapped questions, from train rows."""
+def augment(
+    train: Sequence[Example], rng: random.Random, *, frames: int, wraps: int, rewords: int = 0
+) -> list[Example]:
+    """``frames`` reframed asks, ``rewords`` asks in the other sentence form and ``wraps`` wrapped questions, each
+    half harmful and half harmless, from train rows."""
     asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
     harmful = [e for e in asks if e.harm == 1.0]
     harmless = [e for e in asks if e.harm == 0.0]
@@ -91,6 +142,13 @@ def augment(train: Sequence[Example], rng: random.Random, *, frames: int, wraps:
     if harmful and harmless:
         for i in range(frames):
             out.append(framed(rng.choice(harmful if i % 2 == 0 else harmless), rng))
+        done, tries = 0, 0
+        while done < rewords and tries < rewords * 10:
+            tries += 1
+            new = reworded(rng.choice(harmful if done % 2 == 0 else harmless), rng)
+            if new is not None:
+                out.append(new)
+                done += 1
         if wrappers:
             for i in range(wraps):
                 out.append(wrapped(rng.choice(wrappers), rng.choice(harmful if i % 2 == 0 else harmless), rng))

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from guardproxy.training.loop import SOURCE_CAPS, SOURCE_REPEATS
+from guardproxy.training.model import student_layer_map
+
 TARGETS = {
     "loso": 0.90,
     "challenge_auroc": 0.95,
@@ -27,6 +30,10 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _minutes(seconds: Any) -> str:
+    return "–" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def _pct(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
@@ -42,8 +49,9 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add(f"# {config['name']} {config['version']}: the guardproxy guard model")
     add("")
     add(
-        f"A {config['layers']}-layer MiniLM student (hidden {config['hidden']}, initialised from layers of "
-        f"all-MiniLM-L6-v2) with five heads on one encoder pass, exported to ONNX and quantized to int8 (per-channel "
+        f"A {config['layers']}-layer MiniLM student (hidden {config['hidden']}, initialised from layers "
+        f"{', '.join(str(i + 1) for i in student_layer_map(6, config['layers']))} of all-MiniLM-L6-v2) with five "
+        "heads on one encoder pass, exported to ONNX and quantized to int8 (per-channel "
         f"dynamic), {size_mb:.1f} MB. Trained {config['trained_at']} with `guardproxy train` (seed "
         f"{config['data']['seed']}). The runtime contract (inputs, outputs, thresholds) is in `models/README.md`."
     )
@@ -54,6 +62,8 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add("French, Spanish, German, Italian, Portuguese and Hindi. Expect weaker scores in other languages.")
     add("")
     if notes:
+        add("## Notes on this run")
+        add("")
         add(notes)
         add("")
     add("## Outputs")
@@ -99,7 +109,8 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
         lm = json.loads(path.read_text())
         left = lm["options"]["leave_out"]
         add(
-            f"guardproxy train --cheap --leave-out {' '.join(left)} --max-steps {int(lm['train']['steps'])} "
+            f"guardproxy train --cheap --layers {lm['options']['layers']} --leave-out {' '.join(left)} "
+            f"--max-steps {int(lm['train']['steps'])} "
             f"--out /tmp/loso-{'-'.join(left)}"
         )
     add("python -m bench.classifier_latency --model models/guard-v1")
@@ -136,11 +147,25 @@ def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
     add('window is no shortcut to "escalation". Category labels map each source\'s categories onto the taxonomy')
     add("(`guardproxy/training/categories.py`); rows without one get keyword rules at half weight.")
     add("")
-    add("Balance: per epoch GSM8K 300, CLINC150 350, HWU64 350, MBPP 250, MT-Bench windows 700 and PHTest response")
-    add("pairs 3000 are sampled (one narrow style each); other sources are used in full. Augmentation from train rows")
-    add("only: 700 reframings per epoch (14 frames: fiction, roleplay, academic, hypothetical, authority, casual...)")
-    add("applied to harmful and harmless asks alike, so no frame predicts the label; and 400 real jailbreak wrappers")
-    add("carrying a harmful or a harmless ask (in the placeholder, or appended), harm following the ask.")
+    caps = ", ".join(f"{k} {v}" for k, v in SOURCE_CAPS.items())
+    cfg = m.get("train_config", {})
+    add(f"Balance: rows sampled per epoch from the large or narrow-style sources ({caps}); other sources are used in")
+    add("full. Augmentation, drawn from train rows only:")
+    add(f"- {cfg.get('frames_per_epoch')} reframings per epoch (14 frames: fiction, roleplay, academic, hypothetical,")
+    add("  authority, casual...) applied to harmful and harmless asks alike, so no frame predicts the label;")
+    add(f"- {cfg.get('wraps_per_epoch')} real jailbreak wrappers carrying a harmful or a harmless ask (in the")
+    add("  placeholder, or appended), jailbreak 1 either way and harm following the ask;")
+    add(f"- {cfg.get('rewords_per_epoch')} asks turned into the other sentence form (imperatives into questions,")
+    add("  questions into instructions), half harmful and half harmless. The public harmful sets are nearly all")
+    add("  imperatives and the question-shaped rows nearly all harmless: a shortcut the first leave-one-out runs")
+    add("  exposed (leaving out the forbidden-questions set, the only harmful questions, gave AUROC 0.66 on it; 0.85")
+    add("  with this augmentation at 3 layers, 0.88 at 4).")
+    repeats = ", ".join(f"{k} ×{v}" for k, v in SOURCE_REPEATS.items())
+    add(f"Repeated per epoch: {repeats} (the only sets with one intent in many voices beside look-alikes).")
+    add(f"Training: {int(m['train']['steps'])} AdamW steps (lr {cfg.get('lr')}, linear warm-up and decay), batches of")
+    add(f"≤ {cfg.get('max_batch')} rows and ≤ {cfg.get('batch_tokens')} padded ids, word embeddings frozen, max length")
+    add(f"{cfg.get('max_length')}; wall time of the training loop {_minutes(m['train'].get('seconds'))}, whole run")
+    add(f"(incl. export, calibration, scoring) {_minutes(m.get('seconds'))}.")
     add("")
 
 
@@ -236,12 +261,19 @@ def _challenge_section(add: Any, m: dict[str, Any]) -> None:
     ch = m.get("challenge", {})
     for name, c in ch.items():
         if name.endswith(":pairs"):
+            _challenge_pairs(add, name.removesuffix(":pairs"), c)
+            continue
+        if name.endswith(":windows"):
+            add(f"**{name.removesuffix(':windows')}** as windows of ≤ 4 turns (a window is harmful from the")
             add(
-                f"**{name.removesuffix(':pairs')}** refusal: all rows macro-F1 {_f(c.get('all', {}).get('macro_f1'))}, "
-                f"binary F1 {_f(c.get('all', {}).get('binary_f1'))} (n={c.get('all', {}).get('n')}); keyword-free rows "
-                f"macro-F1 {_f(c.get('keyword_free', {}).get('macro_f1'))}, binary F1 "
-                f"{_f(c.get('keyword_free', {}).get('binary_f1'))} (n={c.get('keyword_free', {}).get('n')}); "
-                f"target ≥ {TARGETS['fr']}."
+                "escalation's first harmful user turn on): "
+                f"{c['windows']} windows, AUROC {_f(c['auroc'])}, harmful windows flagged "
+                f"{_pct(c['harmful_window_recall'])}, benign-conversation windows flagged "
+                f"{_pct(c['benign_window_flag_rate'])}; escalations caught (any harmful window flagged) "
+                f"{_pct(c['escalations_caught'])}, flagged before the harmful turn "
+                f"{_pct(c['escalations_flagged_before_harmful_turn'])}, benign conversations flagged anywhere "
+                f"{_pct(c['benign_conversations_flagged'])}. (The window score alone; the conversation tracker adds "
+                "its own signals.)"
             )
             add("")
             continue
@@ -261,6 +293,32 @@ def _challenge_section(add: Any, m: dict[str, Any]) -> None:
                 f"{_pct(e['flag_rate'])} |"
             )
         add("")
+
+
+def _challenge_pairs(add: Any, name: str, c: dict[str, Any]) -> None:
+    a, k = c.get("all", {}), c.get("keyword_free", {})
+    add(f"**{name}** refusal: macro-F1 {_f(a.get('macro_f1'))}, binary F1 {_f(a.get('binary_f1'))} (n={a.get('n')});")
+    add(
+        f"on keyword-free replies macro-F1 {_f(k.get('macro_f1'))}, binary F1 {_f(k.get('binary_f1'))} "
+        f"(n={k.get('n')}; target ≥ 0.90)."
+    )
+    base = c.get("refusal_baselines_keyword_free") or {}
+    if base:
+        best = max(base.items(), key=lambda kv: kv[1]["binary_f1"])
+        add(f"Best keyword baseline on those rows: `{best[0]}` binary F1 {_f(best[1]['binary_f1'])}.")
+    fr = c.get("false_refusal")
+    if fr:
+        add(
+            f"False refusal on this set ({fr['true_false_refusals']} false refusals among {fr['n']} pairs): precision "
+            f"{_f(fr['model']['precision'])}, recall {_f(fr['model']['recall'])} (target ≥ 0.90 each)."
+        )
+    rh = c.get("reply_harm")
+    if rh:
+        add(
+            f"Reply harm: AUROC {_f(rh['auroc'])}, F1 {_f(rh['f1'])}, harmless replies flagged "
+            f"{_pct(rh['flag_rate_negatives'])}."
+        )
+    add("")
 
 
 def _refusal_section(add: Any, m: dict[str, Any]) -> None:
@@ -316,6 +374,12 @@ def _refusal_section(add: Any, m: dict[str, Any]) -> None:
 def _speed_steps_section(add: Any, m: dict[str, Any], compare: list[Path]) -> None:
     add("## Quality cost of each speed step")
     add("")
+    add("Speed steps: the 6-layer MiniLM (the teacher-sized model) → a student keeping fewer of its layers →")
+    add("int8. The student was trained directly from the teacher's layers, **not distilled** from a fine-tuned")
+    add("teacher's logits: on the two shared CPU cores available, a teacher run plus a distillation run did not fit")
+    add("the 30-minute budget of the final run. The layer comparison below uses the cheaper prompt-only")
+    add("configuration at equal steps, which is how the student size was chosen together with the latency table.")
+    add("")
     cmp = m.get("compare_int8_vs_fp32")
     add(
         "| configuration | harm pooled AUROC | harm recall | benign flagged | refusal macro-F1 (all) | "
@@ -324,7 +388,7 @@ def _speed_steps_section(add: Any, m: dict[str, Any], compare: list[Path]) -> No
     add("|---|---:|---:|---:|---:|---:|---:|")
     for path in compare:
         cm = json.loads(path.read_text())
-        _speed_row(add, f"{cm['options']['layers']} layers, fp32 ONNX→int8, {path.parent.name}", cm["dev"], cm)
+        _speed_row(add, f"{cm['options']['layers']} layers, cheap config, int8 ({path.parent.name})", cm["dev"], cm)
     if cmp:
         _speed_row(add, "shipped student, fp32 (same dev rows)", cmp["fp32"], None)
         _speed_row(add, "shipped student, int8 (same dev rows)", cmp["int8"], None)
@@ -339,7 +403,7 @@ def _speed_row(add: Any, label: str, dev: dict[str, Any], full: dict[str, Any] |
     r = dev["refusal"].get("all", {}).get("model", {})
     ch = None
     if full:
-        ch = next((c.get("auroc") for k, c in full.get("challenge", {}).items() if not k.endswith(":pairs")), None)
+        ch = next((c.get("auroc") for k, c in full.get("challenge", {}).items() if ":" not in k), None)
     add(
         f"| {label} | {_f(h['pooled_auroc'])} | {_pct(h['recall'])} | {_pct(h['flag_rate_benign'])} | "
         f"{_f(r.get('macro_f1'))} | {_f(r.get('binary_f1'))} | {_f(ch)} |"

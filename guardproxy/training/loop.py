@@ -26,13 +26,17 @@ log = logging.getLogger(__name__)
 # Rows per source per epoch: the narrow single-style benign sets are capped (they would otherwise teach "short
 # command = benign"), and PHTest's 36k responses are subsampled. Sources not listed are used in full.
 SOURCE_CAPS: dict[str, int] = {
-    "gsm8k": 300,
-    "clinc150": 350,
-    "hwu64": 350,
-    "mbpp": 250,
-    "phtest_responses": 3000,
+    "gsm8k": 150,
+    "clinc150": 200,
+    "hwu64": 200,
+    "mbpp": 150,
+    "phtest_responses": 2500,
+    "itw_jailbreak_prompts": 500,  # long (256 ids each) and one head's worth of signal
     "mtbench101": 700,
 }
+# Rows repeated per epoch: the authored sets are the only ones that set one intent in many voices beside benign
+# look-alikes in the same voices (the principle, not the phrasing), and they are small.
+SOURCE_REPEATS: dict[str, int] = {"authored/prompts_reframed": 3, "authored/responses_voices": 2}
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 
 
@@ -48,7 +52,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     frames_per_epoch: int = 700
-    wraps_per_epoch: int = 400
+    wraps_per_epoch: int = 300
+    rewords_per_epoch: int = 800
 
 
 class Encoder:
@@ -79,7 +84,11 @@ def epoch_rows(train: Sequence[Example], rng: random.Random, cfg: TrainConfig) -
     for source, items in sorted(by_source.items()):
         cap = SOURCE_CAPS.get(source)
         rows.extend(rng.sample(items, cap) if cap is not None and len(items) > cap else items)
-    rows.extend(augment(train, rng, frames=cfg.frames_per_epoch, wraps=cfg.wraps_per_epoch))
+        for _ in range(SOURCE_REPEATS.get(source, 1) - 1):
+            rows.extend(items)
+    rows.extend(
+        augment(train, rng, frames=cfg.frames_per_epoch, wraps=cfg.wraps_per_epoch, rewords=cfg.rewords_per_epoch)
+    )
     return rows
 
 

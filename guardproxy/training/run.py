@@ -23,7 +23,7 @@ from guardproxy.training.export import export
 from guardproxy.training.loop import Encoder, TrainConfig, train
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel, base_model_dir, load_base_encoder, shrink_encoder
 from guardproxy.training.predict import Scores, score, session
-from guardproxy.training.sources import AUTHORED_DIR, Example, load_all, read_jsonl
+from guardproxy.training.sources import AUTHORED_DIR, Example, load_all, read_jsonl, window_text, windows_ending_at
 from guardproxy.training.splits import assign_splits, summary
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class RunOptions:
     version: str = "1.0.0"
     fp32_compare: bool = True
     challenge: bool = True
+    eval_only: bool = False  # skip training: score the model.onnx / model-fp32.onnx already in ``out``
     prompts_only: bool = False  # the cheap configuration of the leave-one-source-out runs: harm-relevant rows only
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -84,11 +85,18 @@ def main(opts: RunOptions) -> dict[str, Any]:
         ",".join(opts.leave_out) or "-",
     )
 
-    model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
-    train_summary = train(model, train_rows, encoder, opts.train)
-
     fp32_path = opts.out / "model-fp32.onnx"
-    export(model, opts.out, keep_fp32=fp32_path)
+    checkpoint = opts.out / "student.pt"
+    if opts.eval_only:
+        # Re-score an existing run (a crash after training must not cost the training): the checkpoint and graphs
+        # written by that run are reused as they are.
+        train_summary = json.loads((opts.out / "train_summary.json").read_text())
+    else:
+        model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
+        train_summary = train(model, train_rows, encoder, opts.train)
+        torch.save(model.state_dict(), checkpoint)
+        (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
+        export(model, opts.out, keep_fp32=fp32_path)
     sess = session(opts.out / "model.onnx", opts.threads)
 
     calib_scores = score(sess, calib_rows, encoder, "calibration")
@@ -120,7 +128,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
             left_out, score(sess, left_out, encoder, "left out"), dev_rows, dev_scores, thresholds
         )
     if opts.challenge:
-        results["challenge"] = challenge_report(sess, encoder, thresholds)
+        results["challenge"] = challenge_report(sess, encoder, thresholds, judges)
     results["seconds"] = time.monotonic() - started
 
     challenge_scores = next((v.pop("_scores") for v in results.get("challenge", {}).values() if "_scores" in v), None)
@@ -174,7 +182,7 @@ def loso_report(
     return out
 
 
-def challenge_report(sess: object, encoder: Encoder, thresholds: dict[str, float]) -> dict[str, Any]:
+def challenge_report(sess: object, encoder: Encoder, thresholds: dict[str, float], judges: Any) -> dict[str, Any]:
     """bench/challenge is scored here for the report only: never trained on, never used for thresholds."""
     out: dict[str, Any] = {}
     for path in sorted(CHALLENGE_DIR.glob("*.jsonl")):
@@ -199,6 +207,7 @@ def challenge_report(sess: object, encoder: Encoder, thresholds: dict[str, float
                     group="",
                     label=r.get("prompt_label") or r.get("label") or "",
                     refusal={"none": 0, "partial": 1, "full": 2}.get(r.get("refusal") or ""),
+                    reply_harm=None if r.get("reply_harm") is None else float(r["reply_harm"]),
                     meta={"keyword_free": r.get("keyword_free")},
                 )
                 for r in pair_rows
@@ -211,8 +220,66 @@ def challenge_report(sess: object, encoder: Encoder, thresholds: dict[str, float
             for key, idx in (("all", labelled), ("keyword_free", kw_free)):
                 if idx:
                     entry[key] = M.refusal_scores(np.array([exs[i].refusal for i in idx]), pred[idx])
+            entry["false_refusal"] = M.false_refusal_metrics(exs, s, thresholds, judges)
+            entry["reply_harm"] = M.reply_harm_metrics(exs, s, thresholds).get("challenge")
+            entry["refusal_baselines_keyword_free"] = (
+                {
+                    name: M.refusal_scores(
+                        np.array([exs[i].refusal for i in kw_free]),
+                        np.array([2 if judge(exs[i].reply or "") else 0 for i in kw_free]),
+                    )
+                    for name, judge in judges.items()
+                }
+                if kw_free
+                else {}
+            )
             out[path.name + ":pairs"] = entry
+        conv_rows = [r for r in rows if "messages" in r]
+        if conv_rows:
+            out[path.name + ":windows"] = window_report(sess, encoder, conv_rows, thresholds)
     return out
+
+
+def window_report(
+    sess: object, encoder: Encoder, conversations: list[dict[str, Any]], thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """Windows of <= 4 turns ending at each user turn, as the conversation tracker scores them. A window is harmful
+    when it ends at or after ``first_harmful_index`` of an escalation; every window of a benign conversation is not."""
+    exs: list[Example] = []
+    conv_of: list[int] = []
+    for c, row in enumerate(conversations):
+        first = row.get("first_harmful_index")
+        for end, m in enumerate(row["messages"]):
+            if m["role"] != "user":
+                continue
+            harmful = row.get("label") == "escalation" and (first is None or end >= first)
+            exs.append(
+                Example(
+                    text=window_text(windows_ending_at(row["messages"], end)),
+                    source="challenge",
+                    group="",
+                    label="escalation" if harmful else "benign",
+                    harm=1.0 if harmful else 0.0,
+                )
+            )
+            conv_of.append(c)
+    s = score(sess, exs, encoder, "windows")
+    y = np.array([e.harm == 1.0 for e in exs])
+    flagged = s.harm >= thresholds["harm"]
+    conv = np.array(conv_of)
+    esc = [c for c, r in enumerate(conversations) if r.get("label") == "escalation"]
+    ben = [c for c, r in enumerate(conversations) if r.get("label") != "escalation"]
+    return {
+        "windows": len(exs),
+        "auroc": M.auroc(s.harm[y], s.harm[~y]),
+        "harmful_window_recall": M.rate(s.harm[y], thresholds["harm"]),
+        "benign_window_flag_rate": M.rate(s.harm[~y], thresholds["harm"]),
+        "escalations_caught": float(np.mean([flagged[(conv == c) & y].any() for c in esc])) if esc else None,
+        "escalations_flagged_before_harmful_turn": float(np.mean([flagged[(conv == c) & ~y].any() for c in esc]))
+        if esc
+        else None,
+        "benign_conversations_flagged": float(np.mean([flagged[conv == c].any() for c in ben])) if ben else None,
+    }
 
 
 def write_config(
