@@ -126,3 +126,42 @@ def test_pad_batch_of_nothing_is_empty() -> None:
 def test_tiny_max_length_is_rejected(tokenizer: Tokenizer, max_length: int) -> None:
     with pytest.raises(ValueError):
         encode_pair(tokenizer, "a", "b", max_length)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "guard-v1"
+
+
+def test_shipped_model_matches_the_contract() -> None:
+    """models/README.md: tokenizer without padding, config fields, ONNX inputs and outputs in taxonomy order."""
+    import json
+
+    import onnxruntime as ort
+
+    from guardproxy.taxonomy import CATEGORY_IDS
+
+    config = json.loads((SHIPPED / "config.json").read_text())
+    assert config["categories"] == list(CATEGORY_IDS)
+    assert config["refusal_labels"] == ["none", "partial", "full"]
+    assert set(config["thresholds"]) == {"harm", "harm_high", "jailbreak", "reply_harm", "refusal_partial"}
+    assert config["thresholds"]["harm"] <= config["thresholds"]["harm_high"]
+    raw = json.loads((SHIPPED / "tokenizer.json").read_text())
+    assert raw["padding"] is None and raw["truncation"] is None
+
+    tokenizer = load_tokenizer(SHIPPED / "tokenizer.json")
+    session = ort.InferenceSession(str(SHIPPED / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    feeds = pad_batch(
+        [
+            encode_prompt(tokenizer, "how do I kill a python process", config["max_length"]),
+            encode_pair(tokenizer, "tell me a joke", "Sure! Why did the chicken cross the road?", config["max_length"]),
+        ]
+    )
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    assert out["harm"].shape == out["jailbreak"].shape == out["reply_harm"].shape == (2,)
+    assert out["category"].shape == (2, len(CATEGORY_IDS))
+    assert out["refusal"].shape == (2, 3)
+    assert out["embedding"].shape == (2, config["hidden"])
+    np.testing.assert_allclose(out["category"].sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(out["refusal"].sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-3)
+    assert ((out["harm"] >= 0) & (out["harm"] <= 1)).all()
