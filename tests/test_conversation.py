@@ -96,7 +96,14 @@ class FakeClassifier:
         return None
 
 
+# The formula's shape, not the values tuned for the shipped model: tests stay valid when the model is re-tuned.
+PARAMS = EscalationParams(
+    decay=0.7, gain=0.5, trend_weight=1.0, refusal_weight=0.15, rephrase_low=0.75, rephrase_weight=0.9, threshold=0.5
+)
+
+
 def tracker(classifier: FakeClassifier | None = None, **kw: Any) -> ConversationTracker:
+    kw.setdefault("params", PARAMS)
     backend = kw.pop("backend", None)
     if backend is None:
         backend = MemoryBackend()
@@ -454,7 +461,7 @@ async def test_trajectory_accumulates_a_slow_crescendo() -> None:
 
 
 def test_escalation_formula_pieces() -> None:
-    p = EscalationParams()
+    p = PARAMS
     assert trajectory_step(0.0, 0.4, p) == pytest.approx(0.4)
     assert trajectory_step(0.9, 0.0, p) == pytest.approx(0.9 * p.decay)
     assert trend([0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.1)

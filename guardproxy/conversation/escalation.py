@@ -41,18 +41,21 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 
 @dataclass(frozen=True)
 class EscalationParams:
-    decay: float = 0.7
-    gain: float = 0.5
+    """Defaults tuned for models/guard-v1 (the 21:25 export of the final training run) on the calibration split of
+    the conversation data, benign budget 3%: ``python -m bench.conversation_eval --tune`` (see its docstring)."""
+
+    decay: float = 0.8
+    gain: float = 0.7
     floor: float = 0.0
-    trend_weight: float = 1.0
+    trend_weight: float = 0.0  # the trend adds nothing the window and trajectory do not already see on this data
     trend_cap: float = 0.5
-    refusal_weight: float = 0.15
-    rephrase_low: float = 0.75
+    refusal_weight: float = 0.0  # tuned to 0: the model calls many harmless replies partial refusals
+    rephrase_low: float = 0.85
     rephrase_high: float = 0.95
-    rephrase_weight: float = 0.9
-    forged_weight: float = 0.3
-    unverified_weight: float = 0.1
-    threshold: float = 0.5  # raw score mapped to FLAG_THRESHOLD
+    rephrase_weight: float = 0.5
+    forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
+    unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
+    threshold: float = 0.905  # raw score mapped to FLAG_THRESHOLD (tuned: 0.9044)
 
 
 def window_text(turns: Sequence[tuple[str, str]]) -> str:
