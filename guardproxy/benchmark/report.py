@@ -138,7 +138,9 @@ def _length(result: dict[str, Any]) -> str:
         f"Cost against conversation length ({length['target']}, plain, c=1): overhead p50 ms; "
         f"single-turn reference p50 {_f(single.get('p50'))} ms\n"
         + _table(["history turns", "n", "p50", "x single"], rows)
-        + f"\nhistory {lo}..{hi}: p50 {_f(length['tail_p50_ms'])} ms = {_f(length['ratio_at_longest'])}x single"
+        + f"\nhistory {lo}..{hi}: p50 {_f(length['tail_p50_ms'])} ms = {_f(length['ratio_at_longest'])}x single turn, "
+        f"{_f(length.get('ratio_to_second_turn'))}x the second turn (the first with a window to score, "
+        f"p50 {_f(length.get('second_turn_p50_ms'))} ms)"
         + (f"; {length['blocked_turns']} turns blocked (no sample)" if length.get("blocked_turns") else "")
     )
 

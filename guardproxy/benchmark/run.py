@@ -417,6 +417,7 @@ class Bench:
         # The long end, smoothed over its last five lengths (one request per conversation per length is noisy).
         tail = [v for n in range(max(0, longest - 4), longest + 1) for v in per_turn.get(n, [])]
         tail_p = percentiles(tail)
+        second = percentiles(per_turn.get(1, []))
         result = {
             "target": target.name,
             "conversations": cfg.conversations,
@@ -427,6 +428,12 @@ class Bench:
             "tail_history_turns": [max(0, longest - 4), longest],
             "tail_p50_ms": tail_p.p50 if tail_p is not None else None,
             "ratio_at_longest": (tail_p.p50 / base.p50) if tail_p is not None and base and base.p50 > 0 else None,
+            # A single turn has no window to score; from the second turn on every request scores the new turn and
+            # the window. Against the second turn, the ratio shows whether cost grows with the history.
+            "second_turn_p50_ms": second.p50 if second is not None else None,
+            "ratio_to_second_turn": (tail_p.p50 / second.p50)
+            if tail_p is not None and second and second.p50 > 0
+            else None,
             "failed_conversations": failed,
             "blocked_turns": blocked,
         }
@@ -665,6 +672,14 @@ def evaluate_targets(
             1.2,
             "x",
             f"p50 overhead at history {lo}..{hi} over the p50 of the interleaved single-turn requests",
+        )
+    if length.get("ratio_to_second_turn") is not None:
+        add(
+            f"request N+1 of a {length['longest']}-turn conversation / the second turn",
+            length["ratio_to_second_turn"],
+            1.2,
+            "x",
+            "the same over the p50 of request 2 (history 1: the first request with a window check)",
         )
     return [t for t in out if t["value"] is not None]
 
