@@ -438,6 +438,9 @@ def _latency_section(add: Any, latency: Path | None) -> None:
             add(f"| {key} | {lat[key]['p50_ms']} | {lat[key]['p90_ms']} |")
     add("")
     rss = lat["rss_mib"]
+    if "load_average" in lat:
+        add(f"Load average during the run: {' / '.join(lat['load_average'])} (1 / 5 / 15 min).")
+        add("")
     add(
         f"RSS: {rss['model_loaded']} MiB with the model loaded, {rss['after_runs']} MiB after the runs (peak "
         f"{rss['peak']} MiB)."
