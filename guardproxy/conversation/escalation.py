@@ -41,10 +41,11 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 
 @dataclass(frozen=True)
 class EscalationParams:
-    """Defaults tuned for models/guard-v1 (the 21:25 export of the final training run) on the calibration split of
-    the conversation data, benign budget 3%: ``python -m bench.conversation_eval --tune`` (see its docstring)."""
+    """Defaults tuned for models/guard-v1 (the 800-step export, model.onnx md5 fc8b454d...) on the calibration split
+    of the conversation data, benign budget 3%: ``python -m bench.conversation_eval --tune`` (see its docstring).
+    Retune whenever the model is replaced: the threshold sits on that model's score distribution."""
 
-    decay: float = 0.8
+    decay: float = 0.6
     gain: float = 0.7
     floor: float = 0.0
     trend_weight: float = 0.0  # the trend adds nothing the window and trajectory do not already see on this data
@@ -55,7 +56,7 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    threshold: float = 0.905  # raw score mapped to FLAG_THRESHOLD (tuned: 0.9044)
+    threshold: float = 0.932  # raw score mapped to FLAG_THRESHOLD (tuned: 0.9321)
 
 
 def window_text(turns: Sequence[tuple[str, str]]) -> str:
