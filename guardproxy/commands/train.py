@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -44,13 +45,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import torch  # noqa: F401
-    except ImportError as exc:
+    # Looked up, not imported: torch is an optional extra, absent from the runtime and CI environments.
+    if importlib.util.find_spec("torch") is None:
         raise ConfigError(
             "training needs PyTorch and friends: pip install 'guardproxy[train]' "
             "(CPU build: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)"
-        ) from exc
+        )
     if not args.data.is_dir():
         raise ConfigError(f"data directory not found: {args.data}")
     unknown = [s for s in args.leave_out if not (args.data / "prompts" / f"{s}.jsonl").exists()]
