@@ -4,7 +4,6 @@ and outages simulated with a loopback TCP proxy this test owns (the shared serve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -18,75 +17,10 @@ from prometheus_client import CollectorRegistry
 from guardproxy.conversation import ConversationTracker, MemoryBackend
 from guardproxy.conversation.redis_backend import RedisBackend, ResilientBackend
 from guardproxy.conversation.state import ENTRY_BYTES, MARKER
+from tests.tcpproxy import TcpCut
 from tests.test_conversation import SECRET, FakeClassifier, a, u
 
 REDIS_PORT = 6379
-
-
-class TcpProxy:
-    """A loopback TCP forwarder to Redis that the test can cut (connections reset) or stall (bytes held)."""
-
-    def __init__(self, target_port: int = REDIS_PORT) -> None:
-        self.target_port = target_port
-        self.up = True
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.up:
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers |= {writer, up_writer}
-        for task in (
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
-        ):
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def cut(self) -> None:
-        """Redis is gone: every open connection is reset and new ones are closed at once."""
-        self.up = False
-        for w in self._writers:
-            w.close()
-        self._writers.clear()
-
-    def stall(self) -> None:
-        """Redis is slow: connections stay open but no byte gets through."""
-        self.flowing.clear()
-
-    def restore(self) -> None:
-        self.up = True
-        self.flowing.set()
-
-    async def aclose(self) -> None:
-        self.cut()
-        self.flowing.set()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for w in list(self._writers):
-            w.close()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture
@@ -175,7 +109,7 @@ def fallback_count(registry: CollectorRegistry) -> float:
 async def test_redis_cut_off_falls_back_within_timeout_and_recovers(
     prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = TcpProxy()
+    proxy = TcpCut(REDIS_PORT)
     await proxy.start()
     registry = CollectorRegistry()
     clf = FakeClassifier()
@@ -241,7 +175,7 @@ async def test_redis_cut_off_falls_back_within_timeout_and_recovers(
 
 
 async def test_slow_redis_times_out_to_local_state(prefix: str) -> None:
-    proxy = TcpProxy()
+    proxy = TcpCut(REDIS_PORT)
     await proxy.start()
     registry = CollectorRegistry()
     primary = RedisBackend(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix)

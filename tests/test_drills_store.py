@@ -22,6 +22,7 @@ from guardproxy.drills.store import DrillFilter, DrillStore, open_store
 from guardproxy.drills.store.base import SCHEMA_VERSION
 from guardproxy.drills.store.sqlite import SqliteStore
 from guardproxy.errors import StoreError
+from tests.tcpproxy import TcpCut
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 CANARY = "sk-canary-0d1e2f3a4b5c6d7e8f90"
@@ -271,64 +272,15 @@ def test_bad_urls(url: str) -> None:
         open_store(url)
 
 
-class LoopbackProxy:
-    """A TCP proxy this test owns, in front of the shared PostgreSQL: ``cut()`` simulates an outage (open
-    connections reset, new ones refused) without touching the server itself."""
-
-    def __init__(self, target_port: int = 5432) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-        self._tasks.discard(task)
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for w in list(self._writers):
-            w.transport.abort()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        await self._server.wait_closed()
-
-    async def restore(self) -> None:
-        await self.start()
-
-
 async def test_postgres_outage_drops_promptly_and_recovers(pg_schema: str) -> None:
-    proxy = LoopbackProxy()
+    proxy = TcpCut(5432)
     await proxy.start()
     store = open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}", queue_size=50)
     await store.start()
     first = make(1)
     assert store.submit(first)
     await store.flush()
-    await proxy.cut()
+    proxy.cut()
     t0 = time.perf_counter()
     accepted = 0
     for i in range(200):
@@ -339,14 +291,14 @@ async def test_postgres_outage_drops_promptly_and_recovers(pg_schema: str) -> No
     assert store.dropped["unavailable"] > 0
     with pytest.raises(StoreError):
         await store.count()  # reads fail cleanly while the database is away
-    await proxy.restore()
+    proxy.restore()
     await asyncio.sleep(1.1)  # the writer waits a second between reconnection attempts
     after = make(999)
     assert store.submit(after)
     await store.flush()
     assert await store.get(after.id) is not None and await store.get(first.id) is not None
     await store.aclose()
-    await proxy.cut()
+    await proxy.aclose()
 
 
 async def test_hash_only_stores_no_readable_text(tmp_path: Path) -> None:
@@ -394,22 +346,22 @@ async def test_queue_is_bounded_in_bytes_and_long_texts_are_clipped(tmp_path: Pa
 
 
 async def test_postgres_down_at_startup_starts_degraded_and_migrates_later(pg_schema: str) -> None:
-    proxy = LoopbackProxy()
+    proxy = TcpCut(5432)
     await proxy.start()
-    await proxy.cut()  # nothing listens on the proxy's port: PostgreSQL is "down"
+    proxy.cut()  # every connection to the proxy is reset: PostgreSQL is "down"
     store = open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}")
     await store.start()  # the gateway still starts
     assert store.submit(make(1))
     await store.flush()
     assert store.dropped["unavailable"] == 1
-    await proxy.restore()
+    proxy.restore()
     await asyncio.sleep(1.1)
     after = make(2)
     assert store.submit(after)
     await store.flush()
     assert await store.get(after.id) is not None  # connected, migrated, written
     await store.aclose()
-    await proxy.cut()
+    await proxy.aclose()
 
 
 async def test_label_waiting_at_close_fails_instead_of_hanging(tmp_path: Path) -> None:

@@ -34,7 +34,6 @@ from tests.hardening_support import (
     POLICIES,
     ROOT,
     Guarded,
-    TcpCut,
     body,
     chat,
     guarded,
@@ -42,6 +41,7 @@ from tests.hardening_support import (
     settle,
 )
 from tests.servers import free_port, serve
+from tests.tcpproxy import TcpCut
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEADLINE = 3.0  # seconds, per request: generous on two busy cores; an outage that blocked would take far longer
