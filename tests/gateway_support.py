@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,6 +60,19 @@ async def gateway(
         app = create_app(settings, pipeline=Pipeline(checks, output_check_chars=output_check_chars))
         async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=20) as client:
             yield Env(fake, fake_url, url, client, app)
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
+    """Poll ``/readyz`` of a gateway process started by the test until it answers 200; fail loudly if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the gateway was not ready within {timeout_s} s")
 
 
 def sse_events(text: str) -> list[Any]:

@@ -13,7 +13,18 @@ import httpx
 import pytest
 
 from guardproxy.fake_upstream import FakeUpstream
-from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
+from tests.gateway_support import (
+    CHAT,
+    HELLO,
+    Env,
+    ScriptedCheck,
+    env,
+    gateway,
+    shared_env,
+    sse_events,
+    streamed_text,
+    wait_ready,
+)
 from tests.servers import free_port, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -108,13 +119,7 @@ async def test_sigterm_drains_then_ends_streams_with_error_and_done() -> None:
         try:
             limits = httpx.Limits(max_connections=200)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20, limits=limits) as client:
-                for _ in range(300):
-                    try:
-                        if (await client.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.05)
+                await wait_ready(client, timeout_s=15)
                 body = {**HELLO, "stream": True}
                 streams = [asyncio.create_task(client.post(CHAT, json=body)) for _ in range(100)]
                 for _ in range(500):

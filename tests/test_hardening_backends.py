@@ -29,7 +29,7 @@ from guardproxy.drills.sampling import Sampler, SamplingConfig
 from guardproxy.drills.store import open_store
 from guardproxy.drills.store.sqlite import SqliteStore
 from guardproxy.fake_upstream import FakeUpstream
-from tests.gateway_support import CHAT, sse_events
+from tests.gateway_support import CHAT, sse_events, wait_ready
 from tests.hardening_support import (
     POLICIES,
     ROOT,
@@ -309,13 +309,7 @@ async def test_sigterm_with_open_guarded_streams_flushes_every_sample(tmp_path: 
         try:
             limits = httpx.Limits(max_connections=200)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20, limits=limits) as client:
-                for _ in range(600):
-                    try:
-                        if (await client.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.05)
+                await wait_ready(client, timeout_s=30)
                 streams = [
                     asyncio.create_task(client.post(CHAT, json=body(f"stream {i}", stream=True))) for i in range(100)
                 ]
