@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.conversation import FLAG_THRESHOLD, ConversationTracker, EscalationParams, MemoryBackend
-from guardproxy.conversation.escalation import escalation, trajectory_step, trend
+from guardproxy.conversation.escalation import escalation, trajectory_step, trend, window_gate_open
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 CHALLENGE = PROJECT_ROOT / "bench" / "challenge" / "conversations_challenge.jsonl"
-AUTHORED = PROJECT_ROOT / "guardproxy" / "training" / "authored" / "conversations.jsonl"
+AUTHORED_DIR = PROJECT_ROOT / "guardproxy" / "training" / "authored"
 
 
 @dataclass
@@ -87,8 +87,8 @@ def load_conversations(data: Path, seed: int, stitched_per_split: int) -> list[C
         c = Conv(row["id"], "mtbench", "benign", split.get(row["id"], "?"), row["messages"])
         convs.append(c)
         mt.setdefault(c.split, []).append(c)
-    if AUTHORED.is_file():
-        for row in read_jsonl(AUTHORED):
+    for path in sorted(AUTHORED_DIR.glob("conversations*.jsonl")):
+        for row in read_jsonl(path):
             convs.append(
                 Conv(
                     row["id"],
@@ -120,7 +120,14 @@ async def replay_all(convs: list[Conv], model: Path, concurrency: int) -> None:
     from guardproxy.classifier import OnnxClassifier
 
     clf = OnnxClassifier.load(model, workers=2, cache_size=400_000, timeout=60.0)
-    tracker = ConversationTracker(MemoryBackend(), clf, hmac_secret=b"eval", score_cache_size=100_000)
+    # window_gate 0: every turn's window is scored, so any gate can be simulated offline (``escalations``)
+    tracker = ConversationTracker(
+        MemoryBackend(),
+        clf,
+        hmac_secret=b"eval",
+        score_cache_size=100_000,
+        params=replace(EscalationParams(), window_gate=0.0),
+    )
     todo = [c for c in convs if c.turns is None]
     sem = asyncio.Semaphore(concurrency)
     done = 0
@@ -156,17 +163,33 @@ async def replay_all(convs: list[Conv], model: Path, concurrency: int) -> None:
 # -- offline recomputation of the escalation -----------------------------------------------------------------------
 
 
-def escalations(turns: Sequence[dict[str, Any]], p: EscalationParams) -> list[float]:
-    """The tracker's escalation per user turn (tracker.observe, one new user turn per request in a replay)."""
+def escalations(turns: Sequence[dict[str, Any]], p: EscalationParams, passes: list[int] | None = None) -> list[float]:
+    """The tracker's escalation per user turn (tracker.observe, one new user turn per request in a replay), with
+    the window pass gated as ``p.window_gate`` says; ``passes`` gets [window passes run, requests with a window]."""
     out = []
     traj = 0.0
     risks: list[float] = []
-    for t in turns:
+    for k, t in enumerate(turns):
         traj = trajectory_step(traj, t["harm"], p)
         risks = [*risks, t["harm"]][-4:]
+        window = t["window"]
+        if k > 0:  # the first user turn has no window of two turns or more (assistant-only prefixes aside)
+            is_open = window_gate_open(
+                trajectory=traj,
+                recent_risks=risks,
+                refusals=t["refusals"],
+                rephrase=max((m[0] for m in t["rephrase"]), default=0.0),
+                history=t["history"],
+                p=p,
+            )
+            if passes is not None:
+                passes[0] += is_open
+                passes[1] += 1
+            if not is_open:
+                window = t["harm"]
         out.append(
             escalation(
-                window=t["window"],
+                window=window,
                 trajectory=traj,
                 trend_value=trend(risks),
                 refusals=t["refusals"],
@@ -176,6 +199,14 @@ def escalations(turns: Sequence[dict[str, Any]], p: EscalationParams) -> list[fl
             )
         )
     return out
+
+
+def window_pass_rate(convs: Sequence[Conv], p: EscalationParams) -> float:
+    """Share of requests after the first turn that pay for the window pass."""
+    passes = [0, 0]
+    for c in convs:
+        escalations(c.turns or [], p, passes)
+    return passes[0] / passes[1] if passes[1] else 0.0
 
 
 def first_flag(values: Sequence[float], threshold: float) -> int | None:
@@ -227,47 +258,66 @@ def guard_flags(convs: Sequence[Conv], p: EscalationParams, harm_threshold: floa
     return out
 
 
-def tune(convs: Sequence[Conv], max_benign: float, base: EscalationParams) -> EscalationParams:
+def tune(
+    convs: Sequence[Conv],
+    max_benign: float,
+    base: EscalationParams,
+    gates: Sequence[float] = (0.0,),
+    slack: float = 0.02,
+) -> EscalationParams:
     """Most escalation conversations flagged, and flagged early (each source weighted alike), with at most
-    ``max_benign`` of the benign conversations flagged by the tracker."""
+    ``max_benign`` of the benign conversations flagged by the tracker; then, of the ``gates``, the highest (the
+    fewest window passes) whose best score is within ``slack`` of the ungated best."""
     esc_sets: dict[str, list[Conv]] = {}
     for c in convs:
         if c.label == "escalation":
             esc_sets.setdefault(c.set, []).append(c)
     ben = [c for c in convs if c.label == "benign"]
-    best: tuple[tuple[float, float], EscalationParams] | None = None
-    grid = itertools.product(
-        (0.6, 0.7, 0.8, 0.9),  # decay
-        (0.3, 0.5, 0.7),  # gain
-        (0.0, 0.1, 0.2),  # floor
-        (0.0, 1.0),  # trend weight
-        (0.85, 0.9),  # rephrase_low
-        (0.0, 0.15),  # refusal weight
-        (0.5, 0.9),  # rephrase weight
-    )
-    for decay, gain, floor, trend_weight, rephrase_low, refusal_weight, rephrase_weight in grid:
-        p0 = replace(
-            base,
-            decay=decay,
-            gain=gain,
-            floor=floor,
-            trend_weight=trend_weight,
-            rephrase_low=rephrase_low,
-            refusal_weight=refusal_weight,
-            rephrase_weight=rephrase_weight,
-            threshold=0.5,
+    per_gate: dict[float, tuple[tuple[float, float], EscalationParams]] = {}
+    grid = list(
+        itertools.product(
+            (0.6, 0.7, 0.8, 0.9),  # decay
+            (0.3, 0.5, 0.7),  # gain
+            (0.0, 0.1, 0.2),  # floor
+            (0.0, 1.0),  # trend weight
+            (0.85, 0.9),  # rephrase_low
+            (0.0, 0.15),  # refusal weight
+            (0.5, 0.9),  # rephrase weight
         )
-        # the raw score (threshold 0.5 maps identity) per turn; the flag threshold is then a cut on its maximum
-        ben_max = sorted(max(escalations(c.turns or [], p0), default=0.0) for c in ben)
-        k = int(max_benign * len(ben))  # benign conversations allowed over the threshold
-        threshold = min(0.99, max(0.05, ben_max[len(ben_max) - k - 1] + 1e-4 if ben_max else 0.5))
-        p = replace(p0, threshold=threshold)
-        per_set = [rates(group, tracker_flags(group, p)) for group in esc_sets.values()]
-        score = (statistics.mean(r.flagged + r.early for r in per_set), -threshold)
-        if best is None or score > best[0]:
-            best = (score, p)
-    assert best is not None
-    return best[1]
+    )
+    for gate in gates:
+        best: tuple[tuple[float, float], EscalationParams] | None = None
+        for decay, gain, floor, trend_weight, rephrase_low, refusal_weight, rephrase_weight in grid:
+            p0 = replace(
+                base,
+                decay=decay,
+                gain=gain,
+                floor=floor,
+                trend_weight=trend_weight,
+                rephrase_low=rephrase_low,
+                refusal_weight=refusal_weight,
+                rephrase_weight=rephrase_weight,
+                threshold=0.5,
+                window_gate=gate,
+            )
+            # the raw score (threshold 0.5 maps identity) per turn; the flag threshold is then a cut on its maximum
+            ben_max = sorted(max(escalations(c.turns or [], p0), default=0.0) for c in ben)
+            k = int(max_benign * len(ben))  # benign conversations allowed over the threshold
+            threshold = min(0.99, max(0.05, ben_max[len(ben_max) - k - 1] + 1e-4 if ben_max else 0.5))
+            p = replace(p0, threshold=threshold)
+            per_set = [rates(group, tracker_flags(group, p)) for group in esc_sets.values()]
+            score = (statistics.mean(r.flagged + r.early for r in per_set), -threshold)
+            if best is None or score > best[0]:
+                best = (score, p)
+        assert best is not None
+        per_gate[gate] = best
+        print(
+            f"  gate {gate:.2f}: score {best[0][0]:.3f}, window passes {window_pass_rate(convs, best[1]):.1%}",
+            file=sys.stderr,
+        )
+    reference = per_gate[min(per_gate)][0][0]
+    chosen = max(g for g, (score, _) in per_gate.items() if score[0] >= reference - slack)
+    return per_gate[chosen][1]
 
 
 def matched_harm_threshold(convs: Sequence[Conv], max_benign: float) -> float:
@@ -315,6 +365,15 @@ def report(
     }
     for split in splits:
         print(f"\n== split: {split}")
+        in_split = [c for c in convs if c.split == split]
+        passes = {
+            label: window_pass_rate([c for c in in_split if c.label == label], p) for label in ("benign", "escalation")
+        }
+        print(
+            f"  window pass run on {passes['benign']:.1%} of benign and {passes['escalation']:.1%} of escalation"
+            " requests after the first turn"
+        )
+        summary[f"{split}/window_passes"] = passes
         for key, group in groups(convs, split):
             benign = ":benign" in key
             print(f"  {key}")
@@ -354,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="grid-search the trajectory parameters and threshold")
     parser.add_argument("--tune-on", default="calibration", help="split(s) to tune on, '+'-joined")
     parser.add_argument("--max-benign", type=float, default=0.03, help="benign flag rate allowed when tuning")
+    parser.add_argument(
+        "--gates",
+        default="0,0.02,0.05,0.1,0.15,0.2,0.3",
+        help="window gates tried by --tune (comma-separated); the highest within --slack of the ungated best wins",
+    )
+    parser.add_argument("--slack", type=float, default=0.02, help="score (flagged + early) a gate may cost")
     parser.add_argument("--stitched", type=int, default=100, help="stitched long MT-Bench chats per split")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--png", type=Path, default=None)
@@ -382,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_splits = set(args.tune_on.split("+"))
     tuning = [c for c in convs if c.split in tune_splits]
     if args.tune:
-        params = tune(tuning, args.max_benign, params)
+        gates = [float(g) for g in args.gates.split(",")]
+        params = tune(tuning, args.max_benign, params, gates, args.slack)
         print(f"\ntuned on {sorted(tune_splits)} (benign <= {args.max_benign:.0%}): {params}")
     else:
         print(f"\nparameters: {params}")

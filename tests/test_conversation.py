@@ -9,6 +9,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,14 @@ class FakeClassifier:
 
 # The formula's shape, not the values tuned for the shipped model: tests stay valid when the model is re-tuned.
 PARAMS = EscalationParams(
-    decay=0.7, gain=0.5, trend_weight=1.0, refusal_weight=0.15, rephrase_low=0.75, rephrase_weight=0.9, threshold=0.5
+    decay=0.7,
+    gain=0.5,
+    trend_weight=1.0,
+    refusal_weight=0.15,
+    rephrase_low=0.75,
+    rephrase_weight=0.9,
+    threshold=0.5,
+    window_gate=0.0,  # the window on every request; the gate has its own tests
 )
 
 
@@ -152,10 +160,36 @@ async def test_request_n_plus_1_scores_only_the_new_turn() -> None:
         await t.record_reply("t1", None, messages, f"answer {i}", refused=False)
         messages.append(a(f"answer {i}"))
     assert per_request[0] == (1, 1)  # one turn: no window yet
-    # every later request: one classifier call with the new user turn and the window, however long the history
-    assert set(per_request[1:]) == {(1, 2)}
+    # every later request (the window gate at 0: always open): the new user turn, then the window, however long
+    # the history
+    assert set(per_request[1:]) == {(2, 2)}
     assert obs.signals.turn_index == 60
     assert obs.signals.history == "verified"
+
+
+async def test_window_gate_skips_the_window_pass_until_the_conversation_shows_risk() -> None:
+    clf = FakeClassifier()
+    t = tracker(clf, params=replace(PARAMS, window_gate=0.2))
+    messages: list[dict[str, Any]] = []
+
+    async def turn(text: str, *, refused: bool = False) -> tuple[int, int, float]:
+        messages.append(u(text))
+        before_calls, before_texts = len(clf.prompt_calls), clf.texts_scored
+        obs = await t.observe("t1", None, messages)
+        await t.record_reply("t1", None, messages, f"reply to {text}", refused=refused, observation=obs)
+        messages.append(a(f"reply to {text}"))
+        return len(clf.prompt_calls) - before_calls, clf.texts_scored - before_texts, obs.signals.window_harm
+
+    harmless = [await turn(f"question number {i} about gardening and weather") for i in range(30)]
+    # a harmless chat pays for its new turn only; the window counts as that turn
+    assert {(calls, texts) for calls, texts, _ in harmless} == {(1, 1)}
+    assert all(w == pytest.approx(0.01, abs=0.005) for _, _, w in harmless)
+    # a risky turn opens the gate: the turn, then the window, in a second call
+    calls, texts, window = await turn("tell me about explosive reactions", refused=True)
+    assert (calls, texts) == (2, 2) and window >= 0.6 - 0.005
+    # an earlier refusal keeps it open, however harmless the next turn
+    calls, texts, _ = await turn("and something about tulips")
+    assert (calls, texts) == (2, 2)
 
 
 async def test_record_reply_with_or_without_the_observation_agrees() -> None:
@@ -176,7 +210,7 @@ async def test_consecutive_new_user_turns_are_all_scored() -> None:
     messages += [a("hi!"), u("first part"), u("second part"), u("third part")]
     obs = await t.observe("t1", None, messages)
     assert obs.new_user_indices == (2, 3, 4)
-    assert clf.prompt_calls[-1][:3] == ["first part", "second part", "third part"]
+    assert clf.prompt_calls[-2] == ["first part", "second part", "third part"]
     assert obs.signals.turn_index == 4
 
 

@@ -9,6 +9,8 @@ split over turns or steered by earlier ones that no single turn shows.
   (1 - decay)``), the background noise of a long harmless chat (below ``floor``) does not, a single spike decays by
   ``decay`` per turn, and ``r_t`` never drops below the current turn's own risk.
 - trend: the least-squares slope of ``h`` over the last four turns (risk per turn; positive = steering upward).
+- the window is a second encoder pass, so it runs only when the cheaper evidence already shows some risk
+  (``window_gate_open``): request N+1 of a long harmless chat then costs one new turn.
 - escalation, a noisy-OR of independent pieces of evidence, each in [0, 1]::
 
       raw = 1 - (1 - max(w, r)) (1 - e_trend) (1 - e_refusal) (1 - e_rephrase) (1 - e_history)
@@ -32,7 +34,15 @@ from dataclasses import dataclass
 
 from guardproxy.conversation.integrity import History
 
-__all__ = ["FLAG_THRESHOLD", "EscalationParams", "escalation", "trajectory_step", "trend", "window_text"]
+__all__ = [
+    "FLAG_THRESHOLD",
+    "EscalationParams",
+    "escalation",
+    "trajectory_step",
+    "trend",
+    "window_gate_open",
+    "window_text",
+]
 
 FLAG_THRESHOLD = 0.5
 WINDOW_TURNS = 4
@@ -57,11 +67,36 @@ class EscalationParams:
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
     threshold: float = 0.932  # raw score mapped to FLAG_THRESHOLD (tuned: 0.9321)
+    window_gate: float = 0.0  # the window pass runs only when some evidence reaches this (0: always; see below)
 
 
 def window_text(turns: Sequence[tuple[str, str]]) -> str:
     """Turns (role, text), oldest first, in the window format of ``models/README.md``: ``"user: …\\nassistant: …"``."""
     return "\n".join(f"{role}: {text[:_WINDOW_TURN_CHARS]}" for role, text in turns)
+
+
+def window_gate_open(
+    *,
+    trajectory: float,
+    recent_risks: Sequence[float],
+    refusals: int,
+    rephrase: float,
+    history: History,
+    p: EscalationParams,
+) -> bool:
+    """Whether this request pays for the window pass (a second encoder pass over the recent turns).
+
+    A cascade: the per-turn scores come first (cached by content, so a long conversation adds one new turn), and
+    the window is scored only when the conversation already shows some risk: a recent user turn or the trajectory
+    at ``window_gate`` or above, an earlier refusal, a request close to a refused one, or history the gateway
+    cannot vouch for. A closed gate counts the window as the newest turn alone (which ``max(w, r)`` already holds,
+    so it adds nothing). ``window_gate`` is tuned with the other parameters; 0 runs the window on every request.
+    """
+    if p.window_gate <= 0.0 or refusals > 0 or history in ("forged", "unverified"):
+        return True
+    if rephrase >= p.rephrase_low:
+        return True
+    return trajectory >= p.window_gate or max(recent_risks, default=0.0) >= p.window_gate
 
 
 def trajectory_step(previous: float, risk: float, p: EscalationParams) -> float:

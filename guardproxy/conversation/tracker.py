@@ -259,11 +259,10 @@ class ConversationTracker:
         if repeat and chain.roles[-1] == "user":
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
-        window_src = None if repeat else self._window(chain, n - 1)
-        user_scores, window_scores = await self._scores_for(
-            [chain.text(i) for i in scored], [window_src] if window_src else []
-        )
-        window = window_scores[0] if window_scores else None
+        (user_scores, _) = await self._scores_for([chain.text(i) for i in scored], [])
+        recent = [s.embedding for s in user_scores]
+        rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
+        window: PromptScore | None = None
 
         if repeat:
             state = prev
@@ -273,10 +272,20 @@ class ConversationTracker:
             for s in user_scores:
                 traj = esc.trajectory_step(traj, s.harm, self.params)
                 risks.append(s.harm)
-            if window is not None:
+            gate_open = esc.window_gate_open(
+                trajectory=traj,
+                recent_risks=risks[-self.window_turns :],
+                refusals=prev.refusals,
+                rephrase=rephrase,
+                history=history,
+                p=self.params,
+            )
+            window_src = self._window(chain, n - 1) if gate_open else None
+            if window_src is not None:
+                (_, (window,)) = await self._scores_for([], [window_src])
                 window_harm = window.harm
             elif scored and chain.roles[-1] == "user":
-                window_harm = user_scores[-1].harm  # a one-turn window is the turn itself
+                window_harm = user_scores[-1].harm  # a one-turn window (or a closed gate) is the turn itself
             else:
                 window_harm = 0.0
             state = Snapshot(
@@ -292,8 +301,6 @@ class ConversationTracker:
             )
         # Signals come from the state as stored (to 1/254), so a retry served from state reads exactly the same.
         state = Snapshot.unpack(state.pack())
-        recent = [s.embedding for s in user_scores]
-        rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
         trend_value = esc.trend(state.risks)
         score = esc.escalation(
             window=state.window,
