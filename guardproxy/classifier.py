@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -187,6 +188,10 @@ class OnnxClassifier:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guardproxy-classifier")
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._closed = False
+        # Called from the worker thread with ("tokenize" | "model", seconds) once per job that ran the model:
+        # the gateway feeds it into its per-stage histogram, so "inference" (the wait for scores, queue included)
+        # splits into normalisation + tokenization and the ONNX run. Must be thread-safe and cheap.
+        self.observe_timing: Callable[[str, float], None] | None = None
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -352,6 +357,7 @@ class OnnxClassifier:
         from guardproxy.encoding import encode_prompt
         from guardproxy.normalize import normalize
 
+        started = time.perf_counter()
         normalized = [normalize(t) for t in texts]
         keys = [_key(b"prompt", n) for n in normalized]
         return self._run_cached(
@@ -359,12 +365,14 @@ class OnnxClassifier:
             lambda i: encode_prompt(self._tokenizer, normalized[i], self.info.max_length),
             self._prompt_scores,
             cancel,
+            started,
         )
 
     def _pair_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
         from guardproxy.encoding import encode_pair
         from guardproxy.normalize import normalize
 
+        started = time.perf_counter()
         normalized = [(normalize(p), normalize(r)) for p, r in pairs]
         keys = [_key(b"pair", p, r) for p, r in normalized]
         return self._run_cached(
@@ -372,6 +380,7 @@ class OnnxClassifier:
             lambda i: encode_pair(self._tokenizer, normalized[i][0], normalized[i][1], self.info.max_length),
             self._reply_scores,
             cancel,
+            started,
         )
 
     def _run_cached(
@@ -380,7 +389,9 @@ class OnnxClassifier:
         encode: Callable[[int], Any],
         decode: Callable[[dict[str, npt.NDArray[np.float32]]], list[T]],
         cancel: threading.Event,
+        started: float,
     ) -> list[T]:
+        """``started``: when the job began (normalisation counts as tokenization in the timings)."""
         results: list[T | None] = [self._cache.get(k) for k in keys]
         first: dict[bytes, int] = {}  # duplicates inside one call are computed once
         for i, k in enumerate(keys):
@@ -388,7 +399,12 @@ class OnnxClassifier:
                 first.setdefault(k, i)
         todo = list(first.values())
         if todo:
-            scored = self._infer([encode(i) for i in todo], decode, cancel)
+            encodings = [encode(i) for i in todo]
+            t1 = time.perf_counter()
+            scored = self._infer(encodings, decode, cancel)
+            if self.observe_timing is not None:
+                self.observe_timing("tokenize", t1 - started)
+                self.observe_timing("model", time.perf_counter() - t1)
             for i, score in zip(todo, scored, strict=True):
                 self._cache.put(keys[i], score)
                 results[i] = score

@@ -528,6 +528,8 @@ def build_guard(
         from guardproxy.classifier import OnnxClassifier
 
         classifier = OnnxClassifier.from_settings(settings.guard)
+        if metrics is not None:
+            classifier.observe_timing = metrics.observe_stage  # "inference" splits into tokenize + model
     if tracker is None and with_tracker:
         from guardproxy.conversation import build_tracker
 

@@ -375,3 +375,18 @@ async def _until(condition: Any, deadline: float = 10.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+async def test_timings_split_tokenization_from_the_model_run_and_skip_cache_hits() -> None:
+    c = OnnxClassifier.load(MODEL_DIR, threads=1, workers=1, timeout=30.0, cache_size=64)
+    seen: list[tuple[str, float]] = []
+    c.observe_timing = lambda part, seconds: seen.append((part, seconds))
+    try:
+        await c.score_prompts(["How do I kill a stuck Python process?"])
+        await c.score_replies([("How do I boil an egg?", "Eight minutes in boiling water.")])
+        assert [part for part, _ in seen] == ["tokenize", "model", "tokenize", "model"]
+        assert all(0.0 < seconds < 5.0 for _, seconds in seen)
+        await c.score_prompts(["How do I kill a stuck Python process?"])  # a cache hit runs nothing
+        assert len(seen) == 4
+    finally:
+        c.close()

@@ -8,13 +8,25 @@ from pathlib import Path
 from typing import Any
 
 # The gateway's stage labels, in request order. What each holds (guardproxy.chat, guardproxy.guard):
-STAGE_ORDER = ("parse", "input_check", "state", "inference", "policy", "upstream", "output_check")
+STAGE_ORDER = (
+    "parse",
+    "input_check",
+    "state",
+    "inference",
+    "tokenize",
+    "model",
+    "policy",
+    "upstream",
+    "output_check",
+)
 STAGE_LEGEND = (
     "stages: parse = JSON + validation; input_check = the whole input hook (state + policy + tool-result scoring); "
     "state = conversation lookup + scoring the new user turn(s) and the window (tokenize + inference inside); "
     "inference = guard model calls outside the tracker (reply scoring, tool results); policy = every policy's "
-    "decisions; output_check = reply scoring + policy; upstream = time to upstream headers. Tokenization is not "
-    "timed apart from inference; the store (decision log, drills) runs after the response, off the request path."
+    "decisions; output_check = reply scoring + policy; upstream = time to upstream headers. tokenize (normalisation "
+    "+ tokenization) and model (the ONNX run) are the classifier thread's own time for every model call, wherever "
+    "it was made (inside state, inference and output_check), so they overlap those stages and exclude queueing; "
+    "the store (decision log, drills) runs after the response, off the request path."
 )
 
 
