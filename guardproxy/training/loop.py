@@ -36,7 +36,12 @@ SOURCE_CAPS: dict[str, int] = {
 }
 # Rows repeated per epoch: the authored sets are the only ones that set one intent in many voices beside benign
 # look-alikes in the same voices (the principle, not the phrasing), and they are small.
-SOURCE_REPEATS: dict[str, int] = {"authored/prompts_reframed": 3, "authored/responses_voices": 2}
+SOURCE_REPEATS: dict[str, int] = {
+    "authored/prompts_reframed": 3,
+    "authored/prompts_contrast": 3,  # minimal pairs: one topic's harmful asks beside its benign look-alikes
+    "authored/responses_voices": 2,
+    "authored/responses_contrast": 2,
+}
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 
 
