@@ -161,6 +161,72 @@ def _parse_info(config: dict[str, Any], path: Path, embedding_dim: int) -> Model
     )
 
 
+class _Breaker:
+    """A circuit breaker over classifier calls, used on the event loop only.
+
+    ``failures`` consecutive failures (timeouts, no free slot, inference errors) open it: for ``cooldown`` seconds
+    every call that needs the model fails at once instead of waiting out the timeout, so a hung or broken model
+    costs each request nothing while the policy's fail-open / fail-closed behaviour applies. Then one call at a
+    time may probe (half-open): a success closes it, a failure opens it for another cooldown. 0 failures: off.
+    """
+
+    def __init__(self, failures: int, cooldown: float, on_change: Callable[[str], None] | None = None) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self.on_change = on_change
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if self.probing or time.monotonic() - self.opened_at >= self.cooldown else "open"
+
+    def allow(self) -> bool:
+        if self.threshold <= 0 or self.opened_at is None:
+            return True
+        if self.probing or time.monotonic() - self.opened_at < self.cooldown:
+            return False
+        self.probing = True
+        return True
+
+    def retry_in(self) -> float:
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.cooldown - (time.monotonic() - self.opened_at))
+
+    def success(self) -> None:
+        was_open = self.opened_at is not None
+        self.failures, self.opened_at, self.probing = 0, None, False
+        if was_open:
+            logger.warning("guard model circuit closed: the model answers again")
+            self._changed("closed")
+
+    def failure(self) -> None:
+        self.failures += 1
+        was_probing, self.probing = self.probing, False
+        if self.threshold > 0 and (self.failures >= self.threshold or was_probing):
+            first = self.opened_at is None
+            self.opened_at = time.monotonic()
+            if first:
+                logger.warning(
+                    "guard model circuit open after %d consecutive failures: failing fast for %.1f s at a time",
+                    self.failures,
+                    self.cooldown,
+                )
+                self._changed("open")
+
+    def release(self) -> None:
+        """A probe that ended without a verdict (the caller went away): let the next call probe."""
+        self.probing = False
+
+    def _changed(self, state: str) -> None:
+        if self.on_change is not None:
+            self.on_change(state)
+
+
 class OnnxClassifier:
     """``signals.Classifier`` backed by the ONNX guard model. Build it with ``load`` or ``from_settings``."""
 
@@ -176,6 +242,8 @@ class OnnxClassifier:
         max_pending: int | None = None,
         max_batch: int = 1,
         max_batch_tokens: int = 4096,
+        breaker_failures: int = 5,
+        breaker_cooldown: float = 5.0,
     ) -> None:
         self._session = session
         self._tokenizer = tokenizer
@@ -192,6 +260,7 @@ class OnnxClassifier:
         # the gateway feeds it into its per-stage histogram, so "inference" (the wait for scores, queue included)
         # splits into normalisation + tokenization and the ONNX run. Must be thread-safe and cheap.
         self.observe_timing: Callable[[str, float], None] | None = None
+        self.breaker = _Breaker(breaker_failures, breaker_cooldown)
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -254,6 +323,8 @@ class OnnxClassifier:
             workers=settings.workers,
             timeout=settings.timeout,
             cache_size=settings.cache_size,
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown=settings.breaker_cooldown,
         )
 
     @property
@@ -319,6 +390,30 @@ class OnnxClassifier:
         todo = [i for i, hit in enumerate(cached) if hit is None]
         if not todo:
             return cached  # type: ignore[return-value]
+        breaker = self.breaker
+        if not breaker.allow():
+            raise ClassifierError(
+                f"classifier circuit open after {breaker.failures} consecutive failures; "
+                f"next try in {breaker.retry_in():.1f} s"
+            )
+        try:
+            results = await self._run_job(job, [items[i] for i in todo])
+        except ClassifierError:
+            if not self._closed:
+                breaker.failure()
+            raise
+        except BaseException:
+            breaker.release()
+            raise
+        breaker.success()
+        out: list[Any] = list(cached)
+        for i, result in zip(todo, results, strict=True):
+            out[i] = result
+            self._cache.put(raw_keys[i], result)
+        return out
+
+    async def _run_job(self, job: Callable[[list[Any], threading.Event], list[T]], items: list[Any]) -> list[T]:
+        """Run ``job(items)`` in the executor within the timeout; every failure is a ``ClassifierError``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         slots = self._semaphore()
@@ -329,7 +424,7 @@ class OnnxClassifier:
             raise ClassifierError(f"classifier busy: no slot within {self._timeout:g} s") from None
         cancel = threading.Event()
         try:
-            cfut: Future[list[T]] = self._executor.submit(job, [items[i] for i in todo], cancel)
+            cfut: Future[list[T]] = self._executor.submit(job, items, cancel)
         except RuntimeError as exc:  # executor shut down between the check above and now
             slots.release()
             raise ClassifierError("classifier is closed") from exc
@@ -338,7 +433,7 @@ class OnnxClassifier:
         cfut.add_done_callback(lambda _f: _release_threadsafe(loop, slots))
         try:
             async with asyncio.timeout_at(deadline):
-                results = await asyncio.wrap_future(cfut)
+                return await asyncio.wrap_future(cfut)
         except TimeoutError:
             cancel.set()
             raise ClassifierError(f"classification timed out after {self._timeout:g} s") from None
@@ -347,11 +442,6 @@ class OnnxClassifier:
             if isinstance(exc, ClassifierError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
             raise ClassifierError(f"inference failed: {exc!r}") from exc
-        out: list[Any] = list(cached)
-        for i, result in zip(todo, results, strict=True):
-            out[i] = result
-            self._cache.put(raw_keys[i], result)
-        return out
 
     def _prompt_job(self, texts: list[str], cancel: threading.Event) -> list[PromptScore]:
         from guardproxy.encoding import encode_prompt

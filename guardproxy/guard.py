@@ -530,6 +530,10 @@ def build_guard(
         classifier = OnnxClassifier.from_settings(settings.guard)
         if metrics is not None:
             classifier.observe_timing = metrics.observe_stage  # "inference" splits into tokenize + model
+            transitions = metrics.counter(
+                "guardproxy_classifier_circuit_total", "guard model circuit breaker transitions", ["to"]
+            )
+            classifier.breaker.on_change = lambda state: transitions.labels(state).inc()
     if tracker is None and with_tracker:
         from guardproxy.conversation import build_tracker
 

@@ -81,6 +81,10 @@ class GuardSettings(BaseModel):
     workers: int = Field(1, ge=1, description="size of the one inference executor")
     timeout: float = Field(2.0, gt=0, description="a classification slower than this counts as a failure")
     cache_size: int = Field(8192, ge=0)
+    breaker_failures: int = Field(
+        5, ge=0, description="consecutive classifier failures that open the circuit (fail fast); 0 turns it off"
+    )
+    breaker_cooldown: float = Field(5.0, gt=0, description="seconds the open circuit fails fast before one probe")
 
 
 class PolicySettings(BaseModel):

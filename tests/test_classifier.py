@@ -390,3 +390,51 @@ async def test_timings_split_tokenization_from_the_model_run_and_skip_cache_hits
         assert len(seen) == 4
     finally:
         c.close()
+
+
+async def test_circuit_breaker_fails_fast_while_the_model_hangs_then_probes_and_closes() -> None:
+    session = _GatedSession()
+    c = _gated_classifier(session, timeout=0.2, breaker_failures=2, breaker_cooldown=0.5, cache_size=16)
+    changes: list[str] = []
+    c.breaker.on_change = changes.append
+    try:
+        session.gate.set()
+        await c.score_prompts(["cached before the outage"])
+        session.gate.clear()  # the model hangs from here on
+        for text in ("first", "second"):
+            with pytest.raises(ClassifierError, match="timed out|busy"):
+                await c.score_prompts([text])
+        assert changes == ["open"] and c.breaker.state == "open"
+        t0 = time.monotonic()
+        with pytest.raises(ClassifierError, match="circuit open after 2 consecutive failures"):
+            await c.score_prompts(["third"])
+        assert time.monotonic() - t0 < 0.1  # no wait for the timeout
+        # what the cache holds is still served while the circuit is open
+        (cached,) = await c.score_prompts(["cached before the outage"])
+        assert cached.harm == pytest.approx(0.25)
+        session.gate.set()  # the model answers again
+        await asyncio.sleep(0.55)  # the cooldown: the next call is a probe
+        (probe,) = await c.score_prompts(["fourth"])
+        assert probe.harm == pytest.approx(0.25)
+        assert changes == ["open", "closed"] and c.breaker.state == "closed"
+    finally:
+        session.gate.set()
+        await c.aclose()
+
+
+async def test_a_failed_probe_opens_the_circuit_again() -> None:
+    session = _GatedSession(fail=True)
+    session.gate.set()
+    c = _gated_classifier(session, breaker_failures=1, breaker_cooldown=0.2)
+    try:
+        with pytest.raises(ClassifierError, match="inference failed"):
+            await c.score_prompts(["one"])
+        with pytest.raises(ClassifierError, match="circuit open"):
+            await c.score_prompts(["two"])
+        await asyncio.sleep(0.25)
+        with pytest.raises(ClassifierError, match="inference failed"):  # the probe reaches the model, and fails
+            await c.score_prompts(["three"])
+        with pytest.raises(ClassifierError, match="circuit open"):
+            await c.score_prompts(["four"])
+    finally:
+        await c.aclose()
