@@ -297,7 +297,9 @@ class V1Endpoint:
             raw = await self._read_body(receive, headers.get("content-length"))
             watcher = asyncio.create_task(self._watch(receive, call))
             call.upstream_headers, call.visible_headers = split_request_headers(
-                scope["headers"], replace_key=gw.upstream.replace_key if gw.upstream else None
+                scope["headers"],
+                replace_key=gw.upstream.replace_key if gw.upstream else None,
+                key_header=gw.upstream.key_header if gw.upstream else "authorization",
             )
             call.upstream_headers.append((b"x-request-id", call.request_id.encode()))
             call.query = scope.get("query_string", b"")

@@ -113,7 +113,7 @@ def route_label(kind: RouteKind, path: str) -> str:
 
 
 def split_request_headers(
-    raw: Iterable[tuple[bytes, bytes]], *, replace_key: str | None
+    raw: Iterable[tuple[bytes, bytes]], *, replace_key: str | None, key_header: str = "authorization"
 ) -> tuple[list[tuple[bytes, bytes]], dict[str, str]]:
     """Headers to send upstream, and the credential-free headers the checks see (``Exchange.headers``).
 
@@ -134,7 +134,10 @@ def split_request_headers(
         if name not in CREDENTIAL_HEADERS and name not in HOP_BY_HOP:
             visible[name.decode("latin-1")] = value.decode("latin-1")
     if replace_key is not None:
-        upstream.append((b"authorization", b"Bearer " + replace_key.encode()))
+        if key_header == "authorization":
+            upstream.append((b"authorization", b"Bearer " + replace_key.encode()))
+        else:  # Azure OpenAI's ``api-key``, Anthropic-style ``x-api-key``: the bare key
+            upstream.append((key_header.encode("latin-1"), replace_key.encode()))
     return upstream, visible
 
 
@@ -240,6 +243,7 @@ class Upstream:
         self.client = httpx.AsyncClient(transport=self.transport, timeout=self.timeout, trust_env=False)
         self._extensions = {"timeout": self.timeout.as_dict()}
         self.replace_key = up.api_key.get_secret_value() if up.api_key is not None else None
+        self.key_header = up.api_key_header
 
     def url(self, path: str, query: bytes = b"") -> str:
         rest = path[3:] if path.lower().startswith("/v1") else path

@@ -40,6 +40,11 @@ class UpstreamSettings(BaseModel):
     api_key: SecretStr | None = Field(
         None, description="replace mode: send this key upstream and require gateway keys from clients"
     )
+    api_key_header: Literal["authorization", "api-key", "x-api-key"] = Field(
+        "authorization",
+        description="how replace mode sends the key: 'Authorization: Bearer <key>', or the bare key in Azure "
+        "OpenAI's 'api-key' or an 'x-api-key' header",
+    )
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(60.0, gt=0, description="longest gap between two reads from the upstream")
     total_timeout: float = Field(600.0, gt=0, description="overall deadline of one upstream exchange")

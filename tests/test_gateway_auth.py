@@ -52,6 +52,16 @@ async def test_replace_mode_swaps_the_key_and_names_the_tenant() -> None:
         assert "authorization" not in check.inputs[0].headers
 
 
+async def test_replace_mode_sends_the_key_in_azures_api_key_header_when_told() -> None:
+    azure = {**REPLACE, "upstream": {"api_key": UPSTREAM_KEY, "api_key_header": "api-key"}}
+    async with gateway(**azure) as env:
+        r = await env.client.post(CHAT, json=HELLO, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+        assert r.status_code == 200
+        sent = env.fake.requests[0].headers
+        assert sent["api-key"] == UPSTREAM_KEY
+        assert "authorization" not in sent  # the client's gateway key never goes upstream
+
+
 async def test_pass_through_tenant_is_a_key_hash() -> None:
     check = ScriptedCheck()
     async with gateway(checks=[check]) as env:
