@@ -298,3 +298,23 @@ def test_eval_sample_and_group_by(tmp_path: Path, capsys: pytest.CaptureFixture[
     by_source = metrics["prompts"]["by_source"]
     assert sum(v["n"] for v in by_source.values()) == 4
     assert {v["source"] for v in by_source.values()} <= {"challenge:direct", "challenge:fiction"}
+
+
+def test_eval_split_keeps_exactly_the_rows_training_put_in_that_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"  # the trainer's splits need its whole data set
+    source = data / "prompts" / "advbench.jsonl"
+    total = sum(1 for line in source.read_text().splitlines() if line.strip())
+    kept: dict[str, int] = {}
+    for split in ("dev", "calibration", "train"):
+        out = tmp_path / f"{split}.json"
+        args = ["eval", str(source), "--model", str(MODEL_DIR), "--split", split, "--data", str(data)]
+        assert main([*args, "--json", str(out), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert f"--split {split}: kept " in err and f"of {total} rows" in err
+        metrics = json.loads(out.read_text())
+        kept[split] = metrics["prompts"]["by_label"]["harmful"]["n"] if "prompts" in metrics else 0
+    # the three splits partition the file; dev is the share training kept apart (about 15%)
+    assert sum(kept.values()) == total
+    assert 0.05 * total <= kept["dev"] <= 0.3 * total and kept["train"] >= 0.5 * total

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import sys
@@ -37,9 +38,10 @@ from guardproxy.evaluation import (
 )
 from guardproxy.policy import Policy
 from guardproxy.scoring import ParsedRow, Progress, RowError, RowScorer, parse_row, read_jsonl
-from guardproxy.settings import PROJECT_ROOT
+from guardproxy.settings import PROJECT_ROOT, load_settings
 
-DEFAULT_BASELINES = PROJECT_ROOT.parent / "shared" / "data" / "baselines" / "refusal_keyword_lists.json"
+DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data"
+DEFAULT_BASELINES = DEFAULT_DATA / "baselines" / "refusal_keyword_lists.json"
 CHUNK_ROWS = 64
 
 
@@ -52,6 +54,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, default=None, help="score at most N rows per file (fixed by id hash)")
     parser.add_argument("--group-by", default=None, metavar="FIELD", help="split sources by this row field too")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--split",
+        choices=("dev", "calibration", "train"),
+        default=None,
+        help="keep only the rows the model's trainer put in this split (recomputed from --data and the seed in "
+        "the model's config.json, exactly as training assigned it); rows it never saw are dropped",
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data root, for --split")
 
 
 def source_name(path: Path) -> str:
@@ -137,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     baselines = load_baselines(args.baselines)
     files = [(path, _load_rows(path, args.sample)) for path in args.files]
     classifier, policy = load_model_and_policy(args)
+    if args.split:
+        model_dir = args.model or load_settings().guard.model_dir
+        files = _keep_split(files, args.split, args.data, Path(model_dir))
     try:
         collector = score_files(classifier, policy, files, baselines, args)
     finally:
@@ -162,6 +175,44 @@ def run(args: argparse.Namespace) -> int:
         plot_distributions(collector, args.png, policy.harm_threshold, classifier.thresholds)
         print(f"score distributions written to {args.png}", file=sys.stderr)
     return 0
+
+
+def trainer_split_of_ids(data: Path, seed: int) -> dict[str, str]:
+    """Row id -> the split training assigned (``dev``, ``calibration``, ``train``); ``?`` for an id that several
+    rows share across splits. Uses the trainer's own loader and splitter (pure Python, no torch)."""
+    sources = importlib.import_module("guardproxy.training.sources")  # outside mypy's strict scope
+    splits = importlib.import_module("guardproxy.training.splits")
+    examples = sources.load_all(data, seed=seed)
+    splits.assign_splits(examples, seed)
+    out: dict[str, str] = {}
+    for e in examples:
+        rid = (e.meta or {}).get("id")
+        if rid is None:
+            continue
+        key = str(rid)
+        out[key] = e.split if out.get(key, e.split) == e.split else "?"
+    return out
+
+
+def _keep_split(
+    files: list[tuple[Path, list[ParsedRow]]], split: str, data: Path, model_dir: Path
+) -> list[tuple[Path, list[ParsedRow]]]:
+    if not data.is_dir():
+        raise ConfigError(f"--split needs the training data: no directory {data} (set --data)")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    seed = int(config.get("data", {}).get("seed", 0))
+    by_id = trainer_split_of_ids(data, seed)
+    kept_files, kept, total, unknown = [], 0, 0, 0
+    for path, rows in files:
+        keep = [r for r in rows if by_id.get(str(r.id)) == split]
+        unknown += sum(1 for r in rows if str(r.id) not in by_id)
+        kept_files.append((path, keep))
+        kept, total = kept + len(keep), total + len(rows)
+    print(
+        f"--split {split}: kept {kept} of {total} rows (seed {seed}; {unknown} rows training never saw, dropped)",
+        file=sys.stderr,
+    )
+    return kept_files
 
 
 def score_files(
