@@ -21,9 +21,9 @@ to <= ``--max-benign`` of benign conversations flagged.
 The history weights cannot be tuned on this data (history is always verified in replay) and keep their defaults.
 
 Flag = a user turn with escalation >= 0.5. Last-turn-only baseline = a user turn whose own harm >= the model's
-``thresholds.harm`` (the guard looking at the newest user message of each request), and the same with the harm
-threshold matched to the tuning split's benign budget; "tracker + last-turn" = either rule (the default policy has
-both). Prints, never passes or fails.
+calibrated harm threshold (0.5 on the operating scale; the guard looking at the newest user message of each
+request), and the same with the harm threshold matched to the tuning split's benign budget; "tracker +
+last-turn" = either rule (the default policy has both). Prints, never passes or fails.
 """
 
 from __future__ import annotations
@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = json.loads((args.model / "config.json").read_text())
     seed = int(config.get("data", {}).get("seed", 0))
-    harm_threshold = float(config["thresholds"]["harm"])
+    harm_threshold = 0.5  # scores are on the operating scale: 0.5 is the model's calibrated harm threshold
     convs = load_conversations(args.data, seed, args.stitched)
     cache_key = f"{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}"
     cached: dict[str, Any] = {}

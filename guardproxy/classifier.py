@@ -8,6 +8,10 @@ jobs are queued or running; a caller waits for a slot inside its own deadline, s
 grows without bound. A timed-out job is told to stop at its next batch boundary, so abandoned work does not keep
 the worker busy.
 
+Scores: harm, jailbreak and reply harm are reported on the operating scale (``to_operating_scale``): each head's
+calibrated threshold from ``config.json`` maps to 0.5, so policies read the same round numbers whatever model is
+loaded. Refusal probabilities are reported as the model gives them.
+
 Caching: results are kept in an LRU keyed by sha256 of (mode, normalized text). Evasion variants of one text
 normalize to the same key. The event loop also checks a key of the raw text (a cheap hash, no normalization) so
 that a request whose turns were all seen before (every earlier user turn of a chat is re-sent with each request)
@@ -57,15 +61,38 @@ OUTPUTS = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding"
 T = TypeVar("T", PromptScore, ReplyScore)
 
 
+def to_operating_scale(x: float, threshold: float) -> float:
+    """Map a raw head output onto the scale every policy reads: the head's calibrated threshold goes to 0.5.
+
+    Piecewise linear and monotone (``[0, t] -> [0, 0.5]``, ``[t, 1] -> [0.5, 1]``), so rankings (AUROC) are
+    unchanged and a policy's round numbers mean the same operating point for every model: ``harm_at_least =
+    0.5`` is the threshold the model's trainer calibrated, whatever raw value that was.
+    """
+    t = min(max(threshold, 1e-6), 1.0 - 1e-6)
+    x = min(max(x, 0.0), 1.0)
+    return 0.5 * x / t if x < t else 0.5 + 0.5 * (x - t) / (1.0 - t)
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """Calibrated thresholds from ``config.json`` (see models/README.md)."""
+    """Calibrated thresholds: raw head outputs in ``config.json`` (see models/README.md); ``scaled()`` is the
+    view on the operating scale that scores are reported in."""
 
     harm: float  # default flag threshold of the harm head
     harm_high: float  # block-level harm
     jailbreak: float
     reply_harm: float
     refusal_partial: float  # p(partial) + p(full) at or above this is a refusal
+
+    def scaled(self) -> Thresholds:
+        """The same thresholds on the operating scale (harm, jailbreak and reply harm at 0.5)."""
+        return Thresholds(
+            harm=0.5,
+            harm_high=to_operating_scale(self.harm_high, self.harm),
+            jailbreak=0.5,
+            reply_harm=0.5,
+            refusal_partial=self.refusal_partial,
+        )
 
 
 @dataclass(frozen=True)
@@ -329,6 +356,12 @@ class OnnxClassifier:
 
     @property
     def thresholds(self) -> Thresholds:
+        """Thresholds on the scale scores are reported in (harm, jailbreak, reply harm: 0.5)."""
+        return self.info.thresholds.scaled()
+
+    @property
+    def raw_thresholds(self) -> Thresholds:
+        """The calibrated thresholds on the model's raw outputs, as ``config.json`` holds them."""
         return self.info.thresholds
 
     @property
@@ -530,18 +563,18 @@ class OnnxClassifier:
         return out  # type: ignore[return-value]
 
     def _prompt_scores(self, out: dict[str, npt.NDArray[np.float32]]) -> list[PromptScore]:
-        harm_threshold = self.info.thresholds.harm
+        t = self.info.thresholds
         scores = []
         for harm, cat, jb, emb in zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], strict=True):
             idx = int(np.argmax(cat))
             # A request judged harmful always gets a hazard category the policy can write a refusal for.
-            if idx == 0 and float(harm) >= harm_threshold and len(cat) > 1:
+            if idx == 0 and float(harm) >= t.harm and len(cat) > 1:
                 idx = 1 + int(np.argmax(cat[1:]))
             scores.append(
                 PromptScore(
-                    harm=float(harm),
+                    harm=to_operating_scale(float(harm), t.harm),
                     category=taxonomy.CATEGORY_IDS[idx],
-                    jailbreak=float(jb),
+                    jailbreak=to_operating_scale(float(jb), t.jailbreak),
                     embedding=np.array(emb, dtype=np.float32),  # a copy: do not pin the whole batch array
                 )
             )
@@ -551,7 +584,13 @@ class OnnxClassifier:
         scores = []
         for probs, reply_harm in zip(out["refusal"], out["reply_harm"], strict=True):
             p = (float(probs[0]), float(probs[1]), float(probs[2]))
-            scores.append(ReplyScore(refusal=self.refusal_class(p), refusal_probs=p, reply_harm=float(reply_harm)))
+            scores.append(
+                ReplyScore(
+                    refusal=self.refusal_class(p),
+                    refusal_probs=p,
+                    reply_harm=to_operating_scale(float(reply_harm), self.info.thresholds.reply_harm),
+                )
+            )
         return scores
 
     def refusal_class(self, probs: tuple[float, float, float]) -> RefusalClass:

@@ -20,11 +20,13 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from guardproxy.classifier import ModelInfo, OnnxClassifier, Thresholds
+from guardproxy.classifier import ModelInfo, OnnxClassifier, Thresholds, to_operating_scale
 from guardproxy.encoding import load_tokenizer
 from guardproxy.errors import ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings, Settings
@@ -89,7 +91,10 @@ def test_a_model_of_another_taxonomy_is_refused(tmp_path: Path) -> None:
 
 def test_from_settings_and_exposed_config(clf: OnnxClassifier) -> None:
     config = json.loads((MODEL_DIR / "config.json").read_text())
-    assert clf.thresholds.harm == config["thresholds"]["harm"]
+    assert clf.raw_thresholds.harm == config["thresholds"]["harm"]
+    # scores and thresholds are reported on the operating scale: each head's calibrated threshold is 0.5
+    assert (clf.thresholds.harm, clf.thresholds.jailbreak, clf.thresholds.reply_harm) == (0.5, 0.5, 0.5)
+    assert 0.5 <= clf.thresholds.harm_high <= 1.0
     assert clf.thresholds.refusal_partial == config["thresholds"]["refusal_partial"]
     assert clf.info.max_length == config["max_length"]
     c = OnnxClassifier.from_settings(GuardSettings(model_dir=MODEL_DIR, cache_size=0))
@@ -100,6 +105,28 @@ def test_from_settings_and_exposed_config(clf: OnnxClassifier) -> None:
 
 
 # --- results ----------------------------------------------------------------------------------------------
+
+
+@given(x=st.floats(0.0, 1.0), y=st.floats(0.0, 1.0), t=st.floats(0.01, 0.99))
+def test_operating_scale_is_monotone_and_puts_the_threshold_at_one_half(x: float, y: float, t: float) -> None:
+    assert to_operating_scale(t, t) == pytest.approx(0.5)
+    assert to_operating_scale(0.0, t) == 0.0 and to_operating_scale(1.0, t) == pytest.approx(1.0)
+    if x <= y:
+        assert to_operating_scale(x, t) <= to_operating_scale(y, t)
+    assert (to_operating_scale(x, t) >= 0.5) == (x >= t)
+
+
+async def test_scores_are_reported_on_the_operating_scale() -> None:
+    session = _GatedSession(harm=0.3)
+    session.gate.set()
+    c = _gated_classifier(session, harm_threshold=0.2)
+    try:
+        (score,) = await c.score_prompts(["anything"])
+        # raw harm 0.3 over a calibrated threshold of 0.2: above the operating point
+        assert score.harm == pytest.approx(0.5 + 0.5 * (0.3 - 0.2) / 0.8)
+        assert score.category != "none"  # judged harmful, so it gets a hazard category
+    finally:
+        await c.aclose()
 
 
 async def test_prompt_scores_are_probabilities_in_input_order(clf: OnnxClassifier) -> None:
@@ -357,12 +384,16 @@ class _GatedSession:
             self.finished.set()
 
 
-def _gated_classifier(session: _GatedSession, *, refusal_partial: float = 0.5, **options: Any) -> OnnxClassifier:
+def _gated_classifier(
+    session: _GatedSession, *, refusal_partial: float = 0.5, harm_threshold: float = 0.5, **options: Any
+) -> OnnxClassifier:
     info = ModelInfo(
         name="gated",
         version="0",
         max_length=64,
-        thresholds=Thresholds(harm=0.5, harm_high=0.9, jailbreak=0.5, reply_harm=0.5, refusal_partial=refusal_partial),
+        thresholds=Thresholds(
+            harm=harm_threshold, harm_high=0.9, jailbreak=0.5, reply_harm=0.5, refusal_partial=refusal_partial
+        ),
         embedding_dim=session.dim,
     )
     options.setdefault("timeout", 10.0)

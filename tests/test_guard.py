@@ -85,7 +85,7 @@ class ScriptedClassifier:
 
 PROMPTS = {
     "benign": (0.02, "none", 0.0),
-    "uncertain": (0.4, "privacy", 0.0),
+    "uncertain": (0.4, "privacy", 0.6),  # below default's operating point, in a jailbreak wrapper: flag / block
     "low-band": (0.2, "specialized_advice", 0.0),
     "harmful": (0.8, "violent_crimes", 0.0),
     "jailbreak": (0.1, "none", 0.9),
@@ -332,7 +332,7 @@ async def test_shadow_that_would_block_is_recorded_but_never_reaches_the_client(
             await asyncio.sleep(0.05)
         metrics = (await gw.client.get(f"{gw.url}/metrics")).text
     for r in (benign, uncertain):
-        assert r.status == 200 and r.text == DEFAULT_TEXT and r.policy == "default@2026.11.27"
+        assert r.status == 200 and r.text == DEFAULT_TEXT and r.policy == "default@2026.12.02"
         assert "blocks-all" not in json.dumps(r.body) and "must never reach a client" not in r.text
     assert (benign.decision, uncertain.decision) == ("allow", "flag")
 
@@ -471,12 +471,13 @@ async def test_reload_with_a_broken_file_keeps_the_old_policy(tmp_path: Path) ->
         assert wrong.status_code == 401
         active.write_text(active.read_text().replace("harm_threshold = 0.5", 'harm_threshold = "half"'))
         r = await gw.client.post(f"{gw.url}/guard/admin/reload", headers=admin)
-        assert r.status_code == 422 and f"{active}:10: harm_threshold" in r.json()["error"]
+        line = 1 + active.read_text().splitlines().index('harm_threshold = "half"')
+        assert r.status_code == 422 and f"{active}:{line}: harm_threshold" in r.json()["error"]
         after = await gw.chat("uncertain")
-        assert (after.decision, after.policy) == ("flag", "default@2026.11.27")
+        assert (after.decision, after.policy) == ("flag", "default@2026.12.02")
         sighup = await gw.bundle.areload()  # the SIGHUP path: same rejection
         assert sighup is not None and not sighup.ok
-        assert (await gw.chat("uncertain")).policy == "default@2026.11.27"
+        assert (await gw.chat("uncertain")).policy == "default@2026.12.02"
         shutil.copy(POLICIES / "strict.toml", active)
         r = await gw.client.post(f"{gw.url}/guard/admin/reload", headers={"x-guardproxy-admin-token": ADMIN})
         assert r.status_code == 200 and r.json()["policies"] == ["strict@2026.11.27"]
@@ -488,10 +489,10 @@ async def test_reload_on_file_change(tmp_path: Path) -> None:
     active = tmp_path / "active.toml"
     shutil.copy(POLICIES / "default.toml", active)
     async with gateway(tmp_path, active, watch=True) as gw:
-        assert (await gw.chat("uncertain")).policy == "default@2026.11.27"
+        assert (await gw.chat("uncertain")).policy == "default@2026.12.02"
         active.write_text("this is not TOML [")  # a broken write is rejected...
         await asyncio.sleep(2.5)
-        assert (await gw.chat("uncertain")).policy == "default@2026.11.27"
+        assert (await gw.chat("uncertain")).policy == "default@2026.12.02"
         shutil.copy(POLICIES / "strict.toml", active)  # ...and the next good one taken
         for _ in range(100):
             r = await gw.chat("uncertain")

@@ -123,7 +123,7 @@ CONV = ConversationSignals
 INPUT_CASES = [
     # policy, signals, action, rule
     ("default", Signals(harm=0.05), Action.ALLOW, None),
-    ("default", Signals(harm=0.4, category="privacy"), Action.FLAG, "flag-uncertain-harm"),
+    ("default", Signals(harm=0.4, category="privacy"), Action.ALLOW, None),  # below the operating point
     ("default", Signals(harm=0.7, category="privacy"), Action.BLOCK, "block-harm"),
     ("default", Signals(harm=0.1, jailbreak=0.9), Action.FLAG, "flag-jailbreak"),
     ("default", Signals(harm=0.2, conversation=CONV(escalation=0.9, window_harm=0.6)), Action.BLOCK,
@@ -234,7 +234,7 @@ def test_retry_on_false_refusal_only_when_harm_is_very_low() -> None:
 def test_default_and_strict_differ_on_the_same_scores() -> None:
     # the contract `guardproxy score --policy policies/strict.toml` relies on: one band, two actions
     default, strict = load_policy(shipped("default")), load_policy(shipped("strict"))
-    for harm, d, s in [(0.2, Action.ALLOW, Action.FLAG), (0.4, Action.FLAG, Action.BLOCK)]:
+    for harm, d, s in [(0.2, Action.ALLOW, Action.FLAG), (0.4, Action.ALLOW, Action.BLOCK)]:
         assert default.decide_input(Signals(harm=harm)).action is d
         assert strict.decide_input(Signals(harm=harm)).action is s
 
@@ -271,12 +271,12 @@ def test_reload_with_a_broken_file_keeps_the_old_policy(tmp_path: Path) -> None:
     path = tmp_path / "active.toml"
     shutil.copy(shipped("default"), path)
     pset = PolicySet(path)
-    assert pset.select("t", None)[0].ref == "default@2026.11.27"
+    assert pset.select("t", None)[0].ref == "default@2026.12.02"
     path.write_text(path.read_text().replace('on_state_failure = "fail_open"\n', ""))
     assert pset.changed()
     result = pset.reload()
     assert not result.ok and result.error and "on_state_failure" in result.error and f"{path}:" in result.error
-    assert pset.select("t", None)[0].ref == "default@2026.11.27"
+    assert pset.select("t", None)[0].ref == "default@2026.12.02"
     shutil.copy(shipped("strict"), path)
     result = pset.reload()
     assert result.ok and pset.select("t", None)[0].name == "strict"
@@ -358,4 +358,4 @@ def test_two_files_with_one_name_and_version_are_refused(tmp_path: Path) -> None
     shutil.copy(shipped("default"), copy)
     with pytest.raises(PolicyError) as info:
         PolicySet(shipped("default"), [copy])
-    assert any("default@2026.11.27 is also the name@version" in i for i in info.value.issues)
+    assert any("default@2026.12.02 is also the name@version" in i for i in info.value.issues)
