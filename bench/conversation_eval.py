@@ -429,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = int(config.get("data", {}).get("seed", 0))
     harm_threshold = 0.5  # scores are on the operating scale: 0.5 is the model's calibrated harm threshold
     convs = load_conversations(args.data, seed, args.stitched)
-    cache_key = f"{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}"
+    # scores on the operating scale (v2): a cache of raw scores from an older replay is not reused
+    cache_key = f"v2:{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}"
     cached: dict[str, Any] = {}
     if args.cache.is_file():
         blob = json.loads(args.cache.read_text())
