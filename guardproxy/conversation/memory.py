@@ -14,8 +14,10 @@ from guardproxy.conversation.state import ENTRY_BYTES, MARKER, Loaded, trim_reco
 
 __all__ = ["MemoryBackend"]
 
-# Python's own bookkeeping per record (key object, record object, OrderedDict node), counted against max_bytes.
-_RECORD_OVERHEAD = 240
+# Python's own bookkeeping per record (key bytes object, record object, bytearray header and its slack, the
+# float, the OrderedDict node and dict slot), counted against max_bytes. 240 undercounted: tracemalloc under
+# the soak mix (2026-12-02) put a one-turn conversation at 450-520 B in all against ~90 B of key + payload.
+_RECORD_OVERHEAD = 400
 _TENANT_OVERHEAD = 400
 
 
