@@ -21,6 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--max-length", type=int, default=256, help="ids per input, special tokens included")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
         "--leave-out",
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         out=args.out,
         layers=args.layers,
+        version=args.model_version,
         leave_out=tuple(args.leave_out),
         authored=not args.no_authored,
         threads=args.threads,

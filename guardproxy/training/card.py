@@ -103,7 +103,7 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add(".venv/bin/pip install -e '.[train]'")
     add(
         f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
-        f"--max-steps {int(m['train']['steps'])} --seed {config['data']['seed']}"
+        f"--max-steps {int(m['train']['steps'])} --seed {config['data']['seed']} --model-version {config['version']}"
     )
     for path in loso:
         lm = json.loads(path.read_text())
