@@ -16,7 +16,7 @@ HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_m
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="shared data root (read by path)")
     parser.add_argument("--out", type=Path, default=Path("models/guard-v1"), help="model directory to write")
-    parser.add_argument("--layers", type=int, default=3, help="encoder layers kept from MiniLM-L6 (default 3)")
+    parser.add_argument("--layers", type=int, default=6, help="encoder layers kept from MiniLM-L6 (default 6: all)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--max-length", type=int, default=256, help="ids per input, special tokens included")

@@ -51,12 +51,13 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 
 @dataclass(frozen=True)
 class EscalationParams:
-    """Defaults tuned for models/guard-v1 (the 800-step export, model.onnx md5 fc8b454d...) on the calibration split
-    of the conversation data, benign budget 3%: ``python -m bench.conversation_eval --tune`` (see its docstring).
-    Retune whenever the model is replaced: the threshold sits on that model's score distribution."""
+    """Defaults tuned for models/guard-v1 2.0.0 (6 layers, model.onnx md5 24de3f4d...) on the calibration split of
+    the conversation data, benign budget 3%, scores on the operating scale: ``python -m bench.conversation_eval
+    --tune`` (see its docstring). Retune whenever the model is replaced: the threshold sits on that model's score
+    distribution."""
 
     decay: float = 0.6
-    gain: float = 0.7
+    gain: float = 0.3
     floor: float = 0.0
     trend_weight: float = 0.0  # the trend adds nothing the window and trajectory do not already see on this data
     trend_cap: float = 0.5
@@ -66,8 +67,11 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    threshold: float = 0.932  # raw score mapped to FLAG_THRESHOLD (tuned: 0.9321)
-    window_gate: float = 0.0  # the window pass runs only when some evidence reaches this (0: always; see below)
+    threshold: float = 0.843  # raw score mapped to FLAG_THRESHOLD (tuned: 0.8426)
+    # Tuned: the highest gate within 0.02 of the ungated score. With this model almost every turn of a harmless
+    # chat scores above it (the window ran on 97.7% of dev benign requests), so it saves little; 0.3 would skip
+    # ~44% of window passes but cost 0.24 of (flagged + early) on the tuning split.
+    window_gate: float = 0.02
 
 
 def window_text(turns: Sequence[tuple[str, str]]) -> str:
