@@ -62,15 +62,20 @@ class TrainConfig:
 
 
 class Encoder:
-    """Tokenizes examples once (through guardproxy.encoding, exactly as the runtime does) and caches the ids."""
+    """Tokenizes examples once (through guardproxy.encoding, exactly as the runtime does) and caches the ids.
+
+    Keyed by content, never by ``id(ex)``: augmented rows are rebuilt every epoch and challenge rows are scored
+    after training, and a freed object's id is reused by new ones, so an id key handed later rows the encoding of
+    an earlier, different text (the bug behind 2.0.0's first card figures for the refusal challenge set).
+    """
 
     def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._cache: dict[int, Encoding] = {}
+        self._cache: dict[tuple[str, str | None], Encoding] = {}
 
     def __call__(self, ex: Example) -> Encoding:
-        key = id(ex)
+        key = (ex.text, ex.reply)
         enc = self._cache.get(key)
         if enc is None:
             if ex.reply is not None:
