@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guardproxy import taxonomy
-from guardproxy.errors import ClassifierError, ConfigError
+from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore
 
@@ -288,6 +288,7 @@ class OnnxClassifier:
         # splits into normalisation + tokenization and the ONNX run. Must be thread-safe and cheap.
         self.observe_timing: Callable[[str, float], None] | None = None
         self.breaker = _Breaker(breaker_failures, breaker_cooldown)
+        self._last_done = time.monotonic()  # when a job last finished (written by worker threads)
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -431,6 +432,9 @@ class OnnxClassifier:
             )
         try:
             results = await self._run_job(job, [items[i] for i in todo])
+        except ClassifierBusy:
+            breaker.release()  # saturated, not broken: overload must not open the circuit
+            raise
         except ClassifierError:
             if not self._closed:
                 breaker.failure()
@@ -446,18 +450,30 @@ class OnnxClassifier:
         return out
 
     async def _run_job(self, job: Callable[[list[Any], threading.Event], list[T]], items: list[Any]) -> list[T]:
-        """Run ``job(items)`` in the executor within the timeout; every failure is a ``ClassifierError``."""
+        """Run ``job(items)`` in the executor within the timeout; every failure is a ``ClassifierError``.
+
+        A timeout is ``ClassifierBusy`` when some job finished while this call waited (the model works, the queue
+        is long) and a plain ``ClassifierError`` when none did (the model is stuck): only the latter may open the
+        circuit breaker.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
+        began = time.monotonic()
+
+        def timed_out(what: str) -> ClassifierError:
+            if self._last_done >= began:
+                return ClassifierBusy(f"classifier busy: {what} within {self._timeout:g} s")
+            return ClassifierError(f"classification timed out after {self._timeout:g} s ({what}; no call finished)")
+
         slots = self._semaphore()
         try:
             async with asyncio.timeout_at(deadline):
                 await slots.acquire()
         except TimeoutError:
-            raise ClassifierError(f"classifier busy: no slot within {self._timeout:g} s") from None
+            raise timed_out("no slot") from None
         cancel = threading.Event()
         try:
-            cfut: Future[list[T]] = self._executor.submit(job, items, cancel)
+            cfut: Future[list[T]] = self._executor.submit(self._finishing, job, items, cancel)
         except RuntimeError as exc:  # executor shut down between the check above and now
             slots.release()
             raise ClassifierError("classifier is closed") from exc
@@ -469,12 +485,21 @@ class OnnxClassifier:
                 return await asyncio.wrap_future(cfut)
         except TimeoutError:
             cancel.set()
-            raise ClassifierError(f"classification timed out after {self._timeout:g} s") from None
+            raise timed_out("no result") from None
         except BaseException as exc:
             cancel.set()  # caller cancelled, or the job failed: stop at the next batch either way
             if isinstance(exc, ClassifierError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
             raise ClassifierError(f"inference failed: {exc!r}") from exc
+
+    def _finishing(
+        self, job: Callable[[list[Any], threading.Event], list[T]], items: list[Any], cancel: threading.Event
+    ) -> list[T]:
+        """``job`` on the worker thread, noting when it ended (before the caller can see its result)."""
+        try:
+            return job(items, cancel)
+        finally:
+            self._last_done = time.monotonic()
 
     def _prompt_job(self, texts: list[str], cancel: threading.Event) -> list[PromptScore]:
         from guardproxy.encoding import encode_prompt

@@ -139,6 +139,10 @@ class ClassifierError(GuardProxyError):
     """The guard model raised, timed out, or could not be loaded."""
 
 
+class ClassifierBusy(ClassifierError):
+    """The guard model is working but saturated: this call timed out while other calls completed."""
+
+
 class StateBackendError(GuardProxyError):
     """The conversation state backend failed or was too slow."""
 

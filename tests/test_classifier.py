@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from guardproxy.classifier import ModelInfo, OnnxClassifier, Thresholds, to_operating_scale
 from guardproxy.encoding import load_tokenizer
-from guardproxy.errors import ClassifierError, ConfigError
+from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings, Settings
 from guardproxy.taxonomy import CATEGORY_IDS
 from tests.servers import serve
@@ -300,13 +300,13 @@ async def test_queued_work_is_bounded() -> None:
         first = asyncio.create_task(c.score_prompts(["first"]))
         assert await asyncio.to_thread(session.started.wait, 10)
         # The one slot is taken: the next caller waits inside its own deadline, then fails, queueing nothing.
-        with pytest.raises(ClassifierError, match="busy"):
+        with pytest.raises(ClassifierError, match="no slot"):
             await c.score_prompts(["second"])
         assert c._executor._work_queue.qsize() == 0
         # A timed-out job keeps its slot until its thread is really done.
         with pytest.raises(ClassifierError):
             await first
-        with pytest.raises(ClassifierError, match="busy"):
+        with pytest.raises(ClassifierError, match="no slot"):
             await c.score_prompts(["third"])
         session.gate.set()
         await _until(lambda: session.finished.is_set())
@@ -348,7 +348,10 @@ async def test_aclose_waits_off_the_loop_and_then_refuses_work() -> None:
 class _GatedSession:
     """A stand-in for an onnxruntime session: ``run`` blocks until ``gate`` is set, then returns fixed scores."""
 
-    def __init__(self, *, fail: bool = False, dim: int = 8, harm: float = 0.25, category: int | None = None) -> None:
+    def __init__(
+        self, *, fail: bool = False, dim: int = 8, harm: float = 0.25, category: int | None = None, delay: float = 0.0
+    ) -> None:
+        self.delay = delay  # seconds each run takes once the gate is open
         self.gate = threading.Event()
         self.started = threading.Event()
         self.finished = threading.Event()
@@ -363,6 +366,7 @@ class _GatedSession:
         try:
             if not self.gate.wait(10):
                 raise RuntimeError("gate never opened")
+            time.sleep(self.delay)
             if self.fail:
                 raise RuntimeError("boom")
             b = feeds["input_ids"].shape[0]
@@ -450,6 +454,23 @@ async def test_circuit_breaker_fails_fast_while_the_model_hangs_then_probes_and_
         assert changes == ["open", "closed"] and c.breaker.state == "closed"
     finally:
         session.gate.set()
+        await c.aclose()
+
+
+async def test_overload_times_calls_out_as_busy_without_opening_the_circuit() -> None:
+    session = _GatedSession(delay=0.05)  # a working model, 50 ms a call, one worker
+    session.gate.set()
+    c = _gated_classifier(session, timeout=0.12, max_pending=64, breaker_failures=1)
+    try:
+        results = await asyncio.gather(*(c.score_prompts([f"text {i}"]) for i in range(12)), return_exceptions=True)
+        busy = [r for r in results if isinstance(r, ClassifierBusy)]
+        assert busy and len(busy) < 12  # the queue was too long for some, and jobs kept finishing
+        assert not [r for r in results if isinstance(r, ClassifierError) and not isinstance(r, ClassifierBusy)]
+        assert c.breaker.state == "closed"
+        await asyncio.sleep(0.7)  # let the abandoned queue drain
+        (after,) = await c.score_prompts(["after the spike"])
+        assert after.harm == pytest.approx(0.25)
+    finally:
         await c.aclose()
 
 
