@@ -98,7 +98,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     try:
         up = await start_fake_upstream(workdir, ttft_ms=0.0, tokens_per_s=0.0, reply_words=60)
         procs.append(up)
-        gw = await start_gateway(GatewaySpec("soak"), workdir, upstream=up.base + "/v1", model_dir=model_dir,
+        spec = GatewaySpec("soak", max_conversations=args.max_conversations)
+        gw = await start_gateway(spec, workdir, upstream=up.base + "/v1", model_dir=model_dir,
                                  policy=args.policy, capacity=512)  # fmt: skip
         procs.append(gw)
         headers = {"content-type": "application/json", "authorization": "Bearer soak-not-a-real-key"}
@@ -123,6 +124,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     "policy": str(args.policy) if args.policy else None,
                     "final": final,
                     "max_seconds": args.max_seconds,
+                    "max_conversations": args.max_conversations,
                 },  # fmt: skip
                 "result": analyse(
                     sampler.samples,
@@ -231,6 +233,12 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, help="stop sending after this long (the report says how many ran)")
     parser.add_argument("--model", type=Path, help="guard model directory (default models/guard-v1)")
     parser.add_argument("--policy", type=Path, help="active policy (default policies/default.toml)")
+    parser.add_argument(
+        "--max-conversations",
+        type=int,
+        default=None,
+        help="the gateway's state.max_conversations (the bench strips GUARDPROXY_* from its children's environment)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--quiet", action="store_true")

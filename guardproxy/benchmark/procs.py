@@ -148,6 +148,7 @@ class GatewaySpec:
     name: str  # guarded | speculative | passthrough
     guard: bool = True
     speculative: bool = False
+    max_conversations: int | None = None  # state.max_conversations (None: the default)
 
 
 def _toml_value(value: Any) -> str:
@@ -183,6 +184,8 @@ def gateway_config(
         "state": {"url": "memory://", "hmac_secret": secrets.token_hex(16)},
         "drills": {"store": f"sqlite:///{workdir / (spec.name + '-drills.db')}"},
     }
+    if spec.max_conversations is not None:
+        cfg["state"]["max_conversations"] = spec.max_conversations
     if model_dir is not None:
         cfg["guard"]["model_dir"] = str(model_dir)
     if policy is not None:
