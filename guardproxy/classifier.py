@@ -46,7 +46,7 @@ import numpy.typing as npt
 from guardproxy import taxonomy
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
-from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore
+from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
 
 __all__ = ["ModelInfo", "OnnxClassifier", "Thresholds"]
 
@@ -59,18 +59,6 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding")
 
 T = TypeVar("T", PromptScore, ReplyScore)
-
-
-def to_operating_scale(x: float, threshold: float) -> float:
-    """Map a raw head output onto the scale every policy reads: the head's calibrated threshold goes to 0.5.
-
-    Piecewise linear and monotone (``[0, t] -> [0, 0.5]``, ``[t, 1] -> [0.5, 1]``), so rankings (AUROC) are
-    unchanged and a policy's round numbers mean the same operating point for every model: ``harm_at_least =
-    0.5`` is the threshold the model's trainer calibrated, whatever raw value that was.
-    """
-    t = min(max(threshold, 1e-6), 1.0 - 1e-6)
-    x = min(max(x, 0.0), 1.0)
-    return 0.5 * x / t if x < t else 0.5 + 0.5 * (x - t) / (1.0 - t)
 
 
 @dataclass(frozen=True)
@@ -191,7 +179,8 @@ def _parse_info(config: dict[str, Any], path: Path, embedding_dim: int) -> Model
 class _Breaker:
     """A circuit breaker over classifier calls, used on the event loop only.
 
-    ``failures`` consecutive failures (timeouts, no free slot, inference errors) open it: for ``cooldown`` seconds
+    ``failures`` consecutive failures (inference errors, and timeouts while no model call finished at all; a
+    timeout under overload is ``ClassifierBusy`` and does not count) open it: for ``cooldown`` seconds
     every call that needs the model fails at once instead of waiting out the timeout, so a hung or broken model
     costs each request nothing while the policy's fail-open / fail-closed behaviour applies. Then one call at a
     time may probe (half-open): a success closes it, a failure opens it for another cooldown. 0 failures: off.

@@ -15,13 +15,27 @@ RefusalClass = Literal["none", "partial", "full"]
 REFUSAL_CLASSES: tuple[RefusalClass, ...] = ("none", "partial", "full")
 
 
+def to_operating_scale(x: float, threshold: float) -> float:
+    """Map a raw score onto the scale every policy reads: its calibrated threshold goes to 0.5.
+
+    Piecewise linear and monotone (``[0, t] -> [0, 0.5]``, ``[t, 1] -> [0.5, 1]``), so rankings (AUROC) are
+    unchanged and a policy's round numbers mean the same operating point for every model: ``harm_at_least =
+    0.5`` is the threshold the model's trainer calibrated, whatever raw value that was. The guard model's heads
+    (``guardproxy.classifier``) and the conversation escalation score (``guardproxy.conversation.escalation``)
+    are both reported on it.
+    """
+    t = min(max(threshold, 1e-6), 1.0 - 1e-6)
+    x = min(max(x, 0.0), 1.0)
+    return 0.5 * x / t if x < t else 0.5 + 0.5 * (x - t) / (1.0 - t)
+
+
 @dataclass(frozen=True)
 class PromptScore:
     """Guard-model scores of one user turn (or a window of turns)."""
 
-    harm: float  # probability the text requests harmful assistance
+    harm: float  # the text requests harmful assistance: a probability on the operating scale (0.5 = threshold)
     category: str  # taxonomy id of the most likely hazard category (guardproxy.taxonomy)
-    jailbreak: float  # probability the text is a jailbreak wrapper / instruction override
+    jailbreak: float  # jailbreak wrapper / instruction override, on the operating scale
     embedding: npt.NDArray[np.float32] = field(repr=False, compare=False)  # L2-normalised pooled embedding
 
 
@@ -31,7 +45,7 @@ class ReplyScore:
 
     refusal: RefusalClass
     refusal_probs: tuple[float, float, float]  # none, partial, full
-    reply_harm: float  # probability the reply carries harmful assistance
+    reply_harm: float  # the reply carries harmful assistance, on the operating scale
 
 
 class Classifier(Protocol):

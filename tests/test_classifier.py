@@ -26,10 +26,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from guardproxy.classifier import ModelInfo, OnnxClassifier, Thresholds, to_operating_scale
+from guardproxy.classifier import ModelInfo, OnnxClassifier, Thresholds
 from guardproxy.encoding import load_tokenizer
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings, Settings
+from guardproxy.signals import to_operating_scale
 from guardproxy.taxonomy import CATEGORY_IDS
 from tests.servers import serve
 

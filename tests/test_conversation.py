@@ -26,12 +26,12 @@ from guardproxy.conversation import (
     subkey_of,
     window_text,
 )
-from guardproxy.conversation.escalation import calibrate, escalation, trajectory_step, trend
+from guardproxy.conversation.escalation import escalation, trajectory_step, trend
 from guardproxy.conversation.integrity import build_chain, canonical_text, message_text
 from guardproxy.conversation.state import ENTRY_BYTES, Snapshot, find_entry, pack_embedding, unpack_embeddings
 from guardproxy.errors import ClassifierError, ConfigError
 from guardproxy.settings import Settings
-from guardproxy.signals import PromptScore, ReplyScore
+from guardproxy.signals import PromptScore, ReplyScore, to_operating_scale
 
 SECRET = b"test-secret-0123456789abcdef0123"
 _WORD = re.compile(r"[a-z]+")
@@ -500,8 +500,8 @@ def test_escalation_formula_pieces() -> None:
     assert trajectory_step(0.9, 0.0, p) == pytest.approx(0.9 * p.decay)
     assert trend([0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.1)
     assert trend([0.5]) == 0.0
-    assert calibrate(p.threshold, p.threshold) == pytest.approx(FLAG_THRESHOLD)
-    assert calibrate(0.0, 0.3) == 0.0 and calibrate(1.0, 0.3) == pytest.approx(1.0)
+    assert to_operating_scale(p.threshold, p.threshold) == pytest.approx(FLAG_THRESHOLD)
+    assert to_operating_scale(0.0, 0.3) == 0.0 and to_operating_scale(1.0, 0.3) == pytest.approx(1.0)
     kw: dict[str, Any] = {"window": 0.1, "trajectory": 0.1, "trend_value": 0.0, "refusals": 0, "rephrase": ()}
     calm = escalation(history="verified", p=p, **kw)
     assert escalation(history="forged", p=p, **kw) > escalation(history="unverified", p=p, **kw) > calm

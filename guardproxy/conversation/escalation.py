@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guardproxy.conversation.integrity import History
+from guardproxy.signals import to_operating_scale
 
 __all__ = [
     "FLAG_THRESHOLD",
@@ -44,7 +45,7 @@ __all__ = [
     "window_text",
 ]
 
-FLAG_THRESHOLD = 0.5
+FLAG_THRESHOLD = 0.5  # the operating point of signals.to_operating_scale, onto which the tuned threshold maps
 WINDOW_TURNS = 4
 _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined window; this only bounds the work
 
@@ -149,14 +150,6 @@ def raw_escalation(
     return 1.0 - keep
 
 
-def calibrate(raw: float, threshold: float) -> float:
-    """Monotone map of [0, 1] onto [0, 1] sending ``threshold`` to FLAG_THRESHOLD."""
-    t = _clip(threshold, 1e-6, 1 - 1e-6)
-    if raw < t:
-        return FLAG_THRESHOLD * raw / t
-    return FLAG_THRESHOLD + (1 - FLAG_THRESHOLD) * (raw - t) / (1 - t)
-
-
 def escalation(
     *,
     window: float,
@@ -177,4 +170,4 @@ def escalation(
         history=history,
         p=p,
     )
-    return _clip(calibrate(raw, p.threshold))
+    return to_operating_scale(raw, p.threshold)
