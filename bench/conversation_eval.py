@@ -267,7 +267,7 @@ def tune(
 ) -> EscalationParams:
     """Most escalation conversations flagged, and flagged early (each source weighted alike), with at most
     ``max_benign`` of the benign conversations flagged by the tracker; then, of the ``gates``, the highest (the
-    fewest window passes) whose best score is within ``slack`` of the ungated best."""
+    fewest window passes) whose best score is within ``slack`` of the lowest gate's best (0: ungated)."""
     esc_sets: dict[str, list[Conv]] = {}
     for c in convs:
         if c.label == "escalation":

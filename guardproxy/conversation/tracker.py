@@ -193,19 +193,14 @@ class ConversationTracker:
             loaded = replace(full, refused=loaded.refused, degraded=loaded.degraded or full.degraded)
         return None, None, loaded
 
-    async def _scores_for(
-        self, texts: Sequence[str], extra: Sequence[str]
-    ) -> tuple[list[PromptScore], list[PromptScore]]:
-        """Scores of ``texts`` (cached by content) and of ``extra`` (never cached), in one classifier call."""
+    async def _scores_for(self, texts: Sequence[str]) -> list[PromptScore]:
+        """Scores of ``texts``, cached by content: one classifier call for those not seen before."""
         out: list[PromptScore | None] = [self._scores.get(t) for t in texts]
-        todo = [t for t, s in zip(texts, out, strict=True) if s is None]
-        batch = list(dict.fromkeys(todo)) + list(extra)
-        fresh = await self.classifier.score_prompts(batch) if batch else []
-        by_text = dict(zip(batch[: len(batch) - len(extra)], fresh, strict=False))
+        todo = list(dict.fromkeys(t for t, s in zip(texts, out, strict=True) if s is None))
+        by_text = dict(zip(todo, await self.classifier.score_prompts(todo), strict=True)) if todo else {}
         for t, s in by_text.items():
             self._scores.put(t, s)
-        scores = [s if s is not None else by_text[t] for t, s in zip(texts, out, strict=True)]
-        return scores, list(fresh[len(fresh) - len(extra) :]) if extra else []
+        return [s if s is not None else by_text[t] for t, s in zip(texts, out, strict=True)]
 
     def _window(self, chain: Chain, end: int) -> str | None:
         start = max(0, end + 1 - self.window_turns)
@@ -259,7 +254,7 @@ class ConversationTracker:
         if repeat and chain.roles[-1] == "user":
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
-        (user_scores, _) = await self._scores_for([chain.text(i) for i in scored], [])
+        user_scores = await self._scores_for([chain.text(i) for i in scored])
         recent = [s.embedding for s in user_scores]
         rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
         window: PromptScore | None = None
@@ -282,7 +277,7 @@ class ConversationTracker:
             )
             window_src = self._window(chain, n - 1) if gate_open else None
             if window_src is not None:
-                (_, (window,)) = await self._scores_for([], [window_src])
+                (window,) = await self.classifier.score_prompts([window_src])  # a window is never seen twice
                 window_harm = window.harm
             elif scored and chain.roles[-1] == "user":
                 window_harm = user_scores[-1].harm  # a one-turn window (or a closed gate) is the turn itself
@@ -412,7 +407,7 @@ class ConversationTracker:
                 chain = chain or build_chain(self._secret, tenant, subkey, messages)
                 users = [i for i, r in enumerate(chain.roles) if r == "user"]
                 if users:
-                    (score,), _ = await self._scores_for([chain.text(users[-1])], [])
+                    (score,) = await self._scores_for([chain.text(users[-1])])
                     embedding = score.embedding
             if embedding is not None:
                 # the refused request's risk then: a rewording of a harmless request that was refused is no probe
