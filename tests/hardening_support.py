@@ -164,7 +164,13 @@ async def guarded(
         bundle.pipeline.checks.append(tally)
         app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
         limits = httpx.Limits(max_connections=100)
-        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=20, limits=limits) as client:
+        # uvicorn closes a keep-alive connection idle for 5 s by default; the client's pool may hand that very
+        # connection to a new request as it closes (a ReadError no gateway behaviour causes). The server keeps
+        # idle connections longer than any test phase, so the race cannot occur.
+        async with (
+            serve(app, timeout_keep_alive=120) as url,
+            httpx.AsyncClient(base_url=url, timeout=20, limits=limits) as client,
+        ):
             yield Guarded(url, client, fake, bundle, settings, tally, metrics, app)
 
 
