@@ -318,3 +318,20 @@ def test_eval_split_keeps_exactly_the_rows_training_put_in_that_split(
     # the three splits partition the file; dev is the share training kept apart (about 15%)
     assert sum(kept.values()) == total
     assert 0.05 * total <= kept["dev"] <= 0.3 * total and kept["train"] >= 0.5 * total
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--teacher", "{tmp}/nowhere"], "--teacher: no model.onnx in"),
+        (["--distill", "1.5"], "--distill must be between 0 and 1"),
+    ],
+)
+def test_train_rejects_a_bad_teacher_or_distill_weight_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    argv = ["train", "--out", str(tmp_path / "out"), *(a.format(tmp=tmp_path) for a in args)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="distil from this trained model directory (its model.onnx), e.g. a 6-layer model into a 4-layer student",
+    )
+    parser.add_argument(
+        "--distill", type=float, default=0.5, help="weight of the teacher's soft targets against the labels (0-1)"
+    )
+    parser.add_argument(
         "--leave-out",
         action="append",
         default=[],
@@ -46,6 +56,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.teacher is not None and not (args.teacher / "model.onnx").is_file():
+        raise ConfigError(f"--teacher: no model.onnx in {args.teacher}")
+    if not 0.0 <= args.distill <= 1.0:
+        raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     # Looked up, not imported: torch is an optional extra, absent from the runtime and CI environments.
     if importlib.util.find_spec("torch") is None:
         raise ConfigError(
@@ -75,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
         fp32_compare=not (args.no_fp32_compare or args.cheap),
         prompts_only=args.cheap,
         eval_only=args.eval_only,
+        teacher=args.teacher,
         train=TrainConfig(
+            distill=args.distill,
             max_length=128 if args.cheap else args.max_length,
             epochs=args.epochs,
             max_steps=args.max_steps,

@@ -10,6 +10,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ SOURCE_REPEATS: dict[str, int] = {
     "authored/prompts_contrast": 3,  # minimal pairs: one topic's harmful asks beside its benign look-alikes
     "authored/responses_voices": 2,
     "authored/responses_contrast": 2,
+    "authored/prompts_contrast3": 3,
+    "authored/prompts_lookalike": 2,
+    "authored/responses_partial": 2,
 }
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 
@@ -59,6 +63,37 @@ class TrainConfig:
     frames_per_epoch: int = 700
     wraps_per_epoch: int = 300
     rewords_per_epoch: int = 800
+    distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
+
+
+class Teacher:
+    """A trained guard model (its int8 ONNX graph) whose outputs the student learns to match (distillation).
+
+    Outputs are cached by content like the encodings: most rows recur every epoch. Soft targets carry what the
+    labels cannot (how harmful, which category, the embedding the conversation tracker compares), and the
+    augmented rows, new every epoch, get targets from the teacher's judgement rather than from their template.
+    """
+
+    def __init__(self, model_dir: Path, encoder: Encoder, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.encoder = encoder
+        self._cache: dict[tuple[str, str | None], dict[str, np.ndarray]] = {}
+
+    def targets(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+        missing = list({(e.text, e.reply): e for e in batch if (e.text, e.reply) not in self._cache}.values())
+        if missing:
+            feeds = pad_batch([self.encoder(e) for e in missing])
+            outs = self.session.run(None, feeds)
+            for i, e in enumerate(missing):
+                self._cache[(e.text, e.reply)] = {n: o[i] for n, o in zip(self.names, outs, strict=True)}
+        rows = [self._cache[(e.text, e.reply)] for e in batch]
+        return {n: torch.from_numpy(np.stack([r[n] for r in rows]).astype(np.float32)) for n in self.names}
 
 
 class Encoder:
@@ -169,13 +204,40 @@ def multitask_loss(out: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> 
     return parts
 
 
+def distill_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch: Sequence[Example]) -> torch.Tensor:
+    """Soft-target loss against the teacher's probabilities: the prompt heads and the embedding on every row, the
+    reply heads on (prompt, reply) pairs only (the teacher's refusal output on a bare prompt means nothing)."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    pair = torch.tensor([e.pair for e in batch], dtype=torch.float32)
+    ones = torch.ones_like(pair)
+    soft_ce = -(t["category"] * nn.functional.log_softmax(out["category"], -1)).sum(-1)
+    refusal_ce = -(t["refusal"] * nn.functional.log_softmax(out["refusal"], -1)).sum(-1)
+    cosine = nn.functional.cosine_similarity(out["pooled"], t["embedding"], dim=-1)
+    parts = {
+        "harm": _masked_mean(bce(out["harm"], t["harm"], reduction="none"), ones),
+        "jailbreak": _masked_mean(bce(out["jailbreak"], t["jailbreak"], reduction="none"), ones),
+        "reply_harm": _masked_mean(bce(out["reply_harm"], t["reply_harm"], reduction="none"), pair),
+        "category": _masked_mean(soft_ce, t["harm"]),  # the category matters as much as the ask is harmful
+        "refusal": _masked_mean(refusal_ce, pair),
+    }
+    total = sum((HEAD_WEIGHTS[k] * v for k, v in parts.items()), torch.tensor(0.0))
+    return total + (1.0 - cosine).mean()
+
+
 def to_tensors(batch: Sequence[Example], encoder: Encoder) -> dict[str, torch.Tensor]:
     feeds = pad_batch([encoder(e) for e in batch])
     return {k: torch.from_numpy(v) for k, v in feeds.items()}
 
 
-def train(model: GuardModel, train_rows: Sequence[Example], encoder: Encoder, cfg: TrainConfig) -> dict[str, float]:
-    """Train in place. Returns a summary (steps, seconds, final running losses)."""
+def train(
+    model: GuardModel,
+    train_rows: Sequence[Example],
+    encoder: Encoder,
+    cfg: TrainConfig,
+    teacher: Teacher | None = None,
+) -> dict[str, float]:
+    """Train in place (against the labels, and the teacher's outputs when given). Returns a summary (steps,
+    seconds, final running losses)."""
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     # The word-embedding matrix (30k x 384) stays frozen: it is most of the parameters, updating it costs a third
@@ -211,6 +273,9 @@ def train(model: GuardModel, train_rows: Sequence[Example], encoder: Encoder, cf
                 break
             out = model(**to_tensors(batch, encoder))
             parts = multitask_loss(out, _labels(batch))
+            if teacher is not None:
+                parts["distill"] = distill_loss(out, teacher.targets(batch), batch)
+                parts["total"] = (1.0 - cfg.distill) * parts["total"] + cfg.distill * parts["distill"]
             parts["total"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

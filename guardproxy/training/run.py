@@ -20,7 +20,7 @@ from guardproxy.encoding import load_tokenizer
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.training import metrics as M
 from guardproxy.training.export import export
-from guardproxy.training.loop import Encoder, TrainConfig, train
+from guardproxy.training.loop import Encoder, Teacher, TrainConfig, train
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel, base_model_dir, load_base_encoder, shrink_encoder
 from guardproxy.training.predict import Scores, score, session
 from guardproxy.training.sources import AUTHORED_DIR, Example, load_all, read_jsonl, window_text, windows_ending_at
@@ -49,6 +49,7 @@ class RunOptions:
     challenge: bool = True
     eval_only: bool = False  # skip training: score the model.onnx / model-fp32.onnx already in ``out``
     prompts_only: bool = False  # the cheap configuration of the leave-one-source-out runs: harm-relevant rows only
+    teacher: Path | None = None  # a trained model directory to distil from (its model.onnx)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -93,7 +94,8 @@ def main(opts: RunOptions) -> dict[str, Any]:
         train_summary = json.loads((opts.out / "train_summary.json").read_text())
     else:
         model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
-        train_summary = train(model, train_rows, encoder, opts.train)
+        teacher = Teacher(opts.teacher, encoder) if opts.teacher is not None else None
+        train_summary = train(model, train_rows, encoder, opts.train, teacher)
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
         export(model, opts.out, keep_fp32=fp32_path)

@@ -39,6 +39,7 @@ WINDOW_TURNS = 4
 CONTROVERSIAL_WEIGHT = 0.5
 COPYRIGHT_WEIGHT = 0.5  # HarmBench copyright rows are harmful by label, not a safety harm
 AUTHORED_DIR = Path(__file__).parent / "authored"
+BENIGN_TURN_WEIGHT = 0.5  # a user turn of a harmless authored chat, scored on its own (see _benign_turns)
 
 # The placeholder a jailbreak wrapper leaves for the question (matched case-insensitively).
 PLACEHOLDER = re.compile(
@@ -257,6 +258,29 @@ def _benign_windows(
     return out
 
 
+def _benign_turns(row: dict[str, Any], source: str, group: str) -> list[Example]:
+    """Each user turn of a harmless authored chat as a prompt on its own, at half weight.
+
+    The dark-but-benign chats (a nurse revising overdose recognition, a mystery novelist) are where long harmless
+    conversations get flagged, and mostly by one turn's own score; their windows alone never showed the per-turn
+    head those turns. Half weight: a few lean on their context ("and how much would be too much?")."""
+    return [
+        Example(
+            text=m["content"],
+            source=source,
+            group=group,
+            label="benign",
+            harm=0.0,
+            harm_weight=BENIGN_TURN_WEIGHT,
+            category=NONE_CATEGORY,
+            jailbreak=0.0,
+            meta={"id": row["id"], "turn": i},
+        )
+        for i, m in enumerate(row["messages"])
+        if m["role"] == "user" and isinstance(m.get("content"), str) and m["content"].strip()
+    ]
+
+
 def load_authored(directory: Path = AUTHORED_DIR) -> list[Example]:
     """Rows written for this project (``family`` groups reframings of one intent): prompts, pairs, conversations."""
     out: list[Example] = []
@@ -278,7 +302,7 @@ def _authored_rows(row: dict[str, Any], source: str, rng: random.Random) -> list
     if "messages" in row:
         if row.get("label") == "escalation":
             return _labelled_escalation_windows(row, source, group)
-        return _benign_windows(row, source, group, rng, per_conversation=4)
+        return _benign_windows(row, source, group, rng, per_conversation=6) + _benign_turns(row, source, group)
     if row.get("response") is not None:
         prompt_label = row.get("prompt_label") or row.get("label") or "unknown"
         refusal = row.get("refusal")
