@@ -374,39 +374,44 @@ def _refusal_section(add: Any, m: dict[str, Any]) -> None:
 def _speed_steps_section(add: Any, m: dict[str, Any], compare: list[Path]) -> None:
     add("## Quality cost of each speed step")
     add("")
-    add("Speed steps: the 6-layer MiniLM (the teacher-sized model) → a student keeping fewer of its layers →")
-    add("int8. The student was trained directly from the teacher's layers, **not distilled** from a fine-tuned")
-    add("teacher's logits: on the two shared CPU cores available, a teacher run plus a distillation run did not fit")
-    add("the 30-minute budget of the final run. The layer comparison below uses the cheaper prompt-only")
-    add("configuration at equal steps, which is how the student size was chosen together with the latency table.")
+    layers = m["options"]["layers"]
+    add(
+        f"The shipped model keeps {layers} MiniLM layers and is int8. The int8 step is measured on the same dev rows"
+        " with the shipped thresholds (fp32 vs int8 rows). Smaller students (comparison runs, if listed) were trained"
+        " with the recipe named in their row, full configuration unless marked cheap, and are scored with their own"
+        " calibrated thresholds on their own run's dev split and on the challenge set."
+    )
     add("")
     cmp = m.get("compare_int8_vs_fp32")
     add(
         "| configuration | harm pooled AUROC | harm recall | benign flagged | refusal macro-F1 (all) | "
-        "refusal binary F1 (all) | challenge AUROC |"
+        "refusal binary F1 (all) | challenge AUROC | challenge look-alikes flagged |"
     )
-    add("|---|---:|---:|---:|---:|---:|---:|")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|")
+    _speed_row(add, f"shipped, {layers} layers, int8", m["dev"], m)
     for path in compare:
         cm = json.loads(path.read_text())
-        _speed_row(add, f"{cm['options']['layers']} layers, cheap config, int8 ({path.parent.name})", cm["dev"], cm)
+        opts = cm["options"]
+        recipe = f"distilled from {Path(opts['teacher']).name}" if opts.get("teacher") else "labels only"
+        cheap = ", cheap config" if opts.get("prompts_only") else ""
+        label = f"{opts['layers']} layers, {recipe}, {cm['train_config'].get('max_steps')} steps{cheap}, int8"
+        _speed_row(add, f"{label} ({path.name})", cm["dev"], cm)
     if cmp:
-        _speed_row(add, "shipped student, fp32 (same dev rows)", cmp["fp32"], None)
-        _speed_row(add, "shipped student, int8 (same dev rows)", cmp["int8"], None)
-    add("")
-    add("Comparison runs (if listed) use the cheaper configuration and their own thresholds, so compare them with each")
-    add("other; the fp32/int8 rows share the shipped thresholds and the same dev rows.")
+        _speed_row(add, "shipped, fp32 (same dev rows)", cmp["fp32"], None)
+        _speed_row(add, "shipped, int8 (same dev rows)", cmp["int8"], None)
     add("")
 
 
 def _speed_row(add: Any, label: str, dev: dict[str, Any], full: dict[str, Any] | None) -> None:
     h = dev["harm"]
     r = dev["refusal"].get("all", {}).get("model", {})
-    ch = None
+    ch: dict[str, Any] = {}
     if full:
-        ch = next((c.get("auroc") for k, c in full.get("challenge", {}).items() if ":" not in k), None)
+        ch = next((c for k, c in full.get("challenge", {}).items() if ":" not in k), {})
     add(
         f"| {label} | {_f(h['pooled_auroc'])} | {_pct(h['recall'])} | {_pct(h['flag_rate_benign'])} | "
-        f"{_f(r.get('macro_f1'))} | {_f(r.get('binary_f1'))} | {_f(ch)} |"
+        f"{_f(r.get('macro_f1'))} | {_f(r.get('binary_f1'))} | {_f(ch.get('auroc'))} | "
+        f"{_pct(ch.get('flag_rate_lookalike'))} |"
     )
 
 
