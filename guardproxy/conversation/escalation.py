@@ -52,7 +52,7 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 
 @dataclass(frozen=True)
 class EscalationParams:
-    """Defaults tuned for models/guard-v1 2.0.0 (6 layers, model.onnx md5 24de3f4d...) on the calibration split of
+    """Defaults tuned for models/guard-v1 2.1.0 (6 layers, model.onnx md5 0a2cfd14...) on the calibration split of
     the conversation data, benign budget 3%, scores on the operating scale: ``python -m bench.conversation_eval
     --tune`` (see its docstring). Retune whenever the model is replaced: the threshold sits on that model's score
     distribution."""
@@ -68,10 +68,10 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    threshold: float = 0.843  # raw score mapped to FLAG_THRESHOLD (tuned: 0.8426)
-    # Tuned: the highest gate within 0.02 of the ungated score. With this model almost every turn of a harmless
-    # chat scores above it (the window ran on 97.7% of dev benign requests), so it saves little; 0.3 would skip
-    # ~44% of window passes but cost 0.24 of (flagged + early) on the tuning split.
+    threshold: float = 0.912  # raw score mapped to FLAG_THRESHOLD (tuned: 0.9124)
+    # Tuned: the highest gate within 0.02 of the ungated score. With this model most turns of a harmless chat
+    # score above it (the window ran on 88% of dev benign requests), so it saves little; 0.05 would skip ~45% of
+    # window passes but cost 0.06 of (flagged + early) on the tuning split, 0.3 would cost 0.36.
     window_gate: float = 0.02
 
 
