@@ -113,7 +113,10 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
             f"--max-steps {int(lm['train']['steps'])} "
             f"--out /tmp/loso-{'-'.join(left)}"
         )
-    add("python -m bench.classifier_latency --model models/guard-v1")
+    add("python -m bench.classifier_latency --model models/guard-v1 --json bench/results/classifier_latency.json")
+    add("# the card: leave-one-out metrics and comparison runs as kept in bench/results/")
+    add("guardproxy train --card --out models/guard-v1 --loso bench/results/loso/*.metrics.json \\")
+    add("    --latency bench/results/classifier_latency.json --compare bench/results/students/*.metrics.json")
     add("```")
     add("")
     add("![score distributions](scores.png)")
@@ -463,7 +466,7 @@ def _limits_section(add: Any) -> None:
     add("- The harmful sources are narrow in style (AdvBench imperatives, HarmBench behaviours, short forbidden")
     add("  questions); the leave-one-source-out and challenge numbers above are the honest estimate of")
     add("  generalization, the in-distribution dev numbers are not.")
-    add("- Conversation windows: one public multi-turn attack family (ActorAttack) plus 60 authored escalations; no")
+    add("- Conversation windows: one public multi-turn attack family (ActorAttack) plus 111 authored escalations in 9 patterns; no")
     add(
         "  per-turn labels in the public set. The conversation tracker's own signals matter more than the window score."
     )
