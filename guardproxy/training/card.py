@@ -466,10 +466,9 @@ def _limits_section(add: Any) -> None:
     add("- The harmful sources are narrow in style (AdvBench imperatives, HarmBench behaviours, short forbidden")
     add("  questions); the leave-one-source-out and challenge numbers above are the honest estimate of")
     add("  generalization, the in-distribution dev numbers are not.")
-    add("- Conversation windows: one public multi-turn attack family (ActorAttack) plus 111 authored escalations in 9 patterns; no")
-    add(
-        "  per-turn labels in the public set. The conversation tracker's own signals matter more than the window score."
-    )
+    add("- Conversation windows: one public multi-turn attack family (ActorAttack) plus 111 authored escalations")
+    add("  in 9 patterns; no per-turn labels in the public set. The conversation tracker's own signals matter more")
+    add("  than the window score.")
     add("- OpenAI moderation rows label content, not request intent; hateful or sexual *text* scores as harmful.")
     add("- Refusal labels for PHTest responses are the PHTest authors' judgements (likely automated).")
     add("- Normalization folds homoglyphs, leetspeak and base64 before scoring (`guardproxy/normalize.py`): text that")
