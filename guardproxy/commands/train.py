@@ -31,6 +31,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="distil from this trained model directory (its model.onnx), e.g. a 6-layer model into a 4-layer student",
     )
     parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from a trained run's student.pt (its fine-tuned layers, picked as from the base model, and heads)",
+    )
+    parser.add_argument(
         "--distill", type=float, default=0.5, help="weight of the teacher's soft targets against the labels (0-1)"
     )
     parser.add_argument(
@@ -58,6 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.teacher is not None and not (args.teacher / "model.onnx").is_file():
         raise ConfigError(f"--teacher: no model.onnx in {args.teacher}")
+    if args.init_from is not None and not args.init_from.is_file():
+        raise ConfigError(f"--init-from: no such checkpoint: {args.init_from}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     # Looked up, not imported: torch is an optional extra, absent from the runtime and CI environments.
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         prompts_only=args.cheap,
         eval_only=args.eval_only,
         teacher=args.teacher,
+        init_from=args.init_from,
         train=TrainConfig(
             distill=args.distill,
             max_length=128 if args.cheap else args.max_length,

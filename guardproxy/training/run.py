@@ -50,6 +50,7 @@ class RunOptions:
     eval_only: bool = False  # skip training: score the model.onnx / model-fp32.onnx already in ``out``
     prompts_only: bool = False  # the cheap configuration of the leave-one-source-out runs: harm-relevant rows only
     teacher: Path | None = None  # a trained model directory to distil from (its model.onnx)
+    init_from: Path | None = None  # a trained run's student.pt: start from its weights (layers picked as for base)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -93,7 +94,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
         # written by that run are reused as they are.
         train_summary = json.loads((opts.out / "train_summary.json").read_text())
     else:
-        model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
+        model = GuardModel(shrink_encoder(_initial_encoder(opts.init_from), opts.layers), len(CATEGORY_IDS))
+        if opts.init_from is not None:
+            _copy_heads(opts.init_from, model)
         teacher = Teacher(opts.teacher, encoder) if opts.teacher is not None else None
         train_summary = train(model, train_rows, encoder, opts.train, teacher)
         torch.save(model.state_dict(), checkpoint)
@@ -140,6 +143,25 @@ def main(opts: RunOptions) -> dict[str, Any]:
     if not opts.fp32_compare:
         fp32_path.unlink(missing_ok=True)
     return results
+
+
+def _trained(checkpoint: Path) -> GuardModel:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    layers = 1 + max(int(k.split("encoder.layer.")[1].split(".")[0]) for k in state if "encoder.layer." in k)
+    trained = GuardModel(shrink_encoder(load_base_encoder(), layers), len(CATEGORY_IDS))
+    trained.load_state_dict(state)
+    return trained
+
+
+def _initial_encoder(checkpoint: Path | None) -> Any:
+    """The encoder a run starts from: all-MiniLM-L6-v2, or a trained run's fine-tuned encoder (``student.pt``)."""
+    return load_base_encoder() if checkpoint is None else _trained(checkpoint).encoder
+
+
+def _copy_heads(checkpoint: Path, model: GuardModel) -> None:
+    """A student started from a trained run keeps that run's heads too (they read the same pooled embedding)."""
+    heads = {k: v for k, v in _trained(checkpoint).state_dict().items() if not k.startswith("encoder.")}
+    model.load_state_dict(heads, strict=False)
 
 
 def _cap_pairs(rows: list[Example], cap: int, seed: int) -> list[Example]:
