@@ -396,6 +396,8 @@ def _speed_steps_section(add: Any, m: dict[str, Any], compare: list[Path]) -> No
         cm = json.loads(path.read_text())
         opts = cm["options"]
         recipe = f"distilled from {Path(opts['teacher']).name}" if opts.get("teacher") else "labels only"
+        if opts.get("init_from"):
+            recipe += f", started from {Path(opts['init_from']).parent.name}'s weights"
         cheap = ", cheap config" if opts.get("prompts_only") else ""
         label = f"{opts['layers']} layers, {recipe}, {cm['train_config'].get('max_steps')} steps{cheap}, int8"
         _speed_row(add, f"{label} ({path.name})", cm["dev"], cm)
