@@ -94,9 +94,13 @@ def main(opts: RunOptions) -> dict[str, Any]:
         # written by that run are reused as they are.
         train_summary = json.loads((opts.out / "train_summary.json").read_text())
     else:
-        model = GuardModel(shrink_encoder(_initial_encoder(opts.init_from), opts.layers), len(CATEGORY_IDS))
-        if opts.init_from is not None:
-            _copy_heads(opts.init_from, model)
+        start = _trained(opts.init_from) if opts.init_from is not None else None
+        encoder_start = start.encoder if start is not None else load_base_encoder()
+        model = GuardModel(shrink_encoder(encoder_start, opts.layers), len(CATEGORY_IDS))
+        if start is not None:
+            # the heads read the same pooled embedding: a student started from a trained run keeps them too
+            heads = {k: v for k, v in start.state_dict().items() if not k.startswith("encoder.")}
+            model.load_state_dict(heads, strict=False)
         teacher = Teacher(opts.teacher, encoder) if opts.teacher is not None else None
         train_summary = train(model, train_rows, encoder, opts.train, teacher)
         torch.save(model.state_dict(), checkpoint)
@@ -146,22 +150,12 @@ def main(opts: RunOptions) -> dict[str, Any]:
 
 
 def _trained(checkpoint: Path) -> GuardModel:
+    """A trained run's model from its ``student.pt`` (the layer count read off the checkpoint)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     layers = 1 + max(int(k.split("encoder.layer.")[1].split(".")[0]) for k in state if "encoder.layer." in k)
     trained = GuardModel(shrink_encoder(load_base_encoder(), layers), len(CATEGORY_IDS))
     trained.load_state_dict(state)
     return trained
-
-
-def _initial_encoder(checkpoint: Path | None) -> Any:
-    """The encoder a run starts from: all-MiniLM-L6-v2, or a trained run's fine-tuned encoder (``student.pt``)."""
-    return load_base_encoder() if checkpoint is None else _trained(checkpoint).encoder
-
-
-def _copy_heads(checkpoint: Path, model: GuardModel) -> None:
-    """A student started from a trained run keeps that run's heads too (they read the same pooled embedding)."""
-    heads = {k: v for k, v in _trained(checkpoint).state_dict().items() if not k.startswith("encoder.")}
-    model.load_state_dict(heads, strict=False)
 
 
 def _cap_pairs(rows: list[Example], cap: int, seed: int) -> list[Example]:
