@@ -10,7 +10,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,14 +74,9 @@ class Teacher:
     augmented rows, new every epoch, get targets from the teacher's judgement rather than from their template.
     """
 
-    def __init__(self, model_dir: Path, encoder: Encoder, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        self.names = [o.name for o in self.session.get_outputs()]
+    def __init__(self, session: Any, encoder: Encoder) -> None:
+        self.session = session  # an onnxruntime session of the teacher's model.onnx (``predict.session``)
+        self.names = [o.name for o in session.get_outputs()]
         self.encoder = encoder
         self._cache: dict[tuple[str, str | None], dict[str, np.ndarray]] = {}
 

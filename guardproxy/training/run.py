@@ -101,7 +101,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
             # the heads read the same pooled embedding: a student started from a trained run keeps them too
             heads = {k: v for k, v in start.state_dict().items() if not k.startswith("encoder.")}
             model.load_state_dict(heads, strict=False)
-        teacher = Teacher(opts.teacher, encoder) if opts.teacher is not None else None
+        teacher = Teacher(session(opts.teacher / "model.onnx", 1), encoder) if opts.teacher is not None else None
         train_summary = train(model, train_rows, encoder, opts.train, teacher)
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
