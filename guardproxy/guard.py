@@ -81,6 +81,7 @@ class ConversationTracker(Protocol):
         reply_text: str | Mapping[str, Any] | None,
         *,
         refused: bool,
+        observation: Observation | None = None,
     ) -> bool: ...
 
     async def aclose(self) -> None: ...
@@ -168,6 +169,9 @@ class _ExchangeState:
     retried: bool = False
     subkey: str | None = None
     recorded: bool = False  # the conversation tracker has this exchange's reply
+    # What the tracker said about the request: handed back to record_reply, which then neither re-hashes the
+    # history nor re-reads the state (at 100 turns the chain alone is a few ms of CPU).
+    observation: Observation | None = None
     # Reply scoring failed once in this exchange: later output checks reuse the failure instead of waiting out
     # the timeout again (a stream is checked every few hundred characters: a hung classifier would otherwise
     # cost one timeout per check, a delay that grows with the reply).
@@ -270,16 +274,18 @@ class GuardCheck:
         active, shadows = self.policies.select(exchange.tenant, model if isinstance(model, str) else None)
         texts = scored_texts(exchange.messages, score_system=self.score_system)
         subkey = subkey_of(exchange.body, exchange.headers) if self.tracker is not None else None
-        signals = await self._signals(exchange, texts, subkey)
-        state = _ExchangeState(active, shadows, texts, signals, subkey=subkey)
+        signals, obs = await self._signals(exchange, texts, subkey)
+        state = _ExchangeState(active, shadows, texts, signals, subkey=subkey, observation=obs)
         exchange.state[STATE_KEY] = state
         with exchange.timed("policy"):
             for policy in state.policies():
                 state.input[policy.ref] = policy.decide_input(signals)
         return state.input[active.ref].verdict()
 
-    async def _signals(self, exchange: Exchange, texts: list[ScoredText], subkey: str | None) -> Signals:
-        """The request's signals, computed once for every policy."""
+    async def _signals(
+        self, exchange: Exchange, texts: list[ScoredText], subkey: str | None
+    ) -> tuple[Signals, Observation | None]:
+        """The request's signals, computed once for every policy, and the tracker's observation if it answered."""
         obs: Observation | None = None
         state_failed = False
         if self.tracker is not None:
@@ -294,7 +300,7 @@ class GuardCheck:
                     state_failed = True
                 except Exception as exc:  # the tracker's only other dependency is the classifier
                     self._classifier_failed(exc)
-                    return Signals(classifier_failed=True)
+                    return Signals(classifier_failed=True), None
         if obs is not None:
             # The tracker scored the user turns the gateway has not seen; score the rest (tool results, system
             # messages if configured) here, new ones only when the tracker vouches for the history.
@@ -302,13 +308,13 @@ class GuardCheck:
             rest = [t for t in texts if t.role != "user" and (t.new or not verified)]
             extra = await self._score_texts(exchange, rest)
             if extra is None:
-                return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed)
-            return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed)
+                return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed), obs
+            return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed), obs
         # No tracker: no earlier request vouches for the history, so every scored turn counts.
         scores = await self._score_texts(exchange, texts)
         if scores is None:
-            return Signals(classifier_failed=True, state_failed=state_failed)
-        return _combine_scores(scores, ConversationSignals(), state_failed)
+            return Signals(classifier_failed=True, state_failed=state_failed), None
+        return _combine_scores(scores, ConversationSignals(), state_failed), None
 
     async def _score_texts(self, exchange: Exchange, texts: Sequence[ScoredText]) -> list[PromptScore] | None:
         if not texts:
@@ -393,7 +399,14 @@ class GuardCheck:
             return
         try:
             await asyncio.wait_for(
-                self.tracker.record_reply(exchange.tenant, state.subkey, exchange.messages, reply, refused=refused),
+                self.tracker.record_reply(
+                    exchange.tenant,
+                    state.subkey,
+                    exchange.messages,
+                    reply,
+                    refused=refused,
+                    observation=state.observation,
+                ),
                 self.timeout,
             )
         except Exception as exc:  # state never fails a request; the next one sees it as unverified

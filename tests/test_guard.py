@@ -418,7 +418,7 @@ class FailingTracker:
     async def observe(self, tenant: str, subkey: str | None, messages: Any) -> Observation:
         raise StateBackendError("state backend down")
 
-    async def record_reply(self, *args: Any, refused: bool) -> bool:
+    async def record_reply(self, *args: Any, refused: bool, observation: Any = None) -> bool:
         raise StateBackendError("state backend down")
 
     async def aclose(self) -> None:
