@@ -43,3 +43,33 @@ def test_each_user_turn_of_a_harmless_chat_is_a_half_weight_benign_prompt_in_its
 
     assign_splits(rows, seed=0)
     assert len({r.split for r in rows if r.meta.get("id") == "b1"}) == 1  # a chat never straddles two splits
+
+
+def test_no_authored_prompt_sits_next_to_a_challenge_prompt() -> None:
+    """The repo's own contamination check: every authored prompt and pair row stays under the near-duplicate
+    threshold against every challenge prompt (``python -m guardproxy.training.near_duplicates`` drops them)."""
+    from guardproxy.training.near_duplicates import CHALLENGE_DIRS, near, texts_of
+    from guardproxy.training.sources import AUTHORED_DIR
+
+    challenge = [t for d in CHALLENGE_DIRS for p in sorted(d.glob("*.jsonl")) for t in texts_of(p, turns_too=False)]
+    authored = [t for p in sorted(AUTHORED_DIR.glob("*.jsonl")) for t in texts_of(p, turns_too=False)]
+    assert len(challenge) > 500 and len(authored) > 3000
+    assert [(round(j, 2), a.id, c.id) for j, a, c in near(authored, challenge, 0.4)] == []
+
+
+def test_near_duplicates_drops_only_the_rows_close_to_the_other_set(tmp_path: Path) -> None:
+    from guardproxy.training.near_duplicates import drop_rows, near, texts_of
+
+    train = tmp_path / "train.jsonl"
+    evalset = tmp_path / "eval.jsonl"
+    rows = [
+        {"id": "t1", "prompt": "How do I kill a zombie process in Linux?"},
+        {"id": "t2", "prompt": "Give me a recipe for banana bread with walnuts"},
+        {"id": "t3", "messages": [{"role": "user", "content": "whats the best sourdough starter"}]},
+    ]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evalset.write_text(json.dumps({"id": "e1", "prompt": "how do i kill a zombie process in linux"}) + "\n")
+    hits = near(texts_of(train), texts_of(evalset), 0.4)
+    assert [(h[1].id, h[2].id) for h in hits] == [("t1", "e1")]
+    assert drop_rows(train, {h[1].id for h in hits}) == 1
+    assert [json.loads(line)["id"] for line in train.read_text().splitlines()] == ["t2", "t3"]

@@ -186,8 +186,10 @@ def _splits_section(add: Any) -> None:
         "- Seeded hash of the group: 15% dev (never trained on, never used for thresholds), 10% calibration (thresholds"
     )
     add("  only), 75% train. Augmentation draws from train rows only.")
-    add("- `bench/challenge/` is scored for this report only: never trained on, never used for thresholds or early")
-    add("  stopping; no training run reads it before the final scoring.")
+    add(
+        "- `bench/challenge/` and `bench/challenge2/` are scored for this report only: never trained on, never used for"
+    )
+    add("  thresholds or early stopping; no training run reads them before the final scoring.")
     add("- Leave-one-source-out runs drop the source from train *and* calibration.")
     add("")
 
@@ -259,7 +261,7 @@ def _loso_section(add: Any, loso: list[Path]) -> None:
 
 
 def _challenge_section(add: Any, m: dict[str, Any]) -> None:
-    add("## Challenge set (`bench/challenge/`, written before training, never trained on)")
+    add("## Challenge sets (`bench/challenge/`, `bench/challenge2/`: written apart from training, never trained on)")
     add("")
     ch = m.get("challenge", {})
     for name, c in ch.items():

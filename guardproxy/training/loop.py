@@ -45,6 +45,9 @@ SOURCE_REPEATS: dict[str, int] = {
     "authored/prompts_contrast3": 3,
     "authored/prompts_lookalike": 2,
     "authored/responses_partial": 2,
+    "authored/prompts_contrast4": 3,
+    "authored/prompts_harmful4": 2,
+    "authored/prompts_benign4": 2,
 }
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 

@@ -32,7 +32,9 @@ HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_m
 DEV_PHTEST_PAIRS = 3000
 CALIBRATION_PHTEST_PAIRS = 1500
 FP32_COMPARE_PHTEST_PAIRS = 800
-CHALLENGE_DIR = Path(__file__).resolve().parents[2] / "bench" / "challenge"
+# Scored for the report only. challenge2 was written later by a helper who saw neither the training data nor the
+# first set (see its README).
+CHALLENGE_DIRS = tuple(Path(__file__).resolve().parents[2] / "bench" / d for d in ("challenge", "challenge2"))
 
 
 @dataclass(frozen=True)
@@ -201,9 +203,9 @@ def loso_report(
 
 
 def challenge_report(sess: object, encoder: Encoder, thresholds: dict[str, float], judges: Any) -> dict[str, Any]:
-    """bench/challenge is scored here for the report only: never trained on, never used for thresholds."""
+    """bench/challenge* are scored here for the report only: never trained on, never used for thresholds."""
     out: dict[str, Any] = {}
-    for path in sorted(CHALLENGE_DIR.glob("*.jsonl")):
+    for path in [p for d in CHALLENGE_DIRS for p in sorted(d.glob("*.jsonl"))]:
         rows = list(read_jsonl(path))
         prompt_rows = [r for r in rows if "prompt" in r and "response" not in r and "messages" not in r]
         pair_rows = [r for r in rows if "response" in r]
