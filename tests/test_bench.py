@@ -59,7 +59,8 @@ class Run:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("bench")
     proc = _bench(["--fake-upstream", *TINY, "--policy", str(MONITOR), "--json", str(tmp / "b.json"),
-                   "--png", str(tmp / "png"), "--workdir", str(tmp / "work"), "--quiet"])  # fmt: skip
+                   "--png", str(tmp / "png"), "--workdir", str(tmp / "work"), "--idle-threads", "0",
+                   "--quiet"])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     yield Run(proc, json.loads((tmp / "b.json").read_text()), tmp / "png")
 
@@ -77,6 +78,10 @@ def test_every_section_is_in_the_json_and_the_terminal_report(tiny: Run) -> None
                     "Throughput sweep", "Gateway RSS", "Issue 7 targets"):  # fmt: skip
         assert heading in tiny.proc.stdout
     assert tiny.result["config"]["api_key_set"] is False
+    # the thread settings reach the gateways' config files and the report says which ran
+    assert tiny.result["config"]["idle_threads"] == 0 and "idle threads: 0" in tiny.proc.stdout
+    configs = list((tiny.png.parent / "work").glob("*.toml"))
+    assert configs and all("idle_threads = 0" in c.read_text() for c in configs if "guarded" in c.name)
 
 
 def test_latency_counts_add_up_and_percentiles_are_ordered(tiny: Run) -> None:
@@ -180,6 +185,8 @@ def test_bad_configurations_are_refused() -> None:
         BenchConfig(modes=("direct",)).validate()
     with pytest.raises(BenchError, match="lengths"):
         BenchConfig(lengths=(1000,)).validate()
+    with pytest.raises(BenchError, match="threads"):
+        BenchConfig(threads=0).validate()
     proc = _bench(["--upstream", "http://127.0.0.1:9/v1", "--fake-upstream"], timeout=60)
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
 

@@ -91,6 +91,8 @@ class BenchConfig:
     conversations: int = 3
     model_dir: Path | None = None
     policy: Path | None = None
+    threads: int | None = None  # the gateways' guard.threads (None: the default)
+    idle_threads: int | None = None  # the gateways' guard.idle_threads (None: the default)
     capacity: int = 512
     max_seconds: float = 1800.0
     warmup: int = 20
@@ -126,6 +128,10 @@ class BenchConfig:
             bad(f"--modes: choose from {', '.join(MODES)}")
         if not set(self.modes) - {"direct"}:
             bad("--modes needs at least one gateway mode")
+        if self.threads is not None and not 1 <= self.threads <= 64:
+            bad("--threads must be 1..64")
+        if self.idle_threads is not None and not 0 <= self.idle_threads <= 64:
+            bad("--idle-threads must be 0..64")
 
     def public(self) -> dict[str, Any]:
         """The configuration as reported (no key)."""
@@ -216,7 +222,13 @@ class Bench:
         for mode in cfg.modes:
             if mode == "direct":
                 continue
-            spec = GatewaySpec(mode, guard=mode != "passthrough", speculative=mode == "speculative")
+            spec = GatewaySpec(
+                mode,
+                guard=mode != "passthrough",
+                speculative=mode == "speculative",
+                threads=cfg.threads,
+                idle_threads=cfg.idle_threads,
+            )
             what = "no checks" if mode == "passthrough" else "loading the guard model"
             print(f"starting gateway '{mode}' ({what})...", file=self.progress.stream, flush=True)
             proc = await start_gateway(
