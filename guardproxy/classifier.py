@@ -23,11 +23,6 @@ tokens (memory grows with batch x length; the issue measured 2.1 GiB for one 32 
 (``python -m bench.classifier_runtime``, guard-v1, 1 thread) batches of 4 to 16 texts of 64 tokens ran within 5%
 of one-by-one, mixed lengths (16 to 256 tokens) ran 6% to 55% slower, and a 32-text batch peaked at 825 MiB
 RSS. Micro-batching would add a collection delay to every request for no throughput.
-
-Idle threads: intra-op parallelism pays at low load and costs at saturation (a 256-token pass: 50 ms on one thread,
-29 ms on two, but 55 ms of CPU instead of 49). With ``idle_threads`` above ``threads`` a second session of the
-same model runs with that many threads, and a job takes it only when it is the one job in the executor (nothing
-queued behind it); otherwise the ``threads`` session runs it. Both sessions give the same scores.
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -266,13 +260,8 @@ class OnnxClassifier:
         max_batch_tokens: int = 4096,
         breaker_failures: int = 5,
         breaker_cooldown: float = 5.0,
-        idle_session: Any = None,
     ) -> None:
         self._session = session
-        self._idle_session = idle_session
-        self._jobs = 0  # submitted to the executor and not finished (the loop adds, worker threads subtract)
-        self._jobs_lock = threading.Lock()
-        self.runs = {"threads": 0, "idle_threads": 0}  # model runs per session (read by tests and the bench)
         self._tokenizer = tokenizer
         self.info = info
         self._timeout = timeout
@@ -301,7 +290,6 @@ class OnnxClassifier:
         workers: int = 1,
         timeout: float = 2.0,
         cache_size: int = 8192,
-        idle_threads: int = 0,
         **options: Any,
     ) -> OnnxClassifier:
         """Load ``model.onnx``, ``tokenizer.json`` and ``config.json`` from ``model_dir``.
@@ -323,22 +311,16 @@ class OnnxClassifier:
         except ConfigError as exc:
             raise ClassifierError(str(exc)) from exc
 
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model_path = directory / MODEL_FILE
-
-        def session_with(n_threads: int) -> Any:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = n_threads
-            opts.inter_op_num_threads = 1
-            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            try:
-                return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own unexported exception types
-                raise ClassifierError(f"{model_path}: cannot load ONNX model: {exc}") from exc
-
-        session = session_with(threads)
-        idle_threads = min(idle_threads, os.cpu_count() or 1)
-        idle_session = session_with(idle_threads) if idle_threads > threads else None
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unexported exception types
+            raise ClassifierError(f"{model_path}: cannot load ONNX model: {exc}") from exc
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         missing = [n for n in INPUTS if n not in inputs] + [n for n in OUTPUTS if n not in outputs]
@@ -347,21 +329,14 @@ class OnnxClassifier:
         dim = outputs["embedding"].shape[-1]
         embedding_dim = int(dim) if isinstance(dim, int) else int(config.get("hidden", 0))
         info = _parse_info(config, directory / CONFIG_FILE, embedding_dim)
-        logger.info(
-            "guard model %s %s loaded from %s (%d threads, %s when idle)",
-            info.name, info.version, directory, threads, idle_threads if idle_session is not None else "the same",
-        )  # fmt: skip
-        return cls(
-            session, tokenizer, info, workers=workers, timeout=timeout, cache_size=cache_size,
-            idle_session=idle_session, **options,
-        )  # fmt: skip
+        logger.info("guard model %s %s loaded from %s (%d threads)", info.name, info.version, directory, threads)
+        return cls(session, tokenizer, info, workers=workers, timeout=timeout, cache_size=cache_size, **options)
 
     @classmethod
     def from_settings(cls, settings: GuardSettings) -> OnnxClassifier:
         return cls.load(
             settings.model_dir,
             threads=settings.threads,
-            idle_threads=settings.idle_threads,
             workers=settings.workers,
             timeout=settings.timeout,
             cache_size=settings.cache_size,
@@ -486,24 +461,14 @@ class OnnxClassifier:
         except TimeoutError:
             raise timed_out("no slot") from None
         cancel = threading.Event()
-        with self._jobs_lock:
-            self._jobs += 1
         try:
             cfut: Future[list[T]] = self._executor.submit(self._finishing, job, items, cancel)
         except RuntimeError as exc:  # executor shut down between the check above and now
-            self._job_done()
             slots.release()
             raise ClassifierError("classifier is closed") from exc
-
         # The slot frees when the thread is really done (or the job was dropped unstarted), not when the
         # caller gives up: abandoned work still occupies the executor and must count against the bound.
-        # The job count drops here too (a job dropped unstarted never runs ``_finishing``); the callback runs on the
-        # worker thread before it takes its next job, so that job sees the count without this one.
-        def done(_f: Future[list[T]]) -> None:
-            self._job_done()
-            _release_threadsafe(loop, slots)
-
-        cfut.add_done_callback(done)
+        cfut.add_done_callback(lambda _f: _release_threadsafe(loop, slots))
         try:
             async with asyncio.timeout_at(deadline):
                 return await asyncio.wrap_future(cfut)
@@ -524,10 +489,6 @@ class OnnxClassifier:
             return job(items, cancel)
         finally:
             self._last_done = time.monotonic()
-
-    def _job_done(self) -> None:
-        with self._jobs_lock:
-            self._jobs -= 1
 
     def _prompt_job(self, texts: list[str], cancel: threading.Event) -> list[PromptScore]:
         from guardproxy.encoding import encode_prompt
@@ -609,10 +570,7 @@ class OnnxClassifier:
             ):
                 end += 1
             batch = [encodings[i] for i in order[start:end]]
-            # The wide session only when nothing waits behind this job (a sync call from the CLI counts 0 jobs).
-            alone = self._idle_session is not None and self._jobs <= 1
-            values = (self._idle_session if alone else self._session).run(list(OUTPUTS), pad_batch(batch))
-            self.runs["idle_threads" if alone else "threads"] += 1
+            values = self._session.run(list(OUTPUTS), pad_batch(batch))
             for i, score in zip(order[start:end], decode(dict(zip(OUTPUTS, values, strict=True))), strict=True):
                 out[i] = score
             start = end

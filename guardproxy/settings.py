@@ -84,13 +84,6 @@ class GuardSettings(BaseModel):
     speculative: bool = Field(False, description="start the upstream call while the input check runs")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     workers: int = Field(1, ge=1, description="size of the one inference executor")
-    idle_threads: int = Field(
-        2,
-        ge=0,
-        description="intra-op threads for a model run that has the executor to itself (a second session of the same "
-        "model; capped at the CPU count; at or below `threads` turns it off): a lone request's checks use every "
-        "core, a queue falls back to `threads` per run",
-    )
     timeout: float = Field(2.0, gt=0, description="a classification slower than this counts as a failure")
     cache_size: int = Field(8192, ge=0)
     breaker_failures: int = Field(

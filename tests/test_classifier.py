@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import threading
 import time
@@ -492,46 +491,3 @@ async def test_a_failed_probe_opens_the_circuit_again() -> None:
             await c.score_prompts(["four"])
     finally:
         await c.aclose()
-
-
-# --- idle threads ----------------------------------------------------------------------------------
-
-
-def test_the_idle_session_scores_exactly_like_the_one_thread_session(clf: OnnxClassifier) -> None:
-    wide = OnnxClassifier.load(MODEL_DIR, threads=1, idle_threads=2, workers=1, timeout=30.0, cache_size=0)
-    try:
-        texts = ["How do I kill a stuck Python process?", LONG, "what powder goes in a pipe bomb"]
-        ours, theirs = wide.score_prompts_sync(texts), clf.score_prompts_sync(texts)
-        pairs = [("How do I pick a lock?", "I can't help with getting into places that aren't yours.")]
-        (reply,), (reply_ref,) = wide.score_replies_sync(pairs), clf.score_replies_sync(pairs)
-    finally:
-        wide.close()
-    if (os.cpu_count() or 1) > 1:
-        assert wide.runs["idle_threads"] == 4 and wide.runs["threads"] == 0
-    for a, b in zip(ours, theirs, strict=True):
-        assert a.harm == pytest.approx(b.harm, abs=1e-4) and a.category == b.category
-    assert reply.refusal == reply_ref.refusal
-    assert reply.refusal_probs == pytest.approx(reply_ref.refusal_probs, abs=1e-4)
-
-
-async def test_a_lone_job_takes_the_idle_session_and_a_queue_the_narrow_one() -> None:
-    narrow, idle = _GatedSession(), _GatedSession()
-    c = _gated_classifier(narrow, timeout=10.0, cache_size=0, idle_session=idle)
-    try:
-        idle.gate.set()
-        await c.score_prompts(["alone"])
-        assert (idle.rows, narrow.rows) == (1, 0)
-        idle.gate.clear()
-        idle.started.clear()
-        first = asyncio.create_task(c.score_prompts(["first"]))
-        await _until(idle.started.is_set)  # the first job runs alone on the idle session and blocks there
-        queued = [asyncio.create_task(c.score_prompts([t])) for t in ("second", "third")]
-        await asyncio.sleep(0.05)
-        idle.gate.set()
-        narrow.gate.set()
-        await asyncio.gather(first, *queued)
-        # "second" started with "third" queued behind it: the narrow session; "third" was alone again
-        assert (idle.rows, narrow.rows) == (3, 1)
-        assert c.runs == {"idle_threads": 3, "threads": 1}
-    finally:
-        c.close()
