@@ -59,7 +59,7 @@ class Run:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("bench")
     proc = _bench(["--fake-upstream", *TINY, "--policy", str(MONITOR), "--json", str(tmp / "b.json"),
-                   "--png", str(tmp / "png"), "--workdir", str(tmp / "work"), "--idle-threads", "0",
+                   "--png", str(tmp / "png"), "--workdir", str(tmp / "work"), "--threads", "1",
                    "--quiet"])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     yield Run(proc, json.loads((tmp / "b.json").read_text()), tmp / "png")
@@ -79,9 +79,9 @@ def test_every_section_is_in_the_json_and_the_terminal_report(tiny: Run) -> None
         assert heading in tiny.proc.stdout
     assert tiny.result["config"]["api_key_set"] is False
     # the thread settings reach the gateways' config files and the report says which ran
-    assert tiny.result["config"]["idle_threads"] == 0 and "idle threads: 0" in tiny.proc.stdout
-    configs = list((tiny.png.parent / "work").glob("*.toml"))
-    assert configs and all("idle_threads = 0" in c.read_text() for c in configs if "guarded" in c.name)
+    assert tiny.result["config"]["threads"] == 1 and "guard threads: 1" in tiny.proc.stdout
+    configs = [c for c in (tiny.png.parent / "work").glob("*.toml") if c.stem in ("guarded", "speculative")]
+    assert configs and all("threads = 1" in c.read_text() for c in configs)
 
 
 def test_latency_counts_add_up_and_percentiles_are_ordered(tiny: Run) -> None:

@@ -150,7 +150,6 @@ class GatewaySpec:
     speculative: bool = False
     max_conversations: int | None = None  # state.max_conversations (None: the default)
     threads: int | None = None  # guard.threads (None: the default)
-    idle_threads: int | None = None  # guard.idle_threads (None: the default)
 
 
 def _toml_value(value: Any) -> str:
@@ -188,9 +187,8 @@ def gateway_config(
     }
     if spec.max_conversations is not None:
         cfg["state"]["max_conversations"] = spec.max_conversations
-    for key in ("threads", "idle_threads"):
-        if getattr(spec, key) is not None:
-            cfg["guard"][key] = getattr(spec, key)
+    if spec.threads is not None:
+        cfg["guard"]["threads"] = spec.threads
     if model_dir is not None:
         cfg["guard"]["model_dir"] = str(model_dir)
     if policy is not None:

@@ -67,13 +67,8 @@ def _header(result: dict[str, Any]) -> str:
     return (
         f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, loadavg {m.get('loadavg_at_start')}\n"
         f"upstream: {upstream}; guard model: {cfg['model_dir'] or 'default (models/guard-v1)'}; "
-        f"policy: {cfg['policy'] or 'default'}; guard threads: {_or_default(cfg.get('threads'))}, "
-        f"idle threads: {_or_default(cfg.get('idle_threads'))}"
+        f"policy: {cfg['policy'] or 'default'}; guard threads: {cfg.get('threads') or 'default (1)'}"
     )
-
-
-def _or_default(value: Any) -> str:
-    return "default" if value is None else str(value)
 
 
 def _latency(result: dict[str, Any]) -> str:

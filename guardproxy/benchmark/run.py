@@ -92,7 +92,6 @@ class BenchConfig:
     model_dir: Path | None = None
     policy: Path | None = None
     threads: int | None = None  # the gateways' guard.threads (None: the default)
-    idle_threads: int | None = None  # the gateways' guard.idle_threads (None: the default)
     capacity: int = 512
     max_seconds: float = 1800.0
     warmup: int = 20
@@ -130,8 +129,6 @@ class BenchConfig:
             bad("--modes needs at least one gateway mode")
         if self.threads is not None and not 1 <= self.threads <= 64:
             bad("--threads must be 1..64")
-        if self.idle_threads is not None and not 0 <= self.idle_threads <= 64:
-            bad("--idle-threads must be 0..64")
 
     def public(self) -> dict[str, Any]:
         """The configuration as reported (no key)."""
@@ -227,7 +224,6 @@ class Bench:
                 guard=mode != "passthrough",
                 speculative=mode == "speculative",
                 threads=cfg.threads,
-                idle_threads=cfg.idle_threads,
             )
             what = "no checks" if mode == "passthrough" else "loading the guard model"
             print(f"starting gateway '{mode}' ({what})...", file=self.progress.stream, flush=True)

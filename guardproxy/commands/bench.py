@@ -84,9 +84,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, metavar="DIR", help="guard model directory (default models/guard-v1)")
     parser.add_argument("--policy", type=Path, metavar="FILE", help="active policy (default policies/default.toml)")
     parser.add_argument("--threads", type=int, help="the gateways' guard.threads: intra-op threads per model run (1)")
-    parser.add_argument(
-        "--idle-threads", type=int, help="the gateways' guard.idle_threads: threads for a lone model run (2; 0: off)"
-    )
     parser.add_argument("--capacity", type=int, default=512, help="gateway max concurrent requests (512)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per target (20)")
     parser.add_argument("--stream-share", type=float, default=0.3, help="share of streaming requests (0.3)")
@@ -153,7 +150,6 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         model_dir=model_dir,
         policy=args.policy,
         threads=args.threads,
-        idle_threads=args.idle_threads,
         capacity=args.capacity,
         max_seconds=args.max_seconds,
         warmup=args.warmup,
