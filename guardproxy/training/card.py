@@ -117,6 +117,7 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add("# the card: leave-one-out metrics and comparison runs as kept in bench/results/")
     add("guardproxy train --card --out models/guard-v1 --loso bench/results/loso/*.metrics.json \\")
     add("    --latency bench/results/classifier_latency.json --compare bench/results/students/*.metrics.json")
+    add(f'#   plus --note "$(cat F)" for each F in bench/results/card_notes/{config["version"]}-*.md, in order')
     add("```")
     add("")
     add("![score distributions](scores.png)")
