@@ -48,8 +48,8 @@ def test_each_user_turn_of_a_harmless_chat_is_a_half_weight_benign_prompt_in_its
 def test_no_authored_prompt_sits_next_to_a_challenge_prompt() -> None:
     """The repo's own contamination check: every authored prompt and pair row stays under the near-duplicate
     threshold against every challenge prompt (``python -m guardproxy.training.near_duplicates`` drops them)."""
-    from guardproxy.training.near_duplicates import CHALLENGE_DIRS, near, texts_of
-    from guardproxy.training.sources import AUTHORED_DIR
+    from guardproxy.training.near_duplicates import near, texts_of
+    from guardproxy.training.sources import AUTHORED_DIR, CHALLENGE_DIRS
 
     challenge = [t for d in CHALLENGE_DIRS for p in sorted(d.glob("*.jsonl")) for t in texts_of(p, turns_too=False)]
     authored = [t for p in sorted(AUTHORED_DIR.glob("*.jsonl")) for t in texts_of(p, turns_too=False)]

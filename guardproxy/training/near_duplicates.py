@@ -20,10 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardproxy.training.sources import AUTHORED_DIR
+from guardproxy.training.sources import AUTHORED_DIR, CHALLENGE_DIRS
 
-ROOT = Path(__file__).resolve().parents[2]
-CHALLENGE_DIRS = (ROOT / "bench" / "challenge", ROOT / "bench" / "challenge2")
 _STOP = frozenset(
     "a an the i me my you your to of in on for with and or but is are was be do does did how what whats what's "
     "which who why when where can could would should will it its it's that this these those at by from as so if not "

@@ -23,7 +23,15 @@ from guardproxy.training.export import export
 from guardproxy.training.loop import Encoder, Teacher, TrainConfig, train
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel, base_model_dir, load_base_encoder, shrink_encoder
 from guardproxy.training.predict import Scores, score, session
-from guardproxy.training.sources import AUTHORED_DIR, Example, load_all, read_jsonl, window_text, windows_ending_at
+from guardproxy.training.sources import (
+    AUTHORED_DIR,
+    CHALLENGE_DIRS,
+    Example,
+    load_all,
+    read_jsonl,
+    window_text,
+    windows_ending_at,
+)
 from guardproxy.training.splits import assign_splits, summary
 
 log = logging.getLogger(__name__)
@@ -32,9 +40,6 @@ HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_m
 DEV_PHTEST_PAIRS = 3000
 CALIBRATION_PHTEST_PAIRS = 1500
 FP32_COMPARE_PHTEST_PAIRS = 800
-# Scored for the report only. challenge2 was written later by a helper who saw neither the training data nor the
-# first set (see its README).
-CHALLENGE_DIRS = tuple(Path(__file__).resolve().parents[2] / "bench" / d for d in ("challenge", "challenge2"))
 
 
 @dataclass(frozen=True)
