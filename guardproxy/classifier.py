@@ -23,8 +23,8 @@ tokens (memory grows with batch x length; the issue measured 2.1 GiB for one 32 
 (``python -m bench.classifier_runtime``, guard-v1, 1 thread) batches of 4 to 16 texts of 64 tokens ran within 5%
 of one-by-one, mixed lengths (16 to 256 tokens) ran 6% to 55% slower, and a 32-text batch peaked at 825 MiB
 RSS. Micro-batching would add a collection delay to every request for no throughput. Batching also changes the
-scores: dynamic int8 quantization computes activation scales over the whole batch, padding included (guard-v1
-2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in batches of 32, 15.4% one at a time).
+scores: dynamic int8 quantization computes activation scales over the whole batch, padding included (at one
+threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in batches of 32, 15.4% one at a time).
 """
 
 from __future__ import annotations

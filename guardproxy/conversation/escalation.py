@@ -68,10 +68,10 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    threshold: float = 0.857  # raw score mapped to FLAG_THRESHOLD (tuned for model 2.2.0: 0.8572)
+    threshold: float = 0.861  # raw score mapped to FLAG_THRESHOLD (tuned for model 2.2.0: 0.8609)
     # Tuned: the highest gate within 0.02 of the ungated score. With this model most turns of a harmless chat
-    # score above it (with model 2.2.0 the window ran on 80% of dev benign requests), so it saves little; 0.05 would
-    # run it on 61% but cost 0.04 of (flagged + early) on the tuning split, 0.3 (49%) would cost 0.39.
+    # score above it (with model 2.2.0 the window ran on 87% of dev benign requests), so it saves little; 0.05 would
+    # run it on 63% but cost 0.04 of (flagged + early) on the tuning split, 0.3 (50%) would cost 0.38.
     window_gate: float = 0.02
 
 

@@ -207,6 +207,16 @@ def loso_report(
     return out
 
 
+def _trained_at(opts: RunOptions) -> str:
+    """When the weights were trained: now, or for ``--eval-only`` the time the re-scored run recorded."""
+    previous = opts.out / "config.json"
+    if opts.eval_only and previous.is_file():
+        recorded = json.loads(previous.read_text()).get("trained_at")
+        if isinstance(recorded, str):
+            return recorded
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def challenge_report(sess: object, encoder: Encoder, thresholds: dict[str, float], judges: Any) -> dict[str, Any]:
     """bench/challenge* are scored here for the report only: never trained on, never used for thresholds."""
     out: dict[str, Any] = {}
@@ -326,7 +336,7 @@ def write_config(
         "categories": list(CATEGORY_IDS),
         "refusal_labels": list(REFUSAL_LABELS),
         "thresholds": thresholds,
-        "trained_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "trained_at": _trained_at(opts),
         "data": {
             "root": "../shared/data",
             "sources": dict(
