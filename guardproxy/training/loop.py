@@ -85,11 +85,11 @@ class Teacher:
 
     def targets(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
         missing = list({(e.text, e.reply): e for e in batch if (e.text, e.reply) not in self._cache}.values())
-        if missing:
-            feeds = pad_batch([self.encoder(e) for e in missing])
-            outs = self.session.run(None, feeds)
-            for i, e in enumerate(missing):
-                self._cache[(e.text, e.reply)] = {n: o[i] for n, o in zip(self.names, outs, strict=True)}
+        # One text per run, as the gateway scores (``predict.run``): the int8 graph is dynamically quantized, so a
+        # batched run would make a text's soft targets depend on its batch mates and their padding.
+        for e in missing:
+            outs = self.session.run(None, pad_batch([self.encoder(e)]))
+            self._cache[(e.text, e.reply)] = {n: o[0] for n, o in zip(self.names, outs, strict=True)}
         rows = [self._cache[(e.text, e.reply)] for e in batch]
         return {n: torch.from_numpy(np.stack([r[n] for r in rows]).astype(np.float32)) for n in self.names}
 
