@@ -41,7 +41,9 @@ COPYRIGHT_WEIGHT = 0.5  # HarmBench copyright rows are harmful by label, not a s
 AUTHORED_DIR = Path(__file__).parent / "authored"
 # Never trained on: scored for the report only. challenge2 was written later by a helper who saw neither the
 # training data nor the first set (see its README).
-CHALLENGE_DIRS = tuple(Path(__file__).resolve().parents[2] / "bench" / d for d in ("challenge", "challenge2"))
+CHALLENGE_DIRS = tuple(
+    Path(__file__).resolve().parents[2] / "bench" / d for d in ("challenge", "challenge2", "challenge3")
+)
 BENIGN_TURN_WEIGHT = 0.5  # a user turn of a harmless authored chat, scored on its own (see _benign_turns)
 
 # The placeholder a jailbreak wrapper leaves for the question (matched case-insensitively).
