@@ -39,7 +39,14 @@ def export_fp32(model: GuardModel, path: Path) -> None:
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
-    """Per-channel dynamic int8: keeps embeddings far closer to fp32 than per-tensor (cosine 0.991 vs 0.960)."""
+    """Per-channel dynamic int8: keeps embeddings far closer to fp32 than per-tensor (cosine 0.991 vs 0.960).
+
+    Weights use 7 bits (``reduce_range``). With full 8-bit weights onnxruntime's AVX2 kernels (``vpmaddubsw``, CPUs
+    without VNNI) saturate int16 pair sums that VNNI CPUs compute exactly, so one model scored differently by CPU:
+    guard model 2.2.0 had challenge2 AUROC 0.961 on an AVX2 AMD EPYC and 0.946 on an AVX-512 VNNI Xeon, with the
+    same calibrated threshold. With 7-bit weights no pair sum can saturate (255 x 64 x 2 < 32767), so every x86
+    CPU should compute the same integers, and thresholds calibrated on one machine hold on another.
+    """
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.WARNING)  # onnxruntime.quantization logs every tensor at INFO on the root logger
@@ -60,6 +67,7 @@ def _quantize(fp32_path: Path, int8_path: Path) -> None:
             str(prepped),
             str(int8_path),
             per_channel=True,
+            reduce_range=True,
             weight_type=QuantType.QInt8,
             extra_options={"MatMulConstBOnly": True},
         )
