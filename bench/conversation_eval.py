@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.conversation import FLAG_THRESHOLD, ConversationTracker, EscalationParams, MemoryBackend
-from guardproxy.conversation.escalation import escalation, trajectory_step, trend, window_gate_open
+from guardproxy.conversation.escalation import WINDOW_MAX_IDS, escalation, trajectory_step, trend, window_gate_open
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -116,7 +116,7 @@ def load_conversations(data: Path, seed: int, stitched_per_split: int) -> list[C
 # -- replay -------------------------------------------------------------------------------------------------------
 
 
-async def replay_all(convs: list[Conv], model: Path, concurrency: int) -> None:
+async def replay_all(convs: list[Conv], model: Path, concurrency: int, window_ids: int) -> None:
     from guardproxy.classifier import OnnxClassifier
 
     clf = OnnxClassifier.load(model, workers=2, cache_size=400_000, timeout=60.0)
@@ -126,6 +126,7 @@ async def replay_all(convs: list[Conv], model: Path, concurrency: int) -> None:
         clf,
         hmac_secret=b"eval",
         score_cache_size=100_000,
+        window_max_ids=window_ids,
         params=replace(EscalationParams(), window_gate=0.0),
     )
     todo = [c for c in convs if c.turns is None]
@@ -410,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/guardproxy-conversation-eval.json"))
+    parser.add_argument(
+        "--window-ids", type=int, default=WINDOW_MAX_IDS, help="ids of each window the model reads (the gateway's)"
+    )
     parser.add_argument("--tune", action="store_true", help="grid-search the trajectory parameters and threshold")
     parser.add_argument("--tune-on", default="calibration", help="split(s) to tune on, '+'-joined")
     parser.add_argument("--max-benign", type=float, default=0.03, help="benign flag rate allowed when tuning")
@@ -430,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     harm_threshold = 0.5  # scores are on the operating scale: 0.5 is the model's calibrated harm threshold
     convs = load_conversations(args.data, seed, args.stitched)
     # scores on the operating scale (v2): a cache of raw scores from an older replay is not reused
-    cache_key = f"v2:{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}"
+    cache_key = f"v2:{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}:{args.window_ids}"
     cached: dict[str, Any] = {}
     if args.cache.is_file():
         blob = json.loads(args.cache.read_text())
@@ -441,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = sum(c.turns is None for c in convs)
     print(f"{len(convs)} conversations ({missing} to replay) with {args.model} (seed {seed}, harm >= {harm_threshold})")
     if missing:
-        asyncio.run(replay_all(convs, args.model, args.concurrency))
+        asyncio.run(replay_all(convs, args.model, args.concurrency, args.window_ids))
         args.cache.write_text(json.dumps({"key": cache_key, "turns": {c.id: c.turns for c in convs}}))
 
     params = EscalationParams()
@@ -456,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     matched = matched_harm_threshold(tuning, args.max_benign)
     summary = report(convs, params, harm_threshold, matched, ["train", "calibration", "dev", "challenge"])
     if args.json:
-        args.json.write_text(json.dumps({"params": asdict(params), "results": summary}, indent=1))
+        blob = {"params": asdict(params), "window_ids": args.window_ids, "results": summary}
+        args.json.write_text(json.dumps(blob, indent=1))
     if args.png:
         plot(convs, params, args.png)
     return 0

@@ -30,6 +30,7 @@ threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -367,9 +368,10 @@ class OnnxClassifier:
 
     # --- the async API (signals.Classifier) -----------------------------------------------------------
 
-    async def score_prompts(self, texts: Sequence[str]) -> list[PromptScore]:
-        raw_keys = [_key(b"raw-prompt", t) for t in texts]
-        return await self._submit(raw_keys, self._prompt_job, list(texts))
+    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+        length = self._length(max_length)
+        raw_keys = [_key(b"raw-prompt:%d" % length, t) for t in texts]
+        return await self._submit(raw_keys, functools.partial(self._prompt_job, max_length=length), list(texts))
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         raw_keys = [_key(b"raw-pair", p, r) for p, r in pairs]
@@ -384,8 +386,8 @@ class OnnxClassifier:
 
     # --- the sync API (CLI: score, eval, classify) -----------------------------------------------------
 
-    def score_prompts_sync(self, texts: Sequence[str]) -> list[PromptScore]:
-        return self._prompt_job(list(texts), threading.Event())
+    def score_prompts_sync(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+        return self._prompt_job(list(texts), threading.Event(), max_length=self._length(max_length))
 
     def score_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         return self._pair_job(list(pairs), threading.Event())
@@ -492,16 +494,22 @@ class OnnxClassifier:
         finally:
             self._last_done = time.monotonic()
 
-    def _prompt_job(self, texts: list[str], cancel: threading.Event) -> list[PromptScore]:
+    def _length(self, max_length: int | None) -> int:
+        """Ids a prompt may use: the model's maximum, or less when the caller asks (a conversation window)."""
+        if max_length is None:
+            return self.info.max_length
+        return max(8, min(max_length, self.info.max_length))
+
+    def _prompt_job(self, texts: list[str], cancel: threading.Event, *, max_length: int) -> list[PromptScore]:
         from guardproxy.encoding import encode_prompt
         from guardproxy.normalize import normalize
 
         started = time.perf_counter()
         normalized = [normalize(t) for t in texts]
-        keys = [_key(b"prompt", n) for n in normalized]
+        keys = [_key(b"prompt:%d" % max_length, n) for n in normalized]
         return self._run_cached(
             keys,
-            lambda i: encode_prompt(self._tokenizer, normalized[i], self.info.max_length),
+            lambda i: encode_prompt(self._tokenizer, normalized[i], max_length),
             self._prompt_scores,
             cancel,
             started,

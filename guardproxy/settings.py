@@ -86,6 +86,9 @@ class GuardSettings(BaseModel):
     workers: int = Field(1, ge=1, description="size of the one inference executor")
     timeout: float = Field(2.0, gt=0, description="a classification slower than this counts as a failure")
     cache_size: int = Field(8192, ge=0)
+    window_max_ids: int = Field(
+        128, ge=8, description="ids of the conversation window the guard model reads (at most the model's maximum)"
+    )
     breaker_failures: int = Field(
         5, ge=0, description="consecutive classifier failures that open the circuit (fail fast); 0 turns it off"
     )

@@ -211,6 +211,23 @@ async def test_cache_hits_skip_inference_and_evasion_variants_share_an_entry() -
         await c.aclose()
 
 
+async def test_a_shorter_read_is_honoured_capped_at_the_model_maximum_and_cached_apart() -> None:
+    session = _GatedSession()
+    session.gate.set()
+    c = _gated_classifier(session, cache_size=16)  # the model reads 64 ids
+    long_text = " ".join(f"word{i}" for i in range(200))
+    try:
+        await c.score_prompts([long_text], max_length=16)
+        await c.score_prompts([long_text])
+        await c.score_prompts([long_text], max_length=1000)  # never more than the model's own maximum
+        assert session.widths == [16, 64]  # the third call was the second's cache entry
+        await c.score_prompts([long_text], max_length=16)
+        assert session.widths == [16, 64]
+        assert c.score_prompts_sync(["short text"], max_length=16) and session.widths[-1] <= 16
+    finally:
+        await c.aclose()
+
+
 async def test_cache_size_zero_disables_the_cache() -> None:
     session = _GatedSession()
     session.gate.set()
@@ -359,6 +376,7 @@ class _GatedSession:
         self.fail = fail
         self.dim = dim
         self.rows = 0
+        self.widths: list[int] = []  # ids per row of each run (padded width)
         self.harm = harm
         self.category = category  # index of the second-likeliest category (``none`` is always the likeliest)
 
@@ -372,6 +390,7 @@ class _GatedSession:
                 raise RuntimeError("boom")
             b = feeds["input_ids"].shape[0]
             self.rows += b
+            self.widths.append(feeds["input_ids"].shape[1])
             category = np.zeros((b, len(CATEGORY_IDS)), np.float32)
             category[:, 0] = 1.0
             if self.category is not None:

@@ -55,6 +55,7 @@ class FakeClassifier:
         self.fail = fail
         self.exact = exact or {}  # text -> harm, over the keyword rule (a reworded request that looks harmless)
         self.prompt_calls: list[list[str]] = []
+        self.prompt_lengths: list[int | None] = []  # max_length of each score_prompts call
         self.reply_calls: list[list[tuple[str, str]]] = []
 
     @property
@@ -79,10 +80,11 @@ class FakeClassifier:
         n = float(np.linalg.norm(v))
         return v / n if n else v
 
-    async def score_prompts(self, texts: Sequence[str]) -> list[PromptScore]:
+    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
         if self.fail:
             raise ClassifierError("fake model down")
         self.prompt_calls.append(list(texts))
+        self.prompt_lengths.append(max_length)
         return [PromptScore(self.harm(t), "none", 0.0, self.embed(t)) for t in texts]
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
@@ -190,6 +192,18 @@ async def test_window_gate_skips_the_window_pass_until_the_conversation_shows_ri
     # an earlier refusal keeps it open, however harmless the next turn
     calls, texts, _ = await turn("and something about tulips")
     assert (calls, texts) == (2, 2)
+
+
+@pytest.mark.parametrize("window_max_ids", [None, 128, 40])
+async def test_the_window_is_read_at_its_own_length_and_turns_at_the_models(window_max_ids: int | None) -> None:
+    clf = FakeClassifier()
+    t = tracker(clf, window_max_ids=window_max_ids)
+    await talk(t, ["tell me about chemistry", "and explosive reactions"], handback=True)
+    # first request: the turn only; second: the new turn, then the window of the last turns
+    assert clf.prompt_calls[-1][0].startswith("user: tell me about chemistry\nassistant: ")
+    assert clf.prompt_lengths == [None, None, window_max_ids]
+    assert [r.index for r in await t.replay([u("chemistry"), a("ok"), u("explosive")])] == [0, 2]
+    assert clf.prompt_lengths[-1] == window_max_ids  # replay (guardproxy score) reads windows the same way
 
 
 async def test_record_reply_with_or_without_the_observation_agrees() -> None:

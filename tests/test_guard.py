@@ -53,7 +53,7 @@ class ScriptedClassifier:
     fail: bool = False
     calls: list[str] = field(default_factory=list)
 
-    async def score_prompts(self, texts: Sequence[str]) -> list[PromptScore]:
+    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
         self.calls.extend(texts)
         if self.fail:
             raise RuntimeError("scripted classifier failure")

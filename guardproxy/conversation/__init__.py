@@ -88,7 +88,7 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
                 "state.hmac_secret is empty: using a random per-process secret; conversation history verified by "
                 "this process will read as unverified after a restart"
             )
-        return ConversationTracker(local, classifier, hmac_secret=secret)
+        return ConversationTracker(local, classifier, hmac_secret=secret, window_max_ids=settings.guard.window_max_ids)
     if state.url.startswith(("redis://", "rediss://", "unix://")):
         if not secret:
             raise ConfigError("state.hmac_secret is required with a redis:// state backend (shared by all replicas)")
@@ -97,6 +97,11 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
         primary = RedisBackend(state.url, ttl_seconds=state.ttl_seconds)
         backend = ResilientBackend(primary, local, timeout=state.backend_timeout, metrics=metrics)
         return ConversationTracker(
-            backend, classifier, hmac_secret=secret, shared=True, reply_grace=min(0.25, 4 * state.backend_timeout)
+            backend,
+            classifier,
+            hmac_secret=secret,
+            shared=True,
+            reply_grace=min(0.25, 4 * state.backend_timeout),
+            window_max_ids=settings.guard.window_max_ids,
         )
     raise ConfigError(f"state.url: unsupported scheme in {state.url!r} (memory:// or redis://host:port/db)")

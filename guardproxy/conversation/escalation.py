@@ -47,6 +47,10 @@ __all__ = [
 
 FLAG_THRESHOLD = 0.5  # the operating point of signals.to_operating_scale, onto which the tuned threshold maps
 WINDOW_TURNS = 4
+# Ids of the window the guard model reads (head and tail kept, ``encoding.encode_prompt``). 128 rather than the
+# model's 256: the pass costs about a third as much, and on the conversation data (bench/RESULTS.md,
+# "Conversation tracking") detection and benign flag rates were unchanged.
+WINDOW_MAX_IDS = 128
 _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined window; this only bounds the work
 
 

@@ -151,6 +151,7 @@ class ConversationTracker:
         *,
         hmac_secret: bytes,
         window_turns: int = esc.WINDOW_TURNS,
+        window_max_ids: int | None = esc.WINDOW_MAX_IDS,
         params: esc.EscalationParams | None = None,
         max_new_turns: int = 16,
         score_cache_size: int = 2048,
@@ -163,6 +164,7 @@ class ConversationTracker:
         self.backend = backend
         self.classifier = classifier
         self.window_turns = max(1, min(window_turns, esc.WINDOW_TURNS))
+        self.window_max_ids = window_max_ids  # None: the model's own maximum
         self.params = params or esc.EscalationParams()
         self.max_new_turns = max_new_turns
         self.reply_grace = reply_grace
@@ -277,7 +279,8 @@ class ConversationTracker:
             )
             window_src = self._window(chain, n - 1) if gate_open else None
             if window_src is not None:
-                (window,) = await self.classifier.score_prompts([window_src])  # a window is never seen twice
+                # a window is never seen twice: no cache in front of this call
+                (window,) = await self.classifier.score_prompts([window_src], max_length=self.window_max_ids)
                 window_harm = window.harm
             elif scored and chain.roles[-1] == "user":
                 window_harm = user_scores[-1].harm  # a one-turn window (or a closed gate) is the turn itself
@@ -427,6 +430,7 @@ class ConversationTracker:
             self.classifier,
             hmac_secret=secrets.token_bytes(32),
             window_turns=self.window_turns,
+            window_max_ids=self.window_max_ids,
             params=self.params,
             max_new_turns=self.max_new_turns,
             score_cache_size=0,
