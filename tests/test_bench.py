@@ -279,16 +279,22 @@ def test_targets_are_gateway_minus_direct_in_the_same_run() -> None:
     def pct(p50: float) -> dict[str, float]:
         return {"n": 10, "p50": p50, "p90": p50 + 1, "p99": p50 + 2, "mean": p50, "max": p50 + 3}
 
-    def row(target: str, plain: float, ttft: float, conv_ttft: float) -> dict[str, Any]:
+    def row(target: str, plain: float, ttft: float, conv_ttft: float, single_ttft: float) -> dict[str, Any]:
         return {"concurrency": 1, "target": target, "plain": {"overhead_ms": pct(plain), "total_ms": pct(plain + 50)},
                 "stream": {"ttft_overhead_ms": pct(ttft), "ttft_ms": pct(ttft + 50)},
-                "by_history": {"stream_conversation": pct(conv_ttft)}}  # fmt: skip
+                "by_history": {"stream_conversation": pct(conv_ttft),
+                               "stream_single_turn": pct(single_ttft)}}  # fmt: skip
 
-    latency = [row("direct", 1.0, 0.5, 0.5), row("guarded", 9.0, 7.5, 12.5), row("speculative", 4.0, 1.0, 1.2)]
+    latency = [
+        row("direct", 1.0, 0.5, 0.5, 0.4),
+        row("guarded", 9.0, 7.5, 12.5, 6.4),
+        row("speculative", 4.0, 1.0, 1.2, 0.9),
+    ]
     sweep = {"target": "guarded", "levels": [{"concurrency": 16, "throughput_rps": 200.0}]}
     length = {"ratio_at_longest": 1.3, "longest": 100, "tail_history_turns": [96, 100]}
     got = {t["target"]: (t["value"], t["met"]) for t in evaluate_targets(BenchConfig(), latency, length, sweep)}
     assert got["added to TTFT, c=1, input checks only (guarded)"] == (7.0, True)
+    assert got["added to TTFT, c=1, single user turn: turn check only (guarded)"] == (6.0, True)
     assert got["added to TTFT, c=1, new turn of a conversation: turn + window check (guarded)"] == (12.0, False)
     assert got["added latency, plain reply, c=1, input + output checks (guarded)"] == (8.0, True)
     assert got["added to TTFT, c=1, speculative forwarding"] == (0.5, True)

@@ -640,6 +640,13 @@ def evaluate_targets(
         how.format("guarded TTFT overhead") + "; a stream's first event waits for the input check only",
     )
     add(
+        "added to TTFT, c=1, single user turn: turn check only (guarded)",
+        added("guarded", "by_history", "stream_single_turn"),
+        10.0,
+        "ms",
+        how.format("guarded TTFT overhead of streamed single-turn requests"),
+    )
+    add(
         "added to TTFT, c=1, new turn of a conversation: turn + window check (guarded)",
         added("guarded", "by_history", "stream_conversation"),
         10.0,
