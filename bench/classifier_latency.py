@@ -1,7 +1,8 @@
 """Guard-model latency on one core, tokenization included: ``python -m bench.classifier_latency``.
 
 Measures what a request pays: normalize + tokenize (``guardproxy.encoding``) + one onnxruntime pass, for a
-user turn of 64 and of 256 tokens (and a 256-token prompt/reply pair), and the process RSS with the model loaded.
+user turn of 64 and of 256 tokens, a conversation window as the tracker cuts it, a 256-token prompt/reply pair,
+and the process RSS with the model loaded.
 Prints wall and CPU-time percentiles (the CPU time is the uncontended figure on a shared machine) and the
 load average. Never passes or fails (targets: p50 <= 6 ms at 64 tokens, <= 20 ms at 256, RSS <= 250 MiB).
 """
@@ -107,6 +108,13 @@ def main() -> None:
         feeds = pad_batch([encode_prompt(tokenizer, text, max_length)])
         results[f"model_only_{n}"] = timed(lambda feeds=feeds: session.run(None, feeds), args.iterations)
         results[f"tokenize_only_{n}"] = timed(lambda text=text: encode_prompt(tokenizer, text, max_length), 200)
+    # a conversation window as the tracker has the model read it: 400 ids of joined turns cut to WINDOW_MAX_IDS
+    from guardproxy.conversation.escalation import WINDOW_MAX_IDS
+
+    window = text_of_tokens(tokenizer, 400, rng)
+    results[f"window_{WINDOW_MAX_IDS}"] = timed(
+        lambda: session.run(None, pad_batch([encode_prompt(tokenizer, window, WINDOW_MAX_IDS)])), args.iterations
+    )
     prompt, reply = text_of_tokens(tokenizer, 40, rng), text_of_tokens(tokenizer, 400, rng)
     results["pair_256"] = timed(
         lambda: session.run(None, pad_batch([encode_pair(tokenizer, prompt, reply, max_length)])), args.iterations
