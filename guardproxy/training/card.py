@@ -8,6 +8,7 @@ from typing import Any
 
 from guardproxy.training.loop import SOURCE_CAPS, SOURCE_REPEATS
 from guardproxy.training.model import student_layer_map
+from guardproxy.training.sources import CHALLENGE_DIRS
 
 TARGETS = {
     "loso": 0.90,
@@ -187,10 +188,8 @@ def _splits_section(add: Any) -> None:
         "- Seeded hash of the group: 15% dev (never trained on, never used for thresholds), 10% calibration (thresholds"
     )
     add("  only), 75% train. Augmentation draws from train rows only.")
-    add(
-        "- `bench/challenge/` and `bench/challenge2/` are scored for this report only: never trained on, never used for"
-    )
-    add("  thresholds or early stopping; no training run reads them before the final scoring.")
+    add(f"- {_challenge_dirs()} are scored for this report only: never trained on, never used for thresholds or early")
+    add("  stopping; no training run reads them before the final scoring.")
     add("- Leave-one-source-out runs drop the source from train *and* calibration.")
     add("")
 
@@ -261,8 +260,12 @@ def _loso_section(add: Any, loso: list[Path]) -> None:
     add("")
 
 
+def _challenge_dirs() -> str:
+    return ", ".join(f"`bench/{d.name}/`" for d in CHALLENGE_DIRS)
+
+
 def _challenge_section(add: Any, m: dict[str, Any]) -> None:
-    add("## Challenge sets (`bench/challenge/`, `bench/challenge2/`: written apart from training, never trained on)")
+    add(f"## Challenge sets ({_challenge_dirs()}: written apart from training, never trained on)")
     add("")
     ch = m.get("challenge", {})
     for name, c in ch.items():
