@@ -48,15 +48,16 @@ __all__ = [
 FLAG_THRESHOLD = 0.5  # the operating point of signals.to_operating_scale, onto which the tuned threshold maps
 WINDOW_TURNS = 4
 # Ids of the window the guard model reads (head and tail kept, ``encoding.encode_prompt``). 128 rather than the
-# model's 256: the pass costs about a third as much, and on the conversation data (bench/RESULTS.md,
-# "Conversation tracking") detection and benign flag rates were unchanged.
+# model's 256: the pass costs about half as much. On the conversation data (bench/RESULTS.md, "Conversation
+# tracking") it changed nothing with model 2.2.0; with 2.3.0 it catches as much and flags 4 more of 100 long harmless
+# chats on dev (10% against 6%), each length tuned on its own.
 WINDOW_MAX_IDS = 128
 _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined window; this only bounds the work
 
 
 @dataclass(frozen=True)
 class EscalationParams:
-    """Defaults tuned for models/guard-v1 2.1.0 (6 layers, model.onnx md5 0a2cfd14...) on the calibration split of
+    """Defaults tuned for models/guard-v1 2.3.0 (6 layers, model.onnx md5 2141627a...) on the calibration split of
     the conversation data, benign budget 3%, scores on the operating scale: ``python -m bench.conversation_eval
     --tune`` (see its docstring). Retune whenever the model is replaced: the threshold sits on that model's score
     distribution."""
@@ -72,10 +73,10 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    threshold: float = 0.861  # raw score mapped to FLAG_THRESHOLD (tuned for model 2.2.0: 0.8609)
+    threshold: float = 0.736  # raw score mapped to FLAG_THRESHOLD (tuned for model 2.3.0, 128-id windows: 0.7363)
     # Tuned: the highest gate within 0.02 of the ungated score. With this model most turns of a harmless chat
-    # score above it (with model 2.2.0 the window ran on 87% of dev benign requests), so it saves little; 0.05 would
-    # run it on 63% but cost 0.04 of (flagged + early) on the tuning split, 0.3 (50%) would cost 0.38.
+    # score above it (with model 2.3.0 the window ran on 76% of dev benign requests), so it saves little; 0.05 would
+    # run it on 62% but cost 0.09 of (flagged + early) on the tuning split.
     window_gate: float = 0.02
 
 
