@@ -35,6 +35,7 @@ import numpy as np
 
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation import ConversationTracker, MemoryBackend, TurnResult
+from guardproxy.conversation.escalation import WINDOW_MAX_IDS
 from guardproxy.pipeline import Action
 from guardproxy.policy import Policy
 from guardproxy.signals import PromptScore, ReplyScore, Signals
@@ -133,11 +134,15 @@ class RowScorer:
     """Scores parsed rows: prompt and response rows of a chunk in one classifier call each (sync API), conversation
     rows by replaying them through the conversation tracker (async API, on this scorer's own event loop)."""
 
-    def __init__(self, classifier: OnnxClassifier, policy: Policy) -> None:
+    def __init__(self, classifier: OnnxClassifier, policy: Policy, *, window_max_ids: int = WINDOW_MAX_IDS) -> None:
+        """``window_max_ids``: ids of a conversation window, as the gateway's ``guard.window_max_ids``."""
         self.classifier = classifier
         self.policy = policy
         self._tracker = ConversationTracker(
-            MemoryBackend(max_records=64, max_bytes=1 << 20), classifier, hmac_secret=secrets.token_bytes(32)
+            MemoryBackend(max_records=64, max_bytes=1 << 20),
+            classifier,
+            hmac_secret=secrets.token_bytes(32),
+            window_max_ids=window_max_ids,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -9,8 +9,8 @@ import argparse
 import json
 from typing import Any
 
-from guardproxy.commands.score import add_model_options, load_model_and_policy
-from guardproxy.scoring import ParsedRow, RowScorer
+from guardproxy.commands.score import add_model_options, load_model_and_policy, row_scorer
+from guardproxy.scoring import ParsedRow
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [ParsedRow(line=0, id="cli", kind="prompt", prompt=args.prompt)]
         if args.reply is not None:
             rows.append(ParsedRow(line=0, id="cli", kind="response", prompt=args.prompt, response=args.reply))
-        with RowScorer(classifier, policy) as scorer:
+        with row_scorer(classifier, policy) as scorer:
             scored = scorer.score(rows)
         result = scored[-1]
         if args.reply is not None:

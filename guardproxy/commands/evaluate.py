@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.classifier import OnnxClassifier, Thresholds
-from guardproxy.commands.score import add_model_options, load_model_and_policy
+from guardproxy.commands.score import add_model_options, load_model_and_policy, row_scorer
 from guardproxy.errors import ConfigError
 from guardproxy.evaluation import (
     ConversationRecord,
@@ -37,7 +37,7 @@ from guardproxy.evaluation import (
     response_report,
 )
 from guardproxy.policy import Policy
-from guardproxy.scoring import ParsedRow, Progress, RowError, RowScorer, parse_row, read_jsonl
+from guardproxy.scoring import ParsedRow, Progress, RowError, parse_row, read_jsonl
 from guardproxy.settings import PROJECT_ROOT, load_settings
 
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -225,7 +225,7 @@ def score_files(
     collector = Collector(baselines)
     total = sum(len(rows) for _p, rows in files)
     progress = Progress("eval", total, enabled=not args.no_progress)
-    with RowScorer(classifier, policy) as scorer:
+    with row_scorer(classifier, policy) as scorer:
         for path, rows in files:
             base = source_name(path)
             for start in range(0, len(rows), CHUNK_ROWS):

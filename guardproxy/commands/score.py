@@ -46,10 +46,15 @@ def load_model_and_policy(args: argparse.Namespace) -> tuple[OnnxClassifier, Pol
     return classifier, policy
 
 
+def row_scorer(classifier: OnnxClassifier, policy: Policy) -> RowScorer:
+    """The scorer the CLI commands share: conversation windows read as the gateway's settings say."""
+    return RowScorer(classifier, policy, window_max_ids=load_settings().guard.window_max_ids)
+
+
 def run(args: argparse.Namespace) -> int:
     classifier, policy = load_model_and_policy(args)
     try:
-        with RowScorer(classifier, policy) as scorer:
+        with row_scorer(classifier, policy) as scorer:
             if args.file == "-":
                 return score_stream(sys.stdin.buffer, "<stdin>", None, scorer, sys.stdout, args)
             path = Path(args.file)

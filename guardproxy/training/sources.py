@@ -39,8 +39,8 @@ WINDOW_TURNS = 4
 CONTROVERSIAL_WEIGHT = 0.5
 COPYRIGHT_WEIGHT = 0.5  # HarmBench copyright rows are harmful by label, not a safety harm
 AUTHORED_DIR = Path(__file__).parent / "authored"
-# Never trained on: scored for the report only. challenge2 was written later by a helper who saw neither the
-# training data nor the first set (see its README).
+# Never trained on: scored for the report only. challenge2 and challenge3 were each written later by a helper who saw
+# neither the training data nor the earlier sets (see their READMEs).
 CHALLENGE_DIRS = tuple(
     Path(__file__).resolve().parents[2] / "bench" / d for d in ("challenge", "challenge2", "challenge3")
 )
