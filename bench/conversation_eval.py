@@ -17,7 +17,7 @@ MT-Bench dialogues of one split stitched into 12-25-turn chats. The challenge se
 threshold on the tuning split
 (``--tune-on``, default calibration: conversations the model did not train on, kept apart from dev) for the most
 escalation conversations flagged, and flagged before their last user turn (each source weighted alike), subject
-to <= ``--max-benign`` of benign conversations flagged.
+to <= ``--max-benign`` of the benign conversations of each source flagged (``--budget pooled``: of all together).
 The history weights cannot be tuned on this data (history is always verified in replay) and keep their defaults.
 
 Flag = a user turn with escalation >= 0.5. Last-turn-only baseline = a user turn whose own harm >= the model's
@@ -259,15 +259,39 @@ def guard_flags(convs: Sequence[Conv], p: EscalationParams, harm_threshold: floa
     return out
 
 
+def benign_sets(ben: Sequence[Conv], per_set: bool) -> dict[str, list[Conv]]:
+    """The benign conversations the budget is counted over: each source on its own (``per_set``), or pooled."""
+    if not per_set:
+        return {"all": list(ben)}
+    out: dict[str, list[Conv]] = {}
+    for c in ben:
+        out.setdefault(c.set, []).append(c)
+    return out
+
+
+def benign_cut(maxima: Iterable[Sequence[float]], max_benign: float, floor: float, ceiling: float) -> float:
+    """The lowest threshold over which at most ``max_benign`` of each group's conversations lie (each value is a
+    conversation's highest score). Counted per group, three-turn dialogues cannot lend their budget to long chats."""
+    cut = floor
+    for values in maxima:
+        ordered = sorted(values)
+        if ordered:
+            k = int(max_benign * len(ordered))  # conversations of this group allowed over the threshold
+            cut = max(cut, ordered[len(ordered) - k - 1] + 1e-4)
+    return min(ceiling, cut)
+
+
 def tune(
     convs: Sequence[Conv],
     max_benign: float,
     base: EscalationParams,
     gates: Sequence[float] = (0.0,),
     slack: float = 0.02,
+    per_set: bool = True,
 ) -> EscalationParams:
     """Most escalation conversations flagged, and flagged early (each source weighted alike), with at most
-    ``max_benign`` of the benign conversations flagged by the tracker; then, of the ``gates``, the highest (the
+    ``max_benign`` of the benign conversations flagged by the tracker (of each benign source on its own when
+    ``per_set``: MT-Bench dialogues, stitched long chats, authored chats); then, of the ``gates``, the highest (the
     fewest window passes) whose best score is within ``slack`` of the lowest gate's best (0: ungated)."""
     esc_sets: dict[str, list[Conv]] = {}
     for c in convs:
@@ -302,9 +326,11 @@ def tune(
                 window_gate=gate,
             )
             # the raw score (threshold 0.5 maps identity) per turn; the flag threshold is then a cut on its maximum
-            ben_max = sorted(max(escalations(c.turns or [], p0), default=0.0) for c in ben)
-            k = int(max_benign * len(ben))  # benign conversations allowed over the threshold
-            threshold = min(0.99, max(0.05, ben_max[len(ben_max) - k - 1] + 1e-4 if ben_max else 0.5))
+            maxima = {
+                name: [max(escalations(c.turns or [], p0), default=0.0) for c in group]
+                for name, group in benign_sets(ben, per_set).items()
+            }
+            threshold = benign_cut(maxima.values(), max_benign, floor=0.05, ceiling=0.99)
             p = replace(p0, threshold=threshold)
             per_set = [rates(group, tracker_flags(group, p)) for group in esc_sets.values()]
             score = (statistics.mean(r.flagged + r.early for r in per_set), -threshold)
@@ -321,11 +347,16 @@ def tune(
     return per_gate[chosen][1]
 
 
-def matched_harm_threshold(convs: Sequence[Conv], max_benign: float) -> float:
-    """The per-turn harm threshold that flags at most ``max_benign`` of these benign conversations."""
-    ben_max = sorted(max((t["harm"] for t in c.turns or []), default=0.0) for c in convs if c.label == "benign")
-    k = int(max_benign * len(ben_max))
-    return min(0.999, ben_max[len(ben_max) - k - 1] + 1e-4) if ben_max else 0.5
+def matched_harm_threshold(convs: Sequence[Conv], max_benign: float, per_set: bool = True) -> float:
+    """The per-turn harm threshold that flags at most ``max_benign`` of these benign conversations (of each benign
+    source, when ``per_set``: the tracker's own budget rule)."""
+    ben = [c for c in convs if c.label == "benign"]
+    if not ben:
+        return 0.5
+    maxima = [
+        [max((t["harm"] for t in c.turns or []), default=0.0) for c in g] for g in benign_sets(ben, per_set).values()
+    ]
+    return benign_cut(maxima, max_benign, floor=0.0, ceiling=0.999)
 
 
 # -- report -------------------------------------------------------------------------------------------------------
@@ -418,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tune-on", default="calibration", help="split(s) to tune on, '+'-joined")
     parser.add_argument("--max-benign", type=float, default=0.03, help="benign flag rate allowed when tuning")
     parser.add_argument(
+        "--budget",
+        choices=("per-set", "pooled"),
+        default="per-set",
+        help="count --max-benign over each benign source (MT-Bench, stitched, authored) or over all pooled",
+    )
+    parser.add_argument(
         "--gates",
         default="0,0.02,0.05,0.1,0.15,0.2,0.3",
         help="window gates tried by --tune (comma-separated); the highest within --slack of the ungated best wins",
@@ -453,11 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tuning = [c for c in convs if c.split in tune_splits]
     if args.tune:
         gates = [float(g) for g in args.gates.split(",")]
-        params = tune(tuning, args.max_benign, params, gates, args.slack)
-        print(f"\ntuned on {sorted(tune_splits)} (benign <= {args.max_benign:.0%}): {params}")
+        params = tune(tuning, args.max_benign, params, gates, args.slack, per_set=args.budget == "per-set")
+        print(f"\ntuned on {sorted(tune_splits)} (benign <= {args.max_benign:.0%} {args.budget}): {params}")
     else:
         print(f"\nparameters: {params}")
-    matched = matched_harm_threshold(tuning, args.max_benign)
+    matched = matched_harm_threshold(tuning, args.max_benign, per_set=args.budget == "per-set")
     summary = report(convs, params, harm_threshold, matched, ["train", "calibration", "dev", "challenge"])
     if args.json:
         blob = {"params": asdict(params), "window_ids": args.window_ids, "results": summary}
