@@ -58,8 +58,8 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 @dataclass(frozen=True)
 class EscalationParams:
     """Defaults tuned for models/guard-v1 2.3.0 (6 layers, model.onnx md5 2141627a...) on the calibration split of
-    the conversation data, benign budget 3%, scores on the operating scale: ``python -m bench.conversation_eval
-    --tune`` (see its docstring). Retune whenever the model is replaced: the threshold sits on that model's score
+    the conversation data, benign budget 3% of each benign source (MT-Bench dialogues, stitched long chats, authored
+    chats), scores on the operating scale: ``python -m bench.conversation_eval --tune`` (see its docstring). Retune whenever the model is replaced: the threshold sits on that model's score
     distribution."""
 
     decay: float = 0.6
@@ -73,7 +73,9 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    threshold: float = 0.736  # raw score mapped to FLAG_THRESHOLD (tuned for model 2.3.0, 128-id windows: 0.7363)
+    # raw score mapped to FLAG_THRESHOLD (model 2.3.0, 128-id windows, per-source budget: 0.9495; a pooled budget
+    # gave 0.736, which flagged 10% of long stitched chats because three-turn dialogues lent it their budget)
+    threshold: float = 0.9495
     # Tuned: the highest gate within 0.02 of the ungated score. With this model most turns of a harmless chat
     # score above it (with model 2.3.0 the window ran on 76% of dev benign requests), so it saves little; 0.05 would
     # run it on 62% but cost 0.09 of (flagged + early) on the tuning split.
