@@ -59,8 +59,8 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 class EscalationParams:
     """Defaults tuned for models/guard-v1 2.3.0 (6 layers, model.onnx md5 2141627a...) on the calibration split of
     the conversation data, benign budget 3% of each benign source (MT-Bench dialogues, stitched long chats, authored
-    chats), scores on the operating scale: ``python -m bench.conversation_eval --tune`` (see its docstring). Retune whenever the model is replaced: the threshold sits on that model's score
-    distribution."""
+    chats), scores on the operating scale: ``python -m bench.conversation_eval --tune`` (see its docstring).
+    Retune whenever the model is replaced: the threshold sits on that model's score distribution."""
 
     decay: float = 0.6
     gain: float = 0.3
