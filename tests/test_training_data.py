@@ -73,3 +73,18 @@ def test_near_duplicates_drops_only_the_rows_close_to_the_other_set(tmp_path: Pa
     assert [(h[1].id, h[2].id) for h in hits] == [("t1", "e1")]
     assert drop_rows(train, {h[1].id for h in hits}) == 1
     assert [json.loads(line)["id"] for line in train.read_text().splitlines()] == ["t2", "t3"]
+
+
+def test_content_words_read_every_script() -> None:
+    """Words in other scripts count as words (Devanagari vowel signs, accents), and Chinese and Japanese, written
+    without spaces, as character bigrams; an ASCII-only reading saw "15" as the whole of a Hindi sentence."""
+    from guardproxy.training.near_duplicates import content_words, jaccard
+
+    assert {"बेटा", "साल", "15"} <= content_words("मेरा 15 साल का बेटा")
+    assert "gefährlich" in content_words("Ist das gefährlich?")
+    assert {"発売", "週刊"} <= content_words("発売前の週刊漫画誌")
+    assert content_words("how do I kill a Python process") == {"kill", "python", "process"}
+    # two unrelated rows that share only a number and a Latin loanword are far apart
+    a = content_words("线上有个偶发的bug怎么都复现不了，日志应该怎么加？")
+    b = content_words("How do I report a bug in the 2024 release?")
+    assert jaccard(a, b) < 0.2

@@ -14,8 +14,10 @@ its rows near any training row (run it after ``--drop-train``). Prints what it d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,30 @@ class Text:
     words: frozenset[str]
 
 
+# Han and kana: Chinese and Japanese put no spaces between words, so character bigrams stand in for them.
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def _runs(text: str) -> Iterable[str]:
+    """Runs of letters, digits, combining marks (Devanagari vowel signs, Arabic harakat) and apostrophes."""
+    word: list[str] = []
+    for ch in unicodedata.normalize("NFKC", text.lower()) + " ":
+        if ch.isalnum() or ch == "'" or unicodedata.category(ch).startswith("M"):
+            word.append(ch)
+        elif word:
+            yield "".join(word)
+            word = []
+
+
 def content_words(text: str) -> frozenset[str]:
-    return frozenset(w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in _STOP)
+    """Content words in any script: English stop words left out; Chinese and Japanese as character bigrams."""
+    out: set[str] = set()
+    for run in _runs(text):
+        if _CJK.search(run) and len(run) > 1:
+            out.update(a + b for a, b in itertools.pairwise(run))
+        elif run not in _STOP:
+            out.add(run)
+    return frozenset(out)
 
 
 def texts_of(path: Path, *, turns_too: bool = True) -> list[Text]:
