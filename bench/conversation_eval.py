@@ -332,8 +332,8 @@ def tune(
             }
             threshold = benign_cut(maxima.values(), max_benign, floor=0.05, ceiling=0.99)
             p = replace(p0, threshold=threshold)
-            per_set = [rates(group, tracker_flags(group, p)) for group in esc_sets.values()]
-            score = (statistics.mean(r.flagged + r.early for r in per_set), -threshold)
+            caught = [rates(group, tracker_flags(group, p)) for group in esc_sets.values()]
+            score = (statistics.mean(r.flagged + r.early for r in caught), -threshold)
             if best is None or score > best[0]:
                 best = (score, p)
         assert best is not None

@@ -12,7 +12,7 @@ def _conv(cid: str, source: str) -> Conv:
 
 def test_a_cut_per_source_keeps_each_source_within_the_budget() -> None:
     short = [0.1 + 0.001 * i for i in range(100)]  # 100 three-turn dialogues, all low
-    long = [0.2, 0.3, 0.6, 0.7, 0.8]  # five long chats, two of them high
+    long = [0.2, 0.3, 0.6, 0.7, 0.8]  # five long chats, three of them high
 
     pooled = benign_cut([short + long], 0.03, floor=0.05, ceiling=0.99)
     per_source = benign_cut([short, long], 0.03, floor=0.05, ceiling=0.99)
