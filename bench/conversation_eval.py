@@ -298,6 +298,8 @@ def tune(
         if c.label == "escalation":
             esc_sets.setdefault(c.set, []).append(c)
     ben = [c for c in convs if c.label == "benign"]
+    if not ben:  # the threshold is a cut on harmless conversations' scores: without any it would fall to its floor
+        raise SystemExit("conversation_eval --tune: no harmless conversations in the tuning split(s)")
     per_gate: dict[float, tuple[tuple[float, float], EscalationParams]] = {}
     grid = list(
         itertools.product(
