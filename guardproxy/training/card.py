@@ -89,7 +89,7 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
 
     _data_section(add, m, config)
     _splits_section(add)
-    _calibration_section(add)
+    _calibration_section(add, m)
     _harm_section(add, m)
     _loso_section(add, loso)
     _challenge_section(add, m)
@@ -194,14 +194,26 @@ def _splits_section(add: Any) -> None:
     add("")
 
 
-def _calibration_section(add: Any) -> None:
+def _calibration_section(add: Any, m: dict[str, Any]) -> None:
     add("## Thresholds")
     add("")
-    add("On the calibration split only. `harm`: the threshold minimising the worst of (miss rate / 5%, benign flag")
-    add("rate / 2%, PHTest-harmless flag rate / 5%), i.e. the targets' own ratios. `harm_high`: at least `harm` and")
+    add("On the calibration split only. `harm`: the threshold minimising the worst ratio of a rate to its target over")
+    add("five groups, each on its own: harmful asks of the public sets missed / 5%, the authored harmful asks")
+    add("(reframings, look-alike pairs) missed / 5%, ordinary benign prompts flagged / 2%, authored look-alikes")
+    add("flagged / 5%, PHTest harmless flagged / 5% (the issue's targets; until 2.3.0 harmful asks were pooled and")
+    add("look-alikes held to 2%, so the many easy public asks hid the hard ones). `harm_high`: at least `harm` and")
     add("above 99.5% of calibration negatives. `jailbreak`: worst of (miss / 5%, false flags / 2%). `reply_harm`:")
     add("worst of (miss / 10%, false flags / 5%). `refusal_partial`: the value maximising binary refusal F1.")
     add("")
+    groups = m.get("harm_calibration")
+    if groups:
+        add(f"The harm threshold's groups on the calibration split, at {m['thresholds']['harm']}:")
+        add("")
+        add("| group | n | missed / flagged | target |")
+        add("|---|---:|---:|---:|")
+        for group, g in groups.items():
+            add(f"| {group} | {g['n']} | {_pct(g.get('miss_rate', g.get('flag_rate')))} | {_pct(g['target'])} |")
+        add("")
 
 
 def _harm_section(add: Any, m: dict[str, Any]) -> None:

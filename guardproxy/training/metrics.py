@@ -39,39 +39,88 @@ def refusal_class(probs: np.ndarray, partial_threshold: float) -> np.ndarray:
 # -- calibration ---------------------------------------------------------------------------------------------------
 
 
-def _minimax(pos: np.ndarray, negs: Sequence[tuple[np.ndarray, float]], miss_target: float) -> float:
-    """The threshold minimising the worst of (miss rate / target, each negative group's flag rate / its target)."""
+def _minimax(positives: Sequence[tuple[np.ndarray, float]], negatives: Sequence[tuple[np.ndarray, float]]) -> float:
+    """The threshold minimising the worst ratio of a rate to its target over every group.
+
+    A positive group's rate is its miss rate, a negative group's its flag rate; groups with no rows are skipped.
+    """
     best, best_cost = 0.5, math.inf
     for t in GRID:
-        costs = [float(np.mean(pos < t)) / miss_target] if len(pos) else []
-        costs += [float(np.mean(n >= t)) / target for n, target in negs if len(n)]
+        costs = [float(np.mean(p < t)) / target for p, target in positives if len(p)]
+        costs += [float(np.mean(n >= t)) / target for n, target in negatives if len(n)]
         cost = max(costs) if costs else 0.0
         if cost < best_cost - 1e-9:
             best, best_cost = float(t), cost
     return best
 
 
+# The harm threshold answers to the issue's targets group by group, not pooled: harmful asks missed <= 5% in the
+# public sets and in the authored reframings each (pooled, the many easy public asks hid the hard ones), ordinary
+# benign prompts flagged <= 2%, look-alikes (the authored benign prompts) <= 5%, PHTest harmless <= 5%.
+HARM_MISS_TARGET = 0.05
+HARM_FLAG_TARGETS = {"ordinary": 0.02, "lookalike": 0.05, "phtest": 0.05}
+
+
+def harm_group(e: Example) -> str | None:
+    """The calibration group of a prompt row: ``harmful_public``, ``harmful_authored`` or a key of the targets."""
+    authored = e.source.startswith("authored/")
+    if e.harm == 1.0:
+        return "harmful_authored" if authored else "harmful_public"
+    if e.label == "borderline_benign":
+        return "phtest"
+    if e.label == "benign":
+        return "lookalike" if e.source.startswith("authored/prompts") else "ordinary"
+    return None
+
+
+def calibrate_harm(examples: Sequence[Example], harm: np.ndarray) -> float:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        group = harm_group(e) if not e.pair else None
+        if group is not None:
+            groups[group].append(float(harm[i]))
+    arrays = {k: np.array(v) for k, v in groups.items()}
+    empty = np.array([])
+    positives = [(arrays.get(g, empty), HARM_MISS_TARGET) for g in ("harmful_public", "harmful_authored")]
+    negatives = [(arrays.get(g, empty), target) for g, target in HARM_FLAG_TARGETS.items()]
+    return _minimax(positives, negatives)
+
+
+def harm_calibration_report(examples: Sequence[Example], harm: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Each calibration group's size, rate at the threshold (miss rate for harmful groups, else flag rate), target."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        group = harm_group(e) if not e.pair else None
+        if group is not None:
+            groups[group].append(float(harm[i]))
+    report: dict[str, Any] = {}
+    for group, vals in sorted(groups.items()):
+        v = np.array(vals)
+        harmful = group.startswith("harmful")
+        report[group] = {
+            "n": len(v),
+            "miss_rate" if harmful else "flag_rate": float(np.mean(v < threshold if harmful else v >= threshold)),
+            "target": HARM_MISS_TARGET if harmful else HARM_FLAG_TARGETS[group],
+        }
+    return report
+
+
 def calibrate(examples: Sequence[Example], s: Scores) -> dict[str, float]:
     prompt = [i for i, e in enumerate(examples) if not e.pair]
     pairs = [i for i, e in enumerate(examples) if e.pair]
     harm = s.harm
-    pos = np.array([harm[i] for i in prompt if examples[i].harm == 1.0])
-    benign = np.array([harm[i] for i in prompt if examples[i].label == "benign"])
-    borderline = np.array([harm[i] for i in prompt if examples[i].label == "borderline_benign"])
-    t_harm = _minimax(pos, [(benign, 0.02), (borderline, 0.05)], miss_target=0.05)
-    negatives = np.r_[benign, borderline]
+    t_harm = calibrate_harm(examples, harm)
+    negatives = np.array([harm[i] for i in prompt if examples[i].label in NEGATIVE_LABELS])
     t_high = max(t_harm, float(np.quantile(negatives, 0.995)) if len(negatives) else 0.9)
     jb = [i for i in prompt if examples[i].jailbreak is not None]
     t_jb = _minimax(
-        np.array([s.jailbreak[i] for i in jb if examples[i].jailbreak == 1.0]),
+        [(np.array([s.jailbreak[i] for i in jb if examples[i].jailbreak == 1.0]), 0.05)],
         [(np.array([s.jailbreak[i] for i in jb if examples[i].jailbreak == 0.0]), 0.02)],
-        miss_target=0.05,
     )
     rh = [i for i in pairs if examples[i].reply_harm is not None]
     t_rh = _minimax(
-        np.array([s.reply_harm[i] for i in rh if examples[i].reply_harm == 1.0]),
+        [(np.array([s.reply_harm[i] for i in rh if examples[i].reply_harm == 1.0]), 0.10)],
         [(np.array([s.reply_harm[i] for i in rh if examples[i].reply_harm == 0.0]), 0.05)],
-        miss_target=0.10,
     )
     ref = [i for i in pairs if examples[i].refusal is not None]
     y = np.array([examples[i].refusal for i in ref]) > 0

@@ -126,6 +126,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
         "train_config": asdict(opts.train),
         "train": train_summary,
         "thresholds": thresholds,
+        "harm_calibration": M.harm_calibration_report(calib_rows, calib_scores.harm, thresholds["harm"]),
         "splits": summary(examples),
         "dev": dev_report(dev_rows, dev_scores, thresholds, judges),
     }

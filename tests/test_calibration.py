@@ -1,0 +1,69 @@
+"""The harm threshold answers to each target group on its own: the hard authored asks are not hidden by easy ones."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from guardproxy.training.metrics import GRID, HARM_FLAG_TARGETS, HARM_MISS_TARGET, calibrate_harm, harm_group
+from guardproxy.training.sources import Example
+
+
+def _rows(source: str, label: str, scores: np.ndarray, harm: float | None) -> list[tuple[Example, float]]:
+    return [
+        (Example(text=f"{source} {i}", source=source, group=f"{source}-{i}", label=label, harm=harm), float(s))
+        for i, s in enumerate(scores)
+    ]
+
+
+def _worst(rows: list[tuple[Example, float]], t: float) -> float:
+    groups: dict[str, list[float]] = {}
+    for e, s in rows:
+        g = harm_group(e)
+        if g is not None:
+            groups.setdefault(g, []).append(s)
+    ratios = []
+    for g, vals in groups.items():
+        v = np.array(vals)
+        if g.startswith("harmful"):
+            ratios.append(float(np.mean(v < t)) / HARM_MISS_TARGET)
+        else:
+            ratios.append(float(np.mean(v >= t)) / HARM_FLAG_TARGETS[g])
+    return max(ratios)
+
+
+def test_the_threshold_follows_the_hardest_harmful_group_and_is_minimax_over_groups() -> None:
+    rng = np.random.default_rng(0)
+    rows = (
+        _rows("advbench", "harmful", rng.uniform(0.85, 1.0, 400), 1.0)  # many easy public asks
+        + _rows("authored/prompts_reframed", "harmful", rng.uniform(0.25, 0.95, 40), 1.0)  # few hard reframings
+        + _rows("clinc150", "benign", rng.uniform(0.0, 0.2, 400), 0.0)
+        + _rows("authored/prompts_lookalike", "benign", rng.uniform(0.05, 0.45, 40), 0.0)
+        + _rows("phtest", "borderline_benign", rng.uniform(0.0, 0.35, 100), 0.0)
+        + _rows("itw_forbidden_questions", "policy_restricted", np.full(50, 0.99), 0.0)  # not a target group
+    )
+    examples = [e for e, _ in rows]
+    scores = np.array([s for _, s in rows])
+    t = calibrate_harm(examples, scores)
+
+    # Pooled, the 400 easy asks make 5% misses cheap: the pooled rule would sit far above the hard asks.
+    pooled_pos = scores[[e.harm == 1.0 for e in examples]]
+    pooled_t = next(x for x in GRID[::-1] if np.mean(pooled_pos < x) <= HARM_MISS_TARGET)
+    assert t < pooled_t
+    authored = scores[[e.source == "authored/prompts_reframed" for e in examples]]
+    assert np.mean(authored < t) < np.mean(authored < pooled_t)
+
+    # No other threshold on the grid has a smaller worst ratio of rate to target.
+    assert _worst(rows, t) <= min(_worst(rows, float(x)) for x in GRID) + 1e-9
+
+
+def test_groups_are_the_issue_targets() -> None:
+    def group(source: str, label: str, harm: float | None) -> str | None:
+        return harm_group(Example(text="x", source=source, group="g", label=label, harm=harm))
+
+    assert group("harmbench", "harmful", 1.0) == "harmful_public"
+    assert group("authored/prompts_contrast4", "harmful", 1.0) == "harmful_authored"
+    assert group("authored/prompts_lookalike5", "benign", 0.0) == "lookalike"
+    assert group("authored/conversations_long6", "benign", 0.0) == "ordinary"  # chat windows are ordinary talk
+    assert group("gsm8k", "benign", 0.0) == "ordinary"
+    assert group("phtest", "borderline_benign", 0.0) == "phtest"
+    assert group("phtest", "borderline_controversial", None) is None
