@@ -1,0 +1,125 @@
+"""Two guard models on the same prompt sets, in one run: ``python -m bench.candidate_compare --candidate DIR``.
+
+What a shipping rule for a new model reads (bench/results/candidates/README.md): for each set, harm AUROC, the
+share of harmful and of harmless rows flagged by the policy (action not ``allow``), and the **recall at a matched
+operating point**: the candidate's recall at the threshold that flags no more of the set's harmless rows than the
+baseline flags at its own. A new calibration moves the operating point; the matched figure shows whether the
+ranking itself got better or worse. Harmless = ``benign`` and ``borderline_benign``; harmful = ``harmful``.
+
+    .venv/bin/python -m bench.candidate_compare --candidate /tmp/cand [--baseline models/guard-v1] [FILE ...]
+        [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardproxy.commands.evaluate import _load_rows, score_files
+from guardproxy.commands.score import load_model_and_policy
+from guardproxy.evaluation import NEGATIVE_LABELS, PromptRecord, auroc
+from guardproxy.settings import PROJECT_ROOT
+
+DEFAULT_SETS = [
+    PROJECT_ROOT / "bench" / name
+    for name in (
+        "challenge/harm_challenge.jsonl",
+        "challenge2/harm_challenge2.jsonl",
+        "challenge3/harm_challenge3.jsonl",
+        "challenge4/harm_challenge4.jsonl",
+    )
+]
+
+
+def prompt_records(model: Path, path: Path) -> list[PromptRecord]:
+    """Every prompt row of ``path`` scored by ``model`` under the default policy."""
+    args = argparse.Namespace(model=str(model), policy=None, threads=None, group_by=None, no_progress=True)
+    classifier, policy = load_model_and_policy(args)
+    try:
+        collector = score_files(classifier, policy, [(path, _load_rows(path, None))], [], args)
+    finally:
+        classifier.close()
+    return collector.prompts
+
+
+def set_metrics(records: list[PromptRecord]) -> dict[str, Any]:
+    pos = np.array([r.harm for r in records if r.label == "harmful"])
+    neg = np.array([r.harm for r in records if r.label in NEGATIVE_LABELS])
+    labels = [True] * len(pos) + [False] * len(neg)
+    return {
+        "n_harmful": len(pos),
+        "n_harmless": len(neg),
+        "auroc": auroc(labels, np.r_[pos, neg]) if len(pos) and len(neg) else None,
+        "harmful_flagged": float(np.mean([r.action != "allow" for r in records if r.label == "harmful"])),
+        "harmless_flagged": float(np.mean([r.action != "allow" for r in records if r.label in NEGATIVE_LABELS])),
+        "_pos": pos,
+        "_neg": neg,
+    }
+
+
+def recall_at_flag_rate(pos: np.ndarray, neg: np.ndarray, flag_rate: float) -> float:
+    """Recall at the lowest threshold on the scores that flags at most ``flag_rate`` of ``neg``."""
+    allowed = int(np.floor(flag_rate * len(neg) + 1e-9))
+    ranked = np.sort(neg)[::-1]
+    # Flag scores strictly above the (allowed+1)-th highest harmless score: at most `allowed` harmless rows flagged.
+    cut = ranked[allowed] if allowed < len(ranked) else -np.inf
+    return float(np.mean(pos > cut))
+
+
+def compare(baseline: Path, candidate: Path, sets: list[Path]) -> dict[str, Any]:
+    out: dict[str, Any] = {"baseline": str(baseline), "candidate": str(candidate), "sets": {}}
+    for path in sets:
+        print(f"scoring {path.name} ...", file=sys.stderr)
+        b = set_metrics(prompt_records(baseline, path))
+        c = set_metrics(prompt_records(candidate, path))
+        c["recall_at_baseline_harmless_rate"] = recall_at_flag_rate(c["_pos"], c["_neg"], b["harmless_flagged"])
+        # The baseline against its own harmless rate, by the same rule, so both sides of the comparison match.
+        b["recall_at_baseline_harmless_rate"] = recall_at_flag_rate(b["_pos"], b["_neg"], b["harmless_flagged"])
+        for m in (b, c):
+            m.pop("_pos")
+            m.pop("_neg")
+        out["sets"][path.name] = {"baseline": b, "candidate": c}
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        f"baseline {result['baseline']}  |  candidate {result['candidate']}",
+        "",
+        "| set | AUROC b / c | harmful flagged b / c | harmless flagged b / c | recall at b's harmless rate b / c |",
+        "|---|---|---|---|---|",
+    ]
+    for name, pair in result["sets"].items():
+        b, c = pair["baseline"], pair["candidate"]
+        lines.append(
+            f"| {name} | {b['auroc']:.3f} / {c['auroc']:.3f} | {pct(b['harmful_flagged'])} / "
+            f"{pct(c['harmful_flagged'])} | {pct(b['harmless_flagged'])} / {pct(c['harmless_flagged'])} | "
+            f"{pct(b['recall_at_baseline_harmless_rate'])} / {pct(c['recall_at_baseline_harmless_rate'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", type=Path, help="labelled prompt sets (default: the four challenge sets)")
+    parser.add_argument("--baseline", type=Path, default=PROJECT_ROOT / "models" / "guard-v1")
+    parser.add_argument("--candidate", type=Path, required=True)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    result = compare(args.baseline, args.candidate, args.files or DEFAULT_SETS)
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
