@@ -21,6 +21,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--max-length", type=int, default=256, help="ids per input, special tokens included")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the data splits and augmentation draws (default: --seed); keep it fixed across runs to average",
+    )
+    parser.add_argument(
+        "--soup",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="RUN_DIR",
+        help="average the weights of these trained runs (same --layers and split seed) instead of training",
+    )
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
@@ -67,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--teacher: no model.onnx in {args.teacher}")
     if args.init_from is not None and not args.init_from.is_file():
         raise ConfigError(f"--init-from: no such checkpoint: {args.init_from}")
+    missing = [str(d) for d in args.soup if not (d / "student.pt").is_file()]
+    if missing:
+        raise ConfigError(f"--soup: no student.pt in {', '.join(missing)}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     # Looked up, not imported: torch is an optional extra, absent from the runtime and CI environments.
@@ -100,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         eval_only=args.eval_only,
         teacher=args.teacher,
         init_from=args.init_from,
+        split_seed=args.split_seed,
+        soup=tuple(args.soup),
         train=TrainConfig(
             distill=args.distill,
             max_length=128 if args.cheap else args.max_length,

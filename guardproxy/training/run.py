@@ -58,6 +58,12 @@ class RunOptions:
     prompts_only: bool = False  # the cheap configuration of the leave-one-source-out runs: harm-relevant rows only
     teacher: Path | None = None  # a trained model directory to distil from (its model.onnx)
     init_from: Path | None = None  # a trained run's student.pt: start from its weights (layers picked as for base)
+    # The seed of the data (augmentation draws, splits, capped samples); None: the training seed. Runs that differ
+    # only in their training seed keep the same dev and calibration rows, so their weights can be averaged.
+    split_seed: int | None = None
+    # Trained run directories (same layers, same split seed) whose student.pt weights are averaged instead of
+    # training: a uniform "model soup" (Wortsman et al., 2022), one model's cost at run time.
+    soup: tuple[Path, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -74,8 +80,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
     tokenizer.save(str(opts.out / "tokenizer.json"))  # padding and truncation are off in the saved file too
     encoder = Encoder(tokenizer, opts.train.max_length)
 
-    examples = load_all(opts.data, authored=opts.authored, seed=opts.train.seed)
-    assign_splits(examples, opts.train.seed)
+    data_seed = opts.train.seed if opts.split_seed is None else opts.split_seed
+    examples = load_all(opts.data, authored=opts.authored, seed=data_seed)
+    assign_splits(examples, data_seed)
     if opts.prompts_only:
         # Prompt-mode rows only (no response pairs, no jailbreak wrappers): short inputs, several times cheaper per
         # step; what a leave-one-source-out run measures is the harm head.
@@ -83,8 +90,8 @@ def main(opts: RunOptions) -> dict[str, Any]:
     left_out = [e for e in examples if e.source in opts.leave_out]
     kept = [e for e in examples if e.source not in opts.leave_out]
     train_rows = [e for e in kept if e.split == "train"]
-    calib_rows = _cap_pairs([e for e in kept if e.split == "calibration"], CALIBRATION_PHTEST_PAIRS, opts.train.seed)
-    dev_rows = _cap_pairs([e for e in kept if e.split == "dev"], DEV_PHTEST_PAIRS, opts.train.seed)
+    calib_rows = _cap_pairs([e for e in kept if e.split == "calibration"], CALIBRATION_PHTEST_PAIRS, data_seed)
+    dev_rows = _cap_pairs([e for e in kept if e.split == "dev"], DEV_PHTEST_PAIRS, data_seed)
     log.info(
         "examples: %d train, %d calibration, %d dev, %d left out (%s)",
         len(train_rows),
@@ -100,6 +107,16 @@ def main(opts: RunOptions) -> dict[str, Any]:
         # Re-score an existing run (a crash after training must not cost the training): the checkpoint and graphs
         # written by that run are reused as they are.
         train_summary = json.loads((opts.out / "train_summary.json").read_text())
+    elif opts.soup:
+        model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
+        model.load_state_dict(average_weights([torch.load(d / "student.pt", weights_only=True) for d in opts.soup]))
+        train_summary = {
+            "soup": [str(d) for d in opts.soup],
+            "runs": [json.loads((d / "train_summary.json").read_text()) for d in opts.soup],
+        }
+        torch.save(model.state_dict(), checkpoint)
+        (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
+        export(model, opts.out, keep_fp32=fp32_path)
     else:
         start = _trained(opts.init_from) if opts.init_from is not None else None
         encoder_start = start.encoder if start is not None else load_base_encoder()
@@ -132,7 +149,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
     }
     if opts.fp32_compare:
         # The quality cost of int8: the same dev rows (PHTest pairs capped lower, for time) through the fp32 graph.
-        cmp_rows = _cap_pairs(dev_rows, FP32_COMPARE_PHTEST_PAIRS, opts.train.seed)
+        cmp_rows = _cap_pairs(dev_rows, FP32_COMPARE_PHTEST_PAIRS, data_seed)
         keep = {id(e) for e in cmp_rows}
         idx = [i for i, e in enumerate(dev_rows) if id(e) in keep]
         fp32_scores = score(session(fp32_path, opts.threads), cmp_rows, encoder, "dev fp32")
@@ -164,6 +181,19 @@ def _trained(checkpoint: Path) -> GuardModel:
     trained = GuardModel(shrink_encoder(load_base_encoder(), layers), len(CATEGORY_IDS))
     trained.load_state_dict(state)
     return trained
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point weights; other tensors (ids, counters) from the first state."""
+    if not states:
+        raise ValueError("no weights to average")
+    keys = set(states[0])
+    if any(set(s) != keys for s in states[1:]):
+        raise ValueError("the runs have different weights (layers?): cannot average them")
+    return {
+        k: torch.stack([s[k] for s in states]).mean(dim=0) if states[0][k].is_floating_point() else states[0][k]
+        for k in states[0]
+    }
 
 
 def _cap_pairs(rows: list[Example], cap: int, seed: int) -> list[Example]:
@@ -352,7 +382,8 @@ def write_config(
             "train_rows": len(train_rows),
             "calibration_rows": len(calib_rows),
             "dev_rows": len(dev_rows),
-            "seed": opts.train.seed,
+            "seed": opts.train.seed if opts.split_seed is None else opts.split_seed,  # the splits' seed
+            "train_seeds": [opts.train.seed] if not opts.soup else "soup",
         },
     }
     (opts.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
