@@ -102,10 +102,25 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add("```sh")
     add(".venv/bin/pip install torch==2.13.0   # CPU wheel; see README for the CPU-only index URL")
     add(".venv/bin/pip install -e '.[train]'")
-    add(
-        f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
-        f"--max-steps {int(m['train']['steps'])} --seed {config['data']['seed']} --model-version {config['version']}"
-    )
+    runs = _runs(m)
+    if "soup" in m["train"]:
+        for run in runs:
+            add(
+                f"guardproxy train --data ../shared/data --out /tmp/run-{run['seed']} --layers {config['layers']} "
+                f"--max-steps {int(run['steps'])} --seed {run['seed']} --split-seed {config['data']['seed']} "
+                f"--model-version {config['version']}"
+            )
+        dirs = " ".join(f"/tmp/run-{run['seed']}" for run in runs)
+        add(
+            f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
+            f"--soup {dirs} --split-seed {config['data']['seed']} --model-version {config['version']}"
+        )
+    else:
+        add(
+            f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
+            f"--max-steps {int(m['train']['steps'])} --seed {config['data']['seed']} --model-version "
+            f"{config['version']}"
+        )
     for path in loso:
         lm = json.loads(path.read_text())
         left = lm["options"]["leave_out"]
@@ -167,11 +182,24 @@ def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
     add("  with this augmentation at 3 layers, 0.88 at 4).")
     repeats = ", ".join(f"{k} ×{v}" for k, v in SOURCE_REPEATS.items())
     add(f"Repeated per epoch: {repeats} (the only sets with one intent in many voices beside look-alikes).")
-    add(f"Training: {int(m['train']['steps'])} AdamW steps (lr {cfg.get('lr')}, linear warm-up and decay), batches of")
+    runs = _runs(m)
+    add(f"Training: {int(runs[0]['steps'])} AdamW steps (lr {cfg.get('lr')}, linear warm-up and decay), batches of")
     add(f"≤ {cfg.get('max_batch')} rows and ≤ {cfg.get('batch_tokens')} padded ids, word embeddings frozen, max length")
-    add(f"{cfg.get('max_length')}; wall time of the training loop {_minutes(m['train'].get('seconds'))}, whole run")
+    add(f"{cfg.get('max_length')}; wall time of the training loop {_minutes(runs[0].get('seconds'))}, whole run")
     add(f"(incl. export, calibration, scoring) {_minutes(m.get('seconds'))}.")
+    if "soup" in m["train"]:
+        seeds = ", ".join(str(run["seed"]) for run in runs)
+        add(f"The shipped weights are the average of {len(runs)} such runs (training seeds {seeds}; the same data,")
+        add("dev and calibration rows): a uniform model soup (Wortsman et al., 2022), one model's cost at run time;")
+        add("thresholds were calibrated on the averaged model.")
     add("")
+
+
+def _runs(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training runs behind a model: one, or each run of a soup (with its training seed)."""
+    if "soup" in m["train"]:
+        return list(m["train"]["runs"])
+    return [{**m["train"], "seed": m.get("train_config", {}).get("seed")}]
 
 
 def _splits_section(add: Any) -> None:

@@ -112,7 +112,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
         model.load_state_dict(average_weights([torch.load(d / "student.pt", weights_only=True) for d in opts.soup]))
         train_summary = {
             "soup": [str(d) for d in opts.soup],
-            "runs": [json.loads((d / "train_summary.json").read_text()) for d in opts.soup],
+            "runs": [_run_summary(d) for d in opts.soup],
         }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
@@ -181,6 +181,15 @@ def _trained(checkpoint: Path) -> GuardModel:
     trained = GuardModel(shrink_encoder(load_base_encoder(), layers), len(CATEGORY_IDS))
     trained.load_state_dict(state)
     return trained
+
+
+def _run_summary(run_dir: Path) -> dict[str, Any]:
+    """A trained run's own summary, with its training seed (from its config.json)."""
+    summary: dict[str, Any] = json.loads((run_dir / "train_summary.json").read_text())
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    seeds = data.get("train_seeds")
+    summary["seed"] = seeds[0] if isinstance(seeds, list) and seeds else data.get("seed")
+    return summary
 
 
 def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
