@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from guardproxy.training.metrics import GRID, HARM_FLAG_TARGETS, HARM_MISS_TARGET, calibrate_harm, harm_group
+from guardproxy.training.metrics import (
+    GRID,
+    HARM_FLAG_TARGETS,
+    HARM_MISS_TARGET,
+    calibrate_harm,
+    harm_calibration_report,
+    harm_group,
+)
 from guardproxy.training.sources import Example
 
 
@@ -54,6 +61,14 @@ def test_the_threshold_follows_the_hardest_harmful_group_and_is_minimax_over_gro
 
     # No other threshold on the grid has a smaller worst ratio of rate to target.
     assert _worst(rows, t) <= min(_worst(rows, float(x)) for x in GRID) + 1e-9
+
+    # The report the model card prints: each group's size and rate at the threshold, against its target.
+    report = harm_calibration_report(examples, scores, t)
+    assert set(report) == {"harmful_public", "harmful_authored", "ordinary", "lookalike", "phtest"}
+    assert report["harmful_public"]["n"] == 400 and report["phtest"]["target"] == 0.05
+    assert report["harmful_authored"]["miss_rate"] == float(np.mean(authored < t))
+    worst = max(g.get("miss_rate", g.get("flag_rate", 0.0)) / g["target"] for g in report.values())
+    assert abs(worst - _worst(rows, t)) < 1e-9
 
 
 def test_groups_are_the_issue_targets() -> None:

@@ -73,13 +73,18 @@ def harm_group(e: Example) -> str | None:
     return None
 
 
-def calibrate_harm(examples: Sequence[Example], harm: np.ndarray) -> float:
+def _harm_groups(examples: Sequence[Example], harm: np.ndarray) -> dict[str, np.ndarray]:
+    """The harm scores of the prompt rows, by calibration group (rows outside every group left out)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for i, e in enumerate(examples):
         group = harm_group(e) if not e.pair else None
         if group is not None:
             groups[group].append(float(harm[i]))
-    arrays = {k: np.array(v) for k, v in groups.items()}
+    return {k: np.array(v) for k, v in sorted(groups.items())}
+
+
+def calibrate_harm(examples: Sequence[Example], harm: np.ndarray) -> float:
+    arrays = _harm_groups(examples, harm)
     empty = np.array([])
     positives = [(arrays.get(g, empty), HARM_MISS_TARGET) for g in ("harmful_public", "harmful_authored")]
     negatives = [(arrays.get(g, empty), target) for g, target in HARM_FLAG_TARGETS.items()]
@@ -88,14 +93,8 @@ def calibrate_harm(examples: Sequence[Example], harm: np.ndarray) -> float:
 
 def harm_calibration_report(examples: Sequence[Example], harm: np.ndarray, threshold: float) -> dict[str, Any]:
     """Each calibration group's size, rate at the threshold (miss rate for harmful groups, else flag rate), target."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for i, e in enumerate(examples):
-        group = harm_group(e) if not e.pair else None
-        if group is not None:
-            groups[group].append(float(harm[i]))
     report: dict[str, Any] = {}
-    for group, vals in sorted(groups.items()):
-        v = np.array(vals)
+    for group, v in _harm_groups(examples, harm).items():
         harmful = group.startswith("harmful")
         report[group] = {
             "n": len(v),
