@@ -52,6 +52,7 @@ SOURCE_REPEATS: dict[str, int] = {
     "authored/prompts_lookalike5": 2,
     "authored/prompts_multilingual6a": 2,  # harmful asks and their look-alikes written wholly in other languages
     "authored/prompts_multilingual6b": 2,
+    "authored/prompts_contrast7": 3,  # English minimal pairs in twelve voices, each family's pair in one shared voice
 }
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 

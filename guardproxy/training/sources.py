@@ -42,7 +42,8 @@ AUTHORED_DIR = Path(__file__).parent / "authored"
 # Never trained on: scored for the report only. challenge2 and challenge3 were each written later by a helper who saw
 # neither the training data nor the earlier sets (see their READMEs).
 CHALLENGE_DIRS = tuple(
-    Path(__file__).resolve().parents[2] / "bench" / d for d in ("challenge", "challenge2", "challenge3", "challenge4")
+    Path(__file__).resolve().parents[2] / "bench" / d
+    for d in ("challenge", "challenge2", "challenge3", "challenge4", "challenge5")
 )
 BENIGN_TURN_WEIGHT = 0.5  # a user turn of a harmless authored chat, scored on its own (see _benign_turns)
 
