@@ -50,8 +50,8 @@ SOURCE_REPEATS: dict[str, int] = {
     "authored/prompts_benign4": 2,
     "authored/prompts_buried5": 2,  # the same context ending in a harmful or a harmless ask
     "authored/prompts_lookalike5": 2,
-    "authored/prompts_multilingual6a": 2,  # harmful asks and their look-alikes written wholly in other languages
-    "authored/prompts_multilingual6b": 2,
+    # The sixth batch (harmful asks and look-alikes wholly in other languages) is not repeated: at x2 three runs lost
+    # 8-10 points of English recall on challenge2 and 2-4 on challenge5 (bench/results/candidates/README.md).
     "authored/prompts_contrast7": 3,  # English minimal pairs in twelve voices, each family's pair in one shared voice
 }
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
