@@ -66,6 +66,10 @@ class RunOptions:
     soup: tuple[Path, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @property
+    def data_seed(self) -> int:
+        return self.train.seed if self.split_seed is None else self.split_seed
+
 
 def main(opts: RunOptions) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,7 +84,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
     tokenizer.save(str(opts.out / "tokenizer.json"))  # padding and truncation are off in the saved file too
     encoder = Encoder(tokenizer, opts.train.max_length)
 
-    data_seed = opts.train.seed if opts.split_seed is None else opts.split_seed
+    data_seed = opts.data_seed
     examples = load_all(opts.data, authored=opts.authored, seed=data_seed)
     assign_splits(examples, data_seed)
     if opts.prompts_only:
@@ -391,8 +395,8 @@ def write_config(
             "train_rows": len(train_rows),
             "calibration_rows": len(calib_rows),
             "dev_rows": len(dev_rows),
-            "seed": opts.train.seed if opts.split_seed is None else opts.split_seed,  # the splits' seed
-            "train_seeds": [opts.train.seed] if not opts.soup else "soup",
+            "seed": opts.data_seed,  # the splits' seed
+            "train_seeds": [_run_summary(d)["seed"] for d in opts.soup] if opts.soup else [opts.train.seed],
         },
     }
     (opts.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
