@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from guardproxy.training.metrics import (
+from guardproxy.training.calibration import (
     GRID,
     HARM_FLAG_TARGETS,
     HARM_MISS_TARGET,

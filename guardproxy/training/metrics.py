@@ -1,9 +1,8 @@
-"""Threshold calibration and the reported metrics (per source, against the keyword baselines)."""
+"""Thresholds (see calibration.py) and the reported metrics (per source, against the keyword baselines)."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
 
+from guardproxy.training.calibration import calibrate_harm, minimax
 from guardproxy.training.predict import Scores
 from guardproxy.training.sources import Example
 
 NEGATIVE_LABELS = ("benign", "borderline_benign")
-GRID = np.round(np.arange(0.01, 0.995, 0.01), 2)
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
@@ -39,71 +38,6 @@ def refusal_class(probs: np.ndarray, partial_threshold: float) -> np.ndarray:
 # -- calibration ---------------------------------------------------------------------------------------------------
 
 
-def _minimax(positives: Sequence[tuple[np.ndarray, float]], negatives: Sequence[tuple[np.ndarray, float]]) -> float:
-    """The threshold minimising the worst ratio of a rate to its target over every group.
-
-    A positive group's rate is its miss rate, a negative group's its flag rate; groups with no rows are skipped.
-    """
-    best, best_cost = 0.5, math.inf
-    for t in GRID:
-        costs = [float(np.mean(p < t)) / target for p, target in positives if len(p)]
-        costs += [float(np.mean(n >= t)) / target for n, target in negatives if len(n)]
-        cost = max(costs) if costs else 0.0
-        if cost < best_cost - 1e-9:
-            best, best_cost = float(t), cost
-    return best
-
-
-# The harm threshold answers to the issue's targets group by group, not pooled: harmful asks missed <= 5% in the
-# public sets and in the authored reframings each (pooled, the many easy public asks hid the hard ones), ordinary
-# benign prompts flagged <= 2%, look-alikes (the authored benign prompts) <= 5%, PHTest harmless <= 5%.
-HARM_MISS_TARGET = 0.05
-HARM_FLAG_TARGETS = {"ordinary": 0.02, "lookalike": 0.05, "phtest": 0.05}
-
-
-def harm_group(e: Example) -> str | None:
-    """The calibration group of a prompt row: ``harmful_public``, ``harmful_authored`` or a key of the targets."""
-    authored = e.source.startswith("authored/")
-    if e.harm == 1.0:
-        return "harmful_authored" if authored else "harmful_public"
-    if e.label == "borderline_benign":
-        return "phtest"
-    if e.label == "benign":
-        return "lookalike" if e.source.startswith("authored/prompts") else "ordinary"
-    return None
-
-
-def _harm_groups(examples: Sequence[Example], harm: np.ndarray) -> dict[str, np.ndarray]:
-    """The harm scores of the prompt rows, by calibration group (rows outside every group left out)."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for i, e in enumerate(examples):
-        group = harm_group(e) if not e.pair else None
-        if group is not None:
-            groups[group].append(float(harm[i]))
-    return {k: np.array(v) for k, v in sorted(groups.items())}
-
-
-def calibrate_harm(examples: Sequence[Example], harm: np.ndarray) -> float:
-    arrays = _harm_groups(examples, harm)
-    empty = np.array([])
-    positives = [(arrays.get(g, empty), HARM_MISS_TARGET) for g in ("harmful_public", "harmful_authored")]
-    negatives = [(arrays.get(g, empty), target) for g, target in HARM_FLAG_TARGETS.items()]
-    return _minimax(positives, negatives)
-
-
-def harm_calibration_report(examples: Sequence[Example], harm: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Each calibration group's size, rate at the threshold (miss rate for harmful groups, else flag rate), target."""
-    report: dict[str, Any] = {}
-    for group, v in _harm_groups(examples, harm).items():
-        harmful = group.startswith("harmful")
-        report[group] = {
-            "n": len(v),
-            "miss_rate" if harmful else "flag_rate": float(np.mean(v < threshold if harmful else v >= threshold)),
-            "target": HARM_MISS_TARGET if harmful else HARM_FLAG_TARGETS[group],
-        }
-    return report
-
-
 def calibrate(examples: Sequence[Example], s: Scores) -> dict[str, float]:
     prompt = [i for i, e in enumerate(examples) if not e.pair]
     pairs = [i for i, e in enumerate(examples) if e.pair]
@@ -112,12 +46,12 @@ def calibrate(examples: Sequence[Example], s: Scores) -> dict[str, float]:
     negatives = np.array([harm[i] for i in prompt if examples[i].label in NEGATIVE_LABELS])
     t_high = max(t_harm, float(np.quantile(negatives, 0.995)) if len(negatives) else 0.9)
     jb = [i for i in prompt if examples[i].jailbreak is not None]
-    t_jb = _minimax(
+    t_jb = minimax(
         [(np.array([s.jailbreak[i] for i in jb if examples[i].jailbreak == 1.0]), 0.05)],
         [(np.array([s.jailbreak[i] for i in jb if examples[i].jailbreak == 0.0]), 0.02)],
     )
     rh = [i for i in pairs if examples[i].reply_harm is not None]
-    t_rh = _minimax(
+    t_rh = minimax(
         [(np.array([s.reply_harm[i] for i in rh if examples[i].reply_harm == 1.0]), 0.10)],
         [(np.array([s.reply_harm[i] for i in rh if examples[i].reply_harm == 0.0]), 0.05)],
     )

@@ -19,6 +19,7 @@ import torch
 from guardproxy.encoding import load_tokenizer
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.training import metrics as M
+from guardproxy.training.calibration import harm_calibration_report
 from guardproxy.training.export import export
 from guardproxy.training.loop import Encoder, Teacher, TrainConfig, train
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel, base_model_dir, load_base_encoder, shrink_encoder
@@ -147,7 +148,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
         "train_config": asdict(opts.train),
         "train": train_summary,
         "thresholds": thresholds,
-        "harm_calibration": M.harm_calibration_report(calib_rows, calib_scores.harm, thresholds["harm"]),
+        "harm_calibration": harm_calibration_report(calib_rows, calib_scores.harm, thresholds["harm"]),
         "splits": summary(examples),
         "dev": dev_report(dev_rows, dev_scores, thresholds, judges),
     }
