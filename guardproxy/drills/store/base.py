@@ -290,13 +290,12 @@ class DrillStore(ABC):
                 if it is _STOP:
                     stop = True
                 elif isinstance(it, _Op):
-                    conn = self._flush_records(conn, records)
+                    conn = self._flush_and_release(conn, records)
                     records = []
                     conn = self._run_op(conn, it)
                 else:
-                    self._release(_approx_size(it))
                     records.append(it)
-            conn = self._flush_records(conn, records)
+            conn = self._flush_and_release(conn, records)
             if time.monotonic() - last_purge > 3600:  # retention, also under constant traffic
                 conn = self._guarded(conn, lambda c: self._purge(c, time.time()), None)
                 last_purge = time.monotonic()
@@ -304,6 +303,15 @@ class DrillStore(ABC):
         self._writer_done.set()
         if conn is not None:
             conn.close()
+
+    def _flush_and_release(self, conn: Any, records: list[DrillRecord]) -> Any:
+        """Write a batch. Its records count against ``queue_bytes`` until then, not only while queued: a batch the
+        writer holds while the database is slow or locked is memory too, and releasing it on dequeue let the queue
+        take another batch's worth behind it."""
+        try:
+            return self._flush_records(conn, records)
+        finally:
+            self._release(sum(_approx_size(r) for r in records))
 
     def _fail_leftovers(self) -> None:
         """After stop: nothing may wait forever on an op the writer will never run."""
