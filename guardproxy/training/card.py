@@ -103,24 +103,25 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add(".venv/bin/pip install torch==2.13.0   # CPU wheel; see README for the CPU-only index URL")
     add(".venv/bin/pip install -e '.[train]'")
     runs = _runs(m)
+    split_seed = config["data"]["seed"]
+
+    def command(out: str, run: dict[str, Any]) -> str:
+        split = f" --split-seed {split_seed}" if run["seed"] != split_seed else ""
+        return (
+            f"guardproxy train --data ../shared/data --out {out} --layers {config['layers']} --max-steps "
+            f"{int(run['steps'])} --seed {run['seed']}{split} --model-version {config['version']}"
+        )
+
     if "soup" in m["train"]:
         for run in runs:
-            add(
-                f"guardproxy train --data ../shared/data --out /tmp/run-{run['seed']} --layers {config['layers']} "
-                f"--max-steps {int(run['steps'])} --seed {run['seed']} --split-seed {config['data']['seed']} "
-                f"--model-version {config['version']}"
-            )
+            add(command(f"/tmp/run-{run['seed']}", run))
         dirs = " ".join(f"/tmp/run-{run['seed']}" for run in runs)
         add(
             f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
-            f"--soup {dirs} --split-seed {config['data']['seed']} --model-version {config['version']}"
+            f"--soup {dirs} --split-seed {split_seed} --model-version {config['version']}"
         )
     else:
-        add(
-            f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
-            f"--max-steps {int(m['train']['steps'])} --seed {config['data']['seed']} --model-version "
-            f"{config['version']}"
-        )
+        add(command(f"models/{config['name']}", runs[0]))
     for path in loso:
         lm = json.loads(path.read_text())
         left = lm["options"]["leave_out"]
@@ -225,15 +226,20 @@ def _splits_section(add: Any) -> None:
 def _calibration_section(add: Any, m: dict[str, Any]) -> None:
     add("## Thresholds")
     add("")
-    add("On the calibration split only. `harm`: the threshold minimising the worst ratio of a rate to its target over")
-    add("five groups, each on its own: harmful asks of the public sets missed / 5%, the authored harmful asks")
-    add("(reframings, look-alike pairs) missed / 5%, ordinary benign prompts flagged / 2%, authored look-alikes")
-    add("flagged / 5%, PHTest harmless flagged / 5% (the issue's targets; until 2.3.0 harmful asks were pooled and")
-    add("look-alikes held to 2%, so the many easy public asks hid the hard ones). `harm_high`: at least `harm` and")
+    groups = m.get("harm_calibration")
+    if groups:
+        add("On the calibration split only. `harm`: the threshold minimising the worst ratio of a rate to its target")
+        add("over five groups, each on its own: harmful asks of the public sets missed / 5%, the authored harmful asks")
+        add("(reframings, look-alike pairs) missed / 5%, ordinary benign prompts flagged / 2%, authored look-alikes")
+        add("flagged / 5%, PHTest harmless flagged / 5% (the issue's targets; until 2.3.0 harmful asks were pooled and")
+        add("look-alikes held to 2%, so the many easy public asks hid the hard ones). `harm_high`: at least `harm` and")
+    else:  # a model calibrated before the per-group rule (metrics.json without "harm_calibration")
+        add("On the calibration split only. `harm`: the threshold minimising the worst of (miss rate / 5%, benign")
+        add("flag rate / 2%, PHTest-harmless flag rate / 5%), i.e. the targets' own ratios. `harm_high`: at least")
+        add("`harm` and")
     add("above 99.5% of calibration negatives. `jailbreak`: worst of (miss / 5%, false flags / 2%). `reply_harm`:")
     add("worst of (miss / 10%, false flags / 5%). `refusal_partial`: the value maximising binary refusal F1.")
     add("")
-    groups = m.get("harm_calibration")
     if groups:
         add(f"The harm threshold's groups on the calibration split, at {m['thresholds']['harm']}:")
         add("")
