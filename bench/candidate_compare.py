@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from guardproxy.commands.evaluate import _load_rows, score_files
+from guardproxy.commands.evaluate import load_rows, score_files
 from guardproxy.commands.score import load_model_and_policy
 from guardproxy.evaluation import NEGATIVE_LABELS, PromptRecord, auroc
 from guardproxy.settings import PROJECT_ROOT
@@ -41,7 +41,7 @@ def prompt_records(model: Path, path: Path) -> list[PromptRecord]:
     args = argparse.Namespace(model=str(model), policy=None, threads=None, group_by=None, no_progress=True)
     classifier, policy = load_model_and_policy(args)
     try:
-        collector = score_files(classifier, policy, [(path, _load_rows(path, None))], [], args)
+        collector = score_files(classifier, policy, [(path, load_rows(path, None))], [], args)
     finally:
         classifier.close()
     return collector.prompts

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from guardproxy.cli import main
-from guardproxy.commands.evaluate import _load_rows
+from guardproxy.commands.evaluate import load_rows
 from guardproxy.drills.export import LABEL_MAP
 from guardproxy.drills.record import DrillRecord, PolicyDecision
 from guardproxy.drills.recorder import DrillRecorder
@@ -122,7 +122,7 @@ async def test_export_round_trip_through_the_eval_reader(tmp_path: Path, capsys:
     assert CANARY.encode() not in raw and b"[REDACTED]" in raw
 
     # the files parse with the reader `guardproxy eval` uses, as the kinds they claim to be
-    kinds = {name: {r.kind for r in _load_rows(out / name, None)} for name in
+    kinds = {name: {r.kind for r in load_rows(out / name, None)} for name in
              ("prompts.jsonl", "responses.jsonl", "conversations.jsonl")}  # fmt: skip
     assert kinds == {"prompts.jsonl": {"prompt"}, "responses.jsonl": {"response"},
                      "conversations.jsonl": {"conversation"}}  # fmt: skip
@@ -132,7 +132,7 @@ async def test_export_round_trip_through_the_eval_reader(tmp_path: Path, capsys:
     all_prompts = {r["drill_id"]: r for r in read_jsonl(everything / "prompts.jsonl")}
     assert ids[6] in all_prompts and all_prompts[ids[6]]["label"] is None  # unreviewed: no label invented
     assert ids[4] not in all_prompts  # unclear stays out
-    assert len(_load_rows(everything / "prompts.jsonl", None)) == 6
+    assert len(load_rows(everything / "prompts.jsonl", None)) == 6
 
 
 def test_label_map_is_the_documented_table() -> None:

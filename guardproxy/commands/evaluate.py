@@ -71,7 +71,9 @@ def source_name(path: Path) -> str:
     return path.stem
 
 
-def _load_rows(path: Path, sample: int | None) -> list[ParsedRow]:
+def load_rows(path: Path, sample: int | None) -> list[ParsedRow]:
+    """A labeled JSONL file's rows, parsed; a bad line raises ``ConfigError`` naming the file and line. ``sample``
+    keeps a fixed subset of that many rows."""
     rows = []
     with path.open("rb") as stream:
         for line, obj in read_jsonl(stream):
@@ -145,7 +147,7 @@ class Collector:
 
 def run(args: argparse.Namespace) -> int:
     baselines = load_baselines(args.baselines)
-    files = [(path, _load_rows(path, args.sample)) for path in args.files]
+    files = [(path, load_rows(path, args.sample)) for path in args.files]
     classifier, policy = load_model_and_policy(args)
     if args.split:
         model_dir = args.model or load_settings().guard.model_dir
