@@ -8,6 +8,9 @@ ranking itself got better or worse. Harmless = ``benign`` and ``borderline_benig
 
     .venv/bin/python -m bench.candidate_compare --candidate /tmp/cand [--baseline models/guard-v1] [FILE ...]
         [--json OUT]
+
+Without FILEs: every ``harm_challenge*.jsonl`` of the held-out sets (``CHALLENGE_DIRS``); a file without both
+harmful and harmless prompt rows is skipped with a message.
 """
 
 from __future__ import annotations
@@ -24,16 +27,10 @@ from guardproxy.commands.evaluate import load_rows, score_files
 from guardproxy.commands.score import load_model_and_policy
 from guardproxy.evaluation import NEGATIVE_LABELS, PromptRecord, auroc
 from guardproxy.settings import PROJECT_ROOT
+from guardproxy.training.sources import CHALLENGE_DIRS
 
-DEFAULT_SETS = [
-    PROJECT_ROOT / "bench" / name
-    for name in (
-        "challenge/harm_challenge.jsonl",
-        "challenge2/harm_challenge2.jsonl",
-        "challenge3/harm_challenge3.jsonl",
-        "challenge4/harm_challenge4.jsonl",
-    )
-]
+# Every held-out prompt set (the refusal and conversation files beside them have no prompt rows to compare).
+DEFAULT_SETS = [p for d in CHALLENGE_DIRS for p in sorted(d.glob("harm_challenge*.jsonl"))]
 
 
 def prompt_records(model: Path, path: Path) -> list[PromptRecord]:
@@ -75,7 +72,11 @@ def compare(baseline: Path, candidate: Path, sets: list[Path]) -> dict[str, Any]
     out: dict[str, Any] = {"baseline": str(baseline), "candidate": str(candidate), "sets": {}}
     for path in sets:
         print(f"scoring {path.name} ...", file=sys.stderr)
-        b = set_metrics(prompt_records(baseline, path))
+        b_records = prompt_records(baseline, path)
+        if not any(r.label == "harmful" for r in b_records) or not any(r.label in NEGATIVE_LABELS for r in b_records):
+            print(f"  skipped {path.name}: no harmful and harmless prompt rows to compare", file=sys.stderr)
+            continue
+        b = set_metrics(b_records)
         c = set_metrics(prompt_records(candidate, path))
         c["recall_at_baseline_harmless_rate"] = recall_at_flag_rate(c["_pos"], c["_neg"], b["harmless_flagged"])
         # The baseline against its own harmless rate, by the same rule, so both sides of the comparison match.
