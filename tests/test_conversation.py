@@ -103,6 +103,7 @@ class FakeClassifier:
 PARAMS = EscalationParams(
     decay=0.7,
     gain=0.5,
+    floor=0.0,
     trend_weight=1.0,
     refusal_weight=0.15,
     rephrase_low=0.75,
