@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-from bench.candidate_compare import recall_at_flag_rate
+from bench.candidate_compare import compare, recall_at_flag_rate
+from guardproxy.settings import PROJECT_ROOT
 
 
 def test_recall_at_a_matched_harmless_rate_never_flags_more_harmless_rows_than_allowed() -> None:
@@ -18,12 +22,7 @@ def test_recall_at_a_matched_harmless_rate_never_flags_more_harmless_rows_than_a
     assert recall_at_flag_rate(pos + 0.1, neg, 0.2) >= recall_at_flag_rate(pos, neg, 0.2)
 
 
-def test_compare_skips_files_without_prompt_rows_and_matches_a_model_against_itself(tmp_path) -> None:
-    import json
-
-    from bench.candidate_compare import compare
-    from guardproxy.settings import PROJECT_ROOT
-
+def test_compare_skips_files_without_prompt_rows_and_matches_a_model_against_itself(tmp_path: Path) -> None:
     model = PROJECT_ROOT / "models" / "guard-v1"
     prompts = tmp_path / "harm_tiny.jsonl"
     rows = [

@@ -39,8 +39,8 @@ WINDOW_TURNS = 4
 CONTROVERSIAL_WEIGHT = 0.5
 COPYRIGHT_WEIGHT = 0.5  # HarmBench copyright rows are harmful by label, not a safety harm
 AUTHORED_DIR = Path(__file__).parent / "authored"
-# Never trained on: scored for the report only. challenge2 and challenge3 were each written later by a helper who saw
-# neither the training data nor the earlier sets (see their READMEs).
+# Never trained on: scored for the report only. Each set after the first was written later by helpers who saw neither
+# the training data nor the earlier sets (see their READMEs); challenge7's three parts by three of them.
 CHALLENGE_DIRS = tuple(
     Path(__file__).resolve().parents[2] / "bench" / d
     for d in ("challenge", "challenge2", "challenge3", "challenge4", "challenge5", "challenge6", "challenge7")
