@@ -53,8 +53,8 @@ SOURCE_REPEATS: dict[str, int] = {
     # The sixth batch (harmful asks and look-alikes wholly in other languages) is not repeated: at x2 three runs lost
     # 8-10 points of English recall on challenge2 and 2-4 on challenge5 (bench/results/candidates/README.md).
     "authored/prompts_contrast7": 3,  # English minimal pairs in twelve voices, each family's pair in one shared voice
-    "authored/prompts_contrast8": 3,  # English families in real-user registers (terse, workplace, pasted, slang...)
-    "authored/responses_partial8": 2,  # partial refusals, and helpful answers that open with sympathy or caveats
+    # The eighth batch (English real-user registers; refusal pairs weighted to partials) is not repeated: at x3 / x2
+    # candidate 2.6.0-a lost 0.034 AUROC on the other languages of challenge4 (bench/results/candidates/README.md).
 }
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 
