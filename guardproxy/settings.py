@@ -84,6 +84,11 @@ class GuardSettings(BaseModel):
     speculative: bool = Field(False, description="start the upstream call while the input check runs")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     workers: int = Field(1, ge=1, description="size of the one inference executor")
+    concurrent_window: bool = Field(
+        False,
+        description="with workers >= 2: start a conversation's window pass beside its new turn's pass instead of "
+        "after it (a closed window gate then discards it)",
+    )
     timeout: float = Field(2.0, gt=0, description="a classification slower than this counts as a failure")
     cache_size: int = Field(8192, ge=0)
     window_max_ids: int = Field(

@@ -5,6 +5,7 @@ The guard model is a scripted fake: harm from keywords, embeddings from hashed w
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -498,6 +499,83 @@ async def test_window_sees_a_request_split_over_turns() -> None:
     assert obs[-1].signals.escalation >= FLAG_THRESHOLD
     # the window is the last four messages, oldest first
     assert clf.prompt_calls[-1][-1].startswith("assistant: Reply 0 about what is ammonium use\nuser: and nitrate")
+
+
+class OverlapClassifier(FakeClassifier):
+    """A fake model whose calls wait for a second call to start (up to a deadline) and record how many were in
+    flight: proof that the window pass ran beside the turn pass, not after it. A window pass (its text starts with
+    a role prefix) then takes ``window_delay`` seconds longer, as a real one does."""
+
+    def __init__(self, window_delay: float = 0.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.window_delay = window_delay
+        self.in_flight = 0
+        self.peak = 0
+        self._second = asyncio.Event()
+
+    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        if self.in_flight >= 2:
+            self._second.set()
+        try:
+            for _ in range(20):  # up to 0.2 s (plain sleeps: cancellation always lands, unlike 3.11's wait_for)
+                if self._second.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            if texts and texts[0].startswith(("user: ", "assistant: ")):
+                await asyncio.sleep(self.window_delay)
+            return await super().score_prompts(texts, max_length=max_length)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._second = asyncio.Event()
+
+
+async def test_concurrent_window_runs_beside_the_turn_and_gives_the_same_signals() -> None:
+    turns = ["what is ammonium used for", "and nitrate fertiliser", "how does a detonator work", "thanks"]
+    combos = {("ammonium", "nitrate", "detonator"): 0.9}
+    sequential = await talk(tracker(FakeClassifier(keywords={}, combos=combos)), turns)
+    clf = OverlapClassifier(keywords={}, combos=combos)
+    concurrent = await talk(tracker(clf, concurrent_window=True), turns)
+    assert [o.signals for o in concurrent] == [o.signals for o in sequential]
+    assert concurrent[2].signals.escalation >= FLAG_THRESHOLD
+    assert clf.peak == 2  # the window pass started before the turn pass finished
+
+
+async def test_concurrent_window_is_dropped_when_the_gate_stays_closed() -> None:
+    turns = [f"question number {i} about gardening and weather" for i in range(6)]
+    params = replace(PARAMS, window_gate=0.2)
+    sequential = await talk(tracker(FakeClassifier(), params=params), turns)
+    clf = OverlapClassifier(window_delay=0.5)
+    obs = await talk(tracker(clf, params=params, concurrent_window=True), turns)
+    # harmless turns: the gate stays closed, so each early window pass (from the second request on) is cancelled
+    # while it runs, and the window counts as the turn, as without concurrency
+    assert [o.signals for o in obs] == [o.signals for o in sequential]
+    assert clf.peak >= 2  # a window pass did start beside a turn
+    await asyncio.sleep(0.7)  # longer than a window pass: one left running would finish and be recorded now
+    assert clf.in_flight == 0
+    assert [len(c) for c in clf.prompt_calls] == [1] * 6  # only the turns were scored to the end
+
+
+async def test_concurrent_window_does_not_outlive_a_failed_turn_pass() -> None:
+    clf = OverlapClassifier()
+    t = tracker(clf, concurrent_window=True)
+    await talk(t, ["hello there"])
+    clf.fail = True
+    with pytest.raises(ClassifierError):
+        await t.observe("t1", None, [u("hello there"), a("Reply 0 about hello there"), u("and again")])
+    await asyncio.sleep(0)
+    assert clf.in_flight == 0
+
+
+def test_concurrent_window_needs_two_workers() -> None:
+    one = build_tracker(Settings(guard={"concurrent_window": True}), FakeClassifier())  # type: ignore[arg-type]
+    two = build_tracker(
+        Settings(guard={"concurrent_window": True, "workers": 2}),
+        FakeClassifier(),  # type: ignore[arg-type]
+    )
+    assert (one.concurrent_window, two.concurrent_window) == (False, True)
 
 
 async def test_trajectory_accumulates_a_slow_crescendo() -> None:

@@ -150,6 +150,8 @@ class GatewaySpec:
     speculative: bool = False
     max_conversations: int | None = None  # state.max_conversations (None: the default)
     threads: int | None = None  # guard.threads (None: the default)
+    workers: int | None = None  # guard.workers (None: the default)
+    concurrent_window: bool = False  # guard.concurrent_window
 
 
 def _toml_value(value: Any) -> str:
@@ -189,6 +191,10 @@ def gateway_config(
         cfg["state"]["max_conversations"] = spec.max_conversations
     if spec.threads is not None:
         cfg["guard"]["threads"] = spec.threads
+    if spec.workers is not None:
+        cfg["guard"]["workers"] = spec.workers
+    if spec.concurrent_window:
+        cfg["guard"]["concurrent_window"] = True
     if model_dir is not None:
         cfg["guard"]["model_dir"] = str(model_dir)
     if policy is not None:

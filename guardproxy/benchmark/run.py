@@ -92,6 +92,8 @@ class BenchConfig:
     model_dir: Path | None = None
     policy: Path | None = None
     threads: int | None = None  # the gateways' guard.threads (None: the default)
+    workers: int | None = None  # the gateways' guard.workers (None: the default)
+    concurrent_window: bool = False  # the gateways' guard.concurrent_window
     capacity: int = 512
     max_seconds: float = 1800.0
     warmup: int = 20
@@ -129,6 +131,10 @@ class BenchConfig:
             bad("--modes needs at least one gateway mode")
         if self.threads is not None and not 1 <= self.threads <= 64:
             bad("--threads must be 1..64")
+        if self.workers is not None and not 1 <= self.workers <= 64:
+            bad("--workers must be 1..64")
+        if self.concurrent_window and (self.workers or 1) < 2:
+            bad("--concurrent-window needs --workers 2 or more")
 
     def public(self) -> dict[str, Any]:
         """The configuration as reported (no key)."""
@@ -224,6 +230,8 @@ class Bench:
                 guard=mode != "passthrough",
                 speculative=mode == "speculative",
                 threads=cfg.threads,
+                workers=cfg.workers,
+                concurrent_window=cfg.concurrent_window,
             )
             what = "no checks" if mode == "passthrough" else "loading the guard model"
             print(f"starting gateway '{mode}' ({what})...", file=self.progress.stream, flush=True)

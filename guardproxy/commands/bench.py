@@ -84,6 +84,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, metavar="DIR", help="guard model directory (default models/guard-v1)")
     parser.add_argument("--policy", type=Path, metavar="FILE", help="active policy (default policies/default.toml)")
     parser.add_argument("--threads", type=int, help="the gateways' guard.threads: intra-op threads per model run (1)")
+    parser.add_argument("--workers", type=int, help="the gateways' guard.workers: model runs at once (1)")
+    parser.add_argument(
+        "--concurrent-window",
+        action="store_true",
+        help="the gateways' guard.concurrent_window: a conversation's window pass beside its turn pass "
+        "(needs --workers 2+)",
+    )
     parser.add_argument("--capacity", type=int, default=512, help="gateway max concurrent requests (512)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per target (20)")
     parser.add_argument("--stream-share", type=float, default=0.3, help="share of streaming requests (0.3)")
@@ -150,6 +157,8 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         model_dir=model_dir,
         policy=args.policy,
         threads=args.threads,
+        workers=args.workers,
+        concurrent_window=args.concurrent_window,
         capacity=args.capacity,
         max_seconds=args.max_seconds,
         warmup=args.warmup,

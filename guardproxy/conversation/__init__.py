@@ -80,6 +80,10 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
     """
     state = settings.state
     secret = state.hmac_secret.get_secret_value().encode()
+    # one worker would run the two passes one after the other anyway: concurrency would only add wasted passes
+    concurrent = settings.guard.concurrent_window and settings.guard.workers >= 2
+    if settings.guard.concurrent_window and not concurrent:
+        logger.warning("guard.concurrent_window needs guard.workers >= 2; the window pass stays after the turn pass")
     local = MemoryBackend(max_records=state.max_conversations, max_bytes=state.max_bytes, ttl_seconds=state.ttl_seconds)
     if state.url.startswith("memory://"):
         if not secret:
@@ -88,7 +92,13 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
                 "state.hmac_secret is empty: using a random per-process secret; conversation history verified by "
                 "this process will read as unverified after a restart"
             )
-        return ConversationTracker(local, classifier, hmac_secret=secret, window_max_ids=settings.guard.window_max_ids)
+        return ConversationTracker(
+            local,
+            classifier,
+            hmac_secret=secret,
+            window_max_ids=settings.guard.window_max_ids,
+            concurrent_window=concurrent,
+        )
     if state.url.startswith(("redis://", "rediss://", "unix://")):
         if not secret:
             raise ConfigError("state.hmac_secret is required with a redis:// state backend (shared by all replicas)")
@@ -103,5 +113,6 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
             shared=True,
             reply_grace=min(0.25, 4 * state.backend_timeout),
             window_max_ids=settings.guard.window_max_ids,
+            concurrent_window=concurrent,
         )
     raise ConfigError(f"state.url: unsupported scheme in {state.url!r} (memory:// or redis://host:port/db)")

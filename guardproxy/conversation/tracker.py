@@ -158,6 +158,7 @@ class ConversationTracker:
         pending_size: int = 4096,
         reply_grace: float = 0.2,
         shared: bool = False,
+        concurrent_window: bool = False,
     ) -> None:
         if not hmac_secret:
             raise ValueError("hmac_secret must not be empty")
@@ -169,6 +170,10 @@ class ConversationTracker:
         self.max_new_turns = max_new_turns
         self.reply_grace = reply_grace
         self.shared = shared
+        # Start the window pass beside the new turn's pass (a classifier with >= 2 workers runs them at once): the
+        # latency of a conversation turn becomes the longer pass, not the sum. A closed gate cancels it (or drops
+        # its result): CPU spent for nothing on those requests, which is why it is opt-in.
+        self.concurrent_window = concurrent_window
         self._secret = hmac_secret
         self._scores = _ScoreCache(score_cache_size)
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
@@ -203,6 +208,17 @@ class ConversationTracker:
         for t, s in by_text.items():
             self._scores.put(t, s)
         return [s if s is not None else by_text[t] for t, s in zip(texts, out, strict=True)]
+
+    def _start_window(self, chain: Chain, n: int, scored: Sequence[int]) -> asyncio.Task[list[PromptScore]] | None:
+        """The window pass of this request, started now (``concurrent_window``); None when there is no window or
+        no new turn to score beside it (a cached turn costs nothing, so the cascade loses no time)."""
+        src = self._window(chain, n - 1)
+        if src is None or all(self._scores.get(chain.text(i)) is not None for i in scored):
+            return None
+        task = asyncio.ensure_future(self.classifier.score_prompts([src], max_length=self.window_max_ids))
+        # a cancelled or unneeded pass may still fail: retrieve its outcome so it is never reported as lost
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     def _window(self, chain: Chain, end: int) -> str | None:
         start = max(0, end + 1 - self.window_turns)
@@ -256,7 +272,13 @@ class ConversationTracker:
         if repeat and chain.roles[-1] == "user":
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
-        user_scores = await self._scores_for([chain.text(i) for i in scored])
+        early_window = self._start_window(chain, n, scored) if self.concurrent_window and not repeat else None
+        try:
+            user_scores = await self._scores_for([chain.text(i) for i in scored])
+        except BaseException:
+            if early_window is not None:
+                early_window.cancel()
+            raise
         recent = [s.embedding for s in user_scores]
         rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
         window: PromptScore | None = None
@@ -278,9 +300,14 @@ class ConversationTracker:
                 p=self.params,
             )
             window_src = self._window(chain, n - 1) if gate_open else None
+            if early_window is not None and window_src is None:
+                early_window.cancel()  # the gate stayed closed: its result is not needed
             if window_src is not None:
                 # a window is never seen twice: no cache in front of this call
-                (window,) = await self.classifier.score_prompts([window_src], max_length=self.window_max_ids)
+                if early_window is not None:
+                    (window,) = await early_window
+                else:
+                    (window,) = await self.classifier.score_prompts([window_src], max_length=self.window_max_ids)
                 window_harm = window.harm
             elif scored and chain.roles[-1] == "user":
                 window_harm = user_scores[-1].harm  # a one-turn window (or a closed gate) is the turn itself
