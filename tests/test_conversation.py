@@ -559,21 +559,21 @@ async def test_concurrent_window_is_dropped_when_the_gate_stays_closed() -> None
 
 
 async def test_concurrent_window_does_not_outlive_a_failed_turn_pass() -> None:
-    clf = OverlapClassifier()
+    clf = OverlapClassifier(window_delay=0.5)
     t = tracker(clf, concurrent_window=True)
     await talk(t, ["hello there"])
     clf.fail = True
     with pytest.raises(ClassifierError):
         await t.observe("t1", None, [u("hello there"), a("Reply 0 about hello there"), u("and again")])
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.1)  # well inside the window pass's 0.5 s: it is gone only because it was cancelled
     assert clf.in_flight == 0
 
 
 def test_concurrent_window_needs_two_workers() -> None:
-    one = build_tracker(Settings(guard={"concurrent_window": True}), FakeClassifier())  # type: ignore[arg-type]
+    one = build_tracker(Settings(guard={"concurrent_window": True}), FakeClassifier())
     two = build_tracker(
         Settings(guard={"concurrent_window": True, "workers": 2}),
-        FakeClassifier(),  # type: ignore[arg-type]
+        FakeClassifier(),
     )
     assert (one.concurrent_window, two.concurrent_window) == (False, True)
 
