@@ -64,7 +64,9 @@ class EscalationParams:
 
     # With 2.5.0 the tuning chose a slower decay with a floor: per-turn noise below 0.2 never accumulates, steady
     # risk above it does, and a rising trend adds its own evidence (2.3.0's tuning: decay 0.6, gain 0.3, floor 0,
-    # trend weight 0, threshold 0.9495).
+    # trend weight 0, threshold 0.9495). A re-run of the tuning on a fresh replay (2026-12-03 20:05 UTC) chose other
+    # values (trend weight 0, refusal weight 0.15, threshold 0.963) from slightly different per-turn scores, cause not
+    # found (bench/RESULTS.md, "Model 2.5.0"); these defaults were kept.
     decay: float = 0.9
     gain: float = 0.5
     floor: float = 0.2
