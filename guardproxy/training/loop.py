@@ -53,9 +53,9 @@ SOURCE_REPEATS: dict[str, int] = {
     # The sixth batch (harmful asks and look-alikes wholly in other languages) is not repeated: at x2 three runs lost
     # 8-10 points of English recall on challenge2 and 2-4 on challenge5 (bench/results/candidates/README.md).
     "authored/prompts_contrast7": 3,  # English minimal pairs in twelve voices, each family's pair in one shared voice
-    # The eighth batch (authored/held/: English real-user registers, refusal pairs weighted to partials) is not
-    # loaded: at x3 / x2 (2.6.0-a) and at x1 (2.6.0-b) it cost 0.03-0.06 AUROC on the other languages
-    # (bench/results/candidates/README.md).
+    # The eighth batch (English real-user registers, refusal pairs weighted to partials) and the ninth (the same
+    # design in 24 other languages) are read once per epoch: the eighth alone, at x3 / x2 (2.6.0-a) or x1
+    # (2.6.0-b), cost 0.03-0.06 AUROC on the other languages (bench/results/candidates/README.md, 2.7.0).
 }
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 
