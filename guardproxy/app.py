@@ -191,6 +191,7 @@ class Gateway:
             self.metrics,
             total_timeout=self.settings.upstream.total_timeout,
             speculative=self.settings.guard.speculative,
+            speculative_window=self.settings.guard.speculative_window,
             max_event_chars=self.settings.limits.max_body_bytes,
             spawn=self.spawn_finish,
             timing_header=self.settings.server.timing_header,

@@ -195,6 +195,7 @@ class ChatHandler:
         total_timeout: float,
         speculative: bool,
         max_event_chars: int,
+        speculative_window: bool = False,
         spawn: Callable[[Exchange], None],
         timing_header: bool = True,
         parse_pool: Executor | None = None,
@@ -204,6 +205,8 @@ class ChatHandler:
         self.metrics = metrics
         self.total_timeout = total_timeout
         self.speculative = speculative
+        # Start the upstream call once the request's own turns pass, while a conversation window is still scored.
+        self.speculative_window = speculative_window and not speculative
         self.max_event_chars = max_event_chars
         self.spawn = spawn
         self.timing_header = timing_header
@@ -285,13 +288,20 @@ class ChatHandler:
             await resp.aclose()
 
     async def _check_input(self, call: Call, ex: Exchange, req: ChatRequest, content: bytes) -> httpx.Response | None:
-        """Run the input check (with the upstream call in parallel when speculative); None if blocked."""
+        """Run the input check (with the upstream call in parallel when speculative, or from the provisional verdict
+        on with ``speculative_window``); None if blocked. The reply is released only after the final verdict."""
         task: asyncio.Task[httpx.Response] | None = None
         if self.speculative:
             task = asyncio.create_task(self._open(call, ex, content))
+
+        def early(provisional: Verdict) -> None:
+            nonlocal task
+            if task is None and not provisional.blocks:
+                task = asyncio.create_task(self._open(call, ex, content))
+
         try:
             with ex.timed("input_check"):
-                verdict = await self.pipeline.check_input(ex)
+                verdict = await self.pipeline.check_input(ex, early=early if self.speculative_window else None)
         except BaseException:
             if task is not None:
                 await _cancel(task)
@@ -301,6 +311,9 @@ class ChatHandler:
         if verdict.blocks:
             if task is not None:
                 await _cancel(task)
+                self.metrics.counter(
+                    "guardproxy_speculative_cancelled", "upstream calls started before the input verdict, then blocked"
+                ).inc()
             ex.outcome = "blocked_input"
             self._timing(call, ex)
             await self._send_block(call, req, verdict, stream=req.stream)

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -71,7 +71,9 @@ class ConversationTracker(Protocol):
     reply text, the policy's refusal text, or None for an error status) so the next request can verify it.
     """
 
-    async def observe(self, tenant: str, subkey: str | None, messages: Sequence[Any]) -> Observation: ...
+    async def observe(
+        self, tenant: str, subkey: str | None, messages: Sequence[Any], *, defer_window: bool = False
+    ) -> Observation: ...
 
     async def record_reply(
         self,
@@ -269,12 +271,14 @@ class GuardCheck:
 
     # --- hook points ---
 
-    async def check_input(self, exchange: Exchange) -> Verdict:
+    accepts_early = True  # check_input takes ``early`` (pipeline.Pipeline.check_input)
+
+    async def check_input(self, exchange: Exchange, *, early: Callable[[Verdict], None] | None = None) -> Verdict:
         model = exchange.body.get("model")
         active, shadows = self.policies.select(exchange.tenant, model if isinstance(model, str) else None)
         texts = scored_texts(exchange.messages, score_system=self.score_system)
         subkey = subkey_of(exchange.body, exchange.headers) if self.tracker is not None else None
-        signals, obs = await self._signals(exchange, texts, subkey)
+        signals, obs = await self._signals(exchange, texts, subkey, active=active, early=early)
         state = _ExchangeState(active, shadows, texts, signals, subkey=subkey, observation=obs)
         exchange.state[STATE_KEY] = state
         with exchange.timed("policy"):
@@ -283,16 +287,30 @@ class GuardCheck:
         return state.input[active.ref].verdict()
 
     async def _signals(
-        self, exchange: Exchange, texts: list[ScoredText], subkey: str | None
+        self,
+        exchange: Exchange,
+        texts: list[ScoredText],
+        subkey: str | None,
+        *,
+        active: Policy,
+        early: Callable[[Verdict], None] | None = None,
     ) -> tuple[Signals, Observation | None]:
-        """The request's signals, computed once for every policy, and the tracker's observation if it answered."""
+        """The request's signals, computed once for every policy, and the tracker's observation if it answered.
+
+        ``early``: when the tracker defers a window pass, called with the active policy's verdict on the provisional
+        signals (the request's own turns) before the window is awaited."""
         obs: Observation | None = None
         state_failed = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout  # the tracker's whole answer, a deferred window included
         if self.tracker is not None:
             with exchange.timed("state"):
                 try:
                     obs = await asyncio.wait_for(
-                        self.tracker.observe(exchange.tenant, subkey, exchange.messages), self.timeout
+                        self.tracker.observe(
+                            exchange.tenant, subkey, exchange.messages, defer_window=early is not None
+                        ),
+                        self.timeout,
                     )
                     state_failed = obs.state_failed
                 except StateBackendError as exc:
@@ -306,7 +324,17 @@ class GuardCheck:
             # messages if configured) here, new ones only when the tracker vouches for the history.
             verified = obs.signals.history == "verified"
             rest = [t for t in texts if t.role != "user" and (t.new or not verified)]
-            extra = await self._score_texts(exchange, rest)
+            try:
+                extra = await self._score_texts(exchange, rest)
+            except BaseException:
+                if obs.pending is not None:
+                    obs.pending.cancel()  # cancelled mid-request: the deferred window must not run on alone
+                raise
+            if obs.pending is not None:
+                obs = await self._final_observation(exchange, obs, extra, active, early, deadline - loop.time())
+                if obs is None:
+                    return Signals(classifier_failed=True, state_failed=state_failed), None
+                state_failed = state_failed or obs.state_failed
             if extra is None:
                 return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed), obs
             return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed), obs
@@ -315,6 +343,30 @@ class GuardCheck:
         if scores is None:
             return Signals(classifier_failed=True, state_failed=state_failed), None
         return _combine_scores(scores, ConversationSignals(), state_failed), None
+
+    async def _final_observation(
+        self,
+        exchange: Exchange,
+        obs: Observation,
+        extra: list[PromptScore] | None,
+        active: Policy,
+        early: Callable[[Verdict], None] | None,
+        remaining: float,
+    ) -> Observation | None:
+        """A deferred window's observation, once ``early`` has the provisional verdict; None if the pass failed."""
+        assert obs.pending is not None
+        try:
+            if early is not None and extra is not None:
+                provisional = _combine_scores([*obs.new_user_scores, *extra], obs.signals, obs.state_failed)
+                with exchange.timed("policy"):
+                    early(active.decide_input(provisional).verdict())
+            with exchange.timed("state"):
+                return await asyncio.wait_for(obs.pending, max(remaining, 0.0))
+        except Exception as exc:  # the window pass is the classifier's
+            self._classifier_failed(exc)
+            return None
+        finally:
+            obs.pending.cancel()  # a no-op once it finished; the caller's cancellation must not leave it running
 
     async def _score_texts(self, exchange: Exchange, texts: Sequence[ScoredText]) -> list[PromptScore] | None:
         if not texts:

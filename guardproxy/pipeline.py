@@ -3,7 +3,9 @@
 The gateway owns the HTTP side; guard parts fill three hook points:
 
 - ``check_input(exchange)``: before the upstream call, or in parallel with it when speculative
-  forwarding is on (the reply is released only once the input verdict allows it).
+  forwarding is on (the reply is released only once the input verdict allows it). With
+  ``guard.speculative_window`` the upstream call starts once a provisional verdict on the request's own
+  turns allows it, while a conversation's window is still scored (``early``, below).
 - ``check_output(exchange, choice, text, final=...)``: on the assistant text of one choice. On the
   plain path it runs once with ``final=True``; on the streaming path it runs every time the
   accumulated text grows by ``output_check_chars`` and once more at the end, so both paths run
@@ -20,7 +22,7 @@ ask for one retry of a plain reply (``retry_note``). With no checks the pipeline
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -154,7 +156,13 @@ class Pipeline:
         for c in self.checks:
             await c.start()
 
-    async def check_input(self, exchange: Exchange) -> Verdict:
+    async def check_input(self, exchange: Exchange, *, early: Callable[[Verdict], None] | None = None) -> Verdict:
+        """The checks' combined verdict. ``early``: with a single check that supports it (``accepts_early``), it is
+        called at most once, before the verdict, with a provisional verdict on the request's own turns while the
+        check still waits on a conversation's window; the caller may start the upstream call if that verdict does
+        not block, and must still honour the final one."""
+        if early is not None and len(self.checks) == 1 and getattr(self.checks[0], "accepts_early", False):
+            return combine([await self.checks[0].check_input(exchange, early=early)])  # type: ignore[call-arg]
         verdicts = [await c.check_input(exchange) for c in self.checks]
         return combine(verdicts)
 

@@ -82,6 +82,11 @@ class GuardSettings(BaseModel):
     enabled: bool = True
     model_dir: Path = DEFAULT_MODEL_DIR
     speculative: bool = Field(False, description="start the upstream call while the input check runs")
+    speculative_window: bool = Field(
+        False,
+        description="start the upstream call once a request's own turns pass the policy, while its conversation "
+        "window is still being scored; the reply is held until the window's verdict (ignored with speculative)",
+    )
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     workers: int = Field(1, ge=1, description="size of the one inference executor")
     concurrent_window: bool = Field(

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from guardproxy.benchmark.load import Mix, MixSpec, Scrape, percentiles, stage_diff, user_turn
-from guardproxy.benchmark.procs import BenchError
+from guardproxy.benchmark.procs import BenchError, GatewaySpec, gateway_config
 from guardproxy.benchmark.run import BenchConfig
 from guardproxy.benchmark.upstream import STAMP_HEADER, TTFT_HEADER, build
 from guardproxy.fake_upstream import FakeUpstream
@@ -310,3 +310,20 @@ def test_server_timing_is_parsed_where_a_gateway_sends_it() -> None:
         ("input_check", 4.5),
     )
     assert server_timing(None) == ()
+
+
+def test_gateway_config_carries_the_window_options_into_valid_settings(tmp_path: Path) -> None:
+    spec = GatewaySpec("guarded", workers=2, concurrent_window=True, speculative_window=True)
+    cfg = gateway_config(
+        spec, port=1, upstream="http://127.0.0.1:2/v1", workdir=tmp_path, model_dir=None, policy=None, capacity=8
+    )
+    guard = Settings(**cfg).guard
+    assert (guard.workers, guard.concurrent_window, guard.speculative_window, guard.speculative) == (
+        2,
+        True,
+        True,
+        False,
+    )
+    plain = Settings(**gateway_config(GatewaySpec("guarded"), port=1, upstream="http://127.0.0.1:2/v1",
+                                      workdir=tmp_path, model_dir=None, policy=None, capacity=8)).guard  # fmt: skip
+    assert (plain.concurrent_window, plain.speculative_window) == (False, False)

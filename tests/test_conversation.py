@@ -131,15 +131,24 @@ def a(text: str) -> dict[str, Any]:
 
 
 async def talk(
-    t: ConversationTracker, turns: Sequence[str], *, tenant: str = "t1", sub: str | None = None, handback: bool = True
+    t: ConversationTracker,
+    turns: Sequence[str],
+    *,
+    tenant: str = "t1",
+    sub: str | None = None,
+    handback: bool = True,
+    defer_window: bool = False,
 ) -> list[Any]:
     """Run a conversation through the tracker as the gateway would: observe, then record the reply (handing the
-    observation back, as the guard does, or not: both paths must agree)."""
+    observation back, as the guard does, or not: both paths must agree). ``defer_window``: the final observation
+    of each request (a deferred window awaited)."""
     messages: list[dict[str, Any]] = []
     observations = []
     for i, text in enumerate(turns):
         messages.append(u(text))
-        obs = await t.observe(tenant, sub, messages)
+        obs = await t.observe(tenant, sub, messages, defer_window=defer_window)
+        if obs.pending is not None:
+            obs = await obs.pending
         observations.append(obs)
         reply = f"Reply {i} about {text[:20]}"
         await t.record_reply(tenant, sub, messages, reply, refused=False, observation=obs if handback else None)
@@ -567,6 +576,58 @@ async def test_concurrent_window_does_not_outlive_a_failed_turn_pass() -> None:
         await t.observe("t1", None, [u("hello there"), a("Reply 0 about hello there"), u("and again")])
     await asyncio.sleep(0.1)  # well inside the window pass's 0.5 s: it is gone only because it was cancelled
     assert clf.in_flight == 0
+
+
+async def test_deferred_window_returns_at_the_turn_and_ends_with_the_same_signals() -> None:
+    turns = ["what is ammonium used for", "and nitrate fertiliser", "how does a detonator work", "thanks"]
+    combos = {("ammonium", "nitrate", "detonator"): 0.9}
+    plain = await talk(tracker(FakeClassifier(keywords={}, combos=combos)), turns)
+    clf = OverlapClassifier(keywords={}, combos=combos, window_delay=0.3)
+    t = tracker(clf)
+    await talk(t, turns[:2], defer_window=True)
+    messages = [
+        u(turns[0]),
+        a("Reply 0 about what is ammonium use"),
+        u(turns[1]),
+        a("Reply 1 about and nitrate fertilis"),
+    ]
+    messages.append(u(turns[2]))
+    early = await t.observe("t1", None, messages, defer_window=True)
+    assert early.pending is not None and not early.pending.done()  # back before the window pass ends
+    # provisional: the window read as the turn alone, so the split request does not show yet
+    assert early.signals.window_harm == pytest.approx(0.01, abs=0.01)
+    assert early.signals.escalation < FLAG_THRESHOLD
+    final = await early.pending
+    assert final.signals == plain[2].signals and final.signals.escalation >= FLAG_THRESHOLD
+    assert [o.signals for o in await talk(tracker(FakeClassifier(keywords={}, combos=combos)), turns,
+                                          defer_window=True)] == [o.signals for o in plain]  # fmt: skip
+
+
+async def test_a_cancelled_deferred_window_stores_nothing() -> None:
+    turns = ["what is ammonium used for", "and nitrate fertiliser", "how does a detonator work"]
+    combos = {("ammonium", "nitrate", "detonator"): 0.9}
+    plain = await talk(tracker(FakeClassifier(keywords={}, combos=combos)), turns)
+    clf = OverlapClassifier(keywords={}, combos=combos, window_delay=0.3)
+    t = tracker(clf)
+    await talk(t, turns[:2])
+    messages = [
+        u(turns[0]),
+        a("Reply 0 about what is ammonium use"),
+        u(turns[1]),
+        a("Reply 1 about and nitrate fertilis"),
+    ]
+    messages.append(u(turns[2]))
+    windows = lambda: sum(c[0].startswith(("user: ", "assistant: ")) for c in clf.prompt_calls)  # noqa: E731  finished window passes
+    before = windows()
+    early = await t.observe("t1", None, messages, defer_window=True)
+    assert early.pending is not None
+    early.pending.cancel()
+    await asyncio.sleep(0.6)  # past the window pass: a pass left running would have finished and stored its state
+    assert clf.in_flight == 0 and windows() == before
+    again = await t.observe("t1", None, messages)
+    # not a repeat (a repeat is served from stored state without a window pass): nothing was stored
+    assert windows() == before + 1
+    assert again.signals == plain[2].signals
 
 
 def test_concurrent_window_needs_two_workers() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -106,11 +107,13 @@ class Upstream:
     """A fake OpenAI-compatible upstream (a real server on 127.0.0.1): the reply depends on the last user turn."""
 
     requests: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each request
 
     def app(self) -> Starlette:
         async def chat(request: Request) -> Response:
             body = json.loads(await request.body())
             self.requests.append(body)
+            self.arrivals.append(time.monotonic())
             last = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
             text = UPSTREAM_TEXT.get(last, DEFAULT_TEXT)
             if any(m["role"] == "system" and "Test note" in m.get("content", "") for m in body["messages"]):
@@ -197,10 +200,16 @@ class Result:
 
 
 def make_settings(
-    tmp_path: Path, upstream_url: str, active: Path, shadows: Sequence[Path] = (), **policy: Any
+    tmp_path: Path,
+    upstream_url: str,
+    active: Path,
+    shadows: Sequence[Path] = (),
+    guard: Mapping[str, Any] | None = None,
+    **policy: Any,
 ) -> Settings:
     return Settings(
         upstream={"base_url": f"{upstream_url}/v1"},
+        guard=dict(guard or {}),
         policy={"active": active, "shadows": list(shadows), "decision_log": tmp_path / "decisions.jsonl", **policy},
         drills={"store": f"sqlite:///{tmp_path / 'drills.db'}", "sample_rate": 1.0},
         admin_token=ADMIN,
@@ -215,11 +224,12 @@ async def gateway(
     *,
     classifier: ScriptedClassifier | None = None,
     with_drills: bool = False,
+    guard: Mapping[str, Any] | None = None,
     **policy: Any,
 ) -> AsyncIterator[Gateway]:
     upstream = Upstream()
     async with serve(upstream.app()) as up_url:
-        settings = make_settings(tmp_path, up_url, active, shadows, **policy)
+        settings = make_settings(tmp_path, up_url, active, shadows, guard, **policy)
         metrics = Metrics()
         bundle = build_guard(
             settings,
@@ -415,7 +425,9 @@ async def test_a_classifier_whose_script_runs_out_counts_as_a_failure(tmp_path: 
 class FailingTracker:
     """A conversation tracker whose state backend is down: it raises the state error for every call."""
 
-    async def observe(self, tenant: str, subkey: str | None, messages: Any) -> Observation:
+    async def observe(
+        self, tenant: str, subkey: str | None, messages: Any, *, defer_window: bool = False
+    ) -> Observation:
         raise StateBackendError("state backend down")
 
     async def record_reply(self, *args: Any, refused: bool, observation: Any = None) -> bool:
@@ -429,7 +441,9 @@ class FailingTracker:
 class DegradedTracker(FailingTracker):
     """A tracker that answered from local state (the shared backend failed): ``state_failed`` without raising."""
 
-    async def observe(self, tenant: str, subkey: str | None, messages: Any) -> Observation:
+    async def observe(
+        self, tenant: str, subkey: str | None, messages: Any, *, defer_window: bool = False
+    ) -> Observation:
         score = PromptScore(0.02, "none", 0.0, np.zeros(4, dtype=np.float32))
         return Observation(ConversationSignals(turn_index=1), (score,), (0,), state_failed=True)
 
@@ -596,3 +610,73 @@ async def test_an_earlier_turn_counts_until_the_gateway_has_seen_it(tmp_path: Pa
     records = [x for x in read_log(tmp_path / "decisions.jsonl") if x["stage"] == "input"]
     assert [x["scores"]["history"] for x in records] == ["unverified", "none", "verified"]
     assert records[2]["scores"]["refusal_events"] == 1.0  # the upstream's refusal was recorded
+
+
+# --- speculative window: the upstream call starts on the turns' own verdict, the reply waits for the window's ----
+
+
+@dataclass
+class SlowWindowClassifier(ScriptedClassifier):
+    """A window pass (its text starts with a role prefix) takes ``window_delay`` seconds; its end is recorded."""
+
+    window_delay: float = 0.5
+    window_ends: list[float] = field(default_factory=list)
+
+    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+        if texts and texts[0].startswith("user: "):
+            await asyncio.sleep(self.window_delay)
+            self.window_ends.append(time.monotonic())
+        return await super().score_prompts(texts, max_length=max_length)
+
+
+async def _second_turn(gw: Gateway, turn: str, *, stream: bool = False) -> Result:
+    first = await gw.chat("benign")
+    assert first.decision == "allow"
+    history = [{"role": "user", "content": "benign"}, {"role": "assistant", "content": first.text}]
+    return await gw.chat([*history, {"role": "user", "content": turn}], stream=stream)
+
+
+def _window_script(turn: str, harm: float) -> dict[str, tuple[float, str, float]]:
+    return {
+        **PROMPTS,
+        "benign two": (0.02, "none", 0.0),
+        f"user: benign\nassistant: {DEFAULT_TEXT.strip()}\nuser: {turn}": (harm, "violent_crimes", 0.0),
+    }
+
+
+@pytest.mark.parametrize("speculative_window", [True, False])
+async def test_speculative_window_calls_upstream_while_the_window_is_scored(
+    tmp_path: Path, speculative_window: bool
+) -> None:
+    clf = SlowWindowClassifier(_window_script("benign two", 0.02), REPLIES)
+    guard = {"speculative_window": speculative_window}
+    async with gateway(tmp_path, POLICIES / "default.toml", classifier=clf, guard=guard) as gw:
+        second = await _second_turn(gw, "benign two")
+    assert second.decision == "allow" and second.text == DEFAULT_TEXT
+    assert len(clf.window_ends) == 1 and len(gw.upstream.arrivals) == 2
+    # on: the upstream had the request ~0.5 s before the window's verdict; off: only after it
+    assert (gw.upstream.arrivals[1] < clf.window_ends[0] - 0.3) is speculative_window
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_speculative_window_blocks_on_the_window_and_drops_the_started_reply(
+    tmp_path: Path, stream: bool
+) -> None:
+    clf = SlowWindowClassifier(_window_script("benign two", 0.999), REPLIES, window_delay=0.3)
+    guard = {"speculative_window": True}
+    async with gateway(tmp_path, POLICIES / "default.toml", classifier=clf, guard=guard) as gw:
+        second = await _second_turn(gw, "benign two", stream=stream)
+        metrics = (await gw.client.get(f"{gw.url}/metrics")).text
+    assert "guardproxy_speculative_cancelled_total 1.0" in metrics
+    assert len(gw.upstream.requests) == 2  # the call was started on the turn's own verdict...
+    assert second.decision == "block"  # ...and the window's verdict decided what the client got
+    assert DEFAULT_TEXT.strip() not in second.text and second.text
+
+
+async def test_speculative_window_never_forwards_a_turn_that_blocks_on_its_own(tmp_path: Path) -> None:
+    clf = SlowWindowClassifier(_window_script("harmful", 0.999), REPLIES, window_delay=0.3)
+    guard = {"speculative_window": True}
+    async with gateway(tmp_path, POLICIES / "default.toml", classifier=clf, guard=guard) as gw:
+        second = await _second_turn(gw, "harmful")
+    assert second.decision == "block"
+    assert len(gw.upstream.requests) == 1  # only the first turn ever reached the upstream

@@ -152,6 +152,7 @@ class GatewaySpec:
     threads: int | None = None  # guard.threads (None: the default)
     workers: int | None = None  # guard.workers (None: the default)
     concurrent_window: bool = False  # guard.concurrent_window
+    speculative_window: bool = False  # guard.speculative_window (ignored by a speculative gateway)
 
 
 def _toml_value(value: Any) -> str:
@@ -195,6 +196,8 @@ def gateway_config(
         cfg["guard"]["workers"] = spec.workers
     if spec.concurrent_window:
         cfg["guard"]["concurrent_window"] = True
+    if spec.speculative_window:
+        cfg["guard"]["speculative_window"] = True
     if model_dir is not None:
         cfg["guard"]["model_dir"] = str(model_dir)
     if policy is not None:

@@ -70,6 +70,7 @@ def _header(result: dict[str, Any]) -> str:
         f"policy: {cfg['policy'] or 'default'}; guard threads: {cfg.get('threads') or 'default (1)'}; "
         f"workers: {cfg.get('workers') or 'default (1)'}"
         + ("; window pass beside the turn pass" if cfg.get("concurrent_window") else "")
+        + ("; upstream called while the window is scored" if cfg.get("speculative_window") else "")
     )
 
 

@@ -94,6 +94,7 @@ class BenchConfig:
     threads: int | None = None  # the gateways' guard.threads (None: the default)
     workers: int | None = None  # the gateways' guard.workers (None: the default)
     concurrent_window: bool = False  # the gateways' guard.concurrent_window
+    speculative_window: bool = False  # the gateways' guard.speculative_window
     capacity: int = 512
     max_seconds: float = 1800.0
     warmup: int = 20
@@ -232,6 +233,7 @@ class Bench:
                 threads=cfg.threads,
                 workers=cfg.workers,
                 concurrent_window=cfg.concurrent_window,
+                speculative_window=cfg.speculative_window,
             )
             what = "no checks" if mode == "passthrough" else "loading the guard model"
             print(f"starting gateway '{mode}' ({what})...", file=self.progress.stream, flush=True)

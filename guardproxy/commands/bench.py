@@ -91,6 +91,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the gateways' guard.concurrent_window: a conversation's window pass beside its turn pass "
         "(needs --workers 2+)",
     )
+    parser.add_argument(
+        "--speculative-window",
+        action="store_true",
+        help="the gateways' guard.speculative_window: the upstream call starts on a request's own turns while its "
+        "conversation window is scored; the reply waits for the window's verdict",
+    )
     parser.add_argument("--capacity", type=int, default=512, help="gateway max concurrent requests (512)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per target (20)")
     parser.add_argument("--stream-share", type=float, default=0.3, help="share of streaming requests (0.3)")
@@ -159,6 +165,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         threads=args.threads,
         workers=args.workers,
         concurrent_window=args.concurrent_window,
+        speculative_window=args.speculative_window,
         capacity=args.capacity,
         max_seconds=args.max_seconds,
         warmup=args.warmup,

@@ -78,6 +78,8 @@ class Observation:
     known: bool = False  # a stored position of this conversation was found
     rephrase_matches: tuple[tuple[float, float], ...] = ()  # (cosine, risk when refused) of the closest refusals
     handle: _Handle | None = field(default=None, repr=False, compare=False)  # pass it back to record_reply
+    # ``observe(defer_window=True)`` with a window pass to run: the final observation (these signals are provisional)
+    pending: asyncio.Future[Observation] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,27 @@ class ConversationTracker:
             loaded = replace(full, refused=loaded.refused, degraded=loaded.degraded or full.degraded)
         return None, None, loaded
 
+    async def _load(self, chain: Chain, tkey: bytes) -> tuple[int | None, Snapshot | None, Loaded]:
+        """The conversation's stored state: ``_locate`` on a fresh read, read again once if a reply may be in flight."""
+        loaded = await self.backend.load(chain.root, tkey, tail_entries=_TAIL_ENTRIES)
+        found, snap, loaded = await self._locate(chain, loaded, chain.root)
+        if self._reply_may_be_in_flight(chain, found, snap):
+            await asyncio.sleep(self.reply_grace)
+            again = await self.backend.load(chain.root, tkey, tail_entries=_TAIL_ENTRIES)
+            found, snap, loaded = await self._locate(chain, again, chain.root)
+        return found, snap, loaded
+
+    async def _scores_beside(
+        self, texts: Sequence[str], early_window: asyncio.Task[list[PromptScore]] | None
+    ) -> list[PromptScore]:
+        """``_scores_for``; a window pass started beside it does not outlive its failure."""
+        try:
+            return await self._scores_for(texts)
+        except BaseException:
+            if early_window is not None:
+                early_window.cancel()
+            raise
+
     async def _scores_for(self, texts: Sequence[str]) -> list[PromptScore]:
         """Scores of ``texts``, cached by content: one classifier call for those not seen before."""
         out: list[PromptScore | None] = [self._scores.get(t) for t in texts]
@@ -244,8 +267,15 @@ class ConversationTracker:
 
     # -- the API --------------------------------------------------------------------------------------------------
 
-    async def observe(self, tenant: str, subkey: str | None, messages: Sequence[Any]) -> Observation:
+    async def observe(
+        self, tenant: str, subkey: str | None, messages: Sequence[Any], *, defer_window: bool = False
+    ) -> Observation:
         """Signals of one request. Scores only what this request adds to a known conversation.
+
+        ``defer_window``: when this request needs a window pass, return as soon as its new turns are scored, with
+        provisional signals (the window read as the last turn alone, as a closed gate reads it) and the final
+        observation in ``pending``, which runs the window pass and only then stores the request's state. Await or
+        cancel ``pending``; the provisional signals are never stored.
 
         Raises ``ClassifierError`` when the guard model fails; state backend failures never raise
         (``state_failed`` says local state answered).
@@ -255,13 +285,7 @@ class ConversationTracker:
         if n == 0:
             return Observation(ConversationSignals())
         root = chain.root
-        tkey = tenant_key(self._secret, tenant)
-        loaded = await self.backend.load(root, tkey, tail_entries=_TAIL_ENTRIES)
-        found, snap, loaded = await self._locate(chain, loaded, root)
-        if self._reply_may_be_in_flight(chain, found, snap):
-            await asyncio.sleep(self.reply_grace)
-            again = await self.backend.load(root, tkey, tail_entries=_TAIL_ENTRIES)
-            found, snap, loaded = await self._locate(chain, again, root)
+        found, snap, loaded = await self._load(chain, tenant_key(self._secret, tenant))
         failed = loaded.degraded
         prev = snap or Snapshot()
         start = 0 if found is None else found + 1
@@ -273,47 +297,63 @@ class ConversationTracker:
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
         early_window = self._start_window(chain, n, scored) if self.concurrent_window and not repeat else None
-        try:
-            user_scores = await self._scores_for([chain.text(i) for i in scored])
-        except BaseException:
-            if early_window is not None:
-                early_window.cancel()
-            raise
+        user_scores = await self._scores_beside([chain.text(i) for i in scored], early_window)
         recent = [s.embedding for s in user_scores]
         rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
-        window: PromptScore | None = None
 
-        if repeat:
-            state = prev
-        else:
-            traj = prev.trajectory
-            risks = list(prev.risks)
-            for s in user_scores:
-                traj = esc.trajectory_step(traj, s.harm, self.params)
-                risks.append(s.harm)
-            gate_open = esc.window_gate_open(
-                trajectory=traj,
-                recent_risks=risks[-self.window_turns :],
-                refusals=prev.refusals,
-                rephrase=rephrase,
-                history=history,
+        async def conclude(state: Snapshot, window: PromptScore | None, *, final: bool = True) -> Observation:
+            """The observation of ``state``; a final one is stored (unless a repeat) and remembered for the reply."""
+            # Signals come from the state as stored (to 1/254), so a retry served from state reads exactly the same.
+            state = Snapshot.unpack(state.pack())
+            trend_value = esc.trend(state.risks)
+            score = esc.escalation(
+                window=state.window,
+                trajectory=state.trajectory,
+                trend_value=trend_value,
+                refusals=state.refusals,
+                rephrase=rephrase_pairs,
+                history=state.history,
                 p=self.params,
             )
-            window_src = self._window(chain, n - 1) if gate_open else None
-            if early_window is not None and window_src is None:
-                early_window.cancel()  # the gate stayed closed: its result is not needed
-            if window_src is not None:
-                # a window is never seen twice: no cache in front of this call
-                if early_window is not None:
-                    (window,) = await early_window
-                else:
-                    (window,) = await self.classifier.score_prompts([window_src], max_length=self.window_max_ids)
-                window_harm = window.harm
-            elif scored and chain.roles[-1] == "user":
-                window_harm = user_scores[-1].harm  # a one-turn window (or a closed gate) is the turn itself
-            else:
-                window_harm = 0.0
-            state = Snapshot(
+            state = replace(state, escalation=score)
+            tag = chain.tag(n - 1)
+            state_failed = failed
+            embedding = recent[-1] if recent else None
+            if final:
+                if not repeat:
+                    state_failed = not await self.backend.append(root, state.entry(tag)) or failed
+                self._remember(tag, _Pending(state, embedding))
+            signals = ConversationSignals(
+                window_harm=state.window,
+                trajectory=state.trajectory,
+                trend=trend_value,
+                escalation=score,
+                refusal_events=state.refusals,
+                rephrase_similarity=rephrase,
+                history=state.history,
+                turn_index=state.turns,
+            )
+            return Observation(
+                signals=signals,
+                new_user_scores=tuple(user_scores),
+                new_user_indices=tuple(chain.indices[i] for i in scored),
+                window=window,
+                state_failed=state_failed,
+                known=found is not None,
+                rephrase_matches=rephrase_pairs,
+                handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding),
+            )
+
+        if repeat:
+            return await conclude(prev, None)
+        traj = prev.trajectory
+        risks = list(prev.risks)
+        for s in user_scores:
+            traj = esc.trajectory_step(traj, s.harm, self.params)
+            risks.append(s.harm)
+
+        def snapshot(window_harm: float) -> Snapshot:
+            return Snapshot(
                 turns=prev.turns + len(new_users),
                 trajectory=traj,
                 window=window_harm,
@@ -324,44 +364,40 @@ class ConversationTracker:
                 relayed=False,
                 last_refused=prev.last_refused,
             )
-        # Signals come from the state as stored (to 1/254), so a retry served from state reads exactly the same.
-        state = Snapshot.unpack(state.pack())
-        trend_value = esc.trend(state.risks)
-        score = esc.escalation(
-            window=state.window,
-            trajectory=state.trajectory,
-            trend_value=trend_value,
-            refusals=state.refusals,
-            rephrase=rephrase_pairs,
-            history=state.history,
+
+        gate_open = esc.window_gate_open(
+            trajectory=traj,
+            recent_risks=risks[-self.window_turns :],
+            refusals=prev.refusals,
+            rephrase=rephrase,
+            history=history,
             p=self.params,
         )
-        state = replace(state, escalation=score)
-        tag = chain.tag(n - 1)
-        if not repeat:
-            failed = not await self.backend.append(root, state.entry(tag)) or failed
-        embedding = recent[-1] if recent else None
-        self._remember(tag, _Pending(state, embedding))
-        signals = ConversationSignals(
-            window_harm=state.window,
-            trajectory=state.trajectory,
-            trend=trend_value,
-            escalation=score,
-            refusal_events=state.refusals,
-            rephrase_similarity=rephrase,
-            history=state.history,
-            turn_index=state.turns,
-        )
-        return Observation(
-            signals=signals,
-            new_user_scores=tuple(user_scores),
-            new_user_indices=tuple(chain.indices[i] for i in scored),
-            window=window,
-            state_failed=failed,
-            known=found is not None,
-            rephrase_matches=rephrase_pairs,
-            handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding),
-        )
+        window_src = self._window(chain, n - 1) if gate_open else None
+        # a one-turn window (or a closed gate) is the turn itself
+        turn_harm = user_scores[-1].harm if scored and chain.roles[-1] == "user" else 0.0
+        if window_src is None:
+            if early_window is not None:
+                early_window.cancel()  # the gate stayed closed: its result is not needed
+            return await conclude(snapshot(turn_harm), None)
+
+        async def with_window() -> Observation:
+            # a window is never seen twice: no cache in front of this call
+            if early_window is not None:
+                (window,) = await early_window
+            else:
+                (window,) = await self.classifier.score_prompts([window_src], max_length=self.window_max_ids)
+            return await conclude(snapshot(window.harm), window)
+
+        if not defer_window:
+            return await with_window()
+        pending = asyncio.ensure_future(with_window())
+        try:
+            provisional = await conclude(snapshot(turn_harm), None, final=False)
+        except BaseException:
+            pending.cancel()
+            raise
+        return replace(provisional, pending=pending)
 
     def _reply_may_be_in_flight(self, chain: Chain, found: int | None, snap: Snapshot | None) -> bool:
         """An assistant turn right after a request whose reply is not recorded yet: maybe it is being recorded."""
