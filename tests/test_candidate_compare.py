@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.candidate_compare import compare, recall_at_flag_rate
+from bench.candidate_compare import auroc_difference_se, compare, recall_at_flag_rate
 from guardproxy.settings import PROJECT_ROOT
 
 
@@ -39,5 +39,23 @@ def test_compare_skips_files_without_prompt_rows_and_matches_a_model_against_its
 
     assert list(result["sets"]) == ["harm_tiny.jsonl"]
     pair = result["sets"]["harm_tiny.jsonl"]
-    assert pair["baseline"] == pair["candidate"]
+    candidate = dict(pair["candidate"])
+    assert candidate.pop("auroc_difference_se") == 0.0  # a model against itself: no difference in any redraw
+    assert pair["baseline"] == candidate
     assert pair["baseline"]["n_harmful"] == 2 and pair["baseline"]["n_harmless"] == 2
+
+
+def test_the_auroc_difference_error_is_zero_for_one_model_and_shrinks_with_the_set() -> None:
+    rng = np.random.default_rng(1)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        b_pos, b_neg = rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, n)
+        # the candidate: the same rows, each score moved a little at random (a model of the same quality)
+        return b_pos, b_neg, b_pos + rng.normal(0, 0.5, n), b_neg + rng.normal(0, 0.5, n)
+
+    b_pos, b_neg, c_pos, c_neg = draw(100)
+    assert auroc_difference_se(b_pos, b_neg, b_pos, b_neg) == 0.0
+    small = auroc_difference_se(b_pos, b_neg, c_pos, c_neg)
+    assert 0.005 < small < 0.05
+    large = auroc_difference_se(*draw(1600))
+    assert large < small / 2  # sixteen times the rows: about a quarter of the error
