@@ -97,7 +97,9 @@ class GuardSettings(BaseModel):
     timeout: float = Field(2.0, gt=0, description="a classification slower than this counts as a failure")
     cache_size: int = Field(8192, ge=0)
     window_max_ids: int = Field(
-        128, ge=8, description="ids of the conversation window the guard model reads (at most the model's maximum)"
+        96,  # conversation.escalation.WINDOW_MAX_IDS (a test keeps the two equal)
+        ge=8,
+        description="ids of the conversation window the guard model reads (at most the model's maximum)",
     )
     breaker_failures: int = Field(
         5, ge=0, description="consecutive classifier failures that open the circuit (fail fast); 0 turns it off"

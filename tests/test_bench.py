@@ -313,17 +313,13 @@ def test_server_timing_is_parsed_where_a_gateway_sends_it() -> None:
 
 
 def test_gateway_config_carries_the_window_options_into_valid_settings(tmp_path: Path) -> None:
-    spec = GatewaySpec("guarded", workers=2, concurrent_window=True, speculative_window=True)
+    spec = GatewaySpec("guarded", workers=2, concurrent_window=True, speculative_window=True, window_max_ids=96)
     cfg = gateway_config(
         spec, port=1, upstream="http://127.0.0.1:2/v1", workdir=tmp_path, model_dir=None, policy=None, capacity=8
     )
     guard = Settings(**cfg).guard
-    assert (guard.workers, guard.concurrent_window, guard.speculative_window, guard.speculative) == (
-        2,
-        True,
-        True,
-        False,
-    )
+    assert (guard.workers, guard.concurrent_window, guard.window_max_ids) == (2, True, 96)
+    assert (guard.speculative_window, guard.speculative) == (True, False)
     plain = Settings(**gateway_config(GatewaySpec("guarded"), port=1, upstream="http://127.0.0.1:2/v1",
                                       workdir=tmp_path, model_dir=None, policy=None, capacity=8)).guard  # fmt: skip
-    assert (plain.concurrent_window, plain.speculative_window) == (False, False)
+    assert (plain.concurrent_window, plain.speculative_window, plain.window_max_ids) == (False, False, 96)

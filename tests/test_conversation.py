@@ -625,6 +625,13 @@ async def test_a_cancelled_deferred_window_stores_nothing() -> None:
     assert again.signals == plain[2].signals
 
 
+def test_the_window_length_setting_defaults_to_the_tuned_one() -> None:
+    from guardproxy.conversation.escalation import WINDOW_MAX_IDS
+
+    assert Settings().guard.window_max_ids == WINDOW_MAX_IDS
+    assert build_tracker(Settings(), FakeClassifier()).window_max_ids == WINDOW_MAX_IDS
+
+
 def test_concurrent_window_needs_two_workers() -> None:
     one = build_tracker(Settings(guard={"concurrent_window": True}), FakeClassifier())
     two = build_tracker(

@@ -153,6 +153,7 @@ class GatewaySpec:
     workers: int | None = None  # guard.workers (None: the default)
     concurrent_window: bool = False  # guard.concurrent_window
     speculative_window: bool = False  # guard.speculative_window (ignored by a speculative gateway)
+    window_max_ids: int | None = None  # guard.window_max_ids (None: the default)
 
 
 def _toml_value(value: Any) -> str:
@@ -198,6 +199,8 @@ def gateway_config(
         cfg["guard"]["concurrent_window"] = True
     if spec.speculative_window:
         cfg["guard"]["speculative_window"] = True
+    if spec.window_max_ids is not None:
+        cfg["guard"]["window_max_ids"] = spec.window_max_ids
     if model_dir is not None:
         cfg["guard"]["model_dir"] = str(model_dir)
     if policy is not None:

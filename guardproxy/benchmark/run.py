@@ -95,6 +95,7 @@ class BenchConfig:
     workers: int | None = None  # the gateways' guard.workers (None: the default)
     concurrent_window: bool = False  # the gateways' guard.concurrent_window
     speculative_window: bool = False  # the gateways' guard.speculative_window
+    window_ids: int | None = None  # the gateways' guard.window_max_ids (None: the default)
     capacity: int = 512
     max_seconds: float = 1800.0
     warmup: int = 20
@@ -136,6 +137,8 @@ class BenchConfig:
             bad("--workers must be 1..64")
         if self.concurrent_window and (self.workers or 1) < 2:
             bad("--concurrent-window needs --workers 2 or more")
+        if self.window_ids is not None and not 8 <= self.window_ids <= 512:
+            bad("--window-ids must be 8..512")
 
     def public(self) -> dict[str, Any]:
         """The configuration as reported (no key)."""
@@ -234,6 +237,7 @@ class Bench:
                 workers=cfg.workers,
                 concurrent_window=cfg.concurrent_window,
                 speculative_window=cfg.speculative_window,
+                window_max_ids=cfg.window_ids,
             )
             what = "no checks" if mode == "passthrough" else "loading the guard model"
             print(f"starting gateway '{mode}' ({what})...", file=self.progress.stream, flush=True)

@@ -92,6 +92,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(needs --workers 2+)",
     )
     parser.add_argument(
+        "--window-ids",
+        type=int,
+        help="the gateways' guard.window_max_ids: ids of a conversation window the model reads",
+    )
+    parser.add_argument(
         "--speculative-window",
         action="store_true",
         help="the gateways' guard.speculative_window: the upstream call starts on a request's own turns while its "
@@ -166,6 +171,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         workers=args.workers,
         concurrent_window=args.concurrent_window,
         speculative_window=args.speculative_window,
+        window_ids=args.window_ids,
         capacity=args.capacity,
         max_seconds=args.max_seconds,
         warmup=args.warmup,

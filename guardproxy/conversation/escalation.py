@@ -47,11 +47,12 @@ __all__ = [
 
 FLAG_THRESHOLD = 0.5  # the operating point of signals.to_operating_scale, onto which the tuned threshold maps
 WINDOW_TURNS = 4
-# Ids of the window the guard model reads (head and tail kept, ``encoding.encode_prompt``). 128 rather than the
-# model's 256: the pass costs about half as much. On the conversation data (bench/RESULTS.md, "Conversation
-# tracking") it changed nothing with model 2.2.0; with 2.3.0 it catches as much and flags 4 more of 100 long harmless
-# chats on dev (10% against 6%), each length tuned on its own.
-WINDOW_MAX_IDS = 128
+# Ids of the window the guard model reads (head and tail kept, ``encoding.encode_prompt``). 96 rather than the
+# model's 256: the pass costs about a third. 128 against 256 changed nothing with model 2.2.0; with 2.3.0 it caught as
+# much and flagged 4 more of 100 long harmless chats on dev. 96 against 128 with model 2.5.0 (2026-12-03): every dev
+# figure identical, shipped or tuned parameters, and one more authored challenge escalation caught; 64 lost
+# ActorAttack conversations (100% -> 94.9%). bench/RESULTS.md, "Conversation tracking".
+WINDOW_MAX_IDS = 96
 _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined window; this only bounds the work
 
 
