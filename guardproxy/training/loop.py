@@ -56,8 +56,8 @@ SOURCE_REPEATS: dict[str, int] = {
     # The eighth batch (authored/held/: English real-user registers, refusal pairs weighted to partials) and the
     # ninth (held/: the same design in 24 other languages) are not loaded. The eighth alone, at x3 / x2 (2.6.0-a) or
     # x1 (2.6.0-b), cost 0.03-0.06 AUROC on the other languages; both at x1 (2.7.0) gained in English and on the two
-    # newest multilingual sets but failed their rule on challenge4, one long harmless chat and refusal macro-F1
-    # (bench/results/candidates/README.md).
+    # newest multilingual sets but failed their rule on challenge4, one long harmless chat and refusal macro-F1, and
+    # a seed-1 rerun (2.7.0-r) failed on calibration and the refusal head (bench/results/candidates/README.md).
 }
 HEAD_WEIGHTS = {"harm": 1.0, "category": 0.3, "jailbreak": 0.5, "reply_harm": 0.5, "refusal": 1.0}
 
