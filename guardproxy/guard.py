@@ -203,6 +203,7 @@ class GuardCheck:
         metrics: Metrics | None = None,
         timeout: float = 2.0,
         score_system: bool = False,
+        output_checks: bool = True,
         watch_interval: float | None = None,
     ) -> None:
         self.classifier = classifier
@@ -218,6 +219,7 @@ class GuardCheck:
         self.metrics = metrics
         self.timeout = timeout
         self.score_system = score_system
+        self.output_checks = output_checks
         self.watch_interval = watch_interval
         self._watcher: asyncio.Task[None] | None = None
         self.failures = {"classifier": 0, "state": 0, "finish": 0}
@@ -378,6 +380,11 @@ class GuardCheck:
         state = exchange.state.get(STATE_KEY)
         if not isinstance(state, _ExchangeState):
             return Verdict()  # no input check ran (guard added mid-flight): nothing to compare against
+        if not self.output_checks:
+            # Input checks only: the reply is neither scored nor judged, but it is recorded (history integrity).
+            if final and choice == 0 and not state.recorded:
+                await self._record(exchange, state, text, refused=False)
+            return Verdict()
         prompt = _prompt_for_reply(state.texts)
         replies = None
         if not state.output_failed:
@@ -617,6 +624,7 @@ def build_guard(
         metrics=metrics,
         # The classifier enforces its own deadline; this one catches a classifier that ignores it.
         timeout=settings.guard.timeout * 1.5,
+        output_checks=settings.guard.output_checks,
         watch_interval=1.0 if settings.policy.watch else None,
     )
     pipeline = Pipeline([guard], output_check_chars=policies.default.output.check_chars)

@@ -87,6 +87,12 @@ class GuardSettings(BaseModel):
         description="start the upstream call once a request's own turns pass the policy, while its conversation "
         "window is still being scored; the reply is held until the window's verdict (ignored with speculative)",
     )
+    output_checks: bool = Field(
+        True,
+        description="score every reply (reply harm, refusal) and apply the policies' output rules; false checks "
+        "input only: less CPU and latency per request, but no reply is blocked, the conversation tracker sees no "
+        "assistant refusals and no false-refusal drills are sampled",
+    )
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     workers: int = Field(1, ge=1, description="size of the one inference executor")
     concurrent_window: bool = Field(

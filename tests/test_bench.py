@@ -323,3 +323,27 @@ def test_gateway_config_carries_the_window_options_into_valid_settings(tmp_path:
     plain = Settings(**gateway_config(GatewaySpec("guarded"), port=1, upstream="http://127.0.0.1:2/v1",
                                       workdir=tmp_path, model_dir=None, policy=None, capacity=8)).guard  # fmt: skip
     assert (plain.concurrent_window, plain.speculative_window, plain.window_max_ids) == (False, False, 96)
+    assert plain.output_checks is True
+
+
+def test_input_only_mode_turns_output_checks_off_and_stands_in_for_guarded_in_the_targets(tmp_path: Path) -> None:
+    from guardproxy.benchmark.run import evaluate_targets
+
+    cfg = gateway_config(GatewaySpec("input-only", output_checks=False), port=1, upstream="http://127.0.0.1:2/v1",
+                         workdir=tmp_path, model_dir=None, policy=None, capacity=8)  # fmt: skip
+    guard = Settings(**cfg).guard
+    assert (guard.enabled, guard.output_checks) == (True, False)
+
+    def pct(p50: float) -> dict[str, float]:
+        return {"n": 10, "p50": p50, "p90": p50 + 1, "p99": p50 + 2, "mean": p50, "max": p50 + 3}
+
+    def row(target: str, ttft: float) -> dict[str, Any]:
+        return {"concurrency": 1, "target": target, "plain": {"overhead_ms": pct(ttft), "total_ms": pct(ttft + 50)},
+                "stream": {"ttft_overhead_ms": pct(ttft), "ttft_ms": pct(ttft + 50)}, "by_history": {}}  # fmt: skip
+
+    got = {
+        t["target"]: t["value"]
+        for t in evaluate_targets(BenchConfig(), [row("direct", 1.0), row("input-only", 5.0)], {}, {})
+    }
+    assert got["added to TTFT, c=1, input checks only (input-only)"] == 4.0
+    assert not [k for k in got if "guarded" in k]

@@ -680,3 +680,36 @@ async def test_speculative_window_never_forwards_a_turn_that_blocks_on_its_own(t
         second = await _second_turn(gw, "harmful")
     assert second.decision == "block"
     assert len(gw.upstream.requests) == 1  # only the first turn ever reached the upstream
+
+
+# --- input checks only (guard.output_checks = false) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_input_checks_only_relay_the_reply_unscored_and_still_record_it(tmp_path: Path, stream: bool) -> None:
+    # No reply script: a reply scored at all would raise, and the strict policy fails closed on that.
+    script = dict(PROMPTS)
+    clf = ScriptedClassifier(script, ())
+    guard = {"output_checks": False}
+    async with gateway(tmp_path, policy_path("strict"), classifier=clf, guard=guard) as gw:
+        relayed = await gw.chat("ask for reply harmful", stream=stream)
+        blocked = await gw.chat("harmful", stream=stream)
+        follow = [
+            {"role": "user", "content": "ask for reply harmful"},
+            {"role": "assistant", "content": relayed.text},
+            {"role": "user", "content": "benign"},
+        ]
+        script[f"user: ask for reply harmful\nassistant: {relayed.text.strip()}\nuser: benign"] = (0.02, "none", 0.0)
+        second = await gw.chat(follow)
+    # with output checks the strict policy stops this reply (test_each_action_on_both_paths); here it is relayed
+    assert relayed.status == 200 and relayed.finish_reason == "stop"
+    assert relayed.text == UPSTREAM_TEXT["ask for reply harmful"]
+    assert blocked.decision == "block"  # the input check still blocks
+    assert [r["messages"][-1]["content"] for r in gw.upstream.requests] == ["ask for reply harmful", "benign"]
+    records = list(read_log(tmp_path / "decisions.jsonl"))
+    assert not [x for x in records if x["stage"] == "output"]
+    # the relayed reply was recorded: the next turn's history is the gateway's own
+    assert [x["scores"]["history"] for x in records if x["stage"] == "input" and x["role"] == "active"][
+        -1
+    ] == "verified"
+    assert second.decision == "allow"

@@ -145,9 +145,10 @@ async def start_fake_upstream(workdir: Path, *, ttft_ms: float, tokens_per_s: fl
 class GatewaySpec:
     """One gateway to start: its name in the report and what it runs with."""
 
-    name: str  # guarded | speculative | passthrough
+    name: str  # guarded | input-only | speculative | passthrough
     guard: bool = True
     speculative: bool = False
+    output_checks: bool = True  # guard.output_checks (false: the "input-only" mode)
     max_conversations: int | None = None  # state.max_conversations (None: the default)
     threads: int | None = None  # guard.threads (None: the default)
     workers: int | None = None  # guard.workers (None: the default)
@@ -199,6 +200,8 @@ def gateway_config(
         cfg["guard"]["concurrent_window"] = True
     if spec.speculative_window:
         cfg["guard"]["speculative_window"] = True
+    if not spec.output_checks:
+        cfg["guard"]["output_checks"] = False
     if spec.window_max_ids is not None:
         cfg["guard"]["window_max_ids"] = spec.window_max_ids
     if model_dir is not None:

@@ -306,7 +306,13 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-_COLORS = {"direct": "tab:gray", "passthrough": "tab:blue", "guarded": "tab:orange", "speculative": "tab:green"}
+_COLORS = {
+    "direct": "tab:gray",
+    "passthrough": "tab:blue",
+    "guarded": "tab:orange",
+    "speculative": "tab:green",
+    "input-only": "tab:red",
+}
 
 
 def _save(fig: Any, path: Path, plt: Any) -> Path:

@@ -61,7 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_names,
         default=("direct", "guarded", "speculative"),
         metavar="M[,M...]",
-        help="targets: direct, guarded, speculative, passthrough (direct,guarded,speculative)",
+        help="targets: direct, guarded, input-only (the guard without output checks), speculative, passthrough "
+        "(direct,guarded,speculative)",
     )
     parser.add_argument(
         "--sweep",
