@@ -4,10 +4,11 @@
 
 Targets, all on loopback against one FAKE upstream process (whole reply at once, no delay, so the proxies' CPU is
 what limits them): ``direct`` (the upstream itself), ``litellm`` (LiteLLM's proxy, no guard, no callbacks),
-``passthrough`` (guardproxy with no checks) and ``guarded`` (guardproxy with the guard model and the default
-policy: every request scores a new ~64-token user turn and the reply). Each round gives every target the same
-number of seconds at each concurrency level, in rotating order, so a shared machine's load drift is spread
-across them. Requests are plain (non-streaming) single-turn chat completions.
+``passthrough`` (guardproxy with no checks), ``guarded`` (guardproxy with the guard model and the default
+policy: every request scores a new ~64-token user turn and the reply) and ``input-only`` (the same with
+``guard.output_checks = false``: the user turn only, the configuration issue 7's throughput target names).
+Each round gives every target the same number of seconds at each concurrency level, in rotating order, so a
+shared machine's load drift is spread across them. Requests are plain (non-streaming) single-turn chat completions.
 
 LiteLLM lives in its own virtual environment, never in guardproxy's (see bench/RESULTS.md for the exact setup)::
 
@@ -170,13 +171,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             notes.append(missing)
             print("NOTE: " + missing, file=sys.stderr)
         model_dir = args.model or load_settings().guard.model_dir
-        for name, guard in (("passthrough", False), ("guarded", True)):
+        specs = (
+            GatewaySpec("passthrough", guard=False),
+            GatewaySpec("guarded", workers=args.workers),
+            GatewaySpec("input-only", output_checks=False, workers=args.workers),
+        )
+        for spec in specs:
+            name = spec.name
             print(f"starting guardproxy '{name}' ...", file=sys.stderr, flush=True)
-            gw = await start_gateway(GatewaySpec(name, guard=guard), workdir, upstream=upstream, model_dir=model_dir,
-                                     policy=None, capacity=512)  # fmt: skip
+            gw = await start_gateway(spec, workdir, upstream=upstream, model_dir=model_dir, policy=None, capacity=512)
             procs.append(gw)
             targets.append(Target(name, gw.base + "/v1/chat/completions", headers))
-        pids = {"direct": up.pid, **{p.name: p.pid for p in procs if p.name in ("litellm", "passthrough", "guarded")}}
+        pids = {
+            "direct": up.pid,
+            **{p.name: p.pid for p in procs if p.name in ("litellm", "passthrough", "guarded", "input-only")},
+        }
         # warm-up: every target, briefly
         for t in targets:
             await drive(t, 2, 1.5, seed=1)
@@ -215,6 +224,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": args.seconds,
             "rounds": args.rounds,
             "model_dir": str(args.model or load_settings().guard.model_dir),
+            "workers": args.workers,
         },  # fmt: skip
         "rows": rows,
         "notes": notes,
@@ -250,6 +260,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--litellm-venv", default=os.environ.get("LITELLM_VENV", "/tmp/litellm-venv"))
     parser.add_argument("--model", type=Path, help="guard model directory (default models/guard-v1)")
+    parser.add_argument("--workers", type=int, help="the guarded gateways' guard.workers (default: the setting's, 1)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
