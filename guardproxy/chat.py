@@ -258,11 +258,13 @@ class ChatHandler:
             if not self.pipeline.passthrough:
                 self.spawn(ex)
 
-    async def _open(self, call: Call, ex: Exchange, content: bytes) -> httpx.Response:
+    async def _open(
+        self, call: Call, ex: Exchange, content: bytes, sent: asyncio.Future[None] | None = None
+    ) -> httpx.Response:
         t0 = time.perf_counter()
         # The client's query string goes along (Azure-style endpoints need ?api-version=...).
         url = httpx.URL(self.upstream.url(GUARDED_PATH, call.query)) if call.query else self.url
-        resp = await self.upstream.open("POST", url, call.upstream_headers, content)
+        resp = await self.upstream.open("POST", url, call.upstream_headers, content, sent=sent)
         dt = time.perf_counter() - t0
         ex.timings["upstream"] = ex.timings.get("upstream", 0.0) + dt
         self._upstream_hist.observe(dt)
@@ -294,10 +296,15 @@ class ChatHandler:
         if self.speculative:
             task = asyncio.create_task(self._open(call, ex, content))
 
-        def early(provisional: Verdict) -> None:
+        def early(provisional: Verdict) -> asyncio.Future[None] | None:
+            # The window pass starts once the request is on the wire: scoring it beside the send would slow the
+            # send (tokenizing holds the GIL), which is the time to first token this mode exists to save.
             nonlocal task
-            if task is None and not provisional.blocks:
-                task = asyncio.create_task(self._open(call, ex, content))
+            if task is not None or provisional.blocks:
+                return None
+            sent = asyncio.get_running_loop().create_future() if self.upstream.signals_sent else None
+            task = asyncio.create_task(self._open(call, ex, content, sent))
+            return sent
 
         try:
             with ex.timed("input_check"):

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -41,7 +41,7 @@ from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
 from guardproxy.drills.record import PolicyDecision, message_text
 from guardproxy.errors import StateBackendError
-from guardproxy.pipeline import Action, Exchange, Pipeline, Verdict
+from guardproxy.pipeline import Action, Early, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
 from guardproxy.policyset import PolicySet, ReloadResult
 from guardproxy.signals import Classifier, ConversationSignals, PromptScore, ReplyScore, Signals
@@ -275,7 +275,7 @@ class GuardCheck:
 
     accepts_early = True  # check_input takes ``early`` (pipeline.Pipeline.check_input)
 
-    async def check_input(self, exchange: Exchange, *, early: Callable[[Verdict], None] | None = None) -> Verdict:
+    async def check_input(self, exchange: Exchange, *, early: Early | None = None) -> Verdict:
         model = exchange.body.get("model")
         active, shadows = self.policies.select(exchange.tenant, model if isinstance(model, str) else None)
         texts = scored_texts(exchange.messages, score_system=self.score_system)
@@ -295,7 +295,7 @@ class GuardCheck:
         subkey: str | None,
         *,
         active: Policy,
-        early: Callable[[Verdict], None] | None = None,
+        early: Early | None = None,
     ) -> tuple[Signals, Observation | None]:
         """The request's signals, computed once for every policy, and the tracker's observation if it answered.
 
@@ -352,16 +352,21 @@ class GuardCheck:
         obs: Observation,
         extra: list[PromptScore] | None,
         active: Policy,
-        early: Callable[[Verdict], None] | None,
+        early: Early | None,
         remaining: float,
     ) -> Observation | None:
         """A deferred window's observation, once ``early`` has the provisional verdict; None if the pass failed."""
         assert obs.pending is not None
+        sent: asyncio.Future[None] | None = None
         try:
             if early is not None and extra is not None:
                 provisional = _combine_scores([*obs.new_user_scores, *extra], obs.signals, obs.state_failed)
                 with exchange.timed("policy"):
-                    early(active.decide_input(provisional).verdict())
+                    sent = early(active.decide_input(provisional).verdict())
+                if sent is not None:  # the window waits for the upstream request to go out (at most briefly)
+                    sent.add_done_callback(lambda _: obs.start_window())
+            if sent is None:
+                obs.start_window()
             with exchange.timed("state"):
                 return await asyncio.wait_for(obs.pending, max(remaining, 0.0))
         except Exception as exc:  # the window pass is the classifier's

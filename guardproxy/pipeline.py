@@ -21,12 +21,17 @@ ask for one retry of a plain reply (``retry_note``). With no checks the pipeline
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
+
+# ``check_input``'s ``early`` callback: given the provisional verdict, optionally a future "the upstream request
+# is on the wire".
+Early = Callable[["Verdict"], "asyncio.Future[None] | None"]
 
 
 class Action(StrEnum):
@@ -156,11 +161,12 @@ class Pipeline:
         for c in self.checks:
             await c.start()
 
-    async def check_input(self, exchange: Exchange, *, early: Callable[[Verdict], None] | None = None) -> Verdict:
+    async def check_input(self, exchange: Exchange, *, early: Early | None = None) -> Verdict:
         """The checks' combined verdict. ``early``: with a single check that supports it (``accepts_early``), it is
         called at most once, before the verdict, with a provisional verdict on the request's own turns while the
         check still waits on a conversation's window; the caller may start the upstream call if that verdict does
-        not block, and must still honour the final one."""
+        not block, and must still honour the final one. It may return a future that resolves once that call's
+        request is on the wire: the window pass waits for it (briefly), so as not to slow the send."""
         if early is not None and len(self.checks) == 1 and getattr(self.checks[0], "accepts_early", False):
             return combine([await self.checks[0].check_input(exchange, early=early)])  # type: ignore[call-arg]
         verdicts = [await c.check_input(exchange) for c in self.checks]

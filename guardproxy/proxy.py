@@ -7,9 +7,11 @@ transport are translated into the ``UpstreamError`` tree at one boundary (``upst
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 import re
 from collections.abc import Iterable
+from contextvars import ContextVar
 from enum import Enum
 from typing import Literal
 
@@ -194,6 +196,29 @@ def upstream_failure(exc: BaseException, *, started: bool) -> UpstreamError:
     return UpstreamUnreachable("the upstream closed the connection before answering")
 
 
+# The future ``Upstream.open(sent=...)`` resolves once the request's body goes to the socket. A context variable
+# because aiohttp's trace callbacks run in the task that sends (or in the body writer it starts, which copies
+# the context), and that is the only path from a request to its trace.
+_SENT: ContextVar[asyncio.Future[None] | None] = ContextVar("guardproxy_upstream_sent", default=None)
+
+
+def _resolve(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+async def _on_body_chunk(_session: object, _ctx: object, _params: object) -> None:
+    # Called just before the chunk is handed to the transport, in the same task step as that write: whoever
+    # waits on the future runs after the bytes left.
+    _resolve(_SENT.get())
+
+
+def _sent_trace() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(_on_body_chunk)
+    return trace
+
+
 def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx.AsyncBaseTransport:
     up = settings.upstream
     limits = httpx.Limits(
@@ -218,6 +243,7 @@ def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx
             auto_decompress=False,
             trust_env=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            trace_configs=[_sent_trace()],
         )
 
     return AiohttpTransport(limits=limits, trust_env=False, client=session)
@@ -240,6 +266,8 @@ class Upstream:
             connect=up.connect_timeout, read=up.read_timeout, write=up.read_timeout, pool=up.connect_timeout
         )
         self.transport = transport or make_transport(settings, up.transport)
+        # whether ``open(sent=...)`` resolves ``sent`` when the body is written (else: when open returns)
+        self.signals_sent = transport is None and up.transport == "aiohttp"
         self.client = httpx.AsyncClient(transport=self.transport, timeout=self.timeout, trust_env=False)
         self._extensions = {"timeout": self.timeout.as_dict()}
         self.replace_key = up.api_key.get_secret_value() if up.api_key is not None else None
@@ -251,14 +279,27 @@ class Upstream:
         return url + "?" + query.decode("latin-1") if query else url
 
     async def open(
-        self, method: str, url: str | httpx.URL, headers: list[tuple[bytes, bytes]], content: bytes | None
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | None,
+        *,
+        sent: asyncio.Future[None] | None = None,
     ) -> httpx.Response:
-        """Send a request; return once the response headers arrived (the body is read by the caller)."""
+        """Send a request; return once the response headers arrived (the body is read by the caller).
+
+        ``sent`` is resolved once the request body goes to the socket where the transport reports it
+        (``signals_sent``), and in any case by the time this returns or raises."""
+        token = _SENT.set(sent)
         try:
             request = httpx.Request(method, url, headers=headers, content=content, extensions=self._extensions)
             response = await self.transport.handle_async_request(request)
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
             raise upstream_failure(exc, started=False) from exc
+        finally:
+            _SENT.reset(token)
+            _resolve(sent)
         response.request = request
         return response
 

@@ -807,3 +807,30 @@ def test_any_json_message_canonicalises_without_error(message: dict[str, Any]) -
     assert isinstance(canonical_text(message), bytes)
     assert isinstance(message_text(message), str)
     build_chain(SECRET, "t", None, [message, "not an object", 3])
+
+
+async def test_a_deferred_window_starts_on_its_go_and_at_the_latest_after_the_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gateway says "go" once the upstream request is on the wire (tokenizing beside the send slows it);
+    # without a go the window still starts after the hold.
+    import guardproxy.conversation.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "WINDOW_HOLD_S", 1.0)
+    plain, clf, t, messages = await _third_turn_pending()
+    early = await t.observe("t1", None, messages, defer_window=True)
+    assert early.pending is not None
+    await asyncio.sleep(0.2)
+    assert clf.in_flight == 0  # held
+    early.start_window()
+    await asyncio.sleep(0.1)
+    assert clf.in_flight == 1  # the window pass runs
+    assert (await asyncio.wait_for(early.pending, 5)).signals == plain[2].signals
+
+    _, clf, t, messages = await _third_turn_pending()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    early = await t.observe("t1", None, messages, defer_window=True)
+    assert early.pending is not None
+    final = await asyncio.wait_for(early.pending, 5)
+    assert loop.time() - t0 >= 1.0 and final.signals == plain[2].signals  # no go: the hold, then the pass

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import openai
 import pytest
 
 from guardproxy.fake_upstream import FakeUpstream
+from guardproxy.proxy import Upstream
+from guardproxy.settings import Settings
 from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
 from tests.servers import serve
 
@@ -216,3 +221,28 @@ async def test_server_timing_header_can_be_turned_off() -> None:
     async with gateway(server={"timing_header": False}) as own:
         r = await own.client.post(CHAT, json=HELLO)
         assert "server-timing" not in r.headers
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_upstream_open_resolves_sent_once_the_request_is_out(transport: str) -> None:
+    # What a speculative window waits for before it tokenizes: the request on the wire, long before the reply.
+    fake = FakeUpstream(ttft=1.0)
+    async with serve(fake) as url:
+        upstream = Upstream(Settings(upstream={"base_url": url + "/v1", "transport": transport}))
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        headers = [(b"content-type", b"application/json")]
+        opening = asyncio.create_task(
+            upstream.open("POST", upstream.url(CHAT), headers, json.dumps(HELLO).encode(), sent=sent)
+        )
+        try:
+            assert upstream.signals_sent is (transport == "aiohttp")
+            if upstream.signals_sent:
+                await asyncio.wait_for(asyncio.shield(sent), 0.7)  # the reply is 1 s away
+                assert not opening.done()
+            response = await asyncio.wait_for(opening, 10)
+            assert sent.done() and response.status_code == 200  # resolved by the time open returns, in any case
+            await response.aclose()
+        finally:
+            opening.cancel()
+            await upstream.aclose()
+    assert len(fake.requests) == 1

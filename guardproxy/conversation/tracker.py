@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 CONVERSATION_HEADER = "x-guardproxy-conversation"
 _TAIL_ENTRIES = 64  # entries read first: the last ~32 turns of a conversation and its recent branches
 _LOOKBACK = 256  # positions searched for a known prefix; an older branch point counts as an unknown conversation
+# A deferred window pass waits this long at most for ``Observation.start_window`` (the caller's upstream request on
+# the wire); scoring during the send would slow it: tokenizing holds the GIL.
+WINDOW_HOLD_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,18 @@ class Observation:
     handle: _Handle | None = field(default=None, repr=False, compare=False)  # pass it back to record_reply
     # ``observe(defer_window=True)`` with a window pass to run: the final observation (these signals are provisional)
     pending: asyncio.Future[Observation] | None = field(default=None, repr=False, compare=False)
+    # and what starts it before ``WINDOW_HOLD_S`` has passed (idempotent)
+    window_go: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
+
+    def start_window(self) -> None:
+        if self.window_go is not None and not self.window_go.done():
+            self.window_go.set_result(None)
+
+
+async def _held(go: asyncio.Future[None] | None) -> None:
+    """Wait for a deferred window's go, ``WINDOW_HOLD_S`` at most."""
+    if go is not None:  # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancellation
+        await asyncio.wait((go,), timeout=WINDOW_HOLD_S)
 
 
 @dataclass(frozen=True)
@@ -381,11 +396,14 @@ class ConversationTracker:
                 early_window.cancel()  # the gate stayed closed: its result is not needed
             return await conclude(snapshot(turn_harm), None)
 
+        go = asyncio.get_running_loop().create_future() if defer_window and early_window is None else None
+
         async def with_window() -> Observation:
             # a window is never seen twice: no cache in front of this call
             if early_window is not None:
                 (window,) = await early_window
             else:
+                await _held(go)
                 (window,) = await self.classifier.score_prompts([window_src], max_length=self.window_max_ids)
             return await conclude(snapshot(window.harm), window)
 
@@ -397,7 +415,7 @@ class ConversationTracker:
         except BaseException:
             pending.cancel()
             raise
-        return replace(provisional, pending=pending)
+        return replace(provisional, pending=pending, window_go=go)
 
     def _reply_may_be_in_flight(self, chain: Chain, found: int | None, snap: Snapshot | None) -> bool:
         """An assistant turn right after a request whose reply is not recorded yet: maybe it is being recorded."""
