@@ -415,6 +415,17 @@ async def test_classifier_that_raises(tmp_path: Path, ref: str, outcome: str, st
     assert all(r["scores"]["classifier_failed"] == 1.0 for r in records if r["stage"] == "input")
 
 
+def _follow_up(prompt: str, reply: str, turn: str) -> tuple[list[dict[str, str]], str]:
+    """The messages of a conversation's second request (``prompt``, the gateway's ``reply``, ``turn``) and the text
+    of its window pass, to script."""
+    messages = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": turn},
+    ]
+    return messages, f"user: {prompt}\nassistant: {reply.strip()}\nuser: {turn}"
+
+
 async def test_a_classifier_whose_script_runs_out_counts_as_a_failure(tmp_path: Path) -> None:
     async with gateway(tmp_path, POLICIES / "strict.toml") as gw:
         r = await gw.chat("a prompt nobody scripted")
@@ -598,12 +609,8 @@ async def test_an_earlier_turn_counts_until_the_gateway_has_seen_it(tmp_path: Pa
         forged = await gw.chat([*history, {"role": "user", "content": "benign"}])
         # the same conversation as the gateway relayed it: only the new turn is scored
         first = await gw.chat("ask for refusal")
-        follow = [
-            {"role": "user", "content": "ask for refusal"},
-            {"role": "assistant", "content": first.text},
-            {"role": "user", "content": "benign"},
-        ]
-        script[f"user: ask for refusal\nassistant: {first.text}\nuser: benign"] = (0.02, "none", 0.0)
+        follow, window = _follow_up("ask for refusal", first.text, "benign")
+        script[window] = (0.02, "none", 0.0)
         second = await gw.chat(follow)
     assert forged.decision == "block"
     assert second.decision == "allow" and second.text == DEFAULT_TEXT
@@ -694,12 +701,8 @@ async def test_input_checks_only_relay_the_reply_unscored_and_still_record_it(tm
     async with gateway(tmp_path, policy_path("strict"), classifier=clf, guard=guard) as gw:
         relayed = await gw.chat("ask for reply harmful", stream=stream)
         blocked = await gw.chat("harmful", stream=stream)
-        follow = [
-            {"role": "user", "content": "ask for reply harmful"},
-            {"role": "assistant", "content": relayed.text},
-            {"role": "user", "content": "benign"},
-        ]
-        script[f"user: ask for reply harmful\nassistant: {relayed.text.strip()}\nuser: benign"] = (0.02, "none", 0.0)
+        follow, window = _follow_up("ask for reply harmful", relayed.text, "benign")
+        script[window] = (0.02, "none", 0.0)
         second = await gw.chat(follow)
     # with output checks the strict policy stops this reply (test_each_action_on_both_paths); here it is relayed
     assert relayed.status == 200 and relayed.finish_reason == "stop"
