@@ -44,6 +44,7 @@ _JSON = (b"content-type", b"application/json")
 # A plain reply is held whole (to check it); an upstream that sends more than this is broken or hostile.
 MAX_REPLY_BYTES = 32 * 1024 * 1024
 PARSE_INLINE_BYTES = 256 * 1024  # JSON up to this size is parsed on the event loop (well under 5 ms)
+SEND_HOLD_S = 0.005  # with guard.speculative, the input check waits this long at most for the request to go out
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -293,8 +294,10 @@ class ChatHandler:
         """Run the input check (with the upstream call in parallel when speculative, or from the provisional verdict
         on with ``speculative_window``); None if blocked. The reply is released only after the final verdict."""
         task: asyncio.Task[httpx.Response] | None = None
+        sent: asyncio.Future[None] | None = None
         if self.speculative:
-            task = asyncio.create_task(self._open(call, ex, content))
+            sent = asyncio.get_running_loop().create_future() if self.upstream.signals_sent else None
+            task = asyncio.create_task(self._open(call, ex, content, sent))
 
         def early(provisional: Verdict) -> asyncio.Future[None] | None:
             # The window pass starts once the request is on the wire: scoring it beside the send would slow the
@@ -302,11 +305,13 @@ class ChatHandler:
             nonlocal task
             if task is not None or provisional.blocks:
                 return None
-            sent = asyncio.get_running_loop().create_future() if self.upstream.signals_sent else None
-            task = asyncio.create_task(self._open(call, ex, content, sent))
-            return sent
+            out = asyncio.get_running_loop().create_future() if self.upstream.signals_sent else None
+            task = asyncio.create_task(self._open(call, ex, content, out))
+            return out
 
         try:
+            if sent is not None:  # as for the window below: check once the request is out, so as not to slow it
+                await asyncio.wait((sent,), timeout=SEND_HOLD_S)
             with ex.timed("input_check"):
                 verdict = await self.pipeline.check_input(ex, early=early if self.speculative_window else None)
         except BaseException:

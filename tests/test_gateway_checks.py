@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from guardproxy import chat
 from guardproxy.errors import ClassifierError
 from guardproxy.fake_upstream import FakeUpstream
 from guardproxy.pipeline import Action, Exchange, Verdict
@@ -210,6 +211,21 @@ async def test_speculative_forwarding_overlaps_the_check() -> None:
         elapsed = loop.time() - t0
         assert r.status_code == 200
         assert elapsed < 0.9, elapsed  # serial would take >= 1.0 s
+
+
+async def test_speculative_check_starts_once_the_request_is_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check waits for the request to reach the upstream socket (its tokenizing would slow the send), at most
+    # SEND_HOLD_S: with a 2 s hold, only the send's signal lets the two 0.5 s halves overlap.
+    monkeypatch.setattr(chat, "SEND_HOLD_S", 2.0)
+    fake = FakeUpstream(ttft=0.5)
+    check = ScriptedCheck(input_delay=0.5)
+    async with gateway(fake, checks=[check], guard={"enabled": False, "speculative": True}) as env:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = await env.client.post(CHAT, json=HELLO)
+        elapsed = loop.time() - t0
+        assert r.status_code == 200
+        assert elapsed < 0.9, elapsed  # waiting for the reply (or the hold) would take >= 1.0 s
 
 
 async def test_speculative_block_cancels_the_upstream_call() -> None:
