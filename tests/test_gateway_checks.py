@@ -201,22 +201,14 @@ async def test_retry_note_re_asks_once_with_a_system_note(env: Env) -> None:
     assert check.finished[0].state["retried"] is True
 
 
-async def test_speculative_forwarding_overlaps_the_check() -> None:
-    fake = FakeUpstream(ttft=0.5)
-    check = ScriptedCheck(input_delay=0.5)
-    async with gateway(fake, checks=[check], guard={"enabled": False, "speculative": True}) as env:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        r = await env.client.post(CHAT, json=HELLO)
-        elapsed = loop.time() - t0
-        assert r.status_code == 200
-        assert elapsed < 0.9, elapsed  # serial would take >= 1.0 s
-
-
-async def test_speculative_check_starts_once_the_request_is_out(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("send_hold", [None, 2.0], ids=["default", "long-hold"])
+async def test_speculative_forwarding_overlaps_the_check(
+    monkeypatch: pytest.MonkeyPatch, send_hold: float | None
+) -> None:
     # The check waits for the request to reach the upstream socket (its tokenizing would slow the send), at most
     # SEND_HOLD_S: with a 2 s hold, only the send's signal lets the two 0.5 s halves overlap.
-    monkeypatch.setattr(chat, "SEND_HOLD_S", 2.0)
+    if send_hold is not None:
+        monkeypatch.setattr(chat, "SEND_HOLD_S", send_hold)
     fake = FakeUpstream(ttft=0.5)
     check = ScriptedCheck(input_delay=0.5)
     async with gateway(fake, checks=[check], guard={"enabled": False, "speculative": True}) as env:
@@ -225,7 +217,7 @@ async def test_speculative_check_starts_once_the_request_is_out(monkeypatch: pyt
         r = await env.client.post(CHAT, json=HELLO)
         elapsed = loop.time() - t0
         assert r.status_code == 200
-        assert elapsed < 0.9, elapsed  # waiting for the reply (or the hold) would take >= 1.0 s
+        assert elapsed < 0.9, elapsed  # serial (or waiting out the hold) would take >= 1.0 s
 
 
 async def test_speculative_block_cancels_the_upstream_call() -> None:
