@@ -44,7 +44,9 @@ _JSON = (b"content-type", b"application/json")
 # A plain reply is held whole (to check it); an upstream that sends more than this is broken or hostile.
 MAX_REPLY_BYTES = 32 * 1024 * 1024
 PARSE_INLINE_BYTES = 256 * 1024  # JSON up to this size is parsed on the event loop (well under 5 ms)
-SEND_HOLD_S = 0.005  # with guard.speculative, the input check waits this long at most for the request to go out
+# with guard.speculative, the input check waits this long at most for the request to go out (the tracker waits
+# WINDOW_HOLD_S, the same, for a speculative window pass)
+SEND_HOLD_S = 0.005
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -290,14 +292,21 @@ class ChatHandler:
         finally:
             await resp.aclose()
 
+    def _open_early(
+        self, call: Call, ex: Exchange, content: bytes
+    ) -> tuple[asyncio.Task[httpx.Response], asyncio.Future[None] | None]:
+        """The upstream call started before the input verdict, and the future that resolves once its request has
+        gone out (None where the transport cannot say): checks wait for it so as not to slow the send."""
+        sent = asyncio.get_running_loop().create_future() if self.upstream.signals_sent else None
+        return asyncio.create_task(self._open(call, ex, content, sent)), sent
+
     async def _check_input(self, call: Call, ex: Exchange, req: ChatRequest, content: bytes) -> httpx.Response | None:
         """Run the input check (with the upstream call in parallel when speculative, or from the provisional verdict
         on with ``speculative_window``); None if blocked. The reply is released only after the final verdict."""
         task: asyncio.Task[httpx.Response] | None = None
         sent: asyncio.Future[None] | None = None
         if self.speculative:
-            sent = asyncio.get_running_loop().create_future() if self.upstream.signals_sent else None
-            task = asyncio.create_task(self._open(call, ex, content, sent))
+            task, sent = self._open_early(call, ex, content)
 
         def early(provisional: Verdict) -> asyncio.Future[None] | None:
             # The window pass starts once the request is on the wire: scoring it beside the send would slow the
@@ -305,8 +314,7 @@ class ChatHandler:
             nonlocal task
             if task is not None or provisional.blocks:
                 return None
-            out = asyncio.get_running_loop().create_future() if self.upstream.signals_sent else None
-            task = asyncio.create_task(self._open(call, ex, content, out))
+            task, out = self._open_early(call, ex, content)
             return out
 
         try:
