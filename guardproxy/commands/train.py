@@ -22,6 +22,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="ids per input, special tokens included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--init-seed",
+        type=int,
+        default=None,
+        help="seed of the heads' random initialisation (default: --seed); keep it fixed across runs to average",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the training steps, e.g. cuda (export and scoring: CPU)"
+    )
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="write student.pt and train_summary.json and stop (no export, calibration or metrics)",
+    )
+    parser.add_argument(
         "--split-seed",
         type=int,
         default=None,
@@ -119,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         split_seed=args.split_seed,
         soup=tuple(args.soup),
+        init_seed=args.init_seed,
+        train_only=args.train_only,
         train=TrainConfig(
+            device=args.device,
             distill=args.distill,
             max_length=128 if args.cheap else args.max_length,
             epochs=args.epochs,
@@ -131,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.card:
         results = training.main(opts)
         print(json.dumps({"thresholds": results["thresholds"], "seconds": round(results["seconds"])}))
+        if args.train_only:
+            print(f"wrote {args.out / 'student.pt'}")
+            return 0
     card.write_card(args.out, loso=args.loso, latency=args.latency, compare=args.compare, notes="\n\n".join(args.note))
     print(f"wrote {args.out}")
     return 0

@@ -107,9 +107,11 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
 
     def command(out: str, run: dict[str, Any]) -> str:
         split = f" --split-seed {split_seed}" if run["seed"] != split_seed else ""
+        init = f" --init-seed {run['init_seed']}" if run.get("init_seed", run["seed"]) != run["seed"] else ""
+        device = f" --device {run['device']} --train-only" if run.get("device", "cpu") != "cpu" else ""
         return (
             f"guardproxy train --data ../shared/data --out {out} --layers {config['layers']} --max-steps "
-            f"{int(run['steps'])} --seed {run['seed']}{split} --model-version {config['version']}"
+            f"{int(run['steps'])} --seed {run['seed']}{split}{init}{device} --model-version {config['version']}"
         )
 
     if "soup" in m["train"]:
@@ -199,8 +201,13 @@ def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
 def _runs(m: dict[str, Any]) -> list[dict[str, Any]]:
     """The training runs behind a model: one, or each run of a soup (with its training seed)."""
     if "soup" in m["train"]:
-        return list(m["train"]["runs"])
+        return _flat(m["train"]["runs"])
     return [{**m["train"], "seed": m.get("train_config", {}).get("seed")}]
+
+
+def _flat(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A soup's runs, with a soup among them replaced by its own runs (averaging averages is one average)."""
+    return [r for run in runs for r in (_flat(run["runs"]) if "runs" in run else [run])]
 
 
 def _splits_section(add: Any) -> None:

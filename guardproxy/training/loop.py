@@ -77,6 +77,7 @@ class TrainConfig:
     wraps_per_epoch: int = 300
     rewords_per_epoch: int = 800
     distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
+    device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
 
 
 class Teacher:
@@ -216,7 +217,7 @@ def distill_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch
     """Soft-target loss against the teacher's probabilities: the prompt heads and the embedding on every row, the
     reply heads on (prompt, reply) pairs only (the teacher's refusal output on a bare prompt means nothing)."""
     bce = nn.functional.binary_cross_entropy_with_logits
-    pair = torch.tensor([e.pair for e in batch], dtype=torch.float32)
+    pair = torch.tensor([e.pair for e in batch], dtype=torch.float32, device=out["harm"].device)
     ones = torch.ones_like(pair)
     soft_ce = -(t["category"] * nn.functional.log_softmax(out["category"], -1)).sum(-1)
     refusal_ce = -(t["refusal"] * nn.functional.log_softmax(out["refusal"], -1)).sum(-1)
@@ -232,9 +233,13 @@ def distill_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch
     return total + (1.0 - cosine).mean()
 
 
-def to_tensors(batch: Sequence[Example], encoder: Encoder) -> dict[str, torch.Tensor]:
+def to_tensors(batch: Sequence[Example], encoder: Encoder, device: str = "cpu") -> dict[str, torch.Tensor]:
     feeds = pad_batch([encoder(e) for e in batch])
-    return {k: torch.from_numpy(v) for k, v in feeds.items()}
+    return {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
+
+
+def _on(tensors: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def train(
@@ -251,6 +256,7 @@ def train(
     # The word-embedding matrix (30k x 384) stays frozen: it is most of the parameters, updating it costs a third
     # of each step on CPU, and keeping it fixed keeps unseen words where pretraining put them.
     model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    model.to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -279,10 +285,10 @@ def train(
         for batch in batches:
             if step >= total:
                 break
-            out = model(**to_tensors(batch, encoder))
-            parts = multitask_loss(out, _labels(batch))
+            out = model(**to_tensors(batch, encoder, cfg.device))
+            parts = multitask_loss(out, _on(_labels(batch), cfg.device))
             if teacher is not None:
-                parts["distill"] = distill_loss(out, teacher.targets(batch), batch)
+                parts["distill"] = distill_loss(out, _on(teacher.targets(batch), cfg.device), batch)
                 parts["total"] = (1.0 - cfg.distill) * parts["total"] + cfg.distill * parts["distill"]
             parts["total"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -299,6 +305,7 @@ def train(
         if step < total:
             batches = make_batches(epoch_rows(train_rows, rng, cfg), encoder, rng, cfg)
     model.eval()
+    model.to("cpu")
     return {"steps": float(step), "seconds": time.monotonic() - started, **{f"loss_{k}": v for k, v in running.items()}}
 
 

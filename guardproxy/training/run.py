@@ -65,6 +65,10 @@ class RunOptions:
     # Trained run directories (same layers, same split seed) whose student.pt weights are averaged instead of
     # training: a uniform "model soup" (Wortsman et al., 2022), one model's cost at run time.
     soup: tuple[Path, ...] = ()
+    # The seed of the heads' random initialisation; None: the training seed. Runs meant for a soup share it, so
+    # their weights differ by what training did, not by where the heads started (2.8.0's soup did not share it).
+    init_seed: int | None = None
+    train_only: bool = False  # stop once student.pt is written: no export, calibration or metrics (e.g. on a GPU)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -121,8 +125,12 @@ def main(opts: RunOptions) -> dict[str, Any]:
         }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
+        if opts.train_only:
+            return {"thresholds": {}, "seconds": time.monotonic() - started}
         export(model, opts.out, keep_fp32=fp32_path)
     else:
+        if opts.init_seed is not None:
+            torch.manual_seed(opts.init_seed)  # nothing above draws from torch: as if --seed had been init_seed
         start = _trained(opts.init_from) if opts.init_from is not None else None
         encoder_start = start.encoder if start is not None else load_base_encoder()
         model = GuardModel(shrink_encoder(encoder_start, opts.layers), len(CATEGORY_IDS))
@@ -131,9 +139,17 @@ def main(opts: RunOptions) -> dict[str, Any]:
             heads = {k: v for k, v in start.state_dict().items() if not k.startswith("encoder.")}
             model.load_state_dict(heads, strict=False)
         teacher = Teacher(session(opts.teacher / "model.onnx", 1), encoder) if opts.teacher is not None else None
-        train_summary = train(model, train_rows, encoder, opts.train, teacher)
+        train_summary = {
+            **train(model, train_rows, encoder, opts.train, teacher),
+            "seed": opts.train.seed,
+            "init_seed": opts.train.seed if opts.init_seed is None else opts.init_seed,
+            "split_seed": data_seed,
+            "device": opts.train.device,
+        }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
+        if opts.train_only:
+            return {"thresholds": {}, "seconds": time.monotonic() - started}
         export(model, opts.out, keep_fp32=fp32_path)
     sess = session(opts.out / "model.onnx", opts.threads)
 
@@ -189,12 +205,22 @@ def _trained(checkpoint: Path) -> GuardModel:
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
-    """A trained run's own summary, with its training seed (from its config.json)."""
+    """A trained run's own summary, with its training seed (recorded there since 2.9.0; before, in config.json).
+    A soup's summary lists its runs instead."""
     summary: dict[str, Any] = json.loads((run_dir / "train_summary.json").read_text())
+    if "seed" in summary or "runs" in summary:
+        return summary
     data = json.loads((run_dir / "config.json").read_text())["data"]
     seeds = data.get("train_seeds")
     summary["seed"] = seeds[0] if isinstance(seeds, list) and seeds else data.get("seed")
     return summary
+
+
+def _train_seeds(summary: dict[str, Any]) -> list[Any]:
+    """The training seeds behind a run's weights: its own, or those of every run a soup averaged."""
+    if "runs" in summary:
+        return [seed for run in summary["runs"] for seed in _train_seeds(run)]
+    return [summary.get("seed")]
 
 
 def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -397,7 +423,9 @@ def write_config(
             "calibration_rows": len(calib_rows),
             "dev_rows": len(dev_rows),
             "seed": opts.data_seed,  # the splits' seed
-            "train_seeds": [_run_summary(d)["seed"] for d in opts.soup] if opts.soup else [opts.train.seed],
+            "train_seeds": (
+                [s for d in opts.soup for s in _train_seeds(_run_summary(d))] if opts.soup else [opts.train.seed]
+            ),
         },
     }
     (opts.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
