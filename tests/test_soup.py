@@ -1,12 +1,15 @@
-"""Averaging trained runs' weights (``guardproxy train --soup``); needs the 'train' extra."""
+"""Averaging trained runs' weights (``guardproxy train --soup``) and their shared start; needs the 'train' extra."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from guardproxy.training.run import average_weights  # noqa: E402  (after the skip: it imports torch)
+from guardproxy.training.loop import TrainConfig  # noqa: E402  (after the skip: these import torch)
+from guardproxy.training.run import RunOptions, average_weights, start_model  # noqa: E402
 
 
 def test_floating_weights_are_averaged_and_integer_buffers_kept() -> None:
@@ -22,3 +25,20 @@ def test_runs_with_other_weights_are_refused() -> None:
         average_weights([{"w": torch.zeros(2)}, {"v": torch.zeros(2)}])
     with pytest.raises(ValueError, match="no weights"):
         average_weights([])
+
+
+def _heads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+
+
+def test_runs_that_share_an_init_seed_start_from_the_same_heads(tmp_path: Path) -> None:
+    def start(seed: int, init_seed: int | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)  # as main() seeds torch with the training seed before building the model
+        opts = RunOptions(data=tmp_path, out=tmp_path, layers=1, init_seed=init_seed, train=TrainConfig(seed=seed))
+        return _heads(start_model(opts))
+
+    shared = [start(seed, init_seed=0) for seed in (0, 1)]
+    assert all(torch.equal(shared[0][k], shared[1][k]) for k in shared[0])
+    own = [start(seed, init_seed=None) for seed in (0, 1)]
+    assert not torch.equal(own[0]["harm.weight"], own[1]["harm.weight"])
+    assert torch.equal(own[0]["harm.weight"], shared[0]["harm.weight"])  # init seed 0 is what seed 0 always drew

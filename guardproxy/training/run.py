@@ -129,15 +129,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
             return {"thresholds": {}, "seconds": time.monotonic() - started}
         export(model, opts.out, keep_fp32=fp32_path)
     else:
-        if opts.init_seed is not None:
-            torch.manual_seed(opts.init_seed)  # nothing above draws from torch: as if --seed had been init_seed
-        start = _trained(opts.init_from) if opts.init_from is not None else None
-        encoder_start = start.encoder if start is not None else load_base_encoder()
-        model = GuardModel(shrink_encoder(encoder_start, opts.layers), len(CATEGORY_IDS))
-        if start is not None:
-            # the heads read the same pooled embedding: a student started from a trained run keeps them too
-            heads = {k: v for k, v in start.state_dict().items() if not k.startswith("encoder.")}
-            model.load_state_dict(heads, strict=False)
+        model = start_model(opts)
         teacher = Teacher(session(opts.teacher / "model.onnx", 1), encoder) if opts.teacher is not None else None
         train_summary = {
             **train(model, train_rows, encoder, opts.train, teacher),
@@ -193,6 +185,21 @@ def main(opts: RunOptions) -> dict[str, Any]:
     if not opts.fp32_compare:
         fp32_path.unlink(missing_ok=True)
     return results
+
+
+def start_model(opts: RunOptions) -> GuardModel:
+    """The model a training run starts from: the base encoder (or ``init_from``'s) cut to ``layers``, and heads drawn
+    from the init seed when one is given, else from the torch state ``main`` seeded with the training seed."""
+    if opts.init_seed is not None:
+        torch.manual_seed(opts.init_seed)  # nothing in main draws from torch before this: as if --seed were init_seed
+    start = _trained(opts.init_from) if opts.init_from is not None else None
+    encoder_start = start.encoder if start is not None else load_base_encoder()
+    model = GuardModel(shrink_encoder(encoder_start, opts.layers), len(CATEGORY_IDS))
+    if start is not None:
+        # the heads read the same pooled embedding: a student started from a trained run keeps them too
+        heads = {k: v for k, v in start.state_dict().items() if not k.startswith("encoder.")}
+        model.load_state_dict(heads, strict=False)
+    return model
 
 
 def _trained(checkpoint: Path) -> GuardModel:
