@@ -32,7 +32,8 @@ from tests.servers import serve
 MONITOR = PROJECT_ROOT / "policies" / "monitor.toml"  # never blocks: every request reaches the upstream
 SECTIONS = {"machine", "config", "latency", "stages", "length", "sweep", "rss", "targets", "notes"}
 TINY = ["--concurrency", "1,2", "--requests", "10", "--warmup", "2", "--ttft-ms", "5", "--tokens-per-s", "0",
-        "--sweep", "1,2", "--sweep-seconds", "0.5", "--lengths", "0,1,3", "--conversations", "2"]  # fmt: skip
+        "--sweep", "1,2", "--sweep-seconds", "0.5", "--lengths", "0,1,3", "--conversations", "2",
+        "--length-ttft-ms", "30"]  # fmt: skip
 
 
 def _bench(
@@ -127,6 +128,10 @@ def test_conversation_length_phase_records_every_step(tiny: Run) -> None:
     assert all(p["n"] == 2 for p in length["points"])
     assert length["single_turn_ms"]["n"] == 8  # one interleaved single-turn request per step
     assert length["ratio_at_longest"] > 0
+    # the phase's FAKE upstream waited the asked TTFT before its headers, as the gateway's own stage times show
+    assert length["upstream_ttft_ms"] == 30
+    phase = next(s for s in tiny.result["stages"] if s["phase"] == "conversation length")
+    assert next(st for st in phase["stages"] if st["stage"] == "upstream")["p50_ms"] >= 30
 
 
 def test_sweep_and_rss(tiny: Run) -> None:
@@ -187,6 +192,11 @@ def test_bad_configurations_are_refused() -> None:
         BenchConfig(lengths=(1000,)).validate()
     with pytest.raises(BenchError, match="threads"):
         BenchConfig(threads=0).validate()
+    with pytest.raises(BenchError, match="length-ttft-ms"):
+        BenchConfig(length_ttft_ms=-1.0).validate()
+    with pytest.raises(BenchError, match="concurrent-window"):
+        BenchConfig(concurrent_window=True, workers=1).validate()
+    BenchConfig(length_ttft_ms=50.0, concurrent_window=True, workers=2).validate()  # in range: no error
     proc = _bench(["--upstream", "http://127.0.0.1:9/v1", "--fake-upstream"], timeout=60)
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
 

@@ -151,7 +151,9 @@ def _length(result: dict[str, Any]) -> str:
             if p["history_turns"] in wanted]  # fmt: skip
     lo, hi = length["tail_history_turns"]
     return (
-        f"Cost against conversation length ({length['target']}, plain, c=1): overhead p50 ms; "
+        f"Cost against conversation length ({length['target']}, plain, c=1"
+        + (f", upstream TTFT {_f(length['upstream_ttft_ms'])} ms" if length.get("upstream_ttft_ms") else "")
+        + "): overhead p50 ms; "
         f"single-turn reference p50 {_f(single.get('p50'))} ms\n"
         + _table(["history turns", "n", "p50", "x single"], rows)
         + f"\nhistory {lo}..{hi}: p50 {_f(length['tail_p50_ms'])} ms = {_f(length['ratio_at_longest'])}x single turn, "

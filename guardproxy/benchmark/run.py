@@ -89,6 +89,9 @@ class BenchConfig:
     sweep_ttft_ms: float = 0.0
     max_concurrency: int = 256
     lengths: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100)  # history turns reported; () skips the phase
+    # FAKE upstream TTFT in that phase. 0: the upstream answers at once, so nothing the gateway does beside the
+    # upstream call (guard.speculative_window's window pass) can hide behind it: the cost of CPU work, not latency.
+    length_ttft_ms: float = 0.0
     conversations: int = 3
     model_dir: Path | None = None
     policy: Path | None = None
@@ -110,36 +113,29 @@ class BenchConfig:
         return self.upstream is None
 
     def validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise BenchError(msg)
-
-        if not self.concurrency or any(c < 1 or c > MAX_CONCURRENCY for c in self.concurrency):
-            bad(f"--concurrency: each level must be 1..{MAX_CONCURRENCY}")
-        if not 1 <= self.requests <= MAX_REQUESTS:
-            bad(f"--requests must be 1..{MAX_REQUESTS}")
-        if self.sweep and any(c < 1 or c > MAX_CONCURRENCY for c in self.sweep):
-            bad(f"--sweep: each level must be 1..{MAX_CONCURRENCY}")
-        if not 1 <= self.max_concurrency <= MAX_CONCURRENCY:
-            bad(f"--max-concurrency must be 1..{MAX_CONCURRENCY}")
-        if any(n < 0 or n > MAX_TURNS for n in self.lengths):
-            bad(f"--lengths: each must be 0..{MAX_TURNS}")
-        if not 0 < self.max_seconds <= MAX_SECONDS:
-            bad(f"--max-seconds must be in (0, {MAX_SECONDS}]")
-        if not 0 < self.sweep_seconds <= 600:
-            bad("--sweep-seconds must be in (0, 600]")
+        """Raise ``BenchError`` naming the first flag out of its range (the checks in flag order)."""
         unknown = set(self.modes) - set(MODES)
-        if unknown or not self.modes:
-            bad(f"--modes: choose from {', '.join(MODES)}")
-        if not set(self.modes) - {"direct"}:
-            bad("--modes needs at least one gateway mode")
-        if self.threads is not None and not 1 <= self.threads <= 64:
-            bad("--threads must be 1..64")
-        if self.workers is not None and not 1 <= self.workers <= 64:
-            bad("--workers must be 1..64")
-        if self.concurrent_window and (self.workers or 1) < 2:
-            bad("--concurrent-window needs --workers 2 or more")
-        if self.window_ids is not None and not 8 <= self.window_ids <= 512:
-            bad("--window-ids must be 8..512")
+        checks = (
+            (bool(self.concurrency) and all(1 <= c <= MAX_CONCURRENCY for c in self.concurrency),
+             f"--concurrency: each level must be 1..{MAX_CONCURRENCY}"),
+            (1 <= self.requests <= MAX_REQUESTS, f"--requests must be 1..{MAX_REQUESTS}"),
+            (all(1 <= c <= MAX_CONCURRENCY for c in self.sweep or ()),
+             f"--sweep: each level must be 1..{MAX_CONCURRENCY}"),
+            (1 <= self.max_concurrency <= MAX_CONCURRENCY, f"--max-concurrency must be 1..{MAX_CONCURRENCY}"),
+            (all(0 <= n <= MAX_TURNS for n in self.lengths), f"--lengths: each must be 0..{MAX_TURNS}"),
+            (0 < self.max_seconds <= MAX_SECONDS, f"--max-seconds must be in (0, {MAX_SECONDS}]"),
+            (0 < self.sweep_seconds <= 600, "--sweep-seconds must be in (0, 600]"),
+            (0 <= self.length_ttft_ms <= 10_000, "--length-ttft-ms must be 0..10000"),
+            (not unknown and bool(self.modes), f"--modes: choose from {', '.join(MODES)}"),
+            (bool(set(self.modes) - {"direct"}), "--modes needs at least one gateway mode"),
+            (self.threads is None or 1 <= self.threads <= 64, "--threads must be 1..64"),
+            (self.workers is None or 1 <= self.workers <= 64, "--workers must be 1..64"),
+            (not self.concurrent_window or (self.workers or 1) >= 2, "--concurrent-window needs --workers 2 or more"),
+            (self.window_ids is None or 8 <= self.window_ids <= 512, "--window-ids must be 8..512"),
+        )  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise BenchError(message)
 
     def public(self) -> dict[str, Any]:
         """The configuration as reported (no key)."""
@@ -401,7 +397,7 @@ class Bench:
                 planned = mix.next(target.name, stream=False, conversation=True)
                 assert planned.history_turns == n
                 sample, text = await send(
-                    session, target, planned, want_text=True, ttft_ms=self._ttft(0), fast=self.cfg.fake
+                    session, target, planned, want_text=True, ttft_ms=self._ttft(cfg.length_ttft_ms), fast=cfg.fake
                 )
                 self._tick(sample)
                 if not sample.ok or text is None:
@@ -419,8 +415,8 @@ class Bench:
                     target,
                     mix.next(target.name + "#single", stream=False, conversation=False),
                     want_text=False,
-                    ttft_ms=self._ttft(0),
-                    fast=self.cfg.fake,
+                    ttft_ms=self._ttft(cfg.length_ttft_ms),
+                    fast=cfg.fake,
                 )
                 self._tick(ref)
                 if ref.overhead_ms is not None:
@@ -449,6 +445,7 @@ class Bench:
             "conversations": cfg.conversations,
             "longest": longest,
             "reported": sorted(cfg.lengths),
+            "upstream_ttft_ms": cfg.length_ttft_ms if cfg.fake else None,
             "single_turn_ms": base.to_dict() if base is not None else None,
             "points": points,
             "tail_history_turns": [max(0, longest - 4), longest],

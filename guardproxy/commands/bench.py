@@ -82,6 +82,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(0,1,2,5,10,20,50,100; 'none' skips it; default none with --upstream)",
     )
     parser.add_argument("--conversations", type=int, default=3, help="conversations grown in that phase (3)")
+    parser.add_argument(
+        "--length-ttft-ms",
+        type=float,
+        default=0.0,
+        help="FAKE upstream TTFT in that phase (0: the reply at once, so the cost is the gateway's own work; "
+        "with --speculative-window a TTFT above the window pass hides it)",
+    )
     parser.add_argument("--model", type=Path, metavar="DIR", help="guard model directory (default models/guard-v1)")
     parser.add_argument("--policy", type=Path, metavar="FILE", help="active policy (default policies/default.toml)")
     parser.add_argument("--threads", type=int, help="the gateways' guard.threads: intra-op threads per model run (1)")
@@ -163,6 +170,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         sweep=sweep,
         sweep_seconds=args.sweep_seconds,
         sweep_ttft_ms=args.sweep_ttft_ms,
+        length_ttft_ms=args.length_ttft_ms,
         max_concurrency=args.max_concurrency,
         lengths=lengths,
         conversations=args.conversations,
