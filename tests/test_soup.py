@@ -1,4 +1,5 @@
-"""Averaging trained runs' weights (``guardproxy train --soup``) and their shared start; needs the 'train' extra."""
+"""Averaging trained runs' weights (``guardproxy train --soup``), their shared start and the --device check; needs
+the 'train' extra."""
 
 from __future__ import annotations
 
@@ -42,3 +43,14 @@ def test_runs_that_share_an_init_seed_start_from_the_same_heads(tmp_path: Path) 
     own = [start(seed, init_seed=None) for seed in (0, 1)]
     assert not torch.equal(own[0]["harm.weight"], own[1]["harm.weight"])
     assert torch.equal(own[0]["harm.weight"], shared[0]["harm.weight"])  # init seed 0 is what seed 0 always drew
+
+
+def test_train_refuses_a_device_this_torch_cannot_use_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guardproxy.cli import main
+
+    assert main(["train", "--device", "nowhere", "--train-only", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--device nowhere: not usable here" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -106,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
             "training needs PyTorch and friends: pip install 'guardproxy[train]' "
             "(CPU build: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)"
         )
+    if args.device != "cpu":
+        torch = importlib.import_module("torch")
+        try:
+            torch.empty(1, device=args.device)
+        except (RuntimeError, AssertionError) as exc:  # an unknown device name, or torch built without it
+            raise ConfigError(f"--device {args.device}: not usable here ({str(exc).splitlines()[0]})") from exc
     if not args.data.is_dir():
         raise ConfigError(f"data directory not found: {args.data}")
     unknown = [s for s in args.leave_out if not (args.data / "prompts" / f"{s}.jsonl").exists()]
