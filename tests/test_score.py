@@ -362,9 +362,10 @@ def test_eval_split_keeps_exactly_the_rows_training_put_in_that_split(
         (["--teacher", "{tmp}/nowhere"], "--teacher: no model.onnx in"),
         (["--distill", "1.5"], "--distill must be between 0 and 1"),
         (["--init-from", "{tmp}/student.pt"], "--init-from: no such checkpoint"),
+        (["--train-only", "--eval-only"], "--train-only trains and stops"),
     ],
 )
-def test_train_rejects_a_bad_teacher_checkpoint_or_distill_weight_before_anything_runs(
+def test_train_rejects_bad_or_contradictory_options_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
     argv = ["train", "--out", str(tmp_path / "out"), *(a.format(tmp=tmp_path) for a in args)]

@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--soup: no student.pt in {', '.join(missing)}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
+    if args.train_only and (args.eval_only or args.card):
+        raise ConfigError("--train-only trains and stops: it cannot go with --eval-only or --card")
     # Looked up, not imported: torch is an optional extra, absent from the runtime and CI environments.
     if importlib.util.find_spec("torch") is None:
         raise ConfigError(

@@ -8,6 +8,7 @@ from typing import Any
 
 from guardproxy.training.loop import SOURCE_CAPS, SOURCE_REPEATS
 from guardproxy.training.model import student_layer_map
+from guardproxy.training.run import soup_runs
 from guardproxy.training.sources import CHALLENGE_DIRS
 
 TARGETS = {
@@ -201,13 +202,8 @@ def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
 def _runs(m: dict[str, Any]) -> list[dict[str, Any]]:
     """The training runs behind a model: one, or each run of a soup (with its training seed)."""
     if "soup" in m["train"]:
-        return _flat(m["train"]["runs"])
+        return soup_runs(m["train"])
     return [{**m["train"], "seed": m.get("train_config", {}).get("seed")}]
-
-
-def _flat(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A soup's runs, with a soup among them replaced by its own runs (averaging averages is one average)."""
-    return [r for run in runs for r in (_flat(run["runs"]) if "runs" in run else [run])]
 
 
 def _splits_section(add: Any) -> None:

@@ -223,11 +223,12 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _train_seeds(summary: dict[str, Any]) -> list[Any]:
-    """The training seeds behind a run's weights: its own, or those of every run a soup averaged."""
+def soup_runs(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training runs behind a run's summary: itself, or every run a soup averaged (a soup of soups included:
+    averaging averages of equal size is one average)."""
     if "runs" in summary:
-        return [seed for run in summary["runs"] for seed in _train_seeds(run)]
-    return [summary.get("seed")]
+        return [r for run in summary["runs"] for r in soup_runs(run)]
+    return [summary]
 
 
 def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -431,7 +432,9 @@ def write_config(
             "dev_rows": len(dev_rows),
             "seed": opts.data_seed,  # the splits' seed
             "train_seeds": (
-                [s for d in opts.soup for s in _train_seeds(_run_summary(d))] if opts.soup else [opts.train.seed]
+                [r.get("seed") for d in opts.soup for r in soup_runs(_run_summary(d))]
+                if opts.soup
+                else [opts.train.seed]
             ),
         },
     }
