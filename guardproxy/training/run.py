@@ -116,28 +116,21 @@ def main(opts: RunOptions) -> dict[str, Any]:
         # Re-score an existing run (a crash after training must not cost the training): the checkpoint and graphs
         # written by that run are reused as they are.
         train_summary = json.loads((opts.out / "train_summary.json").read_text())
-    elif opts.soup:
-        model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
-        model.load_state_dict(average_weights([torch.load(d / "student.pt", weights_only=True) for d in opts.soup]))
-        train_summary = {
-            "soup": [str(d) for d in opts.soup],
-            "runs": [_run_summary(d) for d in opts.soup],
-        }
-        torch.save(model.state_dict(), checkpoint)
-        (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
-        if opts.train_only:
-            return {"thresholds": {}, "seconds": time.monotonic() - started}
-        export(model, opts.out, keep_fp32=fp32_path)
     else:
-        model = start_model(opts)
-        teacher = Teacher(session(opts.teacher / "model.onnx", 1), encoder) if opts.teacher is not None else None
-        train_summary = {
-            **train(model, train_rows, encoder, opts.train, teacher),
-            "seed": opts.train.seed,
-            "init_seed": opts.train.seed if opts.init_seed is None else opts.init_seed,
-            "split_seed": data_seed,
-            "device": opts.train.device,
-        }
+        if opts.soup:
+            model = GuardModel(shrink_encoder(load_base_encoder(), opts.layers), len(CATEGORY_IDS))
+            model.load_state_dict(average_weights([torch.load(d / "student.pt", weights_only=True) for d in opts.soup]))
+            train_summary = {"soup": [str(d) for d in opts.soup], "runs": [_run_summary(d) for d in opts.soup]}
+        else:
+            model = start_model(opts)
+            teacher = Teacher(session(opts.teacher / "model.onnx", 1), encoder) if opts.teacher is not None else None
+            train_summary = {
+                **train(model, train_rows, encoder, opts.train, teacher),
+                "seed": opts.train.seed,
+                "init_seed": opts.train.seed if opts.init_seed is None else opts.init_seed,
+                "split_seed": data_seed,
+                "device": opts.train.device,
+            }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
         if opts.train_only:
