@@ -33,12 +33,11 @@ from guardproxy.training.sources import (
     window_text,
     windows_ending_at,
 )
-from guardproxy.training.splits import assign_splits, summary
+from guardproxy.training.splits import DEV_PHTEST_PAIRS, assign_splits, cap_pairs, summary
 
 log = logging.getLogger(__name__)
 
 HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_moderation")
-DEV_PHTEST_PAIRS = 3000
 CALIBRATION_PHTEST_PAIRS = 1500
 FP32_COMPARE_PHTEST_PAIRS = 800
 
@@ -99,8 +98,8 @@ def main(opts: RunOptions) -> dict[str, Any]:
     left_out = [e for e in examples if e.source in opts.leave_out]
     kept = [e for e in examples if e.source not in opts.leave_out]
     train_rows = [e for e in kept if e.split == "train"]
-    calib_rows = _cap_pairs([e for e in kept if e.split == "calibration"], CALIBRATION_PHTEST_PAIRS, data_seed)
-    dev_rows = _cap_pairs([e for e in kept if e.split == "dev"], DEV_PHTEST_PAIRS, data_seed)
+    calib_rows = cap_pairs([e for e in kept if e.split == "calibration"], CALIBRATION_PHTEST_PAIRS, data_seed)
+    dev_rows = cap_pairs([e for e in kept if e.split == "dev"], DEV_PHTEST_PAIRS, data_seed)
     log.info(
         "examples: %d train, %d calibration, %d dev, %d left out (%s)",
         len(train_rows),
@@ -155,7 +154,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
     }
     if opts.fp32_compare:
         # The quality cost of int8: the same dev rows (PHTest pairs capped lower, for time) through the fp32 graph.
-        cmp_rows = _cap_pairs(dev_rows, FP32_COMPARE_PHTEST_PAIRS, data_seed)
+        cmp_rows = cap_pairs(dev_rows, FP32_COMPARE_PHTEST_PAIRS, data_seed)
         keep = {id(e) for e in cmp_rows}
         idx = [i for i, e in enumerate(dev_rows) if id(e) in keep]
         fp32_scores = score(session(fp32_path, opts.threads), cmp_rows, encoder, "dev fp32")
@@ -235,15 +234,6 @@ def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
         k: torch.stack([s[k] for s in states]).mean(dim=0) if states[0][k].is_floating_point() else states[0][k]
         for k in states[0]
     }
-
-
-def _cap_pairs(rows: list[Example], cap: int, seed: int) -> list[Example]:
-    """Keep at most ``cap`` PHTest response pairs (36k in all; scoring them all would take most of a run)."""
-    pairs = [e for e in rows if e.source == "phtest_responses"]
-    if len(pairs) <= cap:
-        return rows
-    keep = {id(e) for e in random.Random(seed).sample(pairs, cap)}
-    return [e for e in rows if e.source != "phtest_responses" or id(e) in keep]
 
 
 def _subset(s: Scores, idx: list[int]) -> Scores:

@@ -8,6 +8,7 @@ same request never sits on both sides of a split.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import Counter
 from collections.abc import Sequence
 
@@ -15,6 +16,8 @@ from guardproxy.training.sources import Example, text_group
 
 DEV_FRACTION = 0.15
 CALIBRATION_FRACTION = 0.10
+# PHTest response pairs scored per split by a training run (36k in all; scoring them all would take most of a run).
+DEV_PHTEST_PAIRS = 3000
 
 
 class _UnionFind:
@@ -55,3 +58,12 @@ def summary(examples: Sequence[Example]) -> dict[str, dict[str, int]]:
     for ex in examples:
         counts.setdefault(ex.source if not ex.source.startswith("authored/") else "authored", Counter())[ex.split] += 1
     return {source: dict(c) for source, c in sorted(counts.items())}
+
+
+def cap_pairs(rows: list[Example], cap: int, seed: int) -> list[Example]:
+    """Keep at most ``cap`` PHTest response pairs, a seeded uniform sample; other rows are all kept."""
+    pairs = [e for e in rows if e.source == "phtest_responses"]
+    if len(pairs) <= cap:
+        return rows
+    keep = {id(e) for e in random.Random(seed).sample(pairs, cap)}
+    return [e for e in rows if e.source != "phtest_responses" or id(e) in keep]
