@@ -49,6 +49,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="average the weights of these trained runs (same --layers and split seed) instead of training",
     )
+    parser.add_argument(
+        "--refusal-targets",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="train one source's refusal labels on soft targets, a label-noise correction (bench/refusal_audit/)",
+    )
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
@@ -102,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     if args.train_only and (args.eval_only or args.card):
         raise ConfigError("--train-only trains and stops: it cannot go with --eval-only or --card")
+    if args.refusal_targets is not None:
+        # The reader has no torch in it: a bad file is reported before anything is loaded or trained.
+        sources = importlib.import_module("guardproxy.training.sources")
+        try:
+            sources.load_refusal_targets(args.refusal_targets)
+        except ValueError as exc:
+            raise ConfigError(f"--refusal-targets: {exc}") from exc
     # Looked up, not imported: torch is an optional extra, absent from the runtime and CI environments.
     if importlib.util.find_spec("torch") is None:
         raise ConfigError(
@@ -143,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         soup=tuple(args.soup),
         init_seed=args.init_seed,
         train_only=args.train_only,
+        refusal_targets=args.refusal_targets,
         train=TrainConfig(
             device=args.device,
             distill=args.distill,

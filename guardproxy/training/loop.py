@@ -19,7 +19,7 @@ from torch import nn
 
 from guardproxy.encoding import Encoding, encode_pair, encode_prompt, pad_batch
 from guardproxy.training.augment import augment
-from guardproxy.training.model import GuardModel
+from guardproxy.training.model import REFUSAL_LABELS, GuardModel
 from guardproxy.training.sources import Example
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,13 @@ def _labels(batch: Sequence[Example]) -> dict[str, torch.Tensor]:
     jb, jb_mask = column(lambda e: e.jailbreak, 0.0)
     rh, rh_mask = column(lambda e: e.reply_harm, 0.0)
     cat, cat_mask = column(lambda e: e.category, 0)
-    ref, ref_mask = column(lambda e: e.refusal, 0)
+    _, ref_mask = column(lambda e: e.refusal, 0)
+    # Class probabilities, not indices: a row may carry a soft target (Example.refusal_target); masked rows keep a
+    # one-hot of class 0 that their zero weight ignores.
+    ref_target = torch.tensor(
+        [e.refusal_target or tuple(float(c == (e.refusal or 0)) for c in range(len(REFUSAL_LABELS))) for e in batch],
+        dtype=torch.float32,
+    )
     return {
         "harm": harm,
         "harm_w": harm_mask * torch.tensor([e.harm_weight for e in batch]),
@@ -189,7 +195,7 @@ def _labels(batch: Sequence[Example]) -> dict[str, torch.Tensor]:
         "reply_harm_w": rh_mask,
         "category": cat.long(),
         "category_w": cat_mask * torch.tensor([e.category_weight for e in batch]),
-        "refusal": ref.long(),
+        "refusal": ref_target,
         "refusal_w": ref_mask,
     }
 

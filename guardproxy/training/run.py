@@ -28,7 +28,9 @@ from guardproxy.training.sources import (
     AUTHORED_DIR,
     CHALLENGE_DIRS,
     Example,
+    apply_refusal_targets,
     load_all,
+    load_refusal_targets,
     read_jsonl,
     window_text,
     windows_ending_at,
@@ -68,6 +70,8 @@ class RunOptions:
     # their weights differ by what training did, not by where the heads started (2.8.0's soup did not share it).
     init_seed: int | None = None
     train_only: bool = False  # stop once student.pt is written: no export, calibration or metrics (e.g. on a GPU)
+    # A label-noise correction (sources.load_refusal_targets): that source's refusal rows train on soft targets.
+    refusal_targets: Path | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -91,6 +95,10 @@ def main(opts: RunOptions) -> dict[str, Any]:
     data_seed = opts.data_seed
     examples = load_all(opts.data, authored=opts.authored, seed=data_seed)
     assign_splits(examples, data_seed)
+    if opts.refusal_targets is not None:
+        source, targets = load_refusal_targets(opts.refusal_targets)
+        n = apply_refusal_targets(examples, source, targets)
+        log.info("refusal targets from %s: %d %s rows train on soft targets", opts.refusal_targets, n, source)
     if opts.prompts_only:
         # Prompt-mode rows only (no response pairs, no jailbreak wrappers): short inputs, several times cheaper per
         # step; what a leave-one-source-out run measures is the harm head.

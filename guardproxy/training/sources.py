@@ -69,6 +69,9 @@ class Example:
     category_weight: float = 1.0
     jailbreak: float | None = None
     refusal: int | None = None
+    # Trained on in place of the one-hot of ``refusal`` when set: P(none, partial, full) given the source's label,
+    # a correction for a noisy labeller (``guardproxy train --refusal-targets``). Metrics read ``refusal`` only.
+    refusal_target: tuple[float, float, float] | None = None
     reply_harm: float | None = None
     split: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -339,3 +342,34 @@ def load_all(data: Path, *, authored: bool = True, seed: int = 0) -> list[Exampl
     if authored:
         examples += load_authored()
     return examples
+
+
+def load_refusal_targets(path: Path) -> tuple[str, dict[int, tuple[float, float, float]]]:
+    """A label-noise correction for one source's refusal labels: ``{"source": S, "targets": {"none": [p_none,
+    p_partial, p_full], "partial": [...], "full": [...]}}``, each row the chance of each class given that label
+    (``python -m bench.refusal_audit targets`` writes one). Raises ValueError naming the file on any other shape."""
+    try:
+        doc = json.loads(path.read_text())
+        source, rows = doc["source"], doc["targets"]
+        if not isinstance(source, str) or not isinstance(rows, dict) or set(rows) != set(REFUSAL_INDEX):
+            raise ValueError(f"'targets' must map each of {list(REFUSAL_INDEX)} to three probabilities")
+        targets: dict[int, tuple[float, float, float]] = {}
+        for label, probs in rows.items():
+            p = tuple(float(x) for x in probs)
+            if len(p) != len(REFUSAL_INDEX) or min(p) < 0 or abs(sum(p) - 1.0) > 1e-6:
+                raise ValueError(f"targets[{label!r}] must be three non-negative numbers summing to 1, got {probs}")
+            targets[REFUSAL_INDEX[label]] = (p[0], p[1], p[2])
+    except (OSError, KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"{path}: {detail}") from exc
+    return source, targets
+
+
+def apply_refusal_targets(examples: list[Example], source: str, targets: dict[int, tuple[float, float, float]]) -> int:
+    """Give every refusal-labelled row of ``source`` its label's soft target; returns how many rows got one."""
+    n = 0
+    for ex in examples:
+        if ex.source == source and ex.refusal is not None:
+            ex.refusal_target = targets[ex.refusal]
+            n += 1
+    return n
