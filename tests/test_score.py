@@ -363,6 +363,7 @@ def test_eval_split_keeps_exactly_the_rows_training_put_in_that_split(
         (["--distill", "1.5"], "--distill must be between 0 and 1"),
         (["--init-from", "{tmp}/student.pt"], "--init-from: no such checkpoint"),
         (["--train-only", "--eval-only"], "--train-only trains and stops"),
+        (["--refusal-targets", "{tmp}/nowhere.json"], "--refusal-targets: {tmp}/nowhere.json"),
     ],
 )
 def test_train_rejects_bad_or_contradictory_options_before_anything_runs(
@@ -371,5 +372,5 @@ def test_train_rejects_bad_or_contradictory_options_before_anything_runs(
     argv = ["train", "--out", str(tmp_path / "out"), *(a.format(tmp=tmp_path) for a in args)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

@@ -54,3 +54,29 @@ def test_train_refuses_a_device_this_torch_cannot_use_before_anything_runs(
     err = capsys.readouterr().err
     assert "--device nowhere: not usable here" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_soft_refusal_targets_reach_the_loss_and_one_hot_rows_train_as_before() -> None:
+    from guardproxy.training.loop import _labels, multitask_loss
+    from guardproxy.training.sources import Example
+
+    def pair(refusal: int | None, target: tuple[float, float, float] | None = None) -> Example:
+        return Example(
+            text="q", reply="r", source="s", group="g", label="benign", refusal=refusal, refusal_target=target
+        )
+
+    batch = [pair(2), pair(1, (0.2, 0.5, 0.3)), pair(None)]
+    y = _labels(batch)
+    assert torch.allclose(y["refusal"], torch.tensor([[0.0, 0.0, 1.0], [0.2, 0.5, 0.3], [1.0, 0.0, 0.0]]))
+    assert torch.equal(y["refusal_w"], torch.tensor([1.0, 1.0, 0.0]))
+    logits = torch.tensor([[0.3, -1.0, 2.0], [1.0, 0.5, -0.5], [0.0, 0.0, 0.0]])
+    out = {k: torch.zeros(3) for k in ("harm", "jailbreak", "reply_harm")} | {
+        "category": torch.zeros(3, 2),
+        "refusal": logits,
+    }
+    y["category_w"] = torch.zeros(3)
+    expected = (
+        torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2]))
+        - (torch.tensor([0.2, 0.5, 0.3]) * torch.log_softmax(logits[1], -1)).sum()
+    ) / 2
+    assert torch.allclose(multitask_loss(out, y)["refusal"], expected)
