@@ -403,7 +403,10 @@ def _refusal_section(add: Any, m: dict[str, Any]) -> None:
         )
     add("")
     add("PHTest labels are the PHTest authors' (likely automated) judgements; several models' sets hold very few")
-    add("full or partial refusals, so their macro-F1 moves a lot with a handful of rows.")
+    add("full or partial refusals, so their macro-F1 moves a lot with a handful of rows. A blind second labelling")
+    add("of 360 of these dev pairs (`bench/refusal_audit/`) agrees with PHTest's labels at macro-F1 0.785 and")
+    add("binary F1 0.910, and disagrees most on `partial`: a model's three-class agreement with PHTest cannot be")
+    add("read above that.")
     add("")
     fr = m["dev"]["false_refusal"]
     add("### False refusal")
