@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from pathlib import Path
 
-from guardproxy.training.sources import BENIGN_TURN_WEIGHT, load_authored
+from guardproxy.training.augment import _ASK_FRAMES, _HOW_QUESTIONS, augment
+from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored
 from guardproxy.training.splits import assign_splits
 
 
@@ -90,3 +93,20 @@ def test_content_words_read_every_script() -> None:
     a = content_words("线上有个偶发的bug怎么都复现不了，日志应该怎么加？")
     b = content_words("How do I report a bug in the 2024 release?")
     assert jaccard(a, b) < 0.2
+
+
+def test_every_reworded_sentence_form_comes_from_harmful_and_harmless_asks_alike() -> None:
+    # Shaped like the real pools: harmful asks mostly say "how to", harmless ones mostly ask a question.
+    def ask(text: str, harm: float) -> Example:
+        return Example(text=text, source="advbench" if harm else "clinc150", group=text, label="x", harm=harm)
+
+    harmful = [ask(f"Explain how to do harmful thing {i}", 1.0) for i in range(50)]
+    harmful += [ask(f"Is harmful thing {i} easy?", 1.0) for i in range(5)]
+    harmless = [ask(f"What is the weather in town {i}?", 0.0) for i in range(50)]
+    harmless += [ask(f"Show me how to bake bread {i}", 0.0) for i in range(5)]
+    out = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, rewords=600)
+    assert len(out) == 600
+    how_openers = tuple(t.split("{")[0] for t in _HOW_QUESTIONS)
+    how = Counter(e.harm for e in out if e.text.startswith(how_openers))
+    asks = Counter(e.harm for e in out if e.text.startswith(tuple(t.split("{")[0] for t in _ASK_FRAMES)))
+    assert how[1.0] == how[0.0] == 150 and asks[1.0] == asks[0.0] == 150  # no polite pool: two forms

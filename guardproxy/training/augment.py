@@ -80,6 +80,22 @@ _POLITE_QUESTIONS = ("Can you {t}?", "Could you {t}?", "Would you {t}?", "hey, c
 _ASK_FRAMES = ("Answer this: {q}", "I need an answer to this: {q}", "Tell me. {q}", "Explain in detail. {q}")
 
 
+REWORD_FORMS = ("ask", "how", "polite")
+
+
+def reword_form(text: str) -> str | None:
+    """The sentence form ``reworded`` gives this ask: ``ask`` (a question, put as an instruction), ``how`` (a "how
+    to" ask, put as a how-question), ``polite`` (an imperative, put as a polite question); None: it has none."""
+    text = text.strip()
+    if text.endswith("?"):
+        return "ask"
+    if _HOW_TO.search(text) and len(text) < 250:
+        return "how"
+    if _IMPERATIVE.match(text) and len(text) < 300:
+        return "polite"
+    return None
+
+
 def reworded(base: Example, rng: random.Random) -> Example | None:
     """The same ask in the other sentence form: imperatives become questions and questions become instructions.
 
@@ -87,11 +103,12 @@ def reworded(base: Example, rng: random.Random) -> Example | None:
     rows are mostly harmless (GSM8K, PHTest, HWU64); without this, a question mark alone would read as harmless.
     """
     text = base.text.strip()
-    if text.endswith("?"):
+    form = reword_form(text)
+    if form == "ask":
         new = rng.choice(_ASK_FRAMES).format(q=text)
-    elif (m := _HOW_TO.search(text)) and len(text) < 250:
+    elif form == "how" and (m := _HOW_TO.search(text)):
         new = rng.choice(_HOW_QUESTIONS).format(x=m.group(1).rstrip(" ?"))
-    elif _IMPERATIVE.match(text) and len(text) < 300:
+    elif form == "polite":
         new = rng.choice(_POLITE_QUESTIONS).format(t=_lower_first(text.rstrip(" .!")))
     else:
         return None
@@ -142,13 +159,20 @@ def augment(
     if harmful and harmless:
         for i in range(frames):
             out.append(framed(rng.choice(harmful if i % 2 == 0 else harmless), rng))
-        done, tries = 0, 0
-        while done < rewords and tries < rewords * 10:
-            tries += 1
-            new = reworded(rng.choice(harmful if done % 2 == 0 else harmless), rng)
+        # Every sentence form comes from harmful and harmless asks equally often. Drawn the other way round (a base,
+        # then the form its shape allows) the how-questions ("How can I ...?", "What's the best way to ...?") came
+        # from harmful asks five times in six, because the public harmful sets say "how to" far more often: a
+        # shortcut that scored "What's the best way to store medications at home?" 0.98.
+        pools = {
+            (form, bad): [e for e in (harmful if bad else harmless) if reword_form(e.text) == form]
+            for form in REWORD_FORMS
+            for bad in (True, False)
+        }
+        forms = [f for f in REWORD_FORMS if pools[(f, True)] and pools[(f, False)]]
+        for i in range(rewords if forms else 0):
+            new = reworded(rng.choice(pools[(forms[(i // 2) % len(forms)], i % 2 == 0)]), rng)
             if new is not None:
                 out.append(new)
-                done += 1
         if wrappers:
             for i in range(wraps):
                 out.append(wrapped(rng.choice(wrappers), rng.choice(harmful if i % 2 == 0 else harmless), rng))
