@@ -3,6 +3,7 @@ the 'train' extra."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,20 @@ def test_soft_refusal_targets_reach_the_loss_and_one_hot_rows_train_as_before() 
         - (torch.tensor([0.2, 0.5, 0.3]) * torch.log_softmax(logits[1], -1)).sum()
     ) / 2
     assert torch.allclose(multitask_loss(out, y)["refusal"], expected)
+
+
+def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) -> None:
+    from guardproxy.training.card import write_card
+
+    kept = Path(__file__).resolve().parents[1] / "bench" / "results" / "candidates"
+    metrics = json.loads((kept / "2.10.0.metrics.json").read_text())
+    (tmp_path / "config.json").write_text((kept / "2.10.0.config.json").read_text())
+    lines = {}
+    for balanced, targets in [(True, "t.json"), (False, None)]:
+        metrics["train"] |= {"balanced_rewords": balanced, "refusal_targets": targets}
+        (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+        write_card(tmp_path, loso=[], latency=None, compare=[])
+        card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+        lines[balanced] = next(x for x in card if x.startswith("guardproxy train --data"))
+    assert "--balanced-rewords --refusal-targets t.json --model-version" in lines[True]
+    assert "--balanced-rewords" not in lines[False] and "--refusal-targets" not in lines[False]

@@ -104,9 +104,13 @@ def test_every_reworded_sentence_form_comes_from_harmful_and_harmless_asks_alike
     harmful += [ask(f"Is harmful thing {i} easy?", 1.0) for i in range(5)]
     harmless = [ask(f"What is the weather in town {i}?", 0.0) for i in range(50)]
     harmless += [ask(f"Show me how to bake bread {i}", 0.0) for i in range(5)]
-    out = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, rewords=600)
+    out = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, rewords=600, balanced_rewords=True)
     assert len(out) == 600
     how_openers = tuple(t.split("{")[0] for t in _HOW_QUESTIONS)
     how = Counter(e.harm for e in out if e.text.startswith(how_openers))
     asks = Counter(e.harm for e in out if e.text.startswith(tuple(t.split("{")[0] for t in _ASK_FRAMES)))
     assert how[1.0] == how[0.0] == 150 and asks[1.0] == asks[0.0] == 150  # no polite pool: two forms
+    # The shipped model's draw, kept as the default so `guardproxy train` still reproduces it, is the skewed one.
+    old = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, rewords=600)
+    old_how = Counter(e.harm for e in old if e.text.startswith(how_openers))
+    assert old_how[1.0] > 5 * old_how[0.0]

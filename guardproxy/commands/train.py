@@ -56,6 +56,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="train one source's refusal labels on soft targets, a label-noise correction (bench/refusal_audit/)",
     )
+    parser.add_argument(
+        "--balanced-rewords",
+        action="store_true",
+        help="draw every reworded sentence form equally from harmful and harmless asks (candidate 2.11.0's change)",
+    )
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
@@ -166,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             seed=args.seed,
             wraps_per_epoch=0 if args.cheap else TrainConfig.wraps_per_epoch,
+            balanced_rewords=args.balanced_rewords,
         ),
     )
     if not args.card:

@@ -147,7 +147,13 @@ def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
 
 
 def augment(
-    train: Sequence[Example], rng: random.Random, *, frames: int, wraps: int, rewords: int = 0
+    train: Sequence[Example],
+    rng: random.Random,
+    *,
+    frames: int,
+    wraps: int,
+    rewords: int = 0,
+    balanced_rewords: bool = False,
 ) -> list[Example]:
     """``frames`` reframed asks, ``rewords`` asks in the other sentence form and ``wraps`` wrapped questions, each
     half harmful and half harmless, from train rows."""
@@ -159,23 +165,41 @@ def augment(
     if harmful and harmless:
         for i in range(frames):
             out.append(framed(rng.choice(harmful if i % 2 == 0 else harmless), rng))
-        # Every sentence form comes from harmful and harmless asks equally often. Drawn the other way round (a base,
-        # then the form its shape allows) the how-questions ("How can I ...?", "What's the best way to ...?") came
-        # from harmful asks five times in six, because the public harmful sets say "how to" far more often: a
-        # shortcut that scored "What's the best way to store medications at home?" 0.98.
-        pools = {
-            (form, bad): [e for e in (harmful if bad else harmless) if reword_form(e.text) == form]
-            for form in REWORD_FORMS
-            for bad in (True, False)
-        }
-        forms = [f for f in REWORD_FORMS if pools[(f, True)] and pools[(f, False)]]
-        for i in range(rewords if forms else 0):
-            new = reworded(rng.choice(pools[(forms[(i // 2) % len(forms)], i % 2 == 0)]), rng)
-            if new is not None:
-                out.append(new)
+        if balanced_rewords:
+            out += _balanced_rewords(harmful, harmless, rewords, rng)
+        else:
+            # The shipped model's draw (2.5.0): a base, then the form its shape allows. The public harmful sets say
+            # "how to" far more often, so the how-questions ("How can I ...?", "What's the best way to ...?") come
+            # from harmful asks five times in six: a shortcut (candidate 2.11.0, bench/results/candidates).
+            done, tries = 0, 0
+            while done < rewords and tries < rewords * 10:
+                tries += 1
+                new = reworded(rng.choice(harmful if done % 2 == 0 else harmless), rng)
+                if new is not None:
+                    out.append(new)
+                    done += 1
         if wrappers:
             for i in range(wraps):
                 out.append(wrapped(rng.choice(wrappers), rng.choice(harmful if i % 2 == 0 else harmless), rng))
+    return out
+
+
+def _balanced_rewords(
+    harmful: Sequence[Example], harmless: Sequence[Example], n: int, rng: random.Random
+) -> list[Example]:
+    """``n`` reworded asks in which every sentence form comes from harmful and harmless asks equally often: the
+    form first (in turn), then a base of that form from each side."""
+    pools = {
+        (form, bad): [e for e in (harmful if bad else harmless) if reword_form(e.text) == form]
+        for form in REWORD_FORMS
+        for bad in (True, False)
+    }
+    forms = [f for f in REWORD_FORMS if pools[(f, True)] and pools[(f, False)]]
+    out: list[Example] = []
+    for i in range(n if forms else 0):
+        new = reworded(rng.choice(pools[(forms[(i // 2) % len(forms)], i % 2 == 0)]), rng)
+        if new is not None:
+            out.append(new)
     return out
 
 

@@ -110,9 +110,11 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
         split = f" --split-seed {split_seed}" if run["seed"] != split_seed else ""
         init = f" --init-seed {run['init_seed']}" if run.get("init_seed", run["seed"]) != run["seed"] else ""
         device = f" --device {run['device']} --train-only" if run.get("device", "cpu") != "cpu" else ""
+        data = " --balanced-rewords" if run.get("balanced_rewords") else ""
+        data += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
         return (
             f"guardproxy train --data ../shared/data --out {out} --layers {config['layers']} --max-steps "
-            f"{int(run['steps'])} --seed {run['seed']}{split}{init}{device} --model-version {config['version']}"
+            f"{int(run['steps'])} --seed {run['seed']}{split}{init}{device}{data} --model-version {config['version']}"
         )
 
     if "soup" in m["train"]:

@@ -76,6 +76,9 @@ class TrainConfig:
     frames_per_epoch: int = 700
     wraps_per_epoch: int = 300
     rewords_per_epoch: int = 800
+    # Each reworded sentence form drawn equally from harmful and harmless asks (augment._balanced_rewords); off: the
+    # shipped model's draw, in which how-questions came from harmful asks five times in six.
+    balanced_rewords: bool = False
     distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
     device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
 
@@ -141,7 +144,14 @@ def epoch_rows(train: Sequence[Example], rng: random.Random, cfg: TrainConfig) -
         for _ in range(SOURCE_REPEATS.get(source, 1) - 1):
             rows.extend(items)
     rows.extend(
-        augment(train, rng, frames=cfg.frames_per_epoch, wraps=cfg.wraps_per_epoch, rewords=cfg.rewords_per_epoch)
+        augment(
+            train,
+            rng,
+            frames=cfg.frames_per_epoch,
+            wraps=cfg.wraps_per_epoch,
+            rewords=cfg.rewords_per_epoch,
+            balanced_rewords=cfg.balanced_rewords,
+        )
     )
     return rows
 

@@ -137,6 +137,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "init_seed": opts.train.seed if opts.init_seed is None else opts.init_seed,
                 "split_seed": data_seed,
                 "device": opts.train.device,
+                # The data options a reproduce command needs (the card writes them back as flags).
+                "balanced_rewords": opts.train.balanced_rewords,
+                "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
             }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
