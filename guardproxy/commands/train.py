@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--balanced-rewords",
         action="store_true",
-        help="draw every reworded sentence form equally from harmful and harmless asks (candidate 2.11.0's change)",
+        help="draw every reworded sentence form equally from harmful and harmless asks (2.12.0's recipe)",
     )
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")

@@ -168,7 +168,7 @@ def augment(
         if balanced_rewords:
             out += _balanced_rewords(harmful, harmless, rewords, rng)
         else:
-            # The shipped model's draw (2.5.0): a base, then the form its shape allows. The public harmful sets say
+            # The draw of 2.5.0 and earlier models: a base, then the form its shape allows. The public harmful sets say
             # "how to" far more often, so the how-questions ("How can I ...?", "What's the best way to ...?") come
             # from harmful asks five times in six: a shortcut (candidate 2.11.0, bench/results/candidates).
             done, tries = 0, 0

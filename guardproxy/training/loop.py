@@ -76,8 +76,8 @@ class TrainConfig:
     frames_per_epoch: int = 700
     wraps_per_epoch: int = 300
     rewords_per_epoch: int = 800
-    # Each reworded sentence form drawn equally from harmful and harmless asks (augment._balanced_rewords); off: the
-    # shipped model's draw, in which how-questions came from harmful asks five times in six.
+    # Each reworded sentence form drawn equally from harmful and harmless asks (augment._balanced_rewords; 2.12.0 on);
+    # off: 2.5.0's draw, in which how-questions came from harmful asks five times in six.
     balanced_rewords: bool = False
     distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
     device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
