@@ -646,7 +646,9 @@ async def _second_turn(gw: Gateway, turn: str, *, stream: bool = False) -> Resul
 def _window_script(turn: str, harm: float) -> dict[str, tuple[float, str, float]]:
     return {
         **PROMPTS,
-        "benign two": (0.02, "none", 0.0),
+        # Harmless on its own, yet over the window gate whatever the tuning sets it to (0.02-0.05 so far): the
+        # window pass runs.
+        "benign two": (0.2, "none", 0.0),
         f"user: benign\nassistant: {DEFAULT_TEXT.strip()}\nuser: {turn}": (harm, "violent_crimes", 0.0),
     }
 

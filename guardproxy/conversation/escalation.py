@@ -58,19 +58,17 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 
 @dataclass(frozen=True)
 class EscalationParams:
-    """Defaults tuned for models/guard-v1 2.5.0 (6 layers, model.onnx md5 f245b29b...) on the calibration split of
+    """Defaults tuned for models/guard-v1 2.12.0 (6 layers, model.onnx md5 dc538c62...) on the calibration split of
     the conversation data, benign budget 3% of each benign source (MT-Bench dialogues, stitched long chats, authored
     chats), scores on the operating scale: ``python -m bench.conversation_eval --tune`` (see its docstring).
     Retune whenever the model is replaced: the threshold sits on that model's score distribution."""
 
-    # With 2.5.0 the tuning chose a slower decay with a floor: per-turn noise below 0.2 never accumulates, steady
-    # risk above it does, and a rising trend adds its own evidence (2.3.0's tuning: decay 0.6, gain 0.3, floor 0,
-    # trend weight 0, threshold 0.9495). A re-run of the tuning on a fresh replay (2026-12-03 20:05 UTC) chose other
-    # values (trend weight 0, refusal weight 0.15, threshold 0.963) from slightly different per-turn scores, cause not
-    # found (bench/RESULTS.md, "Model 2.5.0"); these defaults were kept.
+    # With 2.12.0 the tuning chose 2.5.0's slow decay without its floor and with more gain; the flag threshold sits at
+    # the search's ceiling (0.99), as it did for candidate 2.11.0. 2.5.0's tuning: decay 0.9, gain 0.5, floor 0.2,
+    # trend weight 1.0, threshold 0.9802, window gate 0.02 (bench/RESULTS.md, "Model 2.12.0").
     decay: float = 0.9
-    gain: float = 0.5
-    floor: float = 0.2
+    gain: float = 0.7
+    floor: float = 0.0
     trend_weight: float = 1.0
     trend_cap: float = 0.5
     refusal_weight: float = 0.0  # tuned to 0: the model calls many harmless replies partial refusals
@@ -79,12 +77,11 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    # raw score mapped to FLAG_THRESHOLD (model 2.5.0, 128-id windows, per-source budget)
-    threshold: float = 0.980233
-    # Tuned: the highest gate within 0.02 of the ungated score. With this model most turns of a harmless chat
-    # score above it (with model 2.5.0 the window ran on 79% of dev benign requests, 76% with 2.3.0), so it saves
-    # little; 0.05 would run it on 64% but cost 0.08 of (flagged + early) on the tuning split.
-    window_gate: float = 0.02
+    # raw score mapped to FLAG_THRESHOLD (model 2.12.0, 96-id windows, per-source budget; the search's ceiling)
+    threshold: float = 0.99
+    # Tuned: the highest gate within 0.02 of the ungated score (2.5.0's tuning chose 0.02). With this model the
+    # window skips more harmless turns at 0.05 for no loss on the tuning split.
+    window_gate: float = 0.05
 
 
 def window_text(turns: Sequence[tuple[str, str]]) -> str:
