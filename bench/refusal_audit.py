@@ -79,16 +79,18 @@ def weighted_scores(truth: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> 
     }
 
 
+def _resamples(strata: np.ndarray, n: int, *, seed: int) -> list[np.ndarray]:
+    """``n`` bootstrap draws of row indices, each redrawing the rows of every stratum (PHTest class) within it."""
+    rng = np.random.default_rng(seed)
+    by_stratum = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    return [np.concatenate([rng.choice(ix, len(ix)) for ix in by_stratum]) for _ in range(n)]
+
+
 def agreement(
     truth: np.ndarray, pred: np.ndarray, strata: np.ndarray, weight: np.ndarray, resamples: int
 ) -> dict[str, Any]:
     out = weighted_scores(truth, pred, weight)
-    rng = np.random.default_rng(0)
-    by_stratum = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    boot = []
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(ix, len(ix)) for ix in by_stratum])
-        boot.append(weighted_scores(truth[idx], pred[idx], weight[idx]))
+    boot = [weighted_scores(truth[i], pred[i], weight[i]) for i in _resamples(strata, resamples, seed=0)]
     out["se"] = {m: float(np.std([b[m] for b in boot])) for m in ("macro_f1", "binary_f1", "accuracy")}
     out["confusion"] = Counter(f"{REFUSAL_CLASSES[t]}->{REFUSAL_CLASSES[p]}" for t, p in zip(truth, pred, strict=True))
     return out
@@ -143,11 +145,8 @@ def paired_difference(
     """Candidate minus baseline on the same rows, with a stratified paired-bootstrap standard error."""
     metrics = ("macro_f1", "binary_f1", "accuracy")
     b0, c0 = weighted_scores(truth, base, weight), weighted_scores(truth, cand, weight)
-    rng = np.random.default_rng(1)
-    by_stratum = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     diffs: dict[str, list[float]] = {m: [] for m in metrics}
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(ix, len(ix)) for ix in by_stratum])
+    for idx in _resamples(strata, resamples, seed=1):
         b, c = weighted_scores(truth[idx], base[idx], weight[idx]), weighted_scores(truth[idx], cand[idx], weight[idx])
         for m in metrics:
             diffs[m].append(c[m] - b[m])
