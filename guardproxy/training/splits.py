@@ -16,7 +16,7 @@ from guardproxy.training.sources import Example, text_group
 
 DEV_FRACTION = 0.15
 CALIBRATION_FRACTION = 0.10
-# PHTest response pairs scored per split by a training run (36k in all; scoring them all would take most of a run).
+# PHTest response pairs a training run scores on dev (36k pairs in all; scoring them all would take most of a run).
 DEV_PHTEST_PAIRS = 3000
 
 
