@@ -67,18 +67,19 @@ def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
             yield json.loads(line)
 
 
-def trainer_splits(data: Path, seed: int) -> dict[str, str]:
-    """Conversation id -> the Trainer's split (dev / calibration / train), exactly as training assigned it."""
+def trainer_splits(data: Path, seed: int, chat_turns: bool = False) -> dict[str, str]:
+    """Conversation id -> the Trainer's split (dev / calibration / train), exactly as training assigned it (a model
+    trained with ``--chat-turns`` loaded MT-Bench's turns alone too, which merges dialogues that share a turn)."""
     from guardproxy.training.sources import load_all
     from guardproxy.training.splits import assign_splits
 
-    examples = load_all(data, seed=seed)
+    examples = load_all(data, seed=seed, chat_turns=chat_turns)
     assign_splits(examples, seed)
     return {str(e.meta["id"]): e.split for e in examples if e.meta and "id" in e.meta}
 
 
-def load_conversations(data: Path, seed: int, stitched_per_split: int) -> list[Conv]:
-    split = trainer_splits(data, seed)
+def load_conversations(data: Path, seed: int, stitched_per_split: int, chat_turns: bool = False) -> list[Conv]:
+    split = trainer_splits(data, seed, chat_turns)
     convs: list[Conv] = []
     for row in read_jsonl(data / "conversations" / "safemtdata_attack600.jsonl"):
         convs.append(Conv(row["id"], "actorattack", "escalation", split.get(row["id"], "?"), row["messages"]))
@@ -463,17 +464,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--slack", type=float, default=0.02, help="score (flagged + early) a gate may cost")
     parser.add_argument("--stitched", type=int, default=100, help="stitched long MT-Bench chats per split")
+    parser.add_argument(
+        "--splits-of",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="take the splits from this model's config.json instead of --model's: two models on the same rows",
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    config = json.loads((args.model / "config.json").read_text())
-    seed = int(config.get("data", {}).get("seed", 0))
+    data_config = json.loads(((args.splits_of or args.model) / "config.json").read_text()).get("data", {})
+    seed, chat_turns = int(data_config.get("seed", 0)), bool(data_config.get("chat_turns", False))
     harm_threshold = 0.5  # scores are on the operating scale: 0.5 is the model's calibrated harm threshold
-    convs = load_conversations(args.data, seed, args.stitched)
+    convs = load_conversations(args.data, seed, args.stitched, chat_turns)
     # scores on the operating scale (v2): a cache of raw scores from an older replay is not reused
-    cache_key = f"v2:{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}:{args.window_ids}"
+    # the splits are in the key: stitched chats are drawn from each split's dialogues under the same ids
+    model_key = f"{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}:{args.window_ids}"
+    cache_key = f"v2:{model_key}:{seed}:{chat_turns}:{args.stitched}"
     cached: dict[str, Any] = {}
     if args.cache.is_file():
         blob = json.loads(args.cache.read_text())

@@ -91,10 +91,10 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
     (tmp_path / "config.json").write_text((kept / "2.10.0.config.json").read_text())
     lines = {}
     for balanced, targets in [(True, "t.json"), (False, None)]:
-        metrics["train"] |= {"balanced_rewords": balanced, "refusal_targets": targets}
+        metrics["train"] |= {"balanced_rewords": balanced, "refusal_targets": targets, "chat_turns": balanced}
         (tmp_path / "metrics.json").write_text(json.dumps(metrics))
         write_card(tmp_path, loso=[], latency=None, compare=[])
         card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
         lines[balanced] = next(x for x in card if x.startswith("guardproxy train --data"))
-    assert "--balanced-rewords --refusal-targets t.json --model-version" in lines[True]
-    assert "--balanced-rewords" not in lines[False] and "--refusal-targets" not in lines[False]
+    assert "--balanced-rewords --refusal-targets t.json --chat-turns --model-version" in lines[True]
+    assert all(f not in lines[False] for f in ("--balanced-rewords", "--refusal-targets", "--chat-turns"))

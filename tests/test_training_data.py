@@ -114,3 +114,47 @@ def test_every_reworded_sentence_form_comes_from_harmful_and_harmless_asks_alike
     old = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, rewords=600)
     old_how = Counter(e.harm for e in old if e.text.startswith(how_openers))
     assert old_how[1.0] > 5 * old_how[0.0]
+
+
+def test_chat_turns_add_each_mtbench_user_turn_alone_and_keep_dialogues_that_share_one_in_one_split(
+    tmp_path: Path,
+) -> None:
+    from guardproxy.training.sources import load_conversations
+
+    shared = "Now, can you turn that into a series of tweets for a museum?"
+    dialogues = [
+        _chat("mt-1", "benign", ["Tell me about the Rosetta Stone.", shared]),
+        _chat("mt-2", "benign", ["Write a short script about the Apollo 11 landing.", shared, "Make it shorter."]),
+    ]
+    (tmp_path / "conversations").mkdir()
+    (tmp_path / "conversations" / "safemtdata_attack600.jsonl").write_text("")
+    (tmp_path / "conversations" / "mtbench101.jsonl").write_text("\n".join(json.dumps(d) for d in dialogues) + "\n")
+
+    plain = load_conversations(tmp_path, random.Random(0))
+    with_turns = load_conversations(tmp_path, random.Random(0), chat_turns=True)
+    lone = [e for e in with_turns if e.source == "mtbench101_turns"]
+    # the windows are drawn as before (the turns take nothing from the generator), and every user turn comes alone
+    assert [e.text for e in with_turns if e.source != "mtbench101_turns"] == [e.text for e in plain]
+    assert not any(e.source == "mtbench101_turns" for e in plain)
+    assert sorted(e.text for e in lone) == sorted(
+        m["content"]
+        for d in dialogues
+        for m in d["messages"]
+        if m["role"] == "user"  # type: ignore[attr-defined]
+    )
+    assert all(e.label == "benign" and e.harm == 0.0 and e.harm_weight == BENIGN_TURN_WEIGHT for e in lone)
+    assert {e.group for e in lone} == {"dialog:mt-1", "dialog:mt-2"}
+
+    # the shared turn joins the two dialogues into one split group: it is never trained on in one and scored in
+    # the other's dev replay. Without the lone turns nothing links them, and some seed splits them.
+    def split_of(rows: list[Example], seed: int) -> dict[str, set[str]]:
+        assign_splits(rows, seed)
+        out: dict[str, set[str]] = {}
+        for e in rows:
+            out.setdefault(e.group, set()).add(e.split)
+        return out
+
+    linked = [split_of(load_conversations(tmp_path, random.Random(s), chat_turns=True), s) for s in range(40)]
+    assert all(s["dialog:mt-1"] == s["dialog:mt-2"] and len(s["dialog:mt-1"]) == 1 for s in linked)
+    apart = [split_of(load_conversations(tmp_path, random.Random(s)), s) for s in range(40)]
+    assert any(s["dialog:mt-1"] != s["dialog:mt-2"] for s in apart)

@@ -179,12 +179,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def trainer_split_of_ids(data: Path, seed: int) -> dict[str, str]:
+def trainer_split_of_ids(data: Path, seed: int, chat_turns: bool = False) -> dict[str, str]:
     """Row id -> the split training assigned (``dev``, ``calibration``, ``train``); ``?`` for an id that several
     rows share across splits. Uses the trainer's own loader and splitter (pure Python, no torch)."""
     sources = importlib.import_module("guardproxy.training.sources")  # outside mypy's strict scope
     splits = importlib.import_module("guardproxy.training.splits")
-    examples = sources.load_all(data, seed=seed)
+    examples = sources.load_all(data, seed=seed, chat_turns=chat_turns)
     splits.assign_splits(examples, seed)
     out: dict[str, str] = {}
     for e in examples:
@@ -203,7 +203,7 @@ def _keep_split(
         raise ConfigError(f"--split needs the training data: no directory {data} (set --data)")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     seed = int(config.get("data", {}).get("seed", 0))
-    by_id = trainer_split_of_ids(data, seed)
+    by_id = trainer_split_of_ids(data, seed, bool(config.get("data", {}).get("chat_turns", False)))
     kept_files, kept, total, unknown = [], 0, 0, 0
     for path, rows in files:
         keep = [r for r in rows if by_id.get(str(r.id)) == split]

@@ -61,6 +61,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="draw every reworded sentence form equally from harmful and harmless asks (2.12.0's recipe)",
     )
+    parser.add_argument(
+        "--chat-turns",
+        action="store_true",
+        help="also train every MT-Bench user turn on its own as a harmless prompt (half weight; what the per-turn "
+        "check sees)",
+    )
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
@@ -163,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         init_seed=args.init_seed,
         train_only=args.train_only,
         refusal_targets=args.refusal_targets,
+        chat_turns=args.chat_turns,
         train=TrainConfig(
             device=args.device,
             distill=args.distill,

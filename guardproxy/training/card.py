@@ -112,6 +112,7 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
         device = f" --device {run['device']} --train-only" if run.get("device", "cpu") != "cpu" else ""
         data = " --balanced-rewords" if run.get("balanced_rewords") else ""
         data += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
+        data += " --chat-turns" if run.get("chat_turns") else ""
         return (
             f"guardproxy train --data ../shared/data --out {out} --layers {config['layers']} --max-steps "
             f"{int(run['steps'])} --seed {run['seed']}{split}{init}{device}{data} --model-version {config['version']}"

@@ -34,6 +34,7 @@ SOURCE_CAPS: dict[str, int] = {
     "phtest_responses": 2500,
     "itw_jailbreak_prompts": 500,  # long (256 ids each) and one head's worth of signal
     "mtbench101": 700,
+    "mtbench101_turns": 700,  # --chat-turns: each user turn alone (about 3,200 in train), at half weight
 }
 # Rows repeated per epoch: the authored sets are the only ones that set one intent in many voices beside benign
 # look-alikes in the same voices (the principle, not the phrasing), and they are small.

@@ -72,6 +72,9 @@ class RunOptions:
     train_only: bool = False  # stop once student.pt is written: no export, calibration or metrics (e.g. on a GPU)
     # A label-noise correction (sources.load_refusal_targets): that source's refusal rows train on soft targets.
     refusal_targets: Path | None = None
+    # Every MT-Bench user turn on its own as a harmless prompt too (sources.load_conversations): the per-turn check's
+    # input. The splits are recorded in config.json's data, so the evaluators rebuild them with the same rows.
+    chat_turns: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -93,7 +96,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
     encoder = Encoder(tokenizer, opts.train.max_length)
 
     data_seed = opts.data_seed
-    examples = load_all(opts.data, authored=opts.authored, seed=data_seed)
+    examples = load_all(opts.data, authored=opts.authored, seed=data_seed, chat_turns=opts.chat_turns)
     assign_splits(examples, data_seed)
     if opts.refusal_targets is not None:
         source, targets = load_refusal_targets(opts.refusal_targets)
@@ -140,6 +143,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 # The data options a reproduce command needs (the card writes them back as flags).
                 "balanced_rewords": opts.train.balanced_rewords,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
+                "chat_turns": opts.chat_turns,
             }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
@@ -425,6 +429,7 @@ def write_config(
             "calibration_rows": len(calib_rows),
             "dev_rows": len(dev_rows),
             "seed": opts.data_seed,  # the splits' seed
+            "chat_turns": opts.chat_turns,  # MT-Bench's turns loaded alone too: they join dialogues' split groups
             "train_seeds": (
                 [r.get("seed") for d in opts.soup for r in soup_runs(_run_summary(d))]
                 if opts.soup

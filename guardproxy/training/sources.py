@@ -186,12 +186,18 @@ def windows_ending_at(messages: list[dict[str, Any]], index: int, k: int = WINDO
     return messages[max(0, index - k + 1) : index + 1]
 
 
-def load_conversations(data: Path, rng: random.Random) -> list[Example]:
+def load_conversations(data: Path, rng: random.Random, chat_turns: bool = False) -> list[Example]:
+    """ActorAttack escalation windows and MT-Bench-101 benign windows; with ``chat_turns`` also every MT-Bench user
+    turn on its own (source ``mtbench101_turns``, half weight, its dialogue's group), the input the per-turn check
+    sees. Without them the model never saw a follow-up such as "Now turn that into a series of tweets" alone as
+    harmless, and flagged about 1% of MT-Bench's user turns, its own training dialogues' included."""
     out: list[Example] = []
     for row in read_jsonl(data / "conversations" / "safemtdata_attack600.jsonl"):
         out.extend(_escalation_windows(row, "safemtdata_attack600", f"goal:{row.get('group_id') or row['id']}"))
     for row in read_jsonl(data / "conversations" / "mtbench101.jsonl"):
         out.extend(_benign_windows(row, "mtbench101", f"dialog:{row['id']}", rng))
+        if chat_turns:
+            out.extend(_benign_turns(row, "mtbench101_turns", f"dialog:{row['id']}"))
     return out
 
 
@@ -267,7 +273,8 @@ def _benign_windows(
 
 
 def _benign_turns(row: dict[str, Any], source: str, group: str) -> list[Example]:
-    """Each user turn of a harmless authored chat as a prompt on its own, at half weight.
+    """Each user turn of a harmless chat (authored, or MT-Bench's with ``--chat-turns``) as a prompt on its own, at
+    half weight.
 
     The dark-but-benign chats (a nurse revising overdose recognition, a mystery novelist) are where long harmless
     conversations get flagged, and mostly by one turn's own score; their windows alone never showed the per-turn
@@ -336,9 +343,9 @@ def _authored_rows(row: dict[str, Any], source: str, rng: random.Random) -> list
     return [ex]
 
 
-def load_all(data: Path, *, authored: bool = True, seed: int = 0) -> list[Example]:
+def load_all(data: Path, *, authored: bool = True, seed: int = 0, chat_turns: bool = False) -> list[Example]:
     rng = random.Random(seed)
-    examples = load_prompts(data) + load_responses(data) + load_conversations(data, rng)
+    examples = load_prompts(data) + load_responses(data) + load_conversations(data, rng, chat_turns)
     if authored:
         examples += load_authored()
     return examples
