@@ -270,6 +270,11 @@ def benign_sets(ben: Sequence[Conv], per_set: bool) -> dict[str, list[Conv]]:
     return out
 
 
+# The highest flag threshold (on the raw escalation score) the tuner may choose: above it the score's last digits
+# would decide, and the operating scale's upper half would be squeezed into a sliver.
+THRESHOLD_CEILING = 0.999
+
+
 def benign_cut(maxima: Iterable[Sequence[float]], max_benign: float, floor: float, ceiling: float) -> float:
     """The lowest threshold over which at most ``max_benign`` of each group's conversations lie (each value is a
     conversation's highest score). Counted per group, three-turn dialogues cannot lend their budget to long chats."""
@@ -302,6 +307,7 @@ def tune(
     if not ben:  # the threshold is a cut on harmless conversations' scores: without any it would fall to its floor
         raise SystemExit("conversation_eval --tune: no harmless conversations in the tuning split(s)")
     per_gate: dict[float, tuple[tuple[float, float], EscalationParams]] = {}
+    infeasible = 0
     grid = list(
         itertools.product(
             (0.6, 0.7, 0.8, 0.9),  # decay
@@ -333,17 +339,31 @@ def tune(
                 name: [max(escalations(c.turns or [], p0), default=0.0) for c in group]
                 for name, group in benign_sets(ben, per_set).items()
             }
-            threshold = benign_cut(maxima.values(), max_benign, floor=0.05, ceiling=0.99)
-            p = replace(p0, threshold=threshold)
+            needed = benign_cut(maxima.values(), max_benign, floor=0.05, ceiling=1.0)
+            if needed > THRESHOLD_CEILING:
+                # No threshold keeps the harmless chats within the budget with these parameters (their scores
+                # saturate). Clamping the cut would break the budget, and the sets that break it most catch the
+                # most escalations, so the search used to pick them at its ceiling (0.99 for 2.11.0 and 2.12.0).
+                infeasible += 1
+                continue
+            p = replace(p0, threshold=needed)
             caught = [rates(group, tracker_flags(group, p)) for group in esc_sets.values()]
-            score = (statistics.mean(r.flagged + r.early for r in caught), -threshold)
+            score = (statistics.mean(r.flagged + r.early for r in caught), -needed)
             if best is None or score > best[0]:
                 best = (score, p)
-        assert best is not None
+        if best is None:
+            print(f"  gate {gate:.2f}: no parameters keep the harmless chats within the budget", file=sys.stderr)
+            continue
         per_gate[gate] = best
         print(
             f"  gate {gate:.2f}: score {best[0][0]:.3f}, window passes {window_pass_rate(convs, best[1]):.1%}",
             file=sys.stderr,
+        )
+    print(f"  {infeasible} of {len(grid) * len(gates)} parameter sets could not meet the budget", file=sys.stderr)
+    if not per_gate:
+        raise SystemExit(
+            f"conversation_eval --tune: no parameters keep <= {max_benign:.0%} of each harmless source flagged "
+            f"under a threshold of {THRESHOLD_CEILING}"
         )
     reference = per_gate[min(per_gate)][0][0]
     chosen = max(g for g, (score, _) in per_gate.items() if score[0] >= reference - slack)

@@ -3,7 +3,10 @@ short harmless dialogues cannot lend its budget to the long harmless chats that 
 
 from __future__ import annotations
 
-from bench.conversation_eval import Conv, benign_cut, benign_sets
+import pytest
+
+from bench.conversation_eval import Conv, benign_cut, benign_sets, tracker_flags, tune
+from guardproxy.conversation import EscalationParams
 
 
 def _conv(cid: str, source: str) -> Conv:
@@ -37,3 +40,22 @@ def test_benign_sets_group_by_source_or_pool() -> None:
         "stitched": ["b"],
     }
     assert [c.id for c in benign_sets(convs, per_set=False)["all"]] == ["a", "b", "c"]
+
+
+def _turn(harm: float, window: float) -> dict[str, object]:
+    return {"harm": harm, "window": window, "refusals": 0, "rephrase": [], "history": "verified"}
+
+
+def test_the_tuner_refuses_parameters_whose_harmless_chats_no_threshold_can_clear() -> None:
+    # a harmless chat whose window reads 1.0 from its second turn on: with the window always run (gate 0), no
+    # threshold under the ceiling keeps it unflagged, whatever the trajectory parameters
+    benign = Conv("b", "stitched", "benign", "calibration", [], turns=[_turn(0.2, 0.2), _turn(0.2, 1.0)])
+    attack = Conv("e", "actorattack", "escalation", "calibration", [], turns=[_turn(0.35, 0.35), _turn(0.35, 1.0)])
+    with pytest.raises(SystemExit, match="no parameters keep"):
+        tune([benign, attack], 0.03, EscalationParams(), gates=(0.0,))
+
+    # a gate that skips the window on the harmless chat (its turns stay under 0.3) makes the budget reachable
+    p = tune([benign, attack], 0.03, EscalationParams(), gates=(0.0, 0.3))
+    assert p.window_gate == 0.3 and p.threshold <= 0.999
+    assert tracker_flags([benign], p) == [None]
+    assert tracker_flags([attack], p) != [None]
