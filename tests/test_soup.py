@@ -98,3 +98,21 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
         lines[balanced] = next(x for x in card if x.startswith("guardproxy train --data"))
     assert "--balanced-rewords --refusal-targets t.json --chat-turns --model-version" in lines[True]
     assert all(f not in lines[False] for f in ("--balanced-rewords", "--refusal-targets", "--chat-turns"))
+
+
+def test_the_cards_balance_line_lists_only_the_caps_of_sources_the_run_loaded(tmp_path: Path) -> None:
+    from guardproxy.training.card import write_card
+
+    kept = Path(__file__).resolve().parents[1] / "bench" / "results" / "candidates"
+    (tmp_path / "metrics.json").write_text((kept / "2.10.0.metrics.json").read_text())
+    config = json.loads((kept / "2.10.0.config.json").read_text())
+    balance = {}
+    for chat_turns in (False, True):
+        if chat_turns:
+            config["data"]["sources"]["mtbench101_turns"] = 3165
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        write_card(tmp_path, loso=[], latency=None, compare=[])
+        card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+        balance[chat_turns] = next(x for x in card if x.startswith("Balance:"))
+    assert "mtbench101 700" in balance[False] and "mtbench101_turns" not in balance[False]
+    assert "mtbench101_turns 700" in balance[True]
