@@ -63,13 +63,14 @@ class EscalationParams:
     chats), scores on the operating scale: ``python -m bench.conversation_eval --tune`` (see its docstring).
     Retune whenever the model is replaced: the threshold sits on that model's score distribution."""
 
-    # With 2.12.0 the tuning chose 2.5.0's slow decay without its floor and with more gain; the flag threshold sits at
-    # the search's ceiling (0.99), as it did for candidate 2.11.0. 2.5.0's tuning: decay 0.9, gain 0.5, floor 0.2,
-    # trend weight 1.0, threshold 0.9802, window gate 0.02 (bench/RESULTS.md, "Model 2.12.0").
-    decay: float = 0.9
-    gain: float = 0.7
+    # Retuned for 2.12.0 (2026-12-04, 19:20 UTC) after the search stopped clamping its cut at 0.99: the earlier
+    # defaults (decay 0.9, gain 0.7, trend weight 1.0, threshold 0.99, window gate 0.05) sat at that ceiling and
+    # flagged 2 of the 13 harmless authored chats of the tuning split, over the 3% budget. With the clamp gone, the
+    # search keeps a faster decay, less gain and no trend term (bench/RESULTS.md, "Model 2.12.0, retuned").
+    decay: float = 0.6
+    gain: float = 0.3
     floor: float = 0.0
-    trend_weight: float = 1.0
+    trend_weight: float = 0.0
     trend_cap: float = 0.5
     refusal_weight: float = 0.0  # tuned to 0: the model calls many harmless replies partial refusals
     rephrase_low: float = 0.85
@@ -77,11 +78,12 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    # raw score mapped to FLAG_THRESHOLD (model 2.12.0, 96-id windows, per-source budget; the search's ceiling)
-    threshold: float = 0.99
-    # Tuned: the highest gate within 0.02 of the ungated score (2.5.0's tuning chose 0.02). With this model the
-    # window skips more harmless turns at 0.05 for no loss on the tuning split.
-    window_gate: float = 0.05
+    # raw score mapped to FLAG_THRESHOLD (model 2.12.0, 96-id windows, per-source budget; the tuned cut 0.98393
+    # rounded up)
+    threshold: float = 0.984
+    # Tuned: the highest gate within 0.02 of the ungated score (0.02 here, as for 2.5.0; the window runs on 75% of
+    # the dev split's harmless requests after the first turn).
+    window_gate: float = 0.02
 
 
 def window_text(turns: Sequence[tuple[str, str]]) -> str:
