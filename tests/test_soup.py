@@ -116,3 +116,21 @@ def test_the_cards_balance_line_lists_only_the_caps_of_sources_the_run_loaded(tm
         balance[chat_turns] = next(x for x in card if x.startswith("Balance:"))
     assert "mtbench101 700" in balance[False] and "mtbench101_turns" not in balance[False]
     assert "mtbench101_turns 700" in balance[True]
+
+
+def test_the_cards_leave_one_out_commands_carry_their_runs_data_options(tmp_path: Path) -> None:
+    from guardproxy.training.card import write_card
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    (tmp_path / "metrics.json").write_text((root / "candidates" / "2.10.0.metrics.json").read_text())
+    (tmp_path / "config.json").write_text((root / "candidates" / "2.10.0.config.json").read_text())
+    loso = json.loads((root / "loso" / "advbench.metrics.json").read_text())
+    lines = {}
+    for balanced in (True, False):
+        loso["train"]["balanced_rewords"] = balanced
+        (tmp_path / "loso.json").write_text(json.dumps(loso))
+        write_card(tmp_path, loso=[tmp_path / "loso.json"], latency=None, compare=[])
+        card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+        lines[balanced] = next(x for x in card if x.startswith("guardproxy train --cheap"))
+    assert "--max-steps 250 --balanced-rewords --out /tmp/loso-advbench" in lines[True]
+    assert "--balanced-rewords" not in lines[False]

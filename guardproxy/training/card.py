@@ -110,12 +110,10 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
         split = f" --split-seed {split_seed}" if run["seed"] != split_seed else ""
         init = f" --init-seed {run['init_seed']}" if run.get("init_seed", run["seed"]) != run["seed"] else ""
         device = f" --device {run['device']} --train-only" if run.get("device", "cpu") != "cpu" else ""
-        data = " --balanced-rewords" if run.get("balanced_rewords") else ""
-        data += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
-        data += " --chat-turns" if run.get("chat_turns") else ""
         return (
             f"guardproxy train --data ../shared/data --out {out} --layers {config['layers']} --max-steps "
-            f"{int(run['steps'])} --seed {run['seed']}{split}{init}{device}{data} --model-version {config['version']}"
+            f"{int(run['steps'])} --seed {run['seed']}{split}{init}{device}{_data_flags(run)} "
+            f"--model-version {config['version']}"
         )
 
     if "soup" in m["train"]:
@@ -133,7 +131,7 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
         left = lm["options"]["leave_out"]
         add(
             f"guardproxy train --cheap --layers {lm['options']['layers']} --leave-out {' '.join(left)} "
-            f"--max-steps {int(lm['train']['steps'])} "
+            f"--max-steps {int(lm['train']['steps'])}{_data_flags(lm['train'])} "
             f"--out /tmp/loso-{'-'.join(left)}"
         )
     add("python -m bench.classifier_latency --model models/guard-v1 --json bench/results/classifier_latency.json")
@@ -145,6 +143,13 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add("")
     add("![score distributions](scores.png)")
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def _data_flags(run: dict[str, Any]) -> str:
+    """The data options of a training run's summary, as the flags that reproduce them (off ones left out)."""
+    flags = " --balanced-rewords" if run.get("balanced_rewords") else ""
+    flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
+    return flags + (" --chat-turns" if run.get("chat_turns") else "")
 
 
 def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
