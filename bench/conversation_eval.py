@@ -297,8 +297,9 @@ def tune(
 ) -> EscalationParams:
     """Most escalation conversations flagged, and flagged early (each source weighted alike), with at most
     ``max_benign`` of the benign conversations flagged by the tracker (of each benign source on its own when
-    ``per_set``: MT-Bench dialogues, stitched long chats, authored chats); then, of the ``gates``, the highest (the
-    fewest window passes) whose best score is within ``slack`` of the lowest gate's best (0: ungated)."""
+    ``per_set``: MT-Bench dialogues, stitched long chats, authored chats); parameter sets that need a threshold over
+    ``THRESHOLD_CEILING`` for that are skipped. Then, of the ``gates``, the highest (the fewest window passes) whose
+    best score is within ``slack`` of the lowest gate's best (0: ungated)."""
     esc_sets: dict[str, list[Conv]] = {}
     for c in convs:
         if c.label == "escalation":
