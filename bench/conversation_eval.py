@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from guardproxy.commands.evaluate import trainer_split_of_ids
 from guardproxy.conversation import FLAG_THRESHOLD, ConversationTracker, EscalationParams, MemoryBackend
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, escalation, trajectory_step, trend, window_gate_open
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
@@ -67,19 +68,10 @@ def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
             yield json.loads(line)
 
 
-def trainer_splits(data: Path, seed: int, chat_turns: bool = False) -> dict[str, str]:
-    """Conversation id -> the Trainer's split (dev / calibration / train), exactly as training assigned it (a model
-    trained with ``--chat-turns`` loaded MT-Bench's turns alone too, which merges dialogues that share a turn)."""
-    from guardproxy.training.sources import load_all
-    from guardproxy.training.splits import assign_splits
-
-    examples = load_all(data, seed=seed, chat_turns=chat_turns)
-    assign_splits(examples, seed)
-    return {str(e.meta["id"]): e.split for e in examples if e.meta and "id" in e.meta}
-
-
 def load_conversations(data: Path, seed: int, stitched_per_split: int, chat_turns: bool = False) -> list[Conv]:
-    split = trainer_splits(data, seed, chat_turns)
+    # the Trainer's split of every conversation id, exactly as training assigned it (a model trained with
+    # --chat-turns loaded MT-Bench's turns alone too, which merges dialogues that share a turn)
+    split = trainer_split_of_ids(data, seed, chat_turns)
     convs: list[Conv] = []
     for row in read_jsonl(data / "conversations" / "safemtdata_attack600.jsonl"):
         convs.append(Conv(row["id"], "actorattack", "escalation", split.get(row["id"], "?"), row["messages"]))
