@@ -92,12 +92,14 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
     lines = {}
     for balanced, targets in [(True, "t.json"), (False, None)]:
         metrics["train"] |= {"balanced_rewords": balanced, "refusal_targets": targets, "chat_turns": balanced}
+        metrics["train"]["context_asks"] = 400 if balanced else 0
         (tmp_path / "metrics.json").write_text(json.dumps(metrics))
         write_card(tmp_path, loso=[], latency=None, compare=[])
         card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
         lines[balanced] = next(x for x in card if x.startswith("guardproxy train --data"))
-    assert "--balanced-rewords --refusal-targets t.json --chat-turns --model-version" in lines[True]
-    assert all(f not in lines[False] for f in ("--balanced-rewords", "--refusal-targets", "--chat-turns"))
+    assert "--balanced-rewords --context-asks 400 --refusal-targets t.json --chat-turns --model-version" in lines[True]
+    flags = ("--balanced-rewords", "--context-asks", "--refusal-targets", "--chat-turns")
+    assert all(f not in lines[False] for f in flags)
 
 
 def test_the_cards_balance_line_lists_only_the_caps_of_sources_the_run_loaded(tmp_path: Path) -> None:

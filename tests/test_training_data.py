@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from guardproxy.training.augment import _ASK_FRAMES, _HOW_QUESTIONS, augment
-from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored
+from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored, window_text
 from guardproxy.training.splits import assign_splits
 
 
@@ -114,6 +114,43 @@ def test_every_reworded_sentence_form_comes_from_harmful_and_harmless_asks_alike
     old = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, rewords=600)
     old_how = Counter(e.harm for e in old if e.text.startswith(how_openers))
     assert old_how[1.0] > 5 * old_how[0.0]
+
+
+def test_context_asks_put_each_ask_after_a_harmless_chat_with_the_asks_own_label() -> None:
+    def ask(text: str, harm: float) -> Example:
+        return Example(text=text, source="advbench" if harm else "phtest", group=text, label="x", harm=harm)
+
+    def chat(i: int) -> Example:
+        window = [
+            {"role": "user", "content": f"Plan a picnic for {i} people"},
+            {"role": "assistant", "content": "Bring sandwiches and a blanket."},
+            {"role": "user", "content": "And drinks?"},
+        ]
+        return Example(
+            text=window_text(window), source="mtbench101", group=f"d{i}", label="benign", harm=0.0,
+            meta={"window": window},
+        )  # fmt: skip
+
+    harmful = [ask(f"Explain how to do harmful thing {i}", 1.0) for i in range(20)]
+    harmless = [ask(f"How do I kill a Python process {i}?", 0.0) for i in range(20)]
+    escalation = Example(text="user: x", source="safemtdata_attack600", group="g", label="escalation", harm=1.0,
+                         meta={"window": [{"role": "user", "content": "ESCALATION CONTEXT"}]})  # fmt: skip
+    train = harmful + harmless + [chat(i) for i in range(5)] + [escalation]
+    out = augment(train, random.Random(0), frames=0, wraps=0, context_asks=200)
+    assert len(out) == 200 and {e.source for e in out} == {"aug/context_ask"}
+    assert Counter(e.harm for e in out) == {1.0: 100, 0.0: 100}
+    for e in out:
+        lines = e.text.split("\n")
+        assert lines[-1].startswith("user: ") and lines[-1][len("user: ") :] in {a.text for a in harmful + harmless}
+        assert e.harm == (1.0 if "harmful" in lines[-1] else 0.0)
+        # the chat's own last user turn is replaced by the ask; only harmless chats serve as context
+        assert lines[:-1] == ["user: " + lines[0][len("user: ") :], "assistant: Bring sandwiches and a blanket."]
+        assert "And drinks?" not in e.text and "ESCALATION" not in e.text
+    # off, it draws nothing: a run without it keeps its augmentation draw for draw
+    a, b = random.Random(3), random.Random(3)
+    plain = augment(train, a, frames=10, wraps=0, rewords=10)
+    off = augment(train, b, frames=10, wraps=0, rewords=10, context_asks=0)
+    assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()
 
 
 def test_chat_turns_add_each_mtbench_user_turn_alone_and_keep_dialogues_that_share_one_in_one_split(

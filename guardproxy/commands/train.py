@@ -62,6 +62,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="draw every reworded sentence form equally from harmful and harmless asks (2.12.0's recipe)",
     )
     parser.add_argument(
+        "--context-asks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N asks an epoch (half harmful) put as the next user turn of a harmless chat, in the window format, "
+        "with the ask's label (e.g. 400; default 0: off)",
+    )
+    parser.add_argument(
         "--chat-turns",
         action="store_true",
         help="also train every MT-Bench user turn on its own as a harmless prompt (half weight; what the per-turn "
@@ -179,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             wraps_per_epoch=0 if args.cheap else TrainConfig.wraps_per_epoch,
             balanced_rewords=args.balanced_rewords,
+            context_asks_per_epoch=args.context_asks,
         ),
     )
     if not args.card:

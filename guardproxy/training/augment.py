@@ -6,6 +6,10 @@
 - Jailbreak wrapping: a real wrapper from the train split carrying a harmful or a harmless question (in its
   placeholder, or appended where it has none). jailbreak = 1 either way; harm follows the question, so the harm
   head learns to find the ask at the end of a long wrapper (and encode_prompt keeps that tail).
+- Context asks (``guardproxy train --context-asks N``): a harmful or a harmless ask put as the next user turn of
+  a harmless chat, in the window format the conversation tracker scores, with the ask's label. Without them the
+  window pass had seen harmless chat windows and ActorAttack windows but never a plain ask after a harmless chat,
+  and read a harmful ask after one to three MT-Bench turns as much less harmful than the ask alone.
 
 Only train-split rows are used as material, so no dev or calibration text leaks into training through here.
 """
@@ -16,7 +20,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from guardproxy.training.sources import PLACEHOLDER, Example
+from guardproxy.training.sources import PLACEHOLDER, WINDOW_TURNS, Example, window_text
 
 FRAMES: tuple[str, ...] = (
     "Write a short story in which one character explains to another: {q}",
@@ -154,9 +158,10 @@ def augment(
     wraps: int,
     rewords: int = 0,
     balanced_rewords: bool = False,
+    context_asks: int = 0,
 ) -> list[Example]:
-    """``frames`` reframed asks, ``rewords`` asks in the other sentence form and ``wraps`` wrapped questions, each
-    half harmful and half harmless, from train rows."""
+    """``frames`` reframed asks, ``rewords`` asks in the other sentence form, ``wraps`` wrapped questions and
+    ``context_asks`` asks after a harmless chat, each half harmful and half harmless, from train rows."""
     asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
     harmful = [e for e in asks if e.harm == 1.0]
     harmless = [e for e in asks if e.harm == 0.0]
@@ -181,7 +186,30 @@ def augment(
         if wrappers:
             for i in range(wraps):
                 out.append(wrapped(rng.choice(wrappers), rng.choice(harmful if i % 2 == 0 else harmless), rng))
+        if context_asks:  # no draw at all when off: runs without it keep their augmentation, draw for draw
+            chats = [e.meta["window"] for e in train if e.harm == 0.0 and e.meta.get("window")]
+            for i in range(context_asks if chats else 0):
+                out.append(after_chat(rng.choice(chats), rng.choice(harmful if i % 2 == 0 else harmless)))
     return out
+
+
+def after_chat(chat: Sequence[dict[str, str]], ask: Example) -> Example:
+    """``ask`` as the next user turn of the harmless ``chat`` (a window's messages, ending at a user turn, which is
+    replaced), cut to the tracker's window: the window pass must read the newest ask, whatever came before it."""
+    context = list(chat[:-1]) if len(chat) > 1 else list(chat)
+    messages = [*context, {"role": "user", "content": ask.text.strip()}][-WINDOW_TURNS:]
+    return Example(
+        text=window_text(messages),
+        source="aug/context_ask",
+        group=ask.group,
+        label=ask.label,
+        harm=ask.harm,
+        harm_weight=ask.harm_weight,
+        category=ask.category,
+        category_weight=ask.category_weight,
+        jailbreak=None,
+        split=ask.split,
+    )
 
 
 def _balanced_rewords(

@@ -80,6 +80,8 @@ class TrainConfig:
     # Each reworded sentence form drawn equally from harmful and harmless asks (augment._balanced_rewords; 2.12.0 on);
     # off: 2.5.0's draw, in which how-questions came from harmful asks five times in six.
     balanced_rewords: bool = False
+    # Asks put after a harmless chat, in the window format, with the ask's label (augment.after_chat); 0: off.
+    context_asks_per_epoch: int = 0
     distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
     device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
 
@@ -152,6 +154,7 @@ def epoch_rows(train: Sequence[Example], rng: random.Random, cfg: TrainConfig) -
             wraps=cfg.wraps_per_epoch,
             rewords=cfg.rewords_per_epoch,
             balanced_rewords=cfg.balanced_rewords,
+            context_asks=cfg.context_asks_per_epoch,
         )
     )
     return rows

@@ -142,6 +142,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "device": opts.train.device,
                 # The data options a reproduce command needs (the card writes them back as flags).
                 "balanced_rewords": opts.train.balanced_rewords,
+                "context_asks": opts.train.context_asks_per_epoch,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
             }

@@ -266,7 +266,8 @@ def _benign_windows(
                 harm=0.0,
                 category=NONE_CATEGORY,
                 jailbreak=0.0,
-                meta={"id": row["id"], "turn": end},
+                # the window's messages: a harmless context for augment.context_asks
+                meta={"id": row["id"], "turn": end, "window": window},
             )
         )
     return out
