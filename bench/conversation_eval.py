@@ -241,13 +241,21 @@ def last_turn_flags(convs: Sequence[Conv], harm_threshold: float) -> list[int | 
     return [first_flag([t["harm"] for t in c.turns or []], harm_threshold) for c in convs]
 
 
-def guard_flags(convs: Sequence[Conv], p: EscalationParams, harm_threshold: float) -> list[int | None]:
-    """What a policy with both rules flags: the turn's own harm, or the conversation's escalation."""
+def guard_flags(
+    convs: Sequence[Conv], p: EscalationParams, harm_threshold: float, context_check: float | None = None
+) -> list[int | None]:
+    """What a policy with both rules flags: the turn's own harm, or the conversation's escalation. With
+    ``context_check``, a turn after the first counts only when its window (the turn with its recent context) also
+    reaches that harm: the per-turn rule with the window as a second opinion."""
     out = []
     for c in convs:
         turns = c.turns or []
         esc = escalations(turns, p)
-        flags = [e >= FLAG_THRESHOLD or t["harm"] >= harm_threshold for e, t in zip(esc, turns, strict=True)]
+        flags = [
+            e >= FLAG_THRESHOLD
+            or (t["harm"] >= harm_threshold and (context_check is None or k == 0 or t["window"] >= context_check))
+            for k, (e, t) in enumerate(zip(esc, turns, strict=True))
+        ]
         out.append(next((i + 1 for i, f in enumerate(flags) if f), None))
     return out
 
@@ -400,7 +408,12 @@ def groups(convs: Sequence[Conv], split: str) -> list[tuple[str, list[Conv]]]:
 
 
 def report(
-    convs: Sequence[Conv], p: EscalationParams, harm_threshold: float, matched: float, splits: Sequence[str]
+    convs: Sequence[Conv],
+    p: EscalationParams,
+    harm_threshold: float,
+    matched: float,
+    splits: Sequence[str],
+    context_check: float | None = None,
 ) -> dict[str, Any]:
     """Per split and source: last-turn-only (model threshold; threshold matched to the tuning benign budget),
     the tracker's escalation alone, and both rules together (what the default policy does)."""
@@ -411,6 +424,10 @@ def report(
         "tracker (escalation>=0.5)": lambda g: tracker_flags(g, p),
         "tracker + last-turn": lambda g: guard_flags(g, p, harm_threshold),
     }
+    if context_check is not None:
+        methods[f"tracker + last-turn if window>={context_check:.2f}"] = lambda g: guard_flags(
+            g, p, harm_threshold, context_check
+        )
     for split in splits:
         print(f"\n== split: {split}")
         in_split = [c for c in convs if c.split == split]
@@ -484,6 +501,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="take the splits from this model's config.json instead of --model's: two models on the same rows",
     )
+    parser.add_argument(
+        "--context-check",
+        type=float,
+        default=None,
+        metavar="W",
+        help="also report the per-turn rule with the window as a second opinion: a later turn counts only when its "
+        "window reaches W too",
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -520,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"\nparameters: {params}")
     matched = matched_harm_threshold(tuning, args.max_benign, per_set=args.budget == "per-set")
-    summary = report(convs, params, harm_threshold, matched, ["train", "calibration", "dev", "challenge"])
+    splits = ["train", "calibration", "dev", "challenge"]
+    summary = report(convs, params, harm_threshold, matched, splits, args.context_check)
     if args.json:
         blob = {"params": asdict(params), "window_ids": args.window_ids, "results": summary}
         args.json.write_text(json.dumps(blob, indent=1))

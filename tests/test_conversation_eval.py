@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.conversation_eval import Conv, benign_cut, benign_sets, tracker_flags, tune
+from bench.asks_after_chat import requests, summary
+from bench.conversation_eval import Conv, benign_cut, benign_sets, guard_flags, tracker_flags, tune
 from guardproxy.conversation import EscalationParams
 
 
@@ -59,3 +60,34 @@ def test_the_tuner_refuses_parameters_whose_harmless_chats_no_threshold_can_clea
     assert p.window_gate == 0.3 and p.threshold <= 0.999
     assert tracker_flags([benign], p) == [None]
     assert tracker_flags([attack], p) != [None]
+
+
+def test_the_window_as_a_second_opinion_spares_a_later_turn_only_when_its_window_reads_low() -> None:
+    p = EscalationParams()
+    # a follow-up that reads harmful alone and harmless in context; a first turn has no context to ask
+    follow_up = Conv("f", "stitched", "benign", "dev", [], turns=[_turn(0.0, 0.0), _turn(0.9, 0.05)])
+    first = Conv("o", "stitched", "benign", "dev", [], turns=[_turn(0.9, 0.9), _turn(0.0, 0.0)])
+    harmful_after_chat = Conv("h", "stitched", "benign", "dev", [], turns=[_turn(0.0, 0.0), _turn(0.9, 0.6)])
+    convs = [follow_up, first, harmful_after_chat]
+    assert guard_flags(convs, p, 0.5) == [2, 1, 2]
+    assert guard_flags(convs, p, 0.5, context_check=0.3) == [None, 1, 2]
+
+
+def test_asks_after_chat_puts_each_ask_after_whole_exchanges_and_counts_turn_window_and_both() -> None:
+    chat = [
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    rows = [{"prompt": f"ask {i}", "label": "harmful" if i % 2 else "benign"} for i in range(40)]
+    convs = requests(rows, [chat], seed=0)
+    assert convs == requests(rows, [chat], seed=0)  # seeded: two models see the same requests
+    for row, conv in zip(rows, convs, strict=True):
+        assert conv[-1] == {"role": "user", "content": row["prompt"]}
+        assert conv[:-1] in (chat[:2], chat)  # one or two whole exchanges (the chat has two), ending at a reply
+    scores = [(0.9, 0.6), (0.9, 0.2), (0.1, 0.7), (0.6, 0.6)] * 10  # rows alternate benign, harmful
+    got = summary(rows, scores, context_check=0.5)
+    assert got["harmless"] == {"n": 20, "turn": 0.5, "window": 1.0, "both": 0.5}
+    assert got["harmful"] == {"n": 20, "turn": 1.0, "window": 0.5, "both": 0.5}
+    assert summary(rows, scores, context_check=0.1)["harmful"]["both"] == 1.0
