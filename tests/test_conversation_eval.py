@@ -87,7 +87,6 @@ def test_asks_after_chat_puts_each_ask_after_whole_exchanges_and_counts_turn_win
         assert conv[-1] == {"role": "user", "content": row["prompt"]}
         assert conv[:-1] in (chat[:2], chat)  # one or two whole exchanges (the chat has two), ending at a reply
     scores = [(0.9, 0.6), (0.9, 0.2), (0.1, 0.7), (0.6, 0.6)] * 10  # rows alternate benign, harmful
-    got = summary(rows, scores, context_check=0.5)
-    assert got["harmless"] == {"n": 20, "turn": 0.5, "window": 1.0, "both": 0.5}
-    assert got["harmful"] == {"n": 20, "turn": 1.0, "window": 0.5, "both": 0.5}
-    assert summary(rows, scores, context_check=0.1)["harmful"]["both"] == 1.0
+    got = summary(rows, scores, checks=(0.5, 0.1))
+    assert got["harmless"] == {"n": 20, "turn": 0.5, "window": 1.0, "both@0.5": 0.5, "both@0.1": 0.5}
+    assert got["harmful"] == {"n": 20, "turn": 1.0, "window": 0.5, "both@0.5": 0.5, "both@0.1": 1.0}
