@@ -55,7 +55,7 @@ def requests(rows: Sequence[dict[str, Any]], chats: Sequence[list[dict[str, str]
     return out
 
 
-async def score(model: Path, convs: Sequence[list[Any]]) -> list[tuple[float, float]]:
+async def score(model: Path, convs: Sequence[list[Any]], window_ids: int = WINDOW_MAX_IDS) -> list[tuple[float, float]]:
     """(turn harm, window harm) of each request's last turn."""
     from guardproxy.classifier import OnnxClassifier
 
@@ -65,7 +65,7 @@ async def score(model: Path, convs: Sequence[list[Any]]) -> list[tuple[float, fl
         clf,
         hmac_secret=b"bench",
         score_cache_size=100_000,
-        window_max_ids=WINDOW_MAX_IDS,
+        window_max_ids=window_ids,
         params=replace(EscalationParams(), window_gate=0.0),  # every window scored
     )
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(convs)
@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="W[,W...]",
         help="'both@W': the turn at the operating point and its window at W (the window as a second opinion)",
     )
+    parser.add_argument(
+        "--window-ids", type=int, default=WINDOW_MAX_IDS, help="ids of each window the model reads (the gateway's)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     models = args.model or [DEFAULT_MODEL_DIR]
@@ -139,15 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     both = [f"both@{w:g}" for w in checks]
     print(f"{'model':40s} {'label':9s} {'n':>5s} {'turn':>7s} {'window':>7s} " + " ".join(f"{b:>9s}" for b in both))
     for model in models:
-        got = summary(rows, asyncio.run(score(model, convs)), checks)
+        got = summary(rows, asyncio.run(score(model, convs, args.window_ids)), checks)
         results[str(model)] = got
         for label, r in got.items():
             cells = " ".join(f"{r[b]:9.1%}" for b in both)
             print(f"{str(model)[-40:]:40s} {label:9s} {r['n']:5d} {r['turn']:7.1%} {r['window']:7.1%} {cells}")
     if args.json:
         sets = [str(p.relative_to(PROJECT_ROOT)) for p in ENGLISH_SETS]
-        blob = {"seed": args.seed, "context_checks": checks, "sets": sets, "models": results}
-        args.json.write_text(json.dumps(blob, indent=1))
+        blob = {"seed": args.seed, "window_ids": args.window_ids, "context_checks": checks, "sets": sets}
+        args.json.write_text(json.dumps(blob | {"models": results}, indent=1))
     return 0
 
 
