@@ -447,7 +447,19 @@ def report(
                 r = rates(group, method(group))
                 print(f"    {name:34s} {fmt(r, benign)}")
                 summary[f"{split}/{key}"][name] = asdict(r)
+            if benign:
+                # the per-turn rule's false-flag rate per user turn: what makes long harmless chats likely to be blocked
+                over, total = turns_over(group, harm_threshold)
+                share = over / total if total else 0.0
+                print(f"    {'user turns with harm>=' + f'{harm_threshold:.2f}':34s} {over} of {total} ({share:.2%})")
+                summary[f"{split}/{key}"]["turns_over_harm_threshold"] = {"over": over, "turns": total}
     return summary
+
+
+def turns_over(convs: Sequence[Conv], harm_threshold: float) -> tuple[int, int]:
+    """(user turns whose own harm reaches the threshold, user turns) over these conversations."""
+    harms = [t["harm"] for c in convs for t in c.turns or []]
+    return sum(h >= harm_threshold for h in harms), len(harms)
 
 
 def plot(convs: Sequence[Conv], p: EscalationParams, path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.asks_after_chat import requests, summary
-from bench.conversation_eval import Conv, benign_cut, benign_sets, guard_flags, tracker_flags, tune
+from bench.conversation_eval import Conv, benign_cut, benign_sets, guard_flags, tracker_flags, tune, turns_over
 from guardproxy.conversation import EscalationParams
 
 
@@ -90,3 +90,10 @@ def test_asks_after_chat_puts_each_ask_after_whole_exchanges_and_counts_turn_win
     got = summary(rows, scores, checks=(0.5, 0.1))
     assert got["harmless"] == {"n": 20, "turn": 0.5, "window": 1.0, "both@0.5": 0.5, "both@0.1": 0.5}
     assert got["harmful"] == {"n": 20, "turn": 1.0, "window": 0.5, "both@0.5": 0.5, "both@0.1": 1.0}
+
+
+def test_turns_over_counts_every_user_turn_of_every_conversation() -> None:
+    a = Conv("a", "stitched", "benign", "dev", [], turns=[_turn(0.6, 0.0), _turn(0.1, 0.0), _turn(0.5, 0.9)])
+    b = Conv("b", "mtbench", "benign", "dev", [], turns=[_turn(0.49, 0.9)])
+    assert turns_over([a, b], 0.5) == (2, 4)
+    assert turns_over([], 0.5) == (0, 0)

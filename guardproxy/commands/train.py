@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     missing = [str(d) for d in args.soup if not (d / "student.pt").is_file()]
     if missing:
         raise ConfigError(f"--soup: no student.pt in {', '.join(missing)}")
+    if args.context_asks < 0:
+        raise ConfigError(f"--context-asks: expected a count of 0 or more, got {args.context_asks}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     if args.train_only and (args.eval_only or args.card):
