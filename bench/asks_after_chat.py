@@ -39,6 +39,17 @@ LABELS = {"harmful": "harmful", "benign": "harmless", "borderline_benign": "harm
 OPERATING_POINT = 0.5
 
 
+def held_out_rows() -> list[dict[str, Any]]:
+    """The harmful and harmless prompt rows of ``ENGLISH_SETS``."""
+    rows = (
+        json.loads(line)
+        for path in ENGLISH_SETS
+        for line in path.read_text(encoding="utf-8").split("\n")
+        if line.strip()
+    )
+    return [row for row in rows if row["label"] in LABELS]
+
+
 def requests(rows: Sequence[dict[str, Any]], chats: Sequence[list[dict[str, str]]], seed: int) -> list[list[Any]]:
     """Each row's prompt after the first 1-3 exchanges of a seeded draw of ``chats``."""
     rng = random.Random(seed)
@@ -124,12 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = args.model or [DEFAULT_MODEL_DIR]
     checks = [float(w) for w in args.context_check.split(",")]
 
-    rows = [
-        json.loads(line)
-        for path in ENGLISH_SETS
-        for line in path.read_text(encoding="utf-8").split("\n")
-        if line.strip() and json.loads(line)["label"] in LABELS
-    ]
+    rows = held_out_rows()
     # dev MT-Bench dialogues, by the shipped model's split seed: never trained on by a model of that seed
     chats = [c.messages for c in load_conversations(args.data, 0, 0) if c.set == "mtbench" and c.split == "dev"]
     convs = requests(rows, chats, args.seed)
