@@ -116,7 +116,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="metrics.json of other configurations")
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that are wrong or contradict each other, reported before anything is loaded or trained."""
     if args.teacher is not None and not (args.teacher / "model.onnx").is_file():
         raise ConfigError(f"--teacher: no model.onnx in {args.teacher}")
     if args.init_from is not None and not args.init_from.is_file():
@@ -130,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     if args.train_only and (args.eval_only or args.card):
         raise ConfigError("--train-only trains and stops: it cannot go with --eval-only or --card")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     if args.refusal_targets is not None:
         # The reader has no torch in it: a bad file is reported before anything is loaded or trained.
         sources = importlib.import_module("guardproxy.training.sources")
