@@ -23,13 +23,11 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.conversation_eval import DATA, load_conversations
-from guardproxy.conversation import ConversationTracker, MemoryBackend
-from guardproxy.conversation.escalation import WINDOW_MAX_IDS, EscalationParams
+from bench.conversation_eval import DATA, every_window_tracker, load_conversations
+from guardproxy.conversation.escalation import WINDOW_MAX_IDS
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 
 ENGLISH_SETS = [PROJECT_ROOT / "bench" / "challenge" / "harm_challenge.jsonl"] + [
@@ -71,14 +69,7 @@ async def score(model: Path, convs: Sequence[list[Any]], window_ids: int = WINDO
     from guardproxy.classifier import OnnxClassifier
 
     clf = OnnxClassifier.load(model, workers=2, cache_size=100_000, timeout=60.0)
-    tracker = ConversationTracker(
-        MemoryBackend(),
-        clf,
-        hmac_secret=b"bench",
-        score_cache_size=100_000,
-        window_max_ids=window_ids,
-        params=replace(EscalationParams(), window_gate=0.0),  # every window scored
-    )
+    tracker = every_window_tracker(clf, window_ids)
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(convs)
     sem = asyncio.Semaphore(4)
     done, started = 0, time.perf_counter()

@@ -109,12 +109,10 @@ def load_conversations(data: Path, seed: int, stitched_per_split: int, chat_turn
 # -- replay -------------------------------------------------------------------------------------------------------
 
 
-async def replay_all(convs: list[Conv], model: Path, concurrency: int, window_ids: int) -> None:
-    from guardproxy.classifier import OnnxClassifier
-
-    clf = OnnxClassifier.load(model, workers=2, cache_size=400_000, timeout=60.0)
-    # window_gate 0: every turn's window is scored, so any gate can be simulated offline (``escalations``)
-    tracker = ConversationTracker(
+def every_window_tracker(clf: Any, window_ids: int) -> ConversationTracker:
+    """An in-memory tracker with the shipped parameters and window gate 0: every turn's window is scored, so any
+    gate can be simulated offline (``escalations``) and a window's own reading can be measured."""
+    return ConversationTracker(
         MemoryBackend(),
         clf,
         hmac_secret=b"eval",
@@ -122,6 +120,13 @@ async def replay_all(convs: list[Conv], model: Path, concurrency: int, window_id
         window_max_ids=window_ids,
         params=replace(EscalationParams(), window_gate=0.0),
     )
+
+
+async def replay_all(convs: list[Conv], model: Path, concurrency: int, window_ids: int) -> None:
+    from guardproxy.classifier import OnnxClassifier
+
+    clf = OnnxClassifier.load(model, workers=2, cache_size=400_000, timeout=60.0)
+    tracker = every_window_tracker(clf, window_ids)
     todo = [c for c in convs if c.turns is None]
     sem = asyncio.Semaphore(concurrency)
     done = 0
