@@ -144,7 +144,8 @@ def test_context_asks_put_each_ask_after_a_harmless_chat_with_the_asks_own_label
         assert lines[-1].startswith("user: ") and lines[-1][len("user: ") :] in {a.text for a in harmful + harmless}
         assert e.harm == (1.0 if "harmful" in lines[-1] else 0.0)
         # the chat's own last user turn is replaced by the ask; only harmless chats serve as context
-        assert lines[:-1] == ["user: " + lines[0][len("user: ") :], "assistant: Bring sandwiches and a blanket."]
+        assert len(lines) == 3 and lines[0].startswith("user: Plan a picnic for ")
+        assert lines[1] == "assistant: Bring sandwiches and a blanket."
         assert "And drinks?" not in e.text and "ESCALATION" not in e.text
     # off, it draws nothing: a run without it keeps its augmentation draw for draw
     a, b = random.Random(3), random.Random(3)
