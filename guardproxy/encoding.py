@@ -6,6 +6,12 @@ Every text is normalized first (``guardproxy.normalize``). Long inputs are cut d
   actual ask, and its opening lines are what marks it as a wrapper;
 - pair mode keeps the tail of the prompt (the ask) and the head of the reply (a refusal shows in its first
   sentences): ``[CLS] prompt [SEP] reply [SEP]`` with ``token_type_ids`` 0 then 1.
+
+A conversation window is a prompt whose last line is its newest turn. A model trained with ``guardproxy train
+--window-pool newest`` has a fourth input, ``pool_mask``: its heads read the mean of the masked ids only, while the
+attention reads the whole input. For a window that mask covers the newest turn (``encode_window``), so small talk
+before a harmful ask is context for the ask's ids, not ids averaged in with it; for anything else it equals
+``attention_mask``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from tokenizers import Tokenizer
 from guardproxy.errors import ConfigError
 from guardproxy.normalize import normalize
 
-__all__ = ["Encoding", "encode_pair", "encode_prompt", "load_tokenizer", "pad_batch"]
+__all__ = ["Encoding", "encode_pair", "encode_prompt", "encode_window", "load_tokenizer", "pad_batch"]
 
 PAD_ID = 0  # BERT's [PAD]; padded positions are masked out, so the id itself never reaches a result
 HEAD_FRACTION = 0.25  # share of a long prompt's budget kept from its beginning; the rest comes from its end
@@ -35,6 +41,9 @@ class Encoding:
 
     input_ids: tuple[int, ...]
     token_type_ids: tuple[int, ...]
+    # First id the heads' mean reads when the model has ``pool_mask`` (a window's newest turn, up to but not
+    # including the final [SEP]); 0: every id, as ``attention_mask``.
+    pool_from: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -56,15 +65,33 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def encode_prompt(tokenizer: Tokenizer, text: str, max_length: int) -> Encoding:
     """Encode one prompt (or a window of turns) as ``[CLS] ids [SEP]``, keeping head and tail when too long."""
+    input_ids, _ = _prompt_ids(tokenizer, text, max_length)
+    return Encoding(input_ids=input_ids, token_type_ids=(0,) * len(input_ids))
+
+
+def encode_window(tokenizer: Tokenizer, text: str, newest: str, max_length: int) -> Encoding:
+    """Encode a window (``text``, whose last line is ``newest``) as ``encode_prompt`` does, with ``pool_from`` at the
+    newest turn's first id. When the window is cut, the pooled ids stay within the kept tail."""
+    input_ids, tail_from = _prompt_ids(tokenizer, text, max_length)
+    n_newest = len(_token_ids(tokenizer, newest, max_length, keep="tail"))
+    pool_from = max(tail_from, len(input_ids) - 1 - n_newest)
+    if pool_from >= len(input_ids) - 1:  # nothing of the newest turn was kept: read the whole window
+        pool_from = 0
+    return Encoding(input_ids=input_ids, token_type_ids=(0,) * len(input_ids), pool_from=pool_from)
+
+
+def _prompt_ids(tokenizer: Tokenizer, text: str, max_length: int) -> tuple[tuple[int, ...], int]:
+    """``[CLS] ids [SEP]`` (head and tail kept) and the index of the first id of the kept tail (1 when uncut)."""
     _check_max_length(max_length, 2)
     budget = max_length - 2
     ids = _token_ids(tokenizer, text, budget, keep="both")
+    tail_from = 1
     if len(ids) > budget:
         head = int(budget * HEAD_FRACTION)
         ids = ids[:head] + ids[len(ids) - (budget - head) :]
+        tail_from = 1 + head
     cls, sep = _specials(tokenizer)
-    input_ids = (cls, *ids, sep)
-    return Encoding(input_ids=input_ids, token_type_ids=(0,) * len(input_ids))
+    return (cls, *ids, sep), tail_from
 
 
 def encode_pair(tokenizer: Tokenizer, prompt: str, reply: str, max_length: int) -> Encoding:
@@ -83,8 +110,9 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, reply: str, max_length: int) 
     return Encoding(input_ids=input_ids, token_type_ids=token_type_ids)
 
 
-def pad_batch(encodings: Sequence[Encoding]) -> dict[str, npt.NDArray[np.int64]]:
-    """Pad to the longest encoding: ``input_ids``, ``attention_mask``, ``token_type_ids``, int64 ``[batch, seq]``."""
+def pad_batch(encodings: Sequence[Encoding], *, pool_mask: bool = False) -> dict[str, npt.NDArray[np.int64]]:
+    """Pad to the longest encoding: ``input_ids``, ``attention_mask``, ``token_type_ids``, int64 ``[batch, seq]``;
+    and ``pool_mask`` when asked (for a model that has that input)."""
     width = max((len(e) for e in encodings), default=0)
     input_ids = np.full((len(encodings), width), PAD_ID, dtype=np.int64)
     attention_mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -94,7 +122,15 @@ def pad_batch(encodings: Sequence[Encoding]) -> dict[str, npt.NDArray[np.int64]]
         input_ids[row, :n] = enc.input_ids
         attention_mask[row, :n] = 1
         token_type_ids[row, :n] = enc.token_type_ids
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    if pool_mask:
+        pooled = attention_mask.copy()
+        for row, enc in enumerate(encodings):
+            if enc.pool_from > 0:
+                pooled[row, :] = 0
+                pooled[row, enc.pool_from : len(enc) - 1] = 1
+        feeds["pool_mask"] = pooled
+    return feeds
 
 
 def _token_ids(tokenizer: Tokenizer, text: str, budget: int, *, keep: str) -> list[int]:

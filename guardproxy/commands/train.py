@@ -70,6 +70,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "with the ask's label (e.g. 400; default 0: off)",
     )
     parser.add_argument(
+        "--window-pool",
+        choices=("all", "newest"),
+        default="all",
+        help="what the heads read of a conversation window: the mean over all its ids (default), or over its newest "
+        "turn's ids, the encoder still reading the whole window (the model gets a pool_mask input)",
+    )
+    parser.add_argument(
         "--chat-turns",
         action="store_true",
         help="also train every MT-Bench user turn on its own as a harmless prompt (half weight; what the per-turn "
@@ -195,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             wraps_per_epoch=0 if args.cheap else TrainConfig.wraps_per_epoch,
             balanced_rewords=args.balanced_rewords,
             context_asks_per_epoch=args.context_asks,
+            window_pool=args.window_pool,
         ),
     )
     if not args.card:

@@ -200,6 +200,7 @@ def after_chat(chat: Sequence[dict[str, str]], ask: Example) -> Example:
     messages = [*context, {"role": "user", "content": ask.text.strip()}][-WINDOW_TURNS:]
     return Example(
         text=window_text(messages),
+        newest=window_text(messages[-1:]),
         source="aug/context_ask",
         group=ask.group,
         label=ask.label,

@@ -8,28 +8,33 @@ from pathlib import Path
 
 import torch
 
-from guardproxy.training.model import INPUT_NAMES, OUTPUT_NAMES, GuardExport, GuardModel
+from guardproxy.training.model import INPUT_NAMES, OUTPUT_NAMES, POOL_INPUT, GuardExport, GuardModel
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 
 
-def export_fp32(model: GuardModel, path: Path) -> None:
-    """Trace the model with dynamic batch and sequence axes into ``path`` (fp32)."""
+def export_fp32(model: GuardModel, path: Path, *, pool_mask: bool = False) -> None:
+    """Trace the model with dynamic batch and sequence axes into ``path`` (fp32); with ``pool_mask``, the graph
+    takes that fourth input (guardproxy.encoding) for its mean pooling."""
     wrapper = GuardExport(model).eval()
     ids = torch.tensor([[101, 2129, 2000, 102], [101, 7592, 102, 0]], dtype=torch.long)
     mask = (ids != 0).long()
     types = torch.zeros_like(ids)
-    dynamic = {name: {0: "batch", 1: "seq"} for name in INPUT_NAMES}
+    inputs: tuple[torch.Tensor, ...] = (ids, mask, types)
+    names = list(INPUT_NAMES)
+    if pool_mask:
+        inputs, names = (*inputs, mask.clone()), [*names, POOL_INPUT]
+    dynamic = {name: {0: "batch", 1: "seq"} for name in names}
     for name in OUTPUT_NAMES:
         dynamic[name] = {0: "batch"}
     with torch.no_grad():
         torch.onnx.export(
             wrapper,
-            (ids, mask, types),
+            inputs,
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=names,
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=dynamic,
             opset_version=OPSET,
@@ -70,12 +75,12 @@ def _quantize(fp32_path: Path, int8_path: Path) -> None:
         )
 
 
-def export(model: GuardModel, out_dir: Path, *, keep_fp32: Path | None = None) -> Path:
+def export(model: GuardModel, out_dir: Path, *, keep_fp32: Path | None = None, pool_mask: bool = False) -> Path:
     """Write ``out_dir/model.onnx`` (int8). The fp32 graph is kept at ``keep_fp32`` when given (for comparisons)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = keep_fp32 or Path(tmp) / "model-fp32.onnx"
-        export_fp32(model, fp32)
+        export_fp32(model, fp32, pool_mask=pool_mask)
         target = out_dir / "model.onnx"
         quantize_int8(fp32, target)
     log.info("exported %s (%.1f MB)", target, target.stat().st_size / 1e6)

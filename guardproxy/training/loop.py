@@ -17,9 +17,9 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from guardproxy.encoding import Encoding, encode_pair, encode_prompt, pad_batch
+from guardproxy.encoding import Encoding, encode_pair, encode_prompt, encode_window, pad_batch
 from guardproxy.training.augment import augment
-from guardproxy.training.model import REFUSAL_LABELS, GuardModel
+from guardproxy.training.model import POOL_INPUT, REFUSAL_LABELS, GuardModel
 from guardproxy.training.sources import Example
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ class TrainConfig:
     balanced_rewords: bool = False
     # Asks put after a harmless chat, in the window format, with the ask's label (augment.after_chat); 0: off.
     context_asks_per_epoch: int = 0
+    # What the heads read of a conversation window: "all" its ids (the mean over every token, 2.12.0), or "newest"
+    # its newest turn's (the encoder still attends to the whole window; the export gets a pool_mask input).
+    window_pool: str = "all"
     distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
     device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
 
@@ -104,8 +107,9 @@ class Teacher:
         missing = list({(e.text, e.reply): e for e in batch if (e.text, e.reply) not in self._cache}.values())
         # One text per run, as the gateway scores (``predict.run``): the int8 graph is dynamically quantized, so a
         # batched run would make a text's soft targets depend on its batch mates and their padding.
+        pooled = POOL_INPUT in {i.name for i in self.session.get_inputs()}
         for e in missing:
-            outs = self.session.run(None, pad_batch([self.encoder(e)]))
+            outs = self.session.run(None, pad_batch([self.encoder(e)], pool_mask=pooled))
             self._cache[(e.text, e.reply)] = {n: o[0] for n, o in zip(self.names, outs, strict=True)}
         rows = [self._cache[(e.text, e.reply)] for e in batch]
         return {n: torch.from_numpy(np.stack([r[n] for r in rows]).astype(np.float32)) for n in self.names}
@@ -119,17 +123,21 @@ class Encoder:
     an earlier, different text (the bug behind 2.0.0's first card figures for the refusal challenge set).
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_length: int, *, pool_newest: bool = False) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._cache: dict[tuple[str, str | None], Encoding] = {}
+        self.pool_newest = pool_newest  # windows pooled over their newest turn (TrainConfig.window_pool "newest")
+        self._cache: dict[tuple[str, str | None, str | None], Encoding] = {}
 
     def __call__(self, ex: Example) -> Encoding:
-        key = (ex.text, ex.reply)
+        newest = ex.newest if self.pool_newest and ex.reply is None else None
+        key = (ex.text, ex.reply, newest)
         enc = self._cache.get(key)
         if enc is None:
             if ex.reply is not None:
                 enc = encode_pair(self.tokenizer, ex.text, ex.reply, self.max_length)
+            elif newest is not None:
+                enc = encode_window(self.tokenizer, ex.text, newest, self.max_length)
             else:
                 enc = encode_prompt(self.tokenizer, ex.text, self.max_length)
             self._cache[key] = enc
@@ -254,7 +262,7 @@ def distill_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch
 
 
 def to_tensors(batch: Sequence[Example], encoder: Encoder, device: str = "cpu") -> dict[str, torch.Tensor]:
-    feeds = pad_batch([encoder(e) for e in batch])
+    feeds = pad_batch([encoder(e) for e in batch], pool_mask=encoder.pool_newest)
     return {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
 
 

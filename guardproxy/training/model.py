@@ -12,6 +12,7 @@ from transformers import BertConfig, BertModel
 REFUSAL_LABELS = ("none", "partial", "full")
 OUTPUT_NAMES = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+POOL_INPUT = "pool_mask"  # the fourth input of a model trained with --window-pool newest (guardproxy.encoding)
 
 
 def base_model_dir() -> Path:
@@ -69,10 +70,15 @@ class GuardModel(nn.Module):
         return int(self.encoder.config.num_hidden_layers)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        pool_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``pool_mask``: the ids the heads' mean reads (a window's newest turn); None: every attended id."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        pooled = mean_pool(out.last_hidden_state, attention_mask)
+        pooled = mean_pool(out.last_hidden_state, attention_mask if pool_mask is None else pool_mask)
         h = self.dropout(pooled)
         return {
             "harm": self.harm(h).squeeze(-1),
@@ -92,9 +98,13 @@ class GuardExport(nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        pool_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        out = self.model(input_ids, attention_mask, token_type_ids)
+        out = self.model(input_ids, attention_mask, token_type_ids, pool_mask)
         embedding = nn.functional.normalize(out["pooled"], p=2.0, dim=-1)
         return (
             torch.sigmoid(out["harm"]),

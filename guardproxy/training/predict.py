@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from guardproxy.encoding import encode_prompt, pad_batch
 from guardproxy.training.loop import Encoder
+from guardproxy.training.model import POOL_INPUT
 from guardproxy.training.sources import Example
 
 
@@ -44,10 +45,11 @@ def run(sess: object, encodings: Sequence[object], batch: int = 1, label: str = 
     order = np.argsort([len(e) for e in encodings], kind="stable")  # type: ignore[arg-type]
     outs: dict[str, list[np.ndarray]] = {}
     names = [o.name for o in sess.get_outputs()]  # type: ignore[attr-defined]
+    pooled = POOL_INPUT in {i.name for i in sess.get_inputs()}  # type: ignore[attr-defined]
     started = time.monotonic()
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
-        feeds = pad_batch([encodings[j] for j in idx])  # type: ignore[misc]
+        feeds = pad_batch([encodings[j] for j in idx], pool_mask=pooled)  # type: ignore[misc]
         for name, value in zip(names, sess.run(None, feeds), strict=True):  # type: ignore[attr-defined]
             outs.setdefault(name, []).append(value)
         done = min(i + batch, len(order))

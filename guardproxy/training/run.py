@@ -93,7 +93,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(base_model_dir() / "tokenizer.json")
     tokenizer.save(str(opts.out / "tokenizer.json"))  # padding and truncation are off in the saved file too
-    encoder = Encoder(tokenizer, opts.train.max_length)
+    encoder = Encoder(tokenizer, opts.train.max_length, pool_newest=opts.train.window_pool == "newest")
 
     data_seed = opts.data_seed
     examples = load_all(opts.data, authored=opts.authored, seed=data_seed, chat_turns=opts.chat_turns)
@@ -143,6 +143,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 # The data options a reproduce command needs (the card writes them back as flags).
                 "balanced_rewords": opts.train.balanced_rewords,
                 "context_asks": opts.train.context_asks_per_epoch,
+                "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
             }
@@ -150,7 +151,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
         if opts.train_only:
             return {"thresholds": {}, "seconds": time.monotonic() - started}
-        export(model, opts.out, keep_fp32=fp32_path)
+        export(model, opts.out, keep_fp32=fp32_path, pool_mask=encoder.pool_newest)
     sess = session(opts.out / "model.onnx", opts.threads)
 
     calib_scores = score(sess, calib_rows, encoder, "calibration")
@@ -369,6 +370,7 @@ def window_report(
             exs.append(
                 Example(
                     text=window_text(windows_ending_at(row["messages"], end)),
+                    newest=window_text([m]),
                     source="challenge",
                     group="",
                     label="escalation" if harmful else "benign",

@@ -73,6 +73,9 @@ class Example:
     # a correction for a noisy labeller (``guardproxy train --refusal-targets``). Metrics read ``refusal`` only.
     refusal_target: tuple[float, float, float] | None = None
     reply_harm: float | None = None
+    # A conversation window's newest turn (its last line, ``role: text``): what the heads read with --window-pool
+    # newest (guardproxy.encoding.encode_window). None: not a window.
+    newest: str | None = None
     split: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -210,6 +213,7 @@ def _escalation_windows(row: dict[str, Any], source: str, group: str) -> list[Ex
         out.append(
             Example(
                 text=window_text(windows_ending_at(messages, end)),
+                newest=window_text([messages[end]]),
                 source=source,
                 group=group,
                 label="escalation",
@@ -235,6 +239,7 @@ def _labelled_escalation_windows(row: dict[str, Any], source: str, group: str) -
         out.append(
             Example(
                 text=window_text(windows_ending_at(messages, end)),
+                newest=window_text([messages[end]]),
                 source=source,
                 group=group,
                 label="escalation" if harmful else "benign",
@@ -260,6 +265,7 @@ def _benign_windows(
         out.append(
             Example(
                 text=window_text(window),
+                newest=window_text(window[-1:]),
                 source=source,
                 group=group,
                 label="benign",
