@@ -34,7 +34,9 @@ _EMBEDDING = np.full(384, 1 / np.sqrt(384), dtype=np.float32)
 
 
 class ConstantClassifier:
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         return [PromptScore(0.05, "none", 0.0, _EMBEDDING) for _ in texts]
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:

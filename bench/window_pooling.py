@@ -48,6 +48,8 @@ def with_pool_mask(model_path: Path) -> Any:
 
     model = onnx.load(str(model_path))
     graph = model.graph
+    if any(i.name == "pool_mask" for i in graph.input):  # trained with --window-pool newest: it has the input
+        return model
     # the pooling's Unsqueeze reads attention_mask outside the encoder (export of training.model.mean_pool)
     pools = [
         n

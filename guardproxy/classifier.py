@@ -59,6 +59,8 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# The optional fourth input of a model whose windows are pooled over their newest turn (guardproxy.encoding).
+POOL_INPUT = "pool_mask"
 OUTPUTS = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding")
 
 T = TypeVar("T", PromptScore, ReplyScore)
@@ -263,10 +265,13 @@ class OnnxClassifier:
         max_batch_tokens: int = 4096,
         breaker_failures: int = 5,
         breaker_cooldown: float = 5.0,
+        pools_newest: bool = False,
     ) -> None:
         self._session = session
         self._tokenizer = tokenizer
         self.info = info
+        # A graph with ``pool_mask`` reads a window through its newest turn (``score_prompts(newest=...)``).
+        self.pools_newest = pools_newest
         self._timeout = timeout
         self._cache = _LRU(cache_size)
         self._max_pending = max_pending if max_pending is not None else 4 * workers
@@ -333,7 +338,16 @@ class OnnxClassifier:
         embedding_dim = int(dim) if isinstance(dim, int) else int(config.get("hidden", 0))
         info = _parse_info(config, directory / CONFIG_FILE, embedding_dim)
         logger.info("guard model %s %s loaded from %s (%d threads)", info.name, info.version, directory, threads)
-        return cls(session, tokenizer, info, workers=workers, timeout=timeout, cache_size=cache_size, **options)
+        return cls(
+            session,
+            tokenizer,
+            info,
+            workers=workers,
+            timeout=timeout,
+            cache_size=cache_size,
+            pools_newest=POOL_INPUT in inputs,
+            **options,
+        )
 
     @classmethod
     def from_settings(cls, settings: GuardSettings) -> OnnxClassifier:
@@ -368,10 +382,14 @@ class OnnxClassifier:
 
     # --- the async API (signals.Classifier) -----------------------------------------------------------
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         length = self._length(max_length)
-        raw_keys = [_key(b"raw-prompt:%d" % length, t) for t in texts]
-        return await self._submit(raw_keys, functools.partial(self._prompt_job, max_length=length), list(texts))
+        lasts = self._newest(texts, newest)
+        raw_keys = [_key(b"raw-prompt:%d" % length, t, *last) for t, last in zip(texts, lasts, strict=True)]
+        job = functools.partial(self._prompt_job, max_length=length, newest=lasts)
+        return await self._submit(raw_keys, job, list(texts))
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         raw_keys = [_key(b"raw-pair", p, r) for p, r in pairs]
@@ -386,8 +404,11 @@ class OnnxClassifier:
 
     # --- the sync API (CLI: score, eval, classify) -----------------------------------------------------
 
-    def score_prompts_sync(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
-        return self._prompt_job(list(texts), threading.Event(), max_length=self._length(max_length))
+    def score_prompts_sync(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
+        lasts = self._newest(texts, newest)
+        return self._prompt_job(list(texts), threading.Event(), max_length=self._length(max_length), newest=lasts)
 
     def score_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         return self._pair_job(list(pairs), threading.Event())
@@ -500,20 +521,31 @@ class OnnxClassifier:
             return self.info.max_length
         return max(8, min(max_length, self.info.max_length))
 
-    def _prompt_job(self, texts: list[str], cancel: threading.Event, *, max_length: int) -> list[PromptScore]:
-        from guardproxy.encoding import encode_prompt
+    def _newest(self, texts: Sequence[str], newest: Sequence[str] | None) -> list[tuple[str, ...]]:
+        """Per text, its newest turn as a 0- or 1-tuple: empty unless this model pools by it."""
+        if newest is None or not self.pools_newest:
+            return [()] * len(texts)
+        if len(newest) != len(texts):
+            raise ValueError(f"newest: {len(newest)} turns for {len(texts)} texts")
+        return [(n,) for n in newest]
+
+    def _prompt_job(
+        self, texts: list[str], cancel: threading.Event, *, max_length: int, newest: list[tuple[str, ...]]
+    ) -> list[PromptScore]:
+        from guardproxy.encoding import encode_prompt, encode_window
         from guardproxy.normalize import normalize
 
         started = time.perf_counter()
         normalized = [normalize(t) for t in texts]
-        keys = [_key(b"prompt:%d" % max_length, n) for n in normalized]
-        return self._run_cached(
-            keys,
-            lambda i: encode_prompt(self._tokenizer, normalized[i], max_length),
-            self._prompt_scores,
-            cancel,
-            started,
-        )
+        lasts = [tuple(normalize(n) for n in last) for last in newest]
+        keys = [_key(b"prompt:%d" % max_length, n, *last) for n, last in zip(normalized, lasts, strict=True)]
+
+        def encode(i: int) -> Any:
+            if lasts[i]:
+                return encode_window(self._tokenizer, normalized[i], lasts[i][0], max_length)
+            return encode_prompt(self._tokenizer, normalized[i], max_length)
+
+        return self._run_cached(keys, encode, self._prompt_scores, cancel, started)
 
     def _pair_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
         from guardproxy.encoding import encode_pair
@@ -580,7 +612,7 @@ class OnnxClassifier:
             ):
                 end += 1
             batch = [encodings[i] for i in order[start:end]]
-            values = self._session.run(list(OUTPUTS), pad_batch(batch))
+            values = self._session.run(list(OUTPUTS), pad_batch(batch, pool_mask=self.pools_newest))
             for i, score in zip(order[start:end], decode(dict(zip(OUTPUTS, values, strict=True))), strict=True):
                 out[i] = score
             start = end

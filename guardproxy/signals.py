@@ -51,9 +51,13 @@ class ReplyScore:
 class Classifier(Protocol):
     """The guard model as the rest of guardproxy sees it. Implementations run inference off the event loop."""
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         """Scores of user turns (or windows of turns). ``max_length``: read at most this many ids of each text
-        (head and tail kept; never more than the model's own maximum); None reads what the model reads."""
+        (head and tail kept; never more than the model's own maximum); None reads what the model reads.
+        ``newest``: for windows, each text's newest turn (its last line); a model trained to pool over it
+        (``guardproxy train --window-pool newest``) reads the window through that turn, others ignore it."""
         ...
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]: ...

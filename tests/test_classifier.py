@@ -228,6 +228,38 @@ async def test_a_shorter_read_is_honoured_capped_at_the_model_maximum_and_cached
         await c.aclose()
 
 
+async def test_a_model_that_pools_the_newest_turn_is_fed_that_turn_for_windows_and_nothing_new_otherwise() -> None:
+    window, newest = "user: hello there\nassistant: hi\nuser: and how are you", "user: and how are you"
+    session = _GatedSession()
+    session.gate.set()
+    c = _gated_classifier(session, cache_size=16, pools_newest=True)
+    tokenizer = load_tokenizer(MODEL_DIR / "tokenizer.json")
+    try:
+        await c.score_prompts(["a lone prompt"])
+        lone = session.feeds[-1]
+        assert lone["pool_mask"].tolist() == lone["attention_mask"].tolist()
+        await c.score_prompts([window], max_length=32, newest=[newest])
+        fed = session.feeds[-1]
+        pooled = fed["input_ids"][0][fed["pool_mask"][0] == 1].tolist()
+        assert pooled == tokenizer.encode(newest, add_special_tokens=False).ids
+        await c.score_prompts([window], max_length=32)  # the same window pooled whole is another score
+        assert len(session.feeds) == 3 and session.feeds[-1]["pool_mask"].sum() == session.feeds[-1]["input_ids"].size
+        await c.score_prompts([window], max_length=32, newest=[newest])  # cached
+        assert len(session.feeds) == 3
+        with pytest.raises(ValueError, match="newest"):
+            await c.score_prompts([window, window], newest=[newest])
+    finally:
+        await c.aclose()
+    plain_session = _GatedSession()  # a model without pool_mask (2.12.0) is fed its three inputs, newest or not
+    plain_session.gate.set()
+    plain = _gated_classifier(plain_session)
+    try:
+        await plain.score_prompts([window], max_length=32, newest=[newest])
+        assert set(plain_session.feeds[-1]) == {"input_ids", "attention_mask", "token_type_ids"}
+    finally:
+        await plain.aclose()
+
+
 async def test_cache_size_zero_disables_the_cache() -> None:
     session = _GatedSession()
     session.gate.set()
@@ -377,6 +409,7 @@ class _GatedSession:
         self.dim = dim
         self.rows = 0
         self.widths: list[int] = []  # ids per row of each run (padded width)
+        self.feeds: list[dict[str, npt.NDArray[np.int64]]] = []  # every run's inputs
         self.harm = harm
         self.category = category  # index of the second-likeliest category (``none`` is always the likeliest)
 
@@ -389,6 +422,7 @@ class _GatedSession:
             if self.fail:
                 raise RuntimeError("boom")
             b = feeds["input_ids"].shape[0]
+            self.feeds.append(feeds)
             self.rows += b
             self.widths.append(feeds["input_ids"].shape[1])
             category = np.zeros((b, len(CATEGORY_IDS)), np.float32)

@@ -57,6 +57,7 @@ class FakeClassifier:
         self.exact = exact or {}  # text -> harm, over the keyword rule (a reworded request that looks harmless)
         self.prompt_calls: list[list[str]] = []
         self.prompt_lengths: list[int | None] = []  # max_length of each score_prompts call
+        self.prompt_newest: list[list[str] | None] = []  # newest of each score_prompts call
         self.reply_calls: list[list[tuple[str, str]]] = []
 
     @property
@@ -81,11 +82,14 @@ class FakeClassifier:
         n = float(np.linalg.norm(v))
         return v / n if n else v
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         if self.fail:
             raise ClassifierError("fake model down")
         self.prompt_calls.append(list(texts))
         self.prompt_lengths.append(max_length)
+        self.prompt_newest.append(None if newest is None else list(newest))
         return [PromptScore(self.harm(t), "none", 0.0, self.embed(t)) for t in texts]
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
@@ -213,6 +217,9 @@ async def test_the_window_is_read_at_its_own_length_and_turns_at_the_models(wind
     # first request: the turn only; second: the new turn, then the window of the last turns
     assert clf.prompt_calls[-1][0].startswith("user: tell me about chemistry\nassistant: ")
     assert clf.prompt_lengths == [None, None, window_max_ids]
+    # the window names its newest turn (a model pooled over it reads the window through it); turns name none
+    assert clf.prompt_newest == [None, None, ["user: and explosive reactions"]]
+    assert clf.prompt_calls[-1][0].endswith("\nuser: and explosive reactions")
     assert [r.index for r in await t.replay([u("chemistry"), a("ok"), u("explosive")])] == [0, 2]
     assert clf.prompt_lengths[-1] == window_max_ids  # replay (guardproxy score) reads windows the same way
 
@@ -522,7 +529,9 @@ class OverlapClassifier(FakeClassifier):
         self.peak = 0
         self._second = asyncio.Event()
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         if self.in_flight >= 2:

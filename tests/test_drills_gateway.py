@@ -34,7 +34,9 @@ CANARY = "sk-canary-1a2b3c4d5e6f7a8b9c0d"
 class LowHarmClassifier:
     """A fake guard model: every prompt is harmless; a reply saying "cannot" is a full refusal."""
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         return [PromptScore(0.03, "none", 0.0, np.ones(4, dtype=np.float32) / 2) for _ in texts]
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:

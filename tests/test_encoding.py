@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from guardproxy.encoding import encode_pair, encode_prompt, load_tokenizer, pad_batch
+from guardproxy.encoding import HEAD_FRACTION, encode_pair, encode_prompt, encode_window, load_tokenizer, pad_batch
 from guardproxy.errors import ConfigError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["alpha", "beta", "gamma", "delta", "how", "to", "make", "a", "bomb", "sorry", "sure", "here", "is"]
+WORDS += ["user", "assistant", ":"]
 WORDS += [f"w{i}" for i in range(600)]
 
 
@@ -116,6 +117,29 @@ def test_pad_batch_shapes_and_mask(tokenizer: Tokenizer) -> None:
     assert feeds["attention_mask"].tolist() == [[1] * len(a) + [0] * (len(b) - len(a)), [1] * len(b)]
     assert feeds["input_ids"][0, len(a) :].tolist() == [0] * (len(b) - len(a))
     assert feeds["token_type_ids"][1].tolist() == list(b.token_type_ids)
+
+
+def test_a_window_pools_its_newest_turn_and_everything_else_pools_as_its_attention(tokenizer: Tokenizer) -> None:
+    window = "user: alpha beta\nassistant: gamma delta\nuser: how to make a bomb"
+    enc = encode_window(tokenizer, window, "user: how to make a bomb", 64)
+    assert enc.input_ids == encode_prompt(tokenizer, window, 64).input_ids  # the same ids: only the pooling differs
+    newest = ids_of(tokenizer, ["user", ":", "how", "to", "make", "a", "bomb"])
+    assert list(enc.input_ids[enc.pool_from : -1]) == newest
+    plain = encode_prompt(tokenizer, "alpha beta", 64)
+    feeds = pad_batch([plain, enc], pool_mask=True)
+    assert feeds["pool_mask"][0].tolist() == feeds["attention_mask"][0].tolist()
+    assert feeds["pool_mask"][1].tolist() == [0] * enc.pool_from + [1] * len(newest) + [0]
+    assert "pool_mask" not in pad_batch([plain, enc])
+
+
+def test_a_cut_window_pools_only_ids_it_kept_of_its_newest_turn(tokenizer: Tokenizer) -> None:
+    filler = " ".join(f"w{i}" for i in range(300))
+    newest = "user: " + " ".join(f"w{i}" for i in range(300, 400))  # longer than the kept tail
+    enc = encode_window(tokenizer, f"user: {filler}\n{newest}", newest, 64)
+    assert len(enc) == 64
+    head = int(62 * HEAD_FRACTION)
+    assert enc.pool_from == 1 + head  # never back into the kept head (the old turn's opening)
+    assert tokenizer.token_to_id("w399") in enc.input_ids[enc.pool_from : -1]
 
 
 def test_pad_batch_of_nothing_is_empty() -> None:

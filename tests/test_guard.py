@@ -54,7 +54,9 @@ class ScriptedClassifier:
     fail: bool = False
     calls: list[str] = field(default_factory=list)
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         self.calls.extend(texts)
         if self.fail:
             raise RuntimeError("scripted classifier failure")
@@ -629,7 +631,9 @@ class SlowWindowClassifier(ScriptedClassifier):
     window_delay: float = 0.5
     window_ends: list[float] = field(default_factory=list)
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         if texts and texts[0].startswith("user: "):
             await asyncio.sleep(self.window_delay)
             self.window_ends.append(time.monotonic())

@@ -42,7 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 class KeywordDemoClassifier:
     """A KEYWORD stand-in for the guard model, for the demo only: it knows a handful of phrases."""
 
-    async def score_prompts(self, texts: Sequence[str], *, max_length: int | None = None) -> list[PromptScore]:
+    async def score_prompts(
+        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+    ) -> list[PromptScore]:
         out = []
         for text in texts:
             hit = any(w in text.lower() for w in _DEMO_HARM_WORDS)

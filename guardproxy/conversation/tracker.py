@@ -253,15 +253,19 @@ class ConversationTracker:
         src = self._window(chain, n - 1)
         if src is None or all(self._scores.get(chain.text(i)) is not None for i in scored):
             return None
-        task = asyncio.ensure_future(self.classifier.score_prompts([src], max_length=self.window_max_ids))
+        text, newest = src
+        task = asyncio.ensure_future(
+            self.classifier.score_prompts([text], max_length=self.window_max_ids, newest=[newest])
+        )
         # a cancelled or unneeded pass may still fail: retrieve its outcome so it is never reported as lost
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
-    def _window(self, chain: Chain, end: int) -> str | None:
+    def _window(self, chain: Chain, end: int) -> tuple[str, str] | None:
+        """The window ending at message ``end`` and its newest turn, both in the window format; None: one turn."""
         start = max(0, end + 1 - self.window_turns)
         turns = [(chain.roles[i], text) for i in range(start, end + 1) if (text := chain.text(i))]
-        return esc.window_text(turns) if len(turns) >= 2 else None
+        return (esc.window_text(turns), esc.window_text(turns[-1:])) if len(turns) >= 2 else None
 
     @staticmethod
     def _rephrase(
@@ -404,7 +408,9 @@ class ConversationTracker:
                 (window,) = await early_window
             else:
                 await _held(go)
-                (window,) = await self.classifier.score_prompts([window_src], max_length=self.window_max_ids)
+                (window,) = await self.classifier.score_prompts(
+                    [window_src[0]], max_length=self.window_max_ids, newest=[window_src[1]]
+                )
             return await conclude(snapshot(window.harm), window)
 
         if not defer_window:
