@@ -106,7 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--checks",
+        default=",".join(f"{w:g}" for w in CHECKS),
+        help="second-opinion levels W on the operating scale, comma-separated (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    try:
+        checks = tuple(float(w) for w in args.checks.split(","))
+    except ValueError:
+        parser.error(f"--checks: expected numbers separated by commas, got {args.checks!r}")
     scorer = PooledScorer(args.model)
     thr = scorer.threshold
 
@@ -135,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict[str, Any] = {
         "model": str(args.model),
         "threshold": thr,
-        "checks": CHECKS,
+        "checks": checks,
         "asks": {},
         "conversations": {},
     }
@@ -145,17 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, triples in asks.items():
         n = len(triples)
         entry: dict[str, float] = {"n": n, "turn": sum(t >= thr for t, _, _ in triples) / n}
-        for w in CHECKS:
+        for w in checks:
             entry[f"full@{w:g}"] = sum(t >= thr and f >= scorer.level(w) for t, f, _ in triples) / n
             entry[f"newest@{w:g}"] = sum(t >= thr and x >= scorer.level(w) for t, _, x in triples) / n
         out["asks"][label] = entry
-        cells = " ".join(f"W={w:g} {entry[f'full@{w:g}']:6.1%} / {entry[f'newest@{w:g}']:6.1%}" for w in CHECKS)
+        cells = " ".join(f"W={w:g} {entry[f'full@{w:g}']:6.1%} / {entry[f'newest@{w:g}']:6.1%}" for w in checks)
         print(f"  {label:8s} n={n:4d} turn {entry['turn']:6.1%}  {cells}")
     print("\nconversations flagged by the per-turn rule, alone and with the window at W (whole-window / newest-turn)")
     for key, records in sorted(per_conv.items()):
         n = len(records)
         entry = {"n": n, "per_turn": sum(any(t >= thr for t, _, _ in r) for r in records) / n}
-        for w in CHECKS:
+        for w in checks:
             for name, pos in (("full", 1), ("newest", 2)):
                 entry[f"{name}@{w:g}"] = (
                     sum(
@@ -168,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry["window_full"] = sum(any(x[1] >= thr for x in r) for r in records) / n
             entry["window_newest"] = sum(any(x[2] >= thr for x in r) for r in records) / n
         out["conversations"][key] = entry
-        cells = " ".join(f"W={w:g} {entry[f'full@{w:g}']:6.1%} / {entry[f'newest@{w:g}']:6.1%}" for w in CHECKS)
+        cells = " ".join(f"W={w:g} {entry[f'full@{w:g}']:6.1%} / {entry[f'newest@{w:g}']:6.1%}" for w in checks)
         print(f"  {key:32s} n={n:3d} per-turn {entry['per_turn']:6.1%}  {cells}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
