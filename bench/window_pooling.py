@@ -63,6 +63,23 @@ def with_pool_mask(model_path: Path) -> Any:
     return model
 
 
+def write_rewired(model_dir: Path, out: Path, version: str) -> None:
+    """A copy of the model directory ``model_dir`` in ``out`` whose graph has ``pool_mask`` (``with_pool_mask``) and
+    whose config says ``version``: the same weights, its windows read through their newest turn by the gateway."""
+    import shutil
+
+    import onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "metrics.json", "MODEL_CARD.md", "scores.png"):
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+    onnx.save(with_pool_mask(model_dir / "model.onnx"), str(out / "model.onnx"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["version"] = version
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 class PooledScorer:
     """Harm of a text (raw probability), with the mean over every token or over its last ``tail_ids`` tokens."""
 
@@ -101,7 +118,7 @@ def window_of(messages: Sequence[dict[str, str]]) -> tuple[str, str]:
     return window_text([(m["role"], m["content"]) for m in recent]), f"{last['role']}: {last['content']}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _options(argv: Sequence[str] | None) -> tuple[argparse.Namespace, tuple[float, ...]]:
     parser = argparse.ArgumentParser(prog="python -m bench.window_pooling", description=__doc__)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--data", type=Path, default=DATA)
@@ -111,11 +128,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(f"{w:g}" for w in CHECKS),
         help="second-opinion levels W on the operating scale, comma-separated (default %(default)s)",
     )
+    parser.add_argument(
+        "--write-model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the rewired model directory to DIR (version --version) and stop",
+    )
+    parser.add_argument("--version", default=None, help="the rewired model's version (with --write-model)")
     args = parser.parse_args(argv)
+    if args.write_model is not None and not args.version:
+        parser.error("--write-model needs --version")
     try:
         checks = tuple(float(w) for w in args.checks.split(","))
     except ValueError:
         parser.error(f"--checks: expected numbers separated by commas, got {args.checks!r}")
+    return args, checks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, checks = _options(argv)
+    if args.write_model is not None:
+        write_rewired(args.model, args.write_model, args.version)
+        print(f"wrote {args.write_model}")
+        return 0
     scorer = PooledScorer(args.model)
     thr = scorer.threshold
 
