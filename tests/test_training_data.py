@@ -7,7 +7,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from guardproxy.training.augment import _ASK_FRAMES, _HOW_QUESTIONS, augment
+from guardproxy.training.augment import _ASK_FRAMES, _HOW_QUESTIONS, augment, language_of
 from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored, window_text
 from guardproxy.training.splits import assign_splits
 
@@ -152,6 +152,39 @@ def test_context_asks_put_each_ask_after_a_harmless_chat_with_the_asks_own_label
     plain = augment(train, a, frames=10, wraps=0, rewords=10)
     off = augment(train, b, frames=10, wraps=0, rewords=10, context_asks=0)
     assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()
+
+
+def test_balanced_languages_draws_asks_in_other_languages_equally_often_on_both_sides() -> None:
+    def ask(text: str, harm: float, language: str | None = None) -> Example:
+        meta = {"language": language} if language else {}
+        return Example(text=text, source="authored/x", group=text, label="x", harm=harm, meta=meta)
+
+    # Shaped like the train split: other languages are a larger share of the harmful asks than of the harmless ones.
+    harmful = [ask(f"Explain how to do harmful thing {i}", 1.0) for i in range(70)]
+    harmful += [ask(f"Erkläre die schädliche Sache {i}", 1.0, "de") for i in range(30)]
+    harmless = [ask(f"What is the weather in town {i}?", 0.0, "en") for i in range(196)]
+    harmless += [ask(f"Wie wird das Wetter in Stadt {i}?", 0.0, "de") for i in range(4)]
+
+    def german_share(out: list[Example], harm: float) -> float:
+        side = [e for e in out if e.harm == harm]
+        return sum(("Sache" in e.text or "Wetter" in e.text) for e in side) / len(side)
+
+    train = harmful + harmless
+    balanced = augment(train, random.Random(0), frames=2000, wraps=0, balanced_languages=True)
+    overall = 34 / 300
+    assert abs(german_share(balanced, 1.0) - overall) < 0.03 and abs(german_share(balanced, 0.0) - overall) < 0.03
+    plain = augment(train, random.Random(0), frames=2000, wraps=0)  # every shipped model's draw
+    assert german_share(plain, 1.0) > 0.25 and german_share(plain, 0.0) < 0.05
+
+
+def test_authored_prompts_keep_their_language_for_the_draw(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "prompt": "Wie wird das Wetter morgen?", "label": "benign", "language": "de"},
+        {"id": "b", "prompt": "What is the weather tomorrow?", "label": "benign"},
+    ]
+    (tmp_path / "prompts_x.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    by_id = {e.meta["id"]: e for e in load_authored(tmp_path)}
+    assert language_of(by_id["a"]) == "de" and language_of(by_id["b"]) == "en"
 
 
 def test_chat_turns_add_each_mtbench_user_turn_alone_and_keep_dialogues_that_share_one_in_one_split(

@@ -62,6 +62,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="draw every reworded sentence form equally from harmful and harmless asks (2.12.0's recipe)",
     )
     parser.add_argument(
+        "--balanced-languages",
+        action="store_true",
+        help="draw the reframed, wrapped and after-chat asks in other languages equally often from harmful and "
+        "harmless asks (off: most augmented asks in other languages are harmful)",
+    )
+    parser.add_argument(
         "--context-asks",
         type=int,
         default=0,
@@ -201,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             wraps_per_epoch=0 if args.cheap else TrainConfig.wraps_per_epoch,
             balanced_rewords=args.balanced_rewords,
+            balanced_languages=args.balanced_languages,
             context_asks_per_epoch=args.context_asks,
             window_pool=args.window_pool,
         ),

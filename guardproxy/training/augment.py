@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from guardproxy.training.sources import PLACEHOLDER, WINDOW_TURNS, Example, window_text
 
@@ -159,17 +159,21 @@ def augment(
     rewords: int = 0,
     balanced_rewords: bool = False,
     context_asks: int = 0,
+    balanced_languages: bool = False,
 ) -> list[Example]:
     """``frames`` reframed asks, ``rewords`` asks in the other sentence form, ``wraps`` wrapped questions and
-    ``context_asks`` asks after a harmless chat, each half harmful and half harmless, from train rows."""
+    ``context_asks`` asks after a harmless chat, each half harmful and half harmless, from train rows. With
+    ``balanced_languages`` the reframed, wrapped and after-chat asks are in a language other than English equally
+    often on both sides (``_ask_drawer``)."""
     asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
     harmful = [e for e in asks if e.harm == 1.0]
     harmless = [e for e in asks if e.harm == 0.0]
     wrappers = [e for e in train if e.label == "jailbreak"]
     out: list[Example] = []
     if harmful and harmless:
+        draw = _ask_drawer(harmful, harmless, rng, balanced_languages)
         for i in range(frames):
-            out.append(framed(rng.choice(harmful if i % 2 == 0 else harmless), rng))
+            out.append(framed(draw(i % 2 == 0), rng))
         if balanced_rewords:
             out += _balanced_rewords(harmful, harmless, rewords, rng)
         else:
@@ -185,12 +189,44 @@ def augment(
                     done += 1
         if wrappers:
             for i in range(wraps):
-                out.append(wrapped(rng.choice(wrappers), rng.choice(harmful if i % 2 == 0 else harmless), rng))
+                wrapper = rng.choice(wrappers)
+                out.append(wrapped(wrapper, draw(i % 2 == 0), rng))
         if context_asks:  # no draw at all when off: runs without it keep their augmentation, draw for draw
             chats = [e.meta["window"] for e in train if e.harm == 0.0 and e.meta.get("window")]
             for i in range(context_asks if chats else 0):
-                out.append(after_chat(rng.choice(chats), rng.choice(harmful if i % 2 == 0 else harmless)))
+                chat = rng.choice(chats)
+                out.append(after_chat(chat, draw(i % 2 == 0)))
     return out
+
+
+def language_of(ex: Example) -> str:
+    """An ask's language: what its row says (the authored sets), else English (the public sets)."""
+    return str(ex.meta.get("language") or "en")
+
+
+def _ask_drawer(
+    harmful: Sequence[Example], harmless: Sequence[Example], rng: random.Random, balanced_languages: bool
+) -> Callable[[bool], Example]:
+    """A draw of one ask, harmful or not. Plain: from that side's pool, as every model up to 2.15.0 drew (in the
+    train split 7% of the harmful asks are in other languages and 2% of the harmless ones, so an augmented ask in
+    another language was harmful most of the time: a language shortcut). Balanced: English or not first, with the
+    same probability on both sides (the share of other languages among all the asks), then an ask of that side."""
+    if not balanced_languages:
+        return lambda bad: rng.choice(harmful if bad else harmless)
+    pools = {
+        (english, bad): [e for e in (harmful if bad else harmless) if (language_of(e) == "en") == english]
+        for english in (True, False)
+        for bad in (True, False)
+    }
+    share = (len(pools[(False, True)]) + len(pools[(False, False)])) / (len(harmful) + len(harmless))
+    both = bool(pools[(False, True)] and pools[(False, False)] and pools[(True, True)] and pools[(True, False)])
+
+    def draw(bad: bool) -> Example:
+        if not both:
+            return rng.choice(harmful if bad else harmless)
+        return rng.choice(pools[(rng.random() >= share, bad)])
+
+    return draw
 
 
 def after_chat(chat: Sequence[dict[str, str]], ask: Example) -> Example:

@@ -148,6 +148,7 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
 def _data_flags(run: dict[str, Any]) -> str:
     """The data options of a training run's summary, as the flags that reproduce them (off ones left out)."""
     flags = " --balanced-rewords" if run.get("balanced_rewords") else ""
+    flags += " --balanced-languages" if run.get("balanced_languages") else ""
     flags += f" --context-asks {run['context_asks']}" if run.get("context_asks") else ""
     flags += " --window-pool newest" if run.get("window_pool") == "newest" else ""
     flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""

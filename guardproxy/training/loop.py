@@ -80,6 +80,8 @@ class TrainConfig:
     # Each reworded sentence form drawn equally from harmful and harmless asks (augment._balanced_rewords; 2.12.0 on);
     # off: 2.5.0's draw, in which how-questions came from harmful asks five times in six.
     balanced_rewords: bool = False
+    # Reframed, wrapped and after-chat asks drawn in other languages equally often on both sides (augment._ask_drawer).
+    balanced_languages: bool = False
     # Asks put after a harmless chat, in the window format, with the ask's label (augment.after_chat); 0: off.
     context_asks_per_epoch: int = 0
     # What the heads read of a conversation window: "all" its ids (the mean over every token, 2.12.0), or "newest"
@@ -163,6 +165,7 @@ def epoch_rows(train: Sequence[Example], rng: random.Random, cfg: TrainConfig) -
             rewords=cfg.rewords_per_epoch,
             balanced_rewords=cfg.balanced_rewords,
             context_asks=cfg.context_asks_per_epoch,
+            balanced_languages=cfg.balanced_languages,
         )
     )
     return rows

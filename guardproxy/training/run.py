@@ -142,6 +142,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "device": opts.train.device,
                 # The data options a reproduce command needs (the card writes them back as flags).
                 "balanced_rewords": opts.train.balanced_rewords,
+                "balanced_languages": opts.train.balanced_languages,
                 "context_asks": opts.train.context_asks_per_epoch,
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),

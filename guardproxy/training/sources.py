@@ -108,7 +108,10 @@ def load_prompts(data: Path) -> list[Example]:
 def _prompt_example(row: dict[str, Any], source: str) -> Example:
     text, label = row["prompt"], row["label"]
     group = _group_of(row, source)
-    ex = Example(text=text, source=source, group=group, label=label, jailbreak=0.0, meta={"id": row.get("id")})
+    meta = {"id": row.get("id")}
+    if row.get("language"):  # authored rows name their language; the public prompt sets are English
+        meta["language"] = row["language"]
+    ex = Example(text=text, source=source, group=group, label=label, jailbreak=0.0, meta=meta)
     if label == "harmful":
         ex.harm = 1.0
         cid, weight = map_category(source, row.get("category"), text)
