@@ -34,7 +34,7 @@ import numpy as np
 from bench.asks_after_chat import LABELS, held_out_rows, requests
 from bench.conversation_eval import DATA, load_conversations
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, WINDOW_TURNS, window_text
-from guardproxy.encoding import encode_prompt, load_tokenizer, pad_batch
+from guardproxy.encoding import POOL_INPUT, encode_prompt, load_tokenizer, pad_batch
 from guardproxy.normalize import normalize
 from guardproxy.settings import DEFAULT_MODEL_DIR
 
@@ -48,7 +48,7 @@ def with_pool_mask(model_path: Path) -> Any:
 
     model = onnx.load(str(model_path))
     graph = model.graph
-    if any(i.name == "pool_mask" for i in graph.input):  # trained with --window-pool newest: it has the input
+    if any(i.name == POOL_INPUT for i in graph.input):  # trained with --window-pool newest: it has the input
         return model
     # the pooling's Unsqueeze reads attention_mask outside the encoder (export of training.model.mean_pool)
     pools = [
@@ -58,8 +58,8 @@ def with_pool_mask(model_path: Path) -> Any:
     ]
     if len(pools) != 1:
         raise SystemExit(f"{model_path}: expected one pooling Unsqueeze of attention_mask, found {len(pools)}")
-    pools[0].input[0] = "pool_mask"
-    graph.input.append(onnx.helper.make_tensor_value_info("pool_mask", onnx.TensorProto.INT64, ["batch", "seq"]))
+    pools[0].input[0] = POOL_INPUT
+    graph.input.append(onnx.helper.make_tensor_value_info(POOL_INPUT, onnx.TensorProto.INT64, ["batch", "seq"]))
     return model
 
 
@@ -97,14 +97,14 @@ class PooledScorer:
         """(whole-input mean, newest-turn mean); ``newest`` is the text of the input's last line (its newest turn)."""
         enc = encode_prompt(self.tokenizer, normalize(text), max_length)
         feed = pad_batch([enc])
-        full = float(self.session.run(["harm"], {**feed, "pool_mask": feed["attention_mask"]})[0][0])
+        full = float(self.session.run(["harm"], {**feed, POOL_INPUT: feed["attention_mask"]})[0][0])
         if newest is None:
             return full, full
         n_newest = len(self.tokenizer.encode(normalize(newest), add_special_tokens=False).ids)
         length = len(enc.input_ids)
         mask = np.zeros_like(feed["attention_mask"])
         mask[0, max(1, length - 1 - n_newest) : length - 1] = 1  # [CLS] ... newest turn [SEP]
-        last = float(self.session.run(["harm"], {**feed, "pool_mask": mask})[0][0])
+        last = float(self.session.run(["harm"], {**feed, POOL_INPUT: mask})[0][0])
         return full, last
 
     def level(self, w: float) -> float:

@@ -59,8 +59,6 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# The optional fourth input of a model whose windows are pooled over their newest turn (guardproxy.encoding).
-POOL_INPUT = "pool_mask"
 OUTPUTS = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding")
 
 T = TypeVar("T", PromptScore, ReplyScore)
@@ -307,7 +305,7 @@ class OnnxClassifier:
         """
         import onnxruntime as ort  # heavy import, only where a model is loaded
 
-        from guardproxy.encoding import load_tokenizer
+        from guardproxy.encoding import POOL_INPUT, load_tokenizer
 
         directory = Path(model_dir)
         for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE):

@@ -27,8 +27,9 @@ from tokenizers import Tokenizer
 from guardproxy.errors import ConfigError
 from guardproxy.normalize import normalize
 
-__all__ = ["Encoding", "encode_pair", "encode_prompt", "encode_window", "load_tokenizer", "pad_batch"]
+__all__ = ["POOL_INPUT", "Encoding", "encode_pair", "encode_prompt", "encode_window", "load_tokenizer", "pad_batch"]
 
+POOL_INPUT = "pool_mask"  # the optional fourth model input (see the module docstring)
 PAD_ID = 0  # BERT's [PAD]; padded positions are masked out, so the id itself never reaches a result
 HEAD_FRACTION = 0.25  # share of a long prompt's budget kept from its beginning; the rest comes from its end
 PAIR_PROMPT_MIN_FRACTION = 1 / 3  # the prompt keeps at least this share of a pair's budget when both are long
@@ -129,7 +130,7 @@ def pad_batch(encodings: Sequence[Encoding], *, pool_mask: bool = False) -> dict
             if enc.pool_from > 0:
                 pooled[row, :] = 0
                 pooled[row, enc.pool_from : len(enc) - 1] = 1
-        feeds["pool_mask"] = pooled
+        feeds[POOL_INPUT] = pooled
     return feeds
 
 

@@ -208,7 +208,7 @@ def _ask_drawer(
     harmful: Sequence[Example], harmless: Sequence[Example], rng: random.Random, balanced_languages: bool
 ) -> Callable[[bool], Example]:
     """A draw of one ask, harmful or not. Plain: from that side's pool, as every model up to 2.15.0 drew (in the
-    train split 7% of the harmful asks are in other languages and 2% of the harmless ones, so an augmented ask in
+    train split 10% of the harmful asks are in other languages and 2% of the harmless ones, so an augmented ask in
     another language was harmful most of the time: a language shortcut). Balanced: English or not first, with the
     same probability on both sides (the share of other languages among all the asks), then an ask of that side."""
     if not balanced_languages:

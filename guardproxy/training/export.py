@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from guardproxy.training.model import INPUT_NAMES, OUTPUT_NAMES, POOL_INPUT, GuardExport, GuardModel
+from guardproxy.encoding import POOL_INPUT
+from guardproxy.training.model import INPUT_NAMES, OUTPUT_NAMES, GuardExport, GuardModel
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from guardproxy.encoding import Encoding, encode_pair, encode_prompt, encode_window, pad_batch
+from guardproxy.encoding import POOL_INPUT, Encoding, encode_pair, encode_prompt, encode_window, pad_batch
 from guardproxy.training.augment import augment
-from guardproxy.training.model import POOL_INPUT, REFUSAL_LABELS, GuardModel
+from guardproxy.training.model import REFUSAL_LABELS, GuardModel
 from guardproxy.training.sources import Example
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ from transformers import BertConfig, BertModel
 REFUSAL_LABELS = ("none", "partial", "full")
 OUTPUT_NAMES = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-POOL_INPUT = "pool_mask"  # the fourth input of a model trained with --window-pool newest (guardproxy.encoding)
 
 
 def base_model_dir() -> Path:

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from guardproxy.encoding import encode_prompt, pad_batch
+from guardproxy.encoding import POOL_INPUT, encode_prompt, pad_batch
 from guardproxy.training.loop import Encoder
-from guardproxy.training.model import POOL_INPUT
 from guardproxy.training.sources import Example
 
 
