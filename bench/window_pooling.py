@@ -29,12 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.asks_after_chat import LABELS, held_out_rows, requests
 from bench.conversation_eval import DATA, load_conversations
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, WINDOW_TURNS, window_text
-from guardproxy.encoding import POOL_INPUT, encode_prompt, load_tokenizer, pad_batch
+from guardproxy.encoding import POOL_INPUT, encode_prompt, encode_window, load_tokenizer, pad_batch
 from guardproxy.normalize import normalize
 from guardproxy.settings import DEFAULT_MODEL_DIR
 
@@ -81,7 +79,7 @@ def write_rewired(model_dir: Path, out: Path, version: str) -> None:
 
 
 class PooledScorer:
-    """Harm of a text (raw probability), with the mean over every token or over its last ``tail_ids`` tokens."""
+    """Harm of a text (raw probability), with the mean over every token or over its newest turn (``encode_window``)."""
 
     def __init__(self, model_dir: Path, threads: int = 2) -> None:
         import onnxruntime as ort
@@ -95,16 +93,12 @@ class PooledScorer:
 
     def harm(self, text: str, max_length: int, newest: str | None = None) -> tuple[float, float]:
         """(whole-input mean, newest-turn mean); ``newest`` is the text of the input's last line (its newest turn)."""
-        enc = encode_prompt(self.tokenizer, normalize(text), max_length)
-        feed = pad_batch([enc])
-        full = float(self.session.run(["harm"], {**feed, POOL_INPUT: feed["attention_mask"]})[0][0])
+        feed = pad_batch([encode_prompt(self.tokenizer, normalize(text), max_length)], pool_mask=True)
+        full = float(self.session.run(["harm"], feed)[0][0])
         if newest is None:
             return full, full
-        n_newest = len(self.tokenizer.encode(normalize(newest), add_special_tokens=False).ids)
-        length = len(enc.input_ids)
-        mask = np.zeros_like(feed["attention_mask"])
-        mask[0, max(1, length - 1 - n_newest) : length - 1] = 1  # [CLS] ... newest turn [SEP]
-        last = float(self.session.run(["harm"], {**feed, POOL_INPUT: mask})[0][0])
+        window = encode_window(self.tokenizer, normalize(text), normalize(newest), max_length)  # as the gateway does
+        last = float(self.session.run(["harm"], pad_batch([window], pool_mask=True))[0][0])
         return full, last
 
     def level(self, w: float) -> float:
