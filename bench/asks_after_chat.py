@@ -48,6 +48,15 @@ def held_out_rows() -> list[dict[str, Any]]:
     return [row for row in rows if row["label"] in LABELS]
 
 
+def parse_levels(parser: argparse.ArgumentParser, flag: str, text: str) -> list[float]:
+    """Comma-separated levels on the operating scale (``--context-check`` and the like); a bad list exits with a
+    one-line message naming the flag."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag}: expected numbers separated by commas, got {text!r}")
+
+
 def requests(rows: Sequence[dict[str, Any]], chats: Sequence[list[dict[str, str]]], seed: int) -> list[list[Any]]:
     """Each row's prompt after the first 1-3 exchanges of a seeded draw of ``chats``."""
     rng = random.Random(seed)
@@ -124,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     models = args.model or [DEFAULT_MODEL_DIR]
-    checks = [float(w) for w in args.context_check.split(",")]
+    checks = parse_levels(parser, "--context-check", args.context_check)
 
     rows = held_out_rows()
     # dev MT-Bench dialogues, by the shipped model's split seed: never trained on by a model of that seed

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.asks_after_chat import LABELS, held_out_rows, requests
+from bench.asks_after_chat import LABELS, held_out_rows, parse_levels, requests
 from bench.conversation_eval import DATA, load_conversations
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, WINDOW_TURNS, window_text
 from guardproxy.encoding import POOL_INPUT, encode_prompt, encode_window, load_tokenizer, pad_batch
@@ -107,9 +107,9 @@ class PooledScorer:
 
 
 def window_of(messages: Sequence[dict[str, str]]) -> tuple[str, str]:
-    recent = messages[-WINDOW_TURNS:]
-    last = recent[-1]
-    return window_text([(m["role"], m["content"]) for m in recent]), f"{last['role']}: {last['content']}"
+    """The window ending at the last message and its newest turn, in the gateway's format (escalation.window_text)."""
+    turns = [(m["role"], m["content"]) for m in messages[-WINDOW_TURNS:]]
+    return window_text(turns), window_text(turns[-1:])
 
 
 def _options(argv: Sequence[str] | None) -> tuple[argparse.Namespace, tuple[float, ...]]:
@@ -133,11 +133,7 @@ def _options(argv: Sequence[str] | None) -> tuple[argparse.Namespace, tuple[floa
     args = parser.parse_args(argv)
     if args.write_model is not None and not args.version:
         parser.error("--write-model needs --version")
-    try:
-        checks = tuple(float(w) for w in args.checks.split(","))
-    except ValueError:
-        parser.error(f"--checks: expected numbers separated by commas, got {args.checks!r}")
-    return args, checks
+    return args, tuple(parse_levels(parser, "--checks", args.checks))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
