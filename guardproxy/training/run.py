@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guardproxy.encoding import load_tokenizer
+from guardproxy.encoding import POOL_INPUT, load_tokenizer
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.training import metrics as M
 from guardproxy.training.calibration import harm_calibration_report
@@ -154,6 +154,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
             return {"thresholds": {}, "seconds": time.monotonic() - started}
         export(model, opts.out, keep_fp32=fp32_path, pool_mask=encoder.pool_newest)
     sess = session(opts.out / "model.onnx", opts.threads)
+    # Windows are scored as the graph reads them: a re-scored run (--eval-only) keeps its own pooling whatever this
+    # command's --window-pool says.
+    encoder.pool_newest = POOL_INPUT in {i.name for i in sess.get_inputs()}  # type: ignore[attr-defined]
 
     calib_scores = score(sess, calib_rows, encoder, "calibration")
     thresholds = M.calibrate(calib_rows, calib_scores)
