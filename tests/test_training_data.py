@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from guardproxy.conversation.escalation import window_text as gateway_window_text
 from guardproxy.training.augment import _ASK_FRAMES, _HOW_QUESTIONS, augment, language_of
 from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored, window_text
 from guardproxy.training.splits import assign_splits
@@ -229,3 +230,12 @@ def test_chat_turns_add_each_mtbench_user_turn_alone_and_keep_dialogues_that_sha
     assert all(s["dialog:mt-1"] == s["dialog:mt-2"] and len(s["dialog:mt-1"]) == 1 for s in linked)
     apart = [split_of(load_conversations(tmp_path, random.Random(s)), s) for s in range(40)]
     assert any(s["dialog:mt-1"] != s["dialog:mt-2"] for s in apart)
+
+
+def test_training_windows_cut_a_long_turn_where_the_gateway_does() -> None:
+    long_reply = "word " * 2000  # 10,000 characters: the gateway keeps the first 4,000 of a turn in a window
+    messages = [{"role": "user", "content": "Summarise this"}, {"role": "assistant", "content": long_reply}]
+    text = window_text(messages)
+    assert text == gateway_window_text([("user", "Summarise this"), ("assistant", long_reply)])
+    assert text.startswith("user: Summarise this\nassistant: word word")
+    assert len(text) < len("user: Summarise this\nassistant: ") + 4001

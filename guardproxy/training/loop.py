@@ -10,7 +10,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class TrainConfig:
     context_asks_per_epoch: int = 0
     # What the heads read of a conversation window: "all" its ids (the mean over every token, 2.12.0), or "newest"
     # its newest turn's (the encoder still attends to the whole window; the export gets a pool_mask input).
-    window_pool: str = "all"
+    window_pool: Literal["all", "newest"] = "all"
     distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
     device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
 

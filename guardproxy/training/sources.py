@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guardproxy.conversation import escalation
 from guardproxy.normalize import normalize
 from guardproxy.training.categories import category_index, map_category
 
@@ -184,8 +185,9 @@ def load_responses(data: Path) -> list[Example]:
 
 
 def window_text(messages: list[dict[str, Any]]) -> str:
-    """The window format the conversation tracker scores: ``role: text`` lines, oldest first."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    """The window format the conversation tracker scores (``role: text`` lines, oldest first, each turn cut where the
+    gateway cuts it): the gateway's own ``escalation.window_text``, so training windows read as served ones."""
+    return escalation.window_text([(m["role"], m["content"]) for m in messages])
 
 
 def windows_ending_at(messages: list[dict[str, Any]], index: int, k: int = WINDOW_TURNS) -> list[dict[str, Any]]:
