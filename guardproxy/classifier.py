@@ -265,8 +265,11 @@ class OnnxClassifier:
         breaker_cooldown: float = 5.0,
         pools_newest: bool = False,
     ) -> None:
+        from guardproxy.encoding import covered_scripts
+
         self._session = session
         self._tokenizer = tokenizer
+        self.covered_scripts = covered_scripts(tokenizer)  # what PromptScore.unreadable measures against
         self.info = info
         # A graph with ``pool_mask`` reads a window through its newest turn (``score_prompts(newest=...)``).
         self.pools_newest = pools_newest
@@ -530,7 +533,7 @@ class OnnxClassifier:
     def _prompt_job(
         self, texts: list[str], cancel: threading.Event, *, max_length: int, newest: list[tuple[str, ...]]
     ) -> list[PromptScore]:
-        from guardproxy.encoding import encode_prompt, encode_window
+        from guardproxy.encoding import encode_prompt, encode_window, unreadable_share
         from guardproxy.normalize import normalize
 
         started = time.perf_counter()
@@ -543,7 +546,11 @@ class OnnxClassifier:
                 return encode_window(self._tokenizer, normalized[i], lasts[i][0], max_length)
             return encode_prompt(self._tokenizer, normalized[i], max_length)
 
-        return self._run_cached(keys, encode, self._prompt_scores, cancel, started)
+        def decode(out: dict[str, npt.NDArray[np.float32]], rows: list[int]) -> list[PromptScore]:
+            shares = [unreadable_share(normalized[i], self.covered_scripts) for i in rows]
+            return self._prompt_scores(out, shares)
+
+        return self._run_cached(keys, encode, decode, cancel, started)
 
     def _pair_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
         from guardproxy.encoding import encode_pair
@@ -555,7 +562,7 @@ class OnnxClassifier:
         return self._run_cached(
             keys,
             lambda i: encode_pair(self._tokenizer, normalized[i][0], normalized[i][1], self.info.max_length),
-            self._reply_scores,
+            lambda out, _rows: self._reply_scores(out),
             cancel,
             started,
         )
@@ -564,11 +571,12 @@ class OnnxClassifier:
         self,
         keys: list[bytes],
         encode: Callable[[int], Any],
-        decode: Callable[[dict[str, npt.NDArray[np.float32]]], list[T]],
+        decode: Callable[[dict[str, npt.NDArray[np.float32]], list[int]], list[T]],
         cancel: threading.Event,
         started: float,
     ) -> list[T]:
-        """``started``: when the job began (normalisation counts as tokenization in the timings)."""
+        """``started``: when the job began (normalisation counts as tokenization in the timings). ``decode`` gets a
+        batch's outputs and the positions in ``keys`` of its rows."""
         results: list[T | None] = [self._cache.get(k) for k in keys]
         first: dict[bytes, int] = {}  # duplicates inside one call are computed once
         for i, k in enumerate(keys):
@@ -578,7 +586,7 @@ class OnnxClassifier:
         if todo:
             encodings = [encode(i) for i in todo]
             t1 = time.perf_counter()
-            scored = self._infer(encodings, decode, cancel)
+            scored = self._infer(encodings, lambda out, rows: decode(out, [todo[r] for r in rows]), cancel)
             if self.observe_timing is not None:
                 self.observe_timing("tokenize", t1 - started)
                 self.observe_timing("model", time.perf_counter() - t1)
@@ -590,7 +598,7 @@ class OnnxClassifier:
     def _infer(
         self,
         encodings: list[Any],
-        decode: Callable[[dict[str, npt.NDArray[np.float32]]], list[T]],
+        decode: Callable[[dict[str, npt.NDArray[np.float32]], list[int]], list[T]],
         cancel: threading.Event,
     ) -> list[T]:
         from guardproxy.encoding import pad_batch
@@ -611,15 +619,17 @@ class OnnxClassifier:
                 end += 1
             batch = [encodings[i] for i in order[start:end]]
             values = self._session.run(list(OUTPUTS), pad_batch(batch, pool_mask=self.pools_newest))
-            for i, score in zip(order[start:end], decode(dict(zip(OUTPUTS, values, strict=True))), strict=True):
+            rows = order[start:end]
+            for i, score in zip(rows, decode(dict(zip(OUTPUTS, values, strict=True)), rows), strict=True):
                 out[i] = score
             start = end
         return out  # type: ignore[return-value]
 
-    def _prompt_scores(self, out: dict[str, npt.NDArray[np.float32]]) -> list[PromptScore]:
+    def _prompt_scores(self, out: dict[str, npt.NDArray[np.float32]], unreadable: list[float]) -> list[PromptScore]:
         t = self.info.thresholds
         scores = []
-        for harm, cat, jb, emb in zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], strict=True):
+        rows = zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], unreadable, strict=True)
+        for harm, cat, jb, emb, share in rows:
             idx = int(np.argmax(cat))
             # A request judged harmful always gets a hazard category the policy can write a refusal for.
             if idx == 0 and float(harm) >= t.harm and len(cat) > 1:
@@ -630,6 +640,7 @@ class OnnxClassifier:
                     category=taxonomy.CATEGORY_IDS[idx],
                     jailbreak=to_operating_scale(float(jb), t.jailbreak),
                     embedding=np.array(emb, dtype=np.float32),  # a copy: do not pin the whole batch array
+                    unreadable=share,
                 )
             )
         return scores

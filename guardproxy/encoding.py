@@ -16,6 +16,8 @@ before a harmful ask is context for the ask's ids, not ids averaged in with it; 
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +29,26 @@ from tokenizers import Tokenizer
 from guardproxy.errors import ConfigError
 from guardproxy.normalize import normalize
 
-__all__ = ["POOL_INPUT", "Encoding", "encode_pair", "encode_prompt", "encode_window", "load_tokenizer", "pad_batch"]
+__all__ = [
+    "POOL_INPUT",
+    "Encoding",
+    "covered_scripts",
+    "encode_pair",
+    "encode_prompt",
+    "encode_window",
+    "load_tokenizer",
+    "pad_batch",
+    "unreadable_share",
+]
 
 POOL_INPUT = "pool_mask"  # the optional fourth model input (see the module docstring)
 PAD_ID = 0  # BERT's [PAD]; padded positions are masked out, so the id itself never reaches a result
 HEAD_FRACTION = 0.25  # share of a long prompt's budget kept from its beginning; the rest comes from its end
 PAIR_PROMPT_MIN_FRACTION = 1 / 3  # the prompt keeps at least this share of a pair's budget when both are long
 _CHARS_PER_TOKEN_BOUND = 8  # pre-cut very long texts before tokenizing: more characters than any token needs
+# A script is covered when the vocabulary has at least this many pieces of two or more of its letters. The shipped
+# (English) vocabulary: Latin 27,587; Cyrillic 8, Greek 4, Arabic 2; every other script none.
+COVERED_SCRIPT_PIECES = 100
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,46 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if tokenizer.token_to_id(token) is None:
             raise ConfigError(f"tokenizer has no {token} token", where=str(path))
     return tokenizer
+
+
+@functools.lru_cache(maxsize=8192)
+def _script(char: str) -> str:
+    """The Unicode script of a letter, as the first word of its name (``LATIN``, ``CYRILLIC``, ``CJK``, ``HANGUL``)."""
+    return unicodedata.name(char, "").partition(" ")[0]
+
+
+def covered_scripts(tokenizer: Tokenizer) -> frozenset[str]:
+    """The scripts whose words the tokenizer's vocabulary can spell in pieces longer than one letter.
+
+    An English WordPiece vocabulary covers Latin (accents are stripped, so French or Polish words still come out as
+    word pieces). Russian, Greek, Arabic, Hindi or Korean come out letter by letter, and Chinese, Japanese and Thai
+    largely as ``[UNK]``: the guard model reads such text as a string of characters, not words.
+    """
+    counts: dict[str, int] = {}
+    for token in tokenizer.get_vocab():
+        core = token.removeprefix("##")
+        if len(core) < 2:
+            continue
+        for script in {_script(c) for c in core if c.isalpha()}:
+            counts[script] = counts.get(script, 0) + 1
+    return frozenset(s for s, n in counts.items() if n >= COVERED_SCRIPT_PIECES)
+
+
+def unreadable_share(text: str, covered: frozenset[str]) -> float:
+    """The share of ``text``'s letters written in scripts outside ``covered`` (0.0 for text without letters).
+
+    What the guard reports as ``unreadable``: near 1 the model's harm score is close to a guess (``bench/RESULTS.md``
+    measures it per script), and a policy can say what to do then (``unreadable_at_least``).
+    """
+    if text.isascii():
+        return 0.0
+    letters = outside = 0
+    for char in text:
+        if char.isalpha():
+            letters += 1
+            if char >= "\u0250" and _script(char) not in covered:  # below U+0250: ASCII and Latin-1/Extended-A/B
+                outside += 1
+    return outside / letters if letters else 0.0
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, max_length: int) -> Encoding:

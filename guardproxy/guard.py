@@ -538,7 +538,8 @@ class GuardCheck:
 
 
 def _combine_scores(scores: Sequence[PromptScore], conv: ConversationSignals, state_failed: bool) -> Signals:
-    """Request-level signals: the most harmful scored turn decides harm and category; jailbreak is the max."""
+    """Request-level signals: the most harmful scored turn decides harm and category; jailbreak and unreadable are
+    the max over the scored turns."""
     if not scores:
         return Signals(conversation=conv, state_failed=state_failed)
     top = max(scores, key=lambda s: s.harm)
@@ -546,6 +547,7 @@ def _combine_scores(scores: Sequence[PromptScore], conv: ConversationSignals, st
         harm=top.harm,
         category=top.category,
         jailbreak=max(s.jailbreak for s in scores),
+        unreadable=max(s.unreadable for s in scores),
         conversation=conv,
         state_failed=state_failed,
     )

@@ -92,6 +92,7 @@ class InputCondition(_Strict):
     category_in: tuple[CategoryId, ...] | None = None
     category_not_in: tuple[CategoryId, ...] | None = None
     jailbreak_at_least: Probability | None = None
+    unreadable_at_least: Probability | None = None
     escalation_at_least: Probability | None = None
     window_harm_at_least: Probability | None = None
     trajectory_at_least: Annotated[float, Field(ge=0.0)] | None = None
@@ -109,6 +110,7 @@ class InputCondition(_Strict):
             self.category_in is None or s.category in self.category_in,
             self.category_not_in is None or s.category not in self.category_not_in,
             self.jailbreak_at_least is None or s.jailbreak >= self.jailbreak_at_least,
+            self.unreadable_at_least is None or s.unreadable >= self.unreadable_at_least,
             self.escalation_at_least is None or conv.escalation >= self.escalation_at_least,
             self.window_harm_at_least is None or conv.window_harm >= self.window_harm_at_least,
             self.trajectory_at_least is None or conv.trajectory >= self.trajectory_at_least,

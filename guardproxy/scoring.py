@@ -174,7 +174,8 @@ class RowScorer:
         return out
 
     def _prompt(self, row: ParsedRow, s: PromptScore) -> dict[str, Any]:
-        decision = self.policy.decide_input(Signals(harm=s.harm, category=s.category, jailbreak=s.jailbreak))
+        signals = Signals(harm=s.harm, category=s.category, jailbreak=s.jailbreak, unreadable=s.unreadable)
+        decision = self.policy.decide_input(signals)
         return {
             "id": row.id,
             "kind": "prompt",
@@ -182,12 +183,18 @@ class RowScorer:
             "action": decision.action.value,
             "category": s.category,
             "jailbreak": round(s.jailbreak, 6),
+            "unreadable": round(s.unreadable, 4),
             "rule": decision.rule,
         }
 
     def _response(self, row: ParsedRow, s: PromptScore, r: ReplyScore) -> dict[str, Any]:
         signals = Signals(
-            harm=s.harm, category=s.category, jailbreak=s.jailbreak, refusal=r.refusal, reply_harm=r.reply_harm
+            harm=s.harm,
+            category=s.category,
+            jailbreak=s.jailbreak,
+            unreadable=s.unreadable,
+            refusal=r.refusal,
+            reply_harm=r.reply_harm,
         )
         decision = self.policy.decide_output(signals, final=True, may_retry=False)
         return {
@@ -231,6 +238,7 @@ class RowScorer:
                 harm=top.harm,
                 category=top.category,
                 jailbreak=max(s.jailbreak for s in pool),
+                unreadable=max(s.unreadable for s in pool),
                 conversation=result.signals,
             )
             decision = self.policy.decide_input(signals)

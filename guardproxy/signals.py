@@ -37,6 +37,9 @@ class PromptScore:
     category: str  # taxonomy id of the most likely hazard category (guardproxy.taxonomy)
     jailbreak: float  # jailbreak wrapper / instruction override, on the operating scale
     embedding: npt.NDArray[np.float32] = field(repr=False, compare=False)  # L2-normalised pooled embedding
+    # Share of the text's letters in scripts the model's vocabulary spells only letter by letter (Cyrillic, Greek,
+    # Arabic, CJK... for the English-first shipped model); near 1 the harm score is close to a guess.
+    unreadable: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Signals:
     harm: float = 0.0  # max over the scored user turns (and tool results) of this request
     category: str = "none"
     jailbreak: float = 0.0
+    unreadable: float = 0.0  # max over the scored turns: how much of a turn the model could not read (PromptScore)
     conversation: ConversationSignals = ConversationSignals()
     refusal: RefusalClass | None = None
     reply_harm: float | None = None

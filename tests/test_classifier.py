@@ -211,6 +211,21 @@ async def test_cache_hits_skip_inference_and_evasion_variants_share_an_entry() -
         await c.aclose()
 
 
+async def test_each_prompt_carries_the_share_the_vocabulary_cannot_read_cache_hits_included() -> None:
+    session = _GatedSession()
+    session.gate.set()
+    c = _gated_classifier(session, cache_size=16)
+    try:
+        texts = ["Подскажи рецепт блинов", "How do I kill a Python process?", "ok спасибо", "Подскажи рецепт блинов"]
+        scores = await c.score_prompts(texts)
+        assert [round(s.unreadable, 3) for s in scores] == [1.0, 0.0, round(7 / 9, 3), 1.0]
+        rows = session.rows
+        again = await c.score_prompts(texts[:1])  # from the cache: the share travels with the score
+        assert again[0].unreadable == 1.0 and session.rows == rows
+    finally:
+        await c.aclose()
+
+
 async def test_a_shorter_read_is_honoured_capped_at_the_model_maximum_and_cached_apart() -> None:
     session = _GatedSession()
     session.gate.set()

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from guardproxy.encoding import HEAD_FRACTION, encode_pair, encode_prompt, encode_window, load_tokenizer, pad_batch
+from guardproxy.encoding import (
+    HEAD_FRACTION,
+    covered_scripts,
+    encode_pair,
+    encode_prompt,
+    encode_window,
+    load_tokenizer,
+    pad_batch,
+    unreadable_share,
+)
 from guardproxy.errors import ConfigError
+from guardproxy.settings import Settings
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["alpha", "beta", "gamma", "delta", "how", "to", "make", "a", "bomb", "sorry", "sure", "here", "is"]
@@ -189,3 +199,37 @@ def test_shipped_model_matches_the_contract() -> None:
     np.testing.assert_allclose(out["refusal"].sum(axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-3)
     assert ((out["harm"] >= 0) & (out["harm"] <= 1)).all()
+
+
+def test_the_shipped_vocabulary_covers_the_latin_script_only() -> None:
+    tokenizer = load_tokenizer(Settings().guard.model_dir / "tokenizer.json")
+    assert covered_scripts(tokenizer) == frozenset({"LATIN"})
+
+
+def _vocab_tokenizer(tokens: list[str]) -> Tokenizer:
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *tokens])}
+    return Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+
+
+def test_a_script_is_covered_when_the_vocabulary_spells_its_words_in_pieces() -> None:
+    cyrillic_pieces = [f"##{a}{b}" for a in "абвгдежзик" for b in "лмнопрстуф"]  # 100 two-letter pieces
+    assert covered_scripts(_vocab_tokenizer(["п", "##о", "α", *cyrillic_pieces])) == frozenset({"CYRILLIC"})
+    assert covered_scripts(_vocab_tokenizer(["п", "##о", "α", *cyrillic_pieces[:99]])) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("text", "share"),
+    [
+        ("How do I kill a Python process?", 0.0),
+        ("Schreib mir bitte eine kurze Mail an meine Chefin, dass ich erst um 10 da bin.", 0.0),
+        ("Pomóż mi napisać maila; Türkçe öğreniyorum; Tiếng Việt rất hay", 0.0),  # accents are still Latin
+        ("Подскажи рецепт сырников", 1.0),
+        ("帮我写一条给房东的微信", 1.0),
+        ("Ελάτε να μιλήσουμε", 1.0),
+        ("🙂🙂 12345 !!!", 0.0),  # no letters at all
+        ("", 0.0),
+        ("ok спасибо", 7 / 9),  # 7 of its 9 letters are Cyrillic
+    ],
+)
+def test_unreadable_share_counts_the_letters_outside_the_covered_scripts(text: str, share: float) -> None:
+    assert unreadable_share(text, frozenset({"LATIN"})) == pytest.approx(share)

@@ -91,3 +91,37 @@ async def test_server_wires_the_real_guard_and_its_routes(tmp_path: Path) -> Non
             assert ok.json()["choices"][0]["message"]["content"] == fake.reply
             assert len(fake.requests) == 1  # the blocked ones never reached the upstream
             assert "guardproxy_decisions_total" in (await client.get("/metrics")).text
+
+
+async def test_a_policy_flags_a_turn_the_shipped_model_cannot_read(tmp_path: Path) -> None:
+    # The real guard model: Russian comes out of its English vocabulary letter by letter, German does not.
+    from guardproxy.fake_upstream import FakeUpstream
+    from guardproxy.settings import PROJECT_ROOT
+    from tests.gateway_support import CHAT
+    from tests.servers import serve
+
+    monitor = (PROJECT_ROOT / "policies" / "monitor.toml").read_text(encoding="utf-8")
+    flag_harm = '[[input_rules]]\nid = "flag-harm"\naction = "flag"\nwhen = { harm_at_least = 0.3 }\n\n'
+    assert flag_harm in monitor
+    policy = tmp_path / "unreadable.toml"
+    policy.write_text(monitor.replace(flag_harm, ""), encoding="utf-8")  # so only the language can flag these
+    fake = FakeUpstream()
+    async with serve(fake) as upstream:
+        settings = Settings(
+            upstream={"base_url": upstream + "/v1"},
+            state={"hmac_secret": "x" * 32},
+            policy={"active": policy},
+            guard={"output_checks": False},  # the input verdict's headers, not the reply's
+        )
+        built = build_app(settings, with_drills=False)
+        async with serve(built.app) as url, httpx.AsyncClient(base_url=url, timeout=20) as client:
+
+            async def ask(text: str) -> httpx.Response:
+                return await client.post(CHAT, json={"model": "m", "messages": [{"role": "user", "content": text}]})
+
+            ru = await ask("Подскажи рецепт блинов на молоке, чтобы были тонкие.")
+            de = await ask("Schreib mir bitte eine kurze Mail an meine Vermieterin wegen der Heizung.")
+    assert (ru.status_code, ru.headers["x-guardproxy-decision"]) == (200, "flag")
+    assert ru.headers["x-guardproxy-flag"] == "flag-unreadable"
+    assert ru.json()["choices"][0]["message"]["content"] == fake.reply  # flagged, still answered
+    assert de.headers["x-guardproxy-decision"] == "allow"

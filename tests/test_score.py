@@ -375,3 +375,28 @@ def test_train_rejects_bad_or_contradictory_options_before_anything_runs(
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_score_reports_what_the_model_cannot_read_and_monitor_flags_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {"id": "en", "prompt": "What's a good recipe for banana bread?"},
+        {"id": "de", "prompt": "Schreib mir bitte eine kurze Mail an meine Vermieterin wegen der Heizung."},
+        {"id": "ru", "prompt": "Подскажи рецепт блинов на молоке, чтобы были тонкие."},
+        {"id": "el", "prompt": "Πώς μπορώ να μάθω γρήγορα το λεξιλόγιο για τις εξετάσεις;"},
+        {"id": "zh", "prompt": "帮我写一条给房东的微信，说下个月房租晚三天交。"},
+    ]
+    monitor_path = PROJECT_ROOT / "policies" / "monitor.toml"
+    code, out, _ = _score(capsys, str(_write(tmp_path / "rows.jsonl", rows)), "--policy", str(monitor_path))
+    assert code == 0
+    unreadable = {o["id"]: o["unreadable"] for o in out}
+    assert unreadable["en"] == unreadable["de"] == 0.0
+    # normalisation folds a few look-alike letters (a Greek omicron) into Latin ones before the model reads the text
+    assert min(unreadable["ru"], unreadable["el"], unreadable["zh"]) > 0.9
+    monitor = load_policy(monitor_path)
+    for o in out:
+        signals = Signals(harm=o["harm"], category=o["category"], jailbreak=o["jailbreak"], unreadable=o["unreadable"])
+        assert o["action"] == monitor.decide_input(signals).action
+    assert {o["id"] for o in out if o["action"] == "flag"} >= {"ru", "el", "zh"}
+    assert next(o for o in out if o["id"] == "en")["action"] == "allow"

@@ -122,6 +122,7 @@ def signals_dict(signals: Signals) -> dict[str, float]:
     out = {
         "harm": signals.harm,
         "jailbreak": signals.jailbreak,
+        "unreadable": signals.unreadable,
         "window_harm": conv.window_harm,
         "trajectory": conv.trajectory,
         "trend": conv.trend,
