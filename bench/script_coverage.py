@@ -25,10 +25,10 @@ from guardproxy.classifier import OnnxClassifier
 from guardproxy.evaluation import NEGATIVE_LABELS, auroc
 from guardproxy.policy import Action, load_policy
 from guardproxy.settings import DEFAULT_POLICY, PROJECT_ROOT
-from guardproxy.signals import Signals
+from guardproxy.signals import UNREADABLE, Signals
 
 DEFAULT_SETS = [PROJECT_ROOT / "bench" / f"challenge{n}" / f"harm_challenge{n}.jsonl" for n in (4, 9, 10)]
-CUT = 0.5  # unreadable at or above this: the side the model cannot read
+CUT = UNREADABLE  # unreadable at or above this: the side the model cannot read
 
 
 def read_rows(paths: list[Path]) -> list[dict[str, Any]]:

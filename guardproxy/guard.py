@@ -44,7 +44,7 @@ from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Early, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
 from guardproxy.policyset import PolicySet, ReloadResult
-from guardproxy.signals import Classifier, ConversationSignals, PromptScore, ReplyScore, Signals
+from guardproxy.signals import UNREADABLE, Classifier, ConversationSignals, PromptScore, ReplyScore, Signals
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -281,6 +281,11 @@ class GuardCheck:
         texts = scored_texts(exchange.messages, score_system=self.score_system)
         subkey = subkey_of(exchange.body, exchange.headers) if self.tracker is not None else None
         signals, obs = await self._signals(exchange, texts, subkey, active=active, early=early)
+        if signals.unreadable >= UNREADABLE and self.metrics is not None:
+            self.metrics.counter(
+                "guardproxy_unreadable_requests",
+                "requests with a scored turn mostly in scripts the guard model reads only letter by letter",
+            ).inc()
         state = _ExchangeState(active, shadows, texts, signals, subkey=subkey, observation=obs)
         exchange.state[STATE_KEY] = state
         with exchange.timed("policy"):

@@ -11,6 +11,10 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+# At or above this share of a turn's letters in scripts the model spells only letter by letter, the turn counts as one
+# the model cannot read (the shipped policies' `unreadable_at_least`, the gateway's counter, bench.script_coverage).
+UNREADABLE = 0.5
+
 RefusalClass = Literal["none", "partial", "full"]
 REFUSAL_CLASSES: tuple[RefusalClass, ...] = ("none", "partial", "full")
 

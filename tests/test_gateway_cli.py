@@ -121,6 +121,8 @@ async def test_a_policy_flags_a_turn_the_shipped_model_cannot_read(tmp_path: Pat
 
             ru = await ask("Подскажи рецепт блинов на молоке, чтобы были тонкие.")
             de = await ask("Schreib mir bitte eine kurze Mail an meine Vermieterin wegen der Heizung.")
+            metrics = (await client.get("/metrics")).text
+    assert "guardproxy_unreadable_requests_total 1.0" in metrics  # counted whatever the policy does with it
     assert (ru.status_code, ru.headers["x-guardproxy-decision"]) == (200, "flag")
     assert ru.headers["x-guardproxy-flag"] == "flag-unreadable"
     assert ru.json()["choices"][0]["message"]["content"] == fake.reply  # flagged, still answered
