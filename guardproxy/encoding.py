@@ -108,13 +108,14 @@ def unreadable_share(text: str, covered: frozenset[str]) -> float:
     What the guard reports as ``unreadable``: near 1 the model's harm score is close to a guess (``bench/RESULTS.md``
     measures it per script), and a policy can say what to do then (``unreadable_at_least``).
     """
-    if text.isascii():
+    latin = "LATIN" in covered  # then the letters below U+0250 (ASCII, Latin-1, Latin Extended-A/B) need no lookup
+    if latin and text.isascii():
         return 0.0
     letters = outside = 0
     for char in text:
         if char.isalpha():
             letters += 1
-            if char >= "\u0250" and _script(char) not in covered:  # below U+0250: ASCII and Latin-1/Extended-A/B
+            if not (latin and char < "\u0250") and _script(char) not in covered:
                 outside += 1
     return outside / letters if letters else 0.0
 

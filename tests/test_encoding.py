@@ -233,3 +233,8 @@ def test_a_script_is_covered_when_the_vocabulary_spells_its_words_in_pieces() ->
 )
 def test_unreadable_share_counts_the_letters_outside_the_covered_scripts(text: str, share: float) -> None:
     assert unreadable_share(text, frozenset({"LATIN"})) == pytest.approx(share)
+
+
+def test_with_a_vocabulary_that_does_not_cover_latin_latin_letters_count_as_unreadable() -> None:
+    assert unreadable_share("ok спасибо", frozenset({"CYRILLIC"})) == pytest.approx(2 / 9)
+    assert unreadable_share("plain ascii", frozenset({"CYRILLIC"})) == 1.0
