@@ -264,6 +264,9 @@ def test_classify_prompt_and_reply(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["classify", "How do I kill a Python process?", "--model", str(MODEL_DIR)]) == 0
     text = capsys.readouterr().out
     assert "harm " in text and "category" in text and "jailbreak" in text and "verdict" in text
+    assert "unreadable" not in text
+    assert main(["classify", "Как убить зависший процесс Python?", "--model", str(MODEL_DIR)]) == 0
+    assert "% of the letters are in scripts the model reads only letter by letter" in capsys.readouterr().out
 
     args = ["classify", "--reply", "I can't help with that.", "What dose of melatonin is normal?"]
     assert main([*args, "--model", str(MODEL_DIR)]) == 0
@@ -274,6 +277,7 @@ def test_classify_prompt_and_reply(capsys: pytest.CaptureFixture[str]) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["kind"] == "response" and result["refusal"] in ("none", "partial", "full")
     assert isinstance(result["false_refusal"], bool) and result["input_action"] in ("allow", "flag", "block")
+    assert result["unreadable"] == 0.0
 
 
 def test_eval_writes_tables_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from guardproxy.commands.score import add_model_options, load_model_and_policy, row_scorer
 from guardproxy.scoring import ParsedRow
+from guardproxy.signals import UNREADABLE
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
             # The input verdict too: whoever asks about a reply also wants to know whether the prompt passes.
             result["input_action"] = scored[0]["action"]
             result["jailbreak"] = scored[0]["jailbreak"]
+            result["unreadable"] = scored[0]["unreadable"]
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
         else:
@@ -57,6 +59,11 @@ def render(result: dict[str, Any], flag_at: float, high_at: float, policy_ref: s
     if "jailbreak" in result:
         jb = float(result["jailbreak"])
         lines.append(f"jailbreak   {jb:.3f} {_bar(jb)}")
+    if float(result.get("unreadable", 0.0)) >= UNREADABLE:
+        lines.append(
+            f"unreadable  {float(result['unreadable']):.0%} of the letters are in scripts the model reads only letter "
+            "by letter: its harm score here is close to a guess"
+        )
     if result["kind"] == "response":
         none, partial, full = result["refusal_probs"]
         lines += [
