@@ -8,7 +8,9 @@ and false-refusal precision/recall per source, beside every keyword baseline of
 rate, share flagged before the final user turn and median first-flag turn per label.
 
 A source is the file (``prompts/advbench.jsonl`` → ``advbench``; ``responses/phtest/claude-2.1.jsonl`` →
-``phtest/claude-2.1``), or file and a row field with ``--group-by FIELD``.
+``phtest/claude-2.1``), or file and a row field with ``--group-by FIELD``. ``--group-by unreadable`` (where rows have no
+such field) splits prompt rows by what the model could read: ``can read`` or ``cannot read`` (``unreadable`` at or
+above ``signals.UNREADABLE``: mostly letters of scripts its vocabulary spells one by one).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from guardproxy.evaluation import (
 from guardproxy.policy import Policy
 from guardproxy.scoring import ParsedRow, Progress, RowError, parse_row, read_jsonl
 from guardproxy.settings import PROJECT_ROOT, load_settings
+from guardproxy.signals import UNREADABLE
 
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data"
 DEFAULT_BASELINES = DEFAULT_DATA / "baselines" / "refusal_keyword_lists.json"
@@ -52,7 +55,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", type=Path, default=None, metavar="OUT", help="plot score distributions per label")
     parser.add_argument("--baselines", type=Path, default=DEFAULT_BASELINES, help="keyword refusal baseline lists")
     parser.add_argument("--sample", type=int, default=None, help="score at most N rows per file (fixed by id hash)")
-    parser.add_argument("--group-by", default=None, metavar="FIELD", help="split sources by this row field too")
+    parser.add_argument(
+        "--group-by",
+        default=None,
+        metavar="FIELD",
+        help="split sources by this row field too; 'unreadable': by whether the model could read the prompt",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
         "--split",
@@ -236,6 +244,8 @@ def score_files(
                     source = base
                     if args.group_by and row.raw and args.group_by in row.raw:
                         source = f"{base}:{row.raw[args.group_by]}"
+                    elif args.group_by == "unreadable" and "unreadable" in result:
+                        source = f"{base}:{'cannot read' if result['unreadable'] >= UNREADABLE else 'can read'}"
                     collector.add(source, row, result)
                 progress.update(len(chunk), len(chunk))  # "bytes" are rows here: the total is known
     progress.close()
