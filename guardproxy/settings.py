@@ -133,6 +133,9 @@ class StateSettings(BaseModel):
 class DrillSettings(BaseModel):
     store: str = Field("sqlite:///guardproxy-drills.db", description="sqlite:///path or postgresql://...")
     sample_rate: float = Field(0.01, ge=0, le=1)
+    unreadable_sample_rate: float = Field(
+        0.1, ge=0, le=1, description="share of exchanges with a turn the model cannot read sampled for review"
+    )
     sample_secret: SecretStr = Field(SecretStr(""), description="keys the sampling hash; random per process if empty")
     per_tenant_hourly_cap: int = Field(200, ge=0)
     hourly_budget: int = Field(2000, ge=0)

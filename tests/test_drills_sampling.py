@@ -57,6 +57,12 @@ CASES = [
     ("classifier failed, fail-open allowed it", rec(signals={"harm": 0.0, "classifier_failed": 1.0}), NO_BASE,
      ("guard_failed",)),
     ("state backend failed", rec(signals={"harm": 0.0, "state_failed": 1.0}), NO_BASE, ("guard_failed",)),
+    ("a turn the model cannot read", rec(signals={"harm": 0.1, "unreadable": 0.9}),
+     SamplingConfig(rate=0.0, unreadable_rate=1.0), ("unreadable",)),
+    ("one it cannot read, unreadable rate 0", rec(signals={"harm": 0.1, "unreadable": 0.9}),
+     SamplingConfig(rate=0.0, unreadable_rate=0.0), ()),
+    ("one it can read", rec(signals={"harm": 0.1, "unreadable": 0.2}),
+     SamplingConfig(rate=0.0, unreadable_rate=1.0), ()),
 ]  # fmt: skip
 
 

@@ -47,7 +47,10 @@ class DrillRecorder:
             metrics=metrics,
         )
         config = SamplingConfig(
-            rate=d.sample_rate, per_tenant_hourly_cap=d.per_tenant_hourly_cap, hourly_budget=d.hourly_budget
+            rate=d.sample_rate,
+            unreadable_rate=d.unreadable_sample_rate,
+            per_tenant_hourly_cap=d.per_tenant_hourly_cap,
+            hourly_budget=d.hourly_budget,
         )
         return cls(store, Sampler(config, secret=d.sample_secret.get_secret_value()), metrics=metrics)
 

@@ -14,6 +14,10 @@ Decided per exchange, in microseconds, on the event loop (no I/O):
   ``rephrase_min`` after at least one refusal).
 - ``guard_failed``: the classifier or the state backend failed, so the policy's fail mode decided
   (a fail-open exchange went through unjudged: a person should see some of them).
+- ``unreadable``: a scored turn was mostly in scripts the guard model reads only letter by letter
+  (``unreadable`` at or above ``signals.UNREADABLE``), for ``unreadable_rate`` of them (the same keyed
+  hash): the model's verdict there is close to a guess, so people's labels are worth the most, and a
+  labelled set of them is what a model that reads those scripts would be judged on.
 
 Every reason is subject to the caps: at most ``per_tenant_hourly_cap`` drills per tenant and
 ``hourly_budget`` in all per clock hour, so one noisy client (even one that gets blocked a lot) cannot
@@ -31,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from guardproxy.drills.record import DrillRecord
+from guardproxy.signals import UNREADABLE
 
 REASONS: tuple[str, ...] = (
     "base_rate",
@@ -42,6 +47,7 @@ REASONS: tuple[str, ...] = (
     "escalation",
     "rephrase",
     "guard_failed",
+    "unreadable",
 )
 DEFAULT_THRESHOLDS: Mapping[str, float] = {"harm": 0.5}
 
@@ -52,6 +58,7 @@ class SamplingConfig:
     margin: float = 0.1
     escalation_min: float = 0.5
     rephrase_min: float = 0.8
+    unreadable_rate: float = 0.1
     per_tenant_hourly_cap: int = 200
     hourly_budget: int = 2000
 
@@ -93,6 +100,8 @@ def reasons_for(record: DrillRecord, config: SamplingConfig, fraction: float) ->
         out.append("rephrase")
     if s.get("classifier_failed", 0.0) or s.get("state_failed", 0.0):
         out.append("guard_failed")
+    if s.get("unreadable", 0.0) >= UNREADABLE and fraction < config.unreadable_rate:
+        out.append("unreadable")
     return tuple(out)
 
 
