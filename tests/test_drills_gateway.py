@@ -141,3 +141,35 @@ async def test_recorder_applies_caps_and_fills_reasons(tmp_path: Path) -> None:
     assert [d.record.reasons for d in stored] == [("blocked",), ("blocked",)]
     assert recorder.capped["tenant_cap"] == 3
     await recorder.aclose()
+
+
+async def test_a_turn_the_real_model_cannot_read_is_sampled_for_review(tmp_path: Path) -> None:
+    from guardproxy.server import build_app
+
+    texts = {"ru": "Подскажи рецепт блинов на молоке, чтобы были тонкие.", "en": "Any tips for a banana bread?"}
+    fake = FakeUpstream()
+    async with serve(fake) as up_url:
+        settings = Settings(
+            upstream={"base_url": f"{up_url}/v1"},
+            state={"hmac_secret": "x" * 32},
+            drills={"store": f"sqlite:///{tmp_path / 'drills.db'}", "sample_rate": 0.0, "unreadable_sample_rate": 1.0},
+        )
+        built = build_app(settings)  # the shipped guard model and the default policy
+        recorder = built.bundle.guard.drills
+        async with serve(built.app) as url, httpx.AsyncClient(timeout=20) as client:
+            for language, text in texts.items():
+                body = {"model": "fake-model", "messages": [{"role": "user", "content": text}], "user": language}
+                assert (await client.post(f"{url}/v1/chat/completions", json=body)).status_code == 200
+            drills: dict[str, tuple[str, str]] = {}
+            for _ in range(100):  # finish hooks run after the response; give them a generous 5 s
+                await recorder.store.flush()
+                with sqlite3.connect(tmp_path / "drills.db") as db:
+                    rows = db.execute("SELECT reasons, signals, messages FROM drills").fetchall()
+                drills = {("ru" if texts["ru"] in m else "en"): (r, s) for r, s, m in rows}
+                if "ru" in drills:
+                    break
+                await asyncio.sleep(0.05)
+    reasons, signals = drills["ru"]
+    assert '"unreadable"' in reasons and '"unreadable": 1.0' in signals
+    if "en" in drills:  # sampled for another reason (the FAKE reply can read as a refusal of it)
+        assert '"unreadable"' not in drills["en"][0] and '"unreadable": 0.0' in drills["en"][1]
