@@ -4,10 +4,11 @@
 
 The shipped model's English WordPiece vocabulary spells Latin-script words in pieces and every other script letter
 by letter (or as ``[UNK]``). Each prompt score carries ``unreadable``, the share of its letters in such scripts
-(``guardproxy.encoding.unreadable_share``). This splits labelled prompt rows at ``unreadable`` 0.5 and reports, per
-model and per side: rows, harm AUROC, and the share of harmful and of harmless rows the default policy does not
-allow. Without FILEs: the three multilingual held-out sets (challenge4, 9, 10). Rows also get a per-language line
-where the file has a ``language`` field.
+(``guardproxy.encoding.unreadable_share``). This scores labelled prompt rows as ``guardproxy score`` does (the
+configured active policy, ``policies/default.toml`` unless set), splits them at ``signals.UNREADABLE`` (0.5) and
+reports, per model and side: rows, harm AUROC within the side, and the share of harmful and of harmless rows the
+policy does not allow. Without FILEs: the three multilingual held-out sets (challenge4, 9, 10). The JSON also
+has a line per ``language`` where rows carry one.
 """
 
 from __future__ import annotations
@@ -21,33 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from guardproxy.classifier import OnnxClassifier
+from guardproxy.commands.evaluate import load_rows
+from guardproxy.commands.score import load_model_and_policy, row_scorer
+from guardproxy.errors import ConfigError
 from guardproxy.evaluation import NEGATIVE_LABELS, auroc
-from guardproxy.policy import Action, load_policy
-from guardproxy.settings import DEFAULT_POLICY, PROJECT_ROOT
-from guardproxy.signals import UNREADABLE, Signals
+from guardproxy.scoring import ParsedRow
+from guardproxy.settings import PROJECT_ROOT
+from guardproxy.signals import UNREADABLE
 
 DEFAULT_SETS = [PROJECT_ROOT / "bench" / f"challenge{n}" / f"harm_challenge{n}.jsonl" for n in (4, 9, 10)]
-CUT = UNREADABLE  # unreadable at or above this: the side the model cannot read
 
 
-def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
-    rows = []
-    for path in paths:
-        for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise SystemExit(f"{path}:{n}: not JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise SystemExit(f"{path}:{n}: not a JSON object")
-            if row.get("prompt") and row.get("label") in ("harmful", *NEGATIVE_LABELS):
-                rows.append(row)
-            elif "prompt" not in row:
-                raise SystemExit(f"{path}:{n}: not a prompt row")
-    return rows
+def prompt_rows(paths: list[Path]) -> list[ParsedRow]:
+    """The labelled prompt rows (harmful, benign, borderline_benign) of ``paths``; a bad line is a ``ConfigError``."""
+    labels = ("harmful", *NEGATIVE_LABELS)
+    return [r for p in paths for r in load_rows(p, None) if r.kind == "prompt" and (r.raw or {}).get("label") in labels]
 
 
 def group_metrics(labels: list[bool], harm: list[float], flagged: list[bool]) -> dict[str, Any]:
@@ -62,21 +51,22 @@ def group_metrics(labels: list[bool], harm: list[float], flagged: list[bool]) ->
     }
 
 
-def measure(model: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    classifier = OnnxClassifier.load(model)
-    policy = load_policy(DEFAULT_POLICY)
+def measure(model: Path, rows: list[ParsedRow]) -> dict[str, Any]:
+    """``guardproxy score``'s rows for ``model`` under the default policy, grouped by what the model could read."""
+    classifier, policy = load_model_and_policy(argparse.Namespace(model=str(model), policy=None, threads=None))
     try:
-        scores = classifier.score_prompts_sync([r["prompt"] for r in rows])
+        with row_scorer(classifier, policy) as scorer:
+            results = scorer.score(rows)
     finally:
         classifier.close()
     groups: dict[str, tuple[list[bool], list[float], list[bool]]] = defaultdict(lambda: ([], [], []))
-    for row, s in zip(rows, scores, strict=True):
-        flagged = policy.decide_input(Signals(harm=s.harm, category=s.category, jailbreak=s.jailbreak)).action
-        side = "cannot read" if s.unreadable >= CUT else "can read"
-        for key in (side, f"language {row.get('language', '?')}"):
-            groups[key][0].append(row["label"] == "harmful")
-            groups[key][1].append(s.harm)
-            groups[key][2].append(flagged is not Action.ALLOW)
+    for row, result in zip(rows, results, strict=True):
+        raw = row.raw or {}
+        side = "cannot read" if result["unreadable"] >= UNREADABLE else "can read"
+        for key in (side, f"language {raw.get('language', '?')}"):
+            groups[key][0].append(raw["label"] == "harmful")
+            groups[key][1].append(result["harm"])
+            groups[key][2].append(result["action"] != "allow")
     return {
         "model": f"{classifier.info.name} {classifier.info.version}",
         "groups": {k: group_metrics(*v) for k, v in sorted(groups.items())},
@@ -113,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"{path}: no such file", file=sys.stderr)
             return 2
-    rows = read_rows(paths)
+    try:
+        rows = prompt_rows(paths)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     models = args.model or [PROJECT_ROOT / "models" / "guard-v1"]
     results = []
     for model in models:
@@ -121,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure(model, rows))
     print(render(results))
     if args.json is not None:
-        out = {"files": [str(p) for p in paths], "cut": CUT, "results": results}
+        out = {"files": [str(p) for p in paths], "cut": UNREADABLE, "results": results}
         args.json.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return 0
 

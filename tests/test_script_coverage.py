@@ -42,3 +42,10 @@ def test_rows_are_split_by_what_the_model_can_read_and_by_language(tmp_path: Pat
 def test_a_missing_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "missing.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"{tmp_path / 'missing.jsonl'}: no such file"
+
+
+def test_a_bad_line_is_a_one_line_error_naming_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"id": 1, "prompt": "hi", "label": "benign"}\nnot json\n', encoding="utf-8")
+    assert main([str(data)]) == 2
+    assert capsys.readouterr().err.startswith(f"{data}:2: ")
