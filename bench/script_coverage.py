@@ -28,7 +28,7 @@ from guardproxy.errors import ConfigError
 from guardproxy.evaluation import NEGATIVE_LABELS, auroc
 from guardproxy.scoring import ParsedRow
 from guardproxy.settings import PROJECT_ROOT
-from guardproxy.signals import UNREADABLE
+from guardproxy.signals import UNREADABLE, readable_side
 
 DEFAULT_SETS = [PROJECT_ROOT / "bench" / f"challenge{n}" / f"harm_challenge{n}.jsonl" for n in (4, 9, 10)]
 
@@ -62,8 +62,7 @@ def measure(model: Path, rows: list[ParsedRow]) -> dict[str, Any]:
     groups: dict[str, tuple[list[bool], list[float], list[bool]]] = defaultdict(lambda: ([], [], []))
     for row, result in zip(rows, results, strict=True):
         raw = row.raw or {}
-        side = "cannot read" if result["unreadable"] >= UNREADABLE else "can read"
-        for key in (side, f"language {raw.get('language', '?')}"):
+        for key in (readable_side(result["unreadable"]), f"language {raw.get('language', '?')}"):
             groups[key][0].append(raw["label"] == "harmful")
             groups[key][1].append(result["harm"])
             groups[key][2].append(result["action"] != "allow")

@@ -15,6 +15,12 @@ import numpy.typing as npt
 # the model cannot read (the shipped policies' `unreadable_at_least`, the gateway's counter, bench.script_coverage).
 UNREADABLE = 0.5
 
+
+def readable_side(unreadable: float) -> str:
+    """How reports split rows by ``unreadable``: ``"cannot read"`` at or above ``UNREADABLE``, else ``"can read"``."""
+    return "cannot read" if unreadable >= UNREADABLE else "can read"
+
+
 RefusalClass = Literal["none", "partial", "full"]
 REFUSAL_CLASSES: tuple[RefusalClass, ...] = ("none", "partial", "full")
 

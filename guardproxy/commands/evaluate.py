@@ -41,7 +41,7 @@ from guardproxy.evaluation import (
 from guardproxy.policy import Policy
 from guardproxy.scoring import ParsedRow, Progress, RowError, parse_row, read_jsonl
 from guardproxy.settings import PROJECT_ROOT, load_settings
-from guardproxy.signals import UNREADABLE
+from guardproxy.signals import readable_side
 
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data"
 DEFAULT_BASELINES = DEFAULT_DATA / "baselines" / "refusal_keyword_lists.json"
@@ -245,7 +245,7 @@ def score_files(
                     if args.group_by and row.raw and args.group_by in row.raw:
                         source = f"{base}:{row.raw[args.group_by]}"
                     elif args.group_by == "unreadable" and "unreadable" in result:
-                        source = f"{base}:{'cannot read' if result['unreadable'] >= UNREADABLE else 'can read'}"
+                        source = f"{base}:{readable_side(result['unreadable'])}"
                     collector.add(source, row, result)
                 progress.update(len(chunk), len(chunk))  # "bytes" are rows here: the total is known
     progress.close()
