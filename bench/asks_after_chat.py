@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.conversation_eval import DATA, every_window_tracker, load_conversations
+from bench.conversation_eval import DATA, every_window_tracker, load_conversations, parse_levels
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 
@@ -46,15 +46,6 @@ def held_out_rows() -> list[dict[str, Any]]:
         if line.strip()
     )
     return [row for row in rows if row["label"] in LABELS]
-
-
-def parse_levels(parser: argparse.ArgumentParser, flag: str, text: str) -> list[float]:
-    """Comma-separated levels on the operating scale (``--context-check`` and the like); a bad list exits with a
-    one-line message naming the flag."""
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        parser.error(f"{flag}: expected numbers separated by commas, got {text!r}")
 
 
 def requests(rows: Sequence[dict[str, Any]], chats: Sequence[list[dict[str, str]]], seed: int) -> list[list[Any]]:
@@ -99,8 +90,16 @@ async def score(model: Path, convs: Sequence[list[Any]], window_ids: int = WINDO
     return out
 
 
+def column(check: float, bypass: float | None = None) -> str:
+    """``both@W``: the turn at the operating point and its window at W; ``both@W|H``: or the turn at H alone."""
+    return f"both@{check:g}" + ("" if bypass is None else f"|{bypass:g}")
+
+
 def summary(
-    rows: Sequence[dict[str, Any]], scores: Sequence[tuple[float, float]], checks: Sequence[float] = (OPERATING_POINT,)
+    rows: Sequence[dict[str, Any]],
+    scores: Sequence[tuple[float, float]],
+    checks: Sequence[float] = (OPERATING_POINT,),
+    bypasses: Sequence[float] = (),
 ) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for label in ("harmful", "harmless"):
@@ -112,7 +111,11 @@ def summary(
             "window": sum(w >= OPERATING_POINT for _, w in pairs) / n,
         }
         for check in checks:
-            out[label][f"both@{check:g}"] = sum(t >= OPERATING_POINT and w >= check for t, w in pairs) / n
+            for bypass in [None, *bypasses]:
+                out[label][column(check, bypass)] = (
+                    sum(t >= OPERATING_POINT and (w >= check or (bypass is not None and t >= bypass)) for t, w in pairs)
+                    / n
+                )
     return out
 
 
@@ -128,12 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="'both@W': the turn at the operating point and its window at W (the window as a second opinion)",
     )
     parser.add_argument(
+        "--context-bypass",
+        default="",
+        metavar="H[,H...]",
+        help="'both@W|H': as both@W, or the turn alone at H (the second opinion asked only where the turn is unsure)",
+    )
+    parser.add_argument(
         "--window-ids", type=int, default=WINDOW_MAX_IDS, help="ids of each window the model reads (the gateway's)"
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     models = args.model or [DEFAULT_MODEL_DIR]
     checks = parse_levels(parser, "--context-check", args.context_check)
+    bypasses = parse_levels(parser, "--context-bypass", args.context_bypass) if args.context_bypass else []
 
     rows = held_out_rows()
     # dev MT-Bench dialogues, by the shipped model's split seed: never trained on by a model of that seed
@@ -143,19 +153,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {}
     print(
         f"\nshare at or over the operating point ({OPERATING_POINT} on the operating scale; 'both@W': the turn, and its"
-        " window at W)"
+        " window at W; 'both@W|H': or the turn at H)"
     )
-    both = [f"both@{w:g}" for w in checks]
-    print(f"{'model':40s} {'label':9s} {'n':>5s} {'turn':>7s} {'window':>7s} " + " ".join(f"{b:>9s}" for b in both))
+    columns = ["turn", "window", *(column(w, h) for w in checks for h in [None, *bypasses])]
+    width = max(len(c) for c in columns)
     for model in models:
-        got = summary(rows, asyncio.run(score(model, convs, args.window_ids)), checks)
+        got = summary(rows, asyncio.run(score(model, convs, args.window_ids)), checks, bypasses)
         results[str(model)] = got
-        for label, r in got.items():
-            cells = " ".join(f"{r[b]:9.1%}" for b in both)
-            print(f"{str(model)[-40:]:40s} {label:9s} {r['n']:5d} {r['turn']:7.1%} {r['window']:7.1%} {cells}")
+        print(f"\n{model}  (harmful n={got['harmful']['n']:.0f}, harmless n={got['harmless']['n']:.0f})")
+        print(f"  {'':{width}s} {'harmful':>8s} {'harmless':>8s}")
+        for c in columns:
+            print(f"  {c:{width}s} {got['harmful'][c]:8.1%} {got['harmless'][c]:8.1%}")
     if args.json:
         sets = [str(p.relative_to(PROJECT_ROOT)) for p in ENGLISH_SETS]
-        blob = {"seed": args.seed, "window_ids": args.window_ids, "context_checks": checks, "sets": sets}
+        blob = {
+            "seed": args.seed,
+            "window_ids": args.window_ids,
+            "context_checks": checks,
+            "context_bypasses": bypasses,
+            "sets": sets,
+        }
         args.json.write_text(json.dumps(blob | {"models": results}, indent=1))
     return 0
 

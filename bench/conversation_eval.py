@@ -62,6 +62,15 @@ class Conv:
     turns: list[dict[str, Any] | None] | None = None  # per user turn components, filled by replay
 
 
+def parse_levels(parser: argparse.ArgumentParser, flag: str, text: str) -> list[float]:
+    """Comma-separated levels on the operating scale (``--context-check`` and the like); a bad list exits with a
+    one-line message naming the flag."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag}: expected numbers separated by commas, got {text!r}")
+
+
 def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8").split("\n"):
         if line.strip():
@@ -247,20 +256,29 @@ def last_turn_flags(convs: Sequence[Conv], harm_threshold: float) -> list[int | 
 
 
 def guard_flags(
-    convs: Sequence[Conv], p: EscalationParams, harm_threshold: float, context_check: float | None = None
+    convs: Sequence[Conv],
+    p: EscalationParams,
+    harm_threshold: float,
+    context_check: float | None = None,
+    bypass: float | None = None,
 ) -> list[int | None]:
     """What a policy with both rules flags: the turn's own harm, or the conversation's escalation. With
     ``context_check``, a turn after the first counts only when its window (the turn with its recent context) also
-    reaches that harm: the per-turn rule with the window as a second opinion."""
+    reaches that harm: the per-turn rule with the window as a second opinion; with ``bypass`` too, a turn whose own
+    harm reaches ``bypass`` counts whatever its window (the second opinion is asked only where the turn is unsure)."""
+
+    def counts(k: int, t: dict[str, Any]) -> bool:
+        if t["harm"] < harm_threshold:
+            return False
+        if context_check is None or k == 0 or t["window"] >= context_check:
+            return True
+        return bypass is not None and t["harm"] >= bypass
+
     out = []
     for c in convs:
         turns = c.turns or []
         esc = escalations(turns, p)
-        flags = [
-            e >= FLAG_THRESHOLD
-            or (t["harm"] >= harm_threshold and (context_check is None or k == 0 or t["window"] >= context_check))
-            for k, (e, t) in enumerate(zip(esc, turns, strict=True))
-        ]
+        flags = [e >= FLAG_THRESHOLD or counts(k, t) for k, (e, t) in enumerate(zip(esc, turns, strict=True))]
         out.append(next((i + 1 for i, f in enumerate(flags) if f), None))
     return out
 
@@ -418,10 +436,12 @@ def report(
     harm_threshold: float,
     matched: float,
     splits: Sequence[str],
-    context_check: float | None = None,
+    context_checks: Sequence[float] = (),
+    bypasses: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Per split and source: last-turn-only (model threshold; threshold matched to the tuning benign budget),
-    the tracker's escalation alone, and both rules together (what the default policy does)."""
+    the tracker's escalation alone, and both rules together (what the default policy does); then both rules with
+    the window as a second opinion at each of ``context_checks``, alone and with each of ``bypasses``."""
     summary: dict[str, Any] = {}
     methods = {
         f"last-turn (harm>={harm_threshold:.2f})": lambda g: last_turn_flags(g, harm_threshold),
@@ -429,10 +449,10 @@ def report(
         "tracker (escalation>=0.5)": lambda g: tracker_flags(g, p),
         "tracker + last-turn": lambda g: guard_flags(g, p, harm_threshold),
     }
-    if context_check is not None:
-        methods[f"tracker + last-turn if window>={context_check:.2f}"] = lambda g: guard_flags(
-            g, p, harm_threshold, context_check
-        )
+    for w in context_checks:
+        for h in [None, *bypasses]:
+            name = f"tracker + last-turn if window>={w:.2f}" + ("" if h is None else f" or harm>={h:.2f}")
+            methods[name] = lambda g, w=w, h=h: guard_flags(g, p, harm_threshold, w, h)
     for split in splits:
         print(f"\n== split: {split}")
         in_split = [c for c in convs if c.split == split]
@@ -520,16 +540,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--context-check",
-        type=float,
-        default=None,
-        metavar="W",
+        default="",
+        metavar="W[,W...]",
         help="also report the per-turn rule with the window as a second opinion: a later turn counts only when its "
         "window reaches W too",
+    )
+    parser.add_argument(
+        "--context-bypass",
+        default="",
+        metavar="H[,H...]",
+        help="with --context-check, also report each W with a bypass: a turn whose own harm reaches H counts "
+        "whatever its window",
     )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    checks = parse_levels(parser, "--context-check", args.context_check) if args.context_check else []
+    bypasses = parse_levels(parser, "--context-bypass", args.context_bypass) if args.context_bypass else []
+    if bypasses and not checks:
+        parser.error("--context-bypass needs --context-check")
 
     data_config = json.loads(((args.splits_of or args.model) / "config.json").read_text()).get("data", {})
     seed, chat_turns = int(data_config.get("seed", 0)), bool(data_config.get("chat_turns", False))
@@ -563,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nparameters: {params}")
     matched = matched_harm_threshold(tuning, args.max_benign, per_set=args.budget == "per-set")
     splits = ["train", "calibration", "dev", "challenge"]
-    summary = report(convs, params, harm_threshold, matched, splits, args.context_check)
+    summary = report(convs, params, harm_threshold, matched, splits, checks, bypasses)
     if args.json:
         blob = {"params": asdict(params), "window_ids": args.window_ids, "results": summary}
         args.json.write_text(json.dumps(blob, indent=1))

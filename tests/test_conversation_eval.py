@@ -73,6 +73,18 @@ def test_the_window_as_a_second_opinion_spares_a_later_turn_only_when_its_window
     assert guard_flags(convs, p, 0.5, context_check=0.3) == [None, 1, 2]
 
 
+def test_a_bypass_keeps_the_turns_the_model_is_sure_of_whatever_their_window() -> None:
+    p = EscalationParams()
+    sure = Conv("s", "stitched", "benign", "dev", [], turns=[_turn(0.0, 0.0), _turn(0.97, 0.05)])
+    unsure = Conv("u", "stitched", "benign", "dev", [], turns=[_turn(0.0, 0.0), _turn(0.7, 0.05)])
+    convs = [sure, unsure]
+    assert guard_flags(convs, p, 0.5, context_check=0.3) == [None, None]
+    assert guard_flags(convs, p, 0.5, context_check=0.3, bypass=0.95) == [2, None]
+    assert guard_flags(convs, p, 0.5, context_check=0.3, bypass=0.6) == [2, 2]
+    # the bypass only adds back turns at the harm threshold: it never flags a turn under it
+    assert guard_flags(convs, p, 0.98, context_check=0.3, bypass=0.6) == [None, None]
+
+
 def test_asks_after_chat_puts_each_ask_after_whole_exchanges_and_counts_turn_window_and_both() -> None:
     chat = [
         {"role": "user", "content": "u1"},
@@ -90,6 +102,11 @@ def test_asks_after_chat_puts_each_ask_after_whole_exchanges_and_counts_turn_win
     got = summary(rows, scores, checks=(0.5, 0.1))
     assert got["harmless"] == {"n": 20, "turn": 0.5, "window": 1.0, "both@0.5": 0.5, "both@0.1": 0.5}
     assert got["harmful"] == {"n": 20, "turn": 1.0, "window": 0.5, "both@0.5": 0.5, "both@0.1": 1.0}
+    # with a bypass at 0.8 the harmful (0.9, 0.2) rows count at W = 0.5 too, while the harmless (0.1, 0.7) rows
+    # stay out: their turn is under the operating point
+    got = summary(rows, scores, checks=(0.5,), bypasses=(0.8,))
+    assert got["harmful"]["both@0.5|0.8"] == 1.0
+    assert got["harmless"]["both@0.5|0.8"] == 0.5
 
 
 def test_turns_over_counts_every_user_turn_of_every_conversation() -> None:
