@@ -82,3 +82,30 @@ def test_groups_are_the_issue_targets() -> None:
     assert group("gsm8k", "benign", 0.0) == "ordinary"
     assert group("phtest", "borderline_benign", 0.0) == "phtest"
     assert group("phtest", "borderline_controversial", None) is None
+
+
+def test_by_kind_an_everyday_authored_request_is_ordinary_and_a_lookalike_stays_one() -> None:
+    def row(kind: str | None, label: str = "benign") -> Example:
+        meta = {} if kind is None else {"kind": kind}
+        return Example(text="x", source="authored/prompts_everyday10", group="g", label=label, harm=0.0, meta=meta)
+
+    assert harm_group(row("everyday")) == "lookalike"  # by file, the default (the shipped model's recipe)
+    assert harm_group(row("everyday"), by_kind=True) == "ordinary"
+    assert harm_group(row("lookalike"), by_kind=True) == "lookalike"
+    assert harm_group(row(None), by_kind=True) == "lookalike"  # no kind: its file decides, as before
+
+    # 100 easy everyday rows no longer dilute the look-alike group whose target binds: the threshold rises
+    rng = np.random.default_rng(1)
+    rows = (
+        _rows("advbench", "harmful", rng.uniform(0.3, 1.0, 200), 1.0)
+        + _rows("authored/prompts_lookalike", "benign", rng.uniform(0.0, 0.6, 60), 0.0)
+        + _rows("clinc150", "benign", rng.uniform(0.0, 0.1, 400), 0.0)
+    )
+    for i in range(100):
+        e = row("everyday")
+        e.text, e.group = f"everyday {i}", f"everyday-{i}"
+        rows.append((e, float(rng.uniform(0.0, 0.05))))
+    examples, scores = [e for e, _ in rows], np.array([s for _, s in rows])
+    assert calibrate_harm(examples, scores, by_kind=True) > calibrate_harm(examples, scores)
+    report = harm_calibration_report(examples, scores, 0.5, by_kind=True)
+    assert report["lookalike"]["n"] == 60 and report["ordinary"]["n"] == 500

@@ -91,14 +91,20 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
     (tmp_path / "config.json").write_text((kept / "2.10.0.config.json").read_text())
     lines = {}
     for balanced, targets in [(True, "t.json"), (False, None)]:
-        metrics["train"] |= {"balanced_rewords": balanced, "refusal_targets": targets, "chat_turns": balanced}
+        metrics["train"] |= {
+            "balanced_rewords": balanced,
+            "refusal_targets": targets,
+            "chat_turns": balanced,
+            "calibrate_by_kind": balanced,
+        }
         metrics["train"]["context_asks"] = 400 if balanced else 0
         (tmp_path / "metrics.json").write_text(json.dumps(metrics))
         write_card(tmp_path, loso=[], latency=None, compare=[])
         card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
         lines[balanced] = next(x for x in card if x.startswith("guardproxy train --data"))
-    assert "--balanced-rewords --context-asks 400 --refusal-targets t.json --chat-turns --model-version" in lines[True]
-    flags = ("--balanced-rewords", "--context-asks", "--refusal-targets", "--chat-turns")
+    expected = "--balanced-rewords --context-asks 400 --refusal-targets t.json --chat-turns --calibrate-by-kind"
+    assert f"{expected} --model-version" in lines[True]
+    flags = ("--balanced-rewords", "--context-asks", "--refusal-targets", "--chat-turns", "--calibrate-by-kind")
     assert all(f not in lines[False] for f in flags)
 
 

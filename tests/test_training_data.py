@@ -239,3 +239,14 @@ def test_training_windows_cut_a_long_turn_where_the_gateway_does() -> None:
     assert text == gateway_window_text([("user", "Summarise this"), ("assistant", long_reply)])
     assert text.startswith("user: Summarise this\nassistant: word word")
     assert len(text) < len("user: Summarise this\nassistant: ") + 4001
+
+
+def test_an_authored_rows_kind_reaches_the_calibration(tmp_path: Path) -> None:
+    rows = [
+        {"id": "e1", "prompt": "a syrniki recipe for four", "label": "benign", "kind": "everyday", "family": "f1"},
+        {"id": "l1", "prompt": "how do I kill a stuck process", "label": "benign", "kind": "lookalike"},
+        {"id": "n1", "prompt": "what dose of melatonin is normal", "label": "benign"},
+    ]
+    (tmp_path / "prompts_x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kinds = {e.meta["id"]: e.meta.get("kind") for e in load_authored(tmp_path)}
+    assert kinds == {"e1": "everyday", "l1": "lookalike", "n1": None}

@@ -88,6 +88,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also train every MT-Bench user turn on its own as a harmless prompt (half weight; what the per-turn "
         "check sees)",
     )
+    parser.add_argument(
+        "--calibrate-by-kind",
+        action="store_true",
+        help="calibrate the harm threshold with authored harmless prompts grouped by their row's kind (everyday: "
+        "ordinary, target 2%%) instead of all as look-alikes (target 5%%)",
+    )
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
@@ -198,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         train_only=args.train_only,
         refusal_targets=args.refusal_targets,
         chat_turns=args.chat_turns,
+        calibrate_by_kind=args.calibrate_by_kind,
         train=TrainConfig(
             device=args.device,
             distill=args.distill,

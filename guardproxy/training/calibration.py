@@ -36,40 +36,48 @@ HARM_MISS_TARGET = 0.05
 HARM_FLAG_TARGETS = {"ordinary": 0.02, "lookalike": 0.05, "phtest": 0.05}
 
 
-def harm_group(e: Example) -> str | None:
-    """The calibration group of a prompt row: ``harmful_public``, ``harmful_authored`` or a key of the targets."""
+def harm_group(e: Example, by_kind: bool = False) -> str | None:
+    """The calibration group of a prompt row: ``harmful_public``, ``harmful_authored`` or a key of the targets.
+
+    An authored harmless prompt is a look-alike by its file; with ``by_kind`` (``guardproxy train
+    --calibrate-by-kind``), one whose row says ``"kind": "everyday"`` is ordinary, so a batch of plain requests does
+    not dilute the look-alike group whose target binds (candidate 2.17.0's threshold fell from 0.35 to 0.27 so)."""
     authored = e.source.startswith("authored/")
     if e.harm == 1.0:
         return "harmful_authored" if authored else "harmful_public"
     if e.label == "borderline_benign":
         return "phtest"
     if e.label == "benign":
+        if by_kind and e.meta.get("kind") == "everyday":
+            return "ordinary"
         return "lookalike" if e.source.startswith("authored/prompts") else "ordinary"
     return None
 
 
-def _harm_groups(examples: Sequence[Example], harm: np.ndarray) -> dict[str, np.ndarray]:
+def _harm_groups(examples: Sequence[Example], harm: np.ndarray, by_kind: bool = False) -> dict[str, np.ndarray]:
     """The harm scores of the prompt rows, by calibration group (rows outside every group left out)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for i, e in enumerate(examples):
-        group = harm_group(e) if not e.pair else None
+        group = harm_group(e, by_kind) if not e.pair else None
         if group is not None:
             groups[group].append(float(harm[i]))
     return {k: np.array(v) for k, v in sorted(groups.items())}
 
 
-def calibrate_harm(examples: Sequence[Example], harm: np.ndarray) -> float:
-    arrays = _harm_groups(examples, harm)
+def calibrate_harm(examples: Sequence[Example], harm: np.ndarray, by_kind: bool = False) -> float:
+    arrays = _harm_groups(examples, harm, by_kind)
     empty = np.array([])
     positives = [(arrays.get(g, empty), HARM_MISS_TARGET) for g in ("harmful_public", "harmful_authored")]
     negatives = [(arrays.get(g, empty), target) for g, target in HARM_FLAG_TARGETS.items()]
     return minimax(positives, negatives)
 
 
-def harm_calibration_report(examples: Sequence[Example], harm: np.ndarray, threshold: float) -> dict[str, Any]:
+def harm_calibration_report(
+    examples: Sequence[Example], harm: np.ndarray, threshold: float, by_kind: bool = False
+) -> dict[str, Any]:
     """Each calibration group's size, rate at the threshold (miss rate for harmful groups, else flag rate), target."""
     report: dict[str, Any] = {}
-    for group, v in _harm_groups(examples, harm).items():
+    for group, v in _harm_groups(examples, harm, by_kind).items():
         harmful = group.startswith("harmful")
         report[group] = {
             "n": len(v),

@@ -152,7 +152,8 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += f" --context-asks {run['context_asks']}" if run.get("context_asks") else ""
     flags += " --window-pool newest" if run.get("window_pool") == "newest" else ""
     flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
-    return flags + (" --chat-turns" if run.get("chat_turns") else "")
+    flags += " --chat-turns" if run.get("chat_turns") else ""
+    return flags + (" --calibrate-by-kind" if run.get("calibrate_by_kind") else "")
 
 
 def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:

@@ -38,11 +38,12 @@ def refusal_class(probs: np.ndarray, partial_threshold: float) -> np.ndarray:
 # -- calibration ---------------------------------------------------------------------------------------------------
 
 
-def calibrate(examples: Sequence[Example], s: Scores) -> dict[str, float]:
+def calibrate(examples: Sequence[Example], s: Scores, by_kind: bool = False) -> dict[str, float]:
+    """Every head's threshold on the calibration rows; ``by_kind``: see ``calibration.harm_group``."""
     prompt = [i for i, e in enumerate(examples) if not e.pair]
     pairs = [i for i, e in enumerate(examples) if e.pair]
     harm = s.harm
-    t_harm = calibrate_harm(examples, harm)
+    t_harm = calibrate_harm(examples, harm, by_kind)
     negatives = np.array([harm[i] for i in prompt if examples[i].label in NEGATIVE_LABELS])
     t_high = max(t_harm, float(np.quantile(negatives, 0.995)) if len(negatives) else 0.9)
     jb = [i for i in prompt if examples[i].jailbreak is not None]

@@ -75,6 +75,9 @@ class RunOptions:
     # Every MT-Bench user turn on its own as a harmless prompt too (sources.load_conversations): the per-turn check's
     # input. The splits are recorded in config.json's data, so the evaluators rebuild them with the same rows.
     chat_turns: bool = False
+    # Calibrate authored harmless prompts by their row's kind (everyday -> ordinary), not by their file
+    # (calibration.harm_group).
+    calibrate_by_kind: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -147,6 +150,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
+                "calibrate_by_kind": opts.calibrate_by_kind,
             }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
@@ -159,7 +163,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
     encoder.pool_newest = POOL_INPUT in {i.name for i in sess.get_inputs()}  # type: ignore[attr-defined]
 
     calib_scores = score(sess, calib_rows, encoder, "calibration")
-    thresholds = M.calibrate(calib_rows, calib_scores)
+    thresholds = M.calibrate(calib_rows, calib_scores, opts.calibrate_by_kind)
     log.info("thresholds: %s", thresholds)
 
     judges = M.keyword_judges(opts.data / "baselines" / "refusal_keyword_lists.json")
@@ -169,7 +173,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
         "train_config": asdict(opts.train),
         "train": train_summary,
         "thresholds": thresholds,
-        "harm_calibration": harm_calibration_report(calib_rows, calib_scores.harm, thresholds["harm"]),
+        "harm_calibration": harm_calibration_report(
+            calib_rows, calib_scores.harm, thresholds["harm"], opts.calibrate_by_kind
+        ),
         "splits": summary(examples),
         "dev": dev_report(dev_rows, dev_scores, thresholds, judges),
     }

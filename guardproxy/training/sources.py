@@ -136,6 +136,8 @@ def _prompt_example(row: dict[str, Any], source: str) -> Example:
         ex.meta["family"] = row["family"]
     if row.get("style"):
         ex.meta["style"] = row["style"]
+    if row.get("kind"):  # authored harmless prompts: everyday or lookalike (calibration.harm_group)
+        ex.meta["kind"] = row["kind"]
     return ex
 
 
