@@ -8,7 +8,9 @@ split (never trained on either), and the request is replayed through the convers
 scored. It reports, per model, the share of each label whose **turn** (the ask alone, what the per-turn check
 reads) and whose **window** (the ask with its recent context, what the tracker's window pass reads) reach the
 policy's harm operating point (0.5 on the operating scale), and for each ``--context-check W`` how many have the turn
-at the operating point and its window at W (``both@W``: the per-turn rule with the window as a second opinion).
+at the operating point and its window at W (``both@W``: the per-turn rule with the window as a second opinion), and
+for each ``--context-bypass H`` the same or the turn alone at H (``both@W|H``: the second opinion asked only where the
+turn is unsure).
 
 A window pass that reads a harmful ask after harmless small talk as harmless can be steered by padding: this
 measures it. The draw of chats is seeded, so two models see the same requests.

@@ -23,7 +23,9 @@ The history weights cannot be tuned on this data (history is always verified in 
 Flag = a user turn with escalation >= 0.5. Last-turn-only baseline = a user turn whose own harm >= the model's
 calibrated harm threshold (0.5 on the operating scale; the guard looking at the newest user message of each
 request), and the same with the harm threshold matched to the tuning split's benign budget; "tracker +
-last-turn" = either rule (the default policy has both). Prints, never passes or fails.
+last-turn" = either rule (the default policy has both). ``--context-check W[,W...]`` adds that rule with the window
+as a second opinion for later turns, and ``--context-bypass H[,H...]`` each of those with turns at H counting whatever
+their window. Prints, never passes or fails.
 """
 
 from __future__ import annotations
