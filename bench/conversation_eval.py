@@ -285,6 +285,23 @@ def guard_flags(
     return out
 
 
+def first_flagged_turns(convs: Sequence[Conv], p: EscalationParams, harm_threshold: float) -> list[dict[str, Any]]:
+    """Each conversation's first turn that the tracker plus the per-turn rule flag (``guard_flags``): its id, the
+    1-based user turn, the turn's own harm, its window, its escalation and its text. What a person reads to see why
+    harmless chats get flagged."""
+    out = []
+    for c, turn in zip(convs, guard_flags(convs, p, harm_threshold), strict=True):
+        if turn is None:
+            continue
+        t = (c.turns or [])[turn - 1]
+        esc = escalations(c.turns or [], p)[turn - 1]
+        text = c.messages[t["index"]]["content"] if "index" in t else ""
+        out.append(
+            {"id": c.id, "turn": turn, "harm": t["harm"], "window": t["window"], "escalation": esc, "text": text}
+        )
+    return out
+
+
 def benign_sets(ben: Sequence[Conv], per_set: bool) -> dict[str, list[Conv]]:
     """The benign conversations the budget is counted over: each source on its own (``per_set``), or pooled."""
     if not per_set:
@@ -440,6 +457,7 @@ def report(
     splits: Sequence[str],
     context_checks: Sequence[float] = (),
     bypasses: Sequence[float] = (),
+    show_flags: int = 0,
 ) -> dict[str, Any]:
     """Per split and source: last-turn-only (model threshold; threshold matched to the tuning benign budget),
     the tracker's escalation alone, and both rules together (what the default policy does); then both rules with
@@ -480,6 +498,15 @@ def report(
                 share = over / total if total else 0.0
                 print(f"    {'user turns with harm>=' + f'{harm_threshold:.2f}':34s} {over} of {total} ({share:.2%})")
                 summary[f"{split}/{key}"]["turns_over_harm_threshold"] = {"over": over, "turns": total}
+                if show_flags:
+                    flags = first_flagged_turns(group, p, harm_threshold)
+                    summary[f"{split}/{key}"]["first_flags"] = flags
+                    for f in sorted(flags, key=lambda f: -f["harm"])[:show_flags]:
+                        text = " ".join(str(f["text"]).split())[:100]
+                        print(
+                            f"      turn {f['turn']:2d} harm {f['harm']:.2f} window {f['window']:.2f} "
+                            f"escalation {f['escalation']:.2f}  {text!r}"
+                        )
     return summary
 
 
@@ -554,6 +581,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --context-check, also report each W with a bypass: a turn whose own harm reaches H counts "
         "whatever its window",
     )
+    parser.add_argument(
+        "--show-flags",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print up to N harmless conversations' first flagged turns per set (highest harm first); --json keeps "
+        "them all",
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -595,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nparameters: {params}")
     matched = matched_harm_threshold(tuning, args.max_benign, per_set=args.budget == "per-set")
     splits = ["train", "calibration", "dev", "challenge"]
-    summary = report(convs, params, harm_threshold, matched, splits, checks, bypasses)
+    summary = report(convs, params, harm_threshold, matched, splits, checks, bypasses, args.show_flags)
     if args.json:
         blob = {"params": asdict(params), "window_ids": args.window_ids, "results": summary}
         args.json.write_text(json.dumps(blob, indent=1))

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 
 from bench.asks_after_chat import requests, summary
-from bench.conversation_eval import Conv, benign_cut, benign_sets, guard_flags, tracker_flags, tune, turns_over
+from bench.conversation_eval import (
+    Conv,
+    benign_cut,
+    benign_sets,
+    first_flagged_turns,
+    guard_flags,
+    tracker_flags,
+    tune,
+    turns_over,
+)
 from guardproxy.conversation import EscalationParams
 
 
@@ -114,3 +123,20 @@ def test_turns_over_counts_every_user_turn_of_every_conversation() -> None:
     b = Conv("b", "mtbench", "benign", "dev", [], turns=[_turn(0.49, 0.9)])
     assert turns_over([a, b], 0.5) == (2, 4)
     assert turns_over([], 0.5) == (0, 0)
+
+
+def test_first_flagged_turns_name_the_turn_its_scores_and_its_text() -> None:
+    p = EscalationParams()
+    messages = [
+        {"role": "user", "content": "what is a good name for a cat"},
+        {"role": "assistant", "content": "Miso."},
+        {"role": "user", "content": "What's the best way to store medications at home?"},
+    ]
+    turns = [dict(_turn(0.0, 0.0), index=0), dict(_turn(0.96, 0.03), index=2)]
+    flagged = Conv("f", "stitched", "benign", "dev", messages, turns=turns)
+    clean = Conv("c", "stitched", "benign", "dev", messages[:1], turns=[dict(_turn(0.1, 0.1), index=0)])
+    got = first_flagged_turns([flagged, clean], p, 0.5)
+    assert len(got) == 1
+    assert got[0]["id"] == "f" and got[0]["turn"] == 2
+    assert (got[0]["harm"], got[0]["window"]) == (0.96, 0.03)
+    assert got[0]["text"] == "What's the best way to store medications at home?"
