@@ -150,7 +150,6 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
-                "calibrate_by_kind": opts.calibrate_by_kind,
             }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
@@ -164,6 +163,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
 
     calib_scores = score(sess, calib_rows, encoder, "calibration")
     thresholds = M.calibrate(calib_rows, calib_scores, opts.calibrate_by_kind)
+    # A calibration option, not a training one: it holds for this run's thresholds however the weights came about
+    # (trained, --soup, --eval-only), so the card's reproduce command gets it from here.
+    train_summary = {**train_summary, "calibrate_by_kind": opts.calibrate_by_kind}
     log.info("thresholds: %s", thresholds)
 
     judges = M.keyword_judges(opts.data / "baselines" / "refusal_keyword_lists.json")
