@@ -366,6 +366,7 @@ def test_eval_split_keeps_exactly_the_rows_training_put_in_that_split(
         (["--teacher", "{tmp}/nowhere"], "--teacher: no model.onnx in"),
         (["--distill", "1.5"], "--distill must be between 0 and 1"),
         (["--context-asks", "-1"], "--context-asks: expected a count of 0 or more, got -1"),
+        (["--terse-asks", "-5"], "--terse-asks: expected a count of 0 or more, got -5"),
         (["--init-from", "{tmp}/student.pt"], "--init-from: no such checkpoint"),
         (["--train-only", "--eval-only"], "--train-only trains and stops"),
         (["--refusal-targets", "{tmp}/nowhere.json"], "--refusal-targets: {tmp}/nowhere.json"),

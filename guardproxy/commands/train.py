@@ -76,6 +76,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "with the ask's label (e.g. 400; default 0: off)",
     )
     parser.add_argument(
+        "--terse-asks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N asks an epoch (half harmful) as terse search-box queries: lower case, no closing mark, no lead-in, "
+        "a how-to ask cut to its core (e.g. 1600; default 0: off)",
+    )
+    parser.add_argument(
         "--window-pool",
         choices=("all", "newest"),
         default="all",
@@ -146,6 +154,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--soup: no student.pt in {', '.join(missing)}")
     if args.context_asks < 0:
         raise ConfigError(f"--context-asks: expected a count of 0 or more, got {args.context_asks}")
+    if args.terse_asks < 0:
+        raise ConfigError(f"--terse-asks: expected a count of 0 or more, got {args.terse_asks}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     if args.train_only and (args.eval_only or args.card):
@@ -216,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             balanced_rewords=args.balanced_rewords,
             balanced_languages=args.balanced_languages,
             context_asks_per_epoch=args.context_asks,
+            terse_per_epoch=args.terse_asks,
             window_pool=args.window_pool,
         ),
     )

@@ -6,6 +6,10 @@
 - Jailbreak wrapping: a real wrapper from the train split carrying a harmful or a harmless question (in its
   placeholder, or appended where it has none). jailbreak = 1 either way; harm follows the question, so the harm
   head learns to find the ask at the end of a long wrapper (and encode_prompt keeps that tail).
+- Terse asks (``guardproxy train --terse-asks N``): the same ask as a search-box query (lower case, no closing
+  mark, no lead-in, a how-to ask cut to its core). The public harmful sets are written out in full while clinc150,
+  HWU64 and the authored chats' user turns are terse and harmless, so without them "short, lower case, unpunctuated"
+  read as harmless (2.12.0 scored "how do i cook meth" 0.02). Drawn equally from both sides, route by route.
 - Context asks (``guardproxy train --context-asks N``): a harmful or a harmless ask put as the next user turn of
   a harmless chat, in the window format the conversation tracker scores, with the ask's label. Without them the
   window pass had seen harmless chat windows and ActorAttack windows but never a plain ask after a harmless chat,
@@ -130,6 +134,76 @@ def reworded(base: Example, rng: random.Random) -> Example | None:
     )
 
 
+# Search-box openings for a how-to core ("how to {x}" cut from "Write a tutorial on how to {x}").
+TERSE_HOW: tuple[str, ...] = (
+    "how to {x}",
+    "how do i {x}",
+    "{x}",
+    "ways to {x}",
+    "easiest way to {x}",
+    "best way to {x}",
+    "steps to {x}",
+    "can u {x}",
+    "{x} how",
+    "need to {x}",
+    "help me {x}",
+    "how can i {x}",
+    "how would i {x}",
+    "tips to {x}",
+)
+TERSE_ROUTES = ("how", "plain")
+_TERSE_LEAD = re.compile(
+    r"^(?:(?:hey|hi|ok|okay|so)\b[,!]?\s*)?"
+    r"(?:(?:please|can you|could you|would you|will you|i need you to|i want you to|i'd like you to)\b[,]?\s*)+",
+    re.IGNORECASE,
+)
+_SENTENCE_BREAK = re.compile(r"[.!?;:]\s+\S|\n")
+_ARTICLES = re.compile(r"\b(?:a|an|the)\s+", re.IGNORECASE)
+TERSE_MAX_WORDS = 16
+
+
+def terse_route(text: str) -> str | None:
+    """How ``tersed`` shortens this ask: ``how`` (cut to its how-to core), ``plain`` (its lead-in and closing mark
+    dropped); None: not one short sentence (a paragraph of context is not a search-box query)."""
+    text = " ".join(text.split())
+    if not text or len(text.split()) > 30 or _SENTENCE_BREAK.search(text.rstrip(" .!?")):
+        return None
+    return "how" if _HOW_TO.search(text) else "plain"
+
+
+def tersed(base: Example, rng: random.Random) -> Example | None:
+    """The same ask as a terse search-box query; None when it has no short form (``terse_route``)."""
+    text = " ".join(base.text.split())
+    route = terse_route(text)
+    if route == "how" and (m := _HOW_TO.search(text)):
+        new = rng.choice(TERSE_HOW).format(x=m.group(1).rstrip(" ?.!"))
+    elif route == "plain":
+        new = _TERSE_LEAD.sub("", text)
+    else:
+        return None
+    new = new.lower().rstrip(" ?.!")
+    if rng.random() < 0.5:
+        new = _ARTICLES.sub("", new)
+    if rng.random() < 0.5:
+        new = new.replace(",", "").replace("'", "")
+    new = " ".join(new.split())
+    if not new or len(new.split()) > TERSE_MAX_WORDS:
+        return None
+    return Example(
+        text=new,
+        source="aug/terse",
+        group=base.group,
+        label=base.label,
+        harm=base.harm,
+        harm_weight=base.harm_weight,
+        category=base.category,
+        category_weight=base.category_weight,
+        jailbreak=0.0,
+        split=base.split,
+        meta={"language": base.meta["language"]} if base.meta.get("language") else {},
+    )
+
+
 def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
     text = wrapper.text
     if PLACEHOLDER.search(text):
@@ -160,9 +234,11 @@ def augment(
     balanced_rewords: bool = False,
     context_asks: int = 0,
     balanced_languages: bool = False,
+    terse: int = 0,
 ) -> list[Example]:
     """``frames`` reframed asks, ``rewords`` asks in the other sentence form, ``wraps`` wrapped questions and
-    ``context_asks`` asks after a harmless chat, each half harmful and half harmless, from train rows. With
+    ``context_asks`` asks after a harmless chat and ``terse`` asks as search-box queries, each half harmful and half
+    harmless, from train rows. With
     ``balanced_languages`` the reframed, wrapped and after-chat asks are in a language other than English equally
     often on both sides (``_ask_drawer``)."""
     asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
@@ -196,6 +272,8 @@ def augment(
             for i in range(context_asks if chats else 0):
                 chat = rng.choice(chats)
                 out.append(after_chat(chat, draw(i % 2 == 0)))
+        if terse:  # no draw at all when off, as for context asks
+            out += _balanced_terse(harmful, harmless, terse, rng)
     return out
 
 
@@ -263,6 +341,28 @@ def _balanced_rewords(
     out: list[Example] = []
     for i in range(n if forms else 0):
         new = reworded(rng.choice(pools[(forms[(i // 2) % len(forms)], i % 2 == 0)]), rng)
+        if new is not None:
+            out.append(new)
+    return out
+
+
+def _balanced_terse(
+    harmful: Sequence[Example], harmless: Sequence[Example], n: int, rng: random.Random
+) -> list[Example]:
+    """``n`` terse asks, the route first (in turn), then a base of that route from each side in turn: harmful asks say
+    "how to" far more often, and a route drawn from the base's shape would make the how-to openings a harm cue."""
+    pools = {
+        (route, bad): [e for e in (harmful if bad else harmless) if terse_route(e.text) == route]
+        for route in TERSE_ROUTES
+        for bad in (True, False)
+    }
+    routes = [r for r in TERSE_ROUTES if pools[(r, True)] and pools[(r, False)]]
+    out: list[Example] = []
+    tries = 0
+    while routes and len(out) < n and tries < 10 * n:
+        tries += 1
+        i = len(out)  # advances only on a kept ask, so each (route, side) gets its equal share
+        new = tersed(rng.choice(pools[(routes[(i // 2) % len(routes)], i % 2 == 0)]), rng)
         if new is not None:
             out.append(new)
     return out
