@@ -50,24 +50,33 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def framed(base: Example, rng: random.Random) -> Example:
-    frame = rng.choice(FRAMES)
-    q = base.text.strip()
-    before = frame[: frame.index("{q}")].rstrip()
-    if before.endswith(","):  # mid-sentence
-        q = _lower_first(q)
+def _same_ask(
+    base: Example, text: str, source: str, jailbreak: float | None, meta: dict[str, object] | None = None
+) -> Example:
+    """``base``'s ask in new words: its label, harm, category, group and split carried over."""
     return Example(
-        text=frame.format(q=q),
-        source="aug/frame",
+        text=text,
+        source=source,
         group=base.group,
         label=base.label,
         harm=base.harm,
         harm_weight=base.harm_weight,
         category=base.category,
         category_weight=base.category_weight,
-        jailbreak=None,  # some frames read like instruction overrides: no jailbreak label either way
+        jailbreak=jailbreak,
         split=base.split,
+        meta=meta or {},
     )
+
+
+def framed(base: Example, rng: random.Random) -> Example:
+    frame = rng.choice(FRAMES)
+    q = base.text.strip()
+    before = frame[: frame.index("{q}")].rstrip()
+    if before.endswith(","):  # mid-sentence
+        q = _lower_first(q)
+    # some frames read like instruction overrides: no jailbreak label either way
+    return _same_ask(base, frame.format(q=q), "aug/frame", jailbreak=None)
 
 
 _IMPERATIVE = re.compile(
@@ -120,18 +129,7 @@ def reworded(base: Example, rng: random.Random) -> Example | None:
         new = rng.choice(_POLITE_QUESTIONS).format(t=_lower_first(text.rstrip(" .!")))
     else:
         return None
-    return Example(
-        text=new,
-        source="aug/reworded",
-        group=base.group,
-        label=base.label,
-        harm=base.harm,
-        harm_weight=base.harm_weight,
-        category=base.category,
-        category_weight=base.category_weight,
-        jailbreak=0.0,
-        split=base.split,
-    )
+    return _same_ask(base, new, "aug/reworded", jailbreak=0.0)
 
 
 # Search-box openings for a how-to core ("how to {x}" cut from "Write a tutorial on how to {x}").
@@ -189,19 +187,8 @@ def tersed(base: Example, rng: random.Random) -> Example | None:
     new = " ".join(new.split())
     if not new or len(new.split()) > TERSE_MAX_WORDS:
         return None
-    return Example(
-        text=new,
-        source="aug/terse",
-        group=base.group,
-        label=base.label,
-        harm=base.harm,
-        harm_weight=base.harm_weight,
-        category=base.category,
-        category_weight=base.category_weight,
-        jailbreak=0.0,
-        split=base.split,
-        meta={"language": base.meta["language"]} if base.meta.get("language") else {},
-    )
+    language = base.meta.get("language")
+    return _same_ask(base, new, "aug/terse", jailbreak=0.0, meta={"language": language} if language else None)
 
 
 def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
