@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drop-train", type=Path, nargs="*", default=[], help="authored files to clean")
     parser.add_argument("--drop-eval", type=Path, nargs="*", default=[], help="challenge files to clean")
     args = parser.parse_args(argv)
-    train_files = sorted(AUTHORED_DIR.glob("*.jsonl"))
+    # held/ too: a batch kept out of the recipe today may be loaded later, so challenge sets stay apart from it
+    train_files = sorted(AUTHORED_DIR.glob("*.jsonl")) + sorted(AUTHORED_DIR.glob("held/*.jsonl"))
     eval_files = [p for d in CHALLENGE_DIRS for p in sorted(d.glob("*.jsonl"))]
     for path in args.drop_train:
         # Against the challenge prompts only: a conversation's short turns ("ok thanks") match anything.
