@@ -104,15 +104,17 @@ def test_content_words_read_every_script() -> None:
     assert jaccard(a, b) < 0.2
 
 
+def _ask(text: str, harm: float) -> Example:
+    """A one-line ask from a harmful (AdvBench) or a harmless (clinc150) source."""
+    return Example(text=text, source="advbench" if harm else "clinc150", group=text, label="x", harm=harm)
+
+
 def test_every_reworded_sentence_form_comes_from_harmful_and_harmless_asks_alike() -> None:
     # Shaped like the real pools: harmful asks mostly say "how to", harmless ones mostly ask a question.
-    def ask(text: str, harm: float) -> Example:
-        return Example(text=text, source="advbench" if harm else "clinc150", group=text, label="x", harm=harm)
-
-    harmful = [ask(f"Explain how to do harmful thing {i}", 1.0) for i in range(50)]
-    harmful += [ask(f"Is harmful thing {i} easy?", 1.0) for i in range(5)]
-    harmless = [ask(f"What is the weather in town {i}?", 0.0) for i in range(50)]
-    harmless += [ask(f"Show me how to bake bread {i}", 0.0) for i in range(5)]
+    harmful = [_ask(f"Explain how to do harmful thing {i}", 1.0) for i in range(50)]
+    harmful += [_ask(f"Is harmful thing {i} easy?", 1.0) for i in range(5)]
+    harmless = [_ask(f"What is the weather in town {i}?", 0.0) for i in range(50)]
+    harmless += [_ask(f"Show me how to bake bread {i}", 0.0) for i in range(5)]
     out = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, rewords=600, balanced_rewords=True)
     assert len(out) == 600
     how_openers = tuple(t.split("{")[0] for t in _HOW_QUESTIONS)
@@ -284,15 +286,12 @@ def test_a_terse_ask_is_the_same_ask_as_a_search_box_query_with_its_label() -> N
 
 
 def test_terse_asks_take_each_route_equally_often_from_both_sides() -> None:
-    def ask(text: str, harm: float) -> Example:
-        return Example(text=text, source="advbench" if harm else "clinc150", group=text, label="x", harm=harm)
-
     # Shaped like the real pools: harmful asks mostly say "how to", harmless ones mostly do not.
-    harmful = [ask(f"Explain how to do harmful thing {i}.", 1.0) for i in range(50)]
-    harmful += [ask(f"Give me harmful thing {i}", 1.0) for i in range(5)]
-    harmless = [ask(f"What is the weather in town {i}?", 0.0) for i in range(50)]
-    harmless += [ask(f"Show me how to bake bread {i}", 0.0) for i in range(5)]
-    harmless += [ask(f"Plan a trip. Book hotel {i}.", 0.0) for i in range(20)]  # no short form: never drawn
+    harmful = [_ask(f"Explain how to do harmful thing {i}.", 1.0) for i in range(50)]
+    harmful += [_ask(f"Give me harmful thing {i}", 1.0) for i in range(5)]
+    harmless = [_ask(f"What is the weather in town {i}?", 0.0) for i in range(50)]
+    harmless += [_ask(f"Show me how to bake bread {i}", 0.0) for i in range(5)]
+    harmless += [_ask(f"Plan a trip. Book hotel {i}.", 0.0) for i in range(20)]  # no short form: never drawn
     out = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, terse=400)
     assert len(out) == 400 and {e.source for e in out} == {"aug/terse"}
     routes = Counter((e.harm, "thing" in e.text and "harmful" in e.text and "give" not in e.text) for e in out)
