@@ -314,17 +314,28 @@ def after_chat(chat: Sequence[dict[str, str]], ask: Example) -> Example:
     )
 
 
+def _pools_by_shape(
+    harmful: Sequence[Example],
+    harmless: Sequence[Example],
+    shapes: Sequence[str],
+    shape_of: Callable[[str], str | None],
+) -> tuple[dict[tuple[str, bool], list[Example]], list[str]]:
+    """The asks of each (shape, harmful?) pool, and the shapes both sides have: a balanced draw takes the shape
+    first, then a base of that shape from each side, so no shape predicts the label."""
+    pools = {
+        (s, bad): [e for e in (harmful if bad else harmless) if shape_of(e.text) == s]
+        for s in shapes
+        for bad in (True, False)
+    }
+    return pools, [s for s in shapes if pools[(s, True)] and pools[(s, False)]]
+
+
 def _balanced_rewords(
     harmful: Sequence[Example], harmless: Sequence[Example], n: int, rng: random.Random
 ) -> list[Example]:
     """``n`` reworded asks in which every sentence form comes from harmful and harmless asks equally often: the
     form first (in turn), then a base of that form from each side."""
-    pools = {
-        (form, bad): [e for e in (harmful if bad else harmless) if reword_form(e.text) == form]
-        for form in REWORD_FORMS
-        for bad in (True, False)
-    }
-    forms = [f for f in REWORD_FORMS if pools[(f, True)] and pools[(f, False)]]
+    pools, forms = _pools_by_shape(harmful, harmless, REWORD_FORMS, reword_form)
     out: list[Example] = []
     for i in range(n if forms else 0):
         new = reworded(rng.choice(pools[(forms[(i // 2) % len(forms)], i % 2 == 0)]), rng)
@@ -338,12 +349,7 @@ def _balanced_terse(
 ) -> list[Example]:
     """``n`` terse asks, the route first (in turn), then a base of that route from each side in turn: harmful asks say
     "how to" far more often, and a route drawn from the base's shape would make the how-to openings a harm cue."""
-    pools = {
-        (route, bad): [e for e in (harmful if bad else harmless) if terse_route(e.text) == route]
-        for route in TERSE_ROUTES
-        for bad in (True, False)
-    }
-    routes = [r for r in TERSE_ROUTES if pools[(r, True)] and pools[(r, False)]]
+    pools, routes = _pools_by_shape(harmful, harmless, TERSE_ROUTES, terse_route)
     out: list[Example] = []
     tries = 0
     while routes and len(out) < n and tries < 10 * n:
