@@ -49,3 +49,33 @@ def test_a_bad_line_is_a_one_line_error_naming_its_line(tmp_path: Path, capsys: 
     data.write_text('{"id": 1, "prompt": "hi", "label": "benign"}\nnot json\n', encoding="utf-8")
     assert main([str(data)]) == 2
     assert capsys.readouterr().err.startswith(f"{data}:2: ")
+
+
+def test_own_line_flags_unreadable_rows_at_a_line_calibrated_on_the_held_batches(tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    out = tmp_path / "out.json"
+    assert main([str(data), "--own-line", "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert 0.0 < result["own_line"] < 1.0
+    groups = result["groups"]
+    # the own line re-flags the same unreadable rows; every row is in "all" and "all, own line"
+    assert (groups["cannot read, own line"]["harmful"], groups["cannot read, own line"]["harmless"]) == (1, 1)
+    for key in ("all", "all, own line"):
+        assert (groups[key]["harmful"], groups[key]["harmless"]) == (2, 3)
+    # readable rows keep the policy's flags, so "all, own line" differs from "all" only through the unreadable rows
+    readable_harmless_flags = groups["can read"]["harmless_flagged"] * 2
+    own_unreadable_harmless_flags = groups["cannot read, own line"]["harmless_flagged"] * 1
+    assert groups["all, own line"]["harmless_flagged"] * 3 == pytest.approx(
+        readable_harmless_flags + own_unreadable_harmless_flags
+    )
+
+
+def test_without_own_line_there_are_no_own_line_groups(tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    out = tmp_path / "out.json"
+    assert main([str(data), "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert "own_line" not in result
+    assert not any("own line" in key for key in result["groups"])
