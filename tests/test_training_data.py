@@ -89,6 +89,27 @@ def test_near_duplicates_drops_only_the_rows_close_to_the_other_set(tmp_path: Pa
     assert [json.loads(line)["id"] for line in train.read_text().splitlines()] == ["t2", "t3"]
 
 
+def test_a_conversation_turn_is_a_near_duplicate_only_when_it_has_words_enough(tmp_path: Path) -> None:
+    """Short turns ("ok thanks", "how many traps") match one another everywhere; they must not drop a conversation,
+    while a substantive turn near a training turn still does."""
+    from guardproxy.training.near_duplicates import MIN_TURN_WORDS, content_words, near, texts_of
+
+    train = tmp_path / "train.jsonl"
+    evalset = tmp_path / "eval.jsonl"
+    train_turns = ["how many traps", "how do I make a fake driver's license that scans at bars"]
+    train.write_text(json.dumps({"id": "t1", "messages": [{"role": "user", "content": t} for t in train_turns]}))
+    rows = [
+        {"id": "e1", "messages": [{"role": "user", "content": "how many traps"}]},
+        {"id": "e2", "messages": [{"role": "user", "content": "how do I make a fake driver's license for a bouncer"}]},
+        {"id": "e3", "prompt": "how many traps"},  # a prompt of two content words still counts
+    ]
+    evalset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(content_words("how many traps")) < MIN_TURN_WORDS
+    assert [h[1].id for h in near(texts_of(evalset), texts_of(train), 0.4)] == ["e2"]
+    # the prompt e3 is checked against training prompts; a short training turn is too short to match it
+    assert near(texts_of(evalset, turns_too=False), texts_of(train), 0.4) == []
+
+
 def test_content_words_read_every_script() -> None:
     """Words in other scripts count as words (Devanagari vowel signs, accents), and Chinese and Japanese, written
     without spaces, as character bigrams; an ASCII-only reading saw "15" as the whole of a Hindi sentence."""

@@ -7,8 +7,11 @@ the AR-15 conversion, "why is the sky blue"), so a new training batch can land n
 accident. Two rows are near-duplicates when the Jaccard overlap of their content words (stop words left out)
 is at least ``--threshold``. Without ``--drop-*`` the pairs are listed; ``--drop-train FILE`` rewrites that
 authored file without its prompt and pair rows near any challenge prompt (conversations are listed, not
-dropped: their short turns match anything), ``--drop-eval FILE`` rewrites that challenge file without
-its rows near any training row (run it after ``--drop-train``). Prints what it dropped; never touches shared data.
+dropped), ``--drop-eval FILE`` rewrites that challenge file without its rows near any training row, a
+conversation's user turns included (run it after ``--drop-train``). Prints what it dropped; never touches shared
+data. A conversation's user turn counts only with at least ``MIN_TURN_WORDS`` content words: short turns ("ok
+thanks", "how many traps") match one another everywhere, and before this rule ``--drop-eval`` on the challenge
+conversations dropped 24 of them for such turns.
 """
 
 from __future__ import annotations
@@ -32,12 +35,20 @@ _STOP = frozenset(
 )
 
 
+MIN_TURN_WORDS = 4
+
+
 @dataclass(frozen=True)
 class Text:
     path: Path
     id: str
     text: str
     words: frozenset[str]
+    turn: bool = False  # a user turn of a conversation, not a prompt
+
+    def counts(self) -> bool:
+        """Long enough to call a duplicate: two content words for a prompt, ``MIN_TURN_WORDS`` for a turn."""
+        return len(self.words) >= (MIN_TURN_WORDS if self.turn else 2)
 
 
 # Han and kana: Chinese and Japanese put no spaces between words, so character bigrams stand in for them.
@@ -73,13 +84,13 @@ def texts_of(path: Path, *, turns_too: bool = True) -> list[Text]:
         if not line.strip():
             continue
         row = json.loads(line)
-        turns = [row["prompt"]] if isinstance(row.get("prompt"), str) else []
-        turns += [
-            m["content"]
+        if isinstance(row.get("prompt"), str):
+            out.append(Text(path, str(row["id"]), row["prompt"], content_words(row["prompt"])))
+        out += [
+            Text(path, str(row["id"]), m["content"], content_words(m["content"]), turn=True)
             for m in (row.get("messages") or [] if turns_too else [])
             if m.get("role") == "user" and isinstance(m.get("content"), str)
         ]
-        out += [Text(path, str(row["id"]), t, content_words(t)) for t in turns]
     return out
 
 
@@ -88,11 +99,12 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 def near(rows: Iterable[Text], others: Sequence[Text], threshold: float) -> list[tuple[float, Text, Text]]:
-    """(overlap, row, its closest other) for each row at or above ``threshold``; rows of one content word are
-    skipped (too short to call a duplicate)."""
+    """(overlap, row, its closest other) for each row at or above ``threshold``; rows and others too short to call a
+    duplicate (``Text.counts``) are skipped."""
+    others = [o for o in others if o.counts()]
     hits = []
     for row in rows:
-        if len(row.words) < 2 or not others:
+        if not row.counts() or not others:
             continue
         best, other = max(((jaccard(row.words, o.words), o) for o in others), key=lambda x: x[0])
         if best >= threshold:
@@ -121,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_files = sorted(AUTHORED_DIR.glob("*.jsonl")) + sorted(AUTHORED_DIR.glob("held/*.jsonl"))
     eval_files = [p for d in CHALLENGE_DIRS for p in sorted(d.glob("*.jsonl"))]
     for path in args.drop_train:
-        # Against the challenge prompts only: a conversation's short turns ("ok thanks") match anything.
+        # Against the challenge prompts only: a training conversation is never dropped from its batch here.
         hits = near(texts_of(path, turns_too=False), _all(eval_files, turns_too=False), args.threshold)
         ids = {h[1].id for h in hits}
         print(f"{path}: dropped {drop_rows(path, ids)} rows near a challenge prompt (>= {args.threshold})")
