@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,12 +24,20 @@ ROWS = [
 ]
 
 
-def test_rows_are_split_by_what_the_model_can_read_and_by_language(tmp_path: Path) -> None:
+def coverage_of_rows(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    """``bench.script_coverage`` on ROWS with the shipped model: its one result."""
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
     out = tmp_path / "out.json"
-    assert main([str(data), "--json", str(out)]) == 0
+    assert main([str(data), *flags, "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text(encoding="utf-8"))["results"]
+    return result
+
+
+def test_rows_are_split_by_what_the_model_can_read_and_by_language(tmp_path: Path) -> None:
+    result = coverage_of_rows(tmp_path)
+    assert "own_line" not in result  # only with --own-line
+    assert not any("own line" in key for key in result["groups"])
     groups = result["groups"]
     assert (groups["can read"]["harmful"], groups["can read"]["harmless"]) == (1, 2)
     assert (groups["cannot read"]["harmful"], groups["cannot read"]["harmless"]) == (1, 1)
@@ -52,11 +61,7 @@ def test_a_bad_line_is_a_one_line_error_naming_its_line(tmp_path: Path, capsys: 
 
 
 def test_own_line_flags_unreadable_rows_at_a_line_calibrated_on_the_held_batches(tmp_path: Path) -> None:
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
-    out = tmp_path / "out.json"
-    assert main([str(data), "--own-line", "--json", str(out)]) == 0
-    (result,) = json.loads(out.read_text(encoding="utf-8"))["results"]
+    result = coverage_of_rows(tmp_path, "--own-line")
     assert 0.0 < result["own_line"] < 1.0
     groups = result["groups"]
     # the own line re-flags the same unreadable rows; every row is in "all" and "all, own line"
@@ -69,13 +74,3 @@ def test_own_line_flags_unreadable_rows_at_a_line_calibrated_on_the_held_batches
     assert groups["all, own line"]["harmless_flagged"] * 3 == pytest.approx(
         readable_harmless_flags + own_unreadable_harmless_flags
     )
-
-
-def test_without_own_line_there_are_no_own_line_groups(tmp_path: Path) -> None:
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
-    out = tmp_path / "out.json"
-    assert main([str(data), "--json", str(out)]) == 0
-    (result,) = json.loads(out.read_text(encoding="utf-8"))["results"]
-    assert "own_line" not in result
-    assert not any("own line" in key for key in result["groups"])
