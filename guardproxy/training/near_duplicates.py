@@ -46,9 +46,9 @@ class Text:
     words: frozenset[str]
     turn: bool = False  # a user turn of a conversation, not a prompt
 
-    def counts(self) -> bool:
-        """Long enough to call a duplicate: two content words for a prompt, ``MIN_TURN_WORDS`` for a turn."""
-        return len(self.words) >= (MIN_TURN_WORDS if self.turn else 2)
+    def short_turn(self) -> bool:
+        """A conversation turn under ``MIN_TURN_WORDS`` content words: too short to call a duplicate either way."""
+        return self.turn and len(self.words) < MIN_TURN_WORDS
 
 
 # Han and kana: Chinese and Japanese put no spaces between words, so character bigrams stand in for them.
@@ -99,12 +99,12 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 def near(rows: Iterable[Text], others: Sequence[Text], threshold: float) -> list[tuple[float, Text, Text]]:
-    """(overlap, row, its closest other) for each row at or above ``threshold``; rows and others too short to call a
-    duplicate (``Text.counts``) are skipped."""
-    others = [o for o in others if o.counts()]
+    """(overlap, row, its closest other) for each row at or above ``threshold``; rows of one content word are
+    skipped (too short to call a duplicate), and short conversation turns on either side (``Text.short_turn``)."""
+    others = [o for o in others if not o.short_turn()]
     hits = []
     for row in rows:
-        if not row.counts() or not others:
+        if len(row.words) < 2 or row.short_turn() or not others:
             continue
         best, other = max(((jaccard(row.words, o.words), o) for o in others), key=lambda x: x[0])
         if best >= threshold:
