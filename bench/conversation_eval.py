@@ -10,8 +10,9 @@ Data and splits: ActorAttack (safemtdata_attack600, escalation, user turns only;
 (benign, <= 7 user turns) and the authored training conversations (guardproxy/training/authored), each in the
 Trainer's own split (``guardproxy.training.splits.assign_splits`` on ``load_all``, seed from the model's
 config.json), so dev conversations are ones the model never trained on. Long benign chats: the authored ones, plus
-MT-Bench dialogues of one split stitched into 12-25-turn chats. The challenge set
-(bench/challenge/conversations_challenge.jsonl) is never trained or tuned on.
+MT-Bench dialogues of one split stitched into 12-25-turn chats. The challenge sets
+(bench/challenge/conversations_challenge.jsonl; bench/challenge12/conversations_challenge12.jsonl, long harmless chats
+only, reported as the set ``challenge12``) are never trained or tuned on.
 
 ``--tune`` grid-searches decay, gain, floor, trend, refusal and rephrase weights, the rephrase floor and the flag
 threshold on the tuning split
@@ -50,13 +51,18 @@ from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 CHALLENGE = PROJECT_ROOT / "bench" / "challenge" / "conversations_challenge.jsonl"
+# Each set by its own name, so adding one never moves another's figures ("challenge" keeps the first set's).
+CHALLENGE_SETS = {
+    "challenge": CHALLENGE,
+    "challenge12": PROJECT_ROOT / "bench" / "challenge12" / "conversations_challenge12.jsonl",
+}
 AUTHORED_DIR = PROJECT_ROOT / "guardproxy" / "training" / "authored"
 
 
 @dataclass
 class Conv:
     id: str
-    set: str  # actorattack / mtbench / authored / stitched / challenge
+    set: str  # actorattack / mtbench / authored / stitched / challenge / challenge12
     label: str  # escalation / benign
     split: str  # train / calibration / dev / challenge
     messages: list[dict[str, Any]]
@@ -109,11 +115,10 @@ def load_conversations(data: Path, seed: int, stitched_per_split: int, chat_turn
             parts = rng.sample(pool, k=min(len(pool), rng.randint(4, 7)))
             messages = [m for p in parts for m in p.messages]
             convs.append(Conv(f"stitched-{name}-{i}", "stitched", "benign", name, messages, "long_benign"))
-    if CHALLENGE.is_file():
-        for row in read_jsonl(CHALLENGE):
-            convs.append(
-                Conv(row["id"], "challenge", row["label"], "challenge", row["messages"], row.get("pattern", ""))
-            )
+    for name, path in CHALLENGE_SETS.items():
+        if path.is_file():
+            for row in read_jsonl(path):
+                convs.append(Conv(row["id"], name, row["label"], "challenge", row["messages"], row.get("pattern", "")))
     return convs
 
 
