@@ -71,6 +71,21 @@ def test_no_authored_prompt_sits_next_to_a_challenge_prompt() -> None:
     assert [(round(j, 2), a.id, c.id) for j, a, c in near(authored, challenge, 0.4)] == []
 
 
+def test_no_user_turn_of_the_blind_long_chats_sits_next_to_authored_training_text() -> None:
+    """bench/challenge12 was cleaned turn by turn (``near_duplicates --drop-eval``) against every authored row, turns
+    of the training conversations included; a later authored batch must not land next to it. (The first challenge
+    set's conversations were not cleaned this way: the authored README lists their known neighbours.)"""
+    from guardproxy.training.near_duplicates import near, texts_of
+    from guardproxy.training.sources import AUTHORED_DIR, CHALLENGE_DIRS
+
+    (chats,) = [p for d in CHALLENGE_DIRS for p in d.glob("conversations_challenge12.jsonl")]
+    turns = texts_of(chats)
+    files = sorted(AUTHORED_DIR.glob("*.jsonl")) + sorted(AUTHORED_DIR.glob("held/*.jsonl"))
+    authored = [t for p in files for t in texts_of(p)]
+    assert len(turns) > 400 and sum(t.turn for t in authored) > 1000
+    assert [(round(j, 2), c.id, a.id) for j, c, a in near(turns, authored, 0.4)] == []
+
+
 def test_near_duplicates_drops_only_the_rows_close_to_the_other_set(tmp_path: Path) -> None:
     from guardproxy.training.near_duplicates import drop_rows, near, texts_of
 
