@@ -11,6 +11,7 @@ from bench.conversation_eval import (
     benign_cut,
     benign_sets,
     first_flagged_turns,
+    groups,
     guard_flags,
     tracker_flags,
     tune,
@@ -35,6 +36,21 @@ def test_a_cut_per_source_keeps_each_source_within_the_budget() -> None:
     # per source, 3% of five chats is none of them
     assert per_source > max(long)
     assert sum(v >= per_source for v in short) == 0
+
+
+def test_each_challenge_set_is_reported_on_its_own() -> None:
+    """A new challenge set gets its own rows, so the first set's figures (and its ALL rows) mean what they did."""
+    convs = [
+        Conv("a", "challenge", "benign", "challenge", [], "long_benign"),
+        Conv("b", "challenge", "escalation", "challenge", [], "crescendo"),
+        Conv("c", "challenge12", "benign", "challenge", [], "long_benign"),
+        Conv("d", "challenge12", "benign", "challenge", [], "long_benign"),
+    ]
+    got = {key: [c.id for c in cs] for key, cs in groups(convs, "challenge")}
+    assert got["challenge12:benign"] == ["c", "d"]
+    assert got["challenge:benign:ALL"] == ["a"]
+    assert got["challenge:benign:long_benign"] == ["a"]
+    assert got["challenge:escalation:ALL"] == ["b"]
 
 
 def test_the_cut_stays_within_its_floor_and_ceiling() -> None:
