@@ -50,10 +50,9 @@ from guardproxy.conversation.escalation import WINDOW_MAX_IDS, escalation, traje
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
-CHALLENGE = PROJECT_ROOT / "bench" / "challenge" / "conversations_challenge.jsonl"
 # Each set by its own name, so adding one never moves another's figures ("challenge" keeps the first set's).
 CHALLENGE_SETS = {
-    "challenge": CHALLENGE,
+    "challenge": PROJECT_ROOT / "bench" / "challenge" / "conversations_challenge.jsonl",
     "challenge12": PROJECT_ROOT / "bench" / "challenge12" / "conversations_challenge12.jsonl",
 }
 AUTHORED_DIR = PROJECT_ROOT / "guardproxy" / "training" / "authored"
