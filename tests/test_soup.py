@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from guardproxy.training.loop import TrainConfig  # noqa: E402  (after the skip: these import torch)
-from guardproxy.training.run import RunOptions, average_weights, start_model  # noqa: E402
+from guardproxy.training.run import RunOptions, average_weights, set_harm_threshold, start_model  # noqa: E402
 
 
 def test_floating_weights_are_averaged_and_integer_buffers_kept() -> None:
@@ -111,6 +111,49 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
     flags = ("--balanced-rewords", "--context-asks", "--terse-asks", "--refusal-targets", "--chat-turns")
     flags += ("--calibrate-by-kind",)
     assert all(f not in lines[False] for f in flags)
+
+
+def test_a_harm_threshold_set_by_hand_replaces_the_calibrated_one_and_keeps_the_block_level_above_it() -> None:
+    calibrated = {"harm": 0.24, "harm_high": 0.949, "jailbreak": 0.5, "reply_harm": 0.4, "refusal_partial": 0.42}
+    assert set_harm_threshold(calibrated, 0.35) == {**calibrated, "harm": 0.35}
+    assert set_harm_threshold(calibrated, 0.97)["harm_high"] == 0.97
+    assert calibrated["harm"] == 0.24  # the calibrated thresholds are not changed in place
+
+
+def test_the_card_says_when_the_harm_threshold_was_set_rather_than_calibrated(tmp_path: Path) -> None:
+    from guardproxy.training.card import write_card
+
+    kept = Path(__file__).resolve().parents[1] / "bench" / "results" / "candidates"
+    metrics = json.loads((kept / "2.10.0.metrics.json").read_text())
+    config = json.loads((kept / "2.10.0.config.json").read_text())
+    calibrated = metrics["thresholds"]["harm"]
+    cards = {}
+    for harm in (None, 0.35):
+        metrics["train"]["harm_threshold"] = harm
+        metrics["harm_threshold_calibrated"] = calibrated
+        metrics["thresholds"]["harm"] = config["thresholds"]["harm"] = calibrated if harm is None else harm
+        (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        write_card(tmp_path, loso=[], latency=None, compare=[])
+        cards[harm] = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "set, not calibrated" not in cards[None] and "--harm-threshold" not in cards[None]
+    assert "flag 0.35 (set, not calibrated)" in cards[0.35]
+    said = f"set to 0.35 by hand (`--harm-threshold`), not calibrated**: the rule above chose {calibrated}"
+    assert said in cards[0.35]
+    reproduce = next(x for x in cards[0.35].splitlines() if x.startswith("guardproxy train --data"))
+    assert "--harm-threshold 0.35" in reproduce
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2"])
+def test_train_refuses_a_harm_threshold_outside_zero_to_one_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    from guardproxy.cli import main
+
+    assert main(["train", "--harm-threshold", value, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--harm-threshold must be between 0 and 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_cards_balance_line_lists_only_the_caps_of_sources_the_run_loaded(tmp_path: Path) -> None:

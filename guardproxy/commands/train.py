@@ -102,6 +102,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="calibrate the harm threshold with authored harmless prompts grouped by their row's kind (everyday: "
         "ordinary, target 2%%) instead of all as look-alikes (target 5%%)",
     )
+    parser.add_argument(
+        "--harm-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="set the harm threshold to T (0-1) instead of calibrating it; the calibrated one is kept in metrics.json "
+        "and the card says which was used",
+    )
     parser.add_argument("--model-version", default="1.0.0", help="version written to config.json and the card")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument(
@@ -158,6 +166,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--terse-asks: expected a count of 0 or more, got {args.terse_asks}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
+    if args.harm_threshold is not None and not 0.0 < args.harm_threshold < 1.0:
+        raise ConfigError(f"--harm-threshold must be between 0 and 1 (exclusive), got {args.harm_threshold}")
     if args.train_only and (args.eval_only or args.card):
         raise ConfigError("--train-only trains and stops: it cannot go with --eval-only or --card")
 
@@ -215,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         refusal_targets=args.refusal_targets,
         chat_turns=args.chat_turns,
         calibrate_by_kind=args.calibrate_by_kind,
+        harm_threshold=args.harm_threshold,
         train=TrainConfig(
             device=args.device,
             distill=args.distill,

@@ -72,9 +72,10 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     add("")
     add("| output | meaning | threshold (calibrated) |")
     add("|---|---|---|")
+    set_by_hand = _harm_set_by_hand(m)
     add(
-        f"| `harm` | the user turn (or a window of ≤ 4 turns) asks for harmful assistance | flag {t['harm']}, "
-        f"block-level `harm_high` {t['harm_high']} |"
+        f"| `harm` | the user turn (or a window of ≤ 4 turns) asks for harmful assistance | flag {t['harm']}"
+        f"{' (set, not calibrated)' if set_by_hand else ''}, block-level `harm_high` {t['harm_high']} |"
     )
     add(f"| `category` | MLCommons AILuminate hazard id ({len(config['categories'])} ids, `none` first) | argmax |")
     add(f"| `jailbreak` | jailbreak wrapper / instruction override, whatever the ask inside | {t['jailbreak']} |")
@@ -145,6 +146,11 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
+def _harm_set_by_hand(m: dict[str, Any]) -> bool:
+    """Whether the run's harm threshold was set with --harm-threshold rather than calibrated."""
+    return m.get("train", {}).get("harm_threshold") is not None
+
+
 def _data_flags(run: dict[str, Any]) -> str:
     """The data options of a training run's summary, as the flags that reproduce them (off ones left out)."""
     flags = " --balanced-rewords" if run.get("balanced_rewords") else ""
@@ -154,7 +160,8 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += " --window-pool newest" if run.get("window_pool") == "newest" else ""
     flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
     flags += " --chat-turns" if run.get("chat_turns") else ""
-    return flags + (" --calibrate-by-kind" if run.get("calibrate_by_kind") else "")
+    flags += " --calibrate-by-kind" if run.get("calibrate_by_kind") else ""
+    return flags + (f" --harm-threshold {run['harm_threshold']}" if run.get("harm_threshold") is not None else "")
 
 
 def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
@@ -257,6 +264,13 @@ def _calibration_section(add: Any, m: dict[str, Any]) -> None:
     add("above 99.5% of calibration negatives. `jailbreak`: worst of (miss / 5%, false flags / 2%). `reply_harm`:")
     add("worst of (miss / 10%, false flags / 5%). `refusal_partial`: the value maximising binary refusal F1.")
     add("")
+    if _harm_set_by_hand(m):
+        add(
+            f"**The `harm` threshold was set to {m['thresholds']['harm']} by hand (`--harm-threshold`), not"
+            f" calibrated**: the rule above chose {m['harm_threshold_calibrated']} on this run. This run's dev and"
+        )
+        add("challenge figures below are at the threshold set.")
+        add("")
     if groups:
         add(f"The harm threshold's groups on the calibration split, at {m['thresholds']['harm']}:")
         add("")

@@ -78,6 +78,9 @@ class RunOptions:
     # Calibrate authored harmless prompts by their row's kind (everyday -> ordinary), not by their file
     # (calibration.harm_group).
     calibrate_by_kind: bool = False
+    # The harm threshold set by hand instead of calibrated (None: calibrated). The calibration still runs, and
+    # metrics.json keeps its choice beside the one used, so the card can say which figures are at which line.
+    harm_threshold: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -164,9 +167,16 @@ def main(opts: RunOptions) -> dict[str, Any]:
 
     calib_scores = score(sess, calib_rows, encoder, "calibration")
     thresholds = M.calibrate(calib_rows, calib_scores, opts.calibrate_by_kind)
-    # A calibration option, not a training one: it holds for this run's thresholds however the weights came about
-    # (trained, --soup, --eval-only), so the card's reproduce command gets it from here.
-    train_summary = {**train_summary, "calibrate_by_kind": opts.calibrate_by_kind}
+    calibrated_harm = thresholds["harm"]
+    if opts.harm_threshold is not None:
+        thresholds = set_harm_threshold(thresholds, opts.harm_threshold)
+    # Calibration options, not training ones: they hold for this run's thresholds however the weights came about
+    # (trained, --soup, --eval-only), so the card's reproduce command gets them from here.
+    train_summary = {
+        **train_summary,
+        "calibrate_by_kind": opts.calibrate_by_kind,
+        "harm_threshold": opts.harm_threshold,
+    }
     log.info("thresholds: %s", thresholds)
 
     judges = M.keyword_judges(opts.data / "baselines" / "refusal_keyword_lists.json")
@@ -176,6 +186,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
         "train_config": asdict(opts.train),
         "train": train_summary,
         "thresholds": thresholds,
+        "harm_threshold_calibrated": calibrated_harm,
         "harm_calibration": harm_calibration_report(
             calib_rows, calib_scores.harm, thresholds["harm"], opts.calibrate_by_kind
         ),
@@ -207,6 +218,11 @@ def main(opts: RunOptions) -> dict[str, Any]:
     if not opts.fp32_compare:
         fp32_path.unlink(missing_ok=True)
     return results
+
+
+def set_harm_threshold(thresholds: dict[str, float], harm: float) -> dict[str, float]:
+    """The calibrated thresholds with ``harm`` set by hand; ``harm_high`` (the block level) stays at or above it."""
+    return {**thresholds, "harm": harm, "harm_high": max(thresholds["harm_high"], harm)}
 
 
 def start_model(opts: RunOptions) -> GuardModel:
