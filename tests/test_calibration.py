@@ -9,8 +9,10 @@ from guardproxy.training.calibration import (
     HARM_FLAG_TARGETS,
     HARM_MISS_TARGET,
     calibrate_harm,
+    harm_calibration_curve,
     harm_calibration_report,
     harm_group,
+    highest_line_within,
 )
 from guardproxy.training.sources import Example
 
@@ -109,3 +111,37 @@ def test_by_kind_an_everyday_authored_request_is_ordinary_and_a_lookalike_stays_
     assert calibrate_harm(examples, scores, by_kind=True) > calibrate_harm(examples, scores)
     report = harm_calibration_report(examples, scores, 0.5, by_kind=True)
     assert report["lookalike"]["n"] == 60 and report["ordinary"]["n"] == 500
+
+
+def test_the_curve_gives_every_group_its_rate_on_the_grid_and_a_recall_held_line_can_be_read_off_it() -> None:
+    rng = np.random.default_rng(2)
+    rows = (
+        _rows("advbench", "harmful", rng.uniform(0.5, 1.0, 300), 1.0)
+        + _rows("authored/prompts_reframed", "harmful", rng.uniform(0.1, 0.9, 80), 1.0)
+        + _rows("clinc150", "benign", rng.uniform(0.0, 0.3, 300), 0.0)
+        + _rows("authored/prompts_lookalike", "benign", rng.uniform(0.0, 0.6, 80), 0.0)
+    )
+    examples, scores = [e for e, _ in rows], np.array([s for _, s in rows])
+    curve = harm_calibration_curve(examples, scores)
+    assert curve["grid"] == [float(t) for t in GRID]
+    assert set(curve) == {"grid", "harmful_public", "harmful_authored", "ordinary", "lookalike"}
+    # At any threshold the curve agrees with the report the card prints.
+    i = curve["grid"].index(0.42)
+    report = harm_calibration_report(examples, scores, 0.42)
+    assert abs(curve["harmful_authored"][i] - report["harmful_authored"]["miss_rate"]) < 1e-6
+    assert abs(curve["lookalike"][i] - report["lookalike"]["flag_rate"]) < 1e-6
+    # Miss rates rise with the threshold and flag rates fall.
+    assert all(a <= b for a, b in zip(curve["harmful_authored"], curve["harmful_authored"][1:], strict=False))
+    assert all(a >= b for a, b in zip(curve["lookalike"], curve["lookalike"][1:], strict=False))
+
+    # The line that holds a recall: the highest threshold missing at most 20% of the authored asks and 5% of the
+    # public ones; one step up breaks a limit.
+    limits = {"harmful_authored": 0.20, "harmful_public": 0.05}
+    t = highest_line_within(curve, limits)
+    assert t is not None
+    authored = scores[[e.source == "authored/prompts_reframed" for e in examples]]
+    public = scores[[e.source == "advbench" for e in examples]]
+    assert np.mean(authored < t) <= 0.20 and np.mean(public < t) <= 0.05
+    above = round(t + 0.01, 2)
+    assert np.mean(authored < above) > 0.20 or np.mean(public < above) > 0.05
+    assert highest_line_within(curve, {"harmful_authored": -1.0}) is None  # no line misses less than nothing

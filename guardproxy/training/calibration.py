@@ -85,3 +85,29 @@ def harm_calibration_report(
             "target": HARM_MISS_TARGET if harmful else HARM_FLAG_TARGETS[group],
         }
     return report
+
+
+def harm_calibration_curve(examples: Sequence[Example], harm: np.ndarray, by_kind: bool = False) -> dict[str, Any]:
+    """Each calibration group's rate (miss rate for harmful groups, else flag rate) at every ``GRID`` threshold.
+
+    Kept in metrics.json so that a line chosen by another rule (a rate held, not a score) can be read off a finished
+    run without scoring its calibration rows again."""
+    curve: dict[str, Any] = {"grid": [float(t) for t in GRID]}
+    for group, v in _harm_groups(examples, harm, by_kind).items():
+        if group.startswith("harmful"):
+            curve[group] = [round(float(np.mean(v < t)), 6) for t in GRID]
+        else:
+            curve[group] = [round(float(np.mean(v >= t)), 6) for t in GRID]
+    return curve
+
+
+def highest_line_within(curve: dict[str, Any], max_miss: dict[str, float]) -> float | None:
+    """The highest grid threshold at which each named harmful group's miss rate is at most its limit (None: none is).
+
+    Miss rates only grow with the threshold, so this is the line that flags least while keeping those recalls."""
+    ok = [
+        t
+        for i, t in enumerate(curve["grid"])
+        if all(curve[group][i] <= limit + 1e-9 for group, limit in max_miss.items())
+    ]
+    return max(ok) if ok else None

@@ -19,7 +19,7 @@ import torch
 from guardproxy.encoding import POOL_INPUT, load_tokenizer
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.training import metrics as M
-from guardproxy.training.calibration import harm_calibration_report
+from guardproxy.training.calibration import harm_calibration_curve, harm_calibration_report
 from guardproxy.training.export import export
 from guardproxy.training.loop import Encoder, Teacher, TrainConfig, train
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel, base_model_dir, load_base_encoder, shrink_encoder
@@ -190,6 +190,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
         "harm_calibration": harm_calibration_report(
             calib_rows, calib_scores.harm, thresholds["harm"], opts.calibrate_by_kind
         ),
+        "harm_calibration_curve": harm_calibration_curve(calib_rows, calib_scores.harm, opts.calibrate_by_kind),
         "splits": summary(examples),
         "dev": dev_report(dev_rows, dev_scores, thresholds, judges),
     }
