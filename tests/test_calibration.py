@@ -117,7 +117,7 @@ def test_the_curve_gives_every_group_its_rate_on_the_grid_and_a_recall_held_line
     rng = np.random.default_rng(2)
     rows = (
         _rows("advbench", "harmful", rng.uniform(0.5, 1.0, 300), 1.0)
-        + _rows("authored/prompts_reframed", "harmful", rng.uniform(0.1, 0.9, 80), 1.0)
+        + _rows("authored/prompts_reframed", "harmful", rng.uniform(0.1, 0.9, 81), 1.0)  # k of 81: no short decimal
         + _rows("clinc150", "benign", rng.uniform(0.0, 0.3, 300), 0.0)
         + _rows("authored/prompts_lookalike", "benign", rng.uniform(0.0, 0.6, 80), 0.0)
     )
@@ -145,3 +145,8 @@ def test_the_curve_gives_every_group_its_rate_on_the_grid_and_a_recall_held_line
     above = round(t + 0.01, 2)
     assert np.mean(authored < above) > 0.20 or np.mean(public < above) > 0.05
     assert highest_line_within(curve, {"harmful_authored": -1.0}) is None  # no line misses less than nothing
+
+    # A limit given as another model's rate on the same rows (k of n) holds at a line that misses exactly k.
+    k = int(np.sum(authored < 0.5))
+    exact = highest_line_within(curve, {"harmful_authored": k / len(authored)})
+    assert exact is not None and exact >= 0.5 and np.sum(authored < exact) == k

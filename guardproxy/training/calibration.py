@@ -94,10 +94,11 @@ def harm_calibration_curve(examples: Sequence[Example], harm: np.ndarray, by_kin
     run without scoring its calibration rows again."""
     curve: dict[str, Any] = {"grid": [float(t) for t in GRID]}
     for group, v in _harm_groups(examples, harm, by_kind).items():
+        # Unrounded: a rate equal to a limit computed the same way (k of n) must compare equal to it.
         if group.startswith("harmful"):
-            curve[group] = [round(float(np.mean(v < t)), 6) for t in GRID]
+            curve[group] = [float(np.mean(v < t)) for t in GRID]
         else:
-            curve[group] = [round(float(np.mean(v >= t)), 6) for t in GRID]
+            curve[group] = [float(np.mean(v >= t)) for t in GRID]
     return curve
 
 
