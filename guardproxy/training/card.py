@@ -50,12 +50,14 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
 
     add(f"# {config['name']} {config['version']}: the guardproxy guard model")
     add("")
+    seeds = ", ".join(str(run["seed"]) for run in _runs(m))
     add(
         f"A {config['layers']}-layer MiniLM student (hidden {config['hidden']}, initialised from layers "
         f"{', '.join(str(i + 1) for i in student_layer_map(6, config['layers']))} of all-MiniLM-L6-v2) with five "
         "heads on one encoder pass, exported to ONNX and quantized to int8 (per-channel "
-        f"dynamic), {size_mb:.1f} MB. Trained {config['trained_at']} with `guardproxy train` (seed "
-        f"{config['data']['seed']}). The runtime contract (inputs, outputs, thresholds) is in `models/README.md`."
+        f"dynamic), {size_mb:.1f} MB. Trained {config['trained_at']} with `guardproxy train` (training seed "
+        f"{seeds}, split seed {config['data']['seed']}). The runtime contract (inputs, outputs, thresholds) is in "
+        "`models/README.md`."
     )
     add("")
     add(
