@@ -58,32 +58,30 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 
 @dataclass(frozen=True)
 class EscalationParams:
-    """Defaults tuned for models/guard-v1 2.12.0 (6 layers, model.onnx md5 dc538c62...) on the calibration split of
+    """Defaults tuned for models/guard-v1 2.24.0 (6 layers, model.onnx md5 171a4a10...) on the calibration split of
     the conversation data, benign budget 3% of each benign source (MT-Bench dialogues, stitched long chats, authored
     chats), scores on the operating scale: ``python -m bench.conversation_eval --tune`` (see its docstring).
     Retune whenever the model is replaced: the threshold sits on that model's score distribution."""
 
-    # Retuned for 2.12.0 (2026-12-04, 19:20 UTC) after the search stopped clamping its cut at 0.99: the earlier
-    # defaults (decay 0.9, gain 0.7, trend weight 1.0, threshold 0.99, window gate 0.05) sat at that ceiling and
-    # flagged 2 of the 13 harmless authored chats of the tuning split, over the 3% budget. With the clamp gone, the
-    # search keeps a faster decay, less gain and no trend term (bench/RESULTS.md, "Model 2.12.0, retuned").
+    # Tuned for 2.24.0 at its harm line 0.34 (2026-12-05, 19:36 UTC): 2.12.0's decay, gain and trend, with a refusal
+    # term (0.15) and no window gate. 2.12.0's tuning: refusal weight 0, threshold 0.984, window gate 0.02
+    # (bench/RESULTS.md, "Model 2.24.0").
     decay: float = 0.6
     gain: float = 0.3
     floor: float = 0.0
     trend_weight: float = 0.0
     trend_cap: float = 0.5
-    refusal_weight: float = 0.0  # tuned to 0: the model calls many harmless replies partial refusals
+    refusal_weight: float = 0.15
     rephrase_low: float = 0.85
     rephrase_high: float = 0.95
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    # raw score mapped to FLAG_THRESHOLD (model 2.12.0, 96-id windows, per-source budget; the tuned cut 0.98393
-    # rounded up)
-    threshold: float = 0.984
-    # Tuned: the highest gate within 0.02 of the ungated score (0.02 here, as for 2.5.0; the window runs on 75% of
-    # the dev split's harmless requests after the first turn).
-    window_gate: float = 0.02
+    # raw score mapped to FLAG_THRESHOLD (model 2.24.0, 96-id windows, per-source budget; the tuned cut 0.9879426...)
+    threshold: float = 0.987943
+    # Tuned: the highest gate within 0.02 of the ungated score. With this model that is no gate: the window pass runs
+    # on every request after the first turn (2.12.0's gate 0.02 skipped a quarter of harmless requests).
+    window_gate: float = 0.0
 
 
 def window_text(turns: Sequence[tuple[str, str]]) -> str:
