@@ -144,6 +144,27 @@ def test_the_card_says_when_the_harm_threshold_was_set_rather_than_calibrated(tm
     assert "--harm-threshold 0.35" in reproduce
 
 
+def test_the_card_names_both_seeds_and_does_not_call_a_rescoring_the_whole_run(tmp_path: Path) -> None:
+    from guardproxy.training.card import write_card
+
+    kept = Path(__file__).resolve().parents[1] / "bench" / "results" / "candidates"
+    metrics = json.loads((kept / "2.10.0.metrics.json").read_text())
+    config = json.loads((kept / "2.10.0.config.json").read_text())
+    metrics["train_config"]["seed"], config["data"]["seed"] = 1, 0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cards = {}
+    for eval_only in (False, True):
+        metrics["options"]["eval_only"] = eval_only
+        metrics["seconds"] = 330.0
+        (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+        write_card(tmp_path, loso=[], latency=None, compare=[])
+        cards[eval_only] = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "`guardproxy train` (training seed 1, split seed 0)" in cards[False]
+    assert "(incl. export, calibration, scoring) 5.5 min." in cards[False]
+    assert "(incl. export" not in cards[True]
+    assert "whole run\nnot recorded; these metrics come from a re-scoring (`--eval-only`), 5.5 min." in cards[True]
+
+
 def test_the_cards_balance_line_lists_only_the_caps_of_sources_the_run_loaded(tmp_path: Path) -> None:
     from guardproxy.training.card import write_card
 

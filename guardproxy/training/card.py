@@ -213,7 +213,11 @@ def _data_section(add: Any, m: dict[str, Any], config: dict[str, Any]) -> None:
     add(f"Training: {int(runs[0]['steps'])} AdamW steps (lr {cfg.get('lr')}, linear warm-up and decay), batches of")
     add(f"≤ {cfg.get('max_batch')} rows and ≤ {cfg.get('batch_tokens')} padded ids, word embeddings frozen, max length")
     add(f"{cfg.get('max_length')}; wall time of the training loop {_minutes(runs[0].get('seconds'))}, whole run")
-    add(f"(incl. export, calibration, scoring) {_minutes(m.get('seconds'))}.")
+    if m.get("options", {}).get("eval_only"):
+        # metrics.json's seconds are then the re-scoring's, not the run's
+        add(f"not recorded; these metrics come from a re-scoring (`--eval-only`), {_minutes(m.get('seconds'))}.")
+    else:
+        add(f"(incl. export, calibration, scoring) {_minutes(m.get('seconds'))}.")
     if "soup" in m["train"]:
         seeds = ", ".join(str(run["seed"]) for run in runs)
         add(f"The shipped weights are the average of {len(runs)} such runs (training seeds {seeds}; the same data,")
