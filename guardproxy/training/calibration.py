@@ -72,6 +72,12 @@ def calibrate_harm(examples: Sequence[Example], harm: np.ndarray, by_kind: bool 
     return minimax(positives, negatives)
 
 
+def _group_rate(group: str, scores: np.ndarray, threshold: float) -> float:
+    """A harmful group's miss rate, any other group's flag rate, at the threshold (unrounded: a rate equal to a limit
+    computed the same way, k of n, must compare equal to it)."""
+    return float(np.mean(scores < threshold if group.startswith("harmful") else scores >= threshold))
+
+
 def harm_calibration_report(
     examples: Sequence[Example], harm: np.ndarray, threshold: float, by_kind: bool = False
 ) -> dict[str, Any]:
@@ -81,7 +87,7 @@ def harm_calibration_report(
         harmful = group.startswith("harmful")
         report[group] = {
             "n": len(v),
-            "miss_rate" if harmful else "flag_rate": float(np.mean(v < threshold if harmful else v >= threshold)),
+            "miss_rate" if harmful else "flag_rate": _group_rate(group, v, threshold),
             "target": HARM_MISS_TARGET if harmful else HARM_FLAG_TARGETS[group],
         }
     return report
@@ -94,11 +100,7 @@ def harm_calibration_curve(examples: Sequence[Example], harm: np.ndarray, by_kin
     run without scoring its calibration rows again."""
     curve: dict[str, Any] = {"grid": [float(t) for t in GRID]}
     for group, v in _harm_groups(examples, harm, by_kind).items():
-        # Unrounded: a rate equal to a limit computed the same way (k of n) must compare equal to it.
-        if group.startswith("harmful"):
-            curve[group] = [float(np.mean(v < t)) for t in GRID]
-        else:
-            curve[group] = [float(np.mean(v >= t)) for t in GRID]
+        curve[group] = [_group_rate(group, v, float(t)) for t in GRID]
     return curve
 
 
