@@ -11,7 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from guardproxy.training.loop import TrainConfig  # noqa: E402  (after the skip: these import torch)
-from guardproxy.training.run import RunOptions, average_weights, set_harm_threshold, start_model  # noqa: E402
+from guardproxy.training.run import (  # noqa: E402
+    RunOptions,
+    average_weights,
+    discard_unused_fp32,
+    set_harm_threshold,
+    start_model,
+)
 
 
 def test_floating_weights_are_averaged_and_integer_buffers_kept() -> None:
@@ -199,3 +205,18 @@ def test_the_cards_leave_one_out_commands_carry_their_runs_data_options(tmp_path
         lines[balanced] = next(x for x in card if x.startswith("guardproxy train --cheap"))
     assert "--max-steps 250 --balanced-rewords --out /tmp/loso-advbench" in lines[True]
     assert "--balanced-rewords" not in lines[False]
+
+
+def test_a_rescoring_without_the_fp32_comparison_keeps_the_trained_runs_fp32_graph(tmp_path: Path) -> None:
+    graph = tmp_path / "model-fp32.onnx"
+    for eval_only, fp32_compare, kept in [
+        (True, False, True),
+        (True, True, True),
+        (False, True, True),
+        (False, False, False),
+    ]:
+        graph.write_bytes(b"graph")
+        discard_unused_fp32(
+            RunOptions(data=tmp_path, out=tmp_path, eval_only=eval_only, fp32_compare=fp32_compare), graph
+        )
+        assert graph.exists() == kept, (eval_only, fp32_compare)

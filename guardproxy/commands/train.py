@@ -143,7 +143,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval-only", action="store_true", help="re-score the model already in --out (no training)")
     parser.add_argument("--no-authored", action="store_true", help="ignore guardproxy/training/authored/*.jsonl")
-    parser.add_argument("--no-fp32-compare", action="store_true", help="skip scoring dev with the fp32 graph")
+    parser.add_argument(
+        "--no-fp32-compare",
+        action="store_true",
+        help="skip scoring dev with the fp32 graph (a training run then deletes it; --eval-only keeps it)",
+    )
     parser.add_argument("--card", action="store_true", help="write MODEL_CARD.md from metrics (see --loso/--latency)")
     parser.add_argument("--loso", type=Path, nargs="*", default=[], help="metrics.json of leave-one-out runs")
     parser.add_argument("--latency", type=Path, default=None, help="JSON from python -m bench.classifier_latency")

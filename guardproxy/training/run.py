@@ -216,9 +216,16 @@ def main(opts: RunOptions) -> dict[str, Any]:
     plot_scores(opts.out / "scores.png", dev_rows, dev_scores, thresholds, challenge_scores)
     write_config(opts, thresholds, examples, train_rows, calib_rows, dev_rows)
     (opts.out / "metrics.json").write_text(json.dumps(results, indent=1, default=_jsonable))
-    if not opts.fp32_compare:
-        fp32_path.unlink(missing_ok=True)
+    discard_unused_fp32(opts, fp32_path)
     return results
+
+
+def discard_unused_fp32(opts: RunOptions, fp32_path: Path) -> None:
+    """Remove the fp32 graph when this run exported it and did not compare with it. A re-scoring run
+    (``eval_only``) leaves it alone: the graph belongs to the run that trained, and a later re-scoring may want
+    the comparison (it cannot be remade without exporting again from student.pt)."""
+    if not opts.fp32_compare and not opts.eval_only:
+        fp32_path.unlink(missing_ok=True)
 
 
 def set_harm_threshold(thresholds: dict[str, float], harm: float) -> dict[str, float]:
