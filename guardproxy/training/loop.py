@@ -54,6 +54,7 @@ SOURCE_REPEATS: dict[str, int] = {
     # The sixth batch (harmful asks and look-alikes wholly in other languages) is not repeated: at x2 three runs lost
     # 8-10 points of English recall on challenge2 and 2-4 on challenge5 (bench/results/candidates/README.md).
     "authored/prompts_contrast7": 3,  # English minimal pairs in twelve voices, each family's pair in one shared voice
+    "authored/prompts_identity15": 2,  # one intent over many groups: the group named is never the cue
     # The twelfth batch (held/prompts_terse12: terse minimal pairs, tried x3) and the thirteenth (held/
     # prompts_followups13: mid-chat follow-up pairs sharing a dark key word, tried x3 beside it) are not loaded: three
     # seeds ranked terse asks better and each failed another rule (2.20.0: long harmless chats; 2.20.0-r and 2.21.0:

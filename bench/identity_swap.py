@@ -1,0 +1,201 @@
+"""Identity swap: the same sentence with only the group or the place changed, scored as ``guardproxy score`` does.
+
+    .venv/bin/python -m bench.identity_swap [--model DIR] [--json OUT] [--png OUT]
+
+Every template of ``bench/identity_swap/templates.jsonl`` is filled with every group (``people`` templates) or
+every country (``place`` templates) of ``groups.json`` and scored under the default policy. For each group it
+reports the share of its harmless sentences the policy does not allow ("flagged") with their mean harm, and the
+share of its harmful sentences flagged. The groups should not differ: a sentence's verdict should not turn on who
+it is about. The summary gives each measure's range over the groups and the groups at its ends. Set and how it was
+written: ``bench/identity_swap/README.md``. Prints, never passes or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from guardproxy.commands.score import load_model_and_policy, row_scorer
+from guardproxy.scoring import ParsedRow
+from guardproxy.settings import PROJECT_ROOT
+
+SET_DIR = PROJECT_ROOT / "bench" / "identity_swap"
+
+
+def load_set(directory: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The templates and the groups; a template without exactly one slot for its kind is a one-line error."""
+    templates = []
+    path = directory / "templates.jsonl"
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        slot = "{g}" if row["slot"] == "people" else "{c}"
+        if row["template"].count(slot) != 1 or row["label"] not in ("benign", "harmful"):
+            raise ValueError(f"{path}:{n}: a {row['slot']} template needs one {slot} and label benign or harmful")
+        templates.append(row)
+    groups = json.loads((directory / "groups.json").read_text(encoding="utf-8"))
+    return templates, groups
+
+
+def expand(templates: list[dict[str, Any]], groups: dict[str, Any]) -> list[dict[str, Any]]:
+    """One item per template and group: its text, label, slot, group and the group's kind."""
+    people = [(kind, g) for kind, names in groups["people"].items() for g in names]
+    places = [("country", c) for c in groups["place"]]
+    items = []
+    for t in templates:
+        for kind, name in people if t["slot"] == "people" else places:
+            text = t["template"].replace("{g}" if t["slot"] == "people" else "{c}", name)
+            items.append(
+                {"template": t["id"], "slot": t["slot"], "label": t["label"], "kind": kind, "group": name, "text": text}
+            )
+    return items
+
+
+def per_group(items: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per slot and group: harmless rows flagged and their mean harm, harmful rows flagged and their mean harm."""
+    acc: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for item, res in zip(items, results, strict=True):
+        cell = acc[(item["slot"], item["kind"], item["group"])]
+        cell[f"{item['label']}_flagged"].append(float(res["action"] != "allow"))
+        cell[f"{item['label']}_harm"].append(float(res["harm"]))
+    out = []
+    for (slot, kind, group), cell in acc.items():
+        row: dict[str, Any] = {"slot": slot, "kind": kind, "group": group}
+        for key in ("benign_flagged", "benign_harm", "harmful_flagged", "harmful_harm"):
+            row[key] = round(statistics.mean(cell[key]), 4) if cell.get(key) else None
+        row["benign_n"] = len(cell.get("benign_flagged", []))
+        row["harmful_n"] = len(cell.get("harmful_flagged", []))
+        out.append(row)
+    return out
+
+
+def spread(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The range of ``key`` over ``rows`` and the groups at its two ends."""
+    have = [r for r in rows if r[key] is not None]
+    if not have:
+        return None
+    lo, hi = min(have, key=lambda r: r[key]), max(have, key=lambda r: r[key])
+    return {
+        "min": lo[key],
+        "min_group": lo["group"],
+        "max": hi[key],
+        "max_group": hi["group"],
+        "range": round(hi[key] - lo[key], 4),
+    }
+
+
+def summary(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for slot in ("people", "place"):
+        rows = [g for g in groups if g["slot"] == slot]
+        out[slot] = {k: spread(rows, k) for k in ("benign_flagged", "benign_harm", "harmful_flagged", "harmful_harm")}
+    return out
+
+
+def flagged_examples(
+    items: list[dict[str, Any]], results: list[dict[str, Any]], label: str, flagged: bool
+) -> list[dict[str, Any]]:
+    """Harmless sentences the policy flagged (``flagged``) or harmful ones it let through, highest harm first."""
+    hits = [
+        {"group": i["group"], "template": i["template"], "harm": round(float(r["harm"]), 4), "text": i["text"]}
+        for i, r in zip(items, results, strict=True)
+        if i["label"] == label and (r["action"] != "allow") == flagged
+    ]
+    return sorted(hits, key=lambda h: -h["harm"])
+
+
+def render(model: str, groups: list[dict[str, Any]], summ: dict[str, Any]) -> str:
+    lines = [f"model {model}, default policy; flagged = any action but allow", ""]
+    lines.append(f"{'group':22s} {'kind':22s} {'harmless flagged':>17s} {'mean harm':>10s} {'harmful flagged':>16s}")
+    for g in sorted(groups, key=lambda g: (g["slot"], g["kind"], g["group"])):
+        hf = "-" if g["harmful_flagged"] is None else f"{g['harmful_flagged']:.0%} of {g['harmful_n']}"
+        benign = f"{g['benign_flagged']:.0%} of {g['benign_n']}"
+        lines.append(f"{g['group']:22s} {g['kind']:22s} {benign:>17s} {g['benign_harm']:>10.3f} {hf:>16s}")
+    lines.append("")
+    for slot, measures in summ.items():
+        for key, s in measures.items():
+            if s is not None:
+                lines.append(
+                    f"{slot:6s} {key:16s} {s['min']:.3f} ({s['min_group']}) .. {s['max']:.3f} ({s['max_group']})"
+                )
+    return "\n".join(lines)
+
+
+def plot(path: Path, model: str, groups: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    people = sorted((g for g in groups if g["slot"] == "people"), key=lambda g: (g["kind"], g["group"]))
+    places = sorted((g for g in groups if g["slot"] == "place"), key=lambda g: g["benign_harm"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 9), gridspec_kw={"width_ratios": [1, 1, 1]})
+    y = range(len(people))
+    axes[0].barh(y, [g["benign_harm"] for g in people], color="tab:green")
+    axes[0].set_yticks(list(y), [f"{g['group']} ({g['kind']})" for g in people], fontsize=8)
+    axes[0].set_title("people, harmless sentences: mean harm")
+    axes[1].barh(y, [g["harmful_flagged"] for g in people], color="tab:red")
+    axes[1].set_yticks(list(y), ["" for _ in people])
+    axes[1].set_xlim(0, 1)
+    axes[1].set_title("people, harmful sentences: share flagged")
+    yp = range(len(places))
+    axes[2].barh(yp, [g["benign_harm"] for g in places], color="tab:blue")
+    axes[2].set_yticks(list(yp), [g["group"] for g in places], fontsize=8)
+    axes[2].set_title("places, harmless sentences: mean harm")
+    for ax in (axes[0], axes[2]):
+        ax.axvline(0.5, color="black", lw=0.8, ls="--")
+        ax.set_xlim(0, 1)
+    fig.suptitle(f"identity swap, {model} (harm on the operating scale; 0.5 is the line)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=PROJECT_ROOT / "models" / "guard-v1")
+    parser.add_argument("--set", type=Path, default=SET_DIR, help="directory with templates.jsonl and groups.json")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--png", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        templates, groups = load_set(args.set)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"identity_swap: {exc}", file=sys.stderr)
+        return 2
+    items = expand(templates, groups)
+    rows = [ParsedRow(line=i + 1, id=i, kind="prompt", prompt=item["text"]) for i, item in enumerate(items)]
+    print(f"scoring {len(rows)} sentences with {args.model} ...", file=sys.stderr)
+    classifier, policy = load_model_and_policy(argparse.Namespace(model=str(args.model), policy=None, threads=None))
+    try:
+        model = f"{classifier.info.name} {classifier.info.version}"
+        with row_scorer(classifier, policy) as scorer:
+            results = scorer.score(rows)
+    finally:
+        classifier.close()
+    by_group = per_group(items, results)
+    summ = summary(by_group)
+    print(render(model, by_group, summ))
+    if args.json is not None:
+        out = {
+            "model": model,
+            "sentences": len(items),
+            "summary": summ,
+            "groups": by_group,
+            "harmless_flagged": flagged_examples(items, results, "benign", True),
+            "harmful_allowed": flagged_examples(items, results, "harmful", False),
+        }
+        args.json.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    if args.png is not None:
+        plot(args.png, model, by_group)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
