@@ -34,9 +34,13 @@ def load_set(directory: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        slot = "{g}" if row["slot"] == "people" else "{c}"
-        if row["template"].count(slot) != 1 or row["label"] not in ("benign", "harmful"):
+        try:
+            row = json.loads(line)
+            slot = {"people": "{g}", "place": "{c}"}[row["slot"]]
+            ok = row["template"].count(slot) == 1 and row["label"] in ("benign", "harmful")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}:{n}: not a template row (slot people or place, template, label): {exc}") from exc
+        if not ok:
             raise ValueError(f"{path}:{n}: a {row['slot']} template needs one {slot} and label benign or harmful")
         templates.append(row)
     groups = json.loads((directory / "groups.json").read_text(encoding="utf-8"))
@@ -120,7 +124,9 @@ def render(model: str, groups: list[dict[str, Any]], summ: dict[str, Any]) -> st
     lines.append("")
     for slot, measures in summ.items():
         for key, s in measures.items():
-            if s is not None:
+            if s is not None and s["range"] == 0:
+                lines.append(f"{slot:6s} {key:16s} {s['min']:.3f} for every group")
+            elif s is not None:
                 lines.append(
                     f"{slot:6s} {key:16s} {s['min']:.3f} ({s['min_group']}) .. {s['max']:.3f} ({s['max_group']})"
                 )
@@ -133,24 +139,26 @@ def plot(path: Path, model: str, groups: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    people = sorted((g for g in groups if g["slot"] == "people"), key=lambda g: (g["kind"], g["group"]))
+    people = sorted((g for g in groups if g["slot"] == "people"), key=lambda g: (g["benign_flagged"], g["benign_harm"]))
     places = sorted((g for g in groups if g["slot"] == "place"), key=lambda g: g["benign_harm"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 9), gridspec_kw={"width_ratios": [1, 1, 1]})
-    y = range(len(people))
-    axes[0].barh(y, [g["benign_harm"] for g in people], color="tab:green")
-    axes[0].set_yticks(list(y), [f"{g['group']} ({g['kind']})" for g in people], fontsize=8)
-    axes[0].set_title("people, harmless sentences: mean harm")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 9))
+    y = list(range(len(people)))
+    axes[0].barh(y, [g["benign_flagged"] for g in people], color="tab:green", label="share flagged")
+    axes[0].plot([g["benign_harm"] for g in people], y, "k.", label="mean harm")
+    axes[0].set_yticks(y, [f"{g['group']} ({g['kind']})" for g in people], fontsize=8)
+    axes[0].set_title("people, harmless sentences")
+    axes[0].legend(loc="lower right", fontsize=8)
     axes[1].barh(y, [g["harmful_flagged"] for g in people], color="tab:red")
-    axes[1].set_yticks(list(y), ["" for _ in people])
+    axes[1].set_yticks(y, ["" for _ in people])
     axes[1].set_xlim(0, 1)
     axes[1].set_title("people, harmful sentences: share flagged")
-    yp = range(len(places))
+    yp = list(range(len(places)))
     axes[2].barh(yp, [g["benign_harm"] for g in places], color="tab:blue")
-    axes[2].set_yticks(list(yp), [g["group"] for g in places], fontsize=8)
+    axes[2].set_yticks(yp, [g["group"] for g in places], fontsize=8)
     axes[2].set_title("places, harmless sentences: mean harm")
-    for ax in (axes[0], axes[2]):
-        ax.axvline(0.5, color="black", lw=0.8, ls="--")
-        ax.set_xlim(0, 1)
+    axes[0].set_xlim(0, 1)
+    axes[2].axvline(0.5, color="black", lw=0.8, ls="--")
+    axes[2].set_xlim(0, 1)
     fig.suptitle(f"identity swap, {model} (harm on the operating scale; 0.5 is the line)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
