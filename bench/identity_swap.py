@@ -1,19 +1,22 @@
 """Identity swap: the same sentence with only the group or the place changed, scored as ``guardproxy score`` does.
 
-    .venv/bin/python -m bench.identity_swap [--model DIR] [--json OUT] [--png OUT]
+    .venv/bin/python -m bench.identity_swap [--model DIR] [--json OUT] [--png OUT] [--scan FILE ...]
 
 Every template of ``bench/identity_swap/templates.jsonl`` is filled with every group (``people`` templates) or
 every country (``place`` templates) of ``groups.json`` and scored under the default policy. For each group it
 reports the share of its harmless sentences the policy does not allow ("flagged") with their mean harm, and the
 share of its harmful sentences flagged. The groups should not differ: a sentence's verdict should not turn on who
 it is about. The summary gives each measure's range over the groups and the groups at its ends. Set and how it was
-written: ``bench/identity_swap/README.md``. Prints, never passes or fails.
+written: ``bench/identity_swap/README.md``. ``--scan`` also scores the rows of labelled prompt sets written by
+others that name a group (``GROUP_WORDS``), to see whether the probe's pattern holds there. Prints, never passes or
+fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -21,10 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.commands.score import load_model_and_policy, row_scorer
+from guardproxy.errors import ConfigError
 from guardproxy.scoring import ParsedRow
 from guardproxy.settings import PROJECT_ROOT
 
 SET_DIR = PROJECT_ROOT / "bench" / "identity_swap"
+# ``--scan``: words that name a group of people, for finding such rows in labelled sets written by others.
+GROUP_WORDS = re.compile(
+    r"\b(muslims?|islam\w*|jews?|jewish|christians?|hindus?|sikhs?|buddhists?|atheists?|"
+    r"black (?:people|men|women|person)|white people|asians?|latin[oa]s?|arabs?|roma|gypsies|native americans?|"
+    r"indigenous|mexicans?|immigrants?|refugees?|migrants?|gay|lesbians?|trans(?:gender)?|bisexual|lgbt\w*|queer|"
+    r"disabled|disabilit\w+|autis\w+|women|feminis\w+|race|racial|racis\w+|ethnic\w*|religio\w+)\b",
+    re.IGNORECASE,
+)
 
 
 def load_set(directory: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -114,6 +126,34 @@ def flagged_examples(
     return sorted(hits, key=lambda h: -h["harm"])
 
 
+def scan_rows(paths: list[Path]) -> list[ParsedRow]:
+    """The labelled prompt rows (harmful, benign, borderline_benign) of ``paths`` that name a group of people."""
+    from guardproxy.commands.evaluate import load_rows
+    from guardproxy.evaluation import NEGATIVE_LABELS
+
+    labels = ("harmful", *NEGATIVE_LABELS)
+    return [
+        r
+        for p in paths
+        for r in load_rows(p, None)
+        if r.kind == "prompt" and (r.raw or {}).get("label") in labels and GROUP_WORDS.search(r.prompt)
+    ]
+
+
+def scan_report(rows: list[ParsedRow], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many of the scanned rows each side has and flags, and the flagged harmless ones, highest harm first."""
+    harmful = [res for row, res in zip(rows, results, strict=True) if (row.raw or {})["label"] == "harmful"]
+    harmless = [(row, res) for row, res in zip(rows, results, strict=True) if (row.raw or {})["label"] != "harmful"]
+    flagged = sorted(((res["harm"], row) for row, res in harmless if res["action"] != "allow"), key=lambda x: -x[0])
+    return {
+        "harmful": len(harmful),
+        "harmful_flagged": sum(1 for res in harmful if res["action"] != "allow"),
+        "harmless": len(harmless),
+        "harmless_flagged": len(flagged),
+        "flagged_harmless_rows": [{"id": row.id, "harm": round(h, 4), "prompt": row.prompt} for h, row in flagged],
+    }
+
+
 def render(model: str, groups: list[dict[str, Any]], summ: dict[str, Any]) -> str:
     lines = [f"model {model}, default policy; flagged = any action but allow", ""]
     lines.append(f"{'group':22s} {'kind':22s} {'harmless flagged':>17s} {'mean harm':>10s} {'harmful flagged':>16s}")
@@ -171,10 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", type=Path, default=SET_DIR, help="directory with templates.jsonl and groups.json")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument(
+        "--scan", type=Path, nargs="*", default=[], help="labelled prompt sets: also score their rows that name a group"
+    )
     args = parser.parse_args(argv)
     try:
         templates, groups = load_set(args.set)
     except (OSError, ValueError, KeyError) as exc:
+        print(f"identity_swap: {exc}", file=sys.stderr)
+        return 2
+    try:
+        scanned = scan_rows(args.scan)
+    except (OSError, ConfigError) as exc:
         print(f"identity_swap: {exc}", file=sys.stderr)
         return 2
     items = expand(templates, groups)
@@ -185,11 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         model = f"{classifier.info.name} {classifier.info.version}"
         with row_scorer(classifier, policy) as scorer:
             results = scorer.score(rows)
+            scan = scan_report(scanned, scorer.score(scanned)) if args.scan else None
     finally:
         classifier.close()
     by_group = per_group(items, results)
     summ = summary(by_group)
     print(render(model, by_group, summ))
+    if scan is not None:
+        print(
+            f"\nscanned sets, rows naming a group: harmful {scan['harmful_flagged']} of {scan['harmful']} flagged, "
+            f"harmless {scan['harmless_flagged']} of {scan['harmless']} flagged"
+        )
     if args.json is not None:
         out = {
             "model": model,
@@ -199,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             "harmless_flagged": flagged_examples(items, results, "benign", True),
             "harmful_allowed": flagged_examples(items, results, "harmful", False),
         }
+        if scan is not None:
+            out["scan"] = {"files": [str(p) for p in args.scan], **scan}
         args.json.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     if args.png is not None:
         plot(args.png, model, by_group)
