@@ -128,16 +128,9 @@ def flagged_examples(
 
 def scan_rows(paths: list[Path]) -> list[ParsedRow]:
     """The labelled prompt rows (harmful, benign, borderline_benign) of ``paths`` that name a group of people."""
-    from guardproxy.commands.evaluate import load_rows
-    from guardproxy.evaluation import NEGATIVE_LABELS
+    from bench.script_coverage import prompt_rows
 
-    labels = ("harmful", *NEGATIVE_LABELS)
-    return [
-        r
-        for p in paths
-        for r in load_rows(p, None)
-        if r.kind == "prompt" and (r.raw or {}).get("label") in labels and GROUP_WORDS.search(r.prompt)
-    ]
+    return [r for r in prompt_rows(paths) if GROUP_WORDS.search(r.prompt)]
 
 
 def scan_report(rows: list[ParsedRow], results: list[dict[str, Any]]) -> dict[str, Any]:
