@@ -197,14 +197,16 @@ def test_the_cards_leave_one_out_commands_carry_their_runs_data_options(tmp_path
     (tmp_path / "config.json").write_text((root / "candidates" / "2.10.0.config.json").read_text())
     loso = json.loads((root / "loso" / "advbench.metrics.json").read_text())
     lines = {}
-    for balanced in (True, False):
+    for balanced, chat_turns in ((True, False), (False, False), (True, True)):
         loso["train"]["balanced_rewords"] = balanced
+        loso["train"]["chat_turns"] = chat_turns
         (tmp_path / "loso.json").write_text(json.dumps(loso))
         write_card(tmp_path, loso=[tmp_path / "loso.json"], latency=None, compare=[])
         card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
-        lines[balanced] = next(x for x in card if x.startswith("guardproxy train --cheap"))
-    assert "--max-steps 250 --balanced-rewords --out /tmp/loso-advbench" in lines[True]
-    assert "--balanced-rewords" not in lines[False]
+        lines[balanced, chat_turns] = next(x for x in card if x.startswith("guardproxy train --cheap"))
+    assert "--max-steps 250 --balanced-rewords --out /tmp/loso-advbench" in lines[True, False]
+    assert "--balanced-rewords" not in lines[False, False]
+    assert "--max-steps 250 --balanced-rewords --chat-turns --out /tmp/loso-advbench" in lines[True, True]
 
 
 def test_a_rescoring_without_the_fp32_comparison_keeps_the_trained_runs_fp32_graph(tmp_path: Path) -> None:
