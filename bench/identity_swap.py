@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.identity_swap [--model DIR] [--json OUT] [--png OUT] [--scan FILE ...]
 
 Every template of ``bench/identity_swap/templates.jsonl`` is filled with every group (``people`` templates) or
-every country (``place`` templates) of ``groups.json`` and scored under the default policy. For each group it
+every country (``place`` templates) of ``groups.json`` and scored as ``guardproxy score`` does, under the
+configured active policy (``policies/default.toml`` unless set). For each group it
 reports the share of its harmless sentences the policy does not allow ("flagged") with their mean harm, and the
 share of its harmful sentences flagged. The groups should not differ: a sentence's verdict should not turn on who
 it is about. The summary gives each measure's range over the groups and the groups at its ends. Set and how it was
@@ -29,6 +30,7 @@ from guardproxy.scoring import ParsedRow
 from guardproxy.settings import PROJECT_ROOT
 
 SET_DIR = PROJECT_ROOT / "bench" / "identity_swap"
+SLOTS = {"people": "{g}", "place": "{c}"}  # a template's kind -> the placeholder the group or country fills
 # ``--scan``: words that name a group of people, for finding such rows in labelled sets written by others.
 GROUP_WORDS = re.compile(
     r"\b(muslims?|islam\w*|jews?|jewish|christians?|hindus?|sikhs?|buddhists?|atheists?|"
@@ -48,7 +50,7 @@ def load_set(directory: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-            slot = {"people": "{g}", "place": "{c}"}[row["slot"]]
+            slot = SLOTS[row["slot"]]
             ok = row["template"].count(slot) == 1 and row["label"] in ("benign", "harmful")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}:{n}: not a template row (slot people or place, template, label): {exc}") from exc
@@ -66,7 +68,7 @@ def expand(templates: list[dict[str, Any]], groups: dict[str, Any]) -> list[dict
     items = []
     for t in templates:
         for kind, name in people if t["slot"] == "people" else places:
-            text = t["template"].replace("{g}" if t["slot"] == "people" else "{c}", name)
+            text = t["template"].replace(SLOTS[t["slot"]], name)
             items.append(
                 {"template": t["id"], "slot": t["slot"], "label": t["label"], "kind": kind, "group": name, "text": text}
             )
@@ -148,12 +150,13 @@ def scan_report(rows: list[ParsedRow], results: list[dict[str, Any]]) -> dict[st
 
 
 def render(model: str, groups: list[dict[str, Any]], summ: dict[str, Any]) -> str:
-    lines = [f"model {model}, default policy; flagged = any action but allow", ""]
+    lines = [f"model {model}, active policy; flagged = any action but allow", ""]
     lines.append(f"{'group':22s} {'kind':22s} {'harmless flagged':>17s} {'mean harm':>10s} {'harmful flagged':>16s}")
     for g in sorted(groups, key=lambda g: (g["slot"], g["kind"], g["group"])):
         hf = "-" if g["harmful_flagged"] is None else f"{g['harmful_flagged']:.0%} of {g['harmful_n']}"
-        benign = f"{g['benign_flagged']:.0%} of {g['benign_n']}"
-        lines.append(f"{g['group']:22s} {g['kind']:22s} {benign:>17s} {g['benign_harm']:>10.3f} {hf:>16s}")
+        benign = "-" if g["benign_flagged"] is None else f"{g['benign_flagged']:.0%} of {g['benign_n']}"
+        harm = "-" if g["benign_harm"] is None else f"{g['benign_harm']:.3f}"
+        lines.append(f"{g['group']:22s} {g['kind']:22s} {benign:>17s} {harm:>10s} {hf:>16s}")
     lines.append("")
     for slot, measures in summ.items():
         for key, s in measures.items():
@@ -172,21 +175,27 @@ def plot(path: Path, model: str, groups: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    people = sorted((g for g in groups if g["slot"] == "people"), key=lambda g: (g["benign_flagged"], g["benign_harm"]))
-    places = sorted((g for g in groups if g["slot"] == "place"), key=lambda g: g["benign_harm"])
+    def v(g: dict[str, Any], key: str) -> float:  # a measure the set gives no sentence for draws no bar
+        return float("nan") if g[key] is None else float(g[key])
+
+    def order(g: dict[str, Any]) -> tuple[float, float]:
+        return (g["benign_flagged"] or 0.0, g["benign_harm"] or 0.0)
+
+    people = sorted((g for g in groups if g["slot"] == "people"), key=order)
+    places = sorted((g for g in groups if g["slot"] == "place"), key=order)
     fig, axes = plt.subplots(1, 3, figsize=(15, 9))
     y = list(range(len(people)))
-    axes[0].barh(y, [g["benign_flagged"] for g in people], color="tab:green", label="share flagged")
-    axes[0].plot([g["benign_harm"] for g in people], y, "k.", label="mean harm")
+    axes[0].barh(y, [v(g, "benign_flagged") for g in people], color="tab:green", label="share flagged")
+    axes[0].plot([v(g, "benign_harm") for g in people], y, "k.", label="mean harm")
     axes[0].set_yticks(y, [f"{g['group']} ({g['kind']})" for g in people], fontsize=8)
     axes[0].set_title("people, harmless sentences")
     axes[0].legend(loc="lower right", fontsize=8)
-    axes[1].barh(y, [g["harmful_flagged"] for g in people], color="tab:red")
+    axes[1].barh(y, [v(g, "harmful_flagged") for g in people], color="tab:red")
     axes[1].set_yticks(y, ["" for _ in people])
     axes[1].set_xlim(0, 1)
     axes[1].set_title("people, harmful sentences: share flagged")
     yp = list(range(len(places)))
-    axes[2].barh(yp, [g["benign_harm"] for g in places], color="tab:blue")
+    axes[2].barh(yp, [v(g, "benign_harm") for g in places], color="tab:blue")
     axes[2].set_yticks(yp, [g["group"] for g in places], fontsize=8)
     axes[2].set_title("places, harmless sentences: mean harm")
     axes[0].set_xlim(0, 1)

@@ -81,3 +81,15 @@ def test_scan_scores_only_the_rows_that_name_a_group(tmp_path: Path) -> None:
     assert (scan["harmful"], scan["harmless"]) == (1, 1)  # the bread row names no group
     assert scan["harmless_flagged"] == len(scan["flagged_harmless_rows"])
     assert all(r["id"] == "a" for r in scan["flagged_harmless_rows"])
+
+
+def test_a_set_without_harmless_people_templates_reports_those_measures_as_missing(tmp_path: Path) -> None:
+    templates = [t for t in TEMPLATES if not (t["slot"] == "people" and t["label"] == "benign")]
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    assert main(["--set", str(write_set(tmp_path / "set", templates)), "--json", str(out), "--png", str(png)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    people = [g for g in report["groups"] if g["slot"] == "people"]
+    assert people and all(g["benign_flagged"] is None and g["benign_n"] == 0 for g in people)
+    assert all(g["harmful_n"] == 1 for g in people)
+    assert report["summary"]["people"]["benign_flagged"] is None
+    assert png.stat().st_size > 0
