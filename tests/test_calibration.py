@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from guardproxy.training.calibration import (
     GRID,
     HARM_FLAG_TARGETS,
     HARM_MISS_TARGET,
     calibrate_harm,
+    curve_without,
     harm_calibration_curve,
     harm_calibration_report,
     harm_group,
@@ -124,7 +126,7 @@ def test_the_curve_gives_every_group_its_rate_on_the_grid_and_a_recall_held_line
     examples, scores = [e for e, _ in rows], np.array([s for _, s in rows])
     curve = harm_calibration_curve(examples, scores)
     assert curve["grid"] == [float(t) for t in GRID]
-    assert set(curve) == {"grid", "harmful_public", "harmful_authored", "ordinary", "lookalike"}
+    assert set(curve) == {"grid", "harmful_public", "harmful_authored", "ordinary", "lookalike", "harmful_sources"}
     # At any threshold the curve agrees with the report the card prints.
     i = curve["grid"].index(0.42)
     report = harm_calibration_report(examples, scores, 0.42)
@@ -150,3 +152,34 @@ def test_the_curve_gives_every_group_its_rate_on_the_grid_and_a_recall_held_line
     k = int(np.sum(authored < 0.5))
     exact = highest_line_within(curve, {"harmful_authored": k / len(authored)})
     assert exact is not None and exact >= 0.5 and np.sum(authored < exact) == k
+
+
+def test_a_line_can_hold_the_older_rows_of_a_group_while_a_new_batch_of_easy_asks_shares_it() -> None:
+    rng = np.random.default_rng(3)
+    rows = (
+        _rows("advbench", "harmful", rng.uniform(0.4, 1.0, 200), 1.0)
+        + _rows("authored/prompts_reframed", "harmful", rng.uniform(0.1, 0.9, 90), 1.0)
+        + _rows("authored/prompts_new", "harmful", rng.uniform(0.8, 1.0, 30), 1.0)  # the new batch: all easy
+        + _rows("clinc150", "benign", rng.uniform(0.0, 0.3, 200), 0.0)
+    )
+    examples, scores = [e for e, _ in rows], np.array([s for _, s in rows])
+    curve = harm_calibration_curve(examples, scores)
+    sources = curve["harmful_sources"]
+    assert set(sources) == {"advbench", "authored/prompts_reframed", "authored/prompts_new"}
+    assert sources["authored/prompts_new"] == {
+        "group": "harmful_authored",
+        "n": 30,
+        "missed": [int(np.sum(scores[290:320] < t)) for t in GRID],
+    }
+    older = scores[200:290]
+    limit = {"harmful_authored": float(np.mean(older < 0.5))}
+    # Counted with the easy batch, the group misses less at every line, so the line that holds the rate rises and
+    # the older rows lose recall; counted without it, the line holds the older rows' rate.
+    with_batch = highest_line_within(curve, limit)
+    without = highest_line_within(curve_without(curve, ["authored/prompts_new"]), limit)
+    assert with_batch is not None and without is not None and with_batch > without >= 0.5
+    assert np.mean(older < with_batch) > limit["harmful_authored"] >= np.mean(older < without)
+    # The other groups are untouched, and a source the curve never saw is an error, not a silent no-op.
+    assert curve_without(curve, ["authored/prompts_new"])["harmful_public"] == curve["harmful_public"]
+    with pytest.raises(KeyError, match="authored/prompts_typo"):
+        curve_without(curve, ["authored/prompts_typo"])

@@ -101,7 +101,41 @@ def harm_calibration_curve(examples: Sequence[Example], harm: np.ndarray, by_kin
     curve: dict[str, Any] = {"grid": [float(t) for t in GRID]}
     for group, v in _harm_groups(examples, harm, by_kind).items():
         curve[group] = [_group_rate(group, v, float(t)) for t in GRID]
+    # Each harmful source's misses, counted, so a rule can hold the rows of a model's data while a new batch's rows
+    # share the group (``curve_without``): a batch of easy asks lowers its group's miss rate and lets such a line rise.
+    by_source: dict[str, list[float]] = defaultdict(list)
+    group_of: dict[str, str] = {}
+    for i, e in enumerate(examples):
+        group = harm_group(e, by_kind) if not e.pair else None
+        if group is not None and group.startswith("harmful"):
+            by_source[e.source].append(float(harm[i]))
+            group_of[e.source] = group
+    curve["harmful_sources"] = {
+        source: {
+            "group": group_of[source],
+            "n": len(v),
+            "missed": [int(np.sum(np.array(v) < float(t))) for t in GRID],
+        }
+        for source, v in sorted(by_source.items())
+    }
     return curve
+
+
+def curve_without(curve: dict[str, Any], sources: Sequence[str]) -> dict[str, Any]:
+    """The curve with each harmful group's miss rate counted over its rows outside ``sources``.
+
+    Reads the per-source counts the curve keeps (``harmful_sources``; a curve written before they were kept raises
+    ``KeyError``). Groups other than the harmful ones are returned as they are."""
+    per_source = curve["harmful_sources"]
+    unknown = sorted(set(sources) - set(per_source))
+    if unknown:
+        raise KeyError(f"no harmful calibration rows from {', '.join(unknown)}")
+    out = dict(curve)
+    for group in {v["group"] for v in per_source.values()}:
+        kept = [v for s, v in per_source.items() if v["group"] == group and s not in sources]
+        n = sum(v["n"] for v in kept)
+        out[group] = [sum(v["missed"][i] for v in kept) / n if n else 0.0 for i in range(len(curve["grid"]))]
+    return out
 
 
 def highest_line_within(curve: dict[str, Any], max_miss: dict[str, float]) -> float | None:
