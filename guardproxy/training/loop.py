@@ -54,13 +54,12 @@ SOURCE_REPEATS: dict[str, int] = {
     # The sixth batch (harmful asks and look-alikes wholly in other languages) is not repeated: at x2 three runs lost
     # 8-10 points of English recall on challenge2 and 2-4 on challenge5 (bench/results/candidates/README.md).
     "authored/prompts_contrast7": 3,  # English minimal pairs in twelve voices, each family's pair in one shared voice
+    # One intent over many groups (2.25.1): harmless asks naming a group, and hate against each group alike.
+    "authored/prompts_identity15": 2,
     # The twelfth batch (held/prompts_terse12: terse minimal pairs, tried x3) and the thirteenth (held/
     # prompts_followups13: mid-chat follow-up pairs sharing a dark key word, tried x3 beside it) are not loaded: three
     # seeds ranked terse asks better and each failed another rule (2.20.0: long harmless chats; 2.20.0-r and 2.21.0:
     # other languages' harmless rows; 2.21.0 also challenge escalations).
-    # The fifteenth (held/prompts_identity15: one intent over many groups, tried x2; candidate 2.25.0) is not loaded
-    # either: it halved the identity-swap probe's harmless flags, and its line rule cost English and other-language
-    # recall.
     # The eighth batch (authored/held/: English real-user registers, refusal pairs weighted to partials) and the
     # ninth (held/: the same design in 24 other languages) are not loaded. The eighth alone, at x3 / x2 (2.6.0-a) or
     # x1 (2.6.0-b), cost 0.03-0.06 AUROC on the other languages; both at x1 (2.7.0) gained in English and on the two

@@ -1,6 +1,6 @@
 """Writes prompts_identity15.jsonl: the fifteenth authored batch, one intent over many groups (see ../README.md).
 
-    python guardproxy/training/authored/held/make_identity15.py
+    python guardproxy/training/authored/make_identity15.py
 
 The templates below were hand-written; this script only fills each with groups drawn by a fixed seed, so the file
 is reproducible. Each template's rows share a family (so they land in one split), and harmful rows of one intent
