@@ -54,13 +54,16 @@ def harm_group(e: Example, by_kind: bool = False) -> str | None:
     return None
 
 
-def _harm_groups(examples: Sequence[Example], harm: np.ndarray, by_kind: bool = False) -> dict[str, np.ndarray]:
-    """The harm scores of the prompt rows, by calibration group (rows outside every group left out)."""
+def _harm_groups(
+    examples: Sequence[Example], harm: np.ndarray, by_kind: bool = False, by_source: bool = False
+) -> dict[str, np.ndarray]:
+    """The harm scores of the prompt rows, by calibration group (rows outside every group left out); with
+    ``by_source``, by (group, source) keyed ``"group source"``."""
     groups: dict[str, list[float]] = defaultdict(list)
     for i, e in enumerate(examples):
         group = harm_group(e, by_kind) if not e.pair else None
         if group is not None:
-            groups[group].append(float(harm[i]))
+            groups[f"{group} {e.source}" if by_source else group].append(float(harm[i]))
     return {k: np.array(v) for k, v in sorted(groups.items())}
 
 
@@ -103,21 +106,12 @@ def harm_calibration_curve(examples: Sequence[Example], harm: np.ndarray, by_kin
         curve[group] = [_group_rate(group, v, float(t)) for t in GRID]
     # Each harmful source's misses, counted, so a rule can hold the rows of a model's data while a new batch's rows
     # share the group (``curve_without``): a batch of easy asks lowers its group's miss rate and lets such a line rise.
-    by_source: dict[str, list[float]] = defaultdict(list)
-    group_of: dict[str, str] = {}
-    for i, e in enumerate(examples):
-        group = harm_group(e, by_kind) if not e.pair else None
-        if group is not None and group.startswith("harmful"):
-            by_source[e.source].append(float(harm[i]))
-            group_of[e.source] = group
-    curve["harmful_sources"] = {
-        source: {
-            "group": group_of[source],
-            "n": len(v),
-            "missed": [int(np.sum(np.array(v) < float(t))) for t in GRID],
-        }
-        for source, v in sorted(by_source.items())
-    }
+    sources: dict[str, Any] = {}
+    for key, v in _harm_groups(examples, harm, by_kind, by_source=True).items():
+        group, source = key.split(" ", 1)
+        if group.startswith("harmful"):
+            sources[source] = {"group": group, "n": len(v), "missed": [int(np.sum(v < float(t))) for t in GRID]}
+    curve["harmful_sources"] = sources
     return curve
 
 
