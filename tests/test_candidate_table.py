@@ -1,0 +1,61 @@
+"""The candidates' judging table (bench/candidate_table.py) counts as the ship rules count."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.candidate_table import main, read_column
+from guardproxy.settings import PROJECT_ROOT
+
+CANDIDATES = PROJECT_ROOT / "bench" / "results" / "candidates"
+
+
+def test_the_committed_2251_files_give_the_counts_its_verdict_was_read_from() -> None:
+    # bench/results/candidates/README.md, "2.25.1": its table was counted by hand from these files before the tool.
+    seed2, _ = read_column(str(CANDIDATES / "2.25.1"), "gp-long14")
+    seed3, _ = read_column(str(CANDIDATES / "2.25.1-r"), "gp-long14")
+    assert seed2.values["the same without gp-long14* chats"] == 30
+    assert seed3.values["the same without gp-long14* chats"] == 19
+    assert seed2.parts["harmless conversations flagged (of 385)"] == "5+11+6+0+10"
+    assert seed2.values["escalations caught (of 140)"] == 137
+    assert seed2.values["identity: harmless about people flagged (of 330)"] == 7
+    assert seed2.values["identity, blind set: harmless about people flagged (of 462)"] == 39
+    assert seed3.values["identity, blind set: harmful about people flagged (of 396)"] == 365
+    assert seed2.values["harm line"] == pytest.approx(0.35)
+
+
+def test_the_leave_out_prefix_only_subtracts_flagged_chats_it_names(tmp_path: Path) -> None:
+    src = json.loads((CANDIDATES / "2.25.1.conversation_eval.json").read_text())
+    flags = src["results"]["dev/authored:benign"]["first_flags"]
+    named = sum(1 for f in flags if f["id"].startswith("gp-conv2"))
+    assert named  # the file has flagged chats of that family to count
+    (tmp_path / "c.conversation_eval.json").write_text(json.dumps(src))
+
+    everything, _ = read_column(str(tmp_path / "c"), None)
+    fewer, _ = read_column(str(tmp_path / "c"), "gp-conv2")
+
+    total = everything.values["harmless conversations flagged (of 385)"]
+    assert fewer.values["the same without gp-conv2* chats"] == total - named
+    assert "the same without gp-long14* chats" not in everything.values
+
+
+def test_a_missing_file_leaves_its_rows_out_and_a_broken_one_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(CANDIDATES / "2.25.1.metrics.json", tmp_path / "a.metrics.json")
+    assert main([str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "| harm line | 0.35 |" in out
+    assert "harmless conversations" not in out  # no conversation_eval file for this prefix
+
+    (tmp_path / "b.pooled.compare.json").write_text(json.dumps({"sets": {}}))
+    assert main([str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "b.pooled.compare.json" in err and "sets/harm_english_pooled.jsonl" in err
+
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "none of the prefixes" in capsys.readouterr().err
