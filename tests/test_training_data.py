@@ -11,11 +11,14 @@ from guardproxy.conversation.escalation import window_text as gateway_window_tex
 from guardproxy.training.augment import (
     _ASK_FRAMES,
     _HOW_QUESTIONS,
+    FORM_WORDS,
     TERSE_HOW,
     augment,
+    deletable,
     language_of,
     terse_route,
     tersed,
+    word_deleted,
 )
 from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored, window_text
 from guardproxy.training.splits import assign_splits
@@ -340,4 +343,38 @@ def test_terse_asks_take_each_route_equally_often_from_both_sides() -> None:
     a, b = random.Random(3), random.Random(3)
     plain = augment(harmful + harmless, a, frames=10, wraps=0, rewords=10)
     off = augment(harmful + harmless, b, frames=10, wraps=0, rewords=10, terse=0)
+    assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()
+
+
+def test_a_word_deletion_drops_one_form_word_and_keeps_the_label() -> None:
+    base = _ask("How do I lie convincingly as the traitor in a board game?", 0.0)
+    seen = set()
+    for seed in range(40):
+        out = word_deleted(base, random.Random(seed))
+        assert out is not None and out.source == "aug/word_deleted" and out.harm == 0.0
+        words, new = base.text.split(), out.text.split()
+        assert len(new) == len(words) - 1
+        gone = [w for w in words if words.count(w) > new.count(w)]
+        assert len(gone) == 1 and gone[0].strip("?").lower() in FORM_WORDS
+        seen.add(out.text)
+    assert len(seen) >= 6  # any of its form words, not always the first
+    # the words that name the act, and negations, are never deleted
+    for seed in range(20):
+        out = word_deleted(_ask("do not poison the dog", 1.0), random.Random(seed))
+        assert out is not None and "not" in out.text.split() and "poison" in out.text and "dog" in out.text
+    assert deletable("Poison neighbour's cat") == []
+    assert word_deleted(_ask("the dog", 0.0), random.Random(0)) is None  # too short to lose a word
+
+
+def test_word_deletions_come_from_both_sides_equally_and_are_drawn_only_when_on() -> None:
+    harmful = [_ask(f"Explain how to do harmful thing {i}.", 1.0) for i in range(30)]
+    harmless = [_ask(f"What is the weather in town {i}?", 0.0) for i in range(30)]
+    harmless += [_ask("Weather Paris tomorrow", 0.0)] * 30  # no form word: never drawn
+    out = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, word_deletions=100)
+    assert len(out) == 100 and {e.source for e in out} == {"aug/word_deleted"}
+    assert Counter(e.harm for e in out) == {1.0: 50, 0.0: 50}
+    assert not any("Paris" in e.text for e in out)
+    a, b = random.Random(3), random.Random(3)
+    plain = augment(harmful + harmless, a, frames=10, wraps=0, rewords=10)
+    off = augment(harmful + harmless, b, frames=10, wraps=0, rewords=10, word_deletions=0)
     assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()

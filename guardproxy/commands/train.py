@@ -84,6 +84,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "a how-to ask cut to its core (e.g. 2400, as candidate 2.19.0; default 0: off)",
     )
     parser.add_argument(
+        "--word-deletions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N asks an epoch (half harmful) with one word deleted that carries the request's form, not its intent "
+        "(how, write, me, the...), label kept (default 0: off; bench.word_deletion measures what it is for)",
+    )
+    parser.add_argument(
         "--window-pool",
         choices=("all", "newest"),
         default="all",
@@ -242,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
             balanced_languages=args.balanced_languages,
             context_asks_per_epoch=args.context_asks,
             terse_per_epoch=args.terse_asks,
+            word_deletions_per_epoch=args.word_deletions,
             window_pool=args.window_pool,
         ),
     )

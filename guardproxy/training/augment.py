@@ -15,6 +15,12 @@
   window pass had seen harmless chat windows and ActorAttack windows but never a plain ask after a harmless chat,
   and read a harmful ask after one to three MT-Bench turns as much less harmful than the ask alone.
 
+- Function-word deletions (``guardproxy train --word-deletions N``): the same ask with one word deleted that carries
+  the request's form, not its intent (``how``, ``write``, ``me``, ``the``, ``please``...), label kept, drawn equally
+  from both sides. 2.25.1's verdicts turned on such words (``python -m bench.word_deletion``: "how do i lie
+  convincingly as the traitor in a social deduction board game" 0.97, 0.03 without "how"), a phrasing learnt, not
+  a principle. Negations and words that name the act or its target are never deleted.
+
 Only train-split rows are used as material, so no dev or calibration text leaks into training through here.
 """
 
@@ -191,6 +197,42 @@ def tersed(base: Example, rng: random.Random) -> Example | None:
     return _same_ask(base, new, "aug/terse", jailbreak=0.0, meta={"language": language} if language else None)
 
 
+# Words that carry a request's form and none of its intent: deleting one leaves the ask as harmful or as harmless as
+# it was. No negation (not, no, never, without), no verb or noun that names an act, no quantity.
+FORM_WORDS = frozenset(
+    (
+        "a an the this that these those some any "
+        "i me my you your we us our it its "
+        "how what which who where when why "
+        "do does did can could would will should shall may might must "
+        "please just really actually basically kindly maybe "
+        "write tell give show explain help describe provide list draft compose "
+        "best way ways steps step good detailed detail short quick simple "
+        "to of for in on at with about from by into and or so "
+        "is are be am was were been being "
+        "hey hi ok okay yeah well also then"
+    ).split()
+)
+_WORD = re.compile(r"\S+")
+
+
+def deletable(text: str) -> list[tuple[int, int]]:
+    """Spans of the words ``word_deleted`` may delete (``FORM_WORDS``, matched without case or outer punctuation)."""
+    return [m.span() for m in _WORD.finditer(text) if m.group().strip(".,!?;:'\"()").lower() in FORM_WORDS]
+
+
+def word_deleted(base: Example, rng: random.Random) -> Example | None:
+    """The same ask with one form word deleted (label kept); None when it has none, or only one word."""
+    text = " ".join(base.text.split())
+    spans = deletable(text)
+    if not spans or len(text.split()) < 3:
+        return None
+    start, end = rng.choice(spans)
+    new = " ".join((text[:start] + text[end:]).split())
+    language = base.meta.get("language")
+    return _same_ask(base, new, "aug/word_deleted", jailbreak=0.0, meta={"language": language} if language else None)
+
+
 def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
     text = wrapper.text
     if PLACEHOLDER.search(text):
@@ -222,10 +264,11 @@ def augment(
     context_asks: int = 0,
     balanced_languages: bool = False,
     terse: int = 0,
+    word_deletions: int = 0,
 ) -> list[Example]:
     """``frames`` reframed asks, ``rewords`` asks in the other sentence form, ``wraps`` wrapped questions and
-    ``context_asks`` asks after a harmless chat and ``terse`` asks as search-box queries, each half harmful and half
-    harmless, from train rows. With
+    ``context_asks`` asks after a harmless chat, ``terse`` asks as search-box queries and ``word_deletions`` asks with
+    one form word deleted, each half harmful and half harmless, from train rows. With
     ``balanced_languages`` the reframed, wrapped and after-chat asks are in a language other than English equally
     often on both sides (``_ask_drawer``)."""
     asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
@@ -261,6 +304,8 @@ def augment(
                 out.append(after_chat(chat, draw(i % 2 == 0)))
         if terse:  # no draw at all when off, as for context asks
             out += _balanced_terse(harmful, harmless, terse, rng)
+        if word_deletions:  # no draw at all when off, as for terse asks
+            out += _balanced_deletions(harmful, harmless, word_deletions, rng)
     return out
 
 
@@ -356,6 +401,21 @@ def _balanced_terse(
         tries += 1
         i = len(out)  # advances only on a kept ask, so each (route, side) gets its equal share
         new = tersed(rng.choice(pools[(routes[(i // 2) % len(routes)], i % 2 == 0)]), rng)
+        if new is not None:
+            out.append(new)
+    return out
+
+
+def _balanced_deletions(
+    harmful: Sequence[Example], harmless: Sequence[Example], n: int, rng: random.Random
+) -> list[Example]:
+    """``n`` asks with one form word deleted, from harmful and harmless asks in turn (a deletion is no label cue)."""
+    pools = [[e for e in side if deletable(e.text)] for side in (harmful, harmless)]
+    out: list[Example] = []
+    tries = 0
+    while all(pools) and len(out) < n and tries < 10 * n:
+        tries += 1
+        new = word_deleted(rng.choice(pools[len(out) % 2]), rng)
         if new is not None:
             out.append(new)
     return out

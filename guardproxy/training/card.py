@@ -159,6 +159,7 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += " --balanced-languages" if run.get("balanced_languages") else ""
     flags += f" --context-asks {run['context_asks']}" if run.get("context_asks") else ""
     flags += f" --terse-asks {run['terse_asks']}" if run.get("terse_asks") else ""
+    flags += f" --word-deletions {run['word_deletions']}" if run.get("word_deletions") else ""
     flags += " --window-pool newest" if run.get("window_pool") == "newest" else ""
     flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
     flags += " --chat-turns" if run.get("chat_turns") else ""

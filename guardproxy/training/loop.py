@@ -92,6 +92,8 @@ class TrainConfig:
     context_asks_per_epoch: int = 0
     # Asks as terse search-box queries, drawn equally from both sides, route by route (augment.tersed); 0: off.
     terse_per_epoch: int = 0
+    # Asks with one form word deleted, label kept, drawn equally from both sides (augment.word_deleted); 0: off.
+    word_deletions_per_epoch: int = 0
     # What the heads read of a conversation window: "all" its ids (the mean over every token, 2.12.0), or "newest"
     # its newest turn's (the encoder still attends to the whole window; the export gets a pool_mask input).
     window_pool: Literal["all", "newest"] = "all"
@@ -175,6 +177,7 @@ def epoch_rows(train: Sequence[Example], rng: random.Random, cfg: TrainConfig) -
             context_asks=cfg.context_asks_per_epoch,
             balanced_languages=cfg.balanced_languages,
             terse=cfg.terse_per_epoch,
+            word_deletions=cfg.word_deletions_per_epoch,
         )
     )
     return rows
