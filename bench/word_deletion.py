@@ -80,7 +80,9 @@ def probe(model: OnnxClassifier, rows: Sequence[dict[str, Any]], progress: bool 
         words = row["prompt"].split()
         lo = min(range(len(rest)), key=rest.__getitem__)
         hi = max(range(len(rest)), key=rest.__getitem__)
-        form = [rest[i] for i, w in enumerate(words) if is_form_word(w)]
+        form = [i for i, w in enumerate(words) if is_form_word(w)]
+        form_lo = min(form, key=rest.__getitem__, default=None)
+        form_hi = max(form, key=rest.__getitem__, default=None)
         out.append(
             {
                 **row,
@@ -89,8 +91,10 @@ def probe(model: OnnxClassifier, rows: Sequence[dict[str, Any]], progress: bool 
                 "min_word": words[lo],
                 "max": rest[hi],
                 "max_word": words[hi],
-                "form_min": min(form) if form else None,
-                "form_max": max(form) if form else None,
+                "form_min": None if form_lo is None else rest[form_lo],
+                "form_min_word": None if form_lo is None else words[form_lo],
+                "form_max": None if form_hi is None else rest[form_hi],
+                "form_max_word": None if form_hi is None else words[form_hi],
             }
         )
         if progress and (i % 25 == 0 or i == len(rows)):
