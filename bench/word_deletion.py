@@ -32,7 +32,7 @@ from typing import Any
 
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.settings import PROJECT_ROOT
-from guardproxy.training.augment import FORM_WORDS
+from guardproxy.training.augment import is_form_word
 
 ENGLISH_SETS = tuple(
     PROJECT_ROOT / "bench" / d / f"harm_{d}.jsonl"
@@ -47,10 +47,6 @@ def deletions(text: str) -> list[str]:
     if len(words) < 2:
         return []
     return [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
-
-
-def is_form_word(word: str) -> bool:
-    return word.strip(".,!?;:'\"()").lower() in FORM_WORDS
 
 
 def load_rows(paths: Sequence[Path], max_words: int) -> list[dict[str, Any]]:

@@ -216,9 +216,14 @@ FORM_WORDS = frozenset(
 _WORD = re.compile(r"\S+")
 
 
+def is_form_word(word: str) -> bool:
+    """Whether a whitespace-separated word is one of ``FORM_WORDS``, without case or outer punctuation."""
+    return word.strip(".,!?;:'\"()").lower() in FORM_WORDS
+
+
 def deletable(text: str) -> list[tuple[int, int]]:
-    """Spans of the words ``word_deleted`` may delete (``FORM_WORDS``, matched without case or outer punctuation)."""
-    return [m.span() for m in _WORD.finditer(text) if m.group().strip(".,!?;:'\"()").lower() in FORM_WORDS]
+    """Spans of the words ``word_deleted`` may delete."""
+    return [m.span() for m in _WORD.finditer(text) if is_form_word(m.group())]
 
 
 def word_deleted(base: Example, rng: random.Random) -> Example | None:
