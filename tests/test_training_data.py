@@ -20,6 +20,7 @@ from guardproxy.training.augment import (
     tersed,
     word_deleted,
 )
+from guardproxy.training.cue_words import cues
 from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored, window_text
 from guardproxy.training.splits import assign_splits
 
@@ -378,3 +379,15 @@ def test_word_deletions_come_from_both_sides_equally_and_are_drawn_only_when_on(
     plain = augment(harmful + harmless, a, frames=10, wraps=0, rewords=10)
     off = augment(harmful + harmless, b, frames=10, wraps=0, rewords=10, word_deletions=0)
     assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()
+
+
+def test_cue_words_rank_a_form_word_by_how_much_more_often_one_side_uses_it() -> None:
+    asks = [_ask("how to make a bomb", 1.0), _ask("how to pick a lock", 1.0), _ask("write a threat", 1.0)]
+    asks += [_ask("please bake bread", 0.0), _ask("how to bake bread", 0.0), _ask("please list capitals", 0.0)]
+    asks += [_ask("Weather tomorrow", 0.0), _ask("a window", 0.5)]  # no form word; a soft label is not counted
+    ranked = cues(asks, ["how", "please", "the"])
+    assert [c.word for c in ranked] == ["how", "the", "please"]
+    how = ranked[0]
+    assert (how.harmful_share, how.harmless_share) == (2 / 3, 1 / 4)
+    assert how.ratio > 1 > ranked[-1].ratio  # please: a harmless cue
+    assert ranked[1].ratio == 1.0  # in neither side: no cue
