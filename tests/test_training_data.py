@@ -14,8 +14,10 @@ from guardproxy.training.augment import (
     FORM_WORDS,
     TERSE_HOW,
     augment,
+    cue_deleted,
     deletable,
     language_of,
+    leaning_words,
     terse_route,
     tersed,
     word_deleted,
@@ -391,3 +393,27 @@ def test_cue_words_rank_a_form_word_by_how_much_more_often_one_side_uses_it() ->
     assert (how.harmful_share, how.harmless_share) == (2 / 3, 1 / 4)
     assert how.ratio > 1 > ranked[-1].ratio  # please: a harmless cue
     assert ranked[1].ratio == 1.0  # in neither side: no cue
+
+
+def test_cue_balancing_deletes_a_leaning_word_only_from_the_side_that_over_uses_it() -> None:
+    harmful = [_ask(f"how to steal thing {i}", 1.0) for i in range(40)]
+    harmless = [_ask(f"please tell me about town {i}", 0.0) for i in range(30)]
+    harmless += [_ask(f"how to bake bread {i}", 0.0) for i in range(10)]
+    lean = leaning_words(harmful + harmless)
+    assert lean == {"how": True, "to": True, "please": False, "tell": False, "me": False, "about": False}
+    out = augment(harmful + harmless, random.Random(0), frames=0, wraps=0, cue_balance=120)
+    assert len(out) == 120 and {e.source for e in out} == {"aug/cue_deleted"}
+    polite = {"please", "tell", "me", "about"}
+    for e in out:
+        words = set(e.text.split())
+        if e.harm == 1.0:  # a harmful ask loses one of the words the harmful side over-uses
+            assert len({"how", "to"} - words) == 1 and "steal" in words
+        else:  # a harmless ask loses one the harmless side over-uses; "how" is never taken from it
+            assert len(polite - words) == 1 and "bake" not in words
+    assert Counter(e.harm for e in out) == {1.0: 40, 0.0: 80}  # six leaning words, an equal share each
+    assert cue_deleted(_ask("Bake bread now", 0.0), "how") is None
+    # off, it draws nothing
+    a, b = random.Random(3), random.Random(3)
+    plain = augment(harmful + harmless, a, frames=10, wraps=0)
+    off = augment(harmful + harmless, b, frames=10, wraps=0, cue_balance=0)
+    assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()

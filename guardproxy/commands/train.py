@@ -92,6 +92,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(how, write, me, the...), label kept (default 0: off; bench.word_deletion measures what it is for)",
     )
     parser.add_argument(
+        "--cue-balance",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N asks an epoch that each lose a form word from the side that over-uses it ('how' from harmful asks, "
+        "'please' from harmless ones; python -m guardproxy.training.cue_words lists them) (default 0: off)",
+    )
+    parser.add_argument(
         "--window-pool",
         choices=("all", "newest"),
         default="all",
@@ -251,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
             context_asks_per_epoch=args.context_asks,
             terse_per_epoch=args.terse_asks,
             word_deletions_per_epoch=args.word_deletions,
+            cue_balance_per_epoch=args.cue_balance,
             window_pool=args.window_pool,
         ),
     )

@@ -216,9 +216,34 @@ FORM_WORDS = frozenset(
 _WORD = re.compile(r"\S+")
 
 
+def _bare(word: str) -> str:
+    return word.strip(".,!?;:'\"()").lower()
+
+
 def is_form_word(word: str) -> bool:
     """Whether a whitespace-separated word is one of ``FORM_WORDS``, without case or outer punctuation."""
-    return word.strip(".,!?;:'\"()").lower() in FORM_WORDS
+    return _bare(word) in FORM_WORDS
+
+
+def form_words_in(text: str) -> set[str]:
+    return {_bare(w) for w in text.split() if is_form_word(w)}
+
+
+def form_word_shares(asks: Sequence[Example]) -> dict[str, tuple[float, float]]:
+    """Each form word's share of the harmful asks and of the harmless asks that contain it (soft labels skipped)."""
+    sides: dict[bool, list[set[str]]] = {True: [], False: []}
+    for ex in asks:
+        if ex.harm in (0.0, 1.0):
+            sides[ex.harm == 1.0].append(form_words_in(ex.text))
+    if not sides[True] or not sides[False]:
+        raise ValueError("form-word shares need harmful and harmless asks")
+    return {
+        w: (
+            sum(w in s for s in sides[True]) / len(sides[True]),
+            sum(w in s for s in sides[False]) / len(sides[False]),
+        )
+        for w in sorted(FORM_WORDS)
+    }
 
 
 def deletable(text: str) -> list[tuple[int, int]]:
@@ -270,6 +295,7 @@ def augment(
     balanced_languages: bool = False,
     terse: int = 0,
     word_deletions: int = 0,
+    cue_balance: int = 0,
 ) -> list[Example]:
     """``frames`` reframed asks, ``rewords`` asks in the other sentence form, ``wraps`` wrapped questions and
     ``context_asks`` asks after a harmless chat, ``terse`` asks as search-box queries and ``word_deletions`` asks with
@@ -311,6 +337,8 @@ def augment(
             out += _balanced_terse(harmful, harmless, terse, rng)
         if word_deletions:  # no draw at all when off, as for terse asks
             out += _balanced_deletions(harmful, harmless, word_deletions, rng)
+        if cue_balance:  # no draw at all when off
+            out += _cue_balancing(harmful, harmless, cue_balance, rng)
     return out
 
 
@@ -406,6 +434,57 @@ def _balanced_terse(
         tries += 1
         i = len(out)  # advances only on a kept ask, so each (route, side) gets its equal share
         new = tersed(rng.choice(pools[(routes[(i // 2) % len(routes)], i % 2 == 0)]), rng)
+        if new is not None:
+            out.append(new)
+    return out
+
+
+def lean_ratio(harmful_share: float, harmless_share: float) -> float:
+    """How much more often the harmful side uses a word (> 1) or the harmless side (< 1); smoothed by 0.001 so that a
+    word absent from one side has a finite ratio."""
+    return (harmful_share + 1e-3) / (harmless_share + 1e-3)
+
+
+def leaning_words(asks: Sequence[Example], min_ratio: float = 1.5, min_share: float = 0.005) -> dict[str, bool]:
+    """Form words one side of ``asks`` uses at least ``min_ratio`` times as often as the other: word -> True where
+    the harmful side over-uses it, False where the harmless side does (words in under ``min_share`` of both left out).
+    """
+    out: dict[str, bool] = {}
+    for word, (bad, ok) in form_word_shares(asks).items():
+        ratio = lean_ratio(bad, ok)
+        if max(bad, ok) >= min_share and (ratio >= min_ratio or ratio <= 1 / min_ratio):
+            out[word] = ratio > 1
+    return out
+
+
+def cue_deleted(base: Example, word: str) -> Example | None:
+    """``base`` with every occurrence of form word ``word`` deleted (label kept); None if it has none."""
+    words = base.text.split()
+    kept = [w for w in words if _bare(w) != word]
+    if len(kept) == len(words) or len(kept) < 2:
+        return None
+    language = base.meta.get("language")
+    meta = {"language": language} if language else None
+    return _same_ask(base, " ".join(kept), "aug/cue_deleted", jailbreak=0.0, meta=meta)
+
+
+def _cue_balancing(
+    harmful: Sequence[Example], harmless: Sequence[Example], n: int, rng: random.Random
+) -> list[Example]:
+    """``n`` asks that each lose a form word from the side that over-uses it (``leaning_words``): "how" from harmful
+    asks, "please" from harmless ones. Deleting from both sides alike (``word_deletions``) leaves each word's lean
+    as it was; this moves it toward even. The words are taken in turn, so each leaning word gets an equal share."""
+    if not harmful or not harmless:
+        return []
+    lean = leaning_words([*harmful, *harmless])
+    pools = {w: [e for e in (harmful if bad else harmless) if w in form_words_in(e.text)] for w, bad in lean.items()}
+    words = [w for w in sorted(pools) if pools[w]]
+    out: list[Example] = []
+    tries = 0
+    while words and len(out) < n and tries < 10 * n:
+        tries += 1
+        word = words[len(out) % len(words)]
+        new = cue_deleted(rng.choice(pools[word]), word)
         if new is not None:
             out.append(new)
     return out

@@ -15,10 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardproxy.training.augment import FORM_WORDS, is_form_word, is_short_ask_source
+from guardproxy.training.augment import FORM_WORDS, form_word_shares, is_short_ask_source, lean_ratio
 from guardproxy.training.sources import AUTHORED_DIR, Example, load_authored, load_prompts
-
-SMOOTH = 1e-3  # added to both shares, so that a word absent from one side has a finite ratio
 
 
 @dataclass(frozen=True)
@@ -30,22 +28,13 @@ class Cue:
     @property
     def ratio(self) -> float:
         """> 1: the word is a harm cue in the data; < 1: a harmless cue."""
-        return (self.harmful_share + SMOOTH) / (self.harmless_share + SMOOTH)
+        return lean_ratio(self.harmful_share, self.harmless_share)
 
 
 def cues(asks: Iterable[Example], words: Iterable[str] = FORM_WORDS) -> list[Cue]:
     """Each word's share of harmful and of harmless asks containing it, strongest harm cue first."""
-    sides: dict[bool, list[set[str]]] = {True: [], False: []}
-    for ex in asks:
-        if ex.harm in (0.0, 1.0):
-            sides[ex.harm == 1.0].append({w.strip(".,!?;:'\"()").lower() for w in ex.text.split() if is_form_word(w)})
-    n_bad, n_ok = len(sides[True]), len(sides[False])
-    if not n_bad or not n_ok:
-        raise ValueError("cue words need harmful and harmless asks")
-    out = [
-        Cue(w, sum(w in s for s in sides[True]) / n_bad, sum(w in s for s in sides[False]) / n_ok)
-        for w in sorted(set(words))
-    ]
+    shares = form_word_shares(list(asks))
+    out = [Cue(w, *shares.get(w, (0.0, 0.0))) for w in sorted(set(words))]
     return sorted(out, key=lambda c: c.ratio, reverse=True)
 
 

@@ -94,6 +94,8 @@ class TrainConfig:
     terse_per_epoch: int = 0
     # Asks with one form word deleted, label kept, drawn equally from both sides (augment.word_deleted); 0: off.
     word_deletions_per_epoch: int = 0
+    # Asks that lose a form word from the side that over-uses it (augment._cue_balancing); 0: off.
+    cue_balance_per_epoch: int = 0
     # What the heads read of a conversation window: "all" its ids (the mean over every token, 2.12.0), or "newest"
     # its newest turn's (the encoder still attends to the whole window; the export gets a pool_mask input).
     window_pool: Literal["all", "newest"] = "all"
@@ -178,6 +180,7 @@ def epoch_rows(train: Sequence[Example], rng: random.Random, cfg: TrainConfig) -
             balanced_languages=cfg.balanced_languages,
             terse=cfg.terse_per_epoch,
             word_deletions=cfg.word_deletions_per_epoch,
+            cue_balance=cfg.cue_balance_per_epoch,
         )
     )
     return rows

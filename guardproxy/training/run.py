@@ -152,6 +152,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "context_asks": opts.train.context_asks_per_epoch,
                 "terse_asks": opts.train.terse_per_epoch,
                 "word_deletions": opts.train.word_deletions_per_epoch,
+                "cue_balance": opts.train.cue_balance_per_epoch,
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
