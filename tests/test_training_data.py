@@ -304,6 +304,15 @@ def test_an_authored_rows_kind_reaches_the_calibration(tmp_path: Path) -> None:
     assert kinds == {"e1": "everyday", "l1": "lookalike", "n1": None}
 
 
+def _off_draws_nothing(asks: list[Example], **off: int) -> None:
+    """An augmentation switched off takes no random draws: a run without it keeps its other augmentation draw for
+    draw."""
+    a, b = random.Random(3), random.Random(3)
+    plain = augment(asks, a, frames=10, wraps=0, rewords=10)
+    same = augment(asks, b, frames=10, wraps=0, rewords=10, **off)
+    assert [e.text for e in plain] == [e.text for e in same] and a.getstate() == b.getstate()
+
+
 def test_a_terse_ask_is_the_same_ask_as_a_search_box_query_with_its_label() -> None:
     def ask(text: str, harm: float) -> Example:
         return Example(text=text, source="advbench", group="g", label="x", harm=harm, category=3)
@@ -343,10 +352,7 @@ def test_terse_asks_take_each_route_equally_often_from_both_sides() -> None:
     assert all(e.text == e.text.lower() and not e.text.endswith(("?", ".", "!")) for e in out)
     assert not any("trip" in e.text for e in out)
     # off, it draws nothing: a run without it keeps its augmentation draw for draw
-    a, b = random.Random(3), random.Random(3)
-    plain = augment(harmful + harmless, a, frames=10, wraps=0, rewords=10)
-    off = augment(harmful + harmless, b, frames=10, wraps=0, rewords=10, terse=0)
-    assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()
+    _off_draws_nothing(harmful + harmless, terse=0)
 
 
 def test_a_word_deletion_drops_one_form_word_and_keeps_the_label() -> None:
@@ -377,10 +383,7 @@ def test_word_deletions_come_from_both_sides_equally_and_are_drawn_only_when_on(
     assert len(out) == 100 and {e.source for e in out} == {"aug/word_deleted"}
     assert Counter(e.harm for e in out) == {1.0: 50, 0.0: 50}
     assert not any("Paris" in e.text for e in out)
-    a, b = random.Random(3), random.Random(3)
-    plain = augment(harmful + harmless, a, frames=10, wraps=0, rewords=10)
-    off = augment(harmful + harmless, b, frames=10, wraps=0, rewords=10, word_deletions=0)
-    assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()
+    _off_draws_nothing(harmful + harmless, word_deletions=0)
 
 
 def test_cue_words_rank_a_form_word_by_how_much_more_often_one_side_uses_it() -> None:
@@ -412,8 +415,4 @@ def test_cue_balancing_deletes_a_leaning_word_only_from_the_side_that_over_uses_
             assert len(polite - words) == 1 and "bake" not in words
     assert Counter(e.harm for e in out) == {1.0: 40, 0.0: 80}  # six leaning words, an equal share each
     assert cue_deleted(_ask("Bake bread now", 0.0), "how") is None
-    # off, it draws nothing
-    a, b = random.Random(3), random.Random(3)
-    plain = augment(harmful + harmless, a, frames=10, wraps=0)
-    off = augment(harmful + harmless, b, frames=10, wraps=0, cue_balance=0)
-    assert [e.text for e in plain] == [e.text for e in off] and a.getstate() == b.getstate()
+    _off_draws_nothing(harmful + harmless, cue_balance=0)

@@ -408,6 +408,18 @@ def _pools_by_shape(
     return pools, [s for s in shapes if pools[(s, True)] and pools[(s, False)]]
 
 
+def _kept(n: int, make: Callable[[int], Example | None]) -> list[Example]:
+    """Up to ``n`` asks from ``make(i)``, ``i`` the number kept so far (None: not kept), giving up after 10 n tries."""
+    out: list[Example] = []
+    tries = 0
+    while len(out) < n and tries < 10 * n:
+        tries += 1
+        new = make(len(out))
+        if new is not None:
+            out.append(new)
+    return out
+
+
 def _balanced_rewords(
     harmful: Sequence[Example], harmless: Sequence[Example], n: int, rng: random.Random
 ) -> list[Example]:
@@ -428,15 +440,10 @@ def _balanced_terse(
     """``n`` terse asks, the route first (in turn), then a base of that route from each side in turn: harmful asks say
     "how to" far more often, and a route drawn from the base's shape would make the how-to openings a harm cue."""
     pools, routes = _pools_by_shape(harmful, harmless, TERSE_ROUTES, terse_route)
-    out: list[Example] = []
-    tries = 0
-    while routes and len(out) < n and tries < 10 * n:
-        tries += 1
-        i = len(out)  # advances only on a kept ask, so each (route, side) gets its equal share
-        new = tersed(rng.choice(pools[(routes[(i // 2) % len(routes)], i % 2 == 0)]), rng)
-        if new is not None:
-            out.append(new)
-    return out
+    # i counts kept asks only, so each (route, side) gets its equal share
+    return _kept(
+        n if routes else 0, lambda i: tersed(rng.choice(pools[(routes[(i // 2) % len(routes)], i % 2 == 0)]), rng)
+    )
 
 
 def lean_ratio(harmful_share: float, harmless_share: float) -> float:
@@ -479,15 +486,12 @@ def _cue_balancing(
     lean = leaning_words([*harmful, *harmless])
     pools = {w: [e for e in (harmful if bad else harmless) if w in form_words_in(e.text)] for w, bad in lean.items()}
     words = [w for w in sorted(pools) if pools[w]]
-    out: list[Example] = []
-    tries = 0
-    while words and len(out) < n and tries < 10 * n:
-        tries += 1
-        word = words[len(out) % len(words)]
-        new = cue_deleted(rng.choice(pools[word]), word)
-        if new is not None:
-            out.append(new)
-    return out
+
+    def make(i: int) -> Example | None:
+        word = words[i % len(words)]
+        return cue_deleted(rng.choice(pools[word]), word)
+
+    return _kept(n if words else 0, make)
 
 
 def _balanced_deletions(
@@ -495,14 +499,7 @@ def _balanced_deletions(
 ) -> list[Example]:
     """``n`` asks with one form word deleted, from harmful and harmless asks in turn (a deletion is no label cue)."""
     pools = [[e for e in side if deletable(e.text)] for side in (harmful, harmless)]
-    out: list[Example] = []
-    tries = 0
-    while all(pools) and len(out) < n and tries < 10 * n:
-        tries += 1
-        new = word_deleted(rng.choice(pools[len(out) % 2]), rng)
-        if new is not None:
-            out.append(new)
-    return out
+    return _kept(n if all(pools) else 0, lambda i: word_deleted(rng.choice(pools[i % 2]), rng))
 
 
 # Single-request sources whose rows read as one ask (not a paragraph of content, not a conversation window).
