@@ -19,7 +19,11 @@
   the request's form, not its intent (``how``, ``write``, ``me``, ``the``, ``please``...), label kept, drawn equally
   from both sides. 2.25.1's verdicts turned on such words (``python -m bench.word_deletion``: "how do i lie
   convincingly as the traitor in a social deduction board game" 0.97, 0.03 without "how"), a phrasing learnt, not
-  a principle. Negations and words that name the act or its target are never deleted.
+  a principle. Negations and words that name the act or its target are never deleted. Deleting from both sides
+  alike leaves each word's lean between the sides as it was (candidate 2.26.0 did not change the flips).
+- Cue balancing (``guardproxy train --cue-balance N``): a form word deleted only from the side of the training asks
+  that over-uses it ("how" from harmful asks, "please" from harmless ones; ``leaning_words``), which moves its lean
+  toward even. A cheap pilot only so far (``bench/results/candidates/README.md``).
 
 Only train-split rows are used as material, so no dev or calibration text leaks into training through here.
 """
@@ -299,7 +303,8 @@ def augment(
 ) -> list[Example]:
     """``frames`` reframed asks, ``rewords`` asks in the other sentence form, ``wraps`` wrapped questions and
     ``context_asks`` asks after a harmless chat, ``terse`` asks as search-box queries and ``word_deletions`` asks with
-    one form word deleted, each half harmful and half harmless, from train rows. With
+    one form word deleted, each half harmful and half harmless, and ``cue_balance`` asks that lose a form word from
+    the side that over-uses it, from train rows. With
     ``balanced_languages`` the reframed, wrapped and after-chat asks are in a language other than English equally
     often on both sides (``_ask_drawer``)."""
     asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
