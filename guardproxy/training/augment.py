@@ -307,7 +307,7 @@ def augment(
     the side that over-uses it, from train rows. With
     ``balanced_languages`` the reframed, wrapped and after-chat asks are in a language other than English equally
     often on both sides (``_ask_drawer``)."""
-    asks = [e for e in train if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
+    asks = single_asks(train)
     harmful = [e for e in asks if e.harm == 1.0]
     harmless = [e for e in asks if e.harm == 0.0]
     wrappers = [e for e in train if e.label == "jailbreak"]
@@ -520,6 +520,11 @@ _SHORT_ASK_SOURCES = frozenset(
         "ifeval",
     }
 )
+
+
+def single_asks(rows: Sequence[Example]) -> list[Example]:
+    """The rows augmentation draws its asks from: one ask each, with a harm label (no pairs, no windows of chats)."""
+    return [e for e in rows if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
 
 
 def is_short_ask_source(source: str) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardproxy.training.augment import FORM_WORDS, form_word_shares, is_short_ask_source, lean_ratio
+from guardproxy.training.augment import FORM_WORDS, form_word_shares, lean_ratio, single_asks
 from guardproxy.training.sources import AUTHORED_DIR, Example, load_authored, load_prompts
 
 
@@ -40,8 +40,7 @@ def cues(asks: Iterable[Example], words: Iterable[str] = FORM_WORDS) -> list[Cue
 
 def training_asks(data: Path, authored: Path = AUTHORED_DIR) -> list[Example]:
     """The single asks with a harm label that the augmentation draws from (every split)."""
-    rows = load_prompts(data) + load_authored(authored)
-    return [e for e in rows if not e.pair and e.harm is not None and is_short_ask_source(e.source)]
+    return single_asks(load_prompts(data) + load_authored(authored))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
