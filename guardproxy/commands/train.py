@@ -100,6 +100,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "'please' from harmless ones; python -m guardproxy.training.cue_words lists them) (default 0: off)",
     )
     parser.add_argument(
+        "--form-consistency",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="weight W of a loss that pulls an ask's harm score and its copy's without one form word together (up "
+        "to 8 asks a batch; counterfactual logit pairing) (default 0: off; bench.word_deletion measures it)",
+    )
+    parser.add_argument(
         "--window-pool",
         choices=("all", "newest"),
         default="all",
@@ -260,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
             terse_per_epoch=args.terse_asks,
             word_deletions_per_epoch=args.word_deletions,
             cue_balance_per_epoch=args.cue_balance,
+            form_consistency=args.form_consistency,
             window_pool=args.window_pool,
         ),
     )

@@ -267,6 +267,36 @@ def word_deleted(base: Example, rng: random.Random) -> Example | None:
     return _same_ask(base, new, "aug/word_deleted", jailbreak=0.0, meta={"language": language} if language else None)
 
 
+# Augmented asks that are still one plain ask (a frame, a rewording, a terse or shortened copy): not the jailbreak
+# wraps (a long wrapper text) and not the asks put after a chat (a window).
+_PLAIN_AUG_SOURCES = frozenset({"aug/frame", "aug/reworded", "aug/terse", "aug/word_deleted", "aug/cue_deleted"})
+
+
+def consistency_pairs(batch: Sequence[Example], rng: random.Random, limit: int) -> tuple[list[int], list[Example]]:
+    """Up to ``limit`` asks of a training batch, by index, each with its copy without one form word
+    (``word_deleted``): the pairs whose harm scores the consistency loss pulls together (``--form-consistency``).
+    Only plain single asks with a 0 or 1 harm label take part; the rest of the batch is untouched."""
+    eligible = [
+        i
+        for i, e in enumerate(batch)
+        if not e.pair
+        and e.newest is None
+        and e.harm in (0.0, 1.0)
+        and (is_short_ask_source(e.source) or e.source in _PLAIN_AUG_SOURCES)
+    ]
+    rng.shuffle(eligible)
+    index: list[int] = []
+    copies: list[Example] = []
+    for i in eligible:
+        if len(index) >= limit:
+            break
+        copy = word_deleted(batch[i], rng)
+        if copy is not None:
+            index.append(i)
+            copies.append(copy)
+    return index, copies
+
+
 def wrapped(wrapper: Example, question: Example, rng: random.Random) -> Example:
     text = wrapper.text
     if PLACEHOLDER.search(text):

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from guardproxy.encoding import POOL_INPUT, Encoding, encode_pair, encode_prompt, encode_window, pad_batch
-from guardproxy.training.augment import augment
+from guardproxy.training.augment import augment, consistency_pairs
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel
 from guardproxy.training.sources import Example
 
@@ -96,6 +96,11 @@ class TrainConfig:
     word_deletions_per_epoch: int = 0
     # Asks that lose a form word from the side that over-uses it (augment._cue_balancing); 0: off.
     cue_balance_per_epoch: int = 0
+    # Weight of the consistency loss between an ask's harm logit and its copy's without one form word
+    # (counterfactual logit pairing, Garg et al. 2019; augment.consistency_pairs); 0: off. Up to
+    # ``consistency_rows`` asks of each batch take part, at the cost of one more forward pass over them.
+    form_consistency: float = 0.0
+    consistency_rows: int = 8
     # What the heads read of a conversation window: "all" its ids (the mean over every token, 2.12.0), or "newest"
     # its newest turn's (the encoder still attends to the whole window; the export gets a pool_mask input).
     window_pool: Literal["all", "newest"] = "all"
@@ -279,6 +284,12 @@ def distill_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch
     return total + (1.0 - cosine).mean()
 
 
+def consistency_loss(harm: torch.Tensor, harm_copies: torch.Tensor) -> torch.Tensor:
+    """Mean squared gap between the harm logits of asks and of their copies without one form word: zero when a
+    deletion that leaves the intent as it was leaves the score as it was. Gradients reach both sides."""
+    return ((harm - harm_copies) ** 2).mean()
+
+
 def to_tensors(batch: Sequence[Example], encoder: Encoder, device: str = "cpu") -> dict[str, torch.Tensor]:
     feeds = pad_batch([encoder(e) for e in batch], pool_mask=encoder.pool_newest)
     return {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
@@ -298,6 +309,8 @@ def train(
     """Train in place (against the labels, and the teacher's outputs when given). Returns a summary (steps,
     seconds, final running losses)."""
     rng = random.Random(cfg.seed)
+    # Its own stream: runs without the consistency loss draw their epochs exactly as before it existed.
+    pair_rng = random.Random(f"consistency-{cfg.seed}")
     torch.manual_seed(cfg.seed)
     # The word-embedding matrix (30k x 384) stays frozen: it is most of the parameters, updating it costs a third
     # of each step on CPU, and keeping it fixed keeps unseen words where pretraining put them.
@@ -336,6 +349,12 @@ def train(
             if teacher is not None:
                 parts["distill"] = distill_loss(out, _on(teacher.targets(batch), cfg.device), batch)
                 parts["total"] = (1.0 - cfg.distill) * parts["total"] + cfg.distill * parts["distill"]
+            if cfg.form_consistency:
+                index, copies = consistency_pairs(batch, pair_rng, cfg.consistency_rows)
+                if copies:
+                    copied = model(**to_tensors(copies, encoder, cfg.device))
+                    parts["consistency"] = consistency_loss(out["harm"][index], copied["harm"])
+                    parts["total"] = parts["total"] + cfg.form_consistency * parts["consistency"]
             parts["total"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

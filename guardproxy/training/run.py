@@ -153,6 +153,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "terse_asks": opts.train.terse_per_epoch,
                 "word_deletions": opts.train.word_deletions_per_epoch,
                 "cue_balance": opts.train.cue_balance_per_epoch,
+                "form_consistency": opts.train.form_consistency,
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
