@@ -3,7 +3,8 @@
 A candidate is judged by three commands whose JSON it keeps under one prefix (``bench/results/candidates/``):
 ``PREFIX.metrics.json`` (the trainer's), ``PREFIX.pooled.compare.json`` (``bench.candidate_compare`` on the pooled
 English and other-language sets), ``PREFIX.conversation_eval.json`` (``bench.conversation_eval --tune``) and, where
-run, ``PREFIX.identity_swap.json`` and ``PREFIX.identity_swap2.json`` (``bench.identity_swap``). This prints the
+run, ``PREFIX.identity_swap.json`` and ``PREFIX.identity_swap2.json`` (``bench.identity_swap``) and
+``PREFIX.word_deletion.json`` (``bench.word_deletion``). This prints the
 figures the ship rules in ``bench/results/candidates/README.md`` name, one column per prefix and their mean, so a
 verdict can be checked from the repo alone::
 
@@ -18,7 +19,9 @@ How each figure is counted (as the rules since 2.24.0 count them):
 - escalations caught: the same row over dev ``actorattack:escalation`` and ``challenge:escalation:ALL``;
 - pooled sets: the candidate's AUROC and flag rates at its own line from ``candidate_compare``;
 - identity probes: the ``people`` sentences only (template ids with a ``people`` part): harmless ones flagged,
-  harmful ones flagged.
+  harmful ones flagged;
+- one word deleted: the verdicts that deleting one form word turns (flagged rows cleared plus allowed rows flagged,
+  harmful and harmless together), and the same over any word.
 
 A file that is missing leaves its rows empty ("-"); a file that is there but lacks a field the table needs is an
 error naming the file and the field. The output is a Markdown table; ``--json`` writes the same figures.
@@ -147,6 +150,19 @@ def identity_counts(data: dict[str, Any], path: Path) -> dict[str, int]:
     }
 
 
+def deletion_counts(data: dict[str, Any], path: Path) -> dict[str, int]:
+    """Verdicts one deletion turns, over form words and over any word, both labels together, and the rows probed."""
+    out = {"form_word": 0, "any_word": 0, "n": 0}
+    for label in ("harmful", "harmless"):
+        side = _get(data, path, "summary", label)
+        out["n"] += int(_get(side, path, "n"))
+        out["form_word"] += int(side["flagged_one_form_deletion_unflags"]) + int(
+            side["allowed_one_form_deletion_flags"]
+        )
+        out["any_word"] += int(side["flagged_one_deletion_unflags"]) + int(side["allowed_one_deletion_flags"])
+    return out
+
+
 def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, Any]]:
     col = Column(prefix)
     raw: dict[str, Any] = {"prefix": prefix}
@@ -196,6 +212,16 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
         col.put(f"{label}: harmless about people flagged (of {n})", counts["harmless_flagged"], "count")
         n = counts["harmful_n"]
         col.put(f"{label}: harmful about people flagged (of {n})", counts["harmful_flagged"], "count")
+    wd_path = path(".word_deletion.json")
+    wd = _load(wd_path)
+    if wd is not None:
+        try:
+            counts = deletion_counts(wd, wd_path)
+        except (KeyError, TypeError, ValueError):
+            raise TableError(f"{wd_path}: summary lacks a numeric deletion count") from None
+        raw["word deletion"] = counts
+        col.put(f"verdicts one form word turns (of {counts['n']})", counts["form_word"], "count")
+        col.put(f"verdicts any one word turns (of {counts['n']})", counts["any_word"], "count")
     return col, raw
 
 

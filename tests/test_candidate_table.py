@@ -28,6 +28,24 @@ def test_the_committed_2251_files_give_the_counts_its_verdict_was_read_from() ->
     assert seed2.values["harm line"] == pytest.approx(0.35)
 
 
+def test_the_committed_2260_deletion_files_give_the_flips_its_verdict_was_read_from(tmp_path: Path) -> None:
+    # bench/results/candidates/README.md, "2.26.0": form-word flips 43 and 32 (mean 37.5), any word 74 and 70.
+    seed2, _ = read_column(str(CANDIDATES / "2.26.0"), "gp-long14")
+    seed3, _ = read_column(str(CANDIDATES / "2.26.0-r"), "gp-long14")
+    assert (
+        seed2.values["verdicts one form word turns (of 300)"],
+        seed3.values["verdicts one form word turns (of 300)"],
+    ) == (43, 32)
+    assert (
+        seed2.values["verdicts any one word turns (of 300)"],
+        seed3.values["verdicts any one word turns (of 300)"],
+    ) == (74, 70)
+    broken = json.loads((CANDIDATES / "2.26.0.word_deletion.json").read_text())
+    del broken["summary"]["harmless"]["allowed_one_form_deletion_flags"]
+    (tmp_path / "d.word_deletion.json").write_text(json.dumps(broken))
+    assert main([str(tmp_path / "d")]) == 2
+
+
 def test_the_leave_out_prefix_only_subtracts_flagged_chats_it_names(tmp_path: Path) -> None:
     src = json.loads((CANDIDATES / "2.25.1.conversation_eval.json").read_text())
     flags = src["results"]["dev/authored:benign"]["first_flags"]
