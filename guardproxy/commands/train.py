@@ -188,10 +188,17 @@ def _check_options(args: argparse.Namespace) -> None:
     missing = [str(d) for d in args.soup if not (d / "student.pt").is_file()]
     if missing:
         raise ConfigError(f"--soup: no student.pt in {', '.join(missing)}")
-    if args.context_asks < 0:
-        raise ConfigError(f"--context-asks: expected a count of 0 or more, got {args.context_asks}")
-    if args.terse_asks < 0:
-        raise ConfigError(f"--terse-asks: expected a count of 0 or more, got {args.terse_asks}")
+    counts = {
+        "--context-asks": args.context_asks,
+        "--terse-asks": args.terse_asks,
+        "--word-deletions": args.word_deletions,
+        "--cue-balance": args.cue_balance,
+    }
+    for flag, count in counts.items():
+        if count < 0:
+            raise ConfigError(f"{flag}: expected a count of 0 or more, got {count}")
+    if args.form_consistency < 0:
+        raise ConfigError(f"--form-consistency: expected a weight of 0 or more, got {args.form_consistency}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     if args.harm_threshold is not None and not 0.0 < args.harm_threshold < 1.0:
