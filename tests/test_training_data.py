@@ -7,6 +7,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from guardproxy.conversation.escalation import window_text as gateway_window_text
 from guardproxy.training.augment import (
     _ASK_FRAMES,
@@ -19,6 +21,7 @@ from guardproxy.training.augment import (
     deletable,
     is_form_word,
     language_of,
+    language_weighted,
     leaning_words,
     terse_route,
     tersed,
@@ -447,3 +450,42 @@ def test_consistency_pairs_take_plain_labelled_asks_only_each_beside_its_copy_wi
         assert (copy.harm, copy.label, copy.group) == (batch[i].harm, batch[i].label, batch[i].group)
     index, copies = consistency_pairs(batch, random.Random(0), limit=4)
     assert len(index) == len(copies) == 4
+
+
+def _in_language(text: str, harm: float, language: str) -> Example:
+    return Example(text=text, source="authored", group=text, label="x", harm=harm, meta={"language": language})
+
+
+def test_language_weights_give_other_languages_the_same_share_of_both_sides_and_touch_nothing_else() -> None:
+    # Shaped like the train split: other languages are 20% of the harmful rows and 4% of the harmless ones.
+    rows = (
+        [_ask(f"how do i steal car {i}", 1.0) for i in range(8)]
+        + [_in_language(f"wie stehle ich auto {i}", 1.0, "de") for i in range(2)]
+        + [_ask(f"tell me about town {i}", 0.0) for i in range(48)]
+        + [_in_language(f"erzähl mir von stadt {i}", 0.0, "de") for i in range(2)]
+    )
+    untouched = [
+        Example(
+            text="wie stehle ich",
+            reply="Nein.",
+            source="authored",
+            group="p",
+            label="x",
+            harm=0.0,
+            meta={"language": "de"},
+        ),  # a pair: the reply head's row
+        _in_language("wie bleibe ich ruhig", 0.5, "de"),  # a soft label
+    ]
+    out, summary = language_weighted(rows + untouched)
+
+    def share(bad: bool) -> float:
+        side = [e for e in out[: len(rows)] if (e.harm == 1.0) == bad]
+        return sum(e.harm_weight for e in side if language_of(e) != "en") / sum(e.harm_weight for e in side)
+
+    assert abs(share(True) - 0.2) < 1e-9 and abs(share(False) - 0.2) < 1e-9
+    assert summary["side"] == "harmless" and summary["factor"] == 6.0  # 0.2 / 0.8 * 48 / 2
+    changed = [e.text for e, before in zip(out, rows + untouched, strict=True) if e.harm_weight != before.harm_weight]
+    assert changed == [f"erzähl mir von stadt {i}" for i in range(2)]
+    assert all(b.harm_weight == 1.0 for b in rows)  # new rows, the input is left as it was
+    with pytest.raises(ValueError, match="other languages"):
+        language_weighted([e for e in rows if language_of(e) == "en"])

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from guardproxy.errors import ConfigError
+from guardproxy.training.augment import CONSISTENCY_ROWS
 
 HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_moderation")
 
@@ -105,7 +106,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="W",
         help="weight W of a loss that pulls an ask's harm score and its copy's without one form word together (up "
-        "to 8 asks a batch; counterfactual logit pairing) (default 0: off; bench.word_deletion measures it)",
+        f"to {CONSISTENCY_ROWS} asks a batch; counterfactual logit pairing) (default 0: off; "
+        "bench.word_deletion measures it)",
+    )
+    parser.add_argument(
+        "--language-weights",
+        action="store_true",
+        help="weigh the harm loss so that rows in other languages are the same share of the harmful and the "
+        "harmless side (off: 10%% of harmful asks and 2%% of harmless ones, a language cue)",
     )
     parser.add_argument(
         "--window-pool",
@@ -276,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
             word_deletions_per_epoch=args.word_deletions,
             cue_balance_per_epoch=args.cue_balance,
             form_consistency=args.form_consistency,
+            language_weights=args.language_weights,
             window_pool=args.window_pool,
         ),
     )

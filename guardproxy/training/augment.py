@@ -25,6 +25,9 @@
   that over-uses it ("how" from harmful asks, "please" from harmless ones; ``leaning_words``), which moves its lean
   toward even. A cheap pilot only so far (``bench/results/candidates/README.md``).
 
+- Language weights (``guardproxy train --language-weights``, ``language_weighted``): not an augmentation but a
+  reweighing of the harm loss, so that rows in other languages weigh the same share of both sides.
+
 Only train-split rows are used as material, so no dev or calibration text leaks into training through here.
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from guardproxy.training.sources import PLACEHOLDER, WINDOW_TURNS, Example, window_text
 
@@ -272,6 +276,10 @@ def word_deleted(base: Example, rng: random.Random) -> Example | None:
 _PLAIN_AUG_SOURCES = frozenset({"aug/frame", "aug/reworded", "aug/terse", "aug/word_deleted", "aug/cue_deleted"})
 
 
+# How many asks of a batch the consistency loss pairs at most (TrainConfig.consistency_rows).
+CONSISTENCY_ROWS = 8
+
+
 def consistency_pairs(batch: Sequence[Example], rng: random.Random, limit: int) -> tuple[list[int], list[Example]]:
     """Up to ``limit`` asks of a training batch, by index, each with its copy without one form word
     (``word_deleted``): the pairs whose harm scores the consistency loss pulls together (``--form-consistency``).
@@ -380,6 +388,40 @@ def augment(
 def language_of(ex: Example) -> str:
     """An ask's language: what its row says (the authored sets), else English (the public sets)."""
     return str(ex.meta.get("language") or "en")
+
+
+def language_weighted(rows: Sequence[Example]) -> tuple[list[Example], dict[str, object]]:
+    """The rows with the harm-loss weight of one side's rows in other languages scaled, so that rows in a language
+    other than English carry the same share of the harmful side's weight as of the harmless side's
+    (``guardproxy train --language-weights``; reweighing, Kamiran and Calders 2012).
+
+    In the train split 10% of the harmful asks are in other languages and 2% of the harmless ones (the public sets
+    are English), so "not English" is a harm cue the labels teach. The side with the smaller share is scaled up.
+    Only rows the harm head reads with a hard label count and change (no reply, harm 0 or 1); copies the augmenters
+    make later inherit their base row's weight. Also returns what was done, for the run's summary."""
+    mass = {(bad, english): 0.0 for bad in (True, False) for english in (True, False)}
+    for e in rows:
+        if e.reply is None and e.harm in (0.0, 1.0):
+            mass[(e.harm == 1.0, language_of(e) == "en")] += e.harm_weight
+    share = {bad: mass[(bad, False)] / ((mass[(bad, False)] + mass[(bad, True)]) or 1.0) for bad in (True, False)}
+    if not all(0.0 < share[bad] < 1.0 for bad in (True, False)):
+        raise ValueError("language weights need harmful and harmless rows in English and in other languages")
+    low = share[True] < share[False]  # True: the harmful side has the smaller share
+    target = share[not low]
+    factor = target / (1.0 - target) * mass[(low, True)] / mass[(low, False)]
+    out = [
+        replace(e, harm_weight=e.harm_weight * factor)
+        if e.reply is None and e.harm in (0.0, 1.0) and (e.harm == 1.0) == low and language_of(e) != "en"
+        else e
+        for e in rows
+    ]
+    summary = {
+        "side": "harmful" if low else "harmless",
+        "factor": round(factor, 3),
+        "share_harmful": round(share[True], 4),
+        "share_harmless": round(share[False], 4),
+    }
+    return out, summary
 
 
 def _ask_drawer(

@@ -162,6 +162,7 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += f" --word-deletions {run['word_deletions']}" if run.get("word_deletions") else ""
     flags += f" --cue-balance {run['cue_balance']}" if run.get("cue_balance") else ""
     flags += f" --form-consistency {run['form_consistency']}" if run.get("form_consistency") else ""
+    flags += " --language-weights" if run.get("language_weights") else ""
     flags += " --window-pool newest" if run.get("window_pool") == "newest" else ""
     flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
     flags += " --chat-turns" if run.get("chat_turns") else ""

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from guardproxy.encoding import POOL_INPUT, Encoding, encode_pair, encode_prompt, encode_window, pad_batch
-from guardproxy.training.augment import augment, consistency_pairs
+from guardproxy.training.augment import CONSISTENCY_ROWS, augment, consistency_pairs, language_weighted
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel
 from guardproxy.training.sources import Example
 
@@ -100,7 +100,10 @@ class TrainConfig:
     # (counterfactual logit pairing, Garg et al. 2019; augment.consistency_pairs); 0: off. Up to
     # ``consistency_rows`` asks of each batch take part, at the cost of one more forward pass over them.
     form_consistency: float = 0.0
-    consistency_rows: int = 8
+    consistency_rows: int = CONSISTENCY_ROWS
+    # The harm loss of one side's rows in other languages reweighed, so that other languages weigh the same share of
+    # the harmful and the harmless side (augment.language_weighted).
+    language_weights: bool = False
     # What the heads read of a conversation window: "all" its ids (the mean over every token, 2.12.0), or "newest"
     # its newest turn's (the encoder still attends to the whole window; the export gets a pool_mask input).
     window_pool: Literal["all", "newest"] = "all"
@@ -308,6 +311,16 @@ def train(
 ) -> dict[str, float]:
     """Train in place (against the labels, and the teacher's outputs when given). Returns a summary (steps,
     seconds, final running losses)."""
+    weighting: dict[str, object] = {}
+    if cfg.language_weights:
+        train_rows, weighting = language_weighted(train_rows)
+        log.info(
+            "language weights: the %s side's rows in other languages weigh %.3fx (shares %.4f harmful, %.4f harmless)",
+            weighting["side"],
+            weighting["factor"],
+            weighting["share_harmful"],
+            weighting["share_harmless"],
+        )
     rng = random.Random(cfg.seed)
     # Its own stream: runs without the consistency loss draw their epochs exactly as before it existed.
     pair_rng = random.Random(f"consistency-{cfg.seed}")
@@ -371,7 +384,10 @@ def train(
             batches = make_batches(epoch_rows(train_rows, rng, cfg), encoder, rng, cfg)
     model.eval()
     model.to("cpu")
-    return {"steps": float(step), "seconds": time.monotonic() - started, **{f"loss_{k}": v for k, v in running.items()}}
+    summary = {"steps": float(step), "seconds": time.monotonic() - started}
+    if weighting:
+        summary["language_weight_factor"] = float(weighting["factor"])  # type: ignore[arg-type]
+    return {**summary, **{f"loss_{k}": v for k, v in running.items()}}
 
 
 def _progress(step: int, total: int, started: float, running: dict[str, float]) -> None:

@@ -154,6 +154,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "word_deletions": opts.train.word_deletions_per_epoch,
                 "cue_balance": opts.train.cue_balance_per_epoch,
                 "form_consistency": opts.train.form_consistency,
+                "language_weights": opts.train.language_weights,
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
