@@ -105,17 +105,19 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
         }
         metrics["train"]["context_asks"] = 400 if balanced else 0
         metrics["train"]["terse_asks"] = 2400 if balanced else 0
+        metrics["train"]["form_consistency"] = 0.2 if balanced else 0.0
+        metrics["train"]["language_weights"] = balanced
         (tmp_path / "metrics.json").write_text(json.dumps(metrics))
         write_card(tmp_path, loso=[], latency=None, compare=[])
         card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
         lines[balanced] = next(x for x in card if x.startswith("guardproxy train --data"))
     expected = (
-        "--balanced-rewords --context-asks 400 --terse-asks 2400 --refusal-targets t.json --chat-turns "
-        "--calibrate-by-kind"
+        "--balanced-rewords --context-asks 400 --terse-asks 2400 --form-consistency 0.2 --language-weights "
+        "--refusal-targets t.json --chat-turns --calibrate-by-kind"
     )
     assert f"{expected} --model-version" in lines[True]
     flags = ("--balanced-rewords", "--context-asks", "--terse-asks", "--refusal-targets", "--chat-turns")
-    flags += ("--calibrate-by-kind",)
+    flags += ("--calibrate-by-kind", "--form-consistency", "--language-weights")
     assert all(f not in lines[False] for f in flags)
 
 
