@@ -398,6 +398,7 @@ def test_eval_split_keeps_exactly_the_rows_training_put_in_that_split(
         (["--form-consistency", "-0.5"], "--form-consistency: expected a weight of 0 or more, got -0.5"),
         (["--init-from", "{tmp}/student.pt"], "--init-from: no such checkpoint"),
         (["--train-only", "--eval-only"], "--train-only trains and stops"),
+        (["--language-weights", "--no-authored"], "--language-weights needs the authored rows in other languages"),
         (["--harm-threshold", "0"], "--harm-threshold must be between 0 and 1 (exclusive), got 0.0"),
         (["--harm-threshold", "1.5"], "--harm-threshold must be between 0 and 1 (exclusive), got 1.5"),
         (["--refusal-targets", "{tmp}/nowhere.json"], "--refusal-targets: {tmp}/nowhere.json"),

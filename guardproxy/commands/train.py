@@ -213,6 +213,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--harm-threshold must be between 0 and 1 (exclusive), got {args.harm_threshold}")
     if args.train_only and (args.eval_only or args.card):
         raise ConfigError("--train-only trains and stops: it cannot go with --eval-only or --card")
+    if args.language_weights and args.no_authored:
+        raise ConfigError(
+            "--language-weights needs the authored rows in other languages: it cannot go with --no-authored"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
