@@ -1,14 +1,15 @@
 """Would a harm line of its own for text in other languages, set on the calibration split, serve the held-out sets?
 
     .venv/bin/python -m bench.own_line_other_languages --model DIR [--model DIR ...] [--data ../shared/data]
-        [--miss R ...] [--json OUT]
+        [--calibrate-on FILE ...] [--miss R ...] [--json OUT]
 
 One line, calibrated on English-heavy rows, sets every language's operating point; candidate 2.28.0 showed that the
 other languages then sit wherever the training labels' language cue puts them (`bench/results/candidates/README.md`).
 This asks whether a second line would do better. For each model and each miss rate R it takes the highest harm score
 that misses at most R of the calibration split's harmful prompts in other languages (the authored rows' `language`
 field; split seed 0, as the shipped recipe), then reports what that line flags of the calibration split's harmless
-prompts in other languages and of the three multilingual held-out sets pooled (challenge4, 9, 10). It assumes the
+prompts in other languages and of the three multilingual held-out sets pooled (challenge4, 9, 10). With
+``--calibrate-on`` the line is set on those files' prompts in other languages instead. It assumes the
 language is known. The gateway has no language signal today. Prints, never passes or fails.
 """
 
@@ -49,6 +50,16 @@ def calibration_rows(data: Path) -> list[dict[str, str]]:
     ]
 
 
+def held_rows(paths: Sequence[Path]) -> list[dict[str, str]]:
+    """The harmful and harmless prompts of ``paths`` that are not in English."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    return [
+        {"id": r["id"], "prompt": r["prompt"], "label": r["label"]}
+        for r in rows
+        if r.get("language", "en") != "en" and r["label"] in ("harmful", "benign")
+    ]
+
+
 def own_line(harmful: np.ndarray, miss: float) -> float:
     """The highest score that leaves at most ``miss`` of ``harmful`` below it."""
     return float(np.sort(harmful)[int(np.floor(miss * len(harmful)))])
@@ -60,12 +71,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model", type=Path, action="append", required=True, help="a model directory (repeatable)")
     parser.add_argument("--data", type=Path, default=PROJECT_ROOT.parent / "shared" / "data")
+    parser.add_argument(
+        "--calibrate-on",
+        type=Path,
+        nargs="+",
+        help="set the line on these prompt files (rows with a `language` other than English) instead of the "
+        "calibration split, e.g. the held authored batches in other languages (never trained on)",
+    )
     parser.add_argument("--miss", type=float, nargs="+", default=[39 / 284, 0.2, 0.25])
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args(argv)
-    rows = calibration_rows(args.data)
+    rows = calibration_rows(args.data) if not args.calibrate_on else held_rows(args.calibrate_on)
     n_bad = sum(r["label"] == "harmful" for r in rows)
-    print(f"calibration split, prompts in other languages: {n_bad} harmful, {len(rows) - n_bad} harmless", flush=True)
+    where = "calibration split" if not args.calibrate_on else ", ".join(p.name for p in args.calibrate_on)
+    print(f"{where}, prompts in other languages: {n_bad} harmful, {len(rows) - n_bad} harmless", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cal_path = Path(tmp) / "calibration_other_languages.jsonl"
         cal_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -94,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     if args.json:
         args.json.write_text(
-            json.dumps({"calibration_rows": {"harmful": n_bad, "harmless": len(rows) - n_bad}, "lines": out}, indent=1)
+            json.dumps(
+                {"calibrated_on": where, "rows": {"harmful": n_bad, "harmless": len(rows) - n_bad}, "lines": out},
+                indent=1,
+            )
         )
     return 0
 
