@@ -1,4 +1,4 @@
-"""Would a harm line of its own for text in other languages, set on the calibration split, serve the held-out sets?
+"""Would a harm line of its own for text in other languages, set on the calibration split, serve the challenge sets?
 
     .venv/bin/python -m bench.own_line_other_languages --model DIR [--model DIR ...] [--data ../shared/data]
         [--calibrate-on FILE ...] [--miss R ...] [--json OUT]
@@ -8,8 +8,8 @@ other languages then sit wherever the training labels' language cue puts them (`
 This asks whether a second line would do better. For each model and each miss rate R it takes the highest harm score
 that misses at most R of the calibration split's harmful prompts in other languages (the authored rows' `language`
 field; split seed 0, as the shipped recipe), then reports what that line flags of the calibration split's harmless
-prompts in other languages and of the three multilingual held-out sets pooled (challenge4, 9, 10). With
-``--calibrate-on`` the line is set on those files' prompts in other languages instead. It assumes the
+prompts in other languages and of the three multilingual challenge sets pooled (challenge4, 9, 10; never trained
+on). With ``--calibrate-on`` the line is set on those files' prompts in other languages instead. It assumes the
 language is known. The gateway has no language signal today. Prints, never passes or fails.
 """
 
@@ -28,7 +28,9 @@ import numpy as np
 from bench.candidate_compare import prompt_records, set_metrics
 from guardproxy.settings import PROJECT_ROOT
 
-HELD_OUT = tuple(PROJECT_ROOT / "bench" / d / f"harm_{d}.jsonl" for d in ("challenge4", "challenge9", "challenge10"))
+CHALLENGE_SETS = tuple(
+    PROJECT_ROOT / "bench" / d / f"harm_{d}.jsonl" for d in ("challenge4", "challenge9", "challenge10")
+)
 
 
 def calibration_rows(data: Path) -> list[dict[str, str]]:
@@ -50,7 +52,7 @@ def calibration_rows(data: Path) -> list[dict[str, str]]:
     ]
 
 
-def held_rows(paths: Sequence[Path]) -> list[dict[str, str]]:
+def file_rows(paths: Sequence[Path]) -> list[dict[str, str]]:
     """The harmful and harmless prompts of ``paths`` that are not in English."""
     rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
     return [
@@ -81,19 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--miss", type=float, nargs="+", default=[39 / 284, 0.2, 0.25])
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args(argv)
-    rows = calibration_rows(args.data) if not args.calibrate_on else held_rows(args.calibrate_on)
+    rows = calibration_rows(args.data) if not args.calibrate_on else file_rows(args.calibrate_on)
     n_bad = sum(r["label"] == "harmful" for r in rows)
     where = "calibration split" if not args.calibrate_on else ", ".join(p.name for p in args.calibrate_on)
     print(f"{where}, prompts in other languages: {n_bad} harmful, {len(rows) - n_bad} harmless", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cal_path = Path(tmp) / "calibration_other_languages.jsonl"
         cal_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        held_path = Path(tmp) / "multilingual_pooled.jsonl"
-        held_path.write_text("".join(p.read_text() for p in HELD_OUT))
+        challenge_path = Path(tmp) / "multilingual_pooled.jsonl"
+        challenge_path.write_text("".join(p.read_text() for p in CHALLENGE_SETS))
         out: list[dict[str, Any]] = []
         for model in args.model:
             cal = set_metrics(prompt_records(model, cal_path))
-            held = set_metrics(prompt_records(model, held_path))
+            challenge = set_metrics(prompt_records(model, challenge_path))
             for miss in args.miss:
                 t = own_line(cal["_pos"], miss)
                 row = {
@@ -101,14 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "miss": miss,
                     "line": t,
                     "calibration_harmless_flagged": float(np.mean(cal["_neg"] >= t)),
-                    "held_out_harmful_flagged": float(np.mean(held["_pos"] >= t)),
-                    "held_out_harmless_flagged": float(np.mean(held["_neg"] >= t)),
+                    "challenge_harmful_flagged": float(np.mean(challenge["_pos"] >= t)),
+                    "challenge_harmless_flagged": float(np.mean(challenge["_neg"] >= t)),
                 }
                 out.append(row)
                 print(
                     f"{model}: miss <= {miss:.3f}: line {t:.3f} (operating scale; the one line is 0.5); calibration "
-                    f"harmless flagged {row['calibration_harmless_flagged']:.1%}; held-out harmful / harmless "
-                    f"flagged {row['held_out_harmful_flagged']:.1%} / {row['held_out_harmless_flagged']:.1%}",
+                    f"harmless flagged {row['calibration_harmless_flagged']:.1%}; challenge sets' harmful / harmless "
+                    f"flagged {row['challenge_harmful_flagged']:.1%} / {row['challenge_harmless_flagged']:.1%}",
                     flush=True,
                 )
     if args.json:
