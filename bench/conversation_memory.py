@@ -35,7 +35,12 @@ _EMBEDDING = np.full(384, 1 / np.sqrt(384), dtype=np.float32)
 
 class ConstantClassifier:
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         return [PromptScore(0.05, "none", 0.0, _EMBEDDING) for _ in texts]
 

@@ -25,6 +25,10 @@ of one-by-one, mixed lengths (16 to 256 tokens) ran 6% to 55% slower, and a 32-t
 RSS. Micro-batching would add a collection delay to every request for no throughput. Batching also changes the
 scores: dynamic int8 quantization computes activation scales over the whole batch, padding included (at one
 threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in batches of 32, 15.4% one at a time).
+
+Early exit (``guard.early_exit``, ``load(early_exit=True)``): per-turn prompt checks run the graph in two parts and
+stop after the first when the model's first layers already say the turn is clearly harmless (``guardproxy.early_exit``).
+Such a score has ``exited`` set and no embedding; ``exact=True`` asks for the whole model and never reuses one.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guardproxy import taxonomy
+from guardproxy.early_exit import CAP_MARGIN, SPEC_FILE, ExitSpec, file_md5, load_spec, pooled, split_graph
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
@@ -62,6 +67,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("harm", "category", "jailbreak", "reply_harm", "refusal", "embedding")
 
 T = TypeVar("T", PromptScore, ReplyScore)
+_NO_EMBEDDING = np.zeros(0, dtype=np.float32)  # an exited score's: the heads that pool the embedding did not run
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,54 @@ class _Breaker:
             self.on_change(state)
 
 
+class _Exit:
+    """The guard graph cut in two at an early-exit spec's layer (``guardproxy.early_exit``)."""
+
+    def __init__(self, first: Any, rest: Any, spec: ExitSpec) -> None:
+        self.first, self.rest, self.spec = first, rest, spec
+        self.first_inputs = [i.name for i in first.get_inputs()]
+        self.rest_inputs = [i.name for i in rest.get_inputs() if i.name != spec.tap]
+        # per-row shape of each output, for rows that exit before the heads (every non-batch dim is fixed)
+        shapes = {o.name: o.shape[1:] for o in rest.get_outputs()}
+        self.row_shapes = {name: tuple(int(d) for d in shapes[name]) for name in OUTPUTS}
+        self.harm_cap = spec.harm_line - CAP_MARGIN
+        self.jailbreak_cap = spec.jailbreak_line - CAP_MARGIN
+        self._lock = threading.Lock()
+        self.checked = 0
+        self.exited = 0
+
+    def run(self, feeds: dict[str, npt.NDArray[np.int64]]) -> dict[str, npt.NDArray[Any]]:
+        """The whole model's outputs for the rows that go on, the head's estimates for those that exit; ``exited``
+        marks which is which."""
+        (hidden,) = self.first.run([self.spec.tap], {k: feeds[k] for k in self.first_inputs})
+        x = pooled(hidden, feeds["attention_mask"])
+        exited = (self.spec.exit(x) < self.spec.threshold) & (feeds["attention_mask"].sum(axis=1) >= self.spec.min_ids)
+        n = len(exited)
+        with self._lock:
+            self.checked += n
+            self.exited += int(exited.sum())
+        stay = np.flatnonzero(~exited)
+        if len(stay) == n:
+            values = self.rest.run(list(OUTPUTS), {**{k: feeds[k] for k in self.rest_inputs}, self.spec.tap: hidden})
+            return {**dict(zip(OUTPUTS, values, strict=True)), "exited": exited}
+        out: dict[str, npt.NDArray[Any]] = {
+            name: np.zeros((n, *self.row_shapes[name]), dtype=np.float32) for name in OUTPUTS
+        }
+        out["harm"][exited] = _sigmoid(self.spec.harm(x[exited])).reshape(-1, *self.row_shapes["harm"])
+        out["jailbreak"][exited] = _sigmoid(self.spec.jailbreak(x[exited])).reshape(-1, *self.row_shapes["jailbreak"])
+        if len(stay):
+            rest_feeds = {k: feeds[k][stay] for k in self.rest_inputs}
+            values = self.rest.run(list(OUTPUTS), {**rest_feeds, self.spec.tap: hidden[stay]})
+            for name, value in zip(OUTPUTS, values, strict=True):
+                out[name][stay] = value
+        out["exited"] = exited
+        return out
+
+
+def _sigmoid(z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
+
+
 class OnnxClassifier:
     """``signals.Classifier`` backed by the ONNX guard model. Build it with ``load`` or ``from_settings``."""
 
@@ -264,6 +318,7 @@ class OnnxClassifier:
         breaker_failures: int = 5,
         breaker_cooldown: float = 5.0,
         pools_newest: bool = False,
+        early_exit: _Exit | None = None,
     ) -> None:
         from guardproxy.encoding import covered_scripts
 
@@ -273,6 +328,7 @@ class OnnxClassifier:
         self.info = info
         # A graph with ``pool_mask`` reads a window through its newest turn (``score_prompts(newest=...)``).
         self.pools_newest = pools_newest
+        self._exit = early_exit
         self._timeout = timeout
         self._cache = _LRU(cache_size)
         self._max_pending = max_pending if max_pending is not None else 4 * workers
@@ -299,12 +355,14 @@ class OnnxClassifier:
         workers: int = 1,
         timeout: float = 2.0,
         cache_size: int = 8192,
+        early_exit: bool = False,
         **options: Any,
     ) -> OnnxClassifier:
-        """Load ``model.onnx``, ``tokenizer.json`` and ``config.json`` from ``model_dir``.
+        """Load ``model.onnx``, ``tokenizer.json`` and ``config.json`` from ``model_dir``; with ``early_exit``, also
+        ``early_exit.json`` (``guardproxy.early_exit``).
 
-        Raises ``ClassifierError`` naming the file when one is missing or unreadable, ``ConfigError`` when the
-        model was trained on another taxonomy.
+        Raises ``ClassifierError`` naming the file when one is missing or unreadable (or, for the early-exit
+        spec, fitted on another graph), ``ConfigError`` when the model was trained on another taxonomy.
         """
         import onnxruntime as ort  # heavy import, only where a model is loaded
 
@@ -338,7 +396,17 @@ class OnnxClassifier:
         dim = outputs["embedding"].shape[-1]
         embedding_dim = int(dim) if isinstance(dim, int) else int(config.get("hidden", 0))
         info = _parse_info(config, directory / CONFIG_FILE, embedding_dim)
-        logger.info("guard model %s %s loaded from %s (%d threads)", info.name, info.version, directory, threads)
+        exit_parts = (
+            _load_exit(directory, model_path, int(config.get("hidden", embedding_dim)), opts) if early_exit else None
+        )
+        logger.info(
+            "guard model %s %s loaded from %s (%d threads%s)",
+            info.name,
+            info.version,
+            directory,
+            threads,
+            f", early exit after layer {exit_parts.spec.layer}" if exit_parts else "",
+        )
         return cls(
             session,
             tokenizer,
@@ -347,6 +415,7 @@ class OnnxClassifier:
             timeout=timeout,
             cache_size=cache_size,
             pools_newest=POOL_INPUT in inputs,
+            early_exit=exit_parts,
             **options,
         )
 
@@ -360,6 +429,7 @@ class OnnxClassifier:
             cache_size=settings.cache_size,
             breaker_failures=settings.breaker_failures,
             breaker_cooldown=settings.breaker_cooldown,
+            early_exit=settings.early_exit,
         )
 
     @property
@@ -377,6 +447,16 @@ class OnnxClassifier:
         return self.info.embedding_dim
 
     @property
+    def early_exit(self) -> ExitSpec | None:
+        """The early-exit spec in use; None when every check runs the whole model."""
+        return self._exit.spec if self._exit is not None else None
+
+    @property
+    def exit_stats(self) -> tuple[int, int]:
+        """(turns checked, turns that exited) through the early-exit path since load."""
+        return (self._exit.checked, self._exit.exited) if self._exit is not None else (0, 0)
+
+    @property
     def cache_stats(self) -> tuple[int, int, int]:
         """(hits, misses, entries) of the result cache."""
         return self._cache.hits, self._cache.misses, len(self._cache)
@@ -384,13 +464,19 @@ class OnnxClassifier:
     # --- the async API (signals.Classifier) -----------------------------------------------------------
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         length = self._length(max_length)
         lasts = self._newest(texts, newest)
         raw_keys = [_key(b"raw-prompt:%d" % length, t, *last) for t, last in zip(texts, lasts, strict=True)]
-        job = functools.partial(self._prompt_job, max_length=length, newest=lasts)
-        return await self._submit(raw_keys, job, list(texts))
+        may_exit = self._may_exit(max_length, newest, exact)
+        job = functools.partial(self._prompt_job, max_length=length, newest=lasts, may_exit=may_exit)
+        return await self._submit(raw_keys, job, list(texts), exact=not may_exit)
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         raw_keys = [_key(b"raw-pair", p, r) for p, r in pairs]
@@ -406,10 +492,21 @@ class OnnxClassifier:
     # --- the sync API (CLI: score, eval, classify) -----------------------------------------------------
 
     def score_prompts_sync(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         lasts = self._newest(texts, newest)
-        return self._prompt_job(list(texts), threading.Event(), max_length=self._length(max_length), newest=lasts)
+        return self._prompt_job(
+            list(texts),
+            threading.Event(),
+            max_length=self._length(max_length),
+            newest=lasts,
+            may_exit=self._may_exit(max_length, newest, exact),
+        )
 
     def score_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         return self._pair_job(list(pairs), threading.Event())
@@ -432,13 +529,16 @@ class OnnxClassifier:
         raw_keys: list[bytes],
         job: Callable[[list[Any], threading.Event], list[T]],
         items: list[Any],
+        *,
+        exact: bool = True,
     ) -> list[T]:
+        """``exact``: an exited score in the cache does not answer this call."""
         if self._closed:
             raise ClassifierError("classifier is closed")
-        cached = [self._cache.get(k) for k in raw_keys]
+        cached = [_usable(self._cache.get(k), exact) for k in raw_keys]
         todo = [i for i, hit in enumerate(cached) if hit is None]
         if not todo:
-            return cached  # type: ignore[return-value]
+            return cached
         breaker = self.breaker
         if not breaker.allow():
             raise ClassifierError(
@@ -530,8 +630,18 @@ class OnnxClassifier:
             raise ValueError(f"newest: {len(newest)} turns for {len(texts)} texts")
         return [(n,) for n in newest]
 
+    def _may_exit(self, max_length: int | None, newest: Sequence[str] | None, exact: bool) -> bool:
+        """Only a per-turn check (the model's own length, no window) may exit early."""
+        return self._exit is not None and not exact and max_length is None and newest is None
+
     def _prompt_job(
-        self, texts: list[str], cancel: threading.Event, *, max_length: int, newest: list[tuple[str, ...]]
+        self,
+        texts: list[str],
+        cancel: threading.Event,
+        *,
+        max_length: int,
+        newest: list[tuple[str, ...]],
+        may_exit: bool = False,
     ) -> list[PromptScore]:
         from guardproxy.encoding import encode_prompt, encode_window, unreadable_share
         from guardproxy.normalize import normalize
@@ -550,7 +660,7 @@ class OnnxClassifier:
             shares = [unreadable_share(normalized[i], self.covered_scripts) for i in rows]
             return self._prompt_scores(out, shares)
 
-        return self._run_cached(keys, encode, decode, cancel, started)
+        return self._run_cached(keys, encode, decode, cancel, started, may_exit=may_exit)
 
     def _pair_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
         from guardproxy.encoding import encode_pair
@@ -574,10 +684,13 @@ class OnnxClassifier:
         decode: Callable[[dict[str, npt.NDArray[np.float32]], list[int]], list[T]],
         cancel: threading.Event,
         started: float,
+        *,
+        may_exit: bool = False,
     ) -> list[T]:
         """``started``: when the job began (normalisation counts as tokenization in the timings). ``decode`` gets a
-        batch's outputs and the positions in ``keys`` of its rows."""
-        results: list[T | None] = [self._cache.get(k) for k in keys]
+        batch's outputs and the positions in ``keys`` of its rows. A call that may not exit early never reuses an
+        exited score (and its whole-model score then replaces it in the cache)."""
+        results: list[T | None] = [_usable(self._cache.get(k), not may_exit) for k in keys]
         first: dict[bytes, int] = {}  # duplicates inside one call are computed once
         for i, k in enumerate(keys):
             if results[i] is None:
@@ -586,7 +699,9 @@ class OnnxClassifier:
         if todo:
             encodings = [encode(i) for i in todo]
             t1 = time.perf_counter()
-            scored = self._infer(encodings, lambda out, rows: decode(out, [todo[r] for r in rows]), cancel)
+            scored = self._infer(
+                encodings, lambda out, rows: decode(out, [todo[r] for r in rows]), cancel, may_exit=may_exit
+            )
             if self.observe_timing is not None:
                 self.observe_timing("tokenize", t1 - started)
                 self.observe_timing("model", time.perf_counter() - t1)
@@ -600,6 +715,8 @@ class OnnxClassifier:
         encodings: list[Any],
         decode: Callable[[dict[str, npt.NDArray[np.float32]], list[int]], list[T]],
         cancel: threading.Event,
+        *,
+        may_exit: bool = False,
     ) -> list[T]:
         from guardproxy.encoding import pad_batch
 
@@ -618,9 +735,13 @@ class OnnxClassifier:
             ):
                 end += 1
             batch = [encodings[i] for i in order[start:end]]
-            values = self._session.run(list(OUTPUTS), pad_batch(batch, pool_mask=self.pools_newest))
+            feeds = pad_batch(batch, pool_mask=self.pools_newest)
+            if may_exit and self._exit is not None:
+                outputs = self._exit.run(feeds)
+            else:
+                outputs = dict(zip(OUTPUTS, self._session.run(list(OUTPUTS), feeds), strict=True))
             rows = order[start:end]
-            for i, score in zip(rows, decode(dict(zip(OUTPUTS, values, strict=True)), rows), strict=True):
+            for i, score in zip(rows, decode(outputs, rows), strict=True):
                 out[i] = score
             start = end
         return out  # type: ignore[return-value]
@@ -628,8 +749,21 @@ class OnnxClassifier:
     def _prompt_scores(self, out: dict[str, npt.NDArray[np.float32]], unreadable: list[float]) -> list[PromptScore]:
         t = self.info.thresholds
         scores = []
+        exited = out.get("exited")
         rows = zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], unreadable, strict=True)
-        for harm, cat, jb, emb, share in rows:
+        for row, (harm, cat, jb, emb, share) in enumerate(rows):
+            if exited is not None and exited[row] and self._exit is not None:
+                scores.append(
+                    PromptScore(
+                        harm=min(to_operating_scale(float(harm), t.harm), self._exit.harm_cap),
+                        category="none",
+                        jailbreak=min(to_operating_scale(float(jb), t.jailbreak), self._exit.jailbreak_cap),
+                        embedding=_NO_EMBEDDING,
+                        unreadable=share,
+                        exited=True,
+                    )
+                )
+                continue
             idx = int(np.argmax(cat))
             # A request judged harmful always gets a hazard category the policy can write a refusal for.
             if idx == 0 and float(harm) >= t.harm and len(cat) > 1:
@@ -663,6 +797,28 @@ class OnnxClassifier:
         if probs[1] + probs[2] < self.info.thresholds.refusal_partial:
             return "none"
         return "partial" if probs[1] >= probs[2] else "full"
+
+
+def _usable(score: Any, exact: bool) -> Any:
+    """A cached score, unless the caller wants the whole model's and this one exited early."""
+    if exact and isinstance(score, PromptScore) and score.exited:
+        return None
+    return score
+
+
+def _load_exit(directory: Path, model_path: Path, dim: int, opts: Any) -> _Exit:
+    """The two sessions and head of ``early_exit.json``; ``ClassifierError`` naming the file when it cannot serve."""
+    import onnxruntime as ort
+
+    spec = load_spec(directory / SPEC_FILE, model_md5=file_md5(model_path), dim=dim)
+    try:
+        first, rest = split_graph(model_path, spec.tap)
+        sessions = [
+            ort.InferenceSession(part, sess_options=opts, providers=["CPUExecutionProvider"]) for part in (first, rest)
+        ]
+        return _Exit(sessions[0], sessions[1], spec)
+    except Exception as exc:  # onnx and onnxruntime raise their own types; the message names what failed
+        raise ClassifierError(f"{directory / SPEC_FILE}: cannot cut {model_path.name} at {spec.tap}: {exc}") from exc
 
 
 def _release_threadsafe(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:

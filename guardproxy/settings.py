@@ -93,6 +93,12 @@ class GuardSettings(BaseModel):
         "input only: less CPU and latency per request, but no reply is blocked, the conversation tracker sees no "
         "assistant refusals and no false-refusal drills are sampled",
     )
+    early_exit: bool = Field(
+        False,
+        description="answer a clearly harmless user turn from the guard model's first layers (the model directory's "
+        "early_exit.json, guardproxy.early_exit): about half the CPU of a per-turn check; windows, replies and "
+        "refusal memory still run the whole model",
+    )
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     workers: int = Field(1, ge=1, description="size of the one inference executor")
     concurrent_window: bool = Field(

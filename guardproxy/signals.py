@@ -50,6 +50,9 @@ class PromptScore:
     # Share of the text's letters in scripts the model's vocabulary spells only letter by letter (Cyrillic, Greek,
     # Arabic, CJK... for the English-first shipped model); near 1 the harm score is close to a guess.
     unreadable: float = 0.0
+    # Scored by the early-exit head from the model's first layers (guardproxy.early_exit): harm and jailbreak are its
+    # estimates, capped below the lines it was fitted for; category "none"; ``embedding`` is empty.
+    exited: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,18 @@ class Classifier(Protocol):
     """The guard model as the rest of guardproxy sees it. Implementations run inference off the event loop."""
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         """Scores of user turns (or windows of turns). ``max_length``: read at most this many ids of each text
         (head and tail kept; never more than the model's own maximum); None reads what the model reads.
         ``newest``: for windows, each text's newest turn (its last line); a model trained to pool over it
-        (``guardproxy train --window-pool newest``) reads the window through that turn, others ignore it."""
+        (``guardproxy train --window-pool newest``) reads the window through that turn, others ignore it.
+        ``exact``: never an early exit (``PromptScore.exited``): the whole model's scores and an embedding."""
         ...
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]: ...

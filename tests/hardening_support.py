@@ -68,7 +68,12 @@ class FakeClassifier:
             raise AssertionError(f"unknown mode {self.mode}")
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         await self._maybe_fail()
         return [PromptScore(0.02, "none", 0.0, np.zeros(4, dtype=np.float32)) for _ in texts]

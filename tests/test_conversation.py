@@ -83,7 +83,12 @@ class FakeClassifier:
         return v / n if n else v
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         if self.fail:
             raise ClassifierError("fake model down")
@@ -530,7 +535,12 @@ class OverlapClassifier(FakeClassifier):
         self._second = asyncio.Event()
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)

@@ -35,7 +35,12 @@ class LowHarmClassifier:
     """A fake guard model: every prompt is harmless; a reply saying "cannot" is a full refusal."""
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         return [PromptScore(0.03, "none", 0.0, np.ones(4, dtype=np.float32) / 2) for _ in texts]
 

@@ -55,7 +55,12 @@ class ScriptedClassifier:
     calls: list[str] = field(default_factory=list)
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         self.calls.extend(texts)
         if self.fail:
@@ -632,7 +637,12 @@ class SlowWindowClassifier(ScriptedClassifier):
     window_ends: list[float] = field(default_factory=list)
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         if texts and texts[0].startswith("user: "):
             await asyncio.sleep(self.window_delay)

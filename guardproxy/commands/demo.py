@@ -43,7 +43,12 @@ class KeywordDemoClassifier:
     """A KEYWORD stand-in for the guard model, for the demo only: it knows a handful of phrases."""
 
     async def score_prompts(
-        self, texts: Sequence[str], *, max_length: int | None = None, newest: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        newest: Sequence[str] | None = None,
+        exact: bool = False,
     ) -> list[PromptScore]:
         out = []
         for text in texts:

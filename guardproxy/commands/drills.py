@@ -113,7 +113,7 @@ def _model_embedder(model_dir: Path) -> Embedder:
     def embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         vectors = []
         for start in range(0, len(texts), 64):
-            vectors += [s.embedding for s in classifier.score_prompts_sync(texts[start : start + 64])]
+            vectors += [s.embedding for s in classifier.score_prompts_sync(texts[start : start + 64], exact=True)]
         if not vectors:
             return np.zeros((0, classifier.embedding_dim), dtype=np.float32)
         return np.stack(vectors).astype(np.float32)

@@ -228,21 +228,25 @@ class ConversationTracker:
         return found, snap, loaded
 
     async def _scores_beside(
-        self, texts: Sequence[str], early_window: asyncio.Task[list[PromptScore]] | None
+        self, texts: Sequence[str], early_window: asyncio.Task[list[PromptScore]] | None, *, exact: bool
     ) -> list[PromptScore]:
         """``_scores_for``; a window pass started beside it does not outlive its failure."""
         try:
-            return await self._scores_for(texts)
+            return await self._scores_for(texts, exact=exact)
         except BaseException:
             if early_window is not None:
                 early_window.cancel()
             raise
 
-    async def _scores_for(self, texts: Sequence[str]) -> list[PromptScore]:
-        """Scores of ``texts``, cached by content: one classifier call for those not seen before."""
+    async def _scores_for(self, texts: Sequence[str], *, exact: bool = False) -> list[PromptScore]:
+        """Scores of ``texts``, cached by content: one classifier call for those not seen before. ``exact``: the
+        whole model's scores with embeddings, never an early exit (``PromptScore.exited``)."""
         out: list[PromptScore | None] = [self._scores.get(t) for t in texts]
+        if exact:
+            out = [None if s is not None and s.exited else s for s in out]
         todo = list(dict.fromkeys(t for t, s in zip(texts, out, strict=True) if s is None))
-        by_text = dict(zip(todo, await self.classifier.score_prompts(todo), strict=True)) if todo else {}
+        scored = await self.classifier.score_prompts(todo, exact=exact) if todo else []
+        by_text = dict(zip(todo, scored, strict=True))
         for t, s in by_text.items():
             self._scores.put(t, s)
         return [s if s is not None else by_text[t] for t, s in zip(texts, out, strict=True)]
@@ -316,7 +320,10 @@ class ConversationTracker:
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
         early_window = self._start_window(chain, n, scored) if self.concurrent_window and not repeat else None
-        user_scores = await self._scores_beside([chain.text(i) for i in scored], early_window)
+        # A tenant with refused requests in memory gets whole-model embeddings, to compare with them.
+        user_scores = await self._scores_beside(
+            [chain.text(i) for i in scored], early_window, exact=bool(loaded.refused)
+        )
         recent = [s.embedding for s in user_scores]
         rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
 
@@ -493,11 +500,11 @@ class ConversationTracker:
             snap = replace(snap, relayed=False)
         ok = await self.backend.append(root, snap.entry(tag))
         if refused:
-            if embedding is None:
+            if embedding is None or not embedding.size:  # unknown, or the turn exited early: no embedding yet
                 chain = chain or build_chain(self._secret, tenant, subkey, messages)
                 users = [i for i, r in enumerate(chain.roles) if r == "user"]
                 if users:
-                    (score,) = await self._scores_for([chain.text(users[-1])])
+                    (score,) = await self._scores_for([chain.text(users[-1])], exact=True)
                     embedding = score.embedding
             if embedding is not None:
                 # the refused request's risk then: a rewording of a harmless request that was refused is no probe

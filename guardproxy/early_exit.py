@@ -1,0 +1,186 @@
+"""Early exit: answer a clearly harmless user turn from the guard model's first layers.
+
+Most traffic is harmless, and most harmless turns are plain enough that the model's first layers already tell. With
+early exit on (``guard.early_exit``), the guard model's graph is cut after one encoder layer (``ExitSpec.layer``,
+0-based) into two ONNX sessions: the first runs the embeddings and the layers up to the cut, the second the rest
+and the heads. A linear head on the mean of the cut layer's states estimates whether the whole model would score the
+turn at or above ``harm_line`` for harm, or ``jailbreak_line`` for jailbreak (operating scale, where the calibrated
+threshold is 0.5). Below the spec's ``threshold`` the turn exits, unless it is shorter than ``min_ids`` ids: the
+head is weakest on terse asks, and a short turn's whole pass costs little anyway. An exited turn's harm and
+jailbreak are linear estimates of the whole model's logits from the same states, capped just below those lines;
+its category is ``none`` and it has no embedding (``PromptScore.exited``). Every other turn runs the remaining
+layers; their outputs are bit for bit those of the whole graph, because the two sessions run the whole graph's own
+nodes on the same tensors.
+
+Only per-turn prompt checks exit. Conversation windows, reply pairs and ``exact=True`` calls (which need the
+embedding: the tenant's refusal memory, drill clustering) always run the whole model.
+
+The head is fitted by ``python -m guardproxy.training.early_exit`` against the whole model's own verdicts on the
+train split, not against the labels. Its threshold is set on the calibration split (the share of the whole model's
+flags that may exit, ``--miss``), and it is reported on the dev split. The spec names the md5 of the ``model.onnx``
+it was fitted on. A spec for another graph is refused at load, so a replaced model never runs with a stale head.
+
+A policy that reads harm below ``harm_line`` (or jailbreak below ``jailbreak_line``) would see the estimates of
+exited turns: fit the head for the lowest line any enforced or shadow policy uses. The shipped spec uses 0.15, the
+lowest harm line of ``policies/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from guardproxy.errors import ClassifierError
+
+__all__ = ["SPEC_FILE", "ExitSpec", "Linear", "file_md5", "load_spec", "pooled", "split_graph", "tap_name"]
+
+SPEC_FILE = "early_exit.json"
+FORMAT = 1
+CAP_MARGIN = 1e-3  # exited estimates are reported at most this far below the spec's lines
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``x @ weights + bias`` on the pooled states of the cut layer."""
+
+    weights: npt.NDArray[np.float32]
+    bias: float
+
+    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return (x @ self.weights + np.float32(self.bias)).astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weights": [float(w) for w in self.weights], "bias": float(self.bias)}
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """What ``early_exit.json`` holds (see the module docstring)."""
+
+    model_md5: str
+    layer: int
+    tap: str  # the cut layer's output tensor in the graph
+    exit: Linear  # its logit: "the whole model would flag this turn"; exit when below ``threshold``
+    threshold: float
+    harm: Linear  # estimates of the whole model's harm and jailbreak logits (raw scale)
+    jailbreak: Linear
+    harm_line: float  # operating-scale lines the head was fitted for
+    jailbreak_line: float
+    min_ids: int  # a turn of fewer ids (special ids included) never exits
+    fit: dict[str, Any]  # how it was fitted and what it measured (read by people, not by the gateway)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model_md5": self.model_md5,
+            "layer": self.layer,
+            "tap": self.tap,
+            "exit": self.exit.to_json(),
+            "threshold": self.threshold,
+            "harm": self.harm.to_json(),
+            "jailbreak": self.jailbreak.to_json(),
+            "harm_line": self.harm_line,
+            "jailbreak_line": self.jailbreak_line,
+            "min_ids": self.min_ids,
+            "fit": self.fit,
+        }
+
+
+def file_md5(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def _linear(doc: Any, dim: int, where: str) -> Linear:
+    if not isinstance(doc, dict) or not isinstance(doc.get("weights"), list) or len(doc["weights"]) != dim:
+        raise ValueError(f"{where}: expected {{'weights': [{dim} numbers], 'bias': number}}")
+    bias = doc.get("bias")
+    if not isinstance(bias, int | float) or not math.isfinite(bias):
+        raise ValueError(f"{where}: bias must be a finite number")
+    weights = np.asarray(doc["weights"], dtype=np.float32)
+    if not np.all(np.isfinite(weights)):
+        raise ValueError(f"{where}: weights must be finite numbers")
+    return Linear(weights, float(bias))
+
+
+def load_spec(path: Path, *, model_md5: str, dim: int) -> ExitSpec:
+    """Read ``early_exit.json``; ``ClassifierError`` naming the file for anything that cannot serve this model."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClassifierError(f"{path}: cannot read the early-exit spec: {exc}") from exc
+    try:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"format: expected {FORMAT}")
+        if doc.get("model_md5") != model_md5:
+            raise ValueError(
+                f"fitted on a model.onnx with md5 {doc.get('model_md5')}, this one has {model_md5}: refit it "
+                "(python -m guardproxy.training.early_exit)"
+            )
+        layer, tap, min_ids = doc.get("layer"), doc.get("tap"), doc.get("min_ids")
+        if not isinstance(layer, int) or layer < 0 or not isinstance(tap, str) or not tap:
+            raise ValueError("layer (a layer index) and tap (a tensor name) are required")
+        if not isinstance(min_ids, int) or min_ids < 0:
+            raise ValueError("min_ids must be a count of ids")
+        numbers = {k: doc.get(k) for k in ("threshold", "harm_line", "jailbreak_line")}
+        for key, value in numbers.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number")
+        for key in ("harm_line", "jailbreak_line"):
+            if not 0 < float(numbers[key]) <= 1:  # type: ignore[arg-type]
+                raise ValueError(f"{key} must lie in (0, 1] on the operating scale")
+        return ExitSpec(
+            model_md5=model_md5,
+            layer=layer,
+            tap=tap,
+            exit=_linear(doc.get("exit"), dim, "exit"),
+            threshold=float(numbers["threshold"]),  # type: ignore[arg-type]
+            harm=_linear(doc.get("harm"), dim, "harm"),
+            jailbreak=_linear(doc.get("jailbreak"), dim, "jailbreak"),
+            harm_line=float(numbers["harm_line"]),  # type: ignore[arg-type]
+            jailbreak_line=float(numbers["jailbreak_line"]),  # type: ignore[arg-type]
+            min_ids=min_ids,
+            fit=fit if isinstance(fit := doc.get("fit"), dict) else {},
+        )
+    except ValueError as exc:
+        raise ClassifierError(f"{path}: {exc}") from exc
+
+
+def tap_name(graph: Any, layer: int) -> str:
+    """The output tensor of encoder layer ``layer`` (its last LayerNormalization) in an exported guard graph."""
+    marker = f"layer.{layer}/output/LayerNorm"
+    names = [str(n.output[0]) for n in graph.node if n.op_type == "LayerNormalization" and marker in n.name]
+    if len(names) != 1:
+        raise ValueError(f"the graph has no single output of encoder layer {layer} ({marker!r})")
+    return names[0]
+
+
+def split_graph(model_path: Path, tap: str) -> tuple[bytes, bytes]:
+    """(first, rest): the serialized ONNX graphs up to ``tap`` and from it to the model's outputs. ``rest`` takes
+    ``input_ids`` (for shapes), ``attention_mask``, ``pool_mask`` where the model has it, and ``tap``."""
+    import onnx  # only where early exit is on: the split happens once, at load
+    import onnx.utils
+
+    model = onnx.load(str(model_path))
+    extractor = onnx.utils.Extractor(model)
+    outputs = [o.name for o in model.graph.output]
+    inputs = [i.name for i in model.graph.input]
+    first = extractor.extract_model(inputs, [tap])
+    rest = extractor.extract_model([n for n in inputs if n != "token_type_ids"] + [tap], outputs)
+    for part in (first, rest):
+        onnx.checker.check_model(part)
+    return first.SerializeToString(), rest.SerializeToString()
+
+
+def pooled(hidden: npt.NDArray[np.float32], mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    """Mean of each row's states over its real ids (``attention_mask``)."""
+    m = mask[..., None].astype(np.float32)
+    out: npt.NDArray[np.float32] = ((hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)).astype(np.float32)
+    return out
