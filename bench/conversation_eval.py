@@ -137,10 +137,12 @@ def every_window_tracker(clf: Any, window_ids: int) -> ConversationTracker:
     )
 
 
-async def replay_all(convs: list[Conv], model: Path, concurrency: int, window_ids: int) -> None:
+async def replay_all(
+    convs: list[Conv], model: Path, concurrency: int, window_ids: int, early_exit: bool = False
+) -> None:
     from guardproxy.classifier import OnnxClassifier
 
-    clf = OnnxClassifier.load(model, workers=2, cache_size=400_000, timeout=60.0)
+    clf = OnnxClassifier.load(model, workers=2, cache_size=400_000, timeout=60.0, early_exit=early_exit)
     tracker = every_window_tracker(clf, window_ids)
     todo = [c for c in convs if c.turns is None]
     sem = asyncio.Semaphore(concurrency)
@@ -594,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "them all",
     )
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="load the model with guard.early_exit (its early_exit.json), as a gateway with it on scores",
+    )
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -609,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # scores on the operating scale (v2): a cache of raw scores from an older replay is not reused
     # the splits are in the key: stitched chats are drawn from each split's dialogues under the same ids
     model_key = f"{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}:{args.window_ids}"
+    if args.early_exit:
+        model_key += ":early-exit"
     cache_key = f"v2:{model_key}:{seed}:{chat_turns}:{args.stitched}"
     cached: dict[str, Any] = {}
     if args.cache.is_file():
@@ -620,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = sum(c.turns is None for c in convs)
     print(f"{len(convs)} conversations ({missing} to replay) with {args.model} (seed {seed}, harm >= {harm_threshold})")
     if missing:
-        asyncio.run(replay_all(convs, args.model, args.concurrency, args.window_ids))
+        asyncio.run(replay_all(convs, args.model, args.concurrency, args.window_ids, args.early_exit))
         args.cache.write_text(json.dumps({"key": cache_key, "turns": {c.id: c.turns for c in convs}}))
 
     params = EscalationParams()

@@ -6,7 +6,9 @@ Targets, all on loopback against one FAKE upstream process (whole reply at once,
 what limits them): ``direct`` (the upstream itself), ``litellm`` (LiteLLM's proxy, no guard, no callbacks),
 ``passthrough`` (guardproxy with no checks), ``guarded`` (guardproxy with the guard model and the default
 policy: every request scores a new ~64-token user turn and the reply) and ``input-only`` (the same with
-``guard.output_checks = false``: the user turn only, the configuration issue 7's throughput target names).
+``guard.output_checks = false``: the user turn only, the configuration issue 7's throughput target names);
+with ``--early-exit`` also ``input-only-exit`` (the same with ``guard.early_exit``: a turn the model's first layers
+already find clearly harmless skips the rest, ``guardproxy.early_exit``; the bench's turns are all ordinary asks).
 Each round gives every target the same number of seconds at each concurrency level, in rotating order, so a
 shared machine's load drift is spread across them. Requests are plain (non-streaming) single-turn chat completions.
 
@@ -176,6 +178,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             GatewaySpec("guarded", workers=args.workers),
             GatewaySpec("input-only", output_checks=False, workers=args.workers),
         )
+        if args.early_exit:
+            specs += (GatewaySpec("input-only-exit", output_checks=False, workers=args.workers, early_exit=True),)
         for spec in specs:
             name = spec.name
             print(f"starting guardproxy '{name}' ...", file=sys.stderr, flush=True)
@@ -184,7 +188,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             targets.append(Target(name, gw.base + "/v1/chat/completions", headers))
         pids = {
             "direct": up.pid,
-            **{p.name: p.pid for p in procs if p.name in ("litellm", "passthrough", "guarded", "input-only")},
+            **{p.name: p.pid for p in procs if p.name in ("litellm", *(spec.name for spec in specs))},
         }
         # warm-up: every target, briefly
         for t in targets:
@@ -225,6 +229,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
             "model_dir": str(args.model or load_settings().guard.model_dir),
             "workers": args.workers,
+            "early_exit": args.early_exit,
         },  # fmt: skip
         "rows": rows,
         "notes": notes,
@@ -239,13 +244,13 @@ def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     head = ("c", "target", "req/s", "ok", "not ok", "p50 ms", "p99 ms", "vs litellm", "CPU ms/req")
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, loadavg {m['loadavg_at_start']}",
-             "{:>4} {:>12} {:>8} {:>7} {:>6} {:>8} {:>8} {:>10} {:>10}".format(*head)]  # fmt: skip
+             "{:>4} {:>15} {:>8} {:>7} {:>6} {:>8} {:>8} {:>10} {:>10}".format(*head)]  # fmt: skip
     by = {(r["target"], r["concurrency"]): r for r in result["rows"]}
     for r in sorted(result["rows"], key=lambda r: (r["concurrency"], r["target"])):
         ll = by.get(("litellm", r["concurrency"]))
         ratio = f"{r['throughput_rps'] / ll['throughput_rps']:.1f}x" if ll and ll["throughput_rps"] else "-"
         lat = r["latency_ms"] or {}
-        lines.append(f"{r['concurrency']:>4} {r['target']:>12} {r['throughput_rps']:>8.1f} {r['ok']:>7} "
+        lines.append(f"{r['concurrency']:>4} {r['target']:>15} {r['throughput_rps']:>8.1f} {r['ok']:>7} "
                      f"{r['not_ok']:>6} {lat.get('p50', float('nan')):>8.1f} {lat.get('p99', float('nan')):>8.1f} "
                      f"{ratio:>10} {_ms(r.get('cpu_ms_per_request')):>10}")  # fmt: skip
     lines.append("CPU ms/req: the proxy process's own CPU per request (for direct: the FAKE upstream's), from /proc")
@@ -261,6 +266,11 @@ def main() -> int:
     parser.add_argument("--litellm-venv", default=os.environ.get("LITELLM_VENV", "/tmp/litellm-venv"))
     parser.add_argument("--model", type=Path, help="guard model directory (default models/guard-v1)")
     parser.add_argument("--workers", type=int, help="the guarded gateways' guard.workers (default: the setting's, 1)")
+    parser.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="also an input-checked gateway with guard.early_exit (the model directory's early_exit.json)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()

@@ -325,16 +325,19 @@ def test_server_timing_is_parsed_where_a_gateway_sends_it() -> None:
 
 
 def test_gateway_config_carries_the_window_options_into_valid_settings(tmp_path: Path) -> None:
-    spec = GatewaySpec("guarded", workers=2, concurrent_window=True, speculative_window=True, window_max_ids=96)
+    spec = GatewaySpec(
+        "guarded", workers=2, concurrent_window=True, speculative_window=True, window_max_ids=96, early_exit=True
+    )
     cfg = gateway_config(
         spec, port=1, upstream="http://127.0.0.1:2/v1", workdir=tmp_path, model_dir=None, policy=None, capacity=8
     )
     guard = Settings(**cfg).guard
     assert (guard.workers, guard.concurrent_window, guard.window_max_ids) == (2, True, 96)
-    assert (guard.speculative_window, guard.speculative) == (True, False)
+    assert (guard.speculative_window, guard.speculative, guard.early_exit) == (True, False, True)
     plain = Settings(**gateway_config(GatewaySpec("guarded"), port=1, upstream="http://127.0.0.1:2/v1",
                                       workdir=tmp_path, model_dir=None, policy=None, capacity=8)).guard  # fmt: skip
     assert (plain.concurrent_window, plain.speculative_window, plain.window_max_ids) == (False, False, 96)
+    assert plain.early_exit is False
     assert plain.output_checks is True
 
 

@@ -189,3 +189,12 @@ async def test_a_refused_turn_that_exited_still_joins_the_refusal_memory_and_rew
     finally:
         await t.aclose()
         c.close()
+
+
+def test_the_bench_counts_exits_and_lost_flags(early: OnnxClassifier, whole: OnnxClassifier) -> None:
+    from bench.early_exit import verdicts
+
+    rows = [{"prompt": ORDINARY, "label": "benign"}, {"prompt": HARMFUL, "label": "harmful"}]
+    v = verdicts(whole, early, rows)
+    assert (v["rows"], v["exited"], v["exited_harmless"], v["harmless"]) == (2, 1, 1, 1)
+    assert (v["flags_whole"], v["flags_lost"], v["harmful_flags_lost"], v["lost"]) == (1, 0, 0, [])

@@ -155,6 +155,7 @@ class GatewaySpec:
     concurrent_window: bool = False  # guard.concurrent_window
     speculative_window: bool = False  # guard.speculative_window (ignored by a speculative gateway)
     window_max_ids: int | None = None  # guard.window_max_ids (None: the default)
+    early_exit: bool = False  # guard.early_exit
 
 
 def _toml_value(value: Any) -> str:
@@ -200,6 +201,8 @@ def gateway_config(
         cfg["guard"]["concurrent_window"] = True
     if spec.speculative_window:
         cfg["guard"]["speculative_window"] = True
+    if spec.early_exit:
+        cfg["guard"]["early_exit"] = True
     if not spec.output_checks:
         cfg["guard"]["output_checks"] = False
     if spec.window_max_ids is not None:

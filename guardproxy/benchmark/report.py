@@ -71,6 +71,7 @@ def _header(result: dict[str, Any]) -> str:
         f"workers: {cfg.get('workers') or 'default (1)'}"
         + ("; window pass beside the turn pass" if cfg.get("concurrent_window") else "")
         + ("; upstream called while the window is scored" if cfg.get("speculative_window") else "")
+        + ("; early exit on" if cfg.get("early_exit") else "")
         + (f"; window ids: {cfg['window_ids']}" if cfg.get("window_ids") else "")
     )
 

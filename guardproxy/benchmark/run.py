@@ -99,6 +99,7 @@ class BenchConfig:
     workers: int | None = None  # the gateways' guard.workers (None: the default)
     concurrent_window: bool = False  # the gateways' guard.concurrent_window
     speculative_window: bool = False  # the gateways' guard.speculative_window
+    early_exit: bool = False  # the gateways' guard.early_exit
     window_ids: int | None = None  # the gateways' guard.window_max_ids (None: the default)
     capacity: int = 512
     max_seconds: float = 1800.0
@@ -236,6 +237,7 @@ class Bench:
                 concurrent_window=cfg.concurrent_window,
                 speculative_window=cfg.speculative_window,
                 window_max_ids=cfg.window_ids,
+                early_exit=cfg.early_exit,
             )
             what = {"passthrough": "no checks", "input-only": "loading the guard model; input checks only"}.get(
                 mode, "loading the guard model"

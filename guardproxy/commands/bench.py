@@ -110,6 +110,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the gateways' guard.speculative_window: the upstream call starts on a request's own turns while its "
         "conversation window is scored; the reply waits for the window's verdict",
     )
+    parser.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="the gateways' guard.early_exit: a clearly harmless user turn is answered from the guard model's first "
+        "layers (needs the model directory's early_exit.json)",
+    )
     parser.add_argument("--capacity", type=int, default=512, help="gateway max concurrent requests (512)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per target (20)")
     parser.add_argument("--stream-share", type=float, default=0.3, help="share of streaming requests (0.3)")
@@ -180,6 +186,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         workers=args.workers,
         concurrent_window=args.concurrent_window,
         speculative_window=args.speculative_window,
+        early_exit=args.early_exit,
         window_ids=args.window_ids,
         capacity=args.capacity,
         max_seconds=args.max_seconds,
