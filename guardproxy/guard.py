@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
 from guardproxy.drills.record import PolicyDecision, message_text
-from guardproxy.errors import StateBackendError
+from guardproxy.errors import PolicyError, StateBackendError
 from guardproxy.pipeline import Action, Early, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
 from guardproxy.policyset import PolicySet, ReloadResult
@@ -49,6 +50,7 @@ from guardproxy.signals import UNREADABLE, Classifier, ConversationSignals, Prom
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from guardproxy.early_exit import ExitSpec
     from guardproxy.metrics import Metrics
     from guardproxy.settings import Settings
 
@@ -588,6 +590,22 @@ class GuardBundle:
         return await self.guard.areload() if self.guard is not None else None
 
 
+def early_exit_problems(spec: ExitSpec, policies: Sequence[Policy]) -> list[str]:
+    """An early exit reports estimates capped below the lines its head was fitted for: a policy whose rules look
+    lower would judge exited turns on those estimates. One problem per such policy and signal."""
+    problems = []
+    for policy in policies:
+        for signal, fitted in (("harm", spec.harm_line), ("jailbreak", spec.jailbreak_line)):
+            line = policy.lowest_line(signal)
+            if line is not None and line < fitted:
+                problems.append(
+                    f"{policy.source or policy.ref}: guard.early_exit: this policy reads {signal} from {line:g}, "
+                    f"below the {fitted:g} the early-exit head was fitted for; refit it (python -m "
+                    f"guardproxy.training.early_exit --{signal}-line {line:g}) or turn guard.early_exit off"
+                )
+    return problems
+
+
 def build_guard(
     settings: Settings,
     *,
@@ -618,6 +636,11 @@ def build_guard(
                 "guardproxy_classifier_circuit_total", "guard model circuit breaker transitions", ["to"]
             )
             classifier.breaker.on_change = lambda state: transitions.labels(state).inc()
+    spec = getattr(classifier, "early_exit", None)
+    if spec is not None:
+        policies.check = functools.partial(early_exit_problems, spec)  # a reload that looks lower fails too
+        if problems := early_exit_problems(spec, policies.all()):
+            raise PolicyError(problems)
     if tracker is None and with_tracker:
         from guardproxy.conversation import build_tracker
 

@@ -234,6 +234,17 @@ class Policy(_Strict):
         out.setdefault("harm", self.harm_threshold)
         return out
 
+    def lowest_line(self, signal: str) -> float | None:
+        """The lowest ``{signal}_at_least`` of any rule, whatever its action or other conditions (for ``harm``, the
+        policy's ``harm_threshold`` too); None when no rule reads the signal. A guard whose early exit reports
+        estimates below some line (``guardproxy.early_exit``) must not serve a policy that looks beneath it."""
+        key = f"{signal}_at_least"
+        rules = (*self.input_rules, *self.output_rules)
+        lines = [v for rule in rules if (v := getattr(rule.when, key, None)) is not None]
+        if signal == "harm":
+            lines.append(self.harm_threshold)
+        return min(lines) if lines else None
+
     def refusal_text(self, category: str) -> str:
         return self.refusals.get(category) or self.refusals["default"]
 

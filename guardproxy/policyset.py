@@ -7,7 +7,7 @@ complete new set and swaps it in one assignment; a file that fails validation le
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -134,6 +134,8 @@ class PolicySet:
         self._active = Path(active)
         self._shadows = tuple(Path(p) for p in shadows)
         self._mapping = Path(mapping) if mapping is not None else None
+        # More checks of a loaded set, from what serves it (problems as "file: message"); a reload failing them fails.
+        self.check: Callable[[Sequence[Policy]], list[str]] | None = None
         self._loaded = self._load()  # raises PolicyError: a gateway does not start on a broken policy
 
     def _load(self) -> _Loaded:
@@ -153,6 +155,8 @@ class PolicySet:
             if policy.ref in refs:
                 problems.append(f"{path}:1: name: {policy.ref} is also the name@version of {refs[policy.ref]}")
             refs.setdefault(policy.ref, path)
+        if not problems and self.check is not None:
+            problems = self.check(tuple(policies.values()))
         if problems:
             raise PolicyError(problems)
         watched = set(policies) | ({self._mapping.resolve()} if self._mapping else set())
@@ -181,6 +185,10 @@ class PolicySet:
         loaded = self._loaded  # one read: a concurrent reload cannot mix old and new
         active, shadows = loaded.mapping.select(tenant, model)
         return loaded.policies[active], tuple(loaded.policies[s] for s in shadows if s != active)
+
+    def all(self) -> tuple[Policy, ...]:
+        """Every loaded policy: active ones and shadows, of every tenant and model the mapping names."""
+        return tuple(self._loaded.policies.values())
 
     @property
     def default(self) -> Policy:

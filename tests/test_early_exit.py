@@ -198,3 +198,45 @@ def test_the_bench_counts_exits_and_lost_flags(early: OnnxClassifier, whole: Onn
     v = verdicts(whole, early, rows)
     assert (v["rows"], v["exited"], v["exited_harmless"], v["harmless"]) == (2, 1, 1, 1)
     assert (v["flags_whole"], v["flags_lost"], v["harmful_flags_lost"], v["lost"]) == (1, 0, 0, [])
+
+
+# --- policies that look below the head's lines ------------------------------------------------------------------
+
+POLICIES = MODEL_DIR.parents[1] / "policies"
+
+
+def _guard_settings(active: Path) -> Settings:
+    return Settings(guard={"early_exit": True}, policy={"active": str(active)})
+
+
+def test_every_shipped_policy_serves_with_the_shipped_head(early: OnnxClassifier) -> None:
+    from guardproxy.guard import build_guard
+
+    for name in ("default", "strict", "monitor"):
+        build_guard(_guard_settings(POLICIES / f"{name}.toml"), classifier=early, with_drills=False, with_tracker=False)
+
+
+def test_a_policy_that_reads_harm_below_the_heads_line_stops_the_gateway_and_fails_a_reload(
+    tmp_path: Path, early: OnnxClassifier
+) -> None:
+    from guardproxy.errors import PolicyError
+    from guardproxy.guard import build_guard
+
+    active = tmp_path / "active.toml"
+    lowered = (
+        (POLICIES / "strict.toml")
+        .read_text()
+        .replace("when = { harm_at_least = 0.15 }", "when = { harm_at_least = 0.1 }")
+    )
+    active.write_text(lowered)
+    with pytest.raises(PolicyError, match=r"reads harm from 0\.1, below the 0\.15") as info:
+        build_guard(_guard_settings(active), classifier=early, with_drills=False, with_tracker=False)
+    assert str(active) in str(info.value)
+    # started on the shipped strict policy, a reload to the lowered one is refused and the old set stays
+    shutil.copy(POLICIES / "strict.toml", active)
+    bundle = build_guard(_guard_settings(active), classifier=early, with_drills=False, with_tracker=False)
+    assert bundle.guard is not None
+    active.write_text(lowered)
+    result = bundle.guard.policies.reload()
+    assert not result.ok and result.error is not None and "guard.early_exit" in result.error
+    assert bundle.guard.policies.default.lowest_line("harm") == pytest.approx(0.15)
