@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guardproxy import taxonomy
-from guardproxy.early_exit import CAP_MARGIN, SPEC_FILE, ExitSpec, file_md5, load_spec, pooled, split_graph
+from guardproxy.early_exit import CAP_MARGIN, SPEC_FILE, ExitSpec, cut_in_child, file_md5, load_spec, pooled
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
@@ -268,6 +268,11 @@ class _Exit:
         self.checked = 0
         self.exited = 0
 
+    def run_whole(self, names: list[str], feeds: dict[str, npt.NDArray[np.int64]]) -> list[Any]:
+        """The whole graph's outputs, through both parts (``InferenceSession.run``'s shape)."""
+        (hidden,) = self.first.run([self.spec.tap], {k: feeds[k] for k in self.first_inputs})
+        return list(self.rest.run(names, {**{k: feeds[k] for k in self.rest_inputs}, self.spec.tap: hidden}))
+
     def run(self, feeds: dict[str, npt.NDArray[np.int64]]) -> dict[str, npt.NDArray[Any]]:
         """The whole model's outputs for the rows that go on, the head's estimates for those that exit; ``exited``
         marks which is which."""
@@ -294,6 +299,16 @@ class _Exit:
                 out[name][stay] = value
         out["exited"] = exited
         return out
+
+
+class _WholeThroughParts:
+    """The session of a classifier with early exit: whole passes run both parts, bit for bit the whole graph."""
+
+    def __init__(self, parts: _Exit) -> None:
+        self._parts = parts
+
+    def run(self, names: list[str], feeds: dict[str, npt.NDArray[np.int64]]) -> list[Any]:
+        return self._parts.run_whole(names, feeds)
 
 
 def _sigmoid(z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -396,9 +411,11 @@ class OnnxClassifier:
         dim = outputs["embedding"].shape[-1]
         embedding_dim = int(dim) if isinstance(dim, int) else int(config.get("hidden", 0))
         info = _parse_info(config, directory / CONFIG_FILE, embedding_dim)
-        exit_parts = (
-            _load_exit(directory, model_path, int(config.get("hidden", embedding_dim)), opts) if early_exit else None
-        )
+        exit_parts = None
+        if early_exit:
+            del session  # the two parts replace it: one copy of the weights
+            exit_parts = _load_exit(directory, model_path, int(config.get("hidden", embedding_dim)), opts)
+            session = _WholeThroughParts(exit_parts)
         logger.info(
             "guard model %s %s loaded from %s (%d threads%s)",
             info.name,
@@ -808,14 +825,17 @@ def _usable(score: Any, exact: bool) -> Any:
 
 def _load_exit(directory: Path, model_path: Path, dim: int, opts: Any) -> _Exit:
     """The two sessions and head of ``early_exit.json``; ``ClassifierError`` naming the file when it cannot serve."""
+    import tempfile
+
     import onnxruntime as ort
 
     spec = load_spec(directory / SPEC_FILE, model_md5=file_md5(model_path), dim=dim)
     try:
-        first, rest = split_graph(model_path, spec.tap)
-        sessions = [
-            ort.InferenceSession(part, sess_options=opts, providers=["CPUExecutionProvider"]) for part in (first, rest)
-        ]
+        with tempfile.TemporaryDirectory(prefix="guardproxy-exit-") as tmp:
+            parts = cut_in_child(model_path, spec.tap, Path(tmp))
+            sessions = [
+                ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"]) for p in parts
+            ]
         return _Exit(sessions[0], sessions[1], spec)
     except Exception as exc:  # onnx and onnxruntime raise their own types; the message names what failed
         raise ClassifierError(f"{directory / SPEC_FILE}: cannot cut {model_path.name} at {spec.tap}: {exc}") from exc

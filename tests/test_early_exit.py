@@ -87,6 +87,16 @@ def test_a_turn_that_goes_on_gets_exactly_the_whole_models_scores(early: OnnxCla
     assert np.array_equal(score.embedding, reference.embedding)
 
 
+def test_whole_passes_through_the_two_parts_are_the_whole_graphs(early: OnnxClassifier, whole: OnnxClassifier) -> None:
+    pairs = [(HARMFUL, "I can't help with that."), (ORDINARY, "Lisbon has the Oceanarium and the beaches of Cascais.")]
+    assert early.score_replies_sync(pairs) == whole.score_replies_sync(pairs)
+    window = f"user: {ORDINARY}\nassistant: Sure.\nuser: {HARMFUL}"
+    (a,) = early.score_prompts_sync([window], max_length=96)
+    (b,) = whole.score_prompts_sync([window], max_length=96)
+    assert (a.harm, a.jailbreak, a.category, a.exited) == (b.harm, b.jailbreak, b.category, False)
+    assert np.array_equal(a.embedding, b.embedding)
+
+
 def test_a_mixed_batch_keeps_order_and_each_rows_path(early: OnnxClassifier, whole: OnnxClassifier) -> None:
     batched = OnnxClassifier.load(MODEL_DIR, early_exit=True, max_batch=8, cache_size=0)
     try:
