@@ -356,6 +356,9 @@ class OnnxClassifier:
         # the gateway feeds it into its per-stage histogram, so "inference" (the wait for scores, queue included)
         # splits into normalisation + tokenization and the ONNX run. Must be thread-safe and cheap.
         self.observe_timing: Callable[[str, float], None] | None = None
+        # Called from the worker thread with (turns that exited, turns that went on) per early-exit batch: the
+        # gateway counts them in guardproxy_classifier_early_exit_total. Must be thread-safe and cheap.
+        self.observe_exit: Callable[[int, int], None] | None = None
         self.breaker = _Breaker(breaker_failures, breaker_cooldown)
         self._last_done = time.monotonic()  # when a job last finished (written by worker threads)
 
@@ -755,6 +758,9 @@ class OnnxClassifier:
             feeds = pad_batch(batch, pool_mask=self.pools_newest)
             if may_exit and self._exit is not None:
                 outputs = self._exit.run(feeds)
+                if self.observe_exit is not None:
+                    exited = int(outputs["exited"].sum())
+                    self.observe_exit(exited, len(batch) - exited)
             else:
                 outputs = dict(zip(OUTPUTS, self._session.run(list(OUTPUTS), feeds), strict=True))
             rows = order[start:end]

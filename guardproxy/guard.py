@@ -636,6 +636,19 @@ def build_guard(
                 "guardproxy_classifier_circuit_total", "guard model circuit breaker transitions", ["to"]
             )
             classifier.breaker.on_change = lambda state: transitions.labels(state).inc()
+            if classifier.early_exit is not None:
+                exits = metrics.counter(
+                    "guardproxy_classifier_early_exit_total",
+                    "per-turn checks with early exit on, by outcome (exited, went_on)",
+                    ["outcome"],
+                )
+                exited_count, went_on_count = exits.labels("exited"), exits.labels("went_on")
+
+                def count_exits(exited: int, went_on: int) -> None:
+                    exited_count.inc(exited)
+                    went_on_count.inc(went_on)
+
+                classifier.observe_exit = count_exits
     spec = getattr(classifier, "early_exit", None)
     if spec is not None:
         policies.check = functools.partial(early_exit_problems, spec)  # a reload that looks lower fails too

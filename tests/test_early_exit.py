@@ -250,3 +250,39 @@ def test_a_policy_that_reads_harm_below_the_heads_line_stops_the_gateway_and_fai
     result = bundle.guard.policies.reload()
     assert not result.ok and result.error is not None and "guard.early_exit" in result.error
     assert bundle.guard.policies.default.lowest_line("harm") == pytest.approx(0.15)
+
+
+# --- the gateway ------------------------------------------------------------------------------------------------
+
+
+async def test_the_gateway_with_early_exit_counts_exits_and_still_blocks_a_harmful_turn(tmp_path: Path) -> None:
+    import httpx
+
+    from guardproxy.app import create_app
+    from guardproxy.fake_upstream import FakeUpstream
+    from guardproxy.guard import build_guard
+    from guardproxy.metrics import Metrics
+    from tests.servers import serve
+
+    async with serve(FakeUpstream()) as up:
+        settings = Settings(
+            upstream={"base_url": up + "/v1"},
+            guard={"early_exit": True},
+            state={"hmac_secret": "s" * 32},
+            drills={"store": f"sqlite:///{tmp_path / 'drills.db'}"},
+        )
+        metrics = Metrics()
+        bundle = build_guard(settings, metrics=metrics, with_drills=False)
+        app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def ask(text: str) -> httpx.Response:
+                body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+                return await client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer k"})
+
+            assert (await ask(ORDINARY)).status_code == 200
+            blocked = await ask(HARMFUL)
+            text = (await client.get("/metrics")).text
+    assert blocked.headers.get("x-guardproxy-decision") == "block"
+    assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 1.0' in text
+    assert 'guardproxy_classifier_early_exit_total{outcome="went_on"} 1.0' in text
