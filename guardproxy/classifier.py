@@ -264,37 +264,37 @@ class _Exit:
         self.row_shapes = {name: tuple(int(d) for d in shapes[name]) for name in OUTPUTS}
         self.harm_cap = spec.harm_line - CAP_MARGIN
         self.jailbreak_cap = spec.jailbreak_line - CAP_MARGIN
-        self._lock = threading.Lock()
-        self.checked = 0
-        self.exited = 0
+
+    def _first(self, feeds: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
+        (hidden,) = self.first.run([self.spec.tap], {k: feeds[k] for k in self.first_inputs})
+        return hidden  # type: ignore[no-any-return]
+
+    def _rest(
+        self, names: list[str], feeds: dict[str, npt.NDArray[np.int64]], hidden: npt.NDArray[np.float32]
+    ) -> list[Any]:
+        return list(self.rest.run(names, {**{k: feeds[k] for k in self.rest_inputs}, self.spec.tap: hidden}))
 
     def run_whole(self, names: list[str], feeds: dict[str, npt.NDArray[np.int64]]) -> list[Any]:
         """The whole graph's outputs, through both parts (``InferenceSession.run``'s shape)."""
-        (hidden,) = self.first.run([self.spec.tap], {k: feeds[k] for k in self.first_inputs})
-        return list(self.rest.run(names, {**{k: feeds[k] for k in self.rest_inputs}, self.spec.tap: hidden}))
+        return self._rest(names, feeds, self._first(feeds))
 
     def run(self, feeds: dict[str, npt.NDArray[np.int64]]) -> dict[str, npt.NDArray[Any]]:
         """The whole model's outputs for the rows that go on, the head's estimates for those that exit; ``exited``
         marks which is which."""
-        (hidden,) = self.first.run([self.spec.tap], {k: feeds[k] for k in self.first_inputs})
+        hidden = self._first(feeds)
         x = pooled(hidden, feeds["attention_mask"])
         exited = (self.spec.exit(x) < self.spec.threshold) & (feeds["attention_mask"].sum(axis=1) >= self.spec.min_ids)
         n = len(exited)
-        with self._lock:
-            self.checked += n
-            self.exited += int(exited.sum())
         stay = np.flatnonzero(~exited)
         if len(stay) == n:
-            values = self.rest.run(list(OUTPUTS), {**{k: feeds[k] for k in self.rest_inputs}, self.spec.tap: hidden})
-            return {**dict(zip(OUTPUTS, values, strict=True)), "exited": exited}
+            return {**dict(zip(OUTPUTS, self._rest(list(OUTPUTS), feeds, hidden), strict=True)), "exited": exited}
         out: dict[str, npt.NDArray[Any]] = {
             name: np.zeros((n, *self.row_shapes[name]), dtype=np.float32) for name in OUTPUTS
         }
         out["harm"][exited] = _sigmoid(self.spec.harm(x[exited])).reshape(-1, *self.row_shapes["harm"])
         out["jailbreak"][exited] = _sigmoid(self.spec.jailbreak(x[exited])).reshape(-1, *self.row_shapes["jailbreak"])
         if len(stay):
-            rest_feeds = {k: feeds[k][stay] for k in self.rest_inputs}
-            values = self.rest.run(list(OUTPUTS), {**rest_feeds, self.spec.tap: hidden[stay]})
+            values = self._rest(list(OUTPUTS), {k: feeds[k][stay] for k in self.rest_inputs}, hidden[stay])
             for name, value in zip(OUTPUTS, values, strict=True):
                 out[name][stay] = value
         out["exited"] = exited
@@ -359,6 +359,8 @@ class OnnxClassifier:
         # Called from the worker thread with (turns that exited, turns that went on) per early-exit batch: the
         # gateway counts them in guardproxy_classifier_early_exit_total. Must be thread-safe and cheap.
         self.observe_exit: Callable[[int, int], None] | None = None
+        self._exit_lock = threading.Lock()
+        self._exit_counts = (0, 0)  # (checked, exited), for exit_stats
         self.breaker = _Breaker(breaker_failures, breaker_cooldown)
         self._last_done = time.monotonic()  # when a job last finished (written by worker threads)
 
@@ -474,7 +476,7 @@ class OnnxClassifier:
     @property
     def exit_stats(self) -> tuple[int, int]:
         """(turns checked, turns that exited) through the early-exit path since load."""
-        return (self._exit.checked, self._exit.exited) if self._exit is not None else (0, 0)
+        return self._exit_counts
 
     @property
     def cache_stats(self) -> tuple[int, int, int]:
@@ -758,9 +760,7 @@ class OnnxClassifier:
             feeds = pad_batch(batch, pool_mask=self.pools_newest)
             if may_exit and self._exit is not None:
                 outputs = self._exit.run(feeds)
-                if self.observe_exit is not None:
-                    exited = int(outputs["exited"].sum())
-                    self.observe_exit(exited, len(batch) - exited)
+                self._count_exits(int(outputs["exited"].sum()), len(batch))
             else:
                 outputs = dict(zip(OUTPUTS, self._session.run(list(OUTPUTS), feeds), strict=True))
             rows = order[start:end]
@@ -768,6 +768,12 @@ class OnnxClassifier:
                 out[i] = score
             start = end
         return out  # type: ignore[return-value]
+
+    def _count_exits(self, exited: int, checked: int) -> None:
+        with self._exit_lock:
+            self._exit_counts = (self._exit_counts[0] + checked, self._exit_counts[1] + exited)
+        if self.observe_exit is not None:
+            self.observe_exit(exited, checked - exited)
 
     def _prompt_scores(self, out: dict[str, npt.NDArray[np.float32]], unreadable: list[float]) -> list[PromptScore]:
         t = self.info.thresholds
