@@ -34,6 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from guardproxy.benchmark.load import (
     Mix,
     MixSpec,
@@ -60,6 +62,18 @@ from guardproxy.benchmark.run import machine_info
 from guardproxy.settings import load_settings
 
 MASTER_KEY = "sk-litellm-bench-master"  # a local, throwaway key for a loopback proxy
+
+
+def exit_counts(metrics_text: str) -> dict[str, int]:
+    """Per-turn checks that exited and that went on, from a gateway's ``/metrics``; requests answered 200."""
+    out = {"exited": 0, "went_on": 0, "requests": 0}
+    for line in metrics_text.splitlines():
+        if line.startswith("guardproxy_classifier_early_exit_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith('guardproxy_requests_total{route="/v1/chat/completions",status="200"}'):
+            out["requests"] = int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 def litellm_config(upstream: str) -> str:
@@ -210,6 +224,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     if cpu0 is not None and cpu1 is not None:
                         cpu[key] = cpu.get(key, 0.0) + cpu1 - cpu0
         progress.end()
+        exits = None
+        if args.early_exit:
+            gw = next(p for p in procs if p.name == "input-only-exit")
+            async with httpx.AsyncClient() as client:
+                exits = exit_counts((await client.get(gw.base + "/metrics")).text)
+            # A tenant with refused requests in memory gets whole passes (its turns' embeddings are compared with
+            # them), so requests, warm-up included, can exceed the checks that could exit.
+            notes.append(
+                f"input-only-exit: {exits['exited']} turns exited and {exits['went_on']} went on of "
+                f"{exits['requests']} requests; the rest ran the whole model (the tenant had refusals in memory)"
+            )
         rows = []
         for (name, c), samples in results.items():
             row = {"target": name, "concurrency": c, **summarize(samples, seconds[(name, c)])}
@@ -232,6 +257,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "early_exit": args.early_exit,
         },  # fmt: skip
         "rows": rows,
+        "early_exit_counts": exits,
         "notes": notes,
     }
 

@@ -362,3 +362,20 @@ def test_input_only_mode_turns_output_checks_off_and_stands_in_for_guarded_in_th
     }
     assert got["added to TTFT, c=1, input checks only (input-only)"] == 4.0
     assert not [k for k in got if "guarded" in k]
+
+
+def test_early_exit_counts_are_read_from_the_gateways_metrics() -> None:
+    from bench.litellm_compare import exit_counts
+
+    text = "\n".join(
+        [
+            "# TYPE guardproxy_classifier_early_exit_total counter",
+            'guardproxy_classifier_early_exit_total{outcome="exited"} 574.0',
+            'guardproxy_classifier_early_exit_total{outcome="went_on"} 279.0',
+            'guardproxy_classifier_early_exit_created{outcome="exited"} 1.7e+09',
+            'guardproxy_requests_total{route="/v1/chat/completions",status="200"} 1085.0',
+            'guardproxy_requests_total{route="/v1/chat/completions",status="503"} 3.0',
+        ]
+    )
+    assert exit_counts(text) == {"exited": 574, "went_on": 279, "requests": 1085}
+    assert exit_counts("") == {"exited": 0, "went_on": 0, "requests": 0}
