@@ -21,6 +21,26 @@ def _split_key(raw: str) -> list[str]:
     return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
 
 
+def _unclosed_multiline(value: str) -> str | None:
+    """The delimiter of a multi-line string that ``value`` (the rest of a line) opens and does not close, or None.
+
+    Strings are read left to right, so a delimiter inside another string (``"'''"``) or after a comment opens
+    nothing."""
+    pos = 0
+    while (m := _STRINGS.search(value, pos)) is not None:
+        if "#" in value[pos : m.start()]:
+            return None
+        token = m.group(0)
+        if token not in ('"""', "'''"):
+            pos = m.end()
+            continue
+        close = value.find(token, m.end())
+        if close < 0:
+            return token
+        pos = close + len(token)
+    return None
+
+
 class KeyLines:
     """Line numbers of the keys and tables of a TOML text, keyed by pydantic-style locs.
 
@@ -73,9 +93,7 @@ class KeyLines:
             path = (*table, *_split_key(key.group(1)))
             self._lines.setdefault(path, number)
             value = line[key.end() :]
-            for opener in ('"""', "'''"):
-                if value.count(opener) % 2 == 1:
-                    in_string = opener
+            in_string = _unclosed_multiline(value)
             if in_string is None:
                 stripped = value.strip()
                 if stripped.startswith("{"):
