@@ -379,3 +379,20 @@ def test_early_exit_counts_are_read_from_the_gateways_metrics() -> None:
     )
     assert exit_counts(text) == {"exited": 574, "went_on": 279, "requests": 1085}
     assert exit_counts("") == {"exited": 0, "went_on": 0, "requests": 0}
+
+
+def test_with_early_exit_the_stage_table_counts_exits(tmp_path: Path) -> None:
+    proc = _bench(["--fake-upstream", *TINY, "--policy", str(MONITOR), "--json", str(tmp_path / "b.json"),
+                   "--png", str(tmp_path / "png"), "--modes", "direct,input-only", "--sweep", "none",
+                   "--lengths", "none", "--early-exit", "--quiet"])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["config"]["early_exit"] is True and "early exit on" in proc.stdout
+    rows = [st for st in result["stages"] if st["gateway"] == "input-only"]
+    assert rows
+    for st in rows:
+        counters = st["counters"]
+        exited = counters.get("guardproxy_classifier_early_exit_total|outcome=exited", 0)
+        went_on = counters.get("guardproxy_classifier_early_exit_total|outcome=went_on", 0)
+        assert 0 < exited + went_on <= st["requests"]  # one per-turn check per request at most
+    assert "exited" in proc.stdout.split("Gateway stages", 1)[1].split("\n", 2)[1]

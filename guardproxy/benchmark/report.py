@@ -131,15 +131,32 @@ def _stages(result: dict[str, Any]) -> str:
         return ""
     names = [n for n in STAGE_ORDER if any(s["stage"] == n for st in result["stages"] for s in st["stages"])]
     names += sorted({s["stage"] for st in result["stages"] for s in st["stages"]} - set(names))
+    early = bool(result["config"].get("early_exit"))
     rows = []
     for st in result["stages"]:
         per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}
-        rows.append([st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names],
-                     st.get("cpu_ms_per_request")])  # fmt: skip
+        row = [st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names], st.get("cpu_ms_per_request")]
+        if early:
+            row.append(_exits(st.get("counters") or {}))
+        rows.append(row)
     title = "Gateway stages, ms per request (its /metrics histograms diffed over each phase: stage time / requests)"
-    head = ["phase", "gateway", "requests", *names, "CPU ms/req"]
+    head = ["phase", "gateway", "requests", *names, "CPU ms/req", *(["exited"] if early else [])]
     legend = STAGE_LEGEND + " CPU ms/req: the gateway process's user+system CPU per request (/proc), load-independent."
+    if early:
+        legend += (
+            " exited: per-turn checks that exited early / all that could (a tenant with refusals in memory gets "
+            "whole passes, so this can be fewer than the requests)."
+        )
     return title + "\n" + _table(head, rows) + "\n" + legend
+
+
+EXIT_COUNTER = "guardproxy_classifier_early_exit_total|outcome="
+
+
+def _exits(counters: dict[str, float]) -> str:
+    exited = int(counters.get(EXIT_COUNTER + "exited", 0))
+    went_on = int(counters.get(EXIT_COUNTER + "went_on", 0))
+    return f"{exited}/{exited + went_on}" if exited + went_on else "-"
 
 
 def _length(result: dict[str, Any]) -> str:
