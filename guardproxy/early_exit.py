@@ -16,16 +16,18 @@ Only per-turn prompt checks exit. Conversation windows, reply pairs and ``exact=
 embedding: the tenant's refusal memory, drill clustering) always run the whole model: both parts, one after the
 other. The classifier keeps only the two parts, so early exit costs no second copy of the weights. The cut is made
 once, at load, in a child process (``python -m guardproxy.early_exit MODEL TAP DIR``): the ``onnx`` package's copies
-of the graph would otherwise stay in the gateway's heap (+60 MiB RSS measured, against +12 MiB this way).
+of the graph would otherwise stay in the gateway's heap (~60 MiB measured). With both, the gateway's RSS is 12 MiB
+above the whole model's.
 
 The head is fitted by ``python -m guardproxy.training.early_exit`` against the whole model's own verdicts on the
 train split, not against the labels. Its threshold is set on the calibration split (the share of the whole model's
 flags that may exit, ``--miss``), and it is reported on the dev split. The spec names the md5 of the ``model.onnx``
 it was fitted on. A spec for another graph is refused at load, so a replaced model never runs with a stale head.
 
-A policy that reads harm below ``harm_line`` (or jailbreak below ``jailbreak_line``) would see the estimates of
-exited turns: fit the head for the lowest line any enforced or shadow policy uses. The shipped spec uses 0.15, the
-lowest harm line of ``policies/``.
+A policy that reads harm below ``harm_line`` (or jailbreak below ``jailbreak_line``) would judge exited turns on
+the estimates, so a gateway with early exit does not start on such a policy, enforced or shadow, and does not reload
+to one (``guardproxy.guard.early_exit_problems``): fit the head for the lowest line any policy uses. The shipped
+spec uses 0.15, the lowest harm line of ``policies/``.
 """
 
 from __future__ import annotations
