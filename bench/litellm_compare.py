@@ -34,8 +34,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from guardproxy.benchmark.load import (
     Mix,
     MixSpec,
@@ -43,8 +41,10 @@ from guardproxy.benchmark.load import (
     Sample,
     Target,
     client_session,
+    early_exits,
     percentiles,
     run_pool,
+    scrape,
     send,
 )
 from guardproxy.benchmark.procs import (
@@ -62,18 +62,6 @@ from guardproxy.benchmark.run import machine_info
 from guardproxy.settings import load_settings
 
 MASTER_KEY = "sk-litellm-bench-master"  # a local, throwaway key for a loopback proxy
-
-
-def exit_counts(metrics_text: str) -> dict[str, int]:
-    """Per-turn checks that exited and that went on, from a gateway's ``/metrics``; requests answered 200."""
-    out = {"exited": 0, "went_on": 0, "requests": 0}
-    for line in metrics_text.splitlines():
-        if line.startswith("guardproxy_classifier_early_exit_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            out[outcome] = int(float(line.rsplit(" ", 1)[1]))
-        elif line.startswith('guardproxy_requests_total{route="/v1/chat/completions",status="200"}'):
-            out["requests"] = int(float(line.rsplit(" ", 1)[1]))
-    return out
 
 
 def litellm_config(upstream: str) -> str:
@@ -227,8 +215,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         exits = None
         if args.early_exit:
             gw = next(p for p in procs if p.name == "input-only-exit")
-            async with httpx.AsyncClient() as client:
-                exits = exit_counts((await client.get(gw.base + "/metrics")).text)
+            async with client_session() as session:
+                counters = (await scrape(session, gw.base)).counters
+            exited, went_on = early_exits(counters)
+            answered = counters.get("guardproxy_requests_total|route=/v1/chat/completions|status=200", 0.0)
+            exits = {"exited": exited, "went_on": went_on, "requests": int(answered)}
             # A tenant with refused requests in memory gets whole passes (its turns' embeddings are compared with
             # them), so requests, warm-up included, can exceed the checks that could exit.
             notes.append(

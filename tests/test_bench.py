@@ -364,21 +364,12 @@ def test_input_only_mode_turns_output_checks_off_and_stands_in_for_guarded_in_th
     assert not [k for k in got if "guarded" in k]
 
 
-def test_early_exit_counts_are_read_from_the_gateways_metrics() -> None:
-    from bench.litellm_compare import exit_counts
+def test_early_exit_counts_are_read_from_the_gateways_counters() -> None:
+    from guardproxy.benchmark.load import EXIT_COUNTER, early_exits
 
-    text = "\n".join(
-        [
-            "# TYPE guardproxy_classifier_early_exit_total counter",
-            'guardproxy_classifier_early_exit_total{outcome="exited"} 574.0',
-            'guardproxy_classifier_early_exit_total{outcome="went_on"} 279.0',
-            'guardproxy_classifier_early_exit_created{outcome="exited"} 1.7e+09',
-            'guardproxy_requests_total{route="/v1/chat/completions",status="200"} 1085.0',
-            'guardproxy_requests_total{route="/v1/chat/completions",status="503"} 3.0',
-        ]
-    )
-    assert exit_counts(text) == {"exited": 574, "went_on": 279, "requests": 1085}
-    assert exit_counts("") == {"exited": 0, "went_on": 0, "requests": 0}
+    counters = {EXIT_COUNTER + "exited": 574.0, EXIT_COUNTER + "went_on": 279.0, "guardproxy_requests_total|x=y": 3.0}
+    assert early_exits(counters) == (574, 279)
+    assert early_exits({}) == (0, 0)
 
 
 def test_with_early_exit_the_stage_table_counts_exits(tmp_path: Path) -> None:
@@ -386,13 +377,13 @@ def test_with_early_exit_the_stage_table_counts_exits(tmp_path: Path) -> None:
                    "--png", str(tmp_path / "png"), "--modes", "direct,input-only", "--sweep", "none",
                    "--lengths", "none", "--early-exit", "--quiet"])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from guardproxy.benchmark.load import early_exits
+
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["config"]["early_exit"] is True and "early exit on" in proc.stdout
     rows = [st for st in result["stages"] if st["gateway"] == "input-only"]
     assert rows
     for st in rows:
-        counters = st["counters"]
-        exited = counters.get("guardproxy_classifier_early_exit_total|outcome=exited", 0)
-        went_on = counters.get("guardproxy_classifier_early_exit_total|outcome=went_on", 0)
+        exited, went_on = early_exits(st["counters"])
         assert 0 < exited + went_on <= st["requests"]  # one per-turn check per request at most
     assert "exited" in proc.stdout.split("Gateway stages", 1)[1].split("\n", 2)[1]

@@ -505,6 +505,14 @@ def counter_diff(before: Scrape, after: Scrape, prefix: str) -> dict[str, float]
     }
 
 
+EXIT_COUNTER = "guardproxy_classifier_early_exit_total|outcome="  # a Scrape counter key, less its outcome
+
+
+def early_exits(counters: Mapping[str, float]) -> tuple[int, int]:
+    """(per-turn checks that exited, that went on) from a gateway's counters (``Scrape.counters`` or a diff)."""
+    return int(counters.get(EXIT_COUNTER + "exited", 0)), int(counters.get(EXIT_COUNTER + "went_on", 0))
+
+
 def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
     """Counts and overhead percentiles of a set of samples (plain and streams apart)."""
     plain = [s for s in samples if not s.stream]

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from guardproxy.benchmark.load import early_exits
+
 # The gateway's stage labels, in request order. What each holds (guardproxy.chat, guardproxy.guard):
 STAGE_ORDER = (
     "parse",
@@ -150,12 +152,8 @@ def _stages(result: dict[str, Any]) -> str:
     return title + "\n" + _table(head, rows) + "\n" + legend
 
 
-EXIT_COUNTER = "guardproxy_classifier_early_exit_total|outcome="
-
-
 def _exits(counters: dict[str, float]) -> str:
-    exited = int(counters.get(EXIT_COUNTER + "exited", 0))
-    went_on = int(counters.get(EXIT_COUNTER + "went_on", 0))
+    exited, went_on = early_exits(counters)
     return f"{exited}/{exited + went_on}" if exited + went_on else "-"
 
 
