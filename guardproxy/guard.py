@@ -33,11 +33,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from guardproxy.conversation.tracker import ConversationTracker as StateTracker
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
 from guardproxy.drills.record import PolicyDecision, message_text
@@ -99,6 +100,13 @@ class DrillSink(Protocol):
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    def conversation_sensitive(
+        self, low: ConversationSignals, high: ConversationSignals, thresholds: Iterable[Mapping[str, float]] = ()
+    ) -> bool:
+        """Whether sampling could treat conversation signals between ``low`` and ``high`` unlike ``low``, given the
+        policies' drill ``thresholds``."""
+        ...
 
     def submit_exchange(
         self,
@@ -225,6 +233,17 @@ class GuardCheck:
         self.watch_interval = watch_interval
         self._watcher: asyncio.Task[None] | None = None
         self.failures = {"classifier": 0, "state": 0, "finish": 0}
+
+    def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals) -> bool:
+        """Whether any loaded policy (active or shadow, of any tenant) or drill sampling could treat conversation
+        signals lying between ``low`` and ``high`` unlike ``low``: the tracker's ``rephrase_check``, asked before
+        it settles for a lower bound of rephrase similarity instead of running the whole model on an exited turn."""
+        policies = self.policies.all()
+        if any(p.conversation_sensitive(low, high) for p in policies):
+            return True
+        return self.drills is not None and self.drills.conversation_sensitive(
+            low, high, [p.thresholds() for p in policies]
+        )
 
     # --- lifecycle ---
 
@@ -675,6 +694,8 @@ def build_guard(
         output_checks=settings.guard.output_checks,
         watch_interval=1.0 if settings.policy.watch else None,
     )
+    if isinstance(tracker, StateTracker):
+        tracker.rephrase_check = guard.conversation_sensitive
     pipeline = Pipeline([guard], output_check_chars=policies.default.output.check_chars)
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
     from guardproxy.admin import admin_routes

@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from guardproxy.errors import PolicyError
 from guardproxy.pipeline import Action, Verdict
-from guardproxy.signals import RefusalClass, Signals
+from guardproxy.signals import ConversationSignals, RefusalClass, Signals
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.tomllines import KeyLines
 
@@ -103,7 +103,6 @@ class InputCondition(_Strict):
     turn_at_least: Annotated[int, Field(ge=0)] | None = None
 
     def matches(self, s: Signals, harm_threshold: float, *, final: bool = True) -> bool:
-        conv = s.conversation
         checks: list[bool] = [
             self.harm_at_least is None or s.harm >= self.harm_at_least,
             self.harm_below is None or s.harm < self.harm_below,
@@ -111,6 +110,12 @@ class InputCondition(_Strict):
             self.category_not_in is None or s.category not in self.category_not_in,
             self.jailbreak_at_least is None or s.jailbreak >= self.jailbreak_at_least,
             self.unreadable_at_least is None or s.unreadable >= self.unreadable_at_least,
+        ]
+        return all(checks) and self.conversation_matches(s.conversation)
+
+    def conversation_matches(self, conv: ConversationSignals) -> bool:
+        """The conditions on the conversation tracker's signals alone."""
+        checks: list[bool] = [
             self.escalation_at_least is None or conv.escalation >= self.escalation_at_least,
             self.window_harm_at_least is None or conv.window_harm >= self.window_harm_at_least,
             self.trajectory_at_least is None or conv.trajectory >= self.trajectory_at_least,
@@ -244,6 +249,14 @@ class Policy(_Strict):
         if signal == "harm":
             lines.append(self.harm_threshold)
         return min(lines) if lines else None
+
+    def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals) -> bool:
+        """Whether some rule's conversation conditions hold on ``high`` and not on ``low``. Every conversation
+        condition is a lower bound, so when this is False, any signals between the two (each field at least
+        ``low``'s and at most ``high``'s) match the same rules as ``low``, whatever the other conditions read.
+        The tracker asks this before it skips the whole model's pass that rephrase similarity needs (early exit)."""
+        rules = (*self.input_rules, *self.output_rules)
+        return any(r.when.conversation_matches(high) and not r.when.conversation_matches(low) for r in rules)
 
     def refusal_text(self, category: str) -> str:
         return self.refusals.get(category) or self.refusals["default"]

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from guardproxy.drills.record import DrillRecord, PolicyDecision
-from guardproxy.drills.sampling import Sampler, SamplingConfig, keyed_fraction, reasons_for
+from guardproxy.drills.sampling import Sampler, SamplingConfig, conversation_sensitive, keyed_fraction, reasons_for
+from guardproxy.signals import ConversationSignals
 
 ALLOW = PolicyDecision("default", "1", "allow")
 BLOCK = PolicyDecision("default", "1", "block", rule="harm", category="violent_crimes")
@@ -135,3 +136,33 @@ def test_caps_reset_on_the_next_hour() -> None:
     assert not sampler.decide(dataclasses.replace(blocked, request_id="x")).sampled
     now[0] += 3600
     assert sampler.decide(dataclasses.replace(blocked, request_id="y")).sampled
+
+
+# --- conversation_sensitive: may a lower bound of the conversation signals stand in for the value? ---------------
+
+LOW = ConversationSignals(escalation=0.1, refusal_events=1, rephrase_similarity=0.0)
+SENSITIVE = [
+    ("nothing between the two", LOW, (), False),
+    ("escalation could reach the stratum", dataclasses.replace(LOW, escalation=0.6), (), True),
+    ("escalation stays under it", dataclasses.replace(LOW, escalation=0.45), (), False),
+    ("similarity could reach the rephrase stratum", dataclasses.replace(LOW, rephrase_similarity=1.0), (), True),
+    ("similarity without a refusal in the conversation",
+     ConversationSignals(escalation=0.1, rephrase_similarity=1.0), (), False),
+    ("escalation could come near a policy's threshold", dataclasses.replace(LOW, escalation=0.45),
+     ({"escalation": 0.5},), True),
+    ("escalation stays far under it", dataclasses.replace(LOW, escalation=0.25), ({"escalation": 0.5},), False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "high", "thresholds", "expected"), SENSITIVE, ids=[c[0] for c in SENSITIVE])
+def test_conversation_sensitive(
+    name: str, high: ConversationSignals, thresholds: tuple[dict[str, float], ...], expected: bool
+) -> None:
+    assert conversation_sensitive(SamplingConfig(), LOW, high, thresholds) is expected
+
+
+def test_conversation_sensitive_inside_a_band_is_not() -> None:
+    near = ConversationSignals(escalation=0.45)
+    assert not conversation_sensitive(
+        SamplingConfig(escalation_min=0.9), near, dataclasses.replace(near, escalation=0.55), [{"escalation": 0.5}]
+    )

@@ -201,6 +201,72 @@ async def test_a_refused_turn_that_exited_still_joins_the_refusal_memory_and_rew
         c.close()
 
 
+REFUSAL = "I can't help with that."
+
+
+def _escalation_fields(c: Any) -> tuple[Any, ...]:
+    return (c.window_harm, c.trajectory, c.trend, c.refusal_events, c.history, c.turn_index)
+
+
+async def test_with_a_rephrase_check_turns_exit_for_a_tenant_with_refusals_until_the_similarity_could_matter() -> None:
+    from guardproxy.policy import load_policy
+
+    policy = load_policy(POLICIES / "default.toml")
+    asked: list[tuple[Any, Any]] = []
+
+    def check(low: Any, high: Any) -> bool:
+        asked.append((low, high))
+        return policy.conversation_sensitive(low, high)
+
+    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
+    t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32, rephrase_check=check)
+    try:
+        request = [{"role": "user", "content": ORDINARY}]
+        await t.observe("tenant", None, request)
+        await t.record_reply("tenant", None, request, REFUSAL, refused=True)
+        # Another conversation: no refusal in it, and the refused request was harmless (its risk near 0), so no
+        # rule of the default policy can read the rewording's similarity: it stays a lower bound.
+        elsewhere = await t.observe("tenant", "another", [{"role": "user", "content": ORDINARY_REWORDED}])
+        assert elsewhere.new_user_scores[0].exited and elsewhere.new_user_scores[0].embedding.size == 0
+        assert elsewhere.signals.rephrase_similarity == 0.0
+        ((low, high),) = asked
+        assert high.rephrase_similarity == 1.0 and high.escalation >= low.escalation
+        assert _escalation_fields(high) == _escalation_fields(low)
+        # In the refused conversation, block-rephrase-after-refusal could match: the whole model runs on the turn.
+        again = [*request, {"role": "assistant", "content": REFUSAL}, {"role": "user", "content": ORDINARY_REWORDED}]
+        probe = await t.observe("tenant", None, again)
+        assert probe.signals.refusal_events == 1
+        assert not probe.new_user_scores[-1].exited and probe.signals.rephrase_similarity > 0.8
+    finally:
+        await t.aclose()
+        c.close()
+
+
+async def test_exited_turns_run_the_whole_model_when_their_similarity_could_open_the_window_gate() -> None:
+    from guardproxy.conversation.escalation import EscalationParams
+
+    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
+    gated = EscalationParams(window_gate=0.9)  # shut for ordinary turns; a rephrase of a refusal opens it
+    t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32, params=gated, rephrase_check=lambda *_: False)
+    try:
+        refused = [{"role": "user", "content": HARMFUL}]
+        await t.observe("tenant", None, refused)
+        await t.record_reply("tenant", None, refused, REFUSAL, refused=True)
+        first = [{"role": "user", "content": ORDINARY}]
+        one = await t.observe("tenant", "c2", first)
+        assert one.new_user_scores[0].exited  # one turn: no window, so nothing for the similarity to open
+        await t.record_reply("tenant", "c2", first, "Lisbon has the Oceanarium.", refused=False)
+        second = [*first, {"role": "assistant", "content": "Lisbon has the Oceanarium."}]
+        (alone,) = await c.score_prompts([ORDINARY_REWORDED])
+        assert alone.exited  # the turn exits on its own ...
+        two = await t.observe("tenant", "c2", [*second, {"role": "user", "content": ORDINARY_REWORDED}])
+        assert not two.new_user_scores[-1].exited  # ... but here its similarity decided the gate
+        assert two.window is None and two.signals.rephrase_similarity < 0.85
+    finally:
+        await t.aclose()
+        c.close()
+
+
 def test_the_bench_counts_exits_and_lost_flags(early: OnnxClassifier, whole: OnnxClassifier) -> None:
     from bench.early_exit import verdicts
 
@@ -283,6 +349,12 @@ async def test_the_gateway_with_early_exit_counts_exits_and_still_blocks_a_harmf
             assert (await ask(ORDINARY)).status_code == 200
             blocked = await ask(HARMFUL)
             text = (await client.get("/metrics")).text
+            # The block put the request in the tenant's refusal memory. No shipped rule can read an ordinary new
+            # conversation's similarity to it, so its turn still exits.
+            after = await ask(ORDINARY_REWORDED)
+            later = (await client.get("/metrics")).text
     assert blocked.headers.get("x-guardproxy-decision") == "block"
     assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 1.0' in text
     assert 'guardproxy_classifier_early_exit_total{outcome="went_on"} 1.0' in text
+    assert after.status_code == 200 and after.headers.get("x-guardproxy-decision") == "allow"
+    assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 2.0' in later

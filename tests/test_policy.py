@@ -362,3 +362,53 @@ def test_two_files_with_one_name_and_version_are_refused(tmp_path: Path) -> None
     with pytest.raises(PolicyError) as info:
         PolicySet(shipped("default"), [copy])
     assert any("default@2026.12.02 is also the name@version" in i for i in info.value.issues)
+
+
+# --- conversation_sensitive: may a lower bound of the conversation signals stand in for the value? ---------------
+
+QUIET = ConversationSignals(escalation=0.1, window_harm=0.1)
+CONVERSATION_SENSITIVE = [
+    # policy, low, high, could a value between them match a rule that ``low`` does not
+    ("default", QUIET, QUIET, False),
+    ("default", QUIET, ConversationSignals(escalation=0.1, window_harm=0.1, rephrase_similarity=1.0), False),
+    ("default", ConversationSignals(refusal_events=1), ConversationSignals(refusal_events=1, rephrase_similarity=1.0),
+     True),
+    ("monitor", ConversationSignals(refusal_events=1), ConversationSignals(refusal_events=1, rephrase_similarity=0.8),
+     False),
+    ("default", QUIET, ConversationSignals(escalation=0.49, window_harm=0.1), False),
+    ("default", QUIET, ConversationSignals(escalation=0.5, window_harm=0.1), True),
+    ("strict", QUIET, ConversationSignals(escalation=0.35, window_harm=0.1), True),
+    # both already match flag-escalation: the same rules match whatever lies between
+    ("default", ConversationSignals(escalation=0.55), ConversationSignals(escalation=0.7), False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "low", "high", "expected"), CONVERSATION_SENSITIVE)
+def test_conversation_sensitive(name: str, low: ConversationSignals, high: ConversationSignals, expected: bool) -> None:
+    assert load_policy(shipped(name)).conversation_sensitive(low, high) is expected
+
+
+@given(
+    escalation=st.floats(0.0, 1.0),
+    lift=st.floats(0.0, 1.0),
+    similarity=st.floats(-1.0, 1.0),
+    refusals=st.integers(0, 3),
+    harm=st.floats(0.0, 1.0),
+    between=st.floats(0.0, 1.0),
+)
+@settings(max_examples=300, deadline=None)
+def test_when_not_conversation_sensitive_every_value_between_decides_as_the_lower_bound(
+    escalation: float, lift: float, similarity: float, refusals: int, harm: float, between: float
+) -> None:
+    low = ConversationSignals(escalation=escalation, refusal_events=refusals, rephrase_similarity=similarity)
+    high = ConversationSignals(escalation=min(1.0, escalation + lift), refusal_events=refusals, rephrase_similarity=1.0)
+    mid = ConversationSignals(
+        escalation=escalation + between * (high.escalation - escalation),
+        refusal_events=refusals,
+        rephrase_similarity=similarity + between * (1.0 - similarity),
+    )
+    for name in SHIPPED:
+        policy = load_policy(shipped(name))
+        if not policy.conversation_sensitive(low, high):
+            decide = policy.decide_input
+            assert decide(Signals(harm=harm, conversation=mid)) == decide(Signals(harm=harm, conversation=low))

@@ -26,7 +26,16 @@ import numpy.typing as npt
 
 from guardproxy.conversation.integrity import TAG_BYTES, History
 
-__all__ = ["ENTRY_BYTES", "Loaded", "Snapshot", "StateBackend", "find_entry", "pack_embedding", "unpack_embeddings"]
+__all__ = [
+    "ENTRY_BYTES",
+    "Loaded",
+    "Snapshot",
+    "StateBackend",
+    "find_entry",
+    "pack_embedding",
+    "refused_risks",
+    "unpack_embeddings",
+]
 
 _SNAPSHOT = struct.Struct("<BBHBBBBBBBB")  # flags refusals turns trajectory window peak r1 r2 r3 r4 escalation
 SNAPSHOT_BYTES = _SNAPSHOT.size
@@ -161,6 +170,11 @@ def pack_embedding(vector: npt.NDArray[np.float32], risk: float) -> bytes:
     scale = float(np.max(np.abs(v))) / 127 or 1.0
     q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
     return bytes(_EMB_HEADER.pack(v.size, scale, _q(risk)) + q.tobytes())
+
+
+def refused_risks(blobs: tuple[bytes, ...]) -> list[float]:
+    """The risk stored with each embedding blob (``pack_embedding``), whatever its dimension."""
+    return [_dq(_EMB_HEADER.unpack_from(blob)[2]) for blob in blobs if len(blob) >= _EMB_HEADER.size]
 
 
 def unpack_embeddings(blobs: tuple[bytes, ...], dim: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:

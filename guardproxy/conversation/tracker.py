@@ -6,13 +6,14 @@ See ``guardproxy.conversation`` for the API and the guarantees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -36,11 +37,12 @@ from guardproxy.conversation.state import (
     StateBackend,
     find_entry,
     pack_embedding,
+    refused_risks,
     unpack_embeddings,
 )
 from guardproxy.signals import Classifier, ConversationSignals, PromptScore
 
-__all__ = ["ConversationTracker", "Observation", "TurnResult", "subkey_of"]
+__all__ = ["ConversationTracker", "Observation", "RephraseCheck", "TurnResult", "subkey_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ _LOOKBACK = 256  # positions searched for a known prefix; an older branch point 
 # A deferred window pass waits this long at most for ``Observation.start_window`` (the caller's upstream request on
 # the wire); scoring during the send would slow it: tokenizing holds the GIL.
 WINDOW_HOLD_S = 0.005
+
+
+# (low, high) conversation signals -> could anything that reads them treat a value between the two unlike ``low``?
+RephraseCheck = Callable[[ConversationSignals, ConversationSignals], bool]
 
 
 @dataclass(frozen=True)
@@ -153,12 +159,62 @@ class _ScoreCache:
             self._data.popitem(last=False)
 
 
+_W = TypeVar("_W")
+
+
+class _Rephrase:
+    """Rephrase similarity of one request's user turns to its tenant's refused requests.
+
+    While ``unresolved`` (some turns exited early, so have no embedding, and the tracker lets them), ``value`` and
+    ``pairs`` are a lower bound, from the other turns; ``resolve`` runs the whole model on the exited turns."""
+
+    def __init__(
+        self,
+        tracker: ConversationTracker,
+        texts: list[str],
+        scores: list[PromptScore],
+        refused: tuple[bytes, ...],
+        *,
+        lazy: bool,
+    ) -> None:
+        self._tracker = tracker
+        self._texts = texts
+        self._refused = refused
+        self.scores = scores
+        self.value, self.pairs = tracker._rephrase(scores, refused)
+        self.unresolved = lazy and any(s.exited for s in scores)
+        self.top_risk = max(refused_risks(refused), default=0.0) if self.unresolved else 0.0
+
+    async def resolve(self) -> None:
+        """The whole model on the exited turns: their embeddings make the similarity exact."""
+        self.scores = await self._tracker._scores_for(self._texts, exact=True)
+        self.value, self.pairs = self._tracker._rephrase(self.scores, self._refused)
+        self.unresolved = False
+
+    async def gated(self, window: _W | None, open_at: Callable[..., bool]) -> _W | None:
+        """``window`` if the window gate (``open_at(rephrase=...)``) is open at this similarity, resolved first when
+        the exited turns could open it; None without a window."""
+        if window is None:
+            return None
+        if self.unresolved and open_at(rephrase=1.0) != open_at(rephrase=self.value):
+            await self.resolve()
+        return window if open_at(rephrase=self.value) else None
+
+
 class ConversationTracker:
     """Conversation state and escalation signals. One per process, shared by every request.
 
     ``shared``: the backend is shared by several processes (Redis), so a reply may be recorded by another
     process; an assistant turn right after a request that has no recorded reply yet is then re-checked once
     after ``reply_grace`` seconds before it counts as forged.
+
+    ``rephrase_check``: lets a turn exit early (``PromptScore.exited``, no embedding) for a tenant with refused
+    requests in memory. Rephrase similarity compares whole-model embeddings, so without it such a tenant's turns
+    always run the whole model. With it, a request whose turns exited is concluded first with the similarity of
+    its other turns (a lower bound) and again with the highest the exited turns could add (similarity 1 to the
+    refused request of highest risk); only when the check says something could read the two differently (the
+    guard asks every loaded policy and drill sampling: ``GuardCheck.conversation_sensitive``) do the exited turns
+    run the whole model. Otherwise the reported similarity is that lower bound.
     """
 
     def __init__(
@@ -176,6 +232,7 @@ class ConversationTracker:
         reply_grace: float = 0.2,
         shared: bool = False,
         concurrent_window: bool = False,
+        rephrase_check: RephraseCheck | None = None,
     ) -> None:
         if not hmac_secret:
             raise ValueError("hmac_secret must not be empty")
@@ -191,6 +248,7 @@ class ConversationTracker:
         # latency of a conversation turn becomes the longer pass, not the sum. A closed gate cancels it (or drops
         # its result): CPU spent for nothing on those requests, which is why it is opt-in.
         self.concurrent_window = concurrent_window
+        self.rephrase_check = rephrase_check
         self._secret = hmac_secret
         self._scores = _ScoreCache(score_cache_size)
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
@@ -251,6 +309,16 @@ class ConversationTracker:
             self._scores.put(t, s)
         return [s if s is not None else by_text[t] for t, s in zip(texts, out, strict=True)]
 
+    async def _scored(
+        self, texts: list[str], early_window: asyncio.Task[list[PromptScore]] | None, refused: tuple[bytes, ...]
+    ) -> _Rephrase:
+        """The scores of a request's new user turns, with their rephrase similarity to the tenant's ``refused``
+        requests. That needs whole-model embeddings: with refused requests in memory every turn runs the whole
+        model, unless a ``rephrase_check`` lets turns exit and settles the similarity later (``_Rephrase``)."""
+        lazy = bool(refused) and self.rephrase_check is not None
+        scores = await self._scores_beside(texts, early_window, exact=bool(refused) and not lazy)
+        return _Rephrase(self, texts, scores, refused, lazy=lazy)
+
     def _start_window(self, chain: Chain, n: int, scored: Sequence[int]) -> asyncio.Task[list[PromptScore]] | None:
         """The window pass of this request, started now (``concurrent_window``); None when there is no window or
         no new turn to score beside it (a cached turn costs nothing, so the cascade loses no time)."""
@@ -271,12 +339,50 @@ class ConversationTracker:
         turns = [(chain.roles[i], text) for i in range(start, end + 1) if (text := chain.text(i))]
         return (esc.window_text(turns), esc.window_text(turns[-1:])) if len(turns) >= 2 else None
 
+    def _signals(self, state: Snapshot, similarity: float, pairs: Sequence[tuple[float, float]]) -> ConversationSignals:
+        """The conversation signals of ``state`` with this rephrase similarity and these (cosine, risk) pairs."""
+        trend_value = esc.trend(state.risks)
+        score = esc.escalation(
+            window=state.window,
+            trajectory=state.trajectory,
+            trend_value=trend_value,
+            refusals=state.refusals,
+            rephrase=pairs,
+            history=state.history,
+            p=self.params,
+        )
+        return ConversationSignals(
+            window_harm=state.window,
+            trajectory=state.trajectory,
+            trend=trend_value,
+            escalation=score,
+            refusal_events=state.refusals,
+            rephrase_similarity=similarity,
+            history=state.history,
+            turn_index=state.turns,
+        )
+
+    async def _settled_signals(self, state: Snapshot, rp: _Rephrase, *, final: bool) -> ConversationSignals:
+        """The signals of ``state``. While exited turns leave the similarity unresolved, a final observation asks
+        ``rephrase_check`` about the lower bound and the highest they could reach (similarity 1 to the refused
+        request of highest risk; escalation grows with both), and the exited turns run the whole model only when it
+        says that could change something. Provisional signals keep the lower bound."""
+        low = self._signals(state, rp.value, rp.pairs)
+        if not (final and rp.unresolved):
+            return low
+        assert self.rephrase_check is not None
+        if not self.rephrase_check(low, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
+            return low
+        await rp.resolve()
+        return self._signals(state, rp.value, rp.pairs)
+
     @staticmethod
     def _rephrase(
-        embeddings: Sequence[npt.NDArray[np.float32]], refused: tuple[bytes, ...]
+        scores: Sequence[PromptScore], refused: tuple[bytes, ...]
     ) -> tuple[float, tuple[tuple[float, float], ...]]:
         """(max cosine, (cosine, risk when refused) of the closest few) between this request's user turns and the
-        tenant's refused requests."""
+        tenant's refused requests. Turns that exited early have no embedding and are left out."""
+        embeddings = [s.embedding for s in scores if not s.exited]
         if not refused or not embeddings:
             return 0.0, ()
         e = np.stack([np.asarray(v, dtype=np.float32).ravel() for v in embeddings])
@@ -320,53 +426,29 @@ class ConversationTracker:
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
         early_window = self._start_window(chain, n, scored) if self.concurrent_window and not repeat else None
-        # A tenant with refused requests in memory gets whole-model embeddings, to compare with them.
-        user_scores = await self._scores_beside(
-            [chain.text(i) for i in scored], early_window, exact=bool(loaded.refused)
-        )
-        recent = [s.embedding for s in user_scores]
-        rephrase, rephrase_pairs = self._rephrase(recent, loaded.refused)
+        rp = await self._scored([chain.text(i) for i in scored], early_window, loaded.refused)
 
         async def conclude(state: Snapshot, window: PromptScore | None, *, final: bool = True) -> Observation:
             """The observation of ``state``; a final one is stored (unless a repeat) and remembered for the reply."""
             # Signals come from the state as stored (to 1/254), so a retry served from state reads exactly the same.
             state = Snapshot.unpack(state.pack())
-            trend_value = esc.trend(state.risks)
-            score = esc.escalation(
-                window=state.window,
-                trajectory=state.trajectory,
-                trend_value=trend_value,
-                refusals=state.refusals,
-                rephrase=rephrase_pairs,
-                history=state.history,
-                p=self.params,
-            )
-            state = replace(state, escalation=score)
+            signals = await self._settled_signals(state, rp, final=final)
+            state = replace(state, escalation=signals.escalation)
             tag = chain.tag(n - 1)
             state_failed = failed
-            embedding = recent[-1] if recent else None
+            embedding = rp.scores[-1].embedding if rp.scores else None
             if final:
                 if not repeat:
                     state_failed = not await self.backend.append(root, state.entry(tag)) or failed
                 self._remember(tag, _Pending(state, embedding))
-            signals = ConversationSignals(
-                window_harm=state.window,
-                trajectory=state.trajectory,
-                trend=trend_value,
-                escalation=score,
-                refusal_events=state.refusals,
-                rephrase_similarity=rephrase,
-                history=state.history,
-                turn_index=state.turns,
-            )
             return Observation(
                 signals=signals,
-                new_user_scores=tuple(user_scores),
+                new_user_scores=tuple(rp.scores),
                 new_user_indices=tuple(chain.indices[i] for i in scored),
                 window=window,
                 state_failed=state_failed,
                 known=found is not None,
-                rephrase_matches=rephrase_pairs,
+                rephrase_matches=rp.pairs,
                 handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding),
             )
 
@@ -374,7 +456,7 @@ class ConversationTracker:
             return await conclude(prev, None)
         traj = prev.trajectory
         risks = list(prev.risks)
-        for s in user_scores:
+        for s in rp.scores:
             traj = esc.trajectory_step(traj, s.harm, self.params)
             risks.append(s.harm)
 
@@ -383,7 +465,7 @@ class ConversationTracker:
                 turns=prev.turns + len(new_users),
                 trajectory=traj,
                 window=window_harm,
-                peak=max([prev.peak, *(s.harm for s in user_scores)]),
+                peak=max([prev.peak, *(s.harm for s in rp.scores)]),
                 risks=tuple(risks[-RISKS_KEPT:]),
                 refusals=prev.refusals,
                 history=history,
@@ -391,17 +473,17 @@ class ConversationTracker:
                 last_refused=prev.last_refused,
             )
 
-        gate_open = esc.window_gate_open(
+        gate_open = functools.partial(
+            esc.window_gate_open,
             trajectory=traj,
             recent_risks=risks[-self.window_turns :],
             refusals=prev.refusals,
-            rephrase=rephrase,
             history=history,
             p=self.params,
         )
-        window_src = self._window(chain, n - 1) if gate_open else None
+        window_src = await rp.gated(self._window(chain, n - 1), gate_open)
         # a one-turn window (or a closed gate) is the turn itself
-        turn_harm = user_scores[-1].harm if scored and chain.roles[-1] == "user" else 0.0
+        turn_harm = rp.scores[-1].harm if scored and chain.roles[-1] == "user" else 0.0
         if window_src is None:
             if early_window is not None:
                 early_window.cancel()  # the gate stayed closed: its result is not needed
@@ -529,6 +611,7 @@ class ConversationTracker:
             max_new_turns=self.max_new_turns,
             score_cache_size=0,
             reply_grace=0.0,
+            rephrase_check=self.rephrase_check,
         )
         fresh._scores = self._scores  # share the content cache: replays of similar rows score each turn once
         results: list[TurnResult] = []

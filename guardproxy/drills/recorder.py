@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter as Tally
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from guardproxy.drills.record import DrillRecord, PolicyDecision, from_exchange
 from guardproxy.drills.redaction import Redactor
-from guardproxy.drills.sampling import Sampler, SamplingConfig
+from guardproxy.drills.sampling import Sampler, SamplingConfig, conversation_sensitive
 from guardproxy.drills.store import DrillStore, open_store
 from guardproxy.drills.store.base import MetricsLike
 from guardproxy.pipeline import Exchange
 from guardproxy.settings import Settings
-from guardproxy.signals import Signals
+from guardproxy.signals import ConversationSignals, Signals
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ class DrillRecorder:
 
     async def start(self) -> None:
         await self.store.start()
+
+    def conversation_sensitive(
+        self, low: ConversationSignals, high: ConversationSignals, thresholds: Iterable[Mapping[str, float]] = ()
+    ) -> bool:
+        """``sampling.conversation_sensitive`` with this recorder's sampling rules."""
+        return conversation_sensitive(self.sampler.config, low, high, thresholds)
 
     async def aclose(self) -> None:
         await self.store.aclose()

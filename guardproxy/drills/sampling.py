@@ -31,11 +31,11 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from guardproxy.drills.record import DrillRecord
-from guardproxy.signals import UNREADABLE
+from guardproxy.signals import UNREADABLE, ConversationSignals
 
 REASONS: tuple[str, ...] = (
     "base_rate",
@@ -103,6 +103,39 @@ def reasons_for(record: DrillRecord, config: SamplingConfig, fraction: float) ->
     if s.get("unreadable", 0.0) >= UNREADABLE and fraction < config.unreadable_rate:
         out.append("unreadable")
     return tuple(out)
+
+
+def conversation_sensitive(
+    config: SamplingConfig,
+    low: ConversationSignals,
+    high: ConversationSignals,
+    thresholds: Iterable[Mapping[str, float]] = (),
+) -> bool:
+    """Whether sampling could treat an exchange whose conversation signals lie between ``low`` and ``high`` (each
+    field) unlike one at ``low``: the ``escalation`` and ``rephrase`` strata, and ``uncertain`` for escalation or
+    rephrase similarity near one of ``thresholds`` (each a policy's ``Policy.thresholds()``). The question
+    ``Policy.conversation_sensitive`` answers for a policy's rules."""
+
+    def strata(c: ConversationSignals) -> tuple[bool, bool]:
+        return (
+            c.escalation >= config.escalation_min,
+            c.refusal_events >= 1 and c.rephrase_similarity >= config.rephrase_min,
+        )
+
+    if strata(low) != strata(high):
+        return True
+    for th in thresholds:
+        for name, a, b in (
+            ("escalation", low.escalation, high.escalation),
+            ("rephrase_similarity", low.rephrase_similarity, high.rephrase_similarity),
+        ):
+            if name not in th:
+                continue
+            lo, hi = th[name] - config.margin, th[name] + config.margin
+            inside, outside = lo <= a and b <= hi, b < lo or a > hi
+            if not (inside or outside):  # some value between a and b is near the threshold and some is not
+                return True
+    return False
 
 
 class Sampler:
