@@ -48,6 +48,7 @@ from guardproxy.commands.evaluate import trainer_split_of_ids
 from guardproxy.conversation import FLAG_THRESHOLD, ConversationTracker, EscalationParams, MemoryBackend
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, escalation, trajectory_step, trend, window_gate_open
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
+from guardproxy.signals import ConversationSignals
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 # Each set by its own name, so adding one never moves another's figures ("challenge" keeps the first set's).
@@ -137,6 +138,12 @@ def every_window_tracker(clf: Any, window_ids: int) -> ConversationTracker:
     )
 
 
+def crosses_flag(low: ConversationSignals, high: ConversationSignals) -> bool:
+    """The replay's ``rephrase_check``: could an escalation between ``low``'s and ``high``'s be flagged when
+    ``low``'s is not."""
+    return (low.escalation >= FLAG_THRESHOLD) != (high.escalation >= FLAG_THRESHOLD)
+
+
 async def replay_all(
     convs: list[Conv], model: Path, concurrency: int, window_ids: int, early_exit: bool = False
 ) -> None:
@@ -144,6 +151,10 @@ async def replay_all(
 
     clf = OnnxClassifier.load(model, workers=2, cache_size=400_000, timeout=60.0, early_exit=early_exit)
     tracker = every_window_tracker(clf, window_ids)
+    if early_exit:
+        # as a gateway's policies do: an exited turn after a refusal runs the whole model only when its similarity
+        # could move the escalation across the flag line at these (the shipped) parameters
+        tracker.rephrase_check = crosses_flag
     todo = [c for c in convs if c.turns is None]
     sem = asyncio.Semaphore(concurrency)
     done = 0
@@ -599,7 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--early-exit",
         action="store_true",
-        help="load the model with guard.early_exit (its early_exit.json), as a gateway with it on scores",
+        help="load the model with guard.early_exit (its early_exit.json), as a gateway with it on scores. An "
+        "exited turn after a refusal keeps a lower bound of its rephrase similarity unless the whole model's could "
+        "move the shipped parameters' flag (crosses_flag): figures with --tune read those lower bounds",
     )
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)

@@ -696,6 +696,15 @@ def build_guard(
     )
     if isinstance(tracker, StateTracker):
         tracker.rephrase_check = guard.conversation_sensitive
+        if metrics is not None and spec is not None:
+            settled = metrics.counter(
+                "guardproxy_conversation_rephrase_deferred_total",
+                "requests whose turns exited early with refusals in memory, by what settled their rephrase "
+                "similarity: whole_model (it could matter) or lower_bound",
+                ["outcome"],
+            )
+            whole_model, lower_bound = settled.labels("whole_model"), settled.labels("lower_bound")
+            tracker.observe_rephrase = lambda resolved: (whole_model if resolved else lower_bound).inc()
     pipeline = Pipeline([guard], output_check_chars=policies.default.output.check_chars)
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
     from guardproxy.admin import admin_routes

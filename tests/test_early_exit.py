@@ -220,6 +220,8 @@ async def test_with_a_rephrase_check_turns_exit_for_a_tenant_with_refusals_until
 
     c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
     t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32, rephrase_check=check)
+    settled: list[bool] = []
+    t.observe_rephrase = settled.append
     try:
         request = [{"role": "user", "content": ORDINARY}]
         await t.observe("tenant", None, request)
@@ -237,6 +239,7 @@ async def test_with_a_rephrase_check_turns_exit_for_a_tenant_with_refusals_until
         probe = await t.observe("tenant", None, again)
         assert probe.signals.refusal_events == 1
         assert not probe.new_user_scores[-1].exited and probe.signals.rephrase_similarity > 0.8
+        assert settled == [False, True]  # the first request (no refusal yet) was not deferred
     finally:
         await t.aclose()
         c.close()
@@ -358,3 +361,5 @@ async def test_the_gateway_with_early_exit_counts_exits_and_still_blocks_a_harmf
     assert 'guardproxy_classifier_early_exit_total{outcome="went_on"} 1.0' in text
     assert after.status_code == 200 and after.headers.get("x-guardproxy-decision") == "allow"
     assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 2.0' in later
+    assert 'guardproxy_conversation_rephrase_deferred_total{outcome="lower_bound"} 1.0' in later
+    assert 'guardproxy_conversation_rephrase_deferred_total{outcome="whole_model"} 0.0' in later

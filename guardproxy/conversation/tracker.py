@@ -165,8 +165,9 @@ _W = TypeVar("_W")
 class _Rephrase:
     """Rephrase similarity of one request's user turns to its tenant's refused requests.
 
-    While ``unresolved`` (some turns exited early, so have no embedding, and the tracker lets them), ``value`` and
-    ``pairs`` are a lower bound, from the other turns; ``resolve`` runs the whole model on the exited turns."""
+    While ``unresolved`` (some turns exited early, so have no embedding, and the tracker lets them: ``deferred``),
+    ``value`` and ``pairs`` are a lower bound, from the other turns; ``resolve`` runs the whole model on the exited
+    turns."""
 
     def __init__(
         self,
@@ -182,7 +183,7 @@ class _Rephrase:
         self._refused = refused
         self.scores = scores
         self.value, self.pairs = tracker._rephrase(scores, refused)
-        self.unresolved = lazy and any(s.exited for s in scores)
+        self.unresolved = self.deferred = lazy and any(s.exited for s in scores)
         self.top_risk = max(refused_risks(refused), default=0.0) if self.unresolved else 0.0
 
     async def resolve(self) -> None:
@@ -249,6 +250,9 @@ class ConversationTracker:
         # its result): CPU spent for nothing on those requests, which is why it is opt-in.
         self.concurrent_window = concurrent_window
         self.rephrase_check = rephrase_check
+        # called once per final observation whose turns exited with refusals in memory: True when they then ran
+        # the whole model for their similarity, False when its lower bound stood
+        self.observe_rephrase: Callable[[bool], None] | None = None
         self._secret = hmac_secret
         self._scores = _ScoreCache(score_cache_size)
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
@@ -368,13 +372,16 @@ class ConversationTracker:
         request of highest risk; escalation grows with both), and the exited turns run the whole model only when it
         says that could change something. Provisional signals keep the lower bound."""
         low = self._signals(state, rp.value, rp.pairs)
-        if not (final and rp.unresolved):
+        if not (final and rp.deferred):
             return low
-        assert self.rephrase_check is not None
-        if not self.rephrase_check(low, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
-            return low
-        await rp.resolve()
-        return self._signals(state, rp.value, rp.pairs)
+        if rp.unresolved:
+            assert self.rephrase_check is not None
+            if self.rephrase_check(low, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
+                await rp.resolve()
+                low = self._signals(state, rp.value, rp.pairs)
+        if self.observe_rephrase is not None:
+            self.observe_rephrase(not rp.unresolved)
+        return low
 
     @staticmethod
     def _rephrase(
