@@ -43,6 +43,7 @@ from guardproxy.benchmark.load import (
     client_session,
     early_exits,
     percentiles,
+    rephrase_deferred,
     run_pool,
     scrape,
     send,
@@ -218,13 +219,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             async with client_session() as session:
                 counters = (await scrape(session, gw.base)).counters
             exited, went_on = early_exits(counters)
+            lower_bound, whole_model = rephrase_deferred(counters)
             answered = counters.get("guardproxy_requests_total|route=/v1/chat/completions|status=200", 0.0)
-            exits = {"exited": exited, "went_on": went_on, "requests": int(answered)}
-            # A tenant with refused requests in memory gets whole passes (its turns' embeddings are compared with
-            # them), so requests, warm-up included, can exceed the checks that could exit.
+            exits = {
+                "exited": exited,
+                "went_on": went_on,
+                "requests": int(answered),
+                "rephrase_lower_bound": lower_bound,
+                "rephrase_whole_model": whole_model,
+            }
+            # Requests, warm-up included, beyond exited + went_on ran the whole model outright: a cache hit, or
+            # (a tracker without a rephrase check) a tenant with refusals in memory.
             notes.append(
-                f"input-only-exit: {exits['exited']} turns exited and {exits['went_on']} went on of "
-                f"{exits['requests']} requests; the rest ran the whole model (the tenant had refusals in memory)"
+                f"input-only-exit: {exited} turns exited and {went_on} went on of {exits['requests']} requests; "
+                f"with refusals in memory, {lower_bound} requests' exited turns kept a lower bound of rephrase "
+                f"similarity and {whole_model} then ran the whole model for it"
             )
         rows = []
         for (name, c), samples in results.items():

@@ -372,6 +372,14 @@ def test_early_exit_counts_are_read_from_the_gateways_counters() -> None:
     assert early_exits({}) == (0, 0)
 
 
+def test_rephrase_deferral_counts_are_read_from_the_gateways_counters() -> None:
+    from guardproxy.benchmark.load import DEFERRED_COUNTER, EXIT_COUNTER, rephrase_deferred
+
+    counters = {DEFERRED_COUNTER + "lower_bound": 41.0, DEFERRED_COUNTER + "whole_model": 2.0, EXIT_COUNTER + "x": 9}
+    assert rephrase_deferred(counters) == (41, 2)
+    assert rephrase_deferred({}) == (0, 0)
+
+
 def test_with_early_exit_the_stage_table_counts_exits(tmp_path: Path) -> None:
     proc = _bench(["--fake-upstream", *TINY, "--policy", str(MONITOR), "--json", str(tmp_path / "b.json"),
                    "--png", str(tmp_path / "png"), "--modes", "direct,input-only", "--sweep", "none",

@@ -508,9 +508,19 @@ def counter_diff(before: Scrape, after: Scrape, prefix: str) -> dict[str, float]
 EXIT_COUNTER = "guardproxy_classifier_early_exit_total|outcome="  # a Scrape counter key, less its outcome
 
 
+DEFERRED_COUNTER = "guardproxy_conversation_rephrase_deferred_total|outcome="
+
+
 def early_exits(counters: Mapping[str, float]) -> tuple[int, int]:
     """(per-turn checks that exited, that went on) from a gateway's counters (``Scrape.counters`` or a diff)."""
     return int(counters.get(EXIT_COUNTER + "exited", 0)), int(counters.get(EXIT_COUNTER + "went_on", 0))
+
+
+def rephrase_deferred(counters: Mapping[str, float]) -> tuple[int, int]:
+    """(requests whose exited turns kept a lower bound of rephrase similarity, that ran the whole model for it)
+    with refusals in memory, from a gateway's counters."""
+    lower_bound = counters.get(DEFERRED_COUNTER + "lower_bound", 0)
+    return int(lower_bound), int(counters.get(DEFERRED_COUNTER + "whole_model", 0))
 
 
 def summarize(samples: Sequence[Sample]) -> dict[str, Any]:

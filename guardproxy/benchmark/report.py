@@ -146,8 +146,8 @@ def _stages(result: dict[str, Any]) -> str:
     legend = STAGE_LEGEND + " CPU ms/req: the gateway process's user+system CPU per request (/proc), load-independent."
     if early:
         legend += (
-            " exited: per-turn checks that exited early / all that could (a tenant with refusals in memory gets "
-            "whole passes, so this can be fewer than the requests)."
+            " exited: per-turn checks that exited early / all that could (a turn already in the score cache is "
+            "not checked again, so this can be fewer than the requests)."
         )
     return title + "\n" + _table(head, rows) + "\n" + legend
 
