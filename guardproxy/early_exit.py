@@ -13,8 +13,10 @@ layers; their outputs are bit for bit those of the whole graph, because the two 
 nodes on the same tensors.
 
 Only per-turn prompt checks exit. Conversation windows, reply pairs and ``exact=True`` calls (which need the
-embedding: the tenant's refusal memory, drill clustering) always run the whole model: both parts, one after the
-other. The classifier keeps only the two parts, so early exit costs no second copy of the weights. The cut is made
+embedding: a refused request joining the tenant's refusal memory, drill clustering) always run the whole model:
+both parts, one after the other. For a tenant with refusals in memory, the conversation tracker runs the whole
+model on an exited turn only when its rephrase similarity could change what a loaded policy or drill sampling
+reads (``ConversationTracker``'s ``rephrase_check``). The classifier keeps only the two parts, so early exit costs no second copy of the weights. The cut is made
 once, at load, in a child process (``python -m guardproxy.early_exit MODEL TAP DIR``): the ``onnx`` package's copies
 of the graph would otherwise stay in the gateway's heap (~60 MiB measured). With both, the gateway's RSS is 12 MiB
 above the whole model's.

@@ -96,8 +96,9 @@ class GuardSettings(BaseModel):
     early_exit: bool = Field(
         False,
         description="answer a clearly harmless user turn from the guard model's first layers (the model directory's "
-        "early_exit.json, guardproxy.early_exit): about half the CPU of a per-turn check; windows, replies and "
-        "refusal memory still run the whole model",
+        "early_exit.json, guardproxy.early_exit): about half the CPU of a per-turn check; windows and replies still "
+        "run the whole model, and so does an exited turn whose rephrase similarity to a refused request a loaded "
+        "policy could read",
     )
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     workers: int = Field(1, ge=1, description="size of the one inference executor")
