@@ -16,10 +16,12 @@ Only per-turn prompt checks exit. Conversation windows, reply pairs and ``exact=
 embedding: a refused request joining the tenant's refusal memory, drill clustering) always run the whole model:
 both parts, one after the other. For a tenant with refusals in memory, the conversation tracker runs the whole
 model on an exited turn only when its rephrase similarity could change what a loaded policy or drill sampling
-reads (``ConversationTracker``'s ``rephrase_check``). The classifier keeps only the two parts, so early exit costs no second copy of the weights. The cut is made
-once, at load, in a child process (``python -m guardproxy.early_exit MODEL TAP DIR``): the ``onnx`` package's copies
-of the graph would otherwise stay in the gateway's heap (~60 MiB measured). With both, the gateway's RSS is 12 MiB
-above the whole model's.
+reads (``ConversationTracker``'s ``rephrase_check``).
+
+The classifier keeps only the two parts, so early exit costs no second copy of the weights. The cut is made once, at
+load, in a child process (``python -m guardproxy.early_exit MODEL TAP DIR``): the ``onnx`` package's copies of the
+graph would otherwise stay in the gateway's heap (~60 MiB measured). With both, the gateway's RSS is 12 MiB above
+the whole model's.
 
 The head is fitted by ``python -m guardproxy.training.early_exit`` against the whole model's own verdicts on the
 train split, not against the labels. Its threshold is set on the calibration split (the share of the whole model's

@@ -215,6 +215,7 @@ class Policy(_Strict):
     output_rules: tuple[OutputRule, ...] = ()
 
     _source: Path | None = PrivateAttr(None)
+    _thresholds: dict[str, float] | None = PrivateAttr(None)
 
     @property
     def ref(self) -> str:
@@ -226,18 +227,21 @@ class Policy(_Strict):
 
     def thresholds(self) -> dict[str, float]:
         """Per signal, the lowest threshold of a block rule that tests that signal alone (``harm`` defaults to
-        ``harm_threshold``): where "near a threshold" is for drill sampling. Compound rules are left out."""
-        out: dict[str, float] = {}
-        for rule in (*self.input_rules, *self.output_rules):
-            conditions = rule.when.model_dump(exclude_none=True)
-            if rule.action is not Action.BLOCK or len(conditions) != 1:
-                continue
-            ((key, value),) = conditions.items()
-            if key.endswith("_at_least") and isinstance(value, float):
-                name = key.removesuffix("_at_least")
-                out[name] = min(out.get(name, value), value)
-        out.setdefault("harm", self.harm_threshold)
-        return out
+        ``harm_threshold``): where "near a threshold" is for drill sampling. Compound rules are left out. Computed
+        once (the policy is immutable); a copy each call."""
+        if self._thresholds is None:
+            out: dict[str, float] = {}
+            for rule in (*self.input_rules, *self.output_rules):
+                conditions = rule.when.model_dump(exclude_none=True)
+                if rule.action is not Action.BLOCK or len(conditions) != 1:
+                    continue
+                ((key, value),) = conditions.items()
+                if key.endswith("_at_least") and isinstance(value, float):
+                    name = key.removesuffix("_at_least")
+                    out[name] = min(out.get(name, value), value)
+            out.setdefault("harm", self.harm_threshold)
+            self._thresholds = out
+        return dict(self._thresholds)
 
     def lowest_line(self, signal: str) -> float | None:
         """The lowest ``{signal}_at_least`` of any rule, whatever its action or other conditions (for ``harm``, the
