@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from guardproxy.classifier import OnnxClassifier
+from guardproxy.errors import PolicyError
 from guardproxy.policy import Policy, load_policy
 from guardproxy.scoring import ParsedRow, Progress, RowError, RowScorer, error_row, parse_row, read_jsonl
 from guardproxy.settings import load_settings
@@ -27,6 +28,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: guard.model_dir)")
     parser.add_argument("--policy", type=Path, default=None, help="policy file (default: policy.active)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: guard.threads)")
+    parser.add_argument(
+        "--early-exit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score as a gateway with guard.early_exit does: clearly harmless turns from the model's first layers "
+        "(default: the setting, off)",
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +46,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def load_model_and_policy(args: argparse.Namespace) -> tuple[OnnxClassifier, Policy]:
     settings = load_settings()
     policy = load_policy(args.policy or settings.policy.active)
+    early_exit = settings.guard.early_exit if args.early_exit is None else args.early_exit
     classifier = OnnxClassifier.load(
         args.model or settings.guard.model_dir,
         threads=args.threads or settings.guard.threads,
         cache_size=settings.guard.cache_size,
+        early_exit=early_exit,
     )
+    if classifier.early_exit is not None:
+        from guardproxy.guard import early_exit_problems
+
+        if problems := early_exit_problems(classifier.early_exit, [policy]):
+            classifier.close()
+            raise PolicyError(problems)  # as a gateway would refuse to start
     return classifier, policy
 
 
