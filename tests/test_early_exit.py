@@ -232,6 +232,7 @@ async def test_with_a_rephrase_check_turns_exit_for_a_tenant_with_refusals_until
         assert elsewhere.new_user_scores[0].exited and elsewhere.new_user_scores[0].embedding.size == 0
         assert elsewhere.signals.rephrase_similarity == 0.0
         ((low, high),) = asked
+        assert low.rephrase_similarity == -1.0  # no turn had an embedding: the lowest a cosine can be
         assert high.rephrase_similarity == 1.0 and high.escalation >= low.escalation
         assert _escalation_fields(high) == _escalation_fields(low)
         # In the refused conversation, block-rephrase-after-refusal could match: the whole model runs on the turn.

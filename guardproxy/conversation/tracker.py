@@ -186,6 +186,12 @@ class _Rephrase:
         self.unresolved = self.deferred = lazy and any(s.exited for s in scores)
         self.top_risk = max(refused_risks(refused), default=0.0) if self.unresolved else 0.0
 
+    @property
+    def floor(self) -> float:
+        """The lowest the similarity could be: ``value`` when some turn has an embedding; -1 when none has (the
+        reported 0 then is a convention, not a bound)."""
+        return self.value if any(not s.exited for s in self.scores) else -1.0
+
     async def resolve(self) -> None:
         """The whole model on the exited turns: their embeddings make the similarity exact."""
         self.scores = await self._tracker._scores_for(self._texts, exact=True)
@@ -212,10 +218,11 @@ class ConversationTracker:
     ``rephrase_check``: lets a turn exit early (``PromptScore.exited``, no embedding) for a tenant with refused
     requests in memory. Rephrase similarity compares whole-model embeddings, so without it such a tenant's turns
     always run the whole model. With it, a request whose turns exited is concluded first with the similarity of
-    its other turns (a lower bound) and again with the highest the exited turns could add (similarity 1 to the
-    refused request of highest risk); only when the check says something could read the two differently (the
-    guard asks every loaded policy and drill sampling: ``GuardCheck.conversation_sensitive``) do the exited turns
-    run the whole model. Otherwise the reported similarity is that lower bound.
+    its other turns (a lower bound; -1 when none has an embedding) and again with the highest the exited turns could
+    add (similarity 1 to the refused request of highest risk). Only when the check says something could read the
+    two differently (the guard asks every loaded policy and drill sampling: ``GuardCheck.conversation_sensitive``)
+    do the exited turns run the whole model. Otherwise the request reports the other turns' similarity (0 when
+    there are none), which decides as every value between the two ends does.
     """
 
     def __init__(
@@ -376,7 +383,8 @@ class ConversationTracker:
             return low
         if rp.unresolved:
             assert self.rephrase_check is not None
-            if self.rephrase_check(low, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
+            floor = replace(low, rephrase_similarity=rp.floor)  # ``low`` lies between: it decides as both ends do
+            if self.rephrase_check(floor, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
                 await rp.resolve()
                 low = self._signals(state, rp.value, rp.pairs)
         if self.observe_rephrase is not None:
