@@ -271,6 +271,23 @@ async def test_exited_turns_run_the_whole_model_when_their_similarity_could_open
         c.close()
 
 
+async def test_a_rephrase_check_that_fails_runs_the_whole_model_instead_of_failing_the_request() -> None:
+    def broken(low: Any, high: Any) -> bool:
+        raise RuntimeError("a policy bug")
+
+    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
+    t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32, rephrase_check=broken)
+    try:
+        request = [{"role": "user", "content": ORDINARY}]
+        await t.observe("tenant", None, request)
+        await t.record_reply("tenant", None, request, REFUSAL, refused=True)
+        obs = await t.observe("tenant", "another", [{"role": "user", "content": ORDINARY_REWORDED}])
+        assert not obs.new_user_scores[0].exited and obs.signals.rephrase_similarity > 0.8
+    finally:
+        await t.aclose()
+        c.close()
+
+
 def test_the_bench_counts_exits_and_lost_flags(early: OnnxClassifier, whole: OnnxClassifier) -> None:
     from bench.early_exit import verdicts
 

@@ -382,14 +382,22 @@ class ConversationTracker:
         if not (final and rp.deferred):
             return low
         if rp.unresolved:
-            assert self.rephrase_check is not None
             floor = replace(low, rephrase_similarity=rp.floor)  # ``low`` lies between: it decides as both ends do
-            if self.rephrase_check(floor, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
+            if self._could_matter(floor, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
                 await rp.resolve()
                 low = self._signals(state, rp.value, rp.pairs)
         if self.observe_rephrase is not None:
             self.observe_rephrase(not rp.unresolved)
         return low
+
+    def _could_matter(self, low: ConversationSignals, high: ConversationSignals) -> bool:
+        """``rephrase_check``; a check that fails counts as "it could" (the whole model then settles it)."""
+        assert self.rephrase_check is not None
+        try:
+            return self.rephrase_check(low, high)
+        except Exception:
+            logger.exception("rephrase check failed; running the whole model on the exited turns")
+            return True
 
     @staticmethod
     def _rephrase(
