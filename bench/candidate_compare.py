@@ -38,7 +38,9 @@ DEFAULT_SETS = [p for d in CHALLENGE_DIRS for p in sorted(d.glob("harm_challenge
 
 def prompt_records(model: Path, path: Path) -> list[PromptRecord]:
     """Every prompt row of ``path`` scored by ``model`` under the default policy."""
-    args = argparse.Namespace(model=str(model), policy=None, threads=None, group_by=None, no_progress=True)
+    args = argparse.Namespace(
+        model=str(model), policy=None, threads=None, early_exit=False, group_by=None, no_progress=True
+    )
     classifier, policy = load_model_and_policy(args)
     try:
         collector = score_files(classifier, policy, [(path, load_rows(path, None))], [], args)

@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     items = expand(templates, groups)
     rows = [ParsedRow(line=i + 1, id=i, kind="prompt", prompt=item["text"]) for i, item in enumerate(items)]
     print(f"scoring {len(rows)} sentences with {args.model} ...", file=sys.stderr)
-    classifier, policy = load_model_and_policy(argparse.Namespace(model=str(args.model), policy=None, threads=None))
+    classifier, policy = load_model_and_policy(
+        argparse.Namespace(model=str(args.model), policy=None, threads=None, early_exit=False)
+    )
     try:
         model = f"{classifier.info.name} {classifier.info.version}"
         with row_scorer(classifier, policy) as scorer:

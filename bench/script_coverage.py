@@ -68,7 +68,9 @@ def group_metrics(labels: list[bool], harm: list[float], flagged: list[bool]) ->
 
 def score_rows(model: Path, rows: list[ParsedRow]) -> tuple[str, list[dict[str, Any]]]:
     """``guardproxy score``'s result for each row with ``model`` under the default policy, and the model's name."""
-    classifier, policy = load_model_and_policy(argparse.Namespace(model=str(model), policy=None, threads=None))
+    classifier, policy = load_model_and_policy(
+        argparse.Namespace(model=str(model), policy=None, threads=None, early_exit=False)
+    )
     try:
         with row_scorer(classifier, policy) as scorer:
             return f"{classifier.info.name} {classifier.info.version}", scorer.score(rows)
