@@ -256,8 +256,9 @@ class Policy(_Strict):
 
     def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals) -> bool:
         """Whether some rule's conversation conditions hold on ``high`` and not on ``low``. Every conversation
-        condition is a lower bound, so when this is False, any signals between the two (each field at least
-        ``low``'s and at most ``high``'s) match the same rules as ``low``, whatever the other conditions read.
+        condition is a lower bound (``history_in`` aside, which reads a field the two share), so when this is False,
+        any signals between the two (each field at least ``low``'s and at most ``high``'s) match the same rules as
+        ``low``, whatever the other conditions read.
         The tracker asks this before it skips the whole model's pass that rephrase similarity needs (early exit)."""
         rules = (*self.input_rules, *self.output_rules)
         return any(r.when.conversation_matches(high) and not r.when.conversation_matches(low) for r in rules)
