@@ -260,8 +260,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "rephrase_lower_bound": lower_bound,
                 "rephrase_whole_model": whole_model,
             }
-            # Requests, warm-up included, beyond exited + went_on ran the whole model outright: a cache hit, or
-            # (a tracker without a rephrase check) a tenant with refusals in memory.
+            # Requests (warm-up and --refusals asks included) beyond exited + went_on had no per-turn check on the
+            # exit path: a turn answered from the score cache.
             notes.append(
                 f"input-only-exit: {exited} turns exited and {went_on} went on of {exits['requests']} requests; "
                 f"with refusals in memory, {lower_bound} requests' exited turns kept a lower bound of rephrase "
