@@ -395,3 +395,25 @@ def test_with_early_exit_the_stage_table_counts_exits(tmp_path: Path) -> None:
         exited, went_on = early_exits(st["counters"])
         assert 0 < exited + went_on <= st["requests"]  # one per-turn check per request at most
     assert "exited" in proc.stdout.split("Gateway stages", 1)[1].split("\n", 2)[1]
+
+
+def test_refusals_put_the_tenants_refusals_in_memory_and_exited_turns_then_keep_a_bound(tmp_path: Path) -> None:
+    proc = _bench(["--fake-upstream", *TINY, "--json", str(tmp_path / "b.json"), "--png", str(tmp_path / "png"),
+                   "--modes", "direct,input-only", "--sweep", "none", "--lengths", "none", "--early-exit",
+                   "--refusals", "2", "--quiet"])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from guardproxy.benchmark.load import early_exits, rephrase_deferred
+
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["config"]["refusals"] == 2
+    assert "input-only: blocked 2 of 2 --refusals asks before the runs" in result["notes"]
+    rows = [st for st in result["stages"] if st["gateway"] == "input-only"]
+    exited = sum(early_exits(st["counters"])[0] for st in rows)
+    deferred = sum(sum(rephrase_deferred(st["counters"])) for st in rows)
+    # with refusals in memory, a request whose turn exited has its similarity deferred (at most once a request)
+    assert 0 < exited <= deferred <= sum(st["requests"] for st in rows)
+
+
+def test_refusals_out_of_range_is_a_one_line_error() -> None:
+    proc = _bench(["--fake-upstream", "--refusals", "101"])
+    assert proc.returncode == 2 and "--refusals must be 0..100" in proc.stderr

@@ -49,6 +49,7 @@ from guardproxy.benchmark.load import (
     percentiles,
     run_pool,
     scrape,
+    seed_refusals,
     send,
     stage_diff,
     summarize,
@@ -100,6 +101,7 @@ class BenchConfig:
     concurrent_window: bool = False  # the gateways' guard.concurrent_window
     speculative_window: bool = False  # the gateways' guard.speculative_window
     early_exit: bool = False  # the gateways' guard.early_exit
+    refusals: int = 0  # harmful asks each guarded gateway blocks after warm-up (its tenant's refusal memory)
     window_ids: int | None = None  # the gateways' guard.window_max_ids (None: the default)
     capacity: int = 512
     max_seconds: float = 1800.0
@@ -127,6 +129,7 @@ class BenchConfig:
             (0 < self.max_seconds <= MAX_SECONDS, f"--max-seconds must be in (0, {MAX_SECONDS}]"),
             (0 < self.sweep_seconds <= 600, "--sweep-seconds must be in (0, 600]"),
             (0 <= self.length_ttft_ms <= 10_000, "--length-ttft-ms must be 0..10000"),
+            (0 <= self.refusals <= 100, "--refusals must be 0..100"),
             (not unknown and bool(self.modes), f"--modes: choose from {', '.join(MODES)}"),
             (bool(set(self.modes) - {"direct"}), "--modes needs at least one gateway mode"),
             (self.threads is None or 1 <= self.threads <= 64, "--threads must be 1..64"),
@@ -330,6 +333,19 @@ class Bench:
         await self._mixed(
             self.targets, 2, jobs=n, seconds=None, ttft_ms=self._ttft(0), seed=self.cfg.seed + 7, fast=True
         )
+
+    async def refuse(self) -> None:
+        """``--refusals``: each guarded gateway blocks that many harmful asks, so its tenant has refusals in memory
+        (as a busy shared key does: a conversation tracker then compares every new turn with them)."""
+        if self.cfg.refusals <= 0:
+            return
+        guarded = [t for t in self.targets if t.name not in ("direct", "passthrough")]
+        self._phase("refusals", None)
+        for t in guarded:
+            blocked = await seed_refusals(
+                self.session(t.name), t, self.cfg.refusals, model=self.cfg.mix.model, fake=self.cfg.fake
+            )
+            self.notes.append(f"{t.name}: blocked {blocked} of {self.cfg.refusals} --refusals asks before the runs")
 
     async def latency(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows: list[dict[str, Any]] = []
@@ -725,6 +741,7 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
     try:
         await bench.start()
         await bench.warmup()
+        await bench.refuse()
         latency, stages = await bench.latency()
         length, length_stages = await bench.length()
         if length_stages is not None:

@@ -118,6 +118,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--capacity", type=int, default=512, help="gateway max concurrent requests (512)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per target (20)")
+    parser.add_argument(
+        "--refusals",
+        type=int,
+        default=0,
+        help="after warm-up, have each guarded gateway block N plainly harmful asks, so the bench's tenant has "
+        "refused requests in memory, as a busy shared key does (0; with --upstream, an ask the policy does not "
+        "block reaches your upstream)",
+    )
     parser.add_argument("--stream-share", type=float, default=0.3, help="share of streaming requests (0.3)")
     parser.add_argument(
         "--conversation-share",
@@ -191,6 +199,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         capacity=args.capacity,
         max_seconds=args.max_seconds,
         warmup=args.warmup,
+        refusals=args.refusals,
         mix=mix,
         seed=args.seed,
         workdir=args.workdir,
