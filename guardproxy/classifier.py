@@ -26,9 +26,10 @@ RSS. Micro-batching would add a collection delay to every request for no through
 scores: dynamic int8 quantization computes activation scales over the whole batch, padding included (at one
 threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in batches of 32, 15.4% one at a time).
 
-Early exit (``guard.early_exit``, ``load(early_exit=True)``): per-turn prompt checks run the graph in two parts and
-stop after the first when the model's first layers already say the turn is clearly harmless (``guardproxy.early_exit``).
-Such a score has ``exited`` set and no embedding; ``exact=True`` asks for the whole model and never reuses one.
+Early exit (``guard.early_exit``, ``load(early_exit=True | "auto")``): per-turn prompt checks run the graph in two
+parts and stop after the first when the model's first layers already say the turn is clearly harmless
+(``guardproxy.early_exit``). Such a score has ``exited`` set and no embedding; ``exact=True`` asks for the whole
+model and never reuses one.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -375,14 +376,16 @@ class OnnxClassifier:
         workers: int = 1,
         timeout: float = 2.0,
         cache_size: int = 8192,
-        early_exit: bool = False,
+        early_exit: bool | Literal["auto"] = False,
         **options: Any,
     ) -> OnnxClassifier:
         """Load ``model.onnx``, ``tokenizer.json`` and ``config.json`` from ``model_dir``; with ``early_exit``, also
-        ``early_exit.json`` (``guardproxy.early_exit``).
+        ``early_exit.json`` (``guardproxy.early_exit``). ``"auto"``: early exit where that file fits this model, the
+        whole model otherwise, with a log line saying why.
 
         Raises ``ClassifierError`` naming the file when one is missing or unreadable (or, for the early-exit
-        spec, fitted on another graph), ``ConfigError`` when the model was trained on another taxonomy.
+        spec with ``early_exit=True``, fitted on another graph), ``ConfigError`` when the model was trained on
+        another taxonomy.
         """
         import onnxruntime as ort  # heavy import, only where a model is loaded
 
@@ -417,10 +420,18 @@ class OnnxClassifier:
         embedding_dim = int(dim) if isinstance(dim, int) else int(config.get("hidden", 0))
         info = _parse_info(config, directory / CONFIG_FILE, embedding_dim)
         exit_parts = None
-        if early_exit:
+        spec = _exit_spec(directory, model_path, int(config.get("hidden", embedding_dim)), early_exit)
+        if spec is not None:
             del session  # the two parts replace it: one copy of the weights
-            exit_parts = _load_exit(directory, model_path, int(config.get("hidden", embedding_dim)), opts)
-            session = _WholeThroughParts(exit_parts)
+            try:
+                exit_parts = _load_exit(directory, model_path, spec, opts)
+            except ClassifierError as exc:
+                if early_exit is True:
+                    raise
+                logger.warning("guard.early_exit auto: the whole model serves every check: %s", exc)
+                session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+            else:
+                session = _WholeThroughParts(exit_parts)
         logger.info(
             "guard model %s %s loaded from %s (%d threads%s)",
             info.name,
@@ -472,6 +483,11 @@ class OnnxClassifier:
     def early_exit(self) -> ExitSpec | None:
         """The early-exit spec in use; None when every check runs the whole model."""
         return self._exit.spec if self._exit is not None else None
+
+    def drop_early_exit(self) -> None:
+        """Run the whole model for every check from now on (the two parts, one after the other): for a caller
+        whose only policy reads below the lines the early-exit head was fitted for."""
+        self._exit = None
 
     @property
     def exit_stats(self) -> tuple[int, int]:
@@ -835,13 +851,30 @@ def _usable(score: Any, exact: bool) -> Any:
     return score
 
 
-def _load_exit(directory: Path, model_path: Path, dim: int, opts: Any) -> _Exit:
-    """The two sessions and head of ``early_exit.json``; ``ClassifierError`` naming the file when it cannot serve."""
+def _exit_spec(directory: Path, model_path: Path, dim: int, early_exit: bool | Literal["auto"]) -> ExitSpec | None:
+    """The early-exit spec to serve, or None. With ``early_exit=True`` a missing or unfit spec raises
+    ``ClassifierError`` naming the file; with ``"auto"`` it is logged and the whole model serves."""
+    if early_exit is False:
+        return None
+    path = directory / SPEC_FILE
+    if early_exit == "auto" and not path.is_file():
+        logger.info("guard.early_exit auto: %s not found, the whole model serves every check", path)
+        return None
+    try:
+        return load_spec(path, model_md5=file_md5(model_path), dim=dim)
+    except ClassifierError as exc:
+        if early_exit is True:
+            raise
+        logger.warning("guard.early_exit auto: the whole model serves every check: %s", exc)
+        return None
+
+
+def _load_exit(directory: Path, model_path: Path, spec: ExitSpec, opts: Any) -> _Exit:
+    """The two sessions of ``spec``'s cut; ``ClassifierError`` naming the spec file when it cannot be made."""
     import tempfile
 
     import onnxruntime as ort
 
-    spec = load_spec(directory / SPEC_FILE, model_md5=file_md5(model_path), dim=dim)
     try:
         with tempfile.TemporaryDirectory(prefix="guardproxy-exit-") as tmp:
             parts = cut_in_child(model_path, spec.tap, Path(tmp))

@@ -29,9 +29,14 @@ flags that may exit, ``--miss``), and it is reported on the dev split. The spec 
 it was fitted on. A spec for another graph is refused at load, so a replaced model never runs with a stale head.
 
 A policy that reads harm below ``harm_line`` (or jailbreak below ``jailbreak_line``) would judge exited turns on
-the estimates, so a gateway with early exit does not start on such a policy, enforced or shadow, and does not reload
-to one (``guardproxy.guard.early_exit_problems``): fit the head for the lowest line any policy uses. The shipped
-spec uses 0.15, the lowest harm line of ``policies/``.
+the estimates, so every turn of a request under such a policy, active or shadow, runs the whole model
+(``guardproxy.guard.below_exit_lines``; logged once per policy at start and on each reload). Requests under other
+policies still exit. Fit the head for the lowest line any policy uses to let all of them exit. The shipped spec
+uses 0.15, the lowest harm line of ``policies/``.
+
+``guard.early_exit`` is ``auto`` by default: early exit where the model directory's ``early_exit.json`` fits its
+``model.onnx``, the whole model otherwise (a missing spec is logged at info, an unfit one or a failed cut as a
+warning). ``true`` makes a missing or unfit spec stop the start; ``false`` never loads it.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from guardproxy.conversation.tracker import ConversationTracker as StateTracker
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
 from guardproxy.drills.record import PolicyDecision, message_text
-from guardproxy.errors import PolicyError, StateBackendError
+from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Early, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
 from guardproxy.policyset import PolicySet, ReloadResult
@@ -75,7 +74,13 @@ class ConversationTracker(Protocol):
     """
 
     async def observe(
-        self, tenant: str, subkey: str | None, messages: Sequence[Any], *, defer_window: bool = False
+        self,
+        tenant: str,
+        subkey: str | None,
+        messages: Sequence[Any],
+        *,
+        defer_window: bool = False,
+        exact: bool = False,
     ) -> Observation: ...
 
     async def record_reply(
@@ -234,6 +239,12 @@ class GuardCheck:
         self._watcher: asyncio.Task[None] | None = None
         self.failures = {"classifier": 0, "state": 0, "finish": 0}
 
+    def _whole_model(self, active: Policy, shadows: Sequence[Policy]) -> bool:
+        """Whether a request judged by these policies must not exit early: one of them reads harm or jailbreak
+        below the lines the early-exit head was fitted for (``below_exit_lines``)."""
+        spec = getattr(self.classifier, "early_exit", None)
+        return spec is not None and any(below_exit_lines(spec, p) for p in (active, *shadows))
+
     def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals) -> bool:
         """Whether any loaded policy (active or shadow, of any tenant) or drill sampling could treat conversation
         signals lying between ``low`` and ``high`` unlike ``low``: the tracker's ``rephrase_check``, asked before
@@ -272,6 +283,7 @@ class GuardCheck:
         result = self.policies.reload()
         if result.ok:
             log.info("policies reloaded: %s", ", ".join(result.policies))
+            log_exit_readers(getattr(self.classifier, "early_exit", None), self.policies.all())
         else:
             log.error("policy reload rejected, keeping %s: %s", ", ".join(result.policies), result.error)
         return result
@@ -301,7 +313,8 @@ class GuardCheck:
         active, shadows = self.policies.select(exchange.tenant, model if isinstance(model, str) else None)
         texts = scored_texts(exchange.messages, score_system=self.score_system)
         subkey = subkey_of(exchange.body, exchange.headers) if self.tracker is not None else None
-        signals, obs = await self._signals(exchange, texts, subkey, active=active, early=early)
+        exact = self._whole_model(active, shadows)
+        signals, obs = await self._signals(exchange, texts, subkey, active=active, early=early, exact=exact)
         if signals.unreadable >= UNREADABLE and self.metrics is not None:
             self.metrics.counter(
                 "guardproxy_unreadable_requests",
@@ -322,11 +335,12 @@ class GuardCheck:
         *,
         active: Policy,
         early: Early | None = None,
+        exact: bool = False,
     ) -> tuple[Signals, Observation | None]:
         """The request's signals, computed once for every policy, and the tracker's observation if it answered.
 
         ``early``: when the tracker defers a window pass, called with the active policy's verdict on the provisional
-        signals (the request's own turns) before the window is awaited."""
+        signals (the request's own turns) before the window is awaited. ``exact``: no turn exits early."""
         obs: Observation | None = None
         state_failed = False
         loop = asyncio.get_running_loop()
@@ -336,7 +350,7 @@ class GuardCheck:
                 try:
                     obs = await asyncio.wait_for(
                         self.tracker.observe(
-                            exchange.tenant, subkey, exchange.messages, defer_window=early is not None
+                            exchange.tenant, subkey, exchange.messages, defer_window=early is not None, exact=exact
                         ),
                         self.timeout,
                     )
@@ -353,7 +367,7 @@ class GuardCheck:
             verified = obs.signals.history == "verified"
             rest = [t for t in texts if t.role != "user" and (t.new or not verified)]
             try:
-                extra = await self._score_texts(exchange, rest)
+                extra = await self._score_texts(exchange, rest, exact=exact)
             except BaseException:
                 if obs.pending is not None:
                     obs.pending.cancel()  # cancelled mid-request: the deferred window must not run on alone
@@ -367,7 +381,7 @@ class GuardCheck:
                 return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed), obs
             return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed), obs
         # No tracker: no earlier request vouches for the history, so every scored turn counts.
-        scores = await self._score_texts(exchange, texts)
+        scores = await self._score_texts(exchange, texts, exact=exact)
         if scores is None:
             return Signals(classifier_failed=True, state_failed=state_failed), None
         return _combine_scores(scores, ConversationSignals(), state_failed), None
@@ -401,11 +415,13 @@ class GuardCheck:
         finally:
             obs.pending.cancel()  # a no-op once it finished; the caller's cancellation must not leave it running
 
-    async def _score_texts(self, exchange: Exchange, texts: Sequence[ScoredText]) -> list[PromptScore] | None:
+    async def _score_texts(
+        self, exchange: Exchange, texts: Sequence[ScoredText], *, exact: bool = False
+    ) -> list[PromptScore] | None:
         if not texts:
             return []
         with exchange.timed("inference"):
-            return await self._score_prompts([t.text for t in texts])
+            return await self._score_prompts([t.text for t in texts], exact=exact)
 
     async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
         state = exchange.state.get(STATE_KEY)
@@ -537,9 +553,9 @@ class GuardCheck:
                 self.metrics.observe_decision(policy.name, worst.action.value, shadow=role == "shadow")
         self.decision_log.submit(records)
 
-    async def _score_prompts(self, texts: list[str]) -> list[PromptScore] | None:
+    async def _score_prompts(self, texts: list[str], *, exact: bool = False) -> list[PromptScore] | None:
         try:
-            scores = await asyncio.wait_for(self.classifier.score_prompts(texts), self.timeout)
+            scores = await asyncio.wait_for(self.classifier.score_prompts(texts, exact=exact), self.timeout)
         except Exception as exc:  # raised, timed out, or broken: the policy's on_classifier_failure decides
             self._classifier_failed(exc)
             return None
@@ -609,20 +625,31 @@ class GuardBundle:
         return await self.guard.areload() if self.guard is not None else None
 
 
-def early_exit_problems(spec: ExitSpec, policies: Sequence[Policy]) -> list[str]:
-    """An early exit reports estimates capped below the lines its head was fitted for: a policy whose rules look
-    lower would judge exited turns on those estimates. One problem per such policy and signal."""
-    problems = []
+def below_exit_lines(spec: ExitSpec, policy: Policy) -> list[str]:
+    """What ``policy`` reads below the lines the early-exit head was fitted for, one phrase per signal ("harm from
+    0.1, below 0.15"). An exited turn reports estimates capped just below those lines, so a request under such a
+    policy (active or shadow) runs the whole model; other requests may still exit."""
+    below = []
+    for signal, fitted in (("harm", spec.harm_line), ("jailbreak", spec.jailbreak_line)):
+        line = policy.lowest_line(signal)
+        if line is not None and line < fitted:
+            below.append(f"{signal} from {line:g}, below {fitted:g}")
+    return below
+
+
+def log_exit_readers(spec: ExitSpec | None, policies: Sequence[Policy]) -> None:
+    """One warning per loaded policy whose requests run the whole model because of ``below_exit_lines``."""
+    if spec is None:
+        return
     for policy in policies:
-        for signal, fitted in (("harm", spec.harm_line), ("jailbreak", spec.jailbreak_line)):
-            line = policy.lowest_line(signal)
-            if line is not None and line < fitted:
-                problems.append(
-                    f"{policy.source or policy.ref}: guard.early_exit: this policy reads {signal} from {line:g}, "
-                    f"below the {fitted:g} the early-exit head was fitted for; refit it (python -m "
-                    f"guardproxy.training.early_exit --{signal}-line {line:g}) or turn guard.early_exit off"
-                )
-    return problems
+        if below := below_exit_lines(spec, policy):
+            log.warning(
+                "guard.early_exit: %s reads %s, the lines the early-exit head was fitted for: requests under it run "
+                "the whole model (refit the head with python -m guardproxy.training.early_exit --harm-line/"
+                "--jailbreak-line for the lowest lines to let them exit)",
+                policy.source or policy.ref,
+                "; ".join(below),
+            )
 
 
 def build_guard(
@@ -669,10 +696,7 @@ def build_guard(
 
                 classifier.observe_exit = count_exits
     spec = getattr(classifier, "early_exit", None)
-    if spec is not None:
-        policies.check = functools.partial(early_exit_problems, spec)  # a reload that looks lower fails too
-        if problems := early_exit_problems(spec, policies.all()):
-            raise PolicyError(problems)
+    log_exit_readers(spec, policies.all())
     if tracker is None and with_tracker:
         from guardproxy.conversation import build_tracker
 

@@ -216,6 +216,7 @@ class Policy(_Strict):
 
     _source: Path | None = PrivateAttr(None)
     _thresholds: dict[str, float] | None = PrivateAttr(None)
+    _lowest: dict[str, float | None] = PrivateAttr(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -245,14 +246,17 @@ class Policy(_Strict):
 
     def lowest_line(self, signal: str) -> float | None:
         """The lowest ``{signal}_at_least`` of any rule, whatever its action or other conditions (for ``harm``, the
-        policy's ``harm_threshold`` too); None when no rule reads the signal. A guard whose early exit reports
-        estimates below some line (``guardproxy.early_exit``) must not serve a policy that looks beneath it."""
-        key = f"{signal}_at_least"
-        rules = (*self.input_rules, *self.output_rules)
-        lines = [v for rule in rules if (v := getattr(rule.when, key, None)) is not None]
-        if signal == "harm":
-            lines.append(self.harm_threshold)
-        return min(lines) if lines else None
+        policy's ``harm_threshold`` too); None when no rule reads the signal. An early exit reports estimates capped
+        below some line (``guardproxy.early_exit``): a request under a policy that looks beneath it runs the whole
+        model. Computed once per signal (the policy is immutable)."""
+        if signal not in self._lowest:
+            key = f"{signal}_at_least"
+            rules = (*self.input_rules, *self.output_rules)
+            lines = [v for rule in rules if (v := getattr(rule.when, key, None)) is not None]
+            if signal == "harm":
+                lines.append(self.harm_threshold)
+            self._lowest[signal] = min(lines) if lines else None
+        return self._lowest[signal]
 
     def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals) -> bool:
         """Whether some rule's conversation conditions hold on ``high`` and not on ``low``. Every conversation

@@ -8,6 +8,7 @@ texts here are far from the line: an ordinary request (the bench's own kind) and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -50,13 +51,22 @@ def early() -> Iterator[OnnxClassifier]:
     c.close()
 
 
-def test_the_setting_is_off_by_default_and_reaches_the_classifier() -> None:
-    assert GuardSettings().early_exit is False
-    c = OnnxClassifier.from_settings(GuardSettings(model_dir=MODEL_DIR, early_exit=True))
-    try:
-        assert c.early_exit is not None and c.early_exit.harm_line <= 0.5
-    finally:
-        c.close()
+@pytest.mark.parametrize(("env", "expected"), [(None, "auto"), ("auto", "auto"), ("true", True), ("false", False)])
+def test_the_setting_is_auto_by_default_and_reads_true_false_and_auto(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, expected: object
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("GUARDPROXY_GUARD__EARLY_EXIT", env)
+    assert Settings().guard.early_exit == expected
+
+
+def test_the_setting_reaches_the_classifier() -> None:
+    for setting, on in (("auto", True), (True, True), (False, False)):
+        c = OnnxClassifier.from_settings(GuardSettings(model_dir=MODEL_DIR, early_exit=setting))  # type: ignore[arg-type]
+        try:
+            assert (c.early_exit is not None) is on
+        finally:
+            c.close()
 
 
 def test_an_ordinary_turn_exits_with_low_scores_and_no_embedding(early: OnnxClassifier, whole: OnnxClassifier) -> None:
@@ -150,12 +160,21 @@ def _edit_spec(directory: Path, **changes: Any) -> None:
     path.write_text(json.dumps(doc))
 
 
-def test_asking_for_early_exit_without_a_spec_names_the_missing_file(tmp_path: Path) -> None:
+def test_asking_for_early_exit_without_a_spec_names_the_missing_file_and_auto_serves_the_whole_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     directory = _model_copy(tmp_path)
     os.remove(directory / SPEC_FILE)
     OnnxClassifier.load(directory).close()  # without early exit the spec is not needed
     with pytest.raises(ClassifierError, match=SPEC_FILE):
         OnnxClassifier.load(directory, early_exit=True)
+    with caplog.at_level(logging.INFO, logger="guardproxy.classifier"):
+        c = OnnxClassifier.load(directory, early_exit="auto")
+    try:
+        assert c.early_exit is None and not c.score_prompts_sync([ORDINARY])[0].exited
+        assert any(SPEC_FILE in r.getMessage() and "whole model" in r.getMessage() for r in caplog.records)
+    finally:
+        c.close()
 
 
 @pytest.mark.parametrize(
@@ -177,6 +196,26 @@ def test_a_spec_that_cannot_serve_this_model_is_a_classifier_error_naming_it(
     with pytest.raises(ClassifierError, match=message) as info:
         OnnxClassifier.load(directory, early_exit=True)
     assert SPEC_FILE in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"model_md5": "0" * 32}, {"tap": "/no/such/tensor"}], ids=["another model", "cannot cut"]
+)
+def test_auto_serves_the_whole_model_when_the_spec_cannot_serve_and_says_why(
+    tmp_path: Path, changes: dict[str, Any], whole: OnnxClassifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = _model_copy(tmp_path)
+    _edit_spec(directory, **changes)
+    with caplog.at_level(logging.WARNING, logger="guardproxy.classifier"):
+        c = OnnxClassifier.load(directory, early_exit="auto", timeout=30.0)
+    try:
+        assert c.early_exit is None
+        (score,) = c.score_prompts_sync([ORDINARY])
+        (reference,) = whole.score_prompts_sync([ORDINARY])
+        assert not score.exited and score.harm == reference.harm
+        assert any(SPEC_FILE in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    finally:
+        c.close()
 
 
 # --- the conversation tracker ---------------------------------------------------------------------------------
@@ -313,30 +352,55 @@ def test_every_shipped_policy_serves_with_the_shipped_head(early: OnnxClassifier
         build_guard(_guard_settings(POLICIES / f"{name}.toml"), classifier=early, with_drills=False, with_tracker=False)
 
 
-def test_a_policy_that_reads_harm_below_the_heads_line_stops_the_gateway_and_fails_a_reload(
-    tmp_path: Path, early: OnnxClassifier
+async def test_a_request_under_a_policy_below_the_heads_line_runs_the_whole_model_until_a_reload_lifts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from guardproxy.errors import PolicyError
-    from guardproxy.guard import build_guard
+    import httpx
 
-    active = tmp_path / "active.toml"
+    from guardproxy.app import create_app
+    from guardproxy.fake_upstream import FakeUpstream
+    from guardproxy.guard import build_guard
+    from guardproxy.metrics import Metrics
+    from tests.servers import serve
+
+    shadow = tmp_path / "shadow.toml"  # a shadow policy reads the request's signals as the active one does
     lowered = (
         (POLICIES / "strict.toml")
         .read_text()
         .replace("when = { harm_at_least = 0.15 }", "when = { harm_at_least = 0.1 }")
     )
-    active.write_text(lowered)
-    with pytest.raises(PolicyError, match=r"reads harm from 0\.1, below the 0\.15") as info:
-        build_guard(_guard_settings(active), classifier=early, with_drills=False, with_tracker=False)
-    assert str(active) in str(info.value)
-    # started on the shipped strict policy, a reload to the lowered one is refused and the old set stays
-    shutil.copy(POLICIES / "strict.toml", active)
-    bundle = build_guard(_guard_settings(active), classifier=early, with_drills=False, with_tracker=False)
-    assert bundle.guard is not None
-    active.write_text(lowered)
-    result = bundle.guard.policies.reload()
-    assert not result.ok and result.error is not None and "guard.early_exit" in result.error
-    assert bundle.guard.policies.default.lowest_line("harm") == pytest.approx(0.15)
+    shadow.write_text(lowered)
+    async with serve(FakeUpstream()) as up:
+        settings = Settings(
+            upstream={"base_url": up + "/v1"},
+            guard={"early_exit": "auto"},
+            policy={"active": str(POLICIES / "default.toml"), "shadows": [str(shadow)]},
+            state={"hmac_secret": "s" * 32},
+        )
+        metrics = Metrics()
+        with caplog.at_level(logging.WARNING, logger="guardproxy.guard"):
+            bundle = build_guard(settings, metrics=metrics, with_drills=False)
+        assert bundle.guard is not None
+        app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def exits(text: str) -> tuple[float, float]:
+                body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+                answer = await client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer k"})
+                assert answer.status_code == 200
+                metric = (await client.get("/metrics")).text
+                return tuple(  # type: ignore[return-value]
+                    float(metric.split(f'guardproxy_classifier_early_exit_total{{outcome="{o}"}} ')[1].split()[0])
+                    for o in ("exited", "went_on")
+                )
+
+            before = await exits(ORDINARY)  # the lowered shadow reads it: whole model, no exit counted
+            shadow.write_text((POLICIES / "strict.toml").read_text())
+            assert bundle.guard.reload().ok  # a reload to policies at the head's lines lets turns exit again
+            after = await exits(ORDINARY_REWORDED)
+    assert before == (0.0, 0.0) and after == (1.0, 0.0)
+    warned = [r.getMessage() for r in caplog.records if "guard.early_exit" in r.getMessage()]
+    assert len(warned) == 1 and str(shadow) in warned[0] and "harm from 0.1, below 0.15" in warned[0]
 
 
 # --- the gateway ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import aiohttp
 
@@ -155,7 +155,7 @@ class GatewaySpec:
     concurrent_window: bool = False  # guard.concurrent_window
     speculative_window: bool = False  # guard.speculative_window (ignored by a speculative gateway)
     window_max_ids: int | None = None  # guard.window_max_ids (None: the default)
-    early_exit: bool = False  # guard.early_exit
+    early_exit: bool | Literal["auto"] = False  # guard.early_exit (written always: the gateway's default is auto)
 
 
 def _toml_value(value: Any) -> str:
@@ -201,8 +201,7 @@ def gateway_config(
         cfg["guard"]["concurrent_window"] = True
     if spec.speculative_window:
         cfg["guard"]["speculative_window"] = True
-    if spec.early_exit:
-        cfg["guard"]["early_exit"] = True
+    cfg["guard"]["early_exit"] = spec.early_exit
     if not spec.output_checks:
         cfg["guard"]["output_checks"] = False
     if spec.window_max_ids is not None:

@@ -73,7 +73,7 @@ def _header(result: dict[str, Any]) -> str:
         f"workers: {cfg.get('workers') or 'default (1)'}"
         + ("; window pass beside the turn pass" if cfg.get("concurrent_window") else "")
         + ("; upstream called while the window is scored" if cfg.get("speculative_window") else "")
-        + ("; early exit on" if cfg.get("early_exit") else "")
+        + {True: "; early exit on", "auto": "; early exit auto"}.get(cfg.get("early_exit"), "")
         + (f"; window ids: {cfg['window_ids']}" if cfg.get("window_ids") else "")
     )
 
@@ -133,7 +133,7 @@ def _stages(result: dict[str, Any]) -> str:
         return ""
     names = [n for n in STAGE_ORDER if any(s["stage"] == n for st in result["stages"] for s in st["stages"])]
     names += sorted({s["stage"] for st in result["stages"] for s in st["stages"]} - set(names))
-    early = bool(result["config"].get("early_exit"))
+    early = result["config"].get("early_exit") in (True, "auto")
     rows = []
     for st in result["stages"]:
         per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}

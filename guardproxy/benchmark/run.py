@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -100,7 +100,7 @@ class BenchConfig:
     workers: int | None = None  # the gateways' guard.workers (None: the default)
     concurrent_window: bool = False  # the gateways' guard.concurrent_window
     speculative_window: bool = False  # the gateways' guard.speculative_window
-    early_exit: bool = False  # the gateways' guard.early_exit
+    early_exit: bool | Literal["auto"] = "auto"  # the gateways' guard.early_exit (auto: the gateway's default)
     refusals: int = 0  # harmful asks each guarded gateway blocks after warm-up (its tenant's refusal memory)
     window_ids: int | None = None  # the gateways' guard.window_max_ids (None: the default)
     capacity: int = 512

@@ -112,9 +112,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--early-exit",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="the gateways' guard.early_exit: a clearly harmless user turn is answered from the guard model's first "
-        "layers (needs the model directory's early_exit.json)",
+        "layers (needs the model directory's early_exit.json); default: the gateway's default, auto (on where the "
+        "model has a fitting early_exit.json)",
     )
     parser.add_argument("--capacity", type=int, default=512, help="gateway max concurrent requests (512)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per target (20)")
@@ -194,7 +196,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         workers=args.workers,
         concurrent_window=args.concurrent_window,
         speculative_window=args.speculative_window,
-        early_exit=args.early_exit,
+        early_exit="auto" if args.early_exit is None else args.early_exit,
         window_ids=args.window_ids,
         capacity=args.capacity,
         max_seconds=args.max_seconds,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from guardproxy.classifier import OnnxClassifier
-from guardproxy.errors import PolicyError
 from guardproxy.policy import Policy, load_policy
 from guardproxy.scoring import ParsedRow, Progress, RowError, RowScorer, error_row, parse_row, read_jsonl
 from guardproxy.settings import load_settings
@@ -33,7 +32,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="score as a gateway with guard.early_exit does: clearly harmless turns from the model's first layers "
-        "(default: the setting, off)",
+        "(default: on only where guard.early_exit is true; its default, auto, reads as off here)",
     )
 
 
@@ -46,7 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def load_model_and_policy(args: argparse.Namespace) -> tuple[OnnxClassifier, Policy]:
     settings = load_settings()
     policy = load_policy(args.policy or settings.policy.active)
-    early_exit = settings.guard.early_exit if args.early_exit is None else args.early_exit
+    # Scores are the model's unless asked: "auto" is the gateway's default, read here as off.
+    setting = settings.guard.early_exit
+    early_exit = (setting is True) if args.early_exit is None else args.early_exit
     classifier = OnnxClassifier.load(
         args.model or settings.guard.model_dir,
         threads=args.threads or settings.guard.threads,
@@ -54,11 +55,16 @@ def load_model_and_policy(args: argparse.Namespace) -> tuple[OnnxClassifier, Pol
         early_exit=early_exit,
     )
     if classifier.early_exit is not None:
-        from guardproxy.guard import early_exit_problems
+        from guardproxy.guard import below_exit_lines
 
-        if problems := early_exit_problems(classifier.early_exit, [policy]):
-            classifier.close()
-            raise PolicyError(problems)  # as a gateway would refuse to start
+        if below := below_exit_lines(classifier.early_exit, policy):
+            # as a gateway scores a request under this policy: the whole model
+            print(
+                f"{policy.source or policy.ref}: reads {'; '.join(below)}, the early-exit head's lines: "
+                "scoring with the whole model",
+                file=sys.stderr,
+            )
+            classifier.drop_early_exit()
     return classifier, policy
 
 

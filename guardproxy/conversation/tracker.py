@@ -321,13 +321,19 @@ class ConversationTracker:
         return [s if s is not None else by_text[t] for t, s in zip(texts, out, strict=True)]
 
     async def _scored(
-        self, texts: list[str], early_window: asyncio.Task[list[PromptScore]] | None, refused: tuple[bytes, ...]
+        self,
+        texts: list[str],
+        early_window: asyncio.Task[list[PromptScore]] | None,
+        refused: tuple[bytes, ...],
+        *,
+        exact: bool = False,
     ) -> _Rephrase:
         """The scores of a request's new user turns, with their rephrase similarity to the tenant's ``refused``
         requests. That needs whole-model embeddings: with refused requests in memory every turn runs the whole
-        model, unless a ``rephrase_check`` lets turns exit and settles the similarity later (``_Rephrase``)."""
-        lazy = bool(refused) and self.rephrase_check is not None
-        scores = await self._scores_beside(texts, early_window, exact=bool(refused) and not lazy)
+        model, unless a ``rephrase_check`` lets turns exit and settles the similarity later (``_Rephrase``).
+        ``exact``: every turn runs the whole model anyway (the caller's policies read below the exit's lines)."""
+        lazy = bool(refused) and self.rephrase_check is not None and not exact
+        scores = await self._scores_beside(texts, early_window, exact=exact or (bool(refused) and not lazy))
         return _Rephrase(self, texts, scores, refused, lazy=lazy)
 
     def _start_window(self, chain: Chain, n: int, scored: Sequence[int]) -> asyncio.Task[list[PromptScore]] | None:
@@ -420,7 +426,13 @@ class ConversationTracker:
     # -- the API --------------------------------------------------------------------------------------------------
 
     async def observe(
-        self, tenant: str, subkey: str | None, messages: Sequence[Any], *, defer_window: bool = False
+        self,
+        tenant: str,
+        subkey: str | None,
+        messages: Sequence[Any],
+        *,
+        defer_window: bool = False,
+        exact: bool = False,
     ) -> Observation:
         """Signals of one request. Scores only what this request adds to a known conversation.
 
@@ -428,6 +440,9 @@ class ConversationTracker:
         provisional signals (the window read as the last turn alone, as a closed gate reads it) and the final
         observation in ``pending``, which runs the window pass and only then stores the request's state. Await or
         cancel ``pending``; the provisional signals are never stored.
+
+        ``exact``: no new turn exits early (``PromptScore.exited``); the gateway asks this for a request whose
+        policies read below the lines the early-exit head was fitted for.
 
         Raises ``ClassifierError`` when the guard model fails; state backend failures never raise
         (``state_failed`` says local state answered).
@@ -449,7 +464,7 @@ class ConversationTracker:
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
         early_window = self._start_window(chain, n, scored) if self.concurrent_window and not repeat else None
-        rp = await self._scored([chain.text(i) for i in scored], early_window, loaded.refused)
+        rp = await self._scored([chain.text(i) for i in scored], early_window, loaded.refused, exact=exact)
 
         async def conclude(state: Snapshot, window: PromptScore | None, *, final: bool = True) -> Observation:
             """The observation of ``state``; a final one is stored (unless a repeat) and remembered for the reply."""
