@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from guardproxy.commands.evaluate import load_rows, score_files
-from guardproxy.commands.score import load_model_and_policy
+from guardproxy.commands.score import load_model
 from guardproxy.evaluation import NEGATIVE_LABELS, PromptRecord, auroc
 from guardproxy.settings import PROJECT_ROOT
 from guardproxy.training.sources import CHALLENGE_DIRS
@@ -38,10 +38,8 @@ DEFAULT_SETS = [p for d in CHALLENGE_DIRS for p in sorted(d.glob("harm_challenge
 
 def prompt_records(model: Path, path: Path) -> list[PromptRecord]:
     """Every prompt row of ``path`` scored by ``model`` under the default policy."""
-    args = argparse.Namespace(
-        model=str(model), policy=None, threads=None, early_exit=False, group_by=None, no_progress=True
-    )
-    classifier, policy = load_model_and_policy(args)
+    args = argparse.Namespace(group_by=None, no_progress=True)  # what score_files reads
+    classifier, policy = load_model(model=model, early_exit=False)
     try:
         collector = score_files(classifier, policy, [(path, load_rows(path, None))], [], args)
     finally:

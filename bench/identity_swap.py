@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from guardproxy.commands.score import load_model_and_policy, row_scorer
+from guardproxy.commands.score import load_model, row_scorer
 from guardproxy.errors import ConfigError
 from guardproxy.scoring import ParsedRow
 from guardproxy.settings import PROJECT_ROOT
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     items = expand(templates, groups)
     rows = [ParsedRow(line=i + 1, id=i, kind="prompt", prompt=item["text"]) for i, item in enumerate(items)]
     print(f"scoring {len(rows)} sentences with {args.model} ...", file=sys.stderr)
-    classifier, policy = load_model_and_policy(
-        argparse.Namespace(model=str(args.model), policy=None, threads=None, early_exit=False)
-    )
+    classifier, policy = load_model(model=args.model, early_exit=False)
     try:
         model = f"{classifier.info.name} {classifier.info.version}"
         with row_scorer(classifier, policy) as scorer:

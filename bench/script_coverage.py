@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from guardproxy.commands.evaluate import load_rows
-from guardproxy.commands.score import load_model_and_policy, row_scorer
+from guardproxy.commands.score import load_model, row_scorer
 from guardproxy.errors import ConfigError
 from guardproxy.evaluation import NEGATIVE_LABELS, auroc
 from guardproxy.scoring import ParsedRow
@@ -68,9 +68,7 @@ def group_metrics(labels: list[bool], harm: list[float], flagged: list[bool]) ->
 
 def score_rows(model: Path, rows: list[ParsedRow]) -> tuple[str, list[dict[str, Any]]]:
     """``guardproxy score``'s result for each row with ``model`` under the default policy, and the model's name."""
-    classifier, policy = load_model_and_policy(
-        argparse.Namespace(model=str(model), policy=None, threads=None, early_exit=False)
-    )
+    classifier, policy = load_model(model=model, early_exit=False)
     try:
         with row_scorer(classifier, policy) as scorer:
             return f"{classifier.info.name} {classifier.info.version}", scorer.score(rows)

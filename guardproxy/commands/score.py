@@ -43,29 +43,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_and_policy(args: argparse.Namespace) -> tuple[OnnxClassifier, Policy]:
+    """``load_model`` with ``add_model_options``' flags."""
+    return load_model(model=args.model, policy=args.policy, threads=args.threads, early_exit=args.early_exit)
+
+
+def load_model(
+    *,
+    model: str | Path | None = None,
+    policy: str | Path | None = None,
+    threads: int | None = None,
+    early_exit: bool | None = None,
+) -> tuple[OnnxClassifier, Policy]:
+    """The guard model and a policy as the scoring commands load them; None takes the setting. Early exit only
+    where ``early_exit`` or ``guard.early_exit`` is true: ``auto``, the gateway's default, reads as off here, so
+    scores are the whole model's unless asked."""
     settings = load_settings()
-    policy = load_policy(args.policy or settings.policy.active)
-    # Scores are the model's unless asked: "auto" is the gateway's default, read here as off.
-    setting = settings.guard.early_exit
-    early_exit = (setting is True) if args.early_exit is None else args.early_exit
+    policy_ = load_policy(policy or settings.policy.active)
+    exits = (settings.guard.early_exit is True) if early_exit is None else early_exit
     classifier = OnnxClassifier.load(
-        args.model or settings.guard.model_dir,
-        threads=args.threads or settings.guard.threads,
+        model or settings.guard.model_dir,
+        threads=threads or settings.guard.threads,
         cache_size=settings.guard.cache_size,
-        early_exit=early_exit,
+        early_exit=exits,
     )
     if classifier.early_exit is not None:
         from guardproxy.guard import below_exit_lines
 
-        if below := below_exit_lines(classifier.early_exit, policy):
+        if below := below_exit_lines(classifier.early_exit, policy_):
             # as a gateway scores a request under this policy: the whole model
             print(
-                f"{policy.source or policy.ref}: reads {'; '.join(below)}, the early-exit head's lines: "
+                f"{policy_.source or policy_.ref}: reads {'; '.join(below)}, the early-exit head's lines: "
                 "scoring with the whole model",
                 file=sys.stderr,
             )
             classifier.drop_early_exit()
-    return classifier, policy
+    return classifier, policy_
 
 
 def row_scorer(classifier: OnnxClassifier, policy: Policy) -> RowScorer:
