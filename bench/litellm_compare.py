@@ -4,11 +4,12 @@
 
 Targets, all on loopback against one FAKE upstream process (whole reply at once, no delay, so the proxies' CPU is
 what limits them): ``direct`` (the upstream itself), ``litellm`` (LiteLLM's proxy, no guard, no callbacks),
-``passthrough`` (guardproxy with no checks), ``guarded`` (guardproxy with the guard model and the default
+``passthrough`` (guardproxy with no checks), ``guarded`` (guardproxy with the whole guard model and the default
 policy: every request scores a new ~64-token user turn and the reply) and ``input-only`` (the same with
-``guard.output_checks = false``: the user turn only, the configuration issue 7's throughput target names);
-with ``--early-exit`` also ``input-only-exit`` (the same with ``guard.early_exit``: a turn the model's first layers
-already find clearly harmless skips the rest, ``guardproxy.early_exit``; the bench's turns are all ordinary asks).
+``guard.output_checks = false``: the user turn only, the configuration issue 7's throughput target names); both
+set ``guard.early_exit = false``. With ``--early-exit`` also ``input-only-exit`` (the same with early exit, the
+gateway's default: a turn the model's first layers already find clearly harmless skips the rest,
+``guardproxy.early_exit``; the bench's turns are all ordinary asks).
 ``--refusals N`` has each guarded gateway block N plainly harmful asks before the runs, so the one tenant has
 refused requests in memory, as a busy shared key does.
 Each round gives every target the same number of seconds at each concurrency level, in rotating order, so a
@@ -181,8 +182,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = args.model or load_settings().guard.model_dir
         specs = (
             GatewaySpec("passthrough", guard=False),
-            GatewaySpec("guarded", workers=args.workers),
-            GatewaySpec("input-only", output_checks=False, workers=args.workers),
+            GatewaySpec("guarded", workers=args.workers, early_exit=False),
+            GatewaySpec("input-only", output_checks=False, workers=args.workers, early_exit=False),
         )
         if args.early_exit:
             specs += (GatewaySpec("input-only-exit", output_checks=False, workers=args.workers, early_exit=True),)

@@ -337,7 +337,7 @@ def test_gateway_config_carries_the_window_options_into_valid_settings(tmp_path:
     plain = Settings(**gateway_config(GatewaySpec("guarded"), port=1, upstream="http://127.0.0.1:2/v1",
                                       workdir=tmp_path, model_dir=None, policy=None, capacity=8)).guard  # fmt: skip
     assert (plain.concurrent_window, plain.speculative_window, plain.window_max_ids) == (False, False, 96)
-    assert plain.early_exit is False
+    assert plain.early_exit == "auto"  # the gateway's own default, as guardproxy serve runs it
     assert plain.output_checks is True
 
 

@@ -155,7 +155,7 @@ class GatewaySpec:
     concurrent_window: bool = False  # guard.concurrent_window
     speculative_window: bool = False  # guard.speculative_window (ignored by a speculative gateway)
     window_max_ids: int | None = None  # guard.window_max_ids (None: the default)
-    early_exit: bool | Literal["auto"] = False  # guard.early_exit (written always: the gateway's default is auto)
+    early_exit: bool | Literal["auto"] = "auto"  # guard.early_exit (auto: the gateway's default)
 
 
 def _toml_value(value: Any) -> str:
