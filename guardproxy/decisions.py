@@ -75,6 +75,7 @@ def scores_of(signals: Signals) -> dict[str, float | str | None]:
         "history": conv.history,
         "classifier_failed": float(signals.classifier_failed),
         "state_failed": float(signals.state_failed),
+        "estimated": float(signals.estimated),
     }
 
 

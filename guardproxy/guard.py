@@ -592,6 +592,7 @@ def _combine_scores(scores: Sequence[PromptScore], conv: ConversationSignals, st
         unreadable=max(s.unreadable for s in scores),
         conversation=conv,
         state_failed=state_failed,
+        estimated=any(s.exited for s in scores),
     )
 
 

@@ -114,6 +114,9 @@ class Signals:
     reply_harm: float | None = None
     classifier_failed: bool = False
     state_failed: bool = False
+    # Some scored turn exited early (guardproxy.early_exit): harm and jailbreak include the head's estimates, capped
+    # below its lines, and with refusals in memory rephrase similarity may be a lower bound. Logged, not a condition.
+    estimated: bool = False
 
     def false_refusal(self, harm_threshold: float) -> bool:
         """Derived: a full or partial refusal of a request whose harm is below ``harm_threshold``."""

@@ -439,6 +439,10 @@ async def test_the_gateway_with_early_exit_counts_exits_and_still_blocks_a_harmf
             after = await ask(ORDINARY_REWORDED)
             later = (await client.get("/metrics")).text
     assert blocked.headers.get("x-guardproxy-decision") == "block"
+    # the decision log says which requests were judged on the head's estimates
+    assert bundle.guard is not None
+    estimated = [r.scores["estimated"] for r in bundle.guard.decision_log.recent() if r.stage == "input"]
+    assert estimated == [1.0, 0.0, 1.0]
     assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 1.0' in text
     assert 'guardproxy_classifier_early_exit_total{outcome="went_on"} 1.0' in text
     assert after.status_code == 200 and after.headers.get("x-guardproxy-decision") == "allow"

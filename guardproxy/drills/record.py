@@ -132,6 +132,7 @@ def signals_dict(signals: Signals) -> dict[str, float]:
         "turn_index": float(conv.turn_index),
         "classifier_failed": float(signals.classifier_failed),
         "state_failed": float(signals.state_failed),
+        "estimated": float(signals.estimated),
     }
     if signals.reply_harm is not None:
         out["reply_harm"] = signals.reply_harm
