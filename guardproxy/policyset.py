@@ -7,7 +7,7 @@ complete new set and swaps it in one assignment; a file that fails validation le
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -134,8 +134,6 @@ class PolicySet:
         self._active = Path(active)
         self._shadows = tuple(Path(p) for p in shadows)
         self._mapping = Path(mapping) if mapping is not None else None
-        # More checks of a loaded set, from what serves it (problems as "file: message"); a reload failing them fails.
-        self.check: Callable[[Sequence[Policy]], list[str]] | None = None
         self._loaded = self._load()  # raises PolicyError: a gateway does not start on a broken policy
 
     def _load(self) -> _Loaded:
@@ -155,8 +153,6 @@ class PolicySet:
             if policy.ref in refs:
                 problems.append(f"{path}:1: name: {policy.ref} is also the name@version of {refs[policy.ref]}")
             refs.setdefault(policy.ref, path)
-        if not problems and self.check is not None:
-            problems = self.check(tuple(policies.values()))
         if problems:
             raise PolicyError(problems)
         watched = set(policies) | ({self._mapping.resolve()} if self._mapping else set())
