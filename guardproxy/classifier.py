@@ -858,7 +858,12 @@ def _exit_spec(directory: Path, model_path: Path, dim: int, early_exit: bool | L
         return None
     path = directory / SPEC_FILE
     if early_exit == "auto" and not path.is_file():
-        logger.info("guard.early_exit auto: %s not found, the whole model serves every check", path)
+        logger.info(
+            "guard.early_exit auto: %s not found, the whole model serves every check (fit one: python -m "
+            "guardproxy.training.early_exit --model %s --data ../shared/data)",
+            path,
+            directory,
+        )
         return None
     try:
         return load_spec(path, model_md5=file_md5(model_path), dim=dim)
