@@ -83,6 +83,10 @@ def test_every_section_is_in_the_json_and_the_terminal_report(tiny: Run) -> None
     assert tiny.result["config"]["threads"] == 1 and "guard threads: 1" in tiny.proc.stdout
     configs = [c for c in (tiny.png.parent / "work").glob("*.toml") if c.stem in ("guarded", "speculative")]
     assert configs and all("threads = 1" in c.read_text() for c in configs)
+    # without --early-exit/--no-early-exit the gateways run the gateway's default, and the report says so
+    assert tiny.result["config"]["early_exit"] == "auto" and "early exit auto" in tiny.proc.stdout
+    assert all('early_exit = "auto"' in c.read_text() for c in configs)
+    assert "exited" in tiny.proc.stdout.split("Gateway stages")[1].splitlines()[1]
 
 
 def test_latency_counts_add_up_and_percentiles_are_ordered(tiny: Run) -> None:
