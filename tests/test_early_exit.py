@@ -218,6 +218,17 @@ def test_auto_serves_the_whole_model_when_the_spec_cannot_serve_and_says_why(
         c.close()
 
 
+def test_the_fit_on_windows_only_reports_and_refuses_an_output_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guardproxy.training.early_exit import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(MODEL_DIR), "--windows", "--out", str(tmp_path / SPEC_FILE)])
+    assert info.value.code == 2 and "--windows writes nothing" in capsys.readouterr().err
+    assert not (tmp_path / SPEC_FILE).exists()
+
+
 # --- the conversation tracker ---------------------------------------------------------------------------------
 
 

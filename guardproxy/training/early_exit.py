@@ -16,6 +16,11 @@ scored one at a time, as the gateway scores it, through the graph cut at ``--lay
 - the dev split, used for neither, is where the head is reported: its exit rate, and kept rows that would exit.
 
 The fit writes what it measured into the spec's ``fit`` and prints it. Progress goes to stderr.
+
+``--windows`` fits the same kind of head on the conversation windows of each split instead (the training rows with a
+newest turn, read at ``--window-ids`` ids, as the gateway's window pass reads them) and only prints the report: the
+runtime has no window exit, so nothing is written. It measures what a window head could do (``bench.window_exit``
+shows that the prompt head cannot be reused on windows).
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from guardproxy.signals import to_operating_scale
 SPLITS = ("train", "calibration", "dev")
 
 
-def prompt_rows(data: Path, config: dict[str, Any], train_rows: int) -> dict[str, list[str]]:
-    """The prompt-mode texts (no reply, not a window) of each split of the model's own data split."""
+def prompt_rows(data: Path, config: dict[str, Any], train_rows: int, *, windows: bool = False) -> dict[str, list[str]]:
+    """The prompt-mode texts (no reply, not a window) of each split of the model's own data split; with
+    ``windows``, the conversation windows instead."""
     from guardproxy.training.sources import load_all
     from guardproxy.training.splits import assign_splits
 
@@ -48,7 +54,7 @@ def prompt_rows(data: Path, config: dict[str, Any], train_rows: int) -> dict[str
     assign_splits(examples, seed)
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     for e in examples:
-        if e.reply is None and e.newest is None and e.split in out:
+        if e.reply is None and (e.newest is not None) == windows and e.split in out:
             out[e.split].append(e.text)
     for split in SPLITS:
         out[split] = list(dict.fromkeys(out[split]))
@@ -57,8 +63,11 @@ def prompt_rows(data: Path, config: dict[str, Any], train_rows: int) -> dict[str
     return out
 
 
-def score(model_dir: Path, layer: int, texts: dict[str, list[str]], threads: int) -> dict[str, dict[str, Any]]:
-    """Per split: the cut layer's mean states and the whole model's raw harm and jailbreak, one text per run."""
+def score(
+    model_dir: Path, layer: int, texts: dict[str, list[str]], threads: int, max_length: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per split: the cut layer's mean states and the whole model's raw harm and jailbreak, one text per run, each
+    read at ``max_length`` ids (default: the model's)."""
     import onnx
     import onnxruntime as ort
 
@@ -74,7 +83,7 @@ def score(model_dir: Path, layer: int, texts: dict[str, list[str]], threads: int
     first_in = [i.name for i in first.get_inputs()]
     rest_in = [i.name for i in rest.get_inputs() if i.name != tap]
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
-    max_length = int(json.loads((model_dir / "config.json").read_text())["max_length"])
+    max_length = max_length or int(json.loads((model_dir / "config.json").read_text())["max_length"])
     out: dict[str, dict[str, Any]] = {"tap": {"name": tap}}
     total = sum(len(v) for v in texts.values())
     done, began = 0, time.monotonic()
@@ -184,7 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--train-rows", type=int, default=8000, help="train rows the head is fitted on (sampled)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     ap.add_argument("--out", type=Path, help=f"where the spec goes (default: MODEL/{SPEC_FILE})")
+    ap.add_argument(
+        "--windows",
+        action="store_true",
+        help="fit on conversation windows and print the report only (the runtime has no window exit)",
+    )
+    ap.add_argument("--window-ids", type=int, default=96, help="ids of a window, with --windows (the gateway's)")
     args = ap.parse_args(argv)
+    if args.windows and args.out is not None:
+        ap.error("--windows writes nothing: it only reports")
     for name in ("harm_line", "jailbreak_line"):
         if not 0 < getattr(args, name) <= 1:
             ap.error(f"--{name.replace('_', '-')} must lie in (0, 1]")
@@ -197,13 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.model / 'config.json'}: {exc}", file=sys.stderr)
         return 2
     began = time.monotonic()
-    texts = prompt_rows(args.data, config, args.train_rows)
+    texts = prompt_rows(args.data, config, args.train_rows, windows=args.windows)
     print(
-        "prompt rows: " + ", ".join(f"{s} {len(v)}" for s, v in texts.items()) + f" (layer {args.layer})",
+        ("window rows: " if args.windows else "prompt rows: ")
+        + ", ".join(f"{s} {len(v)}" for s, v in texts.items())
+        + f" (layer {args.layer})",
         file=sys.stderr,
     )
     try:
-        scored = score(args.model, args.layer, texts, args.threads)
+        scored = score(args.model, args.layer, texts, args.threads, args.window_ids if args.windows else None)
         head, threshold, harm, jailbreak, report = fit(
             scored,
             config["thresholds"],
@@ -215,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {args.model}: {exc}", file=sys.stderr)
         return 2
+    if args.windows:
+        print(json.dumps({"windows": True, "window_ids": args.window_ids, "threshold": threshold, **report}, indent=1))
+        return 0
     spec = ExitSpec(
         model_md5=file_md5(model_path),
         layer=args.layer,
