@@ -47,6 +47,7 @@ from typing import Any
 from guardproxy.commands.evaluate import trainer_split_of_ids
 from guardproxy.conversation import FLAG_THRESHOLD, ConversationTracker, EscalationParams, MemoryBackend
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, escalation, trajectory_step, trend, window_gate_open
+from guardproxy.conversation.tracker import TurnResult
 from guardproxy.settings import DEFAULT_MODEL_DIR, PROJECT_ROOT
 from guardproxy.signals import ConversationSignals
 
@@ -144,6 +145,19 @@ def crosses_flag(low: ConversationSignals, high: ConversationSignals) -> bool:
     return (low.escalation >= FLAG_THRESHOLD) != (high.escalation >= FLAG_THRESHOLD)
 
 
+def turn_components(r: TurnResult) -> dict[str, Any]:
+    """What the cache keeps of a replayed user turn: enough to recompute its escalation for any parameters."""
+    return {
+        "index": r.index,
+        "harm": r.harm,
+        "window": r.signals.window_harm,
+        "refusals": r.signals.refusal_events,
+        "rephrase": [list(m) for m in r.rephrase_matches],
+        "history": r.signals.history,
+        "escalation": r.escalation,
+    }
+
+
 async def replay_all(
     convs: list[Conv], model: Path, concurrency: int, window_ids: int, early_exit: bool = False
 ) -> None:
@@ -164,18 +178,7 @@ async def replay_all(
         nonlocal done
         async with sem:
             results = await tracker.replay(c.messages)
-        c.turns = [
-            {
-                "index": r.index,
-                "harm": r.harm,
-                "window": r.signals.window_harm,
-                "refusals": r.signals.refusal_events,
-                "rephrase": [list(m) for m in r.rephrase_matches],
-                "history": r.signals.history,
-                "escalation": r.escalation,
-            }
-            for r in results
-        ]
+        c.turns = [turn_components(r) for r in results]
         done += 1
         if done % 200 == 0:
             rate = done / (time.perf_counter() - started)

@@ -38,6 +38,7 @@ from bench.conversation_eval import (
     every_window_tracker,
     guard_flags,
     load_conversations,
+    turn_components,
 )
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation.escalation import window_text
@@ -97,16 +98,7 @@ async def replay(convs: list[Conv], whole: OnnxClassifier, early: OnnxClassifier
             by_newest.setdefault(last, []).append((w, h))
         c.turns, readings = [], []
         for r in results:
-            c.turns.append(
-                {
-                    "index": r.index,
-                    "harm": r.harm,
-                    "window": r.signals.window_harm,
-                    "refusals": r.signals.refusal_events,
-                    "rephrase": [list(m) for m in r.rephrase_matches],
-                    "history": r.signals.history,
-                }
-            )
+            c.turns.append(turn_components(r))
             newest = window_text([("user", message_text(c.messages[r.index]))])  # as the tracker's window names it
             queue = by_newest.get(newest) or []
             readings.append(queue.pop(0) if queue else None)
