@@ -86,7 +86,8 @@ class WindowRecorder:
 
 
 async def replay(convs: list[Conv], whole: OnnxClassifier, early: OnnxClassifier, window_ids: int) -> list[Any]:
-    """Per conversation, per user turn: (whole window harm, exited, estimate) or None for a turn without a window."""
+    """Per conversation, per user turn: (the whole model's window score, the head's reading of the window: exited or
+    not, with its estimate), or None for a turn without a window. Fills each conversation's ``turns`` too."""
     out: list[Any] = []
     started = time.perf_counter()
     for n, c in enumerate(convs, 1):
