@@ -407,10 +407,7 @@ class OnnxClassifier:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model_path = directory / MODEL_FILE
-        try:
-            session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own unexported exception types
-            raise ClassifierError(f"{model_path}: cannot load ONNX model: {exc}") from exc
+        session = _open_session(model_path, opts)
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         missing = [n for n in INPUTS if n not in inputs] + [n for n in OUTPUTS if n not in outputs]
@@ -429,7 +426,7 @@ class OnnxClassifier:
                 if early_exit is True:
                     raise
                 logger.warning("guard.early_exit auto: the whole model serves every check: %s", exc)
-                session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+                session = _open_session(model_path, opts)
             else:
                 session = _WholeThroughParts(exit_parts)
         logger.info(
@@ -849,6 +846,16 @@ def _usable(score: Any, exact: bool) -> Any:
     if exact and isinstance(score, PromptScore) and score.exited:
         return None
     return score
+
+
+def _open_session(model_path: Path, opts: Any) -> Any:
+    """An onnxruntime session of ``model_path`` on the CPU; ``ClassifierError`` naming the file when it cannot load."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        raise ClassifierError(f"{model_path}: cannot load ONNX model: {exc}") from exc
 
 
 def _exit_spec(directory: Path, model_path: Path, dim: int, early_exit: bool | Literal["auto"]) -> ExitSpec | None:
