@@ -28,8 +28,9 @@ threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in
 
 Early exit (``guard.early_exit``, ``load(early_exit=True | "auto")``): per-turn prompt checks run the graph in two
 parts and stop after the first when the model's first layers already say the turn is clearly harmless
-(``guardproxy.early_exit``). Such a score has ``exited`` set and no embedding; ``exact=True`` asks for the whole
-model and never reuses one.
+(``guardproxy.early_exit``); so do conversation window passes at the length the spec's window head was fitted for,
+on that head. Such a score has ``exited`` set and no embedding; ``exact=True`` asks for the whole model and never
+reuses one.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guardproxy import taxonomy
-from guardproxy.early_exit import CAP_MARGIN, SPEC_FILE, ExitSpec, cut_in_child, file_md5, load_spec, pooled
+from guardproxy.early_exit import SPEC_FILE, ExitSpec, Head, WindowHead, cut_in_child, file_md5, load_spec, pooled
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
@@ -263,8 +264,6 @@ class _Exit:
         # per-row shape of each output, for rows that exit before the heads (every non-batch dim is fixed)
         shapes = {o.name: o.shape[1:] for o in rest.get_outputs()}
         self.row_shapes = {name: tuple(int(d) for d in shapes[name]) for name in OUTPUTS}
-        self.harm_cap = spec.harm_line - CAP_MARGIN
-        self.jailbreak_cap = spec.jailbreak_line - CAP_MARGIN
 
     def _first(self, feeds: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
         (hidden,) = self.first.run([self.spec.tap], {k: feeds[k] for k in self.first_inputs})
@@ -279,12 +278,12 @@ class _Exit:
         """The whole graph's outputs, through both parts (``InferenceSession.run``'s shape)."""
         return self._rest(names, feeds, self._first(feeds))
 
-    def run(self, feeds: dict[str, npt.NDArray[np.int64]]) -> dict[str, npt.NDArray[Any]]:
-        """The whole model's outputs for the rows that go on, the head's estimates for those that exit; ``exited``
+    def run(self, feeds: dict[str, npt.NDArray[np.int64]], head: Head) -> dict[str, npt.NDArray[Any]]:
+        """The whole model's outputs for the rows that go on, ``head``'s estimates for those that exit; ``exited``
         marks which is which."""
         hidden = self._first(feeds)
         x = pooled(hidden, feeds["attention_mask"])
-        exited = (self.spec.exit(x) < self.spec.threshold) & (feeds["attention_mask"].sum(axis=1) >= self.spec.min_ids)
+        exited = head.exits(x, feeds["attention_mask"].sum(axis=1))
         n = len(exited)
         stay = np.flatnonzero(~exited)
         if len(stay) == n:
@@ -292,8 +291,8 @@ class _Exit:
         out: dict[str, npt.NDArray[Any]] = {
             name: np.zeros((n, *self.row_shapes[name]), dtype=np.float32) for name in OUTPUTS
         }
-        out["harm"][exited] = _sigmoid(self.spec.harm(x[exited])).reshape(-1, *self.row_shapes["harm"])
-        out["jailbreak"][exited] = _sigmoid(self.spec.jailbreak(x[exited])).reshape(-1, *self.row_shapes["jailbreak"])
+        out["harm"][exited] = _sigmoid(head.harm(x[exited])).reshape(-1, *self.row_shapes["harm"])
+        out["jailbreak"][exited] = _sigmoid(head.jailbreak(x[exited])).reshape(-1, *self.row_shapes["jailbreak"])
         if len(stay):
             values = self._rest(list(OUTPUTS), {k: feeds[k][stay] for k in self.rest_inputs}, hidden[stay])
             for name, value in zip(OUTPUTS, values, strict=True):
@@ -357,11 +356,12 @@ class OnnxClassifier:
         # the gateway feeds it into its per-stage histogram, so "inference" (the wait for scores, queue included)
         # splits into normalisation + tokenization and the ONNX run. Must be thread-safe and cheap.
         self.observe_timing: Callable[[str, float], None] | None = None
-        # Called from the worker thread with (turns that exited, turns that went on) per early-exit batch: the
-        # gateway counts them in guardproxy_classifier_early_exit_total. Must be thread-safe and cheap.
-        self.observe_exit: Callable[[int, int], None] | None = None
+        # Called from the worker thread with (rows that exited, rows that went on, "turn" | "window") per early-exit
+        # batch: the gateway counts them in guardproxy_classifier_early_exit_total (per-turn checks) and
+        # guardproxy_classifier_window_early_exit_total (window passes). Must be thread-safe and cheap.
+        self.observe_exit: Callable[[int, int, str], None] | None = None
         self._exit_lock = threading.Lock()
-        self._exit_counts = (0, 0)  # (checked, exited), for exit_stats
+        self._exit_counts = {"turn": (0, 0), "window": (0, 0)}  # (checked, exited), for exit_stats
         self.breaker = _Breaker(breaker_failures, breaker_cooldown)
         self._last_done = time.monotonic()  # when a job last finished (written by worker threads)
 
@@ -488,8 +488,13 @@ class OnnxClassifier:
 
     @property
     def exit_stats(self) -> tuple[int, int]:
-        """(turns checked, turns that exited) through the early-exit path since load."""
-        return self._exit_counts
+        """(turns checked, turns that exited) through the per-turn early-exit path since load."""
+        return self._exit_counts["turn"]
+
+    @property
+    def window_exit_stats(self) -> tuple[int, int]:
+        """(windows checked, windows that exited) through the window's early-exit path since load."""
+        return self._exit_counts["window"]
 
     @property
     def cache_stats(self) -> tuple[int, int, int]:
@@ -509,9 +514,9 @@ class OnnxClassifier:
         length = self._length(max_length)
         lasts = self._newest(texts, newest)
         raw_keys = [_key(b"raw-prompt:%d" % length, t, *last) for t, last in zip(texts, lasts, strict=True)]
-        may_exit = self._may_exit(max_length, newest, exact)
-        job = functools.partial(self._prompt_job, max_length=length, newest=lasts, may_exit=may_exit)
-        return await self._submit(raw_keys, job, list(texts), exact=not may_exit)
+        head = self._exit_head(max_length, exact)
+        job = functools.partial(self._prompt_job, max_length=length, newest=lasts, head=head)
+        return await self._submit(raw_keys, job, list(texts), exact=head is None)
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         raw_keys = [_key(b"raw-pair", p, r) for p, r in pairs]
@@ -540,7 +545,7 @@ class OnnxClassifier:
             threading.Event(),
             max_length=self._length(max_length),
             newest=lasts,
-            may_exit=self._may_exit(max_length, newest, exact),
+            head=self._exit_head(max_length, exact),
         )
 
     def score_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
@@ -665,9 +670,15 @@ class OnnxClassifier:
             raise ValueError(f"newest: {len(newest)} turns for {len(texts)} texts")
         return [(n,) for n in newest]
 
-    def _may_exit(self, max_length: int | None, newest: Sequence[str] | None, exact: bool) -> bool:
-        """Only a per-turn check (the model's own length, no window) may exit early."""
-        return self._exit is not None and not exact and max_length is None and newest is None
+    def _exit_head(self, max_length: int | None, exact: bool) -> Head | None:
+        """The early-exit head a prompt call may exit on: the per-turn head for a per-turn check (the model's own
+        length), the window's for a pass at the length its head was fitted for; None: the whole model."""
+        if self._exit is None or exact:
+            return None
+        if max_length is None:
+            return self._exit.spec
+        window = self._exit.spec.window
+        return window if window is not None and self._length(max_length) == window.max_ids else None
 
     def _prompt_job(
         self,
@@ -676,7 +687,7 @@ class OnnxClassifier:
         *,
         max_length: int,
         newest: list[tuple[str, ...]],
-        may_exit: bool = False,
+        head: Head | None = None,
     ) -> list[PromptScore]:
         from guardproxy.encoding import encode_prompt, encode_window, unreadable_share
         from guardproxy.normalize import normalize
@@ -693,9 +704,9 @@ class OnnxClassifier:
 
         def decode(out: dict[str, npt.NDArray[np.float32]], rows: list[int]) -> list[PromptScore]:
             shares = [unreadable_share(normalized[i], self.covered_scripts) for i in rows]
-            return self._prompt_scores(out, shares)
+            return self._prompt_scores(out, shares, head)
 
-        return self._run_cached(keys, encode, decode, cancel, started, may_exit=may_exit)
+        return self._run_cached(keys, encode, decode, cancel, started, head=head)
 
     def _pair_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
         from guardproxy.encoding import encode_pair
@@ -720,12 +731,12 @@ class OnnxClassifier:
         cancel: threading.Event,
         started: float,
         *,
-        may_exit: bool = False,
+        head: Head | None = None,
     ) -> list[T]:
         """``started``: when the job began (normalisation counts as tokenization in the timings). ``decode`` gets a
-        batch's outputs and the positions in ``keys`` of its rows. A call that may not exit early never reuses an
-        exited score (and its whole-model score then replaces it in the cache)."""
-        results: list[T | None] = [_usable(self._cache.get(k), not may_exit) for k in keys]
+        batch's outputs and the positions in ``keys`` of its rows. ``head``: the early-exit head rows may exit on. A
+        call without one never reuses an exited score (and its whole-model score then replaces it in the cache)."""
+        results: list[T | None] = [_usable(self._cache.get(k), head is None) for k in keys]
         first: dict[bytes, int] = {}  # duplicates inside one call are computed once
         for i, k in enumerate(keys):
             if results[i] is None:
@@ -734,9 +745,7 @@ class OnnxClassifier:
         if todo:
             encodings = [encode(i) for i in todo]
             t1 = time.perf_counter()
-            scored = self._infer(
-                encodings, lambda out, rows: decode(out, [todo[r] for r in rows]), cancel, may_exit=may_exit
-            )
+            scored = self._infer(encodings, lambda out, rows: decode(out, [todo[r] for r in rows]), cancel, head=head)
             if self.observe_timing is not None:
                 self.observe_timing("tokenize", t1 - started)
                 self.observe_timing("model", time.perf_counter() - t1)
@@ -751,7 +760,7 @@ class OnnxClassifier:
         decode: Callable[[dict[str, npt.NDArray[np.float32]], list[int]], list[T]],
         cancel: threading.Event,
         *,
-        may_exit: bool = False,
+        head: Head | None = None,
     ) -> list[T]:
         from guardproxy.encoding import pad_batch
 
@@ -771,9 +780,9 @@ class OnnxClassifier:
                 end += 1
             batch = [encodings[i] for i in order[start:end]]
             feeds = pad_batch(batch, pool_mask=self.pools_newest)
-            if may_exit and self._exit is not None:
-                outputs = self._exit.run(feeds)
-                self._count_exits(int(outputs["exited"].sum()), len(batch))
+            if head is not None and self._exit is not None:
+                outputs = self._exit.run(feeds, head)
+                self._count_exits(int(outputs["exited"].sum()), len(batch), head)
             else:
                 outputs = dict(zip(OUTPUTS, self._session.run(list(OUTPUTS), feeds), strict=True))
             rows = order[start:end]
@@ -782,24 +791,28 @@ class OnnxClassifier:
             start = end
         return out  # type: ignore[return-value]
 
-    def _count_exits(self, exited: int, checked: int) -> None:
+    def _count_exits(self, exited: int, checked: int, head: Head) -> None:
+        kind = "window" if isinstance(head, WindowHead) else "turn"
         with self._exit_lock:
-            self._exit_counts = (self._exit_counts[0] + checked, self._exit_counts[1] + exited)
+            before = self._exit_counts[kind]
+            self._exit_counts[kind] = (before[0] + checked, before[1] + exited)
         if self.observe_exit is not None:
-            self.observe_exit(exited, checked - exited)
+            self.observe_exit(exited, checked - exited, kind)
 
-    def _prompt_scores(self, out: dict[str, npt.NDArray[np.float32]], unreadable: list[float]) -> list[PromptScore]:
+    def _prompt_scores(
+        self, out: dict[str, npt.NDArray[np.float32]], unreadable: list[float], head: Head | None = None
+    ) -> list[PromptScore]:
         t = self.info.thresholds
         scores = []
         exited = out.get("exited")
         rows = zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], unreadable, strict=True)
         for row, (harm, cat, jb, emb, share) in enumerate(rows):
-            if exited is not None and exited[row] and self._exit is not None:
+            if exited is not None and exited[row] and head is not None:
                 scores.append(
                     PromptScore(
-                        harm=min(to_operating_scale(float(harm), t.harm), self._exit.harm_cap),
+                        harm=min(to_operating_scale(float(harm), t.harm), head.harm_cap),
                         category="none",
-                        jailbreak=min(to_operating_scale(float(jb), t.jailbreak), self._exit.jailbreak_cap),
+                        jailbreak=min(to_operating_scale(float(jb), t.jailbreak), head.jailbreak_cap),
                         embedding=_NO_EMBEDDING,
                         unreadable=share,
                         exited=True,

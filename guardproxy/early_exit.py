@@ -12,11 +12,18 @@ its category is ``none`` and it has no embedding (``PromptScore.exited``). Every
 layers; their outputs are bit for bit those of the whole graph, because the two sessions run the whole graph's own
 nodes on the same tensors.
 
-Only per-turn prompt checks exit. Conversation windows, reply pairs and ``exact=True`` calls (which need the
-embedding: a refused request joining the tenant's refusal memory, drill clustering) always run the whole model:
-both parts, one after the other. For a tenant with refusals in memory, the conversation tracker runs the whole
-model on an exited turn only when its rephrase similarity could change what a loaded policy or drill sampling
-reads (``ConversationTracker``'s ``rephrase_check``).
+The conversation window pass (the recent turns together, ``guard.window_max_ids`` ids) exits on a head of its own,
+the spec's ``window``, fitted the same way on windows (the per-turn head lets windows exit that the whole model
+scores 0.96 and more: ``bench.window_exit``). It serves only a window pass at the length it was fitted for
+(``max_ids``); a spec without it lets no window exit. The head reads the mean of the window's early states, where one
+harmful turn after long harmless ones is diluted, so the tracker lets a window exit only when its trajectory and
+each of its user turns read below the window head's ``harm_line`` on their own (``ConversationTracker``'s
+``_window_exact``). An exited window makes the request's ``estimated`` true, as an exited turn does.
+
+Reply pairs and ``exact=True`` calls (which need the embedding: a refused request joining the tenant's refusal
+memory, drill clustering) always run the whole model: both parts, one after the other. For a tenant with refusals in
+memory, the conversation tracker runs the whole model on an exited turn only when its rephrase similarity could
+change what a loaded policy or drill sampling reads (``ConversationTracker``'s ``rephrase_check``).
 
 The classifier keeps only the two parts, so early exit costs no second copy of the weights. The cut is made once, at
 load, in a child process (``python -m guardproxy.early_exit MODEL TAP DIR``): the ``onnx`` package's copies of the
@@ -28,8 +35,9 @@ train split, not against the labels. Its threshold is set on the calibration spl
 flags that may exit, ``--miss``), and it is reported on the dev split. The spec names the md5 of the ``model.onnx``
 it was fitted on. A spec for another graph is refused at load, so a replaced model never runs with a stale head.
 
-A policy that reads harm below ``harm_line`` (or jailbreak below ``jailbreak_line``) would judge exited turns on
-the estimates, so every turn of a request under such a policy, active or shadow, runs the whole model
+A policy that reads harm below ``harm_line`` (or jailbreak below ``jailbreak_line``, or window harm below the
+window head's ``harm_line``) would judge exited turns on the estimates, so every turn and window of a request under
+such a policy, active or shadow, runs the whole model
 (``guardproxy.guard.below_exit_lines``; logged once per policy at start and on each reload). Requests under other
 policies still exit. Fit the head for the lowest line any policy uses to let all of them exit. The shipped spec
 uses 0.15, the lowest harm line of ``policies/``.
@@ -46,7 +54,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +67,9 @@ __all__ = [
     "PART_FILES",
     "SPEC_FILE",
     "ExitSpec",
+    "Head",
     "Linear",
+    "WindowHead",
     "cut_in_child",
     "file_md5",
     "load_spec",
@@ -90,27 +100,33 @@ class Linear:
 
 
 @dataclass(frozen=True)
-class ExitSpec:
-    """What ``early_exit.json`` holds (see the module docstring)."""
+class Head:
+    """One exit: a linear head on the cut layer's pooled states, the threshold below which a row exits, and the
+    estimates an exited row reports."""
 
-    model_md5: str
-    layer: int
-    tap: str  # the cut layer's output tensor in the graph
-    exit: Linear  # its logit: "the whole model would flag this turn"; exit when below ``threshold``
+    exit: Linear  # its logit: "the whole model would keep this row"; exit when below ``threshold``
     threshold: float
     harm: Linear  # estimates of the whole model's harm and jailbreak logits (raw scale)
     jailbreak: Linear
     harm_line: float  # operating-scale lines the head was fitted for
     jailbreak_line: float
-    min_ids: int  # a turn of fewer ids (special ids included) never exits
-    fit: dict[str, Any]  # how it was fitted and what it measured (read by people, not by the gateway)
+    min_ids: int  # a row of fewer ids (special ids included) never exits
+
+    def exits(self, x: npt.NDArray[np.float32], ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which rows exit, from their pooled states ``x`` and their id counts."""
+        out: npt.NDArray[np.bool_] = (self.exit(x) < self.threshold) & (ids >= self.min_ids)
+        return out
+
+    @property
+    def harm_cap(self) -> float:
+        return self.harm_line - CAP_MARGIN
+
+    @property
+    def jailbreak_cap(self) -> float:
+        return self.jailbreak_line - CAP_MARGIN
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "model_md5": self.model_md5,
-            "layer": self.layer,
-            "tap": self.tap,
             "exit": self.exit.to_json(),
             "threshold": self.threshold,
             "harm": self.harm.to_json(),
@@ -118,8 +134,44 @@ class ExitSpec:
             "harm_line": self.harm_line,
             "jailbreak_line": self.jailbreak_line,
             "min_ids": self.min_ids,
-            "fit": self.fit,
         }
+
+
+@dataclass(frozen=True)
+class WindowHead(Head):
+    """The conversation window's exit: a head of its own, fitted on windows read at ``max_ids`` ids; a window pass
+    at another length never exits."""
+
+    max_ids: int = 96
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_ids": self.max_ids, **super().to_json(), "fit": self.fit}
+
+
+@dataclass(frozen=True)
+class ExitSpec(Head):
+    """What ``early_exit.json`` holds (see the module docstring): the cut, the per-turn head (this object's
+    ``Head`` fields, at the top level of the file), and optionally the window's head (``"window"``)."""
+
+    model_md5: str = ""
+    layer: int = 0
+    tap: str = ""  # the cut layer's output tensor in the graph
+    fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted and what it measured (read by people)
+    window: WindowHead | None = None
+
+    @property
+    def turn(self) -> Head:
+        """The per-turn head alone."""
+        return Head(**{f.name: getattr(self, f.name) for f in fields(Head)})
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"format": FORMAT, "model_md5": self.model_md5, "layer": self.layer, "tap": self.tap}
+        doc.update(super().to_json())
+        doc["fit"] = self.fit
+        if self.window is not None:
+            doc["window"] = self.window.to_json()
+        return doc
 
 
 def file_md5(path: Path) -> str:
@@ -139,6 +191,41 @@ def _linear(doc: Any, dim: int, where: str) -> Linear:
     return Linear(weights, float(bias))
 
 
+def _head_fields(doc: dict[str, Any], dim: int, where: str) -> dict[str, Any]:
+    """The ``Head`` fields of a spec's (or its window's) object; ``ValueError`` naming the bad key."""
+    min_ids = doc.get("min_ids")
+    if not isinstance(min_ids, int) or min_ids < 0:
+        raise ValueError(f"{where}min_ids must be a count of ids")
+    numbers = {k: doc.get(k) for k in ("threshold", "harm_line", "jailbreak_line")}
+    for key, value in numbers.items():
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{where}{key} must be a finite number")
+    for key in ("harm_line", "jailbreak_line"):
+        if not 0 < float(numbers[key]) <= 1:  # type: ignore[arg-type]
+            raise ValueError(f"{where}{key} must lie in (0, 1] on the operating scale")
+    return {
+        "exit": _linear(doc.get("exit"), dim, f"{where}exit"),
+        "threshold": float(numbers["threshold"]),  # type: ignore[arg-type]
+        "harm": _linear(doc.get("harm"), dim, f"{where}harm"),
+        "jailbreak": _linear(doc.get("jailbreak"), dim, f"{where}jailbreak"),
+        "harm_line": float(numbers["harm_line"]),  # type: ignore[arg-type]
+        "jailbreak_line": float(numbers["jailbreak_line"]),  # type: ignore[arg-type]
+        "min_ids": min_ids,
+    }
+
+
+def _window_head(doc: Any, dim: int) -> WindowHead | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise ValueError("window: expected an object (the window's head) or no key")
+    max_ids = doc.get("max_ids")
+    if not isinstance(max_ids, int) or max_ids < 8:
+        raise ValueError("window.max_ids must be the window's length in ids (at least 8)")
+    fit = doc.get("fit")
+    return WindowHead(**_head_fields(doc, dim, "window."), max_ids=max_ids, fit=fit if isinstance(fit, dict) else {})
+
+
 def load_spec(path: Path, *, model_md5: str, dim: int) -> ExitSpec:
     """Read ``early_exit.json``; ``ClassifierError`` naming the file for anything that cannot serve this model."""
     try:
@@ -153,30 +240,16 @@ def load_spec(path: Path, *, model_md5: str, dim: int) -> ExitSpec:
                 f"fitted on a model.onnx with md5 {doc.get('model_md5')}, this one has {model_md5}: refit it "
                 "(python -m guardproxy.training.early_exit)"
             )
-        layer, tap, min_ids = doc.get("layer"), doc.get("tap"), doc.get("min_ids")
+        layer, tap = doc.get("layer"), doc.get("tap")
         if not isinstance(layer, int) or layer < 0 or not isinstance(tap, str) or not tap:
             raise ValueError("layer (a layer index) and tap (a tensor name) are required")
-        if not isinstance(min_ids, int) or min_ids < 0:
-            raise ValueError("min_ids must be a count of ids")
-        numbers = {k: doc.get(k) for k in ("threshold", "harm_line", "jailbreak_line")}
-        for key, value in numbers.items():
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{key} must be a finite number")
-        for key in ("harm_line", "jailbreak_line"):
-            if not 0 < float(numbers[key]) <= 1:  # type: ignore[arg-type]
-                raise ValueError(f"{key} must lie in (0, 1] on the operating scale")
         return ExitSpec(
+            **_head_fields(doc, dim, ""),
             model_md5=model_md5,
             layer=layer,
             tap=tap,
-            exit=_linear(doc.get("exit"), dim, "exit"),
-            threshold=float(numbers["threshold"]),  # type: ignore[arg-type]
-            harm=_linear(doc.get("harm"), dim, "harm"),
-            jailbreak=_linear(doc.get("jailbreak"), dim, "jailbreak"),
-            harm_line=float(numbers["harm_line"]),  # type: ignore[arg-type]
-            jailbreak_line=float(numbers["jailbreak_line"]),  # type: ignore[arg-type]
-            min_ids=min_ids,
             fit=fit if isinstance(fit := doc.get("fit"), dict) else {},
+            window=_window_head(doc.get("window"), dim),
         )
     except ValueError as exc:
         raise ClassifierError(f"{path}: {exc}") from exc

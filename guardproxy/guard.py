@@ -379,7 +379,7 @@ class GuardCheck:
                 state_failed = state_failed or obs.state_failed
             if extra is None:
                 return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed), obs
-            return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed), obs
+            return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed, obs.window), obs
         # No tracker: no earlier request vouches for the history, so every scored turn counts.
         scores = await self._score_texts(exchange, texts, exact=exact)
         if scores is None:
@@ -579,11 +579,14 @@ class GuardCheck:
         log.warning("classifier failed: %r", exc)
 
 
-def _combine_scores(scores: Sequence[PromptScore], conv: ConversationSignals, state_failed: bool) -> Signals:
+def _combine_scores(
+    scores: Sequence[PromptScore], conv: ConversationSignals, state_failed: bool, window: PromptScore | None = None
+) -> Signals:
     """Request-level signals: the most harmful scored turn decides harm and category; jailbreak and unreadable are
-    the max over the scored turns."""
+    the max over the scored turns. ``estimated``: a scored turn or the conversation ``window`` exited early."""
+    window_exited = window is not None and window.exited
     if not scores:
-        return Signals(conversation=conv, state_failed=state_failed)
+        return Signals(conversation=conv, state_failed=state_failed, estimated=window_exited)
     top = max(scores, key=lambda s: s.harm)
     return Signals(
         harm=top.harm,
@@ -592,7 +595,7 @@ def _combine_scores(scores: Sequence[PromptScore], conv: ConversationSignals, st
         unreadable=max(s.unreadable for s in scores),
         conversation=conv,
         state_failed=state_failed,
-        estimated=any(s.exited for s in scores),
+        estimated=window_exited or any(s.exited for s in scores),
     )
 
 
@@ -627,11 +630,14 @@ class GuardBundle:
 
 
 def below_exit_lines(spec: ExitSpec, policy: Policy) -> list[str]:
-    """What ``policy`` reads below the lines the early-exit head was fitted for, one phrase per signal ("harm from
-    0.1, below 0.15"). An exited turn reports estimates capped just below those lines, so a request under such a
-    policy (active or shadow) runs the whole model; other requests may still exit."""
+    """What ``policy`` reads below the lines the early-exit heads were fitted for, one phrase per signal ("harm from
+    0.1, below 0.15"). An exited turn or window reports estimates capped just below those lines, so a request under
+    such a policy (active or shadow) runs the whole model; other requests may still exit."""
     below = []
-    for signal, fitted in (("harm", spec.harm_line), ("jailbreak", spec.jailbreak_line)):
+    lines = [("harm", spec.harm_line), ("jailbreak", spec.jailbreak_line)]
+    if spec.window is not None:
+        lines.append(("window_harm", spec.window.harm_line))
+    for signal, fitted in lines:
         line = policy.lowest_line(signal)
         if line is not None and line < fitted:
             below.append(f"{signal} from {line:g}, below {fitted:g}")
@@ -689,9 +695,18 @@ def build_guard(
                     "per-turn checks with early exit on, by outcome (exited, went_on)",
                     ["outcome"],
                 )
-                exited_count, went_on_count = exits.labels("exited"), exits.labels("went_on")
+                window_exits = metrics.counter(
+                    "guardproxy_classifier_window_early_exit_total",
+                    "conversation window passes with early exit on, by outcome (exited, went_on)",
+                    ["outcome"],
+                )
+                counts = {
+                    "turn": (exits.labels("exited"), exits.labels("went_on")),
+                    "window": (window_exits.labels("exited"), window_exits.labels("went_on")),
+                }
 
-                def count_exits(exited: int, went_on: int) -> None:
+                def count_exits(exited: int, went_on: int, kind: str) -> None:
+                    exited_count, went_on_count = counts[kind]
                     exited_count.inc(exited)
                     went_on_count.inc(went_on)
 

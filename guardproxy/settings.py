@@ -95,11 +95,12 @@ class GuardSettings(BaseModel):
     )
     early_exit: bool | Literal["auto"] = Field(
         "auto",
-        description="answer a clearly harmless user turn from the guard model's first layers (the model directory's "
-        "early_exit.json, guardproxy.early_exit): about half the CPU of a per-turn check; windows and replies still "
-        "run the whole model, and so does an exited turn whose rephrase similarity to a refused request a loaded "
-        "policy could read, and every turn of a request whose policies read harm or jailbreak below the lines the "
-        "head was fitted for. auto: on when early_exit.json fits the model, else the whole model (logged); true: "
+        description="answer a clearly harmless user turn, and a clearly harmless conversation window, from the guard "
+        "model's first layers (the model directory's early_exit.json, guardproxy.early_exit): about half the CPU of "
+        "a pass; replies still run the whole model, and so does a window with a turn that reads risky alone, an "
+        "exited turn whose rephrase similarity to a refused request a loaded policy could read, and every turn and "
+        "window of a request whose policies read harm, jailbreak or window harm below the lines the heads were "
+        "fitted for. auto: on when early_exit.json fits the model, else the whole model (logged); true: "
         "the gateway does not start without it; false: off. guardproxy score, eval and classify read auto as off",
     )
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")

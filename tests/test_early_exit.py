@@ -101,7 +101,7 @@ def test_whole_passes_through_the_two_parts_are_the_whole_graphs(early: OnnxClas
     pairs = [(HARMFUL, "I can't help with that."), (ORDINARY, "Lisbon has the Oceanarium and the beaches of Cascais.")]
     assert early.score_replies_sync(pairs) == whole.score_replies_sync(pairs)
     window = f"user: {ORDINARY}\nassistant: Sure.\nuser: {HARMFUL}"
-    (a,) = early.score_prompts_sync([window], max_length=96)
+    (a,) = early.score_prompts_sync([window], max_length=96, exact=True)
     (b,) = whole.score_prompts_sync([window], max_length=96)
     assert (a.harm, a.jailbreak, a.category, a.exited) == (b.harm, b.jailbreak, b.category, False)
     assert np.array_equal(a.embedding, b.embedding)
@@ -118,19 +118,53 @@ def test_a_mixed_batch_keeps_order_and_each_rows_path(early: OnnxClassifier, who
     assert scores[0].embedding.shape == (whole.embedding_dim,)
 
 
-async def test_windows_and_exact_calls_never_exit_and_an_exited_cache_entry_does_not_answer_exact() -> None:
+async def test_exact_calls_never_exit_and_an_exited_cache_entry_does_not_answer_exact() -> None:
     c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
     try:
         (first,) = await c.score_prompts([ORDINARY])
         assert first.exited
         (exact,) = await c.score_prompts([ORDINARY], exact=True)
         assert not exact.exited and exact.embedding.size == c.embedding_dim
-        (window,) = await c.score_prompts([ORDINARY], max_length=96)
-        assert not window.exited
         # the whole model's score replaced the exited one in the cache: a later per-turn check reuses it
         checked = c.exit_stats[0]
         (again,) = await c.score_prompts([ORDINARY])
         assert not again.exited and c.exit_stats[0] == checked
+    finally:
+        c.close()
+
+
+# a harmless conversation's window, as the tracker writes it (escalation.window_text)
+CHAT = [
+    ("user", ORDINARY),
+    ("assistant", "Lisbon has the Oceanarium, the tram up to the castle and the beaches of Cascais by train."),
+    ("user", ORDINARY_REWORDED),
+]
+
+
+def _window(turns: list[tuple[str, str]]) -> tuple[str, str]:
+    from guardproxy.conversation.escalation import window_text
+
+    return window_text(turns), window_text(turns[-1:])
+
+
+async def test_a_window_exits_on_the_window_head_only_at_its_length_and_never_when_exact(whole: OnnxClassifier) -> None:
+    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True, cache_size=0)
+    try:
+        spec = c.early_exit
+        assert spec is not None and spec.window is not None
+        text, newest = _window(CHAT)
+        ids = spec.window.max_ids
+        (window,) = await c.score_prompts([text], max_length=ids, newest=[newest])
+        assert window.exited and window.embedding.size == 0 and window.category == "none"
+        assert window.harm < spec.window.harm_line and window.jailbreak < spec.window.jailbreak_line
+        assert c.window_exit_stats == (1, 1) and c.exit_stats == (0, 0)  # counted as a window, not a turn
+        (reference,) = whole.score_prompts_sync([text], max_length=ids, newest=[newest])
+        assert not reference.exited and reference.harm < spec.window.harm_line  # the whole model agrees
+        # another length than the head was fitted at runs the whole model; so does an exact call
+        (longer,) = await c.score_prompts([text], max_length=ids + 32, newest=[newest])
+        (exact,) = await c.score_prompts([text], max_length=ids, newest=[newest], exact=True)
+        assert not longer.exited and not exact.exited and exact.harm == reference.harm
+        assert c.window_exit_stats == (1, 1)
     finally:
         c.close()
 
@@ -186,6 +220,8 @@ def test_asking_for_early_exit_without_a_spec_names_the_missing_file_and_auto_se
         ({"threshold": "low"}, "threshold must be a finite number"),
         ({"tap": "/no/such/tensor"}, "cannot cut model.onnx"),
         ({"format": 99}, "format"),
+        ({"window": [1.0]}, "window: expected an object"),
+        ({"window": {"max_ids": 4}}, "window.max_ids"),
     ],
 )
 def test_a_spec_that_cannot_serve_this_model_is_a_classifier_error_naming_it(
@@ -218,15 +254,38 @@ def test_auto_serves_the_whole_model_when_the_spec_cannot_serve_and_says_why(
         c.close()
 
 
-def test_the_fit_on_windows_only_reports_and_refuses_an_output_path(
+def test_a_spec_window_head_survives_a_round_trip_and_a_bad_one_names_its_key(tmp_path: Path) -> None:
+    from guardproxy.early_exit import file_md5, load_spec
+
+    directory = _model_copy(tmp_path)
+    path = directory / SPEC_FILE
+    md5 = file_md5(directory / "model.onnx")
+    spec = load_spec(path, model_md5=md5, dim=384)
+    assert spec.window is not None
+    assert json.loads(json.dumps(spec.to_json())) == json.loads(path.read_text())
+    window = json.loads(path.read_text())["window"]
+    _edit_spec(directory, window={**window, "harm_line": 2.0})
+    with pytest.raises(ClassifierError, match="window.harm_line must lie in"):
+        load_spec(path, model_md5=md5, dim=384)
+    _edit_spec(directory, window=None)  # no window head: windows run the whole model
+    assert load_spec(path, model_md5=md5, dim=384).window is None
+
+
+def test_the_window_fit_needs_a_per_turn_spec_of_this_model_and_cut(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from guardproxy.training.early_exit import main
 
-    with pytest.raises(SystemExit) as info:
-        main(["--model", str(MODEL_DIR), "--windows", "--out", str(tmp_path / SPEC_FILE)])
-    assert info.value.code == 2 and "--windows writes nothing" in capsys.readouterr().err
+    # checked before any data is read
+    assert main(["--model", str(MODEL_DIR), "--windows", "--out", str(tmp_path / SPEC_FILE)]) == 2
+    assert "fit the per-turn head first" in capsys.readouterr().err
     assert not (tmp_path / SPEC_FILE).exists()
+    shutil.copyfile(MODEL_DIR / SPEC_FILE, tmp_path / SPEC_FILE)
+    assert main(["--model", str(MODEL_DIR), "--windows", "--layer", "1", "--out", str(tmp_path / SPEC_FILE)]) == 2
+    assert "pass --layer 2" in capsys.readouterr().err
+    _edit_spec(tmp_path, model_md5="0" * 32)
+    assert main(["--model", str(MODEL_DIR), "--windows", "--out", str(tmp_path / SPEC_FILE)]) == 2
+    assert "refit it" in capsys.readouterr().err
 
 
 # --- the conversation tracker ---------------------------------------------------------------------------------
@@ -252,6 +311,35 @@ async def test_a_refused_turn_that_exited_still_joins_the_refusal_memory_and_rew
 
 
 REFUSAL = "I can't help with that."
+
+
+async def test_the_trackers_window_exits_and_an_exact_request_runs_the_whole_model_on_it() -> None:
+    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
+    t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32)
+    try:
+        first = [{"role": "user", "content": ORDINARY}]
+        await t.observe("tenant", None, first)
+        await t.record_reply("tenant", None, first, CHAT[1][1], refused=False)
+        second = [*first, {"role": "assistant", "content": CHAT[1][1]}, {"role": "user", "content": SHORT}]
+        obs = await t.observe("tenant", None, second)
+        assert obs.window is not None and obs.window.exited
+        assert not obs.new_user_scores[0].exited  # a short turn never exits: only the window did
+        assert obs.signals.window_harm == pytest.approx(obs.window.harm, abs=0.01)
+        exact = await t.observe("tenant", "another", second, exact=True)
+        assert exact.window is not None and not exact.window.exited
+        # A window ending in a plain harmful ask after a long harmless turn: the head, reading the mean of the
+        # window's early states, would let it exit; the turn's own score keeps the window on the whole model.
+        harmful = [*second[:2], {"role": "user", "content": HARMFUL}]
+        text, newest = _window([*CHAT[:2], ("user", HARMFUL)])
+        (unguarded,) = await c.score_prompts([text], max_length=96, newest=[newest])
+        obs = await t.observe("tenant", "third", harmful)
+        spec = c.early_exit
+        assert spec is not None and spec.window is not None
+        assert obs.window is not None and not obs.window.exited
+        assert obs.window.harm >= spec.window.harm_line and unguarded.exited  # what the rule is for
+    finally:
+        await t.aclose()
+        c.close()
 
 
 def _escalation_fields(c: Any) -> tuple[Any, ...]:
@@ -367,6 +455,11 @@ def test_every_shipped_policy_reads_at_or_above_the_shipped_heads_lines(tmp_path
     text = (POLICIES / "strict.toml").read_text()
     lowered.write_text(text.replace("when = { harm_at_least = 0.15 }", "when = { harm_at_least = 0.1 }"))
     assert below_exit_lines(spec, load_policy(lowered)) == ["harm from 0.1, below 0.15"]
+    assert spec.window is not None
+    lowered.write_text(
+        (POLICIES / "default.toml").read_text().replace("window_harm_at_least = 0.5", "window_harm_at_least = 0.1")
+    )
+    assert below_exit_lines(spec, load_policy(lowered)) == [f"window_harm from 0.1, below {spec.window.harm_line:g}"]
 
 
 async def test_a_request_under_a_policy_below_the_heads_line_runs_the_whole_model_until_a_reload_lifts_it(
@@ -466,3 +559,38 @@ async def test_the_gateway_with_early_exit_counts_exits_and_still_blocks_a_harmf
     assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 2.0' in later
     assert 'guardproxy_conversation_rephrase_deferred_total{outcome="lower_bound"} 1.0' in later
     assert 'guardproxy_conversation_rephrase_deferred_total{outcome="whole_model"} 0.0' in later
+
+
+async def test_a_conversation_request_whose_window_exited_is_logged_as_estimated_and_counted(tmp_path: Path) -> None:
+    import httpx
+
+    from guardproxy.app import create_app
+    from guardproxy.fake_upstream import FakeUpstream
+    from guardproxy.guard import build_guard
+    from guardproxy.metrics import Metrics
+    from tests.servers import serve
+
+    async with serve(FakeUpstream(reply=CHAT[1][1])) as up:
+        settings = Settings(
+            upstream={"base_url": up + "/v1"}, guard={"early_exit": True}, state={"hmac_secret": "s" * 32}
+        )
+        metrics = Metrics()
+        bundle = build_guard(settings, metrics=metrics, with_drills=False)
+        app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def ask(messages: list[dict[str, str]]) -> httpx.Response:
+                body = {"model": "m", "messages": messages}
+                return await client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer k"})
+
+            first = [{"role": "user", "content": ORDINARY}]
+            reply = (await ask(first)).json()["choices"][0]["message"]["content"]
+            second = await ask([*first, {"role": "assistant", "content": reply}, {"role": "user", "content": SHORT}])
+            text = (await client.get("/metrics")).text
+    assert second.status_code == 200 and reply == CHAT[1][1]
+    assert bundle.guard is not None
+    estimated = [r.scores["estimated"] for r in bundle.guard.decision_log.recent() if r.stage == "input"]
+    assert estimated == [1.0, 1.0]  # the first request's turn exited; the second's short turn did not, its window did
+    assert 'guardproxy_classifier_window_early_exit_total{outcome="exited"} 1.0' in text
+    assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 1.0' in text
+    assert 'guardproxy_classifier_early_exit_total{outcome="went_on"} 1.0' in text

@@ -337,18 +337,32 @@ class ConversationTracker:
         return _Rephrase(self, texts, scores, refused, lazy=lazy)
 
     def _start_window(self, chain: Chain, n: int, scored: Sequence[int]) -> asyncio.Task[list[PromptScore]] | None:
-        """The window pass of this request, started now (``concurrent_window``); None when there is no window or
-        no new turn to score beside it (a cached turn costs nothing, so the cascade loses no time)."""
+        """The window pass of this request, started now (``concurrent_window``); None when that is off, there is no
+        window, or no new turn to score beside it (a cached turn costs nothing, so the cascade loses no time)."""
+        if not self.concurrent_window:
+            return None
         src = self._window(chain, n - 1)
         if src is None or all(self._scores.get(chain.text(i)) is not None for i in scored):
             return None
         text, newest = src
+        # started before the new turn's score is known, so it cannot pass ``_window_exact``: the whole model
         task = asyncio.ensure_future(
-            self.classifier.score_prompts([text], max_length=self.window_max_ids, newest=[newest])
+            self.classifier.score_prompts([text], max_length=self.window_max_ids, newest=[newest], exact=True)
         )
         # a cancelled or unneeded pass may still fail: retrieve its outcome so it is never reported as lost
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
+
+    def _window_exact(self, exact: bool, risks: Sequence[float]) -> bool:
+        """Whether the window pass must run the whole model: ``exact``, or the trajectory or a user turn in the window
+        reads at or above the window head's harm line on its own (``guardproxy.early_exit``). The head reads the
+        mean of the window's early states, in which one harmful turn after long harmless ones is diluted (a window
+        ending in a plain bomb-making ask, whole model 0.85, exited in a test); the turns' own scores are known by
+        now, so such a window never exits."""
+        window = getattr(getattr(self.classifier, "early_exit", None), "window", None)
+        if exact or window is None:
+            return exact
+        return max(risks, default=0.0) >= float(window.harm_line)
 
     def _window(self, chain: Chain, end: int) -> tuple[str, str] | None:
         """The window ending at message ``end`` and its newest turn, both in the window format; None: one turn."""
@@ -441,8 +455,8 @@ class ConversationTracker:
         observation in ``pending``, which runs the window pass and only then stores the request's state. Await or
         cancel ``pending``; the provisional signals are never stored.
 
-        ``exact``: no new turn exits early (``PromptScore.exited``); the gateway asks this for a request whose
-        policies read below the lines the early-exit head was fitted for.
+        ``exact``: neither a new turn nor the window exits early (``PromptScore.exited``); the gateway asks this for a
+        request whose policies read below the lines the early-exit heads were fitted for.
 
         Raises ``ClassifierError`` when the guard model fails; state backend failures never raise
         (``state_failed`` says local state answered).
@@ -463,7 +477,7 @@ class ConversationTracker:
         if repeat and chain.roles[-1] == "user":
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
-        early_window = self._start_window(chain, n, scored) if self.concurrent_window and not repeat else None
+        early_window = self._start_window(chain, n, scored) if not repeat else None
         rp = await self._scored([chain.text(i) for i in scored], early_window, loaded.refused, exact=exact)
 
         async def conclude(state: Snapshot, window: PromptScore | None, *, final: bool = True) -> Observation:
@@ -536,7 +550,10 @@ class ConversationTracker:
             else:
                 await _held(go)
                 (window,) = await self.classifier.score_prompts(
-                    [window_src[0]], max_length=self.window_max_ids, newest=[window_src[1]]
+                    [window_src[0]],
+                    max_length=self.window_max_ids,
+                    newest=[window_src[1]],
+                    exact=self._window_exact(exact, [traj, *risks[-self.window_turns :]]),
                 )
             return await conclude(snapshot(window.harm), window)
 

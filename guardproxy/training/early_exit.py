@@ -17,10 +17,15 @@ scored one at a time, as the gateway scores it, through the graph cut at ``--lay
 
 The fit writes what it measured into the spec's ``fit`` and prints it. Progress goes to stderr.
 
-``--windows`` fits the same kind of head on the conversation windows of each split instead (the training rows with a
-newest turn, read at ``--window-ids`` ids, as the gateway's window pass reads them) and only prints the report: the
-runtime has no window exit, so nothing is written. It measures what a window head could do (``bench.window_exit``
-shows that the prompt head cannot be reused on windows).
+``--windows`` fits the window's head instead, on the conversation windows of each split (the training rows with a
+newest turn, read at ``--window-ids`` ids, as the gateway's window pass reads them), and writes it into the existing
+spec's ``window`` (the per-turn head must be fitted first: the two share the cut). The prompt head cannot be reused
+on windows (``bench.window_exit``). A refit of the per-turn head keeps the spec's window head when the model and the
+cut are the same.
+
+    python -m guardproxy.training.early_exit --model models/guard-v1 --data ../shared/data --windows
+
+Check a new window head's effect on the conversation flags with ``python -m bench.window_exit``.
 """
 
 from __future__ import annotations
@@ -31,20 +36,34 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from guardproxy.early_exit import SPEC_FILE, ExitSpec, Linear, file_md5, pooled, split_graph, tap_name
+from guardproxy.early_exit import (
+    SPEC_FILE,
+    ExitSpec,
+    Linear,
+    WindowHead,
+    file_md5,
+    load_spec,
+    pooled,
+    split_graph,
+    tap_name,
+)
 from guardproxy.signals import to_operating_scale
 
 SPLITS = ("train", "calibration", "dev")
 
 
-def prompt_rows(data: Path, config: dict[str, Any], train_rows: int, *, windows: bool = False) -> dict[str, list[str]]:
+Row = tuple[str, str | None]  # (text, its newest turn when it is a conversation window)
+
+
+def prompt_rows(data: Path, config: dict[str, Any], train_rows: int, *, windows: bool = False) -> dict[str, list[Row]]:
     """The prompt-mode texts (no reply, not a window) of each split of the model's own data split; with
-    ``windows``, the conversation windows instead."""
+    ``windows``, the conversation windows instead (with their newest turns)."""
     from guardproxy.training.sources import load_all
     from guardproxy.training.splits import assign_splits
 
@@ -52,10 +71,10 @@ def prompt_rows(data: Path, config: dict[str, Any], train_rows: int, *, windows:
     chat_turns = bool(config.get("data", {}).get("chat_turns", False))
     examples = load_all(data, seed=seed, chat_turns=chat_turns)
     assign_splits(examples, seed)
-    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    out: dict[str, list[Row]] = {s: [] for s in SPLITS}
     for e in examples:
         if e.reply is None and (e.newest is not None) == windows and e.split in out:
-            out[e.split].append(e.text)
+            out[e.split].append((e.text, e.newest))
     for split in SPLITS:
         out[split] = list(dict.fromkeys(out[split]))
     random.Random(seed).shuffle(out["train"])
@@ -64,14 +83,14 @@ def prompt_rows(data: Path, config: dict[str, Any], train_rows: int, *, windows:
 
 
 def score(
-    model_dir: Path, layer: int, texts: dict[str, list[str]], threads: int, max_length: int | None = None
+    model_dir: Path, layer: int, texts: dict[str, list[Row]], threads: int, max_length: int | None = None
 ) -> dict[str, dict[str, Any]]:
     """Per split: the cut layer's mean states and the whole model's raw harm and jailbreak, one text per run, each
-    read at ``max_length`` ids (default: the model's)."""
+    read at ``max_length`` ids (default: the model's); a window as the gateway's window pass encodes it."""
     import onnx
     import onnxruntime as ort
 
-    from guardproxy.encoding import encode_prompt, load_tokenizer, pad_batch
+    from guardproxy.encoding import POOL_INPUT, encode_prompt, encode_window, load_tokenizer, pad_batch
 
     model_path = model_dir / "model.onnx"
     tap = tap_name(onnx.load(str(model_path)).graph, layer)
@@ -82,6 +101,7 @@ def score(
     rest = ort.InferenceSession(rest_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
     first_in = [i.name for i in first.get_inputs()]
     rest_in = [i.name for i in rest.get_inputs() if i.name != tap]
+    pools = POOL_INPUT in rest_in
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     max_length = max_length or int(json.loads((model_dir / "config.json").read_text())["max_length"])
     out: dict[str, dict[str, Any]] = {"tap": {"name": tap}}
@@ -92,8 +112,12 @@ def score(
         harm = np.zeros(len(rows), dtype=np.float64)
         jailbreak = np.zeros(len(rows), dtype=np.float64)
         ids = np.zeros(len(rows), dtype=np.int64)
-        for i, text in enumerate(rows):
-            feeds = pad_batch([encode_prompt(tokenizer, text, max_length)])
+        for i, (text, newest) in enumerate(rows):
+            if newest is not None:
+                encoding = encode_window(tokenizer, text, newest, max_length)
+            else:
+                encoding = encode_prompt(tokenizer, text, max_length)
+            feeds = pad_batch([encoding], pool_mask=pools)
             (hidden,) = first.run([tap], {k: feeds[k] for k in first_in})
             h, j = rest.run(["harm", "jailbreak"], {**{k: feeds[k] for k in rest_in}, tap: hidden})
             state = pooled(hidden, feeds["attention_mask"])[0]
@@ -104,7 +128,7 @@ def score(
             done += 1
             if done % 1000 == 0 or done == total:
                 rate = done / max(time.monotonic() - began, 1e-9)
-                print(f"  scored {done}/{total} prompts ({rate:.0f}/s, {split})", file=sys.stderr, flush=True)
+                print(f"  scored {done}/{total} rows ({rate:.0f}/s, {split})", file=sys.stderr, flush=True)
         out[split] = {"x": x, "harm": harm, "jailbreak": jailbreak, "ids": ids}
     return out
 
@@ -181,6 +205,30 @@ def fit(
     return head, threshold, estimates[0], estimates[1], report
 
 
+def _existing(path: Path, md5: str, layer: int, *, required: bool) -> ExitSpec | None:
+    """The spec at ``path`` if it was fitted on this model and cut at ``layer`` (its window head stays valid);
+    None otherwise. ``required`` (a window fit, which writes into it): ``ValueError`` instead of None."""
+    from guardproxy.errors import ClassifierError
+
+    if not path.is_file():
+        if required:
+            raise ValueError("no spec to add the window head to: fit the per-turn head first (without --windows)")
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        dim = len(doc["exit"]["weights"])
+        spec = load_spec(path, model_md5=md5, dim=dim)
+    except (ClassifierError, OSError, KeyError, TypeError, ValueError) as exc:
+        if required:
+            raise ValueError(f"cannot add the window head to it: {exc}") from exc
+        return None
+    if spec.layer != layer:
+        if required:
+            raise ValueError(f"its cut is after layer {spec.layer}, not {layer}: pass --layer {spec.layer}")
+        return None
+    return spec
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m guardproxy.training.early_exit", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=Path("models/guard-v1"), help="the model directory")
@@ -196,12 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--windows",
         action="store_true",
-        help="fit on conversation windows and print the report only (the runtime has no window exit)",
+        help="fit the conversation window's head and write it into the existing spec (fit the per-turn head first)",
     )
     ap.add_argument("--window-ids", type=int, default=96, help="ids of a window, with --windows (the gateway's)")
     args = ap.parse_args(argv)
-    if args.windows and args.out is not None:
-        ap.error("--windows writes nothing: it only reports")
+    if args.window_ids < 8:
+        ap.error("--window-ids must be at least 8")
     for name in ("harm_line", "jailbreak_line"):
         if not 0 < getattr(args, name) <= 1:
             ap.error(f"--{name.replace('_', '-')} must lie in (0, 1]")
@@ -212,6 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = json.loads((args.model / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: {args.model / 'config.json'}: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or args.model / SPEC_FILE
+    md5 = file_md5(model_path)
+    try:
+        existing = _existing(out, md5, args.layer, required=args.windows)
+    except ValueError as exc:
+        print(f"error: {out}: {exc}", file=sys.stderr)
         return 2
     began = time.monotonic()
     texts = prompt_rows(args.data, config, args.train_rows, windows=args.windows)
@@ -234,30 +289,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {args.model}: {exc}", file=sys.stderr)
         return 2
+    fitted = {
+        "command": "python -m guardproxy.training.early_exit " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model_version": config.get("version"),
+        "miss": args.miss,
+        "train_rows": args.train_rows,
+        "splits": report,
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    head_fields = {
+        "exit": head,
+        "threshold": threshold,
+        "harm": harm,
+        "jailbreak": jailbreak,
+        "harm_line": args.harm_line,
+        "jailbreak_line": args.jailbreak_line,
+        "min_ids": args.min_ids,
+    }
     if args.windows:
-        print(json.dumps({"windows": True, "window_ids": args.window_ids, "threshold": threshold, **report}, indent=1))
+        assert existing is not None
+        spec = replace(existing, window=WindowHead(**head_fields, max_ids=args.window_ids, fit=fitted))
+        out.write_text(json.dumps(spec.to_json(), indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        print(f"wrote the window head into {out}: a {args.window_ids}-id window exits when the head's logit < "
+              f"{threshold:.4f}", file=sys.stderr)  # fmt: skip
         return 0
     spec = ExitSpec(
-        model_md5=file_md5(model_path),
+        **head_fields,
+        model_md5=md5,
         layer=args.layer,
         tap=scored["tap"]["name"],
-        exit=head,
-        threshold=threshold,
-        harm=harm,
-        jailbreak=jailbreak,
-        harm_line=args.harm_line,
-        jailbreak_line=args.jailbreak_line,
-        min_ids=args.min_ids,
-        fit={
-            "command": "python -m guardproxy.training.early_exit " + " ".join(sys.argv[1:] if argv is None else argv),
-            "model_version": config.get("version"),
-            "miss": args.miss,
-            "train_rows": args.train_rows,
-            "splits": report,
-            "seconds": round(time.monotonic() - began, 1),
-        },
+        fit=fitted,
+        window=existing.window if existing is not None else None,
     )
-    out = args.out or args.model / SPEC_FILE
+    if existing is not None and existing.window is not None:
+        print(f"kept the window head of {out} (same model, same cut)", file=sys.stderr)
     out.write_text(json.dumps(spec.to_json(), indent=1) + "\n")
     print(json.dumps(report, indent=1))
     print(f"wrote {out}: exit when the head's logit < {threshold:.4f}", file=sys.stderr)
