@@ -1,20 +1,24 @@
-"""A probe, not a feature: what would early exit do to the conversation window pass, with the per-turn head as it is?
+"""What does early exit do to the conversation window pass? The check for a window head, and the probe that showed
+the per-turn head cannot serve windows.
 
-    .venv/bin/python -m bench.window_exit [--model models/guard-v1] [--splits calibration,dev,challenge] [--json FILE]
+    .venv/bin/python -m bench.window_exit [--model models/guard-v1] [--head window|turn]
+        [--splits calibration,dev,challenge] [--json FILE]
 
-The gateway's window pass (the recent turns together, ``guard.window_max_ids`` ids) always runs the whole model;
-only per-turn checks exit (``guardproxy.early_exit``). This replays the conversations of ``bench.conversation_eval``
-(the Trainer's splits; the train split is left out) through a tracker that scores every window with the whole model
-and asks the early-exit head, fitted on prompts only, whether that window would have exited and with what estimate.
-Then it recomputes each conversation's flags offline (``bench.conversation_eval.guard_flags``: the tracker's
-escalation and the per-turn rule, shipped parameters) with each exited window's harm replaced by the head's
-estimate, and reports:
+With early exit on, the gateway's window pass (the recent turns together, ``guard.window_max_ids`` ids) exits on the
+spec's window head (``guardproxy.early_exit``, fitted by ``python -m guardproxy.training.early_exit --windows``).
+This replays the conversations of ``bench.conversation_eval`` (the Trainer's splits; the train split is left out)
+through a tracker that scores every window with the whole model and asks the head (``--head window``, the default:
+the spec's window head; ``--head turn``: the per-turn head, fitted on prompts) whether that window would have exited
+and with what estimate. Then it recomputes each conversation's flags offline (``bench.conversation_eval.guard_flags``:
+the tracker's escalation and the per-turn rule, shipped parameters) with each exited window's harm replaced by the
+head's estimate, and reports:
 
-- the share of windows that would exit (the CPU a window exit could save), by split and label;
-- windows the whole model scores at or above 0.15 (the strict policy's lowest line) or 0.5 that would exit;
-- conversations whose first flag would move or vanish.
+- the share of windows that exit (the CPU the window exit saves), by split and label;
+- windows the whole model scores at or above 0.15 (the strict policy's lowest line) or 0.5 that exit;
+- conversations whose first flag moves or vanishes.
 
-A head for windows would need its threshold fitted and checked on windows; this measures the prompt head's as is.
+The tracker sends a window whose trajectory or user turns read at or above the window head's line to the whole
+model (``ConversationTracker._window_exact``); the replay does the same (``whole_by_turn_rule`` counts them).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from bench.conversation_eval import (
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation.escalation import window_text
 from guardproxy.conversation.integrity import message_text
+from guardproxy.early_exit import Head, WindowHead
 from guardproxy.settings import DEFAULT_MODEL_DIR
 from guardproxy.signals import PromptScore
 
@@ -53,9 +58,14 @@ class WindowRecorder:
     """The classifier a replay's tracker sees: the whole model for everything, and for each window also the early-exit
     head's reading, recorded by the window's newest turn."""
 
-    def __init__(self, whole: OnnxClassifier, early: OnnxClassifier) -> None:
-        self.whole, self.early = whole, early
+    def __init__(self, whole: OnnxClassifier, early: OnnxClassifier, head: Head) -> None:
+        self.whole, self.early, self.head = whole, early, head
         self.windows: list[tuple[str, PromptScore, PromptScore]] = []  # (newest turn, whole, early)
+
+    @property
+    def early_exit(self) -> Any:
+        """The spec the tracker reads (its ``_window_exact`` rule needs the window head's line)."""
+        return self.early.early_exit
 
     async def score_prompts(
         self,
@@ -68,14 +78,17 @@ class WindowRecorder:
         scores = await self.whole.score_prompts(texts, max_length=max_length, newest=newest, exact=exact)
         if max_length is not None and newest is not None:
             for text, last, whole in zip(texts, newest, scores, strict=True):
+                if exact:  # the tracker's rule (a turn in it reads risky): the whole model, as in the gateway
+                    self.windows.append((last, whole, whole))
+                    continue
                 (head,) = await asyncio.to_thread(self._head, text, max_length)
                 self.windows.append((last, whole, head))
         return scores
 
     def _head(self, text: str, max_length: int) -> list[PromptScore]:
-        # the per-turn path with the window's length: what the head would say if windows could exit
+        # the runtime's own path, on the head asked for, at the window's length
         return self.early._prompt_job(  # noqa: SLF001 (a probe of the runtime's own path)
-            [text], threading.Event(), max_length=max_length, newest=[()], may_exit=True
+            [text], threading.Event(), max_length=max_length, newest=[()], head=self.head
         )
 
     async def score_replies(self, pairs: Any) -> Any:
@@ -85,13 +98,15 @@ class WindowRecorder:
         pass
 
 
-async def replay(convs: list[Conv], whole: OnnxClassifier, early: OnnxClassifier, window_ids: int) -> list[Any]:
+async def replay(
+    convs: list[Conv], whole: OnnxClassifier, early: OnnxClassifier, head: Head, window_ids: int
+) -> list[Any]:
     """Per conversation, per user turn: (the whole model's window score, the head's reading of the window: exited or
     not, with its estimate), or None for a turn without a window. Fills each conversation's ``turns`` too."""
     out: list[Any] = []
     started = time.perf_counter()
     for n, c in enumerate(convs, 1):
-        rec = WindowRecorder(whole, early)
+        rec = WindowRecorder(whole, early, head)
         tracker = every_window_tracker(rec, window_ids)
         results = await tracker.replay(c.messages)
         by_newest: dict[str, list[tuple[PromptScore, PromptScore]]] = {}
@@ -127,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--splits", default="calibration,dev,challenge", help="comma-separated splits replayed")
     ap.add_argument("--stitched", type=int, default=100, help="stitched long MT-Bench chats per split")
+    ap.add_argument(
+        "--head", choices=("window", "turn"), default="window", help="the spec's window head, or its per-turn head"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     config = json.loads((args.model / "config.json").read_text()).get("data", {})
@@ -136,7 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(convs)} conversations in {sorted(wanted)}", file=sys.stderr)
     whole = OnnxClassifier.load(args.model, cache_size=400_000, timeout=60.0)
     early = OnnxClassifier.load(args.model, cache_size=0, timeout=60.0, early_exit=True)
-    readings = asyncio.run(replay(convs, whole, early, WINDOW_MAX_IDS))
+    spec = early.early_exit
+    assert spec is not None
+    head: Head | None = spec.window if args.head == "window" else spec
+    if head is None:
+        print(f"error: {args.model}: its early-exit spec has no window head (--head turn reads the per-turn one)")
+        return 2
+    if isinstance(head, WindowHead) and head.max_ids != WINDOW_MAX_IDS:
+        print(f"note: the window head was fitted at {head.max_ids} ids, the gateway's window has {WINDOW_MAX_IDS}")
+    readings = asyncio.run(replay(convs, whole, early, head, WINDOW_MAX_IDS))
     p = EscalationParams()
     harm_line = 0.5
     before = guard_flags(convs, p, harm_line)
@@ -146,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         g = groups.setdefault(
             f"{c.split}/{c.label}",
             {"conversations": 0, "windows": 0, "exited": 0, "whole_ge_strict_exited": 0, "whole_ge_strict": 0,
-             "whole_ge_half_exited": 0, "flag_lost": 0, "flag_moved": 0, "flag_gained": 0, "flagged": 0},
+             "whole_ge_half_exited": 0, "whole_by_turn_rule": 0, "flag_lost": 0, "flag_moved": 0, "flag_gained": 0,
+             "flagged": 0},
         )  # fmt: skip
         g["conversations"] += 1
         g["flagged"] += b is not None
@@ -159,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             whole_h, head = r[0].harm, r[1]
             g["windows"] += 1
             g["exited"] += head.exited
+            g["whole_by_turn_rule"] += head is r[0]
             g["whole_ge_strict"] += whole_h >= STRICT_LINE
             g["whole_ge_strict_exited"] += head.exited and whole_h >= STRICT_LINE
             g["whole_ge_half_exited"] += head.exited and whole_h >= 0.5
@@ -171,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{g['flag_lost']:5d} {g['flag_moved']:6d} {g['flag_gained']:6d}")  # fmt: skip
     if args.json is not None:
         args.json.write_text(
-            json.dumps({"model": str(args.model), "splits": sorted(wanted), "groups": groups}, indent=1)
+            json.dumps(
+                {"model": str(args.model), "head": args.head, "splits": sorted(wanted), "groups": groups}, indent=1
+            )
         )
     whole.close()
     early.close()
