@@ -369,11 +369,13 @@ def test_input_only_mode_turns_output_checks_off_and_stands_in_for_guarded_in_th
 
 
 def test_early_exit_counts_are_read_from_the_gateways_counters() -> None:
-    from guardproxy.benchmark.load import EXIT_COUNTER, early_exits
+    from guardproxy.benchmark.load import EXIT_COUNTER, WINDOW_EXIT_COUNTER, early_exits
 
     counters = {EXIT_COUNTER + "exited": 574.0, EXIT_COUNTER + "went_on": 279.0, "guardproxy_requests_total|x=y": 3.0}
+    counters |= {WINDOW_EXIT_COUNTER + "exited": 12.0, WINDOW_EXIT_COUNTER + "went_on": 30.0}
     assert early_exits(counters) == (574, 279)
-    assert early_exits({}) == (0, 0)
+    assert early_exits(counters, windows=True) == (12, 30)
+    assert early_exits({}) == (0, 0) and early_exits({}, windows=True) == (0, 0)
 
 
 def test_rephrase_deferral_counts_are_read_from_the_gateways_counters() -> None:
@@ -398,7 +400,9 @@ def test_with_early_exit_the_stage_table_counts_exits(tmp_path: Path) -> None:
     for st in rows:
         exited, went_on = early_exits(st["counters"])
         assert 0 < exited + went_on <= st["requests"]  # one per-turn check per request at most
-    assert "exited" in proc.stdout.split("Gateway stages", 1)[1].split("\n", 2)[1]
+        exited, went_on = early_exits(st["counters"], windows=True)
+        assert exited + went_on <= st["requests"]  # one window pass per request at most
+    assert "windows exited" in proc.stdout.split("Gateway stages", 1)[1].split("\n", 2)[1]
 
 
 def test_refusals_put_the_tenants_refusals_in_memory_and_exited_turns_then_keep_a_bound(tmp_path: Path) -> None:

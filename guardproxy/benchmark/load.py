@@ -506,6 +506,7 @@ def counter_diff(before: Scrape, after: Scrape, prefix: str) -> dict[str, float]
 
 
 EXIT_COUNTER = "guardproxy_classifier_early_exit_total|outcome="  # a Scrape counter key, less its outcome
+WINDOW_EXIT_COUNTER = "guardproxy_classifier_window_early_exit_total|outcome="
 
 
 DEFERRED_COUNTER = "guardproxy_conversation_rephrase_deferred_total|outcome="
@@ -534,9 +535,11 @@ async def seed_refusals(
     return blocked
 
 
-def early_exits(counters: Mapping[str, float]) -> tuple[int, int]:
-    """(per-turn checks that exited, that went on) from a gateway's counters (``Scrape.counters`` or a diff)."""
-    return int(counters.get(EXIT_COUNTER + "exited", 0)), int(counters.get(EXIT_COUNTER + "went_on", 0))
+def early_exits(counters: Mapping[str, float], *, windows: bool = False) -> tuple[int, int]:
+    """(per-turn checks that exited, that went on) from a gateway's counters (``Scrape.counters`` or a diff);
+    ``windows``: the same for conversation window passes."""
+    key = WINDOW_EXIT_COUNTER if windows else EXIT_COUNTER
+    return int(counters.get(key + "exited", 0)), int(counters.get(key + "went_on", 0))
 
 
 def rephrase_deferred(counters: Mapping[str, float]) -> tuple[int, int]:

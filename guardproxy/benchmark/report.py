@@ -139,21 +139,22 @@ def _stages(result: dict[str, Any]) -> str:
         per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}
         row = [st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names], st.get("cpu_ms_per_request")]
         if early:
-            row.append(_exits(st.get("counters") or {}))
+            row += [_exits(st.get("counters") or {}), _exits(st.get("counters") or {}, windows=True)]
         rows.append(row)
     title = "Gateway stages, ms per request (its /metrics histograms diffed over each phase: stage time / requests)"
-    head = ["phase", "gateway", "requests", *names, "CPU ms/req", *(["exited"] if early else [])]
+    head = ["phase", "gateway", "requests", *names, "CPU ms/req", *(["exited", "windows exited"] if early else [])]
     legend = STAGE_LEGEND + " CPU ms/req: the gateway process's user+system CPU per request (/proc), load-independent."
     if early:
         legend += (
             " exited: per-turn checks that exited early / all that could (a turn already in the score cache is "
-            "not checked again, so this can be fewer than the requests)."
+            "not checked again, so this can be fewer than the requests). windows exited: the same for conversation "
+            "window passes (a window whose turns read risky alone runs the whole model and is not counted)."
         )
     return title + "\n" + _table(head, rows) + "\n" + legend
 
 
-def _exits(counters: dict[str, float]) -> str:
-    exited, went_on = early_exits(counters)
+def _exits(counters: dict[str, float], *, windows: bool = False) -> str:
+    exited, went_on = early_exits(counters, windows=windows)
     return f"{exited}/{exited + went_on}" if exited + went_on else "-"
 
 
