@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import statistics
 import sys
 import threading
 import time
@@ -61,6 +63,7 @@ class WindowRecorder:
     def __init__(self, whole: OnnxClassifier, early: OnnxClassifier, head: Head) -> None:
         self.whole, self.early, self.head = whole, early, head
         self.windows: list[tuple[str, PromptScore, PromptScore]] = []  # (newest turn, whole, early)
+        self.sent_to_head: list[str] = []  # the texts of windows the tracker's rule let the head read
 
     @property
     def early_exit(self) -> Any:
@@ -83,6 +86,7 @@ class WindowRecorder:
                     continue
                 (head,) = await asyncio.to_thread(self._head, text, max_length)
                 self.windows.append((last, whole, head))
+                self.sent_to_head.append(text)
         return scores
 
     def _head(self, text: str, max_length: int) -> list[PromptScore]:
@@ -99,10 +103,16 @@ class WindowRecorder:
 
 
 async def replay(
-    convs: list[Conv], whole: OnnxClassifier, early: OnnxClassifier, head: Head, window_ids: int
+    convs: list[Conv],
+    whole: OnnxClassifier,
+    early: OnnxClassifier,
+    head: Head,
+    window_ids: int,
+    sent: dict[str, list[str]] | None = None,
 ) -> list[Any]:
     """Per conversation, per user turn: (the whole model's window score, the head's reading of the window: exited or
-    not, with its estimate), or None for a turn without a window. Fills each conversation's ``turns`` too."""
+    not, with its estimate), or None for a turn without a window. Fills each conversation's ``turns`` too, and
+    ``sent`` (by split/label) with the windows the tracker's rule let the head read."""
     out: list[Any] = []
     started = time.perf_counter()
     for n, c in enumerate(convs, 1):
@@ -122,9 +132,39 @@ async def replay(
         if unmatched:
             print(f"  {c.id}: {unmatched} window(s) not matched to a turn", file=sys.stderr)
         out.append(readings)
+        if sent is not None:
+            sent.setdefault(f"{c.split}/{c.label}", []).extend(rec.sent_to_head)
         if n % 100 == 0:
             print(f"  {n}/{len(convs)} conversations ({n / (time.perf_counter() - started):.1f}/s)", file=sys.stderr)
     return out
+
+
+def time_windows(whole: OnnxClassifier, early: OnnxClassifier, texts: Sequence[str], window_ids: int) -> dict[str, Any]:
+    """ms per window pass (one at a time, the gateway's one thread), the whole model against early exit,
+    interleaved, on texts neither classifier has cached: p50 over all, and over those that exit and go on."""
+    w: list[float] = []
+    e: list[float] = []
+    for i, text in enumerate(texts):
+        pair = [(whole, w), (early, e)]
+        for clf, out in pair if i % 2 else pair[::-1]:
+            began = time.perf_counter()
+            clf.score_prompts_sync([text], max_length=window_ids)
+            out.append((time.perf_counter() - began) * 1000.0)
+    exited = [s.exited for s in early.score_prompts_sync(list(texts), max_length=window_ids)]
+
+    def p50(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 3) if xs else None
+
+    return {
+        "windows": len(texts),
+        "exited": sum(exited),
+        "whole_p50_ms": p50(w),
+        "early_exit_p50_ms": p50(e),
+        "whole_mean_ms": round(statistics.fmean(w), 3) if w else None,
+        "early_exit_mean_ms": round(statistics.fmean(e), 3) if e else None,
+        "exited_p50_ms": p50([t for t, x in zip(e, exited, strict=True) if x]),
+        "went_on_p50_ms": p50([t for t, x in zip(e, exited, strict=True) if not x]),
+    }
 
 
 def with_estimates(c: Conv, readings: list[Any]) -> Conv:
@@ -145,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--head", choices=("window", "turn"), default="window", help="the spec's window head, or its per-turn head"
     )
+    ap.add_argument(
+        "--time",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time up to N window passes per split/label that the rule lets the head read (whole vs exit)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     config = json.loads((args.model / "config.json").read_text()).get("data", {})
@@ -162,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if isinstance(head, WindowHead) and head.max_ids != WINDOW_MAX_IDS:
         print(f"note: the window head was fitted at {head.max_ids} ids, the gateway's window has {WINDOW_MAX_IDS}")
-    readings = asyncio.run(replay(convs, whole, early, head, WINDOW_MAX_IDS))
+    sent: dict[str, list[str]] = {}
+    readings = asyncio.run(replay(convs, whole, early, head, WINDOW_MAX_IDS, sent))
     p = EscalationParams()
     harm_line = 0.5
     before = guard_flags(convs, p, harm_line)
@@ -197,11 +245,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{k:24} {g['conversations']:6d} {g['windows']:8d} {share:8.1%} {g['whole_ge_strict']:7d} "
               f"{g['whole_ge_strict_exited']:9d} {g['whole_ge_half_exited']:8d} {g['flagged']:8d} "
               f"{g['flag_lost']:5d} {g['flag_moved']:6d} {g['flag_gained']:6d}")  # fmt: skip
+    timing: dict[str, Any] = {}
+    if args.time > 0:
+        # uncached on both sides; the early classifier serves exits through the runtime's own path
+        cold_whole = OnnxClassifier.load(args.model, cache_size=0, timeout=60.0)
+        cold_early = OnnxClassifier.load(args.model, cache_size=0, timeout=60.0, early_exit=True)
+        if args.head == "turn":
+            print("note: --time measures the window head (the runtime's path), whatever --head says")
+        for key, texts in sorted(sent.items()):
+            sample = random.Random(7).sample(texts, min(args.time, len(texts)))
+            timing[key] = t = time_windows(cold_whole, cold_early, sample, WINDOW_MAX_IDS)
+            print(f"time {key:24} {t['windows']:4d} windows, {t['exited']:4d} exit: whole p50 {t['whole_p50_ms']} ms, "
+                  f"early exit p50 {t['early_exit_p50_ms']} ms (mean {t['whole_mean_ms']} / {t['early_exit_mean_ms']}"
+                  f"; exited {t['exited_p50_ms']}, went on {t['went_on_p50_ms']})")  # fmt: skip
+        cold_whole.close()
+        cold_early.close()
     if args.json is not None:
         args.json.write_text(
             json.dumps(
-                {"model": str(args.model), "head": args.head, "splits": sorted(wanted), "groups": groups}, indent=1
-            )
+                {
+                    "model": str(args.model),
+                    "head": args.head,
+                    "splits": sorted(wanted),
+                    "groups": groups,
+                    "timing": timing,
+                },
+                indent=1,
+            )  # fmt: skip
         )
     whole.close()
     early.close()
