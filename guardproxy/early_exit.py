@@ -17,8 +17,9 @@ the spec's ``window``, fitted the same way on windows (the per-turn head lets wi
 scores 0.96 and more: ``bench.window_exit``). It serves only a window pass at the length it was fitted for
 (``max_ids``); a spec without it lets no window exit. The head reads the mean of the window's early states, where one
 harmful turn after long harmless ones is diluted, so the tracker lets a window exit only when its trajectory and
-each of its user turns read below the window head's ``harm_line`` on their own (``ConversationTracker``'s
-``_window_exact``). An exited window makes the request's ``estimated`` true, as an exited turn does.
+its last four user turns (every user turn in the window among them) read below the window head's ``harm_line`` on
+their own (``ConversationTracker``'s ``_window_exact``). An exited window makes the request's ``estimated`` true,
+as an exited turn does.
 
 Reply pairs and ``exact=True`` calls (which need the embedding: a refused request joining the tenant's refusal
 memory, drill clustering) always run the whole model: both parts, one after the other. For a tenant with refusals in
