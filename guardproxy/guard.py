@@ -713,6 +713,15 @@ def build_guard(
                 classifier.observe_exit = count_exits
     spec = getattr(classifier, "early_exit", None)
     log_exit_readers(spec, policies.all())
+    if spec is not None and spec.window is not None and spec.window.max_ids != settings.guard.window_max_ids:
+        log.warning(
+            "guard.early_exit: the window head was fitted on %d-id windows and guard.window_max_ids is %d: every "
+            "window runs the whole model (refit it with python -m guardproxy.training.early_exit --windows "
+            "--window-ids %d)",
+            spec.window.max_ids,
+            settings.guard.window_max_ids,
+            settings.guard.window_max_ids,
+        )
     if tracker is None and with_tracker:
         from guardproxy.conversation import build_tracker
 

@@ -594,3 +594,22 @@ async def test_a_conversation_request_whose_window_exited_is_logged_as_estimated
     assert 'guardproxy_classifier_window_early_exit_total{outcome="exited"} 1.0' in text
     assert 'guardproxy_classifier_early_exit_total{outcome="exited"} 1.0' in text
     assert 'guardproxy_classifier_early_exit_total{outcome="went_on"} 1.0' in text
+
+
+def test_a_window_length_other_than_the_heads_is_logged_and_its_windows_run_the_whole_model(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from guardproxy.guard import build_guard
+
+    settings = Settings(guard={"early_exit": True, "window_max_ids": 128}, state={"hmac_secret": "s" * 32})
+    with caplog.at_level(logging.WARNING, logger="guardproxy.guard"):
+        bundle = build_guard(settings, with_drills=False)
+    warned = [r.getMessage() for r in caplog.records if "window_max_ids is 128" in r.getMessage()]
+    assert len(warned) == 1 and "--window-ids 128" in warned[0]
+    assert bundle.guard is not None
+    classifier = bundle.guard.classifier
+    assert isinstance(classifier, OnnxClassifier)
+    text, newest = _window(CHAT)
+    (at_96,) = classifier.score_prompts_sync([text], max_length=96, newest=[newest])
+    (at_128,) = classifier.score_prompts_sync([text], max_length=128, newest=[newest])
+    assert at_96.exited and not at_128.exited  # the tracker asks for 128: its windows never exit
