@@ -613,3 +613,22 @@ def test_a_window_length_other_than_the_heads_is_logged_and_its_windows_run_the_
     (at_96,) = classifier.score_prompts_sync([text], max_length=96, newest=[newest])
     (at_128,) = classifier.score_prompts_sync([text], max_length=128, newest=[newest])
     assert at_96.exited and not at_128.exited  # the tracker asks for 128: its windows never exit
+
+
+def test_train_fits_the_heads_after_training_and_prints_the_command_when_it_cannot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from guardproxy.commands.train import configure, fit_early_exit_heads
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert parser.parse_args(["--no-early-exit-heads"]).no_early_exit_heads
+    assert not parser.parse_args([]).no_early_exit_heads  # fitted by default
+    # a directory without a model: the per-turn fit fails, the window's is not tried, and the way to fit by hand is said
+    assert not fit_early_exit_heads(tmp_path / "empty", tmp_path, 1)
+    captured = capsys.readouterr()
+    assert "no per-turn early-exit head" in captured.err and "fitting the window" not in captured.err
+    assert f"python -m guardproxy.training.early_exit --model {tmp_path / 'empty'}" in captured.err
+    assert captured.out == ""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from guardproxy.errors import ConfigError
@@ -180,6 +182,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip scoring dev with the fp32 graph (a training run then deletes it; --eval-only keeps it)",
     )
+    parser.add_argument(
+        "--no-early-exit-heads",
+        action="store_true",
+        help="do not fit early_exit.json after training (the per-turn and the window heads, a few minutes); "
+        "without it the gateway runs the whole model for every check",
+    )
     parser.add_argument("--card", action="store_true", help="write MODEL_CARD.md from metrics (see --loso/--latency)")
     parser.add_argument("--loso", type=Path, nargs="*", default=[], help="metrics.json of leave-one-out runs")
     parser.add_argument("--latency", type=Path, default=None, help="JSON from python -m bench.classifier_latency")
@@ -217,6 +225,23 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--language-weights needs the authored rows in other languages: it cannot go with --no-authored"
         )
+
+
+def fit_early_exit_heads(model: Path, data: Path, threads: int) -> bool:
+    """Fit ``early_exit.json`` for a freshly written model (``guardproxy.training.early_exit``): the per-turn head,
+    then the window's, their reports on stderr. A failed fit leaves the model without it (the gateway's ``auto``
+    then runs the whole model, and logs so) and prints the command that fits it by hand; False then."""
+    fit = importlib.import_module("guardproxy.training.early_exit")
+    common = ["--model", str(model), "--data", str(data), "--threads", str(threads)]
+    for extra, what in (([], "per-turn"), (["--windows"], "window")):
+        print(f"fitting the {what} early-exit head", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(sys.stderr):  # its report: stdout keeps the training's own summary
+            done = fit.main([*common, *extra])
+        if done != 0:
+            command = " ".join(["python -m guardproxy.training.early_exit", *common, *extra])
+            print(f"warning: no {what} early-exit head for {model}; fit it by hand: {command}", file=sys.stderr)
+            return False
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         if args.train_only:
             print(f"wrote {args.out / 'student.pt'}")
             return 0
+        if not (args.eval_only or args.no_early_exit_heads):
+            fit_early_exit_heads(args.out, args.data, args.threads)
     card.write_card(args.out, loso=args.loso, latency=args.latency, compare=args.compare, notes="\n\n".join(args.note))
     print(f"wrote {args.out}")
     return 0

@@ -356,10 +356,9 @@ class ConversationTracker:
     def _window_exact(self, exact: bool, risks: Sequence[float]) -> bool:
         """Whether the window pass must run the whole model: ``exact``, or ``risks`` (the trajectory and the last
         ``window_turns`` user turns' harm: every user turn in the window among them) reach the window head's harm
-        line (``guardproxy.early_exit``). The head reads the
-        mean of the window's early states, in which one harmful turn after long harmless ones is diluted (a window
-        ending in a plain bomb-making ask, whole model 0.85, exited in a test); the turns' own scores are known by
-        now, so such a window never exits."""
+        line (``guardproxy.early_exit``). The head reads the mean of the window's early states, in which one harmful
+        turn after long harmless ones is diluted (a window ending in a plain bomb-making ask, whole model 0.85,
+        exited in a test); the turns' own scores are known by now, so such a window never exits."""
         window = getattr(getattr(self.classifier, "early_exit", None), "window", None)
         if exact or window is None:
             return exact
