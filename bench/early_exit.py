@@ -63,26 +63,39 @@ def verdicts(whole: OnnxClassifier, early: OnnxClassifier, rows: list[dict[str, 
     }
 
 
-def timed(clf: OnnxClassifier, text: str) -> float:
+def timed(clf: OnnxClassifier, text: str, max_length: int | None = None) -> float:
     began = time.perf_counter()
-    clf.score_prompts_sync([text])
+    clf.score_prompts_sync([text], max_length=max_length)
     return (time.perf_counter() - began) * 1000.0
 
 
-def timings(whole: OnnxClassifier, early: OnnxClassifier, texts: Sequence[str]) -> dict[str, Any]:
-    """p50 ms per turn, interleaved; texts are unique, so nothing comes from a cache."""
-    w, e, exited = [], [], 0
+def timings(
+    whole: OnnxClassifier, early: OnnxClassifier, texts: Sequence[str], max_length: int | None = None
+) -> dict[str, Any]:
+    """ms per pass, whole model against early exit, interleaved, one text at a time: p50 and mean, and the early
+    exit's p50 over the texts that exit and those that go on. ``max_length``: a window's length (the window head),
+    None for per-turn checks. The classifiers must cache nothing (``cache_size=0``)."""
+    w: list[float] = []
+    e: list[float] = []
     for i, text in enumerate(texts):
         pair = [(whole, w), (early, e)]
         for clf, out in pair if i % 2 else pair[::-1]:
-            out.append(timed(clf, text))
-    exited = sum(s.exited for s in early.score_prompts_sync(list(texts)))
+            out.append(timed(clf, text, max_length))
+    exited = [s.exited for s in early.score_prompts_sync(list(texts), max_length=max_length)]
+
+    def p50(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 3) if xs else None
+
     return {
         "turns": len(texts),
-        "exited": exited,
-        "whole_p50_ms": round(statistics.median(w), 3),
-        "early_exit_p50_ms": round(statistics.median(e), 3),
-        "ratio": round(statistics.median(e) / statistics.median(w), 3),
+        "exited": sum(exited),
+        "whole_p50_ms": p50(w),
+        "early_exit_p50_ms": p50(e),
+        "ratio": round(statistics.median(e) / statistics.median(w), 3) if w else None,
+        "whole_mean_ms": round(statistics.fmean(w), 3) if w else None,
+        "early_exit_mean_ms": round(statistics.fmean(e), 3) if e else None,
+        "exited_p50_ms": p50([t for t, x in zip(e, exited, strict=True) if x]),
+        "went_on_p50_ms": p50([t for t, x in zip(e, exited, strict=True) if not x]),
     }
 
 

@@ -19,6 +19,8 @@ head's estimate, and reports:
 
 The tracker sends a window whose trajectory or user turns read at or above the window head's line to the whole
 model (``ConversationTracker._window_exact``); the replay does the same (``whole_by_turn_rule`` counts them).
+``--time N`` then times up to N of the windows the head read per split and label, whole model against early exit
+(``bench.early_exit.timings``, as the per-turn check is timed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ from bench.conversation_eval import (
     load_conversations,
     turn_components,
 )
+from bench.early_exit import timings
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation.escalation import window_text
 from guardproxy.conversation.integrity import message_text
@@ -139,34 +141,6 @@ async def replay(
     return out
 
 
-def time_windows(whole: OnnxClassifier, early: OnnxClassifier, texts: Sequence[str], window_ids: int) -> dict[str, Any]:
-    """ms per window pass (one at a time, the gateway's one thread), the whole model against early exit,
-    interleaved, on texts neither classifier has cached: p50 over all, and over those that exit and go on."""
-    w: list[float] = []
-    e: list[float] = []
-    for i, text in enumerate(texts):
-        pair = [(whole, w), (early, e)]
-        for clf, out in pair if i % 2 else pair[::-1]:
-            began = time.perf_counter()
-            clf.score_prompts_sync([text], max_length=window_ids)
-            out.append((time.perf_counter() - began) * 1000.0)
-    exited = [s.exited for s in early.score_prompts_sync(list(texts), max_length=window_ids)]
-
-    def p50(xs: list[float]) -> float | None:
-        return round(statistics.median(xs), 3) if xs else None
-
-    return {
-        "windows": len(texts),
-        "exited": sum(exited),
-        "whole_p50_ms": p50(w),
-        "early_exit_p50_ms": p50(e),
-        "whole_mean_ms": round(statistics.fmean(w), 3) if w else None,
-        "early_exit_mean_ms": round(statistics.fmean(e), 3) if e else None,
-        "exited_p50_ms": p50([t for t, x in zip(e, exited, strict=True) if x]),
-        "went_on_p50_ms": p50([t for t, x in zip(e, exited, strict=True) if not x]),
-    }
-
-
 def with_estimates(c: Conv, readings: list[Any]) -> Conv:
     turns = []
     for t, r in zip(c.turns or [], readings, strict=True):
@@ -254,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("note: --time measures the window head (the runtime's path), whatever --head says")
         for key, texts in sorted(sent.items()):
             sample = random.Random(7).sample(texts, min(args.time, len(texts)))
-            timing[key] = t = time_windows(cold_whole, cold_early, sample, WINDOW_MAX_IDS)
-            print(f"time {key:24} {t['windows']:4d} windows, {t['exited']:4d} exit: whole p50 {t['whole_p50_ms']} ms, "
+            timing[key] = t = timings(cold_whole, cold_early, sample, WINDOW_MAX_IDS)
+            print(f"time {key:24} {t['turns']:4d} windows, {t['exited']:4d} exit: whole p50 {t['whole_p50_ms']} ms, "
                   f"early exit p50 {t['early_exit_p50_ms']} ms (mean {t['whole_mean_ms']} / {t['early_exit_mean_ms']}"
                   f"; exited {t['exited_p50_ms']}, went on {t['went_on_p50_ms']})")  # fmt: skip
         cold_whole.close()
