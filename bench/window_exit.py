@@ -2,7 +2,7 @@
 the per-turn head cannot serve windows.
 
     .venv/bin/python -m bench.window_exit [--model models/guard-v1] [--head window|turn]
-        [--splits calibration,dev,challenge] [--json FILE]
+        [--splits calibration,dev,challenge] [--time N] [--json FILE]
 
 With early exit on, the gateway's window pass (the recent turns together, ``guard.window_max_ids`` ids) exits on the
 spec's window head (``guardproxy.early_exit``, fitted by ``python -m guardproxy.training.early_exit --windows``).
