@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -53,7 +54,18 @@ import numpy as np
 import numpy.typing as npt
 
 from guardproxy import taxonomy
-from guardproxy.early_exit import SPEC_FILE, ExitSpec, Head, WindowHead, cut_in_child, file_md5, load_spec, pooled
+from guardproxy.early_exit import (
+    SPEC_FILE,
+    ExitSpec,
+    Head,
+    WindowHead,
+    cache_entry,
+    cached_cut,
+    cut_in_child,
+    file_md5,
+    load_spec,
+    pooled,
+)
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
@@ -377,11 +389,13 @@ class OnnxClassifier:
         timeout: float = 2.0,
         cache_size: int = 8192,
         early_exit: bool | Literal["auto"] = False,
+        exit_cache: str | Path | None = None,
         **options: Any,
     ) -> OnnxClassifier:
         """Load ``model.onnx``, ``tokenizer.json`` and ``config.json`` from ``model_dir``; with ``early_exit``, also
         ``early_exit.json`` (``guardproxy.early_exit``). ``"auto"``: early exit where that file fits this model, the
-        whole model otherwise, with a log line saying why.
+        whole model otherwise, with a log line saying why. ``exit_cache``: a directory that keeps the cut graph's
+        parts between loads (``guardproxy.early_exit.cached_cut``); None or empty: cut afresh.
 
         Raises ``ClassifierError`` naming the file when one is missing or unreadable (or, for the early-exit
         spec with ``early_exit=True``, fitted on another graph), ``ConfigError`` when the model was trained on
@@ -421,7 +435,7 @@ class OnnxClassifier:
         if spec is not None:
             del session  # the two parts replace it: one copy of the weights
             try:
-                exit_parts = _load_exit(directory, model_path, spec, opts)
+                exit_parts = _load_exit(directory, model_path, spec, opts, Path(exit_cache) if exit_cache else None)
             except ClassifierError as exc:
                 if early_exit is True:
                     raise
@@ -460,6 +474,7 @@ class OnnxClassifier:
             breaker_failures=settings.breaker_failures,
             breaker_cooldown=settings.breaker_cooldown,
             early_exit=settings.early_exit,
+            exit_cache=settings.early_exit_cache,
         )
 
     @property
@@ -894,21 +909,39 @@ def _exit_spec(directory: Path, model_path: Path, dim: int, early_exit: bool | L
         return None
 
 
-def _load_exit(directory: Path, model_path: Path, spec: ExitSpec, opts: Any) -> _Exit:
-    """The two sessions of ``spec``'s cut; ``ClassifierError`` naming the spec file when it cannot be made."""
+def _load_exit(directory: Path, model_path: Path, spec: ExitSpec, opts: Any, cache: Path | None = None) -> _Exit:
+    """The two sessions of ``spec``'s cut, from ``cache`` when it has them (or can keep them); ``ClassifierError``
+    naming the spec file when they cannot be made."""
     import tempfile
 
     import onnxruntime as ort
 
+    def sessions(parts: tuple[Path, Path]) -> _Exit:
+        first, rest = (
+            ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"]) for p in parts
+        )
+        return _Exit(first, rest, spec)
+
+    failed = f"{directory / SPEC_FILE}: cannot cut {model_path.name} at {spec.tap}"
+    if cache is not None:
+        try:
+            parts = cached_cut(model_path, spec.model_md5, spec.tap, cache)
+        except OSError as exc:  # an unwritable cache only costs the cut
+            logger.info("guard.early_exit_cache %s cannot be used (%s): the graph is cut at each start", cache, exc)
+        except ValueError as exc:  # the cut itself failed: it would fail again
+            raise ClassifierError(f"{failed}: {exc}") from exc
+        else:
+            try:
+                return sessions(parts)
+            except Exception as exc:  # a damaged entry (onnxruntime raises its own types): drop it, cut afresh
+                entry = cache_entry(cache, spec.model_md5, spec.tap)
+                logger.warning("guard.early_exit_cache: %s cannot be loaded (%s): removed, cutting afresh", entry, exc)
+                shutil.rmtree(entry, ignore_errors=True)
     try:
         with tempfile.TemporaryDirectory(prefix="guardproxy-exit-") as tmp:
-            parts = cut_in_child(model_path, spec.tap, Path(tmp))
-            sessions = [
-                ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"]) for p in parts
-            ]
-        return _Exit(sessions[0], sessions[1], spec)
+            return sessions(cut_in_child(model_path, spec.tap, Path(tmp)))
     except Exception as exc:  # onnx and onnxruntime raise their own types; the message names what failed
-        raise ClassifierError(f"{directory / SPEC_FILE}: cannot cut {model_path.name} at {spec.tap}: {exc}") from exc
+        raise ClassifierError(f"{failed}: {exc}") from exc
 
 
 def _release_threadsafe(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:

@@ -29,7 +29,10 @@ change what a loaded policy or drill sampling reads (``ConversationTracker``'s `
 The classifier keeps only the two parts, so early exit costs no second copy of the weights. The cut is made once, at
 load, in a child process (``python -m guardproxy.early_exit MODEL TAP DIR``): the ``onnx`` package's copies of the
 graph would otherwise stay in the gateway's heap (~60 MiB measured). With both, the gateway's RSS is 12 MiB above
-the whole model's.
+the whole model's. The cut costs about 1.5 s, most of it the child importing ``onnx``, so the gateway keeps the parts
+in a cache directory (``guard.early_exit_cache``, by default ``~/.cache/guardproxy/early-exit``), one entry per
+model md5 and cut (``cached_cut``); a later start loads them from there. An entry that cannot be loaded is removed
+and the graph cut afresh; a cache that cannot be written only costs the cut at each start.
 
 The head is fitted by ``python -m guardproxy.training.early_exit`` against the whole model's own verdicts on the
 train split, not against the labels. Its threshold is set on the calibration split (the share of the whole model's
@@ -52,9 +55,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -71,6 +77,8 @@ __all__ = [
     "Head",
     "Linear",
     "WindowHead",
+    "cache_entry",
+    "cached_cut",
     "cut_in_child",
     "file_md5",
     "load_spec",
@@ -78,6 +86,8 @@ __all__ = [
     "split_graph",
     "tap_name",
 ]
+
+logger = logging.getLogger(__name__)
 
 SPEC_FILE = "early_exit.json"
 PART_FILES = ("first.onnx", "rest.onnx")
@@ -295,6 +305,35 @@ def cut_in_child(model_path: Path, tap: str, directory: Path) -> tuple[Path, Pat
         lines = (done.stderr or done.stdout or "no output").strip().splitlines() or ["no output"]
         raise ValueError(lines[-1])
     return paths[0], paths[1]
+
+
+def cache_entry(cache: Path, model_md5: str, tap: str) -> Path:
+    """The directory of ``cache`` that holds the parts of the model with this md5 cut at ``tap``."""
+    return cache / f"{model_md5}-{hashlib.sha256(tap.encode()).hexdigest()[:16]}"
+
+
+def cached_cut(model_path: Path, model_md5: str, tap: str, cache: Path) -> tuple[Path, Path]:
+    """The two parts of ``model_path`` cut at ``tap``, from ``cache`` (``cache_entry``); cut there by ``cut_in_child``
+    the first time. The cut is written to a fresh directory and renamed into place, so a crash never leaves a half
+    entry behind, and of two processes cutting at once the first rename wins and the other uses it. ``OSError``
+    when ``cache`` cannot be written, ``ValueError`` when the cut fails."""
+    entry = cache_entry(cache, model_md5, tap)
+    paths = (entry / PART_FILES[0], entry / PART_FILES[1])
+    if all(p.is_file() for p in paths):
+        return paths
+    cache.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=".cut-", dir=cache))
+    try:
+        logger.info("early exit: cutting %s at %s into the cache %s", model_path, tap, entry)
+        cut_in_child(model_path, tap, fresh)
+        try:
+            fresh.rename(entry)
+        except OSError:
+            if not all(p.is_file() for p in paths):  # not another process's finished entry: a real failure
+                raise
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    return paths
 
 
 def pooled(hidden: npt.NDArray[np.float32], mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:

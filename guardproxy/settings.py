@@ -78,6 +78,16 @@ class RouteSettings(BaseModel):
     )
 
 
+def default_exit_cache() -> str:
+    """Where the cut parts are kept between starts by default: ``$XDG_CACHE_HOME/guardproxy/early-exit`` (or
+    ``~/.cache/...``); empty (no cache) when there is no home directory."""
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:
+        return ""
+    return str(base / "guardproxy" / "early-exit")
+
+
 class GuardSettings(BaseModel):
     enabled: bool = True
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -102,6 +112,12 @@ class GuardSettings(BaseModel):
         "window of a request whose policies read harm, jailbreak or window harm below the lines the heads were "
         "fitted for. auto: on when early_exit.json fits the model, else the whole model (logged); true: "
         "the gateway does not start without it; false: off. guardproxy score, eval and classify read auto as off",
+    )
+    early_exit_cache: str = Field(
+        default_factory=default_exit_cache,
+        description="directory that keeps the early-exit cut of the guard model between starts (one entry per "
+        "model.onnx md5 and cut: the cut costs ~1.5 s); empty: cut at each start. Default "
+        "$XDG_CACHE_HOME/guardproxy/early-exit or ~/.cache/guardproxy/early-exit",
     )
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     workers: int = Field(1, ge=1, description="size of the one inference executor")
@@ -167,7 +183,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     auth: AuthSettings = AuthSettings()
     routes: RouteSettings = RouteSettings()
-    guard: GuardSettings = GuardSettings()
+    guard: GuardSettings = Field(default_factory=GuardSettings)  # a factory: its cache default reads the environment
     policy: PolicySettings = PolicySettings()
     state: StateSettings = StateSettings()
     drills: DrillSettings = DrillSettings()

@@ -632,3 +632,68 @@ def test_train_fits_the_heads_after_training_and_prints_the_command_when_it_cann
     assert "no per-turn early-exit head" in captured.err and "fitting the window" not in captured.err
     assert f"python -m guardproxy.training.early_exit --model {tmp_path / 'empty'}" in captured.err
     assert captured.out == ""
+
+
+# --- the cache of the cut graph ---------------------------------------------------------------------------------
+
+
+def test_the_cut_is_kept_in_the_cache_and_later_loads_take_it_from_there(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, whole: OnnxClassifier
+) -> None:
+    from guardproxy.early_exit import PART_FILES, cache_entry, file_md5
+
+    cache = tmp_path / "cache"
+    spec_tap = json.loads((MODEL_DIR / SPEC_FILE).read_text())["tap"]
+    entry = cache_entry(cache, file_md5(MODEL_DIR / "model.onnx"), spec_tap)
+    cuts = []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="guardproxy.early_exit"):
+            c = OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache, cache_size=0)
+        cuts.append(sum("into the cache" in r.getMessage() for r in caplog.records))
+        try:
+            (ordinary, harmful) = c.score_prompts_sync([ORDINARY, HARMFUL])
+        finally:
+            c.close()
+        assert ordinary.exited and harmful.harm == whole.score_prompts_sync([HARMFUL])[0].harm
+    assert cuts == [1, 0]  # cut once, then read from the cache
+    assert sorted(p.name for p in entry.iterdir()) == sorted(PART_FILES)
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # no half-written directory left behind
+
+
+def test_a_damaged_cache_entry_is_removed_and_an_unwritable_cache_only_costs_the_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from guardproxy.early_exit import PART_FILES
+
+    cache = tmp_path / "cache"
+    OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache).close()
+    (entry,) = cache.iterdir()
+    (entry / PART_FILES[1]).write_bytes(b"not an onnx graph")
+    with caplog.at_level(logging.WARNING, logger="guardproxy.classifier"):
+        c = OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache, cache_size=0)
+    try:
+        assert c.early_exit is not None and c.score_prompts_sync([ORDINARY])[0].exited
+    finally:
+        c.close()
+    assert any("cannot be loaded" in r.getMessage() and str(entry) in r.getMessage() for r in caplog.records)
+    assert not entry.exists()  # the next load cuts into the cache again
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    c = OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=blocked / "cache", cache_size=0)
+    try:
+        assert c.early_exit is not None and c.score_prompts_sync([ORDINARY])[0].exited
+    finally:
+        c.close()
+
+
+def test_the_gateway_keeps_the_cut_in_its_cache_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert Settings().guard.early_exit_cache.endswith("guardproxy/early-exit")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Settings().guard.early_exit_cache == str(tmp_path / "xdg" / "guardproxy" / "early-exit")
+    monkeypatch.setenv("GUARDPROXY_GUARD__EARLY_EXIT_CACHE", "")
+    assert Settings().guard.early_exit_cache == ""
+    monkeypatch.delenv("GUARDPROXY_GUARD__EARLY_EXIT_CACHE")
+    c = OnnxClassifier.from_settings(Settings().guard)
+    c.close()
+    assert len(list((tmp_path / "xdg" / "guardproxy" / "early-exit").iterdir())) == 1

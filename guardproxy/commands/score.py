@@ -65,6 +65,7 @@ def load_model(
         threads=threads or settings.guard.threads,
         cache_size=settings.guard.cache_size,
         early_exit=exits,
+        exit_cache=settings.guard.early_exit_cache,
     )
     if classifier.early_exit is not None:
         from guardproxy.guard import below_exit_lines
