@@ -61,7 +61,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +165,12 @@ class ExitSpec(Head):
     """What ``early_exit.json`` holds (see the module docstring): the cut, the per-turn head (this object's
     ``Head`` fields, at the top level of the file), and optionally the window's head (``"window"``)."""
 
+    # Defaults only because fields after Head's must have them: load_spec and the fit always set all three.
     model_md5: str = ""
     layer: int = 0
     tap: str = ""  # the cut layer's output tensor in the graph
     fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted and what it measured (read by people)
     window: WindowHead | None = None
-
-    @property
-    def turn(self) -> Head:
-        """The per-turn head alone."""
-        return Head(**{f.name: getattr(self, f.name) for f in fields(Head)})
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"format": FORMAT, "model_md5": self.model_md5, "layer": self.layer, "tap": self.tap}
