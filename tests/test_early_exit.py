@@ -697,3 +697,23 @@ def test_the_gateway_keeps_the_cut_in_its_cache_setting(monkeypatch: pytest.Monk
     c = OnnxClassifier.from_settings(Settings().guard)
     c.close()
     assert len(list((tmp_path / "xdg" / "guardproxy" / "early-exit").iterdir())) == 1
+
+
+def test_two_loads_cutting_into_one_cache_at_once_leave_one_whole_entry(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from guardproxy.early_exit import PART_FILES
+
+    cache = tmp_path / "cache"
+
+    def load_and_score(_: int) -> bool:
+        c = OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache, cache_size=0)
+        try:
+            return c.score_prompts_sync([ORDINARY])[0].exited
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each cut runs in its own child process
+        assert list(pool.map(load_and_score, range(2))) == [True, True]
+    (entry,) = cache.iterdir()  # one entry, no half-written directory beside it
+    assert sorted(p.name for p in entry.iterdir()) == sorted(PART_FILES)
