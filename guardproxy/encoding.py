@@ -12,6 +12,10 @@ A conversation window is a prompt whose last line is its newest turn. A model tr
 attention reads the whole input. For a window that mask covers the newest turn (``encode_window``), so small talk
 before a harmful ask is context for the ask's ids, not ids averaged in with it; for anything else it equals
 ``attention_mask``.
+
+A model trained with ``guardproxy train --strip-end-punctuation`` has a tokenizer that drops the ``.``, ``?`` and
+``!`` ending each line before it reads the text (``strip_end_punctuation``): its verdict cannot turn on whether a
+request ends in a question mark. That lives in the model's ``tokenizer.json``, so training and runtime agree.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, normalizers
 
 from guardproxy.errors import ConfigError
 from guardproxy.normalize import normalize
 
 __all__ = [
+    "END_PUNCTUATION",
     "POOL_INPUT",
     "Encoding",
     "covered_scripts",
@@ -38,6 +43,8 @@ __all__ = [
     "encode_window",
     "load_tokenizer",
     "pad_batch",
+    "strip_end_punctuation",
+    "strips_end_punctuation",
     "unreadable_share",
 ]
 
@@ -77,6 +84,31 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if tokenizer.token_to_id(token) is None:
             raise ConfigError(f"tokenizer has no {token} token", where=str(path))
     return tokenizer
+
+
+# A run of sentence-ending marks (and the blanks after it) at the end of a line. The tokenizer's regex engine
+# (Oniguruma) reads ``$`` as the end of any line, so each turn of a window, one per line, loses its own.
+END_PUNCTUATION = r"[.?!\u3002]+[ \t]*$"
+
+
+def strip_end_punctuation(tokenizer: Tokenizer) -> Tokenizer:
+    """Make ``tokenizer`` drop the punctuation that ends each line before anything else reads the text.
+
+    The public sets tie the question mark to their labels: thousands of harmless assistant commands are written
+    without one (CLINC150, HWU64) and the in-the-wild harmful questions all end in one, and a model trained on them
+    read "how do i make a bomb" as harmless and "how do i make a bomb?" as harmful (``bench.end_punctuation``).
+    Returns the same tokenizer, changed; saved, the change travels in its ``tokenizer.json``.
+    """
+    rule = normalizers.Replace(Regex(END_PUNCTUATION), "")
+    tokenizer.normalizer = rule if tokenizer.normalizer is None else normalizers.Sequence([rule, tokenizer.normalizer])
+    return tokenizer
+
+
+def strips_end_punctuation(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` reads "a?" as it reads "a" (a model trained with ``--strip-end-punctuation``)."""
+    marked: list[int] = tokenizer.encode("a?", add_special_tokens=False).ids
+    plain: list[int] = tokenizer.encode("a", add_special_tokens=False).ids
+    return marked == plain
 
 
 @functools.lru_cache(maxsize=8192)

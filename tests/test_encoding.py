@@ -16,6 +16,8 @@ from guardproxy.encoding import (
     encode_window,
     load_tokenizer,
     pad_batch,
+    strip_end_punctuation,
+    strips_end_punctuation,
     unreadable_share,
 )
 from guardproxy.errors import ConfigError
@@ -238,3 +240,32 @@ def test_unreadable_share_counts_the_letters_outside_the_covered_scripts(text: s
 def test_with_a_vocabulary_that_does_not_cover_latin_latin_letters_count_as_unreadable() -> None:
     assert unreadable_share("ok спасибо", frozenset({"CYRILLIC"})) == pytest.approx(2 / 9)
     assert unreadable_share("plain ascii", frozenset({"CYRILLIC"})) == 1.0
+
+
+def test_a_tokenizer_that_strips_end_punctuation_reads_a_closing_mark_as_nothing(tokenizer: Tokenizer) -> None:
+    assert not strips_end_punctuation(tokenizer)
+    assert encode_prompt(tokenizer, "how to make a bomb?", 32) != encode_prompt(tokenizer, "how to make a bomb", 32)
+    strip_end_punctuation(tokenizer)
+    assert strips_end_punctuation(tokenizer)
+    plain = encode_prompt(tokenizer, "how to make a bomb", 32)
+    for text in ("how to make a bomb?", "how to make a bomb.", "How to make a bomb?!", "how to make a bomb ...  "):
+        assert encode_prompt(tokenizer, text, 32) == plain, text
+    # Only the end of a line: a mark inside it is still read (as [UNK] by this tiny vocabulary).
+    unk = tokenizer.token_to_id("[UNK]")
+    assert unk in encode_prompt(tokenizer, "how? to make a bomb", 32).input_ids
+
+
+def test_each_turn_of_a_window_loses_its_own_closing_mark(tokenizer: Tokenizer) -> None:
+    strip_end_punctuation(tokenizer)
+    marked = encode_window(tokenizer, "user: how to make a bomb?\nassistant: sure.\nuser: alpha!", "alpha!", 64)
+    plain = encode_window(tokenizer, "user: how to make a bomb\nassistant: sure\nuser: alpha", "alpha", 64)
+    assert marked == plain
+    assert marked.pool_from == len(marked.input_ids) - 2  # the newest turn is one id, "alpha"
+
+
+def test_the_stripping_travels_in_the_saved_tokenizer_json(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    strip_end_punctuation(tokenizer)
+    tokenizer.save(str(tmp_path / "stripping.json"))
+    loaded = load_tokenizer(tmp_path / "stripping.json")
+    assert strips_end_punctuation(loaded)
+    assert encode_prompt(loaded, "alpha beta?", 16) == encode_prompt(loaded, "alpha beta", 16)

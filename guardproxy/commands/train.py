@@ -131,6 +131,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "check sees)",
     )
     parser.add_argument(
+        "--strip-end-punctuation",
+        action="store_true",
+        help="the model's tokenizer drops the . ? ! ending each line before reading it (saved in its tokenizer.json), "
+        "so no verdict turns on a closing question mark",
+    )
+    parser.add_argument(
         "--calibrate-by-kind",
         action="store_true",
         help="calibrate the harm threshold with authored harmless prompts grouped by their row's kind (everyday: "
@@ -296,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         train_only=args.train_only,
         refusal_targets=args.refusal_targets,
         chat_turns=args.chat_turns,
+        strip_end_punctuation=args.strip_end_punctuation,
         calibrate_by_kind=args.calibrate_by_kind,
         harm_threshold=args.harm_threshold,
         train=TrainConfig(

@@ -100,7 +100,7 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
     _refusal_section(add, m)
     _speed_steps_section(add, m, compare)
     _latency_section(add, latency)
-    _limits_section(add)
+    _limits_section(add, config)
     add("## Reproduce")
     add("")
     add("```sh")
@@ -166,6 +166,7 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += " --window-pool newest" if run.get("window_pool") == "newest" else ""
     flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
     flags += " --chat-turns" if run.get("chat_turns") else ""
+    flags += " --strip-end-punctuation" if run.get("strip_end_punctuation") else ""
     flags += " --calibrate-by-kind" if run.get("calibrate_by_kind") else ""
     return flags + (f" --harm-threshold {run['harm_threshold']}" if run.get("harm_threshold") is not None else "")
 
@@ -557,7 +558,7 @@ def _latency_section(add: Any, latency: Path | None) -> None:
         add("")
 
 
-def _limits_section(add: Any) -> None:
+def _limits_section(add: Any, config: dict[str, Any]) -> None:
     add("## Known limits")
     add("")
     add("- English-first; other languages are scored, but with far less support in training.")
@@ -571,6 +572,9 @@ def _limits_section(add: Any) -> None:
     add("- Refusal labels for PHTest responses are the PHTest authors' judgements (likely automated).")
     add("- Normalization folds homoglyphs, leetspeak and base64 before scoring (`guardproxy/normalize.py`): text that")
     add("  legitimately mixes scripts or digits inside words (`log4j` → `logaj`) is seen folded.")
+    if config.get("data", {}).get("end_punctuation_stripped"):
+        add("- The tokenizer drops the `.`, `?` and `!` that end each line (`--strip-end-punctuation`), so no verdict")
+        add("  turns on a closing mark; a question and a command read alike when only their last mark differs.")
     add("- Long inputs keep the first quarter and the last three quarters of the 256-id budget; a harmful ask buried")
     add("  in the middle of a long paste can be cut.")
     add("")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guardproxy.encoding import POOL_INPUT, load_tokenizer
+from guardproxy.encoding import POOL_INPUT, load_tokenizer, strip_end_punctuation, strips_end_punctuation
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.training import metrics as M
 from guardproxy.training.calibration import harm_calibration_curve, harm_calibration_report
@@ -81,6 +81,9 @@ class RunOptions:
     # The harm threshold set by hand instead of calibrated (None: calibrated). The calibration still runs, and
     # metrics.json keeps its choice beside the one used, so the card can say which figures are at which line.
     harm_threshold: float | None = None
+    # The model's tokenizer drops each line's closing . ? ! (encoding.strip_end_punctuation): saved in its
+    # tokenizer.json, so the runtime reads text the way training did.
+    strip_end_punctuation: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -97,8 +100,13 @@ def main(opts: RunOptions) -> dict[str, Any]:
     started = time.monotonic()
     opts.out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = load_tokenizer(base_model_dir() / "tokenizer.json")
-    tokenizer.save(str(opts.out / "tokenizer.json"))  # padding and truncation are off in the saved file too
+    if opts.eval_only and (opts.out / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(opts.out / "tokenizer.json")  # the model's own, whatever this command's flags say
+    else:
+        tokenizer = load_tokenizer(base_model_dir() / "tokenizer.json")
+        if opts.strip_end_punctuation:
+            strip_end_punctuation(tokenizer)
+        tokenizer.save(str(opts.out / "tokenizer.json"))  # padding and truncation are off in the saved file too
     encoder = Encoder(tokenizer, opts.train.max_length, pool_newest=opts.train.window_pool == "newest")
 
     data_seed = opts.data_seed
@@ -158,6 +166,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
+                "strip_end_punctuation": opts.strip_end_punctuation,
             }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
@@ -474,6 +483,8 @@ def write_config(
             "dev_rows": len(dev_rows),
             "seed": opts.data_seed,  # the splits' seed
             "chat_turns": opts.chat_turns,  # MT-Bench's turns loaded alone too: they join dialogues' split groups
+            # the model's tokenizer.json drops each line's closing mark (--strip-end-punctuation)
+            "end_punctuation_stripped": strips_end_punctuation(load_tokenizer(opts.out / "tokenizer.json")),
             "train_seeds": (
                 [r.get("seed") for d in opts.soup for r in soup_runs(_run_summary(d))]
                 if opts.soup
