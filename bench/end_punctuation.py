@@ -107,8 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, s in summary.items():
         shares = " / ".join(f"{s['flagged_share'][f]:.1%}" for f in FORMS)
         print(f"  {label:8} n={s['n']:5}  flagged {shares}  verdict turns on the mark: {s['turned']}")
-    if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "summary": summary, "rows": results}) + "\n")
+    if args.json:  # rows by id, without their text (it is in the set files)
+        rows_out = [
+            {"id": r["id"], "harmful": r["harmful"], **{f: round(r["scores"][f], 4) for f in FORMS}} for r in results
+        ]
+        args.json.write_text(json.dumps({"model": str(args.model), "summary": summary, "rows": rows_out}) + "\n")
     return 0
 
 
