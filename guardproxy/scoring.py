@@ -185,6 +185,7 @@ class RowScorer:
             "jailbreak": round(s.jailbreak, 6),
             "unreadable": round(s.unreadable, 4),
             "rule": decision.rule,
+            "estimated": s.exited,  # early exit (score --early-exit): harm and jailbreak are the head's estimates
         }
 
     def _response(self, row: ParsedRow, s: PromptScore, r: ReplyScore) -> dict[str, Any]:
@@ -252,6 +253,11 @@ class RowScorer:
                     "action": decision.action.value,
                     "window_harm": round(result.signals.window_harm, 6),
                     "rule": decision.rule,
+                    # early exit: this turn's own scores, or its window's, are the head's estimates
+                    "estimated": bool(
+                        (result.prompt is not None and result.prompt.exited)
+                        or (result.window is not None and result.window.exited)
+                    ),
                 }
             )
         return {

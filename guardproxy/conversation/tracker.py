@@ -113,6 +113,7 @@ class TurnResult:
     signals: ConversationSignals
     prompt: PromptScore | None = None
     rephrase_matches: tuple[tuple[float, float], ...] = ()
+    window: PromptScore | None = None  # the window pass's score, when this turn ran one
 
     @property
     def flagged(self) -> bool:
@@ -698,6 +699,7 @@ class ConversationTracker:
                         signals=obs.signals,
                         prompt=own,
                         rephrase_matches=obs.rephrase_matches,
+                        window=obs.window,
                     )
                 )
         return results
