@@ -94,14 +94,17 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
 
     kept = Path(__file__).resolve().parents[1] / "bench" / "results" / "candidates"
     metrics = json.loads((kept / "2.10.0.metrics.json").read_text())
-    (tmp_path / "config.json").write_text((kept / "2.10.0.config.json").read_text())
-    lines = {}
+    config = json.loads((kept / "2.10.0.config.json").read_text())
+    lines, cards = {}, {}
     for balanced, targets in [(True, "t.json"), (False, None)]:
+        config["data"]["end_punctuation_stripped"] = balanced  # what the trainer reads back off the tokenizer
+        (tmp_path / "config.json").write_text(json.dumps(config))
         metrics["train"] |= {
             "balanced_rewords": balanced,
             "refusal_targets": targets,
             "chat_turns": balanced,
             "calibrate_by_kind": balanced,
+            "strip_end_punctuation": balanced,
         }
         metrics["train"]["context_asks"] = 400 if balanced else 0
         metrics["train"]["terse_asks"] = 2400 if balanced else 0
@@ -111,14 +114,17 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
         write_card(tmp_path, loso=[], latency=None, compare=[])
         card = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
         lines[balanced] = next(x for x in card if x.startswith("guardproxy train --data"))
+        cards[balanced] = "\n".join(card)
     expected = (
         "--balanced-rewords --context-asks 400 --terse-asks 2400 --form-consistency 0.2 --language-weights "
-        "--refusal-targets t.json --chat-turns --calibrate-by-kind"
+        "--refusal-targets t.json --chat-turns --strip-end-punctuation --calibrate-by-kind"
     )
     assert f"{expected} --model-version" in lines[True]
     flags = ("--balanced-rewords", "--context-asks", "--terse-asks", "--refusal-targets", "--chat-turns")
-    flags += ("--calibrate-by-kind", "--form-consistency", "--language-weights")
+    flags += ("--calibrate-by-kind", "--form-consistency", "--language-weights", "--strip-end-punctuation")
     assert all(f not in lines[False] for f in flags)
+    # the known limits say the tokenizer drops the closing mark only for a model whose tokenizer does
+    assert "closing mark" in cards[True] and "closing mark" not in cards[False]
 
 
 def test_a_harm_threshold_set_by_hand_replaces_the_calibrated_one_and_keeps_the_block_level_above_it() -> None:
