@@ -92,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=PROJECT_ROOT / "models" / "guard-v1")
     ap.add_argument("--json", type=Path, help="write the summary and every row's scores here")
     args = ap.parse_args(argv)
+    files = list(args.files or ENGLISH_SETS)
     try:
-        rows = load_rows(args.files or ENGLISH_SETS)
+        rows = load_rows(files)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -111,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows_out = [
             {"id": r["id"], "harmful": r["harmful"], **{f: round(r["scores"][f], 4) for f in FORMS}} for r in results
         ]
-        args.json.write_text(json.dumps({"model": str(args.model), "summary": summary, "rows": rows_out}) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"model": str(args.model), "files": [str(f) for f in files], "summary": summary, "rows": rows_out}
+            )
+            + "\n"
+        )
     return 0
 
 
