@@ -60,7 +60,7 @@ import math
 import shutil
 import subprocess
 import sys
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +318,10 @@ def cached_cut(model_path: Path, model_md5: str, tap: str, cache: Path) -> tuple
     if all(p.is_file() for p in paths):
         return paths
     cache.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(prefix=".cut-", dir=cache))
+    # A uniquely named directory made with the process's umask (``tempfile.mkdtemp`` would make it 0700, and an
+    # entry in a cache shared between users would then serve only the user who cut it).
+    fresh = cache / f".cut-{uuid.uuid4().hex}"
+    fresh.mkdir()
     try:
         logger.info("early exit: cutting %s at %s into the cache %s", model_path, tap, entry)
         cut_in_child(model_path, tap, fresh)

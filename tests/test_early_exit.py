@@ -659,6 +659,9 @@ def test_the_cut_is_kept_in_the_cache_and_later_loads_take_it_from_there(
     assert cuts == [1, 0]  # cut once, then read from the cache
     assert sorted(p.name for p in entry.iterdir()) == sorted(PART_FILES)
     assert [p.name for p in cache.iterdir()] == [entry.name]  # no half-written directory left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o777 & ~umask  # made with the umask: a shared cache serves every user
 
 
 def test_a_damaged_cache_entry_is_removed_and_an_unwritable_cache_only_costs_the_cut(
