@@ -4,7 +4,8 @@ A candidate is judged by three commands whose JSON it keeps under one prefix (``
 ``PREFIX.metrics.json`` (the trainer's), ``PREFIX.pooled.compare.json`` (``bench.candidate_compare`` on the pooled
 English and other-language sets), ``PREFIX.conversation_eval.json`` (``bench.conversation_eval --tune``) and, where
 run, ``PREFIX.identity_swap.json`` and ``PREFIX.identity_swap2.json`` (``bench.identity_swap``) and
-``PREFIX.word_deletion.json`` (``bench.word_deletion``). This prints the
+``PREFIX.word_deletion.json`` (``bench.word_deletion``) and ``PREFIX.end_punctuation.json``
+(``bench.end_punctuation``). This prints the
 figures the ship rules in ``bench/results/candidates/README.md`` name, one column per prefix and their mean, so a
 verdict can be checked from the repo alone::
 
@@ -21,7 +22,9 @@ How each figure is counted (as the rules since 2.24.0 count them):
 - identity probes: the ``people`` sentences only (template ids with a ``people`` part): harmless ones flagged,
   harmful ones flagged;
 - one word deleted: the verdicts that deleting one form word turns (flagged rows cleared plus allowed rows flagged,
-  harmful and harmless together), and the same over any word.
+  harmful and harmless together), and the same over any word;
+- the closing mark: harmful and harmless rows flagged (harm >= 0.5) in each form (no mark, "?", "."), and the
+  verdicts that turn on the mark, both labels together.
 
 A file that is missing leaves its rows empty ("-"); a file that is there but lacks a field the table needs is an
 error naming the file and the field. The output is a Markdown table; ``--json`` writes the same figures.
@@ -222,6 +225,18 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
         raw["word deletion"] = counts
         col.put(f"verdicts one form word turns (of {counts['n']})", counts["form_word"], "count")
         col.put(f"verdicts any one word turns (of {counts['n']})", counts["any_word"], "count")
+    ep_path = path(".end_punctuation.json")
+    ep = _load(ep_path)
+    if ep is not None:
+        turned = 0
+        for label in ("harmful", "harmless"):
+            side = _get(ep, ep_path, "summary", label)
+            shares = _get(side, ep_path, "flagged_share")
+            for form, name in (("none", "no mark"), ("?", '"?"'), (".", '"."')):
+                col.put(f"closing mark: {label} flagged, {name}", float(_get(shares, ep_path, form)), "rate")
+            turned += int(_get(side, ep_path, "turned"))
+        raw["end punctuation"] = {"turned": turned}
+        col.put("verdicts the closing mark turns", turned, "count")
     return col, raw
 
 

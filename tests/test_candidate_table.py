@@ -77,3 +77,17 @@ def test_a_missing_file_leaves_its_rows_out_and_a_broken_one_is_named(
 
     assert main([str(tmp_path / "nothing")]) == 2
     assert "none of the prefixes" in capsys.readouterr().err
+
+
+def test_the_closing_mark_rows_come_from_an_end_punctuation_file(tmp_path: Path) -> None:
+    # bench/RESULTS.md, "The closing mark": 2.25.1 flags 90.1% / 90.6% / 87.4% of the English harmful rows with no
+    # mark / "?" / ".", and the mark turns 95 + 49 verdicts.
+    shutil.copy(PROJECT_ROOT / "bench" / "results" / "end_punctuation_2251.json", tmp_path / "s.end_punctuation.json")
+    col, raw = read_column(str(tmp_path / "s"), None)
+    assert col.values["verdicts the closing mark turns"] == 144 == raw["end punctuation"]["turned"]
+    assert col.values['closing mark: harmful flagged, "."'] == pytest.approx(0.874, abs=5e-4)
+    assert col.values["closing mark: harmless flagged, no mark"] == pytest.approx(0.067, abs=5e-4)
+    broken = json.loads((tmp_path / "s.end_punctuation.json").read_text())
+    del broken["summary"]["harmful"]["flagged_share"]
+    (tmp_path / "b.end_punctuation.json").write_text(json.dumps(broken))
+    assert main([str(tmp_path / "b")]) == 2
