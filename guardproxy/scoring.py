@@ -209,6 +209,7 @@ class RowScorer:
             "category": s.category,
             "action": decision.action.value,
             "rule": decision.rule,
+            "estimated": s.exited,  # the prompt's harm is the early-exit head's estimate
         }
 
     def _replay(self, messages: list[Any]) -> list[TurnResult]:
