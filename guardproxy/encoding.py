@@ -14,7 +14,7 @@ before a harmful ask is context for the ask's ids, not ids averaged in with it; 
 ``attention_mask``.
 
 A model trained with ``guardproxy train --strip-end-punctuation`` has a tokenizer that drops the ``.``, ``?`` and
-``!`` ending each line before it reads the text (``strip_end_punctuation``): its verdict cannot turn on whether a
+``!`` ending each line before it reads the text (``add_end_punctuation_rule``): its verdict cannot turn on whether a
 request ends in a question mark. That lives in the model's ``tokenizer.json``, so training and runtime agree.
 """
 
@@ -34,7 +34,7 @@ from guardproxy.errors import ConfigError
 from guardproxy.normalize import normalize
 
 __all__ = [
-    "END_PUNCTUATION",
+    "END_PUNCTUATION_PATTERN",
     "POOL_INPUT",
     "Encoding",
     "covered_scripts",
@@ -43,8 +43,8 @@ __all__ = [
     "encode_window",
     "load_tokenizer",
     "pad_batch",
-    "strip_end_punctuation",
-    "strips_end_punctuation",
+    "add_end_punctuation_rule",
+    "drops_end_punctuation",
     "unreadable_share",
 ]
 
@@ -88,10 +88,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 # A run of sentence-ending marks (and the blanks after it) at the end of a line. The tokenizer's regex engine
 # (Oniguruma) reads ``$`` as the end of any line, so each turn of a window, one per line, loses its own.
-END_PUNCTUATION = r"[.?!\u3002]+[ \t]*$"
+END_PUNCTUATION_PATTERN = r"[.?!\u3002]+[ \t]*$"
 
 
-def strip_end_punctuation(tokenizer: Tokenizer) -> Tokenizer:
+def add_end_punctuation_rule(tokenizer: Tokenizer) -> Tokenizer:
     """Make ``tokenizer`` drop the punctuation that ends each line before anything else reads the text.
 
     The public sets tie the question mark to their labels: thousands of harmless assistant commands are written
@@ -99,12 +99,12 @@ def strip_end_punctuation(tokenizer: Tokenizer) -> Tokenizer:
     read "how do i make a bomb" as harmless and "how do i make a bomb?" as harmful (``bench.end_punctuation``).
     Returns the same tokenizer, changed; saved, the change travels in its ``tokenizer.json``.
     """
-    rule = normalizers.Replace(Regex(END_PUNCTUATION), "")
+    rule = normalizers.Replace(Regex(END_PUNCTUATION_PATTERN), "")
     tokenizer.normalizer = rule if tokenizer.normalizer is None else normalizers.Sequence([rule, tokenizer.normalizer])
     return tokenizer
 
 
-def strips_end_punctuation(tokenizer: Tokenizer) -> bool:
+def drops_end_punctuation(tokenizer: Tokenizer) -> bool:
     """Whether ``tokenizer`` reads "a?" as it reads "a" (a model trained with ``--strip-end-punctuation``)."""
     marked: list[int] = tokenizer.encode("a?", add_special_tokens=False).ids
     plain: list[int] = tokenizer.encode("a", add_special_tokens=False).ids

@@ -10,14 +10,14 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from guardproxy.encoding import (
     HEAD_FRACTION,
+    add_end_punctuation_rule,
     covered_scripts,
+    drops_end_punctuation,
     encode_pair,
     encode_prompt,
     encode_window,
     load_tokenizer,
     pad_batch,
-    strip_end_punctuation,
-    strips_end_punctuation,
     unreadable_share,
 )
 from guardproxy.errors import ConfigError
@@ -243,10 +243,10 @@ def test_with_a_vocabulary_that_does_not_cover_latin_latin_letters_count_as_unre
 
 
 def test_a_tokenizer_that_strips_end_punctuation_reads_a_closing_mark_as_nothing(tokenizer: Tokenizer) -> None:
-    assert not strips_end_punctuation(tokenizer)
+    assert not drops_end_punctuation(tokenizer)
     assert encode_prompt(tokenizer, "how to make a bomb?", 32) != encode_prompt(tokenizer, "how to make a bomb", 32)
-    strip_end_punctuation(tokenizer)
-    assert strips_end_punctuation(tokenizer)
+    add_end_punctuation_rule(tokenizer)
+    assert drops_end_punctuation(tokenizer)
     plain = encode_prompt(tokenizer, "how to make a bomb", 32)
     for text in ("how to make a bomb?", "how to make a bomb.", "How to make a bomb?!", "how to make a bomb ...  "):
         assert encode_prompt(tokenizer, text, 32) == plain, text
@@ -256,7 +256,7 @@ def test_a_tokenizer_that_strips_end_punctuation_reads_a_closing_mark_as_nothing
 
 
 def test_each_turn_of_a_window_loses_its_own_closing_mark(tokenizer: Tokenizer) -> None:
-    strip_end_punctuation(tokenizer)
+    add_end_punctuation_rule(tokenizer)
     marked = encode_window(tokenizer, "user: how to make a bomb?\nassistant: sure.\nuser: alpha!", "alpha!", 64)
     plain = encode_window(tokenizer, "user: how to make a bomb\nassistant: sure\nuser: alpha", "alpha", 64)
     assert marked == plain
@@ -264,8 +264,8 @@ def test_each_turn_of_a_window_loses_its_own_closing_mark(tokenizer: Tokenizer) 
 
 
 def test_the_stripping_travels_in_the_saved_tokenizer_json(tokenizer: Tokenizer, tmp_path: Path) -> None:
-    strip_end_punctuation(tokenizer)
+    add_end_punctuation_rule(tokenizer)
     tokenizer.save(str(tmp_path / "stripping.json"))
     loaded = load_tokenizer(tmp_path / "stripping.json")
-    assert strips_end_punctuation(loaded)
+    assert drops_end_punctuation(loaded)
     assert encode_prompt(loaded, "alpha beta?", 16) == encode_prompt(loaded, "alpha beta", 16)

@@ -15,6 +15,7 @@ from guardproxy.training.run import (  # noqa: E402
     RunOptions,
     average_weights,
     discard_unused_fp32,
+    run_tokenizer,
     set_harm_threshold,
     start_model,
 )
@@ -230,3 +231,36 @@ def test_a_rescoring_without_the_fp32_comparison_keeps_the_trained_runs_fp32_gra
             RunOptions(data=tmp_path, out=tmp_path, eval_only=eval_only, fp32_compare=fp32_compare), graph
         )
         assert graph.exists() == kept, (eval_only, fp32_compare)
+
+
+def test_the_run_tokenizer_is_the_models_own_and_agrees_with_strip_end_punctuation(tmp_path: Path) -> None:
+    from guardproxy.encoding import drops_end_punctuation, load_tokenizer
+    from guardproxy.errors import ConfigError
+    from guardproxy.training.model import base_model_dir
+
+    base = base_model_dir() / "tokenizer.json"
+    stripped, kept = tmp_path / "stripped", tmp_path / "kept"
+    for out, strip in ((stripped, True), (kept, False)):
+        out.mkdir()
+        tok = run_tokenizer(RunOptions(data=tmp_path, out=out, strip_end_punctuation=strip), base)
+        assert drops_end_punctuation(tok) is strip
+        assert drops_end_punctuation(load_tokenizer(out / "tokenizer.json")) is strip  # what the runtime will load
+    # A re-scoring reads with the model's own tokenizer, and a flag that contradicts it is an error, not ignored.
+    assert drops_end_punctuation(
+        run_tokenizer(RunOptions(data=tmp_path, out=stripped, eval_only=True, strip_end_punctuation=True), base)
+    )
+    with pytest.raises(ConfigError, match="drops each line's closing mark; run with --strip-end-punctuation"):
+        run_tokenizer(RunOptions(data=tmp_path, out=stripped, eval_only=True), base)
+    with pytest.raises(ConfigError, match="keeps each line's closing mark; run without --strip-end-punctuation"):
+        run_tokenizer(RunOptions(data=tmp_path, out=kept, eval_only=True, strip_end_punctuation=True), base)
+    # A soup reads with its runs' tokenizer; runs that read text differently cannot be averaged.
+    soup = tmp_path / "soup"
+    soup.mkdir()
+    tok = run_tokenizer(
+        RunOptions(data=tmp_path, out=soup, soup=(stripped, stripped), strip_end_punctuation=True), base
+    )
+    assert drops_end_punctuation(tok) and drops_end_punctuation(load_tokenizer(soup / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        run_tokenizer(RunOptions(data=tmp_path, out=soup, soup=(stripped, kept)), base)
+    with pytest.raises(ConfigError, match="run with --strip-end-punctuation"):
+        run_tokenizer(RunOptions(data=tmp_path, out=soup, soup=(stripped,)), base)

@@ -123,9 +123,10 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
         for run in runs:
             add(command(f"/tmp/run-{run['seed']}", run))
         dirs = " ".join(f"/tmp/run-{run['seed']}" for run in runs)
+        strip = " --strip-end-punctuation" if config.get("data", {}).get("end_punctuation_stripped") else ""
         add(
             f"guardproxy train --data ../shared/data --out models/{config['name']} --layers {config['layers']} "
-            f"--soup {dirs} --split-seed {split_seed} --model-version {config['version']}"
+            f"--soup {dirs} --split-seed {split_seed}{strip} --model-version {config['version']}"
         )
     else:
         add(command(f"models/{config['name']}", runs[0]))

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
-from guardproxy.encoding import POOL_INPUT, load_tokenizer, strip_end_punctuation, strips_end_punctuation
+from guardproxy.encoding import POOL_INPUT, add_end_punctuation_rule, drops_end_punctuation, load_tokenizer
+from guardproxy.errors import ConfigError
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.training import metrics as M
 from guardproxy.training.calibration import harm_calibration_curve, harm_calibration_report
@@ -81,7 +83,7 @@ class RunOptions:
     # The harm threshold set by hand instead of calibrated (None: calibrated). The calibration still runs, and
     # metrics.json keeps its choice beside the one used, so the card can say which figures are at which line.
     harm_threshold: float | None = None
-    # The model's tokenizer drops each line's closing . ? ! (encoding.strip_end_punctuation): saved in its
+    # The model's tokenizer drops each line's closing . ? ! (encoding.add_end_punctuation_rule): saved in its
     # tokenizer.json, so the runtime reads text the way training did.
     strip_end_punctuation: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -100,13 +102,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
     started = time.monotonic()
     opts.out.mkdir(parents=True, exist_ok=True)
 
-    if opts.eval_only and (opts.out / "tokenizer.json").exists():
-        tokenizer = load_tokenizer(opts.out / "tokenizer.json")  # the model's own, whatever this command's flags say
-    else:
-        tokenizer = load_tokenizer(base_model_dir() / "tokenizer.json")
-        if opts.strip_end_punctuation:
-            strip_end_punctuation(tokenizer)
-        tokenizer.save(str(opts.out / "tokenizer.json"))  # padding and truncation are off in the saved file too
+    tokenizer = run_tokenizer(opts, base_model_dir() / "tokenizer.json")
     encoder = Encoder(tokenizer, opts.train.max_length, pool_newest=opts.train.window_pool == "newest")
 
     data_seed = opts.data_seed
@@ -147,7 +143,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
             train_summary = {"soup": [str(d) for d in opts.soup], "runs": [_run_summary(d) for d in opts.soup]}
         else:
             model = start_model(opts)
-            teacher = Teacher(session(opts.teacher / "model.onnx", 1), encoder) if opts.teacher is not None else None
+            teacher = load_teacher(opts.teacher, opts.train.max_length) if opts.teacher is not None else None
             train_summary = {
                 **train(model, train_rows, encoder, opts.train, teacher),
                 "seed": opts.train.seed,
@@ -231,6 +227,43 @@ def main(opts: RunOptions) -> dict[str, Any]:
     (opts.out / "metrics.json").write_text(json.dumps(results, indent=1, default=_jsonable))
     discard_unused_fp32(opts, fp32_path)
     return results
+
+
+def run_tokenizer(opts: RunOptions, base: Path) -> Tokenizer:
+    """The tokenizer this run's model reads with, written to ``opts.out`` (padding and truncation off there too).
+
+    A re-scoring (``eval_only``) reads with the model's own ``tokenizer.json``; a soup with its runs' (they must all
+    have the same one); a training run with ``base``'s, plus the end-punctuation rule with ``strip_end_punctuation``.
+    ``ConfigError`` when the runs of a soup differ, or when the tokenizer does not do what ``strip_end_punctuation``
+    says: a model trained on text without closing marks must never be scored through a tokenizer that keeps them.
+    """
+    own = opts.out / "tokenizer.json"
+    if opts.eval_only and own.exists():
+        tokenizer, where = load_tokenizer(own), str(own)
+    elif opts.soup:
+        files = {d: (d / "tokenizer.json").read_text(encoding="utf-8") for d in opts.soup}
+        if len(set(files.values())) > 1:
+            raise ConfigError("--soup: the runs read text with different tokenizers: " + ", ".join(map(str, files)))
+        tokenizer, where = load_tokenizer(opts.soup[0] / "tokenizer.json"), f"the soup's runs ({opts.soup[0]}...)"
+    else:
+        tokenizer, where = load_tokenizer(base), ""
+        if opts.strip_end_punctuation:
+            add_end_punctuation_rule(tokenizer)
+    if where and drops_end_punctuation(tokenizer) != opts.strip_end_punctuation:
+        drops = drops_end_punctuation(tokenizer)
+        said, flag = ("drops", "with") if drops else ("keeps", "without")
+        raise ConfigError(f"{where}: the tokenizer {said} each line's closing mark; run {flag} --strip-end-punctuation")
+    if not (opts.eval_only and own.exists()):
+        tokenizer.save(str(own))
+    return tokenizer
+
+
+def load_teacher(teacher: Path, max_length: int) -> Teacher:
+    """A distillation teacher that reads every text as it was trained to: through its own ``tokenizer.json`` (a
+    student may drop closing marks that the teacher's scores depend on, or the reverse) and its own pooling."""
+    sess = session(teacher / "model.onnx", 1)
+    pooled = POOL_INPUT in {i.name for i in sess.get_inputs()}  # type: ignore[attr-defined]
+    return Teacher(sess, Encoder(load_tokenizer(teacher / "tokenizer.json"), max_length, pool_newest=pooled))
 
 
 def discard_unused_fp32(opts: RunOptions, fp32_path: Path) -> None:
@@ -484,7 +517,7 @@ def write_config(
             "seed": opts.data_seed,  # the splits' seed
             "chat_turns": opts.chat_turns,  # MT-Bench's turns loaded alone too: they join dialogues' split groups
             # the model's tokenizer.json drops each line's closing mark (--strip-end-punctuation)
-            "end_punctuation_stripped": strips_end_punctuation(load_tokenizer(opts.out / "tokenizer.json")),
+            "end_punctuation_stripped": drops_end_punctuation(load_tokenizer(opts.out / "tokenizer.json")),
             "train_seeds": (
                 [r.get("seed") for d in opts.soup for r in soup_runs(_run_summary(d))]
                 if opts.soup
