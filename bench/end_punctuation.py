@@ -27,6 +27,7 @@ from typing import Any
 
 from bench.word_deletion import ENGLISH_SETS, LINE
 from guardproxy.classifier import OnnxClassifier
+from guardproxy.normalize import normalize
 from guardproxy.settings import PROJECT_ROOT
 
 FORMS = ("none", "?", ".")
@@ -34,8 +35,11 @@ _CLOSING = re.compile(r"[.?!\u3002]+\s*$")
 
 
 def forms(text: str) -> list[str]:
-    """``text`` without its closing marks, then with ``?``, then with ``.`` (in ``FORMS`` order)."""
-    bare = _CLOSING.sub("", text.rstrip()).rstrip() or text
+    """``text`` without its closing marks, then with ``?``, then with ``.`` (in ``FORMS`` order). The text is
+    normalized first, as the model reads it, so a fullwidth ``？`` is a ``?`` here too; the marks removed are the ones
+    ``guardproxy train --strip-end-punctuation`` drops (``.``, ``?``, ``!``, ``。``), not ``؟`` or ``।``."""
+    plain = normalize(text)
+    bare = _CLOSING.sub("", plain).rstrip() or plain
     return [bare, bare + "?", bare + "."]
 
 
@@ -86,6 +90,14 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the project when it lies inside it (so the JSON reads the same on every machine)."""
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.end_punctuation", description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path, help="labelled prompt files (default: the seven English sets)")
@@ -114,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         args.json.write_text(
             json.dumps(
-                {"model": str(args.model), "files": [str(f) for f in files], "summary": summary, "rows": rows_out}
+                {"model": _shown(args.model), "files": [_shown(f) for f in files], "summary": summary, "rows": rows_out}
             )
             + "\n"
         )

@@ -20,6 +20,35 @@ def test_forms_drop_every_closing_mark_then_add_one() -> None:
     ]
     assert forms("e.g. this") == ["e.g. this", "e.g. this?", "e.g. this."]
     assert forms("?") == ["?", "??", "?."]  # nothing but marks: the text is kept as it is
+    assert forms("¿Cómo se hace？")[0] == "¿Cómo se hace"  # normalized first: the fullwidth mark is a "?" too
+
+
+def test_the_summary_counts_flags_per_form_and_verdicts_that_turn() -> None:
+    results = [
+        {"id": "a", "prompt": "x", "harmful": True, "scores": {"none": 0.1, "?": 0.9, ".": 0.2}},  # turns on the mark
+        {
+            "id": "b",
+            "prompt": "y",
+            "harmful": True,
+            "scores": {"none": 0.8, "?": 0.9, ".": 0.7},
+        },  # flagged in every form
+        {
+            "id": "c",
+            "prompt": "z",
+            "harmful": False,
+            "scores": {"none": 0.1, "?": 0.2, ".": 0.3},
+        },  # allowed in every form
+    ]
+    s = summarize(results)
+    assert s["harmful"]["flagged"] == {"none": 1, "?": 2, ".": 1} and s["harmful"]["turned"] == 1
+    assert s["harmful"]["flagged_share"]["?"] == 1.0 and [e["id"] for e in s["harmful"]["turned_examples"]] == ["a"]
+    assert s["harmless"] == {
+        "n": 1,
+        "flagged": {"none": 0, "?": 0, ".": 0},
+        "flagged_share": {"none": 0.0, "?": 0.0, ".": 0.0},
+        "turned": 0,
+        "turned_examples": [],
+    }
 
 
 def test_a_bad_line_names_its_file_and_line(tmp_path: Path) -> None:
@@ -37,11 +66,9 @@ def test_probe_summary_and_json_agree_on_a_few_real_rows(tmp_path: Path, capsys:
     model = OnnxClassifier.load(PROJECT_ROOT / "models" / "guard-v1")
     try:
         results = probe(model, rows, progress=False)
-        # each form is scored as the text it is: the probe's scores are the model's own for those texts
-        direct = model.score_prompts_sync(forms(rows[0]["prompt"]))
     finally:
         model.close()
-    assert [results[0]["scores"][f] for f in FORMS] == [s.harm for s in direct]
+    assert [set(r["scores"]) for r in results] == [set(FORMS)] * 2
     summary = summarize(results)
     for side in ("harmful", "harmless"):
         s = summary[side]
@@ -59,4 +86,5 @@ def test_probe_summary_and_json_agree_on_a_few_real_rows(tmp_path: Path, capsys:
     written = json.loads(out.read_text())
     assert written["summary"] == summary
     assert [r["id"] for r in written["rows"]] == ["h", "b"] and "prompt" not in written["rows"][0]
+    assert written["model"] == "models/guard-v1"  # inside the project: relative, the same on every machine
     assert "2 prompts" in capsys.readouterr().out

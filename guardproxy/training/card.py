@@ -574,8 +574,9 @@ def _limits_section(add: Any, config: dict[str, Any]) -> None:
     add("- Normalization folds homoglyphs, leetspeak and base64 before scoring (`guardproxy/normalize.py`): text that")
     add("  legitimately mixes scripts or digits inside words (`log4j` → `logaj`) is seen folded.")
     if config.get("data", {}).get("end_punctuation_stripped"):
-        add("- The tokenizer drops the `.`, `?` and `!` that end each line (`--strip-end-punctuation`), so no verdict")
-        add("  turns on a closing mark; a question and a command read alike when only their last mark differs.")
+        add("- The tokenizer drops the `.`, `?`, `!` and `。` that end each line (`--strip-end-punctuation`), so no")
+        add("  verdict turns on them; the Arabic `؟`, the Devanagari `।`, the Greek `;` and a mark before a closing")
+        add("  quote or bracket are kept.")
     add("- Long inputs keep the first quarter and the last three quarters of the 256-id budget; a harmful ask buried")
     add("  in the middle of a long paste can be cut.")
     add("")
