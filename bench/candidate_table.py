@@ -230,11 +230,10 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
     if ep is not None:
         turned = 0
         for label in ("harmful", "harmless"):
-            side = _get(ep, ep_path, "summary", label)
-            shares = _get(side, ep_path, "flagged_share")
             for form, name in (("none", "no mark"), ("?", '"?"'), (".", '"."')):
-                col.put(f"closing mark: {label} flagged, {name}", float(_get(shares, ep_path, form)), "rate")
-            turned += int(_get(side, ep_path, "turned"))
+                share = _get(ep, ep_path, "summary", label, "flagged_share", form)
+                col.put(f"closing mark: {label} flagged, {name}", float(share), "rate")
+            turned += int(_get(ep, ep_path, "summary", label, "turned"))
         raw["end punctuation"] = {"turned": turned}
         col.put("verdicts the closing mark turns", turned, "count")
     return col, raw

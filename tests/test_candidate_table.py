@@ -79,7 +79,9 @@ def test_a_missing_file_leaves_its_rows_out_and_a_broken_one_is_named(
     assert "none of the prefixes" in capsys.readouterr().err
 
 
-def test_the_closing_mark_rows_come_from_an_end_punctuation_file(tmp_path: Path) -> None:
+def test_the_closing_mark_rows_come_from_an_end_punctuation_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # bench/RESULTS.md, "The closing mark": 2.25.1 flags 90.1% / 90.6% / 87.4% of the English harmful rows with no
     # mark / "?" / ".", and the mark turns 95 + 49 verdicts.
     shutil.copy(PROJECT_ROOT / "bench" / "results" / "end_punctuation_2251.json", tmp_path / "s.end_punctuation.json")
@@ -91,3 +93,4 @@ def test_the_closing_mark_rows_come_from_an_end_punctuation_file(tmp_path: Path)
     del broken["summary"]["harmful"]["flagged_share"]
     (tmp_path / "b.end_punctuation.json").write_text(json.dumps(broken))
     assert main([str(tmp_path / "b")]) == 2
+    assert "b.end_punctuation.json: no field summary/harmful/flagged_share/none" in capsys.readouterr().err

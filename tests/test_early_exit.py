@@ -646,22 +646,24 @@ def test_the_cut_is_kept_in_the_cache_and_later_loads_take_it_from_there(
     spec_tap = json.loads((MODEL_DIR / SPEC_FILE).read_text())["tap"]
     entry = cache_entry(cache, file_md5(MODEL_DIR / "model.onnx"), spec_tap)
     cuts = []
-    for _ in range(2):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="guardproxy.early_exit"):
-            c = OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache, cache_size=0)
-        cuts.append(sum("into the cache" in r.getMessage() for r in caplog.records))
-        try:
-            (ordinary, harmful) = c.score_prompts_sync([ORDINARY, HARMFUL])
-        finally:
-            c.close()
-        assert ordinary.exited and harmful.harm == whole.score_prompts_sync([HARMFUL])[0].harm
+    umask = os.umask(0o022)  # a common umask, under which a 0700 directory (tempfile.mkdtemp's) would show
+    try:
+        for _ in range(2):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="guardproxy.early_exit"):
+                c = OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache, cache_size=0)
+            cuts.append(sum("into the cache" in r.getMessage() for r in caplog.records))
+            try:
+                (ordinary, harmful) = c.score_prompts_sync([ORDINARY, HARMFUL])
+            finally:
+                c.close()
+            assert ordinary.exited and harmful.harm == whole.score_prompts_sync([HARMFUL])[0].harm
+    finally:
+        os.umask(umask)
     assert cuts == [1, 0]  # cut once, then read from the cache
     assert sorted(p.name for p in entry.iterdir()) == sorted(PART_FILES)
     assert [p.name for p in cache.iterdir()] == [entry.name]  # no half-written directory left behind
-    umask = os.umask(0)
-    os.umask(umask)
-    assert entry.stat().st_mode & 0o777 == 0o777 & ~umask  # made with the umask: a shared cache serves every user
+    assert entry.stat().st_mode & 0o777 == 0o755  # made with the umask: a cache shared by a group serves them all
 
 
 def test_a_damaged_cache_entry_is_removed_and_an_unwritable_cache_only_costs_the_cut(
