@@ -125,7 +125,7 @@ def test_the_cards_reproduce_command_carries_the_data_options(tmp_path: Path) ->
     flags += ("--calibrate-by-kind", "--form-consistency", "--language-weights", "--strip-end-punctuation")
     assert all(f not in lines[False] for f in flags)
     # the known limits say the tokenizer drops the closing mark only for a model whose tokenizer does
-    assert "closing mark" in cards[True] and "closing mark" not in cards[False]
+    assert "that end each line" in cards[True] and "that end each line" not in cards[False]
 
 
 def test_a_harm_threshold_set_by_hand_replaces_the_calibrated_one_and_keeps_the_block_level_above_it() -> None:
