@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.word_deletion import ENGLISH_SETS, LINE
+from bench.word_deletion import ENGLISH_SETS, LINE, labelled_prompts
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.normalize import normalize
 from guardproxy.settings import PROJECT_ROOT
@@ -41,23 +41,6 @@ def forms(text: str) -> list[str]:
     plain = normalize(text)
     bare = _CLOSING.sub("", plain).rstrip() or plain
     return [bare, bare + "?", bare + "."]
-
-
-def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Labelled prompt rows; a line that is not one is a one-line error naming the file and line."""
-    rows = []
-    for path in paths:
-        for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt, label = row["prompt"], row["label"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{n}: not a labelled prompt row: {exc}") from None
-            if isinstance(prompt, str) and prompt.strip():
-                rows.append({"id": row.get("id", f"{path.name}:{n}"), "prompt": prompt, "harmful": label == "harmful"})
-    return rows
 
 
 def probe(model: OnnxClassifier, rows: Sequence[dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:
@@ -106,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     files = list(args.files or ENGLISH_SETS)
     try:
-        rows = load_rows(files)
+        rows = labelled_prompts(files)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,8 +49,9 @@ def deletions(text: str) -> list[str]:
     return [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
 
 
-def load_rows(paths: Sequence[Path], max_words: int) -> list[dict[str, Any]]:
-    """Prompt rows with a label; a line that is not one is a one-line error naming the file and line."""
+def labelled_prompts(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every prompt row with a label, as ``{"id", "prompt", "harmful"}``; a line that is not one is a one-line error
+    naming the file and line. Shared with ``bench.end_punctuation``."""
     rows = []
     for path in paths:
         for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
@@ -61,9 +62,14 @@ def load_rows(paths: Sequence[Path], max_words: int) -> list[dict[str, Any]]:
                 prompt, label = row["prompt"], row["label"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{n}: not a labelled prompt row: {exc}") from None
-            if isinstance(prompt, str) and 2 <= len(prompt.split()) <= max_words:
+            if isinstance(prompt, str) and prompt.strip():
                 rows.append({"id": row.get("id", f"{path.name}:{n}"), "prompt": prompt, "harmful": label == "harmful"})
     return rows
+
+
+def load_rows(paths: Sequence[Path], max_words: int) -> list[dict[str, Any]]:
+    """The labelled prompts of two to ``max_words`` words (one word has nothing to delete)."""
+    return [r for r in labelled_prompts(paths) if 2 <= len(r["prompt"].split()) <= max_words]
 
 
 def probe(model: OnnxClassifier, rows: Sequence[dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:

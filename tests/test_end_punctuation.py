@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.end_punctuation import FORMS, forms, load_rows, main, probe, summarize
+from bench.end_punctuation import FORMS, forms, main, probe, summarize
+from bench.word_deletion import labelled_prompts
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.settings import PROJECT_ROOT
 
@@ -55,7 +56,7 @@ def test_a_bad_line_names_its_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "prompt": "x y"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: not a labelled prompt row"):
-        load_rows([bad])
+        labelled_prompts([bad])
 
 
 def test_probe_summary_and_json_agree_on_a_few_real_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
