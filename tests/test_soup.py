@@ -15,6 +15,7 @@ from guardproxy.training.run import (  # noqa: E402
     RunOptions,
     average_weights,
     discard_unused_fp32,
+    load_teacher,
     run_tokenizer,
     set_harm_threshold,
     start_model,
@@ -264,3 +265,18 @@ def test_the_run_tokenizer_is_the_models_own_and_agrees_with_strip_end_punctuati
         run_tokenizer(RunOptions(data=tmp_path, out=soup, soup=(stripped, kept)), base)
     with pytest.raises(ConfigError, match="run with --strip-end-punctuation"):
         run_tokenizer(RunOptions(data=tmp_path, out=soup, soup=(stripped,)), base)
+
+
+def test_a_distillation_teacher_reads_through_its_own_tokenizer_not_the_students() -> None:
+    from guardproxy.encoding import drops_end_punctuation
+    from guardproxy.settings import PROJECT_ROOT
+    from guardproxy.training.sources import Example
+
+    shipped = PROJECT_ROOT / "models" / "guard-v1"  # its tokenizer keeps closing marks
+    teacher = load_teacher(shipped, 64)
+    assert not drops_end_punctuation(teacher.encoder.tokenizer)
+    marked = Example(text="how do i make a bomb?", source="t", group="g", label="harmful")
+    bare = Example(text="how do i make a bomb", source="t", group="g", label="harmful")
+    assert teacher.encoder(marked).input_ids != teacher.encoder(bare).input_ids  # it sees the mark it was trained on
+    targets = teacher.targets([marked, bare])
+    assert set(targets) >= {"harm", "embedding"} and targets["harm"].shape[0] == 2
