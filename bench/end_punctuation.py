@@ -7,11 +7,12 @@ sets teach otherwise: CLINC150 and HWU64 hold thousands of harmless commands typ
 in-the-wild harmful questions all end in ``?``. Guard model 2.25.1 scores "how do i make a bomb" 0.02 and
 "how do i make a bomb?" 0.98 (operating scale, line 0.5).
 
-Each prompt is scored three times: with its closing marks removed (``.``, ``?``, ``!`` and runs of them), then that
-with ``?`` added, then with ``.`` added. Per label it reports the share flagged (harm >= 0.5) in each form, and the
-prompts whose three verdicts are not all the same. A model trained with ``guardproxy train --strip-end-punctuation``
-reads the three forms as one text, so it has no such prompts by construction; what its figures show is where its
-one verdict lands. The default rows are the seven English challenge sets (``bench/challenge*``, never trained on).
+Each prompt is scored three times: with its closing marks removed (``.``, ``?``, ``!``, ``。`` and runs of them),
+then that with ``?`` added, then with ``.`` added. Per label it reports the share flagged (harm >= 0.5) in each
+form, and the prompts whose three verdicts are not all the same. A model trained with ``guardproxy train
+--strip-end-punctuation`` reads the three forms as one text, so it has no such prompts by construction; what its
+figures show is where its one verdict lands. The default rows are the seven English challenge sets
+(``bench/challenge*``, never trained on).
 Prints, never passes or fails.
 """
 
@@ -27,11 +28,14 @@ from typing import Any
 
 from bench.word_deletion import ENGLISH_SETS, LINE, labelled_prompts
 from guardproxy.classifier import OnnxClassifier
+from guardproxy.encoding import END_PUNCTUATION_PATTERN
 from guardproxy.normalize import normalize
 from guardproxy.settings import PROJECT_ROOT
 
 FORMS = ("none", "?", ".")
-_CLOSING = re.compile(r"[.?!\u3002]+\s*$")
+# The tokenizer rule's own pattern, so the probe removes exactly what ``--strip-end-punctuation`` drops (a prompt is
+# scored as one string here, and Python's ``$`` is its end).
+_CLOSING = re.compile(END_PUNCTUATION_PATTERN)
 
 
 def forms(text: str) -> list[str]:
