@@ -1,12 +1,12 @@
 """The guard model at runtime: one ONNX session, one bounded executor, one LRU cache.
 
 ``OnnxClassifier.load(model_dir)`` reads the files described in ``models/README.md`` once, at startup. Inference
-never runs on the event loop: each ``score_*`` call becomes one job on the classifier's own
-``ThreadPoolExecutor`` (``workers`` threads, created at load, shut down by ``aclose``). At most ``max_pending``
-jobs are queued or running; a caller waits for a slot inside its own deadline, so a flood turns into
-``ClassifierError`` timeouts (which the policy maps to its configured failure outcome) instead of a queue that
-grows without bound. A timed-out job is told to stop at its next batch boundary, so abandoned work does not keep
-the worker busy.
+never runs on the event loop: each ``score_*`` call becomes one job on the classifier's own executor
+(``guardproxy.workers.LowestIdleExecutor``: ``workers`` threads, each job on the lowest-numbered idle one; shut down
+by ``aclose``). At most ``max_pending`` jobs are queued or running; a caller waits for a slot inside its own
+deadline, so a flood turns into ``ClassifierError`` timeouts (which the policy maps to its configured failure
+outcome) instead of a queue that grows without bound. A timed-out job is told to stop at its next batch boundary,
+so abandoned work does not keep the worker busy.
 
 Scores: harm, jailbreak and reply harm are reported on the operating scale (``to_operating_scale``): each head's
 calibrated threshold from ``config.json`` maps to 0.5, so policies read the same round numbers whatever model is
@@ -45,7 +45,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -69,6 +69,7 @@ from guardproxy.early_exit import (
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
+from guardproxy.workers import LowestIdleExecutor
 
 __all__ = ["ModelInfo", "OnnxClassifier", "Thresholds"]
 
@@ -361,7 +362,7 @@ class OnnxClassifier:
         self._max_pending = max_pending if max_pending is not None else 4 * workers
         self._max_batch = max(1, max_batch)
         self._max_batch_tokens = max(info.max_length, max_batch_tokens)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guardproxy-classifier")
+        self._executor = LowestIdleExecutor(workers, thread_name_prefix="guardproxy-classifier")
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._closed = False
         # Called from the worker thread with ("tokenize" | "model", seconds) once per job that ran the model:

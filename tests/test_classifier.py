@@ -350,7 +350,7 @@ async def test_a_slow_classification_times_out_and_stops_at_the_next_batch() -> 
         with pytest.raises(ClassifierError, match="timed out after 0.2 s"):
             await c.score_prompts(["one", "two", "three", "four"])
         session.gate.set()
-        await _until(lambda: c._executor._work_queue.empty() and session.finished.is_set())
+        await _until(lambda: c._executor.queued() == 0 and session.finished.is_set())
         await asyncio.sleep(0.05)
         assert session.rows == 1  # the other three inputs were never run
     finally:
@@ -367,7 +367,7 @@ async def test_queued_work_is_bounded() -> None:
         # The one slot is taken: the next caller waits inside its own deadline, then fails, queueing nothing.
         with pytest.raises(ClassifierError, match="no slot"):
             await c.score_prompts(["second"])
-        assert c._executor._work_queue.qsize() == 0
+        assert c._executor.queued() == 0
         # A timed-out job keeps its slot until its thread is really done.
         with pytest.raises(ClassifierError):
             await first

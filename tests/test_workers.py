@@ -1,0 +1,104 @@
+"""The inference executor: jobs go to the lowest-numbered idle thread, the rest wait in order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from guardproxy.workers import LowestIdleExecutor
+
+
+def _name() -> str:
+    return threading.current_thread().name
+
+
+def test_jobs_one_after_another_all_run_on_the_first_thread() -> None:
+    pool = LowestIdleExecutor(2, thread_name_prefix="t")
+    try:
+        names = [pool.submit(_name).result(timeout=10) for _ in range(20)]
+    finally:
+        pool.shutdown()
+    assert set(names) == {"t_0"}
+    assert [t for t in threading.enumerate() if t.name == "t_1"] == []  # the second thread never started
+
+
+def test_a_second_thread_takes_work_only_while_the_first_is_busy_and_the_backlog_runs_in_order() -> None:
+    pool = LowestIdleExecutor(2, thread_name_prefix="b")
+    gate, started = threading.Event(), threading.Semaphore(0)
+    order: list[str] = []
+
+    def held() -> str:
+        started.release()
+        assert gate.wait(10)
+        return _name()
+
+    def note(tag: str) -> str:
+        order.append(tag)
+        return _name()
+
+    try:
+        first = pool.submit(held)
+        assert started.acquire(timeout=10)
+        second = pool.submit(held)  # thread 0 is busy: thread 1 takes it (and waits at the same gate)
+        assert started.acquire(timeout=10)
+        third, fourth = pool.submit(note, "third"), pool.submit(note, "fourth")
+        assert pool.queued() == 2  # both threads are busy: these two wait
+        assert not third.done()
+        gate.set()
+        assert (first.result(10), second.result(10)) == ("b_0", "b_1")
+        assert third.result(10) in ("b_0", "b_1") and fourth.result(10) in ("b_0", "b_1")
+        assert order == ["third", "fourth"]
+        assert pool.queued() == 0
+        # idle again: the next job goes back to thread 0
+        assert pool.submit(_name).result(10) == "b_0"
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_a_job_that_raises_fails_its_future_and_the_thread_goes_on() -> None:
+    pool = LowestIdleExecutor(1)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(lambda: 1 // 0).result(10)
+        assert pool.submit(lambda: 41 + 1).result(10) == 42
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_cancels_the_backlog_on_request_and_refuses_new_work() -> None:
+    pool = LowestIdleExecutor(1, thread_name_prefix="s")
+    gate, started = threading.Event(), threading.Event()
+
+    def held() -> int:
+        started.set()
+        assert gate.wait(10)
+        return 1
+
+    running = pool.submit(held)
+    assert started.wait(10)
+    waiting = pool.submit(lambda: 2)
+    threading.Timer(0.2, gate.set).start()
+    pool.shutdown(wait=True, cancel_futures=True)  # returns once the running job is done and the thread stopped
+    assert running.result(0) == 1
+    assert waiting.cancelled()
+    assert [t for t in threading.enumerate() if t.name.startswith("s_")] == []
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(lambda: 3)
+
+
+def test_shutdown_without_cancelling_runs_what_was_queued() -> None:
+    pool = LowestIdleExecutor(1)
+    gate = threading.Event()
+    first = pool.submit(gate.wait, 10)
+    rest = [pool.submit(lambda i=i: i) for i in range(3)]
+    gate.set()
+    pool.shutdown(wait=True)
+    assert first.result(0) is True
+    assert [f.result(0) for f in rest] == [0, 1, 2]
+
+
+def test_at_least_one_thread() -> None:
+    with pytest.raises(ValueError, match=">= 1"):
+        LowestIdleExecutor(0)
