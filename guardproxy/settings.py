@@ -88,6 +88,17 @@ def default_exit_cache() -> str:
     return str(base / "guardproxy" / "early-exit")
 
 
+def default_workers() -> int:
+    """Model runs at once by default: the CPUs this process may use, at most 2 (measured on 2-core machines: under
+    load a second run takes the second core, and at low load every run stays on the first thread,
+    ``guardproxy.workers``; more cores were not measured)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
+
+
 class GuardSettings(BaseModel):
     enabled: bool = True
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -120,7 +131,12 @@ class GuardSettings(BaseModel):
         "$XDG_CACHE_HOME/guardproxy/early-exit or ~/.cache/guardproxy/early-exit",
     )
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
-    workers: int = Field(1, ge=1, description="size of the one inference executor")
+    workers: int = Field(
+        default_factory=default_workers,
+        ge=1,
+        description="model runs at once: the size of the one inference executor, whose jobs go to the lowest-numbered "
+        "idle thread (so a second thread works only under load). Default: the CPUs this process may use, at most 2",
+    )
     concurrent_window: bool = Field(
         False,
         description="with workers >= 2: start a conversation's window pass beside its new turn's pass instead of "

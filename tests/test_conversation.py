@@ -652,7 +652,7 @@ def test_the_window_length_setting_defaults_to_the_tuned_one() -> None:
 
 
 def test_concurrent_window_needs_two_workers() -> None:
-    one = build_tracker(Settings(guard={"concurrent_window": True}), FakeClassifier())
+    one = build_tracker(Settings(guard={"concurrent_window": True, "workers": 1}), FakeClassifier())
     two = build_tracker(
         Settings(guard={"concurrent_window": True, "workers": 2}),
         FakeClassifier(),

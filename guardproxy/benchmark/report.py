@@ -70,7 +70,7 @@ def _header(result: dict[str, Any]) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, loadavg {m.get('loadavg_at_start')}\n"
         f"upstream: {upstream}; guard model: {cfg['model_dir'] or 'default (models/guard-v1)'}; "
         f"policy: {cfg['policy'] or 'default'}; guard threads: {cfg.get('threads') or 'default (1)'}; "
-        f"workers: {cfg.get('workers') or 'default (1)'}"
+        f"workers: {cfg.get('workers') or 'default ({})'.format(m.get('default_workers', 1))}"
         + ("; window pass beside the turn pass" if cfg.get("concurrent_window") else "")
         + ("; upstream called while the window is scored" if cfg.get("speculative_window") else "")
         + {True: "; early exit on", "auto": "; early exit auto"}.get(cfg.get("early_exit"), "")

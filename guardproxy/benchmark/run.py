@@ -63,6 +63,7 @@ from guardproxy.benchmark.procs import (
     start_fake_upstream,
     start_gateway,
 )
+from guardproxy.settings import default_workers
 
 MAX_CONCURRENCY = 1024
 MAX_REQUESTS = 200_000
@@ -134,7 +135,10 @@ class BenchConfig:
             (bool(set(self.modes) - {"direct"}), "--modes needs at least one gateway mode"),
             (self.threads is None or 1 <= self.threads <= 64, "--threads must be 1..64"),
             (self.workers is None or 1 <= self.workers <= 64, "--workers must be 1..64"),
-            (not self.concurrent_window or (self.workers or 1) >= 2, "--concurrent-window needs --workers 2 or more"),
+            (
+                not self.concurrent_window or (self.workers or default_workers()) >= 2,
+                "--concurrent-window needs --workers 2 or more",
+            ),
             (self.window_ids is None or 8 <= self.window_ids <= 512, "--window-ids must be 8..512"),
         )  # fmt: skip
         for ok, message in checks:
@@ -189,6 +193,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "loadavg_at_start": load,
         "versions": versions,
+        "default_workers": default_workers(),  # guard.workers of a gateway started here without --workers
     }
 
 

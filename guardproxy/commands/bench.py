@@ -92,7 +92,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, metavar="DIR", help="guard model directory (default models/guard-v1)")
     parser.add_argument("--policy", type=Path, metavar="FILE", help="active policy (default policies/default.toml)")
     parser.add_argument("--threads", type=int, help="the gateways' guard.threads: intra-op threads per model run (1)")
-    parser.add_argument("--workers", type=int, help="the gateways' guard.workers: model runs at once (1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="the gateways' guard.workers: model runs at once (default: this machine's CPUs, at most 2)",
+    )
     parser.add_argument(
         "--concurrent-window",
         action="store_true",
