@@ -72,6 +72,7 @@ from guardproxy.errors import ClassifierError
 
 __all__ = [
     "PART_FILES",
+    "PARTS_MD5",
     "SPEC_FILE",
     "ExitSpec",
     "Head",
@@ -91,6 +92,7 @@ logger = logging.getLogger(__name__)
 
 SPEC_FILE = "early_exit.json"
 PART_FILES = ("first.onnx", "rest.onnx")
+PARTS_MD5 = "parts.md5.json"  # in a cache entry: the md5 of each part, written with them
 CUT_TIMEOUT_S = 120.0
 FORMAT = 1
 CAP_MARGIN = 1e-3  # exited estimates are reported at most this far below the spec's lines
@@ -310,13 +312,20 @@ def cache_entry(cache: Path, model_md5: str, tap: str) -> Path:
 
 def cached_cut(model_path: Path, model_md5: str, tap: str, cache: Path) -> tuple[Path, Path]:
     """The two parts of ``model_path`` cut at ``tap``, from ``cache`` (``cache_entry``); cut there by ``cut_in_child``
-    the first time. The cut is written to a fresh directory and renamed into place, so a crash never leaves a half
-    entry behind, and of two processes cutting at once the first rename wins and the other uses it. ``OSError``
-    when ``cache`` cannot be written, ``ValueError`` when the cut fails."""
+    the first time. The cut is written to a fresh directory with the md5 of each part (``PARTS_MD5``) and renamed into
+    place, so a crash never leaves a half entry behind, and of two processes cutting at once the first rename wins
+    and the other uses it. An entry whose parts do not match their md5 (a damaged disk, an interrupted copy of the
+    cache, an entry written before the md5s were kept) is logged, removed and cut afresh. The md5s catch damage, not
+    tampering: whoever can write the cache can rewrite them too. ``OSError`` when ``cache`` cannot be written,
+    ``ValueError`` when the cut fails."""
     entry = cache_entry(cache, model_md5, tap)
     paths = (entry / PART_FILES[0], entry / PART_FILES[1])
-    if all(p.is_file() for p in paths):
-        return paths
+    if entry.exists():
+        damage = _entry_damage(entry)
+        if damage is None:
+            return paths
+        logger.warning("guard.early_exit_cache: %s %s: removed, cutting afresh", entry, damage)
+        shutil.rmtree(entry, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     # A uniquely named directory made with the process's umask (``tempfile.mkdtemp`` would make it 0700, and an
     # entry in a cache shared between users would then serve only the user who cut it).
@@ -325,14 +334,32 @@ def cached_cut(model_path: Path, model_md5: str, tap: str, cache: Path) -> tuple
     try:
         logger.info("early exit: cutting %s at %s into the cache %s", model_path, tap, entry)
         cut_in_child(model_path, tap, fresh)
+        sums = {name: file_md5(fresh / name) for name in PART_FILES}
+        (fresh / PARTS_MD5).write_text(json.dumps(sums, indent=1) + "\n")
         try:
             fresh.rename(entry)
         except OSError:
-            if not all(p.is_file() for p in paths):  # not another process's finished entry: a real failure
+            if _entry_damage(entry) is not None:  # not another process's finished entry: a real failure
                 raise
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
     return paths
+
+
+def _entry_damage(entry: Path) -> str | None:
+    """What is wrong with a cache entry (a missing part or md5 file, a part whose md5 differs); None: nothing."""
+    try:
+        sums = json.loads((entry / PARTS_MD5).read_text())
+    except (OSError, ValueError):
+        return f"has no readable {PARTS_MD5}"
+    for name in PART_FILES:
+        try:
+            digest = file_md5(entry / name)
+        except OSError:
+            return f"has no readable {name}"
+        if not isinstance(sums, dict) or sums.get(name) != digest:
+            return f"has a {name} whose md5 is not the one written with it"
+    return None
 
 
 def pooled(hidden: npt.NDArray[np.float32], mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:

@@ -640,7 +640,7 @@ def test_train_fits_the_heads_after_training_and_prints_the_command_when_it_cann
 def test_the_cut_is_kept_in_the_cache_and_later_loads_take_it_from_there(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, whole: OnnxClassifier
 ) -> None:
-    from guardproxy.early_exit import PART_FILES, cache_entry, file_md5
+    from guardproxy.early_exit import PART_FILES, PARTS_MD5, cache_entry, file_md5
 
     cache = tmp_path / "cache"
     spec_tap = json.loads((MODEL_DIR / SPEC_FILE).read_text())["tap"]
@@ -661,27 +661,63 @@ def test_the_cut_is_kept_in_the_cache_and_later_loads_take_it_from_there(
     finally:
         os.umask(umask)
     assert cuts == [1, 0]  # cut once, then read from the cache
-    assert sorted(p.name for p in entry.iterdir()) == sorted(PART_FILES)
+    assert sorted(p.name for p in entry.iterdir()) == sorted([*PART_FILES, PARTS_MD5])
     assert [p.name for p in cache.iterdir()] == [entry.name]  # no half-written directory left behind
     assert entry.stat().st_mode & 0o777 == 0o755  # made with the umask: a cache shared by a group serves them all
 
 
-def test_a_damaged_cache_entry_is_removed_and_an_unwritable_cache_only_costs_the_cut(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    from guardproxy.early_exit import PART_FILES
-
-    cache = tmp_path / "cache"
-    OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache).close()
-    (entry,) = cache.iterdir()
-    (entry / PART_FILES[1]).write_bytes(b"not an onnx graph")
-    with caplog.at_level(logging.WARNING, logger="guardproxy.classifier"):
+def _cuts_with_log(cache: Path, caplog: pytest.LogCaptureFixture) -> tuple[int, list[str]]:
+    """Load with early exit from ``cache`` and score an ordinary turn (it must exit): how many cuts the load made, and
+    the warnings it logged."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
         c = OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache, cache_size=0)
     try:
         assert c.early_exit is not None and c.score_prompts_sync([ORDINARY])[0].exited
     finally:
         c.close()
-    assert any("cannot be loaded" in r.getMessage() and str(entry) in r.getMessage() for r in caplog.records)
+    cuts = sum("into the cache" in r.getMessage() for r in caplog.records)
+    return cuts, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_cache_entry_whose_parts_do_not_match_their_md5_is_cut_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from guardproxy.early_exit import PART_FILES, PARTS_MD5
+
+    cache = tmp_path / "cache"
+    assert _cuts_with_log(cache, caplog) == (1, [])
+    (entry,) = cache.iterdir()
+    sums = json.loads((entry / PARTS_MD5).read_text())
+    assert sorted(sums) == sorted(PART_FILES)
+    part = entry / PART_FILES[1]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte inside the weights: the graph may well still load, with other scores
+    part.write_bytes(bytes(data))
+    cuts, warnings = _cuts_with_log(cache, caplog)
+    assert cuts == 1
+    assert any(str(entry) in w and f"{PART_FILES[1]} whose md5" in w for w in warnings)
+    assert json.loads((entry / PARTS_MD5).read_text()) == sums  # the same cut again, checked again
+    (entry / PARTS_MD5).unlink()  # an entry without md5s (as written before they were kept) is cut afresh once
+    assert _cuts_with_log(cache, caplog)[0] == 1
+    assert _cuts_with_log(cache, caplog) == (0, [])
+
+
+def test_a_cache_entry_that_onnxruntime_cannot_load_is_removed_and_an_unwritable_cache_only_costs_the_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from guardproxy.early_exit import PART_FILES, PARTS_MD5, file_md5
+
+    cache = tmp_path / "cache"
+    OnnxClassifier.load(MODEL_DIR, early_exit=True, exit_cache=cache).close()
+    (entry,) = cache.iterdir()
+    # damage the md5s cannot see: the md5 file rewritten to match a broken part
+    (entry / PART_FILES[1]).write_bytes(b"not an onnx graph")
+    sums = {name: file_md5(entry / name) for name in PART_FILES}
+    (entry / PARTS_MD5).write_text(json.dumps(sums))
+    cuts, warnings = _cuts_with_log(cache, caplog)
+    assert cuts == 0  # the entry passed its check, failed to load, and the cut was made outside the cache
+    assert any("cannot be loaded" in w and str(entry) in w for w in warnings)
     assert not entry.exists()  # the next load cuts into the cache again
     blocked = tmp_path / "a-file"
     blocked.write_text("")
@@ -707,7 +743,7 @@ def test_the_gateway_keeps_the_cut_in_its_cache_setting(monkeypatch: pytest.Monk
 def test_two_loads_cutting_into_one_cache_at_once_leave_one_whole_entry(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from guardproxy.early_exit import PART_FILES
+    from guardproxy.early_exit import PART_FILES, PARTS_MD5
 
     cache = tmp_path / "cache"
 
@@ -721,4 +757,4 @@ def test_two_loads_cutting_into_one_cache_at_once_leave_one_whole_entry(tmp_path
     with ThreadPoolExecutor(max_workers=2) as pool:  # each cut runs in its own child process
         assert list(pool.map(load_and_score, range(2))) == [True, True]
     (entry,) = cache.iterdir()  # one entry, no half-written directory beside it
-    assert sorted(p.name for p in entry.iterdir()) == sorted(PART_FILES)
+    assert sorted(p.name for p in entry.iterdir()) == sorted([*PART_FILES, PARTS_MD5])
