@@ -87,7 +87,7 @@ def timings(
         return round(statistics.median(xs), 3) if xs else None
 
     return {
-        "turns": len(texts),
+        "passes": len(texts),  # turns or windows, as the caller timed
         "exited": sum(exited),
         "whole_p50_ms": p50(w),
         "early_exit_p50_ms": p50(e),
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a text scored once is cached nowhere (cache_size 0), but vary it anyway so no layer below can reuse it
         result["timings"][kind] = t = timings(whole, early, [f"{x} ({i})" for i, x in enumerate(texts)])
         print(f"  {kind}: whole {t['whole_p50_ms']:.2f} ms, early exit {t['early_exit_p50_ms']:.2f} ms "
-              f"(x{t['ratio']:.2f}), {t['exited']} of {t['turns']} exit", file=sys.stderr, flush=True)  # fmt: skip
+              f"(x{t['ratio']:.2f}), {t['exited']} of {t['passes']} exit", file=sys.stderr, flush=True)  # fmt: skip
     whole.close()
     early.close()
     if args.json:

@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, texts in sorted(sent.items()):
             sample = random.Random(7).sample(texts, min(args.time, len(texts)))
             timing[key] = t = timings(cold_whole, cold_early, sample, WINDOW_MAX_IDS)
-            print(f"time {key:24} {t['turns']:4d} windows, {t['exited']:4d} exit: whole p50 {t['whole_p50_ms']} ms, "
+            print(f"time {key:24} {t['passes']:4d} windows, {t['exited']:4d} exit: whole p50 {t['whole_p50_ms']} ms, "
                   f"early exit p50 {t['early_exit_p50_ms']} ms (mean {t['whole_mean_ms']} / {t['early_exit_mean_ms']}"
                   f"; exited {t['exited_p50_ms']}, went on {t['went_on_p50_ms']})")  # fmt: skip
         cold_whole.close()
