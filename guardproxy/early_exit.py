@@ -31,8 +31,9 @@ load, in a child process (``python -m guardproxy.early_exit MODEL TAP DIR``): th
 graph would otherwise stay in the gateway's heap (~60 MiB measured). With both, the gateway's RSS is 12 MiB above
 the whole model's. The cut costs about 1.5 s, most of it the child importing ``onnx``, so the gateway keeps the parts
 in a cache directory (``guard.early_exit_cache``, by default ``~/.cache/guardproxy/early-exit``), one entry per
-model md5 and cut (``cached_cut``); a later start loads them from there. An entry that cannot be loaded is removed
-and the graph cut afresh; a cache that cannot be written only costs the cut at each start.
+model md5 and cut (``cached_cut``), with the md5 of each part; a later start checks them and loads the parts from
+there. An entry whose parts do not match their md5s, or that cannot be loaded, is removed and the graph cut afresh; a
+cache that cannot be written only costs the cut at each start.
 
 The head is fitted by ``python -m guardproxy.training.early_exit`` against the whole model's own verdicts on the
 train split, not against the labels. Its threshold is set on the calibration split (the share of the whole model's
