@@ -42,10 +42,6 @@ class LowestIdleExecutor(Executor):
         self._waiting = 0  # submitted, not yet started (in the backlog or handed to a thread)
         self._shut = False
 
-    @property
-    def size(self) -> int:
-        return len(self._inboxes)
-
     def queued(self) -> int:
         """Jobs submitted and not yet started."""
         with self._lock:
