@@ -102,3 +102,14 @@ def test_shutdown_without_cancelling_runs_what_was_queued() -> None:
 def test_at_least_one_thread() -> None:
     with pytest.raises(ValueError, match=">= 1"):
         LowestIdleExecutor(0)
+
+
+def test_the_default_is_the_cpus_this_process_may_use_at_most_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardproxy.settings import Settings, default_workers
+
+    for cpus, expected in (({0}, 1), ({0, 1}, 2), (set(range(16)), 2)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, cpus=cpus: cpus, raising=False)
+        assert default_workers() == expected
+        assert Settings().guard.workers == expected
+    monkeypatch.setenv("GUARDPROXY_GUARD__WORKERS", "1")
+    assert Settings().guard.workers == 1  # the setting still wins
