@@ -445,10 +445,11 @@ class OnnxClassifier:
             else:
                 session = _WholeThroughParts(exit_parts)
         logger.info(
-            "guard model %s %s loaded from %s (%d threads%s)",
+            "guard model %s %s loaded from %s (%d workers of %d threads%s)",
             info.name,
             info.version,
             directory,
+            workers,
             threads,
             f", early exit after layer {exit_parts.spec.layer}" if exit_parts else "",
         )
