@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -113,3 +114,33 @@ def test_the_default_is_the_cpus_this_process_may_use_at_most_two(monkeypatch: p
         assert Settings().guard.workers == expected
     monkeypatch.setenv("GUARDPROXY_GUARD__WORKERS", "1")
     assert Settings().guard.workers == 1  # the setting still wins
+
+
+def test_many_submitters_at_once_every_job_runs_once_and_never_more_than_n_at_a_time() -> None:
+    pool = LowestIdleExecutor(2)
+    lock = threading.Lock()
+    running, most, ran = 0, 0, []
+
+    def job(k: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        threading.Event().wait(0.0005)
+        with lock:
+            running -= 1
+            ran.append(k)
+        return k * k
+
+    def submitter(base: int) -> list[int]:
+        return [f.result(10) for f in [pool.submit(job, base + i) for i in range(150)]]
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as callers:
+            results = list(callers.map(submitter, range(0, 8 * 150, 150)))
+    finally:
+        pool.shutdown()
+    assert [r for rs in results for r in rs] == [k * k for k in range(8 * 150)]
+    assert sorted(ran) == list(range(8 * 150))  # each job ran exactly once
+    assert most == 2
+    assert pool.queued() == 0
