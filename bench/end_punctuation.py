@@ -18,19 +18,17 @@ Prints, never passes or fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from bench.word_deletion import ENGLISH_SETS, LINE, labelled_prompts
+from bench import paired
+from bench.word_deletion import LINE
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.encoding import END_PUNCTUATION_PATTERN
 from guardproxy.normalize import normalize
-from guardproxy.settings import PROJECT_ROOT
 
 FORMS = ("none", "?", ".")
 # The tokenizer rule's own pattern, so the probe removes exactly what ``--strip-end-punctuation`` drops (a prompt is
@@ -77,33 +75,13 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the project when it lies inside it (so the JSON reads the same on every machine)."""
-    try:
-        return str(path.resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.end_punctuation", description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="*", type=Path, help="labelled prompt files (default: the seven English sets)")
-    ap.add_argument("--model", type=Path, default=PROJECT_ROOT / "models" / "guard-v1")
-    ap.add_argument("--json", type=Path, help="write the summary and every row's scores here")
-    args = ap.parse_args(argv)
-    files = list(args.files or ENGLISH_SETS)
-    try:
-        rows = labelled_prompts(files)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    model = OnnxClassifier.load(args.model, threads=1)
-    try:
-        results = probe(model, rows)
-    finally:
-        model.close()
+    got = paired.run("python -m bench.end_punctuation", __doc__.split("\n\n")[0], argv, probe)
+    if isinstance(got, int):
+        return got
+    args, files, results = got.args, got.files, got.results
     summary = summarize(results)
-    print(f"{args.model}: {len(rows)} prompts; flagged (harm >= {LINE}) with the closing mark removed / '?' / '.'")
+    print(f"{args.model}: {len(results)} prompts; flagged (harm >= {LINE}) with the closing mark removed / '?' / '.'")
     for label, s in summary.items():
         shares = " / ".join(f"{s['flagged_share'][f]:.1%}" for f in FORMS)
         print(f"  {label:8} n={s['n']:5}  flagged {shares}  verdict turns on the mark: {s['turned']}")
@@ -113,7 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         args.json.write_text(
             json.dumps(
-                {"model": _shown(args.model), "files": [_shown(f) for f in files], "summary": summary, "rows": rows_out}
+                {
+                    "model": paired.shown(args.model),
+                    "files": [paired.shown(f) for f in files],
+                    "summary": summary,
+                    "rows": rows_out,
+                }
             )
             + "\n"
         )

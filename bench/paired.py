@@ -1,0 +1,53 @@
+"""What the paired-form probes share (``bench.end_punctuation``, ``bench.frames``): each scores every labelled prompt
+in several forms, from the same command line, and writes paths the same way on every machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.word_deletion import ENGLISH_SETS, labelled_prompts
+from guardproxy.classifier import OnnxClassifier
+from guardproxy.settings import PROJECT_ROOT
+
+Probe = Callable[[OnnxClassifier, Sequence[dict[str, Any]]], list[dict[str, Any]]]
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    files: list[Path]
+    results: list[dict[str, Any]]
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the project when it lies inside it (so the JSON reads the same on every machine)."""
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def run(prog: str, description: str, argv: Sequence[str] | None, probe: Probe) -> Run | int:
+    """Parse ``[FILE ...] [--model DIR] [--json OUT]``, read the labelled rows (default: the seven English sets) and
+    score them with ``probe``; 2 after a one-line error naming the file and line of a bad row."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("files", nargs="*", type=Path, help="labelled prompt files (default: the seven English sets)")
+    ap.add_argument("--model", type=Path, default=PROJECT_ROOT / "models" / "guard-v1")
+    ap.add_argument("--json", type=Path, help="write the summary and every row's scores here")
+    args = ap.parse_args(argv)
+    files = list(args.files or ENGLISH_SETS)
+    try:
+        rows = labelled_prompts(files)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = OnnxClassifier.load(args.model, threads=1)
+    try:
+        return Run(args, files, probe(model, rows))
+    finally:
+        model.close()
