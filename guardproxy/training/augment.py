@@ -58,7 +58,7 @@ FRAMES: tuple[str, ...] = (
 )
 
 
-def _lower_first(text: str) -> str:
+def lower_first(text: str) -> str:
     if len(text) > 1 and text[1].isupper():  # an acronym or a shouted word: leave it
         return text
     return text[:1].lower() + text[1:]
@@ -88,7 +88,7 @@ def framed(base: Example, rng: random.Random) -> Example:
     q = base.text.strip()
     before = frame[: frame.index("{q}")].rstrip()
     if before.endswith(","):  # mid-sentence
-        q = _lower_first(q)
+        q = lower_first(q)
     # some frames read like instruction overrides: no jailbreak label either way
     return _same_ask(base, frame.format(q=q), "aug/frame", jailbreak=None)
 
@@ -140,7 +140,7 @@ def reworded(base: Example, rng: random.Random) -> Example | None:
     elif form == "how" and (m := _HOW_TO.search(text)):
         new = rng.choice(_HOW_QUESTIONS).format(x=m.group(1).rstrip(" ?"))
     elif form == "polite":
-        new = rng.choice(_POLITE_QUESTIONS).format(t=_lower_first(text.rstrip(" .!")))
+        new = rng.choice(_POLITE_QUESTIONS).format(t=lower_first(text.rstrip(" .!")))
     else:
         return None
     return _same_ask(base, new, "aug/reworded", jailbreak=0.0)
