@@ -4,8 +4,8 @@ A candidate is judged by three commands whose JSON it keeps under one prefix (``
 ``PREFIX.metrics.json`` (the trainer's), ``PREFIX.pooled.compare.json`` (``bench.candidate_compare`` on the pooled
 English and other-language sets), ``PREFIX.conversation_eval.json`` (``bench.conversation_eval --tune``) and, where
 run, ``PREFIX.identity_swap.json`` and ``PREFIX.identity_swap2.json`` (``bench.identity_swap``) and
-``PREFIX.word_deletion.json`` (``bench.word_deletion``) and ``PREFIX.end_punctuation.json``
-(``bench.end_punctuation``). This prints the
+``PREFIX.word_deletion.json`` (``bench.word_deletion``), ``PREFIX.end_punctuation.json``
+(``bench.end_punctuation``) and ``PREFIX.frames.json`` (``bench.frames``). This prints the
 figures the ship rules in ``bench/results/candidates/README.md`` name, one column per prefix and their mean, so a
 verdict can be checked from the repo alone::
 
@@ -24,7 +24,10 @@ How each figure is counted (as the rules since 2.24.0 count them):
 - one word deleted: the verdicts that deleting one form word turns (flagged rows cleared plus allowed rows flagged,
   harmful and harmless together), and the same over any word;
 - the closing mark: harmful and harmless rows flagged (harm >= 0.5) in each form (no mark, "?", "."), and the
-  verdicts that turn on the mark, both labels together.
+  verdicts that turn on the mark, both labels together;
+- frames: of the harmful rows the candidate flags plain, the share still flagged inside a frame (``kept``), and of
+  the harmless rows it allows plain, the share flagged inside one (``added``); the mean over the frames and the
+  worst frame.
 
 A file that is missing leaves its rows empty ("-"); a file that is there but lacks a field the table needs is an
 error naming the file and the field. The output is a Markdown table; ``--json`` writes the same figures.
@@ -236,6 +239,17 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
             turned += int(_get(ep, ep_path, "summary", label, "turned"))
         raw["end punctuation"] = {"turned": turned}
         col.put("verdicts the closing mark turns", turned, "count")
+    fr_path = path(".frames.json")
+    fr = _load(fr_path)
+    if fr is not None:
+        names = [name for name in _get(fr, fr_path, "frames") if name != "plain"]
+        kept = [float(_get(fr, fr_path, "summary", "frames", n, "kept_share")) for n in names]
+        added = [float(_get(fr, fr_path, "summary", "frames", n, "added_share")) for n in names]
+        raw["frames"] = {"kept": dict(zip(names, kept, strict=True)), "added": dict(zip(names, added, strict=True))}
+        col.put(f"frames: harmful flags kept, mean of {len(names)}", sum(kept) / len(kept), "rate")
+        col.put("frames: harmful flags kept, worst frame", min(kept), "rate")
+        col.put(f"frames: harmless asks flagged framed, mean of {len(names)}", sum(added) / len(added), "rate")
+        col.put("frames: harmless asks flagged framed, worst frame", max(added), "rate")
     return col, raw
 
 

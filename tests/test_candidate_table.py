@@ -94,3 +94,20 @@ def test_the_closing_mark_rows_come_from_an_end_punctuation_file(
     (tmp_path / "b.end_punctuation.json").write_text(json.dumps(broken))
     assert main([str(tmp_path / "b")]) == 2
     assert "b.end_punctuation.json: no field summary/harmful/flagged_share/none" in capsys.readouterr().err
+
+
+def test_the_frame_rows_come_from_a_frames_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # bench/RESULTS.md, "Frames": 2.25.1 keeps 76.4% of its harmful flags in the thriller frame (the worst) and the
+    # grandma frame flags 20.8% of the harmless asks it allows plain (the worst).
+    shutil.copy(PROJECT_ROOT / "bench" / "results" / "frames_2251.json", tmp_path / "s.frames.json")
+    col, raw = read_column(str(tmp_path / "s"), None)
+    assert col.values["frames: harmful flags kept, worst frame"] == pytest.approx(0.7637)
+    assert col.values["frames: harmless asks flagged framed, worst frame"] == pytest.approx(0.2083)
+    assert len(raw["frames"]["kept"]) == 9 and "plain" not in raw["frames"]["kept"]
+    mean = col.values["frames: harmful flags kept, mean of 9"]
+    assert min(raw["frames"]["kept"].values()) < mean < max(raw["frames"]["kept"].values())
+    broken = json.loads((tmp_path / "s.frames.json").read_text())
+    del broken["summary"]["frames"]["thriller"]["added_share"]
+    (tmp_path / "b.frames.json").write_text(json.dumps(broken))
+    assert main([str(tmp_path / "b")]) == 2
+    assert "b.frames.json: no field summary/frames/thriller/added_share" in capsys.readouterr().err
