@@ -18,7 +18,6 @@ Prints, never passes or fails.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -79,27 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     got = paired.run("python -m bench.end_punctuation", __doc__.split("\n\n")[0], argv, probe)
     if isinstance(got, int):
         return got
-    args, files, results = got.args, got.files, got.results
+    args, results = got.args, got.results
     summary = summarize(results)
     print(f"{args.model}: {len(results)} prompts; flagged (harm >= {LINE}) with the closing mark removed / '?' / '.'")
     for label, s in summary.items():
         shares = " / ".join(f"{s['flagged_share'][f]:.1%}" for f in FORMS)
         print(f"  {label:8} n={s['n']:5}  flagged {shares}  verdict turns on the mark: {s['turned']}")
-    if args.json:  # rows by id, without their text (it is in the set files)
-        rows_out = [
-            {"id": r["id"], "harmful": r["harmful"], **{f: round(r["scores"][f], 4) for f in FORMS}} for r in results
-        ]
-        args.json.write_text(
-            json.dumps(
-                {
-                    "model": paired.shown(args.model),
-                    "files": [paired.shown(f) for f in files],
-                    "summary": summary,
-                    "rows": rows_out,
-                }
-            )
-            + "\n"
-        )
+    paired.write_json(got, summary)
     return 0
 
 

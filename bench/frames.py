@@ -17,7 +17,6 @@ rows are the seven English challenge sets (never trained on). Prints, never pass
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -97,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     got = paired.run("python -m bench.frames", __doc__.split("\n\n")[0], argv, probe)
     if isinstance(got, int):
         return got
-    args, files, results = got.args, got.files, got.results
+    args, results = got.args, got.results
     s = summarize(results)
     print(
         f"{args.model}: {len(results)} prompts; of {s['harmful_flagged_plain']} harmful flagged plain, kept framed; "
@@ -105,18 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, f in s["frames"].items():
         print(f"  {name:18} kept {f['kept_share']:.1%}   added {f['added_share']:.1%}")
-    if args.json:  # rows by id, without their text (it is in the set files)
-        doc = {
-            "model": paired.shown(args.model),
-            "files": [paired.shown(f) for f in files],
-            "frames": FRAMES,
-            "summary": s,
-            "rows": [
-                {"id": r["id"], "harmful": r["harmful"], **{k: round(v, 4) for k, v in r["scores"].items()}}
-                for r in results
-            ],
-        }
-        args.json.write_text(json.dumps(doc) + "\n")
+    paired.write_json(got, s, frames=FRAMES)
     return 0
 
 

@@ -4,6 +4,7 @@ in several forms, from the same command line, and writes paths the same way on e
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,3 +52,16 @@ def run(prog: str, description: str, argv: Sequence[str] | None, probe: Probe) -
         return Run(args, files, probe(model, rows))
     finally:
         model.close()
+
+
+def write_json(run: Run, summary: dict[str, Any], **extra: Any) -> None:
+    """``run.args.json`` (when given): the model and files as ``shown``, ``extra``, the summary, and every row by id
+    with its scores in each form (rounded; without its text, which is in the set files)."""
+    if run.args.json is None:
+        return
+    rows = [
+        {"id": r["id"], "harmful": r["harmful"], **{k: round(v, 4) for k, v in r["scores"].items()}}
+        for r in run.results
+    ]
+    doc = {"model": shown(run.args.model), "files": [shown(f) for f in run.files], **extra, "summary": summary}
+    run.args.json.write_text(json.dumps({**doc, "rows": rows}) + "\n")
