@@ -190,6 +190,38 @@ async def replay_all(
         await clf.aclose()
 
 
+def replayed(
+    convs: list[Conv],
+    model: Path,
+    cache: Path,
+    window_ids: int,
+    concurrency: int,
+    early_exit: bool,
+    drawn: tuple[int, bool, int],
+) -> None:
+    """Fill every conversation's ``turns``: from ``cache`` where it holds this replay, else by replaying (and then
+    write the cache). ``drawn``: the (seed, chat_turns, stitched per split) ``convs`` were loaded with."""
+    # scores on the operating scale (v2): a cache of raw scores from an older replay is not reused
+    # the splits are in the key: stitched chats are drawn from each split's dialogues under the same ids
+    model_key = f"{model.resolve()}:{(model / 'model.onnx').stat().st_mtime_ns}:{window_ids}"
+    if early_exit:
+        model_key += ":early-exit"
+    seed, chat_turns, stitched = drawn
+    cache_key = f"v2:{model_key}:{seed}:{chat_turns}:{stitched}"
+    cached: dict[str, Any] = {}
+    if cache.is_file():
+        blob = json.loads(cache.read_text())
+        if blob.get("key") == cache_key:
+            cached = blob["turns"]
+    for c in convs:
+        c.turns = cached.get(c.id)
+    missing = sum(c.turns is None for c in convs)
+    if missing:
+        print(f"replaying {missing} of {len(convs)} conversations (cache {cache})", file=sys.stderr)
+        asyncio.run(replay_all(convs, model, concurrency, window_ids, early_exit))
+        cache.write_text(json.dumps({"key": cache_key, "turns": {c.id: c.turns for c in convs}}))
+
+
 # -- offline recomputation of the escalation -----------------------------------------------------------------------
 
 
@@ -629,24 +661,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed, chat_turns = int(data_config.get("seed", 0)), bool(data_config.get("chat_turns", False))
     harm_threshold = 0.5  # scores are on the operating scale: 0.5 is the model's calibrated harm threshold
     convs = load_conversations(args.data, seed, args.stitched, chat_turns)
-    # scores on the operating scale (v2): a cache of raw scores from an older replay is not reused
-    # the splits are in the key: stitched chats are drawn from each split's dialogues under the same ids
-    model_key = f"{args.model.resolve()}:{(args.model / 'model.onnx').stat().st_mtime_ns}:{args.window_ids}"
-    if args.early_exit:
-        model_key += ":early-exit"
-    cache_key = f"v2:{model_key}:{seed}:{chat_turns}:{args.stitched}"
-    cached: dict[str, Any] = {}
-    if args.cache.is_file():
-        blob = json.loads(args.cache.read_text())
-        if blob.get("key") == cache_key:
-            cached = blob["turns"]
-    for c in convs:
-        c.turns = cached.get(c.id)
-    missing = sum(c.turns is None for c in convs)
-    print(f"{len(convs)} conversations ({missing} to replay) with {args.model} (seed {seed}, harm >= {harm_threshold})")
-    if missing:
-        asyncio.run(replay_all(convs, args.model, args.concurrency, args.window_ids, args.early_exit))
-        args.cache.write_text(json.dumps({"key": cache_key, "turns": {c.id: c.turns for c in convs}}))
+    print(f"{len(convs)} conversations with {args.model} (seed {seed}, harm >= {harm_threshold})")
+    replayed(
+        convs,
+        args.model,
+        args.cache,
+        args.window_ids,
+        args.concurrency,
+        args.early_exit,
+        (seed, chat_turns, args.stitched),
+    )
 
     params = EscalationParams()
     tune_splits = set(args.tune_on.split("+"))
