@@ -303,7 +303,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--litellm-venv", default=os.environ.get("LITELLM_VENV", "/tmp/litellm-venv"))
     parser.add_argument("--model", type=Path, help="guard model directory (default models/guard-v1)")
-    parser.add_argument("--workers", type=int, help="the guarded gateways' guard.workers (default: the setting's, min(2, usable cores))")
+    parser.add_argument(
+        "--workers", type=int, help="the guarded gateways' guard.workers (default: the setting's, min(2, usable cores))"
+    )
     parser.add_argument(
         "--early-exit",
         action="store_true",
