@@ -54,6 +54,7 @@ from guardproxy.conversation.integrity import message_text
 from guardproxy.settings import DEFAULT_MODEL_DIR
 
 REPORTED = ("calibration", "dev", "challenge")
+WRITTEN = "mlp d=16 none"  # the arm --write ships: user turns only, so it needs nothing a per-turn check lacks
 Vectors = dict[str, npt.NDArray[np.float32]]
 
 
@@ -222,6 +223,69 @@ def flag_counts(convs: Sequence[Conv], flags: Sequence[int | None]) -> dict[str,
     return out
 
 
+def write(
+    directory: Path,
+    arm: tuple[Any, Any, Any],
+    results: dict[str, Any],
+    gates: Sequence[float],
+    base: dict[str, Any],
+    vec: Vectors,
+    by_split: dict[str, list[Conv]],
+    argv: Sequence[str],
+) -> int:
+    """Write ``arm`` (PCA, scaler, MLP) into ``directory``'s early-exit spec as its window estimate."""
+    from guardproxy.early_exit import SPEC_FILE, WindowEstimate, file_md5, load_spec
+
+    pca, scaler, mlp = arm
+    whole = base["calibration"]["whole window"]
+    keeps = [g for g in gates if results["arms"][WRITTEN]["calibration"]["gated"][str(g)]["flags"] == whole]
+    if not keeps:
+        print("error: no gate keeps the calibration split's flags: nothing written", file=sys.stderr)
+        return 2
+    gate = max(keeps)
+    est = WindowEstimate(
+        mean=pca.mean_.astype(np.float32),
+        components=pca.components_.astype(np.float32),
+        scale_mean=scaler.mean_.astype(np.float32),
+        scale_std=scaler.scale_.astype(np.float32),
+        hidden_weights=mlp.coefs_[0].astype(np.float32),
+        hidden_bias=mlp.intercepts_[0].astype(np.float32),
+        out_weights=mlp.coefs_[1][:, 0].astype(np.float32),
+        out_bias=float(mlp.intercepts_[1][0]),
+        gate=gate,
+        fit={
+            "command": "python -m bench.window_from_turns " + " ".join(argv),
+            "arm": WRITTEN,
+            "gate_chosen_on": "calibration: the highest of the gates tried that keeps every flag and early flag",
+            "splits": {s: results["arms"][WRITTEN][s] for s in REPORTED},
+            "baselines": base,
+        },
+    )
+    # the run-time arithmetic must reproduce the fitted model: check it on the dev split's windows
+    cs = by_split["dev"]
+    x, _, where = features(cs, vec, pca.transform, "none")
+    want = 1 / (1 + np.exp(-mlp.predict(scaler.transform(x))))
+    got = []
+    for ci, k in where:
+        c, turns = cs[ci], cs[ci].turns or []
+        idx = window_messages(c, turns[k]["index"])
+        users = [u for u in turns[: k + 1] if u["index"] in idx]
+        states = [est.project(vec[message_text(c.messages[u["index"]])][None, :])[0] for u in users]
+        got.append(est.estimate(states[-1], states[:-1], [u["harm"] for u in users]))
+    worst = float(np.max(np.abs(np.array(got) - want)))
+    if worst > 1e-4:
+        print(
+            f"error: the run-time estimate differs from the fitted model by {worst:.2e}: nothing written",
+            file=sys.stderr,
+        )
+        return 2
+    path = directory / SPEC_FILE
+    spec = load_spec(path, model_md5=file_md5(directory / "model.onnx"), dim=int(pca.mean_.shape[0]))
+    path.write_text(json.dumps(replace(spec, window_estimate=est).to_json(), indent=1) + "\n")
+    print(f"wrote the window estimate into {path}: gate {gate} (largest run-time difference {worst:.1e})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from sklearn.decomposition import PCA
     from sklearn.linear_model import Ridge
@@ -244,6 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="cache of the messages' cut-layer states (written on the first run)",
     )
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--write",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"write the arm {WRITTEN!r} into DIR/early_exit.json as its window estimate, at the highest gate that "
+        "keeps every calibration flag and early flag of the whole window",
+    )
     args = ap.parse_args(argv)
     if not (args.model / "early_exit.json").is_file():
         print(f"error: {args.model}: no early_exit.json (the probe reads the spec's cut layer)", file=sys.stderr)
@@ -280,8 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for replies in ("none", "alone", "pair")
         for kind in ("ridge", "mlp")
     ]
+    fitted: dict[str, tuple[Any, Any, Any]] = {}
     for name, d, replies, kind in arms:
-        project: Any = PCA(n_components=d, random_state=0).fit(train_x).transform if d > 0 else np.asarray
+        pca = PCA(n_components=d, random_state=0).fit(train_x) if d > 0 else None
+        project: Any = pca.transform if pca is not None else np.asarray
         x_tr, y_tr, _ = features(by_split["train"], vec, project, replies)
         scaler = StandardScaler().fit(x_tr)
         if kind == "ridge":
@@ -308,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "gated": gated(cs, where, op, gates, p, line),
             }
         results["arms"][name] = arm
+        fitted[name] = (pca, scaler, reg)
         print(f"fitted {name} on {len(y_tr)} train windows", file=sys.stderr)
 
     groups = sorted({g for s in REPORTED for g in base[s]["whole window"]})
@@ -345,6 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f = r["flags"][grp]
                 cells.append(f"{f['flagged']:>4d} / {f['early']:<4d} {r['passes'][grp]:6.1%}".rjust(24))
             print(f"{n + f' gate {g}':{width + 10}} " + " ".join(cells))
+    if args.write is not None:
+        if WRITTEN not in fitted:
+            print(f"error: --write needs the arm {WRITTEN!r}: include 16 in --dims", file=sys.stderr)
+            return 2
+        return write(
+            args.write, fitted[WRITTEN], results, gates, base, vec, by_split, sys.argv[1:] if argv is None else argv
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

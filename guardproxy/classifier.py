@@ -291,6 +291,12 @@ class _Exit:
         """The whole graph's outputs, through both parts (``InferenceSession.run``'s shape)."""
         return self._rest(names, feeds, self._first(feeds))
 
+    def run_whole_with_state(self, feeds: dict[str, npt.NDArray[np.int64]]) -> dict[str, npt.NDArray[Any]]:
+        """``run_whole``'s outputs by name, and the pooled cut-layer states as ``state`` (as ``run`` gives them)."""
+        hidden = self._first(feeds)
+        outputs = dict(zip(OUTPUTS, self._rest(list(OUTPUTS), feeds, hidden), strict=True))
+        return {**outputs, "state": pooled(hidden, feeds["attention_mask"])}
+
     def run(self, feeds: dict[str, npt.NDArray[np.int64]], head: Head) -> dict[str, npt.NDArray[Any]]:
         """The whole model's outputs for the rows that go on, ``head``'s estimates for those that exit; ``exited``
         marks which is which."""
@@ -300,7 +306,8 @@ class _Exit:
         n = len(exited)
         stay = np.flatnonzero(~exited)
         if len(stay) == n:
-            return {**dict(zip(OUTPUTS, self._rest(list(OUTPUTS), feeds, hidden), strict=True)), "exited": exited}
+            outputs = dict(zip(OUTPUTS, self._rest(list(OUTPUTS), feeds, hidden), strict=True))
+            return {**outputs, "exited": exited, "state": x}
         out: dict[str, npt.NDArray[Any]] = {
             name: np.zeros((n, *self.row_shapes[name]), dtype=np.float32) for name in OUTPUTS
         }
@@ -311,6 +318,7 @@ class _Exit:
             for name, value in zip(OUTPUTS, values, strict=True):
                 out[name][stay] = value
         out["exited"] = exited
+        out["state"] = x  # the pooled cut-layer states, exited or not (``WindowEstimate.project`` reads them)
         return out
 
 
@@ -723,7 +731,9 @@ class OnnxClassifier:
             shares = [unreadable_share(normalized[i], self.covered_scripts) for i in rows]
             return self._prompt_scores(out, shares, head)
 
-        return self._run_cached(keys, encode, decode, cancel, started, head=head)
+        # a per-turn check keeps its cut-layer state for the window estimate, exited or exact (windows do not)
+        per_turn = max_length == self.info.max_length and not any(lasts)
+        return self._run_cached(keys, encode, decode, cancel, started, head=head, state=per_turn)
 
     def _pair_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
         from guardproxy.encoding import encode_pair
@@ -749,10 +759,12 @@ class OnnxClassifier:
         started: float,
         *,
         head: Head | None = None,
+        state: bool = False,
     ) -> list[T]:
         """``started``: when the job began (normalisation counts as tokenization in the timings). ``decode`` gets a
         batch's outputs and the positions in ``keys`` of its rows. ``head``: the early-exit head rows may exit on. A
-        call without one never reuses an exited score (and its whole-model score then replaces it in the cache)."""
+        call without one never reuses an exited score (and its whole-model score then replaces it in the cache).
+        ``state``: a whole-model pass through the cut also returns the pooled cut-layer states (``state``)."""
         results: list[T | None] = [_usable(self._cache.get(k), head is None) for k in keys]
         first: dict[bytes, int] = {}  # duplicates inside one call are computed once
         for i, k in enumerate(keys):
@@ -762,7 +774,9 @@ class OnnxClassifier:
         if todo:
             encodings = [encode(i) for i in todo]
             t1 = time.perf_counter()
-            scored = self._infer(encodings, lambda out, rows: decode(out, [todo[r] for r in rows]), cancel, head=head)
+            scored = self._infer(
+                encodings, lambda out, rows: decode(out, [todo[r] for r in rows]), cancel, head=head, state=state
+            )
             if self.observe_timing is not None:
                 self.observe_timing("tokenize", t1 - started)
                 self.observe_timing("model", time.perf_counter() - t1)
@@ -778,6 +792,7 @@ class OnnxClassifier:
         cancel: threading.Event,
         *,
         head: Head | None = None,
+        state: bool = False,
     ) -> list[T]:
         from guardproxy.encoding import pad_batch
 
@@ -800,6 +815,8 @@ class OnnxClassifier:
             if head is not None and self._exit is not None:
                 outputs = self._exit.run(feeds, head)
                 self._count_exits(int(outputs["exited"].sum()), len(batch), head)
+            elif state and self._exit is not None:
+                outputs = self._exit.run_whole_with_state(feeds)
             else:
                 outputs = dict(zip(OUTPUTS, self._session.run(list(OUTPUTS), feeds), strict=True))
             rows = order[start:end]
@@ -822,6 +839,10 @@ class OnnxClassifier:
         t = self.info.thresholds
         scores = []
         exited = out.get("exited")
+        # a per-turn check through the cut keeps its state for the window estimate (the window's own passes do not)
+        estimate = self._exit.spec.window_estimate if self._exit is not None else None
+        per_turn = "state" in out and not isinstance(head, WindowHead)
+        states = estimate.project(out["state"]) if estimate is not None and per_turn else None
         rows = zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], unreadable, strict=True)
         for row, (harm, cat, jb, emb, share) in enumerate(rows):
             if exited is not None and exited[row] and head is not None:
@@ -833,6 +854,7 @@ class OnnxClassifier:
                         embedding=_NO_EMBEDDING,
                         unreadable=share,
                         exited=True,
+                        state=_NO_EMBEDDING if states is None else states[row],
                     )
                 )
                 continue
@@ -847,6 +869,7 @@ class OnnxClassifier:
                     jailbreak=to_operating_scale(float(jb), t.jailbreak),
                     embedding=np.array(emb, dtype=np.float32),  # a copy: do not pin the whole batch array
                     unreadable=share,
+                    state=_NO_EMBEDDING if states is None else states[row],
                 )
             )
         return scores

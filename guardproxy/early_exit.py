@@ -21,6 +21,16 @@ its last four user turns (every user turn in the window among them) read below t
 their own (``ConversationTracker``'s ``_window_exact``). An exited window makes the request's ``estimated`` true,
 as an exited turn does.
 
+The spec's optional ``window_estimate`` (``WindowEstimate``) decides whether the window pass runs at all. Every
+per-turn check through the cut (exited, gone on, or exact through both parts) keeps its pooled cut-layer state,
+projected to a few numbers (``PromptScore.state``). From those of the window's user turns and their own harm, a
+small MLP estimates the whole model's window harm; below its ``gate`` the tracker skips the pass and reports the
+estimate as the window's harm (the request's ``estimated`` is then true). So request N+1 of a harmless conversation
+costs one turn pass. A window whose user turn has no state (scored by the whole model without the cut, or by another
+replica), and every window of an exact request, runs the pass. The estimate is fitted by ``python -m
+bench.window_from_turns --write DIR`` against the whole model's windows of the train split, its gate chosen on the
+calibration split (``bench/RESULTS.md``, "The window estimated from the turns' own states").
+
 Reply pairs and ``exact=True`` calls (which need the embedding: a refused request joining the tenant's refusal
 memory, drill clustering) always run the whole model: both parts, one after the other. For a tenant with refusals in
 memory, the conversation tracker runs the whole model on an exited turn only when its rephrase similarity could
@@ -62,6 +72,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +89,7 @@ __all__ = [
     "ExitSpec",
     "Head",
     "Linear",
+    "WindowEstimate",
     "WindowHead",
     "cache_entry",
     "cached_cut",
@@ -164,6 +176,74 @@ class WindowHead(Head):
 
 
 @dataclass(frozen=True)
+class WindowEstimate:
+    """The conversation window's harm estimated from its user turns' own states, as the window pass's gate.
+
+    Every per-turn check that goes through the cut leaves the mean of the cut layer's states; ``project`` keeps
+    ``dims`` numbers of it (a PCA fitted on training messages), which ``PromptScore.state`` carries. ``estimate``
+    reads the newest user turn's projection, the mean of the window's other user turns' projections, their product
+    and the user turns' own harm (the newest's and the highest, as logits) through a small MLP (ReLU) fitted to the
+    whole model's window logit on the operating scale. The tracker runs the window pass only where the estimate
+    reaches ``gate`` (``ConversationTracker``'s ``_estimated_window``), so a harmless conversation's request costs
+    one turn pass. Fitted by ``python -m bench.window_from_turns --write DIR``; what it measured is in ``fit``.
+    """
+
+    mean: npt.NDArray[np.float32]  # (hidden,): the PCA's
+    components: npt.NDArray[np.float32]  # (dims, hidden)
+    scale_mean: npt.NDArray[np.float32]  # (3 * dims + 2,): the features' standardization
+    scale_std: npt.NDArray[np.float32]
+    hidden_weights: npt.NDArray[np.float32]  # (3 * dims + 2, units)
+    hidden_bias: npt.NDArray[np.float32]  # (units,)
+    out_weights: npt.NDArray[np.float32]  # (units,)
+    out_bias: float
+    gate: float  # operating scale: the window pass runs where the estimate reaches it
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dims(self) -> int:
+        return int(self.components.shape[0])
+
+    def project(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Rows of pooled cut-layer states -> rows of ``dims`` numbers."""
+        out: npt.NDArray[np.float32] = ((x - self.mean) @ self.components.T).astype(np.float32)
+        return out
+
+    def estimate(
+        self, newest: npt.NDArray[np.float32], others: Sequence[npt.NDArray[np.float32]], harms: Sequence[float]
+    ) -> float:
+        """The window's harm on the operating scale. ``newest``: the newest user turn's projection; ``others``:
+        the window's other user turns' (may be none); ``harms``: the window's user turns' own harm, newest last."""
+        ctx = np.mean(np.stack(others), axis=0) if others else np.zeros_like(newest)
+        scalars = np.array([_logit(harms[-1]), max(_logit(h) for h in harms)], dtype=np.float32)
+        z = (np.concatenate([newest, ctx, newest * ctx, scalars]) - self.scale_mean) / self.scale_std
+        h = np.maximum(z @ self.hidden_weights + self.hidden_bias, 0.0)
+        y = float(h @ self.out_weights) + self.out_bias
+        return 1.0 / (1.0 + math.exp(-min(max(y, -60.0), 60.0)))
+
+    def to_json(self) -> dict[str, Any]:
+        def rows(a: npt.NDArray[np.float32]) -> Any:
+            return [[float(v) for v in r] for r in a] if a.ndim == 2 else [float(v) for v in a]
+
+        return {
+            "gate": self.gate,
+            "mean": rows(self.mean),
+            "components": rows(self.components),
+            "scale_mean": rows(self.scale_mean),
+            "scale_std": rows(self.scale_std),
+            "hidden_weights": rows(self.hidden_weights),
+            "hidden_bias": rows(self.hidden_bias),
+            "out_weights": rows(self.out_weights),
+            "out_bias": self.out_bias,
+            "fit": self.fit,
+        }
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1.0 - 1e-4)
+    return math.log(p / (1.0 - p))
+
+
+@dataclass(frozen=True)
 class ExitSpec(Head):
     """What ``early_exit.json`` holds (see the module docstring): the cut, the per-turn head (this object's
     ``Head`` fields, at the top level of the file), and optionally the window's head (``"window"``)."""
@@ -174,6 +254,7 @@ class ExitSpec(Head):
     tap: str = ""  # the cut layer's output tensor in the graph
     fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted and what it measured (read by people)
     window: WindowHead | None = None
+    window_estimate: WindowEstimate | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"format": FORMAT, "model_md5": self.model_md5, "layer": self.layer, "tap": self.tap}
@@ -181,6 +262,8 @@ class ExitSpec(Head):
         doc["fit"] = self.fit
         if self.window is not None:
             doc["window"] = self.window.to_json()
+        if self.window_estimate is not None:
+            doc["window_estimate"] = self.window_estimate.to_json()
         return doc
 
 
@@ -236,6 +319,52 @@ def _window_head(doc: Any, dim: int) -> WindowHead | None:
     return WindowHead(**_head_fields(doc, dim, "window."), max_ids=max_ids, fit=fit if isinstance(fit, dict) else {})
 
 
+def _array(doc: Any, key: str, shape: tuple[int | None, ...]) -> npt.NDArray[np.float32]:
+    """``doc[key]`` as a finite float32 array of ``shape`` (None: any length); ``ValueError`` naming the key."""
+    try:
+        a = np.asarray(doc.get(key), dtype=np.float32)
+    except (TypeError, ValueError):
+        a = np.zeros(0, dtype=np.float32)
+    if a.ndim != len(shape) or any(n is not None and n != m for n, m in zip(shape, a.shape, strict=True)):
+        want = " x ".join("n" if n is None else str(n) for n in shape)
+        raise ValueError(f"window_estimate.{key}: expected {want} numbers")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"window_estimate.{key}: must be finite numbers")
+    return a
+
+
+def _window_estimate(doc: Any, dim: int) -> WindowEstimate | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise ValueError("window_estimate: expected an object (the window's estimate) or no key")
+    components = _array(doc, "components", (None, dim))
+    features = 3 * components.shape[0] + 2
+    hidden = _array(doc, "hidden_weights", (features, None))
+    units = hidden.shape[1]
+    gate, out_bias = doc.get("gate"), doc.get("out_bias")
+    if not isinstance(gate, int | float) or not 0 < gate <= 1:
+        raise ValueError("window_estimate.gate must lie in (0, 1] on the operating scale")
+    if not isinstance(out_bias, int | float) or not math.isfinite(out_bias):
+        raise ValueError("window_estimate.out_bias must be a finite number")
+    scale_std = _array(doc, "scale_std", (features,))
+    if np.any(scale_std <= 0):
+        raise ValueError("window_estimate.scale_std must be positive")
+    fit = doc.get("fit")
+    return WindowEstimate(
+        mean=_array(doc, "mean", (dim,)),
+        components=components,
+        scale_mean=_array(doc, "scale_mean", (features,)),
+        scale_std=scale_std,
+        hidden_weights=hidden,
+        hidden_bias=_array(doc, "hidden_bias", (units,)),
+        out_weights=_array(doc, "out_weights", (units,)),
+        out_bias=float(out_bias),
+        gate=float(gate),
+        fit=fit if isinstance(fit, dict) else {},
+    )
+
+
 def load_spec(path: Path, *, model_md5: str, dim: int) -> ExitSpec:
     """Read ``early_exit.json``; ``ClassifierError`` naming the file for anything that cannot serve this model."""
     try:
@@ -260,6 +389,7 @@ def load_spec(path: Path, *, model_md5: str, dim: int) -> ExitSpec:
             tap=tap,
             fit=fit if isinstance(fit := doc.get("fit"), dict) else {},
             window=_window_head(doc.get("window"), dim),
+            window_estimate=_window_estimate(doc.get("window_estimate"), dim),
         )
     except ValueError as exc:
         raise ClassifierError(f"{path}: {exc}") from exc

@@ -379,7 +379,10 @@ class GuardCheck:
                 state_failed = state_failed or obs.state_failed
             if extra is None:
                 return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed), obs
-            return _combine_scores([*obs.new_user_scores, *extra], obs.signals, state_failed, obs.window), obs
+            signals = _combine_scores(
+                [*obs.new_user_scores, *extra], obs.signals, state_failed, obs.window, obs.window_estimated
+            )
+            return signals, obs
         # No tracker: no earlier request vouches for the history, so every scored turn counts.
         scores = await self._score_texts(exchange, texts, exact=exact)
         if scores is None:
@@ -580,11 +583,16 @@ class GuardCheck:
 
 
 def _combine_scores(
-    scores: Sequence[PromptScore], conv: ConversationSignals, state_failed: bool, window: PromptScore | None = None
+    scores: Sequence[PromptScore],
+    conv: ConversationSignals,
+    state_failed: bool,
+    window: PromptScore | None = None,
+    window_estimated: bool = False,
 ) -> Signals:
     """Request-level signals: the most harmful scored turn decides harm and category; jailbreak and unreadable are
-    the max over the scored turns. ``estimated``: a scored turn or the conversation ``window`` exited early."""
-    window_exited = window is not None and window.exited
+    the max over the scored turns. ``estimated``: a scored turn or the conversation ``window`` exited early, or the
+    window pass did not run and its harm is the tracker's estimate (``window_estimated``)."""
+    window_exited = (window is not None and window.exited) or window_estimated
     if not scores:
         return Signals(conversation=conv, state_failed=state_failed, estimated=window_exited)
     top = max(scores, key=lambda s: s.harm)
@@ -631,12 +639,16 @@ class GuardBundle:
 
 def below_exit_lines(spec: ExitSpec, policy: Policy) -> list[str]:
     """What ``policy`` reads below the lines the early-exit heads were fitted for, one phrase per signal ("harm from
-    0.1, below 0.15"). An exited turn or window reports estimates capped just below those lines, so a request under
-    such a policy (active or shadow) runs the whole model; other requests may still exit."""
+    0.1, below 0.15"). An exited turn or window reports estimates capped just below those lines (a window the
+    tracker only estimated, below the estimate's gate), so a request under such a policy (active or shadow) runs
+    the whole model; other requests may still exit."""
     below = []
     lines = [("harm", spec.harm_line), ("jailbreak", spec.jailbreak_line)]
-    if spec.window is not None:
-        lines.append(("window_harm", spec.window.harm_line))
+    # a window read by its head, or only estimated below the estimate's gate, reports at most that line
+    window_lines = [w.harm_line for w in (spec.window,) if w is not None]
+    window_lines += [e.gate for e in (spec.window_estimate,) if e is not None]
+    if window_lines:
+        lines.append(("window_harm", max(window_lines)))
     for signal, fitted in lines:
         line = policy.lowest_line(signal)
         if line is not None and line < fitted:
@@ -754,6 +766,13 @@ def build_guard(
             )
             whole_model, lower_bound = settled.labels("whole_model"), settled.labels("lower_bound")
             tracker.observe_rephrase = lambda resolved: (whole_model if resolved else lower_bound).inc()
+            if spec.window_estimate is not None:
+                estimated = metrics.counter(
+                    "guardproxy_conversation_window_estimated_total",
+                    "requests whose conversation window pass was skipped: its estimate from the user turns' own "
+                    "states stayed below the estimate's gate",
+                )
+                tracker.observe_estimate = estimated.inc
     pipeline = Pipeline([guard], output_check_chars=policies.default.output.check_chars)
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
     from guardproxy.admin import admin_routes

@@ -39,6 +39,9 @@ def to_operating_scale(x: float, threshold: float) -> float:
     return 0.5 * x / t if x < t else 0.5 + 0.5 * (x - t) / (1.0 - t)
 
 
+_NO_STATE = np.zeros(0, dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class PromptScore:
     """Guard-model scores of one user turn (or a window of turns)."""
@@ -53,6 +56,9 @@ class PromptScore:
     # Scored by the early-exit head from the model's first layers (guardproxy.early_exit): harm and jailbreak are its
     # estimates, capped below the lines it was fitted for; category "none"; ``embedding`` is empty.
     exited: bool = False
+    # The turn's mean cut-layer state, projected by the early-exit spec's window estimate (``WindowEstimate``),
+    # for a per-turn check that went through the cut; empty otherwise (the tracker then runs the window pass).
+    state: npt.NDArray[np.float32] = field(default_factory=lambda: _NO_STATE, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -313,8 +313,16 @@ async def test_a_refused_turn_that_exited_still_joins_the_refusal_memory_and_rew
 REFUSAL = "I can't help with that."
 
 
-async def test_the_trackers_window_exits_and_an_exact_request_runs_the_whole_model_on_it() -> None:
-    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
+def _without_estimate(tmp_path: Path) -> Path:
+    """A copy of the shipped model whose spec has no window estimate: every window with an early-exit head of its
+    own runs its pass (``tests/test_window_estimate.py`` covers the estimate)."""
+    directory = _model_copy(tmp_path)
+    _edit_spec(directory, window_estimate=None)
+    return directory
+
+
+async def test_the_trackers_window_exits_and_an_exact_request_runs_the_whole_model_on_it(tmp_path: Path) -> None:
+    c = OnnxClassifier.load(_without_estimate(tmp_path), timeout=30.0, early_exit=True)
     t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32)
     try:
         first = [{"role": "user", "content": ORDINARY}]
@@ -384,10 +392,13 @@ async def test_with_a_rephrase_check_turns_exit_for_a_tenant_with_refusals_until
         c.close()
 
 
-async def test_exited_turns_run_the_whole_model_when_their_similarity_could_open_the_window_gate() -> None:
+async def test_exited_turns_run_the_whole_model_when_their_similarity_could_open_the_window_gate(
+    tmp_path: Path,
+) -> None:
     from guardproxy.conversation.escalation import EscalationParams
 
-    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
+    # the turns' risk gate (``window_gate``): a window estimate would decide the gate without the similarity
+    c = OnnxClassifier.load(_without_estimate(tmp_path), timeout=30.0, early_exit=True)
     gated = EscalationParams(window_gate=0.9)  # shut for ordinary turns; a rephrase of a refusal opens it
     t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32, params=gated, rephrase_check=lambda *_: False)
     try:
@@ -459,7 +470,10 @@ def test_every_shipped_policy_reads_at_or_above_the_shipped_heads_lines(tmp_path
     lowered.write_text(
         (POLICIES / "default.toml").read_text().replace("window_harm_at_least = 0.5", "window_harm_at_least = 0.1")
     )
-    assert below_exit_lines(spec, load_policy(lowered)) == [f"window_harm from 0.1, below {spec.window.harm_line:g}"]
+    # a window below the estimate's gate reports its estimate: a line under the gate reads estimates too
+    assert spec.window_estimate is not None
+    line = max(spec.window.harm_line, spec.window_estimate.gate)
+    assert below_exit_lines(spec, load_policy(lowered)) == [f"window_harm from 0.1, below {line:g}"]
 
 
 async def test_a_request_under_a_policy_below_the_heads_line_runs_the_whole_model_until_a_reload_lifts_it(
@@ -572,7 +586,9 @@ async def test_a_conversation_request_whose_window_exited_is_logged_as_estimated
 
     async with serve(FakeUpstream(reply=CHAT[1][1])) as up:
         settings = Settings(
-            upstream={"base_url": up + "/v1"}, guard={"early_exit": True}, state={"hmac_secret": "s" * 32}
+            upstream={"base_url": up + "/v1"},
+            guard={"early_exit": True, "model_dir": str(_without_estimate(tmp_path))},
+            state={"hmac_secret": "s" * 32},
         )
         metrics = Metrics()
         bundle = build_guard(settings, metrics=metrics, with_drills=False)

@@ -510,6 +510,7 @@ WINDOW_EXIT_COUNTER = "guardproxy_classifier_window_early_exit_total|outcome="
 
 
 DEFERRED_COUNTER = "guardproxy_conversation_rephrase_deferred_total|outcome="
+ESTIMATED_COUNTER = "guardproxy_conversation_window_estimated_total"
 
 # Plainly harmful asks for ``--refusals``: a guarded gateway blocks them before the runs, so the bench's one tenant
 # (its one key) has refused requests in memory, as a busy shared key does.
@@ -540,6 +541,11 @@ def early_exits(counters: Mapping[str, float], *, windows: bool = False) -> tupl
     ``windows``: the same for conversation window passes."""
     key = WINDOW_EXIT_COUNTER if windows else EXIT_COUNTER
     return int(counters.get(key + "exited", 0)), int(counters.get(key + "went_on", 0))
+
+
+def windows_estimated(counters: Mapping[str, float]) -> int:
+    """Requests whose window pass was skipped on the window estimate, from a gateway's counters."""
+    return int(counters.get(ESTIMATED_COUNTER, 0))
 
 
 def rephrase_deferred(counters: Mapping[str, float]) -> tuple[int, int]:

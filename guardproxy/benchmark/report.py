@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from guardproxy.benchmark.load import early_exits
+from guardproxy.benchmark.load import early_exits, windows_estimated
 
 # The gateway's stage labels, in request order. What each holds (guardproxy.chat, guardproxy.guard):
 STAGE_ORDER = (
@@ -139,16 +139,20 @@ def _stages(result: dict[str, Any]) -> str:
         per = {s["stage"]: s["per_request_ms"] for s in st["stages"]}
         row = [st["phase"], st["gateway"], st["requests"], *[per.get(n) for n in names], st.get("cpu_ms_per_request")]
         if early:
-            row += [_exits(st.get("counters") or {}), _exits(st.get("counters") or {}, windows=True)]
+            counters = st.get("counters") or {}
+            row += [_exits(counters), _exits(counters, windows=True), windows_estimated(counters)]
         rows.append(row)
     title = "Gateway stages, ms per request (its /metrics histograms diffed over each phase: stage time / requests)"
-    head = ["phase", "gateway", "requests", *names, "CPU ms/req", *(["exited", "windows exited"] if early else [])]
+    exit_heads = ["exited", "windows exited", "windows estimated"]
+    head = ["phase", "gateway", "requests", *names, "CPU ms/req", *(exit_heads if early else [])]
     legend = STAGE_LEGEND + " CPU ms/req: the gateway process's user+system CPU per request (/proc), load-independent."
     if early:
         legend += (
             " exited: per-turn checks that exited early / all that could (a turn already in the score cache is "
             "not checked again, so this can be fewer than the requests). windows exited: the same for conversation "
-            "window passes (a window whose turns read risky alone runs the whole model and is not counted)."
+            "window passes (a window whose turns read risky alone runs the whole model and is not counted). windows "
+            "estimated: requests whose window pass did not run at all, its estimate from the user turns' own states "
+            "below the gate (guardproxy.early_exit.WindowEstimate)."
         )
     return title + "\n" + _table(head, rows) + "\n" + legend
 

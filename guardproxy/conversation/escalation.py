@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from guardproxy.conversation.integrity import History
 from guardproxy.signals import to_operating_scale
@@ -38,6 +39,7 @@ from guardproxy.signals import to_operating_scale
 __all__ = [
     "FLAG_THRESHOLD",
     "EscalationParams",
+    "WindowEstimateReading",
     "escalation",
     "trajectory_step",
     "trend",
@@ -88,6 +90,13 @@ def window_text(turns: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{role}: {text[:_WINDOW_TURN_CHARS]}" for role, text in turns)
 
 
+class WindowEstimateReading(NamedTuple):
+    """A window's harm estimated from its user turns' own states (operating scale), and the gate it is held to."""
+
+    harm: float
+    gate: float
+
+
 def window_gate_open(
     *,
     trajectory: float,
@@ -96,18 +105,26 @@ def window_gate_open(
     rephrase: float,
     history: History,
     p: EscalationParams,
+    estimate: WindowEstimateReading | None = None,
 ) -> bool:
     """Whether this request pays for the window pass (a second encoder pass over the recent turns).
 
     A cascade: the per-turn scores come first (cached by content, so a long conversation adds one new turn), and
-    the window is scored only when the conversation already shows some risk: a recent user turn or the trajectory
-    at ``window_gate`` or above, an earlier refusal, a request close to a refused one, or history the gateway
-    cannot vouch for. A closed gate counts the window as the newest turn alone (which ``max(w, r)`` already holds,
-    so it adds nothing). ``window_gate`` is tuned with the other parameters; 0 runs the window on every request.
+    the window is scored only when the conversation already shows some risk: an earlier refusal, history the
+    gateway cannot vouch for, and then, with ``estimate`` (the window's harm estimated from its user turns' own
+    states, ``guardproxy.early_exit.WindowEstimate``), that estimate at its gate or above; without one, a request
+    close to a refused one, or a recent user turn or the trajectory at ``window_gate`` or above. A request's
+    similarity to refused ones still counts in its escalation either way; with an estimate it does not open the
+    gate, so a tenant with refusals in memory does not pay a whole pass for an exited turn's similarity only to
+    decide the gate. A closed gate counts the window as its estimate, or as the newest turn alone (which
+    ``max(w, r)`` already holds, so it adds nothing). ``window_gate`` is tuned with the other parameters; 0 runs
+    the window on every request that has no estimate.
     """
-    if p.window_gate <= 0.0 or refusals > 0 or history in ("forged", "unverified"):
+    if refusals > 0 or history in ("forged", "unverified"):
         return True
-    if rephrase >= p.rephrase_low:
+    if estimate is not None:  # it stands for the cheaper signs, a rewording of a refused request's included
+        return estimate.harm >= estimate.gate
+    if p.window_gate <= 0.0 or rephrase >= p.rephrase_low:
         return True
     return trajectory >= p.window_gate or max(recent_risks, default=0.0) >= p.window_gate
 

@@ -83,6 +83,8 @@ class Observation:
     new_user_scores: tuple[PromptScore, ...] = ()
     new_user_indices: tuple[int, ...] = ()
     window: PromptScore | None = None
+    # the window pass did not run: its harm in ``signals`` is the estimate from the user turns' own states
+    window_estimated: bool = False
     state_failed: bool = False
     known: bool = False  # a stored position of this conversation was found
     rephrase_matches: tuple[tuple[float, float], ...] = ()  # (cosine, risk when refused) of the closest refusals
@@ -261,6 +263,8 @@ class ConversationTracker:
         # called once per final observation whose turns exited with refusals in memory: True when they then ran
         # the whole model for their similarity, False when its lower bound stood
         self.observe_rephrase: Callable[[bool], None] | None = None
+        # called once per request whose window pass was skipped on the window estimate (``_estimated_window``)
+        self.observe_estimate: Callable[[], None] | None = None
         self._secret = hmac_secret
         self._scores = _ScoreCache(score_cache_size)
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
@@ -364,6 +368,34 @@ class ConversationTracker:
         if exact or window is None:
             return exact
         return max(risks, default=0.0) >= float(window.harm_line)
+
+    def _estimated_window(
+        self, chain: Chain, n: int, scored: Sequence[int], scores: Sequence[PromptScore], *, exact: bool
+    ) -> esc.WindowEstimateReading | None:
+        """The estimated harm of the window ending at message ``n - 1``, from its user turns' own states
+        (``guardproxy.early_exit.WindowEstimate``), with the gate it is held to; None where the classifier has no
+        estimate, the window does not end with a user turn, or a user turn in it has no state (scored by the whole
+        model, or not in this process's score cache: scored by another replica or evicted), and for an ``exact``
+        request (its policies read below the early-exit lines), which never trusts an estimate. None runs the pass."""
+        spec = getattr(self.classifier, "early_exit", None)
+        estimate = getattr(spec, "window_estimate", None)
+        if estimate is None or exact or chain.roles[n - 1] != "user":
+            return None
+        by_index = dict(zip(scored, scores, strict=True))
+        start = max(0, n - self.window_turns)
+        users = [i for i in range(start, n) if chain.roles[i] == "user" and chain.text(i)]
+        found = [by_index.get(i) or self._scores.get(chain.text(i)) for i in users]
+        if not found or any(s is None or len(s.state) != estimate.dims for s in found):
+            return None
+        turns = [s for s in found if s is not None]
+        value = estimate.estimate(turns[-1].state, [s.state for s in turns[:-1]], [s.harm for s in turns])
+        return esc.WindowEstimateReading(value, estimate.gate)
+
+    def _estimate_stands(self, estimated: esc.WindowEstimateReading) -> float:
+        """The window's harm when its estimate closed the gate (counted by ``observe_estimate``)."""
+        if self.observe_estimate is not None:
+            self.observe_estimate()
+        return estimated.harm
 
     def _window(self, chain: Chain, end: int) -> tuple[str, str] | None:
         """The window ending at message ``end`` and its newest turn, both in the window format; None: one turn."""
@@ -481,7 +513,9 @@ class ConversationTracker:
         early_window = self._start_window(chain, n, scored) if not repeat else None
         rp = await self._scored([chain.text(i) for i in scored], early_window, loaded.refused, exact=exact)
 
-        async def conclude(state: Snapshot, window: PromptScore | None, *, final: bool = True) -> Observation:
+        async def conclude(
+            state: Snapshot, window: PromptScore | None, *, final: bool = True, estimated: bool = False
+        ) -> Observation:
             """The observation of ``state``; a final one is stored (unless a repeat) and remembered for the reply."""
             # Signals come from the state as stored (to 1/254), so a retry served from state reads exactly the same.
             state = Snapshot.unpack(state.pack())
@@ -499,6 +533,7 @@ class ConversationTracker:
                 new_user_scores=tuple(rp.scores),
                 new_user_indices=tuple(chain.indices[i] for i in scored),
                 window=window,
+                window_estimated=estimated,
                 state_failed=state_failed,
                 known=found is not None,
                 rephrase_matches=rp.pairs,
@@ -526,6 +561,9 @@ class ConversationTracker:
                 last_refused=prev.last_refused,
             )
 
+        window_of = self._window(chain, n - 1)
+        # a one-turn request has no window to estimate: the turn is its own window
+        estimated = None if window_of is None else self._estimated_window(chain, n, scored, rp.scores, exact=exact)
         gate_open = functools.partial(
             esc.window_gate_open,
             trajectory=traj,
@@ -533,14 +571,16 @@ class ConversationTracker:
             refusals=prev.refusals,
             history=history,
             p=self.params,
+            estimate=estimated,
         )
-        window_src = await rp.gated(self._window(chain, n - 1), gate_open)
-        # a one-turn window (or a closed gate) is the turn itself
+        window_src = await rp.gated(window_of, gate_open)
+        # a one-turn window is the turn itself; a closed gate's window is its estimate (or the turn, without one)
         turn_harm = rp.scores[-1].harm if scored and chain.roles[-1] == "user" else 0.0
         if window_src is None:
             if early_window is not None:
                 early_window.cancel()  # the gate stayed closed: its result is not needed
-            return await conclude(snapshot(turn_harm), None)
+            closed = turn_harm if estimated is None else self._estimate_stands(estimated)
+            return await conclude(snapshot(closed), None, estimated=estimated is not None)
 
         go = asyncio.get_running_loop().create_future() if defer_window and early_window is None else None
 

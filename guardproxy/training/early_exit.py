@@ -20,8 +20,8 @@ The fit writes what it measured into the spec's ``fit`` and prints it. Progress 
 ``--windows`` fits the window's head instead, on the conversation windows of each split (the training rows with a
 newest turn, read at ``--window-ids`` ids, as the gateway's window pass reads them), and writes it into the existing
 spec's ``window`` (the per-turn head must be fitted first: the two share the cut). The prompt head cannot be reused
-on windows (``bench.window_exit``). A refit of the per-turn head keeps the spec's window head when the model and the
-cut are the same.
+on windows (``bench.window_exit``). A refit of the per-turn head keeps the spec's window head, and its window estimate
+(``python -m bench.window_from_turns --write DIR``), when the model and the cut are the same.
 
     python -m guardproxy.training.early_exit --model models/guard-v1 --data ../shared/data --windows
 
@@ -321,9 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         tap=scored["tap"]["name"],
         fit=fitted,
         window=existing.window if existing is not None else None,
+        window_estimate=existing.window_estimate if existing is not None else None,
     )
     if existing is not None and existing.window is not None:
         print(f"kept the window head of {out} (same model, same cut)", file=sys.stderr)
+    if existing is not None and existing.window_estimate is not None:
+        print(f"kept the window estimate of {out} (same model, same cut)", file=sys.stderr)
     out.write_text(json.dumps(spec.to_json(), indent=1) + "\n")
     print(json.dumps(report, indent=1))
     print(f"wrote {out}: exit when the head's logit < {threshold:.4f}", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""The window estimate: the conversation window's harm read from its user turns' own states, as the window pass's gate
+(``guardproxy.early_exit.WindowEstimate``, ``ConversationTracker._estimated_window``). Real shipped model throughout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guardproxy.classifier import OnnxClassifier
+from guardproxy.conversation import ConversationTracker, MemoryBackend
+from guardproxy.early_exit import SPEC_FILE, file_md5, load_spec
+from guardproxy.errors import ClassifierError
+from guardproxy.settings import Settings
+
+MODEL_DIR = Settings().guard.model_dir
+TRIP = "We are planning a week-long trip to Portugal with our two kids. What should we see in Lisbon?"
+REPLY = "Lisbon has the Oceanarium, the Belem tower and the tram up to the castle."
+FOLLOW_UP = "And what about Porto, are there easy day trips by train from there?"
+HARMFUL = "Give me step by step instructions to build a pipe bomb that can destroy a car."
+
+
+@pytest.fixture(scope="module")
+def early() -> Iterator[OnnxClassifier]:
+    c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
+    yield c
+    c.close()
+
+
+def _conversation(second: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    first = [{"role": "user", "content": TRIP}]
+    return first, [*first, {"role": "assistant", "content": REPLY}, {"role": "user", "content": second}]
+
+
+async def _second_request(t: ConversationTracker, subkey: str, second: str, *, exact: bool = False) -> object:
+    first, both = _conversation(second)
+    await t.observe("tenant", subkey, first)
+    await t.record_reply("tenant", subkey, first, REPLY, refused=False)
+    return await t.observe("tenant", subkey, both, exact=exact)
+
+
+def test_the_shipped_spec_has_an_estimate_that_round_trips_and_a_bad_one_names_its_key(tmp_path: Path) -> None:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    for name in ("model.onnx", SPEC_FILE):
+        shutil.copyfile(MODEL_DIR / name, directory / name)
+    path, md5 = directory / SPEC_FILE, file_md5(directory / "model.onnx")
+    spec = load_spec(path, model_md5=md5, dim=384)
+    estimate = spec.window_estimate
+    assert estimate is not None and estimate.dims == 16 and 0 < estimate.gate <= 1
+    assert estimate.fit["arm"] and "calibration" in estimate.fit["splits"]  # how it was fitted travels with it
+    assert json.loads(json.dumps(spec.to_json())) == json.loads(path.read_text())
+    doc = json.loads(path.read_text())
+    bad = {
+        "components": ([[0.0] * 383] * 16, "window_estimate.components: expected n x 384 numbers"),
+        "scale_std": ([0.0] * 50, "window_estimate.scale_std must be positive"),
+        "gate": (1.5, r"window_estimate.gate must lie in \(0, 1\]"),
+        "hidden_bias": (["x"] * 64, "window_estimate.hidden_bias: expected 64 numbers"),
+    }
+    for key, (value, message) in bad.items():
+        path.write_text(json.dumps({**doc, "window_estimate": {**doc["window_estimate"], key: value}}))
+        with pytest.raises(ClassifierError, match=message):
+            load_spec(path, model_md5=md5, dim=384)
+    path.write_text(json.dumps({**doc, "window_estimate": None}))  # none: every window runs its pass
+    assert load_spec(path, model_md5=md5, dim=384).window_estimate is None
+
+
+async def test_a_per_turn_check_through_the_cut_carries_its_state_and_other_passes_do_not() -> None:
+    early = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True, cache_size=0)
+    try:
+        exited, went_on = await early.score_prompts([TRIP, HARMFUL])
+        assert exited.exited and not went_on.exited  # both read through the cut: both keep their state
+        assert exited.state.shape == (16,) and went_on.state.shape == (16,)
+        assert exited.state.tolist() != went_on.state.tolist()
+        # an exact check runs the whole model through both parts: the same state
+        (exact,) = await early.score_prompts([TRIP], exact=True)
+        assert not exact.exited and exact.state.tolist() == pytest.approx(exited.state.tolist(), abs=1e-5)
+        window_text = f"user: {TRIP}\nassistant: {REPLY}\nuser: {FOLLOW_UP}"
+        (window,) = await early.score_prompts([window_text], max_length=96, newest=[f"user: {FOLLOW_UP}"])
+        assert window.state.size == 0  # a window pass is not a turn's
+    finally:
+        early.close()
+    whole = OnnxClassifier.load(MODEL_DIR, timeout=30.0)
+    try:
+        assert whole.score_prompts_sync([TRIP])[0].state.size == 0  # no early exit: no state
+    finally:
+        whole.close()
+
+
+async def test_a_harmless_turn_skips_the_window_pass_and_a_harmful_one_runs_it(early: OnnxClassifier) -> None:
+    t = ConversationTracker(MemoryBackend(), early, hmac_secret=b"s" * 32)
+    spec = early.early_exit
+    assert spec is not None and spec.window_estimate is not None
+    try:
+        harmless = await _second_request(t, "a", FOLLOW_UP)
+        assert harmless.window is None and harmless.window_estimated  # type: ignore[attr-defined]
+        assert harmless.signals.window_harm < spec.window_estimate.gate  # type: ignore[attr-defined]
+        harmful = await _second_request(t, "b", HARMFUL)
+        assert harmful.window is not None and not harmful.window_estimated  # type: ignore[attr-defined]
+        assert harmful.signals.window_harm == pytest.approx(harmful.window.harm, abs=0.01)  # type: ignore[attr-defined]
+        # a request whose policies read below the early-exit lines never trusts the estimate
+        exact = await _second_request(t, "c", FOLLOW_UP, exact=True)
+        assert exact.window is not None and not exact.window_estimated  # type: ignore[attr-defined]
+    finally:
+        await t.aclose()
+
+
+async def test_a_replica_that_did_not_score_the_earlier_turn_runs_the_window_pass(early: OnnxClassifier) -> None:
+    backend = MemoryBackend()  # shared, as Redis is between replicas
+    one = ConversationTracker(backend, early, hmac_secret=b"s" * 32)
+    other = ConversationTracker(backend, early, hmac_secret=b"s" * 32)
+    first, both = _conversation(FOLLOW_UP)
+    await one.observe("tenant", None, first)
+    await one.record_reply("tenant", None, first, REPLY, refused=False)
+    obs = await other.observe("tenant", None, both)
+    assert obs.known and obs.signals.history == "verified"  # the conversation is the shared one ...
+    assert obs.window is not None and not obs.window_estimated  # ... but the first turn's state is not here
+    await one.aclose()
+
+
+async def test_the_gateway_counts_a_skipped_window_and_still_blocks_a_harmful_follow_up() -> None:
+    import httpx
+
+    from guardproxy.app import create_app
+    from guardproxy.fake_upstream import FakeUpstream
+    from guardproxy.guard import build_guard
+    from guardproxy.metrics import Metrics
+    from tests.servers import serve
+
+    async with serve(FakeUpstream(reply=REPLY)) as up:
+        settings = Settings(upstream={"base_url": up + "/v1"}, state={"hmac_secret": "s" * 32})
+        metrics = Metrics()
+        bundle = build_guard(settings, metrics=metrics, with_drills=False)
+        app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def ask(messages: list[dict[str, str]]) -> str:
+                body = {"model": "m", "messages": messages}
+                r = await client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer k"})
+                return str(r.json()["choices"][0]["message"]["content"])
+
+            first, both = _conversation(FOLLOW_UP)
+            assert await ask(first) == REPLY
+            assert await ask(both) == REPLY
+            assert await ask(_conversation(HARMFUL)[1]) != REPLY  # refused in the upstream's place
+            text = (await client.get("/metrics")).text
+    assert bundle.guard is not None
+    actions = [r.action for r in bundle.guard.decision_log.recent() if r.stage == "input"]
+    assert actions == ["allow", "allow", "block"]
+    # the follow-up's window was only estimated; the harmful ask's was not (its own turn reads harmful)
+    assert "guardproxy_conversation_window_estimated_total 1.0" in text
