@@ -132,6 +132,11 @@ def test_conversation_length_phase_records_every_step(tiny: Run) -> None:
     assert all(p["n"] == 2 for p in length["points"])
     assert length["single_turn_ms"]["n"] == 8  # one interleaved single-turn request per step
     assert length["ratio_at_longest"] > 0
+    # the gateway's own account of the same requests: less than the client's overhead, whose ratio it mirrors
+    assert 0 < length["gateway_tail_p50_ms"] <= length["tail_p50_ms"]
+    assert length["gateway_ratio_at_longest"] == pytest.approx(
+        length["gateway_tail_p50_ms"] / length["gateway_single_turn_p50_ms"]
+    )
     # the phase's FAKE upstream waited the asked TTFT before its headers, as the gateway's own stage times show
     assert length["upstream_ttft_ms"] == 30
     phase = next(s for s in tiny.result["stages"] if s["phase"] == "conversation length")

@@ -181,6 +181,20 @@ def _length(result: dict[str, Any]) -> str:
         f"{_f(length.get('ratio_to_second_turn'))}x the second turn (the first with a window to score, "
         f"p50 {_f(length.get('second_turn_p50_ms'))} ms)"
         + (f"; {length['blocked_turns']} turns blocked (no sample)" if length.get("blocked_turns") else "")
+        + _own_time(length, lo, hi)
+    )
+
+
+def _own_time(length: dict[str, Any], lo: int, hi: int) -> str:
+    """The length phase's figures from the gateway's own Server-Timing, where it sent them."""
+    g = length.get
+    if g("gateway_tail_p50_ms") is None:
+        return ""
+    return (
+        f"\nthe gateway's own time (Server-Timing 'gateway'), p50: single turn {_f(g('gateway_single_turn_p50_ms'))} "
+        f"ms, second turn {_f(g('gateway_second_turn_p50_ms'))} ms, history {lo}..{hi} {_f(g('gateway_tail_p50_ms'))} "
+        f"ms = {_f(g('gateway_ratio_at_longest'))}x single turn, "
+        f"{_f(g('gateway_ratio_to_second_turn'))}x the second turn"
     )
 
 

@@ -407,6 +407,10 @@ class Bench:
         spec = dataclasses.replace(cfg.mix, max_turns=longest + 1)
         per_turn: dict[int, list[float]] = {}
         single: list[float] = []
+        # the gateway's own account of the same requests (Server-Timing "gateway"): without the client's encoding
+        # and sending of a body that grows with the history, which the overhead above includes
+        own_turn: dict[int, list[float]] = {}
+        own_single: list[float] = []
         failed = blocked = 0
         session = self.session(target.name)
         total = cfg.conversations * (longest + 1) * 2
@@ -433,6 +437,8 @@ class Bench:
                     blocked += 1
                 else:
                     per_turn.setdefault(n, []).append(sample.overhead_ms)
+                    if sample.gateway_ms is not None:
+                        own_turn.setdefault(n, []).append(sample.gateway_ms)
                 ref, _ = await send(
                     session,
                     target,
@@ -444,6 +450,8 @@ class Bench:
                 self._tick(ref)
                 if ref.overhead_ms is not None:
                     single.append(ref.overhead_ms)
+                    if ref.gateway_ms is not None:
+                        own_single.append(ref.gateway_ms)
         after = await self._scrape_all()
         base = percentiles(single)
         points = []
@@ -482,6 +490,7 @@ class Bench:
             else None,
             "failed_conversations": failed,
             "blocked_turns": blocked,
+            **own_ratios(own_turn, own_single, longest),
         }
         n_req = sum(len(v) for v in per_turn.values()) + len(single)
         stages = None
@@ -736,7 +745,34 @@ def evaluate_targets(
             "x",
             "the same over the p50 of request 2 (history 1: the first request with a window check)",
         )
+    if length.get("gateway_ratio_at_longest") is not None:
+        add(
+            f"request N+1 of a {length['longest']}-turn conversation / single turn, the gateway's own time",
+            length["gateway_ratio_at_longest"],
+            1.2,
+            "x",
+            "the same from the gateway's Server-Timing 'gateway' (its time outside the upstream), without the "
+            "client's encoding and sending of the longer body",
+        )
     return [t for t in out if t["value"] is not None]
+
+
+def own_ratios(per_turn: dict[int, list[float]], single: list[float], longest: int) -> dict[str, Any]:
+    """The length phase's figures from the gateway's own time (Server-Timing ``gateway``): p50 at the last five
+    lengths, of the single-turn references and of the second turn, and their ratios; None where it sent none."""
+    tail = percentiles(v for n in range(max(0, longest - 4), longest + 1) for v in per_turn.get(n, []))
+    base, second = percentiles(single), percentiles(per_turn.get(1, []))
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return a.p50 / b.p50 if a is not None and b is not None and b.p50 > 0 else None
+
+    return {
+        "gateway_single_turn_p50_ms": base.p50 if base is not None else None,
+        "gateway_second_turn_p50_ms": second.p50 if second is not None else None,
+        "gateway_tail_p50_ms": tail.p50 if tail is not None else None,
+        "gateway_ratio_at_longest": ratio(tail, base),
+        "gateway_ratio_to_second_turn": ratio(tail, second),
+    }
 
 
 async def run_bench(cfg: BenchConfig) -> BenchResult:
