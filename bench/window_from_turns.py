@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -51,16 +50,12 @@ from bench.conversation_eval import DATA, Conv, guard_flags, load_conversations,
 from guardproxy.conversation import EscalationParams
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, WINDOW_TURNS
 from guardproxy.conversation.integrity import message_text
+from guardproxy.early_exit import score_logit
 from guardproxy.settings import DEFAULT_MODEL_DIR
 
 REPORTED = ("calibration", "dev", "challenge")
 WRITTEN = "mlp d=16 none"  # the arm --write ships: user turns only, so it needs nothing a per-turn check lacks
 Vectors = dict[str, npt.NDArray[np.float32]]
-
-
-def logit(p: float) -> float:
-    p = min(max(p, 1e-4), 1 - 1e-4)
-    return math.log(p / (1 - p))
 
 
 def window_messages(c: Conv, end: int) -> list[int]:
@@ -168,10 +163,10 @@ def features(
             p_ctx = project(np.stack([vec[message_key(c, i, replies)] for i in others])).mean(axis=0)
         else:
             p_ctx = np.zeros_like(p_new)
-        user_harms = [logit(u["harm"]) for u in turns[: k + 1] if u["index"] in idx]
-        scalars = np.array([logit(t["harm"]), max(user_harms)])
+        user_harms = [score_logit(u["harm"]) for u in turns[: k + 1] if u["index"] in idx]
+        scalars = np.array([score_logit(t["harm"]), max(user_harms)])
         rows.append(np.concatenate([p_new, p_ctx, p_new * p_ctx, scalars]))
-        target.append(logit(t["window"]))
+        target.append(score_logit(t["window"]))
     return np.array(rows), np.array(target), where
 
 
@@ -369,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             x, y, where = features(cs, vec, project, replies)
             est = reg.predict(scaler.transform(x))
             op = 1 / (1 + np.exp(-est))
-            hot = y >= logit(line)
+            hot = y >= score_logit(line)
             auroc = float(roc_auc_score(hot, est)) if 0 < hot.sum() < len(hot) else None
             arm[split] = {
                 "windows": len(y),

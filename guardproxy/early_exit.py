@@ -97,6 +97,7 @@ __all__ = [
     "file_md5",
     "load_spec",
     "pooled",
+    "score_logit",
     "split_graph",
     "tap_name",
 ]
@@ -214,7 +215,7 @@ class WindowEstimate:
         """The window's harm on the operating scale. ``newest``: the newest user turn's projection; ``others``:
         the window's other user turns' (may be none); ``harms``: the window's user turns' own harm, newest last."""
         ctx = np.mean(np.stack(others), axis=0) if others else np.zeros_like(newest)
-        scalars = np.array([_logit(harms[-1]), max(_logit(h) for h in harms)], dtype=np.float32)
+        scalars = np.array([score_logit(harms[-1]), max(score_logit(h) for h in harms)], dtype=np.float32)
         z = (np.concatenate([newest, ctx, newest * ctx, scalars]) - self.scale_mean) / self.scale_std
         h = np.maximum(z @ self.hidden_weights + self.hidden_bias, 0.0)
         y = float(h @ self.out_weights) + self.out_bias
@@ -238,7 +239,8 @@ class WindowEstimate:
         }
 
 
-def _logit(p: float) -> float:
+def score_logit(p: float) -> float:
+    """The logit of a score, clipped to [1e-4, 1 - 1e-4]: how ``WindowEstimate`` reads harms (and is fitted)."""
     p = min(max(p, 1e-4), 1.0 - 1e-4)
     return math.log(p / (1.0 - p))
 
