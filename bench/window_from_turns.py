@@ -2,30 +2,37 @@
 at the cost of one turn pass (issue 4's cost target).
 
     .venv/bin/python -m bench.window_from_turns [--model models/guard-v1] [--data ../shared/data]
-        [--dims 16,64] [--cache FILE] [--json FILE]
+        [--dims 16,64] [--gates 0.02,0.05,0.1,0.2] [--cache FILE] [--vectors FILE] [--json FILE] [--write DIR]
 
 Request N+1 of a conversation pays for two encoder passes: its new user turn, and the window (the last four messages
 together, ``guard.window_max_ids`` ids). The window catches a request split or steered across turns, so it cannot
 simply be dropped (the window gate, ``bench/RESULTS.md``). But every message in the window was read once before, alone,
 by its own check, and the early-exit cut leaves each such pass's mean state at the cut layer
 (``guardproxy.early_exit``). If the window's harm can be estimated from those vectors, a tracker that kept them
-(projected small) would read the window for the cost of a dot product, and request N+1 would cost one turn pass.
+(projected small) would read the window for the cost of a small MLP, and request N+1 would cost one turn pass.
 
 What it does:
 
 - reads each distinct message of the conversations of ``bench.conversation_eval`` (the Trainer's splits, the
-  challenge sets) alone, as a user turn is read, through the cut graph: the cut layer's mean state and the whole
-  model's harm;
+  challenge sets) through the first part of the cut graph: its cut-layer mean state, alone as a user turn is read,
+  and for a reply also with the user message before it, as the reply check reads it (cached in ``--vectors``);
 - takes the whole model's window harm per user turn from ``bench.conversation_eval``'s replay (its ``--cache``);
 - for every user turn after the first, builds features from the messages of its window (the newest user turn's
   vector, the mean of the other messages' vectors, their product, each projected to D dimensions by a PCA fitted on
   the train split's messages; and the window's user turns' own harm, newest and highest, as logits);
-- fits, on the train split's windows only, a ridge regression (and a small MLP) from those features to the whole
-  model's window logit;
+- fits, on the train split's windows only, a ridge regression and a small MLP from those features to the whole
+  model's window logit, with the window's other messages being its user turns only, or also its replies (alone or
+  as pairs);
 - reports, on the calibration, dev and challenge splits: how well the estimate ranks the windows the whole model puts
   at or above the operating point, and what the conversation flags (``bench.conversation_eval.guard_flags``, the
   shipped parameters and rules) become with the window estimated, beside the whole window and beside no window at
-  all (every window read as its newest turn, as a closed window gate reads it).
+  all (every window read as its newest turn, as a closed window gate reads it); and with each estimate as the
+  window pass's gate (``--gates``: the whole window where the estimate reaches the gate, the estimate below), with
+  the share of windows that would run the pass.
+
+``--write DIR`` writes the arm ``WRITTEN`` into ``DIR/early_exit.json`` as its ``window_estimate``
+(``guardproxy.early_exit.WindowEstimate``), at the highest gate that keeps every calibration flag and early flag
+of the whole window, after checking that the run-time arithmetic reproduces the fitted model on the dev windows.
 
 Prints, never passes or fails. Needs the 'train' extra (scikit-learn). The first run scores about 30,000 messages
 (a few minutes on two cores) and replays the conversations if the cache lacks them.
