@@ -76,6 +76,23 @@ def json_depth_exceeds(raw: bytes | str, limit: int) -> bool:
     return b"[]" in brackets or b"{}" in brackets
 
 
+def parsed_depth_exceeds(obj: Any, limit: int) -> bool:
+    """``json_depth_exceeds`` on a parsed value: True when its arrays/objects nest deeper than ``limit``."""
+    level = [obj] if isinstance(obj, dict | list) else []
+    depth = 0
+    while level:  # one nesting level at a time
+        depth += 1
+        if depth > limit:
+            return True
+        deeper = []
+        for cur in level:
+            for child in cur.values() if isinstance(cur, dict) else cur:
+                if isinstance(child, dict | list):
+                    deeper.append(child)
+        level = deeper
+    return False
+
+
 def _strings(obj: Any) -> Iterator[str]:
     stack = [obj]
     while stack:
@@ -100,16 +117,26 @@ def parse_json_body(raw: bytes, max_depth: int) -> Any:
         raise RequestError(f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8") from None
     if text.startswith("\ufeff"):
         raise RequestError("request body starts with a byte order mark", code="invalid_json")
-    if json_depth_exceeds(raw, max_depth):
-        raise RequestError(f"JSON nested deeper than {max_depth} levels", code="json_too_deep")
+    too_deep = RequestError(f"JSON nested deeper than {max_depth} levels", code="json_too_deep")
+    # Parse first and measure the parsed tree: the byte scan costs ~0.4 ms on a 40 KB, 100-turn body, the tree walk
+    # a tenth of that. The parser itself stops at Python's recursion limit (RecursionError) long before the stack
+    # does. A body that fails to parse is scanned as before, so a too-deep body is reported as such first.
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except RecursionError:
+        raise too_deep from None
     except json.JSONDecodeError as exc:
+        if json_depth_exceeds(raw, max_depth):
+            raise too_deep from None
         raise RequestError(
             f"invalid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})", code="invalid_json"
         ) from None
-    except RecursionError:  # belt and braces: the scan above should have caught it
-        raise RequestError(f"JSON nested deeper than {max_depth} levels", code="json_too_deep") from None
+    except RequestError:  # a duplicate key or a NaN
+        if json_depth_exceeds(raw, max_depth):
+            raise too_deep from None
+        raise
+    if parsed_depth_exceeds(obj, max_depth):
+        raise too_deep
     if _SURROGATE_ESCAPE_RE.search(text):
         # Only bodies with a \uD8xx-\uDFxx escape can hold a lone surrogate; check those precisely.
         for s in _strings(obj):

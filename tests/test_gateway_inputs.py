@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from guardproxy.errors import RequestError
 from guardproxy.settings import LimitSettings
-from guardproxy.validation import json_depth_exceeds, parse_chat
+from guardproxy.validation import json_depth_exceeds, parse_chat, parsed_depth_exceeds
 from tests.gateway_support import CHAT, HELLO, Env, gateway
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -236,3 +236,4 @@ def test_depth_scan_agrees_with_the_parsed_depth(value: Any) -> None:
     text = json.dumps(value)
     for limit in (1, 2, 3, 4, 6):
         assert json_depth_exceeds(text, limit) is (_depth(value) > limit), (text, limit)
+        assert parsed_depth_exceeds(value, limit) is (_depth(value) > limit), (text, limit)
