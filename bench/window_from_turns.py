@@ -41,7 +41,6 @@ Prints, never passes or fails. Needs the 'train' extra (scikit-learn). The first
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -57,7 +56,7 @@ from bench.conversation_eval import DATA, Conv, guard_flags, load_conversations,
 from guardproxy.conversation import EscalationParams
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS, WINDOW_TURNS
 from guardproxy.conversation.integrity import message_text
-from guardproxy.early_exit import score_logit
+from guardproxy.early_exit import file_md5, pooled, score_logit
 from guardproxy.settings import DEFAULT_MODEL_DIR
 
 REPORTED = ("calibration", "dev", "challenge")
@@ -74,18 +73,11 @@ def window_messages(c: Conv, end: int) -> list[int]:
 def cut_states(model: Path, items: list[tuple[str, str | None]], threads: int) -> npt.NDArray[np.float32]:
     """The mean state at the early-exit spec's cut layer of each (text, None), read as a user turn is read, or
     (prompt, reply), read as the reply check reads the pair: the first part of the cut graph only, one at a time."""
-    import onnx
-    import onnxruntime as ort
-
-    from guardproxy.early_exit import pooled, split_graph, tap_name
     from guardproxy.encoding import encode_pair, encode_prompt, load_tokenizer, pad_batch
+    from guardproxy.training.early_exit import cut_sessions
 
     layer = int(json.loads((model / "early_exit.json").read_text())["layer"])
-    tap = tap_name(onnx.load(str(model / "model.onnx")).graph, layer)
-    first_bytes, _ = split_graph(model / "model.onnx", tap)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    first = ort.InferenceSession(first_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    tap, first, _ = cut_sessions(model, layer, threads)
     names = [i.name for i in first.get_inputs()]
     tokenizer = load_tokenizer(model / "tokenizer.json")
     max_length = int(json.loads((model / "config.json").read_text())["max_length"])
@@ -121,7 +113,7 @@ def message_vectors(model: Path, convs: Sequence[Conv], threads: int, cache: Pat
             if m.get("role") == "assistant" and (prompt := previous_user(c, i)) is not None:
                 items[(prompt, text)] = None
     keys = [t if r is None else pair_key(t, r) for t, r in items]
-    md5 = hashlib.md5((model / "model.onnx").read_bytes()).hexdigest()
+    md5 = file_md5(model / "model.onnx")
     if cache is not None and cache.is_file():
         blob = np.load(cache, allow_pickle=False)
         if str(blob["md5"]) == md5 and list(blob["keys"]) == keys:
@@ -236,7 +228,7 @@ def write(
     argv: Sequence[str],
 ) -> int:
     """Write ``arm`` (PCA, scaler, MLP) into ``directory``'s early-exit spec as its window estimate."""
-    from guardproxy.early_exit import SPEC_FILE, WindowEstimate, file_md5, load_spec
+    from guardproxy.early_exit import SPEC_FILE, WindowEstimate, load_spec
 
     pca, scaler, mlp = arm
     whole = base["calibration"]["whole window"]

@@ -82,23 +82,31 @@ def prompt_rows(data: Path, config: dict[str, Any], train_rows: int, *, windows:
     return out
 
 
+def cut_sessions(model_dir: Path, layer: int, threads: int) -> tuple[str, Any, Any]:
+    """(the tap's name, the first part's session, the rest's) of ``model_dir``'s graph cut after ``layer``, each
+    session with ``threads`` intra-op threads (in this process: a fit or a probe, not the gateway)."""
+    import onnx
+    import onnxruntime as ort
+
+    model_path = model_dir / "model.onnx"
+    tap = tap_name(onnx.load(str(model_path)).graph, layer)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    parts = [
+        ort.InferenceSession(b, sess_options=opts, providers=["CPUExecutionProvider"])
+        for b in split_graph(model_path, tap)
+    ]
+    return tap, parts[0], parts[1]
+
+
 def score(
     model_dir: Path, layer: int, texts: dict[str, list[Row]], threads: int, max_length: int | None = None
 ) -> dict[str, dict[str, Any]]:
     """Per split: the cut layer's mean states and the whole model's raw harm and jailbreak, one text per run, each
     read at ``max_length`` ids (default: the model's); a window as the gateway's window pass encodes it."""
-    import onnx
-    import onnxruntime as ort
-
     from guardproxy.encoding import POOL_INPUT, encode_prompt, encode_window, load_tokenizer, pad_batch
 
-    model_path = model_dir / "model.onnx"
-    tap = tap_name(onnx.load(str(model_path)).graph, layer)
-    first_bytes, rest_bytes = split_graph(model_path, tap)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    first = ort.InferenceSession(first_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
-    rest = ort.InferenceSession(rest_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    tap, first, rest = cut_sessions(model_dir, layer, threads)
     first_in = [i.name for i in first.get_inputs()]
     rest_in = [i.name for i in rest.get_inputs() if i.name != tap]
     pools = POOL_INPUT in rest_in
