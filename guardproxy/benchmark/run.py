@@ -467,10 +467,6 @@ class Bench:
                     "ratio_to_single": p.p50 / base.p50 if base is not None and base.p50 > 0 else None,
                 }
             )
-        # The long end, smoothed over its last five lengths (one request per conversation per length is noisy).
-        tail = [v for n in range(max(0, longest - 4), longest + 1) for v in per_turn.get(n, [])]
-        tail_p = percentiles(tail)
-        second = percentiles(per_turn.get(1, []))
         result = {
             "target": target.name,
             "conversations": cfg.conversations,
@@ -480,17 +476,10 @@ class Bench:
             "single_turn_ms": base.to_dict() if base is not None else None,
             "points": points,
             "tail_history_turns": [max(0, longest - 4), longest],
-            "tail_p50_ms": tail_p.p50 if tail_p is not None else None,
-            "ratio_at_longest": (tail_p.p50 / base.p50) if tail_p is not None and base and base.p50 > 0 else None,
-            # A single turn has no window to score; from the second turn on every request scores the new turn and
-            # the window. Against the second turn, the ratio shows whether cost grows with the history.
-            "second_turn_p50_ms": second.p50 if second is not None else None,
-            "ratio_to_second_turn": (tail_p.p50 / second.p50)
-            if tail_p is not None and second and second.p50 > 0
-            else None,
+            **length_ratios(per_turn, single, longest),
             "failed_conversations": failed,
             "blocked_turns": blocked,
-            **own_ratios(own_turn, own_single, longest),
+            **length_ratios(own_turn, own_single, longest, prefix="gateway_"),
         }
         n_req = sum(len(v) for v in per_turn.values()) + len(single)
         stages = None
@@ -757,9 +746,14 @@ def evaluate_targets(
     return [t for t in out if t["value"] is not None]
 
 
-def own_ratios(per_turn: dict[int, list[float]], single: list[float], longest: int) -> dict[str, Any]:
-    """The length phase's figures from the gateway's own time (Server-Timing ``gateway``): p50 at the last five
-    lengths, of the single-turn references and of the second turn, and their ratios; None where it sent none."""
+def length_ratios(
+    per_turn: dict[int, list[float]], single: list[float], longest: int, *, prefix: str = ""
+) -> dict[str, Any]:
+    """The length phase's summary of one measure (keys with ``prefix``; "gateway_": the gateway's own Server-Timing
+    time): p50 of the single-turn references, of the second turn and of the long end (the last five lengths, since
+    one request per conversation per length is noisy), and the long end's ratios to both; None where missing. A
+    single turn has no window to score; from the second turn on every request may, so the ratio to the second turn
+    shows whether cost grows with the history."""
     tail = percentiles(v for n in range(max(0, longest - 4), longest + 1) for v in per_turn.get(n, []))
     base, second = percentiles(single), percentiles(per_turn.get(1, []))
 
@@ -767,11 +761,11 @@ def own_ratios(per_turn: dict[int, list[float]], single: list[float], longest: i
         return a.p50 / b.p50 if a is not None and b is not None and b.p50 > 0 else None
 
     return {
-        "gateway_single_turn_p50_ms": base.p50 if base is not None else None,
-        "gateway_second_turn_p50_ms": second.p50 if second is not None else None,
-        "gateway_tail_p50_ms": tail.p50 if tail is not None else None,
-        "gateway_ratio_at_longest": ratio(tail, base),
-        "gateway_ratio_to_second_turn": ratio(tail, second),
+        f"{prefix}single_turn_p50_ms": base.p50 if base is not None else None,
+        f"{prefix}second_turn_p50_ms": second.p50 if second is not None else None,
+        f"{prefix}tail_p50_ms": tail.p50 if tail is not None else None,
+        f"{prefix}ratio_at_longest": ratio(tail, base),
+        f"{prefix}ratio_to_second_turn": ratio(tail, second),
     }
 
 
