@@ -146,18 +146,30 @@ class ScoredText:
     new: bool  # after the last assistant message: not checked by an earlier request
 
 
-def scored_texts(messages: Sequence[Any], *, score_system: bool = False) -> list[ScoredText]:
+def scored_texts(
+    messages: Sequence[Any], *, score_system: bool = False, old_user_turns: bool = True
+) -> list[ScoredText]:
     """Every user message and tool result (and system message if asked) with non-empty text, in order.
 
     A message's text is its string content or every part of a content-part array that carries text, whatever
     the part's declared type (``drills.record.message_text``): a part the guard skipped would be a side door.
+    ``old_user_turns=False`` leaves out the user messages before the last assistant message but the last one (the
+    prompt of a reply when no new user turn came): the conversation tracker scores user turns from its own state,
+    and their text, which grows with the history, would be extracted on every request for nothing.
     """
     roles = {"user", "tool", "function"} | ({"system", "developer"} if score_system else set())
-    assistant = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
-    last_assistant = assistant[-1] if assistant else -1
+    last_assistant = last_user = -1
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role == "assistant":
+            last_assistant = i
+        elif role == "user":
+            last_user = i
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in roles:
+            continue
+        if not old_user_turns and i < last_assistant and i != last_user and m.get("role") == "user":
             continue
         text = message_text(m)
         if text.strip():
@@ -311,7 +323,9 @@ class GuardCheck:
     async def check_input(self, exchange: Exchange, *, early: Early | None = None) -> Verdict:
         model = exchange.body.get("model")
         active, shadows = self.policies.select(exchange.tenant, model if isinstance(model, str) else None)
-        texts = scored_texts(exchange.messages, score_system=self.score_system)
+        # with a tracker, old user turns are its business (scored and kept in its state), and read again only if
+        # it fails (``_signals``)
+        texts = scored_texts(exchange.messages, score_system=self.score_system, old_user_turns=self.tracker is None)
         subkey = subkey_of(exchange.body, exchange.headers) if self.tracker is not None else None
         exact = self._whole_model(active, shadows)
         signals, obs = await self._signals(exchange, texts, subkey, active=active, early=early, exact=exact)
@@ -383,7 +397,9 @@ class GuardCheck:
                 [*obs.new_user_scores, *extra], obs.signals, state_failed, obs.window, obs.window_estimated
             )
             return signals, obs
-        # No tracker: no earlier request vouches for the history, so every scored turn counts.
+        # No tracker, or its state failed: no earlier request vouches for the history, so every scored turn counts.
+        if self.tracker is not None:
+            texts = scored_texts(exchange.messages, score_system=self.score_system)
         scores = await self._score_texts(exchange, texts, exact=exact)
         if scores is None:
             return Signals(classifier_failed=True, state_failed=state_failed), None
