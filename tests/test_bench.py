@@ -139,6 +139,10 @@ def test_conversation_length_phase_records_every_step(tiny: Run) -> None:
     assert length["gateway_ratio_at_longest"] == pytest.approx(
         length["gateway_tail_p50_ms"] / length["gateway_single_turn_p50_ms"]
     )
+    # every request of the tail (history 0..3 here: the last five lengths) was paired with its single-turn twin
+    assert length["paired_n"] == length["gateway_paired_n"] == 8
+    assert length["paired_ratio_at_longest"] > 0 and length["gateway_paired_ratio_at_longest"] > 0
+    assert all(p["paired_ratio"] > 0 and p["gateway_paired_ratio"] > 0 for p in length["points"])
     # the phase's FAKE upstream waited the asked TTFT before its headers, as the gateway's own stage times show
     assert length["upstream_ttft_ms"] == 30
     phase = next(s for s in tiny.result["stages"] if s["phase"] == "conversation length")
@@ -323,6 +327,37 @@ def test_targets_are_gateway_minus_direct_in_the_same_run() -> None:
     assert got["added to TTFT, c=1, speculative forwarding"] == (0.5, True)
     assert got["throughput at c=16 (guarded)"] == (200.0, True)
     assert got["request N+1 of a 100-turn conversation / single turn"] == (1.3, False)
+
+
+def test_a_twin_asks_the_same_new_turn_alone_under_a_fresh_serial() -> None:
+    from guardproxy.benchmark.load import Mix, MixSpec
+
+    mix = Mix(MixSpec(turn_words=48), seed=3)
+    first = mix.next("g", stream=False, conversation=True)
+    mix.settle("g", first, "a reply")
+    second = mix.next("g", stream=False, conversation=True)
+    asked = second.conversation[-1]["content"] if second.conversation else ""
+    mix.settle("g", second, "another reply")  # the bench asks for the twin after the reply came back
+    twin = mix.twin(second)
+    assert second.history_turns == 1 and twin.history_turns == 0 and twin.conversation is None
+    (alone,) = json.loads(twin.body)["messages"]
+    assert alone["role"] == "user" and alone["content"] != asked  # not a classifier cache hit
+    # the same words after the serial
+    assert alone["content"].split()[2:] == asked.split()[2:] and asked.startswith("Question ")
+
+
+def test_paired_ratio_is_the_median_of_each_request_over_its_twin() -> None:
+    from guardproxy.benchmark.run import length_ratios
+
+    # bimodal costs: a turn exits early (5 ms) or runs the whole model (10 ms); the history adds 10% to each. The
+    # references are the twins of every length, so their p50 reads the mix of all lengths, not the tail's
+    per_turn = {0: [5.0, 5.0], 1: [5.5, 11.0, 11.0]}
+    pairs = {0: [(5.0, 5.0), (5.0, 5.0)], 1: [(5.5, 5.0), (11.0, 10.0), (11.0, 10.0)]}
+    got = length_ratios(per_turn, [5.0, 5.0, 5.0, 10.0, 10.0], 1, pairs=pairs)
+    assert got["paired_n"] == 5
+    assert got["paired_ratio_at_longest"] == pytest.approx(1.1)  # median of (1.0, 1.0, 1.1, 1.1, 1.1)
+    assert got["ratio_at_longest"] == pytest.approx(5.5 / 5.0)  # p50 of the tail (5, 5, 5.5, 11, 11) over 5
+    assert length_ratios(per_turn, [5.0], 1)["paired_ratio_at_longest"] is None
 
 
 def test_server_timing_is_parsed_where_a_gateway_sends_it() -> None:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -53,6 +54,7 @@ _SENTENCES = (
     "Please list the steps to set up a basic home network with a router and two laptops",
     "How can I make my sourdough bread rise more, it always comes out rather flat",
 )
+_SERIAL = re.compile(r"^Question \d+ ")
 _CITIES = ("Lisbon", "Oslo", "Leeds", "Lyon", "Porto", "Graz", "Turin", "Ghent", "Bergen", "Cork", "Basel", "Kyoto")
 
 
@@ -186,6 +188,16 @@ class Mix:
         turns = sum(m["role"] == "user" for m in history)
         history.append({"role": "user", "content": self._turn()})
         return Planned(self.body(history, s), s, turns, history)
+
+    def twin(self, planned: Planned) -> Planned:
+        """A single-turn request asking what ``planned`` (a conversation request) newly asks, under a fresh serial:
+        the same ask with and without its history, so the two differ by the history alone, not by which text came
+        up (a turn that exits early costs about half of one that does not)."""
+        assert planned.conversation is not None
+        Mix.serial += 1
+        asked = next(m["content"] for m in reversed(planned.conversation) if m["role"] == "user")  # reply or not
+        text = _SERIAL.sub(f"Question {Mix.serial} ", asked, count=1)
+        return Planned(self.body([{"role": "user", "content": text}], False), False, 0, None)
 
     def settle(self, target: str, planned: Planned, reply: str | None) -> None:
         """After the reply: extend the conversation with it, or drop the conversation if there was none."""

@@ -181,6 +181,12 @@ def _length(result: dict[str, Any]) -> str:
         f"{_f(length.get('ratio_to_second_turn'))}x the second turn (the first with a window to score, "
         f"p50 {_f(length.get('second_turn_p50_ms'))} ms)"
         + (f"; {length['blocked_turns']} turns blocked (no sample)" if length.get("blocked_turns") else "")
+        + (
+            f"\nper pair (each request at history {lo}..{hi} over its single-turn twin, the same new turn alone): "
+            f"median {_f(length['paired_ratio_at_longest'])}x over {length['paired_n']} pairs"
+            if length.get("paired_ratio_at_longest") is not None
+            else ""
+        )
         + _own_time(length, lo, hi)
     )
 
@@ -195,6 +201,11 @@ def _own_time(length: dict[str, Any], lo: int, hi: int) -> str:
         f"ms, second turn {_f(g('gateway_second_turn_p50_ms'))} ms, history {lo}..{hi} {_f(g('gateway_tail_p50_ms'))} "
         f"ms = {_f(g('gateway_ratio_at_longest'))}x single turn, "
         f"{_f(g('gateway_ratio_to_second_turn'))}x the second turn"
+        + (
+            f"; per pair, median {_f(g('gateway_paired_ratio_at_longest'))}x"
+            if g("gateway_paired_ratio_at_longest") is not None
+            else ""
+        )
     )
 
 

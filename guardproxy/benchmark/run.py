@@ -27,6 +27,7 @@ import dataclasses
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -411,6 +412,9 @@ class Bench:
         # and sending of a body that grows with the history, which the overhead above includes
         own_turn: dict[int, list[float]] = {}
         own_single: list[float] = []
+        # (request N+1, its single-turn twin) per history length, for both measures
+        pairs: dict[int, list[tuple[float, float]]] = {}
+        own_pairs: dict[int, list[tuple[float, float]]] = {}
         failed = blocked = 0
         session = self.session(target.name)
         total = cfg.conversations * (longest + 1) * 2
@@ -439,10 +443,12 @@ class Bench:
                     per_turn.setdefault(n, []).append(sample.overhead_ms)
                     if sample.gateway_ms is not None:
                         own_turn.setdefault(n, []).append(sample.gateway_ms)
+                # the reference: the same new turn as a single-turn request (its twin), so each pair differs by
+                # the history alone
                 ref, _ = await send(
                     session,
                     target,
-                    mix.next(target.name + "#single", stream=False, conversation=False),
+                    mix.twin(planned),
                     want_text=False,
                     ttft_ms=self._ttft(cfg.length_ttft_ms),
                     fast=cfg.fake,
@@ -452,6 +458,10 @@ class Bench:
                     single.append(ref.overhead_ms)
                     if ref.gateway_ms is not None:
                         own_single.append(ref.gateway_ms)
+                    if sample.overhead_ms is not None:
+                        pairs.setdefault(n, []).append((sample.overhead_ms, ref.overhead_ms))
+                    if sample.gateway_ms is not None and ref.gateway_ms is not None:
+                        own_pairs.setdefault(n, []).append((sample.gateway_ms, ref.gateway_ms))
         after = await self._scrape_all()
         base = percentiles(single)
         points = []
@@ -465,6 +475,10 @@ class Bench:
                     "p50_ms": p.p50,
                     "mean_ms": p.mean,
                     "ratio_to_single": p.p50 / base.p50 if base is not None and base.p50 > 0 else None,
+                    # this length's twins alone, and the median of each request's cost over its twin's (both measures)
+                    "twin_p50_ms": statistics.median(b for _, b in pairs[n]) if pairs.get(n) else None,
+                    "paired_ratio": _median_ratio(pairs.get(n, [])),
+                    "gateway_paired_ratio": _median_ratio(own_pairs.get(n, [])),
                 }
             )
         result = {
@@ -476,10 +490,10 @@ class Bench:
             "single_turn_ms": base.to_dict() if base is not None else None,
             "points": points,
             "tail_history_turns": [max(0, longest - 4), longest],
-            **length_ratios(per_turn, single, longest),
+            **length_ratios(per_turn, single, longest, pairs=pairs),
             "failed_conversations": failed,
             "blocked_turns": blocked,
-            **length_ratios(own_turn, own_single, longest, prefix="gateway_"),
+            **length_ratios(own_turn, own_single, longest, prefix="gateway_", pairs=own_pairs),
         }
         n_req = sum(len(v) for v in per_turn.values()) + len(single)
         stages = None
@@ -724,7 +738,17 @@ def evaluate_targets(
             length["ratio_at_longest"],
             1.2,
             "x",
-            f"p50 overhead at history {lo}..{hi} over the p50 of the interleaved single-turn requests",
+            f"p50 overhead at history {lo}..{hi} over the p50 of the interleaved single-turn twins (each the same new "
+            "turn without its history)",
+        )
+    if length.get("paired_ratio_at_longest") is not None:
+        add(
+            f"request N+1 of a {length['longest']}-turn conversation / the same turn alone, per pair",
+            length["paired_ratio_at_longest"],
+            1.2,
+            "x",
+            f"median over the {length['paired_n']} requests at history {length['tail_history_turns'][0]}.."
+            f"{length['tail_history_turns'][1]} of each one's overhead over its single-turn twin's",
         )
     if length.get("ratio_to_second_turn") is not None:
         add(
@@ -743,19 +767,43 @@ def evaluate_targets(
             "the same from the gateway's Server-Timing 'gateway' (its time outside the upstream), without the "
             "client's encoding and sending of the longer body",
         )
+    if length.get("gateway_paired_ratio_at_longest") is not None:
+        add(
+            f"request N+1 of a {length['longest']}-turn conversation / the same turn alone, per pair, the gateway's "
+            "own time",
+            length["gateway_paired_ratio_at_longest"],
+            1.2,
+            "x",
+            "the per-pair median from the gateway's Server-Timing 'gateway'",
+        )
     return [t for t in out if t["value"] is not None]
 
 
+def _median_ratio(pairs: Sequence[tuple[float, float]]) -> float | None:
+    ratios = [a / b for a, b in pairs if b > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def length_ratios(
-    per_turn: dict[int, list[float]], single: list[float], longest: int, *, prefix: str = ""
+    per_turn: dict[int, list[float]],
+    single: list[float],
+    longest: int,
+    *,
+    prefix: str = "",
+    pairs: dict[int, list[tuple[float, float]]] | None = None,
 ) -> dict[str, Any]:
     """The length phase's summary of one measure (keys with ``prefix``; "gateway_": the gateway's own Server-Timing
     time): p50 of the single-turn references, of the second turn and of the long end (the last five lengths, since
     one request per conversation per length is noisy), and the long end's ratios to both; None where missing. A
     single turn has no window to score; from the second turn on every request may, so the ratio to the second turn
-    shows whether cost grows with the history."""
-    tail = percentiles(v for n in range(max(0, longest - 4), longest + 1) for v in per_turn.get(n, []))
+    shows whether cost grows with the history. ``pairs``: (request, its single-turn twin) per length; the median of
+    the long end's per-pair ratios (``paired_ratio_at_longest``) compares each request with the same ask made
+    without its history, which a ratio of two p50s over a cost that is bimodal (a turn exits early or runs the whole
+    model) cannot."""
+    tail_lengths = range(max(0, longest - 4), longest + 1)
+    tail = percentiles(v for n in tail_lengths for v in per_turn.get(n, []))
     base, second = percentiles(single), percentiles(per_turn.get(1, []))
+    paired = percentiles(a / b for n in tail_lengths for a, b in (pairs or {}).get(n, []) if b > 0)
 
     def ratio(a: Any, b: Any) -> float | None:
         return a.p50 / b.p50 if a is not None and b is not None and b.p50 > 0 else None
@@ -766,6 +814,8 @@ def length_ratios(
         f"{prefix}tail_p50_ms": tail.p50 if tail is not None else None,
         f"{prefix}ratio_at_longest": ratio(tail, base),
         f"{prefix}ratio_to_second_turn": ratio(tail, second),
+        f"{prefix}paired_ratio_at_longest": paired.p50 if paired is not None else None,
+        f"{prefix}paired_n": paired.n if paired is not None else 0,
     }
 
 
