@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.conversation_memory [--conversations 10000] [--turns 10] [--more 10] [--skip-redis]
 
 Drives real ``ConversationTracker``s the way the gateway does (``observe`` then ``record_reply`` per turn) with a
-constant fake classifier (memory does not depend on the scores), for N conversations of ``--turns`` turns, then
+constant fake classifier (memory does not depend on the scores; each turn carries a state, so the conversation keeps
+its last user turns' states as with the shipped model), for N conversations of ``--turns`` turns, then
 extends each by ``--more`` turns. Prints bytes per conversation and per further turn; the tracker's score cache is
 off for the measurement (it is a fixed-size cache, reported separately). Never passes or fails.
 
@@ -20,6 +21,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,13 +29,30 @@ import redis.asyncio as aioredis
 
 from guardproxy.conversation import ConversationTracker, MemoryBackend
 from guardproxy.conversation.redis_backend import RedisBackend
+from guardproxy.early_exit import SPEC_FILE, WindowEstimate, file_md5, load_spec
+from guardproxy.settings import Settings
 from guardproxy.signals import PromptScore, ReplyScore
 
 SECRET = b"bench-secret-bench-secret-bench!"
 _EMBEDDING = np.full(384, 1 / np.sqrt(384), dtype=np.float32)
 
 
+def _shipped_estimate() -> WindowEstimate | None:
+    """The shipped model's window estimate: with it the tracker keeps its user turns' states (``state.TurnState``)."""
+    directory = Settings().guard.model_dir
+    spec = load_spec(directory / SPEC_FILE, model_md5=file_md5(directory / "model.onnx"), dim=384)
+    return spec.window_estimate
+
+
 class ConstantClassifier:
+    """Constant scores; each turn carries a state of the shipped estimate's dimension, as an early-exit check does,
+    so the conversation's kept turn states are in the measure."""
+
+    def __init__(self) -> None:
+        self.early_exit = SimpleNamespace(window_estimate=_shipped_estimate())
+        dims = self.early_exit.window_estimate.dims if self.early_exit.window_estimate is not None else 0
+        self._state = np.full(dims, 0.5, dtype=np.float32)
+
     async def score_prompts(
         self,
         texts: Sequence[str],
@@ -42,7 +61,7 @@ class ConstantClassifier:
         newest: Sequence[str] | None = None,
         exact: bool = False,
     ) -> list[PromptScore]:
-        return [PromptScore(0.05, "none", 0.0, _EMBEDDING) for _ in texts]
+        return [PromptScore(0.05, "none", 0.0, _EMBEDDING, state=self._state) for _ in texts]
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         return [ReplyScore("none", (1.0, 0.0, 0.0), 0.0) for _ in pairs]
@@ -154,7 +173,7 @@ async def bench_redis(n: int, turns: int, more: int) -> None:
 
 async def _usage(client: aioredis.Redis, prefix: str) -> tuple[int, int]:
     total = count = 0
-    async for key in client.scan_iter(match=f"{prefix}c:*", count=1000):
+    async for key in client.scan_iter(match=f"{prefix}[cs]:*", count=1000):  # records and kept turn states
         total += await client.memory_usage(key, samples=0) or 0
         count += 1
     return total, count

@@ -64,6 +64,7 @@ warning). ``true`` makes a missing or unfit spec stop the start; ``false`` never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -203,6 +204,15 @@ class WindowEstimate:
     @property
     def dims(self) -> int:
         return int(self.components.shape[0])
+
+    @functools.cached_property
+    def fingerprint(self) -> bytes:
+        """Names the projection (PCA mean and components): states kept in shared conversation state under another
+        one (another model, another fit) are not read (``conversation.state.unpack_turn_states``)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(np.ascontiguousarray(self.mean, "<f4").tobytes())
+        h.update(np.ascontiguousarray(self.components, "<f4").tobytes())
+        return h.digest()
 
     def project(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Rows of pooled cut-layer states -> rows of ``dims`` numbers."""

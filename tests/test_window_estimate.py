@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import redis.asyncio as aioredis
 
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation import ConversationTracker, MemoryBackend
+from guardproxy.conversation.redis_backend import RedisBackend
+from guardproxy.conversation.state import TurnState, pack_turn_states, unpack_turn_states
 from guardproxy.early_exit import SPEC_FILE, file_md5, load_spec
 from guardproxy.errors import ClassifierError
 from guardproxy.settings import Settings
@@ -112,17 +117,74 @@ async def test_a_harmless_turn_skips_the_window_pass_and_a_harmful_one_runs_it(e
         await t.aclose()
 
 
-async def test_a_replica_that_did_not_score_the_earlier_turn_runs_the_window_pass(early: OnnxClassifier) -> None:
-    backend = MemoryBackend()  # shared, as Redis is between replicas
-    one = ConversationTracker(backend, early, hmac_secret=b"s" * 32)
-    other = ConversationTracker(backend, early, hmac_secret=b"s" * 32)
+async def _on_the_other_replica(one: ConversationTracker, other: ConversationTracker) -> object:
     first, both = _conversation(FOLLOW_UP)
     await one.observe("tenant", None, first)
     await one.record_reply("tenant", None, first, REPLY, refused=False)
     obs = await other.observe("tenant", None, both)
-    assert obs.known and obs.signals.history == "verified"  # the conversation is the shared one ...
-    assert obs.window is not None and not obs.window_estimated  # ... but the first turn's state is not here
+    assert obs.known and obs.signals.history == "verified"  # the conversation is the shared one
+    return obs
+
+
+async def test_a_replica_that_did_not_score_the_earlier_turn_reads_its_state_from_the_shared_state(
+    early: OnnxClassifier,
+) -> None:
+    backend = MemoryBackend()  # shared, as Redis is between replicas
+    one = ConversationTracker(backend, early, hmac_secret=b"s" * 32)
+    other = ConversationTracker(backend, early, hmac_secret=b"s" * 32)
+    obs = await _on_the_other_replica(one, other)
+    # the first turn's state came with the conversation: no window pass, and the estimate the first replica reads
+    assert obs.window is None and obs.window_estimated  # type: ignore[attr-defined]
+    same = await _second_request(ConversationTracker(MemoryBackend(), early, hmac_secret=b"s" * 32), "x", FOLLOW_UP)
+    assert obs.signals.window_harm == pytest.approx(same.signals.window_harm, abs=2 / 254)  # type: ignore[attr-defined]
     await one.aclose()
+
+
+async def test_a_replica_runs_the_window_pass_where_no_state_was_kept(early: OnnxClassifier) -> None:
+    # the earlier turn was scored by a gateway without early exit (no state), or under another projection
+    whole = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=False)
+    try:
+        backend = MemoryBackend()
+        obs = await _on_the_other_replica(
+            ConversationTracker(backend, whole, hmac_secret=b"s" * 32),
+            ConversationTracker(backend, early, hmac_secret=b"s" * 32),
+        )
+        assert obs.window is not None and not obs.window_estimated  # type: ignore[attr-defined]
+    finally:
+        whole.close()
+    estimate = early.early_exit.window_estimate  # type: ignore[union-attr]
+    assert estimate is not None
+    kept = [TurnState(b"k" * 8, 0.1, np.ones(estimate.dims, np.float32))]
+    blob = pack_turn_states(estimate.fingerprint, kept)
+    (back,) = unpack_turn_states(blob, estimate.fingerprint, estimate.dims)
+    assert back.key == b"k" * 8 and back.harm == pytest.approx(0.1) and np.allclose(back.state, 1.0)
+    assert unpack_turn_states(blob, b"another", estimate.dims) == []  # another model's states are not read
+    assert unpack_turn_states(blob[:-1], estimate.fingerprint, estimate.dims) == []  # nor a torn blob
+
+
+async def test_two_gateway_replicas_on_the_real_redis_share_the_turn_states(early: OnnxClassifier) -> None:
+    prefix = f"gptest:{uuid.uuid4().hex}:"
+
+    def replica() -> ConversationTracker:
+        backend = RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix)
+        return ConversationTracker(backend, early, hmac_secret=b"s" * 32, shared=True, reply_grace=0.05)
+
+    one, other = replica(), replica()
+    client = aioredis.Redis(port=6379)
+    try:
+        obs = await _on_the_other_replica(one, other)
+        assert obs.window is None and obs.window_estimated  # type: ignore[attr-defined]
+        keys = [k async for k in client.scan_iter(match=f"{prefix}s:*")]
+        assert len(keys) == 1  # one blob per conversation, replaced by each request, not one per turn
+        assert 0 < await client.ttl(keys[0]) <= 24 * 3600
+        assert TRIP.encode() not in await client.get(keys[0])  # keyed hashes and numbers only
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+        await one.aclose()
+        await other.aclose()
 
 
 async def test_the_gateway_counts_a_skipped_window_and_still_blocks_a_harmful_follow_up() -> None:

@@ -22,11 +22,12 @@ _TENANT_OVERHEAD = 400
 
 
 class _Record:
-    __slots__ = ("data", "expires")
+    __slots__ = ("data", "expires", "states")
 
     def __init__(self, expires: float) -> None:
         self.data = bytearray()
         self.expires = expires
+        self.states = b""  # the kept user-turn states (state.pack_turn_states), replaced whole
 
 
 class _Refused:
@@ -95,7 +96,7 @@ class MemoryBackend:
 
     def _drop_record(self, root: bytes) -> None:
         rec = self._records.pop(root)
-        self._bytes -= len(rec.data) + len(root) + _RECORD_OVERHEAD
+        self._bytes -= len(rec.data) + len(rec.states) + len(root) + _RECORD_OVERHEAD
 
     def _drop_tenant(self, tenant: bytes) -> None:
         ref = self._tenants.pop(tenant)
@@ -123,6 +124,7 @@ class MemoryBackend:
             complete=len(data) == len(rec.data),
             truncated=rec.data[:ENTRY_BYTES] == MARKER,
             refused=refused,
+            turn_states=(rec.states,) if rec.states else (),
         )
 
     async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded:
@@ -134,7 +136,7 @@ class MemoryBackend:
     async def load_record(self, root: bytes) -> Loaded:
         return self._loaded(self._record(root, self._clock()), None, ())
 
-    def append_now(self, root: bytes, entry: bytes) -> None:
+    def append_now(self, root: bytes, entry: bytes, turn_states: bytes | None = None) -> None:
         now = self._clock()
         rec = self._record(root, now)
         if rec is None:
@@ -145,10 +147,13 @@ class MemoryBackend:
         if len(rec.data) > self.max_record_bytes:
             rec.data = bytearray(trim_record(bytes(rec.data), self.max_record_bytes))
         self._bytes += len(rec.data) - before
+        if turn_states is not None:
+            self._bytes += len(turn_states) - len(rec.states)
+            rec.states = turn_states
         self._evict(now)
 
-    async def append(self, root: bytes, entry: bytes) -> bool:
-        self.append_now(root, entry)
+    async def append(self, root: bytes, entry: bytes, turn_states: bytes | None = None) -> bool:
+        self.append_now(root, entry, turn_states)
         return True
 
     async def add_refused(self, tenant: bytes, blob: bytes) -> bool:

@@ -4,6 +4,7 @@ Keys (``prefix`` defaults to ``guardproxy:``; names are HMACs, never tenant name
 
     {prefix}c:{root hex}    string: the conversation record (fixed-size entries, APPENDed; see state.py)
     {prefix}t:{tenant hex}  list:   the tenant's refused-request embeddings, newest first, LTRIMmed to max_refused
+    {prefix}s:{root hex}    string: the conversation's last user turns' states (state.pack_turn_states), replaced
 
 Every key carries the TTL, refreshed on each read and write. An over-long record is trimmed atomically by a
 short Lua script (keep the newest half behind the truncation marker).
@@ -84,6 +85,9 @@ class RedisBackend:
     def _tkey(self, tenant: bytes) -> bytes:
         return self.prefix + b"t:" + tenant.hex().encode()
 
+    def _skey(self, root: bytes) -> bytes:
+        return self.prefix + b"s:" + root.hex().encode()
+
     async def _run(self, what: str, coro: Awaitable[T]) -> T:
         try:
             return await coro
@@ -91,20 +95,23 @@ class RedisBackend:
             raise StateBackendError(f"redis {what} failed: {type(exc).__name__}") from exc
 
     async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded:
-        ck, tk = self._ckey(root), self._tkey(tenant)
+        ck, tk, sk = self._ckey(root), self._tkey(tenant), self._skey(root)
         pipe = self.redis.pipeline(transaction=False)
         pipe.getrange(ck, -tail_entries * ENTRY_BYTES, -1)
         pipe.getrange(ck, 0, ENTRY_BYTES - 1)
         pipe.strlen(ck)
         pipe.lrange(tk, 0, -1)
+        pipe.get(sk)
         pipe.expire(ck, self.ttl)
         pipe.expire(tk, self.ttl)
-        tail, head, length, refused, _, _ = await self._run("load", pipe.execute())
+        pipe.expire(sk, self.ttl)
+        tail, head, length, refused, states, *_ = await self._run("load", pipe.execute())
         return Loaded(
             record=bytes(tail),
             complete=len(tail) >= int(length),
             truncated=bytes(head) == MARKER,
             refused=tuple(bytes(b) for b in refused),
+            turn_states=(bytes(states),) if states else (),
         )
 
     async def load_record(self, root: bytes) -> Loaded:
@@ -112,12 +119,14 @@ class RedisBackend:
         record = bytes(data or b"")
         return Loaded(record=record, complete=True, truncated=record[:ENTRY_BYTES] == MARKER)
 
-    async def append(self, root: bytes, entry: bytes) -> bool:
+    async def append(self, root: bytes, entry: bytes, turn_states: bytes | None = None) -> bool:
         ck = self._ckey(root)
         pipe = self.redis.pipeline(transaction=False)
         pipe.append(ck, entry)
         pipe.expire(ck, self.ttl)
-        length, _ = await self._run("append", pipe.execute())
+        if turn_states is not None:
+            pipe.set(self._skey(root), turn_states, ex=self.ttl)
+        length, *_ = await self._run("append", pipe.execute())
         if int(length) > self.max_record_bytes:
             keep = (self.max_record_bytes // 2) // ENTRY_BYTES * ENTRY_BYTES
             await self._run("trim", self._trim(keys=[ck], args=[self.max_record_bytes, keep, MARKER]))
@@ -237,7 +246,9 @@ class ResilientBackend:
         ok, shared = await self._try("load", lambda: self.primary.load(root, tenant, tail_entries=tail_entries))
         local = await self.local.load(root, tenant, tail_entries=tail_entries)
         if not ok or shared is None:
-            return Loaded(local.record, local.complete, local.truncated, local.refused, degraded=True)
+            return Loaded(
+                local.record, local.complete, local.truncated, local.refused, True, turn_states=local.turn_states
+            )
         if not local.record and not local.refused:
             return shared
         # Entries written locally during an outage are newer than what the shared backend holds.
@@ -246,6 +257,7 @@ class ResilientBackend:
             complete=shared.complete and local.complete,
             truncated=shared.truncated,
             refused=local.refused + shared.refused,
+            turn_states=local.turn_states + shared.turn_states,
         )
 
     async def load_record(self, root: bytes) -> Loaded:
@@ -255,10 +267,11 @@ class ResilientBackend:
             return Loaded(local.record, True, local.truncated, degraded=True)
         return Loaded(shared.record + local.record, True, shared.truncated)
 
-    async def append(self, root: bytes, entry: bytes) -> bool:
-        ok, _ = await self._try("append", lambda: self.primary.append(root, entry))
+    async def append(self, root: bytes, entry: bytes, turn_states: bytes | None = None) -> bool:
+        ok, _ = await self._try("append", lambda: self.primary.append(root, entry, turn_states))
         if not ok:
-            self.local.append_now(root, entry)
+            # the turn states are kept locally but not replayed: they only spare a window pass
+            self.local.append_now(root, entry, turn_states)
             self._backlog.append(("append", root, entry))
         return ok
 

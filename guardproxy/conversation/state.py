@@ -13,6 +13,11 @@ outgrows its cap keeps its newest half behind a marker entry (``MARKER``), after
 
 The tenant's refusal memory is a separate short list (newest first) of the embeddings of refused requests,
 quantised to int8 (``pack_embedding``).
+
+Beside the record, a conversation keeps the states of its last few user turns (``pack_turn_states``): what the
+window estimate (``guardproxy.early_exit.WindowEstimate``) reads instead of a window pass. A replica that did not
+score those turns itself reads them here, so request N+1 costs one turn pass on whichever replica it lands. The blob
+is replaced, not appended: a constant ~140 bytes per conversation, not per turn.
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ __all__ = [
     "Loaded",
     "Snapshot",
     "StateBackend",
+    "TurnState",
     "find_entry",
     "pack_embedding",
+    "pack_turn_states",
     "refused_risks",
     "unpack_embeddings",
+    "unpack_turn_states",
 ]
 
 _SNAPSHOT = struct.Struct("<BBHBBBBBBBB")  # flags refusals turns trajectory window peak r1 r2 r3 r4 escalation
@@ -143,6 +151,7 @@ class Loaded:
     truncated: bool  # older entries were dropped (record cap): a missing position is unknown, not forged
     refused: tuple[bytes, ...] = ()  # the tenant's refused-request embeddings, newest first
     degraded: bool = False  # the shared backend failed and local state answered
+    turn_states: tuple[bytes, ...] = ()  # the conversation's kept user-turn states (``pack_turn_states``), by source
 
 
 class StateBackend(Protocol):
@@ -152,8 +161,9 @@ class StateBackend(Protocol):
 
     async def load_record(self, root: bytes) -> Loaded: ...
 
-    async def append(self, root: bytes, entry: bytes) -> bool:
-        """Append one entry; False when the shared backend failed and the entry went to local state only."""
+    async def append(self, root: bytes, entry: bytes, turn_states: bytes | None = None) -> bool:
+        """Append one entry, and replace the conversation's turn states when given; False when the shared backend
+        failed and both went to local state only."""
         ...
 
     async def add_refused(self, tenant: bytes, blob: bytes) -> bool: ...
@@ -195,3 +205,47 @@ def unpack_embeddings(blobs: tuple[bytes, ...], dim: int) -> tuple[npt.NDArray[n
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     out: npt.NDArray[np.float32] = (m / np.maximum(norms, 1e-12)).astype(np.float32)
     return out, np.asarray(risks, dtype=np.float32)
+
+
+# --- the kept user-turn states --------------------------------------------------------------------------------
+
+_STATES_HEADER = struct.Struct("<4sBB")  # the projection's fingerprint, dims, turns
+_TURN_KEY_BYTES = 8
+
+
+@dataclass(frozen=True)
+class TurnState:
+    """One user turn's harm and projected state (``PromptScore.harm`` / ``.state``), keyed by a keyed hash of its
+    text: the state depends on the text and the model alone, so a key match is the same turn wherever it sits."""
+
+    key: bytes
+    harm: float
+    state: npt.NDArray[np.float32]
+
+
+def pack_turn_states(fingerprint: bytes, turns: list[TurnState]) -> bytes:
+    """The blob of ``turns`` (oldest first), all of one dimension: header, then per turn its key, harm (float32)
+    and state (float16: a relative error of ~5e-4, far below what moves the estimate)."""
+    dims = len(turns[0].state) if turns else 0
+    out = [_STATES_HEADER.pack(fingerprint[:4], dims, len(turns))]
+    for t in turns:
+        out.append(t.key[:_TURN_KEY_BYTES] + struct.pack("<f", t.harm) + np.asarray(t.state, "<f2").tobytes())
+    return b"".join(out)
+
+
+def unpack_turn_states(blob: bytes, fingerprint: bytes, dims: int) -> list[TurnState]:
+    """The turns of a blob written for this projection (``fingerprint``, ``dims``); [] for any other, a torn or a
+    foreign blob: a missing state only means the window pass runs."""
+    if len(blob) < _STATES_HEADER.size:
+        return []
+    fp, d, count = _STATES_HEADER.unpack_from(blob)
+    size = _TURN_KEY_BYTES + 4 + 2 * d
+    if fp != fingerprint[:4] or d != dims or len(blob) != _STATES_HEADER.size + count * size:
+        return []
+    turns = []
+    for i in range(count):
+        at = _STATES_HEADER.size + i * size
+        (harm,) = struct.unpack_from("<f", blob, at + _TURN_KEY_BYTES)
+        state = np.frombuffer(blob, "<f2", d, at + _TURN_KEY_BYTES + 4).astype(np.float32)
+        turns.append(TurnState(blob[at : at + _TURN_KEY_BYTES], harm, state))
+    return turns

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import hmac
 import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -35,12 +36,18 @@ from guardproxy.conversation.state import (
     Loaded,
     Snapshot,
     StateBackend,
+    TurnState,
     find_entry,
     pack_embedding,
+    pack_turn_states,
     refused_risks,
     unpack_embeddings,
+    unpack_turn_states,
 )
 from guardproxy.signals import Classifier, ConversationSignals, PromptScore
+
+if TYPE_CHECKING:
+    from guardproxy.early_exit import WindowEstimate
 
 __all__ = ["ConversationTracker", "Observation", "RephraseCheck", "TurnResult", "subkey_of"]
 
@@ -266,6 +273,8 @@ class ConversationTracker:
         # called once per request whose window pass was skipped on the window estimate (``_estimated_window``)
         self.observe_estimate: Callable[[], None] | None = None
         self._secret = hmac_secret
+        # keys the kept turn states by text (``_turn_key``): a keyed hash, so shared state holds no text digest
+        self._turn_key_secret = hmac.digest(hmac_secret, b"turn-state", "sha256")
         self._scores = _ScoreCache(score_cache_size)
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._pending_size = pending_size
@@ -369,26 +378,80 @@ class ConversationTracker:
             return exact
         return max(risks, default=0.0) >= float(window.harm_line)
 
+    def _window_estimate(self) -> WindowEstimate | None:
+        return getattr(getattr(self.classifier, "early_exit", None), "window_estimate", None)
+
+    def _turn_key(self, text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=self._turn_key_secret).digest()
+
+    def _kept_states(self, loaded: Loaded) -> list[TurnState]:
+        """The user-turn states kept in the conversation's state (newest source first), for this projection."""
+        estimate = self._window_estimate()
+        if estimate is None:
+            return []
+        return [t for blob in loaded.turn_states for t in unpack_turn_states(blob, estimate.fingerprint, estimate.dims)]
+
+    def _turn_states_blob(
+        self, kept: Sequence[TurnState], chain: Chain, scored: Sequence[int], scores: Sequence[PromptScore]
+    ) -> bytes | None:
+        """The conversation's kept states after this request: its new user turns' states after the kept ones, the
+        last ``window_turns - 1`` (the most a later window holds besides its own new turn); None when this request
+        has none to add (nothing is written)."""
+        estimate = self._window_estimate()
+        if estimate is None:
+            return None
+        new = [
+            TurnState(self._turn_key(chain.text(i)), s.harm, s.state)
+            for i, s in zip(scored, scores, strict=True)
+            if len(s.state) == estimate.dims
+        ]
+        if not new:
+            return None
+        fresh = {t.key for t in new}
+        first: dict[bytes, TurnState] = {}
+        for t in kept:
+            first.setdefault(t.key, t)  # once each, in the newest source's order
+        older = [t for k, t in first.items() if k not in fresh]
+        return pack_turn_states(estimate.fingerprint, [*older, *new][-max(1, self.window_turns - 1) :])
+
     def _estimated_window(
-        self, chain: Chain, n: int, scored: Sequence[int], scores: Sequence[PromptScore], *, exact: bool
+        self,
+        chain: Chain,
+        n: int,
+        scored: Sequence[int],
+        scores: Sequence[PromptScore],
+        *,
+        exact: bool,
+        kept: Sequence[TurnState] = (),
     ) -> esc.WindowEstimateReading | None:
         """The estimated harm of the window ending at message ``n - 1``, from its user turns' own states
-        (``guardproxy.early_exit.WindowEstimate``), with the gate it is held to; None where the classifier has no
-        estimate, the window does not end with a user turn, or a user turn in it has no state (scored by the whole
-        model, or not in this process's score cache: scored by another replica or evicted), and for an ``exact``
-        request (its policies read below the early-exit lines), which never trusts an estimate. None runs the pass."""
-        spec = getattr(self.classifier, "early_exit", None)
-        estimate = getattr(spec, "window_estimate", None)
+        (``guardproxy.early_exit.WindowEstimate``), with the gate it is held to. A state comes from this request's
+        scores, this process's score cache, or the states ``kept`` in the conversation's state (written by whichever
+        replica scored the turn). None where the classifier has no estimate, the window does not end with a user
+        turn, or a user turn in it has no state (scored by the whole model, or by a gateway that kept none), and for
+        an ``exact`` request (its policies read below the early-exit lines), which never trusts an estimate. None
+        runs the pass."""
+        estimate = self._window_estimate()
         if estimate is None or exact or chain.roles[n - 1] != "user":
             return None
         by_index = dict(zip(scored, scores, strict=True))
+        by_key = {t.key: t for t in kept}  # a state is the text's and the model's alone: any source will do
         start = max(0, n - self.window_turns)
-        users = [i for i in range(start, n) if chain.roles[i] == "user" and chain.text(i)]
-        found = [by_index.get(i) or self._scores.get(chain.text(i)) for i in users]
-        if not found or any(s is None or len(s.state) != estimate.dims for s in found):
+        turns: list[tuple[float, npt.NDArray[np.float32]]] = []
+        for i in range(start, n):
+            text = chain.text(i) if chain.roles[i] == "user" else ""
+            if not text:
+                continue
+            s = by_index.get(i) or self._scores.get(text)
+            if s is not None and len(s.state) == estimate.dims:
+                turns.append((s.harm, s.state))
+            elif (t := by_key.get(self._turn_key(text))) is not None:
+                turns.append((t.harm, t.state))
+            else:
+                return None
+        if not turns:
             return None
-        turns = [s for s in found if s is not None]
-        value = estimate.estimate(turns[-1].state, [s.state for s in turns[:-1]], [s.harm for s in turns])
+        value = estimate.estimate(turns[-1][1], [st for _, st in turns[:-1]], [h for h, _ in turns])
         return esc.WindowEstimateReading(value, estimate.gate)
 
     def _estimate_stands(self, estimated: esc.WindowEstimateReading) -> float:
@@ -500,6 +563,7 @@ class ConversationTracker:
             return Observation(ConversationSignals())
         root = chain.root
         found, snap, loaded = await self._load(chain, tenant_key(self._secret, tenant))
+        kept = self._kept_states(loaded)
         failed = loaded.degraded
         prev = snap or Snapshot()
         start = 0 if found is None else found + 1
@@ -526,7 +590,8 @@ class ConversationTracker:
             embedding = rp.scores[-1].embedding if rp.scores else None
             if final:
                 if not repeat:
-                    state_failed = not await self.backend.append(root, state.entry(tag)) or failed
+                    blob = self._turn_states_blob(kept, chain, scored, rp.scores)
+                    state_failed = not await self.backend.append(root, state.entry(tag), blob) or failed
                 self._remember(tag, _Pending(state, embedding))
             return Observation(
                 signals=signals,
@@ -563,7 +628,9 @@ class ConversationTracker:
 
         window_of = self._window(chain, n - 1)
         # a one-turn request has no window to estimate: the turn is its own window
-        estimated = None if window_of is None else self._estimated_window(chain, n, scored, rp.scores, exact=exact)
+        estimated = (
+            None if window_of is None else self._estimated_window(chain, n, scored, rp.scores, exact=exact, kept=kept)
+        )
         gate_open = functools.partial(
             esc.window_gate_open,
             trajectory=traj,
