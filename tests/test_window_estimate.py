@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +140,39 @@ async def test_a_replica_that_did_not_score_the_earlier_turn_reads_its_state_fro
     await one.aclose()
 
 
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix on the machine's real Redis for this test alone; its keys are deleted afterwards."""
+    prefix = f"gptest:{uuid.uuid4().hex}:"
+    yield prefix
+    client = aioredis.Redis(port=6379)
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+def _replica(prefix: str, classifier: OnnxClassifier) -> ConversationTracker:
+    backend = RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix)
+    return ConversationTracker(backend, classifier, hmac_secret=b"s" * 32, shared=True, reply_grace=0.05)
+
+
+async def test_the_kept_states_survive_a_read_of_the_whole_record(early: OnnxClassifier, redis_prefix: str) -> None:
+    one, other = _replica(redis_prefix, early), _replica(redis_prefix, early)
+    try:
+        first, both = _conversation(FOLLOW_UP)
+        await one.observe("tenant", None, first)
+        await one.record_reply("tenant", None, first, REPLY, refused=False)
+        for i in range(70):  # regenerated replies push the first one's entry out of the record's tail
+            await one.record_reply("tenant", None, first, f"{REPLY} (take {i})", refused=False)
+        obs = await other.observe("tenant", None, both)  # the client went on from the first reply after all
+        assert obs.known and obs.signals.history == "verified"  # found in the whole record, read in a second call
+        assert obs.window is None and obs.window_estimated  # type: ignore[attr-defined]
+    finally:
+        await one.aclose()
+        await other.aclose()
+
+
 async def test_a_replica_runs_the_window_pass_where_no_state_was_kept(early: OnnxClassifier) -> None:
     # the earlier turn was scored by a gateway without early exit (no state), or under another projection
     whole = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=False)
@@ -162,26 +195,19 @@ async def test_a_replica_runs_the_window_pass_where_no_state_was_kept(early: Onn
     assert unpack_turn_states(blob[:-1], estimate.fingerprint, estimate.dims) == []  # nor a torn blob
 
 
-async def test_two_gateway_replicas_on_the_real_redis_share_the_turn_states(early: OnnxClassifier) -> None:
-    prefix = f"gptest:{uuid.uuid4().hex}:"
-
-    def replica() -> ConversationTracker:
-        backend = RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix)
-        return ConversationTracker(backend, early, hmac_secret=b"s" * 32, shared=True, reply_grace=0.05)
-
-    one, other = replica(), replica()
+async def test_two_gateway_replicas_on_the_real_redis_share_the_turn_states(
+    early: OnnxClassifier, redis_prefix: str
+) -> None:
+    one, other = _replica(redis_prefix, early), _replica(redis_prefix, early)
     client = aioredis.Redis(port=6379)
     try:
         obs = await _on_the_other_replica(one, other)
         assert obs.window is None and obs.window_estimated  # type: ignore[attr-defined]
-        keys = [k async for k in client.scan_iter(match=f"{prefix}s:*")]
+        keys = [k async for k in client.scan_iter(match=f"{redis_prefix}s:*")]
         assert len(keys) == 1  # one blob per conversation, replaced by each request, not one per turn
         assert 0 < await client.ttl(keys[0]) <= 24 * 3600
         assert TRIP.encode() not in await client.get(keys[0])  # keyed hashes and numbers only
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
         await client.aclose()
         await one.aclose()
         await other.aclose()

@@ -297,7 +297,9 @@ class ConversationTracker:
             if attempt or loaded.complete:
                 break
             full = await self.backend.load_record(root)
-            loaded = replace(full, refused=loaded.refused, degraded=loaded.degraded or full.degraded)
+            loaded = replace(
+                full, refused=loaded.refused, degraded=loaded.degraded or full.degraded, turn_states=loaded.turn_states
+            )
         return None, None, loaded
 
     async def _load(self, chain: Chain, tkey: bytes) -> tuple[int | None, Snapshot | None, Loaded]:
