@@ -35,7 +35,8 @@ assistant turns). ``escalation >= FLAG_THRESHOLD`` (0.5) is the tracker's flag.
 
 Cost: one state read (Redis: one pipelined round trip) and one append per request, one guard-model call with the
 new user turns and the window, and hashing the history (a few microseconds per message); nothing grows with the
-number of earlier turns except that hashing. State: 20 bytes per position, two positions per turn.
+number of earlier turns except that hashing. State: 20 bytes per position, two positions per turn, and the last
+three user turns' projected states for the window estimate (one blob of ~140 bytes per conversation, replaced).
 
 Failure behaviour: state backend failures never raise and never hang a request: each call is bounded by
 ``settings.state.backend_timeout``, local state answers instead, ``state_failed`` says so, the outage is logged
