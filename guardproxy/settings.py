@@ -167,6 +167,9 @@ class StateSettings(BaseModel):
     url: str = Field("memory://", description="memory:// or redis://host:port/db")
     hmac_secret: SecretStr = Field(SecretStr(""), description="shared by all replicas; required for redis://")
     ttl_seconds: int = Field(24 * 3600, ge=1)
+    prefix: str = Field(
+        "guardproxy:", min_length=1, description="Redis key prefix: deployments (or benches) sharing one Redis differ"
+    )
     max_conversations: int = Field(100_000, ge=1)
     max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     backend_timeout: float = Field(0.05, gt=0, description="a slower state backend falls back to local state")

@@ -209,3 +209,19 @@ async def test_build_tracker_for_redis_uses_the_gateway_metrics() -> None:
         assert metrics.counter("guardproxy_state_fallbacks", "") is t.backend.fallbacks
     finally:
         await t.aclose()
+
+
+async def test_build_tracker_keeps_its_keys_under_the_configured_prefix(prefix: str) -> None:
+    from guardproxy.conversation import build_tracker
+    from guardproxy.settings import Settings
+
+    settings = Settings(state={"url": "redis://127.0.0.1:6379/0", "hmac_secret": "s3cret", "prefix": prefix})
+    t = build_tracker(settings, FakeClassifier())
+    client = aioredis.Redis(port=REDIS_PORT)
+    try:
+        await t.observe("tenant", None, [u("what is chemistry")])
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        assert keys and all(k.startswith(f"{prefix}c:".encode()) or k.startswith(f"{prefix}t:".encode()) for k in keys)
+    finally:
+        await client.aclose()
+        await t.aclose()

@@ -105,7 +105,7 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
             raise ConfigError("state.hmac_secret is required with a redis:// state backend (shared by all replicas)")
         from guardproxy.conversation.redis_backend import RedisBackend, ResilientBackend
 
-        primary = RedisBackend(state.url, ttl_seconds=state.ttl_seconds)
+        primary = RedisBackend(state.url, prefix=state.prefix, ttl_seconds=state.ttl_seconds)
         backend = ResilientBackend(primary, local, timeout=state.backend_timeout, metrics=metrics)
         return ConversationTracker(
             backend,
