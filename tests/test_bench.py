@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from guardproxy.benchmark.load import Mix, MixSpec, Scrape, percentiles, stage_diff, user_turn
 from guardproxy.benchmark.procs import BenchError, GatewaySpec, gateway_config
@@ -327,6 +328,30 @@ def test_targets_are_gateway_minus_direct_in_the_same_run() -> None:
     assert got["added to TTFT, c=1, speculative forwarding"] == (0.5, True)
     assert got["throughput at c=16 (guarded)"] == (200.0, True)
     assert got["request N+1 of a 100-turn conversation / single turn"] == (1.3, False)
+
+
+def test_replicas_share_conversation_state_in_redis_and_leave_no_keys(tmp_path: Path) -> None:
+    # two gateway processes on the machine's real Redis, each conversation's requests alternating between them
+    proc = _bench(["--fake-upstream", "--modes", "direct,input-only", "--concurrency", "1", "--requests", "4",
+                   "--warmup", "2", "--sweep", "none", "--lengths", "0,1,2,3", "--conversations", "2",
+                   "--threads", "1", "--replicas", "2", "--json", str(tmp_path / "r.json"),
+                   "--workdir", str(tmp_path / "work"), "--quiet"], timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    length = result["length"]
+    assert result["config"]["replicas"] == 2 and length["replicas"] == 2
+    assert length["requests_per_replica"] == {"input-only": 8, "input-only-r2": 8}
+    assert "round robin over 2 replicas sharing Redis" in proc.stdout
+    other = length["replica_counters"]["input-only-r2"]
+    # the second replica went on with conversations the first began (every request answered: no forged history
+    # blocked), and read the window estimate from the turn states the first one kept
+    assert other["guardproxy_exchange_outcomes_total|outcome=ok"] == 8
+    assert other.get("guardproxy_conversation_window_estimated_total", 0) >= 1
+    client = redis.Redis(port=6379)
+    try:
+        assert list(client.scan_iter(match=f"{length['redis_prefix']}*")) == []  # the run removed its keys
+    finally:
+        client.close()
 
 
 def test_a_twin_asks_the_same_new_turn_alone_under_a_fresh_serial() -> None:

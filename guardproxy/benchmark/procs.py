@@ -156,6 +156,7 @@ class GatewaySpec:
     speculative_window: bool = False  # guard.speculative_window (ignored by a speculative gateway)
     window_max_ids: int | None = None  # guard.window_max_ids (None: the default)
     early_exit: bool | Literal["auto"] = "auto"  # guard.early_exit (auto: the gateway's default)
+    state: Mapping[str, Any] | None = None  # the state section's settings over the default (memory://, own key)
 
 
 def _toml_value(value: Any) -> str:
@@ -191,6 +192,8 @@ def gateway_config(
         "state": {"url": "memory://", "hmac_secret": secrets.token_hex(16)},
         "drills": {"store": f"sqlite:///{workdir / (spec.name + '-drills.db')}"},
     }
+    if spec.state is not None:
+        cfg["state"].update(spec.state)
     if spec.max_conversations is not None:
         cfg["state"]["max_conversations"] = spec.max_conversations
     if spec.threads is not None:

@@ -173,6 +173,11 @@ def _length(result: dict[str, Any]) -> str:
     lo, hi = length["tail_history_turns"]
     return (
         f"Cost against conversation length ({length['target']}, plain, c=1"
+        + (
+            f", each conversation round robin over {length['replicas']} replicas sharing Redis"
+            if length.get("replicas", 1) > 1
+            else ""
+        )
         + (f", upstream TTFT {_f(length['upstream_ttft_ms'])} ms" if length.get("upstream_ttft_ms") else "")
         + "): overhead p50 ms; "
         f"single-turn reference p50 {_f(single.get('p50'))} ms\n"

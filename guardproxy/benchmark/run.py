@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import tempfile
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from guardproxy.benchmark.load import (
     Mix,
@@ -106,6 +109,10 @@ class BenchConfig:
     refusals: int = 0  # harmful asks each guarded gateway blocks after warm-up (its tenant's refusal memory)
     window_ids: int | None = None  # the gateways' guard.window_max_ids (None: the default)
     capacity: int = 512
+    # gateway processes the conversation-length phase spreads each conversation over, round robin, sharing conversation
+    # state in Redis (``redis_url``), as replicas behind a load balancer without sticky sessions; 1: one gateway
+    replicas: int = 1
+    redis_url: str = "redis://127.0.0.1:6379/0"
     max_seconds: float = 1800.0
     warmup: int = 20
     mix: MixSpec = MixSpec()
@@ -141,6 +148,9 @@ class BenchConfig:
                 "--concurrent-window needs --workers 2 or more",
             ),
             (self.window_ids is None or 8 <= self.window_ids <= 512, "--window-ids must be 8..512"),
+            (1 <= self.replicas <= 8, "--replicas must be 1..8"),
+            (self.replicas == 1 or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+             "--redis-url must be redis://host:port/db"),
         )  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -211,6 +221,9 @@ class Bench:
         self.notes: list[str] = []
         self.deadline = time.monotonic() + cfg.max_seconds
         self.workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="guardproxy-bench-"))
+        # the length target's further replicas (``--replicas``), and the Redis key prefix they share (removed at close)
+        self.replicas: list[tuple[Target, Proc]] = []
+        self.redis_prefix = f"gpbench:{secrets.token_hex(8)}:"
 
     # --- setup ---
 
@@ -251,6 +264,16 @@ class Bench:
             what = {"passthrough": "no checks", "input-only": "loading the guard model; input checks only"}.get(
                 mode, "loading the guard model"
             )
+            replicated = cfg.replicas > 1 and mode == self._length_mode()
+            if replicated:
+                # one conversation state for every replica: the same Redis, key prefix and HMAC secret
+                shared = {
+                    "url": cfg.redis_url,
+                    "hmac_secret": secrets.token_hex(16),
+                    "prefix": self.redis_prefix,
+                    "ttl_seconds": 3600,
+                }
+                spec = dataclasses.replace(spec, state=shared)
             print(f"starting gateway '{mode}' ({what})...", file=self.progress.stream, flush=True)
             proc = await start_gateway(
                 spec, self.workdir, upstream=upstream, model_dir=cfg.model_dir, policy=cfg.policy, capacity=cfg.capacity
@@ -258,6 +281,15 @@ class Bench:
             self.procs.append(proc)
             self.gateways[mode] = proc
             self.targets.append(Target(mode, proc.base + "/v1/chat/completions", headers))
+            for k in range(2, cfg.replicas + 1) if replicated else ():
+                name = f"{mode}-r{k}"
+                print(f"starting gateway '{name}' (replica {k} of '{mode}', Redis state)...", file=self.progress.stream)
+                replica = await start_gateway(
+                    dataclasses.replace(spec, name=name), self.workdir, upstream=upstream, model_dir=cfg.model_dir,
+                    policy=cfg.policy, capacity=cfg.capacity,
+                )  # fmt: skip
+                self.procs.append(replica)
+                self.replicas.append((Target(name, replica.base + "/v1/chat/completions", headers), replica))
         self.sampler = ProcessSampler({name: p.pid for name, p in self.gateways.items()})
         self.sampler.start()
 
@@ -269,6 +301,21 @@ class Bench:
             await s.close()
         for proc in reversed(self.procs):
             await asyncio.to_thread(proc.stop)
+        if self.replicas:
+            await self._drop_redis_keys()
+
+    async def _drop_redis_keys(self) -> None:
+        """Remove the replicas' conversation state from Redis (it would expire within the hour anyway)."""
+        # Any: the types-redis stubs predate redis 5 (no aclose)
+        client: Any = aioredis.Redis.from_url(self.cfg.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"{self.redis_prefix}*", count=1000)]
+            for i in range(0, len(keys), 1000):
+                await client.delete(*keys[i : i + 1000])
+        except (RedisError, OSError) as exc:
+            self.notes.append(f"could not remove the replicas' Redis keys ({type(exc).__name__}); they expire in 1 h")
+        finally:
+            await client.aclose()
 
     def session(self, target: str) -> aiohttp.ClientSession:
         s = self.sessions.get(target)
@@ -291,6 +338,9 @@ class Bench:
         self.progress.tick(s.ok)
         if self.sampler is not None:
             self.sampler.requests += 1
+
+    async def _scrape_replicas(self) -> dict[str, Scrape]:
+        return {t.name: await scrape(self.session(t.name), proc.base) for t, proc in self.replicas}
 
     async def _scrape_all(self) -> dict[str, Scrape]:
         out = {}
@@ -392,12 +442,12 @@ class Bench:
             _ = wall
         return rows, stages
 
+    def _length_mode(self) -> str | None:
+        """The gateway mode the conversation-length phase drives."""
+        return next((m for m in ("guarded", "input-only", "speculative", "passthrough") if m in self.cfg.modes), None)
+
     def _length_target(self) -> Target | None:
-        for name in ("guarded", "input-only", "speculative", "passthrough"):
-            for t in self.targets:
-                if t.name == name:
-                    return t
-        return None
+        return next((t for t in self.targets if t.name == self._length_mode()), None)
 
     async def length(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         cfg = self.cfg
@@ -416,19 +466,32 @@ class Bench:
         pairs: dict[int, list[tuple[float, float]]] = {}
         own_pairs: dict[int, list[tuple[float, float]]] = {}
         failed = blocked = 0
-        session = self.session(target.name)
+        # --replicas: each conversation's requests go round robin over the replicas, and each twin where its
+        # request went; one replica: all to the target
+        replicas = [target, *(t for t, _ in self.replicas)]
+        served = dict.fromkeys((t.name for t in replicas), 0)
         total = cfg.conversations * (longest + 1) * 2
         self._phase(f"conversation length 0..{longest}", total)
         before = await self._scrape_all()
+        before_replicas = await self._scrape_replicas()
+        if self.replicas:
+            self.notes.append(
+                f"conversation length: {len(replicas)} gateway processes share conversation state in Redis, each "
+                "conversation's requests round robin over them; its stage row is the first replica's alone, the "
+                "others' counters are in the JSON (length.replica_counters)."
+            )
         for conv in range(cfg.conversations):
             mix = Mix(spec, cfg.seed + 50_000 + conv)
             for n in range(longest + 1):
                 if self._left() <= 0:
                     break
+                at = replicas[n % len(replicas)]
+                session = self.session(at.name)
                 planned = mix.next(target.name, stream=False, conversation=True)
                 assert planned.history_turns == n
+                served[at.name] += 2  # the request and its twin
                 sample, text = await send(
-                    session, target, planned, want_text=True, ttft_ms=self._ttft(cfg.length_ttft_ms), fast=cfg.fake
+                    session, at, planned, want_text=True, ttft_ms=self._ttft(cfg.length_ttft_ms), fast=cfg.fake
                 )
                 self._tick(sample)
                 if not sample.ok or text is None:
@@ -447,7 +510,7 @@ class Bench:
                 # the history alone
                 ref, _ = await send(
                     session,
-                    target,
+                    at,
                     mix.twin(planned),
                     want_text=False,
                     ttft_ms=self._ttft(cfg.length_ttft_ms),
@@ -463,6 +526,7 @@ class Bench:
                     if sample.gateway_ms is not None and ref.gateway_ms is not None:
                         own_pairs.setdefault(n, []).append((sample.gateway_ms, ref.gateway_ms))
         after = await self._scrape_all()
+        after_replicas = await self._scrape_replicas()
         base = percentiles(single)
         points = []
         for n in sorted(per_turn):
@@ -494,8 +558,16 @@ class Bench:
             "failed_conversations": failed,
             "blocked_turns": blocked,
             **length_ratios(own_turn, own_single, longest, prefix="gateway_", pairs=own_pairs),
+            "replicas": len(replicas),
+            "redis_prefix": self.redis_prefix if self.replicas else None,
+            "requests_per_replica": served,
+            # the other replicas' /metrics counters over the phase (the stage table below is the first replica's)
+            "replica_counters": {
+                name: counter_diff(before_replicas[name], scraped, "guardproxy_")
+                for name, scraped in after_replicas.items()
+            },
         }
-        n_req = sum(len(v) for v in per_turn.values()) + len(single)
+        n_req = served[target.name]
         stages = None
         if target.name in self.gateways:
             stages = {

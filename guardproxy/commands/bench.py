@@ -122,6 +122,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "layers (needs the model directory's early_exit.json); default: the gateway's default, auto (on where the "
         "model has a fitting early_exit.json)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="gateway processes the conversation-length phase spreads each conversation over, round robin, sharing "
+        "conversation state in Redis (--redis-url), as replicas behind a load balancer without sticky sessions (1)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="the replicas' shared Redis (keys under a fresh prefix, removed at the end; redis://127.0.0.1:6379/0)",
+    )
     parser.add_argument("--capacity", type=int, default=512, help="gateway max concurrent requests (512)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up requests per target (20)")
     parser.add_argument(
@@ -203,6 +215,8 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         early_exit="auto" if args.early_exit is None else args.early_exit,
         window_ids=args.window_ids,
         capacity=args.capacity,
+        replicas=args.replicas,
+        redis_url=args.redis_url,
         max_seconds=args.max_seconds,
         warmup=args.warmup,
         refusals=args.refusals,
