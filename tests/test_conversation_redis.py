@@ -221,7 +221,7 @@ async def test_build_tracker_keeps_its_keys_under_the_configured_prefix(prefix: 
     try:
         await t.observe("tenant", None, [u("what is chemistry")])
         keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-        assert keys and all(k.startswith(f"{prefix}c:".encode()) or k.startswith(f"{prefix}t:".encode()) for k in keys)
+        assert keys and all(k.startswith((f"{prefix}c:".encode(), f"{prefix}t:".encode())) for k in keys)
     finally:
         await client.aclose()
         await t.aclose()
