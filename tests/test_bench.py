@@ -489,6 +489,13 @@ def test_refusals_put_the_tenants_refusals_in_memory_and_exited_turns_then_keep_
     assert 0 < exited <= deferred <= sum(st["requests"] for st in rows)
 
 
+def test_replicas_without_their_redis_is_a_one_line_error() -> None:
+    # nothing listens on port 1: the bench refuses before starting any gateway, rather than measure local state
+    proc = _bench(["--fake-upstream", "--replicas", "2", "--redis-url", "redis://127.0.0.1:1/0"], timeout=60)
+    assert proc.returncode == 2 and "--replicas needs Redis at redis://127.0.0.1:1/0" in proc.stderr
+    assert "starting gateway" not in proc.stderr + proc.stdout
+
+
 def test_refusals_out_of_range_is_a_one_line_error() -> None:
     proc = _bench(["--fake-upstream", "--refusals", "101"])
     assert proc.returncode == 2 and "--refusals must be 0..100" in proc.stderr

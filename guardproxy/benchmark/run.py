@@ -230,6 +230,8 @@ class Bench:
     async def start(self) -> None:
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if cfg.replicas > 1:
+            await self._check_redis()
         if cfg.fake:
             self.progress.phase("starting the FAKE upstream", None)
             up = await start_fake_upstream(
@@ -303,6 +305,16 @@ class Bench:
             await asyncio.to_thread(proc.stop)
         if self.replicas:
             await self._drop_redis_keys()
+
+    async def _check_redis(self) -> None:
+        """Replicas without their shared Redis would each fall back to local state: refuse to measure that."""
+        client: Any = aioredis.Redis.from_url(self.cfg.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            raise BenchError(f"--replicas needs Redis at {self.cfg.redis_url} ({type(exc).__name__})") from None
+        finally:
+            await client.aclose()
 
     async def _drop_redis_keys(self) -> None:
         """Remove the replicas' conversation state from Redis (it would expire within the hour anyway)."""
