@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -734,6 +735,20 @@ async def test_memory_backend_lru_eviction_by_count() -> None:
     assert len(backend) == 3 and backend.evictions == 1
     assert (await backend.load_record(bytes([1]) * 16)).record == b""  # the least recently used went
     assert (await backend.load_record(bytes([0]) * 16)).record != b""
+
+
+async def test_memory_backend_counts_and_replaces_the_turn_states() -> None:
+    backend = MemoryBackend()
+    root = b"r" * 16
+    await backend.append(root, b"x" * ENTRY_BYTES)
+    base = backend.bytes_used
+    await backend.append(root, b"y" * ENTRY_BYTES, b"s" * 100)
+    assert backend.bytes_used == base + ENTRY_BYTES + sys.getsizeof(b"s" * 100)
+    await backend.append(root, b"z" * ENTRY_BYTES, b"t" * 40)  # replaced, not appended
+    assert backend.bytes_used == base + 2 * ENTRY_BYTES + sys.getsizeof(b"t" * 40)
+    assert (await backend.load(root, b"t" * 16, tail_entries=4)).turn_states == (b"t" * 40,)
+    await backend.append(root, b"w" * ENTRY_BYTES)  # an entry without states keeps them
+    assert (await backend.load_record(root)).turn_states == (b"t" * 40,)
 
 
 async def test_memory_backend_bytes_bound_and_ttl() -> None:

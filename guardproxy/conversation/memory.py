@@ -6,6 +6,7 @@ runs on the event loop without awaiting: each operation is a few dictionary and 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -19,6 +20,11 @@ __all__ = ["MemoryBackend"]
 # the soak mix (2026-12-02) put a one-turn conversation at 450-520 B in all against ~90 B of key + payload.
 _RECORD_OVERHEAD = 400
 _TENANT_OVERHEAD = 400
+
+
+def _states_bytes(states: bytes) -> int:
+    """A record's kept turn states as counted: the blob and its bytes object's header (``sys.getsizeof``)."""
+    return sys.getsizeof(states) if states else 0
 
 
 class _Record:
@@ -96,7 +102,7 @@ class MemoryBackend:
 
     def _drop_record(self, root: bytes) -> None:
         rec = self._records.pop(root)
-        self._bytes -= len(rec.data) + len(rec.states) + len(root) + _RECORD_OVERHEAD
+        self._bytes -= len(rec.data) + _states_bytes(rec.states) + len(root) + _RECORD_OVERHEAD
 
     def _drop_tenant(self, tenant: bytes) -> None:
         ref = self._tenants.pop(tenant)
@@ -148,7 +154,7 @@ class MemoryBackend:
             rec.data = bytearray(trim_record(bytes(rec.data), self.max_record_bytes))
         self._bytes += len(rec.data) - before
         if turn_states is not None:
-            self._bytes += len(turn_states) - len(rec.states)
+            self._bytes += _states_bytes(turn_states) - _states_bytes(rec.states)
             rec.states = turn_states
         self._evict(now)
 
