@@ -164,9 +164,7 @@ async def bench_redis(n: int, turns: int, more: int) -> None:
         sizes = [await client.memory_usage(k, samples=0) for k in keys]
         print(f"  a tenant's refusal memory at its cap (32 x 384-dim int8): {max(sizes):,} B")
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
-        for i in range(0, len(keys), 1000):
-            await client.delete(*keys[i : i + 1000])
+        await backend.drop_all()
         await client.aclose()
         await tracker.aclose()
 

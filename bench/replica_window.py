@@ -20,8 +20,6 @@ import sys
 import uuid
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-
 from guardproxy.benchmark.load import user_turn
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation import ConversationTracker
@@ -34,15 +32,16 @@ REPLY = "Here is a short helpful answer about that, with a few practical suggest
 async def run(conversations: int, turns: int, replicas: int) -> None:
     clf = OnnxClassifier.load(Settings().guard.model_dir, timeout=30.0, early_exit=True)
     prefix = f"gpbench:{uuid.uuid4().hex}:"
+    backends = [RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix) for _ in range(replicas)]
     trackers = [
         ConversationTracker(
-            RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix),
+            backend,
             clf,
             hmac_secret=b"bench-secret-bench-secret-bench!",
             shared=True,
             reply_grace=0.05,
         )
-        for _ in range(replicas)
+        for backend in backends
     ]
     rng = random.Random(7)
     serial = windows = ran = estimated = 0
@@ -66,11 +65,7 @@ async def run(conversations: int, turns: int, replicas: int) -> None:
             f"the window pass ran on {ran} and the estimate stood on {estimated}"
         )
     finally:
-        client = aioredis.Redis(port=6379)
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        await backends[0].drop_all()
         for t in trackers:
             await t.aclose()
         clf.close()

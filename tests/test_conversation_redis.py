@@ -211,6 +211,26 @@ async def test_build_tracker_for_redis_uses_the_gateway_metrics() -> None:
         await t.aclose()
 
 
+async def test_drop_all_deletes_its_own_prefix_and_nothing_else(prefix: str) -> None:
+    mine, other = (
+        RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix),
+        RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix + "other:"),
+    )
+    client = aioredis.Redis(port=REDIS_PORT)
+    try:
+        await mine.append(b"r" * 16, b"x" * ENTRY_BYTES, b"states")
+        await mine.add_refused(b"t" * 16, b"blob")
+        await other.append(b"r" * 16, b"x" * ENTRY_BYTES)
+        # the other prefix starts with mine, so a glob on the prefix alone would take its keys too: only mine go
+        assert await mine.drop_all() == 3  # record, turn states, refusal memory
+        left = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        assert left == [f"{prefix}other:c:{(b'r' * 16).hex()}".encode()]
+    finally:
+        await client.aclose()
+        await mine.aclose()
+        await other.aclose()
+
+
 async def test_build_tracker_keeps_its_keys_under_the_configured_prefix(prefix: str) -> None:
     from guardproxy.conversation import build_tracker
     from guardproxy.settings import Settings

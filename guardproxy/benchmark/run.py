@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from guardproxy.benchmark.load import (
@@ -67,6 +66,8 @@ from guardproxy.benchmark.procs import (
     start_fake_upstream,
     start_gateway,
 )
+from guardproxy.conversation.redis_backend import RedisBackend
+from guardproxy.errors import StateBackendError
 from guardproxy.settings import default_workers
 
 MAX_CONCURRENCY = 1024
@@ -308,26 +309,23 @@ class Bench:
 
     async def _check_redis(self) -> None:
         """Replicas without their shared Redis would each fall back to local state: refuse to measure that."""
-        client: Any = aioredis.Redis.from_url(self.cfg.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        backend = RedisBackend(self.cfg.redis_url, prefix=self.redis_prefix)
         try:
-            await client.ping()
+            await backend.redis.ping()
         except (RedisError, OSError) as exc:
             raise BenchError(f"--replicas needs Redis at {self.cfg.redis_url} ({type(exc).__name__})") from None
         finally:
-            await client.aclose()
+            await backend.aclose()
 
     async def _drop_redis_keys(self) -> None:
         """Remove the replicas' conversation state from Redis (it would expire within the hour anyway)."""
-        # Any: the types-redis stubs predate redis 5 (no aclose)
-        client: Any = aioredis.Redis.from_url(self.cfg.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        backend = RedisBackend(self.cfg.redis_url, prefix=self.redis_prefix)
         try:
-            keys = [k async for k in client.scan_iter(match=f"{self.redis_prefix}*", count=1000)]
-            for i in range(0, len(keys), 1000):
-                await client.delete(*keys[i : i + 1000])
-        except (RedisError, OSError) as exc:
-            self.notes.append(f"could not remove the replicas' Redis keys ({type(exc).__name__}); they expire in 1 h")
+            await backend.drop_all()
+        except StateBackendError as exc:
+            self.notes.append(f"could not remove the replicas' Redis keys ({exc}); they expire in 1 h")
         finally:
-            await client.aclose()
+            await backend.aclose()
 
     def session(self, target: str) -> aiohttp.ClientSession:
         s = self.sessions.get(target)

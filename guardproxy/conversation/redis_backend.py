@@ -141,6 +141,19 @@ class RedisBackend:
         await self._run("add_refused", pipe.execute())
         return True
 
+    async def drop_all(self) -> int:
+        """Delete this backend's keys (a bench run's own, say) and return how many there were: its three kinds
+        under its prefix only, so a longer prefix that starts with this one keeps its keys. The prefix is matched
+        as a glob: keep ``*?[`` out of it."""
+
+        async def drop() -> int:
+            keys = [k async for k in self.redis.scan_iter(match=self.prefix + b"[cts]:*", count=1000)]
+            for i in range(0, len(keys), 1000):
+                await self.redis.delete(*keys[i : i + 1000])
+            return len(keys)
+
+        return await self._run("drop_all", drop())
+
     async def aclose(self) -> None:
         await self.redis.aclose()
 
