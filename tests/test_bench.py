@@ -374,8 +374,8 @@ def test_a_twin_asks_the_same_new_turn_alone_under_a_fresh_serial() -> None:
 def test_paired_ratio_is_the_median_of_each_request_over_its_twin() -> None:
     from guardproxy.benchmark.run import length_ratios
 
-    # bimodal costs: a turn exits early (5 ms) or runs the whole model (10 ms); the history adds 10% to each. The
-    # references are the twins of every length, so their p50 reads the mix of all lengths, not the tail's
+    # bimodal costs: a turn exits early (5 ms) or runs the whole model (10 ms), and the history adds 10% to each;
+    # the per-pair median reads that 10% whichever costs the pairs happen to have
     per_turn = {0: [5.0, 5.0], 1: [5.5, 11.0, 11.0]}
     pairs = {0: [(5.0, 5.0), (5.0, 5.0)], 1: [(5.5, 5.0), (11.0, 10.0), (11.0, 10.0)]}
     got = length_ratios(per_turn, [5.0, 5.0, 5.0, 10.0, 10.0], 1, pairs=pairs)

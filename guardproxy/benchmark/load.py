@@ -196,7 +196,8 @@ class Mix:
         assert planned.conversation is not None
         Mix.serial += 1
         asked = next(m["content"] for m in reversed(planned.conversation) if m["role"] == "user")  # reply or not
-        text = _SERIAL.sub(f"Question {Mix.serial} ", asked, count=1)
+        text, replaced = _SERIAL.subn(f"Question {Mix.serial} ", asked, count=1)
+        assert replaced == 1, "a twin needs the turn's serial (user_turn) to differ from its request"
         return Planned(self.body([{"role": "user", "content": text}], False), False, 0, None)
 
     def settle(self, target: str, planned: Planned, reply: str | None) -> None:
