@@ -43,7 +43,7 @@ AUTHORED_DIR = Path(__file__).parent / "authored"
 # Never trained on: scored for the report only. Each set after the first was written later by helpers who saw neither
 # the training data nor the earlier sets (see their READMEs); challenge7's three parts by three of them.
 CHALLENGE_DIRS = tuple(
-    Path(__file__).resolve().parents[2] / "bench" / d for d in ["challenge"] + [f"challenge{i}" for i in range(2, 14)]
+    Path(__file__).resolve().parents[2] / "bench" / d for d in ["challenge"] + [f"challenge{i}" for i in range(2, 15)]
 )
 BENIGN_TURN_WEIGHT = 0.5  # a user turn of a harmless authored chat, scored on its own (see _benign_turns)
 
