@@ -28,11 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sklearn.metrics import f1_score
-
 from bench.conversation_eval import AUTHORED_DIR, read_jsonl
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.commands.evaluate import trainer_split_of_ids
+from guardproxy.evaluation import binary_metrics, macro_f1
 from guardproxy.settings import DEFAULT_MODEL_DIR
 from guardproxy.signals import REFUSAL_CLASSES
 
@@ -90,8 +89,8 @@ def pairs_report(rows: Sequence[dict[str, Any]], predicted: Sequence[str]) -> di
     helpful = [p for g, p in zip(gold, predicted, strict=True) if g == "none"]
     return {
         "n": len(rows),
-        "macro_f1": float(f1_score(gold, predicted, labels=list(REFUSAL_CLASSES), average="macro", zero_division=0)),
-        "binary_f1": float(f1_score([g != "none" for g in gold], [p != "none" for p in predicted], zero_division=0)),
+        "macro_f1": macro_f1(gold, list(predicted), REFUSAL_CLASSES),
+        "binary_f1": binary_metrics([g != "none" for g in gold], [p != "none" for p in predicted]).f1,
         "helpful": len(helpful),
         "helpful_read_as_refusal": sum(p != "none" for p in helpful),
         "confusion": dict(sorted(confusion.items())),
