@@ -28,7 +28,7 @@ from guardproxy.training.augment import (
     word_deleted,
 )
 from guardproxy.training.cue_words import cues
-from guardproxy.training.sources import BENIGN_TURN_WEIGHT, Example, load_authored, window_text
+from guardproxy.training.sources import BENIGN_TURN_WEIGHT, CHAT_REPLY_SOURCES, Example, load_authored, window_text
 from guardproxy.training.splits import assign_splits
 
 
@@ -66,6 +66,35 @@ def test_each_user_turn_of_a_harmless_chat_is_a_half_weight_benign_prompt_in_its
 
     assign_splits(rows, seed=0)
     assert len({r.split for r in rows if r.meta.get("id") == "b1"}) == 1  # a chat never straddles two splits
+
+
+def test_chat_replies_are_no_refusal_pairs_of_harmless_chats_only_and_move_no_split(tmp_path: Path) -> None:
+    turns = ["how do i kill the stuck job on the cluster", "and the one after that?", "thanks!"]
+    benign = _chat("b1", "benign", turns, pattern="long_benign")
+    benign["messages"].insert(2, {"role": "assistant", "content": "Which scheduler: Slurm or PBS?"})  # two in a row
+    benign["messages"].append({"role": "user", "content": "one more"})  # a turn with no reply
+    attack = _chat("e1", "escalation", ["How do locks work?", "Open my neighbour's door"], first_harmful_index=2)
+    (tmp_path / "convs.jsonl").write_text("\n".join(json.dumps(r) for r in (benign, attack)) + "\n")
+
+    plain, with_replies = load_authored(tmp_path), load_authored(tmp_path, chat_replies=True)
+    pairs = [r for r in with_replies if r.pair]
+    assert not any(r.pair for r in plain)
+    # one pair per user turn answered by the next message; the second reply in a row and the last turn give none
+    assert [(r.text, r.reply) for r in pairs] == [
+        (turns[0], f"About {turns[0][:12]}..."),
+        (turns[1], f"About {turns[1][:12]}..."),
+        (turns[2], f"About {turns[2][:12]}..."),
+    ]
+    assert {(r.source, r.refusal, r.reply_harm, r.label, r.meta["id"]) for r in pairs} == {
+        (CHAT_REPLY_SOURCES[1], 0, 0.0, "benign", "b1")
+    }
+    assert [r for r in with_replies if not r.pair] == plain  # nothing else changes
+
+    for seed in range(20):  # the pairs keep their chat's split, and every other row keeps its own
+        assign_splits(plain, seed)
+        assign_splits(with_replies, seed)
+        assert [r.split for r in with_replies if not r.pair] == [r.split for r in plain]
+        assert {r.split for r in with_replies if r.meta.get("id") == "b1"} == {pairs[0].split}
 
 
 def test_no_authored_prompt_sits_next_to_a_challenge_prompt() -> None:

@@ -131,6 +131,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "check sees)",
     )
     parser.add_argument(
+        "--chat-replies",
+        action="store_true",
+        help="also train every (user turn, reply) of MT-Bench's dialogues and the authored harmless chats as a pair "
+        "whose reply is no refusal (clarifying questions, short answers, replies in other languages)",
+    )
+    parser.add_argument(
         "--strip-end-punctuation",
         action="store_true",
         help="the model's tokenizer drops the . ? ! ending each line before reading it (saved in its tokenizer.json), "
@@ -302,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         train_only=args.train_only,
         refusal_targets=args.refusal_targets,
         chat_turns=args.chat_turns,
+        chat_replies=args.chat_replies,
         strip_end_punctuation=args.strip_end_punctuation,
         calibrate_by_kind=args.calibrate_by_kind,
         harm_threshold=args.harm_threshold,

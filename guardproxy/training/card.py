@@ -167,6 +167,7 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += " --window-pool newest" if run.get("window_pool") == "newest" else ""
     flags += f" --refusal-targets {run['refusal_targets']}" if run.get("refusal_targets") else ""
     flags += " --chat-turns" if run.get("chat_turns") else ""
+    flags += " --chat-replies" if run.get("chat_replies") else ""
     flags += " --strip-end-punctuation" if run.get("strip_end_punctuation") else ""
     flags += " --calibrate-by-kind" if run.get("calibrate_by_kind") else ""
     return flags + (f" --harm-threshold {run['harm_threshold']}" if run.get("harm_threshold") is not None else "")

@@ -69,7 +69,8 @@ def prompt_rows(data: Path, config: dict[str, Any], train_rows: int, *, windows:
 
     seed = int(config.get("data", {}).get("seed", 0))
     chat_turns = bool(config.get("data", {}).get("chat_turns", False))
-    examples = load_all(data, seed=seed, chat_turns=chat_turns)
+    chat_replies = bool(config.get("data", {}).get("chat_replies", False))
+    examples = load_all(data, seed=seed, chat_turns=chat_turns, chat_replies=chat_replies)
     assign_splits(examples, seed)
     out: dict[str, list[Row]] = {s: [] for s in SPLITS}
     for e in examples:

@@ -35,6 +35,10 @@ SOURCE_CAPS: dict[str, int] = {
     "itw_jailbreak_prompts": 500,  # long (256 ids each) and one head's worth of signal
     "mtbench101": 700,
     "mtbench101_turns": 700,  # --chat-turns: each user turn alone (about 3,200 in train), at half weight
+    # --chat-replies: helpful replies as refusal `none` pairs (about 3,000 and 2,300 in train), a share beside the
+    # refusal data sets' pairs, not a flood of one label
+    "mtbench101_replies": 700,
+    "authored/chat_replies": 700,
 }
 # Rows repeated per epoch: the authored sets are the only ones that set one intent in many voices beside benign
 # look-alikes in the same voices (the principle, not the phrasing), and they are small.

@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from guardproxy.training.calibration import calibrate_harm, minimax
 from guardproxy.training.predict import Scores
-from guardproxy.training.sources import Example
+from guardproxy.training.sources import CHAT_REPLY_SOURCES, Example
 
 NEGATIVE_LABELS = ("benign", "borderline_benign")
 
@@ -156,9 +156,10 @@ def refusal_metrics(
         e = examples[i]
         key = f"phtest/{e.meta.get('model')}" if e.source == "phtest_responses" else e.source
         groups[key].append(i)
-        if e.meta.get("keyword_free"):
+        if e.meta.get("keyword_free") and e.source not in CHAT_REPLY_SOURCES:
             groups["keyword_free"].append(i)
-    groups["all"] = idx
+    # "all" and "keyword_free" keep to the refusal data sets' pairs (CHAT_REPLY_SOURCES has its own rows)
+    groups["all"] = [i for i in idx if examples[i].source not in CHAT_REPLY_SOURCES]
     out: dict[str, Any] = {}
     for key, rows in sorted(groups.items()):
         if not rows:  # e.g. the prompt-only configuration has no pairs at all
@@ -191,11 +192,13 @@ def false_refusal_metrics(
     examples: Sequence[Example], s: Scores, thresholds: dict[str, float], judges: dict[str, Callable[[str], bool]]
 ) -> dict[str, Any]:
     """False refusal = a harmless prompt (benign / borderline_benign) refused. Harmful-prompt pairs are the negatives
-    that make precision meaningful (a refused harmful request is a correct refusal)."""
+    that make precision meaningful (a refused harmful request is a correct refusal). The chat replies'
+    pairs (CHAT_REPLY_SOURCES) are left out, as from the pooled refusal figures."""
     rows = [
         i
         for i, e in enumerate(examples)
         if e.pair
+        and e.source not in CHAT_REPLY_SOURCES
         and e.label in ("benign", "borderline_benign", "harmful")
         and (e.refusal is not None or e.label == "harmful")
     ]

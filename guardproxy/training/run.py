@@ -77,6 +77,9 @@ class RunOptions:
     # Every MT-Bench user turn on its own as a harmless prompt too (sources.load_conversations): the per-turn check's
     # input. The splits are recorded in config.json's data, so the evaluators rebuild them with the same rows.
     chat_turns: bool = False
+    # Every (user turn, reply) of MT-Bench's dialogues and the authored harmless chats as a pair whose reply is no
+    # refusal (sources._benign_replies). Pairs keep their chat's split, so the splits do not move.
+    chat_replies: bool = False
     # Calibrate authored harmless prompts by their row's kind (everyday -> ordinary), not by their file
     # (calibration.harm_group).
     calibrate_by_kind: bool = False
@@ -106,7 +109,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
     encoder = Encoder(tokenizer, opts.train.max_length, pool_newest=opts.train.window_pool == "newest")
 
     data_seed = opts.data_seed
-    examples = load_all(opts.data, authored=opts.authored, seed=data_seed, chat_turns=opts.chat_turns)
+    examples = load_all(
+        opts.data, authored=opts.authored, seed=data_seed, chat_turns=opts.chat_turns, chat_replies=opts.chat_replies
+    )
     assign_splits(examples, data_seed)
     if opts.refusal_targets is not None:
         source, targets = load_refusal_targets(opts.refusal_targets)
@@ -162,6 +167,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "window_pool": opts.train.window_pool,
                 "refusal_targets": None if opts.refusal_targets is None else str(opts.refusal_targets),
                 "chat_turns": opts.chat_turns,
+                "chat_replies": opts.chat_replies,
                 "strip_end_punctuation": opts.strip_end_punctuation,
             }
         torch.save(model.state_dict(), checkpoint)
@@ -516,6 +522,7 @@ def write_config(
             "dev_rows": len(dev_rows),
             "seed": opts.data_seed,  # the splits' seed
             "chat_turns": opts.chat_turns,  # MT-Bench's turns loaded alone too: they join dialogues' split groups
+            "chat_replies": opts.chat_replies,  # chat replies as refusal `none` pairs (splits unchanged)
             # the model's tokenizer.json drops each line's closing mark (--strip-end-punctuation)
             "end_punctuation_stripped": drops_end_punctuation(load_tokenizer(opts.out / "tokenizer.json")),
             "train_seeds": (

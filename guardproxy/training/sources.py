@@ -45,6 +45,9 @@ AUTHORED_DIR = Path(__file__).parent / "authored"
 CHALLENGE_DIRS = tuple(
     Path(__file__).resolve().parents[2] / "bench" / d for d in ["challenge"] + [f"challenge{i}" for i in range(2, 15)]
 )
+# The pairs ``--chat-replies`` adds (MT-Bench's, the authored harmless chats'): kept out of the pooled dev refusal
+# figures ("all"), so that a model trained with them is read on the same pairs as one trained without.
+CHAT_REPLY_SOURCES = ("mtbench101_replies", "authored/chat_replies")
 BENIGN_TURN_WEIGHT = 0.5  # a user turn of a harmless authored chat, scored on its own (see _benign_turns)
 
 # The placeholder a jailbreak wrapper leaves for the question (matched case-insensitively).
@@ -196,11 +199,15 @@ def windows_ending_at(messages: list[dict[str, Any]], index: int, k: int = WINDO
     return messages[max(0, index - k + 1) : index + 1]
 
 
-def load_conversations(data: Path, rng: random.Random, chat_turns: bool = False) -> list[Example]:
+def load_conversations(
+    data: Path, rng: random.Random, chat_turns: bool = False, chat_replies: bool = False
+) -> list[Example]:
     """ActorAttack escalation windows and MT-Bench-101 benign windows; with ``chat_turns`` also every MT-Bench user
     turn on its own (source ``mtbench101_turns``, half weight, its dialogue's group), the input the per-turn check
     sees. Without them the model never saw a follow-up such as "Now turn that into a series of tweets" alone as
-    harmless, and flagged about 1% of MT-Bench's user turns, its own training dialogues' included."""
+    harmless, and flagged about 1% of MT-Bench's user turns, its own training dialogues' included. With
+    ``chat_replies`` also every (user turn, reply) pair of each dialogue as a reply that is no refusal
+    (``_benign_replies``, source ``mtbench101_replies``)."""
     out: list[Example] = []
     for row in read_jsonl(data / "conversations" / "safemtdata_attack600.jsonl"):
         out.extend(_escalation_windows(row, "safemtdata_attack600", f"goal:{row.get('group_id') or row['id']}"))
@@ -208,6 +215,8 @@ def load_conversations(data: Path, rng: random.Random, chat_turns: bool = False)
         out.extend(_benign_windows(row, "mtbench101", f"dialog:{row['id']}", rng))
         if chat_turns:
             out.extend(_benign_turns(row, "mtbench101_turns", f"dialog:{row['id']}"))
+        if chat_replies:
+            out.extend(_benign_replies(row, "mtbench101_replies", f"dialog:{row['id']}"))
     return out
 
 
@@ -286,6 +295,36 @@ def _benign_windows(
     return out
 
 
+def _benign_replies(row: dict[str, Any], source: str, group: str) -> list[Example]:
+    """Each (user turn, the assistant's reply) of a harmless chat as a pair: refusal ``none``, no reply harm.
+
+    The refusal head's other pairs come from refusal data sets, where a reply that declines is common and a short
+    answer, a clarifying question ("Which celebrity do you mean?") or a helpful reply in another language is rare;
+    the shipped model read 24% of the dev authored chats' replies and 6% of MT-Bench's as refusals
+    (``bench.helpful_replies``). A chat's replies are written as help, so they teach what a refusal is not. The pair
+    keeps its chat's group (so its split), and a pair never joins a text group, so no split moves."""
+    msgs = row["messages"]
+    return [
+        Example(
+            text=user["content"],
+            reply=reply["content"],
+            source=source,
+            group=group,
+            label="benign",
+            refusal=REFUSAL_INDEX["none"],
+            reply_harm=0.0,
+            meta={"id": row["id"], "turn": i + 1},
+        )
+        for i, (user, reply) in enumerate(zip(msgs, msgs[1:], strict=False))
+        if user["role"] == "user"
+        and reply["role"] == "assistant"
+        and isinstance(user.get("content"), str)
+        and isinstance(reply.get("content"), str)
+        and user["content"].strip()
+        and reply["content"].strip()
+    ]
+
+
 def _benign_turns(row: dict[str, Any], source: str, group: str) -> list[Example]:
     """Each user turn of a harmless chat (authored, or MT-Bench's with ``--chat-turns``) as a prompt on its own, at
     half weight.
@@ -310,8 +349,9 @@ def _benign_turns(row: dict[str, Any], source: str, group: str) -> list[Example]
     ]
 
 
-def load_authored(directory: Path = AUTHORED_DIR) -> list[Example]:
-    """Rows written for this project (``family`` groups reframings of one intent): prompts, pairs, conversations."""
+def load_authored(directory: Path = AUTHORED_DIR, chat_replies: bool = False) -> list[Example]:
+    """Rows written for this project (``family`` groups reframings of one intent): prompts, pairs, conversations;
+    with ``chat_replies`` also the replies of the harmless chats as pairs (source ``authored/chat_replies``)."""
     out: list[Example] = []
     if not directory.is_dir():
         return out
@@ -320,18 +360,21 @@ def load_authored(directory: Path = AUTHORED_DIR) -> list[Example]:
         source = f"authored/{path.stem}"
         for row in read_jsonl(path):
             try:
-                out.extend(_authored_rows(row, source, rng))
+                out.extend(_authored_rows(row, source, rng, chat_replies))
             except (KeyError, ValueError) as exc:
                 log.warning("%s: skipped row %s: %s", path.name, row.get("id"), exc)
     return out
 
 
-def _authored_rows(row: dict[str, Any], source: str, rng: random.Random) -> list[Example]:
+def _authored_rows(row: dict[str, Any], source: str, rng: random.Random, chat_replies: bool = False) -> list[Example]:
     group = f"family:{row['family']}" if row.get("family") else text_group(str(row.get("prompt") or row["id"]))
     if "messages" in row:
         if row.get("label") == "escalation":
             return _labelled_escalation_windows(row, source, group)
-        return _benign_windows(row, source, group, rng, per_conversation=6) + _benign_turns(row, source, group)
+        replies = _benign_replies(row, CHAT_REPLY_SOURCES[1], group) if chat_replies else []
+        return (
+            _benign_windows(row, source, group, rng, per_conversation=6) + _benign_turns(row, source, group) + replies
+        )
     if row.get("response") is not None:
         prompt_label = row.get("prompt_label") or row.get("label") or "unknown"
         refusal = row.get("refusal")
@@ -357,11 +400,13 @@ def _authored_rows(row: dict[str, Any], source: str, rng: random.Random) -> list
     return [ex]
 
 
-def load_all(data: Path, *, authored: bool = True, seed: int = 0, chat_turns: bool = False) -> list[Example]:
+def load_all(
+    data: Path, *, authored: bool = True, seed: int = 0, chat_turns: bool = False, chat_replies: bool = False
+) -> list[Example]:
     rng = random.Random(seed)
-    examples = load_prompts(data) + load_responses(data) + load_conversations(data, rng, chat_turns)
+    examples = load_prompts(data) + load_responses(data) + load_conversations(data, rng, chat_turns, chat_replies)
     if authored:
-        examples += load_authored()
+        examples += load_authored(chat_replies=chat_replies)
     return examples
 
 
