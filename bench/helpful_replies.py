@@ -36,14 +36,15 @@ from guardproxy.settings import DEFAULT_MODEL_DIR
 from guardproxy.signals import REFUSAL_CLASSES
 
 
-def conversation_pairs(data: Path, seed: int, chat_turns: bool) -> dict[str, list[tuple[str, str]]]:
-    """The (user, reply) pairs of the dev split's harmless conversations, per set."""
+def conversation_pairs(data: Path, seed: int, chat_turns: bool) -> dict[str, list[tuple[str, str, str]]]:
+    """The (user, reply, language) triples of the dev split's harmless conversations, per set (MT-Bench's are
+    English)."""
     split = trainer_split_of_ids(data, seed, chat_turns)
     rows: dict[str, list[dict[str, Any]]] = {"mtbench": [], "authored": []}
     rows["mtbench"] = [r for r in read_jsonl(data / "conversations" / "mtbench101.jsonl")]
     for path in sorted(AUTHORED_DIR.glob("conversations*.jsonl")):
         rows["authored"] += [r for r in read_jsonl(path) if r["label"] == "benign"]
-    out: dict[str, list[tuple[str, str]]] = {}
+    out: dict[str, list[tuple[str, str, str]]] = {}
     for name, convs in rows.items():
         pairs = []
         for conv in convs:
@@ -52,7 +53,7 @@ def conversation_pairs(data: Path, seed: int, chat_turns: bool) -> dict[str, lis
             msgs = conv["messages"]
             for user, reply in zip(msgs, msgs[1:], strict=False):
                 if user["role"] == "user" and reply["role"] == "assistant" and reply.get("content"):
-                    pairs.append((user["content"], reply["content"]))
+                    pairs.append((user["content"], reply["content"], conv.get("language", "en")))
         out[name] = pairs
     return out
 
@@ -118,13 +119,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["conversations"] = {}
             for name, pairs in conversation_pairs(args.data, seed, chat_turns).items():
                 print(f"scoring {len(pairs)} dev {name} replies", file=sys.stderr, flush=True)
-                classes = Counter(s.refusal for s in clf.score_replies_sync(pairs))
+                scores = clf.score_replies_sync([(u, r) for u, r, _ in pairs])
+                classes = Counter(s.refusal for s in scores)
                 read = classes["partial"] + classes["full"]
-                counts: dict[str, int] = {"n": len(pairs), "read_as_refusal": read, **classes}
+                languages: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # language -> [read, n]
+                for (_, _, language), s in zip(pairs, scores, strict=True):
+                    languages[language][0] += s.refusal != "none"
+                    languages[language][1] += 1
+                counts: dict[str, Any] = {"n": len(pairs), "read_as_refusal": read, **classes}
+                counts["by_language"] = {k: {"read_as_refusal": v[0], "n": v[1]} for k, v in sorted(languages.items())}
                 result["conversations"][name] = counts
+                by_language = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(languages.items()))
                 print(
                     f"dev {name} harmless chats: {read} of {len(pairs)} helpful replies read as refusals "
-                    f"({read / max(1, len(pairs)):.1%}: {classes['full']} full, {classes['partial']} partial)"
+                    f"({read / max(1, len(pairs)):.1%}: {classes['full']} full, {classes['partial']} partial; "
+                    f"by language {by_language})"
                 )
         result["pairs"] = {}
         for path, rows in files.items():
