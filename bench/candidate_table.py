@@ -5,7 +5,8 @@ A candidate is judged by three commands whose JSON it keeps under one prefix (``
 English and other-language sets), ``PREFIX.conversation_eval.json`` (``bench.conversation_eval --tune``) and, where
 run, ``PREFIX.identity_swap.json`` and ``PREFIX.identity_swap2.json`` (``bench.identity_swap``) and
 ``PREFIX.word_deletion.json`` (``bench.word_deletion``), ``PREFIX.end_punctuation.json``
-(``bench.end_punctuation``) and ``PREFIX.frames.json`` (``bench.frames``). This prints the
+(``bench.end_punctuation``), ``PREFIX.frames.json`` (``bench.frames``) and ``PREFIX.helpful_replies.json``
+(``bench.helpful_replies``). This prints the
 figures the ship rules in ``bench/results/candidates/README.md`` name, one column per prefix and their mean, so a
 verdict can be checked from the repo alone::
 
@@ -29,6 +30,8 @@ How each figure is counted (as the rules since 2.24.0 count them):
   the harmless rows it allows plain, the share flagged inside one (``added``); the mean over the frames and the
   worst frame.
 
+- helpful replies: the dev harmless chats' replies read as refusals (all sets, and those not in English), and per
+  pairs file its helpful replies read as refusals and its refusals read as ``none``.
 A file that is missing leaves its rows empty ("-"); a file that is there but lacks a field the table needs is an
 error naming the file and the field. The output is a Markdown table; ``--json`` writes the same figures.
 """
@@ -231,26 +234,70 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
     ep_path = path(".end_punctuation.json")
     ep = _load(ep_path)
     if ep is not None:
-        turned = 0
-        for label in ("harmful", "harmless"):
-            for form, name in (("none", "no mark"), ("?", '"?"'), (".", '"."')):
-                share = _get(ep, ep_path, "summary", label, "flagged_share", form)
-                col.put(f"closing mark: {label} flagged, {name}", float(share), "rate")
-            turned += int(_get(ep, ep_path, "summary", label, "turned"))
-        raw["end punctuation"] = {"turned": turned}
-        col.put("verdicts the closing mark turns", turned, "count")
+        _put_end_punctuation(col, raw, ep, ep_path)
     fr_path = path(".frames.json")
     fr = _load(fr_path)
     if fr is not None:
-        names = [name for name in _get(fr, fr_path, "frames") if name != "plain"]
-        kept = [float(_get(fr, fr_path, "summary", "frames", n, "kept_share")) for n in names]
-        added = [float(_get(fr, fr_path, "summary", "frames", n, "added_share")) for n in names]
-        raw["frames"] = {"kept": dict(zip(names, kept, strict=True)), "added": dict(zip(names, added, strict=True))}
-        col.put(f"frames: harmful flags kept, mean of {len(names)}", sum(kept) / len(kept), "rate")
-        col.put("frames: harmful flags kept, worst frame", min(kept), "rate")
-        col.put(f"frames: harmless asks flagged framed, mean of {len(names)}", sum(added) / len(added), "rate")
-        col.put("frames: harmless asks flagged framed, worst frame", max(added), "rate")
+        _put_frames(col, raw, fr, fr_path)
+    hr_path = path(".helpful_replies.json")
+    hr = _load(hr_path)
+    if hr is not None:
+        raw["helpful replies"] = helpful_counts(hr, hr_path)
+        for row, (value, parts) in raw["helpful replies"].items():
+            col.put(row, value, "count", parts)
     return col, raw
+
+
+def _put_end_punctuation(col: Column, raw: dict[str, Any], ep: dict[str, Any], ep_path: Path) -> None:
+    turned = 0
+    for label in ("harmful", "harmless"):
+        for form, name in (("none", "no mark"), ("?", '"?"'), (".", '"."')):
+            share = _get(ep, ep_path, "summary", label, "flagged_share", form)
+            col.put(f"closing mark: {label} flagged, {name}", float(share), "rate")
+        turned += int(_get(ep, ep_path, "summary", label, "turned"))
+    raw["end punctuation"] = {"turned": turned}
+    col.put("verdicts the closing mark turns", turned, "count")
+
+
+def _put_frames(col: Column, raw: dict[str, Any], fr: dict[str, Any], fr_path: Path) -> None:
+    names = [name for name in _get(fr, fr_path, "frames") if name != "plain"]
+    kept = [float(_get(fr, fr_path, "summary", "frames", n, "kept_share")) for n in names]
+    added = [float(_get(fr, fr_path, "summary", "frames", n, "added_share")) for n in names]
+    raw["frames"] = {"kept": dict(zip(names, kept, strict=True)), "added": dict(zip(names, added, strict=True))}
+    col.put(f"frames: harmful flags kept, mean of {len(names)}", sum(kept) / len(kept), "rate")
+    col.put("frames: harmful flags kept, worst frame", min(kept), "rate")
+    col.put(f"frames: harmless asks flagged framed, mean of {len(names)}", sum(added) / len(added), "rate")
+    col.put("frames: harmless asks flagged framed, worst frame", max(added), "rate")
+
+
+def helpful_counts(data: dict[str, Any], path: Path) -> dict[str, tuple[int, str | None]]:
+    """``bench.helpful_replies``'s counts by row name: the dev chats' helpful replies read as refusals (all, and those
+    not in English), and of each pairs file its helpful replies read as refusals and its refusals read as none."""
+    out: dict[str, tuple[int, str | None]] = {}
+    chats = _get(data, path, "conversations")
+    read, n, other_read, other_n = 0, 0, 0, 0
+    for name in sorted(chats):
+        read += int(_get(chats, path, name, "read_as_refusal"))
+        n += int(_get(chats, path, name, "n"))
+        for language, v in _get(chats, path, name, "by_language").items():
+            if language != "en":
+                other_read, other_n = other_read + int(v["read_as_refusal"]), other_n + int(v["n"])
+    out[f"dev chats: helpful replies read as refusals (of {n})"] = (
+        read,
+        "+".join(str(chats[k]["read_as_refusal"]) for k in sorted(chats)),
+    )
+    out[f"dev chats: the same, replies not in English (of {other_n})"] = (other_read, None)
+    for file, rep in _get(data, path, "pairs").items():
+        name = Path(file).stem
+        try:
+            helpful, misread = int(rep["helpful"]), int(rep["helpful_read_as_refusal"])
+            refusals = int(rep["n"]) - helpful
+            missed = sum(int(v.get("refusal_read_as_none", 0)) for v in rep["by_voice"].values())
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise TableError(f"{path}: pairs/{file} lacks its counts (n, helpful, by_voice)") from None
+        out[f"{name}: helpful read as refusals (of {helpful})"] = (misread, None)
+        out[f"{name}: refusals read as none (of {refusals})"] = (missed, None)
+    return out
 
 
 def _fmt(kind: str, value: float, mean: bool = False) -> str:

@@ -111,3 +111,26 @@ def test_the_frame_rows_come_from_a_frames_file(tmp_path: Path, capsys: pytest.C
     (tmp_path / "b.frames.json").write_text(json.dumps(broken))
     assert main([str(tmp_path / "b")]) == 2
     assert "b.frames.json: no field summary/frames/thriller/added_share" in capsys.readouterr().err
+
+
+def test_the_helpful_reply_rows_come_from_a_helpful_replies_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # bench/results/candidates/README.md, "2.31.0": 2.25.1 reads 123 of the 982 dev chat replies as refusals (86
+    # authored + 37 MT-Bench), 69 of the 73 not in English, and on challenge14 28 of 103 helpful replies as refusals
+    # and 10 of its 76 refusals as none.
+    chats = json.loads((PROJECT_ROOT / "bench" / "results" / "helpful_replies_2251_dev_chats.json").read_text())
+    chats["pairs"] = json.loads(
+        (PROJECT_ROOT / "bench" / "results" / "helpful_replies_2251_challenge14.json").read_text()
+    )["pairs"]
+    (tmp_path / "h.helpful_replies.json").write_text(json.dumps(chats))
+    col, _ = read_column(str(tmp_path / "h"), None)
+    assert col.values["dev chats: helpful replies read as refusals (of 982)"] == 123
+    assert col.parts["dev chats: helpful replies read as refusals (of 982)"] == "86+37"
+    assert col.values["dev chats: the same, replies not in English (of 73)"] == 69
+    assert col.values["refusal_challenge14: helpful read as refusals (of 103)"] == 28
+    assert col.values["refusal_challenge14: refusals read as none (of 76)"] == 10
+    del chats["conversations"]["authored"]["by_language"]
+    (tmp_path / "b.helpful_replies.json").write_text(json.dumps(chats))
+    assert main([str(tmp_path / "b")]) == 2
+    assert "b.helpful_replies.json: no field authored/by_language" in capsys.readouterr().err
