@@ -216,7 +216,7 @@ def load_conversations(
         if chat_turns:
             out.extend(_benign_turns(row, "mtbench101_turns", f"dialog:{row['id']}"))
         if chat_replies:
-            out.extend(_benign_replies(row, "mtbench101_replies", f"dialog:{row['id']}"))
+            out.extend(_benign_replies(row, CHAT_REPLY_SOURCES[0], f"dialog:{row['id']}"))
     return out
 
 
