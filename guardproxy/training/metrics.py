@@ -56,7 +56,9 @@ def calibrate(examples: Sequence[Example], s: Scores, by_kind: bool = False) -> 
         [(np.array([s.reply_harm[i] for i in rh if examples[i].reply_harm == 1.0]), 0.10)],
         [(np.array([s.reply_harm[i] for i in rh if examples[i].reply_harm == 0.0]), 0.05)],
     )
-    ref = [i for i in pairs if examples[i].refusal is not None]
+    # The refusal line answers to the refusal data sets' pairs: the chat replies (CHAT_REPLY_SOURCES, all `none`)
+    # would move it to a different operating point (candidate 2.31.0's seed 3: 0.46 against 0.26).
+    ref = [i for i in pairs if examples[i].refusal is not None and examples[i].source not in CHAT_REPLY_SOURCES]
     y = np.array([examples[i].refusal for i in ref]) > 0
     probs = s.refusal[ref]
     best_t, best_f1 = 0.5, -1.0
