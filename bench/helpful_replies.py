@@ -34,28 +34,27 @@ from guardproxy.commands.evaluate import trainer_split_of_ids
 from guardproxy.evaluation import binary_metrics, macro_f1
 from guardproxy.settings import DEFAULT_MODEL_DIR
 from guardproxy.signals import REFUSAL_CLASSES
+from guardproxy.training.sources import chat_reply_pairs
 
 
 def conversation_pairs(data: Path, seed: int, chat_turns: bool) -> dict[str, list[tuple[str, str, str]]]:
     """The (user, reply, language) triples of the dev split's harmless conversations, per set (MT-Bench's are
     English)."""
     split = trainer_split_of_ids(data, seed, chat_turns)
-    rows: dict[str, list[dict[str, Any]]] = {"mtbench": [], "authored": []}
-    rows["mtbench"] = [r for r in read_jsonl(data / "conversations" / "mtbench101.jsonl")]
+    rows: dict[str, list[dict[str, Any]]] = {"mtbench": list(read_jsonl(data / "conversations" / "mtbench101.jsonl"))}
+    rows["authored"] = []
     for path in sorted(AUTHORED_DIR.glob("conversations*.jsonl")):
         rows["authored"] += [r for r in read_jsonl(path) if r["label"] == "benign"]
-    out: dict[str, list[tuple[str, str, str]]] = {}
-    for name, convs in rows.items():
-        pairs = []
-        for conv in convs:
-            if split.get(conv["id"]) != "dev":
-                continue
-            msgs = conv["messages"]
-            for user, reply in zip(msgs, msgs[1:], strict=False):
-                if user["role"] == "user" and reply["role"] == "assistant" and reply.get("content"):
-                    pairs.append((user["content"], reply["content"], conv.get("language", "en")))
-        out[name] = pairs
-    return out
+    # the pairs the trainer's --chat-replies makes of a chat (its train split's), here of the dev split's chats
+    return {
+        name: [
+            (e.text, e.reply or "", conv.get("language", "en"))
+            for conv in convs
+            if split.get(conv["id"]) == "dev"
+            for e in chat_reply_pairs(conv, name, "")
+        ]
+        for name, convs in rows.items()
+    }
 
 
 def file_rows(path: Path) -> list[dict[str, Any]]:

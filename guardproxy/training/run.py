@@ -78,7 +78,7 @@ class RunOptions:
     # input. The splits are recorded in config.json's data, so the evaluators rebuild them with the same rows.
     chat_turns: bool = False
     # Every (user turn, reply) of MT-Bench's dialogues and the authored harmless chats as a pair whose reply is no
-    # refusal (sources._benign_replies). Pairs keep their chat's split, so the splits do not move.
+    # refusal (sources.chat_reply_pairs). Pairs keep their chat's split, so the splits do not move.
     chat_replies: bool = False
     # Calibrate authored harmless prompts by their row's kind (everyday -> ordinary), not by their file
     # (calibration.harm_group).

@@ -207,7 +207,7 @@ def load_conversations(
     sees. Without them the model never saw a follow-up such as "Now turn that into a series of tweets" alone as
     harmless, and flagged about 1% of MT-Bench's user turns, its own training dialogues' included. With
     ``chat_replies`` also every (user turn, reply) pair of each dialogue as a reply that is no refusal
-    (``_benign_replies``, source ``mtbench101_replies``)."""
+    (``chat_reply_pairs``, source ``mtbench101_replies``)."""
     out: list[Example] = []
     for row in read_jsonl(data / "conversations" / "safemtdata_attack600.jsonl"):
         out.extend(_escalation_windows(row, "safemtdata_attack600", f"goal:{row.get('group_id') or row['id']}"))
@@ -216,7 +216,7 @@ def load_conversations(
         if chat_turns:
             out.extend(_benign_turns(row, "mtbench101_turns", f"dialog:{row['id']}"))
         if chat_replies:
-            out.extend(_benign_replies(row, CHAT_REPLY_SOURCES[0], f"dialog:{row['id']}"))
+            out.extend(chat_reply_pairs(row, CHAT_REPLY_SOURCES[0], f"dialog:{row['id']}"))
     return out
 
 
@@ -295,7 +295,7 @@ def _benign_windows(
     return out
 
 
-def _benign_replies(row: dict[str, Any], source: str, group: str) -> list[Example]:
+def chat_reply_pairs(row: dict[str, Any], source: str, group: str) -> list[Example]:
     """Each (user turn, the assistant's reply) of a harmless chat as a pair: refusal ``none``, no reply harm.
 
     The refusal head's other pairs come from refusal data sets, where a reply that declines is common and a short
@@ -371,7 +371,7 @@ def _authored_rows(row: dict[str, Any], source: str, rng: random.Random, chat_re
     if "messages" in row:
         if row.get("label") == "escalation":
             return _labelled_escalation_windows(row, source, group)
-        replies = _benign_replies(row, CHAT_REPLY_SOURCES[1], group) if chat_replies else []
+        replies = chat_reply_pairs(row, CHAT_REPLY_SOURCES[1], group) if chat_replies else []
         return (
             _benign_windows(row, source, group, rng, per_conversation=6) + _benign_turns(row, source, group) + replies
         )
