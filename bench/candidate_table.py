@@ -30,8 +30,9 @@ How each figure is counted (as the rules since 2.24.0 count them):
   the harmless rows it allows plain, the share flagged inside one (``added``); the mean over the frames and the
   worst frame.
 
-- helpful replies: the dev harmless chats' replies read as refusals (all sets, and those not in English), and per
-  pairs file its helpful replies read as refusals and its refusals read as ``none``.
+- helpful replies: the dev harmless chats' replies read as refusals (both sets, and those not in English), the
+  challenge sets' harmless chats' replies read as refusals, and per pairs file its helpful replies read as refusals
+  and its refusals read as ``none``.
 A file that is missing leaves its rows empty ("-"); a file that is there but lacks a field the table needs is an
 error naming the file and the field. The output is a Markdown table; ``--json`` writes the same figures.
 """
@@ -58,6 +59,7 @@ HARMLESS_SETS = (
 ESCALATION_SETS = ("dev/actorattack:escalation", "challenge/challenge:escalation:ALL")
 POOLED = (("English pooled", "harm_english_pooled.jsonl"), ("other languages pooled", "harm_multilingual_pooled.jsonl"))
 DEFAULT_LEAVE_OUT = "gp-long14"
+DEV_CHAT_SETS = ("authored", "mtbench")  # bench.helpful_replies's dev sets; its other sets are the challenge chats
 
 
 class TableError(Exception):
@@ -276,7 +278,8 @@ def helpful_counts(data: dict[str, Any], path: Path) -> dict[str, tuple[int, str
     out: dict[str, tuple[int, str | None]] = {}
     chats = _get(data, path, "conversations")
     read, n, other_read, other_n = 0, 0, 0, 0
-    for name in sorted(chats):
+    dev = sorted(k for k in chats if k in DEV_CHAT_SETS)
+    for name in dev:
         read += int(_get(chats, path, name, "read_as_refusal"))
         n += int(_get(chats, path, name, "n"))
         for language, v in _get(chats, path, name, "by_language").items():
@@ -284,9 +287,17 @@ def helpful_counts(data: dict[str, Any], path: Path) -> dict[str, tuple[int, str
                 other_read, other_n = other_read + int(v["read_as_refusal"]), other_n + int(v["n"])
     out[f"dev chats: helpful replies read as refusals (of {n})"] = (
         read,
-        "+".join(str(chats[k]["read_as_refusal"]) for k in sorted(chats)),
+        "+".join(str(chats[k]["read_as_refusal"]) for k in dev),
     )
     out[f"dev chats: the same, replies not in English (of {other_n})"] = (other_read, None)
+    blind = sorted(k for k in chats if k not in DEV_CHAT_SETS)  # the challenge sets' chats (files since 2026-12-07)
+    if blind:
+        n = sum(int(_get(chats, path, k, "n")) for k in blind)
+        read = sum(int(_get(chats, path, k, "read_as_refusal")) for k in blind)
+        out[f"challenge chats: helpful replies read as refusals (of {n})"] = (
+            read,
+            "+".join(str(chats[k]["read_as_refusal"]) for k in blind),
+        )
     for file, rep in _get(data, path, "pairs").items():
         name = Path(file).stem
         try:

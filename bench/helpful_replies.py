@@ -7,9 +7,10 @@ applies it):
 
 - **Helpful replies in harmless conversations.** Each (user turn, assistant reply) pair of the dev split's harmless
   conversations, MT-Bench dialogues and the authored harmless chats, split as the model's trainer split them
-  (``config.json`` ``data.seed`` and ``data.chat_turns``, as ``bench.conversation_eval`` reads them). Every reply
-  there is helpful, so each one read as a partial or full refusal is a false refusal event: with output checks on it
-  adds to the conversation's escalation and opens the window gate for the rest of the chat.
+  (``config.json`` ``data.seed`` and ``data.chat_turns``, as ``bench.conversation_eval`` reads them), and of the
+  harmless chats of the challenge conversation sets (``challenge``, ``challenge12``: written blind, never trained
+  on). Every reply there is helpful, so each one read as a partial or full refusal is a false refusal event: with
+  output checks on it adds to the conversation's escalation and opens the window gate for the rest of the chat.
 - **Pairs files** (``--pairs``, the responses format of ``guardproxy/training/authored/``: ``prompt``, ``response``,
   ``refusal``, optional ``voice``): the three-way confusion, macro-F1 and binary F1 (refusal = partial or full), and
   per ``voice`` group how many replies labelled ``none`` were read as refusals and how many refusals were read as
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.conversation_eval import AUTHORED_DIR, read_jsonl
+from bench.conversation_eval import AUTHORED_DIR, CHALLENGE_SETS, read_jsonl
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.commands.evaluate import trainer_split_of_ids
 from guardproxy.evaluation import binary_metrics, macro_f1
@@ -38,22 +39,24 @@ from guardproxy.training.sources import chat_reply_pairs
 
 
 def conversation_pairs(data: Path, seed: int, chat_turns: bool) -> dict[str, list[tuple[str, str, str]]]:
-    """The (user, reply, language) triples of the dev split's harmless conversations, per set (MT-Bench's are
-    English)."""
+    """The (user, reply, language) triples of the harmless conversations, per set: the dev split's MT-Bench dialogues
+    and authored chats, and the challenge sets' harmless chats (written blind, never trained on)."""
     split = trainer_split_of_ids(data, seed, chat_turns)
-    rows: dict[str, list[dict[str, Any]]] = {"mtbench": list(read_jsonl(data / "conversations" / "mtbench101.jsonl"))}
-    rows["authored"] = []
+    dev: dict[str, list[dict[str, Any]]] = {"mtbench": list(read_jsonl(data / "conversations" / "mtbench101.jsonl"))}
+    dev["authored"] = []
     for path in sorted(AUTHORED_DIR.glob("conversations*.jsonl")):
-        rows["authored"] += [r for r in read_jsonl(path) if r["label"] == "benign"]
-    # the pairs the trainer's --chat-replies makes of a chat (its train split's), here of the dev split's chats
+        dev["authored"] += [r for r in read_jsonl(path) if r["label"] == "benign"]
+    chats = {name: [c for c in convs if split.get(c["id"]) == "dev"] for name, convs in dev.items()}
+    for name, path in CHALLENGE_SETS.items():
+        chats[name] = [r for r in read_jsonl(path) if r["label"] == "benign"]
+    # the pairs the trainer's --chat-replies makes of a chat (its train split's), here of chats it never trains on
     return {
         name: [
             (e.text, e.reply or "", conv.get("language", "en"))
             for conv in convs
-            if split.get(conv["id"]) == "dev"
             for e in chat_reply_pairs(conv, name, "")
         ]
-        for name, convs in rows.items()
+        for name, convs in chats.items()
     }
 
 
@@ -129,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts["by_language"] = {k: {"read_as_refusal": v[0], "n": v[1]} for k, v in sorted(languages.items())}
                 result["conversations"][name] = counts
                 by_language = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(languages.items()))
+                where = name if name in CHALLENGE_SETS else f"dev {name}"
                 print(
-                    f"dev {name} harmless chats: {read} of {len(pairs)} helpful replies read as refusals "
+                    f"{where} harmless chats: {read} of {len(pairs)} helpful replies read as refusals "
                     f"({read / max(1, len(pairs)):.1%}: {classes['full']} full, {classes['partial']} partial; "
                     f"by language {by_language})"
                 )

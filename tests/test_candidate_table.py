@@ -119,7 +119,8 @@ def test_the_helpful_reply_rows_come_from_a_helpful_replies_file(
     # bench/results/candidates/README.md, "2.31.0": 2.25.1 reads 123 of the 982 dev chat replies as refusals (86
     # authored + 37 MT-Bench), 69 of the 73 not in English, and on challenge14 28 of 103 helpful replies as refusals
     # and 10 of its 76 refusals as none.
-    chats = json.loads((PROJECT_ROOT / "bench" / "results" / "helpful_replies_2251_dev_chats.json").read_text())
+    # and 50 of the 908 replies in the challenge sets' harmless chats (31 + 19)
+    chats = json.loads((PROJECT_ROOT / "bench" / "results" / "helpful_replies_2251_chats.json").read_text())
     chats["pairs"] = json.loads(
         (PROJECT_ROOT / "bench" / "results" / "helpful_replies_2251_challenge14.json").read_text()
     )["pairs"]
@@ -128,6 +129,8 @@ def test_the_helpful_reply_rows_come_from_a_helpful_replies_file(
     assert col.values["dev chats: helpful replies read as refusals (of 982)"] == 123
     assert col.parts["dev chats: helpful replies read as refusals (of 982)"] == "86+37"
     assert col.values["dev chats: the same, replies not in English (of 73)"] == 69
+    assert col.values["challenge chats: helpful replies read as refusals (of 908)"] == 50
+    assert col.parts["challenge chats: helpful replies read as refusals (of 908)"] == "31+19"
     assert col.values["refusal_challenge14: helpful read as refusals (of 103)"] == 28
     assert col.values["refusal_challenge14: refusals read as none (of 76)"] == 10
     del chats["conversations"]["authored"]["by_language"]
