@@ -156,12 +156,10 @@ def refusal_metrics(
     groups: dict[str, list[int]] = defaultdict(list)
     for i in idx:
         e = examples[i]
-        key = f"phtest/{e.meta.get('model')}" if e.source == "phtest_responses" else e.source
-        groups[key].append(i)
-        if e.meta.get("keyword_free") and e.source not in CHAT_REPLY_SOURCES:
-            groups["keyword_free"].append(i)
-    # "all" and "keyword_free" keep to the refusal data sets' pairs (CHAT_REPLY_SOURCES has its own rows)
+        groups[f"phtest/{e.meta.get('model')}" if e.source == "phtest_responses" else e.source].append(i)
+    # The pooled groups keep to the refusal data sets' pairs (CHAT_REPLY_SOURCES has its own rows)
     groups["all"] = [i for i in idx if examples[i].source not in CHAT_REPLY_SOURCES]
+    groups["keyword_free"] = [i for i in groups["all"] if examples[i].meta.get("keyword_free")]
     out: dict[str, Any] = {}
     for key, rows in sorted(groups.items()):
         if not rows:  # e.g. the prompt-only configuration has no pairs at all
