@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.conversation_eval import CHALLENGE_SETS  # bench.helpful_replies's blind chats; its other sets are dev
+
 POLICY_ROW = "tracker + last-turn"
 HARMLESS_SETS = (
     "dev/mtbench:benign",
@@ -59,7 +61,6 @@ HARMLESS_SETS = (
 ESCALATION_SETS = ("dev/actorattack:escalation", "challenge/challenge:escalation:ALL")
 POOLED = (("English pooled", "harm_english_pooled.jsonl"), ("other languages pooled", "harm_multilingual_pooled.jsonl"))
 DEFAULT_LEAVE_OUT = "gp-long14"
-DEV_CHAT_SETS = ("authored", "mtbench")  # bench.helpful_replies's dev sets; its other sets are the challenge chats
 
 
 class TableError(Exception):
@@ -274,11 +275,12 @@ def _put_frames(col: Column, raw: dict[str, Any], fr: dict[str, Any], fr_path: P
 
 def helpful_counts(data: dict[str, Any], path: Path) -> dict[str, tuple[int, str | None]]:
     """``bench.helpful_replies``'s counts by row name: the dev chats' helpful replies read as refusals (all, and those
-    not in English), and of each pairs file its helpful replies read as refusals and its refusals read as none."""
+    not in English), the challenge sets' chats' the same, and of each pairs file its helpful replies read as refusals
+    and its refusals read as none."""
     out: dict[str, tuple[int, str | None]] = {}
     chats = _get(data, path, "conversations")
     read, n, other_read, other_n = 0, 0, 0, 0
-    dev = sorted(k for k in chats if k in DEV_CHAT_SETS)
+    dev = sorted(k for k in chats if k not in CHALLENGE_SETS)
     for name in dev:
         read += int(_get(chats, path, name, "read_as_refusal"))
         n += int(_get(chats, path, name, "n"))
@@ -290,7 +292,7 @@ def helpful_counts(data: dict[str, Any], path: Path) -> dict[str, tuple[int, str
         "+".join(str(chats[k]["read_as_refusal"]) for k in dev),
     )
     out[f"dev chats: the same, replies not in English (of {other_n})"] = (other_read, None)
-    blind = sorted(k for k in chats if k not in DEV_CHAT_SETS)  # the challenge sets' chats (files since 2026-12-07)
+    blind = sorted(k for k in chats if k in CHALLENGE_SETS)  # in the files written since 2026-12-07 04:00 UTC
     if blind:
         n = sum(int(_get(chats, path, k, "n")) for k in blind)
         read = sum(int(_get(chats, path, k, "read_as_refusal")) for k in blind)
