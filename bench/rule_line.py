@@ -46,9 +46,10 @@ def rule_line(
     per_source = curve["harmful_sources"]
     dropped = leave_out + [s for s in if_present if s in per_source and s not in leave_out]
     kept_curve = curve_without(curve, dropped)
-    missing = sorted(set(max_miss) - set(kept_curve))
+    # Limits are miss rates, so only the harmful groups (those with per-source counts) can carry one.
+    missing = sorted(set(max_miss) - {v["group"] for v in per_source.values()})
     if missing:
-        raise KeyError(f"no calibration group {', '.join(missing)}")
+        raise KeyError(f"no harmful calibration group {', '.join(missing)}")
     line = highest_line_within(kept_curve, max_miss)
     groups: dict[str, Any] = {}
     for group in max_miss:

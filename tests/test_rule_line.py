@@ -62,6 +62,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.Ca
     assert err.count("\n") == 1 and str(path) in err and "authored/typo" in err
     assert rule_line.main([str(path), "--max-miss", "harmful_other=0.1"]) == 2
     assert "harmful_other" in capsys.readouterr().err
+    assert rule_line.main([str(path), "--max-miss", "lookalike=0.1"]) == 2  # a flag rate, not a miss rate
+    assert "lookalike" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text('{"harm_calibration_curve": ')
     assert rule_line.main([str(broken), *LIMITS]) == 2
