@@ -50,6 +50,12 @@ def test_the_line_is_the_calibration_modules_line_and_the_kept_rows_are_counted(
     authored = res["groups"]["harmful_authored"]
     assert authored["rows"] == 80 and authored["missed"] <= 80 / 4
     assert f"line {want:.2f}" in capsys.readouterr().out
+    # A batch named "if present" that the curve has is left out just as --leave-out leaves it out.
+    present = tmp_path / "present.json"
+    argv = [str(path), "--leave-out-if-present", "authored/prompts_easy", "--json", str(present)]
+    assert rule_line.main(argv + ["--max-miss", "harmful_authored=1/4", "--max-miss", "harmful_public=0.1"]) == 0
+    assert json.loads(present.read_text())[str(path)]["line"] == want
+    capsys.readouterr()
     # Counted with the easy batch the authored group misses less, so the same limit allows a line at least as high.
     assert rule_line.main([str(path), "--max-miss", "harmful_authored=1/4", "--max-miss", "harmful_public=0.1"]) == 0
     assert float(capsys.readouterr().out.split("line ")[1][:4]) >= want
