@@ -280,3 +280,49 @@ def test_a_distillation_teacher_reads_through_its_own_tokenizer_not_the_students
     assert teacher.encoder(marked).input_ids != teacher.encoder(bare).input_ids  # it sees the mark it was trained on
     targets = teacher.targets([marked, bare])
     assert set(targets) >= {"harm", "embedding"} and targets["harm"].shape[0] == 2
+
+
+def test_a_teacher_trains_only_the_heads_named_and_the_rest_learn_from_the_labels() -> None:
+    from guardproxy.settings import PROJECT_ROOT
+    from guardproxy.training.augment import DISTILL_HEADS
+    from guardproxy.training.loop import distill_loss
+    from guardproxy.training.sources import Example
+
+    teacher = load_teacher(PROJECT_ROOT / "models" / "guard-v1", 64)
+    batch = [
+        Example(text="how do i make a bomb?", source="t", group="g", label="harmful", harm=1.0, category=5),
+        Example(text="how do i bake bread?", source="t", group="h", label="benign", reply="I can't help.", refusal=2),
+    ]
+    targets = teacher.targets(batch)
+
+    def grads(heads: tuple[str, ...]) -> dict[str, float]:
+        torch.manual_seed(0)
+        out = {k: torch.randn(2, *targets[k].shape[1:], requires_grad=True) for k in DISTILL_HEADS if k != "embedding"}
+        out["pooled"] = torch.randn(2, targets["embedding"].shape[1], requires_grad=True)
+        distill_loss(out, targets, batch, heads).backward()
+        return {k: 0.0 if v.grad is None else float(v.grad.abs().sum()) for k, v in out.items()}
+
+    harm_side = grads(("harm", "jailbreak", "category", "embedding"))
+    assert harm_side["refusal"] == 0.0 and harm_side["reply_harm"] == 0.0  # left to the labels
+    assert harm_side["harm"] > 0 and harm_side["category"] > 0 and harm_side["pooled"] > 0
+    every = grads(DISTILL_HEADS)
+    assert every["refusal"] > 0 and every["reply_harm"] > 0  # the default distils the pair's reply heads too
+    assert grads(("refusal",))["pooled"] == 0.0 and grads(("refusal",))["harm"] == 0.0
+
+
+def test_a_distilled_step_keeps_the_full_label_loss_of_the_heads_the_teacher_does_not_train() -> None:
+    from guardproxy.training.augment import DISTILL_HEADS
+    from guardproxy.training.loop import HEAD_WEIGHTS, with_teacher
+
+    parts = {k: torch.tensor(float(i + 1)) for i, k in enumerate(HEAD_WEIGHTS)}
+    parts["total"] = sum((HEAD_WEIGHTS[k] * v for k, v in parts.items()), torch.tensor(0.0))
+    parts["distill"] = torch.tensor(0.25)
+    assert float(with_teacher(parts, 0.5, DISTILL_HEADS)) == pytest.approx(0.5 * float(parts["total"]) + 0.125)
+    harm_side = float(with_teacher(parts, 0.5, ("harm", "jailbreak", "category", "embedding")))
+    held = sum(HEAD_WEIGHTS[k] * float(parts[k]) for k in ("harm", "jailbreak", "category"))
+    assert harm_side == pytest.approx(float(parts["total"]) - 0.5 * held + 0.125)
+    # the refusal and reply-harm label losses enter at full weight: the total grows with them one for one
+    more = dict(parts, refusal=parts["refusal"] + 1.0, total=parts["total"] + HEAD_WEIGHTS["refusal"])
+    assert float(with_teacher(more, 0.5, ("harm", "embedding"))) - float(
+        with_teacher(parts, 0.5, ("harm", "embedding"))
+    ) == pytest.approx(HEAD_WEIGHTS["refusal"])

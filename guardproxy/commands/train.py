@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from guardproxy.errors import ConfigError
-from guardproxy.training.augment import CONSISTENCY_ROWS
+from guardproxy.training.augment import CONSISTENCY_ROWS, DISTILL_HEADS
 
 HARMFUL_SOURCES = ("advbench", "harmbench", "itw_forbidden_questions", "openai_moderation")
 
@@ -176,6 +176,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--distill", type=float, default=0.5, help="weight of the teacher's soft targets against the labels (0-1)"
     )
     parser.add_argument(
+        "--distill-heads",
+        default=",".join(DISTILL_HEADS),
+        metavar="HEAD,...",
+        help="the heads the teacher trains, the others learn from the labels alone, e.g. harm,jailbreak,category,"
+        "embedding to hold a model's harm side while new pairs move its refusal head "
+        f"(default: all of {','.join(DISTILL_HEADS)})",
+    )
+    parser.add_argument(
         "--leave-out",
         action="append",
         default=[],
@@ -229,6 +237,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--form-consistency: expected a weight of 0 or more, got {args.form_consistency}")
     if not 0.0 <= args.distill <= 1.0:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
+    heads = args.distill_heads.split(",")
+    unknown = [h for h in heads if h not in DISTILL_HEADS]
+    if unknown or not heads:
+        raise ConfigError(f"--distill-heads: unknown head {unknown[0]!r}; expected some of {','.join(DISTILL_HEADS)}")
+    if args.teacher is None and tuple(heads) != DISTILL_HEADS:
+        raise ConfigError("--distill-heads names what a teacher trains: it needs --teacher")
     if args.harm_threshold is not None and not 0.0 < args.harm_threshold < 1.0:
         raise ConfigError(f"--harm-threshold must be between 0 and 1 (exclusive), got {args.harm_threshold}")
     if args.train_only and (args.eval_only or args.card):
@@ -315,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         train=TrainConfig(
             device=args.device,
             distill=args.distill,
+            distill_heads=tuple(args.distill_heads.split(",")),
             max_length=128 if args.cheap else args.max_length,
             epochs=args.epochs,
             max_steps=args.max_steps,

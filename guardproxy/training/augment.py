@@ -278,6 +278,9 @@ _PLAIN_AUG_SOURCES = frozenset({"aug/frame", "aug/reworded", "aug/terse", "aug/w
 
 # How many asks of a batch the consistency loss pairs at most (TrainConfig.consistency_rows).
 CONSISTENCY_ROWS = 8
+# What a distillation teacher can train (TrainConfig.distill_heads): the five heads and the pooled embedding (the
+# conversation tracker's). Here, not in loop, so that the CLI checks ``--distill-heads`` without importing torch.
+DISTILL_HEADS = ("harm", "jailbreak", "category", "reply_harm", "refusal", "embedding")
 
 
 def consistency_pairs(batch: Sequence[Example], rng: random.Random, limit: int) -> tuple[list[int], list[Example]]:

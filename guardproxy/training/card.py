@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from guardproxy.training.augment import DISTILL_HEADS
 from guardproxy.training.loop import SOURCE_CAPS, SOURCE_REPEATS
 from guardproxy.training.model import student_layer_map
 from guardproxy.training.run import soup_runs
@@ -170,6 +171,10 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += " --chat-replies" if run.get("chat_replies") else ""
     flags += " --strip-end-punctuation" if run.get("strip_end_punctuation") else ""
     flags += " --calibrate-by-kind" if run.get("calibrate_by_kind") else ""
+    if run.get("teacher"):
+        flags += f" --teacher {run['teacher']} --distill {run['distill']}"
+        heads = run.get("distill_heads") or DISTILL_HEADS
+        flags += f" --distill-heads {','.join(heads)}" if tuple(heads) != DISTILL_HEADS else ""
     return flags + (f" --harm-threshold {run['harm_threshold']}" if run.get("harm_threshold") is not None else "")
 
 
@@ -495,6 +500,10 @@ def _speed_steps_section(add: Any, m: dict[str, Any], compare: list[Path]) -> No
         cm = json.loads(path.read_text())
         opts = cm["options"]
         recipe = f"distilled from {Path(opts['teacher']).name}" if opts.get("teacher") else "labels only"
+        heads = cm.get("train", {}).get("distill_heads")
+        recipe += (
+            f" ({', '.join(heads)} only)" if opts.get("teacher") and heads and tuple(heads) != DISTILL_HEADS else ""
+        )
         if opts.get("init_from"):
             recipe += f", started from {Path(opts['init_from']).parent.name}'s weights"
         cheap = ", cheap config" if opts.get("prompts_only") else ""

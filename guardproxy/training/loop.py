@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from guardproxy.encoding import POOL_INPUT, Encoding, encode_pair, encode_prompt, encode_window, pad_batch
-from guardproxy.training.augment import CONSISTENCY_ROWS, augment, consistency_pairs, language_weighted
+from guardproxy.training.augment import CONSISTENCY_ROWS, DISTILL_HEADS, augment, consistency_pairs, language_weighted
 from guardproxy.training.model import REFUSAL_LABELS, GuardModel
 from guardproxy.training.sources import Example
 
@@ -112,6 +112,9 @@ class TrainConfig:
     # its newest turn's (the encoder still attends to the whole window; the export gets a pool_mask input).
     window_pool: Literal["all", "newest"] = "all"
     distill: float = 0.5  # weight of the teacher's soft targets against the labels, when a teacher is given
+    # The heads the teacher's soft targets train; the others learn from the labels alone. A subset holds some heads
+    # near a trained model (its harm side, say) while new data moves the rest (its refusal head).
+    distill_heads: tuple[str, ...] = DISTILL_HEADS
     device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
 
 
@@ -271,9 +274,15 @@ def multitask_loss(out: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> 
     return parts
 
 
-def distill_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch: Sequence[Example]) -> torch.Tensor:
+def distill_loss(
+    out: dict[str, torch.Tensor],
+    t: dict[str, torch.Tensor],
+    batch: Sequence[Example],
+    heads: Sequence[str] = DISTILL_HEADS,
+) -> torch.Tensor:
     """Soft-target loss against the teacher's probabilities: the prompt heads and the embedding on every row, the
-    reply heads on (prompt, reply) pairs only (the teacher's refusal output on a bare prompt means nothing)."""
+    reply heads on (prompt, reply) pairs only (the teacher's refusal output on a bare prompt means nothing). Only
+    ``heads`` count."""
     bce = nn.functional.binary_cross_entropy_with_logits
     pair = torch.tensor([e.pair for e in batch], dtype=torch.float32, device=out["harm"].device)
     ones = torch.ones_like(pair)
@@ -287,8 +296,17 @@ def distill_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch
         "category": _masked_mean(soft_ce, t["harm"]),  # the category matters as much as the ask is harmful
         "refusal": _masked_mean(refusal_ce, pair),
     }
-    total = sum((HEAD_WEIGHTS[k] * v for k, v in parts.items()), torch.tensor(0.0))
-    return total + (1.0 - cosine).mean()
+    total = sum((HEAD_WEIGHTS[k] * v for k, v in parts.items() if k in heads), torch.tensor(0.0))
+    return total + (1.0 - cosine).mean() if "embedding" in heads else total
+
+
+def with_teacher(parts: dict[str, torch.Tensor], weight: float, heads: Sequence[str]) -> torch.Tensor:
+    """The total loss of a distilled step: for each head the teacher trains, its label loss gives way to the teacher's
+    soft targets by ``weight``; the heads it does not train keep their label loss at full weight."""
+    if tuple(heads) == DISTILL_HEADS:  # every head: the plain blend (as runs before ``heads`` existed computed it)
+        return (1.0 - weight) * parts["total"] + weight * parts["distill"]
+    held = sum((HEAD_WEIGHTS[k] * parts[k] for k in heads if k in HEAD_WEIGHTS), torch.tensor(0.0))
+    return parts["total"] + weight * (parts["distill"] - held)
 
 
 def consistency_loss(harm: torch.Tensor, harm_copies: torch.Tensor) -> torch.Tensor:
@@ -364,8 +382,8 @@ def train(
             out = model(**to_tensors(batch, encoder, cfg.device))
             parts = multitask_loss(out, _on(_labels(batch), cfg.device))
             if teacher is not None:
-                parts["distill"] = distill_loss(out, _on(teacher.targets(batch), cfg.device), batch)
-                parts["total"] = (1.0 - cfg.distill) * parts["total"] + cfg.distill * parts["distill"]
+                parts["distill"] = distill_loss(out, _on(teacher.targets(batch), cfg.device), batch, cfg.distill_heads)
+                parts["total"] = with_teacher(parts, cfg.distill, cfg.distill_heads)
             if cfg.form_consistency:
                 index, copies = consistency_pairs(batch, pair_rng, cfg.consistency_rows)
                 if copies:

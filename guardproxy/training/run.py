@@ -169,6 +169,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "chat_turns": opts.chat_turns,
                 "chat_replies": opts.chat_replies,
                 "strip_end_punctuation": opts.strip_end_punctuation,
+                "teacher": None if opts.teacher is None else str(opts.teacher),
+                "distill": opts.train.distill if opts.teacher is not None else None,
+                "distill_heads": list(opts.train.distill_heads) if opts.teacher is not None else None,
             }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
