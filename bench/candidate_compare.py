@@ -12,6 +12,10 @@ these decides by luck.
     .venv/bin/python -m bench.candidate_compare --candidate /tmp/cand [--baseline models/guard-v1] [FILE ...]
         [--json OUT]
 
+Beside the rates, the **decisions that changed**: rows the two models, each at its own line, decide differently
+(harmful rows the candidate newly allows or newly flags, harmless ones likewise). Equal rates can hide many swaps;
+a candidate meant to hold the baseline's harm side (a distillation teacher) should change few.
+
 Without FILEs: every ``harm_challenge*.jsonl`` of the held-out sets (``CHALLENGE_DIRS``); a file without both
 harmful and harmless prompt rows is skipped with a message.
 """
@@ -62,6 +66,22 @@ def set_metrics(records: list[PromptRecord]) -> dict[str, Any]:
     }
 
 
+# The rows two models decide apart, by side (``decision_changes``), in the order the table prints them.
+CHANGES = ("harmful_newly_allowed", "harmful_newly_flagged", "harmless_newly_flagged", "harmless_newly_allowed")
+
+
+def decision_changes(baseline: list[PromptRecord], candidate: list[PromptRecord]) -> dict[str, int]:
+    """Rows (scored in the same order by both models) that one model flags and the other allows, by side."""
+    changes = dict.fromkeys(CHANGES, 0)
+    for b, c in zip(baseline, candidate, strict=True):
+        if (b.action != "allow") == (c.action != "allow"):
+            continue
+        side = "harmful" if b.label == "harmful" else "harmless" if b.label in NEGATIVE_LABELS else None
+        if side is not None:
+            changes[f"{side}_newly_{'flagged' if c.action != 'allow' else 'allowed'}"] += 1
+    return changes
+
+
 def recall_at_flag_rate(pos: np.ndarray, neg: np.ndarray, flag_rate: float) -> float:
     """Recall at the lowest threshold on the scores that flags at most ``flag_rate`` of ``neg``."""
     allowed = int(np.floor(flag_rate * len(neg) + 1e-9))
@@ -101,6 +121,7 @@ def compare(baseline: Path, candidate: Path, sets: list[Path]) -> dict[str, Any]
         c = set_metrics(c_records)
         c["auroc_difference_se"] = auroc_difference_se(b["_pos"], b["_neg"], c["_pos"], c["_neg"])
         c["recall_at_baseline_harmless_rate"] = recall_at_flag_rate(c["_pos"], c["_neg"], b["harmless_flagged"])
+        c["decisions_changed"] = decision_changes(b_records, c_records)
         # The baseline against its own harmless rate, by the same rule, so both sides of the comparison match.
         b["recall_at_baseline_harmless_rate"] = recall_at_flag_rate(b["_pos"], b["_neg"], b["harmless_flagged"])
         for m in (b, c):
@@ -118,16 +139,20 @@ def render(result: dict[str, Any]) -> str:
         f"baseline {result['baseline']}  |  candidate {result['candidate']}",
         "",
         "| set | AUROC b / c | c - b (paired bootstrap SE) | harmful flagged b / c | harmless flagged b / c "
-        "| recall at b's harmless rate b / c |",
-        "|---|---|---|---|---|---|",
+        "| recall at b's harmless rate b / c | decisions changed: harmful allowed / flagged, harmless flagged / "
+        "allowed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, pair in result["sets"].items():
         b, c = pair["baseline"], pair["candidate"]
+        d = c.get("decisions_changed", {})
+        changed = " / ".join(str(d.get(k, "-")) for k in CHANGES)
         lines.append(
             f"| {name} | {b['auroc']:.3f} / {c['auroc']:.3f} | {c['auroc'] - b['auroc']:+.3f} "
             f"({c['auroc_difference_se']:.3f}) | {pct(b['harmful_flagged'])} / "
             f"{pct(c['harmful_flagged'])} | {pct(b['harmless_flagged'])} / {pct(c['harmless_flagged'])} | "
-            f"{pct(b['recall_at_baseline_harmless_rate'])} / {pct(c['recall_at_baseline_harmless_rate'])} |"
+            f"{pct(b['recall_at_baseline_harmless_rate'])} / {pct(c['recall_at_baseline_harmless_rate'])} | "
+            f"{changed} |"
         )
     return "\n".join(lines)
 

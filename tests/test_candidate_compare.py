@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.candidate_compare import auroc_difference_se, compare, recall_at_flag_rate
+from bench.candidate_compare import auroc_difference_se, compare, decision_changes, recall_at_flag_rate
 from guardproxy.settings import PROJECT_ROOT
 
 
@@ -41,6 +41,7 @@ def test_compare_skips_files_without_prompt_rows_and_matches_a_model_against_its
     pair = result["sets"]["harm_tiny.jsonl"]
     candidate = dict(pair["candidate"])
     assert candidate.pop("auroc_difference_se") == 0.0  # a model against itself: no difference in any redraw
+    assert set(candidate.pop("decisions_changed").values()) == {0}  # nor any row decided differently
     assert pair["baseline"] == candidate
     assert pair["baseline"]["n_harmful"] == 2 and pair["baseline"]["n_harmless"] == 2
 
@@ -59,3 +60,31 @@ def test_the_auroc_difference_error_is_zero_for_one_model_and_shrinks_with_the_s
     assert 0.005 < small < 0.05
     large = auroc_difference_se(*draw(1600))
     assert large < small / 2  # sixteen times the rows: about a quarter of the error
+
+
+def test_decisions_changed_count_each_row_the_two_models_decide_apart_by_its_side() -> None:
+    from guardproxy.evaluation import PromptRecord
+
+    def rec(label: str, action: str) -> PromptRecord:
+        return PromptRecord(source="x", label=label, harm=0.5, jailbreak=0.0, action=action)
+
+    baseline = [
+        rec("harmful", "block"),
+        rec("harmful", "allow"),
+        rec("benign", "allow"),
+        rec("borderline_benign", "flag"),
+    ]
+    baseline += [rec("harmful", "block"), rec("unlabelled", "allow")]
+    candidate = [
+        rec("harmful", "allow"),
+        rec("harmful", "flag"),
+        rec("benign", "block"),
+        rec("borderline_benign", "allow"),
+    ]
+    candidate += [rec("harmful", "flag"), rec("unlabelled", "block")]  # block -> flag: both flag, no change
+    assert decision_changes(baseline, candidate) == {
+        "harmful_newly_allowed": 1,
+        "harmful_newly_flagged": 1,
+        "harmless_newly_flagged": 1,
+        "harmless_newly_allowed": 1,
+    }
