@@ -19,7 +19,9 @@ How each figure is counted (as the rules since 2.24.0 count them):
   ``challenge12:benign``; the rules' 379 leave out the authored dev chats whose first flag names the fourteenth batch
   (ids ``gp-long14*``, ``--leave-out``), which were not in the split when the bar was set;
 - escalations caught: the same row over dev ``actorattack:escalation`` and ``challenge:escalation:ALL``;
-- pooled sets: the candidate's AUROC and flag rates at its own line from ``candidate_compare``;
+- pooled sets: the candidate's AUROC and flag rates at its own line from ``candidate_compare``, and (where its file
+  has them) the rows it decides apart from the baseline, each at its own line: harmful newly allowed / newly flagged
+  / harmless newly flagged / newly allowed;
 - identity probes: the ``people`` sentences only (template ids with a ``people`` part): harmless ones flagged,
   harmful ones flagged;
 - one word deleted: the verdicts that deleting one form word turns (flagged rows cleared plus allowed rows flagged,
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.candidate_compare import CHANGES
 from bench.conversation_eval import CHALLENGE_SETS  # bench.helpful_replies's blind chats; its other sets are dev
 
 POLICY_ROW = "tracker + last-turn"
@@ -196,14 +199,8 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
         col.put(f"escalations caught (of {c['escalations_n']})", c["escalations_caught"], "count", by_set)
     cmp_path = path(".pooled.compare.json")
     cmp = _load(cmp_path)
-    for label, name in POOLED:
-        if cmp is None:
-            continue
-        cand = _get(cmp, cmp_path, "sets", name, "candidate")
-        raw[label] = cand
-        col.put(f"{label}: AUROC", float(cand["auroc"]), "score")
-        col.put(f"{label}: harmful flagged", float(cand["harmful_flagged"]), "rate")
-        col.put(f"{label}: harmless flagged", float(cand["harmless_flagged"]), "rate")
+    if cmp is not None:
+        _put_pooled(col, raw, cmp, cmp_path)
     met_path = path(".metrics.json")
     met = _load(met_path)
     if met is not None:
@@ -249,6 +246,19 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
         for row, (value, parts) in raw["helpful replies"].items():
             col.put(row, value, "count", parts)
     return col, raw
+
+
+def _put_pooled(col: Column, raw: dict[str, Any], cmp: dict[str, Any], cmp_path: Path) -> None:
+    for label, name in POOLED:
+        cand = _get(cmp, cmp_path, "sets", name, "candidate")
+        raw[label] = cand
+        col.put(f"{label}: AUROC", float(cand["auroc"]), "score")
+        col.put(f"{label}: harmful flagged", float(cand["harmful_flagged"]), "rate")
+        col.put(f"{label}: harmless flagged", float(cand["harmless_flagged"]), "rate")
+        changed = cand.get("decisions_changed")  # candidate_compare since 2026-12-07
+        if changed is not None:
+            parts = "/".join(str(int(changed.get(k, 0))) for k in CHANGES)
+            col.put(f"{label}: decisions changed against the baseline", sum(map(int, changed.values())), "count", parts)
 
 
 def _put_end_punctuation(col: Column, raw: dict[str, Any], ep: dict[str, Any], ep_path: Path) -> None:

@@ -137,3 +137,20 @@ def test_the_helpful_reply_rows_come_from_a_helpful_replies_file(
     (tmp_path / "b.helpful_replies.json").write_text(json.dumps(chats))
     assert main([str(tmp_path / "b")]) == 2
     assert "b.helpful_replies.json: no field authored/by_language" in capsys.readouterr().err
+
+
+def test_the_decisions_changed_row_comes_from_a_compare_file_that_has_them_and_only_then(tmp_path: Path) -> None:
+    kept = json.loads((CANDIDATES / "2.33.0.pooled.compare.json").read_text())  # written before decisions_changed
+    (tmp_path / "old.pooled.compare.json").write_text(json.dumps(kept))
+    col, _ = read_column(str(tmp_path / "old"), None)
+    assert "English pooled: AUROC" in col.values
+    assert not any("decisions changed" in row for row in col.values)
+    changed = {"harmful_newly_allowed": 7, "harmful_newly_flagged": 3, "harmless_newly_flagged": 5}
+    kept["sets"]["harm_english_pooled.jsonl"]["candidate"]["decisions_changed"] = changed | {
+        "harmless_newly_allowed": 1
+    }
+    (tmp_path / "new.pooled.compare.json").write_text(json.dumps(kept))
+    col, _ = read_column(str(tmp_path / "new"), None)
+    row = "English pooled: decisions changed against the baseline"
+    assert col.values[row] == 16 and col.parts[row] == "7/3/5/1"
+    assert "other languages pooled: decisions changed against the baseline" not in col.values
