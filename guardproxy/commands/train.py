@@ -179,8 +179,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--distill-heads",
         default=",".join(DISTILL_HEADS),
         metavar="HEAD,...",
-        help="the heads the teacher trains, the others learn from the labels alone, e.g. harm,jailbreak,category,"
-        "embedding to hold a model's harm side while new pairs move its refusal head "
+        help="the heads the teacher trains, the others learn from the labels alone, e.g. harm,jailbreak,category "
+        "to hold a model's harm side while new pairs move its refusal head "
         f"(default: all of {','.join(DISTILL_HEADS)})",
     )
     parser.add_argument(
@@ -239,7 +239,7 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--distill must be between 0 and 1, got {args.distill}")
     heads = args.distill_heads.split(",")
     unknown = [h for h in heads if h not in DISTILL_HEADS]
-    if unknown or not heads:
+    if unknown:
         raise ConfigError(f"--distill-heads: unknown head {unknown[0]!r}; expected some of {','.join(DISTILL_HEADS)}")
     if args.teacher is None and tuple(heads) != DISTILL_HEADS:
         raise ConfigError("--distill-heads names what a teacher trains: it needs --teacher")
