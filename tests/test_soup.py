@@ -4,6 +4,7 @@ the 'train' extra."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,20 @@ def test_a_distillation_teacher_reads_through_its_own_tokenizer_not_the_students
     assert teacher.encoder(marked).input_ids != teacher.encoder(bare).input_ids  # it sees the mark it was trained on
     targets = teacher.targets([marked, bare])
     assert set(targets) >= {"harm", "embedding"} and targets["harm"].shape[0] == 2
+
+
+def test_a_run_names_its_teacher_by_version_and_md5_not_only_by_its_path(tmp_path: Path) -> None:
+    from guardproxy.early_exit import file_md5
+    from guardproxy.settings import PROJECT_ROOT
+    from guardproxy.training.run import teacher_identity
+
+    shipped = PROJECT_ROOT / "models" / "guard-v1"
+    version = json.loads((shipped / "config.json").read_text())["version"]
+    assert teacher_identity(shipped) == {"version": version, "md5": file_md5(shipped / "model.onnx")}
+    bare = tmp_path / "bare"  # a model directory without a config.json still names its graph
+    bare.mkdir()
+    shutil.copy(shipped / "model.onnx", bare / "model.onnx")
+    assert teacher_identity(bare) == {"version": None, "md5": file_md5(shipped / "model.onnx")}
 
 
 def test_a_teacher_trains_only_the_heads_named_and_the_rest_learn_from_the_labels() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from guardproxy.early_exit import file_md5
 from guardproxy.encoding import POOL_INPUT, add_end_punctuation_rule, drops_end_punctuation, load_tokenizer
 from guardproxy.errors import ConfigError
 from guardproxy.taxonomy import CATEGORY_IDS
@@ -170,6 +171,8 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "chat_replies": opts.chat_replies,
                 "strip_end_punctuation": opts.strip_end_punctuation,
                 "teacher": None if opts.teacher is None else str(opts.teacher),
+                # The teacher by what it is, not where it was: models/guard-v1 holds another model once a student ships.
+                "teacher_model": None if opts.teacher is None else teacher_identity(opts.teacher),
                 "distill": opts.train.distill if opts.teacher is not None else None,
                 "distill_heads": list(opts.train.distill_heads) if opts.teacher is not None else None,
             }
@@ -265,6 +268,15 @@ def run_tokenizer(opts: RunOptions, base: Path) -> Tokenizer:
     if not (opts.eval_only and own.exists()):
         tokenizer.save(str(own))
     return tokenizer
+
+
+def teacher_identity(teacher: Path) -> dict[str, str | None]:
+    """A teacher model directory's version (its config.json's, where it has one) and its model.onnx md5."""
+    try:
+        version = json.loads((teacher / "config.json").read_text()).get("version")
+    except (OSError, ValueError):
+        version = None
+    return {"version": version, "md5": file_md5(teacher / "model.onnx")}
 
 
 def load_teacher(teacher: Path, max_length: int) -> Teacher:
