@@ -241,7 +241,7 @@ def _check_options(args: argparse.Namespace) -> None:
     unknown = [h for h in heads if h not in DISTILL_HEADS]
     if unknown:
         raise ConfigError(f"--distill-heads: unknown head {unknown[0]!r}; expected some of {','.join(DISTILL_HEADS)}")
-    if args.teacher is None and tuple(heads) != DISTILL_HEADS:
+    if args.teacher is None and set(heads) != set(DISTILL_HEADS):
         raise ConfigError("--distill-heads names what a teacher trains: it needs --teacher")
     if args.harm_threshold is not None and not 0.0 < args.harm_threshold < 1.0:
         raise ConfigError(f"--harm-threshold must be between 0 and 1 (exclusive), got {args.harm_threshold}")
@@ -329,7 +329,8 @@ def run(args: argparse.Namespace) -> int:
         train=TrainConfig(
             device=args.device,
             distill=args.distill,
-            distill_heads=tuple(args.distill_heads.split(",")),
+            # in DISTILL_HEADS' order, each once: one spelling per choice, so "all six" is the default however given
+            distill_heads=tuple(h for h in DISTILL_HEADS if h in args.distill_heads.split(",")),
             max_length=128 if args.cheap else args.max_length,
             epochs=args.epochs,
             max_steps=args.max_steps,

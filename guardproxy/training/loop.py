@@ -303,7 +303,7 @@ def distill_loss(
 def with_teacher(parts: dict[str, torch.Tensor], weight: float, heads: Sequence[str]) -> torch.Tensor:
     """The total loss of a distilled step: for each head the teacher trains, its label loss gives way to the teacher's
     soft targets by ``weight``; the heads it does not train keep their label loss at full weight."""
-    if tuple(heads) == DISTILL_HEADS:  # every head: the plain blend (as runs before ``heads`` existed computed it)
+    if set(heads) == set(DISTILL_HEADS):  # every head: the plain blend (as runs before ``heads`` existed computed it)
         return (1.0 - weight) * parts["total"] + weight * parts["distill"]
     held = sum((HEAD_WEIGHTS[k] * parts[k] for k in heads if k in HEAD_WEIGHTS), torch.tensor(0.0))
     return parts["total"] + weight * (parts["distill"] - held)
