@@ -161,6 +161,42 @@ def test_the_card_says_when_the_harm_threshold_was_set_rather_than_calibrated(tm
     assert "--harm-threshold 0.35" in reproduce
 
 
+def test_the_cards_reproduce_command_names_a_teacher_by_version_and_checks_it_out_from_git(tmp_path: Path) -> None:
+    import subprocess
+
+    from guardproxy.training.card import write_card
+
+    root = Path(__file__).resolve().parents[1]
+    kept = root / "bench" / "results" / "candidates"
+    metrics = json.loads((kept / "2.10.0.metrics.json").read_text())
+    (tmp_path / "config.json").write_text((kept / "2.10.0.config.json").read_text())
+    teacher = {"teacher": "/tmp/wt/models/guard-v1", "distill": 0.5, "distill_heads": ["harm", "jailbreak", "category"]}
+    cards = {}
+    for recorded in (False, True):
+        metrics["train"] |= teacher | {"teacher_model": {"version": "2.24.0", "md5": "abc"} if recorded else None}
+        (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+        write_card(tmp_path, loso=[], latency=None, compare=[])
+        cards[recorded] = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+    flags = "--distill 0.5 --distill-heads harm,jailbreak,category"
+    reproduce = next(x for x in cards[False] if x.startswith("guardproxy train --data"))
+    assert f"--teacher /tmp/wt/models/guard-v1 {flags}" in reproduce  # no identity recorded: the path it was read from
+    assert not any(x.startswith("git worktree add") for x in cards[False])
+    reproduce = next(x for x in cards[True] if x.startswith("guardproxy train --data"))
+    assert f"--teacher /tmp/teacher-2.24.0/models/guard-v1 {flags}" in reproduce
+    assert "# --teacher: guard-v1 2.24.0 (model.onnx md5 abc)" in "\n".join(cards[True])
+    checkout = next(x for x in cards[True] if x.startswith("git worktree add /tmp/teacher-2.24.0 "))
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=root, capture_output=True)
+    if shallow.stdout != b"false\n":
+        pytest.skip("the checkout line is resolved against the full history of a git clone")
+    # the commit the card's line names holds 2.24.0, which this repo shipped and later replaced
+    resolve = "git rev-parse " + checkout.split(" ", 4)[4]
+    commit = subprocess.run(["bash", "-c", resolve], cwd=root, capture_output=True, text=True, check=True).stdout[:40]
+    shipped = subprocess.run(
+        ["git", "show", f"{commit}:models/guard-v1/config.json"], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert json.loads(shipped.stdout)["version"] == "2.24.0"
+
+
 def test_the_card_names_both_seeds_and_does_not_call_a_rescoring_the_whole_run(tmp_path: Path) -> None:
     from guardproxy.training.card import write_card
 

@@ -120,6 +120,8 @@ def write_card(out: Path, *, loso: list[Path], latency: Path | None, compare: li
             f"--model-version {config['version']}"
         )
 
+    for line in _teacher_lines(runs[0]):
+        add(line)
     if "soup" in m["train"]:
         for run in runs:
             add(command(f"/tmp/run-{run['seed']}", run))
@@ -155,6 +157,28 @@ def _harm_set_by_hand(m: dict[str, Any]) -> bool:
     return m.get("train", {}).get("harm_threshold") is not None
 
 
+def _teacher_dir(run: dict[str, Any]) -> str:
+    """Where the reproduce command reads the teacher from: a directory named by the teacher's version where the run
+    recorded it (the path it was read from, often ``models/guard-v1``, holds the student once the student ships),
+    else that path."""
+    version = (run.get("teacher_model") or {}).get("version")
+    return f"/tmp/teacher-{version}/models/guard-v1" if version else str(run["teacher"])
+
+
+def _teacher_lines(run: dict[str, Any]) -> list[str]:
+    """Comment lines before a reproduce command that say which model its ``--teacher`` is and how to check it out:
+    ``models/guard-v1`` in the parent of the last commit that changed the count of its version in config.json."""
+    model = run.get("teacher_model") or {}
+    if not run.get("teacher") or not model.get("version"):
+        return []
+    version = model["version"]
+    replaced = f"git log -1 --format=%H -S '\"{version}\"' -- models/guard-v1/config.json"
+    return [
+        f"# --teacher: guard-v1 {version} (model.onnx md5 {model['md5']}), models/guard-v1 before it was replaced:",
+        f'git worktree add /tmp/teacher-{version} "$({replaced})^"',
+    ]
+
+
 def _data_flags(run: dict[str, Any]) -> str:
     """The data options of a training run's summary, as the flags that reproduce them (off ones left out)."""
     flags = " --balanced-rewords" if run.get("balanced_rewords") else ""
@@ -172,7 +196,7 @@ def _data_flags(run: dict[str, Any]) -> str:
     flags += " --strip-end-punctuation" if run.get("strip_end_punctuation") else ""
     flags += " --calibrate-by-kind" if run.get("calibrate_by_kind") else ""
     if run.get("teacher"):
-        flags += f" --teacher {run['teacher']} --distill {run['distill']}"
+        flags += f" --teacher {_teacher_dir(run)} --distill {run['distill']}"
         heads = run.get("distill_heads") or DISTILL_HEADS
         flags += f" --distill-heads {','.join(heads)}" if tuple(heads) != DISTILL_HEADS else ""
     return flags + (f" --harm-threshold {run['harm_threshold']}" if run.get("harm_threshold") is not None else "")
