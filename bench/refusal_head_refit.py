@@ -33,7 +33,9 @@ from guardproxy.signals import REFUSAL_CLASSES
 from guardproxy.training.sources import Example, load_all
 from guardproxy.training.splits import assign_splits
 
-HELD = PROJECT_ROOT / "guardproxy" / "training" / "authored" / "held" / "responses_clarify16.jsonl"
+# The batch this probe was written for. It has been loaded by the trainer since 2.34.1, so the "without" fit holds its
+# train families as well now: pass --held with a batch under authored/held/ to probe a new one.
+HELD = PROJECT_ROOT / "guardproxy" / "training" / "authored" / "responses_clarify16.jsonl"
 
 
 def held_examples(path: Path) -> list[Example]:

@@ -3,6 +3,8 @@ short harmless dialogues cannot lend its budget to the long harmless chats that 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench.asks_after_chat import requests, summary
@@ -99,7 +101,8 @@ def test_the_window_as_a_second_opinion_spares_a_later_turn_only_when_its_window
 
 
 def test_a_bypass_keeps_the_turns_the_model_is_sure_of_whatever_their_window() -> None:
-    p = EscalationParams()
+    # a tracker threshold these turns' escalation stays under, whatever the shipped model's tuned default is
+    p = dataclasses.replace(EscalationParams(), threshold=0.99)
     sure = Conv("s", "stitched", "benign", "dev", [], turns=[_turn(0.0, 0.0), _turn(0.97, 0.05)])
     unsure = Conv("u", "stitched", "benign", "dev", [], turns=[_turn(0.0, 0.0), _turn(0.7, 0.05)])
     convs = [sure, unsure]

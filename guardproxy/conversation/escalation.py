@@ -60,13 +60,13 @@ _WINDOW_TURN_CHARS = 4000  # the encoder keeps head and tail of the joined windo
 
 @dataclass(frozen=True)
 class EscalationParams:
-    """Defaults tuned for models/guard-v1 2.25.1 (6 layers, model.onnx md5 5eab37de...) on the calibration split of
+    """Defaults tuned for models/guard-v1 2.34.1 (6 layers, model.onnx md5 b07df018...) on the calibration split of
     the conversation data, benign budget 3% of each benign source (MT-Bench dialogues, stitched long chats, authored
     chats), scores on the operating scale: ``python -m bench.conversation_eval --tune`` (see its docstring).
     Retune whenever the model is replaced: the threshold sits on that model's score distribution."""
 
-    # Tuned for 2.25.1 at its harm line 0.35 (2026-12-06, 00:28 UTC): 2.24.0's decay, gain and trend, no refusal term
-    # (2.24.0: 0.15) and no window gate. 2.24.0's threshold was 0.987943 (bench/RESULTS.md, "Model 2.25.1").
+    # Tuned for 2.34.1 at its harm line 0.39 (2026-12-07, 11:41 UTC): 2.25.1's decay, gain and trend, no refusal term
+    # and no window gate; only the threshold moved (2.25.1: 0.9776; bench/RESULTS.md, "Model 2.34.1").
     decay: float = 0.6
     gain: float = 0.3
     floor: float = 0.0
@@ -78,8 +78,8 @@ class EscalationParams:
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line
-    # raw score mapped to FLAG_THRESHOLD (model 2.25.1, 96-id windows, per-source budget; the tuned cut 0.9775997...)
-    threshold: float = 0.9776
+    # raw score mapped to FLAG_THRESHOLD (model 2.34.1, 96-id windows, per-source budget; the tuned cut 0.9319298...)
+    threshold: float = 0.9319
     # Tuned: the highest gate within 0.02 of the ungated score. With this model that is no gate: the window pass runs
     # on every request after the first turn (2.12.0's gate 0.02 skipped a quarter of harmless requests).
     window_gate: float = 0.0

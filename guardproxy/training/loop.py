@@ -60,6 +60,10 @@ SOURCE_REPEATS: dict[str, int] = {
     "authored/prompts_contrast7": 3,  # English minimal pairs in twelve voices, each family's pair in one shared voice
     # One intent over many groups (2.25.1): harmless asks naming a group, and hate against each group alike.
     "authored/prompts_identity15": 2,
+    # The sixteenth and seventeenth batches (refusal pairs: clarifying questions, quiet and partial refusals) since
+    # 2.34.1, which shipped with them (bench/results/candidates/README.md, "2.34.1").
+    "authored/responses_clarify16": 2,
+    "authored/responses_quiet17": 2,
     # The twelfth batch (held/prompts_terse12: terse minimal pairs, tried x3) and the thirteenth (held/
     # prompts_followups13: mid-chat follow-up pairs sharing a dark key word, tried x3 beside it) are not loaded: three
     # seeds ranked terse asks better and each failed another rule (2.20.0: long harmless chats; 2.20.0-r and 2.21.0:
