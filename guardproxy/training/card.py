@@ -166,8 +166,10 @@ def _teacher_dir(run: dict[str, Any]) -> str:
 
 
 def _teacher_lines(run: dict[str, Any]) -> list[str]:
-    """Comment lines before a reproduce command that say which model its ``--teacher`` is and how to check it out:
-    ``models/guard-v1`` in the parent of the last commit that changed the count of its version in config.json."""
+    """The lines before a reproduce command for a recorded teacher: a comment naming it by version and md5, and the
+    command that checks it out: ``models/guard-v1`` in the parent of the last commit that changed the count of its
+    version in config.json, i.e. the commit that replaced it. That holds for a teacher that shipped and was replaced
+    (every distilled model shipped so far); a teacher that never shipped is not in git and needs its own run."""
     model = run.get("teacher_model") or {}
     if not run.get("teacher") or not model.get("version"):
         return []
