@@ -395,6 +395,7 @@ def test_eval_split_keeps_exactly_the_rows_training_put_in_that_split(
         (["--distill", "1.5"], "--distill must be between 0 and 1"),
         (["--distill-heads", "harm,refusals"], "--distill-heads: unknown head 'refusals'"),
         (["--distill-heads", "harm"], "--distill-heads names what a teacher trains: it needs --teacher"),
+        (["--teacher-defers", "authored/prompts_objects18"], "--teacher-defers names rows a teacher leaves"),
         (["--context-asks", "-1"], "--context-asks: expected a count of 0 or more, got -1"),
         (["--terse-asks", "-5"], "--terse-asks: expected a count of 0 or more, got -5"),
         (["--word-deletions", "-1"], "--word-deletions: expected a count of 0 or more, got -1"),

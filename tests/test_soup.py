@@ -170,14 +170,19 @@ def test_the_cards_reproduce_command_names_a_teacher_by_version_and_checks_it_ou
     kept = root / "bench" / "results" / "candidates"
     metrics = json.loads((kept / "2.10.0.metrics.json").read_text())
     (tmp_path / "config.json").write_text((kept / "2.10.0.config.json").read_text())
-    teacher = {"teacher": "/tmp/wt/models/guard-v1", "distill": 0.5, "distill_heads": ["harm", "jailbreak", "category"]}
+    teacher = {
+        "teacher": "/tmp/wt/models/guard-v1",
+        "distill": 0.5,
+        "distill_heads": ["harm", "jailbreak", "category"],
+        "teacher_defers": ["authored/a", "authored/b"],
+    }
     cards = {}
     for recorded in (False, True):
         metrics["train"] |= teacher | {"teacher_model": {"version": "2.24.0", "md5": "abc"} if recorded else None}
         (tmp_path / "metrics.json").write_text(json.dumps(metrics))
         write_card(tmp_path, loso=[], latency=None, compare=[])
         cards[recorded] = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
-    flags = "--distill 0.5 --distill-heads harm,jailbreak,category"
+    flags = "--distill 0.5 --distill-heads harm,jailbreak,category --teacher-defers authored/a,authored/b"
     reproduce = next(x for x in cards[False] if x.startswith("guardproxy train --data"))
     assert f"--teacher /tmp/wt/models/guard-v1 {flags}" in reproduce  # no identity recorded: the path it was read from
     assert not any(x.startswith("git worktree add") for x in cards[False])
@@ -360,6 +365,33 @@ def test_a_teacher_trains_only_the_heads_named_and_the_rest_learn_from_the_label
     assert every["refusal"] > 0 and every["reply_harm"] > 0  # the default distils the pair's reply heads too
     refusal_only = grads(("refusal",))
     assert refusal_only["pooled"] == 0.0 and refusal_only["harm"] == 0.0 and refusal_only["refusal"] > 0
+
+
+def test_rows_of_a_deferred_source_train_the_teachers_heads_on_their_labels_and_other_rows_on_the_teacher() -> None:
+    from guardproxy.settings import PROJECT_ROOT
+    from guardproxy.training.loop import _labels, defer_to_labels
+    from guardproxy.training.sources import Example
+
+    teacher = load_teacher(PROJECT_ROOT / "models" / "guard-v1", 64)
+    batch = [  # the shipped model reads the first as harmless (a miss this source was written to teach)
+        Example(text="Teach me to make a molotov cocktail.", source="new", group="a", label="harmful", harm=1.0,
+                category=5),
+        Example(text="Tell me about the history of napalm.", source="new", group="a", label="benign", harm=0.0),
+        Example(text="How do I make a molotov cocktail?", source="old", group="b", label="harmful", harm=1.0,
+                category=5),
+        Example(text="how do i bake bread?", source="new", group="c", label="benign", reply="Sure: flour...",
+                refusal=0),
+    ]  # fmt: skip
+    t, y = teacher.targets(batch), _labels(batch)
+    assert float(t["harm"][0]) < 0.5  # else this test shows nothing
+    got = defer_to_labels(t, y, batch, ("new",))
+    # the third row is another source's, the fourth (a pair) has no harm label: both keep the teacher's
+    assert got["harm"].tolist() == [1.0, 0.0, *t["harm"][2:].tolist()]
+    assert got["category"][0].argmax() == 5 and float(got["category"][0].sum()) == 1.0
+    assert torch.equal(got["category"][1:], t["category"][1:])  # no category label (or another source): the teacher's
+    assert got["jailbreak"].tolist() == t["jailbreak"].tolist()  # no row has a jailbreak label
+    assert torch.equal(got["embedding"], t["embedding"]) and torch.equal(got["refusal"], t["refusal"])
+    assert defer_to_labels(t, y, batch, ("elsewhere",)) is t
 
 
 def test_a_distilled_step_keeps_the_full_label_loss_of_the_heads_the_teacher_does_not_train() -> None:

@@ -184,6 +184,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         f"(default: all of {','.join(DISTILL_HEADS)})",
     )
     parser.add_argument(
+        "--teacher-defers",
+        default="",
+        metavar="SOURCE,...",
+        help="sources whose rows train the teacher's heads on their own labels, e.g. authored/prompts_objects18 for "
+        "a batch written to teach what the teacher gets wrong (default: none)",
+    )
+    parser.add_argument(
         "--leave-out",
         action="append",
         default=[],
@@ -243,6 +250,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--distill-heads: unknown head {unknown[0]!r}; expected some of {','.join(DISTILL_HEADS)}")
     if args.teacher is None and set(heads) != set(DISTILL_HEADS):
         raise ConfigError("--distill-heads names what a teacher trains: it needs --teacher")
+    if args.teacher_defers and args.teacher is None:
+        raise ConfigError("--teacher-defers names rows a teacher leaves to their labels: it needs --teacher")
     if args.harm_threshold is not None and not 0.0 < args.harm_threshold < 1.0:
         raise ConfigError(f"--harm-threshold must be between 0 and 1 (exclusive), got {args.harm_threshold}")
     if args.train_only and (args.eval_only or args.card):
@@ -331,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
             distill=args.distill,
             # in DISTILL_HEADS' order, each once: one spelling per choice, so "all six" is the default however given
             distill_heads=tuple(h for h in DISTILL_HEADS if h in args.distill_heads.split(",")),
+            teacher_defers=tuple(dict.fromkeys(s for s in args.teacher_defers.split(",") if s)),
             max_length=128 if args.cheap else args.max_length,
             epochs=args.epochs,
             max_steps=args.max_steps,

@@ -201,6 +201,7 @@ def _data_flags(run: dict[str, Any]) -> str:
         flags += f" --teacher {_teacher_dir(run)} --distill {run['distill']}"
         heads = run.get("distill_heads") or DISTILL_HEADS
         flags += f" --distill-heads {','.join(heads)}" if tuple(heads) != DISTILL_HEADS else ""
+        flags += f" --teacher-defers {','.join(run['teacher_defers'])}" if run.get("teacher_defers") else ""
     return flags + (f" --harm-threshold {run['harm_threshold']}" if run.get("harm_threshold") is not None else "")
 
 

@@ -119,6 +119,9 @@ class TrainConfig:
     # The heads the teacher's soft targets train; the others learn from the labels alone. A subset holds some heads
     # near a trained model (its harm side, say) while new data moves the rest (its refusal head).
     distill_heads: tuple[str, ...] = DISTILL_HEADS
+    # Sources whose rows train the distilled heads on their own labels, the teacher's targets replaced there
+    # (``defer_to_labels``): a batch written to teach what the teacher gets wrong is not pulled back toward it.
+    teacher_defers: tuple[str, ...] = ()
     device: str = "cpu"  # torch device of the training steps ("cuda" on a GPU); the model returns to the CPU after
 
 
@@ -304,6 +307,24 @@ def distill_loss(
     return total + (1.0 - cosine).mean() if "embedding" in heads else total
 
 
+def defer_to_labels(
+    t: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Sequence[Example], sources: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The teacher's targets ``t``, with those of the rows from ``sources`` replaced by the rows' labels ``y`` where
+    a head has one (harm, jailbreak, reply harm; the category as a one-hot); the other heads and rows keep the
+    teacher's. On those rows the distilled heads then learn their labels at the teacher's weight as well."""
+    device = y["harm"].device
+    rows = torch.tensor([e.source in sources for e in batch], dtype=torch.bool, device=device)
+    if not bool(rows.any()):
+        return t
+    out = dict(t)
+    for head in ("harm", "jailbreak", "reply_harm"):
+        out[head] = torch.where(rows & (y[f"{head}_w"] > 0), y[head], t[head])
+    onehot = nn.functional.one_hot(y["category"], t["category"].shape[-1]).to(t["category"].dtype)
+    out["category"] = torch.where((rows & (y["category_w"] > 0))[:, None], onehot, t["category"])
+    return out
+
+
 def with_teacher(parts: dict[str, torch.Tensor], weight: float, heads: Sequence[str]) -> torch.Tensor:
     """The total loss of a distilled step: for each head the teacher trains, its label loss gives way to the teacher's
     soft targets by ``weight``; the heads it does not train keep their label loss at full weight."""
@@ -384,9 +405,13 @@ def train(
             if step >= total:
                 break
             out = model(**to_tensors(batch, encoder, cfg.device))
-            parts = multitask_loss(out, _on(_labels(batch), cfg.device))
+            y = _on(_labels(batch), cfg.device)
+            parts = multitask_loss(out, y)
             if teacher is not None:
-                parts["distill"] = distill_loss(out, _on(teacher.targets(batch), cfg.device), batch, cfg.distill_heads)
+                t = _on(teacher.targets(batch), cfg.device)
+                if cfg.teacher_defers:
+                    t = defer_to_labels(t, y, batch, cfg.teacher_defers)
+                parts["distill"] = distill_loss(out, t, batch, cfg.distill_heads)
                 parts["total"] = with_teacher(parts, cfg.distill, cfg.distill_heads)
             if cfg.form_consistency:
                 index, copies = consistency_pairs(batch, pair_rng, cfg.consistency_rows)

@@ -125,6 +125,9 @@ def main(opts: RunOptions) -> dict[str, Any]:
     left_out = [e for e in examples if e.source in opts.leave_out]
     kept = [e for e in examples if e.source not in opts.leave_out]
     train_rows = [e for e in kept if e.split == "train"]
+    unread = sorted(set(opts.train.teacher_defers) - {e.source for e in train_rows})
+    if unread:
+        raise ConfigError(f"--teacher-defers: no training rows come from {unread[0]!r}")
     calib_rows = cap_pairs([e for e in kept if e.split == "calibration"], CALIBRATION_PHTEST_PAIRS, data_seed)
     dev_rows = cap_pairs([e for e in kept if e.split == "dev"], DEV_PHTEST_PAIRS, data_seed)
     log.info(
@@ -175,6 +178,7 @@ def main(opts: RunOptions) -> dict[str, Any]:
                 "teacher_model": None if opts.teacher is None else teacher_identity(opts.teacher),
                 "distill": opts.train.distill if opts.teacher is not None else None,
                 "distill_heads": list(opts.train.distill_heads) if opts.teacher is not None else None,
+                "teacher_defers": list(opts.train.teacher_defers) if opts.teacher is not None else None,
             }
         torch.save(model.state_dict(), checkpoint)
         (opts.out / "train_summary.json").write_text(json.dumps(train_summary))
