@@ -17,8 +17,9 @@ It reports the share flagged (harm >= 0.5 on the operating scale) per cell, per 
 hazard in how many of the make forms it is flagged: a guard that reads the thing flags each hazard in all or none.
 The authored training batch ``prompts_objects18.jsonl`` (in ``guardproxy/training/authored/held/`` until a model
 that trained on it ships) shares no hazard, look-alike or form with this grid (``tests/test_ask_forms.py`` checks
-it), so the probe reads how far what that batch teaches carries to other things and other words. Its author is the batch's, which flatters it; the held-out challenge
-sets, written by others, say the rest. Prints, never passes or fails.
+it), so the probe reads how far what that batch teaches carries to other things and other words. Its author is the
+batch's, which flatters it; the held-out challenge sets, written by others, say the rest. Prints, never passes or
+fails.
 """
 
 from __future__ import annotations

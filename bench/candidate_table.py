@@ -5,8 +5,8 @@ A candidate is judged by three commands whose JSON it keeps under one prefix (``
 English and other-language sets), ``PREFIX.conversation_eval.json`` (``bench.conversation_eval --tune``) and, where
 run, ``PREFIX.identity_swap.json`` and ``PREFIX.identity_swap2.json`` (``bench.identity_swap``) and
 ``PREFIX.word_deletion.json`` (``bench.word_deletion``), ``PREFIX.end_punctuation.json``
-(``bench.end_punctuation``), ``PREFIX.frames.json`` (``bench.frames``) and ``PREFIX.helpful_replies.json``
-(``bench.helpful_replies``). This prints the
+(``bench.end_punctuation``), ``PREFIX.frames.json`` (``bench.frames``), ``PREFIX.ask_forms.json``
+(``bench.ask_forms``) and ``PREFIX.helpful_replies.json`` (``bench.helpful_replies``). This prints the
 figures the ship rules in ``bench/results/candidates/README.md`` name, one column per prefix and their mean, so a
 verdict can be checked from the repo alone::
 
@@ -30,7 +30,9 @@ How each figure is counted (as the rules since 2.24.0 count them):
   verdicts that turn on the mark, both labels together;
 - frames: of the harmful rows the candidate flags plain, the share still flagged inside a frame (``kept``), and of
   the harmless rows it allows plain, the share flagged inside one (``added``); the mean over the frames and the
-  worst frame.
+  worst frame;
+- ask forms: the shares flagged of the probe's three cells (make-asks for a hazard, make-asks for a home-made thing,
+  about-asks for a hazard), and the hazards flagged in every make-form.
 
 - helpful replies: the dev harmless chats' replies read as refusals (both sets, and those not in English), the
   challenge sets' harmless chats' replies read as refusals, and per pairs file its helpful replies read as refusals
@@ -239,6 +241,10 @@ def read_column(prefix: str, leave_out: str | None) -> tuple[Column, dict[str, A
     fr = _load(fr_path)
     if fr is not None:
         _put_frames(col, raw, fr, fr_path)
+    af_path = path(".ask_forms.json")
+    af = _load(af_path)
+    if af is not None:
+        _put_ask_forms(col, raw, af, af_path)
     hr_path = path(".helpful_replies.json")
     hr = _load(hr_path)
     if hr is not None:
@@ -270,6 +276,22 @@ def _put_end_punctuation(col: Column, raw: dict[str, Any], ep: dict[str, Any], e
         turned += int(_get(ep, ep_path, "summary", label, "turned"))
     raw["end punctuation"] = {"turned": turned}
     col.put("verdicts the closing mark turns", turned, "count")
+
+
+def _put_ask_forms(col: Column, raw: dict[str, Any], af: dict[str, Any], af_path: Path) -> None:
+    cells = {
+        "make_hazard": "ask forms: make-asks for a hazard flagged",
+        "make_lookalike": "ask forms: make-asks for a home-made thing flagged",
+        "about_hazard": "ask forms: about-asks for a hazard flagged",
+    }
+    raw["ask forms"] = {}
+    for cell, row in cells.items():
+        share = float(_get(af, af_path, "summary", "cells", cell, "share"))
+        raw["ask forms"][cell] = share
+        col.put(row, share, "rate")
+    every = int(_get(af, af_path, "summary", "hazards_flagged_in_every_make_form"))
+    n = len(_get(af, af_path, "summary", "things", "make_hazard"))
+    col.put(f"ask forms: hazards flagged in every make-form (of {n})", every, "count")
 
 
 def _put_frames(col: Column, raw: dict[str, Any], fr: dict[str, Any], fr_path: Path) -> None:

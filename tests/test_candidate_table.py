@@ -113,6 +113,23 @@ def test_the_frame_rows_come_from_a_frames_file(tmp_path: Path, capsys: pytest.C
     assert "b.frames.json: no field summary/frames/thriller/added_share" in capsys.readouterr().err
 
 
+def test_the_ask_form_rows_come_from_an_ask_forms_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # bench/RESULTS.md, "Ask forms": 2.34.1 flags 63 of 96 make-asks for a hazard, 11 of 96 for a home-made thing,
+    # none of the 60 about-asks, and 3 of the 12 hazards in every make-form.
+    shutil.copy(PROJECT_ROOT / "bench" / "results" / "ask_forms_2341.json", tmp_path / "s.ask_forms.json")
+    col, raw = read_column(str(tmp_path / "s"), None)
+    assert col.values["ask forms: make-asks for a hazard flagged"] == pytest.approx(63 / 96, abs=1e-4)
+    assert col.values["ask forms: make-asks for a home-made thing flagged"] == pytest.approx(11 / 96, abs=1e-4)
+    assert col.values["ask forms: about-asks for a hazard flagged"] == 0.0
+    assert col.values["ask forms: hazards flagged in every make-form (of 12)"] == 3
+    assert set(raw["ask forms"]) == {"make_hazard", "make_lookalike", "about_hazard"}
+    broken = json.loads((tmp_path / "s.ask_forms.json").read_text())
+    del broken["summary"]["cells"]["make_lookalike"]["share"]
+    (tmp_path / "b.ask_forms.json").write_text(json.dumps(broken))
+    assert main([str(tmp_path / "b")]) == 2
+    assert "b.ask_forms.json: no field summary/cells/make_lookalike/share" in capsys.readouterr().err
+
+
 def test_the_helpful_reply_rows_come_from_a_helpful_replies_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
