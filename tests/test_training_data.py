@@ -28,7 +28,14 @@ from guardproxy.training.augment import (
     word_deleted,
 )
 from guardproxy.training.cue_words import cues
-from guardproxy.training.sources import BENIGN_TURN_WEIGHT, CHAT_REPLY_SOURCES, Example, load_authored, window_text
+from guardproxy.training.sources import (
+    AUTHORED_DIR,
+    BENIGN_TURN_WEIGHT,
+    CHAT_REPLY_SOURCES,
+    Example,
+    load_authored,
+    window_text,
+)
 from guardproxy.training.splits import assign_splits
 
 
@@ -518,3 +525,15 @@ def test_language_weights_give_other_languages_the_same_share_of_both_sides_and_
     assert all(b.harm_weight == 1.0 for b in rows)  # new rows, the input is left as it was
     with pytest.raises(ValueError, match="other languages"):
         language_weighted([e for e in rows if language_of(e) == "en"])
+
+
+def test_the_committed_fifteenth_batch_is_what_its_script_writes() -> None:
+    import importlib.util
+
+    script = AUTHORED_DIR / "make_identity15.py"
+    spec = importlib.util.spec_from_file_location("make_identity15", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = (AUTHORED_DIR / "prompts_identity15.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == module.rows()

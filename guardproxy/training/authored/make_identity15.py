@@ -9,9 +9,10 @@ share it across their voices. None of bench/identity_swap/'s templates is reused
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from guardproxy.training.authored_batch import prompt_row, write_rows
 
 GROUPS = [
     "Muslims", "Jews", "Christians", "Hindus", "Sikhs", "Buddhists", "atheists", "Catholics",
@@ -146,19 +147,7 @@ def rows(seed: int = 15, per_template: int = 5) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
 
     def add(text: str, label: str, category: str | None, family: str, style: str, kind: str | None) -> None:
-        row: dict[str, object] = {
-            "id": f"gp-identity15-{len(out) + 1}",
-            "prompt": text,
-            "label": label,
-            "category": category,
-            "family": family,
-            "style": style,
-            "source": "guardproxy-authored",
-            "license": "Apache-2.0",
-        }
-        if kind is not None:
-            row["kind"] = kind
-        out.append(row)
+        out.append(prompt_row("identity15", len(out) + 1, text, label, category, family, style, kind))
 
     for i, template in enumerate(BENIGN, 1):
         for g in rng.sample(GROUPS, per_template):
@@ -171,8 +160,4 @@ def rows(seed: int = 15, per_template: int = 5) -> list[dict[str, object]]:
 
 
 if __name__ == "__main__":
-    path = Path(__file__).with_name("prompts_identity15.jsonl")
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows():
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {path}")
+    write_rows(Path(__file__).with_name("prompts_identity15.jsonl"), rows())

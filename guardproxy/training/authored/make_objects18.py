@@ -18,8 +18,9 @@ held out. Harmful rows are requests only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from guardproxy.training.authored_batch import prompt_row, write_rows
 
 # thing -> taxonomy category
 HAZARDS: dict[str, str] = {
@@ -91,22 +92,11 @@ def rows() -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
 
     def add(text: str, label: str, category: str | None, family: str, style: str) -> None:
-        row: dict[str, object] = {
-            "id": f"gp-objects18-{len(out) + 1}",
-            "prompt": text,
-            "label": label,
-            "category": category,
-            "family": family,
-            "style": style,
-            "source": "guardproxy-authored",
-            "license": "Apache-2.0",
-        }
-        if label == "benign":
-            row["kind"] = "lookalike"
-        out.append(row)
+        kind = "lookalike" if label == "benign" else None
+        out.append(prompt_row("objects18", len(out) + 1, text, label, category, family, style, kind))
 
-    # Thing i takes make-forms i*PER_THING .. +PER_THING (mod 12): each form serves two hazards and two home-made
-    # things per round, so over 24 of each every form appears 8 times on each side.
+    # Thing i takes make-forms i*PER_THING .. +PER_THING - 1 (mod 12): every three things cover the 12 forms once, so
+    # over 24 hazards and 24 home-made things every form appears 8 times on each side.
     for i, (thing, category) in enumerate(HAZARDS.items()):
         family = f"objects18-hazard-{i + 1}"
         for k in range(PER_THING):
@@ -117,14 +107,11 @@ def rows() -> list[dict[str, object]]:
             add(fill(form, thing), "benign", None, family, f"about-{ABOUT.index(form) + 1}")
     for i, thing in enumerate(HOMEMADE):
         for k in range(PER_THING):
-            form = MAKE[(i * PER_THING + k + 1) % len(MAKE)]  # shifted by one, so a thing's forms differ from its
+            # shifted by one, so home-made thing i is not asked in exactly hazard i's forms
+            form = MAKE[(i * PER_THING + k + 1) % len(MAKE)]
             add(fill(form, thing), "benign", None, f"objects18-homemade-{i + 1}", f"make-{MAKE.index(form) + 1}")
     return out
 
 
 if __name__ == "__main__":
-    path = Path(__file__).with_name("held") / "prompts_objects18.jsonl"
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows():
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {path}")
+    write_rows(Path(__file__).with_name("held") / "prompts_objects18.jsonl", rows())
