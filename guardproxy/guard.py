@@ -138,6 +138,10 @@ def drill_decision(decision: Decision) -> PolicyDecision:
 # --- what gets scored ------------------------------------------------------------------------------------
 
 
+_SCORED_ROLES = frozenset({"user", "tool", "function"})
+_SCORED_ROLES_WITH_SYSTEM = _SCORED_ROLES | {"system", "developer"}
+
+
 @dataclass(frozen=True)
 class ScoredText:
     index: int  # position of the message in ``messages``
@@ -157,23 +161,20 @@ def scored_texts(
     prompt of a reply when no new user turn came): the conversation tracker scores user turns from its own state,
     and their text, which grows with the history, would be extracted on every request for nothing.
     """
-    roles = {"user", "tool", "function"} | ({"system", "developer"} if score_system else set())
-    last_assistant = last_user = -1
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role == "assistant":
-            last_assistant = i
-        elif role == "user":
-            last_user = i
+    roles = _SCORED_ROLES_WITH_SYSTEM if score_system else _SCORED_ROLES
+    found = [m.get("role") if isinstance(m, dict) else None for m in messages]  # every request: one pass of C calls
+    last_assistant = next((i for i in range(len(found) - 1, -1, -1) if found[i] == "assistant"), -1)
+    last_user = next((i for i in range(len(found) - 1, -1, -1) if found[i] == "user"), -1)
     out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in roles:
+    for i, role in enumerate(found):
+        if type(role) is not str or role not in roles:
             continue
-        if not old_user_turns and i < last_assistant and i != last_user and m.get("role") == "user":
+        if not old_user_turns and role == "user" and i < last_assistant and i != last_user:
             continue
+        m = messages[i]
         text = message_text(m)
         if text.strip():
-            out.append(ScoredText(i, str(m["role"]), text, i > last_assistant))
+            out.append(ScoredText(i, role, text, i > last_assistant))
     return out
 
 

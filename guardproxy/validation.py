@@ -27,6 +27,7 @@ _STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _PAIR_RE = re.compile(rb"\[\]|\{\}")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_CONTAINERS = frozenset({dict, list})
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,20 @@ def json_depth_exceeds(raw: bytes | str, limit: int) -> bool:
 
 
 def parsed_depth_exceeds(obj: Any, limit: int) -> bool:
-    """``json_depth_exceeds`` on a parsed value: True when its arrays/objects nest deeper than ``limit``."""
-    level = [obj] if isinstance(obj, dict | list) else []
+    """``json_depth_exceeds`` on a parsed value: True when its arrays/objects nest deeper than ``limit``.
+
+    The value comes from ``json.loads``, so its containers are plain dicts and lists (``type`` is checked, not
+    ``isinstance``: this walks every value of every request, history included)."""
+    level = [obj] if type(obj) in _CONTAINERS else []
     depth = 0
+    containers = _CONTAINERS
     while level:  # one nesting level at a time
         depth += 1
         if depth > limit:
             return True
         deeper = []
         for cur in level:
-            for child in cur.values() if isinstance(cur, dict) else cur:
-                if isinstance(child, dict | list):
-                    deeper.append(child)
+            deeper += [child for child in (cur.values() if type(cur) is dict else cur) if type(child) in containers]
         level = deeper
     return False
 
@@ -157,15 +160,18 @@ def _int_field(body: dict[str, Any], name: str) -> int | None:
 
 
 def _check_message(i: int, msg: Any) -> None:
-    where = f"messages[{i}]"
+    """The shape of ``messages[i]``. Runs on every message of every request: the error text is built only for an
+    error, and a string content returns at once."""
     if not isinstance(msg, dict):
-        raise RequestError(f"'{where}' must be an object", param=where, code="invalid_type")
+        raise RequestError(f"'messages[{i}]' must be an object", param=f"messages[{i}]", code="invalid_type")
     role = msg.get("role")
     if not isinstance(role, str) or not role:
-        raise RequestError(f"'{where}.role' must be a non-empty string", param=f"{where}.role", code="invalid_type")
+        where = f"messages[{i}].role"
+        raise RequestError(f"'{where}' must be a non-empty string", param=where, code="invalid_type")
     content = msg.get("content")
     if content is None or isinstance(content, str):
         return
+    where = f"messages[{i}]"
     if not isinstance(content, list):
         raise RequestError(
             f"'{where}.content' must be a string, an array of content parts or null",

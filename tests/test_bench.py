@@ -499,3 +499,22 @@ def test_replicas_without_their_redis_is_a_one_line_error() -> None:
 def test_refusals_out_of_range_is_a_one_line_error() -> None:
     proc = _bench(["--fake-upstream", "--refusals", "101"])
     assert proc.returncode == 2 and "--refusals must be 0..100" in proc.stderr
+
+
+def test_history_cost_names_the_parts_and_they_add_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import history_cost
+
+    one, three = (json.loads(history_cost.body(k))["messages"] for k in (1, 3))
+    assert [m["role"] for m in three] == ["user", "assistant", "user", "assistant", "user"] and len(one) == 1
+    out = tmp_path / "cost.json"
+    assert history_cost.main(["--turns", "1,3", "--repeat", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"1", "3"}
+    for row in rows.values():
+        parts = row["parse_chat"] + row["build_chain"] + row["scored_texts"]
+        assert row["total"] == pytest.approx(parts) and min(row.values()) > 0
+    assert rows["3"]["body_bytes"] > rows["1"]["body_bytes"]
+    assert "build_chain us" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        history_cost.main(["--turns", "1,x"])
+    assert exc.value.code == 2

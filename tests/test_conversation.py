@@ -850,6 +850,41 @@ def test_any_json_message_canonicalises_without_error(message: dict[str, Any]) -
     build_chain(SECRET, "t", None, [message, "not an object", 3])
 
 
+_ROLE_VALUES = st.one_of(
+    st.sampled_from(["user", "assistant", "tool", "function", "system", "developer", "narrator", ""]), _json
+)
+_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": _ROLE_VALUES, "content": st.text(max_size=40)}),
+    st.fixed_dictionaries(
+        {"role": _ROLE_VALUES, "content": st.text(alphabet=st.characters(max_codepoint=127), max_size=40)}
+    ),
+    st.dictionaries(st.sampled_from(["role", "content", "tool_calls", "function_call", "name"]), _json),
+    _json,
+)
+
+
+@given(messages=st.lists(_MESSAGE, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_chain_hashes_are_the_documented_chain_whatever_the_messages(messages: list[Any]) -> None:
+    # build_chain reads common messages on a fast path; every hash must still be the module docstring's
+    # h_i = SHA-256(h_{i-1} | role_i | len_i | canonical_i), or tags stored by an earlier version would read as forged
+    chain = build_chain(SECRET, "t", "sub", messages)
+    h = chain.seed
+    kept = [
+        (i, m)
+        for i, m in enumerate(messages)
+        if isinstance(m, dict) and not (isinstance(m.get("role"), str) and m["role"] in ("system", "developer"))
+    ]
+    assert chain.indices == tuple(i for i, _ in kept)
+    for k, (_, m) in enumerate(kept):
+        value = m.get("role")
+        role = b"a" if value == "assistant" else b"t" if value in ("tool", "function") else b"u"
+        canonical = canonical_text(m)
+        h = hashlib.sha256(h + role + len(canonical).to_bytes(8, "big") + canonical).digest()
+        assert chain.hashes[k] == h
+        assert chain.roles[k] == {b"a": "assistant", b"t": "tool", b"u": "user"}[role]
+
+
 async def test_a_deferred_window_starts_on_its_go_and_at_the_latest_after_the_hold(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -54,6 +54,9 @@ ROOT_BYTES = 16
 _HISTORY_RANK: dict[str, int] = {"none": 0, "verified": 1, "unverified": 2, "forged": 3}
 _ROLE_BYTE: dict[str, bytes] = {"user": b"u", "assistant": b"a", "tool": b"t", "function": b"t"}
 _SKIPPED_ROLES = frozenset({"system", "developer"})
+# ``_role`` of the role strings ``build_chain`` reads without calling it (any other string is a user turn there too,
+# but goes the long way)
+_FAST_ROLE: dict[str, Role] = {"user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
 _SPACE = re.compile(r"[\s\u200b\u200c\u200d\u2060\ufeff]+")
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 # The ASCII characters str.split() splits on, to delete from encoded ASCII text in one C pass: the same canonical
@@ -201,7 +204,11 @@ def _step(prev: bytes, role: Role, canonical: bytes) -> bytes:
 
 
 def build_chain(secret: bytes, tenant: str, subkey: str | None, messages: Sequence[Any]) -> Chain:
-    """The chain of a request. Messages that are not JSON objects are skipped (the gateway rejects them first)."""
+    """The chain of a request. Messages that are not JSON objects are skipped (the gateway rejects them first).
+
+    Every request hashes its whole history here, so the loop keeps the common message (a dict with a role string
+    and plain ASCII string content, no tool calls) to a few C calls; anything else goes through ``_role`` and
+    ``canonical_text``. Both paths give the same hashes (``tests/test_conversation.py`` pins them to ``_step``)."""
     seed = hmac.digest(secret, b"scope\0" + tenant.encode() + b"\0" + (subkey or "").encode(), "sha256")
     roles: list[Role] = []
     indices: list[int] = []
@@ -209,12 +216,32 @@ def build_chain(secret: bytes, tenant: str, subkey: str | None, messages: Sequen
     hashes: list[bytes] = []
     h = seed
     sha256 = hashlib.sha256
+    space = _ASCII_SPACE
+    fast_role = _FAST_ROLE
     for idx, message in enumerate(messages):
-        if not isinstance(message, Mapping) or _skipped(message.get("role")):
+        if type(message) is dict:
+            role_value = message.get("role")
+            role = fast_role.get(role_value) if type(role_value) is str else None
+            content = message.get("content")
+            if (
+                role is not None
+                and type(content) is str
+                and content.isascii()
+                and "tool_calls" not in message
+                and "function_call" not in message
+            ):
+                canonical = content.encode("ascii").translate(None, space)
+            elif _skipped(role_value):
+                continue
+            else:
+                role = _role(message)
+                canonical = canonical_text(message)
+        elif isinstance(message, Mapping) and not _skipped(message.get("role")):
+            role = _role(message)
+            canonical = canonical_text(message)
+        else:
             continue
-        role = _role(message)
-        canonical = canonical_text(message)
-        h = sha256(h + _ROLE_BYTE[role] + len(canonical).to_bytes(8, "big") + canonical).digest()  # = _step
+        h = sha256(b"".join((h, _ROLE_BYTE[role], len(canonical).to_bytes(8, "big"), canonical))).digest()  # = _step
         roles.append(role)
         indices.append(idx)
         kept.append(message)
