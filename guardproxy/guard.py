@@ -774,6 +774,8 @@ def build_guard(
     )
     if isinstance(tracker, StateTracker):
         tracker.rephrase_check = guard.conversation_sensitive
+        if metrics is not None:
+            tracker.observe_timing = metrics.observe_stage  # "state" splits into state_lookup + inference + state_store
         if metrics is not None and spec is not None:
             settled = metrics.counter(
                 "guardproxy_conversation_rephrase_deferred_total",

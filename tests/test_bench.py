@@ -122,6 +122,9 @@ def test_stage_breakdown_covers_every_gateway_request(tiny: Run) -> None:
         by = {st["stage"]: st for st in s["stages"]}
         assert by["parse"]["count"] == s["requests"]  # one parse per guarded request
         assert by["input_check"]["count"] == s["requests"]
+        # the tracker's lookup, timed inside "state" (which also holds the inference): once per request
+        assert by["state_lookup"]["count"] == s["requests"] and by["state_store"]["count"] >= s["requests"]
+        assert by["state_lookup"]["mean_ms"] <= by["state"]["mean_ms"]
         for st in s["stages"]:
             assert st["mean_ms"] >= 0 and st["per_request_ms"] >= 0
 

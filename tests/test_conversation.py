@@ -263,6 +263,20 @@ async def test_user_only_turns_continue_from_the_observed_request() -> None:
     assert obs.known and obs.signals.turn_index == 10 and obs.signals.history == "none"
 
 
+async def test_lookups_and_writes_of_state_are_timed_apart_from_inference() -> None:
+    stages: list[tuple[str, float]] = []
+    t = tracker()
+    t.observe_timing = lambda stage, seconds: stages.append((stage, seconds))
+    await talk(t, ["tell me about chemistry", "and about reactions"])
+    # per request: one lookup, one write of the request's state, one of the relayed reply's
+    assert [s for s, _ in stages] == ["state_lookup", "state_store", "state_store"] * 2
+    assert all(0.0 <= seconds < 5.0 for _, seconds in stages)
+    stages.clear()
+    repeat = [u("tell me about chemistry"), a("Reply 0 about tell me about chemis"), u("and about reactions")]
+    await t.observe("t1", None, repeat)
+    assert [s for s, _ in stages] == ["state_lookup"]  # the same request again is served from state: nothing written
+
+
 async def test_exact_retry_is_served_from_state_and_score_cache() -> None:
     clf = FakeClassifier()
     t = tracker(clf)

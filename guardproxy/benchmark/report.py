@@ -14,6 +14,8 @@ STAGE_ORDER = (
     "parse",
     "input_check",
     "state",
+    "state_lookup",
+    "state_store",
     "inference",
     "tokenize",
     "model",
@@ -23,7 +25,9 @@ STAGE_ORDER = (
 )
 STAGE_LEGEND = (
     "stages: parse = JSON + validation; input_check = the whole input hook (state + policy + tool-result scoring); "
-    "state = conversation lookup + scoring the new user turn(s) and the window (tokenize + inference inside); "
+    "state = conversation lookup + scoring the new user turn(s) and the window (tokenize + inference inside) + "
+    "storing the turn; state_lookup = the hash chain over the request, the state read and the prefix match; "
+    "state_store = each write of conversation state (the request's, and the relayed reply's after it); "
     "inference = guard model calls outside the tracker (reply scoring, tool results); policy = every policy's "
     "decisions; output_check = reply scoring + policy; upstream = time to upstream headers. tokenize (normalisation "
     "+ tokenization) and model (the ONNX run) are the classifier thread's own time for every model call, wherever "

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -272,6 +273,10 @@ class ConversationTracker:
         self.observe_rephrase: Callable[[bool], None] | None = None
         # called once per request whose window pass was skipped on the window estimate (``_estimated_window``)
         self.observe_estimate: Callable[[], None] | None = None
+        # called with ("state_lookup", seconds) once per ``observe`` (the hash chain over the request, the state read
+        # and the prefix match, a reply grace included) and ("state_store", seconds) per state write (``observe``'s
+        # and ``record_reply``'s): the gateway's stage metrics, apart from the inference that ``state`` also holds
+        self.observe_timing: Callable[[str, float], None] | None = None
         self._secret = hmac_secret
         # keys the kept turn states by text (``_turn_key``): a keyed hash, so shared state holds no text digest
         self._turn_key_secret = hmac.digest(hmac_secret, b"turn-state", "sha256")
@@ -281,6 +286,10 @@ class ConversationTracker:
 
     async def aclose(self) -> None:
         await self.backend.aclose()
+
+    def _timing(self, stage: str, since: float) -> None:
+        if self.observe_timing is not None:
+            self.observe_timing(stage, time.perf_counter() - since)
 
     # -- reading state --------------------------------------------------------------------------------------------
 
@@ -559,6 +568,7 @@ class ConversationTracker:
         Raises ``ClassifierError`` when the guard model fails; state backend failures never raise
         (``state_failed`` says local state answered).
         """
+        started = time.perf_counter()
         chain = build_chain(self._secret, tenant, subkey, messages)
         n = len(chain)
         if n == 0:
@@ -570,6 +580,7 @@ class ConversationTracker:
         prev = snap or Snapshot()
         start = 0 if found is None else found + 1
         history = self._history(chain, found, prev, loaded)
+        self._timing("state_lookup", started)
 
         new_users = [i for i in range(start, n) if chain.roles[i] == "user"]
         repeat = start == n  # the exact request again (a retry, or a regenerated reply)
@@ -593,7 +604,9 @@ class ConversationTracker:
             if final:
                 if not repeat:
                     blob = self._turn_states_blob(kept, chain, scored, rp.scores)
+                    stored = time.perf_counter()
                     state_failed = not await self.backend.append(root, state.entry(tag), blob) or failed
+                    self._timing("state_store", stored)
                 self._remember(tag, _Pending(state, embedding))
             return Observation(
                 signals=signals,
@@ -745,7 +758,9 @@ class ConversationTracker:
         else:
             tag = position_tag(self._secret, last_hash)
             snap = replace(snap, relayed=False)
+        stored = time.perf_counter()
         ok = await self.backend.append(root, snap.entry(tag))
+        self._timing("state_store", stored)
         if refused:
             if embedding is None or not embedding.size:  # unknown, or the turn exited early: no embedding yet
                 chain = chain or build_chain(self._secret, tenant, subkey, messages)
