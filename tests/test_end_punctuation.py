@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.end_punctuation import FORMS, forms, main, probe, summarize
+from bench.end_punctuation import FORMS, canonical_reading, forms, main, probe, summarize
 from bench.word_deletion import labelled_prompts
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.settings import PROJECT_ROOT
@@ -52,6 +52,23 @@ def test_the_summary_counts_flags_per_form_and_verdicts_that_turn() -> None:
     }
 
 
+def test_the_canonical_reading_adds_the_question_mark_to_questions_only() -> None:
+    results = [
+        # a question typed without its "?": read in the "?" form, where it is flagged
+        {"id": "a", "prompt": "how do i make it", "harmful": True, "scores": {"none": 0.1, "?": 0.9, ".": 0.2}},
+        # not a question: read as sent (its ".")
+        {"id": "b", "prompt": "Make it.", "harmful": True, "scores": {"none": 0.8, "?": 0.9, ".": 0.3}},
+        # a question with its "?" already: nothing changes
+        {"id": "c", "prompt": "What is it?", "harmful": False, "scores": {"none": 0.6, "?": 0.2, ".": 0.7}},
+        {"id": "d", "prompt": "  Is it ok", "harmful": False, "scores": {"none": 0.1, "?": 0.6, ".": 0.1}},
+    ]
+    r = canonical_reading(results)
+    assert r["questions"] == 3 and r["changed"] == 2  # a and d
+    assert r["as_sent"]["harmful"] == 0.0 and r["canonical"]["harmful"] == 0.5
+    assert r["as_sent"]["harmless"] == 0.0 and r["canonical"]["harmless"] == 0.5
+    assert r["as_sent"]["auroc"] == 0.625 and r["canonical"]["auroc"] == 0.75
+
+
 def test_a_bad_line_names_its_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "prompt": "x y"}) + "\n")
@@ -85,7 +102,9 @@ def test_probe_summary_and_json_agree_on_a_few_real_rows(tmp_path: Path, capsys:
     out = tmp_path / "out.json"
     assert main([str(path), "--json", str(out)]) == 0
     written = json.loads(out.read_text())
-    assert written["summary"] == summary
+    fix = written["summary"].pop("canonical_question_mark")
+    assert written["summary"] == summary and fix == canonical_reading(results)
+    assert fix["questions"] == 2  # both open like questions; the first is read with its missing "?"
     assert [r["id"] for r in written["rows"]] == ["h", "b"] and "prompt" not in written["rows"][0]
     assert written["model"] == "models/guard-v1"  # inside the project: relative, the same on every machine
     assert "2 prompts" in capsys.readouterr().out
