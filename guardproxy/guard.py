@@ -69,7 +69,8 @@ class ConversationTracker(Protocol):
 
     ``observe`` scores the user turns this request adds to a known conversation (all of them for an unknown one)
     and returns them with the escalation signals; it raises whatever the classifier raises, and reports a state
-    backend failure as ``state_failed`` instead of raising. ``record_reply`` records what the client got (the
+    backend failure as ``state_failed`` instead of raising; it adds its own stage times (``state_lookup``,
+    ``state_store``) to ``timings``, the exchange's. ``record_reply`` records what the client got (the
     reply text, the policy's refusal text, or None for an error status) so the next request can verify it.
     """
 
@@ -81,6 +82,7 @@ class ConversationTracker(Protocol):
         *,
         defer_window: bool = False,
         exact: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> Observation: ...
 
     async def record_reply(
@@ -365,7 +367,12 @@ class GuardCheck:
                 try:
                     obs = await asyncio.wait_for(
                         self.tracker.observe(
-                            exchange.tenant, subkey, exchange.messages, defer_window=early is not None, exact=exact
+                            exchange.tenant,
+                            subkey,
+                            exchange.messages,
+                            defer_window=early is not None,
+                            exact=exact,
+                            timings=exchange.timings,
                         ),
                         self.timeout,
                     )

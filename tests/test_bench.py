@@ -147,6 +147,11 @@ def test_conversation_length_phase_records_every_step(tiny: Run) -> None:
     assert length["paired_n"] == length["gateway_paired_n"] == 8
     assert length["paired_ratio_at_longest"] > 0 and length["gateway_paired_ratio_at_longest"] > 0
     assert all(p["paired_ratio"] > 0 and p["gateway_paired_ratio"] > 0 for p in length["points"])
+    # per length, the gateway's own times for the stages that grow with the history, each within its own time
+    for p in length["points"]:
+        assert set(p["stage_p50_ms"]) == {"parse", "state_lookup"}
+        assert all(0 <= ms for ms in p["stage_p50_ms"].values())
+    assert "state_lookup p50" in tiny.proc.stdout.split("Cost against conversation length")[1]
     # the phase's FAKE upstream waited the asked TTFT before its headers, as the gateway's own stage times show
     assert length["upstream_ttft_ms"] == 30
     phase = next(s for s in tiny.result["stages"] if s["phase"] == "conversation length")

@@ -444,7 +444,14 @@ class FailingTracker:
     """A conversation tracker whose state backend is down: it raises the state error for every call."""
 
     async def observe(
-        self, tenant: str, subkey: str | None, messages: Any, *, defer_window: bool = False, exact: bool = False
+        self,
+        tenant: str,
+        subkey: str | None,
+        messages: Any,
+        *,
+        defer_window: bool = False,
+        exact: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> Observation:
         raise StateBackendError("state backend down")
 
@@ -460,7 +467,14 @@ class DegradedTracker(FailingTracker):
     """A tracker that answered from local state (the shared backend failed): ``state_failed`` without raising."""
 
     async def observe(
-        self, tenant: str, subkey: str | None, messages: Any, *, defer_window: bool = False, exact: bool = False
+        self,
+        tenant: str,
+        subkey: str | None,
+        messages: Any,
+        *,
+        defer_window: bool = False,
+        exact: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> Observation:
         score = PromptScore(0.02, "none", 0.0, np.zeros(4, dtype=np.float32))
         return Observation(ConversationSignals(turn_index=1), (score,), (0,), state_failed=True)

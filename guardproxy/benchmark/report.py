@@ -172,8 +172,10 @@ def _length(result: dict[str, Any]) -> str:
         return ""
     single = length["single_turn_ms"] or {}
     wanted = set(length["reported"])
-    rows = [[p["history_turns"], p["n"], p["p50_ms"], p["ratio_to_single"]] for p in length["points"]
-            if p["history_turns"] in wanted]  # fmt: skip
+    grows = sorted({name for p in length["points"] for name in p.get("stage_p50_ms", {})})
+    rows = [[p["history_turns"], p["n"], p["p50_ms"], p["ratio_to_single"],
+             *(p.get("stage_p50_ms", {}).get(name) for name in grows)]
+            for p in length["points"] if p["history_turns"] in wanted]  # fmt: skip
     lo, hi = length["tail_history_turns"]
     return (
         f"Cost against conversation length ({length['target']}, plain, c=1"
@@ -183,9 +185,11 @@ def _length(result: dict[str, Any]) -> str:
             else ""
         )
         + (f", upstream TTFT {_f(length['upstream_ttft_ms'])} ms" if length.get("upstream_ttft_ms") else "")
-        + "): overhead p50 ms; "
+        + "): overhead p50 ms"
+        + ("; the gateway's own p50 ms in the stages that grow with the history (Server-Timing)" if grows else "")
+        + "; "
         f"single-turn reference p50 {_f(single.get('p50'))} ms\n"
-        + _table(["history turns", "n", "p50", "x single"], rows)
+        + _table(["history turns", "n", "p50", "x single", *(f"{name} p50" for name in grows)], rows)
         + f"\nhistory {lo}..{hi}: p50 {_f(length['tail_p50_ms'])} ms = {_f(length['ratio_at_longest'])}x single turn, "
         f"{_f(length.get('ratio_to_second_turn'))}x the second turn (the first with a window to score, "
         f"p50 {_f(length.get('second_turn_p50_ms'))} ms)"

@@ -75,6 +75,17 @@ MAX_REQUESTS = 200_000
 MAX_TURNS = 200
 MAX_SECONDS = 3 * 3600
 MODES = ("direct", "guarded", "input-only", "speculative", "passthrough")
+# Server-Timing stages of a request whose work grows with the history it carries: the body's parse and validation,
+# and the conversation state's lookup (the hash chain over every message); the length phase reports them per length
+HISTORY_STAGES = ("parse", "state_lookup")
+
+
+def _keep_history_stages(into: dict[str, list[float]], sample: Sample) -> None:
+    for name, ms in sample.server_timing:
+        if name in HISTORY_STAGES:
+            into.setdefault(name, []).append(ms)
+
+
 # Issue 7's reference: LiteLLM's proxy did 31-35 req/s on this machine; the target is 5x the top of that range.
 LITELLM_REFERENCE_RPS = 35.0
 
@@ -475,6 +486,8 @@ class Bench:
         # (request N+1, its single-turn twin) per history length, for both measures
         pairs: dict[int, list[tuple[float, float]]] = {}
         own_pairs: dict[int, list[tuple[float, float]]] = {}
+        # the stages whose work grows with the history a request carries (Server-Timing), per history length
+        grows: dict[int, dict[str, list[float]]] = {}
         failed = blocked = 0
         # --replicas: each conversation's requests go round robin over the replicas, and each twin where its
         # request went; one replica: all to the target
@@ -516,6 +529,7 @@ class Bench:
                     per_turn.setdefault(n, []).append(sample.overhead_ms)
                     if sample.gateway_ms is not None:
                         own_turn.setdefault(n, []).append(sample.gateway_ms)
+                    _keep_history_stages(grows.setdefault(n, {}), sample)
                 # the reference: the same new turn as a single-turn request (its twin), so each pair differs by
                 # the history alone
                 ref, _ = await send(
@@ -553,6 +567,8 @@ class Bench:
                     "twin_p50_ms": statistics.median(b for _, b in pairs[n]) if pairs.get(n) else None,
                     "paired_ratio": _median_ratio(pairs.get(n, [])),
                     "gateway_paired_ratio": _median_ratio(own_pairs.get(n, [])),
+                    # p50 of the gateway's own stage times that grow with the history (Server-Timing)
+                    "stage_p50_ms": {name: statistics.median(v) for name, v in sorted(grows.get(n, {}).items())},
                 }
             )
         result = {

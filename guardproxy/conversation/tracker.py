@@ -275,7 +275,8 @@ class ConversationTracker:
         self.observe_estimate: Callable[[], None] | None = None
         # called with ("state_lookup", seconds) once per ``observe`` (the hash chain over the request, the state read
         # and the prefix match, a reply grace included) and ("state_store", seconds) per state write (``observe``'s
-        # and ``record_reply``'s): the gateway's stage metrics, apart from the inference that ``state`` also holds
+        # and ``record_reply``'s), unless ``observe`` was given the exchange's ``timings``: the gateway's stage
+        # metrics, apart from the inference that ``state`` also holds
         self.observe_timing: Callable[[str, float], None] | None = None
         self._secret = hmac_secret
         # keys the kept turn states by text (``_turn_key``): a keyed hash, so shared state holds no text digest
@@ -287,9 +288,12 @@ class ConversationTracker:
     async def aclose(self) -> None:
         await self.backend.aclose()
 
-    def _timing(self, stage: str, since: float) -> None:
-        if self.observe_timing is not None:
-            self.observe_timing(stage, time.perf_counter() - since)
+    def _timing(self, stage: str, since: float, timings: dict[str, float] | None = None) -> None:
+        seconds = time.perf_counter() - since
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        elif self.observe_timing is not None:
+            self.observe_timing(stage, seconds)
 
     # -- reading state --------------------------------------------------------------------------------------------
 
@@ -554,6 +558,7 @@ class ConversationTracker:
         *,
         defer_window: bool = False,
         exact: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> Observation:
         """Signals of one request. Scores only what this request adds to a known conversation.
 
@@ -564,6 +569,9 @@ class ConversationTracker:
 
         ``exact``: neither a new turn nor the window exits early (``PromptScore.exited``); the gateway asks this for a
         request whose policies read below the lines the early-exit heads were fitted for.
+
+        ``timings``: the exchange's stage times; this request's ``state_lookup`` and ``state_store`` are added to it
+        (the gateway's ``Server-Timing`` and stage metrics) instead of going to ``observe_timing``.
 
         Raises ``ClassifierError`` when the guard model fails; state backend failures never raise
         (``state_failed`` says local state answered).
@@ -580,7 +588,7 @@ class ConversationTracker:
         prev = snap or Snapshot()
         start = 0 if found is None else found + 1
         history = self._history(chain, found, prev, loaded)
-        self._timing("state_lookup", started)
+        self._timing("state_lookup", started, timings)
 
         new_users = [i for i in range(start, n) if chain.roles[i] == "user"]
         repeat = start == n  # the exact request again (a retry, or a regenerated reply)
@@ -606,7 +614,7 @@ class ConversationTracker:
                     blob = self._turn_states_blob(kept, chain, scored, rp.scores)
                     stored = time.perf_counter()
                     state_failed = not await self.backend.append(root, state.entry(tag), blob) or failed
-                    self._timing("state_store", stored)
+                    self._timing("state_store", stored, timings)
                 self._remember(tag, _Pending(state, embedding))
             return Observation(
                 signals=signals,
