@@ -306,35 +306,7 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     length = result["length"]
     if length and length["points"]:
-        fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 4.2))
-        pts = length["points"]
-        xs = [p["history_turns"] for p in pts]
-        ax.plot(xs, [p["p50_ms"] for p in pts], marker=".", label="request N+1, p50 over conversations")
-        if any(p.get("twin_p50_ms") is not None for p in pts):
-            ax.plot(xs, [p.get("twin_p50_ms") for p in pts], color="gray", lw=0.8, label="its twin alone, p50")
-        single = (length["single_turn_ms"] or {}).get("p50")
-        if single:
-            ax.axhline(single, color="gray", ls="--", label=f"single turn p50 ({single:.1f} ms)")
-            ax.axhline(single * 1.2, color="red", ls=":", label="1.2x single turn")
-        ax.set_xlabel("history turns N")
-        ax.set_ylabel("overhead, ms")
-        ax.set_title(f"cost against conversation length ({length['target']}, plain, c=1)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        # each request over its twin (the same new turn alone): what the history adds, without the turn mix
-        for key, label in (("paired_ratio", "client's overhead"), ("gateway_paired_ratio", "gateway's own time")):
-            ys = [p.get(key) for p in pts]
-            if any(y is not None for y in ys):
-                rx.plot(xs, ys, marker=".", lw=0.8, label=label)
-        rx.axhline(1.0, color="gray", ls="--")
-        rx.axhline(1.2, color="red", ls=":", label="1.2x")
-        rx.set_xlabel("history turns N")
-        rx.set_ylabel("request N+1 / its twin alone (median)")
-        rx.set_title("per pair: the same new turn with and without its history", fontsize=10)
-        rx.grid(alpha=0.3)
-        rx.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / "length.png", plt))
+        written.append(_length_png(length, out_dir, plt))
 
     sweep = result["sweep"]
     if sweep and sweep["levels"]:
@@ -389,6 +361,52 @@ _COLORS = {
     "speculative": "tab:green",
     "input-only": "tab:red",
 }
+
+
+def _length_png(length: dict[str, Any], out_dir: Path, plt: Any) -> Path:
+    """length.png: request N+1's cost against the history it carries, and each request over its twin."""
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    pts = length["points"]
+    xs = [p["history_turns"] for p in pts]
+    ax.plot(xs, [p["p50_ms"] for p in pts], marker=".", label="request N+1, p50 over conversations")
+    if any(p.get("twin_p50_ms") is not None for p in pts):
+        ax.plot(xs, [p.get("twin_p50_ms") for p in pts], color="gray", lw=0.8, label="its twin alone, p50")
+    # the gateway's own time in the stages that grow with the history, stacked (Server-Timing, p50 per length)
+    grows = sorted({name for p in pts for name in p.get("stage_p50_ms", {})})
+    if grows:
+        ax.stackplot(
+            xs,
+            *([p.get("stage_p50_ms", {}).get(name) or 0.0 for p in pts] for name in grows),
+            labels=[f"{name} p50 (gateway's own)" for name in grows],
+            alpha=0.35,
+        )
+    single = (length["single_turn_ms"] or {}).get("p50")
+    if single:
+        ax.axhline(single, color="gray", ls="--", label=f"single turn p50 ({single:.1f} ms)")
+        ax.axhline(single * 1.2, color="red", ls=":", label="1.2x single turn")
+    ax.set_xlabel("history turns N")
+    ax.set_ylabel("overhead, ms")
+    ax.set_title(f"cost against conversation length ({length['target']}, plain, c=1)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
+    if grows:  # between the stages at the bottom and the curves above
+        ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.08))
+    else:
+        ax.legend(fontsize=8)
+    # each request over its twin (the same new turn alone): what the history adds, without the turn mix
+    for key, label in (("paired_ratio", "client's overhead"), ("gateway_paired_ratio", "gateway's own time")):
+        ys = [p.get(key) for p in pts]
+        if any(y is not None for y in ys):
+            rx.plot(xs, ys, marker=".", lw=0.8, label=label)
+    rx.axhline(1.0, color="gray", ls="--")
+    rx.axhline(1.2, color="red", ls=":", label="1.2x")
+    rx.set_xlabel("history turns N")
+    rx.set_ylabel("request N+1 / its twin alone (median)")
+    rx.set_title("per pair: the same new turn with and without its history", fontsize=10)
+    rx.grid(alpha=0.3)
+    rx.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_dir / "length.png", plt)
 
 
 def _save(fig: Any, path: Path, plt: Any) -> Path:
