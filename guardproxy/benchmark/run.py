@@ -78,14 +78,6 @@ MODES = ("direct", "guarded", "input-only", "speculative", "passthrough")
 # Server-Timing stages of a request whose work grows with the history it carries: the body's parse and validation,
 # and the conversation state's lookup (the hash chain over every message); the length phase reports them per length
 HISTORY_STAGES = ("parse", "state_lookup")
-
-
-def _keep_history_stages(into: dict[str, list[float]], sample: Sample) -> None:
-    for name, ms in sample.server_timing:
-        if name in HISTORY_STAGES:
-            into.setdefault(name, []).append(ms)
-
-
 # Issue 7's reference: LiteLLM's proxy did 31-35 req/s on this machine; the target is 5x the top of that range.
 LITELLM_REFERENCE_RPS = 35.0
 
@@ -875,6 +867,12 @@ def evaluate_targets(
             "the per-pair median from the gateway's Server-Timing 'gateway'",
         )
     return [t for t in out if t["value"] is not None]
+
+
+def _keep_history_stages(into: dict[str, list[float]], sample: Sample) -> None:
+    for name, ms in sample.server_timing:
+        if name in HISTORY_STAGES:
+            into.setdefault(name, []).append(ms)
 
 
 def _median_ratio(pairs: Sequence[tuple[float, float]]) -> float | None:
