@@ -443,16 +443,7 @@ async def test_a_classifier_whose_script_runs_out_counts_as_a_failure(tmp_path: 
 class FailingTracker:
     """A conversation tracker whose state backend is down: it raises the state error for every call."""
 
-    async def observe(
-        self,
-        tenant: str,
-        subkey: str | None,
-        messages: Any,
-        *,
-        defer_window: bool = False,
-        exact: bool = False,
-        timings: dict[str, float] | None = None,
-    ) -> Observation:
+    async def observe(self, *args: Any, **kwargs: Any) -> Observation:
         raise StateBackendError("state backend down")
 
     async def record_reply(self, *args: Any, refused: bool, observation: Any = None) -> bool:
@@ -466,16 +457,7 @@ class FailingTracker:
 class DegradedTracker(FailingTracker):
     """A tracker that answered from local state (the shared backend failed): ``state_failed`` without raising."""
 
-    async def observe(
-        self,
-        tenant: str,
-        subkey: str | None,
-        messages: Any,
-        *,
-        defer_window: bool = False,
-        exact: bool = False,
-        timings: dict[str, float] | None = None,
-    ) -> Observation:
+    async def observe(self, *args: Any, **kwargs: Any) -> Observation:
         score = PromptScore(0.02, "none", 0.0, np.zeros(4, dtype=np.float32))
         return Observation(ConversationSignals(turn_index=1), (score,), (0,), state_failed=True)
 
