@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--turns: not a list of integers: {args.turns!r}")
     if not lengths or min(lengths) < 1 or args.repeat < 1:
         ap.error("--turns needs positive integers and --repeat at least 1")
+    if args.json is not None and not args.json.parent.is_dir():
+        ap.error(f"--json: no such folder: {args.json.parent}")
     rows = {}
     for i, turns in enumerate(lengths, 1):
         print(f"[{i}/{len(lengths)}] {turns} turns...", file=sys.stderr, flush=True)

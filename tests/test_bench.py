@@ -523,6 +523,7 @@ def test_history_cost_names_the_parts_and_they_add_up(tmp_path: Path, capsys: py
         assert row["total"] == pytest.approx(parts) and min(row.values()) > 0
     assert rows["3"]["body_bytes"] > rows["1"]["body_bytes"]
     assert "build_chain us" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        history_cost.main(["--turns", "1,x"])
-    assert exc.value.code == 2
+    for bad in (["--turns", "1,x"], ["--turns", "0"], ["--json", str(tmp_path / "no" / "such.json")]):
+        with pytest.raises(SystemExit) as exc:
+            history_cost.main(bad)
+        assert exc.value.code == 2
