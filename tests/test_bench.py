@@ -147,7 +147,7 @@ def test_conversation_length_phase_records_every_step(tiny: Run) -> None:
     assert length["paired_n"] == length["gateway_paired_n"] == 8
     assert length["paired_ratio_at_longest"] > 0 and length["gateway_paired_ratio_at_longest"] > 0
     assert all(p["paired_ratio"] > 0 and p["gateway_paired_ratio"] > 0 for p in length["points"])
-    # per length, the gateway's own times for the stages that grow with the history, each within its own time
+    # per length, the p50 of the gateway's own times in the two stages that grow with the history
     for p in length["points"]:
         assert set(p["stage_p50_ms"]) == {"parse", "state_lookup"}
         assert all(0 <= ms for ms in p["stage_p50_ms"].values())
