@@ -123,11 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the summary and every prompt's score here")
     args = ap.parse_args(argv)
     rows = grid()
-    model = OnnxClassifier.load(args.model, threads=1)
-    try:
+    with OnnxClassifier.load(args.model, threads=1) as model:
         results = probe(model, rows)
-    finally:
-        model.close()
     s = summarize(results)
     print(f"{args.model}: {len(results)} prompts, flagged at harm >= {LINE}")
     for cell, c in s["cells"].items():

@@ -47,11 +47,8 @@ def run(prog: str, description: str, argv: Sequence[str] | None, probe: Probe) -
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model = OnnxClassifier.load(args.model, threads=1)
-    try:
+    with OnnxClassifier.load(args.model, threads=1) as model:
         return Run(args, files, probe(model, rows))
-    finally:
-        model.close()
 
 
 def write_json(run: Run, summary: dict[str, Any], **extra: Any) -> None:

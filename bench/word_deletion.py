@@ -154,11 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for harmful in (True, False):
         side = [r for r in rows if r["harmful"] is harmful]
         picked += side if args.sample <= 0 or len(side) <= args.sample else rng.sample(side, args.sample)
-    model = OnnxClassifier.load(args.model)
-    try:
+    with OnnxClassifier.load(args.model) as model:
         results = probe(model, picked)
-    finally:
-        model.close()
     summary = summarize(results)
     print(f"model {model.info.version} ({args.model}); line {LINE} on the operating scale")
     for name, s in summary.items():

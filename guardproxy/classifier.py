@@ -580,6 +580,13 @@ class OnnxClassifier:
         self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
 
+    def __enter__(self) -> OnnxClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with OnnxClassifier.load(...) as model:`` closes it at the end, as the sync CLI paths need."""
+        self.close()
+
     # --- plumbing ---------------------------------------------------------------------------------------
 
     def _semaphore(self) -> asyncio.Semaphore:

@@ -407,6 +407,13 @@ async def test_aclose_waits_off_the_loop_and_then_refuses_work() -> None:
         await c.score_prompts(["after close"])
 
 
+def test_a_with_block_closes_the_classifier() -> None:
+    with OnnxClassifier.load(MODEL_DIR, threads=1, workers=1, cache_size=0) as c:
+        assert c.score_prompts_sync(["how do I bake bread?"])[0].harm < 0.5
+    with pytest.raises(ClassifierError, match="closed"):
+        asyncio.run(c.score_prompts(["after the block"]))
+
+
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
