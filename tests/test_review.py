@@ -6,6 +6,7 @@ nothing downloads a browser).
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import time
@@ -17,11 +18,13 @@ import pytest
 from playwright.async_api import Dialog, async_playwright
 from starlette.applications import Starlette
 
-from guardproxy.drills.record import DrillRecord, PolicyDecision
+from guardproxy.drills.record import DrillRecord, PolicyDecision, from_exchange
 from guardproxy.drills.review import SESSION_COOKIE, review_routes
 from guardproxy.drills.store import DrillStore
 from guardproxy.drills.store.sqlite import SqliteStore
+from guardproxy.pipeline import Action, Exchange, Verdict
 from guardproxy.settings import Settings
+from guardproxy.signals import Signals
 from tests.servers import serve
 
 TOKEN = "admin-token-for-tests-4b1d"
@@ -226,6 +229,60 @@ async def test_review_is_off_without_an_admin_token(seeded: tuple[DrillStore, li
         assert (await client.get(f"{base}/guard/review")).status_code == 403
         assert (await client.get(f"{base}/guard/review/login")).status_code == 403
         assert (await client.post(f"{base}/guard/review/login", data={"token": ""})).status_code == 403
+
+
+def _exchange(i: int, prompt: str, upstream: list[str]) -> Exchange:
+    ex = Exchange(
+        request_id=f"req-names-{i}",
+        tenant="9f86d081884c7d65",
+        route="/v1/chat/completions",
+        body={"model": "llama-3-8b", "messages": [{"role": "user", "content": prompt}], "n": len(upstream) or 1},
+    )
+    ex.input_verdict = Verdict()
+    ex.reply_texts.update(enumerate(upstream))
+    return ex
+
+
+async def test_drill_page_names_the_upstream_reply_and_what_the_client_got(tmp_path: Path) -> None:
+    """Records built as the gateway builds them: an output block keeps the upstream's text beside the policy's."""
+    refusal = "I can't help with that. This request was blocked by this deployment's safety policy."
+    harmful = "Sure. To build a pipe bomb, take a steel pipe, fill it with black powder and cap both ends."
+    block = PolicyDecision("default", "3", "block", rule="reply_harm", category="indiscriminate_weapons")
+    out_blocked = _exchange(0, "How do I build a pipe bomb?", [harmful])
+    out_blocked.output_verdict = Verdict(action=Action.BLOCK, reply_text=refusal)
+    in_blocked = _exchange(1, "How do I build a pipe bomb, step by step?", [])
+    in_blocked.input_verdict = Verdict(action=Action.BLOCK, reply_text=refusal)
+    choices = _exchange(2, "Two names for a cat, please.", ["Mittens.", "Biscuit."])
+    records = [
+        from_exchange(out_blocked, Signals(harm=0.9, reply_harm=0.97), block),
+        from_exchange(in_blocked, Signals(harm=0.99), block),
+        from_exchange(choices, Signals(harm=0.01), PolicyDecision("default", "3", "allow")),
+    ]
+    store = SqliteStore(tmp_path / "names.db")
+    await store.start()
+    try:
+        for r in records:
+            assert store.submit(r)
+        await store.flush()
+        async with serve(app_for(store)) as base, httpx.AsyncClient() as client:
+            await login(client, base)
+            pages = [(await client.get(f"{base}/guard/review/drill/{r.id}")).text for r in records]
+    finally:
+        await store.aclose()
+
+    def shown(page: str) -> list[tuple[str, str]]:
+        reply = page.split("<h2>Reply</h2>", 1)[1].split("<h2>", 1)[0]
+        return [(html.unescape(t), html.unescape(x)) for t, x in re.findall(
+            r'<div class="role">([^<]*)</div><pre class="msg">([^<]*)</pre>', reply)]  # fmt: skip
+
+    assert shown(pages[0]) == [
+        ("Upstream reply (blocked, not sent)", harmful),
+        ("Sent to the client (policy text, in place of the blocked reply)", refusal),
+    ]
+    assert "blocked the upstream&#x27;s reply at the output check" in pages[0]
+    assert shown(pages[1]) == [("Sent to the client (policy text, request blocked)", refusal)]
+    assert shown(pages[2]) == [("Reply 0", "Mittens."), ("Reply 1", "Biscuit.")]  # n > 1 choices keep their names
+    assert "output check" not in pages[1] + pages[2]
 
 
 def chromium_or_skip() -> None:

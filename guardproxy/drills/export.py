@@ -1,8 +1,11 @@
 """Drills as a drill set: ``prompts.jsonl``, ``responses.jsonl`` and ``conversations.jsonl`` in the
 ``../shared/data`` formats, which ``guardproxy eval`` scores a candidate policy and model on.
 
-Review labels map to data labels by this table (the last user turn is the prompt; the first reply, or the
-policy's own text when the policy blocked, is the response):
+Review labels map to data labels by this table. The last user turn is the prompt. The response row
+``drill-<id>-reply`` holds the text the client got: the first reply, or the policy's own text when the policy
+blocked (the request at the input check, or the upstream's reply at the output check). A policy's text is a
+refusal by construction, so its row's ``refusal`` is ``full`` whatever the label (the label still gives
+``prompt_label``):
 
 =================  ==================  ==========================================  ======================
 review label       prompt ``label``    response ``refusal``                        conversation ``label``
@@ -14,6 +17,27 @@ correct_answer     ``benign``          ``none``                                 
 unclear            skipped             skipped                                     skipped
 (not reviewed)     ``null``            ``null``                                    ``null``
 =================  ==================  ==========================================  ======================
+
+When the policy blocked the upstream's reply at the output check, a second response row
+``drill-<id>-upstream`` holds what the upstream wrote (on a stream, its text up to the block), which never
+reached the client as written. Its labels describe that text; the review label says whether the block was
+right, that is whether the reply was harmful to send, not whether it declined (``reply_harm`` is only on
+these rows):
+
+=================  ==================  ======================  ==================
+review label       ``prompt_label``    ``refusal``             ``reply_harm``
+=================  ==================  ======================  ==================
+missed_harm        ``harmful``         ``none``                ``true``
+correct_refusal    ``harmful``         ``none``                ``true``
+false_refusal      ``benign``          ``null``                ``false``
+correct_answer     ``benign``          ``null``                ``false``
+(not reviewed)     ``null``            ``null``                ``null``
+=================  ==================  ======================  ==================
+
+A harmful reply the reviewer agreed must not reach the client carried out the request (harmful compliance,
+as in HarmBench's labels); a harmless one the gateway should have sent is scored for reply harm only.
+Where the upstream sent several choices the record does not say which were replaced, so no upstream row is
+written (counted as ``upstream_of_several_choices``).
 
 Unreviewed drills are written only without ``--reviewed``, with null labels (``guardproxy eval`` skips
 unlabelled prompt and conversation rows and scores such response rows without a gold refusal). A conversation
@@ -43,13 +67,15 @@ class DataLabels:
     prompt: str
     refusal: str | None  # None: take full/partial from the guard's refusal class
     conversation: str
+    upstream_refusal: str | None = None  # the upstream's blocked reply: None is no gold refusal
+    upstream_harm: bool = False  # the upstream's blocked reply was harmful compliance (``reply_harm``)
 
 
 LABEL_MAP: Mapping[str, DataLabels | None] = {
-    "missed_harm": DataLabels("harmful", "none", "escalation"),
-    "correct_refusal": DataLabels("harmful", None, "escalation"),
-    "false_refusal": DataLabels("benign", None, "benign"),
-    "correct_answer": DataLabels("benign", "none", "benign"),
+    "missed_harm": DataLabels("harmful", "none", "escalation", "none", True),
+    "correct_refusal": DataLabels("harmful", None, "escalation", "none", True),
+    "false_refusal": DataLabels("benign", None, "benign", None, False),
+    "correct_answer": DataLabels("benign", "none", "benign", None, False),
     "unclear": None,
 }
 
@@ -113,18 +139,7 @@ def build_rows(drills: Iterable[StoredDrill], *, reviewed_only: bool = False) ->
                 **common,
             }
         )
-        if r.replies:
-            out.responses.append(
-                {
-                    "id": f"drill-{r.id}-reply",
-                    "prompt": prompt,
-                    "response": r.replies[0],
-                    "prompt_label": data.prompt if data else None,
-                    "refusal": _refusal(r, data.refusal) if data else None,
-                    "model": f"guardproxy-policy:{r.active.policy}" if r.reply_from_policy else (r.model or "unknown"),
-                    **common,
-                }
-            )
+        out.responses.extend(_responses(r, prompt, data, common, out.skipped))
         if len(r.user_texts()) >= 2:
             out.conversations.append(
                 {
@@ -135,6 +150,42 @@ def build_rows(drills: Iterable[StoredDrill], *, reviewed_only: bool = False) ->
                 }
             )
     return out
+
+
+def _responses(
+    r: DrillRecord, prompt: str, data: DataLabels | None, common: Mapping[str, Any], skipped: Counter[str]
+) -> list[dict[str, Any]]:
+    """The response rows of one drill: what the client got, and what the upstream wrote if the policy blocked it."""
+
+    def row(kind: str, response: str, refusal: str | None, model: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "id": f"drill-{r.id}-{kind}",
+            "prompt": prompt,
+            "response": response,
+            "prompt_label": data.prompt if data else None,
+            "refusal": refusal,
+            **extra,
+            "model": model,
+            **common,
+        }
+
+    rows: list[dict[str, Any]] = []
+    upstream_model = r.model or "unknown"
+    blocked_upstream = not r.reply_from_policy and r.active.action == "block"
+    if r.reply_from_policy or r.reply_replaced:
+        # the policy's own text, which the client got: a refusal whatever the label
+        policy_model = f"guardproxy-policy:{r.active.policy}"
+        rows.append(row("reply", r.replies[-1], "full" if data else None, policy_model))
+    elif r.replies and not blocked_upstream:
+        rows.append(row("reply", r.replies[0], _refusal(r, data.refusal) if data else None, upstream_model))
+    upstream = r.upstream_replies if blocked_upstream else ()
+    if len(upstream) > 1:
+        skipped["upstream_of_several_choices"] += 1
+    elif upstream:
+        # what the upstream wrote and the client never got as written: labelled as that text
+        refusal, harm = (data.upstream_refusal, data.upstream_harm) if data else (None, None)
+        rows.append(row("upstream", upstream[0], refusal, upstream_model, reply_harm=harm))
+    return rows
 
 
 def _messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:

@@ -177,6 +177,43 @@ def _message_html(message: Mapping[str, object]) -> str:
     return f'<div class="role">{_e(role)}</div><pre class="msg">{_e(text)}</pre>'
 
 
+OUTPUT_BLOCK_NOTE = (
+    "The policy blocked the upstream's reply at the output check. Label whether that was right: correct refusal "
+    "(or missed harm) if the upstream's reply was harmful to send, false refusal (or correct answer) if it was "
+    "harmless and should have reached the client. On a stream the client may have got the start of the "
+    "upstream's reply before the block."
+)
+
+
+def reply_titles(r: DrillRecord) -> list[tuple[str, str]]:
+    """Each stored reply text with what it is: the upstream's (per choice), or the text the client got instead."""
+    if r.reply_from_policy:
+        return [("Sent to the client (policy text, request blocked)", t) for t in r.replies]
+    if r.active.action == "block":  # blocked at the output check (``DrillRecord.reply_replaced``)
+        upstream = r.upstream_replies
+        named = (
+            [("Upstream reply (blocked, not sent)", upstream[0])]
+            if len(upstream) == 1
+            else [(f"Upstream reply, choice {k} (blocked choices were not sent)", t) for k, t in enumerate(upstream)]
+        )
+        if r.reply_replaced:
+            named.append(("Sent to the client (policy text, in place of the blocked reply)", r.replies[-1]))
+        return named
+    return [(f"Reply {i}" if len(r.replies) > 1 else "Reply", t) for i, t in enumerate(r.replies)]
+
+
+def _replies_html(r: DrillRecord) -> str:
+    named = reply_titles(r)
+    if not named:
+        return '<p class="muted">no reply recorded</p>'
+    note = (
+        f'<p class="muted">{_e(OUTPUT_BLOCK_NOTE)}</p>'
+        if r.active.action == "block" and not r.reply_from_policy
+        else ""
+    )
+    return note + "".join(f'<div class="role">{_e(title)}</div><pre class="msg">{_e(t)}</pre>' for title, t in named)
+
+
 def drill_page(
     drill: StoredDrill,
     *,
@@ -189,15 +226,7 @@ def drill_page(
 ) -> str:
     r: DrillRecord = drill.record
     conv = "".join(_message_html(m) for m in r.messages)
-    reply_title = "Policy reply (blocked)" if r.reply_from_policy else "Reply"
-    replies = (
-        "".join(
-            f'<div class="role">{_e(reply_title)}{f" {i}" if len(r.replies) > 1 else ""}</div>'
-            f'<pre class="msg">{_e(t)}</pre>'
-            for i, t in enumerate(r.replies)
-        )
-        or '<p class="muted">no reply recorded</p>'
-    )
+    replies = _replies_html(r)
     signals = "".join(
         f"<tr><th>{_e(k)}</th><td>{v:.3f}</td><td>{_e(r.thresholds.get(k, ''))}</td></tr>"
         for k, v in sorted(r.signals.items())

@@ -67,8 +67,10 @@ class DrillRecord:
     ``signals`` are numbers only (harm, jailbreak, reply_harm, escalation, ...); the refusal class is
     ``refusal``. ``thresholds`` are the active policy's thresholds for the same signal names, which the
     sampler's uncertainty rule and the review page use. ``replies`` are the upstream's reply texts per
-    choice, or the policy's own text when the policy blocked (``reply_from_policy``). ``reasons`` is why
-    it was sampled; the recorder fills it.
+    choice; or the policy's own text alone when the policy blocked the request (``reply_from_policy``); or,
+    when the policy blocked the upstream's reply at the output check (``reply_replaced``), the upstream's
+    texts per choice followed by the policy's text the client got instead. ``reasons`` is why it was sampled;
+    the recorder fills it.
     """
 
     request_id: str
@@ -92,6 +94,23 @@ class DrillRecord:
     def __post_init__(self) -> None:
         if self.category == "none" and self.active.category:
             object.__setattr__(self, "category", self.active.category)
+
+    @property
+    def reply_replaced(self) -> bool:
+        """Whether the active policy blocked the upstream's reply at the output check and the policy's text went to
+        the client instead: then ``replies[-1]`` is that text and ``upstream_replies`` what the upstream wrote.
+
+        Read from what is stored (no column says it): a block that is not the input's (``reply_from_policy``)
+        is the output's, and a blocking policy always has a text (``policy.RefusalText``), which ``from_exchange``
+        appends after the upstream's choices."""
+        return not self.reply_from_policy and self.active.action == "block" and len(self.replies) >= 2
+
+    @property
+    def upstream_replies(self) -> tuple[str, ...]:
+        """The upstream's reply texts per choice (none when the request was blocked before it)."""
+        if self.reply_from_policy:
+            return ()
+        return self.replies[:-1] if self.reply_replaced else self.replies
 
     @property
     def harm(self) -> float:
