@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from guardproxy.errors import PolicyError
 from guardproxy.pipeline import Action, Verdict
+from guardproxy.settings import PROJECT_ROOT
 from guardproxy.signals import ConversationSignals, RefusalClass, Signals
 from guardproxy.taxonomy import CATEGORY_IDS
 from guardproxy.tomllines import KeyLines
@@ -75,7 +76,12 @@ def _refusal_key(value: str) -> str:
 
 CategoryId = Annotated[str, AfterValidator(_known_category)]
 RefusalKey = Annotated[str, AfterValidator(_refusal_key)]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# Numbers and booleans are strict: a TOML string ("0.5", "true") where one is required is a mistake in the file, not
+# a value to convert (and true is not the number 1).
+Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
+Number = Annotated[float, Field(strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
+StatusCode = Annotated[int, Field(ge=400, le=599, strict=True)]
 # A refusal text short enough to be one canned sentence is what this product warns against.
 RefusalText = Annotated[str, Field(min_length=40, max_length=4000)]
 
@@ -95,12 +101,12 @@ class InputCondition(_Strict):
     unreadable_at_least: Probability | None = None
     escalation_at_least: Probability | None = None
     window_harm_at_least: Probability | None = None
-    trajectory_at_least: Annotated[float, Field(ge=0.0)] | None = None
-    trend_at_least: float | None = None
-    refusal_events_at_least: Annotated[int, Field(ge=0)] | None = None
-    rephrase_similarity_at_least: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
+    trajectory_at_least: Annotated[float, Field(ge=0.0, strict=True)] | None = None
+    trend_at_least: Number | None = None
+    refusal_events_at_least: Annotated[int, Field(ge=0, strict=True)] | None = None
+    rephrase_similarity_at_least: Annotated[float, Field(ge=-1.0, le=1.0, strict=True)] | None = None
     history_in: tuple[History, ...] | None = None
-    turn_at_least: Annotated[int, Field(ge=0)] | None = None
+    turn_at_least: Annotated[int, Field(ge=0, strict=True)] | None = None
 
     def matches(self, s: Signals, harm_threshold: float, *, final: bool = True) -> bool:
         checks: list[bool] = [
@@ -134,7 +140,7 @@ class OutputCondition(InputCondition):
 
     reply_harm_at_least: Probability | None = None
     refusal_in: tuple[RefusalClass, ...] | None = None
-    false_refusal: bool | None = None
+    false_refusal: Flag | None = None
 
     def matches(self, s: Signals, harm_threshold: float, *, final: bool = True) -> bool:
         if not super().matches(s, harm_threshold, final=final):
@@ -159,7 +165,7 @@ class _Rule(_Strict):
     description: str = ""
     reply: RefusalText | None = None  # overrides the per-category refusal text when this rule blocks
     delivery: Delivery | None = None  # None: the policy's [block] delivery
-    status_code: Annotated[int, Field(ge=400, le=599)] | None = None
+    status_code: StatusCode | None = None
 
 
 class InputRule(_Rule):
@@ -172,12 +178,12 @@ class OutputRule(_Rule):
 
 class BlockSettings(_Strict):
     delivery: Delivery = Delivery.REPLY
-    status_code: Annotated[int, Field(ge=400, le=599)] = 400
+    status_code: StatusCode = 400
 
 
 class OutputSettings(_Strict):
-    check_chars: Annotated[int, Field(ge=16, le=65536)] = 256
-    retry_on_false_refusal: bool = False
+    check_chars: Annotated[int, Field(ge=16, le=65536, strict=True)] = 256
+    retry_on_false_refusal: Flag = False
     retry_below_harm: Probability = 0.05
     retry_note: Annotated[str, Field(min_length=20, max_length=2000)] = (
         "The previous answer declined a request that appears to be harmless. If the request is safe to help "
@@ -206,7 +212,7 @@ class Policy(_Strict):
     harm_threshold: Probability  # below it a full/partial refusal is a false refusal
     on_classifier_failure: FailMode
     on_state_failure: FailMode
-    flag_header: bool = False  # add x-guardproxy-flag: <rule id> to flagged replies
+    flag_header: Flag = False  # add x-guardproxy-flag: <rule id> to flagged replies
     block: BlockSettings = BlockSettings()
     output: OutputSettings = OutputSettings()
     failure_messages: FailureMessages = FailureMessages()
@@ -413,6 +419,8 @@ class PolicyIssue:
     message: str
 
     def __str__(self) -> str:
+        if self.line <= 0:  # no line to point at (the file cannot be read): no made-up one
+            return f"{self.file}: {self.field + ': ' if self.field else ''}{self.message}"
         return f"{self.file}:{self.line}: {self.field or '(file)'}: {self.message}"
 
 
@@ -438,6 +446,8 @@ def _message(err: Mapping[str, Any]) -> str:
     msg = _MESSAGES.get(str(err["type"]), str(err["msg"]))
     if err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
+    if err["type"] in _STRICT_TYPES and isinstance(err.get("input"), str):
+        msg += f", not the string {err['input']!r}: numbers and true/false are written without quotes"
     last = str(err["loc"][-1]) if err["loc"] else ""
     if err["type"] == "extra_forbidden" and last in _OUTPUT_ONLY:
         msg += f" here: {last} is an output condition and belongs in output_rules"
@@ -446,6 +456,7 @@ def _message(err: Mapping[str, Any]) -> str:
     return msg
 
 
+_STRICT_TYPES = frozenset({"float_type", "int_type", "bool_type"})
 _OUTPUT_ONLY = frozenset(OutputCondition.model_fields) - frozenset(InputCondition.model_fields)
 
 
@@ -500,12 +511,25 @@ def _covers(a: InputCondition, b: InputCondition) -> bool:
     return True
 
 
+def resolve_policy_path(path: str | Path) -> Path:
+    """Where an explicit policy path points: as given when that exists (a relative path from the current directory);
+    else a relative path from the project root, where the default ``policies/default.toml`` comes from, when there
+    is such a file; else as given (and reading it fails naming it)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.is_file() else path
+
+
 def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[PolicyIssue]]:
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, "", [PolicyIssue(name, 0, "", f"cannot read file: {exc}")]
+    except OSError as exc:
+        return None, "", [PolicyIssue(name, 0, "", f"cannot read file: {exc.strerror or exc}")]
+    except UnicodeDecodeError as exc:
+        return None, "", [PolicyIssue(name, 0, "", f"cannot read file: not UTF-8: {exc.reason} at byte {exc.start}")]
     try:
         return tomllib.loads(text), text, []
     except tomllib.TOMLDecodeError as exc:
@@ -522,13 +546,15 @@ def validation_issues(name: str, lines: KeyLines, exc: ValidationError) -> list[
 
 
 def check_policy_file(path: str | Path) -> list[PolicyIssue]:
-    """Every problem in a policy file, each with file, line and field; an empty list means it is valid."""
-    return _load(Path(path))[1]
+    """Every problem in a policy file, each with file, line and field; an empty list means it is valid. A relative
+    path is found as ``resolve_policy_path`` says."""
+    return _load(resolve_policy_path(path))[1]
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Load and validate one policy file; raises ``PolicyError`` listing every problem."""
-    policy, issues = _load(Path(path))
+    """Load and validate one policy file; raises ``PolicyError`` listing every problem. A relative path is found as
+    ``resolve_policy_path`` says."""
+    policy, issues = _load(resolve_policy_path(path))
     if issues or policy is None:
         raise PolicyError([str(i) for i in issues], where=str(path))
     return policy
@@ -537,6 +563,8 @@ def load_policy(path: str | Path) -> Policy:
 def _load(path: Path) -> tuple[Policy | None, list[PolicyIssue]]:
     data, text, issues = read_toml(path)
     if data is None:
+        if not path.is_absolute() and not path.exists():
+            issues = [replace(i, message=f"{i.message} (nor under {PROJECT_ROOT})") for i in issues]
         return None, issues
     lines = KeyLines(text)
     try:

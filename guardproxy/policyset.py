@@ -1,6 +1,7 @@
 """Which policies are in force: the active one and the shadows, per tenant or model, swapped whole on reload.
 
-``PolicySet`` loads ``settings.policy.active`` and ``settings.policy.shadows``, or a mapping file
+``PolicySet`` loads ``settings.policy.active`` and ``settings.policy.shadows`` (a relative path from the current
+directory, else from the project root: ``policy.resolve_policy_path``), or a mapping file
 (``settings.policy.mapping``) whose routes pick them per tenant or per request model. ``reload`` builds a
 complete new set and swaps it in one assignment; a file that fails validation leaves the old set in force.
 """
@@ -15,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from guardproxy.errors import PolicyError
-from guardproxy.policy import Policy, load_policy, read_toml, validation_issues
+from guardproxy.policy import Policy, load_policy, read_toml, resolve_policy_path, validation_issues
 from guardproxy.tomllines import KeyLines
 
 
@@ -131,8 +132,9 @@ class PolicySet:
     """
 
     def __init__(self, active: Path, shadows: Sequence[Path] = (), *, mapping: Path | None = None) -> None:
-        self._active = Path(active)
-        self._shadows = tuple(Path(p) for p in shadows)
+        # found as the CLI's --policy is: from the current directory, else from the project root (the default's)
+        self._active = resolve_policy_path(active)
+        self._shadows = tuple(resolve_policy_path(p) for p in shadows)
         self._mapping = Path(mapping) if mapping is not None else None
         self._loaded = self._load()  # raises PolicyError: a gateway does not start on a broken policy
 

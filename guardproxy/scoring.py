@@ -76,7 +76,8 @@ def read_jsonl(stream: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | 
             yield number, RowError(f"not UTF-8: {exc.reason} at byte {exc.start}")
             continue
         except json.JSONDecodeError as exc:
-            yield number, RowError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+            # json's own message can end in "at" ("Invalid control character at"): the column completes it once
+            yield number, RowError(f"invalid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}")
             continue
         if not isinstance(obj, dict):
             yield number, RowError(f"expected a JSON object, got {type(obj).__name__}")

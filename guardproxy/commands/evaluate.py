@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.classifier import OnnxClassifier, Thresholds
-from guardproxy.commands.score import add_model_options, load_model_and_policy, row_scorer
+from guardproxy.commands.score import add_model_options, load_model_and_policy, open_input, row_scorer
 from guardproxy.errors import ConfigError
 from guardproxy.evaluation import (
     ConversationRecord,
@@ -83,7 +83,7 @@ def load_rows(path: Path, sample: int | None) -> list[ParsedRow]:
     """A labeled JSONL file's rows, parsed; a bad line raises ``ConfigError`` naming the file and line. ``sample``
     keeps a fixed subset of that many rows."""
     rows = []
-    with path.open("rb") as stream:
+    with open_input(path) as stream:
         for line, obj in read_jsonl(stream):
             if isinstance(obj, RowError):
                 raise ConfigError(str(obj), where=f"{path}:{line}")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from guardproxy.classifier import OnnxClassifier
+from guardproxy.errors import ConfigError
 from guardproxy.policy import Policy, load_policy
 from guardproxy.scoring import ParsedRow, Progress, RowError, RowScorer, error_row, parse_row, read_jsonl
 from guardproxy.settings import load_settings
@@ -25,7 +27,13 @@ CHUNK_ROWS = 64
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: guard.model_dir)")
-    parser.add_argument("--policy", type=Path, default=None, help="policy file (default: policy.active)")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="policy file; a relative path is read from the current directory, or where there is no such file, "
+        "from the guardproxy project root, as the default policies/default.toml is (default: policy.active)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: guard.threads)")
     parser.add_argument(
         "--early-exit",
@@ -86,17 +94,31 @@ def row_scorer(classifier: OnnxClassifier, policy: Policy) -> RowScorer:
     return RowScorer(classifier, policy, window_max_ids=load_settings().guard.window_max_ids)
 
 
-def run(args: argparse.Namespace) -> int:
-    classifier, policy = load_model_and_policy(args)
+def open_input(path: Path) -> BinaryIO:
+    """``path`` opened for reading; a file that cannot be opened is a ``ConfigError`` naming it."""
     try:
-        with row_scorer(classifier, policy) as scorer:
-            if args.file == "-":
-                return score_stream(sys.stdin.buffer, "<stdin>", None, scorer, sys.stdout, args)
-            path = Path(args.file)
-            with path.open("rb") as stream:
-                return score_stream(stream, str(path), path.stat().st_size, scorer, sys.stdout, args)
+        return path.open("rb")
+    except OSError as exc:
+        raise ConfigError(f"cannot read file: {exc.strerror or exc}", where=str(path)) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        stream, name, size = sys.stdin.buffer, "<stdin>", None
+    else:
+        path = Path(args.file)
+        stream = open_input(path)  # before the model loads: a wrong name fails at once
+        name, size = str(path), os.fstat(stream.fileno()).st_size
+    try:
+        classifier, policy = load_model_and_policy(args)
+        try:
+            with row_scorer(classifier, policy) as scorer:
+                return score_stream(stream, name, size, scorer, sys.stdout, args)
+        finally:
+            classifier.close()
     finally:
-        classifier.close()
+        if stream is not sys.stdin.buffer:
+            stream.close()
 
 
 def chunks(
