@@ -51,6 +51,7 @@ from guardproxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from guardproxy.logs import redact
 from guardproxy.metrics import CONTENT_TYPE, Metrics
 from guardproxy.pipeline import Exchange, Pipeline
 from guardproxy.proxy import (
@@ -84,11 +85,38 @@ class ClientGone(Exception):
     """The client disconnected while sending its body: nothing to answer."""
 
 
+def request_id(raw_headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """The client's ``x-request-id`` when it is a sane token, else a new one."""
+    for name, value in raw_headers:
+        if name == b"x-request-id":
+            rid = value.decode("latin-1")
+            if _REQUEST_ID_RE.fullmatch(rid):
+                return rid
+            break
+    return f"{_RID_PREFIX}{next(_rid_counter):08x}"
+
+
+def upstream_host(base_url: str) -> str:
+    """``host[:port]`` of the upstream base URL: what a log line may name (no user info, path or query)."""
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL:
+        return "<invalid url>"
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{host}:{url.port}" if url.port is not None else host
+
+
 # -- error mapping: the one place -----------------------------------------------------------------
 
 
-def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
-    """Status, OpenAI-shaped body and extra headers for any error."""
+def error_payload(
+    exc: BaseException, *, in_band: bool = False
+) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+    """Status, OpenAI-shaped body and extra headers for any error.
+
+    ``in_band``: the error ends an SSE stream already under way. A broken upstream body is
+    ``upstream_stream_error`` there, and ``upstream_bad_response`` on a reply answered with an HTTP error
+    (a plain reply that is not JSON, cut short, undecodable or oversized)."""
     param: str | None = None
     headers: list[tuple[bytes, bytes]] = []
     message = str(exc)
@@ -119,7 +147,7 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], list[tuple[b
     elif isinstance(exc, UpstreamUnreachable):
         status, etype, code = 502, "upstream_error", "upstream_unreachable"
     elif isinstance(exc, UpstreamStreamError):
-        status, etype, code = 502, "upstream_error", "upstream_stream_error"
+        status, etype, code = 502, "upstream_error", "upstream_stream_error" if in_band else "upstream_bad_response"
     elif isinstance(exc, UpstreamError):
         status, etype, code = 502, "upstream_error", "upstream_error"
     elif isinstance(exc, ClassifierError | StateBackendError):
@@ -142,7 +170,7 @@ def _upstream_error_body(exc: UpstreamHTTPError) -> dict[str, Any] | None:
 
 async def send_error(call: Call, exc: BaseException) -> None:
     """Answer ``exc`` as well as the state of the response allows."""
-    status, body, headers = error_payload(exc)
+    status, body, headers = error_payload(exc, in_band=call.streaming)
     if call.finished:
         return
     if call.streaming:
@@ -167,6 +195,7 @@ class Gateway:
         self.metrics = metrics
         self.transport: httpx.AsyncBaseTransport | None = transport
         self.auth = Authenticator(settings)
+        self.upstream_host = upstream_host(settings.upstream.base_url)
         lim = settings.limits
         self.limiter = RateLimiter(lim.rate_per_second, lim.rate_burst) if lim.rate_per_second else None
         self.upstream: Upstream | None = None
@@ -236,6 +265,31 @@ class Gateway:
         for call in list(self.calls):
             call.cut(shutdown=True)
 
+    def log_upstream_failure(self, call: Call, exc: UpstreamError, elapsed: float) -> None:
+        """One line per request the upstream failed: request id, error code, upstream host, time taken.
+
+        Never a header, a key or the upstream's URL path and query; the message is the gateway's own
+        (an upstream's in-stream error text included), redacted, with the gateway's upstream key cut out."""
+        if isinstance(exc, UpstreamHTTPError):  # the gateway's code, not one from the upstream's body
+            code = f"upstream_{exc.status_code}"
+        else:
+            code = error_payload(exc, in_band=call.streaming)[1]["error"]["code"]
+        message = redact(str(exc))
+        key = self.upstream.replace_key if self.upstream is not None else None
+        if key:
+            message = message.replace(key, "[REDACTED]")
+        # An upstream 4xx other than 429 is the client's own problem passed through, not an upstream failure.
+        client_side = isinstance(exc, UpstreamHTTPError) and exc.status_code < 500 and exc.status_code != 429
+        logger.log(
+            logging.DEBUG if client_side else logging.WARNING,
+            "upstream failure: request %s: %s from %s after %.0f ms: %s",
+            call.request_id,
+            code,
+            self.upstream_host,
+            elapsed * 1000.0,
+            message,
+        )
+
     def spawn_finish(self, ex: Exchange) -> None:
         if len(self.finish_tasks) >= self.max_pending_finish:
             # finish() is stuck somewhere (a state backend or store that hangs): drop, count and log once
@@ -273,11 +327,11 @@ class V1Endpoint:
         label = route_label(kind, path)
         counted = False
         watcher: asyncio.Task[None] | None = None
+        # The request id comes first: even a request refused for its headers gets one.
+        call.request_id = request_id(scope["headers"])
+        call.headers.append((b"x-request-id", call.request_id.encode()))
         try:
             headers = self._check_headers(scope["headers"])
-            rid = headers.get("x-request-id", "")
-            call.request_id = rid if _REQUEST_ID_RE.fullmatch(rid) else f"{_RID_PREFIX}{next(_rid_counter):08x}"
-            call.headers.append((b"x-request-id", call.request_id.encode()))
             if gw.draining:
                 raise Overloaded("the gateway is shutting down")
             if gw.in_flight >= gw.settings.server.max_concurrent_requests:
@@ -314,7 +368,9 @@ class V1Endpoint:
             if isinstance(exc, AuthError | RateLimited | RouteNotGuarded | RequestError):
                 gw.metrics.rejected.labels(type(exc).__name__).inc()
             if call.streaming:
-                gw.metrics.stream_errors.labels(error_payload(exc)[1]["error"]["code"]).inc()
+                gw.metrics.stream_errors.labels(error_payload(exc, in_band=True)[1]["error"]["code"]).inc()
+            if isinstance(exc, UpstreamError):
+                gw.log_upstream_failure(call, exc, time.perf_counter() - t0)
             await send_error(call, exc)
         except Exception as exc:
             logger.exception("unexpected error on %s %s (request %s)", method, label, call.request_id)
@@ -424,17 +480,29 @@ class V1Endpoint:
 
 class V1First:
     """Pure ASGI middleware: ``/v1/*`` goes straight to the gateway's endpoint, past the router's regex
-    scan of every other route (the guard's admin and review pages among them); the rest to Starlette."""
+    scan of every other route (the guard's admin and review pages among them); the rest to Starlette,
+    with an ``x-request-id`` on its responses too (health probes, metrics, 404s, the guard's pages)."""
 
     def __init__(self, app: Any, endpoint: V1Endpoint) -> None:
         self.app = app
         self.endpoint = endpoint
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            await self.endpoint(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/v1/"):
+            await self.endpoint(scope, receive, send)
+            return
+        rid = (b"x-request-id", request_id(scope["headers"]).encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, rid]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 # -- health, readiness, metrics -------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Replace mode (``upstream.api_key`` set): the gateway holds the upstream key, so every client must show a
 gateway key; ``auth.gateway_keys`` maps tenant names to the sha256 hex of their key (keys are never
 stored in clear). Pass-through mode: the client's ``Authorization`` goes upstream unchanged and the
-tenant is a hash of it, so per-tenant limits and conversation state work without storing keys.
+tenant is a hash of it, so per-tenant limits and conversation state work without storing keys. Either
+mode without the other half (an upstream key without gateway keys, gateway keys without an upstream
+key) is a ``ConfigError``: the gateway does not start.
 Keys are never logged: only the tenant name or hash leaves this module.
 """
 
@@ -40,13 +42,25 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.replace_mode = settings.upstream.api_key is not None
-        self._keys = [(name, bytes.fromhex(digest.lower())) for name, digest in settings.auth.gateway_keys.items()]
-        for name, digest in self._keys:
+        self._keys: list[tuple[str, bytes]] = []
+        for name, hex_digest in settings.auth.gateway_keys.items():
+            try:
+                digest = bytes.fromhex(hex_digest.lower())
+            except ValueError:
+                digest = b""
             if len(digest) != 32:
                 raise ConfigError(f"auth.gateway_keys.{name}: expected a sha256 hex digest (64 characters)")
+            self._keys.append((name, digest))
         if self.replace_mode and not self._keys:
             raise ConfigError(
                 "upstream.api_key is set (replace mode) but auth.gateway_keys is empty: no client could authenticate"
+            )
+        if self._keys and not self.replace_mode:
+            # Pass-through mode forwards the client's own key and checks none: gateway keys would be ignored
+            # and every client let in, which is never what configuring them means.
+            raise ConfigError(
+                "auth.gateway_keys is set but upstream.api_key is not: gateway keys are checked only in replace "
+                "mode; set upstream.api_key (the key the gateway sends upstream) or remove auth.gateway_keys"
             )
 
     def tenant(self, headers: Mapping[str, str]) -> str:

@@ -2,8 +2,9 @@
 
 ``FakeUpstream`` is a plain ASGI app. It answers ``/v1/chat/completions`` (JSON or SSE), ``/v1/models``,
 ``/v1/embeddings`` and echoes anything else, with a configurable time to first token, token rate and
-reply text, and fault modes chosen per app (``fake.fault = "..."``) or per request (header
-``x-fake-fault``; the gateway forwards it). It records every request and every cancellation (the client
+reply text (one ``reply`` for every request, canned ``answers`` keyed by the last user turn, per-choice
+``replies``, or a header ``x-fake-reply``), and fault modes chosen per app (``fake.fault = "..."``) or per
+request (header ``x-fake-fault``; the gateway forwards it). It records every request and every cancellation (the client
 went away before the reply was complete) so tests can assert that the gateway really cut the upstream.
 
 Fault modes: ``json`` / ``sse`` (normal), ``slow`` (long time to first byte), ``drip`` (the reply one
@@ -31,7 +32,11 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-DEFAULT_REPLY = "This is a reply from the FAKE upstream, not from a model."
+# Plain and harmless, read as an answer, so a gateway with the shipped guard model relays it (text that reads like
+# no assistant reply can score as a harmful one; tests/test_gateway_demo.py scores this one). Tests match "FAKE".
+DEFAULT_REPLY = (
+    "Hello! I am the FAKE upstream, a stand-in for a real model, so my answers are canned. How can I help you today?"
+)
 _ERROR_EVENT = (
     b'data: {"error": {"message": "FAKE upstream failed mid-stream", '
     b'"type": "server_error", "code": "fake_stream"}}\n\n'
@@ -81,6 +86,8 @@ class FakeUpstream:
 
     reply: str = DEFAULT_REPLY
     replies: list[str] | None = None  # per-choice texts for n > 1 (cycled)
+    # canned answers: the last user turn's text (exactly) -> the reply; before ``replies`` and ``reply``
+    answers: dict[str, str] = field(default_factory=dict)
     tool_call: tuple[str, str] | None = None  # (function name, arguments): reply with a tool call instead
     ttft: float = 0.0  # seconds before the first byte of the reply
     token_interval: float = 0.0  # seconds between streamed tokens
@@ -201,7 +208,8 @@ class FakeUpstream:
         rec_reply = rec.headers.get("x-fake-reply")
         n_field = body.get("n")
         n = n_field if isinstance(n_field, int) and 0 < n_field <= 128 else 1
-        texts = [rec_reply or self._text(i) for i in range(n)]
+        answer = self.answers.get(_last_user_text(body)) if self.answers else None
+        texts = [rec_reply or answer or self._text(i) for i in range(n)]
         model = body.get("model") or "fake-model"
         if body.get("stream") or fault == "sse":
             await self._stream(send, texts, model, fault, body)
@@ -345,6 +353,19 @@ class FakeUpstream:
         if fault not in ("no_done", "cut_clean", "error_in_stream", "oversized_event"):
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    """The text of the request's last user turn ("" if none): what ``answers`` is keyed by."""
+    messages = body.get("messages")
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = [p.get("text") for p in content if isinstance(p, dict)]
+                content = "".join(p for p in parts if isinstance(p, str))
+            return content if isinstance(content, str) else ""
+    return ""
 
 
 def _tokens(text: str) -> list[str]:

@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from guardproxy.app import Gateway, create_app
+from guardproxy.auth import Authenticator
 from guardproxy.errors import ConfigError
 from guardproxy.metrics import Metrics
 from guardproxy.pipeline import Pipeline
@@ -39,7 +40,10 @@ class Built:
 
 
 def build_app(settings: Settings, **guard_parts: Any) -> Built:
-    """The app with the guard the settings describe; ``guard_parts`` go to ``build_guard`` (e.g. a classifier)."""
+    """The app with the guard the settings describe; ``guard_parts`` go to ``build_guard`` (e.g. a classifier).
+
+    Client auth is checked first: a misconfigured key setup fails before the guard model is loaded."""
+    Authenticator(settings)
     metrics = Metrics()
     routes: tuple[BaseRoute, ...] = ()
     try:
@@ -123,14 +127,16 @@ def run(settings: Settings, **guard_parts: Any) -> int:
 
 
 def _without_userinfo(url: str) -> str:
-    """A base URL may carry credentials (``http://user:key@host``): never log them."""
+    """A base URL may carry credentials (``http://user:key@host``, or a ``?key=`` query): never log them."""
     import httpx
 
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
         return "<invalid url>"
-    return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
+    if not parsed.userinfo and not parsed.query and not parsed.fragment:
+        return url
+    return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
 
 
 def _ignore(signum: int, frame: Any) -> None:

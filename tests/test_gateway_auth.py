@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
 from guardproxy.app import create_app
 from guardproxy.auth import RateLimiter, hash_key
 from guardproxy.errors import ConfigError, RateLimited
 from guardproxy.fake_upstream import FakeUpstream
-from guardproxy.settings import Settings
+from guardproxy.server import build_app
+from guardproxy.settings import Settings, load_settings
 from tests.gateway_support import CHAT, HELLO, ScriptedCheck, gateway
+from tests.servers import free_port, serve
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GATEWAY_KEY = "gw-key-alice-0123456789"
 UPSTREAM_KEY = "sk-upstream-secret-9876543210"
@@ -88,6 +97,69 @@ def test_replace_mode_without_gateway_keys_refuses_to_start() -> None:
         create_app(Settings(upstream={"api_key": "sk-x"}))
 
 
+def test_gateway_keys_without_an_upstream_key_refuse_to_start() -> None:
+    # Pass-through mode checks no gateway key: configured keys would be ignored and every client let in.
+    settings = Settings(auth={"gateway_keys": {"team-a": hash_key(GATEWAY_KEY)}}, guard={"enabled": False})
+    with pytest.raises(ConfigError, match=r"auth\.gateway_keys is set but upstream\.api_key is not"):
+        create_app(settings)
+    with pytest.raises(ConfigError, match="upstream.api_key"):
+        build_app(settings)
+
+
+def test_a_gateway_key_that_is_not_hex_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="auth.gateway_keys.team-a"):
+        create_app(Settings(upstream={"api_key": "sk-x"}, auth={"gateway_keys": {"team-a": "not-hex"}}))
+
+
+def _readme_toml() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```toml\n# guardproxy.toml")
+    return text[start + len("```toml\n") : text.index("```", start + 7)]
+
+
+def test_serve_with_gateway_keys_and_no_upstream_key_exits_with_one_config_line(tmp_path: Path) -> None:
+    config = tmp_path / "guardproxy.toml"
+    config.write_text(
+        f'[upstream]\nbase_url = "http://127.0.0.1:9/v1"\n\n[auth.gateway_keys]\nteam-a = "{hash_key(GATEWAY_KEY)}"\n'
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDPROXY_")}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "guardproxy.cli", "serve", "--config", str(config), "--port", str(port)],
+            cwd=ROOT,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError("the gateway started (and served) with gateway keys but no upstream key") from exc
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert errors == [
+        "guardproxy serve: error: auth.gateway_keys is set but upstream.api_key is not: gateway keys are checked "
+        "only in replace mode; set upstream.api_key (the key the gateway sends upstream) or remove auth.gateway_keys"
+    ], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+async def test_readme_example_config_enforces_its_gateway_keys(tmp_path: Path) -> None:
+    # The README's guardproxy.toml, pointed at a FAKE upstream: a client without team-a's key gets 401.
+    config = tmp_path / "guardproxy.toml"
+    config.write_text(_readme_toml())
+    fake = FakeUpstream()
+    async with serve(fake) as upstream_url:
+        settings = load_settings(config, upstream={"base_url": upstream_url + "/v1"}, guard={"enabled": False})
+        assert settings.auth.gateway_keys and settings.upstream.api_key is not None
+        app = create_app(settings)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+            for headers in ({"authorization": "Bearer whatever"}, {}):
+                r = await client.post(CHAT, json=HELLO, headers=headers)
+                assert r.status_code == 401, r.text
+        assert fake.requests == []
+
+
 async def test_rate_limit_per_tenant_is_429_with_retry_after() -> None:
     async with gateway(limits={"rate_per_second": 0.01, "rate_burst": 2}) as env:
         a = {"authorization": "Bearer tenant-a"}
@@ -134,6 +206,31 @@ async def test_over_capacity_is_a_fast_503() -> None:
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
         assert [t.status_code for t in await asyncio.gather(*busy)] == [200, 200]
+
+
+async def test_every_response_carries_a_request_id() -> None:
+    async with gateway() as env:
+        responses = {
+            "healthz": await env.client.get("/healthz"),
+            "readyz": await env.client.get("/readyz"),
+            "metrics": await env.client.get("/metrics"),
+            "404": await env.client.get("/no/such/route"),
+            "404 post": await env.client.post("/nowhere", json={}),
+            "v1": await env.client.post(CHAT, json=HELLO),
+            "v1 400": await env.client.post(CHAT, json={"messages": []}),
+            "v1 431": await env.client.post(CHAT, json=HELLO, headers={f"x-h{i}": "v" for i in range(120)}),
+        }
+        assert responses["404"].status_code == 404 and responses["v1 431"].status_code == 431
+        ids = {name: r.headers.get("x-request-id") for name, r in responses.items()}
+        assert all(ids.values()), ids
+        assert len(set(ids.values())) == len(ids), ids  # a new one each
+        assert all(len(r.headers.get_list("x-request-id")) == 1 for r in responses.values())
+        # the client's own id, when it is a sane token, comes back; a junk one is replaced
+        for path in ("/healthz", "/nowhere", CHAT):
+            r = await env.client.post(path, json=HELLO, headers={"x-request-id": "client-id-42"})
+            assert r.headers["x-request-id"] == "client-id-42", path
+            r = await env.client.post(path, json=HELLO, headers={"x-request-id": "bad id <script>"})
+            assert r.headers["x-request-id"] not in ("", "bad id <script>"), path
 
 
 async def test_health_ready_and_metrics() -> None:

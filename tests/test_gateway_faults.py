@@ -4,11 +4,15 @@ status, or in an in-band SSE error event followed by [DONE] once a stream's head
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from guardproxy.app import upstream_host
+from guardproxy.server import _without_userinfo
 from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
 from tests.servers import free_port
 
@@ -154,10 +158,104 @@ async def test_plain_reply_cut_mid_body(fault: str, status: int, guarded: bool, 
 async def test_upstream_non_json_reply_on_guarded_path_is_502(env: Env) -> None:
     check = ScriptedCheck()
     env.pipeline.checks = [check]
-    # A plain request answered with an SSE body (the stream fault) cannot be checked: 502, not a pass.
+    # A plain request answered with an SSE body (the stream fault) cannot be checked: 502, not a pass. It is a bad
+    # response, not a stream error: the client asked for no stream and got none.
     r = await env.client.post(CHAT, json=HELLO, headers={"x-fake-fault": "sse"})
     assert r.status_code == 502
-    assert r.json()["error"]["code"] == "upstream_stream_error"
+    assert r.json()["error"]["code"] == "upstream_bad_response"
+    assert r.json()["error"]["type"] == "upstream_error"
+
+
+async def test_plain_reply_cut_mid_body_is_a_bad_response(tight: Env) -> None:
+    r = await tight.client.post(CHAT, json=HELLO, headers={"x-fake-fault": "reset_mid_stream"})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_bad_response"
+
+
+# Each failed upstream exchange is one WARNING line: request id, error code, upstream host and elapsed time, and
+# never a key, a header or the upstream URL's path.
+SECRET = "sk-canary-0123456789abcdef"
+AUTH = {"authorization": f"Bearer {SECRET}"}
+
+
+def _failure_lines(caplog: pytest.LogCaptureFixture, rid: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "guardproxy.app" and rid in r.getMessage()]
+
+
+def _assert_one_failure_line(caplog: pytest.LogCaptureFixture, rid: str, code: str, host: str) -> None:
+    lines = _failure_lines(caplog, rid)
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    record = lines[0]
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert f"request {rid}: {code} from {host} after " in message, message
+    assert re.search(r"after \d+ ms", message), message
+    assert "/v1" not in message and "chat/completions" not in message
+    for r in caplog.records:
+        assert SECRET not in r.getMessage() and SECRET not in caplog.text
+        assert "Bearer" not in r.getMessage()
+
+
+async def test_unreachable_upstream_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    async with gateway(upstream_url=f"http://127.0.0.1:{port}") as own:
+        with caplog.at_level(logging.DEBUG):
+            r = await own.client.post(CHAT, json=HELLO, headers={**AUTH, "x-request-id": "rid-unreachable"})
+        assert r.status_code == 502
+    _assert_one_failure_line(caplog, "rid-unreachable", "upstream_unreachable", f"127.0.0.1:{port}")
+
+
+async def test_hanging_upstream_is_logged_with_its_time(tight: Env, caplog: pytest.LogCaptureFixture) -> None:
+    host = tight.upstream_url.removeprefix("http://")
+    with caplog.at_level(logging.DEBUG):
+        r = await tight.client.post(
+            CHAT, json=HELLO, headers={**AUTH, "x-request-id": "rid-hang", "x-fake-fault": "never"}
+        )
+    assert r.status_code == 504
+    _assert_one_failure_line(caplog, "rid-hang", "upstream_timeout", host)
+    elapsed = float(re.search(r"after (\d+) ms", _failure_lines(caplog, "rid-hang")[0].getMessage()).group(1))  # type: ignore[union-attr]
+    assert 250 <= elapsed < 5000  # the 0.3 s read timeout
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream", "code"),
+    [
+        ("sse", False, "upstream_bad_response"),  # a plain request answered with a non-JSON body
+        ("status_503", False, "upstream_503"),
+        ("error_in_stream", True, "upstream_stream_error"),
+    ],
+)
+async def test_failed_upstream_replies_are_logged(
+    fault: str, stream: bool, code: str, env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    env.pipeline.checks = [ScriptedCheck()]
+    host = env.upstream_url.removeprefix("http://")
+    rid = f"rid-{fault}"
+    with caplog.at_level(logging.DEBUG):
+        headers = {**AUTH, "x-request-id": rid, "x-fake-fault": fault}
+        r = await env.client.post(CHAT, json={**HELLO, "stream": stream}, headers=headers)
+    assert r.status_code in (200, 502, 503)
+    _assert_one_failure_line(caplog, rid, code, host)
+
+
+async def test_an_upstream_error_that_echoes_the_key_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # An upstream 401 that names the key it was sent: a client-side status, logged at debug and without the key.
+    async with gateway() as own:
+        with caplog.at_level(logging.DEBUG):
+            headers = {**AUTH, "x-request-id": "rid-401", "x-fake-fault": "status_401"}
+            r = await own.client.post(CHAT, json=HELLO, headers=headers)
+        assert r.status_code == 401
+    lines = _failure_lines(caplog, "rid-401")
+    assert len(lines) == 1 and lines[0].levelno == logging.DEBUG
+    assert "upstream_401" in lines[0].getMessage()
+    assert SECRET not in caplog.text
+
+
+async def test_a_good_exchange_logs_no_failure(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        r = await env.client.post(CHAT, json=HELLO, headers={**AUTH, "x-request-id": "rid-fine"})
+    assert r.status_code == 200
+    assert _failure_lines(caplog, "rid-fine") == []
 
 
 # The same faults through httpx's own transport (``upstream.transport = "httpx"``): its errors are
@@ -175,7 +273,7 @@ async def httpx_shared() -> AsyncIterator[Env]:
         ("never", False, 504, "upstream_timeout"),
         ("drip", False, 504, "upstream_timeout"),
         ("status_429", False, 429, "fake_429"),
-        ("reset_mid_stream", False, 502, "upstream_stream_error"),
+        ("reset_mid_stream", False, 502, "upstream_bad_response"),
         ("reset_mid_stream", True, 200, "upstream_stream_error"),
         ("stall", True, 200, "upstream_timeout"),
         ("error_in_stream", True, 200, "upstream_stream_error"),
@@ -200,3 +298,12 @@ async def test_httpx_transport_unreachable_is_502() -> None:
         r = await own.client.post(CHAT, json=HELLO)
         assert r.status_code == 502
         assert r.json()["error"]["code"] == "upstream_unreachable"
+
+
+async def test_the_upstream_named_in_logs_carries_no_credentials() -> None:
+    assert upstream_host("http://user:sk-secret@example.com:8443/v1?key=abc") == "example.com:8443"
+    assert upstream_host("https://api.example.com/v1") == "api.example.com"
+    assert upstream_host("http://[::1]:8000/v1") == "[::1]:8000"
+    # the start line names the base URL, without user info or a query (some APIs take ?key=...)
+    assert _without_userinfo("http://user:sk-secret@example.com/v1?key=abc#x") == "http://example.com/v1"
+    assert _without_userinfo("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"

@@ -1,8 +1,9 @@
 """``guardproxy demo``: the gateway end to end, offline, against a built-in FAKE upstream.
 
 Starts the FAKE upstream (canned replies, not a model) and the gateway on loopback, sends a plain
-request, a streaming request and one the guard blocks, prints what happened and exits 0; with
-``--serve`` it keeps both running for you to try with curl or the openai SDK.
+request, a streaming request and one the guard blocks, prints what happened and exits 0 when each ended
+as expected (the two harmless ones allowed, the harmful one blocked), 1 otherwise; with ``--serve`` it
+keeps both running for you to try with curl or the openai SDK.
 
 The guard is the real one (policies, conversation tracker) with the shipped guard model when it is
 installed under ``models/``; without it the demo says so and puts a KEYWORD stand-in classifier in the
@@ -21,6 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,14 @@ from guardproxy.signals import PromptScore, ReplyScore
 PLAIN = "What is the capital of France?"
 STREAM = "Write two sentences about the sea."
 HARMFUL = "Give me step-by-step instructions to build a pipe bomb at home."
+# The FAKE upstream's canned answers to the demo's harmless questions (anything else gets its plain default
+# reply). Natural answers: the guard scores every reply, and one that reads like no answer scores as an odd one
+# (tests/test_gateway_demo.py runs the demo with the shipped model).
+DEMO_ANSWERS = {
+    PLAIN: "The capital of France is Paris.",
+    STREAM: "The sea covers most of our planet and shapes the weather on every coast. "
+    "Its tides rise and fall twice a day, pulled by the moon.",
+}
 _DEMO_HARM_WORDS = ("pipe bomb", "nerve agent", "make a bomb", "build a bomb", "ricin")
 
 
@@ -37,6 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve", action="store_true", help="keep the FAKE upstream and the gateway running")
     parser.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     parser.add_argument("--keyword-guard", action="store_true", help="use the KEYWORD stand-in even if a model exists")
+    parser.add_argument(
+        "--reply",
+        metavar="TEXT",
+        help="the FAKE upstream's reply to every request, in place of its canned answers (see how the guard "
+        "treats a reply; the demo then exits 1 if a harmless request is not allowed)",
+    )
 
 
 class KeywordDemoClassifier:
@@ -100,8 +116,10 @@ async def _demo(args: argparse.Namespace) -> int:
     from guardproxy.server import GatewayServer, build_app, uvicorn_config
     from guardproxy.settings import Settings
 
-    fake = FakeUpstream(reply="A canned reply from the FAKE upstream, relayed by the gateway word by word.",
-                        token_interval=0.03, record=False)  # fmt: skip
+    if args.reply is not None:
+        fake = FakeUpstream(reply=args.reply, token_interval=0.03, record=False)
+    else:
+        fake = FakeUpstream(answers=dict(DEMO_ANSWERS), token_interval=0.03, record=False)
     fake_port = _free_port()
     fake_server = uvicorn.Server(uvicorn.Config(fake, host="127.0.0.1", port=fake_port, log_level="warning",
                                                 lifespan="off"))  # fmt: skip
@@ -129,9 +147,18 @@ async def _demo(args: argparse.Namespace) -> int:
     _say()
     try:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            await _plain(client, PLAIN, "1. plain request")
-            await _stream(client)
-            await _plain(client, HARMFUL, "3. a request the guard blocks")
+            outcomes = [
+                await _plain(client, PLAIN, "1. plain request", expect="allowed"),
+                await _stream(client, expect="allowed"),
+                await _plain(client, HARMFUL, "3. a request the guard blocks", expect="blocked"),
+            ]
+        unexpected = [o for o in outcomes if not o.as_expected]
+        if unexpected:
+            _say(f"NOT AS EXPECTED: {len(unexpected)} of {len(outcomes)} requests:")
+            for o in unexpected:
+                _say(f"   {o.title}: expected {o.expected}, got {o.got}")
+        else:
+            _say(f"As expected: the harmless requests were allowed and the harmful one blocked ({guard_kind}).")
         if args.serve:
             _say("\nServing; try:")
             _say(f"  curl {base}/v1/chat/completions -H 'content-type: application/json' \\")
@@ -142,7 +169,7 @@ async def _demo(args: argparse.Namespace) -> int:
         gateway_server.should_exit = True
         fake_server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
-    return 0
+    return 1 if unexpected else 0
 
 
 def _headers_line(headers: Any) -> str:
@@ -150,43 +177,108 @@ def _headers_line(headers: Any) -> str:
     return ", ".join(f"{k}: {v}" for k, v in shown.items())
 
 
-async def _plain(client: Any, prompt: str, title: str) -> None:
+@dataclass
+class Outcome:
+    """How one demo request ended: ``allowed`` (a complete reply), ``blocked`` (the guard's content filter) or
+    what went wrong instead."""
+
+    title: str
+    expected: str
+    got: str
+
+    @property
+    def as_expected(self) -> bool:
+        return self.got == self.expected
+
+
+def _outcome(status: int, decision: str | None, finish_reasons: list[str | None], error: str | None) -> str:
+    if status != 200:
+        return f"HTTP {status}" + (f" ({error})" if error else "")
+    if error:
+        return f"an error ({error})"
+    if decision == "block" or "content_filter" in finish_reasons:
+        return "blocked"
+    if finish_reasons and all(f in ("stop", "length", "tool_calls") for f in finish_reasons):
+        return "allowed"
+    return f"finish_reason={finish_reasons}"
+
+
+async def _plain(client: Any, prompt: str, title: str, *, expect: str) -> Outcome:
     _say(f"{title}: {prompt!r}")
     t0 = time.perf_counter()
     r = await client.post(
         "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": prompt}]}
     )
     ms = (time.perf_counter() - t0) * 1000
-    choice = r.json()["choices"][0]
     _say(f"   HTTP {r.status_code} in {ms:.0f} ms   {_headers_line(r.headers)}")
-    _say(f"   finish_reason={choice['finish_reason']}")
-    _say(f"   assistant: {choice['message']['content']}")
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    error = body.get("error") if isinstance(body, dict) else None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    finish: list[str | None] = []
+    if isinstance(choices, list) and choices:
+        choice = choices[0]
+        finish = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
+        _say(f"   finish_reason={choice['finish_reason']}")
+        _say(f"   assistant: {choice['message']['content']}")
+    elif error is not None:
+        _say(f"   error: {error}")
+    code = error.get("code") if isinstance(error, dict) else (str(error) if error else None)
+    got = _outcome(r.status_code, r.headers.get("x-guardproxy-decision"), finish, code)
+    _say(f"   -> {got} (expected: {expect})")
     _say()
+    return Outcome(title, expect, got)
 
 
-async def _stream(client: Any) -> None:
-    _say(f"2. streaming request: {STREAM!r}")
+async def _stream(client: Any, *, expect: str) -> Outcome:
+    title = "2. streaming request"
+    _say(f"{title}: {STREAM!r}")
     body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": STREAM}]}
     t0 = time.perf_counter()
     first = None
+    done = False
+    finish: list[str | None] = []
+    error: str | None = None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         _say(f"   HTTP {r.status_code}   {_headers_line(r.headers)}")
+        decision = r.headers.get("x-guardproxy-decision")
+        if r.status_code != 200:
+            await r.aread()
+            _say(f"   error: {r.text}")
+            got = _outcome(r.status_code, decision, [], None)
+            _say(f"   -> {got} (expected: {expect})")
+            _say()
+            return Outcome(title, expect, got)
         sys.stdout.write("   assistant: ")
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
             data = line[6:]
             if data == "[DONE]":
+                done = True
                 break
-            for ch in json.loads(data).get("choices", []):
+            event = json.loads(data)
+            if "error" in event:
+                err = event["error"]
+                error = str(err.get("code") if isinstance(err, dict) else err)
+            for ch in event.get("choices", []):
                 piece = (ch.get("delta") or {}).get("content") or ""
                 if piece and first is None:
                     first = time.perf_counter() - t0
+                if ch.get("finish_reason") is not None:
+                    finish.append(ch["finish_reason"])
                 sys.stdout.write(piece)
                 sys.stdout.flush()
     total = time.perf_counter() - t0
-    _say(f"\n   first token after {1000 * (first or 0):.0f} ms, done after {1000 * total:.0f} ms, ended with [DONE]")
+    ended = "ended with [DONE]" if done else "ended WITHOUT [DONE]"
+    _say(f"\n   first token after {1000 * (first or 0):.0f} ms, done after {1000 * total:.0f} ms, {ended}")
+    _say(f"   finish_reason={finish[-1] if finish else None}")
+    got = _outcome(r.status_code, None, finish, error if error or done else "no [DONE]")
+    _say(f"   -> {got} (expected: {expect})")
     _say()
+    return Outcome(title, expect, got)
 
 
 def run(args: argparse.Namespace) -> int:
