@@ -777,6 +777,7 @@ def build_guard(
         # The classifier enforces its own deadline; this one catches a classifier that ignores it.
         timeout=settings.guard.timeout * 1.5,
         output_checks=settings.guard.output_checks,
+        score_system=settings.guard.score_system,
         watch_interval=1.0 if settings.policy.watch else None,
     )
     if isinstance(tracker, StateTracker):

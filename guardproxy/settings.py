@@ -108,6 +108,13 @@ class GuardSettings(BaseModel):
         description="start the upstream call once a request's own turns pass the policy, while its conversation "
         "window is still being scored; the reply is held until the window's verdict (ignored with speculative)",
     )
+    score_system: bool = Field(
+        False,
+        description="also score system and developer messages as the guard scores user turns. Off by default: they "
+        "are the operator's. Turn it on where clients write their own system prompt (a public API, a key handed to "
+        "users): otherwise a request can carry its harmful ask in a system message and pass the input check. A "
+        "system prompt repeated on every request is scored once (the classifier's cache)",
+    )
     output_checks: bool = Field(
         True,
         description="score every reply (reply harm, refusal) and apply the policies' output rules; false checks "
