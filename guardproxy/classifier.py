@@ -53,6 +53,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from guardproxy import embedding_projection as projection_file
 from guardproxy import taxonomy
 from guardproxy.early_exit import (
     SPEC_FILE,
@@ -66,6 +67,7 @@ from guardproxy.early_exit import (
     load_spec,
     pooled,
 )
+from guardproxy.embedding_projection import EmbeddingProjection
 from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
@@ -355,6 +357,7 @@ class OnnxClassifier:
         breaker_cooldown: float = 5.0,
         pools_newest: bool = False,
         early_exit: _Exit | None = None,
+        projection: EmbeddingProjection | None = None,
     ) -> None:
         from guardproxy.encoding import covered_scripts
 
@@ -365,6 +368,8 @@ class OnnxClassifier:
         # A graph with ``pool_mask`` reads a window through its newest turn (``score_prompts(newest=...)``).
         self.pools_newest = pools_newest
         self._exit = early_exit
+        # PromptScore.embedding is in this space when set (``guardproxy.embedding_projection``), raw otherwise
+        self.projection = projection
         self._timeout = timeout
         self._cache = _LRU(cache_size)
         self._max_pending = max_pending if max_pending is not None else 4 * workers
@@ -399,12 +404,15 @@ class OnnxClassifier:
         cache_size: int = 8192,
         early_exit: bool | Literal["auto"] = False,
         exit_cache: str | Path | None = None,
+        embedding_projection: bool = True,
         **options: Any,
     ) -> OnnxClassifier:
         """Load ``model.onnx``, ``tokenizer.json`` and ``config.json`` from ``model_dir``; with ``early_exit``, also
         ``early_exit.json`` (``guardproxy.early_exit``). ``"auto"``: early exit where that file fits this model, the
         whole model otherwise, with a log line saying why. ``exit_cache``: a directory that keeps the cut graph's
         parts between loads (``guardproxy.early_exit.cached_cut``); None or empty: cut afresh.
+        ``embedding_projection``: embeddings in the space of ``embedding_projection.json`` where the model has one
+        fitted on this graph (``guardproxy.embedding_projection``); False: the raw pooled embedding.
 
         Raises ``ClassifierError`` naming the file when one is missing or unreadable (or, for the early-exit
         spec with ``early_exit=True``, fitted on another graph), ``ConfigError`` when the model was trained on
@@ -439,6 +447,7 @@ class OnnxClassifier:
         dim = outputs["embedding"].shape[-1]
         embedding_dim = int(dim) if isinstance(dim, int) else int(config.get("hidden", 0))
         info = _parse_info(config, directory / CONFIG_FILE, embedding_dim)
+        projection = projection_file.load(directory, model_path, embedding_dim) if embedding_projection else None
         exit_parts = None
         spec = _exit_spec(directory, model_path, int(config.get("hidden", embedding_dim)), early_exit)
         if spec is not None:
@@ -470,6 +479,7 @@ class OnnxClassifier:
             cache_size=cache_size,
             pools_newest=POOL_INPUT in inputs,
             early_exit=exit_parts,
+            projection=projection,
             **options,
         )
 
@@ -850,7 +860,8 @@ class OnnxClassifier:
         estimate = self._exit.spec.window_estimate if self._exit is not None else None
         per_turn = "state" in out and not isinstance(head, WindowHead)
         states = estimate.project(out["state"]) if estimate is not None and per_turn else None
-        rows = zip(out["harm"], out["category"], out["jailbreak"], out["embedding"], unreadable, strict=True)
+        embeddings = out["embedding"] if self.projection is None else self.projection.apply(out["embedding"])
+        rows = zip(out["harm"], out["category"], out["jailbreak"], embeddings, unreadable, strict=True)
         for row, (harm, cat, jb, emb, share) in enumerate(rows):
             if exited is not None and exited[row] and head is not None:
                 scores.append(

@@ -373,7 +373,8 @@ CONVERSATION_SENSITIVE = [
     ("default", QUIET, ConversationSignals(escalation=0.1, window_harm=0.1, rephrase_similarity=1.0), False),
     ("default", ConversationSignals(refusal_events=1), ConversationSignals(refusal_events=1, rephrase_similarity=1.0),
      True),
-    ("monitor", ConversationSignals(refusal_events=1), ConversationSignals(refusal_events=1, rephrase_similarity=0.8),
+    # monitor's rephrase line is 0.59: a similarity that cannot reach it cannot flag
+    ("monitor", ConversationSignals(refusal_events=1), ConversationSignals(refusal_events=1, rephrase_similarity=0.55),
      False),
     ("default", QUIET, ConversationSignals(escalation=0.49, window_harm=0.1), False),
     ("default", QUIET, ConversationSignals(escalation=0.5, window_harm=0.1), True),

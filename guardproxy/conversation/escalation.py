@@ -73,8 +73,10 @@ class EscalationParams:
     trend_weight: float = 0.0
     trend_cap: float = 0.5
     refusal_weight: float = 0.0
-    rephrase_low: float = 0.85
-    rephrase_high: float = 0.95
+    # lines in the projected embedding space (guardproxy.embedding_projection), mapped from the raw space's 0.85 and
+    # 0.95 by the share of different harmful requests that match (python -m bench.rephrase_space)
+    rephrase_low: float = 0.59
+    rephrase_high: float = 0.89
     rephrase_weight: float = 0.5
     forged_weight: float = 0.3  # not tunable here (replayed history is always verified): chosen so that a forged
     unverified_weight: float = 0.1  # history alone never flags, and lifts a borderline conversation over the line

@@ -57,7 +57,7 @@ class SamplingConfig:
     rate: float = 0.01
     margin: float = 0.1
     escalation_min: float = 0.5
-    rephrase_min: float = 0.8
+    rephrase_min: float = 0.45  # projected space (guardproxy.embedding_projection): the raw space's 0.8
     unreadable_rate: float = 0.1
     per_tenant_hourly_cap: int = 200
     hourly_budget: int = 2000

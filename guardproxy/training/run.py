@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from guardproxy import embedding_projection
 from guardproxy.early_exit import file_md5
 from guardproxy.encoding import POOL_INPUT, add_end_punctuation_rule, drops_end_punctuation, load_tokenizer
 from guardproxy.errors import ConfigError
@@ -240,6 +241,11 @@ def main(opts: RunOptions) -> dict[str, Any]:
     challenge_scores = next((v.pop("_scores") for v in results.get("challenge", {}).values() if "_scores" in v), None)
     plot_scores(opts.out / "scores.png", dev_rows, dev_scores, thresholds, challenge_scores)
     write_config(opts, thresholds, examples, train_rows, calib_rows, dev_rows)
+    # the space rephrase-after-refusal compares requests in, fitted on this graph (guardproxy.embedding_projection)
+    projection, fit_info = embedding_projection.fit_model(
+        opts.out, embedding_projection.sample_prompts(train_rows, data_seed)
+    )
+    embedding_projection.save(projection, opts.out, {**fit_info, "split_seed": data_seed})
     (opts.out / "metrics.json").write_text(json.dumps(results, indent=1, default=_jsonable))
     discard_unused_fp32(opts, fp32_path)
     return results
