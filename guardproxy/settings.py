@@ -62,7 +62,11 @@ class LimitSettings(BaseModel):
     max_headers: int = Field(100, ge=1)
     max_json_depth: int = Field(64, ge=4)
     max_n: int = Field(8, ge=1)
-    max_tokens_cap: int | None = Field(None, description="clamp max_tokens to this; None leaves it as sent")
+    max_tokens_cap: int | None = Field(
+        None,
+        description="clamp the max_tokens / max_completion_tokens a request sends to this; a request with neither is "
+        "sent without one (the upstream's default: which field an upstream accepts varies); None leaves them as sent",
+    )
     rate_per_second: float | None = Field(None, description="per-tenant token bucket refill rate; None is off")
     rate_burst: int = Field(50, ge=1)
 
