@@ -108,7 +108,9 @@ def _report(args: argparse.Namespace) -> int:
 def _model_embedder(model_dir: Path) -> Embedder:
     from guardproxy.classifier import OnnxClassifier
 
-    classifier = OnnxClassifier.load(model_dir)
+    # the raw pooled embedding: the report's model thresholds (drills.report.REFUSAL_THRESHOLD, FAMILY_THRESHOLD) were
+    # set on it, not on the projected space rephrase similarity uses (guardproxy.embedding_projection)
+    classifier = OnnxClassifier.load(model_dir, embedding_projection=False)
 
     def embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         vectors = []
