@@ -8,7 +8,7 @@ every harmless request sits close to every other: two unrelated harmless prompts
 harmless request of that tenant read as a rewording of it. Removing the mean and the top directions (Mu and
 Viswanath, "All-but-the-Top", ICLR 2018) leaves what tells one request from another. On the seven English
 challenge sets (never trained on), same-intent rewordings against different harmful intents went from AUROC 0.81
-to 0.89, and unrelated harmless pairs from 61% at or above 0.85 to under 5% at the new lines
+to 0.89, and unrelated harmless pairs from 61% at or above 0.85 to 9.6% at its mapped line 0.59
 (bench/RESULTS.md, "Rephrase similarity").
 
 The projection is fitted per model (``python -m guardproxy.embedding_projection --model DIR --data DATA``) on the
