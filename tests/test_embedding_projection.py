@@ -183,3 +183,23 @@ def test_a_fitted_projection_is_what_the_model_then_serves(tmp_path: Path) -> No
     with OnnxClassifier.load(target) as clf:
         assert clf.projection is not None
         assert np.allclose(clf.projection.remove, projection.remove, atol=1e-5)
+
+
+def test_the_rephrase_bench_sorts_pairs_and_maps_a_line_by_the_share_of_other_harmful_pairs() -> None:
+    from bench.rephrase_space import KINDS, mapped_line, pair_kinds
+
+    rows = [
+        {"prompt": "p", "family": "bomb", "harmful": True},
+        {"prompt": "p", "family": "bomb", "harmful": True},
+        {"prompt": "p", "family": "meth", "harmful": True},
+        {"prompt": "p", "family": "bomb", "harmful": False},  # a look-alike of the bomb family
+        {"prompt": "p", "family": "bread", "harmful": False},
+    ]
+    i, j, kind = pair_kinds(rows)
+    named = {(int(a), int(b)): KINDS[k] if k >= 0 else None for a, b, k in zip(i, j, kind, strict=True)}
+    assert named[(0, 1)] == "same intent" and named[(0, 2)] == "other harmful"
+    assert named[(3, 4)] == "harmless" and named[(2, 4)] == "harmful-harmless"
+    assert named[(0, 3)] == "harmful-harmless"  # one family, two labels: a look-alike is no rewording
+    raw = np.linspace(0.0, 1.0, 101)
+    projected = raw * 0.5  # a space that halves every cosine: the same share sits at half the line
+    assert mapped_line(raw, projected, 0.8) == pytest.approx(0.4, abs=0.01)
