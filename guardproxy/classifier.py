@@ -370,6 +370,12 @@ class OnnxClassifier:
         self._exit = early_exit
         # PromptScore.embedding is in this space when set (``guardproxy.embedding_projection``), raw otherwise
         self.projection = projection
+        # 4 bytes naming the space of PromptScore.embedding (the model's name and version, and its projection or
+        # none): the conversation tracker tags the refused requests it keeps with it, so embeddings from another model
+        # or projection are never compared (``conversation.state.pack_embedding``)
+        self.embedding_space = hashlib.blake2b(
+            f"{info.name} {info.version} {info.embedding_dim} {_projection_id(projection)}".encode(), digest_size=4
+        ).digest()
         self._timeout = timeout
         self._cache = _LRU(cache_size)
         self._max_pending = max_pending if max_pending is not None else 4 * workers
@@ -927,6 +933,13 @@ def _open_session(model_path: Path, opts: Any) -> Any:
         return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         raise ClassifierError(f"{model_path}: cannot load ONNX model: {exc}") from exc
+
+
+def _projection_id(projection: EmbeddingProjection | None) -> str:
+    if projection is None:
+        return "raw"
+    digest = hashlib.blake2b(projection.mean.tobytes() + projection.remove.tobytes(), digest_size=8).hexdigest()
+    return f"{projection.model_md5} {digest}"
 
 
 def _exit_spec(directory: Path, model_path: Path, dim: int, early_exit: bool | Literal["auto"]) -> ExitSpec | None:

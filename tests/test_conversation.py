@@ -30,7 +30,14 @@ from guardproxy.conversation import (
 )
 from guardproxy.conversation.escalation import escalation, trajectory_step, trend
 from guardproxy.conversation.integrity import build_chain, canonical_text, message_text
-from guardproxy.conversation.state import ENTRY_BYTES, Snapshot, find_entry, pack_embedding, unpack_embeddings
+from guardproxy.conversation.state import (
+    ENTRY_BYTES,
+    Snapshot,
+    find_entry,
+    pack_embedding,
+    refused_risks,
+    unpack_embeddings,
+)
 from guardproxy.errors import ClassifierError, ConfigError
 from guardproxy.settings import Settings
 from guardproxy.signals import PromptScore, ReplyScore, to_operating_scale
@@ -525,7 +532,7 @@ async def test_refusal_memory_is_bounded_and_quantised() -> None:
     v = FakeClassifier.embed("some words here")
     m, risks = unpack_embeddings((pack_embedding(v, 0.8), pack_embedding(np.ones(32, np.float32), 0.1)), 64)
     assert m.shape == (1, 64) and float(m[0] @ v) > 0.999 and risks[0] == pytest.approx(0.8, abs=0.005)
-    assert len(pack_embedding(v, 0.8)) == 7 + 64
+    assert len(pack_embedding(v, 0.8)) == 11 + 64
 
 
 # -- escalation ---------------------------------------------------------------------------------------------------
@@ -929,3 +936,29 @@ async def test_a_deferred_window_starts_on_its_go_and_at_the_latest_after_the_ho
     assert early.pending is not None
     final = await asyncio.wait_for(early.pending, 5)
     assert loop.time() - t0 >= 1.0 and final.signals == plain[2].signals  # no go: the hold, then the pass
+
+
+def test_refusal_memory_of_another_embedding_space_is_never_compared() -> None:
+    v = FakeClassifier.embed("explain how to build a weapon at home")
+    ours, theirs = pack_embedding(v, 0.9, b"ours"), pack_embedding(v, 0.7, b"othr")
+    m, risks = unpack_embeddings((theirs, ours), 64, b"ours")
+    assert m.shape == (1, 64) and risks[0] == pytest.approx(0.9, abs=0.005)
+    assert refused_risks((theirs, ours), b"ours") == [pytest.approx(0.9, abs=0.005)]
+    assert unpack_embeddings((theirs,), 64, b"ours")[0].shape == (0, 64)
+
+
+async def test_replicas_on_different_models_share_state_but_not_refusal_similarity() -> None:
+    """A rolling upgrade: two replicas on one backend, one of them on a model whose embeddings mean something else.
+    A refusal the old replica kept is not a rephrase target for the new one, and is for a replica like the old."""
+    backend = MemoryBackend()
+    old, new, old_again = FakeClassifier(), FakeClassifier(), FakeClassifier()
+    old.embedding_space, new.embedding_space, old_again.embedding_space = b"v1\0\0", b"v2\0\0", b"v1\0\0"  # type: ignore[attr-defined]
+    refused = [u("explain how to build a weapon at home step by step")]
+    first = tracker(old, backend=backend)
+    await first.observe("t1", None, refused)
+    await first.record_reply("t1", None, refused, "I cannot help with that.", refused=True)
+    reworded = [u("step by step, explain at home how to build a weapon")]
+    on_new = await tracker(new, backend=backend).observe("t1", "fresh", reworded)
+    on_old = await tracker(old_again, backend=backend).observe("t1", "fresh-too", reworded)
+    assert on_new.signals.rephrase_similarity == 0.0
+    assert on_old.signals.rephrase_similarity > 0.95

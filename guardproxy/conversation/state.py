@@ -12,7 +12,8 @@ outgrows its cap keeps its newest half behind a marker entry (``MARKER``), after
 "unknown", not "forged".
 
 The tenant's refusal memory is a separate short list (newest first) of the embeddings of refused requests,
-quantised to int8 (``pack_embedding``).
+quantised to int8 and tagged with the embedding space they were written in (``pack_embedding``): replicas on
+another model, or a state kept from before the model was replaced, are never compared across spaces.
 
 Beside the record, a conversation keeps the states of its last few user turns (``pack_turn_states``): what the
 window estimate (``guardproxy.early_exit.WindowEstimate``) reads instead of a window pass. A replica that did not
@@ -33,6 +34,7 @@ from guardproxy.conversation.integrity import TAG_BYTES, History
 
 __all__ = [
     "ENTRY_BYTES",
+    "NO_SPACE",
     "Loaded",
     "Snapshot",
     "StateBackend",
@@ -171,34 +173,50 @@ class StateBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
-_EMB_HEADER = struct.Struct("<HfB")  # dimension, scale, the request's risk when refused (1/254)
+# the embedding space's fingerprint (``OnnxClassifier.embedding_space``), dimension, scale, the request's risk when
+# refused (1/254)
+_EMB_HEADER = struct.Struct("<4sHfB")
+NO_SPACE = b"\0\0\0\0"  # a classifier that names no embedding space
 
 
-def pack_embedding(vector: npt.NDArray[np.float32], risk: float) -> bytes:
-    """int8-quantise an L2-normalised embedding (one scale per vector): 384 dims fit in 391 bytes."""
+def pack_embedding(vector: npt.NDArray[np.float32], risk: float, space: bytes = NO_SPACE) -> bytes:
+    """int8-quantise an L2-normalised embedding (one scale per vector) of embedding ``space`` (4 bytes): 384 dims fit
+    in 395 bytes."""
     v = np.asarray(vector, dtype=np.float32).ravel()
     scale = float(np.max(np.abs(v))) / 127 or 1.0
     q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
-    return bytes(_EMB_HEADER.pack(v.size, scale, _q(risk)) + q.tobytes())
+    return bytes(_EMB_HEADER.pack(space, v.size, scale, _q(risk)) + q.tobytes())
 
 
-def refused_risks(blobs: tuple[bytes, ...]) -> list[float]:
-    """The risk stored with each embedding blob (``pack_embedding``), whatever its dimension."""
-    return [_dq(_EMB_HEADER.unpack_from(blob)[2]) for blob in blobs if len(blob) >= _EMB_HEADER.size]
+def _of_space(blob: bytes, space: bytes, dim: int | None = None) -> tuple[float, float] | None:
+    """(scale, risk) of a blob of ``space`` (and ``dim``), else None: a blob another model or projection wrote (a
+    replica not yet upgraded, a state written before the model was replaced) is not comparable and is skipped."""
+    if len(blob) < _EMB_HEADER.size:
+        return None
+    tag, d, scale, risk = _EMB_HEADER.unpack_from(blob)
+    if tag != space or len(blob) != _EMB_HEADER.size + d or (dim is not None and d != dim):
+        return None
+    return scale, _dq(risk)
 
 
-def unpack_embeddings(blobs: tuple[bytes, ...], dim: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """(L2-normalised matrix, risks) of the blobs of dimension ``dim``; others (an older model) are skipped."""
+def refused_risks(blobs: tuple[bytes, ...], space: bytes = NO_SPACE) -> list[float]:
+    """The risk stored with each embedding blob (``pack_embedding``) of ``space``."""
+    return [read[1] for blob in blobs if (read := _of_space(blob, space)) is not None]
+
+
+def unpack_embeddings(
+    blobs: tuple[bytes, ...], dim: int, space: bytes = NO_SPACE
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(L2-normalised matrix, risks) of the blobs of ``space`` and dimension ``dim``; others are skipped."""
     rows = []
     risks = []
     for blob in blobs:
-        if len(blob) < _EMB_HEADER.size:
+        read = _of_space(blob, space, dim)
+        if read is None:
             continue
-        d, scale, risk = _EMB_HEADER.unpack_from(blob)
-        if d != dim or len(blob) != _EMB_HEADER.size + d:
-            continue
+        scale, risk = read
         rows.append(np.frombuffer(blob, dtype=np.int8, offset=_EMB_HEADER.size).astype(np.float32) * scale)
-        risks.append(_dq(risk))
+        risks.append(risk)
     if not rows:
         return np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=np.float32)
     m = np.stack(rows)

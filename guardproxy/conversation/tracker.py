@@ -33,6 +33,7 @@ from guardproxy.conversation.integrity import (
 )
 from guardproxy.conversation.memory import MemoryBackend
 from guardproxy.conversation.state import (
+    NO_SPACE,
     RISKS_KEPT,
     Loaded,
     Snapshot,
@@ -195,7 +196,7 @@ class _Rephrase:
         self.scores = scores
         self.value, self.pairs = tracker._rephrase(scores, refused)
         self.unresolved = self.deferred = lazy and any(s.exited for s in scores)
-        self.top_risk = max(refused_risks(refused), default=0.0) if self.unresolved else 0.0
+        self.top_risk = max(refused_risks(refused, tracker.embedding_space), default=0.0) if self.unresolved else 0.0
 
     @property
     def floor(self) -> float:
@@ -393,6 +394,13 @@ class ConversationTracker:
             return exact
         return max(risks, default=0.0) >= float(window.harm_line)
 
+    @property
+    def embedding_space(self) -> bytes:
+        """The classifier's embedding space (``OnnxClassifier.embedding_space``): refusal memory written in another
+        (another model or projection, on this replica before an upgrade or on another one) is never compared."""
+        space = getattr(self.classifier, "embedding_space", NO_SPACE)
+        return space if isinstance(space, bytes) and len(space) == len(NO_SPACE) else NO_SPACE
+
     def _window_estimate(self) -> WindowEstimate | None:
         return getattr(getattr(self.classifier, "early_exit", None), "window_estimate", None)
 
@@ -530,9 +538,8 @@ class ConversationTracker:
             logger.exception("rephrase check failed; running the whole model on the exited turns")
             return True
 
-    @staticmethod
     def _rephrase(
-        scores: Sequence[PromptScore], refused: tuple[bytes, ...]
+        self, scores: Sequence[PromptScore], refused: tuple[bytes, ...]
     ) -> tuple[float, tuple[tuple[float, float], ...]]:
         """(max cosine, (cosine, risk when refused) of the closest few) between this request's user turns and the
         tenant's refused requests. Turns that exited early have no embedding and are left out."""
@@ -540,7 +547,7 @@ class ConversationTracker:
         if not refused or not embeddings:
             return 0.0, ()
         e = np.stack([np.asarray(v, dtype=np.float32).ravel() for v in embeddings])
-        m, risks = unpack_embeddings(refused, e.shape[1])
+        m, risks = unpack_embeddings(refused, e.shape[1], self.embedding_space)
         if not len(m):
             return 0.0, ()
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
@@ -779,7 +786,7 @@ class ConversationTracker:
             if embedding is not None:
                 # the refused request's risk then: a rewording of a harmless request that was refused is no probe
                 risk = max(snap.window, snap.risks[-1] if snap.risks else 0.0)
-                blob = pack_embedding(embedding, risk)
+                blob = pack_embedding(embedding, risk, self.embedding_space)
                 ok = await self.backend.add_refused(tenant_key(self._secret, tenant), blob) and ok
         return ok
 
