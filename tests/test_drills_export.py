@@ -390,3 +390,61 @@ def test_label_map_has_the_documented_upstream_columns() -> None:
         "false_refusal": ("benign", None, False),
         "correct_answer": ("benign", None, False),
     }
+
+
+async def test_export_license_says_whether_the_row_was_reviewed(tmp_path: Path) -> None:
+    db = tmp_path / "drills.db"
+    ids = await record_session(db)
+    everything = tmp_path / "all"
+    assert await cli(["drills", "export", "--store", f"sqlite:///{db}", "--out", str(everything)]) == 0
+    rows = [r for name in ("prompts.jsonl", "responses.jsonl", "conversations.jsonl")
+            for r in read_jsonl(everything / name)]  # fmt: skip
+    assert {r["drill_id"] for r in rows} == {ids[i] for i in (0, 1, 2, 3, 5, 6)}
+    for row in rows:
+        reviewed = row["review_label"] is not None
+        assert reviewed == (row["drill_id"] != ids[6])
+        assert row["license"] == (
+            "internal: reviewed live traffic" if reviewed else "internal: live traffic, not reviewed"
+        )
+
+    reviewed_out = tmp_path / "reviewed"
+    assert await cli(["drills", "export", "--store", f"sqlite:///{db}", "--out", str(reviewed_out), "--reviewed"]) == 0
+    licenses = {r["license"] for name in ("prompts.jsonl", "responses.jsonl") for r in read_jsonl(reviewed_out / name)}
+    assert licenses == {"internal: reviewed live traffic"}
+
+
+async def test_report_counts_an_output_block_as_the_policys_refusal(tmp_path: Path) -> None:
+    """The upstream's blocked reply (harmful compliance, or a harmless answer) is not an upstream refusal; the
+    policy's text the client got instead is one of the policy's block texts."""
+    db = tmp_path / "drills.db"
+    await record_output_blocks(db)
+    out = tmp_path / "report"
+    assert await cli(["drills", "report", "--store", f"sqlite:///{db}", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    c = report["refusal_concentration"]
+    assert c["upstream"] == {"refusals": 0}
+    assert (c["policy"]["refusals"], c["policy"]["distinct_phrasings"]) == (2, 1)
+    assert c["all"]["refusals"] == 2 and c["all"]["largest"][0]["example"] == POLICY_TEXT
+    assert report["refusal_reasoning"]["upstream"] == {"refusals": 0}
+    assert report["refusal_reasoning"]["policy"]["refusals"] == 2
+    dumped = json.dumps(report) + (out / "report.html").read_text(encoding="utf-8")
+    assert HARMFUL_UPSTREAM[:40] not in dumped and HARMLESS_UPSTREAM[:40] not in dumped
+    # the review labels judge the block: one right, one a false refusal by the gateway
+    row = report["false_refusal_by_category"]["indiscriminate_weapons"]
+    assert (row["refusals"], row["reviewed"], row["reviewed_false"]) == (2, 2, 1)
+
+    # unreviewed, the policy's text is still a block text; and an upstream reply the guard itself classed as a
+    # refusal (blocked anyway) is an upstream refusal next to the policy's text
+    db = tmp_path / "unreviewed.db"
+    await record_output_blocks(db, labelled=False)
+    store = SqliteStore(db)
+    await store.start()
+    drills = list(await store.find(limit=100))
+    await store.aclose()
+    partial = "I won't give exact amounts because that is dangerous, but the general chemistry is this: ..."
+    drills.append(_stored(30, partial, replies=(partial, POLICY_TEXT), refusal="partial", active=BLOCK))
+    report = build_report(ReportInputs(drills, ngram_embed, "ngram"))
+    c = report["refusal_concentration"]
+    assert c["upstream"]["refusals"] == 1 and c["upstream"]["largest"][0]["example"] == partial
+    assert c["policy"]["refusals"] == 3 and c["all"]["refusals"] == 4
+    assert report["false_refusal_by_category"]["indiscriminate_weapons"]["refusals"] == 3

@@ -43,7 +43,8 @@ Unreviewed drills are written only without ``--reviewed``, with null labels (``g
 unlabelled prompt and conversation rows and scores such response rows without a gold refusal). A conversation
 row is written for drills with two or more user turns. Drills stored as hashes only have no text to export
 and are skipped (counted). Every row keeps ``source`` (``guardproxy-drills``), the drill id and why it was
-sampled, so a metric can be traced back to the review page.
+sampled, so a metric can be traced back to the review page, and ``license``, its provenance: ``internal: reviewed
+live traffic`` for a reviewed drill, ``internal: live traffic, not reviewed`` for an unreviewed one.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from guardproxy.drills.store.base import StoredDrill
 
 SOURCE = "guardproxy-drills"
 LICENSE = "internal: reviewed live traffic"
+LICENSE_UNREVIEWED = "internal: live traffic, not reviewed"
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def _common(drill: StoredDrill) -> dict[str, Any]:
     label = drill.label
     return {
         "source": SOURCE,
-        "license": LICENSE,
+        "license": LICENSE if label is not None else LICENSE_UNREVIEWED,
         "drill_id": r.id,
         "created": r.created,
         "review_label": label.label if label else None,

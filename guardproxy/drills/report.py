@@ -1,9 +1,9 @@
 """The drill report: the "scripted refusal" symptoms that live traffic shows (``guardproxy drills report``).
 
-- Refusal concentration: refusal replies (the upstream's, and the policy's own block texts, reported apart)
-  clustered by the embedding of their opening sentence (where a script shows; whole replies cluster on the
-  generic English they share) with a greedy leader pass (cosine to a cluster's centroid at or above a
-  threshold); the share the three largest clusters cover, the number of clusters and of distinct phrasings
+- Refusal concentration: refusal replies (the upstream's, and the policy's own block texts, reported apart;
+  ``all`` is both) clustered by the embedding of their opening sentence (where a script shows; whole replies
+  cluster on the generic English they share) with a greedy leader pass (cosine to a cluster's centroid at or
+  above a threshold); the share the three largest clusters cover, the number of clusters and of distinct phrasings
   (whole replies, case and punctuation folded). Embeddings come from the guard model when one is given
   (``OnnxClassifier``), else from character 3-gram hashing vectors (no vocabulary to fit, deterministic,
   numpy only), the default. On PHTest's labelled refusals (ngram, 0.6) the top-3 share separates a scripted
@@ -12,10 +12,17 @@
   most refusals close together whatever their wording (top-3 share at 0.95 on up to 800 refusals each:
   claude-2.1 62%, claude-3.5-sonnet 49%, mistral-7b 51%, gpt-3.5 67%): it measures "refusals alike",
   not scripted wording.
+  Which texts are refusals (``refusal_texts``): the policy's own text whenever the policy blocked, at the input
+  (``reply_from_policy``) or at the output check (``reply_replaced``); the upstream's (first choice) when the
+  guard classed it a full or partial refusal, or, when no policy text replaced it, when reviewers labelled the
+  drill a correct or false refusal. For a reply the policy blocked at the output check the review label judges
+  the block, not what the upstream wrote (usually an answer, often harmful compliance): that text is an upstream
+  refusal only by the guard's own refusal class.
 - Reasoned refusals: the share of refusals that give a reason or offer an alternative, against bare ones
   ("I can't help with that."), by documented phrase patterns (English only).
-- False-refusal rate by category: among reviewed refusals, the share reviewers labelled false; and the
-  guard's own suspicion rate (sampled because ``false_refusal``) among all refusals.
+- False-refusal rate by category: among reviewed refusals (drills with a refusal text above, the policy's
+  blocks included), the share reviewers labelled false; and the guard's own suspicion rate (sampled because
+  ``false_refusal``) among all refusals.
 - Decision consistency within families of rephrased requests: a family is the drills sharing
   ``DrillRecord.family`` where the guard knows it, else prompts clustered by the same embedding; a family
   is consistent when every member got the same active decision.
@@ -108,12 +115,31 @@ def _normal(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def is_refusal(drill: StoredDrill) -> bool:
+def refusal_texts(drill: StoredDrill) -> list[tuple[str, str]]:
+    """The drill's refusal replies as ``(origin, text)``, origin ``"upstream"`` or ``"policy"`` (module docstring).
+
+    When the policy blocked the upstream's reply at the output check, ``replies`` holds the upstream's texts and
+    then the policy's: the policy's is a block text, and the upstream's is a refusal only if the guard classed it
+    one (the review label judges the block, and the upstream's reply is usually what got blocked for complying)."""
     r = drill.record
+    if not r.replies:
+        return []
+    if r.reply_from_policy:
+        return [("policy", r.replies[-1])]
+    guard_refused = r.refusal in ("partial", "full")
+    if r.reply_replaced:
+        upstream = r.upstream_replies
+        policy = [("policy", r.replies[-1])]
+        return [("upstream", upstream[0]), *policy] if guard_refused and upstream else policy
     label = drill.label.label if drill.label else None
-    return bool(r.replies) and (
-        r.reply_from_policy or r.refusal in ("partial", "full") or label in ("correct_refusal", "false_refusal")
-    )
+    if guard_refused or label in ("correct_refusal", "false_refusal"):
+        return [("upstream", r.replies[0])]
+    return []
+
+
+def is_refusal(drill: StoredDrill) -> bool:
+    """Whether the drill ended in a refusal, the upstream's or the policy's."""
+    return bool(refusal_texts(drill))
 
 
 @dataclass(frozen=True)
@@ -216,11 +242,11 @@ def consistency(drills: Sequence[StoredDrill], inputs: ReportInputs) -> dict[str
 def build_report(inputs: ReportInputs) -> dict[str, Any]:
     drills = inputs.drills
     usable = [d for d in drills if not d.record.hashed]
-    refusals = [d for d in usable if is_refusal(d)]
+    texts = [t for d in usable for t in refusal_texts(d)]
     by_origin = {
-        "all": [d.record.replies[0] for d in refusals],
-        "upstream": [d.record.replies[0] for d in refusals if not d.record.reply_from_policy],
-        "policy": [d.record.replies[0] for d in refusals if d.record.reply_from_policy],
+        "all": [text for _, text in texts],
+        "upstream": [text for origin, text in texts if origin == "upstream"],
+        "policy": [text for origin, text in texts if origin == "policy"],
     }
     return {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
