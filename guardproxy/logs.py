@@ -1,4 +1,4 @@
-"""Logging helpers: a redaction filter so credentials never reach a log line."""
+"""Logging helpers: a redaction filter so credentials never reach a log line, and the gateway's log level."""
 
 from __future__ import annotations
 
@@ -39,3 +39,20 @@ def install_redaction(logger: logging.Logger | None = None) -> None:
     for handler in target.handlers:
         if not any(isinstance(f, RedactionFilter) for f in handler.filters):
             handler.addFilter(RedactionFilter())
+
+
+# ``server.log_level`` names (uvicorn's, "trace" included) as logging levels.
+LOG_LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": 5,
+}
+
+
+def set_log_level(level: str) -> None:
+    """Set the level of every ``guardproxy.*`` logger (``--log-level``, ``server.log_level``); uvicorn's loggers
+    take it from ``uvicorn.Config``. Other libraries keep theirs: their debug lines are not ours to turn on."""
+    logging.getLogger("guardproxy").setLevel(LOG_LEVELS[level.lower()])

@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute
 from guardproxy.app import Gateway, create_app
 from guardproxy.auth import Authenticator
 from guardproxy.errors import ConfigError
+from guardproxy.logs import set_log_level
 from guardproxy.metrics import Metrics
 from guardproxy.pipeline import Pipeline
 from guardproxy.settings import Settings
@@ -84,20 +85,35 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, built: Built) -> None:
         super().__init__(config)
         self.built = built
+        self._reloads: set[asyncio.Future[Any]] = set()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
+        hup = False
         if self.built.bundle is not None and hasattr(signal, "SIGHUP"):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signal.SIGHUP, self._reload)
-        await super().serve(sockets)
+                hup = True
+        try:
+            await super().serve(sockets)
+        finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
 
     def _reload(self) -> None:
-        try:
-            result = self.built.bundle.reload() if self.built.bundle is not None else None
-            logger.info("SIGHUP: policy reload: %s", result)
-        except Exception:
-            logger.exception("SIGHUP: policy reload failed; the old policy stays active")
+        # The guard logs the outcome, one line: INFO with the policies now in force, or ERROR with every problem
+        # (file:line: field: message) and the policies kept. The files are read off the event loop.
+        if self.built.bundle is None:
+            return
+        logger.debug("SIGHUP: reloading the policy files")
+        task = asyncio.ensure_future(self.built.bundle.areload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Future[Any]) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("SIGHUP: policy reload failed, the old policies stay in force: %s", exc, exc_info=exc)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.built.gateway.begin_shutdown()
@@ -105,6 +121,7 @@ class GatewayServer(uvicorn.Server):
 
 
 def run(settings: Settings, **guard_parts: Any) -> int:
+    set_log_level(settings.server.log_level)  # before the guard loads: its lines follow --log-level too
     # httpx logs every request at INFO: on the hot path that costs more than the proxying itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     built = build_app(settings, **guard_parts)

@@ -7,11 +7,15 @@ file (``--config FILE`` or ``GUARDPROXY_CONFIG_FILE``), then the defaults below.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,6 +24,7 @@ from pydantic_settings import (
 )
 
 from guardproxy.errors import ConfigError
+from guardproxy.tomllines import KeyLines
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "guard-v1"
@@ -31,8 +36,15 @@ class ServerSettings(BaseModel):
     port: int = 8080
     shutdown_timeout: float = Field(10.0, ge=0, description="seconds open streams may run on after SIGTERM")
     max_concurrent_requests: int = Field(512, ge=1, description="beyond this, a fast 503 with Retry-After")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn's log level and the guardproxy loggers' (guardproxy.logs.LOG_LEVELS)"
+    )
     timing_header: bool = Field(True, description="send a Server-Timing header with the gateway's stage times")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
 
 class UpstreamSettings(BaseModel):
@@ -232,26 +244,125 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
 
+class InvalidSettings(ConfigError):
+    """Settings that fail validation: ``issues`` holds every problem, one line each, naming where its value came
+    from: ``FILE:LINE: field: message`` for the config file, ``VARIABLE: message`` for the environment."""
+
+    def __init__(self, issues: Iterable[str], *, where: str | None = None) -> None:
+        self.issues = tuple(dict.fromkeys(issues)) or ("invalid settings",)
+        Exception.__init__(self, "\n".join(self.issues))
+        self.where = where
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings from a config file, the environment and explicit overrides (nested dicts).
 
-    The config file is ``config_file`` or else ``GUARDPROXY_CONFIG_FILE``.
+    The config file is ``config_file`` or else ``GUARDPROXY_CONFIG_FILE``. A file that is not valid TOML raises
+    ``ConfigError`` at ``FILE:LINE``; values that fail validation raise ``InvalidSettings`` listing every problem.
     """
     if config_file is None:
         config_file = os.environ.get("GUARDPROXY_CONFIG_FILE") or None
     if config_file is None:
-        return Settings(**overrides)
+        try:
+            return Settings(**overrides)
+        except ValidationError as exc:
+            raise InvalidSettings(_issues(exc, overrides)) from exc
     path = Path(config_file)
     if not path.is_file():
         raise ConfigError("config file not found", where=str(path))
+    text, data = _read_config(path)
     file_settings = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
     try:
         return file_settings(**overrides)  # type: ignore[no-any-return]
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc), where=str(path)) from exc
+        raise InvalidSettings(_issues(exc, overrides, (str(path), data, KeyLines(text))), where=str(path)) from exc
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    field_path = ".".join(str(p) for p in err["loc"])
-    return f"{field_path}: {err['msg']}" + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
+def _read_config(path: Path) -> tuple[str, dict[str, Any]]:
+    """The text and the data of a config file; ``ConfigError`` naming the file (and line) when it cannot be read
+    or is not TOML."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read file: {exc.strerror or exc}", where=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read file: not UTF-8: {exc.reason} at byte {exc.start}", where=str(path)) from exc
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+        if m is not None:
+            line, message = int(m.group(1)), f"{message[: m.start()]} (column {m.group(2)})"
+        else:  # "(at end of document)"
+            line = max(1, len(text.splitlines()))
+            message = message.replace("(at end of document)", "(at the end of the file)")
+        raise ConfigError(f"TOML syntax error: {message}", where=f"{path}:{line}") from exc
+
+
+ENV_PREFIX = "GUARDPROXY_"
+_MESSAGES = {"extra_forbidden": "unknown field", "missing": "required field is missing"}
+
+
+def _issues(
+    exc: ValidationError, overrides: Mapping[str, Any], config: tuple[str, dict[str, Any], KeyLines] | None = None
+) -> list[str]:
+    """Every validation problem as one line naming its source: an override (a flag), then a ``GUARDPROXY_*``
+    variable, then the config file (with the key's line), the ranking ``Settings`` reads them in. Values are not
+    echoed: some settings are secrets."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if p != "[key]")
+        field = _field_path(loc)
+        message = _MESSAGES.get(err["type"], err["msg"])
+        if err["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        variable = None if _holds(overrides, loc) else _env_variable(loc)
+        if variable is not None:
+            out.append(f"{variable}: {message}")
+        elif config is not None and not _holds(overrides, loc) and _holds(config[1], loc):
+            name, _, lines = config
+            out.append(f"{name}:{lines.line_of(loc)}: {field}: {message}")
+        else:
+            out.append(f"setting {field}: {message}")
+    return out
+
+
+def _field_path(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _holds(data: Any, loc: tuple[str | int, ...]) -> bool:
+    """Whether ``data`` (nested dicts and lists) sets the value at ``loc``, or a value that is not a table above it
+    (``limits = 3``)."""
+    if not loc:
+        return True
+    if isinstance(data, Mapping):
+        key = str(loc[0]) if loc[0] in data or str(loc[0]) in data else None
+        return key is not None and _holds(data[key], loc[1:])
+    if isinstance(data, list):
+        return isinstance(loc[0], int) and 0 <= loc[0] < len(data) and _holds(data[loc[0]], loc[1:])
+    return True
+
+
+def _env_variable(loc: tuple[str | int, ...]) -> str | None:
+    """The ``GUARDPROXY_*`` variable that set the value at ``loc``, as spelled: the variable for ``loc`` itself, or
+    one for a table above it whose JSON value holds it (``GUARDPROXY_LIMITS='{"max_n": 0}'``). Names are matched
+    without regard to case, as pydantic-settings matches them."""
+    names = {key.upper(): key for key in os.environ if key.upper().startswith(ENV_PREFIX)}
+    for end in range(len(loc), 0, -1):
+        name = names.get(ENV_PREFIX + "__".join(str(p) for p in loc[:end]).upper())
+        if name is None:
+            continue
+        if end == len(loc):
+            return name
+        try:
+            value = json.loads(os.environ[name])
+        except ValueError:
+            continue
+        if _holds(value, loc[end:]):
+            return name
+    return None

@@ -141,3 +141,99 @@ async def test_sigterm_drains_then_ends_streams_with_error_and_done() -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+# --- logging: --log-level reaches the guardproxy loggers; SIGHUP reloads log one line each -----------------------
+
+
+async def _start_serve(*args: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, int]:
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("GUARDPROXY_")}
+    cmd = [sys.executable, "-m", "guardproxy.cli", "serve", "--port", str(port), *args]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, env={**base, "PYTHONPATH": str(ROOT), **env}, cwd=ROOT, stderr=subprocess.PIPE
+    )
+    return proc, port
+
+
+async def _lines_until(proc: asyncio.subprocess.Process, needle: str, seen: list[str], within: float = 15) -> None:
+    """Read the process's stderr into ``seen`` until a line holds ``needle`` (within ``within`` seconds)."""
+    stream = proc.stderr
+    assert stream is not None
+
+    async def read() -> None:
+        while line := await stream.readline():
+            seen.append(line.decode().rstrip("\n"))
+            if needle in seen[-1]:
+                return
+        raise AssertionError(f"no {needle!r} in the log:\n" + "\n".join(seen))
+
+    await asyncio.wait_for(read(), timeout=within)
+
+
+async def _stop(proc: asyncio.subprocess.Process, seen: list[str]) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), timeout=15)
+        except TimeoutError:
+            proc.kill()
+            _, err = await proc.communicate()
+        seen.extend((err or b"").decode().splitlines())
+
+
+def _ours(lines: list[str]) -> list[str]:
+    """``LEVEL guardproxy.module: message`` of the lines guardproxy's loggers wrote (after the timestamp)."""
+    parts = [line.split(" ", 2) for line in lines]
+    return [p[2] for p in parts if len(p) == 3 and p[2].split(" ", 1)[-1].startswith("guardproxy")]
+
+
+async def test_log_level_error_silences_the_gateways_own_info_lines() -> None:
+    async with serve(FakeUpstream()) as upstream:
+        proc, port = await _start_serve("--upstream", upstream + "/v1", "--log-level", "error", "--no-guard", env={})
+        seen: list[str] = []
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+                await wait_ready(client, timeout_s=15)
+                assert (await client.post(CHAT, json=HELLO)).status_code == 200
+        finally:
+            await _stop(proc, seen)
+    assert proc.returncode == 0
+    assert seen == []  # neither "guardproxy listening on" nor "draining" (INFO), nor uvicorn's INFO lines
+
+
+async def test_sighup_reload_logs_one_readable_line_and_debug_reaches_the_gateways_loggers(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    good = (ROOT / "policies" / "default.toml").read_text(encoding="utf-8")
+    assert "\nharm_threshold = 0.5\n" in good
+    policy.write_text(good, encoding="utf-8")
+    line_of_threshold = good.split("\nharm_threshold = 0.5\n")[0].count("\n") + 2
+    env = {"GUARDPROXY_GUARD__EARLY_EXIT": "false", "GUARDPROXY_STATE__HMAC_SECRET": "h" * 32}
+    args = ("--policy", str(policy), "--store", f"sqlite:///{tmp_path / 'drills.db'}", "--log-level", "debug")
+    proc, _ = await _start_serve(*args, env=env)
+    seen: list[str] = []
+    try:
+        await _lines_until(proc, "Uvicorn running on", seen, within=60)
+        start = len(seen)
+        proc.send_signal(signal.SIGHUP)
+        await _lines_until(proc, "policies reloaded", seen)
+        reloaded = seen[start:]
+        policy.write_text(good.replace("\nharm_threshold = 0.5\n", "\nharm_threshold = 7\n"), encoding="utf-8")
+        start = len(seen)
+        proc.send_signal(signal.SIGHUP)
+        await _lines_until(proc, "policy reload rejected", seen)
+        rejected = seen[start:]
+    finally:
+        await _stop(proc, seen)
+    assert not any("ReloadResult" in line or "Traceback" in line for line in seen), seen
+    # --log-level debug reaches guardproxy's own loggers, not only uvicorn's
+    assert _ours(reloaded) == [
+        "DEBUG guardproxy.server: SIGHUP: reloading the policy files",
+        "INFO guardproxy.guard: policies reloaded: default@2026.12.02",
+    ]
+    debug, failure = _ours(rejected)
+    assert debug == "DEBUG guardproxy.server: SIGHUP: reloading the policy files"
+    level_and_name, message = failure.split(": ", 1)
+    assert level_and_name == "ERROR guardproxy.guard"
+    assert message.startswith(f"policy reload rejected, keeping default@2026.12.02: {policy}:{line_of_threshold}: ")
+    assert "harm_threshold" in message

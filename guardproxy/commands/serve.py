@@ -17,7 +17,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", metavar="FILE", help="the active policy file (default policies/default.toml)")
     parser.add_argument("--store", metavar="URL", help="drill store: sqlite:///path or postgresql://...")
     parser.add_argument("--no-guard", action="store_true", help="no checks: a pure passthrough (for comparison)")
-    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the guardproxy and uvicorn loggers' level (default info, or GUARDPROXY_SERVER__LOG_LEVEL)",
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
