@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,7 +31,14 @@ DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "guard-v1"
 DEFAULT_POLICY = PROJECT_ROOT / "policies" / "default.toml"
 
 
-class ServerSettings(BaseModel):
+class _Section(BaseModel):
+    """A table of the settings. An unknown key is an error, not ignored: ``[server] prot = 9000`` or
+    ``GUARDPROXY_LIMITS__MAX_TOKEN_CAP`` is a typo that would otherwise leave the default in force unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 8080
     shutdown_timeout: float = Field(10.0, ge=0, description="seconds open streams may run on after SIGTERM")
@@ -47,7 +54,7 @@ class ServerSettings(BaseModel):
         return value.lower() if isinstance(value, str) else value
 
 
-class UpstreamSettings(BaseModel):
+class UpstreamSettings(_Section):
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key: SecretStr | None = Field(
         None, description="replace mode: send this key upstream and require gateway keys from clients"
@@ -66,8 +73,17 @@ class UpstreamSettings(BaseModel):
         "aiohttp", description="httpx transport to the upstream: aiohttp-backed (measured faster) or httpx's own"
     )
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        # Credentials in the URL clash with the Authorization header every request carries (the client's, or the
+        # gateway's in replace mode): the aiohttp transport refuses the pair and each request would fail with a 500.
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@", value):
+            raise ValueError("carries credentials (user:password@host): set upstream.api_key instead")
+        return value
 
-class LimitSettings(BaseModel):
+
+class LimitSettings(_Section):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
     max_messages: int = Field(2048, ge=1)
     max_header_bytes: int = Field(16 * 1024, ge=256)
@@ -83,12 +99,12 @@ class LimitSettings(BaseModel):
     rate_burst: int = Field(50, ge=1)
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(_Section):
     # tenant name -> sha256 hex of a gateway key. Required in replace mode (upstream.api_key set).
     gateway_keys: dict[str, str] = Field(default_factory=dict)
 
 
-class RouteSettings(BaseModel):
+class RouteSettings(_Section):
     forward_unguarded_generating: bool = Field(
         False, description="forward /v1/completions, /v1/responses, /v1/messages unguarded (counted)"
     )
@@ -115,7 +131,7 @@ def default_workers() -> int:
     return max(1, min(2, cpus))
 
 
-class GuardSettings(BaseModel):
+class GuardSettings(_Section):
     enabled: bool = True
     model_dir: Path = DEFAULT_MODEL_DIR
     speculative: bool = Field(False, description="start the upstream call while the input check runs")
@@ -178,7 +194,7 @@ class GuardSettings(BaseModel):
     breaker_cooldown: float = Field(5.0, gt=0, description="seconds the open circuit fails fast before one probe")
 
 
-class PolicySettings(BaseModel):
+class PolicySettings(_Section):
     active: Path = DEFAULT_POLICY
     shadows: list[Path] = Field(default_factory=list)
     mapping: Path | None = Field(None, description="TOML picking active/shadow policies per tenant or model")
@@ -186,7 +202,7 @@ class PolicySettings(BaseModel):
     watch: bool = Field(False, description="reload when a policy file changes")
 
 
-class StateSettings(BaseModel):
+class StateSettings(_Section):
     url: str = Field("memory://", description="memory:// or redis://host:port/db")
     hmac_secret: SecretStr = Field(SecretStr(""), description="shared by all replicas; required for redis://")
     ttl_seconds: int = Field(24 * 3600, ge=1)
@@ -198,7 +214,7 @@ class StateSettings(BaseModel):
     backend_timeout: float = Field(0.05, gt=0, description="a slower state backend falls back to local state")
 
 
-class DrillSettings(BaseModel):
+class DrillSettings(_Section):
     store: str = Field("sqlite:///guardproxy-drills.db", description="sqlite:///path or postgresql://...")
     sample_rate: float = Field(0.01, ge=0, le=1)
     unreadable_sample_rate: float = Field(

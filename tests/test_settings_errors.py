@@ -149,3 +149,28 @@ def test_without_a_file_every_bad_variable_is_named(monkeypatch: pytest.MonkeyPa
 def test_the_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GUARDPROXY_SERVER__LOG_LEVEL", "WARNING")
     assert load_settings().server.log_level == "warning"
+
+
+def test_a_misspelled_key_in_a_table_is_an_error_not_a_silent_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text("[server]\nport = 9000\nprot = 9001\n", encoding="utf-8")
+    with pytest.raises(InvalidSettings) as raised:
+        load_settings(config)
+    assert raised.value.issues == (f"{config}:3: server.prot: unknown field",)
+    monkeypatch.setenv("GUARDPROXY_LIMITS__MAX_TOKEN_CAP", "5")  # the setting is max_tokens_cap
+    with pytest.raises(InvalidSettings) as raised:
+        load_settings()
+    assert raised.value.issues == ("GUARDPROXY_LIMITS__MAX_TOKEN_CAP: unknown field",)
+
+
+def test_credentials_in_the_upstream_url_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUARDPROXY_UPSTREAM__BASE_URL", "http://user:secret@127.0.0.1:8000/v1")
+    with pytest.raises(InvalidSettings) as raised:
+        load_settings()
+    (issue,) = raised.value.issues
+    assert issue.startswith("GUARDPROXY_UPSTREAM__BASE_URL: ") and "upstream.api_key" in issue
+    assert "secret" not in issue  # the value is never echoed
+    monkeypatch.setenv("GUARDPROXY_UPSTREAM__BASE_URL", "http://127.0.0.1:8000/v1?x=a@b")  # an @ past the host is fine
+    assert load_settings().upstream.base_url.endswith("x=a@b")
