@@ -57,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args))
     except GuardProxyError as exc:
-        print(f"guardproxy {name}: error: {exc}", file=sys.stderr)
+        # one line per problem, each with the prefix (invalid settings list several)
+        for line in str(exc).splitlines() or [""]:
+            print(f"guardproxy {name}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
