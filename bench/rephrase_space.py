@@ -87,22 +87,63 @@ def describe(sims: npt.NDArray[np.float64], kind: npt.NDArray[np.intp], lines: l
     }
 
 
-def embed(model: Path, prompts: list[str], projected: bool) -> npt.NDArray[np.float32]:
+def embed(model: Path, prompts: list[str], projected: bool) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
+    """(embeddings, harm on the operating scale) of ``prompts``, one whole-model pass each."""
     with OnnxClassifier.load(model, embedding_projection=projected) as clf:
         if projected and clf.projection is None:
             raise SystemExit(
                 f"{model}: no usable embedding_projection.json (python -m guardproxy.embedding_projection)"
             )
-        out = []
+        out, harm = [], []
         for start in range(0, len(prompts), 64):
-            out += [s.embedding for s in clf.score_prompts_sync(prompts[start : start + 64], exact=True)]
+            scores = clf.score_prompts_sync(prompts[start : start + 64], exact=True)
+            out += [s.embedding for s in scores]
+            harm += [s.harm for s in scores]
             print(
                 f"\r  embedding {'projected' if projected else 'raw'} {len(out)}/{len(prompts)}",
                 end="",
                 file=sys.stderr,
             )
         print(file=sys.stderr)
-    return np.stack(out)
+    return np.stack(out), np.asarray(harm)
+
+
+RULE_HARM = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)  # the rephrase rule's harm_at_least candidates (the per-turn block is 0.5)
+
+
+def rule_table(
+    rows: list[dict[str, Any]], vectors: npt.NDArray[np.float32], harm: npt.NDArray[np.float64], line: float
+) -> dict[str, Any]:
+    """The rephrase rule (similarity >= ``line`` to a refused request, and harm >= H) on ordered pairs (refused a,
+    new b) whose b the per-turn block (harm 0.5) lets through: a rewording of a refused harmful request caught; a
+    harmless request blocked after a harmful refusal (a look-alike of the same family, or another request), or after
+    a harmless one was refused (a false refusal)."""
+    v = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    sims = v @ v.T
+    fam = np.array([r["family"] for r in rows])
+    bad = np.array([r["harmful"] for r in rows])
+    a, b = np.meshgrid(np.arange(len(rows)), np.arange(len(rows)), indexing="ij")
+    through = (a != b) & (harm[b] < 0.5)
+    same = fam[a] == fam[b]
+    pairs = {
+        "rewording of a refused harmful request": through & same & bad[a] & bad[b],
+        "look-alike after a harmful refusal": through & same & bad[a] & ~bad[b],
+        "other harmless after a harmful refusal": through & ~same & bad[a] & ~bad[b],
+        "harmless after a harmless refusal": through & ~same & ~bad[a] & ~bad[b],
+    }
+    out: dict[str, Any] = {"line": line, "pairs": {k: int(m.sum()) for k, m in pairs.items()}, "at_harm": {}}
+    for h in RULE_HARM:
+        hit = (sims >= line) & (harm[b] >= h)
+        out["at_harm"][f"{h:.2f}"] = {k: float(hit[m].mean()) if m.any() else None for k, m in pairs.items()}
+    return out
+
+
+def default_line() -> float:
+    """The shipped default policy's rephrase line."""
+    from guardproxy.policy import load_policy
+
+    policy = load_policy(ROOT / "policies" / "default.toml")
+    return next(float(x) for r in policy.input_rules if (x := r.when.rephrase_similarity_at_least) is not None)
 
 
 def mapped_line(raw_other: npt.NDArray[np.float64], proj_other: npt.NDArray[np.float64], line: float) -> float:
@@ -132,14 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in sets.items():
         i, j, kind = pair_kinds(rows)
         prompts = [r["prompt"] for r in rows]
-        raw = similarities(embed(args.model, prompts, False), i, j)
-        proj = similarities(embed(args.model, prompts, True), i, j)
+        raw = similarities(embed(args.model, prompts, False)[0], i, j)
+        vectors, harm = embed(args.model, prompts, True)
+        proj = similarities(vectors, i, j)
         if not lines:  # the fit side comes first: the mapping is made there
             lines = {f"{t:.2f}": mapped_line(raw[kind == 1], proj[kind == 1], t) for t in RAW_LINES}
         result["sets"][name] = {
             "prompts": len(rows),
             "raw": describe(raw, kind, list(RAW_LINES)),
             "projected": describe(proj, kind, list(lines.values())),
+            "rule": rule_table(rows, vectors, harm, default_line()),
         }
     result["mapped_lines"] = lines
     print(
@@ -156,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         for space in ("raw", "projected"):
             for t, shares in r[space]["at_or_above"].items():
                 print(f"  {space[:4]} {t:>9s} " + " ".join(f"{shares[k]:17.3f}" for k in KINDS))
+    for name, r in result["sets"].items():
+        rule = r["rule"]
+        print(f"\n{name}: the rephrase rule at line {rule['line']:.3f}, pairs the per-turn block lets through:")
+        print("  " + "; ".join(f"{k} {v}" for k, v in rule["pairs"].items()))
+        for h, shares in rule["at_harm"].items():
+            cells = ", ".join("-" if v is None else f"{v:.4f}" for v in shares.values())
+            print(f"  harm >= {h}: {cells}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"\nwritten {args.json}", file=sys.stderr)

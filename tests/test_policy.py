@@ -271,12 +271,12 @@ def test_reload_with_a_broken_file_keeps_the_old_policy(tmp_path: Path) -> None:
     path = tmp_path / "active.toml"
     shutil.copy(shipped("default"), path)
     pset = PolicySet(path)
-    assert pset.select("t", None)[0].ref == "default@2026.12.02"
+    assert pset.select("t", None)[0].ref == "default@2026.12.07"
     path.write_text(path.read_text().replace('on_state_failure = "fail_open"\n', ""))
     assert pset.changed()
     result = pset.reload()
     assert not result.ok and result.error and "on_state_failure" in result.error and f"{path}:" in result.error
-    assert pset.select("t", None)[0].ref == "default@2026.12.02"
+    assert pset.select("t", None)[0].ref == "default@2026.12.07"
     shutil.copy(shipped("strict"), path)
     result = pset.reload()
     assert result.ok and pset.select("t", None)[0].name == "strict"
@@ -361,7 +361,7 @@ def test_two_files_with_one_name_and_version_are_refused(tmp_path: Path) -> None
     shutil.copy(shipped("default"), copy)
     with pytest.raises(PolicyError) as info:
         PolicySet(shipped("default"), [copy])
-    assert any("default@2026.12.02 is also the name@version" in i for i in info.value.issues)
+    assert any("default@2026.12.07 is also the name@version" in i for i in info.value.issues)
 
 
 # --- conversation_sensitive: may a lower bound of the conversation signals stand in for the value? ---------------
