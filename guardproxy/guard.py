@@ -342,7 +342,13 @@ class GuardCheck:
         with exchange.timed("policy"):
             for policy in state.policies():
                 state.input[policy.ref] = policy.decide_input(signals)
-        return state.input[active.ref].verdict()
+        decision = state.input[active.ref]
+        if decision.action is Action.BLOCK:
+            # Record the refusal now, before the client can send its next turn: finish runs after the response, and
+            # a prober that rewords at once would otherwise find no refusal in the tenant's memory.
+            await self._record(exchange, state, decision.reply_text if decision.status_code is None else None,
+                               refused=True)  # fmt: skip
+        return decision.verdict()
 
     async def _signals(
         self,

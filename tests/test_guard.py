@@ -769,3 +769,32 @@ async def test_guard_score_system_reads_a_harmful_ask_in_a_system_message(score_
     assert answer.status_code == 200 and harmless.status_code == 200
     assert answer.headers["x-guardproxy-decision"] == ("block" if score_system else "allow")
     assert harmless.headers["x-guardproxy-decision"] == "allow"
+
+
+async def test_an_input_block_is_in_the_tenants_refusal_memory_before_the_response(tmp_path: Path) -> None:
+    """A prober that rewords at once must find the refusal: the block is recorded by ``check_input`` itself, not by
+    ``finish``, which runs after the response has gone (here it is never called)."""
+    from pydantic import SecretStr
+
+    from guardproxy.conversation.integrity import tenant_key
+    from guardproxy.conversation.tracker import ConversationTracker
+    from guardproxy.pipeline import Exchange
+
+    settings = make_settings(tmp_path, "http://127.0.0.1:9", POLICIES / "default.toml")
+    state = settings.state.model_copy(update={"hmac_secret": SecretStr("a shared secret of 32 characters")})
+    settings = settings.model_copy(update={"state": state})
+    bundle = build_guard(settings, classifier=ScriptedClassifier(PROMPTS, REPLIES), with_drills=False)
+    assert bundle.guard is not None and isinstance(bundle.guard.tracker, ConversationTracker)
+    tracker = bundle.guard.tracker
+    secret = settings.state.hmac_secret.get_secret_value().encode()
+    body = {"model": "m", "messages": [{"role": "user", "content": "harmful"}]}
+    verdict = await bundle.guard.check_input(Exchange("r1", "tenant-a", "chat", body))
+    assert verdict.action.value == "block"
+    memory = await tracker.backend.load(b"\0" * 16, tenant_key(secret, "tenant-a"), tail_entries=1)
+    assert len(memory.refused) == 1
+    allowed = await bundle.guard.check_input(Exchange("r2", "tenant-b", "chat", {**body, "messages": [
+        {"role": "user", "content": "benign"}]}))  # fmt: skip
+    assert allowed.action.value == "allow"
+    memory = await tracker.backend.load(b"\0" * 16, tenant_key(secret, "tenant-b"), tail_entries=1)
+    assert memory.refused == ()  # an allowed request is recorded with its reply, later, and is no refusal
+    await bundle.guard.aclose()
