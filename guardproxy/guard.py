@@ -260,12 +260,13 @@ class GuardCheck:
         spec = getattr(self.classifier, "early_exit", None)
         return spec is not None and any(below_exit_lines(spec, p) for p in (active, *shadows))
 
-    def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals) -> bool:
+    def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals, harm: float = 1.0) -> bool:
         """Whether any loaded policy (active or shadow, of any tenant) or drill sampling could treat conversation
-        signals lying between ``low`` and ``high`` unlike ``low``: the tracker's ``rephrase_check``, asked before
-        it settles for a lower bound of rephrase similarity instead of running the whole model on an exited turn."""
+        signals lying between ``low`` and ``high`` unlike ``low``, for a request of harm at most ``harm``: the
+        tracker's ``rephrase_check``, asked before it settles for a lower bound of rephrase similarity instead of
+        running the whole model on an exited turn."""
         policies = self.policies.all()
-        if any(p.conversation_sensitive(low, high) for p in policies):
+        if any(p.conversation_sensitive(low, high, harm) for p in policies):
             return True
         return self.drills is not None and self.drills.conversation_sensitive(
             low, high, [p.thresholds() for p in policies]

@@ -264,14 +264,22 @@ class Policy(_Strict):
             self._lowest[signal] = min(lines) if lines else None
         return self._lowest[signal]
 
-    def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals) -> bool:
-        """Whether some rule's conversation conditions hold on ``high`` and not on ``low``. Every conversation
+    def conversation_sensitive(self, low: ConversationSignals, high: ConversationSignals, harm: float = 1.0) -> bool:
+        """Whether some rule's conversation conditions hold on ``high`` and not on ``low``, among the rules a request
+        of harm at most ``harm`` can match (a rule with ``harm_at_least`` above it cannot). Every conversation
         condition is a lower bound (``history_in`` aside, which reads a field the two share), so when this is False,
         any signals between the two (each field at least ``low``'s and at most ``high``'s) match the same rules as
-        ``low``, whatever the other conditions read.
-        The tracker asks this before it skips the whole model's pass that rephrase similarity needs (early exit)."""
+        ``low``, whatever the other conditions read, for any harm up to ``harm``.
+        The tracker asks this before it skips the whole model's pass that rephrase similarity needs (early exit):
+        an exited turn's harm is the head's estimate, under the head's line, so a rephrase rule that also asks a
+        harm at or above that line cannot match on it."""
         rules = (*self.input_rules, *self.output_rules)
-        return any(r.when.conversation_matches(high) and not r.when.conversation_matches(low) for r in rules)
+        return any(
+            r.when.conversation_matches(high)
+            and not r.when.conversation_matches(low)
+            and (r.when.harm_at_least is None or r.when.harm_at_least <= harm)
+            for r in rules
+        )
 
     def refusal_text(self, category: str) -> str:
         return self.refusals.get(category) or self.refusals["default"]

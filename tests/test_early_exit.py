@@ -364,9 +364,9 @@ async def test_with_a_rephrase_check_turns_exit_for_a_tenant_with_refusals_until
     policy = load_policy(POLICIES / "default.toml")
     asked: list[tuple[Any, Any]] = []
 
-    def check(low: Any, high: Any) -> bool:
-        asked.append((low, high))
-        return policy.conversation_sensitive(low, high)
+    def check(low: Any, high: Any, harm: float) -> bool:
+        asked.append((low, high, harm))
+        return policy.conversation_sensitive(low, high, harm)
 
     c = OnnxClassifier.load(MODEL_DIR, timeout=30.0, early_exit=True)
     t = ConversationTracker(MemoryBackend(), c, hmac_secret=b"s" * 32, rephrase_check=check)
@@ -376,21 +376,28 @@ async def test_with_a_rephrase_check_turns_exit_for_a_tenant_with_refusals_until
         request = [{"role": "user", "content": ORDINARY}]
         await t.observe("tenant", None, request)
         await t.record_reply("tenant", None, request, REFUSAL, refused=True)
-        # Another conversation: no refusal in it, and the refused request was harmless (its risk near 0), so no
-        # rule of the default policy can read the rewording's similarity: it stays a lower bound.
+        # Another conversation of the tenant: the rephrase rule reads similarity to refusals in any conversation, but
+        # it also asks harm 0.2, above the exit head's line, which the exited turn's estimate stays under; and the
+        # refused request was harmless (its risk near 0), so escalation cannot reach a line: a lower bound stands.
         elsewhere = await t.observe("tenant", "another", [{"role": "user", "content": ORDINARY_REWORDED}])
         assert elsewhere.new_user_scores[0].exited and elsewhere.new_user_scores[0].embedding.size == 0
         assert elsewhere.signals.rephrase_similarity == 0.0
-        ((low, high),) = asked
+        ((low, high, harm),) = asked
+        assert harm == elsewhere.new_user_scores[0].harm < 0.2
         assert low.rephrase_similarity == -1.0  # no turn had an embedding: the lowest a cosine can be
         assert high.rephrase_similarity == 1.0 and high.escalation >= low.escalation
         assert _escalation_fields(high) == _escalation_fields(low)
-        # In the refused conversation, block-rephrase-after-refusal could match: the whole model runs on the turn.
+        # The same rewording in the refused conversation: still no rule can read it (harm under 0.2), and it exits.
         again = [*request, {"role": "assistant", "content": REFUSAL}, {"role": "user", "content": ORDINARY_REWORDED}]
-        probe = await t.observe("tenant", None, again)
-        assert probe.signals.refusal_events == 1
+        quiet = await t.observe("tenant", None, again)
+        assert quiet.signals.refusal_events == 1 and quiet.new_user_scores[-1].exited
+        # With a tool result in the request (the guard scores it apart, so its harm is unknown here) the rephrase rule
+        # could match: the whole model runs on the turn and the similarity is exact.
+        tool = {"role": "tool", "content": "search result: 3 matches"}
+        probe = await t.observe("tenant", "with-a-tool", [tool, {"role": "user", "content": ORDINARY_REWORDED}])
+        assert asked[-1][2] == 1.0
         assert not probe.new_user_scores[-1].exited and probe.signals.rephrase_similarity > 0.8
-        assert settled == [False, True]  # the first request (no refusal yet) was not deferred
+        assert settled == [False, False, True]  # the first request (no refusal yet) was not deferred
     finally:
         await t.aclose()
         c.close()

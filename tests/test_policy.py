@@ -370,7 +370,8 @@ QUIET = ConversationSignals(escalation=0.1, window_harm=0.1)
 CONVERSATION_SENSITIVE = [
     # policy, low, high, could a value between them match a rule that ``low`` does not
     ("default", QUIET, QUIET, False),
-    ("default", QUIET, ConversationSignals(escalation=0.1, window_harm=0.1, rephrase_similarity=1.0), False),
+    # a similarity to a refusal in another conversation of the tenant can match the rephrase rule
+    ("default", QUIET, ConversationSignals(escalation=0.1, window_harm=0.1, rephrase_similarity=1.0), True),
     ("default", ConversationSignals(refusal_events=1), ConversationSignals(refusal_events=1, rephrase_similarity=1.0),
      True),
     # monitor's rephrase line is 0.59: a similarity that cannot reach it cannot flag
@@ -396,10 +397,11 @@ def test_conversation_sensitive(name: str, low: ConversationSignals, high: Conve
     refusals=st.integers(0, 3),
     harm=st.floats(0.0, 1.0),
     between=st.floats(0.0, 1.0),
+    under=st.floats(0.0, 1.0),
 )
 @settings(max_examples=300, deadline=None)
 def test_when_not_conversation_sensitive_every_value_between_decides_as_the_lower_bound(
-    escalation: float, lift: float, similarity: float, refusals: int, harm: float, between: float
+    escalation: float, lift: float, similarity: float, refusals: int, harm: float, between: float, under: float
 ) -> None:
     low = ConversationSignals(escalation=escalation, refusal_events=refusals, rephrase_similarity=similarity)
     high = ConversationSignals(escalation=min(1.0, escalation + lift), refusal_events=refusals, rephrase_similarity=1.0)
@@ -410,6 +412,6 @@ def test_when_not_conversation_sensitive_every_value_between_decides_as_the_lowe
     )
     for name in SHIPPED:
         policy = load_policy(shipped(name))
-        if not policy.conversation_sensitive(low, high):
-            decide = policy.decide_input
-            assert decide(Signals(harm=harm, conversation=mid)) == decide(Signals(harm=harm, conversation=low))
+        if not policy.conversation_sensitive(low, high, harm):  # a request of this harm, at most
+            decide, actual = policy.decide_input, harm * under
+            assert decide(Signals(harm=actual, conversation=mid)) == decide(Signals(harm=actual, conversation=low))

@@ -64,7 +64,8 @@ WINDOW_HOLD_S = 0.005
 
 
 # (low, high) conversation signals -> could anything that reads them treat a value between the two unlike ``low``?
-RephraseCheck = Callable[[ConversationSignals, ConversationSignals], bool]
+# (low, high, the highest harm the request can report): ``GuardCheck.conversation_sensitive``
+RephraseCheck = Callable[[ConversationSignals, ConversationSignals, float], bool]
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,9 @@ class _Rephrase:
         self.value, self.pairs = tracker._rephrase(scores, refused)
         self.unresolved = self.deferred = lazy and any(s.exited for s in scores)
         self.top_risk = max(refused_risks(refused, tracker.embedding_space), default=0.0) if self.unresolved else 0.0
+        # the highest harm the request can report while the exited turns stay exited (their harm is the head's
+        # estimate, under its line); 1.0 when the request carries tool results, which the guard scores apart
+        self.harm_bound = max((s.harm for s in scores), default=0.0)
 
     @property
     def floor(self) -> float:
@@ -357,14 +361,19 @@ class ConversationTracker:
         refused: tuple[bytes, ...],
         *,
         exact: bool = False,
+        roles: Sequence[str] = (),
     ) -> _Rephrase:
         """The scores of a request's new user turns, with their rephrase similarity to the tenant's ``refused``
         requests. That needs whole-model embeddings: with refused requests in memory every turn runs the whole
         model, unless a ``rephrase_check`` lets turns exit and settles the similarity later (``_Rephrase``).
-        ``exact``: every turn runs the whole model anyway (the caller's policies read below the exit's lines)."""
+        ``exact``: every turn runs the whole model anyway (the caller's policies read below the exit's lines).
+        ``roles``: the request's message roles (a tool result in it, scored by the guard, lifts its harm bound)."""
         lazy = bool(refused) and self.rephrase_check is not None and not exact
         scores = await self._scores_beside(texts, early_window, exact=exact or (bool(refused) and not lazy))
-        return _Rephrase(self, texts, scores, refused, lazy=lazy)
+        rp = _Rephrase(self, texts, scores, refused, lazy=lazy)
+        if any(r in ("tool", "function") for r in roles):
+            rp.harm_bound = 1.0
+        return rp
 
     def _start_window(self, chain: Chain, n: int, scored: Sequence[int]) -> asyncio.Task[list[PromptScore]] | None:
         """The window pass of this request, started now (``concurrent_window``); None when that is off, there is no
@@ -522,18 +531,18 @@ class ConversationTracker:
             return low
         if rp.unresolved:
             floor = replace(low, rephrase_similarity=rp.floor)  # ``low`` lies between: it decides as both ends do
-            if self._could_matter(floor, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk)))):
+            if self._could_matter(floor, self._signals(state, 1.0, (*rp.pairs, (1.0, rp.top_risk))), rp.harm_bound):
                 await rp.resolve()
                 low = self._signals(state, rp.value, rp.pairs)
         if self.observe_rephrase is not None:
             self.observe_rephrase(not rp.unresolved)
         return low
 
-    def _could_matter(self, low: ConversationSignals, high: ConversationSignals) -> bool:
+    def _could_matter(self, low: ConversationSignals, high: ConversationSignals, harm: float) -> bool:
         """``rephrase_check``; a check that fails counts as "it could" (the whole model then settles it)."""
         assert self.rephrase_check is not None
         try:
-            return self.rephrase_check(low, high)
+            return self.rephrase_check(low, high, harm)
         except Exception:
             logger.exception("rephrase check failed; running the whole model on the exited turns")
             return True
@@ -603,7 +612,9 @@ class ConversationTracker:
             new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
         scored = new_users[-self.max_new_turns :]
         early_window = self._start_window(chain, n, scored) if not repeat else None
-        rp = await self._scored([chain.text(i) for i in scored], early_window, loaded.refused, exact=exact)
+        rp = await self._scored(
+            [chain.text(i) for i in scored], early_window, loaded.refused, exact=exact, roles=chain.roles
+        )
 
         async def conclude(
             state: Snapshot, window: PromptScore | None, *, final: bool = True, estimated: bool = False

@@ -10,8 +10,8 @@ Decided per exchange, in microseconds, on the event loop (no I/O):
 - ``disagreement``: a shadow policy decided a different action than the active one.
 - ``false_refusal``: the upstream refused (partial or full) a request below the harm threshold.
 - ``escalation``: the conversation's escalation score at or above ``escalation_min``.
-- ``rephrase``: a request close to one refused earlier (``rephrase_similarity`` at or above
-  ``rephrase_min`` after at least one refusal).
+- ``rephrase``: a request close to one refused earlier for its tenant, in this conversation or another
+  (``rephrase_similarity`` at or above ``rephrase_min``; it is 0 while the tenant has no refusal in memory).
 - ``guard_failed``: the classifier or the state backend failed, so the policy's fail mode decided
   (a fail-open exchange went through unjudged: a person should see some of them).
 - ``unreadable``: a scored turn was mostly in scripts the guard model reads only letter by letter
@@ -96,7 +96,7 @@ def reasons_for(record: DrillRecord, config: SamplingConfig, fraction: float) ->
         out.append("false_refusal")
     if s.get("escalation", 0.0) >= config.escalation_min:
         out.append("escalation")
-    if s.get("refusal_events", 0.0) >= 1 and s.get("rephrase_similarity", 0.0) >= config.rephrase_min:
+    if s.get("rephrase_similarity", 0.0) >= config.rephrase_min:  # the tenant's refusals, in any conversation
         out.append("rephrase")
     if s.get("classifier_failed", 0.0) or s.get("state_failed", 0.0):
         out.append("guard_failed")
@@ -119,7 +119,7 @@ def conversation_sensitive(
     def strata(c: ConversationSignals) -> tuple[bool, bool]:
         return (
             c.escalation >= config.escalation_min,
-            c.refusal_events >= 1 and c.rephrase_similarity >= config.rephrase_min,
+            c.rephrase_similarity >= config.rephrase_min,
         )
 
     if strata(low) != strata(high):
