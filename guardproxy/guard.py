@@ -109,10 +109,14 @@ class DrillSink(Protocol):
     async def aclose(self) -> None: ...
 
     def conversation_sensitive(
-        self, low: ConversationSignals, high: ConversationSignals, thresholds: Iterable[Mapping[str, float]] = ()
+        self,
+        low: ConversationSignals,
+        high: ConversationSignals,
+        thresholds: Iterable[Mapping[str, float]] = (),
+        harm: float = 1.0,
     ) -> bool:
         """Whether sampling could treat conversation signals between ``low`` and ``high`` unlike ``low``, given the
-        policies' drill ``thresholds``."""
+        policies' drill ``thresholds``, for an exchange of harm at most ``harm``."""
         ...
 
     def submit_exchange(
@@ -269,7 +273,7 @@ class GuardCheck:
         if any(p.conversation_sensitive(low, high, harm) for p in policies):
             return True
         return self.drills is not None and self.drills.conversation_sensitive(
-            low, high, [p.thresholds() for p in policies]
+            low, high, [p.thresholds() for p in policies], harm
         )
 
     # --- lifecycle ---

@@ -50,12 +50,14 @@ CASES = [
     ("policy's own refusal is not a false refusal",
      rec(refusal="full", reply_from_policy=True, active=BLOCK, signals={"harm": 0.9}), NO_BASE, ("blocked",)),
     ("escalating conversation", rec(signals={"harm": 0.1, "escalation": 0.7}), NO_BASE, ("escalation",)),
-    ("rephrase after refusal", rec(signals={"harm": 0.1, "rephrase_similarity": 0.9, "refusal_events": 1.0}),
+    ("rephrase after refusal", rec(signals={"harm": 0.3, "rephrase_similarity": 0.9, "refusal_events": 1.0}),
      NO_BASE, ("rephrase",)),
+    ("a harmless request near a refused one", rec(signals={"harm": 0.1, "rephrase_similarity": 0.9,
+     "refusal_events": 1.0}), NO_BASE, ()),
     # the similarity is to the tenant's refusals in any conversation: a fresh conversation that rewords one counts
     ("similar to a refusal in another conversation",
-     rec(signals={"harm": 0.1, "rephrase_similarity": 0.9, "refusal_events": 0.0}), NO_BASE, ("rephrase",)),
-    ("not similar enough", rec(signals={"harm": 0.1, "rephrase_similarity": 0.3, "refusal_events": 1.0}),
+     rec(signals={"harm": 0.3, "rephrase_similarity": 0.9, "refusal_events": 0.0}), NO_BASE, ("rephrase",)),
+    ("not similar enough", rec(signals={"harm": 0.3, "rephrase_similarity": 0.3, "refusal_events": 1.0}),
      NO_BASE, ()),
     ("no thresholds: harm 0.5 assumed", rec(signals={"harm": 0.5}, thresholds={}), NO_BASE, ("uncertain",)),
     ("classifier failed, fail-open allowed it", rec(signals={"harm": 0.0, "classifier_failed": 1.0}), NO_BASE,
@@ -162,6 +164,13 @@ def test_conversation_sensitive(
     name: str, high: ConversationSignals, thresholds: tuple[dict[str, float], ...], expected: bool
 ) -> None:
     assert conversation_sensitive(SamplingConfig(), LOW, high, thresholds) is expected
+
+
+def test_an_exchange_under_the_rephrase_harm_cannot_enter_the_rephrase_stratum() -> None:
+    high = dataclasses.replace(LOW, rephrase_similarity=1.0)
+    config = SamplingConfig()
+    assert conversation_sensitive(config, LOW, high, (), harm=config.rephrase_harm_min)
+    assert not conversation_sensitive(config, LOW, high, (), harm=config.rephrase_harm_min - 0.01)
 
 
 def test_conversation_sensitive_inside_a_band_is_not() -> None:

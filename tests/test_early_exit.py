@@ -558,7 +558,9 @@ async def test_the_gateway_with_early_exit_counts_exits_and_still_blocks_a_harmf
             drills={"store": f"sqlite:///{tmp_path / 'drills.db'}"},
         )
         metrics = Metrics()
-        bundle = build_guard(settings, metrics=metrics, with_drills=False)
+        bundle = build_guard(
+            settings, metrics=metrics
+        )  # drill sampling on: its rephrase stratum must not undo the exit
         app = create_app(settings, pipeline=bundle.pipeline, extra_routes=bundle.routes, metrics=metrics)
         async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
 

@@ -58,10 +58,14 @@ class DrillRecorder:
         await self.store.start()
 
     def conversation_sensitive(
-        self, low: ConversationSignals, high: ConversationSignals, thresholds: Iterable[Mapping[str, float]] = ()
+        self,
+        low: ConversationSignals,
+        high: ConversationSignals,
+        thresholds: Iterable[Mapping[str, float]] = (),
+        harm: float = 1.0,
     ) -> bool:
         """``sampling.conversation_sensitive`` with this recorder's sampling rules."""
-        return conversation_sensitive(self.sampler.config, low, high, thresholds)
+        return conversation_sensitive(self.sampler.config, low, high, thresholds, harm)
 
     async def aclose(self) -> None:
         await self.store.aclose()

@@ -11,7 +11,8 @@ Decided per exchange, in microseconds, on the event loop (no I/O):
 - ``false_refusal``: the upstream refused (partial or full) a request below the harm threshold.
 - ``escalation``: the conversation's escalation score at or above ``escalation_min``.
 - ``rephrase``: a request close to one refused earlier for its tenant, in this conversation or another
-  (``rephrase_similarity`` at or above ``rephrase_min``; it is 0 while the tenant has no refusal in memory).
+  (``rephrase_similarity`` at or above ``rephrase_min``; it is 0 while the tenant has no refusal in memory), with
+  harm at least ``rephrase_harm_min``.
 - ``guard_failed``: the classifier or the state backend failed, so the policy's fail mode decided
   (a fail-open exchange went through unjudged: a person should see some of them).
 - ``unreadable``: a scored turn was mostly in scripts the guard model reads only letter by letter
@@ -58,6 +59,9 @@ class SamplingConfig:
     margin: float = 0.1
     escalation_min: float = 0.5
     rephrase_min: float = 0.45  # projected space (guardproxy.embedding_projection): the raw space's 0.8
+    # and at least this harm: a harmless request near a refused one is no probe worth a reviewer, and an exited turn
+    # (whose estimate stays under the early-exit head's line, 0.15) then needs no whole-model pass for its similarity
+    rephrase_harm_min: float = 0.15
     unreadable_rate: float = 0.1
     per_tenant_hourly_cap: int = 200
     hourly_budget: int = 2000
@@ -96,7 +100,8 @@ def reasons_for(record: DrillRecord, config: SamplingConfig, fraction: float) ->
         out.append("false_refusal")
     if s.get("escalation", 0.0) >= config.escalation_min:
         out.append("escalation")
-    if s.get("rephrase_similarity", 0.0) >= config.rephrase_min:  # the tenant's refusals, in any conversation
+    # the tenant's refusals, in any conversation
+    if s.get("rephrase_similarity", 0.0) >= config.rephrase_min and record.harm >= config.rephrase_harm_min:
         out.append("rephrase")
     if s.get("classifier_failed", 0.0) or s.get("state_failed", 0.0):
         out.append("guard_failed")
@@ -110,16 +115,18 @@ def conversation_sensitive(
     low: ConversationSignals,
     high: ConversationSignals,
     thresholds: Iterable[Mapping[str, float]] = (),
+    harm: float = 1.0,
 ) -> bool:
     """Whether sampling could treat an exchange whose conversation signals lie between ``low`` and ``high`` (each
-    field) unlike one at ``low``: the ``escalation`` and ``rephrase`` strata, and ``uncertain`` for escalation or
-    rephrase similarity near one of ``thresholds`` (each a policy's ``Policy.thresholds()``). The question
-    ``Policy.conversation_sensitive`` answers for a policy's rules."""
+    field) unlike one at ``low``, its harm at most ``harm``: the ``escalation`` and ``rephrase`` strata, and
+    ``uncertain`` for escalation or rephrase similarity near one of ``thresholds`` (each a policy's
+    ``Policy.thresholds()``). The question ``Policy.conversation_sensitive`` answers for a policy's rules."""
+    rephrase_possible = harm >= config.rephrase_harm_min
 
     def strata(c: ConversationSignals) -> tuple[bool, bool]:
         return (
             c.escalation >= config.escalation_min,
-            c.rephrase_similarity >= config.rephrase_min,
+            rephrase_possible and c.rephrase_similarity >= config.rephrase_min,
         )
 
     if strata(low) != strata(high):
