@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from prometheus_client import Counter
 
 from guardproxy.errors import (
     Blocked,
@@ -210,6 +211,8 @@ class ChatHandler:
         self.speculative = speculative
         # Start the upstream call once the request's own turns pass, while a conversation window is still scored.
         self.speculative_window = speculative_window and not speculative
+        if speculative or speculative_window:  # at 0 from the start, as every counter a dashboard reads
+            self._speculative_cancelled()
         self.max_event_chars = max_event_chars
         self.spawn = spawn
         self.timing_header = timing_header
@@ -292,6 +295,11 @@ class ChatHandler:
         finally:
             await resp.aclose()
 
+    def _speculative_cancelled(self) -> Counter:
+        return self.metrics.counter(
+            "guardproxy_speculative_cancelled", "upstream calls started before the input verdict, then blocked"
+        )
+
     def _open_early(
         self, call: Call, ex: Exchange, content: bytes
     ) -> tuple[asyncio.Task[httpx.Response], asyncio.Future[None] | None]:
@@ -331,9 +339,7 @@ class ChatHandler:
         if verdict.blocks:
             if task is not None:
                 await _cancel(task)
-                self.metrics.counter(
-                    "guardproxy_speculative_cancelled", "upstream calls started before the input verdict, then blocked"
-                ).inc()
+                self._speculative_cancelled().inc()
             ex.outcome = "blocked_input"
             self._timing(call, ex)
             await self._send_block(call, req, verdict, stream=req.stream)

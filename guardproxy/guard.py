@@ -144,6 +144,16 @@ def drill_decision(decision: Decision) -> PolicyDecision:
 # --- what gets scored ------------------------------------------------------------------------------------
 
 
+# the guard's event counters (name, help), registered when the guard is built
+_GUARD_COUNTERS = {
+    "classifier_failures": ("guardproxy_classifier_failures", "classifier calls that raised or timed out"),
+    "state_failures": ("guardproxy_guard_state_failures", "conversation state calls that failed"),
+    "unreadable": (
+        "guardproxy_unreadable_requests",
+        "requests with a scored turn mostly in scripts the guard model reads only letter by letter",
+    ),
+}
+
 _SCORED_ROLES = frozenset({"user", "tool", "function"})
 _SCORED_ROLES_WITH_SYSTEM = _SCORED_ROLES | {"system", "developer"}
 
@@ -251,6 +261,9 @@ class GuardCheck:
             self.decision_log.on_drop = dropped.inc
         self.drills = drills
         self.metrics = metrics
+        if metrics is not None:  # exported at 0 from the start, so rate() and absent() alerts work before a first event
+            for name, doc in _GUARD_COUNTERS.values():
+                metrics.counter(name, doc)
         self.timeout = timeout
         self.score_system = score_system
         self.output_checks = output_checks
@@ -338,10 +351,7 @@ class GuardCheck:
         exact = self._whole_model(active, shadows)
         signals, obs = await self._signals(exchange, texts, subkey, active=active, early=early, exact=exact)
         if signals.unreadable >= UNREADABLE and self.metrics is not None:
-            self.metrics.counter(
-                "guardproxy_unreadable_requests",
-                "requests with a scored turn mostly in scripts the guard model reads only letter by letter",
-            ).inc()
+            self.metrics.counter(*_GUARD_COUNTERS["unreadable"]).inc()
         state = _ExchangeState(active, shadows, texts, signals, subkey=subkey, observation=obs)
         exchange.state[STATE_KEY] = state
         with exchange.timed("policy"):
@@ -559,7 +569,7 @@ class GuardCheck:
     def _state_failed(self, exchange: Exchange, exc: BaseException) -> None:
         self.failures["state"] += 1
         if self.metrics is not None:
-            self.metrics.counter("guardproxy_guard_state_failures", "conversation state calls that failed").inc()
+            self.metrics.counter(*_GUARD_COUNTERS["state_failures"]).inc()
         log.warning("conversation state failed for %s: %r", exchange.request_id, exc)
 
     @staticmethod
@@ -613,7 +623,7 @@ class GuardCheck:
     def _classifier_failed(self, exc: BaseException) -> None:
         self.failures["classifier"] += 1
         if self.metrics is not None:
-            self.metrics.counter("guardproxy_classifier_failures", "classifier calls that raised or timed out").inc()
+            self.metrics.counter(*_GUARD_COUNTERS["classifier_failures"]).inc()
         log.warning("classifier failed: %r", exc)
 
 

@@ -798,3 +798,15 @@ async def test_an_input_block_is_in_the_tenants_refusal_memory_before_the_respon
     memory = await tracker.backend.load(b"\0" * 16, tenant_key(secret, "tenant-b"), tail_entries=1)
     assert memory.refused == ()  # an allowed request is recorded with its reply, later, and is no refusal
     await bundle.guard.aclose()
+
+
+async def test_the_guards_event_counters_are_exported_at_zero_before_any_event(tmp_path: Path) -> None:
+    async with gateway(tmp_path, POLICIES / "default.toml", guard={"speculative": True}) as gw:
+        text = (await gw.client.get(f"{gw.url}/metrics")).text
+    for name in (
+        "guardproxy_classifier_failures_total",
+        "guardproxy_guard_state_failures_total",
+        "guardproxy_unreadable_requests_total",
+        "guardproxy_speculative_cancelled_total",
+    ):
+        assert f"{name} 0.0" in text, name
