@@ -444,10 +444,14 @@ def plot_distributions(c: Collector, path: Path, harm_threshold: float, model: T
                 bins: Any = [b - 0.5 for b in range(int(top) + 2)]
             else:
                 bins = [i / 40 for i in range(41)]
-            ax.hist(values, bins=bins, alpha=0.5, label=f"{label} (n={len(values)})", density=True)
+            # each group's bars sum to 1: groups of different sizes compare on one axis, read as shares of rows
+            weights = [1.0 / len(values)] * len(values)
+            ax.hist(values, bins=bins, weights=weights, alpha=0.5, label=f"{label} (n={len(values)})")
         if threshold is not None:
             ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.2f}")
         ax.set_title(title)
+        ax.set_xlabel("first flagged turn" if discrete else "score")
+        ax.set_ylabel("share of the group's rows")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
