@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from guardproxy.conversation.tracker import ConversationTracker
 from guardproxy.early_exit import file_md5
 from guardproxy.policy import load_policy
 from guardproxy.settings import Settings
+from tests.test_classifier import _copy_model
 
 MODEL_DIR = Settings().guard.model_dir
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -58,14 +58,6 @@ def test_fit_needs_more_vectors_than_directions() -> None:
         ep.fit(np.ones((2, 8), dtype=np.float32), model_md5="m", components=2)
 
 
-def _model_copy(tmp_path: Path) -> Path:
-    target = tmp_path / "model"
-    target.mkdir()
-    for name in ("model.onnx", "tokenizer.json", "config.json"):
-        shutil.copyfile(MODEL_DIR / name, target / name)
-    return target
-
-
 def test_the_file_round_trips_and_is_refused_when_it_does_not_fit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -89,7 +81,7 @@ def test_the_file_round_trips_and_is_refused_when_it_does_not_fit(
 
 
 def test_a_model_without_a_fitting_projection_serves_raw_embeddings(tmp_path: Path) -> None:
-    target = _model_copy(tmp_path)
+    target = _copy_model(tmp_path)
     with OnnxClassifier.load(target) as clf:
         assert clf.projection is None
         raw = clf.score_prompts_sync(["how do I bake bread"], exact=True)[0].embedding
@@ -175,7 +167,7 @@ def test_prompts_are_sampled_per_source_without_pairs_windows_or_repeats() -> No
 
 
 def test_a_fitted_projection_is_what_the_model_then_serves(tmp_path: Path) -> None:
-    target = _model_copy(tmp_path)
+    target = _copy_model(tmp_path)
     prompts = {"s": [f"how do I {verb} a {thing}" for verb in ("fix", "paint", "sell") for thing in ("bike", "door")]}
     projection, info = ep.fit_model(target, prompts, components=2, progress=False)
     assert info["prompts"] == 6 and projection.model_md5 == file_md5(target / "model.onnx")
