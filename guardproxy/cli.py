@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -63,76 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        # Bad input that surfaced outside our own errors: settings from the environment that do not parse, a file
-        # that cannot be opened. One line naming what to fix; anything else is a bug and keeps its traceback.
-        message = settings_problem(exc) or file_problem(exc)
+    except OSError as exc:
+        # A file that cannot be opened, outside our own errors: one line naming it; anything else is a bug and keeps
+        # its traceback. (Settings that do not parse are already a ConfigError: guardproxy.settings.load_settings.)
+        message = file_problem(exc)
         if message is None:
             raise
         print(f"guardproxy {name}: error: {message}", file=sys.stderr)
         return 2
-
-
-ENV_PREFIX = "GUARDPROXY_"
-
-
-def settings_problem(exc: BaseException) -> str | None:
-    """One line for a settings failure that ``load_settings`` lets through: ``VARIABLE: problem`` (values are not
-    echoed: some settings are secrets); None when ``exc`` is no such failure. A config file's own mistakes are
-    already a ``ConfigError`` naming the file."""
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
-    if isinstance(exc, SettingsError):
-        return _unparsable_env(exc)
-    if isinstance(exc, ValidationError) and exc.title in ("Settings", "FileSettings"):
-        err = exc.errors(include_url=False)[0]
-        loc = [str(p) for p in err["loc"]]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        return f"{_env_name(loc) or 'setting ' + '.'.join(loc)}: {err['msg']}{more}"
-    return None
-
-
-def _env_name(loc: Sequence[str]) -> str | None:
-    """The environment variable that set the field at ``loc`` (the longest prefix that is set), as spelled."""
-    names = {key.upper(): key for key in os.environ if key.upper().startswith(ENV_PREFIX)}
-    for end in range(len(loc), 0, -1):
-        name = names.get(ENV_PREFIX + "__".join(loc[:end]).upper())
-        if name is not None:
-            return name
-    return None
-
-
-def _unparsable_env(exc: Exception) -> str:
-    """Which ``GUARDPROXY_*`` variable pydantic_settings could not parse (it names only the top-level field): each
-    candidate is parsed alone, as the environment source does."""
-    import json
-    import re
-
-    from pydantic_settings import EnvSettingsSource
-
-    from guardproxy.settings import Settings
-
-    m = re.search(r'field "([^"]+)"', str(exc))
-    field = f"{ENV_PREFIX}{m.group(1).upper() if m else ''}"
-    culprits = []
-    for key in os.environ:
-        if m is None or (key.upper() != field and not key.upper().startswith(field + "__")):
-            continue
-        source = EnvSettingsSource(Settings)
-        source.env_vars = {k: v for k, v in source.env_vars.items() if k.upper() == key.upper()}
-        try:
-            source()
-        except Exception:
-            culprits.append(key)
-    where = culprits[0] if len(culprits) == 1 else f"{field}*"
-    cause = exc.__cause__
-    if isinstance(cause, json.JSONDecodeError):
-        return (
-            f"{where}: not valid JSON ({cause.msg} at column {cause.colno}); list and table settings are written as "
-            """JSON, e.g. '["a.toml", "b.toml"]' or '{"key": "value"}'"""
-        )
-    return f"{where}: cannot parse the value" + (f": {cause}" if cause is not None else "")
 
 
 def file_problem(exc: BaseException) -> str | None:

@@ -18,8 +18,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -283,6 +285,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             return Settings(**overrides)
         except ValidationError as exc:
             raise InvalidSettings(_issues(exc, overrides)) from exc
+        except SettingsError as exc:
+            raise InvalidSettings([_unparsable_env(exc)]) from exc
     path = Path(config_file)
     if not path.is_file():
         raise ConfigError("config file not found", where=str(path))
@@ -292,6 +296,33 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return file_settings(**overrides)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise InvalidSettings(_issues(exc, overrides, (str(path), data, KeyLines(text))), where=str(path)) from exc
+    except SettingsError as exc:
+        raise InvalidSettings([_unparsable_env(exc)]) from exc
+
+
+def _unparsable_env(exc: SettingsError) -> str:
+    """Which ``GUARDPROXY_*`` variable pydantic-settings could not parse (it names only the top-level field): each
+    candidate is parsed alone, as the environment source does. Values are not echoed: some settings are secrets."""
+    m = re.search(r'field "([^"]+)"', str(exc))
+    field = f"{ENV_PREFIX}{m.group(1).upper() if m else ''}"
+    culprits = []
+    for key in os.environ:
+        if m is None or (key.upper() != field and not key.upper().startswith(field + "__")):
+            continue
+        source = EnvSettingsSource(Settings)
+        source.env_vars = {k: v for k, v in source.env_vars.items() if k.upper() == key.upper()}
+        try:
+            source()
+        except Exception:
+            culprits.append(key)
+    where = culprits[0] if len(culprits) == 1 else f"{field}*"
+    cause = exc.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        return (
+            f"{where}: not valid JSON ({cause.msg} at column {cause.colno}); list and table settings are written as "
+            """JSON, e.g. '["a.toml", "b.toml"]' or '{"key": "value"}'"""
+        )
+    return f"{where}: cannot parse the value" + (f": {cause}" if cause is not None else "")
 
 
 def _read_config(path: Path) -> tuple[str, dict[str, Any]]:
