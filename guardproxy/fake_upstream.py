@@ -357,14 +357,12 @@ class FakeUpstream:
 
 def _last_user_text(body: dict[str, Any]) -> str:
     """The text of the request's last user turn ("" if none): what ``answers`` is keyed by."""
+    from guardproxy.drills.record import message_text
+
     messages = body.get("messages")
     for message in reversed(messages if isinstance(messages, list) else []):
         if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                parts = [p.get("text") for p in content if isinstance(p, dict)]
-                content = "".join(p for p in parts if isinstance(p, str))
-            return content if isinstance(content, str) else ""
+            return message_text(message)
     return ""
 
 
