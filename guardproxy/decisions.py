@@ -217,6 +217,9 @@ class ShadowComparison:
     confusion: Mapping[str, Mapping[str, int]]  # active action -> shadow action -> count
     by_category: Mapping[str, Mapping[str, float]]  # category -> {requests, disagreements, rate}
     examples: Mapping[str, tuple[str, ...]]  # "active->shadow" -> request ids (disagreements only)
+    # "active->shadow" -> "active rule -> shadow rule" -> requests: which rules each disagreement comes from (the rule
+    # of the stage that set each side's action; "-" where no rule matched)
+    rules: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,8 @@ class ComparisonReport:
                 lines.append(f"    {cat:<28}{int(st['disagreements']):>6}/{int(st['requests']):<6}{st['rate']:>8.1%}")
             for cell, ids in sc.examples.items():
                 lines.append(f"  e.g. {cell}: {', '.join(ids)}")
+                for pair, count in sorted(sc.rules.get(cell, {}).items(), key=lambda kv: -kv[1]):
+                    lines.append(f"      {count:>6}  rules {pair}")
         return "\n".join(lines)
 
 
@@ -259,15 +264,23 @@ def compare(records: Iterable[Mapping[str, Any]], *, examples: int = 5) -> Compa
     active: dict[str, tuple[str, str]] = {}  # request id -> (policy ref, action)
     category: dict[str, str] = {}
     shadow: dict[str, dict[str, str]] = defaultdict(dict)  # shadow ref -> request id -> action
+    rule_of: dict[tuple[str, str], str] = {}  # (policy ref or "active", request id) -> the rule behind its action
     for rec in records:
         rid = str(rec["request_id"])
         ref = f"{rec.get('policy', '?')}@{rec.get('version', '?')}"
         action = str(rec["action"])
+        rule = str(rec.get("rule") or "-")
         if rec.get("role") == "shadow":
-            shadow[ref][rid] = _worst(shadow[ref].get(rid), action)
+            worse = _worst(shadow[ref].get(rid), action)
+            if worse != shadow[ref].get(rid):
+                rule_of[ref, rid] = rule
+            shadow[ref][rid] = worse
         else:
             prev = active.get(rid)
-            active[rid] = (ref, _worst(prev[1] if prev else None, action))
+            worse = _worst(prev[1] if prev else None, action)
+            if prev is None or worse != prev[1]:
+                rule_of["active", rid] = rule
+            active[rid] = (ref, worse)
             if rec.get("stage") == "input" or rid not in category:
                 category[rid] = str(rec.get("category") or "none")
     comparisons = []
@@ -275,6 +288,7 @@ def compare(records: Iterable[Mapping[str, Any]], *, examples: int = 5) -> Compa
         confusion: dict[str, Counter[str]] = {a: Counter() for a in ACTIONS}
         per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         cells: dict[str, list[str]] = defaultdict(list)
+        rules: dict[str, Counter[str]] = defaultdict(Counter)
         n = agree = 0
         for rid, s_action in shadow[ref].items():
             if rid not in active:
@@ -291,6 +305,7 @@ def compare(records: Iterable[Mapping[str, Any]], *, examples: int = 5) -> Compa
                 cell = cells[f"{a_action}->{s_action}"]
                 if len(cell) < examples:
                     cell.append(rid)
+                rules[f"{a_action}->{s_action}"][f"{rule_of['active', rid]} -> {rule_of[ref, rid]}"] += 1
         comparisons.append(
             ShadowComparison(
                 shadow=ref,
@@ -302,6 +317,7 @@ def compare(records: Iterable[Mapping[str, Any]], *, examples: int = 5) -> Compa
                     for c, (t, d) in sorted(per_cat.items())
                 },
                 examples={k: tuple(v) for k, v in sorted(cells.items())},
+                rules={k: dict(v) for k, v in sorted(rules.items())},
             )
         )
     return ComparisonReport(

@@ -378,13 +378,17 @@ async def test_shadow_that_would_block_is_recorded_but_never_reaches_the_client(
 
 
 def test_compare_over_a_log() -> None:
-    def rec(rid: str, policy: str, role: str, action: str, category: str = "none") -> dict[str, Any]:
+    def rec(
+        rid: str, policy: str, role: str, action: str, category: str = "none", rule: str | None = None
+    ) -> dict[str, Any]:
         return {"request_id": rid, "policy": policy, "version": "1", "role": role, "stage": "input",
-                "action": action, "category": category}  # fmt: skip
+                "action": action, "category": category, "rule": rule}  # fmt: skip
 
     records = [
         rec("a", "default", "active", "allow"), rec("a", "strict", "shadow", "allow"),
-        rec("b", "default", "active", "flag", "privacy"), rec("b", "strict", "shadow", "block", "privacy"),
+        rec("b", "default", "active", "flag", "privacy", "flag-jailbreak"),
+        rec("b", "strict", "shadow", "block", "privacy", "block-harm"),
+        {**rec("b", "strict", "shadow", "flag", "privacy", "flag-x"), "stage": "output"},  # milder: not the rule
         rec("c", "default", "active", "block", "hate"), rec("c", "strict", "shadow", "block", "hate"),
         {**rec("c", "strict", "shadow", "allow", "hate"), "stage": "output"},  # the worse stage counts
         rec("d", "strict", "shadow", "block"),  # no active decision: not compared
@@ -393,8 +397,9 @@ def test_compare_over_a_log() -> None:
     (strict,) = report.shadows
     assert strict.requests == 3 and strict.agreement == pytest.approx(2 / 3)
     assert strict.confusion["flag"] == {"block": 1} and strict.examples == {"flag->block": ("b",)}
+    assert strict.rules == {"flag->block": {"flag-jailbreak -> block-harm": 1}}  # the rule behind each side's action
     assert strict.by_category["privacy"]["rate"] == 1.0 and strict.by_category["hate"]["rate"] == 0.0
-    assert "flag->block: b" in report.format_text()
+    assert "flag->block: b" in report.format_text() and "rules flag-jailbreak -> block-harm" in report.format_text()
 
 
 # --- failure modes ---------------------------------------------------------------------------------------
