@@ -130,7 +130,7 @@ def run(settings: Settings, **guard_parts: Any) -> int:
         "guardproxy listening on http://%s:%d, upstream %s, guard %s",
         settings.server.host,
         settings.server.port,
-        _without_userinfo(settings.upstream.base_url),
+        _loggable_url(settings.upstream.base_url),
         "off (passthrough)" if built.gateway.pipeline.passthrough else "on",
     )
     # uvicorn re-raises SIGTERM after its graceful shutdown so the default handler kills the process;
@@ -143,8 +143,10 @@ def run(settings: Settings, **guard_parts: Any) -> int:
     return 0
 
 
-def _without_userinfo(url: str) -> str:
-    """A base URL may carry credentials (``http://user:key@host``, or a ``?key=`` query): never log them."""
+def _loggable_url(url: str) -> str:
+    """The base URL as a log line may show it: without a query or fragment (some APIs take the key as ``?key=``).
+    Settings already refuse ``user:password@`` in it (``UpstreamSettings``); it is dropped here too, should a URL
+    reach the log some other way."""
     import httpx
 
     try:

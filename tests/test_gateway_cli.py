@@ -10,7 +10,7 @@ import pytest
 
 from guardproxy.commands import serve
 from guardproxy.errors import GuardProxyError
-from guardproxy.server import _without_userinfo, build_app, uvicorn_config
+from guardproxy.server import _loggable_url, build_app, uvicorn_config
 from guardproxy.settings import Settings, load_settings
 
 
@@ -64,7 +64,7 @@ def test_guard_without_a_model_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_upstream_credentials_are_not_logged() -> None:
-    assert _without_userinfo("http://user:sk-secret@example.com/v1") == "http://example.com/v1"
+    assert _loggable_url("http://user:sk-secret@example.com/v1") == "http://example.com/v1"
 
 
 async def test_server_wires_the_real_guard_and_its_routes(tmp_path: Path) -> None:

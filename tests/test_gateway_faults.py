@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from guardproxy.app import upstream_host
-from guardproxy.server import _without_userinfo
+from guardproxy.server import _loggable_url
 from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
 from tests.servers import free_port
 
@@ -305,5 +305,5 @@ async def test_the_upstream_named_in_logs_carries_no_credentials() -> None:
     assert upstream_host("https://api.example.com/v1") == "api.example.com"
     assert upstream_host("http://[::1]:8000/v1") == "[::1]:8000"
     # the start line names the base URL, without user info or a query (some APIs take ?key=...)
-    assert _without_userinfo("http://user:sk-secret@example.com/v1?key=abc#x") == "http://example.com/v1"
-    assert _without_userinfo("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert _loggable_url("http://user:sk-secret@example.com/v1?key=abc#x") == "http://example.com/v1"
+    assert _loggable_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
