@@ -540,6 +540,7 @@ class GuardCheck:
                     drill_decision(active),
                     [drill_decision(self._combined(state, p)) for p in state.shadows],
                     thresholds=state.active.thresholds(),
+                    family=self._family(state),
                 )
         except Exception:  # finish must not raise: count and log
             self.failures["finish"] += 1
@@ -577,6 +578,15 @@ class GuardCheck:
         first = state.input[policy.ref]
         out = state.output.get(policy.ref)
         return out if out is not None and _SEVERITY[out.action] > _SEVERITY[first.action] else first
+
+    @classmethod
+    def _family(cls, state: _ExchangeState) -> str | None:
+        """The drill's family: the refused request this one rewords (the tracker's match), or its own when it was
+        refused, so the drill report finds a refusal and the rewordings that followed it together."""
+        obs = state.observation
+        if obs is None:
+            return None
+        return obs.rephrase_family or (obs.family if cls._refused(state) else None)
 
     @staticmethod
     def _refused(state: _ExchangeState) -> bool:

@@ -13,7 +13,9 @@ outgrows its cap keeps its newest half behind a marker entry (``MARKER``), after
 
 The tenant's refusal memory is a separate short list (newest first) of the embeddings of refused requests,
 quantised to int8 and tagged with the embedding space they were written in (``pack_embedding``): replicas on
-another model, or a state kept from before the model was replaced, are never compared across spaces.
+another model, or a state kept from before the model was replaced, are never compared across spaces. Each carries
+its family (8 bytes): the refused request's own, or that of the earlier refused request it rewords, so a chain of
+rewordings after refusals stays one family (the drill report's decision consistency reads it).
 
 Beside the record, a conversation keeps the states of its last few user turns (``pack_turn_states``): what the
 window estimate (``guardproxy.early_exit.WindowEstimate``) reads instead of a window pass. A replica that did not
@@ -34,8 +36,11 @@ from guardproxy.conversation.integrity import TAG_BYTES, History
 
 __all__ = [
     "ENTRY_BYTES",
+    "FAMILY_BYTES",
+    "NO_FAMILY",
     "NO_SPACE",
     "Loaded",
+    "RefusedRequests",
     "Snapshot",
     "StateBackend",
     "TurnState",
@@ -174,29 +179,34 @@ class StateBackend(Protocol):
 
 
 # the embedding space's fingerprint (``OnnxClassifier.embedding_space``), dimension, scale, the request's risk when
-# refused (1/254)
-_EMB_HEADER = struct.Struct("<4sHfB")
+# refused (1/254), its family
+_EMB_HEADER = struct.Struct("<4sHfB8s")
 NO_SPACE = b"\0\0\0\0"  # a classifier that names no embedding space
+FAMILY_BYTES = 8
+NO_FAMILY = bytes(FAMILY_BYTES)
 
 
-def pack_embedding(vector: npt.NDArray[np.float32], risk: float, space: bytes = NO_SPACE) -> bytes:
-    """int8-quantise an L2-normalised embedding (one scale per vector) of embedding ``space`` (4 bytes): 384 dims fit
-    in 395 bytes."""
+def pack_embedding(
+    vector: npt.NDArray[np.float32], risk: float, space: bytes = NO_SPACE, family: bytes = NO_FAMILY
+) -> bytes:
+    """int8-quantise an L2-normalised embedding (one scale per vector) of embedding ``space`` (4 bytes), with the
+    refused request's ``family`` (8 bytes): 384 dims fit in 403 bytes."""
     v = np.asarray(vector, dtype=np.float32).ravel()
     scale = float(np.max(np.abs(v))) / 127 or 1.0
     q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
-    return bytes(_EMB_HEADER.pack(space, v.size, scale, _q(risk)) + q.tobytes())
+    return bytes(_EMB_HEADER.pack(space, v.size, scale, _q(risk), family[:FAMILY_BYTES]) + q.tobytes())
 
 
-def _of_space(blob: bytes, space: bytes, dim: int | None = None) -> tuple[float, float] | None:
-    """(scale, risk) of a blob of ``space`` (and ``dim``), else None: a blob another model or projection wrote (a
-    replica not yet upgraded, a state written before the model was replaced) is not comparable and is skipped."""
+def _of_space(blob: bytes, space: bytes, dim: int | None = None) -> tuple[float, float, bytes] | None:
+    """(scale, risk, family) of a blob of ``space`` (and ``dim``), else None: a blob another model or projection
+    wrote (a replica not yet upgraded, a state written before the model was replaced) or an older layout is not
+    comparable and is skipped."""
     if len(blob) < _EMB_HEADER.size:
         return None
-    tag, d, scale, risk = _EMB_HEADER.unpack_from(blob)
+    tag, d, scale, risk, family = _EMB_HEADER.unpack_from(blob)
     if tag != space or len(blob) != _EMB_HEADER.size + d or (dim is not None and d != dim):
         return None
-    return scale, _dq(risk)
+    return scale, _dq(risk), family
 
 
 def refused_risks(blobs: tuple[bytes, ...], space: bytes = NO_SPACE) -> list[float]:
@@ -204,25 +214,38 @@ def refused_risks(blobs: tuple[bytes, ...], space: bytes = NO_SPACE) -> list[flo
     return [read[1] for blob in blobs if (read := _of_space(blob, space)) is not None]
 
 
-def unpack_embeddings(
-    blobs: tuple[bytes, ...], dim: int, space: bytes = NO_SPACE
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """(L2-normalised matrix, risks) of the blobs of ``space`` and dimension ``dim``; others are skipped."""
+@dataclass(frozen=True)
+class RefusedRequests:
+    """The tenant's refused requests of one embedding space: L2-normalised embeddings (a row each), their risks
+    when refused, and their families."""
+
+    matrix: npt.NDArray[np.float32]
+    risks: npt.NDArray[np.float32]
+    families: tuple[bytes, ...]
+
+    def __len__(self) -> int:
+        return len(self.families)
+
+
+def unpack_embeddings(blobs: tuple[bytes, ...], dim: int, space: bytes = NO_SPACE) -> RefusedRequests:
+    """The blobs of ``space`` and dimension ``dim``; others are skipped."""
     rows = []
     risks = []
+    families = []
     for blob in blobs:
         read = _of_space(blob, space, dim)
         if read is None:
             continue
-        scale, risk = read
+        scale, risk, family = read
         rows.append(np.frombuffer(blob, dtype=np.int8, offset=_EMB_HEADER.size).astype(np.float32) * scale)
         risks.append(risk)
+        families.append(family)
     if not rows:
-        return np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=np.float32)
+        return RefusedRequests(np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=np.float32), ())
     m = np.stack(rows)
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     out: npt.NDArray[np.float32] = (m / np.maximum(norms, 1e-12)).astype(np.float32)
-    return out, np.asarray(risks, dtype=np.float32)
+    return RefusedRequests(out, np.asarray(risks, dtype=np.float32), tuple(families))
 
 
 # --- the kept user-turn states --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from guardproxy.conversation.integrity import (
 )
 from guardproxy.conversation.memory import MemoryBackend
 from guardproxy.conversation.state import (
+    FAMILY_BYTES,
     NO_SPACE,
     RISKS_KEPT,
     Loaded,
@@ -78,6 +79,7 @@ class _Handle:
     last_hash: bytes
     snapshot: Snapshot
     embedding: npt.NDArray[np.float32] | None
+    family: bytes  # what a refusal of this request files it under in the tenant's refusal memory
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,23 @@ class Observation:
     state_failed: bool = False
     known: bool = False  # a stored position of this conversation was found
     rephrase_matches: tuple[tuple[float, float], ...] = ()  # (cosine, risk when refused) of the closest refusals
+    # The family (hex) of the refused request this one rewords (similarity at the tracker's ``rephrase_low``), else
+    # None. A refusal of this request joins that family; a refused request that rewords none starts its own
+    # (``family``). Drill records carry it, so the drill report's decision consistency compares the rewordings the
+    # guard itself matched.
+    rephrase_family: str | None = None
     handle: _Handle | None = field(default=None, repr=False, compare=False)  # pass it back to record_reply
     # ``observe(defer_window=True)`` with a window pass to run: the final observation (these signals are provisional)
     pending: asyncio.Future[Observation] | None = field(default=None, repr=False, compare=False)
     # and what starts it before ``WINDOW_HOLD_S`` has passed (idempotent)
     window_go: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def family(self) -> str | None:
+        """The family a refusal of this request is filed under (hex): the one it rewords, else its own."""
+        if self.rephrase_family is not None:
+            return self.rephrase_family
+        return self.handle.family.hex() if self.handle is not None else None
 
     def start_window(self) -> None:
         if self.window_go is not None and not self.window_go.done():
@@ -144,6 +158,7 @@ def subkey_of(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None
 class _Pending:
     snapshot: Snapshot
     embedding: npt.NDArray[np.float32] | None
+    family: bytes
 
 
 class _ScoreCache:
@@ -195,7 +210,7 @@ class _Rephrase:
         self._texts = texts
         self._refused = refused
         self.scores = scores
-        self.value, self.pairs = tracker._rephrase(scores, refused)
+        self.value, self.pairs, self.family = tracker._rephrase(scores, refused)
         self.unresolved = self.deferred = lazy and any(s.exited for s in scores)
         self.top_risk = max(refused_risks(refused, tracker.embedding_space), default=0.0) if self.unresolved else 0.0
         # the highest harm the request can report while the exited turns stay exited (their harm is the head's
@@ -211,7 +226,7 @@ class _Rephrase:
     async def resolve(self) -> None:
         """The whole model on the exited turns: their embeddings make the similarity exact."""
         self.scores = await self._tracker._scores_for(self._texts, exact=True)
-        self.value, self.pairs = self._tracker._rephrase(self.scores, self._refused)
+        self.value, self.pairs, self.family = self._tracker._rephrase(self.scores, self._refused)
         self.unresolved = False
 
     async def gated(self, window: _W | None, open_at: Callable[..., bool]) -> _W | None:
@@ -549,20 +564,23 @@ class ConversationTracker:
 
     def _rephrase(
         self, scores: Sequence[PromptScore], refused: tuple[bytes, ...]
-    ) -> tuple[float, tuple[tuple[float, float], ...]]:
-        """(max cosine, (cosine, risk when refused) of the closest few) between this request's user turns and the
-        tenant's refused requests. Turns that exited early have no embedding and are left out."""
+    ) -> tuple[float, tuple[tuple[float, float], ...], bytes | None]:
+        """(max cosine, (cosine, risk when refused) of the closest few, the closest one's family when the cosine
+        reaches ``rephrase_low``) between this request's user turns and the tenant's refused requests. Turns that
+        exited early have no embedding and are left out."""
         embeddings = [s.embedding for s in scores if not s.exited]
         if not refused or not embeddings:
-            return 0.0, ()
+            return 0.0, (), None
         e = np.stack([np.asarray(v, dtype=np.float32).ravel() for v in embeddings])
-        m, risks = unpack_embeddings(refused, e.shape[1], self.embedding_space)
-        if not len(m):
-            return 0.0, ()
+        memory = unpack_embeddings(refused, e.shape[1], self.embedding_space)
+        if not len(memory):
+            return 0.0, (), None
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        sims = np.clip(np.max(e @ m.T, axis=0), -1.0, 1.0)
+        sims = np.clip(np.max(e @ memory.matrix.T, axis=0), -1.0, 1.0)
         top = np.argsort(-sims)[:4]
-        return float(sims[top[0]]), tuple((float(sims[i]), float(risks[i])) for i in top)
+        best = float(sims[top[0]])
+        family = memory.families[int(top[0])] if best >= self.params.rephrase_low else None
+        return best, tuple((float(sims[i]), float(memory.risks[i])) for i in top), family
 
     # -- the API --------------------------------------------------------------------------------------------------
 
@@ -627,13 +645,15 @@ class ConversationTracker:
             tag = chain.tag(n - 1)
             state_failed = failed
             embedding = rp.scores[-1].embedding if rp.scores else None
+            # a refusal of this request joins the family it rewords, else starts its own
+            family = rp.family if rp.family is not None else chain.hashes[-1][:FAMILY_BYTES]
             if final:
                 if not repeat:
                     blob = self._turn_states_blob(kept, chain, scored, rp.scores)
                     stored = time.perf_counter()
                     state_failed = not await self.backend.append(root, state.entry(tag), blob) or failed
                     self._timing("state_store", stored, timings)
-                self._remember(tag, _Pending(state, embedding))
+                self._remember(tag, _Pending(state, embedding, family))
             return Observation(
                 signals=signals,
                 new_user_scores=tuple(rp.scores),
@@ -643,7 +663,8 @@ class ConversationTracker:
                 state_failed=state_failed,
                 known=found is not None,
                 rephrase_matches=rp.pairs,
-                handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding),
+                rephrase_family=rp.family.hex() if rp.family is not None else None,
+                handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding, family),
             )
 
         if repeat:
@@ -761,6 +782,7 @@ class ConversationTracker:
         handle = observation.handle if observation is not None else None
         if handle is not None and (handle.tenant, handle.subkey) == (tenant, subkey):
             root, last_hash, snap, embedding = handle.root, handle.last_hash, handle.snapshot, handle.embedding
+            family = handle.family
             chain = None
             self._pending.pop(position_tag(self._secret, last_hash), None)
         else:
@@ -768,9 +790,10 @@ class ConversationTracker:
             if not len(chain):
                 return True  # nothing the client could send back refers to this exchange
             root, last_hash = chain.root, chain.hashes[-1]
+            family = last_hash[:FAMILY_BYTES]  # no observation at hand: what it would have started
             pending = self._pending.pop(chain.tag(len(chain) - 1), None)
             if pending is not None:
-                snap, embedding = pending.snapshot, pending.embedding
+                snap, embedding, family = pending.snapshot, pending.embedding, pending.family
             else:
                 loaded = await self.backend.load_record(root)
                 _found, found_snap, _ = await self._locate(chain, loaded, root)
@@ -797,7 +820,7 @@ class ConversationTracker:
             if embedding is not None:
                 # the refused request's risk then: a rewording of a harmless request that was refused is no probe
                 risk = max(snap.window, snap.risks[-1] if snap.risks else 0.0)
-                blob = pack_embedding(embedding, risk, self.embedding_space)
+                blob = pack_embedding(embedding, risk, self.embedding_space, family)
                 ok = await self.backend.add_refused(tenant_key(self._secret, tenant), blob) and ok
         return ok
 
