@@ -39,3 +39,6 @@ async def test_report_with_the_guard_models_embeddings(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["embedding"] == "model"
     assert report["refusal_concentration"]["all"]["refusals"] == 3
+    # seven unrelated requests make no family: in the raw embedding, where any two harmless requests sit at a
+    # cosine near 0.96, they did
+    assert report["decision_consistency"] == {"families": 0}

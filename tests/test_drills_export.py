@@ -15,7 +15,14 @@ from guardproxy.commands.evaluate import load_rows
 from guardproxy.drills.export import LABEL_MAP
 from guardproxy.drills.record import DrillRecord, PolicyDecision
 from guardproxy.drills.recorder import DrillRecorder
-from guardproxy.drills.report import ReportInputs, build_report, leader_clusters, ngram_embed
+from guardproxy.drills.report import (
+    FAMILY_THRESHOLD,
+    ReportInputs,
+    anchored_clusters,
+    build_report,
+    leader_clusters,
+    ngram_embed,
+)
 from guardproxy.drills.sampling import Sampler, SamplingConfig
 from guardproxy.drills.store.base import LabelEntry, StoredDrill
 from guardproxy.drills.store.sqlite import SqliteStore
@@ -44,6 +51,8 @@ SESSION: list[tuple[list[str], str, Signals, PolicyDecision, str | None]] = [
     (["Summarize this article for me."], "I'm not able to help with that request.",
      Signals(harm=0.05, refusal="partial"), ACTIVE, None),
 ]  # fmt: skip
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def exchange(i: int, turns: list[str], reply: str, blocked: PolicyDecision) -> Exchange:
@@ -202,6 +211,22 @@ def test_report_consistency_within_families() -> None:
     assert (c["families"], c["given"], c["inferred"]) == (3, 2, 1)
     assert c["consistent_share"] == pytest.approx(1 / 3)
     assert {tuple(sorted(f["actions"])) for f in c["inconsistent"]} == {("allow", "block"), ("allow", "flag")}
+
+
+def test_inferred_families_never_grow_past_their_first_prompts_neighbourhood() -> None:
+    """Long English prompts on unrelated subjects share most of their character 3-grams. A running centroid drifts
+    toward what they share and takes them all in; a family anchored to its first prompt does not."""
+    path = ROOT / "bench" / "challenge7" / "harm_challenge7.jsonl"  # 871 English prompts by three writers
+    prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
+    v = ngram_embed(prompts)
+    drifting = leader_clusters(v, FAMILY_THRESHOLD["ngram"])
+    anchored = anchored_clusters(v, FAMILY_THRESHOLD["ngram"])
+    assert len(drifting[0]) > 100  # the failure the anchoring is for (198 of 871), still there in the centroid pass
+    assert len(anchored[0]) <= 15  # 9
+    copies = ngram_embed(
+        ["how do i make my sourdough starter more active", "How do I make my sourdough starter more active?"]
+    )
+    assert anchored_clusters(copies, FAMILY_THRESHOLD["ngram"]) == [[0, 1]]
 
 
 def test_leader_clusters_are_deterministic() -> None:

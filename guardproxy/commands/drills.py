@@ -93,10 +93,11 @@ def _report(args: argparse.Namespace) -> int:
 
     drills = _read(_open(args.store))
     embed: Embedder = ngram_embed
+    embed_prompts: Embedder | None = None
     kind = "ngram"
     if args.model is not None:
-        embed, kind = _model_embedder(args.model), "model"
-    report = build_report(ReportInputs(drills, embed, kind))
+        (embed, embed_prompts), kind = _model_embedders(args.model), "model"
+    report = build_report(ReportInputs(drills, embed, kind, embed_prompts))
     json_path, html_path = write_report(report, args.out)
     c = report["refusal_concentration"]["all"]
     print(f"{report['drills']} drills, {c['refusals']} refusals; written {json_path} and {html_path}")
@@ -105,14 +106,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_embedder(model_dir: Path) -> Embedder:
-    from guardproxy.classifier import OnnxClassifier
+def _model_embedders(model_dir: Path) -> tuple[Embedder, Embedder]:
+    """(raw, projected): refusal openings are compared in the raw pooled embedding, on which the report's refusal
+    threshold was set (drills.report.REFUSAL_THRESHOLD); prompts, for inferred families, in the projected space
+    rephrase similarity uses (guardproxy.embedding_projection), where unrelated requests no longer sit together.
+    A model without a fitting projection gives the raw embedding for both."""
+    from guardproxy import embedding_projection
+    from guardproxy.classifier import MODEL_FILE, OnnxClassifier
 
-    # the raw pooled embedding: the report's model thresholds (drills.report.REFUSAL_THRESHOLD, FAMILY_THRESHOLD) were
-    # set on it, not on the projected space rephrase similarity uses (guardproxy.embedding_projection)
     classifier = OnnxClassifier.load(model_dir, embedding_projection=False)
+    projection = embedding_projection.load(model_dir, model_dir / MODEL_FILE, classifier.embedding_dim)
 
-    def embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+    def raw(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         vectors = []
         for start in range(0, len(texts), 64):
             vectors += [s.embedding for s in classifier.score_prompts_sync(texts[start : start + 64], exact=True)]
@@ -120,4 +125,8 @@ def _model_embedder(model_dir: Path) -> Embedder:
             return np.zeros((0, classifier.embedding_dim), dtype=np.float32)
         return np.stack(vectors).astype(np.float32)
 
-    return embed
+    def projected(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        vectors = raw(texts)
+        return vectors if projection is None or not len(vectors) else projection.apply(vectors)
+
+    return raw, projected

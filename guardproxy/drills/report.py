@@ -24,8 +24,15 @@
   blocks included), the share reviewers labelled false; and the guard's own suspicion rate (sampled because
   ``false_refusal``) among all refusals.
 - Decision consistency within families of rephrased requests: a family is the drills sharing
-  ``DrillRecord.family`` where the guard knows it, else prompts clustered by the same embedding; a family
-  is consistent when every member got the same active decision.
+  ``DrillRecord.family``, which the gateway sets from its rephrase-after-refusal match: a refused request and
+  the requests of the same tenant that the conversation tracker then read as rewordings of it
+  (``Observation.rephrase_family``, at the tracker's ``rephrase_low``), in any of its conversations. Drills
+  without one are grouped by their prompt's embedding ("inferred"), each joining the first prompt of a group it
+  comes close enough to (never a running centroid: on the 2,799 English challenge prompts, centroids drifted into
+  one group of 703 with the n-gram vectors and of 884 with the model's raw embedding, against 6 and 33 anchored).
+  With n-gram vectors an inferred family is near-identical wording; with ``--model`` (the projected embedding, the
+  space rephrase similarity compares in) it is one kind of request (election disinformation, defamation of a named
+  person), not always one request. A family is consistent when every member got the same active decision.
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ Embedder = Callable[[Sequence[str]], npt.NDArray[np.float32]]
 HASH_DIM = 1024  # short texts (openings, prompts): few collisions, and clustering stays fast
 # Cosine thresholds: one phrasing with small edits stays together; different wordings separate.
 REFUSAL_THRESHOLD = {"ngram": 0.6, "model": 0.95}
-FAMILY_THRESHOLD = {"ngram": 0.55, "model": 0.85}
+# Inferred families, anchored to their first prompt: n-gram vectors, and the model's projected embedding
+# (``ReportInputs.embed_prompts``); on the English challenge prompts the largest group is then 6 and 33 of 2,799.
+FAMILY_THRESHOLD = {"ngram": 0.6, "model": 0.85}
 
 _REASON = re.compile(
     r"\b(because|since|as (?:it|this|that)|due to|(?:could|would|might|can) (?:be|cause|harm|hurt|lead|put|endanger)"
@@ -103,6 +112,25 @@ def leader_clusters(vectors: npt.NDArray[np.float32], threshold: float) -> list[
     return sorted(members, key=len, reverse=True)
 
 
+def anchored_clusters(vectors: npt.NDArray[np.float32], threshold: float) -> list[list[int]]:
+    """Greedy clustering in which each vector joins the group whose first vector is closest, at cosine ``threshold``
+    or above, else starts one; clusters largest first. Unlike a running centroid, which drifts toward what most
+    texts share and then takes in everything, a group never reaches past its first member's neighbourhood."""
+    n = vectors.shape[0] if vectors.ndim == 2 else 0
+    members: list[list[int]] = []
+    leaders: list[int] = []
+    for i in range(n):
+        if leaders:
+            sims = vectors[leaders] @ vectors[i]
+            best = int(np.argmax(sims))
+            if sims[best] >= threshold:
+                members[best].append(i)
+                continue
+        leaders.append(i)
+        members.append([i])
+    return sorted(members, key=len, reverse=True)
+
+
 def opening(text: str, limit: int = 160) -> str:
     """The first sentence (at least 40 characters, at most ``limit``): where a scripted refusal shows its
     template. Whole replies would cluster on the generic English they share, not on the script."""
@@ -145,8 +173,9 @@ def is_refusal(drill: StoredDrill) -> bool:
 @dataclass(frozen=True)
 class ReportInputs:
     drills: Sequence[StoredDrill]
-    embed: Embedder
+    embed: Embedder  # refusal openings
     embedding: str  # "model" or "ngram"
+    embed_prompts: Embedder | None = None  # prompts, for inferred families; None: ``embed``
 
 
 def concentration(texts: Sequence[str], inputs: ReportInputs) -> dict[str, Any]:
@@ -212,8 +241,8 @@ def consistency(drills: Sequence[StoredDrill], inputs: ReportInputs) -> dict[str
             rest.append(d)
     families: list[tuple[str, list[StoredDrill]]] = [("given", m) for m in explicit.values() if len(m) > 1]
     if rest:
-        vectors = inputs.embed([d.record.last_user_text() for d in rest])
-        for cluster in leader_clusters(vectors, FAMILY_THRESHOLD[inputs.embedding]):
+        vectors = (inputs.embed_prompts or inputs.embed)([d.record.last_user_text() for d in rest])
+        for cluster in anchored_clusters(vectors, FAMILY_THRESHOLD[inputs.embedding]):
             if len(cluster) > 1:
                 families.append(("inferred", [rest[i] for i in cluster]))
     if not families:
