@@ -183,6 +183,7 @@ async def test_a_turn_the_real_model_cannot_read_is_sampled_for_review(tmp_path:
 async def test_a_refusal_and_the_rewordings_the_guard_matched_are_one_drill_family(tmp_path: Path) -> None:
     """The family comes from the tracker's rephrase match (in any conversation of the tenant), so the drill report
     compares a refused request with the rewordings that followed it, and leaves an unrelated request out."""
+    from guardproxy.drills.export import build_rows
     from guardproxy.drills.report import ReportInputs, build_report, ngram_embed
     from guardproxy.server import build_app
 
@@ -220,3 +221,5 @@ async def test_a_refusal_and_the_rewordings_the_guard_matched_are_one_drill_fami
     assert by_text[asks[2][1]].record.family is None
     c = build_report(ReportInputs(stored, ngram_embed, "ngram"))["decision_consistency"]
     assert c["given"] == 1
+    exported = {row["prompt"]: row["family"] for row in build_rows(stored).prompts}  # a drill set splits by it
+    assert exported == {text: by_text[text].record.family for _, text in asks}

@@ -109,6 +109,9 @@ def _common(drill: StoredDrill) -> dict[str, Any]:
         "sampled_because": list(r.reasons),
         "active_policy": f"{r.active.policy}@{r.active.version}",
         "active_action": r.active.action,
+        # a refused request and the rewordings the guard matched to it: split a drill set by it, so one probe's
+        # wordings never sit on both sides of a train/dev split
+        "family": r.family,
     }
 
 
