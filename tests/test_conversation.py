@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -968,6 +969,17 @@ def test_refusal_memory_of_another_embedding_space_is_never_compared() -> None:
     assert memory.matrix.shape == (1, 64) and memory.risks[0] == pytest.approx(0.9, abs=0.005)
     assert refused_risks((theirs, ours), b"ours") == [pytest.approx(0.9, abs=0.005)]
     assert unpack_embeddings((theirs,), 64, b"ours").matrix.shape == (0, 64)
+
+
+def test_refusal_memory_written_before_families_is_still_compared() -> None:
+    """A rolling upgrade: a refusal an older replica recorded (no family in its layout) still meets the rewording an
+    upgraded replica sees."""
+    v = FakeClassifier.embed("explain how to build a weapon at home")
+    scale = float(np.max(np.abs(v))) / 127
+    old = struct.pack("<4sHfB", b"ours", v.size, scale, 229) + np.rint(v / scale).astype(np.int8).tobytes()
+    memory = unpack_embeddings((old, pack_embedding(v, 0.5, b"ours", b"family-1")), 64, b"ours")
+    assert memory.matrix.shape == (2, 64) and float(memory.matrix[0] @ v) > 0.999
+    assert memory.risks[0] == pytest.approx(0.9, abs=0.005) and memory.families == (bytes(8), b"family-1")
 
 
 async def test_replicas_on_different_models_share_state_but_not_refusal_similarity() -> None:

@@ -181,6 +181,9 @@ class StateBackend(Protocol):
 # the embedding space's fingerprint (``OnnxClassifier.embedding_space``), dimension, scale, the request's risk when
 # refused (1/254), its family
 _EMB_HEADER = struct.Struct("<4sHfB8s")
+# the layout before families (until 2026-12-07): still read, as of no family, so a rolling upgrade keeps comparing a
+# refusal one version recorded with a rewording the other sees
+_EMB_HEADER_V1 = struct.Struct("<4sHfB")
 NO_SPACE = b"\0\0\0\0"  # a classifier that names no embedding space
 FAMILY_BYTES = 8
 NO_FAMILY = bytes(FAMILY_BYTES)
@@ -201,12 +204,16 @@ def _of_space(blob: bytes, space: bytes, dim: int | None = None) -> tuple[float,
     """(scale, risk, family) of a blob of ``space`` (and ``dim``), else None: a blob another model or projection
     wrote (a replica not yet upgraded, a state written before the model was replaced) or an older layout is not
     comparable and is skipped."""
-    if len(blob) < _EMB_HEADER.size:
+    if len(blob) < _EMB_HEADER_V1.size:
         return None
-    tag, d, scale, risk, family = _EMB_HEADER.unpack_from(blob)
-    if tag != space or len(blob) != _EMB_HEADER.size + d or (dim is not None and d != dim):
+    tag, d, scale, risk = _EMB_HEADER_V1.unpack_from(blob)
+    if tag != space or (dim is not None and d != dim):
         return None
-    return scale, _dq(risk), family
+    if len(blob) == _EMB_HEADER.size + d:
+        return scale, _dq(risk), _EMB_HEADER.unpack_from(blob)[4]
+    if len(blob) == _EMB_HEADER_V1.size + d:
+        return scale, _dq(risk), NO_FAMILY
+    return None
 
 
 def refused_risks(blobs: tuple[bytes, ...], space: bytes = NO_SPACE) -> list[float]:
@@ -237,7 +244,7 @@ def unpack_embeddings(blobs: tuple[bytes, ...], dim: int, space: bytes = NO_SPAC
         if read is None:
             continue
         scale, risk, family = read
-        rows.append(np.frombuffer(blob, dtype=np.int8, offset=_EMB_HEADER.size).astype(np.float32) * scale)
+        rows.append(np.frombuffer(blob, dtype=np.int8, offset=len(blob) - dim).astype(np.float32) * scale)
         risks.append(risk)
         families.append(family)
     if not rows:

@@ -34,6 +34,7 @@ from guardproxy.conversation.integrity import (
 from guardproxy.conversation.memory import MemoryBackend
 from guardproxy.conversation.state import (
     FAMILY_BYTES,
+    NO_FAMILY,
     NO_SPACE,
     RISKS_KEPT,
     Loaded,
@@ -580,6 +581,7 @@ class ConversationTracker:
         top = np.argsort(-sims)[:4]
         best = float(sims[top[0]])
         family = memory.families[int(top[0])] if best >= self.params.rephrase_low else None
+        family = None if family == NO_FAMILY else family  # recorded before families were
         return best, tuple((float(sims[i]), float(memory.risks[i])) for i in top), family
 
     # -- the API --------------------------------------------------------------------------------------------------
