@@ -35,7 +35,7 @@ from guardproxy.errors import (
 from guardproxy.metrics import Metrics
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
 from guardproxy.proxy import GUARDED_PATH, Upstream, response_headers, upstream_failure
-from guardproxy.streaming import DONE_BYTES, StreamGuard, choice_text, relay, sse_json
+from guardproxy.streaming import DONE_BYTES, StreamGuard, choice_text, reasoning_of, relay, sse_json
 from guardproxy.validation import ChatRequest
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,10 @@ def blocked_stream(body: dict[str, Any], request_id: str, verdict: Verdict, n: i
         delta = {"role": "assistant", "content": verdict.reply_text or ""}
         out += sse_json({**base, "choices": [{"index": i, "delta": delta, "finish_reason": None}]})
         out += sse_json({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"}]})
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        # asked for, as OpenAI sends it: nothing was generated for this client
+        out += sse_json({**base, "choices": [], "usage": blocked_completion(body, request_id, verdict, 0)["usage"]})
     return out + DONE_BYTES
 
 
@@ -404,8 +408,10 @@ class ChatHandler:
             for choice in reply.get("choices") or []:
                 v = verdicts.get(choice.get("index", 0))
                 if v is not None and v.blocks:
+                    # nothing of the blocked reply stays: its reasoning went with the message, its tokens with these
                     choice["message"] = {"role": "assistant", "content": v.reply_text or ""}
                     choice["finish_reason"] = "content_filter"
+                    choice["logprobs"] = None
             data = _dumps(reply)
         else:
             ex.outcome = "ok"
@@ -423,8 +429,10 @@ class ChatHandler:
                     continue
                 idx = choice.get("index", pos)
                 idx = idx if isinstance(idx, int) else pos
-                text = message_text(choice.get("message"))
+                message = choice.get("message")
+                text = message_text(message)
                 ex.reply_texts[idx] = text
+                ex.reply_reasoning[idx] = reasoning_of(message) if isinstance(message, dict) else ""
                 verdicts[idx] = await self.pipeline.check_output(ex, idx, text, final=True)
         return verdicts
 

@@ -3,7 +3,8 @@
 ``FakeUpstream`` is a plain ASGI app. It answers ``/v1/chat/completions`` (JSON or SSE), ``/v1/models``,
 ``/v1/embeddings`` and echoes anything else, with a configurable time to first token, token rate and
 reply text (one ``reply`` for every request, canned ``answers`` keyed by the last user turn, per-choice
-``replies``, or a header ``x-fake-reply``), and fault modes chosen per app (``fake.fault = "..."``) or per
+``replies``, or a header ``x-fake-reply``; a reasoning model's ``reasoning`` before it; ``logprobs`` when the
+request asks), and fault modes chosen per app (``fake.fault = "..."``) or per
 request (header ``x-fake-fault``; the gateway forwards it). It records every request and every cancellation (the client
 went away before the reply was complete) so tests can assert that the gateway really cut the upstream.
 
@@ -89,6 +90,8 @@ class FakeUpstream:
     # canned answers: the last user turn's text (exactly) -> the reply; before ``replies`` and ``reply``
     answers: dict[str, str] = field(default_factory=dict)
     tool_call: tuple[str, str] | None = None  # (function name, arguments): reply with a tool call instead
+    # a reasoning model's thoughts, sent before the reply as ``reasoning_content`` (vLLM's reasoning parsers, DeepSeek)
+    reasoning: str | None = None
     ttft: float = 0.0  # seconds before the first byte of the reply
     token_interval: float = 0.0  # seconds between streamed tokens
     fault: str | None = None  # None: json or sse, as the request asks
@@ -214,7 +217,7 @@ class FakeUpstream:
         if body.get("stream") or fault == "sse":
             await self._stream(send, texts, model, fault, body)
         else:
-            await self._plain(send, texts, model, fault)
+            await self._plain(send, texts, model, fault, logprobs=bool(body.get("logprobs")))
 
     def _text(self, i: int) -> str:
         if self.replies:
@@ -232,7 +235,7 @@ class FakeUpstream:
         headers = [(b"retry-after", b"7")] if status == 429 else []
         await _json(send, status, err, headers)
 
-    def _completion(self, texts: list[str], model: str) -> dict[str, Any]:
+    def _completion(self, texts: list[str], model: str, logprobs_asked: bool = False) -> dict[str, Any]:
         choices = []
         for i, text in enumerate(texts):
             if self.tool_call is not None:
@@ -247,7 +250,10 @@ class FakeUpstream:
                 finish = "tool_calls"
             else:
                 message, finish = {"role": "assistant", "content": text}, "stop"
-            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
+            if self.reasoning is not None:
+                message["reasoning_content"] = self.reasoning
+            logprobs = {"content": [_logprob(t) for t in _tokens(text)]} if logprobs_asked else None
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         tokens = sum(len(t.split()) for t in texts)
         return {
             "id": "chatcmpl-fake",
@@ -258,8 +264,8 @@ class FakeUpstream:
             "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": tokens + 5},
         }
 
-    async def _plain(self, send: Send, texts: list[str], model: str, fault: str | None) -> None:
-        data = json.dumps(self._completion(texts, model)).encode()
+    async def _plain(self, send: Send, texts: list[str], model: str, fault: str | None, *, logprobs: bool) -> None:
+        data = json.dumps(self._completion(texts, model, logprobs)).encode()
         if self.token_interval:
             await asyncio.sleep(self.token_interval * sum(len(t.split()) for t in texts))
         if fault == "gzip":
@@ -302,6 +308,9 @@ class FakeUpstream:
             out.append(
                 ev({"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
             )
+            for tok in _tokens(self.reasoning or ""):
+                delta = {"reasoning_content": tok}
+                out.append(ev({"choices": [{"index": i, "delta": delta, "finish_reason": None}]}))
             if self.tool_call is not None:
                 name, args = self.tool_call
                 head = {"index": 0, "id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": ""}}
@@ -312,7 +321,10 @@ class FakeUpstream:
                 finish = "tool_calls"
             else:
                 for tok in _tokens(text):
-                    out.append(ev({"choices": [{"index": i, "delta": {"content": tok}, "finish_reason": None}]}))
+                    choice = {"index": i, "delta": {"content": tok}, "finish_reason": None}
+                    if body.get("logprobs"):
+                        choice["logprobs"] = {"content": [_logprob(tok)]}
+                    out.append(ev({"choices": [choice]}))
                 finish = "stop"
             out.append(ev({"choices": [{"index": i, "delta": {}, "finish_reason": finish}]}))
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -364,6 +376,10 @@ def _last_user_text(body: dict[str, Any]) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             return message_text(message)
     return ""
+
+
+def _logprob(token: str) -> dict[str, Any]:
+    return {"token": token, "logprob": -0.25, "bytes": list(token.encode()), "top_logprobs": []}
 
 
 def _tokens(text: str) -> list[str]:

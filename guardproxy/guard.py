@@ -484,7 +484,9 @@ class GuardCheck:
         replies = None
         if not state.output_failed:
             with exchange.timed("inference"):
-                replies = await self._score_replies([(prompt, text)])
+                replies = await self._score_replies(
+                    [(prompt, _scored_reply(text, exchange.reply_reasoning.get(choice)))]
+                )
             state.output_failed = replies is None
         signals = _output_signals(state.signals, replies[0] if replies else None)
         state.output_signals = signals
@@ -635,6 +637,12 @@ class GuardCheck:
         if self.metrics is not None:
             self.metrics.counter(*_GUARD_COUNTERS["classifier_failures"]).inc()
         log.warning("classifier failed: %r", exc)
+
+
+def _scored_reply(text: str, reasoning: str | None) -> str:
+    """What the output check reads of a choice: its reply, then the reasoning a reasoning model sent with it (which
+    the client gets too, so harm in it counts; the reply first, so the refusal class is the reply's)."""
+    return f"{text}\n\n{reasoning}" if reasoning and text else reasoning or text
 
 
 def _combine_scores(

@@ -109,6 +109,11 @@ class Exchange:
     timings: dict[str, float] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     reply_texts: dict[int, str] = field(default_factory=dict)
+    # a reasoning model's thoughts per choice (``reasoning_content`` / ``reasoning``): relayed to the client, so
+    # checked with the reply, but not part of the reply text a client sends back in its history
+    reply_reasoning: dict[int, str] = field(default_factory=dict)
+    # a stream: characters of each choice's content that reached the client (all of it unless a check blocked)
+    relayed_chars: dict[int, int] = field(default_factory=dict)
     input_verdict: Verdict | None = None
     output_verdict: Verdict | None = None
     outcome: str = "pending"

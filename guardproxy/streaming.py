@@ -162,13 +162,25 @@ def choice_text(content: str, tool_args: list[str]) -> str:
     return "\n".join(parts)
 
 
+REASONING_FIELDS = ("reasoning_content", "reasoning")  # vLLM's reasoning parsers and DeepSeek; Ollama, OpenRouter
+
+
+def reasoning_of(obj: dict[str, Any]) -> str:
+    """The reasoning text of a message or a delta: what a reasoning model thinks aloud, which clients show."""
+    return "".join(v for k in REASONING_FIELDS if isinstance(v := obj.get(k), str))
+
+
 @dataclass
 class ChoiceText:
-    """The assistant text of one streamed choice: content deltas and tool-call argument deltas."""
+    """The assistant text of one streamed choice: content deltas and tool-call argument deltas, and apart from them
+    the reasoning deltas (checked with the reply, never part of the reply text the history records)."""
 
     content: list[str] = field(default_factory=list)
     args: dict[int, list[str]] = field(default_factory=dict)
+    reasoning: list[str] = field(default_factory=list)
     size: int = 0
+    content_chars: int = 0
+    relayed_chars: int = 0  # of the content, what went out to the client (the events no check withheld)
     checked: int = 0
     final_checked: bool = False
     finished: bool = False  # a chunk carried this choice's finish_reason
@@ -178,6 +190,10 @@ class ChoiceText:
         if isinstance(c, str) and c:
             self.content.append(c)
             self.size += len(c)
+            self.content_chars += len(c)
+        if r := reasoning_of(delta):
+            self.reasoning.append(r)
+            self.size += len(r)
         for tc in delta.get("tool_calls") or []:
             fn = tc.get("function") if isinstance(tc, dict) else None
             a = fn.get("arguments") if isinstance(fn, dict) else None
@@ -187,6 +203,9 @@ class ChoiceText:
 
     def text(self) -> str:
         return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
+
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning)
 
 
 def raise_stream_error(data: str) -> None:
@@ -280,6 +299,7 @@ class StreamGuard:
             if key in obj:
                 self.meta[key] = obj[key]
         step = self.pipeline.output_check_chars
+        touched: list[ChoiceText] = []
         for pos, ch in enumerate(obj.get("choices") or []):
             if not isinstance(ch, dict):
                 continue
@@ -288,6 +308,7 @@ class StreamGuard:
             st = self.choices.get(idx)
             if st is None:
                 st = self.choices[idx] = ChoiceText()
+            touched.append(st)
             delta = ch.get("delta")
             if isinstance(delta, dict):
                 st.add(delta)
@@ -299,7 +320,9 @@ class StreamGuard:
             else:
                 block = None
             if block is not None:
-                return block
+                return block  # the whole event is withheld: nothing of it was relayed
+        for st in touched:
+            st.relayed_chars = st.content_chars
         return None
 
     def all_finished(self) -> bool:
@@ -315,6 +338,7 @@ class StreamGuard:
 
     async def _check(self, idx: int, st: ChoiceText, *, final: bool) -> bytes | None:
         text = st.text()
+        self.ex.reply_reasoning[idx] = st.reasoning_text()
         st.checked = st.size
         st.final_checked = st.final_checked or final
         with self.ex.timed("output_check"):
@@ -330,12 +354,16 @@ class StreamGuard:
             "created": self.meta.get("created", int(time.time())),
             "model": self.meta.get("model", self.ex.body.get("model") or "guardproxy"),
         }
+        # every choice asked for ends here, those the upstream had not started yet too
+        n = self.ex.body.get("n")
+        asked = range(n if isinstance(n, int) and n > 0 else 1)
         choices = []
-        for i in sorted(self.choices):
+        for i in sorted(set(self.choices).union(asked)):
             delta = {"content": verdict.reply_text} if i == idx and verdict.reply_text else {}
             choices.append({"index": i, "delta": delta, "finish_reason": "content_filter"})
         return sse_json({**base, "choices": choices}) + DONE_BYTES
 
     def record(self) -> None:
         self.ex.reply_texts = {i: st.text() for i, st in self.choices.items()}
+        self.ex.relayed_chars = {i: st.relayed_chars for i, st in self.choices.items()}
         self.ex.output_verdict = combine(self.verdicts)

@@ -134,7 +134,8 @@ class ScriptedCheck:
 
     async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
         self.outputs.append((choice, text, final))
-        if self.block_output_on is not None and self.block_output_on in text:
+        reasoning = exchange.reply_reasoning.get(choice, "")
+        if self.block_output_on is not None and (self.block_output_on in text or self.block_output_on in reasoning):
             return self.output_verdict
         if self.retry_note_on is not None and self.retry_note_on in text:
             return Verdict(retry_note="Please answer the question helpfully.")

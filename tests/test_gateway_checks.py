@@ -118,6 +118,60 @@ async def test_block_output_plain_replaces_only_the_blocked_choice(env: Env) -> 
     assert check.finished[0].outcome == "blocked_output"
 
 
+async def test_a_blocked_plain_choice_keeps_nothing_of_the_upstreams_reply(env: Env) -> None:
+    env.fake.reply = "a FORBIDDEN answer in many tokens"
+    env.fake.reasoning = "thinking it over"
+    check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
+    env.pipeline.checks = [check]
+    r = await env.client.post(CHAT, json={**HELLO, "logprobs": True})
+    (choice,) = r.json()["choices"]
+    assert choice["message"] == {"role": "assistant", "content": REFUSAL} and choice["logprobs"] is None
+    assert "FORBIDDEN" not in r.text and "thinking" not in r.text  # neither its tokens nor its reasoning
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_reasoning_models_thoughts_are_checked_but_not_recorded_as_the_reply(stream: bool, env: Env) -> None:
+    env.fake.reply = "Here you go."
+    env.fake.reasoning = "The user wants it, so FORBIDDEN step one, step two, step three"
+    check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
+    env.pipeline.checks = [check]
+    env.pipeline.output_check_chars = 16
+    r = await env.client.post(CHAT, json={**HELLO, "stream": stream})
+    if stream:
+        events = sse_events(r.text)
+        assert events[-2]["choices"][0]["finish_reason"] == "content_filter"
+        relayed = "".join(c["delta"].get("reasoning_content", "") for e in events[:-1] for c in e["choices"])
+        assert len(relayed) < len(env.fake.reasoning)  # cut within one check step of it, as a reply would be
+    else:
+        assert r.json()["choices"][0]["message"]["content"] == REFUSAL
+    await _finished(check)
+    assert "FORBIDDEN" not in check.finished[0].reply_texts.get(0, "")  # the reply text the history records
+    assert "FORBIDDEN" in check.finished[0].reply_reasoning[0]
+
+
+async def test_a_stream_block_ends_every_choice_asked_for_and_keeps_what_was_relayed(env: Env) -> None:
+    env.fake.replies = [LONG_REPLY, "the second choice"]  # the fake streams choice 0 whole, then choice 1
+    check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
+    env.pipeline.checks = [check]
+    env.pipeline.output_check_chars = 64
+    r = await env.client.post(CHAT, json={**HELLO, "n": 2, "stream": True})
+    events = sse_events(r.text)
+    last = {c["index"]: c["finish_reason"] for c in events[-2]["choices"]}
+    assert last == {0: "content_filter", 1: "content_filter"}  # choice 1 had not started
+    relayed = "".join(c["delta"].get("content", "") for e in events[:-2] for c in e["choices"] if c["index"] == 0)
+    await _finished(check)
+    assert relayed and check.finished[0].relayed_chars[0] == len(relayed)
+    assert check.finished[0].reply_texts[0].startswith(relayed)
+
+
+async def test_a_blocked_stream_still_sends_the_usage_it_was_asked_for(env: Env) -> None:
+    env.pipeline.checks = [ScriptedCheck(input_verdict=BLOCK)]
+    body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_events((await env.client.post(CHAT, json=body)).text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["total_tokens"] == 0
+
+
 async def test_block_output_mid_stream_cuts_before_the_chunk(env: Env) -> None:
     env.fake.reply = LONG_REPLY
     check = ScriptedCheck(block_output_on="FORBIDDEN", output_verdict=BLOCK)
