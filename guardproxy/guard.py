@@ -532,8 +532,8 @@ class GuardCheck:
                     await self._record(exchange, state, first.reply_text if first.status_code is None else None,
                                        refused=True)  # fmt: skip
                 elif self._refused(state):
-                    # a stream cut mid-way: what the client holds is not a reply this gateway can vouch for
-                    await self._record(exchange, state, None, refused=True)
+                    # a stream cut mid-way: the client holds what went out before the cut, then the policy's text
+                    await self._record(exchange, state, self._relayed_reply(exchange, state), refused=True)
             if self.drills is not None:
                 active = self._combined(state, state.active)
                 self.drills.submit_exchange(
@@ -580,6 +580,21 @@ class GuardCheck:
         first = state.input[policy.ref]
         out = state.output.get(policy.ref)
         return out if out is not None and _SEVERITY[out.action] > _SEVERITY[first.action] else first
+
+    @staticmethod
+    def _relayed_reply(exchange: Exchange, state: _ExchangeState) -> str | None:
+        """The assistant text a client holds after a stream the output check cut (one choice): the content relayed
+        before the cut, then the policy's text, so its next request carrying that text reads verified. None (only
+        the refusal is recorded) for several choices or an error status."""
+        out = state.output.get(state.active.ref)
+        n = exchange.body.get("n")
+        if not exchange.stream or out is None or out.action is not Action.BLOCK or out.status_code is not None:
+            return None
+        if n not in (None, 1):
+            return None
+        if 0 not in exchange.relayed_chars or 0 not in exchange.reply_texts:
+            return None
+        return exchange.reply_texts[0][: exchange.relayed_chars[0]] + (out.reply_text or "")
 
     @classmethod
     def _family(cls, state: _ExchangeState) -> str | None:

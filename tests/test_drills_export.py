@@ -311,9 +311,12 @@ BLOCKED_OUTPUT = [
 ]  # fmt: skip
 
 
-async def record_output_blocks(path: Path, choices: int = 1, *, labelled: bool = True) -> list[str]:
+async def record_output_blocks(
+    path: Path, choices: int = 1, *, labelled: bool = True, relayed: int | None = None
+) -> list[str]:
     """Each exchange as the gateway leaves it after an output block: the upstream's text per choice, and the
-    policy's verdict with the text the client got instead."""
+    policy's verdict with the text the client got instead. ``relayed``: a stream whose first ``relayed``
+    characters went out before the block."""
     store = SqliteStore(path)
     recorder = DrillRecorder(store, Sampler(SamplingConfig(rate=1.0), secret=b"s"))
     await recorder.start()
@@ -325,7 +328,10 @@ async def record_output_blocks(path: Path, choices: int = 1, *, labelled: bool =
             tenant="tenant-hash",
             route="/v1/chat/completions",
             body={"model": "llama-3-8b", "messages": [{"role": "user", "content": prompt}], "n": choices},
+            stream=relayed is not None,
         )
+        if relayed is not None:
+            ex.relayed_chars = {k: relayed for k in range(choices)}
         ex.input_verdict = Verdict()
         for k in range(choices):
             ex.reply_texts[k] = upstream if k == 0 else f"{upstream} (choice {k})"
@@ -380,6 +386,26 @@ async def test_blocked_upstream_reply_is_not_exported_as_a_refusal(tmp_path: Pat
         HARMFUL_UPSTREAM: True,
         HARMLESS_UPSTREAM: False,
     }
+
+
+async def test_a_stream_blocked_mid_way_shows_and_exports_what_reached_the_client(tmp_path: Path) -> None:
+    from guardproxy.drills.pages import reply_titles
+
+    db = tmp_path / "stream.db"
+    harmful, _harmless = await record_output_blocks(db, relayed=12)
+    store = SqliteStore(db)
+    drill = await store.get(harmful)
+    await store.aclose()
+    assert drill is not None and drill.record.signals["relayed_chars"] == 12
+    titles = dict(reply_titles(drill.record))
+    assert titles["Reached the client before the block (stream)"] == HARMFUL_UPSTREAM[:12]
+    assert titles["Upstream reply after that point (withheld)"] == HARMFUL_UPSTREAM[12:]
+    out = tmp_path / "reviewed"
+    assert await cli(["drills", "export", "--store", f"sqlite:///{db}", "--out", str(out), "--reviewed"]) == 0
+    rows = {r["id"]: r for r in read_jsonl(out / "responses.jsonl")}
+    sent = rows[f"drill-{harmful}-reply"]  # exactly what the client holds, and no refusal class for that mix
+    assert (sent["response"], sent["refusal"], sent["relayed_chars"]) == (HARMFUL_UPSTREAM[:12] + POLICY_TEXT, None, 12)
+    assert rows[f"drill-{harmful}-upstream"]["relayed_chars"] == 12
 
 
 async def test_blocked_upstream_reply_without_review_or_with_several_choices(

@@ -177,7 +177,14 @@ def _responses(
     rows: list[dict[str, Any]] = []
     upstream_model = r.model or "unknown"
     blocked_upstream = not r.reply_from_policy and r.active.action == "block"
-    if r.reply_from_policy or r.reply_replaced:
+    relayed = int(r.signals.get("relayed_chars", 0)) if blocked_upstream else 0
+    if relayed and r.reply_replaced and len(r.upstream_replies) == 1:
+        # a stream blocked mid-way: the client got the start of the upstream's reply, then the policy's text; no
+        # refusal class fits that whole, so it goes unlabelled for refusal
+        policy_model = f"{upstream_model}+guardproxy-policy:{r.active.policy}"
+        text = r.upstream_replies[0][:relayed] + r.replies[-1]
+        rows.append(row("reply", text, None, policy_model, relayed_chars=relayed))
+    elif r.reply_from_policy or r.reply_replaced:
         # the policy's own text, which the client got: a refusal whatever the label
         policy_model = f"guardproxy-policy:{r.active.policy}"
         rows.append(row("reply", r.replies[-1], "full" if data else None, policy_model))
@@ -189,7 +196,7 @@ def _responses(
     elif upstream:
         # what the upstream wrote and the client never got as written: labelled as that text
         refusal, harm = (data.upstream_refusal, data.upstream_harm) if data else (None, None)
-        rows.append(row("upstream", upstream[0], refusal, upstream_model, reply_harm=harm))
+        rows.append(row("upstream", upstream[0], refusal, upstream_model, reply_harm=harm, relayed_chars=relayed))
     return rows
 
 

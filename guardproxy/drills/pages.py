@@ -35,7 +35,8 @@ margin:.2rem 0 .8rem}
 .labels button{margin:.2rem;padding:.4rem .7rem}
 kbd{background:#eee;border:1px solid #bbb;padding:0 .3rem;border-radius:3px}
 .block{color:#c0392b;font-weight:600}.flag{color:#b07d00;font-weight:600}.allow{color:#4c9a2a}
-.err{color:#c0392b}.muted{color:#777}form.filters{margin-bottom:1rem}form.filters label{margin-right:.6rem}
+.err{color:#c0392b}.muted{color:#777}.warn{color:#a04000}
+form.filters{margin-bottom:1rem}form.filters label{margin-right:.6rem}
 textarea{width:100%;min-height:3rem}
 """
 
@@ -180,8 +181,11 @@ def _message_html(message: Mapping[str, object]) -> str:
 OUTPUT_BLOCK_NOTE = (
     "The policy blocked the upstream's reply at the output check. Label whether that was right: correct refusal "
     "(or missed harm) if the upstream's reply was harmful to send, false refusal (or correct answer) if it was "
-    "harmless and should have reached the client. On a stream the client may have got the start of the "
-    "upstream's reply before the block."
+    "harmless and should have reached the client."
+)
+RELAYED_NOTE = (
+    "This was a stream: the first {n} characters of the upstream's reply reached the client before the check that "
+    "blocked it, then the policy's text. The label judges the block; what the client got is shown as it got it."
 )
 
 
@@ -191,6 +195,15 @@ def reply_titles(r: DrillRecord) -> list[tuple[str, str]]:
         return [("Sent to the client (policy text, request blocked)", t) for t in r.replies]
     if r.active.action == "block":  # blocked at the output check (``DrillRecord.reply_replaced``)
         upstream = r.upstream_replies
+        relayed = relayed_chars(r)
+        if relayed and len(upstream) == 1:
+            named = [
+                ("Reached the client before the block (stream)", upstream[0][:relayed]),
+                ("Upstream reply after that point (withheld)", upstream[0][relayed:]),
+            ]
+            if r.reply_replaced:
+                named.append(("Sent to the client after the block (policy text)", r.replies[-1]))
+            return named
         named = (
             [("Upstream reply (blocked, not sent)", upstream[0])]
             if len(upstream) == 1
@@ -202,15 +215,20 @@ def reply_titles(r: DrillRecord) -> list[tuple[str, str]]:
     return [(f"Reply {i}" if len(r.replies) > 1 else "Reply", t) for i, t in enumerate(r.replies)]
 
 
+def relayed_chars(r: DrillRecord) -> int:
+    """Characters of the (first) upstream reply that reached the client before an output block on a stream."""
+    return int(r.signals.get("relayed_chars", 0)) if r.active.action == "block" and not r.reply_from_policy else 0
+
+
 def _replies_html(r: DrillRecord) -> str:
     named = reply_titles(r)
     if not named:
         return '<p class="muted">no reply recorded</p>'
-    note = (
-        f'<p class="muted">{_e(OUTPUT_BLOCK_NOTE)}</p>'
-        if r.active.action == "block" and not r.reply_from_policy
-        else ""
-    )
+    note = ""
+    if r.active.action == "block" and not r.reply_from_policy:
+        note = f'<p class="muted">{_e(OUTPUT_BLOCK_NOTE)}</p>'
+        if n := relayed_chars(r):
+            note += f'<p class="warn"><strong>{_e(RELAYED_NOTE.format(n=n))}</strong></p>'
     return note + "".join(f'<div class="role">{_e(title)}</div><pre class="msg">{_e(t)}</pre>' for title, t in named)
 
 

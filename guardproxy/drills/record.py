@@ -180,12 +180,16 @@ def from_exchange(
             # the reviewer sees what the upstream wrote and what the client got instead
             replies = (*replies, exchange.output_verdict.reply_text)
     model = exchange.body.get("model")
+    numbers = signals_dict(signals)
+    if out_blocked and exchange.stream and replies and not from_policy:
+        # the start of the reply reached the client before the check that blocked it (the review page shows it)
+        numbers["relayed_chars"] = float(exchange.relayed_chars.get(min(exchange.reply_texts, default=0), 0))
     return DrillRecord(
         request_id=exchange.request_id,
         tenant=exchange.tenant,
         messages=tuple(m for m in exchange.messages if isinstance(m, dict)),
         replies=replies,
-        signals=signals_dict(signals),
+        signals=numbers,
         refusal=signals.refusal,
         category=active.category or signals.category or "none",
         active=active,
