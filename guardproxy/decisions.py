@@ -6,7 +6,9 @@ disk is slow or failing) records are dropped and counted, never waited for. A ri
 in memory for the admin comparison endpoint when no file is configured.
 
 ``compare`` turns records into the active-vs-shadow report: a confusion matrix of actions per shadow
-policy, the disagreement rate by category, and example request ids.
+policy, the disagreement rate by category, and example request ids. Each record carries the gateway's own
+``exchange_id``, unique per exchange, and the comparison counts exchanges by it: the ``request_id`` is the
+client's ``x-request-id`` when it sent one, and clients reuse those.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,9 +44,10 @@ def tenant_hash(tenant: str) -> str:
 
 @dataclass(frozen=True)
 class DecisionRecord:
-    """One line of the decision log."""
+    """One line of the decision log: one policy's decision at one stage of one exchange."""
 
-    request_id: str
+    request_id: str  # the client's x-request-id when it sent one, else the gateway's: not unique
+    exchange_id: str  # the gateway's own id of the exchange (``new_exchange_id``): the records of one exchange share it
     tenant: str  # tenant_hash(), never the tenant itself
     policy: str
     version: str
@@ -57,6 +61,11 @@ class DecisionRecord:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), default=float)
+
+    @staticmethod
+    def new_exchange_id() -> str:
+        """An id for one exchange's records, unique to it whatever the client sends."""
+        return uuid.uuid4().hex
 
 
 def scores_of(signals: Signals) -> dict[str, float | str | None]:
@@ -79,9 +88,12 @@ def scores_of(signals: Signals) -> dict[str, float | str | None]:
     }
 
 
-def record_of(decision: Decision, signals: Signals, *, request_id: str, tenant: str, role: Role) -> DecisionRecord:
+def record_of(
+    decision: Decision, signals: Signals, *, request_id: str, exchange_id: str, tenant: str, role: Role
+) -> DecisionRecord:
     return DecisionRecord(
         request_id=request_id,
+        exchange_id=exchange_id,
         tenant=tenant_hash(tenant),
         policy=decision.policy,
         version=decision.version,
@@ -207,12 +219,15 @@ def read_log(path: Path) -> Iterator[dict[str, Any]]:
 # --- comparison ---------------------------------------------------------------------------------------------
 
 
+INPUT_ONLY = "shadow's reply stage not run: the active policy blocked at input"
+
+
 @dataclass(frozen=True)
 class ShadowComparison:
-    """Active vs one shadow policy over the requests both decided."""
+    """Active vs one shadow policy over the exchanges both decided."""
 
     shadow: str  # name@version
-    requests: int
+    requests: int  # exchanges
     agreement: float
     confusion: Mapping[str, Mapping[str, int]]  # active action -> shadow action -> count
     by_category: Mapping[str, Mapping[str, float]]  # category -> {requests, disagreements, rate}
@@ -220,12 +235,17 @@ class ShadowComparison:
     # "active->shadow" -> "active rule -> shadow rule" -> requests: which rules each disagreement comes from (the rule
     # of the stage that set each side's action; "-" where no rule matched)
     rules: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # Exchanges the active policy blocked at input and this shadow did not: no reply existed, so the shadow's output
+    # rules never ran and its action there is its input decision alone (INPUT_ONLY), not what the client would have
+    # got. In total, and per "active->shadow" cell.
+    input_only: int = 0
+    input_only_cells: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ComparisonReport:
     active: tuple[str, ...]  # name@version of the active policies seen
-    requests: int
+    requests: int  # exchanges
     shadows: tuple[ShadowComparison, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +257,9 @@ class ComparisonReport:
             lines.append("no shadow decisions in the log")
         for sc in self.shadows:
             lines += ["", f"shadow {sc.shadow}: {sc.requests} requests, agreement {sc.agreement:.1%}"]
+            if sc.input_only:
+                lines.append(f"  {sc.input_only} input-only ({INPUT_ONLY}): the shadow's action there is its input "
+                             "decision alone")  # fmt: skip
             lines.append("  active \\ shadow " + "".join(f"{a:>8}" for a in ACTIONS))
             for a in ACTIONS:
                 row = sc.confusion.get(a, {})
@@ -246,6 +269,9 @@ class ComparisonReport:
                 lines.append(f"    {cat:<28}{int(st['disagreements']):>6}/{int(st['requests']):<6}{st['rate']:>8.1%}")
             for cell, ids in sc.examples.items():
                 lines.append(f"  e.g. {cell}: {', '.join(ids)}")
+                if n := sc.input_only_cells.get(cell, 0):
+                    total = sum(sc.rules.get(cell, {}).values())
+                    lines.append(f"      input-only: {n} of {total} ({INPUT_ONLY})")
                 for pair, count in sorted(sc.rules.get(cell, {}).items(), key=lambda kv: -kv[1]):
                     lines.append(f"      {count:>6}  rules {pair}")
         return "\n".join(lines)
@@ -256,56 +282,73 @@ def _worst(a: str | None, b: str) -> str:
 
 
 def compare(records: Iterable[Mapping[str, Any]], *, examples: int = 5) -> ComparisonReport:
-    """Compare each shadow policy with the active one, request by request.
+    """Compare each shadow policy with the active one, exchange by exchange.
 
-    A policy's action on a request is its most severe action over the request's stages (input, output), as
-    the client would have experienced it; the category is the active policy's input category.
+    An exchange is the records that share an ``exchange_id`` (a log written before records had one: a
+    ``request_id``, so exchanges that share a client's x-request-id count as one). A policy's action on an exchange
+    is its most severe action over the exchange's stages (input, output), as the client would have experienced it;
+    the category is the active policy's input category. Where the active policy blocked at input, a shadow that did
+    not has no output stage to go by: such exchanges are counted as ``input_only``. Examples are request ids, with
+    the exchange id where the log holds more than one exchange under that request id.
     """
-    active: dict[str, tuple[str, str]] = {}  # request id -> (policy ref, action)
+    active: dict[str, tuple[str, str]] = {}  # exchange -> (policy ref, action)
     category: dict[str, str] = {}
-    shadow: dict[str, dict[str, str]] = defaultdict(dict)  # shadow ref -> request id -> action
-    rule_of: dict[tuple[str, str], str] = {}  # (policy ref or "active", request id) -> the rule behind its action
+    shadow: dict[str, dict[str, str]] = defaultdict(dict)  # shadow ref -> exchange -> action
+    rule_of: dict[tuple[str, str], str] = {}  # (policy ref or "active", exchange) -> the rule behind its action
+    request_of: dict[str, str] = {}  # exchange -> request id
+    blocked_at_input: set[str] = set()  # exchanges the active policy blocked at input
+    replied: set[tuple[str, str]] = set()  # (shadow ref, exchange) with a decision past the input stage
     for rec in records:
-        rid = str(rec["request_id"])
+        xid = str(rec.get("exchange_id") or rec["request_id"])
+        request_of[xid] = str(rec["request_id"])
         ref = f"{rec.get('policy', '?')}@{rec.get('version', '?')}"
         action = str(rec["action"])
         rule = str(rec.get("rule") or "-")
         if rec.get("role") == "shadow":
-            worse = _worst(shadow[ref].get(rid), action)
-            if worse != shadow[ref].get(rid):
-                rule_of[ref, rid] = rule
-            shadow[ref][rid] = worse
+            worse = _worst(shadow[ref].get(xid), action)
+            if worse != shadow[ref].get(xid):
+                rule_of[ref, xid] = rule
+            shadow[ref][xid] = worse
+            if rec.get("stage") != "input":
+                replied.add((ref, xid))
         else:
-            prev = active.get(rid)
+            prev = active.get(xid)
             worse = _worst(prev[1] if prev else None, action)
             if prev is None or worse != prev[1]:
-                rule_of["active", rid] = rule
-            active[rid] = (ref, worse)
-            if rec.get("stage") == "input" or rid not in category:
-                category[rid] = str(rec.get("category") or "none")
+                rule_of["active", xid] = rule
+            active[xid] = (ref, worse)
+            if rec.get("stage") == "input" or xid not in category:
+                category[xid] = str(rec.get("category") or "none")
+            if rec.get("stage") == "input" and action == "block":
+                blocked_at_input.add(xid)
+    shared = Counter(request_of.values())
     comparisons = []
     for ref in sorted(shadow):
         confusion: dict[str, Counter[str]] = {a: Counter() for a in ACTIONS}
         per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         cells: dict[str, list[str]] = defaultdict(list)
         rules: dict[str, Counter[str]] = defaultdict(Counter)
+        input_only: Counter[str] = Counter()
         n = agree = 0
-        for rid, s_action in shadow[ref].items():
-            if rid not in active:
+        for xid, s_action in shadow[ref].items():
+            if xid not in active:
                 continue
-            a_action = active[rid][1]
+            a_action = active[xid][1]
             n += 1
             confusion.setdefault(a_action, Counter())[s_action] += 1
-            stats = per_cat[category.get(rid, "none")]
+            stats = per_cat[category.get(xid, "none")]
             stats[0] += 1
             if a_action == s_action:
                 agree += 1
-            else:
-                stats[1] += 1
-                cell = cells[f"{a_action}->{s_action}"]
-                if len(cell) < examples:
-                    cell.append(rid)
-                rules[f"{a_action}->{s_action}"][f"{rule_of['active', rid]} -> {rule_of[ref, rid]}"] += 1
+                continue
+            stats[1] += 1
+            key = f"{a_action}->{s_action}"
+            if len(cells[key]) < examples:
+                rid = request_of[xid]
+                cells[key].append(rid if shared[rid] == 1 else f"{rid} (exchange {xid})")
+            rules[key][f"{rule_of['active', xid]} -> {rule_of[ref, xid]}"] += 1
+            if xid in blocked_at_input and (ref, xid) not in replied:
+                input_only[key] += 1
         comparisons.append(
             ShadowComparison(
                 shadow=ref,
@@ -318,6 +361,8 @@ def compare(records: Iterable[Mapping[str, Any]], *, examples: int = 5) -> Compa
                 },
                 examples={k: tuple(v) for k, v in sorted(cells.items())},
                 rules={k: dict(v) for k, v in sorted(rules.items())},
+                input_only=sum(input_only.values()),
+                input_only_cells=dict(sorted(input_only.items())),
             )
         )
     return ComparisonReport(

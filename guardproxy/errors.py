@@ -40,13 +40,13 @@ class ConfigError(GuardProxyError):
 
 
 class PolicyError(ConfigError):
-    """A policy or mapping file is invalid. ``issues`` holds every problem as ``file:line: field: message``."""
+    """A policy or mapping file is invalid. ``issues`` holds every problem as ``file:line: field: message``; the
+    message is those lines, so the CLI prints every one (an "and N more" is a problem nobody gets to read)."""
 
     def __init__(self, issues: list[str], *, where: str | None = None) -> None:
         self.issues = tuple(issues) or ("invalid policy file",)
-        more = f" (and {len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
-        # The first issue already names file and line; ``where`` is kept for callers that want the file.
-        Exception.__init__(self, self.issues[0] + more)
+        # Each issue already names file and line; ``where`` is kept for callers that want the file.
+        Exception.__init__(self, "\n".join(self.issues))
         self.where = where
 
 

@@ -222,6 +222,9 @@ class _ExchangeState:
     # the timeout again (a stream is checked every few hundred characters: a hung classifier would otherwise
     # cost one timeout per check, a delay that grows with the reply).
     output_failed: bool = False
+    # The gateway's own id of the exchange in the decision log: exchange.request_id is the client's x-request-id when
+    # it sent one, which clients reuse, so it cannot tell exchanges apart.
+    exchange_id: str = field(default_factory=DecisionRecord.new_exchange_id)
 
     def policies(self) -> tuple[Policy, ...]:
         return (self.active, *self.shadows)
@@ -618,7 +621,12 @@ class GuardCheck:
         records: list[DecisionRecord] = []
         for policy in state.policies():
             role: Any = "active" if policy is state.active else "shadow"
-            ids = {"request_id": exchange.request_id, "tenant": exchange.tenant, "role": role}
+            ids = {
+                "request_id": exchange.request_id,
+                "exchange_id": state.exchange_id,
+                "tenant": exchange.tenant,
+                "role": role,
+            }
             records.append(record_of(state.input[policy.ref], state.signals, **ids))
             out = state.output.get(policy.ref)
             if out is not None:

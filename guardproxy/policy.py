@@ -13,8 +13,9 @@ stage (documented in ``policies/README.md``):
    ``flag`` (the per-turn scores still count; only the conversation signals are missing).
 
 ``load_policy`` raises ``PolicyError`` (a ``ConfigError``) listing every problem as ``file:line: field:
-message``; ``check_policy_file`` returns the same list without raising. Which policies are in force (active,
-shadows, per tenant or model, reload) is ``guardproxy.policyset``.
+message``; ``check_policy_file`` returns the same list without raising, ``try_load_policy`` the policy or that list.
+Field errors do not hide the checks across fields (duplicate ids, a missing default text, dead rules). Which
+policies are in force (active, shadows, per tenant or model, reload) is ``guardproxy.policyset``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from guardproxy.errors import PolicyError
 from guardproxy.pipeline import Action, Verdict
@@ -82,8 +83,20 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 Number = Annotated[float, Field(strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
 StatusCode = Annotated[int, Field(ge=400, le=599, strict=True)]
+REFUSAL_MIN_CHARS = 40
+
+
+def _written(text: str) -> str:
+    # Blanks are not a text: 45 spaces pass a plain min_length and a blocked user reads an empty message.
+    if (n := len(text.strip())) < REFUSAL_MIN_CHARS:
+        raise ValueError(
+            f"String should have at least {REFUSAL_MIN_CHARS} characters, not counting blanks at either end (has {n})"
+        )
+    return text
+
+
 # A refusal text short enough to be one canned sentence is what this product warns against.
-RefusalText = Annotated[str, Field(min_length=40, max_length=4000)]
+RefusalText = Annotated[str, Field(max_length=4000), AfterValidator(_written)]
 
 
 class _Strict(BaseModel):
@@ -221,6 +234,7 @@ class Policy(_Strict):
     output_rules: tuple[OutputRule, ...] = ()
 
     _source: Path | None = PrivateAttr(None)
+    _lines: KeyLines | None = PrivateAttr(None)
     _thresholds: dict[str, float] | None = PrivateAttr(None)
     _lowest: dict[str, float | None] = PrivateAttr(default_factory=dict)
 
@@ -231,6 +245,10 @@ class Policy(_Strict):
     @property
     def source(self) -> Path | None:
         return self._source
+
+    def line_of(self, loc: Iterable[str | int]) -> int:
+        """The line of a key (a pydantic-style loc) in the file this policy was loaded from; 1 when unknown."""
+        return self._lines.line_of(loc) if self._lines is not None else 1
 
     def thresholds(self) -> dict[str, float]:
         """Per signal, the lowest threshold of a block rule that tests that signal alone (``harm`` defaults to
@@ -432,7 +450,7 @@ class PolicyIssue:
         return f"{self.file}:{self.line}: {self.field or '(file)'}: {self.message}"
 
 
-def _field_path(loc: Iterable[str | int]) -> str:
+def field_path(loc: Iterable[str | int]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -468,33 +486,106 @@ _STRICT_TYPES = frozenset({"float_type", "int_type", "bool_type"})
 _OUTPUT_ONLY = frozenset(OutputCondition.model_fields) - frozenset(InputCondition.model_fields)
 
 
-def _semantic_issues(policy: Policy) -> list[tuple[tuple[str | int, ...], str]]:
-    """Cross-field checks pydantic's per-field validation cannot express, with the loc they belong to."""
-    issues: list[tuple[tuple[str | int, ...], str]] = []
-    if "default" not in policy.refusals:
+_Loc = tuple[str | int, ...]
+
+
+def _valid(adapter: TypeAdapter[Any], value: Any) -> Any:
+    """``value`` validated on its own, or None where it fails (field validation reports that failure)."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        return None
+
+
+_PROBABILITY: TypeAdapter[float] = TypeAdapter(Probability)
+_RULE_ID: TypeAdapter[str] = TypeAdapter(RuleId)
+_ACTION: TypeAdapter[Action] = TypeAdapter(Action)
+_CONDITIONS: dict[str, TypeAdapter[InputCondition]] = {
+    "input_rules": TypeAdapter(InputCondition),
+    "output_rules": TypeAdapter(OutputCondition),
+}
+_BLOCK_ONLY = ("reply", "delivery", "status_code")
+
+
+def _semantic_issues(data: Mapping[str, Any]) -> list[tuple[_Loc, str]]:
+    """Cross-field checks pydantic's per-field validation cannot express, with the loc they belong to.
+
+    They read the file's data with each part they need validated on its own, so a field error elsewhere (a typo in
+    one rule) does not hide them; a check whose own fields are broken is skipped, field validation has said why."""
+    issues: list[tuple[_Loc, str]] = []
+    refusals = data.get("refusals")
+    if isinstance(refusals, dict) and "default" not in refusals:
         issues.append((("refusals",), "a 'default' refusal text is required (used for categories without one)"))
-    if policy.output.retry_below_harm > policy.harm_threshold:
-        issues.append((("output", "retry_below_harm"), f"must not exceed harm_threshold ({policy.harm_threshold})"))
-    seen: dict[str, tuple[str | int, ...]] = {}
-    for stage, rules in (("input_rules", policy.input_rules), ("output_rules", policy.output_rules)):
+    threshold: float | None = _valid(_PROBABILITY, data.get("harm_threshold"))
+    output = data.get("output")
+    output = output if isinstance(output, dict) else {}
+    retry_below: float | None = _valid(_PROBABILITY, output.get("retry_below_harm", OutputSettings().retry_below_harm))
+    if threshold is not None and retry_below is not None and retry_below > threshold:
+        issues.append((("output", "retry_below_harm"), f"must not exceed harm_threshold ({threshold})"))
+    seen: dict[str, _Loc] = {}
+    for stage, condition in _CONDITIONS.items():
+        raw = data.get(stage, [])
+        rules = [r if isinstance(r, dict) else {} for r in raw] if isinstance(raw, list) else []
+        live: list[tuple[str, InputCondition]] = []  # (id, when) of the earlier rules that can match
         for i, rule in enumerate(rules):
-            loc: tuple[str | int, ...] = (stage, i, "id")
-            if rule.id in _RESERVED_RULE_IDS:
-                issues.append((loc, f"rule id {rule.id!r} is reserved for the engine"))
-            elif rule.id in seen:
-                issues.append((loc, f"duplicate rule id {rule.id!r}"))
-            seen.setdefault(rule.id, loc)
-            if rule.action is not Action.BLOCK and (rule.reply or rule.delivery or rule.status_code):
+            loc: _Loc = (stage, i, "id")
+            rule_id: str | None = _valid(_RULE_ID, rule.get("id"))
+            if rule_id in _RESERVED_RULE_IDS:
+                issues.append((loc, f"rule id {rule_id!r} is reserved for the engine"))
+            elif rule_id is not None and rule_id in seen:
+                issues.append((loc, f"duplicate rule id {rule_id!r}"))
+            if rule_id is not None:
+                seen.setdefault(rule_id, loc)
+            action: Action | None = _valid(_ACTION, rule.get("action"))
+            if action not in (None, Action.BLOCK) and any(rule.get(k) is not None for k in _BLOCK_ONLY):
                 issues.append(((stage, i, "action"), "reply, delivery and status_code only apply to block rules"))
+            when: InputCondition | None = _valid(condition, rule.get("when"))
+            if when is None:
+                continue
+            dead = _never_matches(when, threshold)
+            issues += [((stage, i, "when", name), why) for name, why in dead]
             # First match wins, so a rule that an earlier, broader rule always pre-empts is dead: almost always a
             # flag rule written above the block rule it was meant to back up.
-            earlier = next((r for r in rules[:i] if _covers(r.when, rule.when)), None)
+            earlier = next((rid for rid, w in live if _covers(w, when)), None)
             if earlier is not None:
                 issues.append(
-                    ((stage, i, "when"), f"can never match: rule {earlier.id!r} comes first and matches whenever "
+                    ((stage, i, "when"), f"can never match: rule {earlier!r} comes first and matches whenever "
                      "this one would (first match wins; put the narrower rule first)")
                 )  # fmt: skip
+            if not dead:
+                live.append((str(rule.get("id")), when))
     return issues
+
+
+def _never_matches(when: InputCondition, harm_threshold: float | None) -> list[tuple[str, str]]:
+    """The conditions of one ``when`` that no signals satisfy, as (condition, why): a rule with any is dead wherever
+    it stands (a typo must not silently disable a rule)."""
+    out: list[tuple[str, str]] = []
+    values = when.model_dump(exclude_none=True)
+    for name, value in values.items():
+        if name.endswith("_in") and not name.endswith("_not_in") and not value:
+            out.append((name, "can never match: an empty list matches no value (leave the condition out to match any)"))
+        elif name.endswith("_below") and (low := values.get(name.removesuffix("_below") + "_at_least")) is not None:
+            if low >= value:
+                out.append((name, f"can never match: no value is at least {low:g} and below {value:g}"))
+        elif name.endswith("_not_in") and (wanted := values.get(name.removesuffix("_not_in") + "_in")):
+            both = [v for v in wanted if v in value]
+            if len(both) == len(wanted):
+                out.append((name, f"can never match: it excludes every value {name.replace('_not_in', '_in')} allows"))
+            elif both:
+                out.append((name, f"{', '.join(map(repr, both))} is in both {name.replace('_not_in', '_in')} and "
+                            f"{name}: one of them is a mistake"))  # fmt: skip
+    if values.get("false_refusal") is True:
+        # a false refusal is a partial or full refusal of a request whose harm is below harm_threshold
+        refusals = values.get("refusal_in")
+        if refusals is not None and not {"partial", "full"} & set(refusals):
+            out.append(("false_refusal", "can never match: a false refusal is a partial or full refusal, and "
+                        f"refusal_in allows only {', '.join(map(repr, refusals)) or 'nothing'}"))  # fmt: skip
+        low = values.get("harm_at_least")
+        if harm_threshold is not None and low is not None and low >= harm_threshold:
+            out.append(("false_refusal", f"can never match: a false refusal needs harm below harm_threshold "
+                        f"({harm_threshold:g}), and harm_at_least is {low:g}"))  # fmt: skip
+    return out
 
 
 def _covers(a: InputCondition, b: InputCondition) -> bool:
@@ -548,7 +639,7 @@ def read_toml(path: Path) -> tuple[dict[str, Any] | None, str, list[PolicyIssue]
 
 def validation_issues(name: str, lines: KeyLines, exc: ValidationError) -> list[PolicyIssue]:
     return [
-        PolicyIssue(name, lines.line_of(err["loc"]), _field_path(err["loc"]), _message(err))
+        PolicyIssue(name, lines.line_of(err["loc"]), field_path(err["loc"]), _message(err))
         for err in exc.errors(include_url=False)
     ]
 
@@ -556,33 +647,37 @@ def validation_issues(name: str, lines: KeyLines, exc: ValidationError) -> list[
 def check_policy_file(path: str | Path) -> list[PolicyIssue]:
     """Every problem in a policy file, each with file, line and field; an empty list means it is valid. A relative
     path is found as ``resolve_policy_path`` says."""
-    return _load(resolve_policy_path(path))[1]
+    return try_load_policy(path)[1]
 
 
 def load_policy(path: str | Path) -> Policy:
     """Load and validate one policy file; raises ``PolicyError`` listing every problem. A relative path is found as
     ``resolve_policy_path`` says."""
-    policy, issues = _load(resolve_policy_path(path))
+    policy, issues = try_load_policy(path)
     if issues or policy is None:
         raise PolicyError([str(i) for i in issues], where=str(path))
     return policy
 
 
-def _load(path: Path) -> tuple[Policy | None, list[PolicyIssue]]:
+def try_load_policy(path: str | Path) -> tuple[Policy | None, list[PolicyIssue]]:
+    """The policy in a file and no issues, or None and every problem (a file that cannot be read: one issue at line
+    0). A relative path is found as ``resolve_policy_path`` says."""
+    path = resolve_policy_path(path)
     data, text, issues = read_toml(path)
     if data is None:
         if not path.is_absolute() and not path.exists():
             issues = [replace(i, message=f"{i.message} (nor under {PROJECT_ROOT})") for i in issues]
         return None, issues
     lines = KeyLines(text)
+    policy: Policy | None = None
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        return None, validation_issues(str(path), lines, exc)
-    issues = [
-        PolicyIssue(str(path), lines.line_of(loc), _field_path(loc), msg) for loc, msg in _semantic_issues(policy)
-    ]
-    if issues:
+        issues = validation_issues(str(path), lines, exc)
+    # also after field errors: a typo in one rule must not hide a duplicate id or a missing default text
+    issues += [PolicyIssue(str(path), lines.line_of(loc), field_path(loc), msg) for loc, msg in _semantic_issues(data)]
+    if issues or policy is None:
         return None, issues
     policy._source = path.resolve()
+    policy._lines = lines
     return policy, []

@@ -4,11 +4,14 @@
 directory, else from the project root: ``policy.resolve_policy_path``), or a mapping file
 (``settings.policy.mapping``) whose routes pick them per tenant or per request model. ``reload`` builds a
 complete new set and swaps it in one assignment; a file that fails validation leaves the old set in force.
+``check_mapping_file`` lists every problem of a mapping file and of the policy files it names, as ``policy check
+--mapping`` prints them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,8 +19,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from guardproxy.errors import PolicyError
-from guardproxy.policy import Policy, load_policy, read_toml, resolve_policy_path, validation_issues
+from guardproxy.policy import (
+    Policy,
+    field_path,
+    read_toml,
+    resolve_policy_path,
+    try_load_policy,
+    validation_issues,
+)
+from guardproxy.settings import DEFAULT_POLICY
 from guardproxy.tomllines import KeyLines
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -64,6 +77,9 @@ class PolicyMapping:
     default_active: Path
     default_shadows: tuple[Path, ...]
     routes: tuple[MappingRule, ...] = field(default=())
+    # where a mapping file names each policy path it names ("mapping.toml:4: default.shadows[1]"), for the error about
+    # a file that cannot be read: the line to fix is the mapping's
+    named_at: Mapping[Path, str] = field(default_factory=dict)
 
     def select(self, tenant: str, model: str | None) -> tuple[Path, tuple[Path, ...]]:
         for route in self.routes:
@@ -71,40 +87,92 @@ class PolicyMapping:
                 return route.active, route.shadows
         return self.default_active, self.default_shadows
 
-    def paths(self) -> set[Path]:
-        out = {self.default_active, *self.default_shadows}
-        for r in self.routes:
-            out.update((r.active, *r.shadows))
-        return out
+    def paths(self) -> tuple[Path, ...]:
+        """Every policy path, each once: the active ones first (the default's, then the routes'), then the shadows.
+        Of two files with one name@version, the later one is the copy that ``load_policies`` reports."""
+        actives = [self.default_active, *(r.active for r in self.routes)]
+        shadows = [*self.default_shadows, *(s for r in self.routes for s in r.shadows)]
+        return tuple(dict.fromkeys([*actives, *shadows]))
 
 
 def load_mapping(path: str | Path, *, active: Path, shadows: Sequence[Path]) -> PolicyMapping:
-    """Load a mapping file; policy paths in it are relative to the mapping file. Raises ``PolicyError``."""
+    """Load a mapping file; policy paths in it are relative to the mapping file. ``active`` and ``shadows`` stand in
+    where its ``[default]`` names none (``settings.policy``). Raises ``PolicyError``."""
     path = Path(path)
     data, text, issues = read_toml(path)
     if data is None:
         raise PolicyError([str(i) for i in issues], where=str(path))
+    lines = KeyLines(text)
     try:
         mf = MappingFile.model_validate(data)
     except ValidationError as exc:
-        issues = validation_issues(str(path), KeyLines(text), exc)
+        issues = validation_issues(str(path), lines, exc)
         raise PolicyError([str(i) for i in issues], where=str(path)) from exc
     base = path.resolve().parent
+    named: dict[Path, str] = {}
 
-    def rel(p: str) -> Path:
-        return (base / p).resolve()
+    def rel(p: str, *loc: str | int) -> Path:
+        out = (base / p).resolve()
+        named.setdefault(out, f"{path}:{lines.line_of(loc)}: {field_path(loc)}")
+        return out
 
+    default = mf.default
     return PolicyMapping(
-        default_active=rel(mf.default.active) if mf.default.active else active.resolve(),
+        default_active=rel(default.active, "default", "active") if default.active else active.resolve(),
         default_shadows=(
-            tuple(rel(p) for p in mf.default.shadows)
-            if mf.default.shadows is not None
+            tuple(rel(p, "default", "shadows", i) for i, p in enumerate(default.shadows))
+            if default.shadows is not None
             else tuple(p.resolve() for p in shadows)
         ),
         routes=tuple(
-            MappingRule(r.tenant, r.model, rel(r.active), tuple(rel(s) for s in r.shadows)) for r in mf.routes
+            MappingRule(
+                r.tenant,
+                r.model,
+                rel(r.active, "routes", n, "active"),
+                tuple(rel(s, "routes", n, "shadows", i) for i, s in enumerate(r.shadows)),
+            )
+            for n, r in enumerate(mf.routes)
         ),
+        named_at=named,
     )
+
+
+def load_policies(
+    paths: Iterable[Path], *, named_at: Mapping[Path, str] | None = None
+) -> tuple[dict[Path, Policy], list[str]]:
+    """Load every policy file in ``paths``: the policies that loaded, and every problem, one line each with file and
+    line. A file that cannot be read is reported where ``named_at`` (a mapping's) names it. Of two files with one
+    name@version, the later in ``paths`` is reported at its ``name``: list the active ones first, so that the copy
+    is the file named."""
+    named_at = named_at or {}
+    policies: dict[Path, Policy] = {}
+    problems: list[str] = []
+    for path in paths:
+        policy, issues = try_load_policy(path)
+        if policy is not None:
+            policies[path] = policy
+        where = named_at.get(path)
+        problems += [f"{where}: {issue}" if where and issue.line <= 0 else str(issue) for issue in issues]
+    first: dict[str, Path] = {}
+    for path, policy in policies.items():
+        if (original := first.setdefault(policy.ref, path)) != path:
+            problems.append(
+                f"{path}:{policy.line_of(('name',))}: name: {policy.ref} is also the name@version of {original}: "
+                "give this file a name or version of its own"
+            )
+    return policies, problems
+
+
+def check_mapping_file(path: str | Path) -> list[str]:
+    """Every problem in a mapping file and in each policy file it names (a missing one too), one line each with file
+    and line: what ``PolicySet`` would refuse to start on. A policy the mapping leaves to ``settings.policy`` (no
+    ``[default] active``) is not checked here: check it by name."""
+    try:
+        mapping = load_mapping(path, active=DEFAULT_POLICY, shadows=())
+    except PolicyError as exc:
+        return list(exc.issues)
+    named = [p for p in mapping.paths() if p in mapping.named_at]
+    return load_policies(named, named_at=mapping.named_at)[1]
 
 
 # --- the loaded set: active and shadow policies, swapped whole on reload ------------------------------
@@ -137,24 +205,14 @@ class PolicySet:
         self._shadows = tuple(resolve_policy_path(p) for p in shadows)
         self._mapping = Path(mapping) if mapping is not None else None
         self._loaded = self._load()  # raises PolicyError: a gateway does not start on a broken policy
+        log.info("policies in force: %s", self.describe())
 
     def _load(self) -> _Loaded:
         if self._mapping is not None:
             mapping = load_mapping(self._mapping, active=self._active, shadows=self._shadows)
         else:
             mapping = PolicyMapping(self._active.resolve(), tuple(p.resolve() for p in self._shadows))
-        policies: dict[Path, Policy] = {}
-        problems: list[str] = []
-        for path in sorted(mapping.paths()):
-            try:
-                policies[path] = load_policy(path)
-            except PolicyError as exc:
-                problems.extend(exc.issues)
-        refs: dict[str, Path] = {}
-        for path, policy in policies.items():
-            if policy.ref in refs:
-                problems.append(f"{path}:1: name: {policy.ref} is also the name@version of {refs[policy.ref]}")
-            refs.setdefault(policy.ref, path)
+        policies, problems = load_policies(mapping.paths(), named_at=mapping.named_at)
         if problems:
             raise PolicyError(problems)
         watched = set(policies) | ({self._mapping.resolve()} if self._mapping else set())
@@ -175,6 +233,22 @@ class PolicySet:
     def fingerprint(self) -> tuple[tuple[Path, float], ...]:
         """The current modification times of the loaded files: a watcher reloads when this changes, once."""
         return tuple((p, _mtime(p)) for p in sorted(self._loaded.mtimes))
+
+    def describe(self) -> str:
+        """Which policy is active and which are shadows, in one line: ``active default@1, shadows monitor@2``, then
+        each mapping route's (``; tenant kids-app: active strict@3, no shadows``)."""
+        loaded = self._loaded
+        mapping = loaded.mapping
+
+        def roles(active: Path, shadows: Sequence[Path]) -> str:
+            names = ", ".join(loaded.policies[s].ref for s in shadows if s != active)
+            return f"active {loaded.policies[active].ref}, " + (f"shadows {names}" if names else "no shadows")
+
+        out = [roles(mapping.default_active, mapping.default_shadows)]
+        for r in mapping.routes:
+            who = " ".join(f"{k} {v}" for k, v in (("tenant", r.tenant), ("model", r.model)) if v is not None)
+            out.append(f"{who or 'every request'}: {roles(r.active, r.shadows)}")
+        return "; ".join(out)
 
     def refs(self) -> tuple[str, ...]:
         return tuple(sorted(p.ref for p in self._loaded.policies.values()))

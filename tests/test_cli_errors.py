@@ -230,3 +230,18 @@ def test_policy_numbers_written_as_numbers_still_load(tmp_path: Path) -> None:
     path.write_text(_policy(jailbreak="1", harm_threshold="0.5", flag_header="true"), encoding="utf-8")
     policy = load_policy(path)
     assert policy.input_rules[0].when.jailbreak_at_least == 1.0 and policy.flag_header is True
+
+
+# --- 6. a policy with several problems: serve lists every one, not "and N more" ----------------------------------
+
+
+def test_serve_on_a_broken_policy_prints_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "two.toml"
+    text = _policy(harm_threshold="1.5").replace('id = "jailbreak"', 'id = "Jailbreak"')
+    path.write_text(text, encoding="utf-8")
+    proc = _gp("serve", "--policy", str(path), "--port", "0", "--store", f"sqlite:///{tmp_path / 'd.db'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if " INFO " not in ln]
+    assert [ln.split(": ", 3)[2] for ln in lines] == [f"{path}:4", f"{path}:13"], lines
+    assert all(ln.startswith("guardproxy serve: error: ") for ln in lines)
+    assert "more)" not in proc.stderr

@@ -363,8 +363,8 @@ async def test_shadow_that_would_block_is_recorded_but_never_reaches_the_client(
     assert strict_uncertain and strict_uncertain[0]["action"] == "block"
     assert len(by_policy) == len(records), "one record per policy, stage and request"
     for r in records:  # no text in the decision log
-        assert set(r) == {"request_id", "tenant", "policy", "version", "role", "stage", "action", "rule", "category",
-                          "scores", "ts"}  # fmt: skip
+        assert set(r) == {"request_id", "exchange_id", "tenant", "policy", "version", "role", "stage", "action",
+                          "rule", "category", "scores", "ts"}  # fmt: skip
         assert "sk-client-key" not in json.dumps(r)
     assert 'guardproxy_decisions_total{action="block",policy="blocks-all",role="shadow"} 2.0' in metrics
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -259,6 +260,21 @@ def test_mapping_picks_active_and_shadows_per_tenant_and_model(tmp_path: Path) -
     assert (active.name, shadows) == ("monitor", ())
 
 
+def test_the_policies_in_force_are_logged_by_role(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="guardproxy.policyset")
+    PolicySet(shipped("default"), [shipped("strict"), shipped("monitor")])
+    (tmp_path / "mapping.toml").write_text(
+        f'schema_version = 1\n[[routes]]\ntenant = "kids-app"\nactive = "{shipped("strict")}"\n'
+        f'[[routes]]\nmodel = "experimental-*"\nactive = "{shipped("monitor")}"\nshadows = ["{shipped("default")}"]\n'
+    )
+    PolicySet(shipped("default"), mapping=tmp_path / "mapping.toml")
+    assert [r.getMessage() for r in caplog.records] == [
+        "policies in force: active default@2026.12.07, shadows strict@2026.12.07, monitor@2026.12.07",
+        "policies in force: active default@2026.12.07, no shadows; tenant kids-app: active strict@2026.12.07, no "
+        "shadows; model experimental-*: active monitor@2026.12.07, shadows default@2026.12.07",
+    ]
+
+
 def test_broken_mapping_reports_line(tmp_path: Path) -> None:
     path = tmp_path / "mapping.toml"
     path.write_text('schema_version = 1\n[[routes]]\ntenant = "a"\nactiv = "x.toml"\n')
@@ -357,11 +373,25 @@ def test_key_lines_point_at_the_key(rules: list[list[tuple[str, str]]]) -> None:
 
 
 def test_two_files_with_one_name_and_version_are_refused(tmp_path: Path) -> None:
-    copy = tmp_path / "copy.toml"
+    copy = tmp_path / "copy.toml"  # a copy of the active policy, its name and version left as they were
     shutil.copy(shipped("default"), copy)
+    line = shipped("default").read_text().splitlines().index('name = "default"') + 1
     with pytest.raises(PolicyError) as info:
         PolicySet(shipped("default"), [copy])
-    assert any("default@2026.12.07 is also the name@version" in i for i in info.value.issues)
+    # the file to fix is the copy (whichever sorts first), at its name
+    assert info.value.issues == (
+        f"{copy}:{line}: name: default@2026.12.07 is also the name@version of {shipped('default')}: give this file "
+        "a name or version of its own",
+    )
+    # with a mapping: the shadow is the copy, though the active policy it repeats is a route's
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        f'schema_version = 1\n[default]\nactive = "{shipped("strict")}"\nshadows = ["copy.toml"]\n'
+        f'[[routes]]\ntenant = "t"\nactive = "{shipped("default")}"\n'
+    )
+    with pytest.raises(PolicyError) as info:
+        PolicySet(shipped("default"), mapping=mapping)
+    assert [i.split(": name: ")[0] for i in info.value.issues] == [f"{copy}:{line}"]
 
 
 # --- conversation_sensitive: may a lower bound of the conversation signals stand in for the value? ---------------
@@ -415,3 +445,197 @@ def test_when_not_conversation_sensitive_every_value_between_decides_as_the_lowe
         if not policy.conversation_sensitive(low, high, harm):  # a request of this harm, at most
             decide, actual = policy.decide_input, harm * under
             assert decide(Signals(harm=actual, conversation=mid)) == decide(Signals(harm=actual, conversation=low))
+
+
+# --- rules that can never fire, blank texts, and every problem in one run ------------------------------------
+
+RULES_POLICY = """schema_version = 1
+name = "never"
+version = "1"
+harm_threshold = 0.5
+on_classifier_failure = "fail_open"
+on_state_failure = "fail_open"
+
+[refusals]
+default = "This request was declined by the test policy because it could cause harm; ask for a safer version."
+
+[[input_rules]]
+id = "block-harm"
+action = "block"
+when = {input}
+
+[[output_rules]]
+id = "stop-reply"
+action = "flag"
+when = {output}
+"""
+
+
+def _rules_policy(tmp_path: Path, *, input: str = "{ harm_at_least = 0.9 }", output: str = "{}") -> Path:
+    path = tmp_path / "never.toml"
+    path.write_text(RULES_POLICY.replace("{input}", input).replace("{output}", output), encoding="utf-8")
+    return path
+
+
+NEVER_FIRES = [
+    # stage, when, field of the issue, message fragment
+    ("input", "{ harm_at_least = 0.4, category_in = [] }", "input_rules[0].when.category_in", "empty list"),
+    ("input", "{ history_in = [] }", "input_rules[0].when.history_in", "empty list"),
+    ("output", "{ refusal_in = [] }", "output_rules[0].when.refusal_in", "empty list"),
+    ("input", "{ harm_at_least = 0.6, harm_below = 0.3 }", "input_rules[0].when.harm_below",
+     "no value is at least 0.6 and below 0.3"),
+    ("input", "{ harm_at_least = 0.3, harm_below = 0.3 }", "input_rules[0].when.harm_below", "can never match"),
+    ("input", '{ category_in = ["privacy"], category_not_in = ["privacy", "hate"] }',
+     "input_rules[0].when.category_not_in", "excludes every value category_in allows"),
+    ("input", '{ category_in = ["privacy", "hate"], category_not_in = ["privacy"] }',
+     "input_rules[0].when.category_not_in", "'privacy' is in both category_in and category_not_in"),
+    ("output", '{ false_refusal = true, refusal_in = ["none"] }', "output_rules[0].when.false_refusal",
+     "refusal_in allows only 'none'"),
+    ("output", "{ false_refusal = true, harm_at_least = 0.7 }", "output_rules[0].when.false_refusal",
+     "needs harm below harm_threshold (0.5)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("stage", "when", "field", "fragment"), NEVER_FIRES)
+def test_a_rule_that_can_never_fire_is_an_error(
+    tmp_path: Path, stage: str, when: str, field: str, fragment: str
+) -> None:
+    path = _rules_policy(tmp_path, **{stage: when})
+    issues = [str(i) for i in check_policy_file(path)]
+    line = 14 if stage == "input" else 19
+    assert len(issues) == 1 and issues[0].startswith(f"{path}:{line}: {field}: "), issues
+    assert fragment in issues[0]
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        '{ category_in = ["privacy"], category_not_in = ["hate"] }',
+        "{ harm_at_least = 0.3, harm_below = 0.6, category_not_in = [] }",
+        '{ false_refusal = true, refusal_in = ["full"] }',
+        '{ false_refusal = false, refusal_in = ["none"] }',
+    ],
+)
+def test_a_rule_that_can_fire_is_not_reported(tmp_path: Path, when: str) -> None:
+    assert check_policy_file(_rules_policy(tmp_path, output=when)) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [(" " * 45, 0), (" " * 20 + "x" * 39 + " " * 20, 39), ("\\n" * 20 + "x" * 40, None)],
+    ids=["blanks", "padded-39", "padded-40"],
+)
+@pytest.mark.parametrize("where", ["refusals", "failure_messages", "rule reply"])
+def test_blanks_do_not_count_toward_a_refusal_texts_40_characters(
+    tmp_path: Path, where: str, text: str, written: int | None
+) -> None:
+    path = _rules_policy(tmp_path)
+    source = path.read_text(encoding="utf-8")
+    if where == "rule reply":
+        source, field = (
+            source.replace('id = "block-harm"\n', f'id = "block-harm"\nreply = "{text}"\n'),
+            "input_rules[0].reply",
+        )
+    elif where == "refusals":
+        source, field = source.replace("[refusals]\n", f'[refusals]\nprivacy = "{text}"\n'), "refusals.privacy"
+    else:
+        source, field = source + f'\n[failure_messages]\nclassifier = "{text}"\n', "failure_messages.classifier"
+    path.write_text(source, encoding="utf-8")
+    issues = [str(i) for i in check_policy_file(path)]
+    if written is None:
+        assert issues == []
+        return
+    assert len(issues) == 1 and f": {field}: " in issues[0], issues
+    assert f"at least 40 characters, not counting blanks at either end (has {written})" in issues[0]
+
+
+EVERY_PROBLEM = """schema_version = 1
+name = "every-problem"
+version = "1"
+harm_threshold = 0.3
+on_classifier_failure = "fail_open"
+on_state_failure = "fail_open"
+
+[output]
+check_chars = 4
+retry_below_harm = 0.4
+
+[refusals]
+medical = "This request was declined by the test policy because it could cause harm; ask for a safer version."
+
+[[input_rules]]
+id = "block-harm"
+action = "block"
+when = { harm_at_least = 0.5 }
+
+[[input_rules]]
+id = "flag-escalation"
+action = "flag"
+when = { escalaton_at_least = 0.6 }
+
+[[input_rules]]
+id = "block-harm"
+action = "block"
+when = { harm_at_least = 0.7 }
+
+[[input_rules]]
+id = "Bad-Id"
+action = "flag"
+when = { harm_at_least = 0.9, jailbreak_at_least = 0.5 }
+"""
+
+
+def test_field_errors_do_not_hide_the_cross_field_ones(tmp_path: Path) -> None:
+    path = tmp_path / "every.toml"
+    path.write_text(EVERY_PROBLEM, encoding="utf-8")
+    issues = [str(i).removeprefix(f"{path}:") for i in check_policy_file(path)]
+    assert [i.split(": ", 2)[:2] for i in issues] == [
+        # field errors first, as pydantic finds them
+        ["9", "output.check_chars"],
+        ["13", "refusals.medical"],
+        ["23", "input_rules[1].when.escalaton_at_least"],
+        ["31", "input_rules[3].id"],
+        # then every cross-field check whose own fields are valid
+        ["12", "refusals"],
+        ["10", "output.retry_below_harm"],
+        ["26", "input_rules[2].id"],
+        ["28", "input_rules[2].when"],
+        ["33", "input_rules[3].when"],
+    ], issues
+    assert "a 'default' refusal text is required" in issues[4]
+    assert "must not exceed harm_threshold (0.3)" in issues[5]
+    assert "duplicate rule id 'block-harm'" in issues[6]
+    assert "rule 'block-harm' comes first" in issues[7] and "rule 'block-harm' comes first" in issues[8]
+
+
+def test_cli_check_mapping_checks_every_policy_it_names(tmp_path: Path) -> None:
+    shutil.copy(shipped("default"), tmp_path / "copy.toml")
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        "schema_version = 1\n"
+        "[default]\n"
+        f'active = "{shipped("default")}"\n'
+        f'shadows = ["{FIXTURES / "unknown_field.toml"}", "missing.toml", "copy.toml"]\n'
+        "[[routes]]\n"
+        'tenant = "kids-app"\n'
+        f'active = "{FIXTURES / "duplicate_rule.toml"}"\n'
+    )
+    bad = _cli("check", "--mapping", str(mapping))
+    assert bad.returncode == 1 and ": ok" not in bad.stdout
+    assert bad.stderr.splitlines() == [
+        f"{FIXTURES / 'duplicate_rule.toml'}:14: output_rules[0].id: duplicate rule id 'same'",
+        f"{FIXTURES / 'unknown_field.toml'}:16: input_rules[1].when.harm_above: unknown field",
+        f"{mapping}:4: default.shadows[1]: {tmp_path / 'missing.toml'}: cannot read file: No such file or directory",
+        f"{tmp_path / 'copy.toml'}:9: name: default@2026.12.07 is also the name@version of {shipped('default')}: "
+        "give this file a name or version of its own",
+        "1 of 1 file(s) invalid",
+    ]
+    # every problem the check lists is one the gateway refuses to start on
+    with pytest.raises(PolicyError) as info:
+        PolicySet(shipped("default"), mapping=mapping)
+    assert list(info.value.issues) == bad.stderr.splitlines()[:-1]
+    (tmp_path / "good.toml").write_text(
+        f'schema_version = 1\n[default]\nactive = "{shipped("default")}"\nshadows = ["{shipped("monitor")}"]\n'
+    )
+    good = _cli("check", "--mapping", str(tmp_path / "good.toml"))
+    assert good.returncode == 0 and good.stdout == f"{tmp_path / 'good.toml'}: ok\n", good.stderr

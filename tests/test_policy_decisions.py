@@ -17,7 +17,7 @@ from guardproxy.signals import ConversationSignals, Signals
 def _record(i: int) -> DecisionRecord:
     decision = Decision(policy="p", version="1", stage="input", action=Action.FLAG, rule="r", category="privacy")
     signals = Signals(harm=0.42, category="privacy", conversation=ConversationSignals(history="verified"))
-    return record_of(decision, signals, request_id=f"req-{i}", tenant="tenant-a", role="active")
+    return record_of(decision, signals, request_id=f"req-{i}", exchange_id=f"x-{i}", tenant="tenant-a", role="active")
 
 
 def test_records_are_written_as_json_lines_without_text_or_tenant(tmp_path: Path) -> None:
@@ -27,6 +27,7 @@ def test_records_are_written_as_json_lines_without_text_or_tenant(tmp_path: Path
     log.close()
     rows = list(read_log(tmp_path / "d.jsonl"))
     assert [r["request_id"] for r in rows] == ["req-0", "req-1", "req-2"]
+    assert [r["exchange_id"] for r in rows] == ["x-0", "x-1", "x-2"]
     assert rows[0]["tenant"] == tenant_hash("tenant-a") != "tenant-a"
     assert rows[0]["scores"]["harm"] == 0.42 and rows[0]["scores"]["history"] == "verified"
     assert log.written == 3 and log.dropped == 0

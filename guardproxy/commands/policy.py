@@ -16,7 +16,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = sub.add_parser("check", help="validate policy files; every error with file, line and field")
     check.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    check.add_argument("--mapping", action="store_true", help="the files are mapping files, not policies")
+    check.add_argument(
+        "--mapping", action="store_true", help="the files are mapping files: check them and every policy they name"
+    )
     cmp = sub.add_parser("compare", help="agreement between the active and each shadow policy, from the decision log")
     cmp.add_argument("--log", type=Path, help="JSONL decision log (default: settings.policy.decision_log)")
     cmp.add_argument(
@@ -34,18 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(files: list[Path], *, mapping: bool) -> int:
-    from guardproxy.errors import PolicyError
     from guardproxy.policy import check_policy_file
-    from guardproxy.policyset import load_mapping
+    from guardproxy.policyset import check_mapping_file
 
     failed = 0
     for path in files:
-        if mapping:
-            try:
-                load_mapping(path, active=Path("default.toml"), shadows=())
-                problems: list[str] = []
-            except PolicyError as exc:
-                problems = list(exc.issues)
+        if mapping:  # the mapping and every policy file it names: what serve would refuse to start on
+            problems = check_mapping_file(path)
         else:
             problems = [str(issue) for issue in check_policy_file(path)]
         if problems:
@@ -94,6 +91,10 @@ async def _store_records(url: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for drill in drills:
         rec = drill.record
+        # one drill, one exchange; a request the active policy blocked at input got no reply, so every decision in
+        # it is an input decision (compare counts such a shadow's as input-only)
+        ids = {"request_id": rec.request_id, "exchange_id": rec.id}
+        stage = "input" if rec.reply_from_policy else "exchange"
         for role, decision in [("active", rec.active), *(("shadow", d) for d in rec.shadows)]:
-            out.append({"request_id": rec.request_id, "role": role, "stage": "exchange", **decision.as_dict()})
+            out.append({**ids, "role": role, "stage": stage, **decision.as_dict()})
     return out
