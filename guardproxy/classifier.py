@@ -78,6 +78,15 @@ __all__ = ["ModelInfo", "OnnxClassifier", "Thresholds"]
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+# Reply windows (``OnnxClassifier.reply_windows``): a window fits the reply's share of a pair pass whatever the
+# prompt's length (at least two thirds of 253 ids); consecutive windows overlap by a sentence or two.
+REPLY_WINDOW_IDS = 128
+REPLY_WINDOW_STRIDE = 96
+REPLY_HEAD_IDS = 253  # no pair pass reads more of a reply (max_length 256 less three special ids)
+# A window's reply harm counts from here: on the calibration split (python -m bench.reply_windows --split
+# calibration), windows at 0.5 flagged 3.9% of PHTest's harmless replies against 2.3% for the head alone, at 0.6 2.5%.
+REPLY_WINDOW_LINE = 0.6
+MAX_REPLY_WINDOWS = 128  # ~12k ids: beyond that a reply is read no further
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -149,6 +158,16 @@ class _LRU:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _whole(head: ReplyScore, windows: Sequence[float]) -> ReplyScore:
+    """A reply's score from its head's and its windows' reply harm. A window reads the reply from its middle, out of
+    context, and reads harmless text as harmful more often than a head does: it counts only at ``REPLY_WINDOW_LINE``
+    or above (below, the head's reply harm stands)."""
+    sure = [w for w in windows if w >= REPLY_WINDOW_LINE]
+    if not sure or max(sure) <= head.reply_harm:
+        return head
+    return ReplyScore(head.refusal, head.refusal_probs, max(sure))
 
 
 def _key(kind: bytes, *parts: str) -> bytes:
@@ -562,6 +581,47 @@ class OnnxClassifier:
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         raw_keys = [_key(b"raw-pair", p, r) for p, r in pairs]
         return await self._submit(raw_keys, self._pair_job, list(pairs))
+
+    def reply_parts(self, reply: str) -> tuple[str, list[str]]:
+        """(head, windows) of ``reply``. A pair pass reads the reply's head (``encoding.encode_pair``); ``head`` is the
+        reply cut where no pair pass reads further (so the head's score is cached while a stream grows), and
+        ``windows`` the parts after the head that no pass would read: overlapping windows of ``REPLY_WINDOW_IDS``
+        ids every ``REPLY_WINDOW_STRIDE`` ids after the first stride, cut from the normalised reply at the
+        tokenizer's offsets; [] for a reply the head covers. Scored as (prompt, window) pairs, their reply harm finds
+        harmful text after a long harmless opening, which the head alone never reads. At most
+        ``MAX_REPLY_WINDOWS``, from the start."""
+        from guardproxy.normalize import normalize
+
+        text = normalize(reply)
+        offsets = self._tokenizer.encode(text, add_special_tokens=False).offsets
+        head = text if len(offsets) <= REPLY_HEAD_IDS else text[: offsets[REPLY_HEAD_IDS - 1][1]]
+        if len(offsets) <= REPLY_WINDOW_IDS:
+            return head, []
+        windows = []
+        last = len(offsets) - REPLY_WINDOW_IDS + REPLY_WINDOW_STRIDE
+        for start in range(REPLY_WINDOW_STRIDE, last, REPLY_WINDOW_STRIDE):
+            end = min(start + REPLY_WINDOW_IDS, len(offsets))
+            windows.append(text[offsets[start][0] : offsets[end - 1][1]])
+            if len(windows) == MAX_REPLY_WINDOWS:
+                break
+        return head, windows
+
+    async def score_whole_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
+        """``score_replies`` over each reply's whole length: the refusal class of its head, and the higher reply harm
+        of its head and of its windows (``reply_parts``) that reach ``REPLY_WINDOW_LINE``."""
+        raw_keys = [_key(b"raw-whole", p, r) for p, r in pairs]
+        return await self._submit(raw_keys, self._whole_job, list(pairs))
+
+    def score_whole_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
+        return self._whole_job(list(pairs), threading.Event())
+
+    def _whole_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
+        out = []
+        for prompt, reply in pairs:
+            head, windows = self.reply_parts(reply)
+            scores = self._pair_job([(prompt, head), *((prompt, w) for w in windows)], cancel)
+            out.append(_whole(scores[0], [s.reply_harm for s in scores[1:]]))
+        return out
 
     async def aclose(self) -> None:
         """Stop accepting work, drop queued jobs, and wait (off the loop) for a running one to finish."""

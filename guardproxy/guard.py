@@ -648,8 +648,12 @@ class GuardCheck:
         return scores
 
     async def _score_replies(self, pairs: list[tuple[str, str]]) -> list[ReplyScore] | None:
+        """Each reply over its whole length where the classifier can (``OnnxClassifier.score_whole_replies``: a
+        harmful passage after a long harmless opening is read too), else as one pair pass."""
+        whole = getattr(self.classifier, "score_whole_replies", None)
         try:
-            scores = await asyncio.wait_for(self.classifier.score_replies(pairs), self.timeout)
+            job = whole(pairs) if whole is not None else self.classifier.score_replies(pairs)
+            scores = await asyncio.wait_for(job, self.timeout)
         except Exception as exc:
             self._classifier_failed(exc)
             return None
