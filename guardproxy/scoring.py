@@ -163,7 +163,7 @@ class RowScorer:
         texts = [row.prompt for row in rows if row.kind in ("prompt", "response")]
         pairs = [(row.prompt, row.response) for row in rows if row.kind == "response"]
         prompt_scores = iter(self.classifier.score_prompts_sync(texts))
-        reply_scores = iter(self.classifier.score_replies_sync(pairs))
+        reply_scores = iter(self.classifier.score_whole_replies_sync(pairs))  # as the gateway reads a reply
         out = []
         for row in rows:
             if row.kind == "prompt":
