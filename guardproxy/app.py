@@ -51,14 +51,16 @@ from guardproxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from guardproxy.logs import redact
+from guardproxy.logs import cut_secrets, redact
 from guardproxy.metrics import CONTENT_TYPE, Metrics
 from guardproxy.pipeline import Exchange, Pipeline
 from guardproxy.proxy import (
     RouteKind,
     Upstream,
+    UpstreamErrorReply,
     classify_route,
     normalize_path,
+    request_secrets,
     response_headers,
     route_label,
     split_request_headers,
@@ -79,6 +81,8 @@ _JSON = (b"content-type", b"application/json")
 _SINGLE_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"x-request-id"})
 FINISH_GRACE_SECONDS = 5.0  # how long shutdown waits for pending pipeline.finish tasks
 MAX_PENDING_FINISH = 10_000
+# An upstream's own error text (a non-OpenAI error body, an in-stream error) is cut to this in a message we write.
+MAX_UPSTREAM_MESSAGE_CHARS = 2000
 
 
 class ClientGone(Exception):
@@ -110,13 +114,21 @@ def upstream_host(base_url: str) -> str:
 
 
 def error_payload(
-    exc: BaseException, *, in_band: bool = False
+    exc: BaseException, *, in_band: bool = False, secrets: Sequence[str] = ()
 ) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
     """Status, OpenAI-shaped body and extra headers for any error.
 
     ``in_band``: the error ends an SSE stream already under way. A broken upstream body is
     ``upstream_stream_error`` there, and ``upstream_bad_response`` on a reply answered with an HTTP error
-    (a plain reply that is not JSON, cut short, undecodable or oversized)."""
+    (a plain reply that is not JSON, cut short, undecodable or oversized). ``secrets``
+    (``proxy.request_secrets``): keys cut out of every text of the body, an upstream's own text included."""
+    status, body, headers = _error_payload(exc, in_band=in_band)
+    if secrets and isinstance(exc, UpstreamError):  # only an upstream's text can carry a key
+        body = _cut_all(body, secrets)
+    return status, body, headers
+
+
+def _error_payload(exc: BaseException, *, in_band: bool) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
     param: str | None = None
     headers: list[tuple[bytes, bytes]] = []
     message = str(exc)
@@ -135,19 +147,18 @@ def error_payload(
     elif isinstance(exc, Blocked):
         status, etype, code = exc.status_code, "content_filter", "content_filter"
     elif isinstance(exc, UpstreamHTTPError):
-        status, etype, code = exc.status_code, "upstream_error", f"upstream_{exc.status_code}"
-        if exc.retry_after is not None:
+        if isinstance(exc, UpstreamErrorReply):
+            headers.extend(exc.headers)  # Retry-After among them
+        elif exc.retry_after is not None:
             headers.append((b"retry-after", exc.retry_after.encode("latin-1", "replace")))
-        upstream_body = _upstream_error_body(exc)
-        if upstream_body is not None:
-            return status, upstream_body, headers
-        message = f"upstream answered HTTP {exc.status_code}"
+        return exc.status_code, upstream_error_body(exc.status_code, exc.body), headers
     elif isinstance(exc, UpstreamTimeout):
         status, etype, code = 504, "upstream_error", "upstream_timeout"
     elif isinstance(exc, UpstreamUnreachable):
         status, etype, code = 502, "upstream_error", "upstream_unreachable"
     elif isinstance(exc, UpstreamStreamError):
         status, etype, code = 502, "upstream_error", "upstream_stream_error" if in_band else "upstream_bad_response"
+        message = _clip(message)  # it may carry an upstream's in-stream error text
     elif isinstance(exc, UpstreamError):
         status, etype, code = 502, "upstream_error", "upstream_error"
     elif isinstance(exc, ClassifierError | StateBackendError):
@@ -157,20 +168,78 @@ def error_payload(
     return status, {"error": {"message": message, "type": etype, "param": param, "code": code}}, headers
 
 
-def _upstream_error_body(exc: UpstreamHTTPError) -> dict[str, Any] | None:
-    """The upstream's own error body when it is already OpenAI-shaped JSON."""
-    if "json" not in exc.content_type:
-        return None
+def upstream_error_body(status: int, raw: bytes) -> dict[str, Any]:
+    """An upstream's error body in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+
+    A body already in that shape is kept as it is. Of any other, the upstream's text becomes the message
+    (``_upstream_message``): vLLM's and SGLang's flat ``{"object": "error", "message", "type", "param", "code"}``
+    (its string ``type``, ``param`` and ``code`` kept), FastAPI's ``{"detail": ...}``, ``{"error": "text"}``, a
+    text/plain or HTML body. The code is ``upstream_<status>`` unless the upstream named one; an empty body says
+    only ``upstream answered HTTP <status>``."""
+    text = raw.decode("utf-8", "replace").strip()
     try:
-        body = json.loads(exc.body)
+        # Parsed whatever the content type says: some servers send JSON as text/plain.
+        obj = json.loads(text) if text[:1] in ("{", '"') else None
     except ValueError:
-        return None
-    return body if isinstance(body, dict) and isinstance(body.get("error"), dict | str) else None
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return obj
+    fields = obj if isinstance(obj, dict) else {}
+    message = _upstream_message(obj) if obj is not None else None
+    return {
+        "error": {
+            "message": _clip(message or text or f"upstream answered HTTP {status}"),
+            "type": _str_field(fields, "type") or "upstream_error",
+            "param": _str_field(fields, "param"),
+            "code": _str_field(fields, "code") or f"upstream_{status}",
+        }
+    }
 
 
-async def send_error(call: Call, exc: BaseException) -> None:
-    """Answer ``exc`` as well as the state of the response allows."""
-    status, body, headers = error_payload(exc, in_band=call.streaming)
+def _upstream_message(obj: Any) -> str | None:
+    """The message of an upstream's JSON error body that is not OpenAI-shaped; None when it has no known field."""
+    if isinstance(obj, str):
+        return obj
+    for key in ("error", "message"):
+        if isinstance(obj.get(key), str) and obj[key]:
+            return str(obj[key])
+    detail = obj.get("detail")
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):  # FastAPI's validation errors: where and what, never the offending "input"
+        parts = []
+        for item in detail:
+            if isinstance(item, dict) and isinstance(item.get("msg"), str):
+                loc = item.get("loc")
+                where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+                parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+        return "; ".join(parts) or None
+    return None
+
+
+def _str_field(fields: dict[str, Any], key: str) -> str | None:
+    value = fields.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_UPSTREAM_MESSAGE_CHARS else text[:MAX_UPSTREAM_MESSAGE_CHARS] + "..."
+
+
+def _cut_all(obj: Any, secrets: Sequence[str]) -> Any:
+    """``obj`` (JSON) with ``secrets`` cut out of each of its strings."""
+    if isinstance(obj, str):
+        return cut_secrets(obj, secrets)
+    if isinstance(obj, dict):
+        return {k: _cut_all(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cut_all(v, secrets) for v in obj]
+    return obj
+
+
+async def send_error(call: Call, exc: BaseException, secrets: Sequence[str] = ()) -> None:
+    """Answer ``exc`` as well as the state of the response allows; ``secrets`` as for ``error_payload``."""
+    status, body, headers = error_payload(exc, in_band=call.streaming, secrets=secrets)
     if call.finished:
         return
     if call.streaming:
@@ -265,19 +334,22 @@ class Gateway:
         for call in list(self.calls):
             call.cut(shutdown=True)
 
-    def log_upstream_failure(self, call: Call, exc: UpstreamError, elapsed: float) -> None:
+    def log_upstream_failure(self, call: Call, exc: UpstreamError, elapsed: float, secrets: Sequence[str] = ()) -> None:
         """One line per request the upstream failed: request id, error code, upstream host, time taken.
 
-        Never a header, a key or the upstream's URL path and query; the message is the gateway's own
-        (an upstream's in-stream error text included), redacted, with the gateway's upstream key cut out."""
+        Never a header, a key or the upstream's URL path and query; the message is the gateway's own, with the
+        upstream's error text where it sent one (in its error body or in the stream), redacted: ``secrets``
+        (``proxy.request_secrets``: the gateway's upstream key, the caller's key) cut out exactly, and anything
+        shaped like a key."""
         if isinstance(exc, UpstreamHTTPError):  # the gateway's code, not one from the upstream's body
             code = f"upstream_{exc.status_code}"
+            text = upstream_error_body(exc.status_code, exc.body)["error"].get("message")
+            message = f"{exc}: {_clip(text)}" if isinstance(text, str) and text != str(exc) else str(exc)
         else:
             code = error_payload(exc, in_band=call.streaming)[1]["error"]["code"]
-        message = redact(str(exc))
+            message = _clip(str(exc))
         key = self.upstream.replace_key if self.upstream is not None else None
-        if key:
-            message = message.replace(key, "[REDACTED]")
+        message = redact(message, (*secrets, key) if key else secrets)
         # An upstream 4xx other than 429 is the client's own problem passed through, not an upstream failure.
         client_side = isinstance(exc, UpstreamHTTPError) and exc.status_code < 500 and exc.status_code != 429
         logger.log(
@@ -355,6 +427,7 @@ class V1Endpoint:
                 scope["headers"],
                 replace_key=gw.upstream.replace_key if gw.upstream else None,
                 key_header=gw.upstream.key_header if gw.upstream else "authorization",
+                parses_reply=kind is RouteKind.GUARDED,
             )
             call.upstream_headers.append((b"x-request-id", call.request_id.encode()))
             call.query = scope.get("query_string", b"")
@@ -369,9 +442,11 @@ class V1Endpoint:
                 gw.metrics.rejected.labels(type(exc).__name__).inc()
             if call.streaming:
                 gw.metrics.stream_errors.labels(error_payload(exc, in_band=True)[1]["error"]["code"]).inc()
-            if isinstance(exc, UpstreamError):
-                gw.log_upstream_failure(call, exc, time.perf_counter() - t0)
-            await send_error(call, exc)
+            secrets: tuple[str, ...] = ()
+            if isinstance(exc, UpstreamError):  # only an upstream's text can carry a key
+                secrets = request_secrets(scope["headers"], gw.upstream.replace_key if gw.upstream else None)
+                gw.log_upstream_failure(call, exc, time.perf_counter() - t0, secrets)
+            await send_error(call, exc, secrets)
         except Exception as exc:
             logger.exception("unexpected error on %s %s (request %s)", method, label, call.request_id)
             await send_error(call, exc)

@@ -4,19 +4,41 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 
-# Bearer tokens, OpenAI-style keys and anything that looks like an api key assignment.
+REDACTED = "[REDACTED]"
+# A known key shorter than this is a placeholder ("EMPTY", "none", "x": what a keyless upstream is given), not a
+# secret: cutting it out of a text would mangle every word that contains it.
+MIN_SECRET_CHARS = 8
+
+# Bearer tokens, OpenAI-style keys (sk-, sk-proj-, sk-ant-), Groq (gsk_) and Google (AIza) keys, and anything that
+# looks like an api key assignment. Keys with no telling shape (Azure's 32 hex digits) only go as known keys.
 _PATTERNS = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{6,}"),
     re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"\bgsk_[A-Za-z0-9]{16,}"),
+    re.compile(r"\bAIza[A-Za-z0-9_-]{20,}"),
     re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|token)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]{6,}"),
 ]
 
 
-def redact(text: str) -> str:
-    """Replace credentials in ``text`` with ``[REDACTED]``."""
+def cut_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each known secret (a key the gateway holds or was sent) replaced by ``[REDACTED]``, exactly.
+
+    Secrets shorter than ``MIN_SECRET_CHARS`` are left alone; longer ones go first, so a key that contains
+    another is cut whole."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_SECRET_CHARS and secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace credentials in ``text`` with ``[REDACTED]``: the known ``secrets`` exactly, then anything shaped
+    like a key."""
+    text = cut_secrets(text, secrets)
     for pattern in _PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[REDACTED]", text)
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, text)
     return text
 
 

@@ -3,6 +3,11 @@
 httpx is the client API; the transport under it is ``httpx_aiohttp.AiohttpTransport`` by default
 because it measured faster here than httpx's own (see ``bench/RESULTS.md``). Failures of either
 transport are translated into the ``UpstreamError`` tree at one boundary (``upstream_failure``).
+
+Timeouts: ``connect_timeout`` bounds the TCP connect and the wait for a pooled connection. A request that asks
+for a stream (``"stream": true``) may wait ``read_timeout`` for its first byte and between two reads after it.
+A plain request gets its reply only when generation ends, so nothing but the exchange's overall deadline
+(``total_timeout``, held by the caller) bounds its wait.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextvars import ContextVar
 from enum import Enum
 from typing import Literal
@@ -25,6 +30,7 @@ from guardproxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from guardproxy.logs import MIN_SECRET_CHARS, REDACTED
 from guardproxy.settings import Settings
 
 TransportKind = Literal["aiohttp", "httpx"]
@@ -50,9 +56,19 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
 # Credentials: never in Exchange.headers (checks, logs, drills), and not sent upstream in replace mode.
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key", b"cookie", b"proxy-authorization"})
-# The ASGI server writes its own date/server; a body we re-encode gets a fresh length and no encoding.
+_KEY_HEADERS = CREDENTIAL_HEADERS - {b"cookie"}
+_SCHEMED_HEADERS = frozenset({b"authorization", b"proxy-authorization"})  # "Bearer <key>"
+# What the gateway can decode of an upstream body it parses: httpx's decoders without the optional packages
+# (br needs brotli, zstd needs zstandard; neither is a dependency). httpx reads any other coding as identity.
+DECODABLE_ENCODINGS = frozenset({"gzip", "deflate", "identity"})
+# The ASGI server writes its own date/server; a body we re-encode gets a fresh length and no encoding. The
+# upstream's x-request-id goes to the client as x-upstream-request-id: x-request-id is the gateway's.
 _RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 _RESPONSE_DROP_DECODED = _RESPONSE_DROP | {b"content-length", b"content-encoding"}
+UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
+# A request body that asks for a stream. Inside a JSON string every quote is escaped, so a quoted "stream"
+# followed by a colon is always a key (a nested one, rarely, which only gives that request a stream's timeouts).
+_STREAM_REQUEST = re.compile(rb'"stream"\s*:\s*true')
 
 GUARDED_PATH = "/v1/chat/completions"
 # POST routes under these prefixes generate text without passing the guard. Matching is by prefix on the
@@ -114,12 +130,31 @@ def route_label(kind: RouteKind, path: str) -> str:
     return "/v1/" + (seg if seg in _KNOWN_RESOURCES else "other")
 
 
+def decodable_accept_encoding(values: Iterable[bytes]) -> bytes:
+    """The client's ``Accept-Encoding`` (all its values) cut to the codings the gateway can decode, q-values kept;
+    ``identity`` when none is left (``br`` alone, ``*``, or no header: which by RFC 9110 accepts any coding)."""
+    kept = []
+    for value in values:
+        for part in value.decode("latin-1").split(","):
+            coding = part.split(";", 1)[0].strip().lower()
+            if coding in DECODABLE_ENCODINGS:
+                kept.append(part.strip())
+    return ", ".join(kept).encode("latin-1") if kept else b"identity"
+
+
 def split_request_headers(
-    raw: Iterable[tuple[bytes, bytes]], *, replace_key: str | None, key_header: str = "authorization"
+    raw: Iterable[tuple[bytes, bytes]],
+    *,
+    replace_key: str | None,
+    key_header: str = "authorization",
+    parses_reply: bool = False,
 ) -> tuple[list[tuple[bytes, bytes]], dict[str, str]]:
     """Headers to send upstream, and the credential-free headers the checks see (``Exchange.headers``).
 
     Header names from an ASGI server are already lower-case. Names listed in ``Connection`` are hop-by-hop too.
+    ``parses_reply``: the gateway decodes and reads the reply (the guarded route), so the upstream is offered only
+    the content codings it can decode (``decodable_accept_encoding``); a forwarded reply is relayed raw, in
+    whatever coding the client accepts.
     """
     raw = list(raw)
     drop = _REQUEST_DROP
@@ -128,6 +163,8 @@ def split_request_headers(
             drop = drop | {t.strip().lower().encode() for t in value.decode("latin-1").split(",")}
     if replace_key is not None:
         drop = drop | CREDENTIAL_HEADERS
+    if parses_reply:
+        drop = drop | {b"accept-encoding"}
     upstream: list[tuple[bytes, bytes]] = []
     visible: dict[str, str] = {}
     for name, value in raw:
@@ -135,6 +172,8 @@ def split_request_headers(
             upstream.append((name, value))
         if name not in CREDENTIAL_HEADERS and name not in HOP_BY_HOP:
             visible[name.decode("latin-1")] = value.decode("latin-1")
+    if parses_reply:
+        upstream.append((b"accept-encoding", decodable_accept_encoding(v for n, v in raw if n == b"accept-encoding")))
     if replace_key is not None:
         if key_header == "authorization":
             upstream.append((b"authorization", b"Bearer " + replace_key.encode()))
@@ -143,17 +182,38 @@ def split_request_headers(
     return upstream, visible
 
 
+def request_secrets(raw: Iterable[tuple[bytes, bytes]], replace_key: str | None) -> tuple[str, ...]:
+    """The keys that no upstream error text may carry to a client or a log line: the gateway's own upstream key
+    (replace mode) and the caller's, as sent (the token of ``Authorization``, the value of ``x-api-key`` or
+    ``api-key``). Known exactly, they are cut out exactly, whatever their shape."""
+    out = [replace_key] if replace_key else []
+    for name, value in raw:
+        if name in _KEY_HEADERS:
+            text = value.decode("latin-1").strip()
+            token = text.partition(" ")[2].strip()  # after the scheme ("Bearer")
+            out.append(token if name in _SCHEMED_HEADERS and token else text)
+    return tuple(s for s in out if len(s) >= MIN_SECRET_CHARS)
+
+
 def response_headers(headers: httpx.Headers, *, decoded: bool) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers as the client gets them (lower-case names for ASGI)."""
+    """The upstream's response headers as the client gets them (lower-case names for ASGI).
+
+    The upstream's ``x-request-id`` (OpenAI's ``req_...``, which its support asks for) comes as
+    ``x-upstream-request-id``, unless the upstream sent one of those itself (another gateway in front of it)."""
     drop = _RESPONSE_DROP_DECODED if decoded else _RESPONSE_DROP
     conn = headers.get("connection")
     if conn:
         drop = drop | {t.strip().lower().encode() for t in conn.split(",")}
     out = []
+    upstream_id: bytes | None = None
     for name, value in headers.raw:
         low = name.lower()
-        if low not in drop:
+        if low == b"x-request-id":
+            upstream_id = upstream_id or value
+        elif low not in drop:
             out.append((low, value))
+    if upstream_id and all(name != UPSTREAM_REQUEST_ID for name, _ in out):
+        out.append((UPSTREAM_REQUEST_ID, upstream_id))
     return out
 
 
@@ -249,6 +309,55 @@ def make_transport(settings: Settings, kind: TransportKind = "aiohttp") -> httpx
     return AiohttpTransport(limits=limits, trust_env=False, client=session)
 
 
+class UpstreamErrorReply(UpstreamHTTPError):
+    """An ``UpstreamHTTPError`` read from the upstream's response, with the response headers the client gets
+    along with it as on a 200 (``Retry-After``, ``x-should-retry``, ``retry-after-ms``, ``x-ratelimit-*``,
+    ``x-upstream-request-id``, ...): clients and SDKs decide whether and when to retry from them. Not those of the
+    body, which the app writes anew."""
+
+    def __init__(self, status_code: int, body: bytes, *, content_type: str, headers: list[tuple[bytes, bytes]]) -> None:
+        retry_after = next((v.decode("latin-1") for k, v in headers if k == b"retry-after"), None)
+        super().__init__(status_code, body, content_type=content_type, retry_after=retry_after)
+        self.headers = headers
+
+
+def _key_prefix_at_end(data: bytes, key: bytes) -> int:
+    """The length of the longest tail of ``data`` that is a proper prefix of ``key`` (0 if none)."""
+    i = data.find(key[:1], max(0, len(data) - len(key) + 1))
+    while i != -1:
+        if key.startswith(data[i:]):
+            return len(data) - i
+        i = data.find(key[:1], i + 1)
+    return 0
+
+
+class _KeyCutStream(httpx.AsyncByteStream):
+    """An identity-coded upstream body with the gateway's own key cut out as it streams: an upstream that echoes
+    the key it was sent (an error event in a 200 stream, an error object in a 200 reply) must not hand it to a
+    tenant. A read that ends with what could be the key's start holds that tail back until the next read; SSE
+    events end with a blank line, so a stream is not held back."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, key: bytes) -> None:
+        self.inner = inner
+        self.key = key
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        held = b""
+        async for chunk in self.inner:
+            data = held + chunk
+            if self.key in data:
+                data = data.replace(self.key, REDACTED.encode())
+            keep = _key_prefix_at_end(data, self.key)
+            held = data[len(data) - keep :]
+            if len(data) > keep:
+                yield data[: len(data) - keep]
+        if held:
+            yield held
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class Upstream:
     """The one upstream HTTP client of an app, created at startup.
 
@@ -262,15 +371,24 @@ class Upstream:
         up = settings.upstream
         # A base URL ending in /v1 maps /v1/x to base/x; any other base gets the path after /v1 appended.
         self.base = str(httpx.URL(up.base_url)).rstrip("/")
+        # A stream's first byte and each gap after it: read_timeout. A plain reply: no read timeout, the caller's
+        # overall deadline (total_timeout) bounds it (see the module docstring).
         self.timeout = httpx.Timeout(
             connect=up.connect_timeout, read=up.read_timeout, write=up.read_timeout, pool=up.connect_timeout
+        )
+        self.plain_timeout = httpx.Timeout(
+            connect=up.connect_timeout, read=None, write=up.read_timeout, pool=up.connect_timeout
         )
         self.transport = transport or make_transport(settings, up.transport)
         # whether ``open(sent=...)`` resolves ``sent`` when the body is written (else: when open returns)
         self.signals_sent = transport is None and up.transport == "aiohttp"
         self.client = httpx.AsyncClient(transport=self.transport, timeout=self.timeout, trust_env=False)
-        self._extensions = {"timeout": self.timeout.as_dict()}
+        self._stream_extensions = {"timeout": self.timeout.as_dict()}
+        self._plain_extensions = {"timeout": self.plain_timeout.as_dict()}
         self.replace_key = up.api_key.get_secret_value() if up.api_key is not None else None
+        # the key cut out of every upstream body (replace mode), unless it is a placeholder (logs.MIN_SECRET_CHARS)
+        key = self.replace_key
+        self._cut_key = key.encode() if key is not None and len(key) >= MIN_SECRET_CHARS else None
         self.key_header = up.api_key_header
 
     def url(self, path: str, query: bytes = b"") -> str:
@@ -290,10 +408,14 @@ class Upstream:
         """Send a request; return once the response headers arrived (the body is read by the caller).
 
         ``sent`` is resolved once the request body goes to the socket where the transport reports it
-        (``signals_sent``), and in any case by the time this returns or raises."""
+        (``signals_sent``), and in any case by the time this returns or raises. A body that asks for a stream gets
+        the read timeout; any other waits as long as the caller's deadline allows. In replace mode the gateway's
+        key is cut out of an identity-coded response body as it is read (``_KeyCutStream``)."""
+        streamed = content is not None and _STREAM_REQUEST.search(content) is not None
+        extensions = self._stream_extensions if streamed else self._plain_extensions
         token = _SENT.set(sent)
         try:
-            request = httpx.Request(method, url, headers=headers, content=content, extensions=self._extensions)
+            request = httpx.Request(method, url, headers=headers, content=content, extensions=extensions)
             response = await self.transport.handle_async_request(request)
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
             raise upstream_failure(exc, started=False) from exc
@@ -301,6 +423,10 @@ class Upstream:
             _SENT.reset(token)
             _resolve(sent)
         response.request = request
+        stream = response.stream
+        if self._cut_key is not None and isinstance(stream, httpx.AsyncByteStream):
+            if response.headers.get("content-encoding", "identity").strip().lower() == "identity":
+                response.stream = _KeyCutStream(stream, self._cut_key)
         return response
 
     @staticmethod
@@ -320,22 +446,22 @@ class Upstream:
             raise upstream_failure(exc, started=True) from exc
 
     async def error_from(self, response: httpx.Response) -> UpstreamHTTPError:
-        """An upstream error status as an ``UpstreamHTTPError`` carrying its body (at most 64 KiB) and Retry-After.
+        """An upstream error status as an ``UpstreamErrorReply`` carrying its body (at most 64 KiB, decoded) and
+        the headers the client gets with it.
 
         In replace mode the gateway's own upstream key is cut out of the body: an upstream that echoes
-        the key it was sent ("invalid key sk-...") must not hand it to the client.
+        the key it was sent ("invalid key sk-...") must not hand it to the client. The app cuts the caller's
+        key too, from whatever text of the body it sends (``app.error_payload``).
         """
         try:
             body = await Upstream.read(response, limit=64 * 1024)
         except UpstreamError:
             body = b""
-        if self.replace_key and self.replace_key.encode() in body:
-            body = body.replace(self.replace_key.encode(), b"[REDACTED]")
-        return UpstreamHTTPError(
-            response.status_code,
-            body,
-            content_type=response.headers.get("content-type", ""),
-            retry_after=response.headers.get("retry-after"),
+        if self._cut_key is not None and self._cut_key in body:  # a compressed body, which open could not cut
+            body = body.replace(self._cut_key, REDACTED.encode())
+        headers = [h for h in response_headers(response.headers, decoded=True) if h[0] != b"content-type"]
+        return UpstreamErrorReply(
+            response.status_code, body, content_type=response.headers.get("content-type", ""), headers=headers
         )
 
     async def aclose(self) -> None:

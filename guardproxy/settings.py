@@ -57,6 +57,20 @@ class ServerSettings(_Section):
 
 
 class UpstreamSettings(_Section):
+    """The upstream, its key (replace mode), its timeouts and connection pool.
+
+    Timeouts, in seconds (applied in ``guardproxy.proxy``):
+
+    - ``connect_timeout``: opening a TCP connection, and waiting for a pooled one.
+    - ``read_timeout``: for a request that asks for a stream (``"stream": true``), the longest wait for the first
+      byte of the reply, then between two reads; a stream that stalls longer ends with an in-band
+      ``upstream_timeout`` error. Also the longest a write of the request body may take. A plain request has no
+      read timeout: its reply comes only when generation ends, so ``total_timeout`` alone bounds the wait.
+    - ``total_timeout``: the overall deadline of one exchange, plain or streamed, from its start (the input check
+      included) to the reply's last byte, a re-ask included; past it the client gets ``504 upstream_timeout``, or
+      the in-band error on a stream under way. 600 s, as the openai SDK's own default.
+    """
+
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key: SecretStr | None = Field(
         None, description="replace mode: send this key upstream and require gateway keys from clients"
@@ -66,9 +80,19 @@ class UpstreamSettings(_Section):
         description="how replace mode sends the key: 'Authorization: Bearer <key>', or the bare key in Azure "
         "OpenAI's 'api-key' or an 'x-api-key' header",
     )
-    connect_timeout: float = Field(5.0, gt=0)
-    read_timeout: float = Field(60.0, gt=0, description="longest gap between two reads from the upstream")
-    total_timeout: float = Field(600.0, gt=0, description="overall deadline of one upstream exchange")
+    connect_timeout: float = Field(5.0, gt=0, description="TCP connect, and the wait for a pooled connection")
+    read_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="streamed requests: longest wait for the first byte, then between two reads; a plain request has "
+        "none (its reply comes when generation ends: total_timeout bounds it)",
+    )
+    total_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="overall deadline of one exchange, plain or streamed: from its start (the input check included) "
+        "to the reply's last byte (600 s, as the openai SDK's own default)",
+    )
     max_connections: int = Field(256, ge=1)
     max_keepalive_connections: int = Field(64, ge=0)
     transport: Literal["aiohttp", "httpx"] = Field(

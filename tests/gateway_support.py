@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -36,6 +36,48 @@ class Env:
     def pipeline(self) -> Pipeline:
         pipeline: Pipeline = self.app.state.pipeline
         return pipeline
+
+
+Headers = dict[str, str]
+Answer = tuple[int, list[tuple[str, str]], list[bytes]]  # status, headers, body chunks
+
+
+def _no_answer(headers: Headers) -> Answer:
+    raise AssertionError("Canned.answer was not set")
+
+
+@dataclass
+class Canned:
+    """A FAKE upstream for one-off replies: ``answer(request headers)`` gives each response (status, headers and
+    the body's chunks, each its own write); the headers of every request are kept in ``seen``."""
+
+    answer: Callable[[Headers], Answer] = _no_answer
+    seen: list[Headers] = field(default_factory=list)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        self.seen.append(headers)
+        status, extra, chunks = self.answer(headers)
+        raw = [(k.encode(), v.encode()) for k, v in extra]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@asynccontextmanager
+async def canned_gateway(**sections: dict[str, Any]) -> AsyncIterator[tuple[Env, Canned]]:
+    """The gateway in front of a ``Canned`` upstream."""
+    canned = Canned()
+    async with serve(canned) as url, gateway(upstream_url=url, **sections) as env:
+        yield env, canned
 
 
 def settings_for(upstream_url: str, **sections: dict[str, Any]) -> Settings:

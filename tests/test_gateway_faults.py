@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from guardproxy.app import upstream_host
+from guardproxy.fake_upstream import FakeUpstream
 from guardproxy.server import _loggable_url
 from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
 from tests.servers import free_port
@@ -65,14 +66,50 @@ async def tight(tight_shared: Env) -> Env:
     return tight_shared
 
 
-async def test_never_answering_upstream_trips_the_read_timeout(tight: Env) -> None:
+async def test_never_answering_upstream_trips_the_read_timeout_of_a_stream(tight: Env) -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    r = await tight.client.post(CHAT, json={**HELLO, "stream": True}, headers={"x-fake-fault": "never"})
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert "read timeout" in r.json()["error"]["message"]
+    assert loop.time() - t0 < 5
+    await asyncio.wait_for(tight.fake.cancelled.wait(), timeout=2)
+
+
+async def test_never_answering_upstream_trips_the_overall_deadline_of_a_plain_request(tight: Env) -> None:
+    # A plain reply comes only when generation ends: no read timeout, the overall deadline decides.
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     r = await tight.client.post(CHAT, json=HELLO, headers={"x-fake-fault": "never"})
     assert r.status_code == 504
-    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert "overall deadline" in r.json()["error"]["message"]
     assert loop.time() - t0 < 5
     await asyncio.wait_for(tight.fake.cancelled.wait(), timeout=2)
+
+
+# A plain request waits for its reply as long as the overall deadline allows, however short the read timeout; a
+# stream may wait the read timeout for its first byte. The upstream takes 1 s to answer; the read timeout is 0.3 s.
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_slow_generation_is_waited_for_up_to_the_overall_deadline(transport: str) -> None:
+    fake = FakeUpstream(ttft=1.0, slow_seconds=1.0)
+    async with gateway(fake, upstream={"read_timeout": 0.3, "total_timeout": 30, "transport": transport}) as own:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = await own.client.post(CHAT, json=HELLO)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == fake.reply
+        assert loop.time() - t0 >= 1.0  # it did wait for the generation
+        # The same on a forwarded route (a long embeddings batch, an image), and through the guard.
+        slow = {"x-fake-fault": "slow"}
+        r = await own.client.post("/v1/embeddings", json={"model": "e", "input": "hi"}, headers=slow)
+        assert r.status_code == 200, r.text
+        own.pipeline.checks = [ScriptedCheck()]
+        assert (await own.client.post(CHAT, json=HELLO)).status_code == 200
+        # A stream whose first byte takes longer than the read timeout is cut.
+        r = await own.client.post(CHAT, json={**HELLO, "stream": True})
+        assert r.status_code == 504
+        assert r.json()["error"]["code"] == "upstream_timeout"
 
 
 async def test_dripping_upstream_trips_the_overall_deadline(tight: Env) -> None:
@@ -209,7 +246,7 @@ async def test_hanging_upstream_is_logged_with_its_time(tight: Env, caplog: pyte
     host = tight.upstream_url.removeprefix("http://")
     with caplog.at_level(logging.DEBUG):
         r = await tight.client.post(
-            CHAT, json=HELLO, headers={**AUTH, "x-request-id": "rid-hang", "x-fake-fault": "never"}
+            CHAT, json={**HELLO, "stream": True}, headers={**AUTH, "x-request-id": "rid-hang", "x-fake-fault": "never"}
         )
     assert r.status_code == 504
     _assert_one_failure_line(caplog, "rid-hang", "upstream_timeout", host)

@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
+import pytest_asyncio
 
 from guardproxy.fake_upstream import FakeUpstream
-from guardproxy.proxy import Upstream
+from guardproxy.proxy import Upstream, decodable_accept_encoding
 from guardproxy.settings import Settings
-from tests.gateway_support import CHAT, HELLO, Env, ScriptedCheck, env, gateway, shared_env, sse_events, streamed_text
+from tests.gateway_support import (
+    CHAT,
+    HELLO,
+    Answer,
+    Canned,
+    Env,
+    Headers,
+    ScriptedCheck,
+    canned_gateway,
+    env,
+    gateway,
+    shared_env,
+    sse_events,
+    streamed_text,
+)
 from tests.servers import serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -110,6 +126,64 @@ async def test_gzip_reply_is_decoded_without_stale_headers(env: Env) -> None:
     # The fake really compressed it (so the test above exercised the decoding).
     raw = await env.client.post(env.upstream_url + CHAT, json=HELLO, headers={"x-fake-fault": "gzip"})
     assert raw.headers["content-encoding"] == "gzip"
+
+
+def _brotli_if_offered(headers: Headers) -> Answer:
+    """A FAKE upstream that compresses with br whenever it is offered, as real ones do. Its "br" bytes are not brotli:
+    a gateway that offered br could read nothing of the reply."""
+    if "br" in headers.get("accept-encoding", ""):
+        return 200, [("content-type", "application/json"), ("content-encoding", "br")], [b"\x1b\x2a\x00 not brotli"]
+    if headers.get("x-want-sse"):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Paris"},
+                 "finish_reason": "stop"}]}  # fmt: skip
+        return 200, [("content-type", "text/event-stream")], [f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()]
+    reply = {"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+             "content": "Paris"}, "finish_reason": "stop"}]}  # fmt: skip
+    return 200, [("content-type", "application/json")], [json.dumps(reply).encode()]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def brotli_upstream() -> AsyncIterator[tuple[Env, Canned]]:
+    async with canned_gateway() as pair:
+        pair[1].answer = _brotli_if_offered
+        yield pair
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("offered", "sent"), [("gzip, deflate, br", "gzip, deflate"), ("br", "identity")])
+async def test_guarded_route_offers_the_upstream_only_codings_it_can_decode(
+    offered: str, sent: str, stream: bool, guarded: bool, brotli_upstream: tuple[Env, Canned]
+) -> None:
+    # The openai SDK with brotli importable, Node's fetch and curl --compressed all offer br.
+    own, canned = brotli_upstream
+    canned.seen.clear()
+    own.pipeline.checks = [ScriptedCheck()] if guarded else []
+    headers = {"accept-encoding": offered, **({"x-want-sse": "1"} if stream else {})}
+    r = await own.client.post(CHAT, json={**HELLO, "stream": stream}, headers=headers)
+    assert r.status_code == 200, r.text
+    text = streamed_text(sse_events(r.text)) if stream else r.json()["choices"][0]["message"]["content"]
+    assert text == "Paris"
+    assert canned.seen[0]["accept-encoding"] == sent
+    # A forwarded route relays the body raw: there the client's own codings go upstream as sent.
+    r = await own.client.get("/v1/models", headers={"accept-encoding": offered})
+    assert canned.seen[1]["accept-encoding"] == offered
+    assert r.headers["content-encoding"] == "br"
+
+
+@pytest.mark.parametrize(
+    ("offered", "sent"),
+    [
+        ([b"gzip, deflate, br"], b"gzip, deflate"),
+        ([b"br;q=1.0, gzip;q=0.8, zstd"], b"gzip;q=0.8"),
+        ([b"gzip", b"DEFLATE, x-custom"], b"gzip, DEFLATE"),
+        ([b"br"], b"identity"),
+        ([b"*"], b"identity"),
+        ([], b"identity"),  # no header: by RFC 9110 any coding would do
+    ],
+)
+async def test_decodable_accept_encoding(offered: list[bytes], sent: bytes) -> None:
+    assert decodable_accept_encoding(offered) == sent
 
 
 async def test_split_crlf_comment_stream_is_relayed_intact(env: Env) -> None:
