@@ -274,7 +274,7 @@ class ChatHandler:
         t0 = time.perf_counter()
         # The client's query string goes along (Azure-style endpoints need ?api-version=...).
         url = httpx.URL(self.upstream.url(GUARDED_PATH, call.query)) if call.query else self.url
-        resp = await self.upstream.open("POST", url, call.upstream_headers, content, sent=sent)
+        resp = await self.upstream.open("POST", url, call.upstream_headers, content, sent=sent, stream=ex.stream)
         dt = time.perf_counter() - t0
         ex.timings["upstream"] = ex.timings.get("upstream", 0.0) + dt
         self._upstream_hist.observe(dt)

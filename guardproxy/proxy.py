@@ -404,14 +404,16 @@ class Upstream:
         content: bytes | None,
         *,
         sent: asyncio.Future[None] | None = None,
+        stream: bool | None = None,
     ) -> httpx.Response:
         """Send a request; return once the response headers arrived (the body is read by the caller).
 
         ``sent`` is resolved once the request body goes to the socket where the transport reports it
         (``signals_sent``), and in any case by the time this returns or raises. A body that asks for a stream gets
-        the read timeout; any other waits as long as the caller's deadline allows. In replace mode the gateway's
-        key is cut out of an identity-coded response body as it is read (``_KeyCutStream``)."""
-        streamed = content is not None and _STREAM_REQUEST.search(content) is not None
+        the read timeout; any other waits as long as the caller's deadline allows (``stream``: whether it asks for
+        one, where the caller parsed it; else read from the body). In replace mode the gateway's key is cut out of
+        an identity-coded response body as it is read (``_KeyCutStream``)."""
+        streamed = stream if stream is not None else content is not None and _STREAM_REQUEST.search(content) is not None
         extensions = self._stream_extensions if streamed else self._plain_extensions
         token = _SENT.set(sent)
         try:
@@ -423,10 +425,10 @@ class Upstream:
             _SENT.reset(token)
             _resolve(sent)
         response.request = request
-        stream = response.stream
-        if self._cut_key is not None and isinstance(stream, httpx.AsyncByteStream):
+        body = response.stream
+        if self._cut_key is not None and isinstance(body, httpx.AsyncByteStream):
             if response.headers.get("content-encoding", "identity").strip().lower() == "identity":
-                response.stream = _KeyCutStream(stream, self._cut_key)
+                response.stream = _KeyCutStream(body, self._cut_key)
         return response
 
     @staticmethod
