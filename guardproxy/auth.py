@@ -86,6 +86,10 @@ class RateLimiter:
 
     The table is bounded (least recently used tenants are dropped; a dropped tenant starts with a full
     bucket), because in pass-through mode a client can mint tenants by sending random keys.
+
+    The buckets live in this process, not in the shared state: N replicas behind a load balancer let a tenant
+    through at up to N times ``rate``. Divide the limit by the replica count, or enforce it at the load balancer
+    (README, Operations). The drill sampling caps (``guardproxy.drills.sampling.Sampler``) are per process too.
     """
 
     def __init__(self, rate: float, burst: int, *, max_tenants: int = 100_000) -> None:

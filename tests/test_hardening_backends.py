@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import sqlite3
@@ -88,6 +89,7 @@ async def test_redis_down_then_slow_under_load(tmp_path: Path) -> None:
         state = {
             "url": f"redis://127.0.0.1:{redis.port}/0",
             "hmac_secret": uuid.uuid4().hex,  # fresh keys: nothing shared with other tests
+            "prefix": f"gptest:{uuid.uuid4().hex}:",  # nor the secret's fingerprint (k:hmac)
             "ttl_seconds": 120,  # and they expire soon after
             "backend_timeout": 0.05,
         }
@@ -134,10 +136,18 @@ async def test_redis_down_then_slow_under_load(tmp_path: Path) -> None:
     assert len(asyncio.all_tasks()) <= tasks0 and open_fds() <= fds0 + 2
 
 
-async def test_redis_down_at_startup_starts_degraded_and_recovers(tmp_path: Path) -> None:
+async def test_redis_down_at_startup_starts_degraded_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="guardproxy.conversation.redis_backend")
     async with TcpCut(6379) as redis:
         redis.cut()
-        state = {"url": f"redis://127.0.0.1:{redis.port}/0", "hmac_secret": uuid.uuid4().hex, "ttl_seconds": 60}
+        state = {
+            "url": f"redis://127.0.0.1:{redis.port}/0",
+            "hmac_secret": uuid.uuid4().hex,
+            "prefix": f"gptest:{uuid.uuid4().hex}:",  # its own fingerprint key too
+            "ttl_seconds": 60,
+        }
         async with guarded(tmp_path, state=state) as g:  # starts: the state backend is not a startup dependency
             assert (await g.client.get("/readyz")).status_code == 200
             down = [await chat(g, f"down {i}") for i in range(5)]
@@ -147,6 +157,11 @@ async def test_redis_down_at_startup_starts_degraded_and_recovers(tmp_path: Path
             up = [await chat(g, f"up {i}") for i in range(3)]
             assert all(r.status_code == 200 and r.headers["x-guardproxy-decision"] == "allow" for r in up)
             assert redis.connections > 0
+            # the one outage line names the server and the cause; the secret check ran once Redis answered
+            (down_line,) = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+            assert f"at 127.0.0.1:{redis.port} db 0: ConnectionError" in down_line
+            assert any("conversation state shared through redis" in r.getMessage() for r in caplog.records)
+            assert b"guardproxy_state_secret_mismatch 0.0" in g.metrics.render()
     states = [r["scores"]["state_failed"] for r in read_log(tmp_path / "decisions.jsonl") if r["stage"] == "input"]
     assert states == [1.0] * 5 + [0.0] * 3
 

@@ -40,8 +40,11 @@ three user turns' projected states for the window estimate (one blob of ~140 byt
 
 Failure behaviour: state backend failures never raise and never hang a request: each call is bounded by
 ``settings.state.backend_timeout``, local state answers instead, ``state_failed`` says so, the outage is logged
-once and counted in ``guardproxy_state_fallbacks_total``; writes made locally are replayed to Redis when it
-returns. The policy decides what ``state_failed`` means.
+once (naming the server and Redis's error, never the password) and counted in
+``guardproxy_state_fallbacks_total``; writes made locally are replayed to Redis when it returns, and a history
+verdict reached without them reads again as the replayed entries show (``ConversationTracker._history``). The
+policy decides what ``state_failed`` means. Replicas whose ``state.hmac_secret`` differ on one prefix are reported
+(``RedisBackend.check_secret``), not refused: a secret rotation runs both for a while.
 A failing guard model raises ``ClassifierError`` from ``observe`` (the guard's classifier-failure path).
 """
 
@@ -103,9 +106,18 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
     if state.url.startswith(("redis://", "rediss://", "unix://")):
         if not secret:
             raise ConfigError("state.hmac_secret is required with a redis:// state backend (shared by all replicas)")
+        from guardproxy.conversation.integrity import secret_fingerprint
         from guardproxy.conversation.redis_backend import RedisBackend, ResilientBackend
 
-        primary = RedisBackend(state.url, prefix=state.prefix, ttl_seconds=state.ttl_seconds)
+        try:
+            primary = RedisBackend(
+                state.url,
+                prefix=state.prefix,
+                ttl_seconds=state.ttl_seconds,
+                secret_fingerprint=secret_fingerprint(secret),
+            )
+        except ValueError as exc:  # redis-py's own URL parsing: "Invalid value for 'db' in connection URL."
+            raise ConfigError(f"state.url {_redacted(state.url)!r}: {exc}") from None
         backend = ResilientBackend(primary, local, timeout=state.backend_timeout, metrics=metrics)
         return ConversationTracker(
             backend,
@@ -116,4 +128,14 @@ def build_tracker(settings: Settings, classifier: Classifier, *, metrics: Any = 
             window_max_ids=settings.guard.window_max_ids,
             concurrent_window=concurrent,
         )
-    raise ConfigError(f"state.url: unsupported scheme in {state.url!r} (memory:// or redis://host:port/db)")
+    raise ConfigError(f"state.url: unsupported scheme in {_redacted(state.url)!r} (memory:// or redis://host:port/db)")
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, as the drill store's errors show theirs: settings may carry one in it."""
+    from guardproxy.drills.store import redact_url
+
+    try:
+        return redact_url(url)
+    except ValueError:  # too broken to split: its scheme alone
+        return url.partition(":")[0] + ":..."

@@ -37,9 +37,11 @@ from typing import Any, Literal
 __all__ = [
     "Chain",
     "History",
+    "better_history",
     "build_chain",
     "canonical_text",
     "message_text",
+    "secret_fingerprint",
     "tenant_key",
     "worse_history",
 ]
@@ -50,7 +52,9 @@ Role = Literal["user", "assistant", "tool"]
 TAG_BYTES = 8
 ROOT_BYTES = 16
 
-# Ranked from least to most suspicious: a conversation's history status only ever gets worse.
+# Ranked from least to most suspicious. A request's verdict is the worse of its prefix's and what it adds; the
+# prefix's stored verdict can get better only when a write that was missing when it was reached has arrived
+# (``ConversationTracker._history``).
 _HISTORY_RANK: dict[str, int] = {"none": 0, "verified": 1, "unverified": 2, "forged": 3}
 _ROLE_BYTE: dict[str, bytes] = {"user": b"u", "assistant": b"a", "tool": b"t", "function": b"t"}
 _SKIPPED_ROLES = frozenset({"system", "developer"})
@@ -67,6 +71,10 @@ _ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
 
 def worse_history(a: History, b: History) -> History:
     return a if _HISTORY_RANK[a] >= _HISTORY_RANK[b] else b
+
+
+def better_history(a: History, b: History) -> History:
+    return a if _HISTORY_RANK[a] <= _HISTORY_RANK[b] else b
 
 
 def _part_text(part: Any) -> tuple[str, str]:
@@ -247,6 +255,12 @@ def build_chain(secret: bytes, tenant: str, subkey: str | None, messages: Sequen
         kept.append(message)
         hashes.append(h)
     return Chain(tuple(roles), tuple(indices), tuple(kept), tuple(hashes), secret, seed)
+
+
+def secret_fingerprint(secret: bytes) -> str:
+    """A keyed fingerprint of the HMAC secret (hex), stored beside shared state so replicas whose secrets differ
+    notice: an HMAC of a fixed label, never the secret or anything a tag is made of."""
+    return hmac.digest(secret, b"guardproxy state secret fingerprint", "sha256")[:16].hex()
 
 
 def tenant_key(secret: bytes, tenant: str) -> bytes:

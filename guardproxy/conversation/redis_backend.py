@@ -5,9 +5,18 @@ Keys (``prefix`` defaults to ``guardproxy:``; names are HMACs, never tenant name
     {prefix}c:{root hex}    string: the conversation record (fixed-size entries, APPENDed; see state.py)
     {prefix}t:{tenant hex}  list:   the tenant's refused-request embeddings, newest first, LTRIMmed to max_refused
     {prefix}s:{root hex}    string: the conversation's last user turns' states (state.pack_turn_states), replaced
+    {prefix}k:hmac          string: the keyed fingerprint of the replicas' HMAC secret (integrity.secret_fingerprint)
 
-Every key carries the TTL, refreshed on each read and write. An over-long record is trimmed atomically by a
-short Lua script (keep the newest half behind the truncation marker).
+Every key but ``k:hmac`` carries the state's TTL, refreshed on each read and write. An over-long record is trimmed
+atomically by a short Lua script (keep the newest half behind the truncation marker).
+
+Replicas whose ``state.hmac_secret`` differ cannot read each other's state: every conversation that moves between
+them reads forged. Given the fingerprint, the backend checks it on its first read and once a minute after, in that
+read's round trip (``check_secret`` checks at once): it claims ``k:hmac`` when absent, keeps it alive while it holds
+this replica's fingerprint (10 minutes after the last such replica stopped, it lapses, so a completed rotation clears
+itself), and logs one ERROR line when it holds another's. Requests are served either way: during a secret rotation
+both secrets run for a while. Errors name the server (``host:port db N``) and Redis's own message; never the
+password.
 
 ``ResilientBackend`` wraps the Redis backend: every call is bounded by ``timeout``; a failure or timeout
 answers from a local ``MemoryBackend`` instead, is logged once per outage, and counted
@@ -50,6 +59,8 @@ local tail = redis.call('GETRANGE', KEYS[1], len - keep, -1)
 redis.call('SET', KEYS[1], ARGV[3] .. tail, 'KEEPTTL')
 return keep + string.len(ARGV[3])
 """
+# ``k:hmac`` lives this long after the last check that found this replica's fingerprint there
+_SECRET_KEY_TTL = 600
 
 
 class RedisBackend:
@@ -63,6 +74,8 @@ class RedisBackend:
         max_refused: int = 32,
         connect_timeout: float = 1.0,
         client: Any = None,
+        secret_fingerprint: str | None = None,
+        check_interval: float = 60.0,
     ) -> None:
         # Any: the types-redis stubs predate redis 5 (no aclose).
         # No client-side retries: the wrapper's deadline decides, and a retry loop would only hide an outage.
@@ -78,6 +91,16 @@ class RedisBackend:
         self.max_record_bytes = max_record_bytes
         self.max_refused = max_refused
         self._trim = self.redis.register_script(_TRIM)
+        kwargs = getattr(getattr(self.redis, "connection_pool", None), "connection_kwargs", {})
+        where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        self.target = f"{where} db {kwargs.get('db', 0)}"  # for messages: never the password
+        self._password = kwargs.get("password") or ""
+        self._fingerprint = secret_fingerprint.encode() if secret_fingerprint else None
+        self.check_interval = check_interval
+        self._next_check = 0.0
+        self._checked = False
+        # the fingerprint under the prefix is another secret's (as of the last check)
+        self.secret_mismatch = False
 
     def _ckey(self, root: bytes) -> bytes:
         return self.prefix + b"c:" + root.hex().encode()
@@ -88,11 +111,69 @@ class RedisBackend:
     def _skey(self, root: bytes) -> bytes:
         return self.prefix + b"s:" + root.hex().encode()
 
+    def _reason(self, exc: BaseException) -> str:
+        """What went wrong, on one line: the exception's class and message (Redis's own words: "DB index is out of
+        range", "Connection refused"), the password cut out should it ever appear."""
+        text = " ".join(str(exc).split())
+        if self._password:
+            text = text.replace(self._password, "***")
+        text = text[:300]
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
     async def _run(self, what: str, coro: Awaitable[T]) -> T:
         try:
             return await coro
         except (RedisError, OSError) as exc:
-            raise StateBackendError(f"redis {what} failed: {type(exc).__name__}") from exc
+            raise StateBackendError(f"redis {what} failed at {self.target}: {self._reason(exc)}") from exc
+
+    def _skkey(self) -> bytes:
+        return self.prefix + b"k:hmac"
+
+    def _add_secret_check(self, pipe: Any) -> None:
+        """Queue the fingerprint check on ``pipe``: claim the key when absent, read it, and refresh it when the
+        last check found this replica's fingerprint there (a key refreshed every minute never lapses while its
+        replicas run, so it is ours still). The read's result is the pipeline's last but (when refreshed) one."""
+        assert self._fingerprint is not None
+        key = self._skkey()
+        pipe.set(key, self._fingerprint, nx=True, ex=_SECRET_KEY_TTL)
+        pipe.get(key)
+        if self._checked and not self.secret_mismatch:
+            pipe.expire(key, _SECRET_KEY_TTL)
+
+    def _secret_checked(self, held: bytes | None) -> bool:
+        """Note what the check read (``held``: the fingerprint under the prefix) and log what changed: the first
+        check (INFO, naming the server and prefix to compare across replicas), a mismatch (ERROR, once until the
+        two agree again), agreement after one. True when the fingerprint is this replica's."""
+        ours = held is None or bytes(held) == self._fingerprint
+        self._next_check = time.monotonic() + self.check_interval
+        prefix = self.prefix.decode(errors="replace")
+        if not self._checked:
+            self._checked = True
+            logger.info("conversation state shared through redis %s under prefix %r", self.target, prefix)
+        if not ours and not self.secret_mismatch:
+            logger.error(
+                "replicas sharing this Redis prefix use different state.hmac_secret values: redis %s prefix %r holds "
+                "another secret's fingerprint, so a conversation that moves between them reads forged; give every "
+                "replica the same GUARDPROXY_STATE__HMAC_SECRET (during a secret rotation this lasts until the "
+                "replicas on the old one are gone)",
+                self.target,
+                prefix,
+            )
+        elif ours and self.secret_mismatch:
+            logger.warning("state.hmac_secret: redis prefix %r holds this replica's fingerprint again", prefix)
+        self.secret_mismatch = not ours
+        return ours
+
+    async def check_secret(self) -> bool:
+        """Check the secret's fingerprint now (``load`` does once a minute, in its own round trip): True when the
+        key under the prefix holds this replica's. Raises ``StateBackendError`` when Redis fails."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._add_secret_check(pipe)
+        claimed, held, *_ = await self._run("secret check", pipe.execute())
+        ours = self._secret_checked(held)
+        if ours and not claimed:
+            await self._run("secret check", self.redis.expire(self._skkey(), _SECRET_KEY_TTL))
+        return ours
 
     async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded:
         ck, tk, sk = self._ckey(root), self._tkey(tenant), self._skey(root)
@@ -105,7 +186,12 @@ class RedisBackend:
         pipe.expire(ck, self.ttl)
         pipe.expire(tk, self.ttl)
         pipe.expire(sk, self.ttl)
-        tail, head, length, refused, states, *_ = await self._run("load", pipe.execute())
+        check = self._fingerprint is not None and time.monotonic() >= self._next_check
+        if check:  # in the same round trip: the check costs a request nothing
+            self._add_secret_check(pipe)
+        tail, head, length, refused, states, _, _, _, *checked = await self._run("load", pipe.execute())
+        if check:
+            self._secret_checked(checked[1])
         return Loaded(
             record=bytes(tail),
             complete=len(tail) >= int(length),
@@ -142,12 +228,12 @@ class RedisBackend:
         return True
 
     async def drop_all(self) -> int:
-        """Delete this backend's keys (a bench run's own, say) and return how many there were: its three kinds
+        """Delete this backend's keys (a bench run's own, say) and return how many there were: its four kinds
         under its prefix only, so a longer prefix that starts with this one keeps its keys. The prefix is matched
         as a glob: keep ``*?[`` out of it."""
 
         async def drop() -> int:
-            keys = [k async for k in self.redis.scan_iter(match=self.prefix + b"[cts]:*", count=1000)]
+            keys = [k async for k in self.redis.scan_iter(match=self.prefix + b"[ckst]:*", count=1000)]
             for i in range(0, len(keys), 1000):
                 await self.redis.delete(*keys[i : i + 1000])
             return len(keys)
@@ -199,18 +285,27 @@ class ResilientBackend:
         self._flush_task: asyncio.Task[None] | None = None
         doc = "state backend calls answered from local state (shared backend down or slow), by operation"
         up_doc = "1 while the shared state backend answers, 0 while local state stands in"
+        mismatch_doc = "1 while the shared state's prefix holds another replica's state.hmac_secret fingerprint"
+        reg = registry if registry is not None else CollectorRegistry()
         if metrics is not None:
             self.fallbacks = metrics.counter("guardproxy_state_fallbacks", doc, ["op"])
             self.up = metrics.gauge("guardproxy_state_backend_up", up_doc)
+            self.secrets_differ = metrics.gauge("guardproxy_state_secret_mismatch", mismatch_doc)
         else:
-            reg = registry if registry is not None else CollectorRegistry()
             self.fallbacks = Counter("guardproxy_state_fallbacks", doc, ["op"], registry=reg)
             self.up = Gauge("guardproxy_state_backend_up", up_doc, registry=reg)
+            self.secrets_differ = Gauge("guardproxy_state_secret_mismatch", mismatch_doc, registry=reg)
         self.up.set(1)
+        # read at scrape time from the primary's last check (RedisBackend.check_secret); 0 where it checks none
+        self.secrets_differ.set_function(lambda: float(getattr(primary, "secret_mismatch", False)))
 
     @property
     def down(self) -> bool:
         return self._down_since is not None
+
+    def _timed_out(self, op: str) -> str:
+        target = getattr(self.primary, "target", None)
+        return f"{op} timed out after {self.timeout:g} s" + (f" at {target}" if target else "")
 
     @property
     def backlog(self) -> int:
@@ -231,7 +326,7 @@ class ResilientBackend:
                 self.up.set(0)
                 logger.warning(
                     "conversation state backend unavailable (%s); using local state until it answers again",
-                    "timed out" if isinstance(exc, TimeoutError) else exc,
+                    self._timed_out(op) if isinstance(exc, TimeoutError) else exc,
                 )
             self.fallbacks.labels(op).inc()
             return False, None

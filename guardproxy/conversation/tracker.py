@@ -22,8 +22,10 @@ import numpy.typing as npt
 
 from guardproxy.conversation import escalation as esc
 from guardproxy.conversation.integrity import (
+    TAG_BYTES,
     Chain,
     History,
+    better_history,
     build_chain,
     message_text,
     position_tag,
@@ -33,6 +35,7 @@ from guardproxy.conversation.integrity import (
 )
 from guardproxy.conversation.memory import MemoryBackend
 from guardproxy.conversation.state import (
+    ENTRY_BYTES,
     FAMILY_BYTES,
     NO_FAMILY,
     NO_SPACE,
@@ -145,6 +148,30 @@ class TurnResult:
     @property
     def flagged(self) -> bool:
         return self.escalation >= esc.FLAG_THRESHOLD
+
+
+def _prefix_history(chain: Chain, end: int, record: bytes) -> History:
+    """The history of messages ``0..end`` of ``chain`` as ``record`` has it now: ``verified`` when every assistant
+    turn's position holds an entry of a reply this gateway relayed; ``forged`` when one does not although an earlier
+    position of the conversation holds an entry (the gateway knew the conversation before that turn); ``unverified``
+    when the only such turns came before any known position; ``none`` without assistant turns."""
+    start = len(record) % ENTRY_BYTES  # a torn head is skipped, as ``find_entry`` does
+    newest = {record[p : p + TAG_BYTES]: p for p in range(start, len(record), ENTRY_BYTES)}
+    history: History = "none"
+    known = False  # a position before this one holds an entry
+    for i in range(end + 1):
+        if chain.roles[i] != "assistant":
+            known = known or chain.tag(i) in newest
+            continue
+        at = newest.get(chain.tag(i))
+        if at is not None and Snapshot.unpack(record[at + TAG_BYTES : at + ENTRY_BYTES]).relayed:
+            history = worse_history(history, "verified")
+        elif known:
+            return "forged"
+        else:
+            history = "unverified"
+        known = known or at is not None
+    return history
 
 
 def subkey_of(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
@@ -623,7 +650,7 @@ class ConversationTracker:
         failed = loaded.degraded
         prev = snap or Snapshot()
         start = 0 if found is None else found + 1
-        history = self._history(chain, found, prev, loaded)
+        history = await self._history(chain, found, prev, loaded)
         self._timing("state_lookup", started, timings)
 
         new_users = [i for i in range(start, n) if chain.roles[i] == "user"]
@@ -670,7 +697,7 @@ class ConversationTracker:
             )
 
         if repeat:
-            return await conclude(prev, None)
+            return await conclude(replace(prev, history=history), None)
         traj = prev.trajectory
         risks = list(prev.risks)
         for s in rp.scores:
@@ -747,14 +774,39 @@ class ConversationTracker:
             return False
         return self.shared or chain.tag(found) in self._pending
 
-    @staticmethod
-    def _history(chain: Chain, found: int | None, prev: Snapshot, loaded: Loaded) -> History:
-        new_assistant = any(r == "assistant" for r in chain.roles[(found or -1) + 1 :])
+    async def _history(self, chain: Chain, found: int | None, prev: Snapshot, loaded: Loaded) -> History:
+        """The history of a request whose longest stored prefix ends at message ``found`` (``prev`` stored there).
+
+        An assistant turn after ``found`` was never relayed after a prefix this gateway knows: forged. The prefix's
+        own verdict is the one stored with it, reached when that position was stored. A ``verified`` (or ``none``)
+        one stands: a later write only adds relayed replies. A ``forged`` or ``unverified`` one may have been
+        reached without a write that was on its way: a replica cut off from Redis keeps the replies it relays in
+        local state and replays them when it answers again, and a reply may be recorded after the grace. So it is
+        derived again from the messages and the record (``_rederived``), and the better of the two stands: once the
+        missing replies are found the conversation reads verified again, while a forged turn, which stays in every
+        later request's history, is found missing again and keeps the conversation forged. A truncated record, or
+        a read local state answered, keeps the stored verdict."""
+        new_assistant = "assistant" in chain.roles[0 if found is None else found + 1 :]
         if found is None:
             return "unverified" if new_assistant else "none"
         if new_assistant:  # never relayed after a prefix this gateway knows
             return worse_history(prev.history, "unverified" if loaded.truncated else "forged")
-        return prev.history
+        if prev.history not in ("forged", "unverified") or loaded.truncated or loaded.degraded:
+            return prev.history
+        again = await self._rederived(chain, found, loaded)
+        return prev.history if again is None else better_history(prev.history, again)
+
+    async def _rederived(self, chain: Chain, end: int, loaded: Loaded) -> History | None:
+        """The history of messages ``0..end`` from the stored entries alone (``_prefix_history``); the whole record
+        is read when the tail at hand cannot show every reply relayed. None when that read cannot say (local state
+        answered, or the record was truncated)."""
+        history = _prefix_history(chain, end, loaded.record)
+        if history in ("verified", "none") or loaded.complete:
+            return history
+        full = await self.backend.load_record(chain.root)
+        if full.degraded or full.truncated:
+            return None
+        return _prefix_history(chain, end, full.record)
 
     def _remember(self, tag: bytes, pending: _Pending) -> None:
         self._pending[tag] = pending
