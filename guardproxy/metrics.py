@@ -8,6 +8,9 @@ through the ``Metrics`` object on ``app.state.metrics``:
   entry of ``Exchange.timings`` when an exchange ends);
 - ``counter(name, doc, labels)`` / ``histogram(...)`` / ``gauge(...)``: a metric of their own in the same
   registry (idempotent: asking twice returns the same metric).
+
+Event counters whose label values are known in advance (``REJECT_REASONS``, ``OUTCOMES``) have a series at 0
+for each from the start, so ``rate()``, ``increase()`` and ``absent()`` work before a first event.
 """
 
 from __future__ import annotations
@@ -17,7 +20,24 @@ from collections.abc import Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from guardproxy.errors import AuthError, RateLimited, RequestError, RouteNotGuarded
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def _names(*classes: type[Exception]) -> tuple[str, ...]:
+    """The class names of ``classes`` and of their subclasses, as ``type(exc).__name__`` gives them."""
+    out: list[str] = []
+    for cls in classes:
+        out += [cls.__name__, *_names(*cls.__subclasses__())]
+    return tuple(out)
+
+
+# guardproxy_rejected_total{reason}: the app counts "capacity" and, for the errors it refuses a request with
+# before the upstream, the error's class name (guardproxy.app).
+REJECT_REASONS = ("capacity", *_names(AuthError, RateLimited, RouteNotGuarded, RequestError))
+# guardproxy_exchange_outcomes_total{outcome}: the outcomes a guarded exchange ends with (guardproxy.chat).
+OUTCOMES = ("ok", "blocked_input", "blocked_output", "upstream_error", "client_disconnected", "error", "shutdown")
 
 # Stage times are the gateway's own overhead: mostly well under a millisecond.
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -47,12 +67,16 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.outcomes = Counter("guardproxy_exchange_outcomes", "guarded exchanges by outcome", ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.outcomes.labels(outcome)
         self.unguarded = Counter(
             "guardproxy_unguarded_forwards", "generating requests forwarded without a guard", ["route"], registry=r
         )
         self.rejected = Counter(
             "guardproxy_rejected", "requests refused before the upstream, by reason", ["reason"], registry=r
         )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         self.stream_errors = Counter(
             "guardproxy_stream_errors", "streams ended with an in-band error event", ["code"], registry=r
         )

@@ -82,10 +82,17 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
 
 
 class GatewayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, built: Built) -> None:
+    def __init__(self, config: uvicorn.Config, built: Built, *, listening: str | None = None) -> None:
         super().__init__(config)
         self.built = built
+        self.listening = listening  # logged once the socket is bound
         self._reloads: set[asyncio.Future[Any]] = set()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn binds the port here; on a clash it logs the error and exits, so the line is never logged then
+        await super().startup(sockets)
+        if self.started and self.listening:
+            logger.info("%s", self.listening)
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -125,14 +132,12 @@ def run(settings: Settings, **guard_parts: Any) -> int:
     # httpx logs every request at INFO: on the hot path that costs more than the proxying itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     built = build_app(settings, **guard_parts)
-    server = GatewayServer(uvicorn_config(built.app, settings), built)
-    logger.info(
-        "guardproxy listening on http://%s:%d, upstream %s, guard %s",
-        settings.server.host,
-        settings.server.port,
-        _loggable_url(settings.upstream.base_url),
-        "off (passthrough)" if built.gateway.pipeline.passthrough else "on",
+    srv, guard = settings.server, "off (passthrough)" if built.gateway.pipeline.passthrough else "on"
+    listening = (
+        f"guardproxy listening on http://{srv.host}:{srv.port}, upstream {_loggable_url(settings.upstream.base_url)},"
+        f" guard {guard}"
     )
+    server = GatewayServer(uvicorn_config(built.app, settings), built, listening=listening)
     # uvicorn re-raises SIGTERM after its graceful shutdown so the default handler kills the process;
     # by then the drain is done, so a handler that ignores it lets `serve` return 0.
     previous = signal.signal(signal.SIGTERM, _ignore)

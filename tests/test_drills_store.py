@@ -7,6 +7,7 @@ Faults (a full queue, a locked database, a full disk) must drop samples, count t
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 import uuid
@@ -376,3 +377,168 @@ async def test_label_waiting_at_close_fails_instead_of_hanging(tmp_path: Path) -
         await asyncio.wait_for(label, timeout=5)
     except StoreError:
         pass  # queued behind the stop marker: refused, not left hanging
+
+
+# --- a hung server, outages in the log, counters at 0, read-only opening -----------------------------------
+
+DROP_REASONS = ("queue_full", "unavailable", "locked", "disk_full", "write_failed", "redaction_failed", "closed")
+
+
+def _store_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("guardproxy.drills.store")]
+
+
+async def test_postgres_stall_is_bounded_on_the_client_counted_and_logged(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="guardproxy.drills.store")
+    async with TcpCut(5432) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}"
+        store = open_store(url, op_timeout=1.0, connect_timeout=2)
+        await store.start()
+        assert store.submit(make(1))
+        await store.flush()
+        proxy.stall()  # connections stay open and nothing gets through: the server's statement_timeout never fires
+        t0 = time.perf_counter()
+        for i in range(3):
+            assert store.submit(make(10 + i))
+        await asyncio.wait_for(store.flush(), timeout=15)  # the writer is not held by the call that got no answer
+        assert time.perf_counter() - t0 < 10
+        assert store.dropped["unavailable"] == 3 and store.written == 1
+        lines = _store_lines(caplog)
+        assert len(lines) == 1 and "no answer from the database within 1 s" in lines[0], lines
+        proxy.restore()
+        await asyncio.sleep(1.1)  # the writer waits a second between reconnection attempts
+        after = make(99)
+        assert store.submit(after)
+        await store.flush()
+        assert await store.get(after.id) is not None
+        lines = _store_lines(caplog)
+        assert len(lines) == 2 and "writing again" in lines[1] and "unavailable 3" in lines[1], lines
+        await store.aclose()
+
+
+async def test_postgres_close_during_a_stall_is_bounded_and_counts_what_it_loses(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="guardproxy.drills.store")
+    async with TcpCut(5432) as proxy:
+        # the default op_timeout (longer than the test): close itself must break the call off
+        store = open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}", queue_size=50)
+        await store.start()
+        assert store.submit(make(1))
+        await store.flush()
+        proxy.stall()
+        for i in range(5):
+            assert store.submit(make(10 + i))
+        await asyncio.sleep(0.5)  # the writer is blocked on the stalled insert
+        for i in range(3):
+            assert store.submit(make(20 + i))
+        t0 = time.perf_counter()
+        await asyncio.to_thread(store.close, 1.0)
+        elapsed = time.perf_counter() - t0
+    assert elapsed < 5, elapsed
+    assert store.written == 1 and sum(store.dropped.values()) == 8, store.dropped
+    lines = _store_lines(caplog)
+    assert len(lines) == 1 and "with 8 samples not written" in lines[0], lines
+    assert store.submit(make(30)) is False  # after close: dropped, counted, logged once
+    assert store.dropped["closed"] >= 1 and len(_store_lines(caplog)) == 2
+
+
+async def test_each_outage_is_one_log_line_and_its_end_another(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="guardproxy.drills.store")
+    async with TcpCut(5432) as proxy:
+        store = open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}", queue_size=50)
+        await store.start()
+        for outage in range(2):
+            proxy.cut()
+            for i in range(3):
+                assert store.submit(make(100 * outage + i))
+                await store.flush()
+            proxy.restore()
+            await asyncio.sleep(1.1)  # the writer waits a second between reconnection attempts
+            assert store.submit(make(100 * outage + 50))
+            await store.flush()
+        await store.aclose()
+    lines = _store_lines(caplog)
+    assert store.dropped["unavailable"] == 6 and store.written == 2
+    assert len(lines) == 4, lines
+    assert all("\n" not in line for line in lines)  # libpq's three-line messages on one line
+    assert ["dropping samples (unavailable)" in line for line in lines] == [True, False, True, False]
+    assert ["writing again" in line and "unavailable 3" in line for line in lines] == [False, True, False, True]
+
+
+def test_every_drop_reason_is_exported_at_zero_from_the_start(tmp_path: Path) -> None:
+    from guardproxy.metrics import Metrics
+
+    metrics = Metrics()
+    SqliteStore(tmp_path / "m.db", metrics=metrics)
+    text = metrics.render().decode()
+    for reason in DROP_REASONS:
+        assert f'guardproxy_drill_samples_dropped_total{{reason="{reason}"}} 0.0' in text
+
+
+def _schema_exists(schema: str) -> bool:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
+
+
+@pytest.mark.parametrize("action", ["export", "report"])
+def test_export_and_report_never_create_a_misspelt_schema(
+    action: str, pg_schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guardproxy.cli import main
+
+    assert main(["drills", action, "--store", f"{PG_URL}?schema={pg_schema}", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no schema '{pg_schema}'" in err, err
+    assert not _schema_exists(pg_schema)  # no schema, no migration, no tables
+
+
+async def test_read_only_open_of_a_database_that_is_down_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from guardproxy.cli import main
+
+    async with TcpCut(5432) as proxy:
+        proxy.cut()
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema=gp_never_created"
+        code = await asyncio.to_thread(main, ["drills", "export", "--store", url, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and f"127.0.0.1:{proxy.port}/test (schema gp_never_created):" in err, err
+    # not the gateway's "samples are dropped until it returns": this command starts no writer
+    assert not [r for r in caplog.records if r.name.startswith("guardproxy.drills")]
+
+
+async def test_read_only_store_names_missing_tables_and_reads_without_writing(tmp_path: Path, pg_schema: str) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{pg_schema}"')
+    empty = open_store(f"{PG_URL}?schema={pg_schema}", read_only=True)
+    with pytest.raises(StoreError, match="no table drills, labels, schema_version"):
+        await empty.start()
+    not_drills = tmp_path / "other.db"
+    with sqlite3.connect(not_drills) as conn:
+        conn.execute("CREATE TABLE drills (x)")
+    with pytest.raises(StoreError, match=f"{not_drills}: no table labels, schema_version"):
+        await open_store(f"sqlite:///{not_drills}", read_only=True).start()
+    missing = tmp_path / "missing.db"
+    with pytest.raises(StoreError, match="no such database file"):
+        await open_store(f"sqlite:///{missing}", read_only=True).start()
+    assert not missing.exists()
+
+    record = make(1)
+    writer = SqliteStore(tmp_path / "drills.db")
+    await writer.start()
+    writer.submit(record)
+    await writer.flush()
+    await writer.aclose()
+    reader = open_store(f"sqlite:///{tmp_path / 'drills.db'}", read_only=True)
+    await reader.start()
+    assert [d.record.id for d in await reader.all_drills()] == [record.id]
+    assert reader.submit(make(2)) is False
+    with pytest.raises(StoreError, match="read-only"):
+        await reader.add_label(record.id, "unclear")
+    await reader.aclose()

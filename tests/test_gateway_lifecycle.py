@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,7 @@ async def test_sighup_reload_logs_one_readable_line_and_debug_reaches_the_gatewa
     proc, _ = await _start_serve(*args, env=env)
     seen: list[str] = []
     try:
-        await _lines_until(proc, "Uvicorn running on", seen, within=60)
+        await _lines_until(proc, "guardproxy listening on", seen, within=60)  # logged once bound
         start = len(seen)
         proc.send_signal(signal.SIGHUP)
         await _lines_until(proc, "policies reloaded", seen)
@@ -237,3 +238,36 @@ async def test_sighup_reload_logs_one_readable_line_and_debug_reaches_the_gatewa
     assert level_and_name == "ERROR guardproxy.guard"
     assert message.startswith(f"policy reload rejected, keeping default@2026.12.07: {policy}:{line_of_threshold}: ")
     assert "harm_threshold" in message
+
+
+async def test_listening_is_logged_once_the_port_is_bound_and_never_on_a_port_clash() -> None:
+    async with serve(FakeUpstream()) as upstream:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            base = {k: v for k, v in os.environ.items() if not k.upper().startswith("GUARDPROXY_")}
+            cmd = [sys.executable, "-m", "guardproxy.cli", "serve", "--port", str(port), "--upstream", upstream + "/v1"]
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, "--no-guard", env={**base, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stderr=subprocess.PIPE
+            )
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        clash = err.decode()
+        assert proc.returncode != 0 and "address already in use" in clash, clash
+        assert "listening on" not in clash, clash
+        # a free port: the line comes once, after uvicorn has bound it
+        proc, _ = await _start_serve("--upstream", upstream + "/v1", "--no-guard", env={})
+        seen: list[str] = []
+        try:
+            await _lines_until(proc, "guardproxy listening on", seen, within=30)
+        finally:
+            await _stop(proc, seen)
+    assert proc.returncode == 0
+    bound = next(i for i, line in enumerate(seen) if "Uvicorn running on" in line)
+    listening = [i for i, line in enumerate(seen) if "guardproxy listening on" in line]
+    assert len(listening) == 1 and bound < listening[0], seen

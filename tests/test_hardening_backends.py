@@ -361,3 +361,74 @@ async def test_sigterm_with_open_guarded_streams_flushes_every_sample(tmp_path: 
     assert len(inputs) == 100
     await settle()
     assert len(asyncio.all_tasks()) <= tasks0 and open_fds() <= fds0 + 2
+
+
+# --- PostgreSQL hung at SIGTERM; event counters at 0 ------------------------------------------------------
+
+
+async def test_sigterm_with_postgres_hung_exits_promptly_and_counts_the_samples_it_loses(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    import httpx
+
+    async with serve(FakeUpstream()) as upstream, TcpCut(5432) as pg:
+        port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.upper().startswith("GUARDPROXY_")},
+            "PYTHONPATH": str(ROOT),
+            "GUARDPROXY_UPSTREAM__BASE_URL": upstream + "/v1",
+            "GUARDPROXY_SERVER__PORT": str(port),
+            "GUARDPROXY_SERVER__SHUTDOWN_TIMEOUT": "1.0",
+            "GUARDPROXY_SERVER__LOG_LEVEL": "warning",
+            "GUARDPROXY_POLICY__ACTIVE": str(POLICIES / "default.toml"),
+            "GUARDPROXY_DRILLS__STORE": f"postgresql://postgres@127.0.0.1:{pg.port}/test?schema={pg_schema}",
+            "GUARDPROXY_DRILLS__SAMPLE_RATE": "1.0",
+            "GUARDPROXY_DRILLS__PER_TENANT_HOURLY_CAP": "1000",
+            "GUARDPROXY_STATE__HMAC_SECRET": "hardening-test-secret",
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CHILD, env=env, cwd=ROOT, stderr=subprocess.PIPE
+        )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+                await wait_ready(client, timeout_s=30)
+                for i in range(2):
+                    assert (await client.post(CHAT, json=body(f"before {i}"))).status_code == 200
+                await asyncio.sleep(0.5)  # written
+                pg.stall()  # PostgreSQL hangs: connections stay open, nothing gets through
+                for i in range(3):
+                    assert (await client.post(CHAT, json=body(f"during {i}"))).status_code == 200
+                await asyncio.sleep(0.5)  # the writer is blocked on the hung insert
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+            elapsed = time.perf_counter() - t0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    log = err.decode()
+    print(f"\nSIGTERM with PostgreSQL hung: exited {elapsed:.2f}s after the signal (shutdown_timeout 1.0 s)")
+    assert proc.returncode == 0, log[-2000:]
+    # drain (1 s, nothing open) + the store's close budget (3 s) + its grace (1 s), not a database timeout
+    assert elapsed < 8, (elapsed, log[-2000:])
+    closed = [line for line in log.splitlines() if "drill store: closed in" in line]
+    assert len(closed) == 1 and "with 3 samples not written" in closed[0], log[-2000:]
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        stored = conn.execute(f'SELECT count(*) FROM "{pg_schema}".drills').fetchone()
+    assert stored is not None and stored[0] == 2
+
+
+async def test_labelled_event_counters_are_exported_at_zero_from_the_start(tmp_path: Path) -> None:
+    from tests.hardening_support import TERMINAL
+
+    async with guarded(tmp_path) as g:
+        text = (await g.client.get("/metrics")).text
+    drops = ("queue_full", "unavailable", "locked", "disk_full", "write_failed", "redaction_failed", "closed")
+    for reason in drops:
+        assert f'guardproxy_drill_samples_dropped_total{{reason="{reason}"}} 0.0' in text
+    rejections = ("capacity", "AuthError", "RateLimited", "RouteNotGuarded", "RequestError", "PayloadTooLarge")
+    for reason in (*rejections, "HeadersTooLarge"):
+        assert f'guardproxy_rejected_total{{reason="{reason}"}} 0.0' in text
+    for outcome in sorted(TERMINAL):
+        assert f'guardproxy_exchange_outcomes_total{{outcome="{outcome}"}} 0.0' in text

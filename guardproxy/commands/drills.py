@@ -42,11 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ngram", action="store_true", help="embed with character 3-gram hashing vectors")
 
 
-def _open(url: str | None) -> DrillStore:
+def _open(url: str | None, *, read_only: bool = False) -> DrillStore:
+    """The store, open; ``read_only`` (export, report): no writer, no migration, no schema created on a typo."""
     settings = load_settings()
     url = url or settings.drills.store
     d = settings.drills
-    store = open_store(url, queue_size=d.queue_size, retention_days=d.retention_days)
+    store = open_store(url, queue_size=d.queue_size, retention_days=d.retention_days, read_only=read_only)
     if isinstance(store, SqliteStore) and not store.path.is_file():
         raise ConfigError(f"drill store {redact_url(url)}: no such database file")
     store.open()
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from guardproxy.drills.export import build_rows, write_rows
 
-    drills = _read(_open(args.store), reviewed_only=args.reviewed)
+    drills = _read(_open(args.store, read_only=True), reviewed_only=args.reviewed)
     rows = build_rows(drills, reviewed_only=args.reviewed)
     counts = write_rows(rows, args.out)
     for name, n in counts.items():
@@ -91,7 +92,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from guardproxy.drills.report import ReportInputs, build_report, ngram_embed, write_report
 
-    drills = _read(_open(args.store))
+    drills = _read(_open(args.store, read_only=True))
     embed: Embedder = ngram_embed
     embed_prompts: Embedder | None = None
     kind = "ngram"

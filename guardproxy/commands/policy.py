@@ -82,7 +82,7 @@ async def _store_records(url: str) -> list[dict[str, Any]]:
     """Decision records from the drill store: each drill holds the active and shadow decisions of one exchange."""
     from guardproxy.drills.store import open_store
 
-    store = open_store(url)
+    store = open_store(url, read_only=True)
     await store.start()
     try:
         drills = await store.all_drills()

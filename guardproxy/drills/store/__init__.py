@@ -1,7 +1,8 @@
 """Drill stores: ``open_store(url)`` picks SQLite (``sqlite:///path``) or PostgreSQL (``postgresql://...``).
 
 A ``?schema=NAME`` query parameter on a PostgreSQL URL puts the tables in that schema (created if
-missing); the rest of the URL goes to psycopg unchanged.
+missing, except by a store opened ``read_only=True``, which creates nothing); the rest of the URL goes to
+psycopg unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ __all__ = ["DrillFilter", "DrillStats", "DrillStore", "LabelEntry", "StoredDrill
 
 
 def open_store(url: str, **kwargs: Any) -> DrillStore:
-    """Build (not yet open) the store at ``url``; ``kwargs`` go to the store (redactor, queue_size, ...)."""
+    """Build (not yet open) the store at ``url``; ``kwargs`` go to the store (redactor, queue_size, read_only, ...).
+
+    ``read_only=True`` is for commands that only read (export, report, policy compare): ``open`` starts no writer,
+    runs no migration, creates no schema, and a missing schema, table or database is one line naming it."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         from guardproxy.drills.store.sqlite import SqliteStore

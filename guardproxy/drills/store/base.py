@@ -2,10 +2,16 @@
 
 Writes never touch the request path. ``submit`` puts the record on a bounded in-memory queue and returns
 at once; one writer thread owns the write connection, redacts each record (``Redactor``) and writes it in
-batches. If the queue is full, or the database fails (locked, disk full, server down), the sample is
-dropped, counted in ``guardproxy_drill_samples_dropped{reason}`` and logged once per reason: a drill store
-never delays or fails a request. Review labels and retention purges go through the same writer thread
-(callers await them). Reads open short-lived connections in worker threads (``asyncio.to_thread``).
+batches. If the queue is full, or the database fails (locked, disk full, server down, or no answer within
+the store's ``op_timeout``: a deadline the client enforces, ``deadline.Watchdog``), the sample is dropped and
+counted in ``guardproxy_drill_samples_dropped{reason}`` (every reason in ``DROP_REASONS`` is exported at 0 from
+the start): a drill store never delays or fails a request. Drops are logged in one line when an outage starts
+and one when the store writes again. ``close`` is bounded too: what it cannot write in time is dropped,
+counted and logged. Review labels and retention purges go through the same writer thread (callers await
+them). Reads open short-lived connections in worker threads (``asyncio.to_thread``).
+
+A store opened with ``read_only=True`` (the CLI's export and report) starts no writer: ``open`` checks that the
+tables are there, at this guardproxy's schema version, and creates nothing (no schema, no migration).
 
 Schema changes are numbered migrations in ``MIGRATIONS``, applied at open under a lock and recorded in
 ``schema_version``; both databases run the same statements (types chosen to mean the same in both).
@@ -24,14 +30,15 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 
 from guardproxy.drills.record import LABELS, DrillRecord, message_text
 from guardproxy.drills.redaction import Redactor
+from guardproxy.drills.store.deadline import Expired, Watchdog
 from guardproxy.drills.store.schema import (
     ANY_DRILL,
     COLUMNS,
@@ -45,12 +52,33 @@ from guardproxy.drills.store.schema import (
 )
 from guardproxy.errors import StoreError
 
-__all__ = ["DrillFilter", "DrillStats", "DrillStore", "LabelEntry", "MetricsLike", "StoredDrill", "SCHEMA_VERSION"]
+__all__ = [
+    "DROP_REASONS",
+    "DrillFilter",
+    "DrillStats",
+    "DrillStore",
+    "LabelEntry",
+    "MetricsLike",
+    "StoredDrill",
+    "SCHEMA_VERSION",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STOP = object()
+# Every reason a sample is dropped for (``guardproxy_drill_samples_dropped{reason}``): locked and disk_full come
+# from SQLite, unavailable mostly from PostgreSQL; all are exported by both stores, so dashboards match.
+DROP_REASONS = ("queue_full", "unavailable", "locked", "disk_full", "write_failed", "redaction_failed", "closed")
+# Not an outage: logged once per process (a bug in redaction; samples arriving after close).
+_LOGGED_ONCE = frozenset({"redaction_failed", "closed"})
+_TABLES = ("drills", "labels", "schema_version")
+_ABANDON_GRACE = 1.0  # seconds close waits for the writer after breaking off its database call
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line (libpq's messages span several)."""
+    return " ".join(str(exc).split())
 
 
 class MetricsLike(Protocol):
@@ -94,6 +122,14 @@ class _Backoff(StoreError):
 
 
 @dataclass
+class _Outage:
+    """Samples are being dropped since ``since`` (monotonic); the store logged it once, and logs its end."""
+
+    since: float
+    dropped: Tally[str] = field(default_factory=Tally)
+
+
+@dataclass
 class _Op:
     fn: Callable[[Any], Any]
     future: concurrent.futures.Future[Any]
@@ -122,6 +158,9 @@ class DrillStore(ABC):
     serial_type = "INTEGER PRIMARY KEY"
     # Errors at open that mean "the database is down", not "misconfigured": the store starts degraded.
     degraded_start_errors: tuple[type[Exception], ...] = ()
+    # Seconds each database call of the writer may take before the client breaks it off (``_interrupt``); None: the
+    # driver's own timeouts bound it.
+    op_timeout: float | None = None
 
     def __init__(
         self,
@@ -132,8 +171,10 @@ class DrillStore(ABC):
         retention_days: int = 30,
         metrics: MetricsLike | None = None,
         batch_size: int = 200,
+        read_only: bool = False,
     ) -> None:
         self.redactor = redactor or Redactor()
+        self.read_only = read_only
         self.retention_days = retention_days
         self.batch_size = batch_size
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -142,8 +183,14 @@ class DrillStore(ABC):
         self._queued_bytes = 0
         self._bytes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._watchdog: Watchdog | None = None
         self._closed = False
+        self._closing = False  # close is under way: it logs what is lost in one line
+        self._stopping = threading.Event()  # the writer stops once the queue is empty
+        self._abandon = threading.Event()  # close ran out of time: the writer drops what it takes, unwritten
+        self._drop_lock = threading.Lock()  # drops come from the event loop (queue full) and the writer
         self._logged: set[str] = set()
+        self._outage: _Outage | None = None
         self._retry_at = 0.0
         self._migrated = False
         self._writer_done = threading.Event()
@@ -170,6 +217,19 @@ class DrillStore(ABC):
     def _drop_reason(self, exc: BaseException) -> str:
         return "write_failed"
 
+    def _interrupt(self, conn: Any) -> None:
+        """Break ``conn`` from another thread so that the call blocked on it raises (a store with ``op_timeout``)."""
+        raise NotImplementedError
+
+    def _tables(self, conn: Any) -> set[str]:
+        """The names of the tables the store's connection sees."""
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        """The store as messages name it (never a password)."""
+        return repr(self)
+
     # -- lifecycle --------------------------------------------------------------------------------------
     def bind_metrics(self, metrics: MetricsLike | None) -> None:
         """Count drops in the gateway's registry (``app.state.metrics``) or, without one, a private one."""
@@ -186,11 +246,20 @@ class DrillStore(ABC):
             self._written_metric = Counter(
                 "guardproxy_drill_samples_written", "drill samples written", registry=registry
             )
+        for reason in DROP_REASONS:  # at 0 from the start: rate() and absent() alerts work before a first drop
+            self._dropped_metric.labels(reason)
 
     def open(self) -> None:
-        """Start the writer thread; it opens the database and applies migrations. Raises StoreError."""
+        """Start the writer thread; it opens the database and applies migrations. Raises StoreError.
+
+        Read-only: start nothing; check that the tables are there and readable (``_check_readable``)."""
+        if self.read_only:
+            self._check_readable()
+            return
         if self._thread is not None:
             return
+        if self.op_timeout is not None:
+            self._watchdog = Watchdog(self._interrupt)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._writer_main, args=(ready,), name="drill-writer", daemon=True)
         self._thread.start()
@@ -199,22 +268,57 @@ class DrillStore(ABC):
         except BaseException:
             self._thread.join(timeout=5)
             self._thread = None
+            self._stop_watchdog()
             raise
 
     async def start(self) -> None:
         await asyncio.to_thread(self.open)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Flush what is queued and stop the writer thread."""
+    def close(self, timeout: float = 3.0) -> None:
+        """Write what is queued and stop the writer thread, in about ``timeout`` seconds at most (plus one second
+        of grace). Past it, the database call under way is broken off and what is still queued is dropped: a hung
+        database must not hold a shutdown. What was not written is counted, and logged in one line."""
         self._closed = True
-        if self._thread is None:
+        thread = self._thread
+        if thread is None:
             return
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            log.warning("drill store: queue still full at close; %d queued samples lost", self._queue.qsize())
-        self._thread.join(timeout=timeout)
+        t0 = time.monotonic()
+        self._closing = True
+        with self._drop_lock:
+            before = Tally(self.dropped)
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):
+            # wakes an idle writer; a full queue has no room for it, and the writer stops once it has emptied it
+            self._queue.put_nowait(_STOP)
+        thread.join(timeout)
+        if thread.is_alive():
+            self._abandon.set()
+            if self._watchdog is not None:
+                self._watchdog.expire()
+            thread.join(_ABANDON_GRACE)
+        stuck = thread.is_alive()
+        if stuck:  # blocked where no deadline reaches (a connection attempt): count what it will not take
+            self._fail_leftovers()
         self._thread = None
+        self._stop_watchdog()
+        with self._drop_lock:
+            lost = Tally(self.dropped)
+        lost.subtract(before)
+        lost = +lost
+        self._closing = False
+        if lost:
+            log.warning(
+                "drill store: closed in %.1f s with %d samples not written (%s)%s",
+                time.monotonic() - t0,
+                sum(lost.values()),
+                ", ".join(f"{reason} {n}" for reason, n in sorted(lost.items())),
+                "; the writer thread is still blocked" if stuck else "",
+            )
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
@@ -251,31 +355,66 @@ class DrillStore(ABC):
         return self._queue.qsize()
 
     def _drop(self, reason: str, n: int, exc: BaseException | None) -> None:
-        self.dropped[reason] += n
+        """Count dropped samples. One line when an outage starts (``_recovered`` logs its end): a failing disk or
+        a flood must not flood the log too; the guardproxy_drill_samples_dropped{reason} counter has every drop."""
+        with self._drop_lock:
+            self.dropped[reason] += n
+            once = reason in _LOGGED_ONCE
+            if once:
+                first = reason not in self._logged and not self._closing
+                if first:
+                    self._logged.add(reason)
+            else:
+                outage = self._outage
+                first = outage is None
+                if outage is None:
+                    outage = self._outage = _Outage(time.monotonic())
+                outage.dropped[reason] += n
         self._dropped_metric.labels(reason).inc(n)
-        if reason not in self._logged:
-            # once per reason and process: a failing disk or a flood must not flood the log too; the
-            # guardproxy_drill_samples_dropped{reason} counter carries every drop
-            self._logged.add(reason)
-            detail = f": {exc}" if exc else ""
+        if not first or self._closing:  # close logs what it lost in one line
+            return
+        detail = f": {one_line(exc)}" if exc else ""
+        if once:
             log.warning("drill store: dropping samples (%s)%s; further drops are only counted", reason, detail)
+        else:
+            log.warning("drill store: dropping samples (%s)%s; counting drops until it writes again", reason, detail)
+
+    def _recovered(self) -> None:
+        """After a write: end the outage, if there is one and the queue has room again (a queue that stays full
+        under load is one long outage, not one per batch)."""
+        if self._outage is None:
+            return
+        if self._queue.qsize() * 2 > self._queue.maxsize or self._queued_bytes * 2 > self.queue_bytes:
+            return
+        with self._drop_lock:
+            outage, self._outage = self._outage, None
+        if outage is not None:
+            dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(outage.dropped.items())) or "none"
+            elapsed = time.monotonic() - outage.since
+            log.warning("drill store: writing again after %.1f s; dropped meanwhile: %s", elapsed, dropped)
 
     # -- the writer thread ------------------------------------------------------------------------------
     def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
         conn: Any = None
+        degraded: tuple[type[Exception], ...] = (Expired, *self.degraded_start_errors)
         try:
             conn = self._open_connection()
-        except self.degraded_start_errors as exc:
+        except degraded as exc:
             # The database is down at startup: serve anyway, drop samples, connect (and migrate) when it is back.
-            log.warning("drill store: database unavailable at startup, samples are dropped until it returns: %s", exc)
+            log.warning(
+                "drill store: database unavailable at startup, samples are dropped until it returns: %s", one_line(exc)
+            )
+            self._outage = _Outage(time.monotonic())  # logged: the drops that follow are counted, the return logged
             self._retry_at = time.monotonic() + 1.0
         except Exception as exc:
-            ready.set_exception(StoreError(f"cannot open drill store: {exc}"))
+            ready.set_exception(StoreError(f"cannot open drill store: {one_line(exc)}"))
             return
         ready.set_result(None)
         last_purge = time.monotonic()
         stop = False
         while not stop:
+            if self._stopping.is_set() and self._queue.empty():  # close found the queue full: _STOP did not fit
+                break
             try:
                 batch = [self._queue.get(timeout=1.0)]
             except queue.Empty:
@@ -308,10 +447,13 @@ class DrillStore(ABC):
         """Write a batch. Its records count against ``queue_bytes`` until then, not only while queued: a batch the
         writer holds while the database is slow or locked is memory too, and releasing it on dequeue let the queue
         take another batch's worth behind it."""
+        written = self.written
         try:
             return self._flush_records(conn, records)
         finally:
             self._release(sum(_approx_size(r) for r in records))
+            if self.written > written:
+                self._recovered()
 
     def _fail_leftovers(self) -> None:
         """After stop: nothing may wait forever on an op the writer will never run."""
@@ -327,12 +469,23 @@ class DrillStore(ABC):
                 self._release(_approx_size(it))
                 self._drop("closed", 1, None)
 
+    def _deadline(self, conn: Any) -> AbstractContextManager[None]:
+        """Bound a call of the writer on ``conn`` by ``op_timeout``, on the client (raises ``Expired``)."""
+        if self._watchdog is None or conn is None or self.op_timeout is None:
+            return nullcontext()
+        return self._watchdog.bound(conn, self.op_timeout)
+
+    def _discard(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
     def _open_connection(self) -> Any:
         conn = self._connect(write=True)
         try:
             if not self._migrated:
-                self._migrate(conn)
-                self._purge(conn, time.time())
+                with self._deadline(conn):
+                    self._migrate(conn)
+                    self._purge(conn, time.time())
                 self._migrated = True
         except BaseException:
             conn.close()
@@ -341,6 +494,9 @@ class DrillStore(ABC):
 
     def _flush_records(self, conn: Any, records: list[DrillRecord]) -> Any:
         if not records:
+            return conn
+        if self._abandon.is_set():  # close ran out of time: no more database calls
+            self._drop("closed", len(records), None)
             return conn
         try:
             rows = [row_params(self.redactor.record(r)) for r in records]
@@ -362,16 +518,24 @@ class DrillStore(ABC):
 
     def _guarded(self, conn: Any, fn: Callable[[Any], Any], n_records: int | None) -> Any:
         """Run a write; on failure drop (and count) the records, and reconnect next time if need be."""
+        if self._abandon.is_set():
+            if n_records:
+                self._drop("closed", n_records, None)
+            return conn
         try:
             if conn is None:
                 conn = self._reconnect()
-            fn(conn)
+            with self._deadline(conn):
+                fn(conn)
         except Exception as exc:
             if n_records:
-                self._drop("unavailable" if isinstance(exc, _Backoff) else self._drop_reason(exc), n_records, exc)
+                reason = "unavailable" if isinstance(exc, _Backoff | Expired) else self._drop_reason(exc)
+                self._drop(reason, n_records, exc)
             else:
-                log.warning("drill store: maintenance failed: %s", exc)
-            if not self._usable(conn):
+                log.warning("drill store: maintenance failed: %s", one_line(exc))
+            if isinstance(exc, Expired) or not self._usable(conn):
+                if conn is not None:
+                    self._discard(conn)
                 conn = None
             return conn
         if n_records:
@@ -397,18 +561,28 @@ class DrillStore(ABC):
     def _run_op(self, conn: Any, op: _Op) -> Any:
         if not op.future.set_running_or_notify_cancel():
             return conn
+        if self._abandon.is_set():
+            op.future.set_exception(StoreError("drill store is closed"))
+            return conn
         try:
             if conn is None and op.needs_connection:
                 conn = self._reconnect()
-            op.future.set_result(op.fn(conn))
+            with self._deadline(conn if op.needs_connection else None):
+                result = op.fn(conn)
         except Exception as exc:
-            op.future.set_exception(StoreError(f"drill store: {exc}"))
-            if not self._usable(conn):
+            op.future.set_exception(StoreError(f"drill store: {one_line(exc)}"))
+            if isinstance(exc, Expired) or not self._usable(conn):
+                if conn is not None:
+                    self._discard(conn)
                 conn = None
+            return conn
+        op.future.set_result(result)
         return conn
 
     async def _write_op(self, fn: Callable[[Any], T], wait_s: float = 10.0, *, needs_connection: bool = True) -> T:
         """Run ``fn(write_connection)`` on the writer thread and wait for it (labels, purges, flush)."""
+        if self.read_only:
+            raise StoreError("drill store is open read-only")
         if self._thread is None or self._closed:
             raise StoreError("drill store is not open")
         op = _Op(fn, concurrent.futures.Future(), needs_connection)
@@ -421,6 +595,35 @@ class DrillStore(ABC):
         return await asyncio.wait_for(asyncio.wrap_future(op.future), timeout=wait_s + 30)
 
     # -- schema -----------------------------------------------------------------------------------------
+    def _check_readable(self) -> None:
+        """Read-only open: the tables are there, at this guardproxy's schema version. Creates nothing; each problem
+        is one line naming the store and what is missing."""
+        try:
+            with self._reader() as conn:
+                self._check_tables(conn)
+                version = int(conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"drill store {self.where}: {one_line(exc)}") from exc
+        where = f"drill store {self.where}: schema {version} is"
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{where} newer than this guardproxy ({SCHEMA_VERSION})")
+        if version < SCHEMA_VERSION:
+            raise StoreError(
+                f"{where} older than this guardproxy ({SCHEMA_VERSION}); a gateway or `guardproxy drills purge`"
+                " migrates it"
+            )
+
+    def _check_tables(self, conn: Any) -> None:
+        tables = self._tables(conn)
+        missing = [t for t in _TABLES if t not in tables]
+        if missing:
+            raise StoreError(
+                f"drill store {self.where}: no table {', '.join(missing)} (not a drill store, or never opened by a"
+                " gateway)"
+            )
+
     def _migrate(self, conn: Any) -> None:
         self._begin(conn)
         try:
@@ -495,7 +698,7 @@ class DrillStore(ABC):
             except StoreError:
                 raise
             except Exception as exc:
-                raise StoreError(f"drill store read failed: {exc}") from exc
+                raise StoreError(f"drill store read failed: {one_line(exc)}") from exc
 
         return await asyncio.to_thread(run)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.drills.store.base import DrillStore
+from guardproxy.errors import StoreError
 
 
 class SqliteStore(DrillStore):
@@ -30,6 +31,18 @@ class SqliteStore(DrillStore):
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def _check_readable(self) -> None:
+        if not self.path.is_file():  # connecting would create it
+            raise StoreError(f"drill store {self.where}: no such database file")
+        super()._check_readable()
+
+    def _tables(self, conn: Any) -> set[str]:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
 
     def _connect(self, *, write: bool) -> sqlite3.Connection:
         if write:
