@@ -790,6 +790,7 @@ def build_guard(
             transitions = metrics.counter(
                 "guardproxy_classifier_circuit_total", "guard model circuit breaker transitions", ["to"]
             )
+            transitions.labels("open"), transitions.labels("closed")  # at 0 from the start
             classifier.breaker.on_change = lambda state: transitions.labels(state).inc()
             if classifier.early_exit is not None:
                 exits = metrics.counter(

@@ -161,7 +161,10 @@ async def test_redis_down_at_startup_starts_degraded_and_recovers(
             (down_line,) = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
             assert f"at 127.0.0.1:{redis.port} db 0: ConnectionError" in down_line
             assert any("conversation state shared through redis" in r.getMessage() for r in caplog.records)
-            assert b"guardproxy_state_secret_mismatch 0.0" in g.metrics.render()
+            exposition = g.metrics.render()
+            assert b"guardproxy_state_secret_mismatch 0.0" in exposition
+            for op in ("load", "append", "add_refused"):  # every operation's series exists from the start
+                assert f'guardproxy_state_fallbacks_total{{op="{op}"}}'.encode() in exposition
     states = [r["scores"]["state_failed"] for r in read_log(tmp_path / "decisions.jsonl") if r["stage"] == "input"]
     assert states == [1.0] * 5 + [0.0] * 3
 
@@ -432,3 +435,9 @@ async def test_labelled_event_counters_are_exported_at_zero_from_the_start(tmp_p
         assert f'guardproxy_rejected_total{{reason="{reason}"}} 0.0' in text
     for outcome in sorted(TERMINAL):
         assert f'guardproxy_exchange_outcomes_total{{outcome="{outcome}"}} 0.0' in text
+    from guardproxy.drills.sampling import REASONS
+
+    for reason in REASONS:
+        assert f'guardproxy_drill_samples_total{{reason="{reason}"}}' in text
+    for cap in ("tenant_cap", "hourly_budget"):
+        assert f'guardproxy_drill_samples_capped_total{{reason="{cap}"}} 0.0' in text

@@ -296,6 +296,8 @@ class ResilientBackend:
             self.up = Gauge("guardproxy_state_backend_up", up_doc, registry=reg)
             self.secrets_differ = Gauge("guardproxy_state_secret_mismatch", mismatch_doc, registry=reg)
         self.up.set(1)
+        for op in ("load", "append", "add_refused"):
+            self.fallbacks.labels(op)  # exported at 0 from the start: rate() and absent() alerts work at once
         # read at scrape time from the primary's last check (RedisBackend.check_secret); 0 where it checks none
         self.secrets_differ.set_function(lambda: float(getattr(primary, "secret_mismatch", False)))
 

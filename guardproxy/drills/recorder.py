@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from guardproxy.drills.record import DrillRecord, PolicyDecision, from_exchange
 from guardproxy.drills.redaction import Redactor
-from guardproxy.drills.sampling import Sampler, SamplingConfig, conversation_sensitive
+from guardproxy.drills.sampling import REASONS, Sampler, SamplingConfig, conversation_sensitive
 from guardproxy.drills.store import DrillStore, open_store
 from guardproxy.drills.store.base import MetricsLike
 from guardproxy.pipeline import Exchange
@@ -17,6 +17,9 @@ from guardproxy.settings import Settings
 from guardproxy.signals import ConversationSignals, Signals
 
 log = logging.getLogger(__name__)
+
+_SAMPLED, _SAMPLED_DOC = "guardproxy_drill_samples", "exchanges sampled as drills, by reason"
+_CAPPED, _CAPPED_DOC = "guardproxy_drill_samples_capped", "drill samples turned down by a cap"
 
 
 class DrillRecorder:
@@ -35,6 +38,10 @@ class DrillRecorder:
         self._metrics = metrics
         if metrics is not None:
             store.bind_metrics(metrics)
+            for reason in REASONS:  # at 0 from the start, so rate() and absent() alerts work before a first sample
+                metrics.counter(_SAMPLED, _SAMPLED_DOC, ["reason"]).labels(reason)
+            for cap in ("tenant_cap", "hourly_budget"):
+                metrics.counter(_CAPPED, _CAPPED_DOC, ["reason"]).labels(cap)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: MetricsLike | None = None) -> DrillRecorder:
@@ -76,12 +83,12 @@ class DrillRecorder:
             decision = self.sampler.decide(record)
             if decision.capped:
                 self.capped[decision.capped] += 1
-                self._count("guardproxy_drill_samples_capped", "drill samples turned down by a cap", decision.capped)
+                self._count(_CAPPED, _CAPPED_DOC, decision.capped)
             if not decision.sampled:
                 return False
             for reason in decision.reasons:
                 self.sampled[reason] += 1
-                self._count("guardproxy_drill_samples", "exchanges sampled as drills, by reason", reason)
+                self._count(_SAMPLED, _SAMPLED_DOC, reason)
             return self.store.submit(dataclasses.replace(record, reasons=decision.reasons))
         except Exception:  # the request path must never fail for drills
             log.exception("drill recorder: submit failed")
