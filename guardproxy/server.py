@@ -76,6 +76,9 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         # A backstop only: the gateway ends its own streams after shutdown_timeout.
         "timeout_graceful_shutdown": srv.shutdown_timeout + 5.0,
         "backlog": 2048,
+        # a TLS-terminating balancer's X-Forwarded-Proto makes the scheme https (the review cookie is then Secure)
+        "proxy_headers": True,
+        "forwarded_allow_ips": srv.forwarded_allow_ips,
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)

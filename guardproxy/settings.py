@@ -49,6 +49,12 @@ class ServerSettings(_Section):
         "info", description="uvicorn's log level and the guardproxy loggers' (guardproxy.logs.LOG_LEVELS)"
     )
     timing_header: bool = Field(True, description="send a Server-Timing header with the gateway's stage times")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="comma-separated addresses (or '*') of the proxies whose X-Forwarded-Proto and X-Forwarded-For "
+        "are believed: behind a TLS-terminating load balancer, its addresses, so the review page's session cookie "
+        "is marked Secure",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -375,3 +375,38 @@ async def test_browser_login_label_with_keyboard_and_inert_xss(seeded: tuple[Dri
             assert got is not None and got.labels == ()
         finally:
             await browser.close()
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.1", "10.9.9.9"])
+async def test_behind_a_tls_balancer_the_review_login_needs_its_address_trusted(
+    seeded: tuple[DrillStore, list[DrillRecord]], trusted: str
+) -> None:
+    """Trusted (``server.forwarded_allow_ips``), the balancer's X-Forwarded-Proto makes the scheme https: the
+    browser's https origin matches and the session cookie is Secure. Untrusted, the gateway sees http and refuses
+    the https origin as another site's."""
+    from guardproxy.server import uvicorn_config
+
+    store, _ = seeded
+    app = app_for(store)
+    config = uvicorn_config(app, Settings(admin_token=TOKEN, server={"forwarded_allow_ips": trusted}))
+    async with serve(app, proxy_headers=config.proxy_headers, forwarded_allow_ips=config.forwarded_allow_ips) as base:
+        async with httpx.AsyncClient(headers={"x-forwarded-proto": "https"}) as client:
+            page = await client.get(f"{base}/guard/review/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf
+            ok = await client.post(
+                f"{base}/guard/review/login",
+                data={"csrf": csrf.group(1), "token": TOKEN, "reviewer": "ann"},
+                # what a browser at the balancer sends: its origin, and the pre-login cookie (a Secure one, which
+                # this plain-http client would not send back by itself)
+                headers={
+                    "origin": base.replace("http://", "https://"),
+                    "cookie": "; ".join(f"{k}={v}" for k, v in page.cookies.items()),
+                },
+            )
+    if trusted != "127.0.0.1":
+        assert ok.status_code == 403 and "Cross-site" in ok.text
+        return
+    assert ok.status_code == 303
+    (session,) = [c for c in ok.headers.get_list("set-cookie") if c.startswith(f"{SESSION_COOKIE}=")]
+    assert "secure" in session.lower()
