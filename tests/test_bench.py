@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +27,29 @@ import httpx
 import pytest
 import redis
 
-from guardproxy.benchmark.load import Mix, MixSpec, Scrape, percentiles, stage_diff, user_turn
+from guardproxy.benchmark.load import (
+    Mix,
+    MixSpec,
+    Plan,
+    Planned,
+    Replay,
+    Sample,
+    Scrape,
+    Step,
+    Target,
+    client_session,
+    percentiles,
+    send,
+    stage_diff,
+    summarize,
+    user_turn,
+)
 from guardproxy.benchmark.procs import BenchError, GatewaySpec, gateway_config
-from guardproxy.benchmark.run import BenchConfig
+from guardproxy.benchmark.run import Bench, BenchConfig, evaluate_targets, public_url
 from guardproxy.benchmark.upstream import STAMP_HEADER, TTFT_HEADER, build
 from guardproxy.fake_upstream import FakeUpstream
 from guardproxy.settings import PROJECT_ROOT, Settings
-from tests.servers import serve
+from tests.servers import free_port, serve
 
 MONITOR = PROJECT_ROOT / "policies" / "monitor.toml"  # never blocks: every request reaches the upstream
 SECTIONS = {"machine", "config", "latency", "stages", "length", "sweep", "rss", "targets", "notes"}
@@ -112,6 +133,19 @@ def test_latency_counts_add_up_and_percentiles_are_ordered(tiny: Run) -> None:
         # the gateway's own per-request account (Server-Timing) comes with every request through it, never direct
         own = [x for x in (r["plain"]["gateway_ms"], r["stream"]["gateway_ms"]) if x is not None]
         assert sum(x["n"] for x in own) == (0 if r["target"] == "direct" else r["requests"])
+        # (the monitor policy may flag a request: the model's verdict, not the bench's; flags are counted apart)
+        assert r["failed"] == r["blocked_in_stream"] == 0 and r["measured"] == r["requests"]
+    # every target got the same planned requests: as many plain and streamed, single turns and conversation turns
+    for c in (1, 2):
+        level = [r for r in rows if r["concurrency"] == c]
+        shapes = {
+            (r["plain"]["n"], r["stream"]["n"], *((p or {"n": 0})["n"] for p in r["by_history"].values()))
+            for r in level
+        }
+        assert len(shapes) == 1, shapes
+    # the terminal says what the percentiles are over, and shows blocks and flags
+    table = tiny.proc.stdout.split("Overhead per request")[1]
+    assert "flagged" in table.splitlines()[1] and "plain n, stream n: the requests each row's percentiles" in table
 
 
 def test_stage_breakdown_covers_every_gateway_request(tiny: Run) -> None:
@@ -164,6 +198,7 @@ def test_sweep_and_rss(tiny: Run) -> None:
     for lv in levels:
         assert lv["ok"] + lv["status_503"] + lv["errors"] == lv["requests"]
         assert lv["throughput_rps"] > 0
+        assert lv["blocked"] == 0 and lv["allowed_rps"] == lv["throughput_rps"]  # the monitor policy never blocks
         _ordered(lv["latency_ms"])
     assert tiny.result["sweep"]["best_rps"] == max(lv["throughput_rps"] for lv in levels)
     procs = tiny.result["rss"]["processes"]
@@ -200,6 +235,14 @@ async def test_a_real_upstream_gets_the_key_and_nothing_shows_it(tmp_path: Path)
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["config"]["api_key_set"] is True
     assert result["sweep"] == {} and result["length"] == {}  # not run against a real upstream unless asked
+    # no upstream stamp: the targets are the gateway's own Server-Timing, and say so in the JSON and the table
+    assert result["targets"] and {t["source"] for t in result["targets"]} == {"server-timing"}
+    assert all("client_p50_difference" in t and 0 < t["n"] <= 4 for t in result["targets"])
+    text = out.decode()
+    targets_table = text.split("Issue 7 targets")[1]
+    assert "Server-Timing" in targets_table and "a real upstream sends no stamp" in targets_table
+    assert "No overhead here: a real upstream sends no per-request stamp" in text
+    assert "FAKE upstream" not in text
     everything = out + err + (tmp_path / "b.json").read_bytes()
     for path in (tmp_path / "work").rglob("*"):
         if path.is_file():
@@ -328,7 +371,12 @@ def test_targets_are_gateway_minus_direct_in_the_same_run() -> None:
     ]
     sweep = {"target": "guarded", "levels": [{"concurrency": 16, "throughput_rps": 200.0}]}
     length = {"ratio_at_longest": 1.3, "longest": 100, "tail_history_turns": [96, 100]}
-    got = {t["target"]: (t["value"], t["met"]) for t in evaluate_targets(BenchConfig(), latency, length, sweep)}
+    targets = evaluate_targets(BenchConfig(), latency, length, sweep)
+    got = {t["target"]: (t["value"], t["met"]) for t in targets}
+    # each says where its figure comes from and over how many samples (10 here: too few for a firm verdict)
+    added = [t for t in targets if t["unit"] == "ms"]
+    assert added and all(t["source"] == "client" and (t["n"], t["direct_n"]) == (10, 10) for t in added)
+    assert all(t["few_samples"] for t in added)
     assert got["added to TTFT, c=1, input checks only (guarded)"] == (7.0, True)
     assert got["added to TTFT, c=1, single user turn: turn check only (guarded)"] == (6.0, True)
     assert got["added to TTFT, c=1, new turn of a conversation: turn + window check (guarded)"] == (12.0, False)
@@ -527,3 +575,326 @@ def test_history_cost_names_the_parts_and_they_add_up(tmp_path: Path, capsys: py
         with pytest.raises(SystemExit) as exc:
             history_cost.main(bad)
         assert exc.value.code == 2
+
+
+# --- the same requests to every target; blocks and flags counted (walkthrough items 1-4, 11) --------------------
+
+
+async def test_every_target_gets_the_same_planned_requests(tmp_path: Path) -> None:
+    fake = FakeUpstream()
+    bench = Bench(BenchConfig(progress=False, workdir=tmp_path, mix=MixSpec(stream_share=0.4, max_turns=3)))
+    async with serve(fake) as base:
+        targets = [Target(name, base + "/v1/chat/completions", {"x-bench-target": name}) for name in "abc"]
+        try:
+            samples, _, ended = await bench._mixed(targets, 3, steps=30, seconds=None, ttft_ms=None, seed=5)
+        finally:
+            await bench.close()
+    assert len(samples) == 90 and ended == 0
+    bodies: dict[str, list[str]] = {name: [] for name in "abc"}
+    for r in fake.requests:
+        bodies[r.headers["x-bench-target"]].append(json.dumps(r.body, sort_keys=True))
+    # the same texts, turns and stream choices (the FAKE upstream's replies are the same, so whole bodies match)
+    assert sorted(bodies["a"]) == sorted(bodies["b"]) == sorted(bodies["c"]) and len(bodies["a"]) == 30
+    sent = [json.loads(b) for b in bodies["a"]]
+    assert any(b.get("stream") for b in sent) and not all(b.get("stream") for b in sent)
+    assert any(len(b["messages"]) > 1 for b in sent)  # conversation turns among them
+
+
+def test_a_plan_depends_on_its_seed_and_worker_count_alone() -> None:
+    def drawn(plan: Plan) -> list[tuple[int, int, Step | None]]:
+        return [(w, k, plan.step(w, k)) for k in range(4) for w in (1, 0)]  # any order of the workers
+
+    first, second = drawn(Plan(MixSpec(), 3, 2, 5)), drawn(Plan(MixSpec(), 3, 2, 5))
+    assert [(w, k) for w, k, step in first if step is not None] == [(1, 0), (0, 0), (1, 1), (0, 1), (0, 2)]
+    serials = [int(step.text.split()[1]) for _, _, step in first if step is not None]
+    assert len(set(serials)) == 5 and max(serials) - min(serials) == 4  # reserved up front, one per step
+    for (_, _, a), (_, _, b) in zip(first, second, strict=True):
+        # the same draws: the same text after the serial, the same stream and conversation choices
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert (a.text.split()[2:], a.stream, a.conversation) == (b.text.split()[2:], b.stream, b.conversation)
+
+
+def _sample(target: str, decision: str = "allow", *, filtered: bool = False, status: int = 200) -> Sample:
+    return Sample(target, False, 0, status, 10.0, None, 5.0, decision, filtered=filtered)
+
+
+def test_a_turn_one_target_blocked_ends_the_conversation_for_every_target() -> None:
+    replay = Replay(MixSpec(max_turns=8), ["a", "b"])
+    first = replay.requests(Step("Question 1: how do bees find home?", False, True))
+    replay.settle("a", first["a"], _sample("a"), "a's reply")
+    replay.settle("b", first["b"], _sample("b"), "b's reply")
+    second = replay.requests(Step("Question 2: and ants?", True, True))
+    # each target's copy holds its own reply, at the same depth
+    assert second["a"].history_turns == second["b"].history_turns == 1
+    assert json.loads(second["a"].body)["messages"][1]["content"] == "a's reply"
+    assert json.loads(second["b"].body)["messages"][1]["content"] == "b's reply"
+    # b blocked the turn in its stream (finish_reason content_filter, header allow): nobody goes on with it
+    replay.settle("a", second["a"], _sample("a"), "a's second reply")
+    replay.settle("b", second["b"], _sample("b", filtered=True), "b's cut reply + the policy's text")
+    third = replay.requests(Step("Question 3: and wasps?", False, True))
+    assert replay.ended == 1
+    for planned in third.values():
+        assert planned.history_turns == 0
+        assert json.loads(planned.body)["messages"] == [{"role": "user", "content": "Question 3: and wasps?"}]
+    single = replay.requests(Step("Question 4: alone", True, False))
+    assert single["a"] is single["b"] and single["a"].conversation is None
+
+
+async def _blocking_upstream(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+    """Replies as a gateway does when it blocks or flags, by the request's ``x-case`` header."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send_({"type": "lifespan.startup.complete"})
+        await send_({"type": "lifespan.shutdown.complete"})
+        return
+    await receive()
+    case = dict(scope["headers"]).get(b"x-case", b"").decode()
+    headers = [(b"x-bench-upstream-ms", b"1.0"), (b"x-guardproxy-decision", b"allow")]
+    if case == "stream-output-block":  # the header is the input check's verdict; the block comes in the stream
+        events = [
+            {"choices": [{"index": 0, "delta": {"content": "Sure, here"}, "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {"content": " [stopped]"}, "finish_reason": "content_filter"}]},
+        ]
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+        headers.append((b"content-type", b"text/event-stream"))
+        status = 200
+    elif case == "error-block":  # a policy that delivers blocks as errors
+        error = {"message": "stopped", "type": "content_filter", "param": None, "code": "content_filter"}
+        body, status = json.dumps({"error": error}).encode(), 400
+        headers = [(b"x-guardproxy-decision", b"block")]
+    else:  # a plain reply, flagged
+        reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+        body, status = json.dumps(reply).encode(), 200
+        headers = [(b"x-bench-upstream-ms", b"1.0"), (b"x-guardproxy-decision", b"flag")]
+    await send_({"type": "http.response.start", "status": status, "headers": headers})
+    await send_({"type": "http.response.body", "body": body})
+
+
+async def test_an_output_block_in_a_stream_and_a_block_as_an_error_count_as_blocked() -> None:
+    async with serve(_blocking_upstream) as base, client_session() as session:
+        samples = []
+        for case, stream in (("stream-output-block", True), ("error-block", False), ("flag", False)):
+            target = Target("g", base + "/v1/chat/completions", {"x-case": case})
+            planned = Planned(json.dumps({"model": "m", "messages": []}).encode(), stream, 0, None)
+            sample, _ = await send(session, target, planned, want_text=False)
+            samples.append(sample)
+    streamed, refused, flagged = samples
+    assert streamed.ok and streamed.blocked and streamed.decision == "allow" and streamed.overhead_ms is None
+    assert not refused.ok and refused.blocked and not refused.failed
+    assert flagged.flagged and not flagged.blocked and flagged.overhead_ms is not None
+    row = summarize(samples)
+    assert (row["blocked"], row["blocked_in_stream"], row["flagged"], row["failed"], row["measured"]) == (2, 1, 1, 0, 1)
+    assert row["plain"]["n"] == 2 and row["plain"]["overhead_ms"]["n"] == 1  # the percentiles' n: measured only
+
+
+# flags every request at the input, blocks every reply at the output: on a stream, the header says "flag" and the
+# block arrives as finish_reason content_filter
+FLAG_AND_BLOCK = """schema_version = 1
+name = "bench-test"
+version = "1"
+description = "flags every request and blocks every reply"
+harm_threshold = 0.5
+on_classifier_failure = "fail_open"
+on_state_failure = "fail_open"
+flag_header = true
+
+[[input_rules]]
+id = "flag-all"
+action = "flag"
+when = {}
+
+[[output_rules]]
+id = "block-all"
+action = "block"
+when = {}
+
+[refusals]
+default = "Stopped by the bench test policy, which blocks every reply it sees."
+"""
+
+
+def test_blocks_and_flags_are_counted_per_target_and_sweep_level_and_shown(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(FLAG_AND_BLOCK)
+    proc = _bench(["--fake-upstream", "--modes", "direct,guarded,input-only", "--concurrency", "1", "--requests", "8",
+                   "--warmup", "1", "--ttft-ms", "5", "--tokens-per-s", "0", "--stream-share", "0.5",
+                   "--sweep", "2", "--sweep-seconds", "0.5", "--lengths", "none", "--policy", str(policy),
+                   "--threads", "1", "--json", str(tmp_path / "b.json"), "--quiet"])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["target"]: r for r in result["latency"]}
+    # the same planned requests everywhere, streams among them
+    assert len({(r["plain"]["n"], r["stream"]["n"]) for r in rows.values()}) == 1 and rows["guarded"]["stream"]["n"]
+    guarded, input_only, direct = rows["guarded"], rows["input-only"], rows["direct"]
+    # every reply blocked: the plain ones by the header, the streams by their finish_reason (header: the input flag)
+    assert guarded["blocked"] == guarded["requests"] == 8 and guarded["blocked_in_stream"] == guarded["stream"]["n"]
+    assert guarded["measured"] == 0 and guarded["plain"]["overhead_ms"] is None and guarded["failed"] == 0
+    assert input_only["flagged"] == 8 and input_only["blocked"] == 0 and input_only["measured"] == 8
+    assert direct["blocked"] == direct["flagged"] == 0
+    (level,) = result["sweep"]["levels"]
+    assert level["target"] == "guarded" and level["blocked"] == level["ok"] == level["requests"] > 0
+    assert level["allowed_rps"] == 0 and level["latency_ms"] is None
+    # no conversation went on past a blocked turn: each ended for every target
+    assert any("conversations ended early for every target" in n for n in result["notes"])
+    assert result["notes"][0].startswith("the guard blocked ")
+    # the terminal shows it: the latency rows (percentiles over 0 requests for guarded) and the sweep's columns
+    table = {line.split()[1]: line.split() for line in proc.stdout.split("Overhead per request")[1].splitlines()[3:6]}
+    assert table["guarded"][2] == "0"  # plain n: what the percentiles are over
+    # sent, ok, blocked, flagged, failed
+    assert table["guarded"][-5:] == ["8", "8", "8", "0", "0"] and table["input-only"][-5:] == ["8", "8", "0", "8", "0"]
+    sweep = proc.stdout.split("Throughput sweep")[1].splitlines()
+    assert "blocked" in sweep[1] and "allowed/s" in sweep[1]
+
+
+# --- stopping, failing, bounds (walkthrough items 5-7, 9-12) ------------------------------------------------------
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads children from /proc")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT twice"])
+def test_a_signal_stops_every_process_frees_their_ports_and_removes_the_temp_folder(tmp_path: Path, how: str) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the bench makes its temp folder
+    argv = [sys.executable, "-m", "guardproxy.cli", "bench", "--fake-upstream", "--modes", "direct,passthrough",
+            "--concurrency", "1", "--requests", "100000", "--warmup", "0", "--ttft-ms", "5", "--lengths", "none",
+            "--sweep", "none", "--quiet"]  # fmt: skip
+    log = tmp_path / "bench.err"
+    with (
+        log.open("wb") as err,
+        subprocess.Popen(
+            argv, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        ) as proc,
+    ):
+        try:
+            deadline = time.monotonic() + 90
+            while not (configs := list(tmp_path.glob("guardproxy-bench-*/passthrough.toml"))):
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+            config = tomllib.loads(configs[0].read_text())
+            ports = [config["server"]["port"], int(config["upstream"]["base_url"].rsplit(":", 1)[1].split("/")[0])]
+            while not all(_listening(port) for port in ports):  # the gateway is up: the bench is sending requests
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+            time.sleep(0.5)
+            children = _child_pids(proc.pid)
+            assert len(children) == 2  # the FAKE upstream and the gateway
+            if how == "SIGTERM":  # as kill PID, CI cancellation and timeout send it: to the bench alone
+                proc.send_signal(signal.SIGTERM)
+            else:  # a second Ctrl-C while the first one's cleanup runs
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.05)
+                proc.send_signal(signal.SIGINT)
+            proc.wait(15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode in ((128 + signal.SIGTERM,) if how == "SIGTERM" else (130, -signal.SIGINT)), log.read_text()
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert not [port for port in ports if _listening(port)]
+    assert not list(tmp_path.glob("guardproxy-bench-*"))  # its configs (HMAC secrets), logs and drill stores
+
+
+def test_max_seconds_bounds_the_warm_up(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = _bench(["--fake-upstream", "--modes", "direct,passthrough", "--concurrency", "1", "--requests", "5",
+                   "--warmup", "100000", "--max-seconds", "6", "--ttft-ms", "0", "--tokens-per-s", "0",
+                   "--lengths", "none", "--sweep", "none", "--json", str(tmp_path / "b.json"), "--quiet"],
+                  timeout=90)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert time.monotonic() - started < 60
+    notes = json.loads((tmp_path / "b.json").read_text())["notes"]
+    assert any(n.startswith("warm-up: stopped after") and "--max-seconds reached" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:9/v1?api-key=QUERYSECRETzz", "a query string"),
+        ("http://user:PA55WORDzz@127.0.0.1:9/v1", "credentials in the URL"),
+        ("ftp://127.0.0.1:9/v1", "http:// or https://"),
+    ],
+)
+def test_an_upstream_url_the_bench_cannot_use_is_refused_without_echoing_it(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    proc = _bench(["--upstream", url, "--upstream-model", "m", "--json", str(tmp_path / "b.json")], timeout=60)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--upstream" in errors[0] and problem in errors[0], proc.stderr
+    assert "SECRETzz" not in proc.stdout + proc.stderr and "PA55WORD" not in proc.stdout + proc.stderr
+    assert "starting gateway" not in proc.stderr and not (tmp_path / "b.json").exists()
+
+
+def test_the_reported_upstream_url_has_no_credentials_or_query() -> None:
+    assert public_url("https://u:p@example.com:8443/v1?key=k#f") == "https://example.com:8443/v1"
+    assert public_url("http://[::1]:9/v1") == "http://[::1]:9/v1"
+    assert BenchConfig(upstream="http://u:p@127.0.0.1:9/v1?k=s").public()["upstream"] == "http://127.0.0.1:9/v1"
+
+
+def test_a_run_where_every_request_failed_exits_non_zero_naming_the_statuses(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there: the direct requests cannot connect, the gateway answers 502
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OPENAI_API_KEY": "sk-not-used"}
+    proc = _bench(["--upstream", f"http://127.0.0.1:{port}/v1", "--upstream-model", "m", "--modes",
+                   "direct,passthrough", "--concurrency", "1", "--requests", "2", "--warmup", "1",
+                   "--json", str(tmp_path / "b.json")], env=env, timeout=90)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (error,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "every request failed" in error and "502 x1" in error and "conn:" in error, error
+    assert not list(tmp_path.glob("guardproxy-bench-*"))  # a failed run leaves no temp folder either
+
+
+@pytest.mark.parametrize(
+    ("changes", "flag"),
+    [
+        ({"conversations": -4}, "--conversations"),
+        ({"conversations": 0}, "--conversations"),
+        ({"ttft_ms": math.nan}, "--ttft-ms"),
+        ({"ttft_ms": -1.0}, "--ttft-ms"),
+        ({"ttft_ms": math.inf}, "--ttft-ms"),
+        ({"sweep_ttft_ms": math.nan}, "--sweep-ttft-ms"),
+        ({"tokens_per_s": math.nan}, "--tokens-per-s"),
+        ({"reply_words": 0}, "--reply-words"),
+        ({"mix": MixSpec(stream_share=5.0)}, "--stream-share"),
+        ({"mix": MixSpec(stream_share=math.nan)}, "--stream-share"),
+        ({"mix": MixSpec(conversation_share=-2.0)}, "--conversation-share"),
+        ({"max_tokens": -7}, "--max-tokens"),
+        ({"max_tokens": 0}, "--max-tokens"),
+        ({"capacity": 0}, "--capacity"),
+        ({"warmup": 10**9}, "--warmup"),
+        ({"warmup": -1}, "--warmup"),
+    ],
+)
+def test_out_of_range_flags_are_refused_naming_the_flag(changes: dict[str, Any], flag: str) -> None:
+    with pytest.raises(BenchError, match=flag):
+        BenchConfig(**changes).validate()
+
+
+def test_a_nan_ttft_is_a_one_line_error_before_anything_starts() -> None:
+    proc = _bench(["--fake-upstream", "--ttft-ms", "nan"], timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "guardproxy bench: error: --ttft-ms must be a number in 0..10000"
+    ]
+
+
+def test_a_conversation_of_no_turns_has_no_length_target() -> None:
+    length = {"longest": 0, "ratio_at_longest": 1.0, "paired_ratio_at_longest": 1.0, "tail_history_turns": [0, 0],
+              "paired_n": 3}  # fmt: skip
+    assert not [t for t in evaluate_targets(BenchConfig(), [], length, {}) if t["target"].startswith("request N+1")]

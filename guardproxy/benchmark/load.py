@@ -6,6 +6,18 @@ sentences with a per-request serial number, so no turn is ever a classifier cach
 with the assistant text the target actually returned (the gateway checks that the history it gets back is the
 one it relayed) and starts over after ``max_turns`` user turns.
 
+The plan (``Step``, ``Plan``, ``Replay``): the bench's phases draw each new user turn once, as a step (its
+text, stream or plain, whether it continues the worker's conversation), and send that step to every target, so
+that every target gets the same requests and its rows differ by the target alone. Each target keeps its own copy
+of the worker's conversation (with its own replies in it); a turn that one target blocked or failed ends the
+conversation for every target, so that the copies stay the same length and the bench never continues a
+conversation with a refusal as if the upstream had written it.
+
+Blocks: a request is blocked when the gateway's ``x-guardproxy-decision`` header says so, or when a reply ends
+with ``finish_reason: content_filter`` (a stream's header carries the input check's verdict only: an output block
+arrives in the stream), or when a policy delivers the block as a ``content_filter`` error. A blocked request never
+reached the upstream, or skipped its reply: it has no overhead sample, and is counted apart.
+
 Timing: ``total_ms`` (request sent to last byte) and, for streams, ``first_ms`` (to the first SSE event) are the
 client's; ``upstream_ms`` is the upstream's own stamp for the same request (``x-bench-upstream-ms``), so
 ``overhead_ms`` is what the path to the upstream and back added to this request: for a plain reply
@@ -21,7 +33,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,14 +104,35 @@ class Sample:
     error: str = ""
     # The gateway's own per-request stage times from a ``Server-Timing`` header, where it sends one.
     server_timing: tuple[tuple[str, float], ...] = ()
+    # the reply (or a choice of it) ended with ``finish_reason: content_filter``, or the request was refused with a
+    # ``content_filter`` error: a block whatever the decision header said (a stream's header is the input check's)
+    filtered: bool = False
 
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300 and not self.error
 
     @property
+    def blocked(self) -> bool:
+        return self.decision == "block" or self.filtered
+
+    @property
+    def flagged(self) -> bool:
+        return self.ok and self.decision == "flag" and not self.filtered
+
+    @property
+    def failed(self) -> bool:
+        """Neither answered nor blocked: an HTTP error, a dropped connection, a reply that did not parse."""
+        return not self.ok and not self.blocked
+
+    @property
+    def measured(self) -> bool:
+        """Answered and not blocked: the requests whose times the percentiles hold."""
+        return self.ok and not self.blocked
+
+    @property
     def overhead_ms(self) -> float | None:
-        if not self.ok or self.upstream_ms is None:
+        if not self.measured or self.upstream_ms is None:
             return None
         ref = self.first_ms if self.stream else self.total_ms
         return None if ref is None else ref - self.upstream_ms
@@ -107,7 +140,7 @@ class Sample:
     @property
     def gateway_ms(self) -> float | None:
         """The gateway's own account of its time outside the upstream (``Server-Timing: gateway``), if sent."""
-        if not self.ok:
+        if not self.measured:
             return None
         return next((ms for name, ms in self.server_timing if name == "gateway"), None)
 
@@ -154,6 +187,25 @@ class Planned:
     conversation: list[dict[str, Any]] | None  # continue this list with the reply, or None for a single turn
 
 
+def request_body(spec: MixSpec, messages: list[dict[str, Any]], stream: bool) -> bytes:
+    obj: dict[str, Any] = {"model": spec.model, "messages": messages}
+    if stream:
+        obj["stream"] = True
+    if spec.max_tokens is not None:
+        obj["max_tokens"] = spec.max_tokens
+    return json.dumps(obj).encode()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One planned new user turn, sent to every target: its text, stream or plain, and whether it continues the
+    worker's conversation (else it is a single-turn request)."""
+
+    text: str
+    stream: bool
+    conversation: bool
+
+
 class Mix:
     """Builds requests; one per worker, so conversations never cross workers."""
 
@@ -164,17 +216,21 @@ class Mix:
         self.rng = random.Random(seed)
         self.conversations: dict[str, list[dict[str, Any]]] = {}
 
-    def _turn(self) -> str:
-        Mix.serial += 1
-        return user_turn(self.rng, Mix.serial, self.spec.turn_words)
+    def _turn(self, serial: int | None = None) -> str:
+        if serial is None:
+            Mix.serial += 1
+            serial = Mix.serial
+        return user_turn(self.rng, serial, self.spec.turn_words)
 
     def body(self, messages: list[dict[str, Any]], stream: bool) -> bytes:
-        obj: dict[str, Any] = {"model": self.spec.model, "messages": messages}
-        if stream:
-            obj["stream"] = True
-        if self.spec.max_tokens is not None:
-            obj["max_tokens"] = self.spec.max_tokens
-        return json.dumps(obj).encode()
+        return request_body(self.spec, messages, stream)
+
+    def step(self, serial: int | None = None) -> Step:
+        """The next planned turn (the same draws, in the same order, as ``next``); ``serial``: its text's serial
+        number (default: the next of the process)."""
+        s = self.rng.random() < self.spec.stream_share
+        conv = self.rng.random() < self.spec.conversation_share
+        return Step(self._turn(serial), s, conv)
 
     def next(self, target: str, *, stream: bool | None = None, conversation: bool | None = None) -> Planned:
         s = self.rng.random() < self.spec.stream_share if stream is None else stream
@@ -210,6 +266,74 @@ class Mix:
             planned.conversation.append({"role": "assistant", "content": reply})
 
 
+class Plan:
+    """The steps of one phase, dealt round robin over ``workers`` (worker ``w`` runs steps ``w``, ``w + workers``,
+    ...), each worker's drawn from its own ``Mix`` (seeded ``seed + w``) with serial numbers reserved up front: the
+    plan, texts included, depends on the seed and the worker count only, never on timing or on the targets, and is
+    drawn as it is sent rather than held in memory. ``steps`` None: unbounded (a phase bounded by time), serials
+    taken as they come."""
+
+    def __init__(self, spec: MixSpec, seed: int, workers: int, steps: int | None) -> None:
+        self.mixes = [Mix(spec, seed + w) for w in range(workers)]
+        self.steps = steps
+        self.base = Mix.serial
+        if steps is not None:
+            Mix.serial += steps
+
+    def step(self, worker: int, k: int) -> Step | None:
+        """Worker ``worker``'s ``k``-th step (k = 0, 1, ... in order); None when the plan has no more for it."""
+        if self.steps is None:
+            return self.mixes[worker].step()
+        index = k * len(self.mixes) + worker
+        if index >= self.steps:
+            return None
+        return self.mixes[worker].step(serial=self.base + index + 1)
+
+
+class Replay:
+    """One worker's steps, as requests to each of ``targets``: the same user turns for every target, and per target
+    its own copy of the worker's conversation with its own replies in it (a gateway checks that the history it gets
+    back is the one it relayed).
+
+    A conversation turn that any target blocked or failed ends the conversation for every target (the next
+    conversation step starts a new one), so the copies stay the same length, and no conversation goes on with a
+    refusal, or with a stream's text cut short by one, as if the upstream had written it. ``ended`` counts them."""
+
+    def __init__(self, spec: MixSpec, targets: Sequence[str]) -> None:
+        self.spec = spec
+        self.histories: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+        self.turns = 0  # user turns in the current conversation: the same in every copy
+        self.broken = False
+        self.ended = 0  # conversations ended early by a block or a failure on some target
+
+    def requests(self, step: Step) -> dict[str, Planned]:
+        """The request ``step`` makes to each target."""
+        if not step.conversation:
+            single = [{"role": "user", "content": step.text}]
+            planned = Planned(request_body(self.spec, single, step.stream), step.stream, 0, None)
+            return dict.fromkeys(self.histories, planned)
+        if self.broken or self.turns >= self.spec.max_turns:
+            self.ended += self.broken
+            self.broken, self.turns = False, 0
+            for history in self.histories.values():
+                history.clear()
+        out = {}
+        for target, history in self.histories.items():
+            history.append({"role": "user", "content": step.text})
+            out[target] = Planned(request_body(self.spec, history, step.stream), step.stream, self.turns, history)
+        self.turns += 1
+        return out
+
+    def settle(self, target: str, planned: Planned, sample: Sample, reply: str | None) -> None:
+        """After ``target``'s reply to ``planned``: extend its copy with the reply, or end the conversation."""
+        if planned.conversation is None:
+            return
+        if sample.measured and reply is not None:
+            planned.conversation.append({"role": "assistant", "content": reply})
+        else:
+            self.broken = True
+
+
 # --- one request -----------------------------------------------------------------------------------------------
 
 
@@ -236,8 +360,7 @@ def server_timing(value: str | None) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def _stream_text(raw: bytes) -> str:
-    out: list[str] = []
+def _stream_events(raw: bytes) -> Iterator[dict[str, Any]]:
     for block in raw.split(b"\n\n"):
         for line in block.split(b"\n"):
             line = line.strip()
@@ -247,11 +370,47 @@ def _stream_text(raw: bytes) -> str:
                 obj = json.loads(line[5:])
             except ValueError:
                 continue
-            for ch in obj.get("choices") or []:
-                piece = (ch.get("delta") or {}).get("content")
-                if isinstance(piece, str) and ch.get("index", 0) == 0:
-                    out.append(piece)
+            if isinstance(obj, dict):
+                yield obj
+
+
+def _stream_text(raw: bytes) -> str:
+    out: list[str] = []
+    for obj in _stream_events(raw):
+        for ch in obj.get("choices") or []:
+            piece = (ch.get("delta") or {}).get("content")
+            if isinstance(piece, str) and ch.get("index", 0) == 0:
+                out.append(piece)
     return "".join(out)
+
+
+_FILTER = b"content_filter"
+
+
+def content_filtered(raw: bytes, *, stream: bool, status: int) -> bool:
+    """Whether a reply was blocked in its body: a choice that ended with ``finish_reason: content_filter`` (a
+    plain reply, or any event of a stream), or an error reply of type ``content_filter`` (a policy that delivers
+    blocks as errors). Parsed only when the bytes mention it, so that the hot path stays a substring search."""
+    if _FILTER not in raw:
+        return False
+    if stream and status == 200:
+        events: Iterable[Any] = _stream_events(raw)
+    else:
+        try:
+            events = [json.loads(raw)]
+        except ValueError:
+            return False
+    name = _FILTER.decode()
+    for obj in events:
+        if not isinstance(obj, dict):
+            continue
+        error = obj.get("error")
+        if isinstance(error, dict) and not 200 <= status < 300 and name in (error.get("type"), error.get("code")):
+            return True
+        choices = obj.get("choices")
+        if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") == name for c in choices):
+            return True
+    return False
 
 
 async def send(
@@ -275,12 +434,12 @@ async def send(
     try:
         async with session.post(target.url, data=planned.body, headers=headers) as resp:
             if planned.stream and resp.status == 200:
+                # kept whether or not the text is wanted: an output block shows only in the events
                 chunks: list[bytes] = []
                 async for chunk in resp.content.iter_any():
                     if first is None and b"data:" in chunk:
                         first = time.perf_counter()
-                    if want_text:
-                        chunks.append(chunk)
+                    chunks.append(chunk)
                 raw = b"".join(chunks)
             else:
                 raw = await resp.read()
@@ -326,6 +485,7 @@ async def send(
         decision,
         error,
         timing,
+        content_filtered(raw, stream=planned.stream, status=status),
     )
     return sample, text
 
@@ -404,6 +564,29 @@ async def run_pool(
             samples.append(sample)
             if on_sample is not None:
                 on_sample(sample)
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return samples, time.perf_counter() - t0
+
+
+StepJob = Callable[[int, int], Awaitable["list[Sample] | None"]]  # (worker, its step index) -> samples, None: done
+
+
+async def run_steps(job: StepJob, *, concurrency: int, seconds: float | None) -> tuple[list[Sample], float]:
+    """Each of ``concurrency`` workers runs ``job(w, 0)``, ``job(w, 1)``, ... until the job says it has no more
+    steps (returns None) or ``seconds`` passed (checked between steps); the samples and the wall time."""
+    samples: list[Sample] = []
+    t0 = time.perf_counter()
+    deadline = t0 + seconds if seconds is not None else math.inf
+
+    async def worker(w: int) -> None:
+        k = 0
+        while time.perf_counter() < deadline:
+            out = await job(w, k)
+            if out is None:
+                return
+            samples.extend(out)
+            k += 1
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return samples, time.perf_counter() - t0
@@ -536,16 +719,25 @@ REFUSED_ASKS = (
 
 
 async def seed_refusals(
-    session: aiohttp.ClientSession, target: Target, n: int, *, model: str = "fake-model", fake: bool = True
+    session: aiohttp.ClientSession,
+    target: Target,
+    n: int,
+    *,
+    model: str = "fake-model",
+    fake: bool = True,
+    deadline: float | None = None,
 ) -> int:
     """Send ``n`` of ``REFUSED_ASKS`` (cycling) to a guarded gateway, one at a time; how many it blocked.
-    ``fake``: the upstream is the bench's FAKE one (a request that gets through is answered at once)."""
+    ``fake``: the upstream is the bench's FAKE one (a request that gets through is answered at once).
+    ``deadline`` (``time.monotonic()``): send none after it."""
     blocked = 0
     for i in range(n):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
         body = {"model": model, "messages": [{"role": "user", "content": REFUSED_ASKS[i % len(REFUSED_ASKS)]}]}
         planned = Planned(json.dumps(body).encode(), stream=False, history_turns=0, conversation=None)
         sample, _ = await send(session, target, planned, want_text=False, ttft_ms=0 if fake else None, fast=fake)
-        blocked += sample.decision == "block"
+        blocked += sample.blocked
     return blocked
 
 
@@ -568,8 +760,16 @@ def rephrase_deferred(counters: Mapping[str, float]) -> tuple[int, int]:
     return int(lower_bound), int(counters.get(DEFERRED_COUNTER + "whole_model", 0))
 
 
+def status_key(sample: Sample) -> str:
+    """How a request ended, as the JSON's ``statuses`` counts it: the HTTP status, or ``STATUS:ERROR`` (``conn:...``
+    when no connection was made)."""
+    return str(sample.status) if not sample.error else f"{sample.status or 'conn'}:{sample.error}"
+
+
 def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
-    """Counts and overhead percentiles of a set of samples (plain and streams apart)."""
+    """Counts and overhead percentiles of a set of samples (plain and streams apart). ``plain.n`` and ``stream.n``
+    count every request sent; the percentiles are over the measured ones (answered, not blocked), whose count is
+    each percentile's own ``n``."""
     plain = [s for s in samples if not s.stream]
     streams = [s for s in samples if s.stream]
 
@@ -579,30 +779,37 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
 
     statuses: dict[str, int] = {}
     for s in samples:
-        key = str(s.status) if not s.error else f"{s.status or 'conn'}:{s.error}"
+        key = status_key(s)
         statuses[key] = statuses.get(key, 0) + 1
     timed: dict[str, list[float]] = {}
     for s in samples:
+        if not s.measured:
+            continue  # the same requests as the overhead percentiles
         for name, ms in s.server_timing:
             timed.setdefault(name, []).append(ms)
     return {
         "server_timing_ms": {name: pct(values) for name, values in sorted(timed.items())},
         "requests": len(samples),
         "ok": sum(s.ok for s in samples),
-        "blocked": sum(s.ok and s.decision == "block" for s in samples),
-        "flagged": sum(s.ok and s.decision == "flag" for s in samples),
+        # blocked: by the decision header, or in the reply (a stream's output block: finish_reason content_filter)
+        "blocked": sum(s.blocked for s in samples),
+        "blocked_in_stream": sum(s.stream and s.blocked and s.decision != "block" for s in samples),
+        "flagged": sum(s.flagged for s in samples),
+        "failed": sum(s.failed for s in samples),
+        # answered and not blocked: what the overhead and gateway percentiles below are computed over
+        "measured": sum(s.measured for s in samples),
         "statuses": statuses,
         "plain": {
             "n": len(plain),
             "overhead_ms": pct(s.overhead_ms for s in plain),
             "gateway_ms": pct(s.gateway_ms for s in plain),
-            "total_ms": pct(s.total_ms for s in plain if s.ok),
+            "total_ms": pct(s.total_ms for s in plain if s.measured),
         },
         "stream": {
             "n": len(streams),
             "ttft_overhead_ms": pct(s.overhead_ms for s in streams),
             "gateway_ms": pct(s.gateway_ms for s in streams),
-            "ttft_ms": pct(s.first_ms for s in streams if s.ok),
-            "total_ms": pct(s.total_ms for s in streams if s.ok),
+            "ttft_ms": pct(s.first_ms for s in streams if s.measured),
+            "total_ms": pct(s.total_ms for s in streams if s.measured),
         },
     }

@@ -6,11 +6,17 @@ none of the caller's ``GUARDPROXY_*`` variables, so a stray environment setting 
 everything it runs with is in that file, and the file is reported.
 
 ``ProcessSampler`` reads RSS and open file descriptors from ``/proc`` (Linux) for the processes it watches.
+
+Every child ``spawn`` starts is kept in a registry until it is stopped: ``kill_children`` kills those still
+running (a bench stopped by a signal, or one whose cleanup was interrupted), and runs at interpreter exit too, so
+that no child is left behind holding its port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import os
 import secrets
@@ -19,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -79,9 +85,38 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        _children.pop(self.pid, None)
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+# pid -> every child spawned and not yet stopped (see kill_children)
+_children: dict[int, Proc] = {}
+
+
+def live_children() -> frozenset[int]:
+    """The pids of the children ``spawn`` started and nobody stopped yet."""
+    return frozenset(_children)
+
+
+def kill_children(keep: Collection[int] = ()) -> None:
+    """SIGKILL every child ``spawn`` started that is still running (but those in ``keep``: a caller's own, started
+    before), and reap it: the last resort of an interrupted cleanup (a child killed so frees its port at once). Safe
+    to call from a signal handler of the event loop, and at any time: it only touches this process's own children."""
+    for proc in list(_children.values()):
+        if proc.pid in keep:
+            continue
+        if proc.popen.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(5)
+        if proc.popen.poll() is not None:
+            _children.pop(proc.pid, None)
+
+
+atexit.register(kill_children)
 
 
 def spawn(
@@ -96,7 +131,9 @@ def spawn(
     log_path = workdir / f"{name}.log"
     log = log_path.open("w")
     popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(env) if env else _child_env())
-    return Proc(name, f"http://{LOOPBACK}:{port}", popen, log_path, config_path, log)
+    proc = Proc(name, f"http://{LOOPBACK}:{port}", popen, log_path, config_path, log)
+    _children[proc.pid] = proc
+    return proc
 
 
 async def wait_ready(proc: Proc, path: str, within: float) -> None:
@@ -136,7 +173,7 @@ async def start_fake_upstream(workdir: Path, *, ttft_ms: float, tokens_per_s: fl
     try:
         await wait_ready(proc, "/v1/models", 30.0)
     except BaseException:
-        proc.stop()
+        await asyncio.to_thread(proc.stop)  # off the loop: a signal handler can still run (and kill it at once)
         raise
     return proc
 
@@ -251,7 +288,7 @@ async def start_gateway(
     try:
         await wait_ready(proc, "/readyz", within)
     except BaseException:
-        proc.stop()
+        await asyncio.to_thread(proc.stop)  # off the loop: a signal handler can still run (and kill it at once)
         raise
     return proc
 

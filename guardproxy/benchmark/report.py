@@ -83,29 +83,56 @@ def _header(result: dict[str, Any]) -> str:
     )
 
 
+def _n(obj: dict[str, Any] | None) -> int:
+    return int(obj["n"]) if obj else 0
+
+
+def _stamped(result: dict[str, Any]) -> bool:
+    """Whether the upstream stamped its own time on its replies (the FAKE upstream does, a real one does not)."""
+    return any(r["plain"]["overhead_ms"] or r["stream"]["ttft_overhead_ms"] for r in result["latency"])
+
+
+def _failed(r: dict[str, Any]) -> int:
+    return int(r.get("failed", r["requests"] - r["ok"]))
+
+
 def _latency(result: dict[str, Any]) -> str:
     rows = [
-        [r["concurrency"], r["target"], r["plain"]["n"], *_pct(r["plain"]["overhead_ms"]), r["stream"]["n"],
-         *_pct(r["stream"]["ttft_overhead_ms"]), r["ok"], r["blocked"], r["requests"] - r["ok"]]
+        [r["concurrency"], r["target"], _n(r["plain"]["overhead_ms"]), *_pct(r["plain"]["overhead_ms"]),
+         _n(r["stream"]["ttft_overhead_ms"]), *_pct(r["stream"]["ttft_overhead_ms"]), r["requests"], r["ok"],
+         r["blocked"], r.get("flagged", 0), _failed(r)]
         for r in result["latency"]
     ]  # fmt: skip
-    head = ["c", "target", "plain n", "p50", "p90", "p99", "stream n", "TTFT p50", "p90", "p99", "ok", "blocked",
-            "not ok"]  # fmt: skip
+    head = ["c", "target", "plain n", "p50", "p90", "p99", "stream n", "TTFT p50", "p90", "p99", "sent", "ok",
+            "blocked", "flagged", "failed"]  # fmt: skip
     title = "Overhead per request, ms (client time minus the upstream's stamp for the same request)"
-    return title + "\n" + _table(head, rows)
+    legend = (
+        "plain n, stream n: the requests each row's percentiles are over (answered with the upstream's stamp, not "
+        "blocked); sent: every request to the target (each target got the same planned requests); blocked: by the "
+        "decision header or a reply's finish_reason content_filter (a stream's output block), no latency sample; "
+        "flagged: answered, and flagged for review; failed: neither answered nor blocked (statuses in the JSON)"
+    )
+    if not _stamped(result):
+        legend += (
+            ". No overhead here: a real upstream sends no per-request stamp of its own time, so the client cannot "
+            "take it out; the gateway's own account below is measured inside the gateway"
+        )
+    return title + "\n" + _table(head, rows) + "\n" + legend
 
 
 def _own_account(result: dict[str, Any]) -> str:
     rows = [
-        [r["concurrency"], r["target"], *_pct(r["plain"].get("gateway_ms")), *_pct(r["stream"].get("gateway_ms"))]
+        [r["concurrency"], r["target"], _n(r["plain"].get("gateway_ms")), *_pct(r["plain"].get("gateway_ms")),
+         _n(r["stream"].get("gateway_ms")), *_pct(r["stream"].get("gateway_ms"))]
         for r in result["latency"]
         if r["plain"].get("gateway_ms") or r["stream"].get("gateway_ms")
-    ]
+    ]  # fmt: skip
     if not rows:
         return ""
     title = ("The gateway's own account of the same requests, ms (Server-Timing 'gateway': its time outside the "
-             "upstream, without the client's and loopback share)")  # fmt: skip
-    return title + "\n" + _table(["c", "target", "plain p50", "p90", "p99", "stream p50", "p90", "p99"], rows)
+             "upstream, without the client's and loopback share; answered, not blocked)")  # fmt: skip
+    head = ["c", "target", "plain n", "p50", "p90", "p99", "stream n", "p50", "p90", "p99"]
+    return title + "\n" + _table(head, rows)
 
 
 def _client(result: dict[str, Any]) -> str:
@@ -195,6 +222,8 @@ def _length(result: dict[str, Any]) -> str:
         f"{_f(length.get('ratio_to_second_turn'))}x the second turn (the first with a window to score, "
         f"p50 {_f(length.get('second_turn_p50_ms'))} ms)"
         + (f"; {length['blocked_turns']} turns blocked (no sample)" if length.get("blocked_turns") else "")
+        + (f"; {length['blocked_twins']} twins blocked" if length.get("blocked_twins") else "")
+        + (f"; {length['flagged']} requests flagged" if length.get("flagged") else "")
         + (
             f"\nper pair (each request at history {lo}..{hi} over its single-turn twin, the same new turn alone): "
             f"median {_f(length['paired_ratio_at_longest'])}x over {length['paired_n']} pairs"
@@ -228,16 +257,19 @@ def _sweep(result: dict[str, Any]) -> str:
     if not sweep:
         return ""
     rows = [
-        [f"{r['concurrency']}{' (overload)' if r.get('overload') else ''}", r["throughput_rps"], r["ok"],
-         r["status_503"], r["errors"], *_pct(r["latency_ms"]), r.get("classifier_failures"),
-         r.get("cpu_ms_per_request"), r.get("rss_mib")]
+        [f"{r['concurrency']}{' (overload)' if r.get('overload') else ''}", r["throughput_rps"],
+         r.get("allowed_rps"), r["ok"], r.get("blocked"), r.get("flagged"), r["status_503"], r["errors"],
+         *_pct(r["latency_ms"]), r.get("classifier_failures"), r.get("cpu_ms_per_request"), r.get("rss_mib")]
         for r in sweep["levels"]
     ]  # fmt: skip
-    head = ["c", "req/s", "ok", "503", "other", "lat p50", "p90", "p99", "clf fail", "CPU ms/req", "RSS MiB"]
+    head = ["c", "req/s", "allowed/s", "ok", "blocked", "flagged", "503", "other", "lat p50", "p90", "p99",
+            "clf fail", "CPU ms/req", "RSS MiB"]  # fmt: skip
     return (
         f"Throughput sweep ({sweep['target']}, upstream TTFT {_f(sweep['ttft_ms'], 0)} ms)\n"
         + _table(head, rows)
         + f"\nbest {sweep['best_rps']:.1f} req/s; throughput last grew by > 5% at c={sweep['saturated_at']}"
+        + "\nreq/s: answered requests (ok), blocked ones included; allowed/s: without them (a blocked request skips "
+        "the upstream and the output check); latency over the allowed ones"
     )
 
 
@@ -251,13 +283,39 @@ def _rss(result: dict[str, Any]) -> str:
     return "Gateway RSS (MiB) and open descriptors\n" + _table(head, rows)
 
 
+_FROM = {"client": "client", "server-timing": "Server-Timing", "throughput": "client"}
+
+
 def _targets(result: dict[str, Any]) -> str:
     if not result["targets"]:
         return ""
     verdict = {True: "met", False: "NOT met", None: "-"}
+
+    def n(t: dict[str, Any]) -> str:
+        if t.get("n") is None:
+            return "-"
+        return f"{t['n']}/{t['direct_n']}" if t.get("direct_n") is not None else str(t["n"])
+
     rows = [[t["target"], t["value"], (">= " if t["unit"] == "req/s" else "<= ") + _f(t["limit"]), t["unit"],
-             verdict[t["met"]]] for t in result["targets"]]  # fmt: skip
-    return "Issue 7 targets (reported, not asserted)\n" + _table(["target", "measured", "limit", "unit", ""], rows)
+             _FROM.get(t.get("source", ""), "-"), n(t),
+             verdict[t["met"]] + (" (few samples)" if t.get("few_samples") else "")]
+            for t in result["targets"]]  # fmt: skip
+    sources = {t.get("source") for t in result["targets"]}
+    legend = []
+    if "client" in sources:
+        legend.append(
+            "from client: the client's time minus the upstream's stamp per request; an 'added' figure is the "
+            "gateway's p50 minus direct's p50 over the same planned requests"
+        )
+    if "server-timing" in sources:
+        legend.append(
+            "from Server-Timing: the gateway's own time outside the upstream, measured inside it: without the "
+            "client's and loopback's share, so lower than a client-side figure for the same gateway"
+            + ("" if _stamped(result) else " (a real upstream sends no stamp: the 'added' rows can only use it)")
+        )
+    legend.append("n: the samples under the figure (gateway/reference where it is a difference or a ratio)")
+    head = ["target", "measured", "limit", "unit", "from", "n", ""]
+    return "Issue 7 targets (reported, not asserted)\n" + _table(head, rows) + "\n" + "\n".join(legend)
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
@@ -283,9 +341,16 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
         levels = sorted({r["concurrency"] for r in latency})
         panels = [("plain", "overhead_ms", "plain replies: overhead to the last byte"),
                   ("stream", "ttft_overhead_ms", "streams: overhead to the first event (TTFT)")]  # fmt: skip
+        suptitle = "guardproxy bench: per-request overhead (client time minus the upstream's stamp)"
+        if not _stamped(result):  # a real upstream: no stamp, so the gateway's own account is what there is
+            panels = [("plain", "gateway_ms", "plain replies: the gateway's own time (Server-Timing)"),
+                      ("stream", "gateway_ms", "streams: the gateway's own time (Server-Timing)")]  # fmt: skip
+            suptitle = (
+                "guardproxy bench: the gateway's own time outside the upstream (Server-Timing; no upstream stamp)"
+            )
         for ax, (kind, key, title) in zip(axes, panels, strict=True):
             for target in targets:
-                rows = [r for r in latency if r["target"] == target and r[kind][key]]
+                rows = [r for r in latency if r["target"] == target and r[kind].get(key)]
                 if not rows:
                     continue
                 color = _COLORS.get(target)
@@ -301,7 +366,7 @@ def write_pngs(result: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(targets), fontsize=7)
-        fig.suptitle("guardproxy bench: per-request overhead (client time minus the upstream's stamp)")
+        fig.suptitle(suptitle, fontsize=10)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
         written.append(_save(fig, out_dir / "latency.png", plt))
 

@@ -5,9 +5,10 @@
    forwarding; ``input-only``: the guard with ``guard.output_checks = false``, the configuration of issue 7's
    targets; ``passthrough``: no checks, on request), all on loopback.
 2. Warm-up, not recorded.
-3. Latency per concurrency level: the mix sent to every target (``direct`` is the upstream itself) interleaved
-   request by request in one run, so every target sees the same moment of a shared machine. Per-stage times
-   from each gateway's ``/metrics`` histograms, diffed over the level.
+3. Latency per concurrency level: the mix, planned once (``load.Plan``), sent to every target (``direct`` is
+   the upstream itself) interleaved request by request in one run, so every target gets the same requests and sees
+   the same moment of a shared machine. Per-stage times from each gateway's ``/metrics`` histograms, diffed over
+   the level. Blocked and flagged requests are counted per target (a blocked one has no latency sample).
 4. Conversation length: conversations grown to the longest length one request at a time through the guarded
    gateway (concurrency 1, plain replies), each request's overhead recorded against its history length, with a
    fresh single-turn request interleaved at every step as the reference.
@@ -16,7 +17,12 @@
 6. RSS and open descriptors of every gateway, sampled all along.
 
 Load is bounded: concurrency, requests per level, conversation length and total time are capped
-(``BenchConfig.validate``), and requests go only to loopback processes the bench started or to ``--upstream``.
+(``BenchConfig.validate``; ``--max-seconds`` counts from the start, warm-up included), and requests go only to
+loopback processes the bench started or to ``--upstream``.
+
+Stopping: SIGINT, SIGTERM and SIGHUP cancel the run, whose cleanup stops every process it started and removes its
+temp folder (a second signal kills the processes at once); a target none of whose requests was answered stops the
+run with ``BenchError`` naming the statuses it got.
 """
 
 from __future__ import annotations
@@ -24,17 +30,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import platform
 import secrets
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from redis.exceptions import RedisError
@@ -42,7 +52,9 @@ from redis.exceptions import RedisError
 from guardproxy.benchmark.load import (
     Mix,
     MixSpec,
+    Plan,
     Progress,
+    Replay,
     Sample,
     Scrape,
     Target,
@@ -50,11 +62,12 @@ from guardproxy.benchmark.load import (
     counter_diff,
     cpu_ms_per_request,
     percentiles,
-    run_pool,
+    run_steps,
     scrape,
     seed_refusals,
     send,
     stage_diff,
+    status_key,
     summarize,
 )
 from guardproxy.benchmark.procs import (
@@ -63,6 +76,8 @@ from guardproxy.benchmark.procs import (
     Proc,
     ProcessSampler,
     cpu_seconds,
+    kill_children,
+    live_children,
     start_fake_upstream,
     start_gateway,
 )
@@ -74,12 +89,58 @@ MAX_CONCURRENCY = 1024
 MAX_REQUESTS = 200_000
 MAX_TURNS = 200
 MAX_SECONDS = 3 * 3600
+MAX_TTFT_MS = 10_000  # above it the FAKE upstream would not answer its readiness check in time
+MAX_CONVERSATIONS = 1000
+MAX_CAPACITY = 65_536
+# a target verdict from fewer samples than this is marked as indicative
+MIN_VERDICT_SAMPLES = 20
 MODES = ("direct", "guarded", "input-only", "speculative", "passthrough")
 # Server-Timing stages of a request whose work grows with the history it carries: the body's parse and validation,
 # and the conversation state's lookup (the hash chain over every message); the length phase reports them per length
 HISTORY_STAGES = ("parse", "state_lookup")
 # Issue 7's reference: LiteLLM's proxy did 31-35 req/s on this machine; the target is 5x the top of that range.
 LITELLM_REFERENCE_RPS = 35.0
+
+
+def _within(value: float, lo: float, hi: float) -> bool:
+    return math.isfinite(value) and lo <= value <= hi
+
+
+def upstream_problem(url: str) -> None:
+    """Refuse an ``--upstream`` URL the bench cannot use, in one line that never echoes it: a key or password in
+    it would be printed, written to the gateways' config files and sent where the gateway cannot keep it apart (the
+    gateway appends ``/chat/completions`` to the base URL, after any query)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError:
+        raise BenchError("--upstream is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BenchError("--upstream must be an http:// or https:// base URL, such as https://host/v1")
+    if parts.username is not None or parts.password is not None:
+        raise BenchError(
+            "--upstream: credentials in the URL (user:password@host) are not supported: put the key in the "
+            "environment variable --api-key-env names (default OPENAI_API_KEY)"
+        )
+    if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
+        raise BenchError(
+            "--upstream: a query string or fragment (?...) is not supported: the gateway appends the API path to the "
+            "base URL; put the key in the environment variable --api-key-env names (default OPENAI_API_KEY)"
+        )
+
+
+def public_url(url: str) -> str:
+    """``url`` as reported: without user info, query or fragment (``upstream_problem`` refuses those anyway)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -129,9 +190,17 @@ class BenchConfig:
         return self.upstream is None
 
     def validate(self) -> None:
-        """Raise ``BenchError`` naming the first flag out of its range (the checks in flag order)."""
+        """Raise ``BenchError`` naming the first flag out of its range (the checks in flag order). NaN fails every
+        range check (a comparison with it is false)."""
+        if self.upstream is not None:
+            upstream_problem(self.upstream)
         unknown = set(self.modes) - set(MODES)
+        mix = self.mix
         checks = (
+            (self.max_tokens is None or 1 <= self.max_tokens <= 1_000_000, "--max-tokens must be 1..1000000"),
+            (_within(self.ttft_ms, 0, MAX_TTFT_MS), f"--ttft-ms must be a number in 0..{MAX_TTFT_MS}"),
+            (_within(self.tokens_per_s, 0, 1e6), "--tokens-per-s must be a number in 0..1000000 (0: at once)"),
+            (1 <= self.reply_words <= 10_000, "--reply-words must be 1..10000"),
             (bool(self.concurrency) and all(1 <= c <= MAX_CONCURRENCY for c in self.concurrency),
              f"--concurrency: each level must be 1..{MAX_CONCURRENCY}"),
             (1 <= self.requests <= MAX_REQUESTS, f"--requests must be 1..{MAX_REQUESTS}"),
@@ -141,8 +210,14 @@ class BenchConfig:
             (all(0 <= n <= MAX_TURNS for n in self.lengths), f"--lengths: each must be 0..{MAX_TURNS}"),
             (0 < self.max_seconds <= MAX_SECONDS, f"--max-seconds must be in (0, {MAX_SECONDS}]"),
             (0 < self.sweep_seconds <= 600, "--sweep-seconds must be in (0, 600]"),
-            (0 <= self.length_ttft_ms <= 10_000, "--length-ttft-ms must be 0..10000"),
+            (_within(self.sweep_ttft_ms, 0, MAX_TTFT_MS), f"--sweep-ttft-ms must be a number in 0..{MAX_TTFT_MS}"),
+            (1 <= self.conversations <= MAX_CONVERSATIONS, f"--conversations must be 1..{MAX_CONVERSATIONS}"),
+            (0 <= self.length_ttft_ms <= MAX_TTFT_MS, f"--length-ttft-ms must be 0..{MAX_TTFT_MS}"),
             (0 <= self.refusals <= 100, "--refusals must be 0..100"),
+            (0 <= self.warmup <= MAX_REQUESTS, f"--warmup must be 0..{MAX_REQUESTS}"),
+            (1 <= self.capacity <= MAX_CAPACITY, f"--capacity must be 1..{MAX_CAPACITY}"),
+            (_within(mix.stream_share, 0, 1), "--stream-share must be a number in 0..1"),
+            (_within(mix.conversation_share, 0, 1), "--conversation-share must be a number in 0..1"),
             (not unknown and bool(self.modes), f"--modes: choose from {', '.join(MODES)}"),
             (bool(set(self.modes) - {"direct"}), "--modes needs at least one gateway mode"),
             (self.threads is None or 1 <= self.threads <= 64, "--threads must be 1..64"),
@@ -161,10 +236,11 @@ class BenchConfig:
                 raise BenchError(message)
 
     def public(self) -> dict[str, Any]:
-        """The configuration as reported (no key)."""
+        """The configuration as reported (no key: none of ``api_key``, nor any password or query in the URL)."""
         out = dataclasses.asdict(self)
         out.pop("api_key")
         out["api_key_set"] = self.api_key is not None
+        out["upstream"] = public_url(self.upstream) if self.upstream is not None else None
         for k in ("model_dir", "policy", "workdir"):
             out[k] = str(out[k]) if out[k] is not None else None
         return out
@@ -301,12 +377,14 @@ class Bench:
 
     async def close(self) -> None:
         self.progress.end()
-        if self.sampler is not None:
-            await self.sampler.stop()
-        for s in self.sessions.values():
-            await s.close()
-        for proc in reversed(self.procs):
-            await asyncio.to_thread(proc.stop)
+        try:
+            if self.sampler is not None:
+                await self.sampler.stop()
+            for s in self.sessions.values():
+                await s.close()
+        finally:
+            # every process at once (each waits for its own shutdown), whatever failed above
+            await asyncio.gather(*(asyncio.to_thread(proc.stop) for proc in self.procs))
         if self.replicas:
             await self._drop_redis_keys()
 
@@ -367,41 +445,60 @@ class Bench:
         targets: Sequence[Target],
         concurrency: int,
         *,
-        jobs: int | None,
+        steps: int | None,
         seconds: float | None,
         ttft_ms: float | None,
         seed: int,
         fast: bool = False,
-    ) -> tuple[list[Sample], float]:
-        """The mix over ``targets``, interleaved request by request."""
-        mixes = [Mix(self.cfg.mix, seed + w) for w in range(concurrency)]
+    ) -> tuple[list[Sample], float, int]:
+        """The mix sent to every one of ``targets``: ``steps`` planned turns (None: as many as ``seconds`` allow),
+        each sent to every target in turn, interleaved request by request (each step starts at the next target, so
+        none is always first). The samples, the wall time, and the conversations a block or failure ended early."""
+        plan = Plan(self.cfg.mix, seed, concurrency, steps)
+        names = [t.name for t in targets]
+        replays = [Replay(self.cfg.mix, names) for _ in range(concurrency)]
 
-        async def job(w: int, i: int) -> Sample:
-            target = targets[i % len(targets)]
-            planned = mixes[w].next(target.name)
-            sample, text = await send(
-                self.session(target.name),
-                target,
-                planned,
-                want_text=planned.conversation is not None,
-                ttft_ms=ttft_ms,
-                fast=fast and self.cfg.fake,
-            )
-            mixes[w].settle(target.name, planned, text)
-            return sample
+        async def job(w: int, k: int) -> list[Sample] | None:
+            step = plan.step(w, k)
+            if step is None:
+                return None
+            requests = replays[w].requests(step)
+            first = (w + k) % len(targets)
+            out = []
+            for target in [*targets[first:], *targets[:first]]:
+                planned = requests[target.name]
+                sample, text = await send(
+                    self.session(target.name),
+                    target,
+                    planned,
+                    want_text=planned.conversation is not None,
+                    ttft_ms=ttft_ms,
+                    fast=fast and self.cfg.fake,
+                )
+                replays[w].settle(target.name, planned, sample, text)
+                self._tick(sample)
+                out.append(sample)
+            return out
 
-        return await run_pool(job, concurrency=concurrency, jobs=jobs, seconds=seconds, on_sample=self._tick)
+        samples, wall = await run_steps(job, concurrency=concurrency, seconds=seconds)
+        return samples, wall, sum(r.ended for r in replays)
 
     # --- phases ---
 
     async def warmup(self) -> None:
-        n = self.cfg.warmup * len(self.targets)
-        if n <= 0:
+        if self.cfg.warmup <= 0:
             return
-        self._phase("warm-up", n)
-        await self._mixed(
-            self.targets, 2, jobs=n, seconds=None, ttft_ms=self._ttft(0), seed=self.cfg.seed + 7, fast=True
-        )
+        self._phase("warm-up", self.cfg.warmup * len(self.targets))
+        samples, _, _ = await self._mixed(
+            self.targets, 2, steps=self.cfg.warmup, seconds=max(self._left(), 0.0), ttft_ms=self._ttft(0),
+            seed=self.cfg.seed + 7, fast=True,
+        )  # fmt: skip
+        if self._left() <= 0:
+            self.notes.append(
+                f"warm-up: stopped after {len(samples)} of {self.cfg.warmup * len(self.targets)} requests: "
+                "--max-seconds reached"
+            )
+        _raise_if_dead("warm-up", samples, self.cfg)
 
     async def refuse(self) -> None:
         """``--refusals``: each guarded gateway blocks that many harmful asks, so its tenant has refusals in memory
@@ -411,30 +508,39 @@ class Bench:
         guarded = [t for t in self.targets if t.name not in ("direct", "passthrough")]
         self._phase("refusals", None)
         for t in guarded:
+            if self._left() <= 0:
+                self.notes.append(f"refusals: stopped before {t.name}: --max-seconds reached")
+                break
             blocked = await seed_refusals(
-                self.session(t.name), t, self.cfg.refusals, model=self.cfg.mix.model, fake=self.cfg.fake
-            )
+                self.session(t.name), t, self.cfg.refusals, model=self.cfg.mix.model, fake=self.cfg.fake,
+                deadline=self.deadline,
+            )  # fmt: skip
             self.notes.append(f"{t.name}: blocked {blocked} of {self.cfg.refusals} --refusals asks before the runs")
 
     async def latency(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows: list[dict[str, Any]] = []
         stages: list[dict[str, Any]] = []
+        every: list[Sample] = []
         for c in self.cfg.concurrency:
             if self._left() <= 0:
                 self.notes.append(f"latency: stopped before concurrency {c}: --max-seconds reached")
                 break
-            jobs = self.cfg.requests * len(self.targets)
-            self._phase(f"latency c={c}", jobs)
+            self._phase(f"latency c={c}", self.cfg.requests * len(self.targets))
             before = await self._scrape_all()
-            samples, wall = await self._mixed(
+            samples, wall, ended = await self._mixed(
                 self.targets,
                 c,
-                jobs=jobs,
+                steps=self.cfg.requests,
                 seconds=self._left(),
                 ttft_ms=self._ttft(self.cfg.ttft_ms),
                 seed=self.cfg.seed + 1000 * c,
             )
             after = await self._scrape_all()
+            if ended:
+                self.notes.append(
+                    f"latency c={c}: {ended} conversations ended early for every target after a turn that one of "
+                    "them blocked or failed (so that every target still got the same turns)"
+                )
             for t in self.targets:
                 mine = [s for s in samples if s.target == t.name]
                 row = {"concurrency": c, "target": t.name, **summarize(mine)}
@@ -453,6 +559,8 @@ class Bench:
                     }
                 )
             _ = wall
+            every += samples
+        _raise_if_dead("latency", every, self.cfg)
         return rows, stages
 
     def _length_mode(self) -> str | None:
@@ -480,7 +588,7 @@ class Bench:
         own_pairs: dict[int, list[tuple[float, float]]] = {}
         # the stages whose work grows with the history a request carries (Server-Timing), per history length
         grows: dict[int, dict[str, list[float]]] = {}
-        failed = blocked = 0
+        failed = blocked = twins_blocked = flagged = 0
         # --replicas: each conversation's requests go round robin over the replicas, and each twin where its
         # request went; one replica: all to the target
         replicas = [target, *(t for t, _ in self.replicas)]
@@ -509,16 +617,20 @@ class Bench:
                     session, at, planned, want_text=True, ttft_ms=self._ttft(cfg.length_ttft_ms), fast=cfg.fake
                 )
                 self._tick(sample)
+                flagged += sample.flagged
                 if not sample.ok or text is None:
-                    failed += 1
+                    blocked += sample.blocked
+                    failed += not sample.blocked
                     break  # a conversation that lost a reply cannot go on as the same conversation
-                # A blocked turn goes on with the policy's reply (what a client would hold), but has no overhead
-                # sample: it never reached the upstream, and skipped the output check.
+                # A blocked turn (a plain reply: this phase sends no streams) goes on with exactly what the client
+                # received, the policy's reply, as a client holding it would; it has no overhead sample: it never
+                # reached the upstream, or its reply was replaced.
                 mix.settle(target.name, planned, text)
-                if sample.overhead_ms is None:
+                if sample.blocked:
                     blocked += 1
                 else:
-                    per_turn.setdefault(n, []).append(sample.overhead_ms)
+                    if sample.overhead_ms is not None:
+                        per_turn.setdefault(n, []).append(sample.overhead_ms)
                     if sample.gateway_ms is not None:
                         own_turn.setdefault(n, []).append(sample.gateway_ms)
                     _keep_history_stages(grows.setdefault(n, {}), sample)
@@ -533,14 +645,10 @@ class Bench:
                     fast=cfg.fake,
                 )
                 self._tick(ref)
-                if ref.overhead_ms is not None:
-                    single.append(ref.overhead_ms)
-                    if ref.gateway_ms is not None:
-                        own_single.append(ref.gateway_ms)
-                    if sample.overhead_ms is not None:
-                        pairs.setdefault(n, []).append((sample.overhead_ms, ref.overhead_ms))
-                    if sample.gateway_ms is not None and ref.gateway_ms is not None:
-                        own_pairs.setdefault(n, []).append((sample.gateway_ms, ref.gateway_ms))
+                twins_blocked += ref.blocked
+                flagged += ref.flagged
+                _keep_pair(single, pairs, n, sample.overhead_ms, ref.overhead_ms)
+                _keep_pair(own_single, own_pairs, n, sample.gateway_ms, ref.gateway_ms)
         after = await self._scrape_all()
         after_replicas = await self._scrape_replicas()
         base = percentiles(single)
@@ -575,6 +683,8 @@ class Bench:
             **length_ratios(per_turn, single, longest, pairs=pairs),
             "failed_conversations": failed,
             "blocked_turns": blocked,
+            "blocked_twins": twins_blocked,  # single-turn references blocked (no sample either)
+            "flagged": flagged,  # requests of the phase, turns and twins, the gateway flagged
             **length_ratios(own_turn, own_single, longest, prefix="gateway_", pairs=own_pairs),
             "replicas": len(replicas),
             "redis_prefix": self.redis_prefix if self.replicas else None,
@@ -601,19 +711,25 @@ class Bench:
     async def sweep_level(self, target: Target, c: int, seconds: float, *, seed: int) -> dict[str, Any]:
         """One throughput level: ``c`` workers for ``seconds`` against one target."""
         before = await self._scrape_all() if target.name in self.gateways else None
-        samples, wall = await self._mixed(
-            [target], c, jobs=None, seconds=seconds, ttft_ms=self._ttft(self.cfg.sweep_ttft_ms), seed=seed, fast=True
+        samples, wall, _ = await self._mixed(
+            [target], c, steps=None, seconds=seconds, ttft_ms=self._ttft(self.cfg.sweep_ttft_ms), seed=seed, fast=True
         )
         row: dict[str, Any] = {"concurrency": c, "target": target.name, "seconds": wall}
         ok = [s for s in samples if s.ok]
+        allowed = [s for s in ok if s.measured]
+        # req/s: every answered request, blocked ones too (as issue 7's reference counts them); allowed: without
+        # the blocked ones, which skip the upstream call and the output check and so cost the gateway less
         row["throughput_rps"] = len(ok) / wall if wall > 0 else 0.0
+        row["allowed_rps"] = len(allowed) / wall if wall > 0 else 0.0
         row["requests"] = len(samples)
         row["ok"] = len(ok)
+        row["blocked"] = sum(s.blocked for s in samples)
+        row["flagged"] = sum(s.flagged for s in samples)
         row["status_503"] = sum(s.status == 503 for s in samples)
         row["errors"] = len(samples) - len(ok) - row["status_503"]
-        lat = percentiles(s.total_ms for s in ok)
+        lat = percentiles(s.total_ms for s in allowed)  # answered, not blocked: as the latency phase's
         row["latency_ms"] = lat.to_dict() if lat is not None else None
-        over = percentiles(s.overhead_ms for s in ok if s.overhead_ms is not None)
+        over = percentiles(s.overhead_ms for s in allowed if s.overhead_ms is not None)
         row["overhead_ms"] = over.to_dict() if over is not None else None
         if before is not None:
             after = await self._scrape_all()
@@ -729,6 +845,16 @@ def _find(rows: Sequence[dict[str, Any]], c: int, target: str) -> dict[str, Any]
     return next((r for r in rows if r["concurrency"] == c and r["target"] == target), None)
 
 
+def _n(row: dict[str, Any] | None, *keys: str) -> int | None:
+    """The sample count of the percentiles at ``keys`` (0 where there are none; None without the row)."""
+    obj: Any = row
+    for k in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(k)
+    return int(obj["n"]) if isinstance(obj, dict) and "n" in obj else (0 if row is not None else None)
+
+
 def _p50(row: dict[str, Any] | None, *keys: str) -> float | None:
     obj: Any = row
     for k in keys:
@@ -745,71 +871,108 @@ def evaluate_targets(
     sweep: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Issue 7's targets against what this run measured (reported, never asserted). The RSS target belongs to
-    the 100k-request soak (``bench/soak.py``); this run's RSS is in its own section."""
+    the 100k-request soak (``bench/soak.py``); this run's RSS is in its own section.
+
+    Each target says where its figure comes from (``source``: ``client``, ``server-timing`` or ``throughput``) and
+    over how many samples (``n``; ``direct_n``: the reference's, for a difference with the direct rows or a ratio;
+    ``few_samples``: under ``MIN_VERDICT_SAMPLES``, the verdict is indicative).
+    With the FAKE upstream every request carries the upstream's own time, so the "added" figures are client-side
+    (``client``). A real upstream sends no stamp: the client cannot take the upstream's time out of a request, so
+    those figures are the gateway's own Server-Timing account (``server-timing``), which leaves out the client's and
+    loopback's share and so reads lower than the client-side figure of a FAKE-upstream run for the same gateway;
+    ``client_p50_difference`` then holds the difference of the client-side p50s (the upstream's jitter in it)."""
     out: list[dict[str, Any]] = []
 
     def add(
-        name: str, value: float | None, limit: float, unit: str, how: str, *, higher_is_better: bool = False
+        name: str,
+        value: float | None,
+        limit: float,
+        unit: str,
+        how: str,
+        *,
+        source: str,
+        n: int | None,
+        direct_n: int | None = None,
+        higher_is_better: bool = False,
+        **extra: Any,
     ) -> None:
         met = None if value is None else (value >= limit if higher_is_better else value <= limit)
-        out.append({"target": name, "value": value, "limit": limit, "unit": unit, "met": met, "how": how})
+        fewest = min(x for x in (n, direct_n) if x is not None) if n is not None else None
+        out.append(
+            {"target": name, "value": value, "limit": limit, "unit": unit, "met": met, "how": how, "source": source,
+             "n": n, "direct_n": direct_n, "few_samples": fewest is not None and fewest < MIN_VERDICT_SAMPLES,
+             **extra}
+        )  # fmt: skip
 
-    # Without the FAKE upstream's stamp (a real upstream) there is no per-request upstream time: fall back to the
-    # difference of the client-side p50s, and say so.
-    # Without the FAKE upstream's stamp (a real upstream) there is no client-side per-request overhead: use the
-    # gateway's own per-request account (Server-Timing ``gateway``), and say so.
     stamped = any(r["plain"]["overhead_ms"] or r["stream"]["ttft_overhead_ms"] for r in latency)
+    client_measure = {"ttft_overhead_ms": "ttft_ms", "overhead_ms": "total_ms"}
 
-    def added(mode: str, *keys: str) -> float | None:
+    def added(mode: str, *keys: str) -> dict[str, Any]:
+        """The figure, its source and its sample counts (keys of ``add``)."""
+        row, direct = _find(latency, 1, mode), _find(latency, 1, "direct")
         if not stamped:
             if keys[0] == "by_history":
-                return None
-            return _p50(_find(latency, 1, mode), keys[0], "gateway_ms")
-        g = _p50(_find(latency, 1, mode), *keys)
-        d = _p50(_find(latency, 1, "direct"), *keys)
-        return g - d if g is not None and d is not None else None
+                return {"value": None, "source": "server-timing", "n": None}
+            g_client = _p50(row, keys[0], client_measure[keys[1]])
+            d_client = _p50(direct, keys[0], client_measure[keys[1]])
+            return {
+                "value": _p50(row, keys[0], "gateway_ms"),
+                "source": "server-timing",
+                "n": _n(row, keys[0], "gateway_ms"),
+                "client_p50_difference": g_client - d_client if g_client is not None and d_client is not None else None,
+            }
+        g, d = _p50(row, *keys), _p50(direct, *keys)
+        return {
+            "value": g - d if g is not None and d is not None else None,
+            "source": "client",
+            "n": _n(row, *keys),
+            "direct_n": _n(direct, *keys),
+        }
 
-    how = "{} p50 minus the direct requests' p50 in the same run (client and loopback share)"
+    how = "{} p50 minus the direct requests' p50 over the same planned requests (client and loopback share)"
     if not stamped:
-        how = "the gateway's own time outside the upstream, p50 of its Server-Timing header ({}: no upstream stamp)"
+        how = (
+            "the gateway's own time outside the upstream, p50 of its Server-Timing header ({}: no upstream stamp "
+            "from a real upstream, so not the client-side figure a FAKE-upstream run gives)"
+        )
     # the input checks are the same in both modes; "input-only" stands in when "guarded" did not run
     main = "guarded" if _find(latency, 1, "guarded") is not None else "input-only"
     add(
         f"added to TTFT, c=1, input checks only ({main})",
-        added(main, "stream", "ttft_overhead_ms"),
-        10.0,
-        "ms",
-        how.format(f"{main} TTFT overhead") + "; a stream's first event waits for the input check only",
+        limit=10.0,
+        unit="ms",
+        how=how.format(f"{main} TTFT overhead") + "; a stream's first event waits for the input check only",
+        **added(main, "stream", "ttft_overhead_ms"),
     )
     add(
         f"added to TTFT, c=1, single user turn: turn check only ({main})",
-        added(main, "by_history", "stream_single_turn"),
-        10.0,
-        "ms",
-        how.format(f"{main} TTFT overhead of streamed single-turn requests"),
+        limit=10.0,
+        unit="ms",
+        how=how.format(f"{main} TTFT overhead of streamed single-turn requests"),
+        **added(main, "by_history", "stream_single_turn"),
     )
     add(
         f"added to TTFT, c=1, new turn of a conversation: turn + window check ({main})",
-        added(main, "by_history", "stream_conversation"),
-        10.0,
-        "ms",
-        how.format(f"{main} TTFT overhead of streamed conversation turns"),
+        limit=10.0,
+        unit="ms",
+        how=how.format(f"{main} TTFT overhead of streamed conversation turns"),
+        **added(main, "by_history", "stream_conversation"),
     )
     add(
         "added latency, plain reply, c=1, input + output checks (guarded)",
-        added("guarded", "plain", "overhead_ms"),
-        10.0,
-        "ms",
-        how.format("guarded overhead to the last byte"),
+        limit=10.0,
+        unit="ms",
+        how=how.format("guarded overhead to the last byte"),
+        **added("guarded", "plain", "overhead_ms"),
     )
     if any(r["target"] == "speculative" for r in latency):
         note = "" if cfg.ttft_ms >= 50 or not cfg.fake else f" (upstream TTFT here is {cfg.ttft_ms:g} ms, not >= 50)"
         add(
             "added to TTFT, c=1, speculative forwarding",
-            added("speculative", "stream", "ttft_overhead_ms"),
-            1.0,
-            "ms",
-            how.format("speculative TTFT overhead") + note,
+            limit=1.0,
+            unit="ms",
+            how=how.format("speculative TTFT overhead") + note,
+            **added("speculative", "stream", "ttft_overhead_ms"),
         )
     level16 = next((r for r in sweep.get("levels", []) if r["concurrency"] == 16), None)
     if level16 is not None:
@@ -819,54 +982,88 @@ def evaluate_targets(
             5 * LITELLM_REFERENCE_RPS,
             "req/s",
             f"sweep level c=16; 5x LiteLLM's {LITELLM_REFERENCE_RPS:g} req/s (issue 7's reference)",
+            source="throughput",
+            n=level16.get("requests"),
             higher_is_better=True,
         )
+    # a conversation of 0 turns has no history to cost: its "ratio" would compare single turns with single turns
+    if length.get("longest"):
+        _length_targets(add, length)
+    return [t for t in out if t["value"] is not None]
+
+
+def _length_targets(add: Any, length: dict[str, Any]) -> None:
+    lo, hi = length["tail_history_turns"]
+    longest = length["longest"]
+    g = length.get
+    tail_n, single_n, second_n = g("tail_n"), g("single_turn_n"), g("second_turn_n")
     if length.get("ratio_at_longest") is not None:
-        lo, hi = length["tail_history_turns"]
         add(
-            f"request N+1 of a {length['longest']}-turn conversation / single turn",
+            f"request N+1 of a {longest}-turn conversation / single turn",
             length["ratio_at_longest"],
             1.2,
             "x",
             f"p50 overhead at history {lo}..{hi} over the p50 of the interleaved single-turn twins (each the same new "
             "turn without its history)",
+            source="client",
+            n=tail_n,
+            direct_n=single_n,
         )
     if length.get("paired_ratio_at_longest") is not None:
         add(
-            f"request N+1 of a {length['longest']}-turn conversation / the same turn alone, per pair",
+            f"request N+1 of a {longest}-turn conversation / the same turn alone, per pair",
             length["paired_ratio_at_longest"],
             1.2,
             "x",
-            f"median over the {length['paired_n']} requests at history {length['tail_history_turns'][0]}.."
-            f"{length['tail_history_turns'][1]} of each one's overhead over its single-turn twin's",
+            f"median over the {length['paired_n']} requests at history {lo}..{hi} of each one's overhead over its "
+            "single-turn twin's",
+            source="client",
+            n=length["paired_n"],
         )
     if length.get("ratio_to_second_turn") is not None:
         add(
-            f"request N+1 of a {length['longest']}-turn conversation / the second turn",
+            f"request N+1 of a {longest}-turn conversation / the second turn",
             length["ratio_to_second_turn"],
             1.2,
             "x",
             "the same over the p50 of request 2 (history 1: the first request with a window check)",
+            source="client",
+            n=tail_n,
+            direct_n=second_n,
         )
     if length.get("gateway_ratio_at_longest") is not None:
         add(
-            f"request N+1 of a {length['longest']}-turn conversation / single turn, the gateway's own time",
+            f"request N+1 of a {longest}-turn conversation / single turn, the gateway's own time",
             length["gateway_ratio_at_longest"],
             1.2,
             "x",
             "the same from the gateway's Server-Timing 'gateway' (its time outside the upstream), without the "
             "client's encoding and sending of the longer body",
+            source="server-timing",
+            n=g("gateway_tail_n"),
+            direct_n=g("gateway_single_turn_n"),
         )
     if length.get("gateway_paired_ratio_at_longest") is not None:
         add(
-            f"request N+1 of a {length['longest']}-turn conversation / the same turn alone, per pair, the gateway's "
-            "own time",
+            f"request N+1 of a {longest}-turn conversation / the same turn alone, per pair, the gateway's own time",
             length["gateway_paired_ratio_at_longest"],
             1.2,
             "x",
             "the per-pair median from the gateway's Server-Timing 'gateway'",
+            source="server-timing",
+            n=g("gateway_paired_n"),
         )
-    return [t for t in out if t["value"] is not None]
+
+
+def _keep_pair(
+    single: list[float], pairs: dict[int, list[tuple[float, float]]], n: int, turn: float | None, twin: float | None
+) -> None:
+    """A twin's measure as a single-turn reference, and (its request's, its own) as a pair at history ``n``."""
+    if twin is None:
+        return
+    single.append(twin)
+    if turn is not None:
+        pairs.setdefault(n, []).append((turn, twin))
 
 
 def _keep_history_stages(into: dict[str, list[float]], sample: Sample) -> None:
@@ -912,47 +1109,184 @@ def length_ratios(
         f"{prefix}ratio_to_second_turn": ratio(tail, second),
         f"{prefix}paired_ratio_at_longest": paired.p50 if paired is not None else None,
         f"{prefix}paired_n": paired.n if paired is not None else 0,
+        # the sample counts under the p50s above
+        f"{prefix}single_turn_n": base.n if base is not None else 0,
+        f"{prefix}second_turn_n": second.n if second is not None else 0,
+        f"{prefix}tail_n": tail.n if tail is not None else 0,
     }
 
 
+class _Stop:
+    """SIGINT, SIGTERM and SIGHUP while a bench runs. The first cancels the run, whose cleanup then stops every
+    process the bench started and removes its temp folder; a signal during that cleanup (a second Ctrl-C) kills
+    those processes at once rather than interrupt it, so that none is left running with its port bound."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.signum: int | None = None
+        self.cleaning = False
+        self._installed: list[int] = []
+        self.keep = live_children()  # a caller's own processes, started before the bench: not the bench's to kill
+
+    def kill(self) -> None:
+        kill_children(keep=self.keep)
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not on this platform
+                continue
+            self._installed.append(sig)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self.signum is None and not self.cleaning and self.task is not None:
+            self.signum = sig
+            print(f"guardproxy bench: {name}: stopping the processes it started...", file=sys.stderr, flush=True)
+            self.task.cancel()
+            return
+        self.signum = self.signum or sig
+        print(f"guardproxy bench: {name}: killing the processes it started now", file=sys.stderr, flush=True)
+        self.kill()
+
+    def raise_for_signal(self) -> None:
+        """After the cleanup: exit as the signal asks (Ctrl-C as KeyboardInterrupt, the others 128 + its number)."""
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
+
+
+def _status_counts(samples: Sequence[Sample]) -> str:
+    counts: dict[str, int] = {}
+    for s in samples:
+        key = status_key(s)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _raise_if_dead(phase: str, samples: Sequence[Sample], cfg: BenchConfig) -> None:
+    """A target none of whose requests was answered (or blocked) measured nothing: stop with what it got."""
+    by: dict[str, list[Sample]] = {}
+    for s in samples:
+        by.setdefault(s.target, []).append(s)
+    dead = {name: mine for name, mine in by.items() if not any(s.ok or s.blocked for s in mine)}
+    if not dead:
+        return
+    seen = "; ".join(f"{name}: {_status_counts(mine)}" for name, mine in dead.items())
+    what = "every request failed" if len(dead) == len(by) else f"every request to {', '.join(dead)} failed"
+    hint = (
+        "check --upstream, --upstream-model and the key (--api-key-env)"
+        if not cfg.fake
+        else "run with --workdir DIR to keep the gateways' logs"
+    )
+    raise BenchError(f"{phase}: {what} ({seen}); {hint}")
+
+
+def _block_note(latency: Sequence[dict[str, Any]], length: dict[str, Any], sweep: dict[str, Any]) -> str | None:
+    """What the guard blocked and flagged of the bench's own (benign) requests, by phase; None if nothing."""
+    gateways = [r for r in latency if r["target"] != "direct"]
+    parts = []
+    phases = (
+        ("latency", sum(r["blocked"] for r in gateways), sum(r["flagged"] for r in gateways),
+         sum(r["requests"] for r in gateways)),
+        ("conversation length", length.get("blocked_turns", 0) + length.get("blocked_twins", 0),
+         length.get("flagged", 0), sum((length.get("requests_per_replica") or {}).values())),
+        ("sweep", sum(r.get("blocked", 0) for r in sweep.get("levels", [])),
+         sum(r.get("flagged", 0) for r in sweep.get("levels", [])),
+         sum(r["requests"] for r in sweep.get("levels", []))),
+    )  # fmt: skip
+    blocked = flagged = total = 0
+    for name, b, f, n in phases:
+        blocked, flagged, total = blocked + b, flagged + f, total + n
+        if b or f:
+            parts.append(f"{name} {b} blocked, {f} flagged of {n}")
+    if not parts:
+        return None
+    share = f" ({100 * blocked / total:.1f}%)" if total else ""
+    return (
+        f"the guard blocked {blocked}{share} and flagged {flagged} of the bench's {total} benign requests through "
+        f"gateways ({'; '.join(parts)}). Every bench text is harmless: each block is a false positive of the model "
+        "or the policy, or follows one (a refusal in the tenant's memory makes later asks read as rephrasings of it)."
+        + (" Is the model right?" if total and blocked / total > 0.05 else "")
+        + " A blocked request has no latency sample. --workdir DIR keeps the gateways' drill stores, which "
+        "record each decision."
+    )
+
+
 async def run_bench(cfg: BenchConfig) -> BenchResult:
-    bench = Bench(cfg)
     machine = machine_info()
-    ok = False
+    bench = Bench(cfg)  # validates the configuration before anything starts (and makes the temp folder after)
+    stop = _Stop(asyncio.current_task())
     try:
-        await bench.start()
-        await bench.warmup()
-        await bench.refuse()
-        latency, stages = await bench.latency()
-        length, length_stages = await bench.length()
-        if length_stages is not None:
-            stages.append(length_stages)
-        sweep = await bench.sweep()
-        ok = True
+        stop.install()
+        try:
+            await bench.start()
+            await bench.warmup()
+            await bench.refuse()
+            latency, stages = await bench.latency()
+            length, length_stages = await bench.length()
+            if length_stages is not None:
+                stages.append(length_stages)
+            sweep = await bench.sweep()
+        except asyncio.CancelledError:
+            if stop.signum is None:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
     finally:
-        await bench.close()
-        if ok and cfg.workdir is None:
-            shutil.rmtree(bench.workdir, ignore_errors=True)  # configs, logs and drill stores of a good run
+        stop.cleaning = True
+        try:
+            await bench.close()
+        finally:
+            stop.kill()  # any the cleanup missed, or started but not yet registered (a gateway still loading)
+            stop.uninstall()
+            if cfg.workdir is None:
+                # configs with HMAC secrets, logs and drill stores: nothing of a temp folder outlives the run
+                shutil.rmtree(bench.workdir, ignore_errors=True)
+    stop.raise_for_signal()
     with contextlib.suppress(OSError, AttributeError):
         machine["loadavg_at_end"] = os.getloadavg()
     rss = bench.rss()
+    source = "FAKE upstream" if cfg.fake else "the upstream's time included, since a real upstream sends no stamp"
     notes = bench.notes + [
         "overhead = the client's time for a request minus the upstream's own stamp for the same request "
         "(plain: to the last byte; streams: to the first SSE event); the 'direct' rows are the client and "
-        "loopback share of it, so 'added' = gateway minus direct.",
-        "all processes (client, FAKE upstream, gateways) share this machine's cores; load from other jobs "
-        "shows in loadavg.",
+        "loopback share of it, so 'added' = gateway minus direct."
+        if cfg.fake
+        else "with a real upstream there is no per-request upstream stamp, so no client-side overhead: the "
+        "gateway's figures are its own Server-Timing 'gateway' (its time outside the upstream, measured inside "
+        "it); client-side latency (" + source + ") is in its own table.",
+        f"all processes (client, {'FAKE upstream, ' if cfg.fake else ''}gateways) share this machine's cores; "
+        "load from other jobs shows in loadavg.",
     ]
     targets = evaluate_targets(cfg, latency, length, sweep)
-    guarded = [r for r in latency if r["target"] != "direct"]
-    blocked = sum(r["blocked"] for r in guarded)
-    total = sum(r["requests"] for r in guarded)
-    if total and blocked / total > 0.05:
-        notes.insert(
-            0,
-            f"the guard blocked {blocked} of {total} benign bench requests ({100 * blocked / total:.0f}%): "
-            "a blocked request never reaches the upstream, so it has no overhead sample. Is the model right?",
+    if any(t["source"] == "server-timing" and not t["target"].startswith("request N+1") for t in targets):
+        notes.append(
+            "targets from the gateway's Server-Timing (the 'from' column): a real upstream sends no per-request "
+            "stamp, so these leave out the client's and loopback's share and read lower than the client-side "
+            "figures of a FAKE-upstream run; client_p50_difference in the JSON is the difference of the client-side "
+            "p50s, the upstream's jitter in it."
         )
+    if any(t["few_samples"] for t in targets):
+        notes.append(
+            f"targets marked 'few samples' rest on fewer than {MIN_VERDICT_SAMPLES} requests (the 'n' column): "
+            "their verdicts are indicative only; raise --requests."
+        )
+    blocks = _block_note(latency, length, sweep)
+    if blocks is not None:
+        notes.insert(0, blocks)
     config = cfg.public()
     config["workdir"] = str(cfg.workdir) if cfg.workdir is not None else None
     return BenchResult(machine, config, latency, stages, length, sweep, rss, targets, notes)

@@ -62,10 +62,11 @@ class StampedUpstream:
             await self.paced(scope, receive, send)
             return
         t0 = time.perf_counter()
-        delay = self.ttft
+        # the time to first token is a completion's: a GET (/v1/models, the bench's readiness check) answers at once
+        delay = self.ttft if scope["method"] == "POST" else 0.0
         inner = self.paced
         for name, value in scope["headers"]:
-            if name == _TTFT:
+            if name == _TTFT and scope["method"] == "POST":
                 try:
                     delay = max(0.0, float(value) / 1000.0)
                 except ValueError:
