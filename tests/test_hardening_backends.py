@@ -300,6 +300,25 @@ sys.exit(run(load_settings(), classifier=FakeClassifier()))
 """
 
 
+def _child_env(upstream: str, port: int, store: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``serve`` child: drills sampled at rate 1 into ``store``, and no GUARDPROXY_ setting of
+    the machine's own."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.upper().startswith("GUARDPROXY_")},
+        "PYTHONPATH": str(ROOT),
+        "GUARDPROXY_UPSTREAM__BASE_URL": upstream + "/v1",
+        "GUARDPROXY_SERVER__PORT": str(port),
+        "GUARDPROXY_SERVER__SHUTDOWN_TIMEOUT": "1.0",
+        "GUARDPROXY_SERVER__LOG_LEVEL": "warning",
+        "GUARDPROXY_POLICY__ACTIVE": str(POLICIES / "default.toml"),
+        "GUARDPROXY_DRILLS__STORE": store,
+        "GUARDPROXY_DRILLS__SAMPLE_RATE": "1.0",
+        "GUARDPROXY_DRILLS__PER_TENANT_HOURLY_CAP": "1000",
+        "GUARDPROXY_STATE__HMAC_SECRET": "hardening-test-secret",
+        **extra,
+    }
+
+
 async def test_sigterm_with_open_guarded_streams_flushes_every_sample(tmp_path: Path) -> None:
     import httpx
 
@@ -307,20 +326,12 @@ async def test_sigterm_with_open_guarded_streams_flushes_every_sample(tmp_path: 
     fake = FakeUpstream(reply=" ".join(["word"] * 400), token_interval=0.05)
     async with serve(fake) as upstream:
         port = free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "GUARDPROXY_UPSTREAM__BASE_URL": upstream + "/v1",
-            "GUARDPROXY_SERVER__PORT": str(port),
-            "GUARDPROXY_SERVER__SHUTDOWN_TIMEOUT": "1.0",
-            "GUARDPROXY_SERVER__LOG_LEVEL": "warning",
-            "GUARDPROXY_POLICY__ACTIVE": str(POLICIES / "default.toml"),
-            "GUARDPROXY_POLICY__DECISION_LOG": str(tmp_path / "decisions.jsonl"),
-            "GUARDPROXY_DRILLS__STORE": f"sqlite:///{tmp_path / 'drills.db'}",
-            "GUARDPROXY_DRILLS__SAMPLE_RATE": "1.0",
-            "GUARDPROXY_DRILLS__PER_TENANT_HOURLY_CAP": "1000",
-            "GUARDPROXY_STATE__HMAC_SECRET": "hardening-test-secret",
-        }
+        env = _child_env(
+            upstream,
+            port,
+            f"sqlite:///{tmp_path / 'drills.db'}",
+            GUARDPROXY_POLICY__DECISION_LOG=str(tmp_path / "decisions.jsonl"),
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CHILD, env=env, cwd=ROOT, stderr=subprocess.PIPE
         )
@@ -376,19 +387,7 @@ async def test_sigterm_with_postgres_hung_exits_promptly_and_counts_the_samples_
 
     async with serve(FakeUpstream()) as upstream, TcpCut(5432) as pg:
         port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.upper().startswith("GUARDPROXY_")},
-            "PYTHONPATH": str(ROOT),
-            "GUARDPROXY_UPSTREAM__BASE_URL": upstream + "/v1",
-            "GUARDPROXY_SERVER__PORT": str(port),
-            "GUARDPROXY_SERVER__SHUTDOWN_TIMEOUT": "1.0",
-            "GUARDPROXY_SERVER__LOG_LEVEL": "warning",
-            "GUARDPROXY_POLICY__ACTIVE": str(POLICIES / "default.toml"),
-            "GUARDPROXY_DRILLS__STORE": f"postgresql://postgres@127.0.0.1:{pg.port}/test?schema={pg_schema}",
-            "GUARDPROXY_DRILLS__SAMPLE_RATE": "1.0",
-            "GUARDPROXY_DRILLS__PER_TENANT_HOURLY_CAP": "1000",
-            "GUARDPROXY_STATE__HMAC_SECRET": "hardening-test-secret",
-        }
+        env = _child_env(upstream, port, f"postgresql://postgres@127.0.0.1:{pg.port}/test?schema={pg_schema}")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CHILD, env=env, cwd=ROOT, stderr=subprocess.PIPE
         )
