@@ -55,17 +55,14 @@ from guardproxy.logs import cut_secrets, redact
 from guardproxy.metrics import CONTENT_TYPE, Metrics
 from guardproxy.pipeline import Exchange, Pipeline
 from guardproxy.proxy import (
-    RouteKind,
     Upstream,
     UpstreamErrorReply,
-    classify_route,
-    normalize_path,
     request_secrets,
     response_headers,
-    route_label,
     split_request_headers,
     upstream_failure,
 )
+from guardproxy.routes import GUARDED_DESCRIPTION, RouteKind, V1Route, classify_route
 from guardproxy.settings import Settings
 from guardproxy.streaming import error_tail
 from guardproxy.validation import parse_chat
@@ -393,10 +390,9 @@ class V1Endpoint:
         gw = self.gw
         t0 = time.perf_counter()
         call = Call(send)
-        path = normalize_path(scope["path"])
         method = scope["method"]
-        kind = classify_route(method, path)
-        label = route_label(kind, path)
+        route = classify_route(method, scope["path"])
+        kind, path, label = route.kind, route.path, route.label
         counted = False
         watcher: asyncio.Task[None] | None = None
         # The request id comes first: even a request refused for its headers gets one.
@@ -415,11 +411,8 @@ class V1Endpoint:
             call.tenant = gw.auth.tenant(headers)
             if gw.limiter is not None:
                 gw.limiter.acquire(call.tenant)
-            if kind is RouteKind.UNGUARDED_GENERATING:
-                if not gw.settings.routes.forward_unguarded_generating:
-                    raise RouteNotGuarded(
-                        f"{path} generates text but is not guarded by this gateway; use /v1/chat/completions"
-                    )
+            self._check_route(method, route)
+            if kind is RouteKind.UNGUARDED:
                 gw.metrics.unguarded.labels(label).inc()
             raw = await self._read_body(receive, headers.get("content-length"))
             watcher = asyncio.create_task(self._watch(receive, call))
@@ -458,6 +451,18 @@ class V1Endpoint:
                 gw.calls.discard(call)
             # 499: the client went away before an answer (nginx's convention).
             gw.metrics.observe_request(label, call.status if call.started else 499, time.perf_counter() - t0)
+
+    def _check_route(self, method: str, route: V1Route) -> None:
+        """Refuse what ``classify_route`` says is not to be forwarded as it is."""
+        if route.kind is RouteKind.INVALID:
+            raise RequestError(route.problem, code="invalid_path")
+        if route.kind is RouteKind.STORED:
+            raise RouteNotGuarded(
+                f"{method} {route.path} is refused: stored chat completions (and any method but POST on "
+                f"/v1/chat/completions) bypass the guard; {GUARDED_DESCRIPTION}"
+            )
+        if route.kind is RouteKind.UNGUARDED and not self.gw.settings.routes.forward_unguarded_generating:
+            raise RouteNotGuarded(f"{method} {route.path} may generate text and is not guarded; {GUARDED_DESCRIPTION}")
 
     async def _chat(self, call: Call, headers: dict[str, str], raw: bytes) -> None:
         gw = self.gw

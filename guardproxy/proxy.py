@@ -1,4 +1,4 @@
-"""The upstream side: one HTTP client, header hygiene, route classification and error translation.
+"""The upstream side: one HTTP client, header hygiene, upstream URLs and error translation (routes: ``routes``).
 
 httpx is the client API; the transport under it is ``httpx_aiohttp.AiohttpTransport`` by default
 because it measured faster here than httpx's own (see ``bench/RESULTS.md``). Failures of either
@@ -13,11 +13,9 @@ A plain request gets its reply only when generation ends, so nothing but the exc
 from __future__ import annotations
 
 import asyncio
-import posixpath
 import re
 from collections.abc import AsyncIterator, Iterable
 from contextvars import ContextVar
-from enum import Enum
 from typing import Literal
 
 import aiohttp
@@ -31,6 +29,8 @@ from guardproxy.errors import (
     UpstreamUnreachable,
 )
 from guardproxy.logs import MIN_SECRET_CHARS, REDACTED
+from guardproxy.routes import GUARDED_PATH as GUARDED_PATH  # chat.py's import
+from guardproxy.routes import canonical_path, path_problem
 from guardproxy.settings import Settings
 
 TransportKind = Literal["aiohttp", "httpx"]
@@ -69,65 +69,6 @@ UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
 # A request body that asks for a stream. Inside a JSON string every quote is escaped, so a quoted "stream"
 # followed by a colon is always a key (a nested one, rarely, which only gives that request a stream's timeouts).
 _STREAM_REQUEST = re.compile(rb'"stream"\s*:\s*true')
-
-GUARDED_PATH = "/v1/chat/completions"
-# POST routes under these prefixes generate text without passing the guard. Matching is by prefix on the
-# normalised, lower-cased path, so "/v1//completions/", "/V1/Responses;x" or "/v1/models/../messages"
-# cannot slip past as a "non-generating" route.
-_GENERATING_PREFIXES = (
-    "/v1/completions",
-    "/v1/responses",
-    "/v1/messages",
-    "/v1/chat/",
-    "/v1/engines/",
-    "/v1/batches",
-    "/v1/threads",
-    "/v1/assistants",
-    "/v1/realtime",
-)
-_SLASHES = re.compile(r"/{2,}")
-
-
-class RouteKind(Enum):
-    GUARDED = "guarded"
-    UNGUARDED_GENERATING = "unguarded_generating"
-    FORWARD = "forward"
-
-
-def normalize_path(path: str) -> str:
-    """Collapse repeated slashes, resolve dot segments, drop a trailing slash."""
-    return posixpath.normpath(_SLASHES.sub("/", "/" + path)) if path else "/"
-
-
-def classify_route(method: str, path: str) -> RouteKind:
-    low = path.lower().split(";", 1)[0]
-    if method == "POST":
-        if low == GUARDED_PATH:
-            return RouteKind.GUARDED
-        if any(low == p.rstrip("/") or low.startswith(p) for p in _GENERATING_PREFIXES):
-            return RouteKind.UNGUARDED_GENERATING
-        if low.startswith(GUARDED_PATH):
-            return RouteKind.UNGUARDED_GENERATING
-    return RouteKind.FORWARD
-
-
-# Metric labels: the OpenAI API's top-level resources. Anything else is "other": a label taken from the
-# client's path would let a client mint unbounded metric series.
-_KNOWN_RESOURCES = frozenset(
-    {
-        "assistants", "audio", "batches", "chat", "completions", "embeddings", "engines", "files", "fine_tuning",
-        "images", "messages", "models", "moderations", "realtime", "responses", "threads", "uploads", "vector_stores",
-    }
-)  # fmt: skip
-
-
-def route_label(kind: RouteKind, path: str) -> str:
-    """A bounded metric label: the guarded path, or ``/v1/<known resource>``, or ``/v1/other``."""
-    if kind is RouteKind.GUARDED:
-        return GUARDED_PATH
-    parts = path.lower().split(";", 1)[0].split("/")
-    seg = parts[2] if len(parts) > 2 and parts[1] == "v1" else "other"
-    return "/v1/" + (seg if seg in _KNOWN_RESOURCES else "other")
 
 
 def decodable_accept_encoding(values: Iterable[bytes]) -> bytes:
@@ -392,8 +333,11 @@ class Upstream:
         self.key_header = up.api_key_header
 
     def url(self, path: str, query: bytes = b"") -> str:
-        rest = path[3:] if path.lower().startswith("/v1") else path
-        url = self.base + rest
+        """The upstream URL of ``path``: a canonical ``/v1/...`` path (``routes.classify_route``'s ``V1Route.path``),
+        used as it is, so the upstream is sent exactly the path that was classified."""
+        if not path.startswith("/v1/") or path_problem(path) is not None or canonical_path(path) != path:
+            raise ValueError(f"not a canonical /v1/ path: {path!r}")  # a bug: classify_route refuses these
+        url = self.base + path[3:]
         return url + "?" + query.decode("latin-1") if query else url
 
     async def open(

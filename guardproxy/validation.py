@@ -6,6 +6,14 @@ brackets *before* ``json.loads`` recurses (a body 20,000 levels deep must cost a
 ``RecursionError``), then the JSON is parsed rejecting NaN/Infinity and duplicate keys (two ``messages``
 keys would let the guard and the upstream read different conversations), then lone UTF-16 surrogates,
 then the shape of the fields the gateway and the guard rely on.
+
+Keys are compared case-folded too. Go's ``encoding/json`` (Ollama's OpenAI layer) matches a key to a field
+ignoring case (and folds ``K``/``ſ`` to ``k``/``s``), the last match winning: with ``"messages"`` and
+``"Messages"`` the guard would score one conversation and the upstream answer the other, and a lone ``"Content"``
+in a message is content to it and nothing to the guard. So two keys of one object (at any depth) that differ only
+in case are refused, and so is a case variant of a field the gateway or an upstream reads (``KNOWN_KEYS``) where
+the request's own fields are: the body, each message, content part, tool call and function, ``stream_options``.
+The client's bytes are still what is forwarded.
 """
 
 from __future__ import annotations
@@ -28,6 +36,23 @@ _PAIR_RE = re.compile(rb"\[\]|\{\}")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 _CONTAINERS = frozenset({dict, list})
+# Fields of a chat request, its messages, content parts, tool calls and functions (OpenAI's, and those vLLM and
+# Ollama read): a case variant of one of these is refused where they live (see the module docstring).
+KNOWN_KEYS = frozenset(
+    {
+        "messages", "model", "stream", "stream_options", "include_usage", "n", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "top_k", "stop", "seed", "user", "store", "metadata", "tools", "tool_choice",
+        "functions", "function_call", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs",
+        "logit_bias", "presence_penalty", "frequency_penalty", "modalities", "audio", "prediction", "reasoning_effort",
+        "service_tier", "web_search_options", "verbosity", "options", "format", "keep_alive", "think",
+        "chat_template", "chat_template_kwargs", "documents",
+        "role", "content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning", "reasoning_content",
+        "thinking", "images",
+        "type", "text", "input_text", "image_url", "input_audio", "file", "url", "detail", "data", "file_id",
+        "file_data", "filename",
+        "id", "index", "function", "custom", "arguments", "input",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,15 +65,47 @@ class ChatRequest:
     changed: bool
 
 
+class _KeyClash(Exception):
+    """Two keys of one object are equal, or equal ignoring case: ``parse_json_body`` finds and names them."""
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its key/value pairs, duplicates kept (``_clash_error``'s second parse)."""
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise RequestError(f"duplicate key {key!r} in a JSON object", code="duplicate_key")
-            seen.add(key)
+    if len(pairs) > 1 and len({key.casefold() for key in obj}) != len(pairs):
+        raise _KeyClash
     return obj
+
+
+def _clash_error(text: str) -> RequestError:
+    """The error naming the first two keys of one object of ``text`` that are equal, or equal ignoring case."""
+    stack: list[tuple[Any, str]] = [(json.loads(text, object_pairs_hook=_Pairs), "")]
+    while stack:
+        cur, where = stack.pop()
+        if isinstance(cur, _Pairs):
+            seen: dict[str, str] = {}
+            for key, _ in cur:
+                at = f"{where}.{key}" if where else key
+                fold = key.casefold()
+                first = seen.get(fold)
+                if first is None:
+                    seen[fold] = key
+                    continue
+                if first == key:
+                    return RequestError(f"duplicate key {at!r} in a JSON object", param=at, code="duplicate_key")
+                return RequestError(
+                    f"keys {first!r} and {key!r} of one object differ only in case (at {at!r}): a case-insensitive "
+                    "decoder would read one where the guard read the other",
+                    param=at,
+                    code="duplicate_key",
+                )
+            stack.extend((v, f"{where}.{k}" if where else k) for k, v in reversed(cur))
+        elif isinstance(cur, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(cur))))
+    return RequestError("duplicate key in a JSON object", code="duplicate_key")  # not reached: the hook found one
 
 
 def _reject_constant(name: str) -> Any:
@@ -134,9 +191,11 @@ def parse_json_body(raw: bytes, max_depth: int) -> Any:
         raise RequestError(
             f"invalid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})", code="invalid_json"
         ) from None
-    except RequestError:  # a duplicate key or a NaN
+    except (RequestError, _KeyClash) as exc:  # a duplicate key or a NaN
         if json_depth_exceeds(raw, max_depth):
             raise too_deep from None
+        if isinstance(exc, _KeyClash):
+            raise _clash_error(text) from None
         raise
     if parsed_depth_exceeds(obj, max_depth):
         raise too_deep
@@ -191,6 +250,44 @@ def _check_message(i: int, msg: Any) -> None:
             )
 
 
+def _case_variant(where: str, obj: dict[str, Any]) -> None:
+    """Refuse a key of ``obj`` that is a case variant of a known field (``KNOWN_KEYS``): ``"Content"`` alone is
+    a message's content to a case-insensitive decoder, and nothing to the guard."""
+    for key in obj:
+        if key in KNOWN_KEYS:
+            continue
+        fold = key.casefold()
+        if fold != key and fold in KNOWN_KEYS:
+            at = f"{where}.{key}" if where else key
+            raise RequestError(
+                f"key {at!r} is a case variant of {fold!r}: write it as {fold!r}", param=at, code="case_variant_key"
+            )
+
+
+def _case_variants(body: dict[str, Any], messages: list[Any]) -> None:
+    """``_case_variant`` where the request's own fields are: the body, ``stream_options``, each message and its
+    content parts, tool calls and functions. Runs on every message of every request: a message whose keys are all
+    known costs a set lookup per key."""
+    _case_variant("", body)
+    if isinstance(body.get("stream_options"), dict):
+        _case_variant("stream_options", body["stream_options"])
+    for i, msg in enumerate(messages):
+        _case_variant(f"messages[{i}]", msg)
+        content, calls, call = msg.get("content"), msg.get("tool_calls"), msg.get("function_call")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                _case_variant(f"messages[{i}].content[{j}]", part)
+        if isinstance(call, dict):
+            _case_variant(f"messages[{i}].function_call", call)
+        if isinstance(calls, list):
+            for k, tc in enumerate(calls):
+                if isinstance(tc, dict):
+                    _case_variant(f"messages[{i}].tool_calls[{k}]", tc)
+                    for sub in ("function", "custom"):
+                        if isinstance(tc.get(sub), dict):
+                            _case_variant(f"messages[{i}].tool_calls[{k}].{sub}", tc[sub])
+
+
 def validate_chat(obj: Any, limits: LimitSettings) -> ChatRequest:
     """Check the fields the gateway and the guard rely on; everything else is the upstream's business."""
     if not isinstance(obj, dict):
@@ -209,6 +306,7 @@ def validate_chat(obj: Any, limits: LimitSettings) -> ChatRequest:
         )
     for i, msg in enumerate(messages):
         _check_message(i, msg)
+    _case_variants(body, messages)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("'model' must be a string", param="model", code="invalid_type")

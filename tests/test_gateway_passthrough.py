@@ -213,8 +213,6 @@ async def test_non_generating_routes_are_forwarded(method: str, path: str, paylo
         "/v1/responses",
         "/v1/messages",
         "/v1//completions/",
-        "/v1/models/../responses",
-        "/v1/messages;x=1",
         "/v1/chat/completions/extra",
     ],
 )
