@@ -138,7 +138,9 @@ class AuthSettings(_Section):
 
 class RouteSettings(_Section):
     forward_unguarded_generating: bool = Field(
-        False, description="forward /v1/completions, /v1/responses, /v1/messages unguarded (counted)"
+        False,
+        description="forward routes off the forwarding allowlist (/v1/completions, /v1/responses, /v1/messages, ...) "
+        "unguarded, counted; stored chat completions stay refused",
     )
 
 
