@@ -9,25 +9,44 @@ Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
 
 1. Unicode tag characters (U+E0020..U+E007E, "ASCII smuggling") become the ASCII they encode.
 2. Format characters (category Cf: zero-width space/joiners, bidi embeddings/overrides/isolates, BOM, soft
-   hyphen, word joiner) and variation selectors are removed.
-3. NFKC: fullwidth forms, mathematical alphanumerics, ligatures, circled letters fold to their plain forms.
-4. Combining marks stacked on an ASCII letter ("Zalgo" text) are removed.
-5. Homoglyphs: Cyrillic/Greek/Armenian letters that look Latin are folded in words that mix them with Latin
+   hyphen, word joiner), variation selectors and the other invisible marks (combining grapheme joiner, Khmer
+   inherent vowels, Mongolian free variation selectors, the rest of the tag block) are removed.
+3. Blank letters (Hangul fillers U+115F/U+1160/U+3164/U+FFA0, braille blank U+2800) render as a gap: in a word
+   whose blank-separated pieces are mostly single characters (``G\\u3164i\\u3164v\\u3164e``) they are removed,
+   elsewhere (``Give\\u2800me``) they are a space, as a reader sees them.
+4. NFKC: fullwidth forms, mathematical alphanumerics, ligatures, circled letters, most modifier and
+   superscript/subscript letters fold to their plain forms.
+5. Small capitals (``ᴘɪᴘᴇ ʙᴏᴍʙ``, including the modifier small capitals NFKC leaves) and regional indicator
+   letters fold to plain lowercase Latin letters.
+6. Combining marks stacked on an ASCII letter ("Zalgo" text) are removed.
+7. Homoglyphs: Cyrillic/Greek/Armenian letters that look Latin are folded in words that mix them with Latin
    letters, or that consist of look-alikes only (real Russian or Greek words nearly always contain a letter
    with no Latin look-alike, so they are left alone).
-6. Obvious base64 spans (12+ characters that decode to printable UTF-8 text) are replaced by their decoding, which
-   the next pass normalizes in turn. Replacing (not appending) keeps the verdict of a base64-wrapped request equal
-   to the plain one and keeps the function idempotent.
-7. Leetspeak is folded only inside letter runs that hold a leet character between two letters (``b0mb``,
-   ``h4ck3r``, ``k1ll``), never in e-mail addresses, URLs or hex strings, so ``mp3``, ``4k``, ``covid19`` and
-   ``$100`` stay as written.
-8. Whitespace runs collapse to one space (newlines kept, at most one blank line), ends stripped.
+8. Escapes, when a text holds at least ``_MIN_ESCAPES`` of one kind (so a stray ``%`` or ``&amp;`` stays as
+   written): percent-encoding (``%20``), HTML character references (``&#71;``, ``&amp;``) and ``\\uXXXX`` /
+   ``\\xXX`` escapes are decoded in place.
+9. Obvious hex (16+ hex digits, contiguous or as space-separated pairs) and base64 spans (12+ characters) that
+   decode to printable UTF-8 text are replaced by their decoding, which the next pass normalizes in turn.
+   Replacing (not appending) keeps the verdict of a wrapped request equal to the plain one and keeps the
+   function idempotent.
+10. ROT13: a sentence with at least three distinct English stopwords in its ROT13 reading, a quarter of its
+    words, and three times as many as it has as written, is replaced by that reading; a text that passes that
+    test as a whole has each of its sentences with more such stopwords in ROT13 than as written replaced. The
+    test is symmetric, so a decoded text never flips back, and ordinary English (full of stopwords as written)
+    is never touched.
+11. Leetspeak is folded inside letter runs that hold a leet character between two letters (``b0mb``,
+    ``h4ck3r``, ``k1ll``), never in e-mail addresses, URLs or hex strings, so ``mp3``, ``4k``, ``covid19`` and
+    ``$100`` stay as written. In a text written in leet (``_LEET_TEXT_MIN`` such words, a fifth of its words)
+    leet at word edges (``7h3``, ``m3``, ``$733l``) and short all-leet words (``70``, ``4``, ``17``) fold too.
+12. Whitespace runs collapse to one space (newlines kept, at most one blank line), ends stripped.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import html
 import re
 import unicodedata
 
@@ -40,7 +59,22 @@ _TAGS: dict[int, str | None] = {cp: chr(cp - 0xE0000) for cp in range(0xE0020, 0
 _TAGS[0xE0001] = None
 _TAGS[0xE007F] = None
 
-_VARIATION_SELECTORS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+# Variation selectors and the invisible marks that are not category Cf: combining grapheme joiner, Khmer inherent
+# vowels, Mongolian free variation selectors, and what the tag translation leaves of the tag block.
+_INVISIBLE = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u17b4\u17b5\u180b-\u180f\U000e0000-\U000e007f]")
+
+# Letters that render as an empty cell: Hangul choseong/jungseong fillers, Hangul filler and its halfwidth form
+# (NFKC maps both to U+1160), braille pattern blank.
+_BLANK = "\u115f\u1160\u3164\uffa0\u2800"
+_BLANKS = re.compile(f"[{_BLANK}]+")
+_BLANK_WORD = re.compile(f"[^\\s]*[{_BLANK}][^\\s]*")
+
+# Small capitals (IPA, Phonetic Extensions, Latin Extended-D, and the modifier small capitals once NFKC has made
+# them plain small capitals) and regional indicator letters; NFKC leaves all of them as they are. There is no
+# small capital X: the evasion writes a plain x.
+_SMALL_CAPITALS = dict(zip("ᴀʙᴄᴅᴇꜰɢʜɪꞮᴊᴋʟᴍɴᴏᴘꞯʀꜱᴛᴜᴠᴡʏᴢ", "abcdefghiijklmnopqrstuvwyz", strict=True))
+_LETTER_FORMS = str.maketrans({**_SMALL_CAPITALS, **{chr(0x1F1E6 + i): chr(ord("a") + i) for i in range(26)}})
+_LETTER_FORM = re.compile(f"[{''.join(_SMALL_CAPITALS)}\U0001f1e6-\U0001f1ff]")
 
 # Combining diacritical marks (the main block and its supplements/extensions) right after an ASCII letter.
 _ZALGO = re.compile("(?<=[A-Za-z])[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]+")
@@ -116,12 +150,48 @@ _HOMOGLYPH_TABLE = str.maketrans(_HOMOGLYPHS)
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
 _ASCII_LETTER = re.compile("[A-Za-z]")
 
+# Escapes count as an encoding only when a text holds this many of one kind.
+_MIN_ESCAPES = 3
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_ESCAPE = re.compile(r"\\(?:u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|x[0-9A-Fa-f]{2})")
+_ESCAPE_RUN = re.compile(r"(?:\\(?:u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|x[0-9A-Fa-f]{2}))+")
+
+# Hex: 8+ bytes, contiguous or as space-separated pairs (word boundaries checked on a match: a lookbehind at
+# every position costs twice the scan).
+_HEX_SPAN = re.compile(r"(?:0[xX])?[0-9A-Fa-f]{16,}")
+_HEX_PAIRS = re.compile(r"[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){7,}")
+
 _B64_SPAN = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{10,}={0,2}(?![A-Za-z0-9+/=_-])")
+
+# English function words: a sentence that has few as written but many in its ROT13 reading is ROT13.
+_STOPWORDS = frozenset(
+    "a about after all also an and any are as at be because been but by can could did do does for from had has"
+    " have he her him his how i if in into is it its just me my no not now of on one only or our out she so some"
+    " than that the their them then there these they this to up us was we were what when where which who why will"
+    " with would you your".split()
+)
+_ROT13 = str.maketrans(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm"
+)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_SENTENCE = re.compile(r"[^.!?:;\n]+")
 
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
 _LEET_RUN = re.compile(r"[A-Za-z0-9@$]+")
 _LEET_INSIDE = re.compile(r"[A-Za-z][013457@$]+[A-Za-z]")
-_HEX = re.compile(r"(?:0x)?[0-9A-Fa-f]{8,}")
+_LEET_CHAR = re.compile("[013457@$]")
+_LEET_TOUCH = re.compile(r"[A-Za-z][013457@$]|[013457@$][A-Za-z]")
+# Letters with leet on both ends (``7h3``, ``0n70``): leet as strong as a leet character inside a word.
+_LEET_ENDS = re.compile(r"(?<![A-Za-z0-9@$])[013457@$]+[A-Za-z]+[013457@$]+(?![A-Za-z0-9@$])")
+_LEET_SHORT = re.compile(r"[\"'(]?[013457@$]{1,3}[.,:;!?\"')]*")
+_LETTER = re.compile("[A-Za-z]")
+_TRAILING = ".,:;!?\"')"
+_LEET_TEXT_MIN = 3
+# Hex numbers, hashes and colours (``0x1f3a``, ``d3adb33fcafe0123``, ``#ff00aa``) are not leet.
+_HEX = re.compile(r"0[xX][0-9A-Fa-f]+|[0-9A-Fa-f]{8,}")
+_HEX_COLOUR = re.compile(r"#(?:[0-9A-Fa-f]{3,4}|[0-9A-Fa-f]{6}|[0-9A-Fa-f]{8})")
 _WORD = re.compile(r"\S+")
 _ADDRESS = re.compile(r"://|^www\.|@[A-Za-z0-9-]+\.[A-Za-z]")
 
@@ -144,16 +214,33 @@ def _pass(text: str) -> str:
     if not text.isascii():
         text = text.translate(_TAGS)
         text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-        text = _VARIATION_SELECTORS.sub("", text)
+        text = _INVISIBLE.sub("", text)
+        if _BLANKS.search(text):
+            text = _BLANK_WORD.sub(_unblank_word, text)
         text = unicodedata.normalize("NFKC", text)
+        if _LETTER_FORM.search(text):
+            text = text.translate(_LETTER_FORMS)
         text = _ZALGO.sub("", text)
         text = _LETTER_RUN.sub(_fold_homoglyphs, text)
+    text = _decode_escapes(text)
+    text = _HEX_SPAN.sub(_decode_hex, text)
+    text = _HEX_PAIRS.sub(_decode_hex, text)
     text = _B64_SPAN.sub(_decode_base64, text)
-    text = _WORD.sub(_fold_leet_word, text)
+    text = _decode_rot13(text)
+    text = _fold_leet(text)
     text = _SPACES.sub(" ", text)
     text = _SPACE_AROUND_NEWLINE.sub("\n", text)
     text = _BLANK_LINES.sub("\n\n", text)
     return text.strip()
+
+
+def _unblank_word(match: re.Match[str]) -> str:
+    pieces = [p for p in _BLANKS.split(match.group(0)) if p]
+    # Blanks between single letters spell a word out (``G\u3164i\u3164v\u3164e``); elsewhere they stand where
+    # a space would, as a reader sees them.
+    if 2 * sum(1 for p in pieces if len(p) == 1) > len(pieces):
+        return "".join(pieces)
+    return " ".join(pieces)
 
 
 def _fold_homoglyphs(match: re.Match[str]) -> str:
@@ -186,6 +273,79 @@ def _decode_base64(match: re.Match[str]) -> str:
     return decoded if _looks_like_text(decoded) else span
 
 
+def _decode_escapes(text: str) -> str:
+    if "%" in text and len(_PERCENT.findall(text)) >= _MIN_ESCAPES:
+        text = _PERCENT_RUN.sub(_decode_percent, text)
+    if "&" in text and len(_ENTITY.findall(text)) >= _MIN_ESCAPES:
+        text = _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+    if "\\" in text and len(_ESCAPE.findall(text)) >= _MIN_ESCAPES:
+        text = _ESCAPE_RUN.sub(_decode_escape_run, text)
+    return text
+
+
+def _decode_percent(match: re.Match[str]) -> str:
+    run = match.group(0)
+    try:
+        return bytes.fromhex(run.replace("%", "")).decode("utf-8")
+    except UnicodeDecodeError:
+        return run
+
+
+def _decode_escape_run(match: re.Match[str]) -> str:
+    run = match.group(0)
+    try:
+        if "\\u" not in run and "\\U" not in run:  # \xXX only: the bytes of UTF-8 text, as C and Python write it
+            return bytes.fromhex(run.replace("\\x", "")).decode("utf-8")
+        # \uXXXX are UTF-16 code units (JSON, JavaScript): join surrogate pairs, keep a lone surrogate escaped
+        return codecs.decode(run, "unicode_escape").encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeError:
+        return run
+
+
+def _decode_hex(match: re.Match[str]) -> str:
+    span, text, start, end = match.group(0), match.string, match.start(), match.end()
+    if (start and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum()):
+        return span
+    digits = span.replace(" ", "")
+    if digits[:2] in ("0x", "0X"):
+        digits = digits[2:]
+    try:
+        decoded = bytes.fromhex(digits).decode("utf-8")
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        return span
+    return decoded if _looks_like_text(decoded) else span
+
+
+def _decode_rot13(text: str) -> str:
+    lower = text.translate(_ASCII_LOWER)  # str.lower may change the length ("İ"): keep the offsets
+    rotated = lower.translate(_ROT13)
+    if len({w for w in _LETTER_RUN.findall(rotated) if w in _STOPWORDS}) < 3:  # the cheap way out for most texts
+        return text
+    # Per sentence: its words, stopwords as written, stopwords in its ROT13 reading (letter runs are whole words:
+    # one with an accent in it is no English word either way).
+    sentences = []
+    for m in _SENTENCE.finditer(text):
+        words = len(_LETTER_RUN.findall(lower, m.start(), m.end()))
+        plain = [w for w in _LETTER_RUN.findall(lower, m.start(), m.end()) if w in _STOPWORDS]
+        rot = [w for w in _LETTER_RUN.findall(rotated, m.start(), m.end()) if w in _STOPWORDS]
+        sentences.append((m.start(), m.end(), words, plain, rot))
+    every = _reads_as_rot13(
+        sum(s[2] for s in sentences), [w for s in sentences for w in s[3]], [w for s in sentences for w in s[4]]
+    )
+    out, at = [], 0
+    for start, end, words, plain, rot in sentences:
+        # A text that reads as ROT13 as a whole (short sentences too) decodes every sentence that leans that way.
+        if (len(rot) >= len(plain)) if every else _reads_as_rot13(words, plain, rot):
+            out += [text[at:start], text[start:end].translate(_ROT13)]
+            at = end
+    return "".join(out) + text[at:] if out else text
+
+
+def _reads_as_rot13(words: int, plain: list[str], rot: list[str]) -> bool:
+    # Symmetric in the two readings, so a decoded text never reads as ROT13 again.
+    return len(set(rot)) >= 3 and 4 * len(rot) >= words and 3 * len(plain) < len(rot)
+
+
 def _looks_like_text(decoded: str) -> bool:
     if len(decoded) < 8:
         return False
@@ -196,9 +356,21 @@ def _looks_like_text(decoded: str) -> bool:
     return wordish >= 0.7 * len(decoded) and " " in decoded.strip()
 
 
+def _fold_leet(text: str) -> str:
+    if not _LEET_CHAR.search(text) or not _LEET_TOUCH.search(text):  # the first is 8 times faster
+        return text
+    plain = _HEX.sub(" ", text)  # a hash is full of "leet" between letters
+    strong = len(_LEET_INSIDE.findall(plain)) + len(_LEET_ENDS.findall(plain))
+    # A text written in leet (``log4j``, ``a11y`` and ``gpt4o`` in a sentence about software are not): fold its
+    # edges and short all-leet words too.
+    if strong >= _LEET_TEXT_MIN and 3 * strong >= len(text.split()):
+        return _WORD.sub(_fold_leet_text_word, text)
+    return _WORD.sub(_fold_leet_word, text)
+
+
 def _fold_leet_word(match: re.Match[str]) -> str:
     word = match.group(0)
-    if not _LEET_INSIDE.search(word) or _ADDRESS.search(word):
+    if not _LEET_INSIDE.search(word) or _ADDRESS.search(word) or _HEX_COLOUR.fullmatch(word.rstrip(_TRAILING)):
         return word
     return _LEET_RUN.sub(_fold_leet_run, word)
 
@@ -206,5 +378,21 @@ def _fold_leet_word(match: re.Match[str]) -> str:
 def _fold_leet_run(match: re.Match[str]) -> str:
     run = match.group(0)
     if not _LEET_INSIDE.search(run) or _HEX.fullmatch(run):
+        return run
+    return run.translate(_LEET)
+
+
+def _fold_leet_text_word(match: re.Match[str]) -> str:
+    word = match.group(0)
+    if _ADDRESS.search(word) or _HEX_COLOUR.fullmatch(word.rstrip(_TRAILING)):
+        return word
+    if _LEET_SHORT.fullmatch(word):
+        return word.translate(_LEET)
+    return _LEET_RUN.sub(_fold_leet_text_run, word)
+
+
+def _fold_leet_text_run(match: re.Match[str]) -> str:
+    run = match.group(0)
+    if not _LETTER.search(run) or _HEX.fullmatch(run):
         return run
     return run.translate(_LEET)
