@@ -267,7 +267,10 @@ async def test_user_only_turns_continue_from_the_observed_request() -> None:
     for i in range(10):
         messages.append(u(f"step {i}"))
         obs = await t.observe("t1", None, messages)
-        assert obs.new_user_indices == (i,)
+        # no assistant turn yet: every user turn is the ask the upstream answers, so every one reaches the guard ...
+        assert obs.new_user_indices == tuple(range(i + 1))
+    # ... from the score cache: each turn was scored once, by the request that added it (the rest are windows)
+    assert [c for c in clf.prompt_calls if not c[0].startswith("user: ")] == [[f"step {i}"] for i in range(10)]
     assert obs.known and obs.signals.turn_index == 10 and obs.signals.history == "none"
 
 
@@ -308,15 +311,21 @@ async def test_exact_retry_is_served_from_state_and_score_cache() -> None:
 
 async def test_unknown_long_history_is_scored_once_and_bounded() -> None:
     clf = FakeClassifier()
-    t = tracker(clf, max_new_turns=8)
+    t = tracker(clf)
     messages = []
     for i in range(30):
-        messages += [u(f"turn {i}"), a(f"reply {i}")]
+        messages += [u(f"turn {i}"), a(f"reply {i}"), u("thanks"), a("you're welcome")]
     messages.append(u("last turn"))
     obs = await t.observe("t1", None, messages)
     assert obs.signals.history == "unverified"
-    assert len(obs.new_user_scores) == 8  # the newest eight; older turns count but are not scored
-    assert obs.signals.turn_index == 31
+    # every user turn is scored, none is dropped, and in one call that reads each distinct text once: the cost is
+    # the request's text, which the request limits bound
+    assert obs.new_user_indices == tuple(i for i, m in enumerate(messages) if m["role"] == "user")
+    assert clf.prompt_calls[0] == ["turn 0", "thanks", *(f"turn {i}" for i in range(1, 30)), "last turn"]
+    assert obs.signals.turn_index == 61
+    await t.record_reply("t1", None, messages, "ok", refused=False, observation=obs)
+    obs = await t.observe("t1", None, [*messages, a("ok"), u("one more")])
+    assert obs.new_user_indices == (len(messages) + 1,) and clf.prompt_calls[-2] == ["one more"]
 
 
 # -- history integrity --------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ API (stable; used by ``guardproxy.guard`` and ``guardproxy score``)::
     obs = await tracker.observe(tenant, subkey, messages)      # before the upstream call
     obs.signals            # ConversationSignals: window_harm, trajectory, trend, escalation, refusal_events,
                            #   rephrase_similarity, history, turn_index
-    obs.new_user_scores    # PromptScores of the user turns this request added (don't score them again);
+    obs.new_user_scores    # PromptScores of the user turns this request added and of those after its last assistant
+                           #   turn (the ask the upstream answers now; cached when known; don't score them again);
     obs.new_user_indices   #   their positions in messages
     obs.state_failed       # the shared backend failed: local state answered, earlier turns may be missing
     await tracker.record_reply(tenant, subkey, messages, reply_text, refused=..., observation=obs)

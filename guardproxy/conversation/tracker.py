@@ -90,9 +90,11 @@ class _Handle:
 class Observation:
     """What ``observe`` found for one request.
 
-    ``new_user_scores`` are the guard model's scores of the user turns this request added (``new_user_indices``
-    are their positions in ``messages``), so the guard need not score them again. ``state_failed``: the state
-    backend failed or was too slow and local state answered (the signals may miss earlier turns).
+    ``new_user_scores`` are the guard model's scores of the user turns this request asks with (``new_user_indices``
+    are their positions in ``messages``), so the guard need not score them again: every user turn it added, and
+    the user turns after its last assistant turn even where a known prefix holds them (the upstream answers them
+    now; their scores come from the score cache). ``state_failed``: the state backend failed or was too slow and
+    local state answered (the signals may miss earlier turns).
     """
 
     signals: ConversationSignals
@@ -172,6 +174,19 @@ def _prefix_history(chain: Chain, end: int, record: bytes) -> History:
             history = "unverified"
         known = known or at is not None
     return history
+
+
+def _trailing_users(chain: Chain) -> list[int]:
+    """The user turns after the last assistant turn of ``chain``: the ask the upstream answers next, however many
+    requests brought them."""
+    out: list[int] = []
+    for i in range(len(chain) - 1, -1, -1):
+        role = chain.roles[i]
+        if role == "assistant":
+            break
+        if role == "user":
+            out.append(i)
+    return out[::-1]
 
 
 def subkey_of(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
@@ -293,7 +308,6 @@ class ConversationTracker:
         window_turns: int = esc.WINDOW_TURNS,
         window_max_ids: int | None = esc.WINDOW_MAX_IDS,
         params: esc.EscalationParams | None = None,
-        max_new_turns: int = 16,
         score_cache_size: int = 2048,
         pending_size: int = 4096,
         reply_grace: float = 0.2,
@@ -308,7 +322,6 @@ class ConversationTracker:
         self.window_turns = max(1, min(window_turns, esc.WINDOW_TURNS))
         self.window_max_ids = window_max_ids  # None: the model's own maximum
         self.params = params or esc.EscalationParams()
-        self.max_new_turns = max_new_turns
         self.reply_grace = reply_grace
         self.shared = shared
         # Start the window pass beside the new turn's pass (a classifier with >= 2 workers runs them at once): the
@@ -623,7 +636,9 @@ class ConversationTracker:
         exact: bool = False,
         timings: dict[str, float] | None = None,
     ) -> Observation:
-        """Signals of one request. Scores only what this request adds to a known conversation.
+        """Signals of one request. Scores only what this request adds to a known conversation, every new user turn
+        however many, and reads the user turns after its last assistant turn from the score cache (scored again
+        only on a miss): the upstream answers them now, whichever request brought them.
 
         ``defer_window``: when this request needs a window pass, return as soon as its new turns are scored, with
         provisional signals (the window read as the last turn alone, as a closed gate reads it) and the final
@@ -655,13 +670,16 @@ class ConversationTracker:
 
         new_users = [i for i in range(start, n) if chain.roles[i] == "user"]
         repeat = start == n  # the exact request again (a retry, or a regenerated reply)
-        if repeat and chain.roles[-1] == "user":
-            new_users = [n - 1]  # served from the score cache: the guard still gets this request's scores
-        scored = new_users[-self.max_new_turns :]
+        # Every user turn the upstream reads as this request's ask counts: the new ones, all of them, and the run of
+        # user turns after the last assistant turn even where a known prefix holds it (a blocked ask is stored as a
+        # position before the verdict; re-sent with more turns after it, it is still being asked). A known turn is
+        # a score-cache hit; only the new ones move the conversation's state.
+        scored = sorted({*new_users, *_trailing_users(chain)})
         early_window = self._start_window(chain, n, scored) if not repeat else None
         rp = await self._scored(
             [chain.text(i) for i in scored], early_window, loaded.refused, exact=exact, roles=chain.roles
         )
+        added = [(i, s) for i, s in zip(scored, rp.scores, strict=True) if i >= start]
 
         async def conclude(
             state: Snapshot, window: PromptScore | None, *, final: bool = True, estimated: bool = False
@@ -678,7 +696,7 @@ class ConversationTracker:
             family = rp.family if rp.family is not None else chain.hashes[-1][:FAMILY_BYTES]
             if final:
                 if not repeat:
-                    blob = self._turn_states_blob(kept, chain, scored, rp.scores)
+                    blob = self._turn_states_blob(kept, chain, [i for i, _ in added], [s for _, s in added])
                     stored = time.perf_counter()
                     state_failed = not await self.backend.append(root, state.entry(tag), blob) or failed
                     self._timing("state_store", stored, timings)
@@ -700,7 +718,7 @@ class ConversationTracker:
             return await conclude(replace(prev, history=history), None)
         traj = prev.trajectory
         risks = list(prev.risks)
-        for s in rp.scores:
+        for _, s in added:
             traj = esc.trajectory_step(traj, s.harm, self.params)
             risks.append(s.harm)
 
@@ -709,7 +727,7 @@ class ConversationTracker:
                 turns=prev.turns + len(new_users),
                 trajectory=traj,
                 window=window_harm,
-                peak=max([prev.peak, *(s.harm for s in rp.scores)]),
+                peak=max([prev.peak, *(s.harm for _, s in added)]),
                 risks=tuple(risks[-RISKS_KEPT:]),
                 refusals=prev.refusals,
                 history=history,
@@ -891,7 +909,6 @@ class ConversationTracker:
             window_turns=self.window_turns,
             window_max_ids=self.window_max_ids,
             params=self.params,
-            max_new_turns=self.max_new_turns,
             score_cache_size=0,
             reply_grace=0.0,
             rephrase_check=self.rephrase_check,
