@@ -35,7 +35,16 @@ from guardproxy.errors import (
 from guardproxy.metrics import Metrics
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
 from guardproxy.proxy import GUARDED_PATH, Upstream, response_headers, upstream_failure
-from guardproxy.streaming import DONE_BYTES, StreamGuard, choice_text, reasoning_of, relay, sse_json
+from guardproxy.streaming import (
+    DONE_BYTES,
+    StreamGuard,
+    choice_text,
+    content_parts,
+    reasoning_of,
+    relay,
+    sse_json,
+    tool_inputs,
+)
 from guardproxy.validation import ChatRequest
 
 logger = logging.getLogger(__name__)
@@ -137,17 +146,15 @@ def server_timing(ex: Exchange) -> bytes:
 
 
 def message_text(message: Any) -> str:
-    """``choice_text`` of a complete (non-streamed) assistant message."""
+    """``choice_text`` of a complete (non-streamed) assistant message: the reply text the history records. The output
+    check also reads what ``reasoning_of`` finds beside it (reasoning, refusal, audio transcript, custom tool input,
+    non-text parts, decoded arguments)."""
     if not isinstance(message, dict):
         return ""
     content = message.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    args: list[str] = []
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            args.append(fn["arguments"])
+    if isinstance(content, list):  # the text parts; the rest is read beside the reply (``reasoning_of``)
+        content = content_parts(content)[0]
+    args = [a for _, a in tool_inputs(message)]
     fc = message.get("function_call")
     if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
         args.append(fc["arguments"])
@@ -412,6 +419,9 @@ class ChatHandler:
                     choice["message"] = {"role": "assistant", "content": v.reply_text or ""}
                     choice["finish_reason"] = "content_filter"
                     choice["logprobs"] = None
+            # not the upstream's id: with store: true it names the stored, harmful completion (stored completions
+            # are refused anyway, guardproxy.routes)
+            reply["id"] = f"chatcmpl-guard-{call.request_id}"
             data = _dumps(reply)
         else:
             ex.outcome = "ok"

@@ -224,8 +224,9 @@ def _parse_info(config: dict[str, Any], path: Path, embedding_dim: int) -> Model
 class _Breaker:
     """A circuit breaker over classifier calls, used on the event loop only.
 
-    ``failures`` consecutive failures (inference errors, and timeouts while no model call finished at all; a
-    timeout under overload is ``ClassifierBusy`` and does not count) open it: for ``cooldown`` seconds
+    ``failures`` consecutive failures (inference errors, and timeouts while no model call or batch finished at all;
+    a timeout under overload, or of one call too big to finish in time, is ``ClassifierBusy`` and does not count)
+    open it: for ``cooldown`` seconds
     every call that needs the model fails at once instead of waiting out the timeout, so a hung or broken model
     costs each request nothing while the policy's fail-open / fail-closed behaviour applies. Then one call at a
     time may probe (half-open): a success closes it, a failure opens it for another cooldown. 0 failures: off.
@@ -414,7 +415,7 @@ class OnnxClassifier:
         self._exit_lock = threading.Lock()
         self._exit_counts = {"turn": (0, 0), "window": (0, 0)}  # (checked, exited), for exit_stats
         self.breaker = _Breaker(breaker_failures, breaker_cooldown)
-        self._last_done = time.monotonic()  # when a job last finished (written by worker threads)
+        self._last_done = time.monotonic()  # when a job or a batch last finished (written by worker threads)
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -715,9 +716,10 @@ class OnnxClassifier:
     async def _run_job(self, job: Callable[[list[Any], threading.Event], list[T]], items: list[Any]) -> list[T]:
         """Run ``job(items)`` in the executor within the timeout; every failure is a ``ClassifierError``.
 
-        A timeout is ``ClassifierBusy`` when some job finished while this call waited (the model works, the queue
-        is long) and a plain ``ClassifierError`` when none did (the model is stuck): only the latter may open the
-        circuit breaker.
+        A timeout is ``ClassifierBusy`` when some job or batch finished while this call waited (the model works:
+        the queue is long, or this call is too big to finish in time) and a plain ``ClassifierError`` when none did
+        (the model is stuck): only the latter may open the circuit breaker, so one client's oversized request
+        cannot fail every tenant's requests fast.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -906,6 +908,9 @@ class OnnxClassifier:
             for i, score in zip(rows, decode(outputs, rows), strict=True):
                 out[i] = score
             start = end
+            # the model works: a call that times out while batches keep finishing (its own, of an oversized call)
+            # is busy, not broken, and must not count toward the circuit breaker that every tenant shares
+            self._last_done = time.monotonic()
         return out  # type: ignore[return-value]
 
     def _count_exits(self, exited: int, checked: int, head: Head) -> None:

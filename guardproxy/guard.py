@@ -8,9 +8,14 @@ reply harm and asks the policies again. ``finish`` (off the request path) writes
 policy to the decision log, counts them, updates the conversation tracker and hands the exchange to the
 drills recorder.
 
-What is scored: every user message (string content, or the text parts of a content-part array) and every
-tool result (untrusted input that can carry injected instructions). System messages are the operator's and
-are not scored unless ``score_system`` is set. ``Signals.harm`` is the maximum over the turns the gateway has
+What is scored: every user message and every tool result (untrusted input that can carry injected instructions):
+string content, or every string of a content-part array, whatever the part's type, less binary payloads
+(``guardproxy.untrusted``); and the rest of the request the model reads (``request_texts``: message names, tool and
+schema descriptions, vLLM's documents and chat template, the prediction). System messages are the operator's and
+are not scored unless ``score_system`` is set. The guard scores at most ``MAX_SCORED_TEXTS`` texts itself, the user
+turns and the rest in separate classifier calls; a request with texts beyond the cap, or whose scoring failed in
+part, keeps the scores that came back (``_partly``): a block they earn stands, anything milder gives way to the
+policy's ``on_classifier_failure``. ``Signals.harm`` is the maximum over the turns the gateway has
 not already checked: the conversation tracker scores the user turns a request adds to a conversation it knows
 (all of them for one it does not: a history the gateway never saw may hide a harmful turn among fake
 dialogue); tool results are scored here, the new ones only once the tracker vouches for the history. Without
@@ -40,12 +45,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from guardproxy.conversation.tracker import ConversationTracker as StateTracker
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
-from guardproxy.drills.record import PolicyDecision, message_text
+from guardproxy.drills.record import PolicyDecision
 from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Early, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
 from guardproxy.policyset import PolicySet, ReloadResult
 from guardproxy.signals import UNREADABLE, Classifier, ConversationSignals, PromptScore, ReplyScore, Signals
+from guardproxy.untrusted import content_strings, request_field_texts
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -155,13 +161,21 @@ _GUARD_COUNTERS = {
 }
 
 _SCORED_ROLES = frozenset({"user", "tool", "function"})
+# The most texts the guard scores itself for one request (tool results, system messages with ``score_system``, user
+# turns when no tracker scores them): user turns first, then the rest, newest first. Scoring is bounded by what one
+# classifier call finishes within ``guard.timeout`` (a few ms a text on two CPU cores); a request with more is
+# partly scored, as when part of its scoring fails (``_partly``): a block the scored texts earn stands, otherwise
+# the policy's ``on_classifier_failure`` decides, so texts beyond the cap never pass silently.
+MAX_SCORED_TEXTS = 64
 _SCORED_ROLES_WITH_SYSTEM = _SCORED_ROLES | {"system", "developer"}
 
 
 @dataclass(frozen=True)
 class ScoredText:
-    index: int  # position of the message in ``messages``
-    role: str  # user | tool
+    index: int  # position of the message in ``messages``; -1 for a request field (``request_texts``)
+    # user | tool | function | system | developer; "parts": what the tracker does not read of a user message's
+    # content parts; "request": text of the request outside its messages' content
+    role: str
     text: str
     new: bool  # after the last assistant message: not checked by an earlier request
 
@@ -171,11 +185,14 @@ def scored_texts(
 ) -> list[ScoredText]:
     """Every user message and tool result (and system message if asked) with non-empty text, in order.
 
-    A message's text is its string content or every part of a content-part array that carries text, whatever
-    the part's declared type (``drills.record.message_text``): a part the guard skipped would be a side door.
-    ``old_user_turns=False`` leaves out the user messages before the last assistant message but the last one (the
-    prompt of a reply when no new user turn came): the conversation tracker scores user turns from its own state,
-    and their text, which grows with the history, would be extracted on every request for nothing.
+    A message's text is its string content or every string its content parts carry, whatever the part's declared
+    type, less binary payloads (``untrusted.content_strings``): a ``thinking`` part's thinking, a ``tool_reference``'s
+    name; a part the guard skipped would be a side door.
+    ``old_user_turns=False`` (a tracker scores the user turns) leaves out the user messages before the last
+    assistant message but the last one (the prompt of a reply when no new user turn came): the conversation tracker
+    scores user turns from its own state, and their text, which grows with the history, would be extracted on every
+    request for nothing. The strings of a user message's parts that the tracker does not read come as a text of
+    their own (role ``parts``), which the guard scores.
     """
     roles = _SCORED_ROLES_WITH_SYSTEM if score_system else _SCORED_ROLES
     found = [m.get("role") if isinstance(m, dict) else None for m in messages]  # every request: one pass of C calls
@@ -185,13 +202,50 @@ def scored_texts(
     for i, role in enumerate(found):
         if type(role) is not str or role not in roles:
             continue
+        content = messages[i].get("content")
         if not old_user_turns and role == "user" and i < last_assistant and i != last_user:
+            # an old turn's parts the tracker does not read are still the guard's (an unverified history's are
+            # scored); a string content, the common case, has none
+            other = content_strings(content)[1] if isinstance(content, list) else []
+            if other:
+                out.append(ScoredText(i, "parts", "\n".join(other), False))
             continue
-        m = messages[i]
-        text = message_text(m)
-        if text.strip():
-            out.append(ScoredText(i, role, text, i > last_assistant))
+        tracked, other = content_strings(content)
+        if not old_user_turns and role == "user":
+            if tracked:
+                out.append(ScoredText(i, role, "\n".join(tracked), i > last_assistant))
+            if other:
+                out.append(ScoredText(i, "parts", "\n".join(other), i > last_assistant))
+        elif tracked or other:
+            out.append(ScoredText(i, role, "\n".join([*tracked, *other]), i > last_assistant))
     return out
+
+
+def request_texts(body: Mapping[str, Any], messages: Sequence[Any], *, score_system: bool = False) -> list[ScoredText]:
+    """The untrusted text of a request outside its messages' content (``untrusted.request_field_texts``: names, tool
+    and schema descriptions, vLLM's documents and chat template, the prediction), as texts the guard scores on every
+    request (the classifier's cache makes a repeated tool list free)."""
+    return [ScoredText(-1, "request", t, True) for t in request_field_texts(body, messages, with_system=score_system)]
+
+
+def capped(texts: Sequence[ScoredText], cap: int) -> list[ScoredText]:
+    """At most ``cap`` of ``texts``, in order: the newest user turns (the ask), then the newest of the rest."""
+    if len(texts) <= cap:
+        return list(texts)
+    users = [t for t in texts if t.role == "user"][-cap:] if cap > 0 else []
+    others = [t for t in texts if t.role != "user"]
+    room = cap - len(users)
+    keep = {id(t) for t in (*users, *(others[len(others) - room :] if room > 0 else ()))}
+    return [t for t in texts if id(t) in keep]
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What one request's own scoring gave: the scores that came back, and whether some text went unscored (a
+    classifier call failed or timed out, or the text lay beyond ``MAX_SCORED_TEXTS``)."""
+
+    scores: tuple[PromptScore, ...] = ()
+    failed: bool = False
 
 
 def _prompt_for_reply(texts: Sequence[ScoredText]) -> str:
@@ -252,6 +306,7 @@ class GuardCheck:
         score_system: bool = False,
         output_checks: bool = True,
         watch_interval: float | None = None,
+        max_scored_texts: int = MAX_SCORED_TEXTS,
     ) -> None:
         self.classifier = classifier
         self.policies = policies
@@ -269,6 +324,7 @@ class GuardCheck:
                 metrics.counter(name, doc)
         self.timeout = timeout
         self.score_system = score_system
+        self.max_scored_texts = max_scored_texts
         self.output_checks = output_checks
         self.watch_interval = watch_interval
         self._watcher: asyncio.Task[None] | None = None
@@ -349,7 +405,7 @@ class GuardCheck:
         active, shadows = self.policies.select(exchange.tenant, model if isinstance(model, str) else None)
         # with a tracker, old user turns are its business (scored and kept in its state), and read again only if
         # it fails (``_signals``)
-        texts = scored_texts(exchange.messages, score_system=self.score_system, old_user_turns=self.tracker is None)
+        texts = self._texts(exchange, old_user_turns=self.tracker is None)
         subkey = subkey_of(exchange.body, exchange.headers) if self.tracker is not None else None
         exact = self._whole_model(active, shadows)
         signals, obs = await self._signals(exchange, texts, subkey, active=active, early=early, exact=exact)
@@ -359,7 +415,7 @@ class GuardCheck:
         exchange.state[STATE_KEY] = state
         with exchange.timed("policy"):
             for policy in state.policies():
-                state.input[policy.ref] = policy.decide_input(signals)
+                state.input[policy.ref] = _decide_input(policy, signals)
         decision = state.input[active.ref]
         if decision.action is Action.BLOCK:
             # Record the refusal now, before the client can send its next turn: finish runs after the response, and
@@ -418,30 +474,30 @@ class GuardCheck:
                 if obs.pending is not None:
                     obs.pending.cancel()  # cancelled mid-request: the deferred window must not run on alone
                 raise
+            scored = [*obs.new_user_scores, *extra.scores]
             if obs.pending is not None:
-                obs = await self._final_observation(exchange, obs, extra, active, early, deadline - loop.time())
-                if obs is None:
-                    return Signals(classifier_failed=True, state_failed=state_failed), None
+                done = await self._final_observation(exchange, obs, extra, active, early, deadline - loop.time())
+                if done is None:  # the window pass failed: the turns scored before it still count
+                    return _partly(scored, obs.signals, state_failed), None
+                obs = done
                 state_failed = state_failed or obs.state_failed
-            if extra is None:
-                return Signals(conversation=obs.signals, classifier_failed=True, state_failed=state_failed), obs
-            signals = _combine_scores(
-                [*obs.new_user_scores, *extra], obs.signals, state_failed, obs.window, obs.window_estimated
-            )
+            if extra.failed:  # keep what was scored: a harmful ask still blocks when its tool results time out
+                return _partly(scored, obs.signals, state_failed, obs.window, obs.window_estimated), obs
+            signals = _combine_scores(scored, obs.signals, state_failed, obs.window, obs.window_estimated)
             return signals, obs
         # No tracker, or its state failed: no earlier request vouches for the history, so every scored turn counts.
         if self.tracker is not None:
-            texts = scored_texts(exchange.messages, score_system=self.score_system)
-        scores = await self._score_texts(exchange, texts, exact=exact)
-        if scores is None:
-            return Signals(classifier_failed=True, state_failed=state_failed), None
-        return _combine_scores(scores, ConversationSignals(), state_failed), None
+            texts = self._texts(exchange)
+        own = await self._score_texts(exchange, texts, exact=exact)
+        if own.failed:
+            return _partly(own.scores, ConversationSignals(), state_failed), None
+        return _combine_scores(own.scores, ConversationSignals(), state_failed), None
 
     async def _final_observation(
         self,
         exchange: Exchange,
         obs: Observation,
-        extra: list[PromptScore] | None,
+        extra: _Scored,
         active: Policy,
         early: Early | None,
         remaining: float,
@@ -450,10 +506,10 @@ class GuardCheck:
         assert obs.pending is not None
         sent: asyncio.Future[None] | None = None
         try:
-            if early is not None and extra is not None:
-                provisional = _combine_scores([*obs.new_user_scores, *extra], obs.signals, obs.state_failed)
+            if early is not None and not extra.failed:
+                provisional = _combine_scores([*obs.new_user_scores, *extra.scores], obs.signals, obs.state_failed)
                 with exchange.timed("policy"):
-                    sent = early(active.decide_input(provisional).verdict())
+                    sent = early(_decide_input(active, provisional).verdict())
                 if sent is not None:  # the window waits for the upstream request to go out (at most briefly)
                     sent.add_done_callback(lambda _: obs.start_window())
             if sent is None:
@@ -466,13 +522,32 @@ class GuardCheck:
         finally:
             obs.pending.cancel()  # a no-op once it finished; the caller's cancellation must not leave it running
 
-    async def _score_texts(
-        self, exchange: Exchange, texts: Sequence[ScoredText], *, exact: bool = False
-    ) -> list[PromptScore] | None:
+    def _texts(self, exchange: Exchange, *, old_user_turns: bool = True) -> list[ScoredText]:
+        """What the guard scores of a request (``scored_texts``), then its text outside the messages
+        (``request_texts``)."""
+        texts = scored_texts(exchange.messages, score_system=self.score_system, old_user_turns=old_user_turns)
+        return texts + request_texts(exchange.body, exchange.messages, score_system=self.score_system)
+
+    async def _score_texts(self, exchange: Exchange, texts: Sequence[ScoredText], *, exact: bool = False) -> _Scored:
+        """Scores of at most ``max_scored_texts`` of ``texts`` (``capped``): the user turns in one classifier call,
+        the rest in another, so a call that fails or times out (tool results a client padded) leaves the other's
+        scores standing. ``failed``: some text went unscored."""
         if not texts:
-            return []
+            return _Scored()
+        kept = capped(texts, self.max_scored_texts)
+        if len(kept) < len(texts):
+            log.info(
+                "request %s: %d texts to score, over the cap of %d: the %d oldest count as unscored",
+                exchange.request_id,
+                len(texts),
+                self.max_scored_texts,
+                len(texts) - len(kept),
+            )
+        groups = [g for g in ([t for t in kept if t.role == "user"], [t for t in kept if t.role != "user"]) if g]
         with exchange.timed("inference"):
-            return await self._score_prompts([t.text for t in texts], exact=exact)
+            results = await asyncio.gather(*(self._score_prompts([t.text for t in g], exact=exact) for g in groups))
+        scores = tuple(s for r in results if r is not None for s in r)
+        return _Scored(scores, failed=len(kept) < len(texts) or any(r is None for r in results))
 
     async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
         state = exchange.state.get(STATE_KEY)
@@ -697,13 +772,39 @@ def _combine_scores(
     )
 
 
+def _partly(
+    scores: Sequence[PromptScore],
+    conv: ConversationSignals,
+    state_failed: bool,
+    window: PromptScore | None = None,
+    window_estimated: bool = False,
+) -> Signals:
+    """Signals of a request whose scoring failed in part: ``classifier_failed``, with the scores that came back
+    (``partly_scored`` when there are any: ``_decide_input`` lets a block they earn stand)."""
+    signals = _combine_scores(scores, conv, state_failed, window, window_estimated)
+    return dataclasses.replace(signals, classifier_failed=True, partly_scored=bool(scores) or window is not None)
+
+
+def _decide_input(policy: Policy, signals: Signals) -> Decision:
+    """``policy.decide_input``; for a request scored in part (``Signals.partly_scored``), the policy's rules on the
+    scores that came back first: a block stands (a 0.99 ask padded with tool results until their scoring timed out
+    is still blocked), anything milder gives way to ``on_classifier_failure`` (the unscored texts may be worse)."""
+    if signals.partly_scored:
+        scored = policy.decide_input(dataclasses.replace(signals, classifier_failed=False, partly_scored=False))
+        if scored.action is Action.BLOCK:
+            return scored
+    return policy.decide_input(signals)
+
+
 def _output_signals(inp: Signals, reply: ReplyScore | None) -> Signals:
     if reply is None:
         return dataclasses.replace(inp, classifier_failed=True)
     if inp.classifier_failed:
         # The reply was scored but the prompt was not: reply harm counts, refusal conditions (which need the
         # prompt's harm to tell a false refusal) must not match.
-        return dataclasses.replace(inp, classifier_failed=False, reply_harm=reply.reply_harm, refusal=None)
+        return dataclasses.replace(
+            inp, classifier_failed=False, partly_scored=False, reply_harm=reply.reply_harm, refusal=None
+        )
     return dataclasses.replace(inp, reply_harm=reply.reply_harm, refusal=reply.refusal)
 
 

@@ -119,6 +119,10 @@ class Signals:
     refusal: RefusalClass | None = None
     reply_harm: float | None = None
     classifier_failed: bool = False
+    # With ``classifier_failed``: some of the request's texts were scored before the rest failed (timed out, or lay
+    # beyond ``guard.MAX_SCORED_TEXTS``): harm, category, jailbreak and unreadable are theirs, a lower bound. The
+    # guard lets a block that the policy's rules find in them stand over ``on_classifier_failure``.
+    partly_scored: bool = False
     state_failed: bool = False
     # Some scored turn exited early (guardproxy.early_exit): harm and jailbreak include the head's estimates, capped
     # below its lines, and with refusals in memory rephrase similarity may be a lower bound. Logged, not a condition.

@@ -9,7 +9,9 @@ are decoded incrementally, so a UTF-8 sequence split across two TCP reads decode
 (or an unterminated line) larger than ``max_event_chars`` raises ``SSEError``: an upstream that never
 sends a newline must not grow our memory without bound.
 
-``StreamGuard`` accumulates each choice's text (content deltas and tool-call argument deltas) and runs
+``StreamGuard`` accumulates each choice's text (content deltas, tool-call argument and custom tool input deltas;
+apart from them what is read beside the reply: reasoning, refusal and audio transcript deltas, non-text parts of a
+``content`` sent as a list, decoded arguments) and runs
 ``check_output`` every ``pipeline.output_check_chars`` new characters and once more (``final=True``)
 before a choice's finishing chunk or ``[DONE]``: the streaming path runs the same checks as the plain one.
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 from guardproxy.errors import GuardProxyError, UpstreamStreamError
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
+from guardproxy.untrusted import strings_of
 
 DONE = "[DONE]"
 _FINISHED_RE = re.compile(r'"finish_reason"\s*:\s*"')  # a finish_reason that is a string, not null
@@ -163,21 +166,106 @@ def choice_text(content: str, tool_args: list[str]) -> str:
 
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # vLLM's reasoning parsers and DeepSeek; Ollama, OpenRouter
+# Content parts whose ``text`` is the reply itself; any other part's strings (Mistral's ``thinking``, ...) are read
+# beside it, as reasoning is.
+_TEXT_PARTS = frozenset({None, "text", "output_text"})
+_ESCAPE = re.compile(r"\\u[0-9a-fA-F]{4}(?:\\u[0-9a-fA-F]{4})?")
+
+
+def content_parts(parts: list[Any]) -> tuple[str, str]:
+    """(reply text, other text) of a content-part list: text parts make the reply; the strings of other parts
+    (``thinking``, a refusal part, ...) are read beside it, never recorded as the reply."""
+    text: list[str] = []
+    other: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            other.append(part)
+        elif isinstance(part, dict):
+            if isinstance(part.get("text"), str):
+                text.append(part["text"])
+            if part.get("type") not in _TEXT_PARTS:
+                other.extend(strings_of({k: v for k, v in part.items() if k != "text"}))
+    return "".join(text), "\n".join(other)
+
+
+def unescaped(arguments: str) -> str:
+    """Tool-call arguments as a client decoding their JSON reads them (``\\u0070ipe`` is "pipe"), or "" when that
+    reads the same as the raw string. A partial (streamed) string decodes its ``\\u`` escapes only."""
+    if "\\" not in arguments:
+        return ""
+    try:
+        decoded = json.dumps(json.loads(arguments), ensure_ascii=False)
+    except ValueError:
+        decoded = _ESCAPE.sub(_unescape_one, arguments)
+    return decoded if decoded != arguments else ""
+
+
+def _unescape_one(match: re.Match[str]) -> str:
+    try:
+        return str(json.loads(f'"{match.group(0)}"'))
+    except ValueError:  # a lone surrogate
+        return match.group(0)
+
+
+def side_texts(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, text) of what a message or a delta carries beside its content and reasoning that a client shows: a
+    refusal, an audio reply's transcript, OpenRouter's ``reasoning_details``, a custom tool call's input (free text:
+    the history binds only content and function arguments, so it is read beside the reply as these are)."""
+    out = [("refusal", r)] if isinstance(r := obj.get("refusal"), str) and r else []
+    audio = obj.get("audio")
+    if isinstance(audio, dict) and isinstance(t := audio.get("transcript"), str) and t:
+        out.append(("audio", t))
+    details = obj.get("reasoning_details")
+    if isinstance(details, list):
+        out.extend(("reasoning_details", t) for t in strings_of(details))
+    out.extend((f"custom{idx}", text) for idx, text in tool_inputs(obj, "custom", "input"))
+    return out
+
+
+def tool_inputs(obj: dict[str, Any], key: str = "function", name: str = "arguments") -> list[tuple[int, str]]:
+    """(tool call index, text) of the tool calls of a message or delta: function arguments, or with ``("custom",
+    "input")`` custom tools' input."""
+    out = []
+    calls = obj.get("tool_calls")
+    for pos, tc in enumerate(calls if isinstance(calls, list) else ()):
+        if not isinstance(tc, dict):
+            continue
+        idx = tc.get("index", pos)
+        idx = idx if isinstance(idx, int) else pos
+        part = tc.get(key)
+        value = part.get(name) if isinstance(part, dict) else None
+        if isinstance(value, str) and value:
+            out.append((idx, value))
+    return out
 
 
 def reasoning_of(obj: dict[str, Any]) -> str:
-    """The reasoning text of a message or a delta: what a reasoning model thinks aloud, which clients show."""
-    return "".join(v for k in REASONING_FIELDS if isinstance(v := obj.get(k), str))
+    """What the output check reads of a message beside its reply text: the reasoning a reasoning model thinks aloud,
+    a refusal, an audio transcript, the strings of non-text content parts, and tool-call arguments with their JSON
+    escapes decoded. Clients show all of it; none of it is the reply text the history records. "" for a message
+    with content and tool calls only (unescaped), so an ordinary reply reads as before."""
+    parts = ["".join(v for k in REASONING_FIELDS if isinstance(v := obj.get(k), str))]
+    content = obj.get("content")
+    if isinstance(content, list):
+        parts.append(content_parts(content)[1])
+    parts.extend(t for _, t in side_texts(obj))
+    parts.extend(unescaped(a) for _, a in tool_inputs(obj))
+    fc = obj.get("function_call")
+    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
+        parts.append(unescaped(fc["arguments"]))
+    return "\n".join(p for p in parts if p)
 
 
 @dataclass
 class ChoiceText:
     """The assistant text of one streamed choice: content deltas and tool-call argument deltas, and apart from them
-    the reasoning deltas (checked with the reply, never part of the reply text the history records)."""
+    the reasoning deltas and the other fields ``reasoning_of`` reads (refusal, audio transcript, custom tool input,
+    non-text content parts): checked with the reply, never part of the reply text the history records."""
 
     content: list[str] = field(default_factory=list)
     args: dict[int, list[str]] = field(default_factory=dict)
     reasoning: list[str] = field(default_factory=list)
+    side: dict[str, list[str]] = field(default_factory=dict)  # refusal, audio transcript, non-text parts
     size: int = 0
     content_chars: int = 0
     relayed_chars: int = 0  # of the content, what went out to the client (the events no check withheld)
@@ -187,25 +275,33 @@ class ChoiceText:
 
     def add(self, delta: dict[str, Any]) -> None:
         c = delta.get("content")
+        other = ""
+        if isinstance(c, list):  # content as parts: text parts are content, the rest is read beside it
+            c, other = content_parts(c)
         if isinstance(c, str) and c:
             self.content.append(c)
             self.size += len(c)
             self.content_chars += len(c)
-        if r := reasoning_of(delta):
+        if r := "".join(v for k in REASONING_FIELDS if isinstance(v := delta.get(k), str)):
             self.reasoning.append(r)
             self.size += len(r)
-        for tc in delta.get("tool_calls") or []:
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            a = fn.get("arguments") if isinstance(fn, dict) else None
-            if isinstance(a, str) and a:
-                self.args.setdefault(tc.get("index", 0), []).append(a)
-                self.size += len(a)
+        for key, text in (("parts", other), *side_texts(delta)):
+            if text:
+                self.side.setdefault(key, []).append(text)
+                self.size += len(text)
+        for idx, a in tool_inputs(delta):
+            self.args.setdefault(idx, []).append(a)
+            self.size += len(a)
 
     def text(self) -> str:
         return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
 
     def reasoning_text(self) -> str:
-        return "".join(self.reasoning)
+        """The reasoning, then what else was streamed beside the content (``reasoning_of``'s fields), then the tool
+        calls' arguments with their JSON escapes decoded."""
+        parts = ["".join(self.reasoning), *("".join(v) for v in self.side.values())]
+        parts.extend(unescaped("".join(a)) for _, a in sorted(self.args.items()))
+        return "\n".join(p for p in parts if p)
 
 
 def raise_stream_error(data: str) -> None:

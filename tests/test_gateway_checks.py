@@ -126,6 +126,7 @@ async def test_a_blocked_plain_choice_keeps_nothing_of_the_upstreams_reply(env: 
     r = await env.client.post(CHAT, json={**HELLO, "logprobs": True})
     (choice,) = r.json()["choices"]
     assert choice["message"] == {"role": "assistant", "content": REFUSAL} and choice["logprobs"] is None
+    assert r.json()["id"].startswith("chatcmpl-guard-")  # not the id of a completion the upstream may have stored
     assert "FORBIDDEN" not in r.text and "thinking" not in r.text  # neither its tokens nor its reasoning
 
 
