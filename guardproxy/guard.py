@@ -221,11 +221,14 @@ def scored_texts(
     return out
 
 
-def request_texts(body: Mapping[str, Any], messages: Sequence[Any], *, score_system: bool = False) -> list[ScoredText]:
-    """The untrusted text of a request outside its messages' content (``untrusted.request_field_texts``: names, tool
-    and schema descriptions, vLLM's documents and chat template, the prediction), as texts the guard scores on every
-    request (the classifier's cache makes a repeated tool list free)."""
-    return [ScoredText(-1, "request", t, True) for t in request_field_texts(body, messages, with_system=score_system)]
+def request_texts(
+    body: Mapping[str, Any], messages: Sequence[Any], *, score_system: bool = False, score_schemas: bool = False
+) -> list[ScoredText]:
+    """The untrusted text of a request outside its messages' content (``untrusted.request_field_texts``: names, vLLM's
+    documents and chat template, the prediction; tool and schema descriptions with ``score_schemas``), as texts the
+    guard scores on every request (the classifier's cache makes a repeated tool list free)."""
+    texts = request_field_texts(body, messages, with_system=score_system, with_schemas=score_schemas)
+    return [ScoredText(-1, "request", t, True) for t in texts]
 
 
 def capped(texts: Sequence[ScoredText], cap: int) -> list[ScoredText]:
@@ -304,6 +307,7 @@ class GuardCheck:
         metrics: Metrics | None = None,
         timeout: float = 2.0,
         score_system: bool = False,
+        score_schemas: bool = False,
         output_checks: bool = True,
         watch_interval: float | None = None,
         max_scored_texts: int = MAX_SCORED_TEXTS,
@@ -324,6 +328,7 @@ class GuardCheck:
                 metrics.counter(name, doc)
         self.timeout = timeout
         self.score_system = score_system
+        self.score_schemas = score_schemas
         self.max_scored_texts = max_scored_texts
         self.output_checks = output_checks
         self.watch_interval = watch_interval
@@ -526,7 +531,10 @@ class GuardCheck:
         """What the guard scores of a request (``scored_texts``), then its text outside the messages
         (``request_texts``)."""
         texts = scored_texts(exchange.messages, score_system=self.score_system, old_user_turns=old_user_turns)
-        return texts + request_texts(exchange.body, exchange.messages, score_system=self.score_system)
+        fields = request_texts(
+            exchange.body, exchange.messages, score_system=self.score_system, score_schemas=self.score_schemas
+        )
+        return texts + fields
 
     async def _score_texts(self, exchange: Exchange, texts: Sequence[ScoredText], *, exact: bool = False) -> _Scored:
         """Scores of at most ``max_scored_texts`` of ``texts`` (``capped``): the user turns in one classifier call,
@@ -946,6 +954,7 @@ def build_guard(
         timeout=settings.guard.timeout * 1.5,
         output_checks=settings.guard.output_checks,
         score_system=settings.guard.score_system,
+        score_schemas=settings.guard.score_schemas,
         watch_interval=1.0 if settings.policy.watch else None,
     )
     if isinstance(tracker, StateTracker):

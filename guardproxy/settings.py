@@ -181,6 +181,14 @@ class GuardSettings(_Section):
         "users): otherwise a request can carry its harmful ask in a system message and pass the input check. A "
         "system prompt repeated on every request is scored once (the classifier's cache)",
     )
+    score_schemas: bool = Field(
+        False,
+        description="also score the request's tool definitions and response_format schema as untrusted text. Off by "
+        "default: they are the application's, fixed per app, and one that names risky work reads as harmful on every "
+        "request (a tool 'exploit_scan: scan a host for known CVEs (authorized pentest only)' reads harm 0.96). Turn "
+        "it on where clients write their own tools (a public API): otherwise a request can carry its ask in a tool "
+        "description; a tool list repeated on every request is scored once (the classifier's cache)",
+    )
     output_checks: bool = Field(
         True,
         description="score every reply (reply harm, refusal) and apply the policies' output rules; false checks "

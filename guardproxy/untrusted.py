@@ -65,11 +65,13 @@ def content_strings(content: Any) -> tuple[list[str], list[str]]:
 _SCHEMA_SKIP = NOT_TEXT | {"$ref", "$schema", "$id", "required", "pattern", "additionalProperties", "strict"}
 
 
-def request_field_texts(body: Mapping[str, Any], messages: Sequence[Any], *, with_system: bool) -> list[str]:
+def request_field_texts(
+    body: Mapping[str, Any], messages: Sequence[Any], *, with_system: bool, with_schemas: bool = True
+) -> list[str]:
     """The text a request hands the model outside its messages' content, one text per source: the messages' ``name``
     fields (system and developer messages' only ``with_system``), each tool's name, description and parameter
-    schema, ``response_format``'s JSON schema, vLLM's ``documents`` (one text each), ``chat_template`` and
-    ``chat_template_kwargs``, and ``prediction.content``."""
+    schema and ``response_format``'s JSON schema (only ``with_schemas``), vLLM's ``documents`` (one text each),
+    ``chat_template`` and ``chat_template_kwargs``, and ``prediction.content``."""
     out: list[str] = []
     names = [
         m["name"]
@@ -81,13 +83,13 @@ def request_field_texts(body: Mapping[str, Any], messages: Sequence[Any], *, wit
     ]
     if names:
         out.append("\n".join(names))
-    tools = body.get("tools")
+    tools = body.get("tools") if with_schemas else None
     for tool in tools if isinstance(tools, list) else ():
         out.append("\n".join(strings_of(tool, _SCHEMA_SKIP)))
-    functions = body.get("functions")  # the legacy form
+    functions = body.get("functions") if with_schemas else None  # the legacy form
     for fn in functions if isinstance(functions, list) else ():
         out.append("\n".join(strings_of(fn, _SCHEMA_SKIP)))
-    fmt = body.get("response_format")
+    fmt = body.get("response_format") if with_schemas else None
     if isinstance(fmt, Mapping):
         out.append("\n".join(strings_of(fmt, _SCHEMA_SKIP)))
     documents = body.get("documents")

@@ -330,12 +330,34 @@ ASK_PLACES: dict[str, dict[str, Any]] = {
 }
 
 
+SCHEMA_PLACES = ("tool_description", "tool_parameter_description", "response_format_schema")
+
+
+@pytest.mark.parametrize("place", SCHEMA_PLACES)
+async def test_tool_and_response_format_schemas_are_not_scored_by_default(tmp_path: Path, place: str) -> None:
+    """They are the application's, fixed per app: one naming risky work would read as harmful on every request."""
+    from guardproxy.pipeline import Exchange
+
+    settings = make_settings(tmp_path, "http://127.0.0.1:9", POLICIES / "default.toml")
+    bundle = build_guard(settings, classifier=MarkClassifier(PROMPTS, REPLIES), with_drills=False, with_tracker=False)
+    assert bundle.guard is not None
+    try:
+        verdict = await bundle.guard.check_input(
+            Exchange("r1", "tenant-a", "chat", {"model": "m", **ASK_PLACES[place]})
+        )
+        assert verdict.action.value == "allow", place
+    finally:
+        await bundle.guard.aclose()
+
+
 @pytest.mark.parametrize("with_tracker", [True, False])
 @pytest.mark.parametrize("place", sorted(ASK_PLACES))
 async def test_an_ask_anywhere_the_model_reads_it_is_scored(tmp_path: Path, place: str, with_tracker: bool) -> None:
     from guardproxy.pipeline import Exchange
 
     settings = make_settings(tmp_path, "http://127.0.0.1:9", POLICIES / "default.toml")
+    if place in SCHEMA_PLACES:  # the application's own: scored where clients write them (guard.score_schemas)
+        settings = settings.model_copy(update={"guard": settings.guard.model_copy(update={"score_schemas": True})})
     bundle = build_guard(
         settings, classifier=MarkClassifier(PROMPTS, REPLIES), with_drills=False, with_tracker=with_tracker
     )
