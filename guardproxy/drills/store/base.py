@@ -218,12 +218,13 @@ class DrillStore(ABC):
         return "write_failed"
 
     def _interrupt(self, conn: Any) -> None:
-        """Break ``conn`` from another thread so that the call blocked on it raises (a store with ``op_timeout``)."""
-        raise NotImplementedError
+        """Break ``conn`` from another thread so that the call blocked on it raises. Only a store with ``op_timeout``
+        (PostgreSQL) sets up the watchdog that calls it; SQLite's calls are bounded by its busy timeout."""
+        raise TypeError(f"{type(self).__name__} has no client-side deadline to enforce")
 
+    @abstractmethod
     def _tables(self, conn: Any) -> set[str]:
         """The names of the tables the store's connection sees."""
-        raise NotImplementedError
 
     @property
     def where(self) -> str:
