@@ -118,6 +118,14 @@ class UpstreamSettings(_Section):
 class LimitSettings(_Section):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
     max_messages: int = Field(2048, ge=1)
+    max_user_turns: int = Field(
+        512,
+        ge=1,
+        description="user messages one request may carry: the guard scores every new one, and a request with more "
+        "than it can read within guard.timeout would fall to the policy's on_classifier_failure (the default policy "
+        "forwards it), so the limit keeps a client from buying its way past the input check with padding turns. "
+        "512 distinct turns take ~0.7-1.5 s to score on a 2-core CPU; lower it on a slower one",
+    )
     max_header_bytes: int = Field(16 * 1024, ge=256)
     max_headers: int = Field(100, ge=1)
     max_json_depth: int = Field(64, ge=4)

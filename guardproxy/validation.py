@@ -306,6 +306,14 @@ def validate_chat(obj: Any, limits: LimitSettings) -> ChatRequest:
         )
     for i, msg in enumerate(messages):
         _check_message(i, msg)
+    users = sum(1 for m in messages if m.get("role") == "user")
+    if users > limits.max_user_turns:
+        raise RequestError(
+            f"too many user messages: {users} > {limits.max_user_turns}, the most the guard reads in one request "
+            "(limits.max_user_turns)",
+            param="messages",
+            code="too_many_user_messages",
+        )
     _case_variants(body, messages)
     model = body.get("model")
     if model is not None and not isinstance(model, str):

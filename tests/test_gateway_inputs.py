@@ -84,6 +84,7 @@ BAD_INPUTS: list[tuple[str, bytes, str, str | None]] = [
     ("max_tokens_negative", body(max_tokens=-1), "invalid_value", "max_tokens"),
     ("max_completion_tokens_string", body(max_completion_tokens="9"), "invalid_type", "max_completion_tokens"),
     ("too_many_messages", json.dumps({"messages": MSG * 10_000}).encode(), "too_many_messages", "messages"),
+    ("too_many_user_messages", json.dumps({"messages": MSG * 513}).encode(), "too_many_user_messages", "messages"),
     ("bom", b'\xef\xbb\xbf{"messages": []}', "invalid_json", None),
 ]
 
