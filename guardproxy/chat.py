@@ -34,7 +34,8 @@ from guardproxy.errors import (
 )
 from guardproxy.metrics import Metrics
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
-from guardproxy.proxy import GUARDED_PATH, Upstream, response_headers, upstream_failure
+from guardproxy.proxy import Upstream, response_headers, upstream_failure
+from guardproxy.routes import GUARDED_PATH
 from guardproxy.streaming import (
     DONE_BYTES,
     StreamGuard,
@@ -155,9 +156,6 @@ def message_text(message: Any) -> str:
     if isinstance(content, list):  # the text parts; the rest is read beside the reply (``reasoning_of``)
         content = content_parts(content)[0]
     args = [a for _, a in tool_inputs(message)]
-    fc = message.get("function_call")
-    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
-        args.append(fc["arguments"])
     return choice_text(content if isinstance(content, str) else "", args)
 
 

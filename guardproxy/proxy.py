@@ -29,7 +29,6 @@ from guardproxy.errors import (
     UpstreamUnreachable,
 )
 from guardproxy.logs import MIN_SECRET_CHARS, REDACTED
-from guardproxy.routes import GUARDED_PATH as GUARDED_PATH  # chat.py's import
 from guardproxy.routes import canonical_path, path_problem
 from guardproxy.settings import Settings
 
