@@ -222,9 +222,12 @@ def side_texts(obj: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+LEGACY_CALL = 1 << 30  # the index of a legacy ``function_call``'s arguments: after every tool call's
+
+
 def tool_inputs(obj: dict[str, Any], key: str = "function", name: str = "arguments") -> list[tuple[int, str]]:
-    """(tool call index, text) of the tool calls of a message or delta: function arguments, or with ``("custom",
-    "input")`` custom tools' input."""
+    """(tool call index, text) of the tool calls of a message or delta: function arguments (a legacy
+    ``function_call``'s too, at ``LEGACY_CALL``), or with ``("custom", "input")`` custom tools' input."""
     out = []
     calls = obj.get("tool_calls")
     for pos, tc in enumerate(calls if isinstance(calls, list) else ()):
@@ -236,7 +239,15 @@ def tool_inputs(obj: dict[str, Any], key: str = "function", name: str = "argumen
         value = part.get(name) if isinstance(part, dict) else None
         if isinstance(value, str) and value:
             out.append((idx, value))
+    legacy = obj.get("function_call") if key == "function" else None
+    if isinstance(legacy, dict) and isinstance(a := legacy.get("arguments"), str) and a:
+        out.append((LEGACY_CALL, a))
     return out
+
+
+def reasoning(obj: dict[str, Any]) -> str:
+    """The reasoning a message or a delta carries (``REASONING_FIELDS``)."""
+    return "".join(v for k in REASONING_FIELDS if isinstance(v := obj.get(k), str))
 
 
 def reasoning_of(obj: dict[str, Any]) -> str:
@@ -244,15 +255,12 @@ def reasoning_of(obj: dict[str, Any]) -> str:
     a refusal, an audio transcript, the strings of non-text content parts, and tool-call arguments with their JSON
     escapes decoded. Clients show all of it; none of it is the reply text the history records. "" for a message
     with content and tool calls only (unescaped), so an ordinary reply reads as before."""
-    parts = ["".join(v for k in REASONING_FIELDS if isinstance(v := obj.get(k), str))]
+    parts = [reasoning(obj)]
     content = obj.get("content")
     if isinstance(content, list):
         parts.append(content_parts(content)[1])
     parts.extend(t for _, t in side_texts(obj))
     parts.extend(unescaped(a) for _, a in tool_inputs(obj))
-    fc = obj.get("function_call")
-    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
-        parts.append(unescaped(fc["arguments"]))
     return "\n".join(p for p in parts if p)
 
 
@@ -282,7 +290,7 @@ class ChoiceText:
             self.content.append(c)
             self.size += len(c)
             self.content_chars += len(c)
-        if r := "".join(v for k in REASONING_FIELDS if isinstance(v := delta.get(k), str)):
+        if r := reasoning(delta):
             self.reasoning.append(r)
             self.size += len(r)
         for key, text in (("parts", other), *side_texts(delta)):

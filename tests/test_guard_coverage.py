@@ -227,6 +227,10 @@ STREAMED = {
         },
         {"tool_calls": [{"index": 0, "function": {"arguments": ESCAPED + '"}'}}]},
     ],
+    "legacy_function_call": [
+        {"function_call": {"name": "f", "arguments": '{"a": "' + HARM[:10]}},
+        {"function_call": {"arguments": HARM[10:] + '"}'}},
+    ],
 }
 
 
