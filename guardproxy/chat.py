@@ -38,9 +38,11 @@ from guardproxy.proxy import Upstream, response_headers, upstream_failure
 from guardproxy.routes import GUARDED_PATH
 from guardproxy.streaming import (
     DONE_BYTES,
+    MalformedReply,
     StreamGuard,
     choice_text,
     content_parts,
+    read_choices,
     reasoning_of,
     relay,
     sse_json,
@@ -410,8 +412,8 @@ class ChatHandler:
             if worst.status_code is not None:
                 raise Blocked(worst.reply_text or worst.reason or "blocked by policy", status_code=worst.status_code,
                               category=worst.category)  # fmt: skip
-            for choice in reply.get("choices") or []:
-                v = verdicts.get(choice.get("index", 0))
+            for idx, choice in read_choices(reply, "message"):  # read, and so well-formed, by _check_choices
+                v = verdicts.get(idx)
                 if v is not None and v.blocks:
                     # nothing of the blocked reply stays: its reasoning went with the message, its tokens with these
                     choice["message"] = {"role": "assistant", "content": v.reply_text or ""}
@@ -427,16 +429,16 @@ class ChatHandler:
         await call.respond(resp.status_code, data, headers)
 
     async def _check_choices(self, ex: Exchange, reply: dict[str, Any]) -> dict[int, Verdict]:
+        """The verdict of each choice, by index. A reply the check cannot read with certainty raises
+        ``MalformedReply`` (counted here): the client gets a 502, none of the reply."""
+        try:
+            choices = read_choices(reply, "message")
+        except MalformedReply as exc:
+            self.metrics.upstream_malformed.labels("plain", exc.problem).inc()
+            raise
         verdicts: dict[int, Verdict] = {}
-        choices = reply.get("choices")
-        if not isinstance(choices, list):
-            return verdicts
         with ex.timed("output_check"):
-            for pos, choice in enumerate(choices):
-                if not isinstance(choice, dict):
-                    continue
-                idx = choice.get("index", pos)
-                idx = idx if isinstance(idx, int) else pos
+            for idx, choice in choices:
                 message = choice.get("message")
                 text = message_text(message)
                 ex.reply_texts[idx] = text
@@ -462,6 +464,10 @@ class ChatHandler:
         finally:
             if guard is not None:
                 guard.record()
+                if guard.malformed is not None:
+                    self.metrics.upstream_malformed.labels("stream", guard.malformed).inc()
+                if guard.late:
+                    self.metrics.upstream_malformed.labels("stream", "late_text").inc()
 
 
 def _json_reply(data: bytes) -> dict[str, Any]:

@@ -9,8 +9,8 @@ through the ``Metrics`` object on ``app.state.metrics``:
 - ``counter(name, doc, labels)`` / ``histogram(...)`` / ``gauge(...)``: a metric of their own in the same
   registry (idempotent: asking twice returns the same metric).
 
-Event counters whose label values are known in advance (``REJECT_REASONS``, ``OUTCOMES``) have a series at 0
-for each from the start, so ``rate()``, ``increase()`` and ``absent()`` work before a first event.
+Event counters whose label values are known in advance (``REJECT_REASONS``, ``OUTCOMES``, ``MALFORMED_SERIES``) have
+a series at 0 for each from the start, so ``rate()``, ``increase()`` and ``absent()`` work before a first event.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def _names(*classes: type[Exception]) -> tuple[str, ...]:
 REJECT_REASONS = ("capacity", *_names(AuthError, RateLimited, RouteNotGuarded, RequestError))
 # guardproxy_exchange_outcomes_total{outcome}: the outcomes a guarded exchange ends with (guardproxy.chat).
 OUTCOMES = ("ok", "blocked_input", "blocked_output", "upstream_error", "client_disconnected", "error", "shutdown")
+
+# guardproxy_upstream_malformed_total{path, problem}: upstream replies the output check could not read with certainty
+# (``streaming.MalformedReply.problem``: the client got a 502 or a stream ended as a block ends), and, on streams,
+# requests whose upstream sent text for a choice after its finish_reason (dropped) (guardproxy.chat).
+MALFORMED_PROBLEMS = ("choices", "index", "field")
+MALFORMED_SERIES = (*(("plain", p) for p in MALFORMED_PROBLEMS), *(("stream", p) for p in MALFORMED_PROBLEMS),
+                    ("stream", "late_text"))  # fmt: skip
 
 # Stage times are the gateway's own overhead: mostly well under a millisecond.
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -80,6 +87,12 @@ class Metrics:
         self.stream_errors = Counter(
             "guardproxy_stream_errors", "streams ended with an in-band error event", ["code"], registry=r
         )
+        self.upstream_malformed = Counter(
+            "guardproxy_upstream_malformed", "upstream replies failed closed, or late text dropped, by path, problem",
+            ["path", "problem"], registry=r,
+        )  # fmt: skip
+        for path, problem in MALFORMED_SERIES:
+            self.upstream_malformed.labels(path, problem)
         self.in_flight = Gauge("guardproxy_in_flight", "requests in flight", registry=r)
         self.finish_errors = Counter("guardproxy_finish_errors", "pipeline.finish calls that raised", registry=r)
         self.finish_dropped = Counter(

@@ -14,12 +14,19 @@ apart from them what is read beside the reply: reasoning, refusal and audio tran
 ``content`` sent as a list, decoded arguments) and runs
 ``check_output`` every ``pipeline.output_check_chars`` new characters and once more (``final=True``)
 before a choice's finishing chunk or ``[DONE]``: the streaming path runs the same checks as the plain one.
+
+What a client gets is what the check read, or an end: ``read_choices`` refuses a reply or chunk whose shape leaves in
+doubt what a client shows (``choices`` not a list, a choice not an object, an index that is not a non-negative
+integer or that two choices of one reply or chunk share, a field the check reads that is not text), and a stream
+that turns malformed ends as a block ends. Text for a choice after its ``finish_reason`` (its last check has run) is
+dropped, and nothing after ``[DONE]`` is read.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +37,8 @@ from guardproxy.errors import GuardProxyError, UpstreamStreamError
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
 from guardproxy.untrusted import strings_of
 
+logger = logging.getLogger(__name__)
+
 DONE = "[DONE]"
 _FINISHED_RE = re.compile(r'"finish_reason"\s*:\s*"')  # a finish_reason that is a string, not null
 DONE_BYTES = b"data: [DONE]\n\n"
@@ -38,6 +47,16 @@ KEEPALIVE_BYTES = b": keep-alive\n\n"
 
 class SSEError(UpstreamStreamError):
     """The upstream's event stream is malformed (invalid UTF-8 or an oversized event)."""
+
+
+class MalformedReply(UpstreamStreamError):
+    """The upstream's reply or chunk has a shape the output check cannot read with certainty (``read_choices``).
+    ``problem`` names the kind for the metrics (``metrics.MALFORMED_PROBLEMS``); the message is the gateway's own,
+    never the upstream's text."""
+
+    def __init__(self, problem: str, detail: str) -> None:
+        super().__init__(f"upstream reply malformed: {detail}")
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +264,72 @@ def tool_inputs(obj: dict[str, Any], key: str = "function", name: str = "argumen
     return out
 
 
+def _text_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _holds_text(part: Any, key: str) -> bool:
+    return part is None or (isinstance(part, dict) and _text_or_none(part.get(key)))
+
+
+def field_problem(obj: dict[str, Any]) -> str | None:
+    """What keeps the output check from reading a message or a delta as a client may show it: a field the check reads
+    (``choice_text``, ``reasoning_of``) in another shape than text, which the check would pass over. None if none."""
+    content = obj.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, str) or (isinstance(p, dict) and _text_or_none(p.get("text"))) for p in content):
+            return "a content part that is not text"
+    elif not _text_or_none(content):
+        return "content that is neither text nor a list of parts"
+    for key in ("refusal", *REASONING_FIELDS):
+        if not _text_or_none(obj.get(key)):
+            return f"{key} that is not text"
+    if not _holds_text(obj.get("audio"), "transcript"):
+        return "audio without a text transcript"
+    calls = obj.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        return "tool_calls that is not a list"
+    for tc in calls or ():
+        if not (isinstance(tc, dict) and _holds_text(tc.get("function"), "arguments")):
+            return "a tool call whose arguments are not text"
+        if not _holds_text(tc.get("custom"), "input"):
+            return "a custom tool call whose input is not text"
+    if not _holds_text(obj.get("function_call"), "arguments"):
+        return "a function_call whose arguments are not text"
+    return None
+
+
+def read_choices(obj: dict[str, Any], part: str) -> list[tuple[int, dict[str, Any]]]:
+    """(index, choice) of each choice of a reply (``part="message"``) or a chunk (``part="delta"``); a choice without
+    an index is at its position. Raises ``MalformedReply`` where the shape leaves in doubt what a client shows: the
+    gateway would check one thing and relay another. Two choices with one index (a client shows both, or the last, or
+    joins them) fail closed rather than merge: no one merged text is what every client shows, or what the client sends
+    back as its history."""
+    choices = obj.get("choices")
+    if choices is None:
+        return []
+    if not isinstance(choices, list):
+        raise MalformedReply("choices", "choices is not a list")
+    out: list[tuple[int, dict[str, Any]]] = []
+    seen: set[int] = set()
+    for pos, ch in enumerate(choices):
+        if not isinstance(ch, dict):
+            raise MalformedReply("choices", f"choice {pos} is not an object")
+        idx = ch.get("index", pos)
+        if type(idx) is not int or idx < 0:  # not bool, "0" or 0.0: clients read those as 1 or 0, we would not
+            raise MalformedReply("index", f"choice {pos} has an index that is not a non-negative integer")
+        if idx in seen:
+            raise MalformedReply("index", f"two choices with index {idx}")
+        seen.add(idx)
+        body = ch.get(part)
+        if body is not None and not isinstance(body, dict):
+            raise MalformedReply("field", f"choice {idx} has a {part} that is not an object")
+        if body is not None and (problem := field_problem(body)) is not None:
+            raise MalformedReply("field", f"choice {idx} has {problem}")
+        out.append((idx, ch))
+    return out
+
+
 def reasoning(obj: dict[str, Any]) -> str:
     """The reasoning a message or a delta carries (``REASONING_FIELDS``)."""
     return "".join(v for k in REASONING_FIELDS if isinstance(v := obj.get(k), str))
@@ -332,11 +417,12 @@ async def relay(
 ) -> str:
     """Relay an upstream event stream to the client as it arrives; the exchange's outcome when it ends.
 
-    Events of one upstream read go out in one write. With a ``guard`` every event is accounted for and
-    checked when due; a block cuts the stream before the event that tripped it. Without one (a pure
-    passthrough) only ``[DONE]`` and ``{"error": ...}`` events are looked at. An upstream error event,
-    a malformed stream, or a stream that ends without ``[DONE]`` raises ``UpstreamStreamError`` (the
-    caller ends the client's stream in-band); events that arrived intact before it are relayed first.
+    Events of one upstream read go out in one write. With a ``guard`` every event is accounted for, checked when
+    due and relayed as the guard read it (``Step``); a block, or a malformed chunk, cuts the stream before the event
+    that tripped it. Without one (a pure passthrough) only ``[DONE]`` and ``{"error": ...}`` events are looked at.
+    An upstream error event, a stream that is not SSE or whose events are not JSON objects, or a stream that ends
+    without ``[DONE]`` raises ``UpstreamStreamError`` (the caller ends the client's stream in-band); events that
+    arrived intact before it are relayed first.
     """
     parser = SSEParser(max_event_chars)
     finished = False  # passthrough: some event carried a finish_reason
@@ -347,20 +433,22 @@ async def relay(
                 if ev.comment:
                     out += ev.encode()
                     continue
-                if ev.done:
+                if ev.done:  # nothing after it is read, so nothing after it is relayed
                     block = await guard.finish() if guard is not None else None
                     await send(bytes(out) + (block if block is not None else DONE_BYTES), False)
-                    return "blocked_output" if block is not None else "ok"
+                    return guard.outcome if guard is not None else "ok"
                 if guard is None:
                     if '"error"' in ev.data:
                         raise_stream_error(ev.data)
                     finished = finished or _FINISHED_RE.search(ev.data) is not None
-                else:
-                    block = await guard.event(ev.data)
-                    if block is not None:
-                        await send(bytes(out) + block, False)
-                        return "blocked_output"
-                out += ev.encode()
+                    out += ev.encode()
+                    continue
+                step = await guard.event(ev)
+                if step.end is not None:
+                    await send(bytes(out) + step.end, False)
+                    return guard.outcome
+                if step.relay is not None:
+                    out += step.relay.encode()
         except GuardProxyError:
             if out:
                 await send(bytes(out), True)
@@ -374,12 +462,37 @@ async def relay(
     if not cut_inside_an_event and (guard.all_finished() if guard is not None else finished):
         block = await guard.finish() if guard is not None else None
         await send(block if block is not None else DONE_BYTES, False)
-        return "blocked_output" if block is not None else "ok"
+        return guard.outcome if guard is not None else "ok"
     raise UpstreamStreamError("the upstream stream ended before every choice finished, without [DONE]")
 
 
+def _chunk(data: str) -> dict[str, Any]:
+    """An event's JSON object; an upstream error event, or an event that is not a JSON object, raises."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise UpstreamStreamError("upstream sent an event that is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise UpstreamStreamError("upstream sent an event that is not a JSON object")
+    if "error" in obj and "choices" not in obj:
+        raise_stream_error(data)
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What the relay does with one upstream event: relay ``relay`` (the event, or what of it may go out; None: drop
+    it), unless ``end`` is set: then the event is withheld and ``end`` ends the stream."""
+
+    relay: SSEEvent | None
+    end: bytes | None = None
+
+
 class StreamGuard:
-    """Accumulates streamed choices and runs the output checks at the right moments."""
+    """Accumulates streamed choices and runs the output checks at the right moments.
+
+    ``malformed``: the ``MalformedReply.problem`` that ended the stream, if one did; ``late``: the upstream sent text
+    for a choice after its ``finish_reason``, which was dropped. Each is logged once per request."""
 
     def __init__(self, pipeline: Pipeline, ex: Exchange) -> None:
         self.pipeline = pipeline
@@ -387,47 +500,69 @@ class StreamGuard:
         self.choices: dict[int, ChoiceText] = {}
         self.meta: dict[str, Any] = {}
         self.blocked = False
+        self.malformed: str | None = None
+        self.late = False
         self.verdicts: list[Verdict] = []
 
-    async def event(self, data: str) -> bytes | None:
-        """Account for one event; the bytes that end the stream if a check blocks, else None."""
+    @property
+    def outcome(self) -> str:
+        """The exchange's outcome once the stream ended."""
+        if self.malformed is not None:
+            return "upstream_error"
+        return "blocked_output" if self.blocked else "ok"
+
+    async def event(self, ev: SSEEvent) -> Step:
+        """Account for one event: what of it to relay, or the bytes that end the stream (a check blocks, or the
+        event is malformed)."""
+        obj = _chunk(ev.data)
         try:
-            obj = json.loads(data)
-        except ValueError:
-            raise UpstreamStreamError("upstream sent an event that is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise UpstreamStreamError("upstream sent an event that is not a JSON object")
-        if "error" in obj and "choices" not in obj:
-            raise_stream_error(data)
+            choices = read_choices(obj, "delta")
+        except MalformedReply as exc:
+            self.malformed = exc.problem
+            logger.warning("request %s: %s; the stream was ended", self.ex.request_id, exc)
+            return Step(None, self._end(None, None))
         for key in ("id", "created", "model"):
             if key in obj:
                 self.meta[key] = obj[key]
-        step = self.pipeline.output_check_chars
+        kept = [(idx, ch) for idx, ch in choices if not self._late(idx, ch)]
+        if len(kept) < len(choices):
+            if not kept:
+                return Step(None)
+            obj["choices"] = [ch for _, ch in kept]
+            ev = SSEEvent(json.dumps(obj, separators=(",", ":"), ensure_ascii=False), ev.event, ev.id)
+        every = self.pipeline.output_check_chars
         touched: list[ChoiceText] = []
-        for pos, ch in enumerate(obj.get("choices") or []):
-            if not isinstance(ch, dict):
-                continue
-            idx = ch.get("index", pos)
-            idx = idx if isinstance(idx, int) else pos
+        for idx, ch in kept:
             st = self.choices.get(idx)
             if st is None:
                 st = self.choices[idx] = ChoiceText()
             touched.append(st)
             delta = ch.get("delta")
-            if isinstance(delta, dict):
+            if delta is not None:
                 st.add(delta)
             if ch.get("finish_reason") is not None:
                 st.finished = True
                 block = await self._check(idx, st, final=True)
-            elif st.size - st.checked >= step:
+            elif st.size - st.checked >= every:
                 block = await self._check(idx, st, final=False)
             else:
                 block = None
             if block is not None:
-                return block  # the whole event is withheld: nothing of it was relayed
+                return Step(None, block)  # the whole event is withheld: nothing of it was relayed
         for st in touched:
             st.relayed_chars = st.content_chars
-        return None
+        return Step(ev)
+
+    def _late(self, idx: int, ch: dict[str, Any]) -> bool:
+        """Whether ``ch`` carries text for a choice that already finished: its last check has run, so it is dropped."""
+        st = self.choices.get(idx)
+        if st is None or not st.finished or not (ch.get("delta") or ch.get("logprobs")):
+            return False
+        if not self.late:
+            self.late = True
+            logger.warning("request %s: upstream sent text for choice %d after its finish_reason: dropped",
+                           self.ex.request_id, idx)  # fmt: skip
+        return True
 
     def all_finished(self) -> bool:
         return bool(self.choices) and all(st.finished for st in self.choices.values())
@@ -451,6 +586,11 @@ class StreamGuard:
         if not verdict.blocks:
             return None
         self.blocked = True
+        return self._end(idx, verdict.reply_text)
+
+    def _end(self, idx: int | None, reply_text: str | None) -> bytes:
+        """What ends the stream now: every choice asked for ends with ``content_filter`` (those the upstream had not
+        started yet too), choice ``idx`` with the policy's ``reply_text``; then ``[DONE]``."""
         self.record()
         base = {
             "id": self.meta.get("id", f"chatcmpl-guard-{self.ex.request_id}"),
@@ -458,12 +598,11 @@ class StreamGuard:
             "created": self.meta.get("created", int(time.time())),
             "model": self.meta.get("model", self.ex.body.get("model") or "guardproxy"),
         }
-        # every choice asked for ends here, those the upstream had not started yet too
         n = self.ex.body.get("n")
         asked = range(n if isinstance(n, int) and n > 0 else 1)
         choices = []
         for i in sorted(set(self.choices).union(asked)):
-            delta = {"content": verdict.reply_text} if i == idx and verdict.reply_text else {}
+            delta = {"content": reply_text} if i == idx and reply_text else {}
             choices.append({"index": i, "delta": delta, "finish_reason": "content_filter"})
         return sse_json({**base, "choices": choices}) + DONE_BYTES
 
