@@ -5,6 +5,12 @@
 lets open requests run for ``server.shutdown_timeout`` seconds, then ends the rest (streams with an SSE
 error event and ``data: [DONE]``), then runs the app's shutdown (pending ``finish`` work, pipeline close).
 SIGHUP reloads the policies.
+
+Boot checks: ``run`` refuses a redis:// state backend without a usable ``state.hmac_secret`` before the guard model
+loads (``StateSettings.secret_problem``: a one-line ``ConfigError`` naming the setting); ``GatewayServer.startup``
+checks the secret's fingerprint in Redis before the port is bound, so a replica on another secret than the others
+logs it (ERROR, ``guardproxy_state_secret_mismatch`` at 1) before its first request. It still starts: a rolling
+secret rotation runs both secrets for a while (``guardproxy.conversation.redis_backend``).
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class GatewayServer(uvicorn.Server):
         self._reloads: set[asyncio.Future[Any]] = set()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await check_shared_secret(self.built)
         # uvicorn binds the port here; on a clash it logs the error and exits, so the line is never logged then
         await super().startup(sockets)
         if self.started and self.listening:
@@ -130,8 +137,23 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+async def check_shared_secret(built: Built) -> None:
+    """Check the conversation state's secret fingerprint in Redis now, where the guard keeps its state there; a
+    mismatch or an unreachable Redis is logged, never raised (``ResilientBackend.check_secret``)."""
+    guard = built.bundle.guard if built.bundle is not None else None
+    if guard is None or guard.tracker is None or not built.gateway.settings.state.shared:
+        return
+    from guardproxy.conversation.redis_backend import ResilientBackend
+
+    backend = getattr(guard.tracker, "backend", None)
+    if isinstance(backend, ResilientBackend):
+        await backend.check_secret()
+
+
 def run(settings: Settings, **guard_parts: Any) -> int:
     set_log_level(settings.server.log_level)  # before the guard loads: its lines follow --log-level too
+    if settings.guard.enabled and (problem := settings.state.secret_problem()) is not None:
+        raise ConfigError(problem)
     # httpx logs every request at INFO: on the hot path that costs more than the proxying itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     built = build_app(settings, **guard_parts)

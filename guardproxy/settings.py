@@ -252,9 +252,18 @@ class PolicySettings(_Section):
     watch: bool = Field(False, description="reload when a policy file changes")
 
 
+# URL schemes of a state backend shared by replicas (``conversation.build_tracker``: Redis), and the shortest
+# ``state.hmac_secret`` a gateway using one starts with (``StateSettings.secret_problem``).
+SHARED_STATE_SCHEMES = ("redis://", "rediss://", "unix://")
+MIN_HMAC_SECRET_CHARS = 32
+
+
 class StateSettings(_Section):
     url: str = Field("memory://", description="memory:// or redis://host:port/db")
-    hmac_secret: SecretStr = Field(SecretStr(""), description="shared by all replicas; required for redis://")
+    hmac_secret: SecretStr = Field(
+        SecretStr(""),
+        description=f"shared by all replicas; required for redis://, at least {MIN_HMAC_SECRET_CHARS} characters",
+    )
     ttl_seconds: int = Field(24 * 3600, ge=1)
     prefix: str = Field(
         "guardproxy:", min_length=1, description="Redis key prefix: deployments (or benches) sharing one Redis differ"
@@ -262,6 +271,27 @@ class StateSettings(_Section):
     max_conversations: int = Field(100_000, ge=1)
     max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     backend_timeout: float = Field(0.05, gt=0, description="a slower state backend falls back to local state")
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state lives in a backend every replica reads (Redis)."""
+        return self.url.startswith(SHARED_STATE_SCHEMES)
+
+    def secret_problem(self) -> str | None:
+        """Why ``hmac_secret`` cannot key shared state, on one line naming the setting and its variable; None when it
+        can, or when the state is this process's own (``memory://`` makes a random secret when none is set).
+        Checked by ``guardproxy serve`` before anything starts; the secret itself is never in the message."""
+        if not self.shared:
+            return None
+        length = len(self.hmac_secret.get_secret_value())
+        if length >= MIN_HMAC_SECRET_CHARS:
+            return None
+        problem = "is not set" if length == 0 else f"is shorter than {MIN_HMAC_SECRET_CHARS} characters"
+        return (
+            f"{ENV_PREFIX}STATE__HMAC_SECRET (state.hmac_secret) {problem}: a redis state.url shares conversation "
+            f"state between replicas, which all need the same secret of at least {MIN_HMAC_SECRET_CHARS} random "
+            """characters (python -c "import secrets; print(secrets.token_hex(32))")"""
+        )
 
 
 class DrillSettings(_Section):

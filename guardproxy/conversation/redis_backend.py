@@ -14,9 +14,11 @@ Replicas whose ``state.hmac_secret`` differ cannot read each other's state: ever
 them reads forged. Given the fingerprint, the backend checks it on its first read and once a minute after, in that
 read's round trip (``check_secret`` checks at once): it claims ``k:hmac`` when absent, keeps it alive while it holds
 this replica's fingerprint (10 minutes after the last such replica stopped, it lapses, so a completed rotation clears
-itself), and logs one ERROR line when it holds another's. Requests are served either way: during a secret rotation
-both secrets run for a while. Errors name the server (``host:port db N``) and Redis's own message; never the
-password.
+itself), and logs one ERROR line when it holds another's. ``guardproxy serve`` checks once more before it takes a
+request (``ResilientBackend.check_secret``), so a replica started on another secret says so at startup. Requests
+are served either way: during a secret rotation both secrets run for a while (a rotation that changes
+``state.prefix`` with the secret has no mismatch to report). Errors name the server (``host:port db N``) and
+Redis's own message; never the password.
 
 ``ResilientBackend`` wraps the Redis backend: every call is bounded by ``timeout``; a failure or timeout
 answers from a local ``MemoryBackend`` instead, is logged once per outage, and counted
@@ -61,6 +63,8 @@ return keep + string.len(ARGV[3])
 """
 # ``k:hmac`` lives this long after the last check that found this replica's fingerprint there
 _SECRET_KEY_TTL = 600
+# the startup check's deadline (``ResilientBackend.check_secret``): a connect timeout and a round trip, with room
+_STARTUP_CHECK_SECONDS = 5.0
 
 
 class RedisBackend:
@@ -166,7 +170,10 @@ class RedisBackend:
 
     async def check_secret(self) -> bool:
         """Check the secret's fingerprint now (``load`` does once a minute, in its own round trip): True when the
-        key under the prefix holds this replica's. Raises ``StateBackendError`` when Redis fails."""
+        key under the prefix holds this replica's, or when this backend was given no fingerprint to check. Raises
+        ``StateBackendError`` when Redis fails."""
+        if self._fingerprint is None:
+            return True
         pipe = self.redis.pipeline(transaction=False)
         self._add_secret_check(pipe)
         claimed, held, *_ = await self._run("secret check", pipe.execute())
@@ -304,6 +311,24 @@ class ResilientBackend:
     @property
     def down(self) -> bool:
         return self._down_since is not None
+
+    async def check_secret(self) -> bool | None:
+        """Check the shared backend's secret fingerprint now, without waiting for the first read (``guardproxy
+        serve`` does at startup): True when it is this replica's (claimed if absent), False when another secret's
+        (the primary logs the ERROR line; ``guardproxy_state_secret_mismatch`` reads 1), None when the backend did
+        not answer within ``_STARTUP_CHECK_SECONDS`` (a WARNING here; the first read checks again). Never raises for a
+        backend failure, and does not count one: requests have not started."""
+        check = getattr(self.primary, "check_secret", None)
+        if check is None:
+            return None
+        try:
+            return bool(await asyncio.wait_for(check(), _STARTUP_CHECK_SECONDS))
+        except (StateBackendError, TimeoutError) as exc:
+            reason = f"timed out after {_STARTUP_CHECK_SECONDS:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            logger.warning(
+                "state.hmac_secret not checked at startup (%s); the first request's state read checks it", reason
+            )
+            return None
 
     def _timed_out(self, op: str) -> str:
         target = getattr(self.primary, "target", None)
