@@ -107,6 +107,9 @@ class Sample:
     # the reply (or a choice of it) ended with ``finish_reason: content_filter``, or the request was refused with a
     # ``content_filter`` error: a block whatever the decision header said (a stream's header is the input check's)
     filtered: bool = False
+    # what a failed request said: an error reply's message (OpenAI's ``error.message``, else the body's start) or the
+    # connection error, on one line, keys cut out (``error_detail``); "" for an answered request
+    detail: str = ""
 
     @property
     def ok(self) -> bool:
@@ -460,6 +463,7 @@ async def send(
             None,
             "",
             error=type(exc).__name__,
+            detail=error_detail(str(exc).encode(), _sent_keys(headers)),
         )
         return sample, None
     text: str | None = None
@@ -486,8 +490,39 @@ async def send(
         error,
         timing,
         content_filtered(raw, stream=planned.stream, status=status),
+        error_detail(raw, _sent_keys(headers)) if not 200 <= status < 300 else "",
     )
     return sample, text
+
+
+DETAIL_CHARS = 200
+
+
+def error_detail(raw: bytes, keys: Iterable[str] = ()) -> str:
+    """What a failed reply said, on one line of at most ``DETAIL_CHARS``: OpenAI's ``error.message`` (or a string
+    ``error``, or ``detail``) when the body is such JSON, else the body's start; ``keys`` and anything shaped like a
+    key cut out (``guardproxy.logs.redact``: some upstreams echo the key they refused)."""
+    from guardproxy.logs import redact
+
+    text = raw.decode("utf-8", "replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        err = doc.get("error", doc.get("detail"))
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            text = err["message"]
+        elif isinstance(err, str):
+            text = err
+    text = redact(" ".join(text.split()), keys)
+    return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 3] + "..."
+
+
+def _sent_keys(headers: Mapping[str, str]) -> list[str]:
+    """The key a request carried (its bearer token), to cut out of what the reply says."""
+    auth = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+    return [auth.split(" ", 1)[-1]] if auth else []
 
 
 # --- the worker pool -------------------------------------------------------------------------------------------

@@ -61,8 +61,9 @@ def _pct(obj: dict[str, Any] | None) -> list[Any]:
 
 def render(result: dict[str, Any]) -> str:
     """The whole run as terminal tables."""
-    sections = [_header(result), _latency(result), _own_account(result), _client(result), _server_timing(result),
-                _stages(result), _length(result), _sweep(result), _rss(result), _targets(result)]  # fmt: skip
+    sections = [_header(result), _failure(result), _latency(result), _own_account(result), _client(result),
+                _server_timing(result), _stages(result), _length(result), _sweep(result), _rss(result),
+                _targets(result)]  # fmt: skip
     notes = [f"note: {note}" for note in result["notes"]]
     return "\n\n".join([s for s in sections if s] + ["\n".join(notes)] if notes else [s for s in sections if s])
 
@@ -83,6 +84,25 @@ def _header(result: dict[str, Any]) -> str:
     )
 
 
+def _failure(result: dict[str, Any]) -> str:
+    """Why the run stopped (``run.failure_report``): per target what came back, the first distinct errors, and what
+    to check. Empty for a run that went through."""
+    failure = result.get("failure")
+    if not failure:
+        return ""
+    targets = failure["targets"]
+    rows = [[name, t["requests"], t["failed"], ", ".join(f"{k} x{n}" for k, n in t["statuses"].items())]
+            for name, t in targets.items()]  # fmt: skip
+    errors = [f"  [{name}] {e}" for name, t in targets.items() for e in t["errors"]]
+    return (
+        f"Nothing measured: the {failure['phase']} phase stopped, a target answered none of its requests\n"
+        + _table(["target", "sent", "failed", "statuses"], rows)
+        + ("\nfirst errors (keys cut out):\n" + "\n".join(errors) if errors else "")
+        + "\nwhat to check:\n"
+        + "\n".join(f"  - {c}" for c in failure["checks"])
+    )
+
+
 def _n(obj: dict[str, Any] | None) -> int:
     return int(obj["n"]) if obj else 0
 
@@ -97,6 +117,8 @@ def _failed(r: dict[str, Any]) -> int:
 
 
 def _latency(result: dict[str, Any]) -> str:
+    if not result["latency"]:
+        return ""
     rows = [
         [r["concurrency"], r["target"], _n(r["plain"]["overhead_ms"]), *_pct(r["plain"]["overhead_ms"]),
          _n(r["stream"]["ttft_overhead_ms"]), *_pct(r["stream"]["ttft_overhead_ms"]), r["requests"], r["ok"],
@@ -136,6 +158,8 @@ def _own_account(result: dict[str, Any]) -> str:
 
 
 def _client(result: dict[str, Any]) -> str:
+    if not result["latency"]:
+        return ""
     rows = []
     for r in result["latency"]:
         plain, ttft = r["plain"]["total_ms"] or {}, r["stream"]["ttft_ms"] or {}

@@ -22,7 +22,9 @@ loopback processes the bench started or to ``--upstream``.
 
 Stopping: SIGINT, SIGTERM and SIGHUP cancel the run, whose cleanup stops every process it started and removes its
 temp folder (a second signal kills the processes at once); a target none of whose requests was answered stops the
-run with ``BenchError`` naming the statuses it got.
+run: the result then carries ``failure`` (``failure_report``: what each target got, the first distinct error messages
+with keys cut out, what to check) beside whatever was measured before, and ``guardproxy bench`` prints it, writes
+``--json``, then exits non-zero.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def public_url(url: str) -> str:
 class BenchConfig:
     upstream: str | None = None  # the user's upstream base URL (…/v1); None: the FAKE upstream
     api_key: str | None = field(default=None, repr=False)  # sent as the client's bearer key; never reported
+    api_key_env: str = "OPENAI_API_KEY"  # the variable the key came from (--api-key-env), named in a failure's checks
     upstream_model: str = "fake-model"
     max_tokens: int | None = None
     ttft_ms: float = 50.0
@@ -257,9 +260,16 @@ class BenchResult:
     rss: dict[str, Any]
     targets: list[dict[str, Any]]
     notes: list[str]
+    # a target none of whose requests was answered stopped the run (``failure_report``); None when it ran through
+    failure: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON document; ``failure`` only in that of a run that stopped (a complete run's keys stay as they
+        were)."""
+        out = dataclasses.asdict(self)
+        if out["failure"] is None:
+            del out["failure"]
+        return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -304,6 +314,9 @@ class Bench:
         # the length target's further replicas (``--replicas``), and the Redis key prefix they share (removed at close)
         self.replicas: list[tuple[Target, Proc]] = []
         self.redis_prefix = f"gpbench:{secrets.token_hex(8)}:"
+        # the latency phase's rows and stages so far: reported even when a dead target stops the phase
+        self.latency_rows: list[dict[str, Any]] = []
+        self.latency_stages: list[dict[str, Any]] = []
 
     # --- setup ---
 
@@ -518,8 +531,7 @@ class Bench:
             self.notes.append(f"{t.name}: blocked {blocked} of {self.cfg.refusals} --refusals asks before the runs")
 
     async def latency(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        rows: list[dict[str, Any]] = []
-        stages: list[dict[str, Any]] = []
+        rows, stages = self.latency_rows, self.latency_stages
         every: list[Sample] = []
         for c in self.cfg.concurrency:
             if self._left() <= 0:
@@ -1175,6 +1187,18 @@ def _status_counts(samples: Sequence[Sample]) -> str:
     return ", ".join(f"{key} x{n}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+class NothingMeasured(BenchError):
+    """A target none of whose requests was answered (or blocked): the run stops. ``report``: ``failure_report``."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+# distinct error messages a failure report keeps per target
+FAILURE_EXAMPLES = 3
+
+
 def _raise_if_dead(phase: str, samples: Sequence[Sample], cfg: BenchConfig) -> None:
     """A target none of whose requests was answered (or blocked) measured nothing: stop with what it got."""
     by: dict[str, list[Sample]] = {}
@@ -1185,12 +1209,63 @@ def _raise_if_dead(phase: str, samples: Sequence[Sample], cfg: BenchConfig) -> N
         return
     seen = "; ".join(f"{name}: {_status_counts(mine)}" for name, mine in dead.items())
     what = "every request failed" if len(dead) == len(by) else f"every request to {', '.join(dead)} failed"
-    hint = (
-        "check --upstream, --upstream-model and the key (--api-key-env)"
-        if not cfg.fake
-        else "run with --workdir DIR to keep the gateways' logs"
-    )
-    raise BenchError(f"{phase}: {what} ({seen}); {hint}")
+    checks = failure_checks(samples, cfg)
+    message = f"{phase}: {what} ({seen}); {checks[0]}"
+    raise NothingMeasured(message, failure_report(phase, message, by, checks))
+
+
+def failure_report(phase: str, message: str, by: dict[str, list[Sample]], checks: list[str]) -> dict[str, Any]:
+    """The ``failure`` of a result: per target, its requests, failures, statuses and first distinct errors."""
+    targets = {}
+    for name, mine in by.items():
+        statuses: dict[str, int] = {}
+        errors: list[str] = []
+        for s in mine:
+            statuses[status_key(s)] = statuses.get(status_key(s), 0) + 1
+            if s.failed:
+                error = f"{status_key(s)}: {s.detail}" if s.detail else status_key(s)
+                if error not in errors and len(errors) < FAILURE_EXAMPLES:
+                    errors.append(error)
+        targets[name] = {
+            "requests": len(mine),
+            "failed": sum(s.failed for s in mine),
+            "statuses": statuses,
+            "errors": errors,
+        }
+    return {"phase": phase, "message": message, "targets": targets, "checks": checks}
+
+
+def failure_checks(samples: Sequence[Sample], cfg: BenchConfig) -> list[str]:
+    """What to check, from the statuses the failed requests got, most telling first."""
+    if cfg.fake:
+        return ["run with --workdir DIR to keep the gateways' logs, and read them"]
+    statuses = {s.status for s in samples if s.failed}
+    key = f"${cfg.api_key_env}"
+    out = []
+    if statuses & {401, 403}:
+        out.append(
+            f"the upstream refused the key (401/403): check that {key} holds a key this upstream accepts "
+            "(--api-key-env names another variable)"
+            if cfg.api_key is not None
+            else f"the upstream wants a key (401/403) and none was sent: {key} is not set (--api-key-env names another "
+            "variable)"
+        )
+    if 404 in statuses:
+        out.append(
+            "the upstream has no such route or model (404): check --upstream (the base URL, ending where "
+            "/chat/completions follows, e.g. https://host/v1) and --upstream-model"
+        )
+    if statuses & {400, 422}:
+        out.append("the upstream refused the request (400/422): check --upstream-model and --max-tokens")
+    if 429 in statuses:
+        out.append("the upstream limits the rate or the quota (429): lower --concurrency and --requests, or the plan")
+    if 0 in statuses or statuses & {502, 503, 504}:
+        out.append(
+            "nothing answered at --upstream, or not in time (no connection, 502/503/504): check the host, port and "
+            "scheme, and that the upstream runs"
+        )
+    out.append(f"check --upstream, --upstream-model and the key ({key}, --api-key-env)")
+    return out
 
 
 def _block_note(latency: Sequence[dict[str, Any]], length: dict[str, Any], sweep: dict[str, Any]) -> str | None:
@@ -1228,6 +1303,7 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
     machine = machine_info()
     bench = Bench(cfg)  # validates the configuration before anything starts (and makes the temp folder after)
     stop = _Stop(asyncio.current_task())
+    failure: dict[str, Any] | None = None
     try:
         stop.install()
         try:
@@ -1239,6 +1315,9 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
             if length_stages is not None:
                 stages.append(length_stages)
             sweep = await bench.sweep()
+        except NothingMeasured as exc:
+            failure = exc.report  # reported with what was measured before it
+            latency, stages, length, sweep = bench.latency_rows, bench.latency_stages, {}, {}
         except asyncio.CancelledError:
             if stop.signum is None:
                 raise
@@ -1259,6 +1338,10 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
     with contextlib.suppress(OSError, AttributeError):
         machine["loadavg_at_end"] = os.getloadavg()
     rss = bench.rss()
+    config = cfg.public()
+    config["workdir"] = str(cfg.workdir) if cfg.workdir is not None else None
+    if failure is not None:
+        return BenchResult(machine, config, latency, stages, length, sweep, rss, [], bench.notes, failure)
     source = "FAKE upstream" if cfg.fake else "the upstream's time included, since a real upstream sends no stamp"
     notes = bench.notes + [
         "overhead = the client's time for a request minus the upstream's own stamp for the same request "
@@ -1287,6 +1370,4 @@ async def run_bench(cfg: BenchConfig) -> BenchResult:
     blocks = _block_note(latency, length, sweep)
     if blocks is not None:
         notes.insert(0, blocks)
-    config = cfg.public()
-    config["workdir"] = str(cfg.workdir) if cfg.workdir is not None else None
     return BenchResult(machine, config, latency, stages, length, sweep, rss, targets, notes)

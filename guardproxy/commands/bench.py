@@ -5,6 +5,10 @@ it, with direct-to-upstream requests interleaved for reference, against ``--fake
 upstream, with ``--ttft-ms`` and ``--tokens-per-s``) or the user's ``--upstream URL``. The key for a real
 upstream comes from the environment variable ``--api-key-env`` names (default ``OPENAI_API_KEY``), never from a
 flag, and is never printed. See ``guardproxy.benchmark`` for what is measured and how.
+
+A run where a target answered none of its requests (a wrong key, URL or model) prints what it got: each target's
+statuses, the first distinct error messages (keys cut out) and what to check; writes ``--json`` (its ``failure``)
+if asked; then exits 2 with a one-line error.
 """
 
 from __future__ import annotations
@@ -191,6 +195,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         upstream=args.upstream,
         api_key=api_key,
+        api_key_env=args.api_key_env,
         upstream_model=mix.model,
         max_tokens=mix.max_tokens,
         ttft_ms=args.ttft_ms,
@@ -230,6 +235,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from guardproxy.benchmark.procs import BenchError
     from guardproxy.benchmark.report import render, write_json, write_pngs
     from guardproxy.benchmark.run import run_bench
 
@@ -240,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(result, args.json)
         print(f"JSON: {args.json}")
+    if "failure" in result:
+        # after the report and the JSON: the error line, and the exit status, say the run measured nothing
+        raise BenchError(result["failure"]["message"])
     if args.png is not None:
         for path in write_pngs(result, args.png):
             print(f"chart: {path}")
