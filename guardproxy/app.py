@@ -62,7 +62,7 @@ from guardproxy.proxy import (
     split_request_headers,
     upstream_failure,
 )
-from guardproxy.routes import GUARDED_DESCRIPTION, RouteKind, V1Route, classify_route
+from guardproxy.routes import RouteKind, V1Route, classify_route
 from guardproxy.settings import Settings
 from guardproxy.streaming import error_tail
 from guardproxy.validation import parse_chat
@@ -457,12 +457,9 @@ class V1Endpoint:
         if route.kind is RouteKind.INVALID:
             raise RequestError(route.problem, code="invalid_path")
         if route.kind is RouteKind.STORED:
-            raise RouteNotGuarded(
-                f"{method} {route.path} is refused: stored chat completions (and any method but POST on "
-                f"/v1/chat/completions) bypass the guard; {GUARDED_DESCRIPTION}"
-            )
+            raise RouteNotGuarded(route.refusal)
         if route.kind is RouteKind.UNGUARDED and not self.gw.settings.routes.forward_unguarded_generating:
-            raise RouteNotGuarded(f"{method} {route.path} may generate text and is not guarded; {GUARDED_DESCRIPTION}")
+            raise RouteNotGuarded(route.refusal)
 
     async def _chat(self, call: Call, headers: dict[str, str], raw: bytes) -> None:
         gw = self.gw

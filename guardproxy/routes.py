@@ -11,11 +11,16 @@ normalisation (ours, httpx's, the upstream's) can make the two differ. ``classif
   rebuilt), whitespace, control and non-ASCII characters;
 - collapses repeated slashes and drops a trailing one, and forwards that canonical form;
 - guards ``POST /v1/chat/completions`` (compared case-insensitively: some servers route that way);
-- refuses (``STORED``, 403) every other method on it and everything under it: stored completions
+- forwards ``OPTIONS`` on any path: a CORS preflight carries no body and its reply is headers only;
+- refuses (``STORED``, 403) every other method on the chat route and everything under it: stored completions
   (``store: true``) would hand back a reply the output check blocked;
 - forwards the non-generating routes of ``FORWARDED`` with their methods;
 - refuses (``UNGUARDED``, 403) the rest, which may generate text (``/v1/completions``, ``/v1/responses``,
-  ``/v1/evals``, ``/v1/images``, ...): forwarded, and counted, only with ``routes.forward_unguarded_generating``.
+  ``/v1/evals``, ``/v1/images``, batches and their files, ...): forwarded, and counted, only with
+  ``routes.forward_unguarded_generating``.
+
+A refused route's ``V1Route.refusal`` is the message its 403 carries: why, and the setting that forwards it where
+one does.
 """
 
 from __future__ import annotations
@@ -29,18 +34,37 @@ GUARDED_PATH = "/v1/chat/completions"
 # lower-cased canonical path; ``[^/]+`` is one segment, ``.+`` several (a Hugging Face model id "org/name", which
 # the openai SDK sends as "org%2Fname").
 FORWARDED: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = (
+    # model list and model cards: metadata
     (frozenset({"GET", "HEAD"}), re.compile(r"/v1/models(?:/.+)?")),
+    # deletes a fine-tuned model (the SDK's models.delete): the reply is its id and a flag
+    (frozenset({"DELETE"}), re.compile(r"/v1/models/.+")),
+    # vectors, category scores and relevance scores: numbers, no text
     (frozenset({"POST"}), re.compile(r"/v1/embeddings")),
     (frozenset({"POST"}), re.compile(r"/v1/moderations")),
     (frozenset({"POST"}), re.compile(r"/v1/rerank")),  # vLLM, llama.cpp
     (frozenset({"POST"}), re.compile(r"/v1/score")),  # vLLM
+    # speech to text: the text is what the client's own audio says (in English for translations), not an answer;
+    # refusing it would push a deployment to forward_unguarded_generating, which opens /v1/completions too
+    (frozenset({"POST"}), re.compile(r"/v1/audio/(?:transcriptions|translations)")),
+    # text to speech: the client's own text read aloud; the model answers nothing
+    (frozenset({"POST"}), re.compile(r"/v1/audio/speech")),
 )
+# Refused with a reason of their own; the rest off the allowlist "may generate text the guard does not read".
+REFUSAL_REASONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # a batch runs chat completions upstream, asynchronously: neither its requests nor its replies pass the guard
+    (re.compile(r"/v1/batches(?:/.*)?"), "a batch runs chat completions on the upstream, which the guard never reads"),
+    # a batch's requests are uploaded as a file, and its generated replies are read back as one
+    (re.compile(r"/v1/(?:files|uploads)(?:/.*)?"),
+     "files carry batch requests and batch output (generated text) that the guard never reads"),
+)  # fmt: skip
+UNGUARDED_SETTING = "routes.forward_unguarded_generating (GUARDPROXY_ROUTES__FORWARD_UNGUARDED_GENERATING=true)"
 # RFC 3986 pchar and "/", less "%" and ";" (see the module docstring).
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _SLASHES = re.compile(r"/{2,}")
 GUARDED_DESCRIPTION = (
     "this gateway guards POST /v1/chat/completions and forwards only non-generating routes "
-    "(GET /v1/models, POST /v1/embeddings, /v1/moderations, /v1/rerank, /v1/score)"
+    "(GET /v1/models, DELETE /v1/models/{id}, POST /v1/embeddings, /v1/moderations, /v1/rerank, /v1/score, "
+    "/v1/audio/*, OPTIONS)"
 )
 
 # Metric labels: the OpenAI API's top-level resources. Anything else is "other": a label taken from the
@@ -71,6 +95,8 @@ class V1Route:
     path: str
     label: str
     problem: str = ""
+    # the 403's message for a STORED or UNGUARDED route: why it is refused, and what would forward it
+    refusal: str = ""
 
 
 def path_problem(path: str) -> str | None:
@@ -99,11 +125,22 @@ def classify_route(method: str, raw_path: str) -> V1Route:
     if low == GUARDED_PATH and method == "POST":
         return V1Route(RouteKind.GUARDED, GUARDED_PATH, GUARDED_PATH)
     label = route_label(low)
+    if method == "OPTIONS":  # a CORS preflight, the chat route's included: no body to guard, headers back
+        return V1Route(RouteKind.FORWARD, path, label)
     if low.startswith("/v1/chat"):  # the guarded path by another method, a stored completion, or a variant of them
-        return V1Route(RouteKind.STORED, path, label)
+        refusal = (
+            f"{method} {path} is refused: stored chat completions (and any method but POST on "
+            f"/v1/chat/completions) bypass the guard; {GUARDED_DESCRIPTION}"
+        )
+        return V1Route(RouteKind.STORED, path, label, refusal=refusal)
     if any(method in methods and pattern.fullmatch(low) for methods, pattern in FORWARDED):
         return V1Route(RouteKind.FORWARD, path, label)
-    return V1Route(RouteKind.UNGUARDED, path, label)
+    reason = next((why for pattern, why in REFUSAL_REASONS if pattern.fullmatch(low)), None)
+    refusal = (
+        f"{method} {path} is refused: {reason or 'it may generate text, which the guard does not read'}; "
+        f"{GUARDED_DESCRIPTION}; {UNGUARDED_SETTING} forwards it unguarded"
+    )
+    return V1Route(RouteKind.UNGUARDED, path, label, refusal=refusal)
 
 
 def route_label(low: str) -> str:

@@ -221,7 +221,6 @@ STORED = [
     ("PUT", "/v1/chat/completions"),
     ("PATCH", "/v1/chat/completions"),
     ("DELETE", "/v1/chat/completions"),
-    ("OPTIONS", "/v1/chat/completions"),
     ("POST", "/v1/chat/completions.json"),
     ("POST", "/v1/chat/other"),
 ]
@@ -236,6 +235,7 @@ async def test_stored_completions_and_other_methods_on_the_chat_route_are_refuse
     err = r.json()["error"]
     assert (err["type"], err["code"]) == ("permission_error", "route_not_guarded")
     assert "stored chat completions" in err["message"] and "POST /v1/chat/completions" in err["message"]
+    assert "forward_unguarded_generating" not in err["message"]  # no setting forwards them
     assert env.fake.requests == []
 
 
@@ -251,8 +251,6 @@ SIDE_DOORS = [
     ("POST", "/v1/evals"),
     ("POST", "/v1/evals/eval-1/runs"),
     ("POST", "/v1/images/generations"),
-    ("POST", "/v1/audio/speech"),
-    ("POST", "/v1/audio/transcriptions"),
     ("POST", "/v1/videos"),
     ("POST", "/v1/fine_tuning/jobs"),
     ("GET", "/v1/files/file-1/content"),
@@ -261,8 +259,10 @@ SIDE_DOORS = [
     ("GET", "/v1/made-up"),
     ("GET", "/v1/"),
     ("GET", "/v1//"),
-    ("DELETE", "/v1/models/ft-1"),
     ("POST", "/v1/models"),
+    ("DELETE", "/v1/models"),
+    ("PUT", "/v1/audio/speech"),
+    ("GET", "/v1/audio/transcriptions"),
     ("GET", "/v1/embeddings"),
 ]
 
@@ -274,7 +274,63 @@ async def test_routes_off_the_allowlist_are_refused(method: str, target: str, en
     err = r.json()["error"]
     assert err["code"] == "route_not_guarded"
     assert "guards POST /v1/chat/completions" in err["message"]
+    assert "routes.forward_unguarded_generating" in err["message"]  # what would forward it
+    assert "GUARDPROXY_ROUTES__FORWARD_UNGUARDED_GENERATING" in err["message"]
     assert env.fake.requests == []
+
+
+BATCH_ROUTES = [
+    ("POST", "/v1/batches"),
+    ("GET", "/v1/batches/batch-1"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files"),
+    ("GET", "/v1/files/file-1/content"),
+    ("DELETE", "/v1/files/file-1"),
+    ("POST", "/v1/uploads"),
+]
+
+
+@pytest.mark.parametrize(("method", "target"), BATCH_ROUTES)
+async def test_batches_and_their_files_are_refused_saying_why(method: str, target: str, env: Env) -> None:
+    r = await env.client.request(method, target, content=BODY if method == "POST" else None)
+    assert r.status_code == 403, r.text
+    err = r.json()["error"]
+    assert (err["type"], err["code"]) == ("permission_error", "route_not_guarded")
+    assert "batch" in err["message"] and "the guard never reads" in err["message"], err["message"]
+    assert "routes.forward_unguarded_generating" in err["message"]
+    assert env.fake.requests == []
+    assert classify_route(method, target).kind is RouteKind.UNGUARDED
+
+
+PREFLIGHT = {"origin": "https://app.example", "access-control-request-headers": "authorization, content-type"}
+MULTIPART = (
+    b'--b\r\ncontent-disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+    b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.wav"\r\ncontent-type: audio/wav\r\n\r\n'
+    b"RIFF\x00\x00\x00\x00WAVE\r\n--b--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "headers"),
+    [
+        # a CORS preflight: no body, and its reply is headers only
+        ("OPTIONS", "/v1/chat/completions", b"", {**PREFLIGHT, "access-control-request-method": "POST"}),
+        ("OPTIONS", "/v1/models", b"", {**PREFLIGHT, "access-control-request-method": "GET"}),
+        ("DELETE", "/v1/models/ft:gpt-4o-mini:org::abc123", b"", {}),
+        ("POST", "/v1/audio/transcriptions", MULTIPART, {"content-type": "multipart/form-data; boundary=b"}),
+        ("POST", "/v1/audio/translations", MULTIPART, {"content-type": "multipart/form-data; boundary=b"}),
+        ("POST", "/v1/audio/speech", b'{"model": "tts-1", "input": "hello", "voice": "alloy"}', {}),
+    ],
+)  # fmt: skip
+async def test_non_generating_routes_a_client_sdk_uses_are_forwarded_as_they_are(
+    method: str, target: str, body: bytes, headers: dict[str, str], recorded: tuple[Env, Recorder]
+) -> None:
+    env, rec = recorded
+    rec.seen.clear()
+    r = await env.client.request(method, target, content=body or None, headers=headers)
+    assert r.status_code == 200, r.text
+    assert rec.seen == [(method, target.encode(), body)]
+    assert classify_route(method, target).kind is RouteKind.FORWARD
 
 
 @pytest.mark.parametrize(
