@@ -64,7 +64,7 @@ from guardproxy.proxy import (
 )
 from guardproxy.routes import RouteKind, V1Route, classify_route
 from guardproxy.settings import Settings
-from guardproxy.streaming import error_tail
+from guardproxy.streaming import MalformedReply, error_tail
 from guardproxy.validation import parse_chat
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,10 @@ def _error_payload(exc: BaseException, *, in_band: bool) -> tuple[int, dict[str,
     elif isinstance(exc, UpstreamUnreachable):
         status, etype, code = 502, "upstream_error", "upstream_unreachable"
     elif isinstance(exc, UpstreamStreamError):
-        status, etype, code = 502, "upstream_error", "upstream_stream_error" if in_band else "upstream_bad_response"
+        status, etype = 502, "upstream_error"
+        # MalformedReply: a reply the output check cannot read with certainty (a stream that turns so ends as a block)
+        malformed = isinstance(exc, MalformedReply)
+        code = "upstream_malformed" if malformed else "upstream_stream_error" if in_band else "upstream_bad_response"
         message = _clip(message)  # it may carry an upstream's in-stream error text
     elif isinstance(exc, UpstreamError):
         status, etype, code = 502, "upstream_error", "upstream_error"

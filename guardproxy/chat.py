@@ -150,8 +150,8 @@ def server_timing(ex: Exchange) -> bytes:
 
 def message_text(message: Any) -> str:
     """``choice_text`` of a complete (non-streamed) assistant message: the reply text the history records. The output
-    check also reads what ``reasoning_of`` finds beside it (reasoning, refusal, audio transcript, custom tool input,
-    non-text parts, decoded arguments)."""
+    check also reads what ``reasoning_of`` finds beside it: reasoning, every other string of the message (a refusal,
+    an audio transcript, ``thinking``, a vendor's field...), non-text parts, decoded arguments."""
     if not isinstance(message, dict):
         return ""
     content = message.get("content")

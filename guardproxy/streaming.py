@@ -9,11 +9,12 @@ are decoded incrementally, so a UTF-8 sequence split across two TCP reads decode
 (or an unterminated line) larger than ``max_event_chars`` raises ``SSEError``: an upstream that never
 sends a newline must not grow our memory without bound.
 
-``StreamGuard`` accumulates each choice's text (content deltas, tool-call argument and custom tool input deltas;
-apart from them what is read beside the reply: reasoning, refusal and audio transcript deltas, non-text parts of a
-``content`` sent as a list, decoded arguments) and runs
-``check_output`` every ``pipeline.output_check_chars`` new characters and once more (``final=True``)
-before a choice's finishing chunk or ``[DONE]``: the streaming path runs the same checks as the plain one.
+``StreamGuard`` accumulates each choice's text (content deltas and tool-call argument deltas; apart from them what is
+read beside the reply: reasoning deltas, every other string a delta carries, field by field (``side_fields``: a
+refusal, an audio transcript, a custom tool's input, ``thinking``, a vendor's own field...), non-text parts of a
+``content`` sent as a list, decoded arguments) and runs ``check_output`` every ``pipeline.output_check_chars`` new
+characters and once more (``final=True``) before a choice's finishing chunk or ``[DONE]``: the streaming path runs
+the same checks as the plain one.
 
 What a client gets is what the check read, or an end: ``read_choices`` refuses a reply or chunk whose shape leaves in
 doubt what a client shows (``choices`` not a list, a choice not an object, an index that is not a non-negative
@@ -35,7 +36,6 @@ from typing import Any
 
 from guardproxy.errors import GuardProxyError, UpstreamStreamError
 from guardproxy.pipeline import Exchange, Pipeline, Verdict, combine
-from guardproxy.untrusted import strings_of
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def content_parts(parts: list[Any]) -> tuple[str, str]:
             if isinstance(part.get("text"), str):
                 text.append(part["text"])
             if part.get("type") not in _TEXT_PARTS:
-                other.extend(strings_of({k: v for k, v in part.items() if k != "text"}))
+                other.extend(t for _, t in _leaves({k: v for k, v in part.items() if k != "text"}, ""))
     return "".join(text), "\n".join(other)
 
 
@@ -226,39 +226,92 @@ def _unescape_one(match: re.Match[str]) -> str:
         return match.group(0)
 
 
-def side_texts(obj: dict[str, Any]) -> list[tuple[str, str]]:
-    """(field, text) of what a message or a delta carries beside its content and reasoning that a client shows: a
-    refusal, an audio reply's transcript, OpenRouter's ``reasoning_details``, a custom tool call's input (free text:
-    the history binds only content and function arguments, so it is read beside the reply as these are)."""
-    out = [("refusal", r)] if isinstance(r := obj.get("refusal"), str) and r else []
-    audio = obj.get("audio")
-    if isinstance(audio, dict) and isinstance(t := audio.get("transcript"), str) and t:
-        out.append(("audio", t))
-    details = obj.get("reasoning_details")
-    if isinstance(details, list):
-        out.extend(("reasoning_details", t) for t in strings_of(details))
-    out.extend((f"custom{idx}", text) for idx, text in tool_inputs(obj, "custom", "input"))
+# Keys under which a reply carries no text a client shows, wherever they sit; every other string is read. A tool
+# call's ``name`` is skipped too, there only (``_tool_call_rest``). Strings elsewhere are read as written, data URIs
+# too: a stream splits any string across deltas, so no test of one piece could tell a payload from text.
+REPLY_NOT_TEXT = frozenset(
+    {
+        "id", "tool_call_id", "call_id",  # ids
+        "role", "type", "format", "mime_type",  # enums: the speaker, a part's or tool call's kind, a media type
+        "index", "expires_at",  # numbers, strings only in a malformed reply
+        "signature", "encrypted_content",  # opaque provider tokens (a thinking block's, encrypted reasoning)
+        "data", "url", "image_url",  # payloads and addresses: an audio reply's audio, an image, a citation's link
+    }
+)  # fmt: skip
+_READ_APART = frozenset({"content", *REASONING_FIELDS})  # the reply text, or read first (``reasoning``)
+
+
+def side_fields(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, text) of every string a message or a delta carries beside its content, its reasoning and its function
+    arguments, at any depth, less what is under a ``REPLY_NOT_TEXT`` key: a refusal, an audio transcript, a custom
+    tool call's input, and any field an upstream adds (``thinking``, ``reasoning_text``, ``analysis``, a vendor's own,
+    a list of thinking blocks). The path (``thinking/0/thinking``) names where the text sits, so a stream's pieces of
+    one field are joined (``ChoiceText``)."""
+    out: list[tuple[str, str]] = []
+    for key, value in obj.items():
+        if key in _READ_APART or key in REPLY_NOT_TEXT:
+            continue
+        if key == "tool_calls" and isinstance(value, list):
+            for pos, tc in enumerate(value):
+                if isinstance(tc, dict):
+                    out.extend(_leaves(_tool_call_rest(tc), f"tool_calls/{_call_index(tc, pos)}"))
+        elif key == "function_call" and isinstance(value, dict):
+            out.extend(_leaves({k: v for k, v in value.items() if k not in ("name", "arguments")}, key))
+        else:
+            out.extend(_leaves(value, key))
+    return out
+
+
+def _tool_call_rest(tc: dict[str, Any]) -> dict[str, Any]:
+    """A tool call less its function's arguments (the reply text reads them) and the ``name`` of its function or
+    custom tool: an identifier the client dispatches on, one the request declared; reading it would change what every
+    ordinary tool-call reply is scored as."""
+    out = dict(tc)
+    for kind, drop in (("function", ("name", "arguments")), ("custom", ("name",))):
+        part = out.get(kind)
+        if isinstance(part, dict):
+            out[kind] = {k: v for k, v in part.items() if k not in drop}
+    return out
+
+
+def _call_index(tc: dict[str, Any], pos: int) -> int:
+    idx = tc.get("index", pos)
+    return idx if isinstance(idx, int) else pos
+
+
+def _leaves(value: Any, path: str) -> list[tuple[str, str]]:
+    """(path, string) of each non-empty string leaf of ``value``, in order, less what is under a ``REPLY_NOT_TEXT``
+    key. Walked without recursion: no nesting depth hides a string (the reply's size bounds the walk)."""
+    out: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        here, v = stack.pop()
+        if isinstance(v, str):
+            if v:
+                out.append((here, v))
+        elif isinstance(v, dict):
+            stack.extend((f"{here}/{k}", x) for k, x in reversed(v.items()) if k not in REPLY_NOT_TEXT)
+        elif isinstance(v, list):
+            stack.extend((f"{here}/{i}", x) for i, x in reversed(list(enumerate(v))))
     return out
 
 
 LEGACY_CALL = 1 << 30  # the index of a legacy ``function_call``'s arguments: after every tool call's
 
 
-def tool_inputs(obj: dict[str, Any], key: str = "function", name: str = "arguments") -> list[tuple[int, str]]:
-    """(tool call index, text) of the tool calls of a message or delta: function arguments (a legacy
-    ``function_call``'s too, at ``LEGACY_CALL``), or with ``("custom", "input")`` custom tools' input."""
+def tool_inputs(obj: dict[str, Any]) -> list[tuple[int, str]]:
+    """(tool call index, arguments) of the function calls of a message or delta, a legacy ``function_call``'s too
+    (at ``LEGACY_CALL``)."""
     out = []
     calls = obj.get("tool_calls")
     for pos, tc in enumerate(calls if isinstance(calls, list) else ()):
         if not isinstance(tc, dict):
             continue
-        idx = tc.get("index", pos)
-        idx = idx if isinstance(idx, int) else pos
-        part = tc.get(key)
-        value = part.get(name) if isinstance(part, dict) else None
+        part = tc.get("function")
+        value = part.get("arguments") if isinstance(part, dict) else None
         if isinstance(value, str) and value:
-            out.append((idx, value))
-    legacy = obj.get("function_call") if key == "function" else None
+            out.append((_call_index(tc, pos), value))
+    legacy = obj.get("function_call")
     if isinstance(legacy, dict) and isinstance(a := legacy.get("arguments"), str) and a:
         out.append((LEGACY_CALL, a))
     return out
@@ -336,29 +389,30 @@ def reasoning(obj: dict[str, Any]) -> str:
 
 
 def reasoning_of(obj: dict[str, Any]) -> str:
-    """What the output check reads of a message beside its reply text: the reasoning a reasoning model thinks aloud,
-    a refusal, an audio transcript, the strings of non-text content parts, and tool-call arguments with their JSON
-    escapes decoded. Clients show all of it; none of it is the reply text the history records. "" for a message
-    with content and tool calls only (unescaped), so an ordinary reply reads as before."""
+    """What the output check reads of a message beside its reply text: the reasoning a reasoning model thinks aloud
+    (``REASONING_FIELDS``, first), the strings of non-text content parts, every other string of the message
+    (``side_fields``: a refusal, an audio transcript, ``thinking``, a vendor's field...), and tool-call arguments with
+    their JSON escapes decoded. A client may show any of it; none of it is the reply text the history records. ""
+    for a message with content and tool calls only (unescaped), so an ordinary reply reads as before."""
     parts = [reasoning(obj)]
     content = obj.get("content")
     if isinstance(content, list):
         parts.append(content_parts(content)[1])
-    parts.extend(t for _, t in side_texts(obj))
+    parts.extend(t for _, t in side_fields(obj))
     parts.extend(unescaped(a) for _, a in tool_inputs(obj))
-    return "\n".join(p for p in parts if p)
+    return "\n".join(p for p in parts if p.strip())
 
 
 @dataclass
 class ChoiceText:
     """The assistant text of one streamed choice: content deltas and tool-call argument deltas, and apart from them
-    the reasoning deltas and the other fields ``reasoning_of`` reads (refusal, audio transcript, custom tool input,
-    non-text content parts): checked with the reply, never part of the reply text the history records."""
+    the reasoning deltas and every other string ``reasoning_of`` reads (non-text content parts, ``side_fields``), each
+    field's pieces joined: checked with the reply, never part of the reply text the history records."""
 
     content: list[str] = field(default_factory=list)
     args: dict[int, list[str]] = field(default_factory=dict)
     reasoning: list[str] = field(default_factory=list)
-    side: dict[str, list[str]] = field(default_factory=dict)  # refusal, audio transcript, non-text parts
+    side: dict[str, list[str]] = field(default_factory=dict)  # by path (``side_fields``); non-text parts: "content"
     size: int = 0
     content_chars: int = 0
     relayed_chars: int = 0  # of the content, what went out to the client (the events no check withheld)
@@ -378,7 +432,7 @@ class ChoiceText:
         if r := reasoning(delta):
             self.reasoning.append(r)
             self.size += len(r)
-        for key, text in (("parts", other), *side_texts(delta)):
+        for key, text in (("content", other), *side_fields(delta)):
             if text:
                 self.side.setdefault(key, []).append(text)
                 self.size += len(text)

@@ -117,7 +117,7 @@ async def test_a_plain_reply_the_gateway_cannot_read_with_certainty_is_a_502(bod
     assert r.status_code == 502, r.text
     assert malformed_count(env, "plain") == before + 1
     error = r.json()["error"]
-    assert error["type"] == "upstream_error" and error["code"] == "upstream_bad_response"
+    assert error["type"] == "upstream_error" and error["code"] == "upstream_malformed"
     assert "malformed" in error["message"]
     assert BAD not in r.text and FINE not in r.text  # no upstream text at all
 
