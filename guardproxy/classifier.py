@@ -26,16 +26,25 @@ RSS. Micro-batching would add a collection delay to every request for no through
 scores: dynamic int8 quantization computes activation scales over the whole batch, padding included (at one
 threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in batches of 32, 15.4% one at a time).
 
+Long user turns: a prompt pass reads a text's head and tail (``encoding.encode_prompt``). A per-turn check
+(``score_prompts`` without ``max_length`` or ``newest``: the gateway's, the tracker's per-turn scores, the CLI's)
+also scores the middle that pass skips, in overlapping windows of ``PROMPT_WINDOW_IDS`` ids (``prompt_windows``), in
+the same job; a window's harm counts from ``PROMPT_WINDOW_LINE`` and then brings its category. Jailbreak, the
+unreadable share and the embedding stay the head+tail pass's. A conversation window pass (a call that names its
+length) reads head and tail only, as the turns it joins are scored whole on their own.
+
 Early exit (``guard.early_exit``, ``load(early_exit=True | "auto")``): per-turn prompt checks run the graph in two
 parts and stop after the first when the model's first layers already say the turn is clearly harmless
 (``guardproxy.early_exit``); so do conversation window passes at the length the spec's window head was fitted for,
 on that head. Such a score has ``exited`` set and no embedding; ``exact=True`` asks for the whole model and never
-reuses one.
+reuses one. Windows of a long turn always run the whole model; when one decides a turn whose head+tail pass exited,
+that pass runs again on the whole model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import json
@@ -87,6 +96,18 @@ REPLY_HEAD_IDS = 253  # no pair pass reads more of a reply (max_length 256 less 
 # calibration), windows at 0.5 flagged 3.9% of PHTest's harmless replies against 2.3% for the head alone, at 0.6 2.5%.
 REPLY_WINDOW_LINE = 0.6
 MAX_REPLY_WINDOWS = 128  # ~12k ids: beyond that a reply is read no further
+# Prompt windows (``OnnxClassifier.prompt_windows``): the middle of a user turn that the head+tail pass skips, read
+# in short windows: in a 128-id window of article text a short harmful ask is diluted. On the calibration split's
+# probe (python -m bench.prompt_windows --split calibration: short harmful asks put in the middle of long harmless
+# texts) 64-id windows every 48 ids found 76.5% at the line below, 128 every 96 59.8%, with fewer false flags.
+PROMPT_WINDOW_IDS = 64
+PROMPT_WINDOW_STRIDE = 48
+# A window's harm counts from here: on that probe, the harmless-ask control was flagged 17.6% head+tail, with
+# windows from 0.5 23.5%, 0.6 22.5%, 0.7 21.6%, 0.9 18.6%, and the harmful asks found 77.5%, 76.5%, 74.5%, 59.8%.
+PROMPT_WINDOW_LINE = 0.6
+# ~3,100 ids of middle after the head (a 2,000-id turn has 37 windows): beyond that it is read by no pass
+MAX_PROMPT_WINDOWS = 64
+_CHARS_PER_ID = 8  # as encoding's pre-cut: more characters than an id spans, so a prefix this long holds the windows
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -168,6 +189,18 @@ def _whole(head: ReplyScore, windows: Sequence[float]) -> ReplyScore:
     if not sure or max(sure) <= head.reply_harm:
         return head
     return ReplyScore(head.refusal, head.refusal_probs, max(sure))
+
+
+def _turn(head: PromptScore, windows: Sequence[PromptScore]) -> PromptScore:
+    """A long user turn's score from its head+tail pass and its middle's windows. A window reads the turn from its
+    middle, out of context: its harm counts only at ``PROMPT_WINDOW_LINE`` or above, and then the highest such
+    window's harm and category replace the pass's when higher. Jailbreak, unreadable share, embedding and state stay
+    the pass's (the embedding feeds rephrase similarity, which compares whole turns)."""
+    sure = [w for w in windows if w.harm >= PROMPT_WINDOW_LINE]
+    decider = max(sure, key=lambda w: w.harm, default=None)
+    if decider is None or decider.harm <= head.harm:
+        return head
+    return dataclasses.replace(head, harm=decider.harm, category=decider.category)
 
 
 def _key(kind: bytes, *parts: str) -> bytes:
@@ -572,12 +605,22 @@ class OnnxClassifier:
         newest: Sequence[str] | None = None,
         exact: bool = False,
     ) -> list[PromptScore]:
+        """Scores of user turns (``signals.Classifier.score_prompts``). A per-turn check (no ``max_length``, no
+        ``newest``) reads a turn longer than the model's ``max_length`` whole: the head+tail pass, and windows of the
+        middle it skips (``prompt_windows``). A call that names its length (a conversation window) reads head and
+        tail only."""
         length = self._length(max_length)
+        head = self._exit_head(max_length, exact)
+        if max_length is None and newest is None:
+            # its own cache kind: a long turn's score is not the head+tail pass's that "raw-prompt" keys hold
+            turn_keys = [_key(b"raw-turn:%d" % length, t) for t in texts]
+            turn_job = functools.partial(self._turn_job, head=head)
+            return await self._submit(turn_keys, turn_job, list(texts), exact=head is None)
         lasts = self._newest(texts, newest)
         raw_keys = [_key(b"raw-prompt:%d" % length, t, *last) for t, last in zip(texts, lasts, strict=True)]
-        head = self._exit_head(max_length, exact)
-        job = functools.partial(self._prompt_job, max_length=length, newest=lasts, head=head)
-        return await self._submit(raw_keys, job, list(texts), exact=head is None)
+        # each text travels with its newest turn: ``_submit`` hands the job only the texts the cache lacks
+        job = functools.partial(self._paired_prompt_job, max_length=length, head=head)
+        return await self._submit(raw_keys, job, list(zip(texts, lasts, strict=True)), exact=head is None)
 
     async def score_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         raw_keys = [_key(b"raw-pair", p, r) for p, r in pairs]
@@ -606,6 +649,62 @@ class OnnxClassifier:
             if len(windows) == MAX_REPLY_WINDOWS:
                 break
         return head, windows
+
+    def prompt_windows(self, text: str) -> list[str]:
+        """The windows of ``text``'s middle, which a per-turn pass (``encoding.encode_prompt`` at the model's
+        ``max_length``) skips: that pass keeps a quarter of its ids from the normalised text's head and the rest from
+        its tail (63 and 191 for a 256-id model). Windows of ``PROMPT_WINDOW_IDS`` ids every ``PROMPT_WINDOW_STRIDE``
+        run from one overlap before the skipped ids to one overlap after them, so an ask across either edge is read
+        whole by one window; they are cut from the normalised text at the tokenizer's offsets. [] for a text within
+        ``max_length``. At most ``MAX_PROMPT_WINDOWS``, from the head on: the rest of a longer middle is read by no
+        pass (nor tokenized: only the prefix of the text that the windows can reach is)."""
+        from guardproxy.encoding import HEAD_FRACTION
+        from guardproxy.normalize import normalize
+
+        text = normalize(text)
+        budget = self.info.max_length - 2
+        if len(text) <= budget:  # every id spans at least one character
+            return []
+        kept_head = int(budget * HEAD_FRACTION)
+        size = min(PROMPT_WINDOW_IDS, budget)  # a window is read whole, even by a model shorter than the default
+        overlap = size - PROMPT_WINDOW_STRIDE
+        reach = (kept_head + MAX_PROMPT_WINDOWS * PROMPT_WINDOW_STRIDE + size) * _CHARS_PER_ID
+        cut = len(text) > reach
+        offsets = self._tokenizer.encode(text[:reach] if cut else text, add_special_tokens=False).offsets
+        n = len(offsets)
+        if not cut and n <= budget:
+            return []
+        # the pass skips ids [kept_head, n - (budget - kept_head)); in a cut text they run past the prefix
+        end = n if cut else min(n, n - (budget - kept_head) + overlap)
+        windows = []
+        for start in range(max(0, kept_head - overlap), end, PROMPT_WINDOW_STRIDE):
+            stop = min(start + size, n)
+            windows.append(text[offsets[start][0] : offsets[stop - 1][1]])
+            if stop >= end or len(windows) == MAX_PROMPT_WINDOWS:
+                break
+        return windows
+
+    def _turn_job(self, texts: list[str], cancel: threading.Event, *, head: Head | None = None) -> list[PromptScore]:
+        """Per-turn checks in one job: each text's head+tail pass (exiting on ``head`` where it may) and, for a text
+        longer than that pass reads, its windows (``prompt_windows``, combined by ``_turn``). Windows run the whole
+        model: an exited window's harm is an estimate capped below the exit's lines and could never count. When a
+        window decides a turn whose pass exited, the pass runs again on the whole model, so the score has the
+        embedding and jailbreak score of an unexited one."""
+        length = self.info.max_length
+        scores = self._prompt_job(texts, cancel, max_length=length, newest=[()] * len(texts), head=head)
+        parts = [self.prompt_windows(t) for t in texts]
+        flat = [w for ws in parts for w in ws]
+        if not flat:
+            return scores
+        scored = iter(self._prompt_job(flat, cancel, max_length=length, newest=[()] * len(flat)))
+        windows = [[next(scored) for _ in ws] for ws in parts]
+        out = [_turn(s, w) for s, w in zip(scores, windows, strict=True)]
+        redo = [i for i, (s, o) in enumerate(zip(scores, out, strict=True)) if s.exited and o is not s]
+        if redo:
+            whole = self._prompt_job([texts[i] for i in redo], cancel, max_length=length, newest=[()] * len(redo))
+            for i, score in zip(redo, whole, strict=True):
+                out[i] = _turn(score, windows[i])
+        return out
 
     async def score_whole_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         """``score_replies`` over each reply's whole length: the refusal class of its head, and the higher reply harm
@@ -641,6 +740,8 @@ class OnnxClassifier:
         newest: Sequence[str] | None = None,
         exact: bool = False,
     ) -> list[PromptScore]:
+        if max_length is None and newest is None:  # a per-turn check: the middle too (``score_prompts``)
+            return self._turn_job(list(texts), threading.Event(), head=self._exit_head(None, exact))
         lasts = self._newest(texts, newest)
         return self._prompt_job(
             list(texts),
@@ -789,6 +890,18 @@ class OnnxClassifier:
             return self._exit.spec
         window = self._exit.spec.window
         return window if window is not None and self._length(max_length) == window.max_ids else None
+
+    def _paired_prompt_job(
+        self,
+        items: list[tuple[str, tuple[str, ...]]],
+        cancel: threading.Event,
+        *,
+        max_length: int,
+        head: Head | None = None,
+    ) -> list[PromptScore]:
+        """``_prompt_job`` over (text, newest turn) pairs."""
+        texts = [t for t, _ in items]
+        return self._prompt_job(texts, cancel, max_length=max_length, newest=[n for _, n in items], head=head)
 
     def _prompt_job(
         self,

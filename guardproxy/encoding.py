@@ -3,7 +3,8 @@
 Every text is normalized first (``guardproxy.normalize``). Long inputs are cut deliberately:
 
 - prompt mode keeps the head *and* the tail (``[CLS] head tail [SEP]``): a jailbreak wrapper often ends with the
-  actual ask, and its opening lines are what marks it as a wrapper;
+  actual ask, and its opening lines are what marks it as a wrapper. The middle is not read by this pass; the
+  classifier's per-turn check reads it in short windows of their own (``OnnxClassifier.prompt_windows``);
 - pair mode keeps the tail of the prompt (the ask) and the head of the reply (a refusal shows in its first
   sentences): ``[CLS] prompt [SEP] reply [SEP]`` with ``token_type_ids`` 0 then 1.
 

@@ -615,5 +615,6 @@ def _limits_section(add: Any, config: dict[str, Any]) -> None:
         add("  verdict turns on them; the Arabic `؟`, the Devanagari `।`, the Greek `;` and a mark before a closing")
         add("  quote or bracket are kept.")
     add("- Long inputs keep the first quarter and the last three quarters of the 256-id budget; a harmful ask buried")
-    add("  in the middle of a long paste can be cut.")
+    add("  in the middle of a long paste can be cut. The gateway's per-turn check reads that middle in 64-id")
+    add("  windows as well (`OnnxClassifier.prompt_windows`, up to ~3,100 ids; `python -m bench.prompt_windows`).")
     add("")
