@@ -108,6 +108,37 @@ PROMPT_WINDOW_LINE = 0.6
 # ~3,100 ids of middle after the head (a 2,000-id turn has 37 windows): beyond that it is read by no pass
 MAX_PROMPT_WINDOWS = 64
 _CHARS_PER_ID = 8  # as encoding's pre-cut: more characters than an id spans, so a prefix this long holds the windows
+# Before a text is normalised it is cut to its first RAW_HEAD_CHARS and last RAW_TAIL_CHARS characters (a reply to
+# its first RAW_REPLY_CHARS): normalising a 3.4 MB paste took seconds, past guard.timeout, so one oversized text made
+# the check fail open (a red-team walkthrough). The cuts lie far beyond what any pass reads (the windows reach ~26k
+# characters of a prompt, ~100k of a reply, at 8 characters an id): only a very long text's unread middle is lost,
+# and padding that normalisation removes can push text out of the windows' reach, never out of the head or tail.
+RAW_HEAD_CHARS = 64_000
+RAW_TAIL_CHARS = 16_000
+RAW_REPLY_CHARS = 160_000
+
+
+# The output check of a long plain reply scores up to MAX_REPLY_WINDOWS windows at once, a pair pass each (~20 ms on
+# a quiet 2-core Xeon): 128 took 6.4 s on a loaded one, past guard.timeout, so a plain reply long enough failed open.
+# Its check may take this much longer than the timeout per window it will have (a stream's windows are scored as it
+# grows, and cached). Windows are counted at 3 characters an id, more than most text spans, so never too few.
+REPLY_WINDOW_ALLOWANCE_S = 0.05
+
+
+def whole_reply_allowance(pairs: Sequence[tuple[str, str]]) -> float:
+    """Seconds beyond ``guard.timeout`` that scoring these replies whole may take (``REPLY_WINDOW_ALLOWANCE_S``)."""
+    per_window = REPLY_WINDOW_STRIDE * 3
+    windows = sum(min(MAX_REPLY_WINDOWS, min(len(r), RAW_REPLY_CHARS) // per_window) for _, r in pairs)
+    return windows * REPLY_WINDOW_ALLOWANCE_S
+
+
+def _bounded(text: str) -> str:
+    """``text`` cut to the characters any pass can read (``RAW_HEAD_CHARS``, ``RAW_TAIL_CHARS``)."""
+    if len(text) <= RAW_HEAD_CHARS + RAW_TAIL_CHARS:
+        return text
+    return text[:RAW_HEAD_CHARS] + "\n" + text[-RAW_TAIL_CHARS:]
+
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -636,7 +667,7 @@ class OnnxClassifier:
         ``MAX_REPLY_WINDOWS``, from the start."""
         from guardproxy.normalize import normalize
 
-        text = normalize(reply)
+        text = normalize(reply[:RAW_REPLY_CHARS])
         offsets = self._tokenizer.encode(text, add_special_tokens=False).offsets
         head = text if len(offsets) <= REPLY_HEAD_IDS else text[: offsets[REPLY_HEAD_IDS - 1][1]]
         if len(offsets) <= REPLY_WINDOW_IDS:
@@ -661,7 +692,7 @@ class OnnxClassifier:
         from guardproxy.encoding import HEAD_FRACTION
         from guardproxy.normalize import normalize
 
-        text = normalize(text)
+        text = normalize(_bounded(text))
         budget = self.info.max_length - 2
         if len(text) <= budget:  # every id spans at least one character
             return []
@@ -710,7 +741,8 @@ class OnnxClassifier:
         """``score_replies`` over each reply's whole length: the refusal class of its head, and the higher reply harm
         of its head and of its windows (``reply_parts``) that reach ``REPLY_WINDOW_LINE``."""
         raw_keys = [_key(b"raw-whole", p, r) for p, r in pairs]
-        return await self._submit(raw_keys, self._whole_job, list(pairs))
+        limit_s = self._timeout + whole_reply_allowance(pairs)
+        return await self._submit(raw_keys, self._whole_job, list(pairs), limit_s=limit_s)
 
     def score_whole_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         return self._whole_job(list(pairs), threading.Event())
@@ -781,8 +813,10 @@ class OnnxClassifier:
         items: list[Any],
         *,
         exact: bool = True,
+        limit_s: float | None = None,
     ) -> list[T]:
-        """``exact``: an exited score in the cache does not answer this call."""
+        """``exact``: an exited score in the cache does not answer this call. ``limit_s``: the job's time limit, if
+        not the classifier's timeout."""
         if self._closed:
             raise ClassifierError("classifier is closed")
         cached = [_usable(self._cache.get(k), exact) for k in raw_keys]
@@ -796,7 +830,7 @@ class OnnxClassifier:
                 f"next try in {breaker.retry_in():.1f} s"
             )
         try:
-            results = await self._run_job(job, [items[i] for i in todo])
+            results = await self._run_job(job, [items[i] for i in todo], limit_s)
         except ClassifierBusy:
             breaker.release()  # saturated, not broken: overload must not open the circuit
             raise
@@ -814,7 +848,9 @@ class OnnxClassifier:
             self._cache.put(raw_keys[i], result)
         return out
 
-    async def _run_job(self, job: Callable[[list[Any], threading.Event], list[T]], items: list[Any]) -> list[T]:
+    async def _run_job(
+        self, job: Callable[[list[Any], threading.Event], list[T]], items: list[Any], limit_s: float | None = None
+    ) -> list[T]:
         """Run ``job(items)`` in the executor within the timeout; every failure is a ``ClassifierError``.
 
         A timeout is ``ClassifierBusy`` when some job or batch finished while this call waited (the model works:
@@ -823,13 +859,14 @@ class OnnxClassifier:
         cannot fail every tenant's requests fast.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        limit = self._timeout if limit_s is None else limit_s
+        deadline = loop.time() + limit
         began = time.monotonic()
 
         def timed_out(what: str) -> ClassifierError:
             if self._last_done >= began:
-                return ClassifierBusy(f"classifier busy: {what} within {self._timeout:g} s")
-            return ClassifierError(f"classification timed out after {self._timeout:g} s ({what}; no call finished)")
+                return ClassifierBusy(f"classifier busy: {what} within {limit:g} s")
+            return ClassifierError(f"classification timed out after {limit:g} s ({what}; no call finished)")
 
         slots = self._semaphore()
         try:
@@ -916,8 +953,8 @@ class OnnxClassifier:
         from guardproxy.normalize import normalize
 
         started = time.perf_counter()
-        normalized = [normalize(t) for t in texts]
-        lasts = [tuple(normalize(n) for n in last) for last in newest]
+        normalized = [normalize(_bounded(t)) for t in texts]
+        lasts = [tuple(normalize(_bounded(n)) for n in last) for last in newest]
         keys = [_key(b"prompt:%d" % max_length, n, *last) for n, last in zip(normalized, lasts, strict=True)]
 
         def encode(i: int) -> Any:
@@ -938,7 +975,7 @@ class OnnxClassifier:
         from guardproxy.normalize import normalize
 
         started = time.perf_counter()
-        normalized = [(normalize(p), normalize(r)) for p, r in pairs]
+        normalized = [(normalize(_bounded(p)), normalize(r[:RAW_HEAD_CHARS])) for p, r in pairs]
         keys = [_key(b"pair", p, r) for p, r in normalized]
         return self._run_cached(
             keys,

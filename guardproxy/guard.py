@@ -733,10 +733,13 @@ class GuardCheck:
     async def _score_replies(self, pairs: list[tuple[str, str]]) -> list[ReplyScore] | None:
         """Each reply over its whole length where the classifier can (``OnnxClassifier.score_whole_replies``: a
         harmful passage after a long harmless opening is read too), else as one pair pass."""
+        from guardproxy.classifier import whole_reply_allowance
+
         whole = getattr(self.classifier, "score_whole_replies", None)
         try:
             job = whole(pairs) if whole is not None else self.classifier.score_replies(pairs)
-            scores = await asyncio.wait_for(job, self.timeout)
+            # a long reply's windows may take longer (``classifier.whole_reply_allowance``)
+            scores = await asyncio.wait_for(job, self.timeout + (whole_reply_allowance(pairs) if whole else 0.0))
         except Exception as exc:
             self._classifier_failed(exc)
             return None
