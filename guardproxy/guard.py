@@ -21,6 +21,17 @@ not already checked: the conversation tracker scores the user turns a request ad
 dialogue); tool results are scored here, the new ones only once the tracker vouches for the history. Without
 a tracker every scored turn counts.
 
+Assistant turns are read too where the gateway cannot vouch for them (``Signals.history_harm``, ``history_pairs``):
+a client can write harmful assistance into the assistant's mouth (a prefilled "Sure, here is how...", a many-shot
+fake dialogue) and ask a harmless "continue". Every assistant turn the tracker did not find relayed
+(``Observation.unverified``; every one without a tracker or when its state failed), and on a relayed turn the text
+its HMAC does not bind (``integrity.unbound_text``: a ``reasoning_content`` a client added), is scored as a reply
+to the user turn before it: the reply head only (one pair pass over the head of the text, not the windows the
+output check reads), cached by content in the classifier, so a conversation's unverified turns cost one pass each
+while they stay in its history. A verified history costs no text extraction and no scoring, however long. At most
+``MAX_HISTORY_REPLIES`` texts per request, newest first; texts beyond them count as unscored, as texts beyond
+``MAX_SCORED_TEXTS`` do.
+
 Failure paths, each explicit: the classifier raising or timing out sets ``classifier_failed`` (also when it
 fails inside the tracker); the state backend failing sets ``state_failed``; each policy's
 ``on_classifier_failure`` / ``on_state_failure`` decides. Reply scoring that failed once is not tried again in
@@ -42,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from guardproxy.conversation.integrity import message_text, unbound_text
 from guardproxy.conversation.tracker import ConversationTracker as StateTracker
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
@@ -167,6 +179,10 @@ _SCORED_ROLES = frozenset({"user", "tool", "function"})
 # partly scored, as when part of its scoring fails (``_partly``): a block the scored texts earn stands, otherwise
 # the policy's ``on_classifier_failure`` decides, so texts beyond the cap never pass silently.
 MAX_SCORED_TEXTS = 64
+# The most assistant texts of a request's history the guard reads as replies (``history_pairs``), newest first: 32
+# holds a many-shot fake dialogue of 30 pairs, and one pair pass of 32 fits ``guard.timeout`` on two CPU cores. A
+# request with more is partly scored (``_partly``), so the older ones never pass silently either.
+MAX_HISTORY_REPLIES = 32
 _SCORED_ROLES_WITH_SYSTEM = _SCORED_ROLES | {"system", "developer"}
 
 
@@ -242,6 +258,74 @@ def capped(texts: Sequence[ScoredText], cap: int) -> list[ScoredText]:
     return [t for t in texts if id(t) in keep]
 
 
+def history_pairs(
+    messages: Sequence[Any], unverified: Sequence[int] | None, limit: int
+) -> tuple[list[tuple[str, str]], bool]:
+    """The (prompt, reply) pairs of a request's history that the guard reads, newest first, at most ``limit``, and
+    whether there were more: each assistant message at a position in ``unverified`` (every one when None: no
+    tracker vouches for any) as the guard model reads it, and of every assistant message the text its position's
+    HMAC does not bind (``integrity.unbound_text``), each with the user turn before it as the prompt; a text with no
+    letter or digit is left out. A relayed message of role and string content costs a look at its keys: a verified
+    history's text is not extracted."""
+    suspect = None if unverified is None else frozenset(unverified)
+    out: list[tuple[str, str]] = []
+    # every request: one pass of C calls over the roles (the gateway rejects a message that is not an object)
+    assistant = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
+    for i in reversed(assistant):
+        m = messages[i]
+        whole = suspect is None or i in suspect
+        if not whole and m.keys() <= _PLAIN_KEYS and type(m.get("content")) is str:
+            continue  # the common relayed turn: nothing the HMAC does not bind
+        # a text without a letter or digit (a tool call's "{}") carries no assistance to read
+        texts = [t for t in ([message_text(m)] if whole else []) + [unbound_text(m)] if _has_words(t)]
+        if not texts:
+            continue
+        if len(out) + len(texts) > limit:
+            return out, True
+        prompt = _user_before(messages, i)
+        out += [(prompt, t) for t in texts]
+    return out, False
+
+
+_PLAIN_KEYS = frozenset({"role", "content"})
+
+
+def _has_words(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def _user_before(messages: Sequence[Any], i: int) -> str:
+    """The text of the last user message before message ``i`` ("" when there is none)."""
+    for j in range(i - 1, -1, -1):
+        m = messages[j]
+        if isinstance(m, Mapping) and m.get("role") == "user":
+            return message_text(m)
+    return ""
+
+
+@dataclass(frozen=True)
+class _HistoryHarm:
+    """What reading a request's history gave: the max reply harm of the pairs that came back (``scored``: some
+    did), and whether some pair went unscored (the classifier call failed or timed out, or it lay beyond
+    ``MAX_HISTORY_REPLIES``)."""
+
+    harm: float = 0.0
+    scored: bool = False
+    failed: bool = False
+
+
+def _with_history(signals: Signals, past: _HistoryHarm, *, scored: bool) -> Signals:
+    """``signals`` with the history's reply harm. A history read in part makes the request partly scored
+    (``_partly``): a block that what came back earns stands, anything milder gives way to
+    ``on_classifier_failure``. ``scored``: the request's other texts (or its window) came back."""
+    signals = dataclasses.replace(signals, history_harm=past.harm)
+    if not past.failed:
+        return dataclasses.replace(
+            signals, partly_scored=signals.partly_scored or (signals.classifier_failed and past.scored)
+        )
+    return dataclasses.replace(signals, classifier_failed=True, partly_scored=scored or past.scored)
+
+
 @dataclass(frozen=True)
 class _Scored:
     """What one request's own scoring gave: the scores that came back, and whether some text went unscored (a
@@ -311,6 +395,7 @@ class GuardCheck:
         output_checks: bool = True,
         watch_interval: float | None = None,
         max_scored_texts: int = MAX_SCORED_TEXTS,
+        max_history_replies: int = MAX_HISTORY_REPLIES,
     ) -> None:
         self.classifier = classifier
         self.policies = policies
@@ -330,6 +415,7 @@ class GuardCheck:
         self.score_system = score_system
         self.score_schemas = score_schemas
         self.max_scored_texts = max_scored_texts
+        self.max_history_replies = max_history_replies
         self.output_checks = output_checks
         self.watch_interval = watch_interval
         self._watcher: asyncio.Task[None] | None = None
@@ -474,45 +560,55 @@ class GuardCheck:
             verified = obs.signals.history == "verified"
             rest = [t for t in texts if t.role != "user" and (t.new or not verified)]
             try:
-                extra = await self._score_texts(exchange, rest, exact=exact)
+                extra, past = await asyncio.gather(
+                    self._score_texts(exchange, rest, exact=exact), self._score_history(exchange, obs.unverified)
+                )
             except BaseException:
                 if obs.pending is not None:
                     obs.pending.cancel()  # cancelled mid-request: the deferred window must not run on alone
                 raise
             scored = [*obs.new_user_scores, *extra.scores]
             if obs.pending is not None:
-                done = await self._final_observation(exchange, obs, extra, active, early, deadline - loop.time())
+                done = await self._final_observation(exchange, obs, extra, past, active, early, deadline - loop.time())
                 if done is None:  # the window pass failed: the turns scored before it still count
-                    return _partly(scored, obs.signals, state_failed), None
+                    return _with_history(_partly(scored, obs.signals, state_failed), past, scored=bool(scored)), None
                 obs = done
                 state_failed = state_failed or obs.state_failed
+            came_back = bool(scored) or obs.window is not None
             if extra.failed:  # keep what was scored: a harmful ask still blocks when its tool results time out
-                return _partly(scored, obs.signals, state_failed, obs.window, obs.window_estimated), obs
+                partly = _partly(scored, obs.signals, state_failed, obs.window, obs.window_estimated)
+                return _with_history(partly, past, scored=came_back), obs
             signals = _combine_scores(scored, obs.signals, state_failed, obs.window, obs.window_estimated)
-            return signals, obs
-        # No tracker, or its state failed: no earlier request vouches for the history, so every scored turn counts.
+            return _with_history(signals, past, scored=came_back), obs
+        # No tracker, or its state failed: no earlier request vouches for the history, so every scored turn counts,
+        # and every assistant turn is read.
         if self.tracker is not None:
             texts = self._texts(exchange)
-        own = await self._score_texts(exchange, texts, exact=exact)
+        own, past = await asyncio.gather(self._score_texts(exchange, texts, exact=exact), self._score_history(exchange))
         if own.failed:
-            return _partly(own.scores, ConversationSignals(), state_failed), None
-        return _combine_scores(own.scores, ConversationSignals(), state_failed), None
+            partly = _partly(own.scores, ConversationSignals(), state_failed)
+            return _with_history(partly, past, scored=bool(own.scores)), None
+        signals = _combine_scores(own.scores, ConversationSignals(), state_failed)
+        return _with_history(signals, past, scored=bool(own.scores)), None
 
     async def _final_observation(
         self,
         exchange: Exchange,
         obs: Observation,
         extra: _Scored,
+        past: _HistoryHarm,
         active: Policy,
         early: Early | None,
         remaining: float,
     ) -> Observation | None:
-        """A deferred window's observation, once ``early`` has the provisional verdict; None if the pass failed."""
+        """A deferred window's observation, once ``early`` has the provisional verdict (the history's reply harm in
+        it: the upstream must not get a primed history on a provisional allow); None if the pass failed."""
         assert obs.pending is not None
         sent: asyncio.Future[None] | None = None
         try:
-            if early is not None and not extra.failed:
+            if early is not None and not extra.failed and not past.failed:
                 provisional = _combine_scores([*obs.new_user_scores, *extra.scores], obs.signals, obs.state_failed)
+                provisional = dataclasses.replace(provisional, history_harm=past.harm)
                 with exchange.timed("policy"):
                     sent = early(_decide_input(active, provisional).verdict())
                 if sent is not None:  # the window waits for the upstream request to go out (at most briefly)
@@ -556,6 +652,31 @@ class GuardCheck:
             results = await asyncio.gather(*(self._score_prompts([t.text for t in g], exact=exact) for g in groups))
         scores = tuple(s for r in results if r is not None for s in r)
         return _Scored(scores, failed=len(kept) < len(texts) or any(r is None for r in results))
+
+    async def _score_history(self, exchange: Exchange, unverified: Sequence[int] | None = None) -> _HistoryHarm:
+        """The reply harm of the history the guard cannot vouch for (``history_pairs``; ``unverified`` None: no
+        tracker vouches for any turn), at most ``max_history_replies`` pairs, newest first, in one pair pass over
+        each head (``Classifier.score_replies``, cached by content). A failure or timeout is the classifier's
+        (``_classifier_failed``) and leaves the pairs unscored."""
+        kept, over = history_pairs(exchange.messages, unverified, self.max_history_replies)
+        if over:
+            log.info(
+                "request %s: more assistant texts to read than the cap of %d: the oldest count as unscored",
+                exchange.request_id,
+                self.max_history_replies,
+            )
+        if not kept:
+            return _HistoryHarm(failed=over)
+        with exchange.timed("inference"):
+            try:
+                scores = await asyncio.wait_for(self.classifier.score_replies(kept), self.timeout)
+            except Exception as exc:  # raised, timed out, or broken: the policy's on_classifier_failure decides
+                self._classifier_failed(exc)
+                return _HistoryHarm(failed=True)
+        if len(scores) != len(kept):
+            self._classifier_failed(RuntimeError(f"{len(scores)} reply scores for {len(kept)} pairs"))
+            return _HistoryHarm(failed=True)
+        return _HistoryHarm(max(s.reply_harm for s in scores), scored=True, failed=over)
 
     async def check_output(self, exchange: Exchange, choice: int, text: str, *, final: bool) -> Verdict:
         state = exchange.state.get(STATE_KEY)

@@ -112,6 +112,7 @@ class InputCondition(_Strict):
     category_not_in: tuple[CategoryId, ...] | None = None
     jailbreak_at_least: Probability | None = None
     unreadable_at_least: Probability | None = None
+    history_harm_at_least: Probability | None = None
     escalation_at_least: Probability | None = None
     window_harm_at_least: Probability | None = None
     trajectory_at_least: Annotated[float, Field(ge=0.0, strict=True)] | None = None
@@ -129,6 +130,7 @@ class InputCondition(_Strict):
             self.category_not_in is None or s.category not in self.category_not_in,
             self.jailbreak_at_least is None or s.jailbreak >= self.jailbreak_at_least,
             self.unreadable_at_least is None or s.unreadable >= self.unreadable_at_least,
+            self.history_harm_at_least is None or s.history_harm >= self.history_harm_at_least,
         ]
         return all(checks) and self.conversation_matches(s.conversation)
 

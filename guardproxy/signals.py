@@ -115,6 +115,11 @@ class Signals:
     category: str = "none"
     jailbreak: float = 0.0
     unreadable: float = 0.0  # max over the scored turns: how much of a turn the model could not read (PromptScore)
+    # Max reply harm over the assistant text of the history the gateway cannot vouch for: assistant turns it never
+    # relayed (``history`` forged or unverified), and what a client added to a relayed turn outside the text the
+    # history's HMAC binds (reasoning fields and the like). 0.0 when there is none. Harmful assistance there is what
+    # the upstream is asked to continue (``guard.GuardCheck``: which turns, and how many per request).
+    history_harm: float = 0.0
     conversation: ConversationSignals = ConversationSignals()
     refusal: RefusalClass | None = None
     reply_harm: float | None = None

@@ -230,13 +230,13 @@ async def test_sighup_reload_logs_one_readable_line_and_debug_reaches_the_gatewa
     # --log-level debug reaches guardproxy's own loggers, not only uvicorn's
     assert _ours(reloaded) == [
         "DEBUG guardproxy.server: SIGHUP: reloading the policy files",
-        "INFO guardproxy.guard: policies reloaded: default@2026.12.07",
+        "INFO guardproxy.guard: policies reloaded: default@2026.12.07.1",
     ]
     debug, failure = _ours(rejected)
     assert debug == "DEBUG guardproxy.server: SIGHUP: reloading the policy files"
     level_and_name, message = failure.split(": ", 1)
     assert level_and_name == "ERROR guardproxy.guard"
-    assert message.startswith(f"policy reload rejected, keeping default@2026.12.07: {policy}:{line_of_threshold}: ")
+    assert message.startswith(f"policy reload rejected, keeping default@2026.12.07.1: {policy}:{line_of_threshold}: ")
     assert "harm_threshold" in message
 
 

@@ -349,7 +349,7 @@ async def test_shadow_that_would_block_is_recorded_but_never_reaches_the_client(
             await asyncio.sleep(0.05)
         metrics = (await gw.client.get(f"{gw.url}/metrics")).text
     for r in (benign, uncertain):
-        assert r.status == 200 and r.text == DEFAULT_TEXT and r.policy == "default@2026.12.07"
+        assert r.status == 200 and r.text == DEFAULT_TEXT and r.policy == "default@2026.12.07.1"
         assert "blocks-all" not in json.dumps(r.body) and "must never reach a client" not in r.text
     assert (benign.decision, uncertain.decision) == ("allow", "flag")
 
@@ -374,7 +374,7 @@ async def test_shadow_that_would_block_is_recorded_but_never_reaches_the_client(
     blocks_all = shadow_report["blocks-all@test-1"]
     assert blocks_all["agreement"] == 0.0
     assert blocks_all["confusion"]["allow"]["block"] == 1 and blocks_all["confusion"]["flag"]["block"] == 1
-    assert shadow_report["strict@2026.12.07"]["confusion"]["flag"]["block"] == 1
+    assert shadow_report["strict@2026.12.07.1"]["confusion"]["flag"]["block"] == 1
 
 
 def test_compare_over_a_log() -> None:
@@ -507,32 +507,32 @@ async def test_reload_with_a_broken_file_keeps_the_old_policy(tmp_path: Path) ->
         line = 1 + active.read_text().splitlines().index('harm_threshold = "half"')
         assert r.status_code == 422 and f"{active}:{line}: harm_threshold" in r.json()["error"]
         after = await gw.chat("uncertain")
-        assert (after.decision, after.policy) == ("flag", "default@2026.12.07")
+        assert (after.decision, after.policy) == ("flag", "default@2026.12.07.1")
         sighup = await gw.bundle.areload()  # the SIGHUP path: same rejection
         assert sighup is not None and not sighup.ok
-        assert (await gw.chat("uncertain")).policy == "default@2026.12.07"
+        assert (await gw.chat("uncertain")).policy == "default@2026.12.07.1"
         shutil.copy(POLICIES / "strict.toml", active)
         r = await gw.client.post(f"{gw.url}/guard/admin/reload", headers={"x-guardproxy-admin-token": ADMIN})
-        assert r.status_code == 200 and r.json()["policies"] == ["strict@2026.12.07"]
+        assert r.status_code == 200 and r.json()["policies"] == ["strict@2026.12.07.1"]
         after = await gw.chat("uncertain")
-        assert (after.decision, after.policy) == ("block", "strict@2026.12.07")
+        assert (after.decision, after.policy) == ("block", "strict@2026.12.07.1")
 
 
 async def test_reload_on_file_change(tmp_path: Path) -> None:
     active = tmp_path / "active.toml"
     shutil.copy(POLICIES / "default.toml", active)
     async with gateway(tmp_path, active, watch=True) as gw:
-        assert (await gw.chat("uncertain")).policy == "default@2026.12.07"
+        assert (await gw.chat("uncertain")).policy == "default@2026.12.07.1"
         active.write_text("this is not TOML [")  # a broken write is rejected...
         await asyncio.sleep(2.5)
-        assert (await gw.chat("uncertain")).policy == "default@2026.12.07"
+        assert (await gw.chat("uncertain")).policy == "default@2026.12.07.1"
         shutil.copy(POLICIES / "strict.toml", active)  # ...and the next good one taken
         for _ in range(100):
             r = await gw.chat("uncertain")
-            if r.policy == "strict@2026.12.07":
+            if r.policy == "strict@2026.12.07.1":
                 break
             await asyncio.sleep(0.1)
-        assert (r.policy, r.decision) == ("strict@2026.12.07", "block")
+        assert (r.policy, r.decision) == ("strict@2026.12.07.1", "block")
 
 
 async def test_admin_endpoints_are_off_without_a_token(tmp_path: Path) -> None:
@@ -571,7 +571,7 @@ async def test_finished_exchanges_reach_the_drill_store_and_both_compare_sources
     for source in (["--log", str(tmp_path / "decisions.jsonl")], ["--store", f"sqlite:///{tmp_path / 'drills.db'}"]):
         report = json.loads(cli(*source))
         (strict,) = report["shadows"]
-        assert report["requests"] == 2 and strict["shadow"] == "strict@2026.12.07"
+        assert report["requests"] == 2 and strict["shadow"] == "strict@2026.12.07.1"
         assert strict["confusion"]["flag"] == {"block": 1} and strict["confusion"]["allow"] == {"allow": 1}
         assert strict["by_category"]["privacy"]["rate"] == 1.0
 

@@ -269,9 +269,9 @@ def test_the_policies_in_force_are_logged_by_role(tmp_path: Path, caplog: pytest
     )
     PolicySet(shipped("default"), mapping=tmp_path / "mapping.toml")
     assert [r.getMessage() for r in caplog.records] == [
-        "policies in force: active default@2026.12.07, shadows strict@2026.12.07, monitor@2026.12.07",
-        "policies in force: active default@2026.12.07, no shadows; tenant kids-app: active strict@2026.12.07, no "
-        "shadows; model experimental-*: active monitor@2026.12.07, shadows default@2026.12.07",
+        "policies in force: active default@2026.12.07.1, shadows strict@2026.12.07.1, monitor@2026.12.07.1",
+        "policies in force: active default@2026.12.07.1, no shadows; tenant kids-app: active strict@2026.12.07.1, no "
+        "shadows; model experimental-*: active monitor@2026.12.07.1, shadows default@2026.12.07.1",
     ]
 
 
@@ -287,12 +287,12 @@ def test_reload_with_a_broken_file_keeps_the_old_policy(tmp_path: Path) -> None:
     path = tmp_path / "active.toml"
     shutil.copy(shipped("default"), path)
     pset = PolicySet(path)
-    assert pset.select("t", None)[0].ref == "default@2026.12.07"
+    assert pset.select("t", None)[0].ref == "default@2026.12.07.1"
     path.write_text(path.read_text().replace('on_state_failure = "fail_open"\n', ""))
     assert pset.changed()
     result = pset.reload()
     assert not result.ok and result.error and "on_state_failure" in result.error and f"{path}:" in result.error
-    assert pset.select("t", None)[0].ref == "default@2026.12.07"
+    assert pset.select("t", None)[0].ref == "default@2026.12.07.1"
     shutil.copy(shipped("strict"), path)
     result = pset.reload()
     assert result.ok and pset.select("t", None)[0].name == "strict"
@@ -305,9 +305,10 @@ def test_a_gateway_does_not_start_on_a_broken_policy() -> None:
 
 def test_thresholds_for_drill_sampling() -> None:
     th = load_policy(shipped("default")).thresholds()
-    assert th == {"harm": 0.5, "reply_harm": 0.5}
+    assert th == {"harm": 0.5, "history_harm": 0.5, "reply_harm": 0.5}
     assert load_policy(shipped("strict")).thresholds() == {
         "harm": 0.3,
+        "history_harm": 0.3,
         "jailbreak": 0.5,
         "escalation": 0.6,
         "reply_harm": 0.3,
@@ -380,7 +381,7 @@ def test_two_files_with_one_name_and_version_are_refused(tmp_path: Path) -> None
         PolicySet(shipped("default"), [copy])
     # the file to fix is the copy (whichever sorts first), at its name
     assert info.value.issues == (
-        f"{copy}:{line}: name: default@2026.12.07 is also the name@version of {shipped('default')}: give this file "
+        f"{copy}:{line}: name: default@2026.12.07.1 is also the name@version of {shipped('default')}: give this file "
         "a name or version of its own",
     )
     # with a mapping: the shadow is the copy, though the active policy it repeats is a route's
@@ -626,7 +627,7 @@ def test_cli_check_mapping_checks_every_policy_it_names(tmp_path: Path) -> None:
         f"{FIXTURES / 'duplicate_rule.toml'}:14: output_rules[0].id: duplicate rule id 'same'",
         f"{FIXTURES / 'unknown_field.toml'}:16: input_rules[1].when.harm_above: unknown field",
         f"{mapping}:4: default.shadows[1]: {tmp_path / 'missing.toml'}: cannot read file: No such file or directory",
-        f"{tmp_path / 'copy.toml'}:9: name: default@2026.12.07 is also the name@version of {shipped('default')}: "
+        f"{tmp_path / 'copy.toml'}:9: name: default@2026.12.07.1 is also the name@version of {shipped('default')}: "
         "give this file a name or version of its own",
         "1 of 1 file(s) invalid",
     ]

@@ -90,7 +90,7 @@ async def test_the_gateway_logs_one_exchange_id_per_exchange_whatever_the_client
     assert text.startswith("requests: 3 ")
     # default blocked "harmful" at input (monitor's flag is input-only) and the harmful reply at output (monitor's
     # flag is its whole outcome); both flagged "uncertain"
-    assert "shadow monitor@2026.12.07: 3 requests, agreement 33.3%" in text
+    assert "shadow monitor@2026.12.07.1: 3 requests, agreement 33.3%" in text
     assert f"      input-only: 1 of 2 ({INPUT_ONLY})" in text
     assert "block-harm -> flag-harm" in text and "stop-harmful-reply -> flag-harmful-reply" in text
 

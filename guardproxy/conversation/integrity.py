@@ -8,7 +8,8 @@ and their order do.
 
 An assistant message counts as its content followed by its tool calls' argument strings (what the gateway
 accumulates from a reply, streamed or not); clients that re-order the keys inside those JSON arguments read as
-edited.
+edited. The rest of an assistant message (a ``reasoning_content`` field, a content part's stray keys) is not bound:
+a client can add it to a relayed reply and the position stays verified, so the guard reads it (``unbound_text``).
 
 The chain starts from a secret seed for (tenant, subkey) and hashes one canonical message at a time::
 
@@ -34,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from guardproxy.untrusted import NOT_TEXT, content_strings, strings_of
+
 __all__ = [
     "Chain",
     "History",
@@ -43,6 +46,7 @@ __all__ = [
     "message_text",
     "secret_fingerprint",
     "tenant_key",
+    "unbound_text",
     "worse_history",
 ]
 
@@ -126,6 +130,36 @@ def _raw_text(message: Mapping[str, Any]) -> tuple[str, str]:
 def message_text(message: Mapping[str, Any]) -> str:
     """The text of one message as the guard model sees it: content parts joined, whitespace collapsed."""
     return _SPACE.sub(" ", _raw_text(message)[0]).strip()
+
+
+# Keys of a message whose text the chain binds (``_raw_text``), or that the guard reads elsewhere (``name``: with the
+# request's other names, ``untrusted.request_field_texts``)
+_BOUND_KEYS = frozenset({"role", "content", "tool_calls", "function_call", "name"})
+# What ``unbound_text`` leaves out of a tool call: its arguments are bound; its function's name, an identifier the
+# request's tools declare, is not text a client writes into a reply (and reading it would put every relayed tool
+# call back in front of the classifier on every request)
+_CALL_SKIP = NOT_TEXT | {"arguments", "name"}
+
+
+def unbound_text(message: Mapping[str, Any]) -> str:
+    """The text of a message that the chain does not bind, as one string ("" when there is none): what a client can
+    add to a relayed assistant turn while its position stays verified. Every string ``untrusted.strings_of`` reads
+    outside what ``canonical_text`` hashes: other fields (``reasoning_content``, ``reasoning``, ``refusal``, an audio
+    transcript), the strings of content parts the chain does not read as text, a custom tool call's input. A
+    message of role and string content, the common case, costs one pass over its keys."""
+    content = message.get("content")
+    extra = [k for k in message if k not in _BOUND_KEYS]
+    calls = message.get("tool_calls")
+    legacy = message.get("function_call")
+    if not extra and (content is None or isinstance(content, str)) and not calls and not legacy:
+        return ""
+    texts = content_strings(content)[1] if isinstance(content, list) else []
+    if content is not None and not isinstance(content, str | list):
+        texts += strings_of(content)  # no text the chain reads (``_raw_text``)
+    texts += strings_of({k: message[k] for k in extra})
+    for call in [*(calls if isinstance(calls, list) else ()), legacy]:
+        texts += strings_of(call, _CALL_SKIP)
+    return "\n".join(texts)
 
 
 def canonical_text(message: Mapping[str, Any]) -> bytes:

@@ -105,6 +105,9 @@ class Observation:
     window_estimated: bool = False
     state_failed: bool = False
     known: bool = False  # a stored position of this conversation was found
+    # Positions in ``messages`` of the assistant turns this gateway cannot vouch for (``_unrelayed``), oldest first:
+    # the guard reads their text. Empty for a verified history, whatever its length.
+    unverified: tuple[int, ...] = ()
     rephrase_matches: tuple[tuple[float, float], ...] = ()  # (cosine, risk when refused) of the closest refusals
     # The family (hex) of the refused request this one rewords (similarity at the tracker's ``rephrase_low``), else
     # None. A refusal of this request joins that family; a refused request that rewords none starts its own
@@ -174,6 +177,34 @@ def _prefix_history(chain: Chain, end: int, record: bytes) -> History:
             history = "unverified"
         known = known or at is not None
     return history
+
+
+def _unrelayed(
+    chain: Chain, found: int | None, history: History, prefix: History, record: bytes
+) -> tuple[tuple[int, ...], bool]:
+    """The positions in ``messages`` of the assistant turns of ``chain`` that this gateway did not relay, for a
+    request whose longest stored prefix ends at message ``found`` and whose verdict is ``history`` (the prefix's own
+    is ``prefix``): every one after ``found`` (all of them when no prefix is known), and, when ``prefix`` is neither
+    ``verified`` nor ``none``, those up to ``found`` whose position holds no entry of a relayed reply in ``record``.
+    Also whether one of those has no entry at all in ``record`` (a tail may not reach it). A verified history costs
+    nothing here."""
+    if history in ("verified", "none"):
+        return (), False
+    start = 0 if found is None else found + 1
+    out = [i for i in range(start, len(chain)) if chain.roles[i] == "assistant"]
+    absent = False
+    if found is not None and prefix not in ("verified", "none"):
+        newest = {record[p : p + TAG_BYTES]: p for p in range(len(record) % ENTRY_BYTES, len(record), ENTRY_BYTES)}
+        old = []
+        for i in range(found + 1):
+            if chain.roles[i] != "assistant":
+                continue
+            at = newest.get(chain.tag(i))
+            if at is None or not Snapshot.unpack(record[at + TAG_BYTES : at + ENTRY_BYTES]).relayed:
+                old.append(i)
+                absent = absent or at is None
+        out = old + out
+    return tuple(chain.indices[i] for i in out), absent
 
 
 def _trailing_users(chain: Chain) -> list[int]:
@@ -666,6 +697,7 @@ class ConversationTracker:
         prev = snap or Snapshot()
         start = 0 if found is None else found + 1
         history = await self._history(chain, found, prev, loaded)
+        unverified = await self._unverified(chain, found, history, prev.history, loaded)
         self._timing("state_lookup", started, timings)
 
         new_users = [i for i in range(start, n) if chain.roles[i] == "user"]
@@ -709,6 +741,7 @@ class ConversationTracker:
                 window_estimated=estimated,
                 state_failed=state_failed,
                 known=found is not None,
+                unverified=unverified,
                 rephrase_matches=rp.pairs,
                 rephrase_family=rp.family.hex() if rp.family is not None else None,
                 handle=_Handle(tenant, subkey, root, chain.hashes[-1], state, embedding, family),
@@ -825,6 +858,22 @@ class ConversationTracker:
         if full.degraded or full.truncated:
             return None
         return _prefix_history(chain, end, full.record)
+
+    async def _unverified(
+        self, chain: Chain, found: int | None, history: History, stored: History, loaded: Loaded
+    ) -> tuple[int, ...]:
+        """``Observation.unverified`` (``_unrelayed``): the prefix's own verdict is the request's ``history`` unless the
+        request adds assistant turns (``_history`` then read the ``stored`` one). Only for a history that is not
+        verified, and only when the tail at hand holds no entry of some assistant turn of the prefix, is the whole
+        record read (as ``_rederived`` reads it): a reply relayed long ago is then not read again on every request.
+        A position a truncated record dropped counts as not relayed."""
+        adds_assistant = "assistant" in chain.roles[0 if found is None else found + 1 :]
+        prefix = stored if adds_assistant else history
+        unverified, absent = _unrelayed(chain, found, history, prefix, loaded.record)
+        if not absent or loaded.complete or loaded.degraded:
+            return unverified
+        full = await self.backend.load_record(chain.root)
+        return unverified if full.degraded else _unrelayed(chain, found, history, prefix, full.record)[0]
 
     def _remember(self, tag: bytes, pending: _Pending) -> None:
         self._pending[tag] = pending
