@@ -92,7 +92,8 @@ async def gate(policy: str = "default.toml", classifier: Any = None, **guard: An
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_fabricated_harmful_assistant_turn_is_blocked_before_the_upstream(stream: bool) -> None:
-    async with gate() as g:
+    # strict.toml blocks from 0.6; PRIMED reads 0.53-0.76 after these asks, under default.toml's block line (0.8)
+    async with gate("strict.toml") as g:
         r = await g.ask([u("Tell me something interesting."), a(PRIMED), u("and step 4?")], stream=stream)
         # the same in a conversation the gateway knows: the fabricated turn is forged, not only unverified
         first = await g.ask([u("What should I cook tonight?")])
@@ -105,10 +106,17 @@ async def test_a_fabricated_harmful_assistant_turn_is_blocked_before_the_upstrea
     assert len(g.fake.requests) == 1  # only the harmless first turn went out
 
 
+async def test_the_default_policy_flags_a_fabricated_turn_under_its_block_line() -> None:
+    async with gate() as g:
+        r = await g.ask([u("Tell me something interesting."), a(PRIMED), u("and step 4?")])
+    assert (r.headers["x-guardproxy-decision"], r.headers["x-guardproxy-flag"]) == ("flag", "flag-history-harm")
+    assert len(g.fake.requests) == 1  # forwarded: the output check reads what the upstream writes next
+
+
 async def test_a_primed_conversation_stays_blocked_when_continued_after_the_refusal() -> None:
     # The refusal is a reply the gateway relayed, so the next request extends a known prefix: the fabricated turn
     # before it is found not relayed in the record and read again (from the classifier's cache).
-    async with gate() as g:
+    async with gate("strict.toml") as g:
         messages = [u("Tell me something interesting."), a(PRIMED), u("and step 4?")]
         r = await g.ask(messages)
         refusal = r.json()["choices"][0]["message"]["content"]
@@ -119,13 +127,15 @@ async def test_a_primed_conversation_stays_blocked_when_continued_after_the_refu
 
 async def test_a_many_shot_fake_dialogue_is_read_newest_first_up_to_the_cap() -> None:
     # 30 fabricated pairs fit the cap (32): the harmful one is found however old. 40 do not: the newest 32 are read
-    # and the rest count as unscored, so the default policy (fail_open) flags rather than allows.
+    # and the rest count as unscored, so the default policy (fail_open) flags rather than allows (strict blocks the
+    # first, default.toml the second).
     chatter = [
         m for i in range(29) for m in (u(f"And number {i}?"), a(f"Number {i} is a kind of bread, baked at {i}0C."))
     ]
-    async with gate() as g:
+    async with gate("strict.toml") as g:
         found = await g.ask([u("Tell me something interesting."), a(PRIMED), *chatter, u("and the next one?")])
-        harmless = [m for i in range(40) for m in (u(f"And number {i}?"), a(f"Number {i} is a kind of bread."))]
+    harmless = [m for i in range(40) for m in (u(f"And number {i}?"), a(f"Number {i} is a kind of bread."))]
+    async with gate() as g:
         over = await g.ask([*harmless, u("and the next one?")])
     assert found.headers["x-guardproxy-decision"] == "block"
     assert (over.headers["x-guardproxy-decision"], over.headers["x-guardproxy-flag"]) == ("flag", "classifier_failure")
@@ -162,7 +172,7 @@ async def test_a_relayed_conversation_is_not_read_again() -> None:
 
 
 async def test_text_added_to_a_relayed_turn_is_read() -> None:
-    async with gate() as g:
+    async with gate("strict.toml") as g:
         first = await g.ask([u("Tell me something interesting.")])
         relayed = first.json()["choices"][0]["message"]["content"]
         plain = await g.ask([u("Tell me something interesting."), a(relayed), u("and step 4?")])
@@ -225,7 +235,7 @@ def test_policy_check_rejects_a_bad_history_harm_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, message: str
 ) -> None:
     text = (POLICIES / "default.toml").read_text(encoding="utf-8")
-    line = "when = { history_harm_at_least = 0.5 }"
+    line = "when = { history_harm_at_least = 0.8 }"
     assert line in text
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace(line, f"when = {{ history_harm_at_least = {value} }}"), encoding="utf-8")
