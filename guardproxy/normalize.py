@@ -19,26 +19,30 @@ Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
 5. Small capitals (``ᴘɪᴘᴇ ʙᴏᴍʙ``, including the modifier small capitals NFKC leaves) and regional indicator
    letters fold to plain lowercase Latin letters.
 6. Combining marks stacked on an ASCII letter ("Zalgo" text) are removed.
-7. Homoglyphs: Cyrillic/Greek/Armenian letters that look Latin are folded in words that mix them with Latin
-   letters, or that consist of look-alikes only (real Russian or Greek words nearly always contain a letter
-   with no Latin look-alike, so they are left alone).
+7. Homoglyphs: letters that look Latin (Cyrillic, Greek, Armenian, Cherokee, Coptic, Lisu, IPA and Latin
+   Extended letters, from Unicode's confusables data) are folded in words that mix them with Latin letters, or
+   that consist of look-alikes only (real Russian or Greek words nearly always contain a letter with no Latin
+   look-alike, so they are left alone).
 8. Escapes, when a text holds at least ``_MIN_ESCAPES`` of one kind (so a stray ``%`` or ``&amp;`` stays as
    written): percent-encoding (``%20``), HTML character references (``&#71;``, ``&amp;``) and ``\\uXXXX`` /
    ``\\xXX`` escapes are decoded in place.
-9. Obvious hex (16+ hex digits, contiguous or as space-separated pairs) and base64 spans (12+ characters) that
-   decode to printable UTF-8 text are replaced by their decoding, which the next pass normalizes in turn.
-   Replacing (not appending) keeps the verdict of a wrapped request equal to the plain one and keeps the
-   function idempotent.
-10. ROT13: a sentence with at least three distinct English stopwords in its ROT13 reading, a quarter of its
+9. Obvious hex (16+ hex digits, contiguous or as space-separated pairs), byte runs (8+ bytes written ``0x47``,
+   decimal ``71`` or binary ``01000111``), base64 spans (12+ characters), base32 spans (16+) and base85 / Ascii85
+   words (20+) that decode to printable UTF-8 text, and Morse (8+ codes), are replaced by their decoding, which
+   the next pass normalizes in turn. Replacing (not appending) keeps the verdict of a wrapped request equal to
+   the plain one and keeps the function idempotent.
+10. Letters spelled out one at a time (6+ single characters, mostly ASCII letters, one space apart and two or
+    three between words, ``h o w  t o``, or one dot apart, ``h.o.w.t.o``) are joined into words.
+11. ROT13: a sentence with at least three distinct English stopwords in its ROT13 reading, a quarter of its
     words, and three times as many as it has as written, is replaced by that reading; a text that passes that
     test as a whole has each of its sentences with more such stopwords in ROT13 than as written replaced. The
     test is symmetric, so a decoded text never flips back, and ordinary English (full of stopwords as written)
     is never touched.
-11. Leetspeak is folded inside letter runs that hold a leet character between two letters (``b0mb``,
+12. Leetspeak is folded inside letter runs that hold a leet character between two letters (``b0mb``,
     ``h4ck3r``, ``k1ll``), never in e-mail addresses, URLs or hex strings, so ``mp3``, ``4k``, ``covid19`` and
     ``$100`` stay as written. In a text written in leet (``_LEET_TEXT_MIN`` such words, a fifth of its words)
     leet at word edges (``7h3``, ``m3``, ``$733l``) and short all-leet words (``70``, ``4``, ``17``) fold too.
-12. Whitespace runs collapse to one space (newlines kept, at most one blank line), ends stripped.
+13. Whitespace runs collapse to one space (newlines kept, at most one blank line), ends stripped.
 """
 
 from __future__ import annotations
@@ -146,6 +150,26 @@ _HOMOGLYPHS: dict[str, str] = {
     "հ": "h",
     "ո": "n",
 }
+# More look-alikes, from Unicode's confusables data (UTS #39 confusables.txt, read from the copy the
+# confusable_homoglyphs package 3.3.1 ships; not a dependency, these rows are all we take): every letter it confuses
+# with one ASCII letter that NFKC leaves, that has no canonical decomposition (an accented letter is the tokenizer's
+# to strip) and that is no small capital (step 5 has those): in Latin's own extensions (IPA, Latin Extended-B/D/E),
+# Cherokee, Coptic, Lisu and a few historic scripts, and the rare Greek and Cyrillic letters. Letters common in the
+# words of a living script stay out: Cyrillic г, Greek γ, Armenian ա (a real word made of them only would change),
+# and the Latin letters of living orthographies, Turkish ı, Ewe ɣ and ʋ, Kabiyè ɩ, Khoekhoe ǀ (mixed with ASCII
+# letters in every word, so any would change).
+_MORE_HOMOGLYPHS = [
+    ("ƄƍƦƽɑɡᴑᶃᶌẝỿꞘꞙꞟꞲꞳꞴꬲꬵꬽꭇꭈꭎꭒꭚ", "bgRsagogyfyFfuJXBeforruuy"),  # Latin
+    ("ϜϺѡѴѵҽӀԌꙇ", "FMwVvelGi"),  # Greek and Cyrillic
+    ("ᎠᎡᎢᎥᎩᎪᎫᎬᎳᎷᎻᎽᏀᏂᏃᏏᏒᏔᏕᏙᏚᏞᏟᏢᏦᏧᏳᏴꭵꮁꮃꮓꮩꮪꮯ", "DRTiYAJEWMHYGhZbRWSVSLCPKdGBirwzvsc"),  # Cherokee
+    ("ⲅⲎⲒⲔⲘⲚⲞⲟⲢⲣⲤⲥⲦⲨⲬⳐ", "rHlKMNOoPpCcTYXL"),  # Coptic
+    ("ꓐꓑꓒꓓꓔꓖꓗꓙꓚꓜꓝꓟꓠꓡꓢꓣꓦꓧꓪꓫꓬꓮꓰꓲꓳꓴ", "BPdDTGKJCZFMNLSRVHWXYAElOU"),  # Lisu
+    (
+        "𐊂𐊆𐊇𐊊𐊐𐊒𐊕𐊖𐊗𐊠𐊡𐊢𐊥𐊫𐊰𐊱𐊲𐊴𐋏𐌁𐌂𐌉𐌑𐌕𐌗𐐄𐐕𐐛𐐠𐐬𐐽𐑈𐒴𐓂𐓎𐓪𐓶𐔓𐔖𐔘𐔜𐔝𐔥𐔦𐔧𑢠𑢢𑢣𑢤𑢦𑢩𑢮𑢲𑢵𑢸𑢼𑣀𑣁𑣂𑣃𑣄𑣈𑣗𑣘𑣜",
+        "BEFlXOPSTABCFOMTYXHBClMTXOCLSocsROUouNOKCVFLXVFLYEZELOUTvsFizoouy",
+    ),  # historic scripts (Lycian, Carian, Old Italic, Deseret, Osage, Elbasan, Warang Citi)
+]
+_HOMOGLYPHS.update({ch: latin for chars, latins in _MORE_HOMOGLYPHS for ch, latin in zip(chars, latins, strict=True)})
 _HOMOGLYPH_TABLE = str.maketrans(_HOMOGLYPHS)
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
 _ASCII_LETTER = re.compile("[A-Za-z]")
@@ -164,6 +188,43 @@ _HEX_SPAN = re.compile(r"(?:0[xX])?[0-9A-Fa-f]{16,}")
 _HEX_PAIRS = re.compile(r"[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){7,}")
 
 _B64_SPAN = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{10,}={0,2}(?![A-Za-z0-9+/=_-])")
+
+# Byte runs, 8+ bytes: ``0x47 0x69``, decimal ``71 105`` and binary ``01000111 01101001`` (spaces or commas between).
+_BYTE_SEP = r"(?:, ?| )"
+_HEX_BYTES = re.compile(rf"0[xX][0-9A-Fa-f]{{1,2}}(?:{_BYTE_SEP}0[xX][0-9A-Fa-f]{{1,2}}){{7,}}")
+_DECIMAL_BYTES = re.compile(rf"[0-9]{{1,3}}(?:{_BYTE_SEP}[0-9]{{1,3}}){{7,}}")
+_BINARY_BYTES = re.compile(rf"[01]{{8}}(?:(?:{_BYTE_SEP})?[01]{{8}}){{7,}}")
+_HEX_BYTE = re.compile("0[xX]([0-9A-Fa-f]{1,2})")
+_BYTE_SEPS = re.compile("[ ,]+")
+
+# Base32 (16+ characters of one case) and base85 / Ascii85 (a word of 20+ printable ASCII characters with at least
+# one of the punctuation marks their alphabets add: a long word or a base64 run is neither).
+_B32_SPAN = re.compile(r"[A-Za-z2-7]{16,}=*")
+_B85_SPAN = re.compile(r"(?<!\S)[!-~]{20,}(?!\S)")
+_B85_MARK = re.compile(r"[!-/:-@\[-`{|}~]")
+
+# Morse: 8+ codes of dots and dashes, one space between letters, a slash, a bar or 2+ spaces between words.
+_MORSE_CODES = {
+    code: ch
+    for ch, code in zip(
+        "abcdefghijklmnopqrstuvwxyz0123456789.,?'!/()&:;=+-_\"@",
+        ".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - ..- ...- .-- -..- -.-- --.. "
+        "----- .---- ..--- ...-- ....- ..... -.... --... ---.. ----. .-.-.- --..-- ..--.. .----. -.-.-- -..-. -.--. "
+        "-.--.- .-... ---... -.-.-. -...- .-.-. -....- ..--.- .-..-. .--.-.".split(),
+        strict=True,
+    )
+}
+_MORSE_MARKS = str.maketrans("\u00b7\u2022\u2219_\u2212\u2013\u2014", "...----")
+_MORSE_MARK = "[.\u00b7\u2022\u2219_\u2212\u2013\u2014-]"
+_MORSE = re.compile(rf"(?<!{_MORSE_MARK}){_MORSE_MARK}{{1,7}}+(?:(?: {{1,3}}| ?[/|] ?){_MORSE_MARK}{{1,7}}+){{7,}}")
+_MORSE_WORD_GAP = re.compile(r" ?[/|] ?| {2,}")
+
+# Letters spelled out one at a time: 6+ single characters, three quarters of them ASCII letters, with one space
+# between letters (2 or 3 between words: ``h o w  t o``) or one dot between letters (``h.o.w.t.o``).
+_SPACED = re.compile(r"(?<!\S)\S(?: {1,3}\S(?!\S))+")
+_DOTTED = re.compile(r"(?<![^\W_])[^\s.](?:\.[^\s.]){5,}(?![^\s.])")
+_WORD_GAP = re.compile(" {2,}")
+_MIN_SPELLED = 6
 
 # English function words: a sentence that has few as written but many in its ROT13 reading is ROT13.
 _STOPWORDS = frozenset(
@@ -225,7 +286,15 @@ def _pass(text: str) -> str:
     text = _decode_escapes(text)
     text = _HEX_SPAN.sub(_decode_hex, text)
     text = _HEX_PAIRS.sub(_decode_hex, text)
+    text = _HEX_BYTES.sub(_decode_hex_bytes, text)
+    text = _BINARY_BYTES.sub(_decode_binary_bytes, text)
+    text = _DECIMAL_BYTES.sub(_decode_decimal_bytes, text)
     text = _B64_SPAN.sub(_decode_base64, text)
+    text = _B32_SPAN.sub(_decode_base32, text)
+    text = _B85_SPAN.sub(_decode_base85, text)
+    text = _MORSE.sub(_decode_morse, text)
+    text = _SPACED.sub(_join_spaced, text)
+    text = _DOTTED.sub(_join_dotted, text)
     text = _decode_rot13(text)
     text = _fold_leet(text)
     text = _SPACES.sub(" ", text)
@@ -302,9 +371,15 @@ def _decode_escape_run(match: re.Match[str]) -> str:
         return run
 
 
+def _at_word_edges(match: re.Match[str]) -> bool:
+    """Whether a match stands alone: no letter or digit right before or after it."""
+    text, start, end = match.string, match.start(), match.end()
+    return not ((start and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum()))
+
+
 def _decode_hex(match: re.Match[str]) -> str:
-    span, text, start, end = match.group(0), match.string, match.start(), match.end()
-    if (start and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum()):
+    span = match.group(0)
+    if not _at_word_edges(match):
         return span
     digits = span.replace(" ", "")
     if digits[:2] in ("0x", "0X"):
@@ -314,6 +389,89 @@ def _decode_hex(match: re.Match[str]) -> str:
     except ValueError:  # UnicodeDecodeError is a ValueError
         return span
     return decoded if _looks_like_text(decoded) else span
+
+
+def _decode_hex_bytes(match: re.Match[str]) -> str:
+    return _decode_byte_values(match, [int(b, 16) for b in _HEX_BYTE.findall(match.group(0))])
+
+
+def _decode_binary_bytes(match: re.Match[str]) -> str:
+    bits = _BYTE_SEPS.sub("", match.group(0))
+    return _decode_byte_values(match, [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)])
+
+
+def _decode_decimal_bytes(match: re.Match[str]) -> str:
+    return _decode_byte_values(match, [int(b) for b in _BYTE_SEPS.split(match.group(0))])
+
+
+def _decode_byte_values(match: re.Match[str], values: list[int]) -> str:
+    span = match.group(0)
+    if not _at_word_edges(match) or max(values) > 255:
+        return span
+    try:
+        decoded = bytes(values).decode("utf-8")
+    except UnicodeDecodeError:
+        return span
+    return decoded if _looks_like_text(decoded) else span
+
+
+def _decode_base32(match: re.Match[str]) -> str:
+    span = match.group(0)
+    body = span.rstrip("=")
+    if not _at_word_edges(match) or not (body.isupper() or body.islower()) or len(body) % 8 in (1, 3, 6):
+        return span
+    try:
+        decoded = base64.b32decode(body + "=" * (-len(body) % 8), casefold=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return span
+    return decoded if _looks_like_text(decoded) else span
+
+
+def _decode_base85(match: re.Match[str]) -> str:
+    span = match.group(0)
+    if not _B85_MARK.search(span):
+        return span
+    body = span[2:-2] if span.startswith("<~") and span.endswith("~>") else span  # Adobe's Ascii85 frame
+    for decode in (base64.b85decode, base64.a85decode):
+        try:
+            decoded = decode(body).decode("utf-8")
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+            continue
+        if _looks_like_text(decoded):
+            return decoded
+    return span
+
+
+def _decode_morse(match: re.Match[str]) -> str:
+    span = match.group(0)
+    words = []
+    for word in _MORSE_WORD_GAP.split(span.translate(_MORSE_MARKS)):
+        codes = word.split()
+        if not all(code in _MORSE_CODES for code in codes):
+            return span
+        words.append("".join(_MORSE_CODES[code] for code in codes))
+    decoded = " ".join(words)
+    # a row of dashes or dots reads as "tttt" or "eeee": Morse spells words, with more letters than that
+    return decoded if len(set(decoded)) > 4 and _looks_like_text(decoded) else span
+
+
+def _join_spaced(match: re.Match[str]) -> str:
+    span = match.group(0)
+    if not _spells_letters(span.replace(" ", "")):
+        return span
+    return " ".join(word.replace(" ", "") for word in _WORD_GAP.split(span))
+
+
+def _join_dotted(match: re.Match[str]) -> str:
+    span = match.group(0)
+    letters = span.replace(".", "")
+    return letters if _spells_letters(letters) else span
+
+
+def _spells_letters(letters: str) -> bool:
+    # mostly ASCII letters, and not one or two of them over and over ("a a a a a a", "x.x.x.x.x.x")
+    ascii_letters = sum(1 for ch in letters if ch.isascii() and ch.isalpha())
+    return len(letters) >= _MIN_SPELLED and 4 * ascii_letters >= 3 * len(letters) and len(set(letters)) >= 3
 
 
 def _decode_rot13(text: str) -> str:

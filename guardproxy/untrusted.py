@@ -4,12 +4,21 @@ A guard that reads only the fields it knows is a guard with side doors: an upstr
 ``tool_reference`` content parts, a message's ``name``, tool and schema descriptions, vLLM's ``documents`` and
 ``chat_template``; a client shows a reply's refusal and audio transcript. So what these helpers return is every string
 leaf, less what is known not to be text: ids, enum-like keys (``type``, ``format``, ``detail``) and binary payloads
-(``image_url`` / ``url``, ``input_audio`` and file ``data``, ``data:`` URIs). Base64 elsewhere is scored like any
-text: the guard's normaliser decodes it.
+(``image_url`` / ``url``, ``input_audio`` and file ``data``, data URIs of binary data). Base64 elsewhere is scored like
+any text: the guard's normaliser decodes it.
+
+A data URI (RFC 2397, ``data:[<mediatype>][;base64],<data>``) is read by what its payload is, not by the type it
+declares: a payload that decodes to text (``data:text/plain,...``, or an "image" whose bytes are prose) is the text
+a model reads, returned decoded; binary data (an image, a PDF) is left out. A string that merely starts with
+``data:`` ("data: ..." as in a log line or an SSE event) is no data URI and is read as written.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,11 +32,32 @@ _TRACKED_TYPES = frozenset({None, "text", "input_text", "output_text", "refusal"
 _TRACKED_KEYS = frozenset({"text", "refusal"})
 MAX_DEPTH = 16
 
+# RFC 2397: ``data:[<mediatype>][;base64],<data>``, a media type being ``type/subtype`` with ``;name=value``
+# parameters; the scheme is case-insensitive.
+_DATA_URI = re.compile(
+    r"data:(?:[!#$&^\w.+-]+/[!#$&^\w.+-]+)?((?:;[!#$&^\w.+-]+=[^;,\s]*)*)(;base64)?,", re.IGNORECASE | re.ASCII
+)
+_CHARSET = re.compile(r";charset=([^;,]+)", re.IGNORECASE)
+# What decoded bytes hold that text does not: control characters other than whitespace, and U+FFFD where the bytes
+# were no valid text in the URI's charset.
+_NOT_TEXT_CHAR = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+# A payload with more of those than this share of its characters is binary.
+_BINARY_SHARE = 0.1
+
 
 def strings_of(obj: Any, skip: frozenset[str] = NOT_TEXT, depth: int = 0) -> list[str]:
-    """Every non-empty string leaf of ``obj``, in order; values under ``skip`` keys and ``data:`` URIs left out."""
+    """Every non-empty string leaf of ``obj``, in order; values under ``skip`` keys left out, data URIs read as the
+    text their payload decodes to or, where it is binary, left out."""
     if isinstance(obj, str):
-        return [] if not obj.strip() or obj.startswith("data:") else [obj]
+        if not obj.strip():
+            return []
+        uri = _DATA_URI.match(obj)
+        if uri is None:
+            return [obj]
+        text = _data_uri_text(obj[uri.end() :], uri.group(1), base64_payload=uri.group(2) is not None)
+        if text is None:  # not decodable as a data URI: read as written
+            return [obj]
+        return [text] if text.strip() and _NOT_TEXT_CHAR.subn("", text)[1] <= _BINARY_SHARE * len(text) else []
     if depth > MAX_DEPTH:
         return []
     if isinstance(obj, Mapping):
@@ -35,6 +65,24 @@ def strings_of(obj: Any, skip: frozenset[str] = NOT_TEXT, depth: int = 0) -> lis
     if isinstance(obj, list | tuple):
         return [s for v in obj for s in strings_of(v, skip, depth + 1)]
     return []
+
+
+def _data_uri_text(payload: str, params: str, *, base64_payload: bool) -> str | None:
+    """The payload of a data URI as text, in its charset (UTF-8 by default), undecodable bytes as U+FFFD; None
+    where the payload is not the base64 or percent-encoding the URI says it is."""
+    try:
+        if base64_payload:
+            body = "".join(payload.split()).rstrip("=")
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
+        else:
+            raw = urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError):
+        return None
+    charset = _CHARSET.search(params)
+    try:
+        return raw.decode(charset.group(1).strip('"') if charset else "utf-8", errors="replace")
+    except (LookupError, ValueError):  # a charset Python does not know, no text encoding, or one without "replace"
+        return raw.decode("utf-8", errors="replace")
 
 
 def content_strings(content: Any) -> tuple[list[str], list[str]]:

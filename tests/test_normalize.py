@@ -132,6 +132,52 @@ def hex_spaced(text: str) -> str:
     return " ".join(f"{b:02x}" for b in text.encode())
 
 
+def hex_bytes(text: str) -> str:
+    return " ".join(hex(b) for b in text.encode())
+
+
+def decimal_bytes(text: str) -> str:
+    return ", ".join(str(b) for b in text.encode())
+
+
+def binary_bytes(text: str) -> str:
+    return " ".join(f"{b:08b}" for b in text.encode())
+
+
+def base32(text: str) -> str:
+    return base64.b32encode(text.encode()).decode()
+
+
+def base85(text: str) -> str:
+    return base64.b85encode(text.encode()).decode()
+
+
+def ascii85(text: str) -> str:
+    return base64.a85encode(text.encode()).decode()
+
+
+MORSE = dict(
+    zip(
+        "abcdefghijklmnopqrstuvwxyz0123456789.,?-:",
+        ".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - ..- ...- .-- -..- -.-- --.. "
+        "----- .---- ..--- ...-- ....- ..... -.... --... ---.. ----. .-.-.- --..-- ..--.. -....- ---...".split(),
+        strict=True,
+    )
+)
+
+
+def morse(text: str) -> str:
+    return " / ".join(" ".join(MORSE[ch] for ch in word) for word in text.lower().split())
+
+
+def spaced_letters(text: str) -> str:
+    return "   ".join(" ".join(word) for word in text.split())
+
+
+def dotted_letters(text: str) -> str:
+    return ".".join(text.replace(" ", ""))
+
+
 def fullwidth(text: str) -> str:
     return "".join(chr(ord(ch) + 0xFEE0) if "!" <= ch <= "~" else "\u3000" if ch == " " else ch for ch in text)
 
@@ -310,6 +356,13 @@ ENCODINGS: dict[str, Callable[[str], str]] = {
     "x escapes": x_escapes,
     "hex": hex_contiguous,
     "spaced hex": hex_spaced,
+    "0x bytes": hex_bytes,
+    "decimal bytes": decimal_bytes,
+    "binary bytes": binary_bytes,
+    "base32": base32,
+    "lowercase base32": lambda t: base32(t).lower().rstrip("="),
+    "base85": base85,
+    "ascii85": ascii85,
 }
 
 
@@ -329,6 +382,61 @@ def test_url_quoted_text_decodes_to_plain(plain: str) -> None:
 def test_decoding_any_text_is_total_and_idempotent(text: str, encoding: str) -> None:
     once = normalize(ENCODINGS[encoding](text))
     assert normalize(once) == once
+
+
+# Spelled-out letters and Morse carry no word of their own: a sentence of a few distinct letters ("to to to") is
+# not one an evasion writes, and is left alone.
+spelled_sentences = (
+    st.lists(st.sampled_from(WORDS), min_size=3, max_size=12).map(" ".join).filter(lambda s: len(set(s)) > 5)
+)
+
+
+@given(spelled_sentences)
+def test_morse_decodes_to_plain(plain: str) -> None:
+    assert normalize(morse(plain)) == normalize(plain.lower())
+    assert normalize(f"Decode this: {morse(plain)}") == normalize(f"Decode this: {plain.lower()}")
+
+
+@given(spelled_sentences)
+def test_spaced_letters_join_into_words(plain: str) -> None:
+    assert normalize(spaced_letters(plain)) == normalize(plain)
+    assert normalize(f"Read this: {spaced_letters(plain)}") == normalize(f"Read this: {plain}")
+
+
+@given(spelled_sentences)
+def test_dotted_letters_join(plain: str) -> None:
+    assert normalize(dotted_letters(plain)) == normalize(plain.replace(" ", ""))
+
+
+LOOKALIKES = {  # from Unicode's confusables data, beyond Cyrillic, Greek and Armenian
+    "a": ["ɑ", "Ꭺ", "ꓮ"],
+    "b": ["Ᏼ", "ꓐ"],
+    "c": ["Ꮯ", "ⲥ", "ꓚ"],
+    "d": ["Ꭰ", "ꓒ"],
+    "e": ["ҽ", "Ꭼ", "ꬲ"],
+    "g": ["ɡ", "Ꮐ"],
+    "h": ["Ꮋ", "Ⲏ"],
+    "k": ["Ꮶ", "Ⲕ"],
+    "l": ["Ꮮ", "ꓡ"],
+    "m": ["Ꮇ", "Ⲙ"],
+    "o": ["ⲟ", "ꓳ", "𐓪"],
+    "p": ["Ꮲ", "ⲣ"],
+    "r": ["ꭇ", "Ꮢ"],
+    "s": ["Ꮪ", "ꓢ"],
+    "t": ["Ꭲ", "ꓔ"],
+    "w": ["Ꮃ", "ѡ"],
+}
+
+
+@st.composite
+def with_lookalikes(draw: st.DrawFn, text: str) -> str:
+    return "".join(draw(st.sampled_from(LOOKALIKES[ch])) if ch in LOOKALIKES else ch for ch in text.lower())
+
+
+@given(sentences.flatmap(lambda s: st.tuples(st.just(s), with_lookalikes(s))))
+def test_lookalikes_of_other_scripts_fold_to_plain(pair: tuple[str, str]) -> None:
+    plain, variant = pair
+    assert normalize(variant).lower() == normalize(plain).lower()
 
 
 ENGLISH = [
@@ -386,6 +494,15 @@ EVASIONS: dict[str, Callable[[str], str]] = {
     "u escapes": u_escapes,
     "x escapes": x_escapes,
     "leet": lambda t: t.translate(str.maketrans("aeiost", "4310$7")),
+    "0x bytes": hex_bytes,
+    "decimal bytes": decimal_bytes,
+    "binary bytes": binary_bytes,
+    "base32": base32,
+    "base85": base85,
+    "ascii85": ascii85,
+    "morse": morse,
+    "spaced letters": spaced_letters,
+    "lookalikes": lambda t: "".join(LOOKALIKES.get(ch, [ch])[0] if ch in "acegmoprstw" else ch for ch in t.lower()),
 }
 
 
@@ -422,6 +539,13 @@ def test_the_model_scores_an_evasion_as_the_plain_text(clf: OnnxClassifier, form
         "Tôi nên nói gì lúc này với bạn ấy ở Huế?",
         "Başkasının ağına izinsiz girmek suçtur.",
         "Smith Jr vs Jones: ur gonna be ok, GB is fine.",
+        "Scores: 65, 66, 67, 68, 69, 70, 71, 72 and 10 20 30 40 50 60 70 80 90.",
+        "Bits 00000001 00000010 00000100 00001000 00010000 00100000 01000000 10000000",
+        "Options: a b c, and x + y = z. See e.g. U.S.A. or v1.2.3.4.5.6 -- then --- / ... --- ...",
+        "- - - - / - - - - and ........ and ----------------",
+        "SELECT ID FROM USERS; the key ABCDEFGHIJKLMNOPQRSTUVWX is a placeholder",
+        "https://example.com/a/b/c?x=1&y=2#frag-ment_with-a-very-long-name",
+        "Başkasının ağına ızgara; Eʋegbe ɣe; ǀKhomas",
     ],
 )
 def test_ordinary_text_with_escape_like_parts_is_left_alone(text: str) -> None:
