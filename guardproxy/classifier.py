@@ -102,9 +102,13 @@ MAX_REPLY_WINDOWS = 128  # ~12k ids: beyond that a reply is read no further
 # texts) 64-id windows every 48 ids found 76.5% at the line below, 128 every 96 59.8%, with fewer false flags.
 PROMPT_WINDOW_IDS = 64
 PROMPT_WINDOW_STRIDE = 48
-# A window's harm counts from here: on that probe, the harmless-ask control was flagged 17.6% head+tail, with
-# windows from 0.5 23.5%, 0.6 22.5%, 0.7 21.6%, 0.9 18.6%, and the harmful asks found 77.5%, 76.5%, 74.5%, 59.8%.
-PROMPT_WINDOW_LINE = 0.6
+# A window's harm counts from here, where it blocks under the default policy. On that probe the harmless-ask control
+# was flagged 17.6% head+tail, with windows from 0.5 23.5%, 0.6 22.5%, 0.7 21.6%, 0.8 21.6%, 0.9 18.6%, and the
+# harmful asks found 77.5%, 76.5%, 74.5%, 70.6%, 59.8%. The rule, written before those figures were read: the lowest
+# line at which the control rises by at most 3 points (a window reads text out of context, and long harmless pastes
+# of offensive text are common). 0.6 was used first; on dev 0.9 finds 54.0% of the hidden asks (11.9% without
+# windows) and flags 15.9% of the controls (11.9%); bench/RESULTS.md, "A harmful ask in the middle of a long turn".
+PROMPT_WINDOW_LINE = 0.9
 # ~3,100 ids of middle after the head (a 2,000-id turn has 37 windows): beyond that it is read by no pass
 MAX_PROMPT_WINDOWS = 64
 _CHARS_PER_ID = 8  # as encoding's pre-cut: more characters than an id spans, so a prefix this long holds the windows
