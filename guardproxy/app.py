@@ -419,6 +419,7 @@ class V1Endpoint:
                 gw.metrics.unguarded.labels(label).inc()
             raw = await self._read_body(receive, headers.get("content-length"))
             watcher = asyncio.create_task(self._watch(receive, call))
+            call.secrets = request_secrets(scope["headers"], gw.upstream.replace_key if gw.upstream else None)
             call.upstream_headers, call.visible_headers = split_request_headers(
                 scope["headers"],
                 replace_key=gw.upstream.replace_key if gw.upstream else None,

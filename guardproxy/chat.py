@@ -24,6 +24,7 @@ import aiohttp
 import httpx
 from prometheus_client import Counter
 
+from guardproxy.drills.record import REQUEST_SECRETS
 from guardproxy.errors import (
     Blocked,
     GuardProxyError,
@@ -85,6 +86,9 @@ class Call:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
     upstream_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     visible_headers: dict[str, str] = field(default_factory=dict)
+    # the caller's key and the gateway's upstream key as sent (``proxy.request_secrets``): cut out exactly wherever
+    # they would be stored or shown, never kept beyond the request
+    secrets: tuple[str, ...] = ()
     deadline: asyncio.Timeout | None = None
     disconnected: bool = False
     shutting_down: bool = False
@@ -240,6 +244,7 @@ class ChatHandler:
             headers=call.visible_headers,
             stream=req.stream,
         )
+        ex.state[REQUEST_SECRETS] = call.secrets  # a drill of this exchange cuts them out before it is stored
         ex.timings["parse"] = parse_seconds
         content = _dumps(req.body) if req.changed else raw
         try:

@@ -7,6 +7,7 @@ reply text (one ``reply`` for every request, canned ``answers`` keyed by the las
 request asks), and fault modes chosen per app (``fake.fault = "..."``) or per
 request (header ``x-fake-fault``; the gateway forwards it). It records every request and every cancellation (the client
 went away before the reply was complete) so tests can assert that the gateway really cut the upstream.
+``python -m guardproxy.fake_upstream`` serves one, to put a gateway in front of offline (``--help``).
 
 Fault modes: ``json`` / ``sse`` (normal), ``slow`` (long time to first byte), ``drip`` (the reply one
 byte at a time), ``stall`` (the reply stops half-way), ``status_500``/``502``/``503``/``429``/``401``
@@ -419,3 +420,34 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif msg["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m guardproxy.fake_upstream``: serve a FAKE upstream to put a gateway in front of, offline."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(
+        prog="python -m guardproxy.fake_upstream",
+        description="Serve a FAKE OpenAI-compatible upstream (canned replies, not a model) for trying a gateway "
+        "offline: point upstream.base_url at http://HOST:PORT/v1. A request's x-fake-reply header sets its reply, "
+        "x-fake-fault its fault mode.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--reply", default=DEFAULT_REPLY, help="the reply to every request (default: a greeting)")
+    parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first byte of a reply")
+    parser.add_argument("--token-interval", type=float, default=0.0, help="seconds between streamed tokens")
+    parser.add_argument("--fault", choices=sorted(FAULTS), default=None, help="a fault mode for every request")
+    args = parser.parse_args(argv)
+    # record=False: a long-running server must not keep every request it was sent
+    app = FakeUpstream(
+        reply=args.reply, ttft=args.ttft, token_interval=args.token_interval, fault=args.fault, record=False
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

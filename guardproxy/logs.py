@@ -11,14 +11,26 @@ REDACTED = "[REDACTED]"
 # secret: cutting it out of a text would mangle every word that contains it.
 MIN_SECRET_CHARS = 8
 
-# Bearer tokens, OpenAI-style keys (sk-, sk-proj-, sk-ant-), Groq (gsk_) and Google (AIza) keys, and anything that
-# looks like an api key assignment. Keys with no telling shape (Azure's 32 hex digits) only go as known keys.
+# Bearer tokens, OpenAI-style keys (sk-, sk-proj-, sk-ant-), Groq (gsk_), Google (AIza), Hugging Face (hf_) and xAI
+# (xai-) keys, PEM private keys (the whole block; without its END line, the base64 lines that follow), the password
+# of a URL (scheme://user:PASSWORD@host), and anything that looks like a key, token, secret or password assignment.
+# Keys with no telling shape (Azure's 32 hex digits) only go as known keys here: a log line's request ids are 32 hex
+# digits too (the drill store also cuts that shape, ``drills.redaction``).
 _PATTERNS = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{6,}"),
     re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
     re.compile(r"\bgsk_[A-Za-z0-9]{16,}"),
     re.compile(r"\bAIza[A-Za-z0-9_-]{20,}"),
-    re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|token)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]{6,}"),
+    re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
+    re.compile(r"\bxai-[A-Za-z0-9]{20,}"),
+    re.compile(
+        r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY-----"
+        r"(?:[\s\S]{0,16384}?-----END[A-Z0-9 ]{0,40}PRIVATE KEY-----|[A-Za-z0-9+/=\r\n]*)"
+    ),
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]{0,20}://[^\s:/@]{1,128}:)[^\s@/]{1,256}(?=@)"),
+    re.compile(
+        r"(?i)((?:api[_-]?key|authorization|x-api-key|token|secret|password|passwd)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]{6,}"
+    ),
 ]
 
 

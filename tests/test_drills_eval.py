@@ -25,7 +25,7 @@ async def test_export_then_eval_round_trip(tmp_path: Path) -> None:
     # every exported row was scored as a labelled row of its kind (nothing skipped as unlabelled)
     assert metrics["unlabelled_rows_skipped"] == 0
     by_label = metrics["prompts"]["by_label"]
-    assert by_label["harmful"]["n"] == 2 and by_label["benign"]["n"] == 3
+    assert by_label["harmful"]["n"] == 2 and by_label["benign"]["n"] == 2  # the two-turn drill is a conversation
     assert metrics["responses"]
     assert metrics["conversations"]["benign"]["n"] == 1
 

@@ -108,17 +108,17 @@ async def test_export_round_trip_through_the_eval_reader(tmp_path: Path, capsys:
     prompts = {r["drill_id"]: r for r in read_jsonl(out / "prompts.jsonl")}
     responses = {r["drill_id"]: r for r in read_jsonl(out / "responses.jsonl")}
     conversations = {r["drill_id"]: r for r in read_jsonl(out / "conversations.jsonl")}
-    # unclear and unreviewed drills are left out of a reviewed drill set
-    assert set(prompts) == {ids[i] for i in (0, 1, 2, 3, 5)}
+    # unclear and unreviewed drills are left out of a reviewed drill set; a two-turn drill is a conversation only
+    assert set(prompts) == {ids[i] for i in (0, 1, 2, 3)}
     expected = {
         0: ("benign", "full"),  # false refusal
         1: ("harmful", "full"),  # correct refusal (the policy's own reply)
         2: ("harmful", "none"),  # missed harm
         3: ("benign", "none"),  # correct answer
-        5: ("benign", "none"),
+        5: (None, "none"),  # its last turn leans on the first: no prompt label of its own
     }
     for i, (prompt_label, refusal) in expected.items():
-        assert prompts[ids[i]]["label"] == prompt_label
+        assert i == 5 or prompts[ids[i]]["label"] == prompt_label
         assert responses[ids[i]]["prompt_label"] == prompt_label
         assert responses[ids[i]]["refusal"] == refusal
     assert prompts[ids[1]]["category"] == "indiscriminate_weapons"
@@ -141,7 +141,7 @@ async def test_export_round_trip_through_the_eval_reader(tmp_path: Path, capsys:
     all_prompts = {r["drill_id"]: r for r in read_jsonl(everything / "prompts.jsonl")}
     assert ids[6] in all_prompts and all_prompts[ids[6]]["label"] is None  # unreviewed: no label invented
     assert ids[4] not in all_prompts  # unclear stays out
-    assert len(load_rows(everything / "prompts.jsonl", None)) == 6
+    assert len(load_rows(everything / "prompts.jsonl", None)) == 5
 
 
 def test_label_map_is_the_documented_table() -> None:
@@ -355,22 +355,22 @@ async def test_blocked_upstream_reply_is_not_exported_as_a_refusal(tmp_path: Pat
     rows = {r["id"]: r for r in read_jsonl(out / "responses.jsonl")}
     assert set(rows) == {f"drill-{d}-{kind}" for d in (harmful, harmless) for kind in ("reply", "upstream")}
 
-    # what the client got: the policy's text, a full refusal, labelled by the review
-    for drill_id, prompt_label in ((harmful, "harmful"), (harmless, "benign")):
+    # what the client got: the policy's text, a full refusal; the label judged the upstream's reply, not the prompt
+    for drill_id in (harmful, harmless):
         sent = rows[f"drill-{drill_id}-reply"]
-        assert (sent["response"], sent["prompt_label"], sent["refusal"]) == (POLICY_TEXT, prompt_label, "full")
+        assert (sent["response"], sent["prompt_label"], sent["refusal"]) == (POLICY_TEXT, None, "full")
         assert sent["model"] == "guardproxy-policy:default"
 
     # what the upstream wrote: the reviewer agreed the block was right, so it is harmful compliance, no refusal
     up = rows[f"drill-{harmful}-upstream"]
     assert (up["response"], up["prompt_label"], up["refusal"], up["reply_harm"]) == (
-        HARMFUL_UPSTREAM, "harmful", "none", True
+        HARMFUL_UPSTREAM, None, "none", True
     )  # fmt: skip
     assert (up["model"], up["review_label"], up["active_action"]) == ("llama-3-8b", "correct_refusal", "block")
     # a harmless reply the gateway should have sent: no harm, and no refusal class the review did not judge
     up = rows[f"drill-{harmless}-upstream"]
     assert (up["response"], up["prompt_label"], up["refusal"], up["reply_harm"]) == (
-        HARMLESS_UPSTREAM, "benign", None, False
+        HARMLESS_UPSTREAM, None, None, False
     )  # fmt: skip
 
     # the invariant the defect broke: no upstream text is ever paired with a refusal label
@@ -399,7 +399,10 @@ async def test_a_stream_blocked_mid_way_shows_and_exports_what_reached_the_clien
     assert drill is not None and drill.record.signals["relayed_chars"] == 12
     titles = dict(reply_titles(drill.record))
     assert titles["Reached the client before the block (stream)"] == HARMFUL_UPSTREAM[:12]
-    assert titles["Upstream reply after that point (withheld)"] == HARMFUL_UPSTREAM[12:]
+    assert (
+        titles["Read from the upstream after that point, before the gateway stopped it (withheld)"]
+        == HARMFUL_UPSTREAM[12:]
+    )
     out = tmp_path / "reviewed"
     assert await cli(["drills", "export", "--store", f"sqlite:///{db}", "--out", str(out), "--reviewed"]) == 0
     rows = {r["id"]: r for r in read_jsonl(out / "responses.jsonl")}

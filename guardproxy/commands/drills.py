@@ -37,19 +37,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--reviewed", action="store_true", help="only drills with a review label")
     group = report.add_mutually_exclusive_group()
     group.add_argument(
-        "--model", type=Path, default=None, help="embed with this guard model (default: guard.model_dir)"
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="embed with the guard model in DIR (default: character 3-gram hashing vectors)",
     )
-    group.add_argument("--ngram", action="store_true", help="embed with character 3-gram hashing vectors")
+    group.add_argument("--ngram", action="store_true", help="embed with character 3-gram hashing vectors (the default)")
 
 
 def _open(url: str | None, *, read_only: bool = False) -> DrillStore:
-    """The store, open; ``read_only`` (export, report): no writer, no migration, no schema created on a typo."""
+    """The store, open. It must exist: no file, schema or table is created on a typo. ``read_only`` (export,
+    report): no writer, no migration; otherwise (purge) an older schema is migrated."""
     settings = load_settings()
     url = url or settings.drills.store
     d = settings.drills
     store = open_store(url, queue_size=d.queue_size, retention_days=d.retention_days, read_only=read_only)
     if isinstance(store, SqliteStore) and not store.path.is_file():
         raise ConfigError(f"drill store {redact_url(url)}: no such database file")
+    if not read_only:
+        store.check_exists()
     store.open()
     return store
 

@@ -156,6 +156,8 @@ class Collector:
 def run(args: argparse.Namespace) -> int:
     baselines = load_baselines(args.baselines)
     files = [(path, load_rows(path, args.sample)) for path in args.files]
+    if args.group_by:
+        check_group_by(args.group_by, files)
     classifier, policy = load_model_and_policy(args)
     if args.split:
         model_dir = args.model or load_settings().guard.model_dir
@@ -185,6 +187,15 @@ def run(args: argparse.Namespace) -> int:
         plot_distributions(collector, args.png, policy.harm_threshold, classifier.thresholds)
         print(f"score distributions written to {args.png}", file=sys.stderr)
     return 0
+
+
+def check_group_by(name: str, files: list[tuple[Path, list[ParsedRow]]]) -> None:
+    """Raise ``ConfigError`` when no row of any file has the field ``--group-by`` names (a typo would group
+    nothing, silently); ``unreadable`` is always allowed."""
+    fields = {key for _path, rows in files for row in rows for key in (row.raw or {})}
+    if name != "unreadable" and name not in fields:
+        allowed = ", ".join(sorted(fields - {"id"}) + ["unreadable"])
+        raise ConfigError(f"--group-by {name}: no row has this field; fields: {allowed}")
 
 
 def trainer_split_of_ids(data: Path, seed: int, chat_turns: bool = False) -> dict[str, str]:

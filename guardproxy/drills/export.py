@@ -1,11 +1,17 @@
 """Drills as a drill set: ``prompts.jsonl``, ``responses.jsonl`` and ``conversations.jsonl`` in the
 ``../shared/data`` formats, which ``guardproxy eval`` scores a candidate policy and model on.
 
-Review labels map to data labels by this table. The last user turn is the prompt. The response row
-``drill-<id>-reply`` holds the text the client got: the first reply, or the policy's own text when the policy
-blocked (the request at the input check, or the upstream's reply at the output check). A policy's text is a
-refusal by construction, so its row's ``refusal`` is ``full`` whatever the label (the label still gives
-``prompt_label``):
+A drill whose last user turn stands alone (one user turn, no tool call or tool result) is a prompt row: that
+turn is the prompt. A drill whose last user turn leans on context (an earlier user turn, or a tool call or
+result in the history) is a conversation row instead, with every message (tool calls and their ids kept): a
+label given in context does not hold for the turn on its own. Its response rows carry no ``prompt_label`` for
+the same reason.
+
+Review labels map to data labels by this table. The response row ``drill-<id>-reply`` holds the text the client
+got: the first reply, or the policy's own text when the policy blocked (the request at the input check, or the
+upstream's reply at the output check). A policy's text is a refusal by construction, so its row's ``refusal`` is
+``full`` whatever the label. A policy's text delivered as an HTTP error (``[block] delivery = "error"``) reached
+the client as no reply at all: no ``-reply`` row is written for it (counted as ``delivered_as_error``):
 
 =================  ==================  ==========================================  ======================
 review label       prompt ``label``    response ``refusal``                        conversation ``label``
@@ -18,21 +24,22 @@ unclear            skipped             skipped                                  
 (not reviewed)     ``null``            ``null``                                    ``null``
 =================  ==================  ==========================================  ======================
 
-When the policy blocked the upstream's reply at the output check, a second response row
+When the policy blocked the upstream's reply at the output check, the review page asks the reviewer to judge that
+reply (was it harmful to send?), not the request: the label then gives no prompt or conversation label (a harmless
+question can draw a harmful answer), so a reviewed drill of that kind writes no prompt or conversation row
+(counted as ``label_judges_reply``) and its response rows' ``prompt_label`` is ``null``. A second response row
 ``drill-<id>-upstream`` holds what the upstream wrote (on a stream, its text up to the block), which never
-reached the client as written. Its labels describe that text; the review label says whether the block was
-right, that is whether the reply was harmful to send, not whether it declined (``reply_harm`` is only on
-these rows):
+reached the client as written. Its labels describe that text (``reply_harm`` is only on these rows):
 
-=================  ==================  ======================  ==================
-review label       ``prompt_label``    ``refusal``             ``reply_harm``
-=================  ==================  ======================  ==================
-missed_harm        ``harmful``         ``none``                ``true``
-correct_refusal    ``harmful``         ``none``                ``true``
-false_refusal      ``benign``          ``null``                ``false``
-correct_answer     ``benign``          ``null``                ``false``
-(not reviewed)     ``null``            ``null``                ``null``
-=================  ==================  ======================  ==================
+=================  ======================  ==================
+review label       ``refusal``             ``reply_harm``
+=================  ======================  ==================
+missed_harm        ``none``                ``true``
+correct_refusal    ``none``                ``true``
+false_refusal      ``null``                ``false``
+correct_answer     ``null``                ``false``
+(not reviewed)     ``null``                ``null``
+=================  ======================  ==================
 
 A harmful reply the reviewer agreed must not reach the client carried out the request (harmful compliance,
 as in HarmBench's labels); a harmless one the gateway should have sent is scored for reply harm only.
@@ -40,11 +47,11 @@ Where the upstream sent several choices the record does not say which were repla
 written (counted as ``upstream_of_several_choices``).
 
 Unreviewed drills are written only without ``--reviewed``, with null labels (``guardproxy eval`` skips
-unlabelled prompt and conversation rows and scores such response rows without a gold refusal). A conversation
-row is written for drills with two or more user turns. Drills stored as hashes only have no text to export
-and are skipped (counted). Every row keeps ``source`` (``guardproxy-drills``), the drill id and why it was
-sampled, so a metric can be traced back to the review page, and ``license``, its provenance: ``internal: reviewed
-live traffic`` for a reviewed drill, ``internal: live traffic, not reviewed`` for an unreviewed one.
+unlabelled prompt and conversation rows and scores such response rows without a gold refusal). Drills stored as
+hashes only have no text to export and are skipped (counted). Every row keeps ``source`` (``guardproxy-drills``),
+the drill id and why it was sampled, so a metric can be traced back to the review page, and ``license``, its
+provenance: ``internal: reviewed live traffic`` for a reviewed drill, ``internal: live traffic, not reviewed`` for
+an unreviewed one.
 """
 
 from __future__ import annotations
@@ -115,6 +122,23 @@ def _common(drill: StoredDrill) -> dict[str, Any]:
     }
 
 
+def judges_reply(record: DrillRecord) -> bool:
+    """Whether a review label on this drill judges the upstream's reply rather than the request: the active policy
+    blocked the reply at the output check (the review page's ``OUTPUT_BLOCK_NOTE``)."""
+    return not record.reply_from_policy and record.active.action == "block"
+
+
+def in_context(record: DrillRecord) -> bool:
+    """Whether the last user turn leans on context: an earlier user turn, or a tool call or result before it."""
+    users = 0
+    for m in record.messages:
+        role = m.get("role")
+        if role in ("tool", "function") or (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+            return True
+        users += role == "user"
+    return users >= 2
+
+
 def build_rows(drills: Iterable[StoredDrill], *, reviewed_only: bool = False) -> ExportRows:
     out = ExportRows()
     for drill in drills:
@@ -135,30 +159,42 @@ def build_rows(drills: Iterable[StoredDrill], *, reviewed_only: bool = False) ->
             continue
         data = LABEL_MAP[label] if label is not None else None
         common = _common(drill)
-        out.prompts.append(
-            {
-                "id": f"drill-{r.id}",
-                "prompt": prompt,
-                "label": data.prompt if data else None,
-                "category": r.category if r.category != "none" else None,
-                **common,
-            }
-        )
-        out.responses.extend(_responses(r, prompt, data, common, out.skipped))
-        if len(r.user_texts()) >= 2:
+        context = in_context(r)
+        # the labels of the request (prompt or conversation): none where the label judged the upstream's reply
+        request_data = None if judges_reply(r) else data
+        if data is not None and request_data is None:
+            out.skipped["label_judges_reply"] += 1
+        elif context:
             out.conversations.append(
                 {
                     "id": f"drill-{r.id}-conversation",
                     "messages": _messages(r.messages),
-                    "label": data.conversation if data else None,
+                    "label": request_data.conversation if request_data else None,
                     **common,
                 }
             )
+        else:
+            out.prompts.append(
+                {
+                    "id": f"drill-{r.id}",
+                    "prompt": prompt,
+                    "label": request_data.prompt if request_data else None,
+                    "category": r.category if r.category != "none" else None,
+                    **common,
+                }
+            )
+        prompt_label = None if context or request_data is None else request_data.prompt
+        out.responses.extend(_responses(r, prompt, prompt_label, data, common, out.skipped))
     return out
 
 
 def _responses(
-    r: DrillRecord, prompt: str, data: DataLabels | None, common: Mapping[str, Any], skipped: Counter[str]
+    r: DrillRecord,
+    prompt: str,
+    prompt_label: str | None,
+    data: DataLabels | None,
+    common: Mapping[str, Any],
+    skipped: Counter[str],
 ) -> list[dict[str, Any]]:
     """The response rows of one drill: what the client got, and what the upstream wrote if the policy blocked it."""
 
@@ -167,7 +203,7 @@ def _responses(
             "id": f"drill-{r.id}-{kind}",
             "prompt": prompt,
             "response": response,
-            "prompt_label": data.prompt if data else None,
+            "prompt_label": prompt_label,
             "refusal": refusal,
             **extra,
             "model": model,
@@ -184,6 +220,8 @@ def _responses(
         policy_model = f"{upstream_model}+guardproxy-policy:{r.active.policy}"
         text = r.upstream_replies[0][:relayed] + r.replies[-1]
         rows.append(row("reply", text, None, policy_model, relayed_chars=relayed))
+    elif (r.reply_from_policy or r.reply_replaced) and r.delivered_status:
+        skipped["delivered_as_error"] += 1  # the client got an HTTP error, not a reply to score
     elif r.reply_from_policy or r.reply_replaced:
         # the policy's own text, which the client got: a refusal whatever the label
         policy_model = f"guardproxy-policy:{r.active.policy}"
@@ -200,12 +238,18 @@ def _responses(
     return rows
 
 
-def _messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    return [
-        {"role": str(m.get("role")), "content": message_text(m)}
-        for m in messages
-        if m.get("role") in ("system", "user", "assistant", "tool")
-    ]
+def _messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation's messages as text, with an assistant's tool calls and a tool result's call id kept."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant", "tool"):
+            continue
+        row: dict[str, Any] = {"role": str(m.get("role")), "content": message_text(m)}
+        for key in ("tool_calls", "tool_call_id"):
+            if m.get(key):
+                row[key] = m[key]
+        out.append(row)
+    return out
 
 
 def write_rows(rows: ExportRows, out_dir: Path) -> dict[str, int]:

@@ -101,7 +101,7 @@ def login_page(csrf: str, error: str = "") -> str:
         f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
         '<p><label>Admin token <input type="password" name="token" autocomplete="current-password" required>'
         "</label></p>"
-        '<p><label>Your name (for labels) <input type="text" name="reviewer" maxlength="64"></label></p>'
+        '<p><label>Your name (for labels) <input type="text" name="reviewer" maxlength="64" required></label></p>'
         '<p><button type="submit">Log in</button></p></form>'
     )
     return layout("Log in", body)
@@ -191,15 +191,22 @@ RELAYED_NOTE = (
 
 def reply_titles(r: DrillRecord) -> list[tuple[str, str]]:
     """Each stored reply text with what it is: the upstream's (per choice), or the text the client got instead."""
+    status = r.delivered_status
     if r.reply_from_policy:
-        return [("Sent to the client (policy text, request blocked)", t) for t in r.replies]
+        title = "Sent to the client (policy text, request blocked)"
+        if status:
+            title = f"Returned to the client as an HTTP {status} error, not a reply (policy text, request blocked)"
+        return [(title, t) for t in r.replies]
     if r.active.action == "block":  # blocked at the output check (``DrillRecord.reply_replaced``)
         upstream = r.upstream_replies
         relayed = relayed_chars(r)
         if relayed and len(upstream) == 1:
             named = [
                 ("Reached the client before the block (stream)", upstream[0][:relayed]),
-                ("Upstream reply after that point (withheld)", upstream[0][relayed:]),
+                (
+                    "Read from the upstream after that point, before the gateway stopped it (withheld)",
+                    upstream[0][relayed:],
+                ),
             ]
             if r.reply_replaced:
                 named.append(("Sent to the client after the block (policy text)", r.replies[-1]))
@@ -209,7 +216,10 @@ def reply_titles(r: DrillRecord) -> list[tuple[str, str]]:
             if len(upstream) == 1
             else [(f"Upstream reply, choice {k} (blocked choices were not sent)", t) for k, t in enumerate(upstream)]
         )
-        if r.reply_replaced:
+        if r.reply_replaced and status:
+            title = f"Returned to the client as an HTTP {status} error, in place of the blocked reply (policy text)"
+            named.append((title, r.replies[-1]))
+        elif r.reply_replaced:
             named.append(("Sent to the client (policy text, in place of the blocked reply)", r.replies[-1]))
         return named
     return [(f"Reply {i}" if len(r.replies) > 1 else "Reply", t) for i, t in enumerate(r.replies)]

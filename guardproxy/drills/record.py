@@ -2,7 +2,9 @@
 
 A ``DrillRecord`` is built once per guarded exchange by the guard's ``finish`` hook (``from_exchange``),
 handed to ``DrillRecorder.submit`` and, if sampled, redacted and written by the store's writer thread.
-It holds no credentials: the exchange's headers are never copied, the tenant is already a hash.
+It stores no credentials: the exchange's headers are never copied, the tenant is already a hash, and the request's
+own keys (``REQUEST_SECRETS``), which ride along to the store's writer thread so the redactor can cut them out of
+the texts exactly, are dropped by the redactor before the write.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Any, Literal
 
 from guardproxy.pipeline import Exchange
 from guardproxy.signals import Signals
+
+# The key of ``Exchange.state`` under which the gateway leaves the request's own keys (``proxy.request_secrets``: the
+# caller's key as sent, the gateway's upstream key): a key known exactly is cut exactly, whatever its shape.
+REQUEST_SECRETS = "request_secrets"
 
 Label = Literal["correct_refusal", "missed_harm", "false_refusal", "correct_answer", "unclear"]
 LABELS: tuple[Label, ...] = ("correct_refusal", "missed_harm", "false_refusal", "correct_answer", "unclear")
@@ -90,6 +96,8 @@ class DrillRecord:
     created: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     hashed: bool = False  # texts are sha256 digests (settings.drills.hash_only)
+    # the request's own keys, for the redactor to cut out; ``Redactor.record`` empties it, so it is never stored
+    secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.category == "none" and self.active.category:
@@ -113,6 +121,13 @@ class DrillRecord:
         return self.replies[:-1] if self.reply_replaced else self.replies
 
     @property
+    def delivered_status(self) -> int | None:
+        """The HTTP status the policy's text went back with when its block was delivered as an error (``[block]
+        delivery = "error"``): then the client got an error, not a reply. None: delivered as a reply."""
+        status = self.signals.get("delivered_status")
+        return int(status) if status else None
+
+    @property
     def harm(self) -> float:
         return float(self.signals.get("harm", 0.0))
 
@@ -122,6 +137,24 @@ class DrillRecord:
     def last_user_text(self) -> str:
         texts = self.user_texts()
         return texts[-1] if texts else ""
+
+
+def label_conflict(record: DrillRecord, label: str) -> str | None:
+    """Why ``label`` contradicts what ``record`` holds, or None. Decided only where the record settles it: a request
+    the active policy blocked at the input check was neither answered nor let through ("correct answer", "missed
+    harm"); an allowed exchange whose reply the guard read as no refusal refused nothing ("correct refusal",
+    "false refusal"). The guard's refusal class can be wrong, so that message points to "unclear" and a note."""
+    if record.reply_from_policy and label in ("correct_answer", "missed_harm"):
+        return (
+            "The policy blocked this request before the upstream saw it: nothing was answered. Label whether the "
+            "block was right: correct refusal or false refusal."
+        )
+    if record.active.action != "block" and record.refusal == "none" and label in ("correct_refusal", "false_refusal"):
+        return (
+            "Nothing was refused here: the policy let the request through and the guard read the reply as an answer. "
+            "Pick correct answer or missed harm; if the reply does refuse, pick unclear and say so in the note."
+        )
+    return None
 
 
 def message_text(message: Mapping[str, Any]) -> str:
@@ -181,6 +214,10 @@ def from_exchange(
             replies = (*replies, exchange.output_verdict.reply_text)
     model = exchange.body.get("model")
     numbers = signals_dict(signals)
+    verdict = exchange.input_verdict if blocked else exchange.output_verdict if out_blocked else None
+    if verdict is not None and verdict.status_code is not None and (blocked or not exchange.stream):
+        # the policy's text went back as an HTTP error (a stream's output block is always text in the stream)
+        numbers["delivered_status"] = float(verdict.status_code)
     if out_blocked and exchange.stream and replies and not from_policy:
         # the start of the reply reached the client before the check that blocked it (the review page shows it)
         numbers["relayed_chars"] = float(exchange.relayed_chars.get(min(exchange.reply_texts, default=0), 0))
@@ -198,4 +235,5 @@ def from_exchange(
         reply_from_policy=from_policy,
         model=model if isinstance(model, str) else None,
         family=family,
+        secrets=tuple(exchange.state.get(REQUEST_SECRETS, ())),
     )

@@ -67,12 +67,17 @@ _REASON = re.compile(
     r"|violat|my guidelines|safety)",
     re.IGNORECASE,
 )
+# What can be done instead, in the first person or the gateway's third ("It can help with ..."), with straight or
+# curly apostrophes; "I can't help" and "I cannot help" never match ("can" must be followed by a space).
 _ALTERNATIVE = re.compile(
-    r"\b(instead|alternatively|i can help (?:you )?(?:with|by)|i(?:'d| would) be (?:glad|happy) to|happy to help"
+    r"\b(instead|alternatively|i(?:['’]d| would) be (?:glad|happy) to|happy to help"
+    r"|i(?:['’]m| am) (?:also )?(?:glad|happy|here) to|i(?:['’]ll| will) (?:gladly )?(?:help|pick up|assist)"
+    r"|(?:i|it|we) can (?:also )?(?:help|point|explain|discuss|direct|summari[sz]e|suggest|offer|share|tell you|give"
+    r"|cover|show|walk)"
     r"|you (?:could|might|may want to|can) (?:try|consider|contact|reach|talk|speak|look|visit|call|ask|check)"
     r"|consider (?:talking|speaking|reaching|contacting|asking|looking)|here (?:is|are) (?:some|a few)|resources?"
-    r"|hotline|helpline|crisis line|a (?:doctor|lawyer|professional|pharmacist|therapist)|if you(?:'re| are) "
-    r"(?:interested|looking|trying|curious)|what i can do|i can (?:explain|tell you|offer|share|suggest|give))",
+    r"|hotline|helpline|crisis line|help is available|a (?:doctor|lawyer|professional|pharmacist|therapist)"
+    r"|if you(?:['’]re| are) (?:interested|looking|trying|curious)|what i can do|ask for what you (?:actually )?need)",
     re.IGNORECASE,
 )
 

@@ -34,7 +34,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from guardproxy.drills import charts, pages
-from guardproxy.drills.record import LABELS
+from guardproxy.drills.record import LABELS, label_conflict
 from guardproxy.drills.sampling import REASONS
 from guardproxy.drills.store.base import DrillFilter, DrillStats, DrillStore
 from guardproxy.errors import StoreError
@@ -248,6 +248,8 @@ class _ReviewPage:
             await asyncio.sleep(0.2)  # slows guessing without holding anything but this request
             return self._login_response(auth, 401, "Wrong token.")
         reviewer = form.get("reviewer", "").strip()[:64]
+        if not reviewer:  # labels record who gave them: an empty name makes disagreeing reviewers one
+            return self._login_response(auth, 400, "Enter your name: each label records who gave it.")
         resp = RedirectResponse(BASE, status_code=303, headers=SECURITY_HEADERS)
         resp.set_cookie(
             SESSION_COOKIE,
@@ -336,6 +338,9 @@ class _ReviewPage:
             drill = await self.store.get(drill_id)
             if drill is None:
                 return _not_found()
+            conflict = label_conflict(drill.record, label)
+            if conflict is not None:
+                return await self._drill_view(request, session, error=conflict, status=400)
             await self.store.add_label(drill_id, label, form.get("note", "").strip()[:2000], session.reviewer)
             _, older = await self.store.neighbours(drill.record, f)
         except StoreError as exc:

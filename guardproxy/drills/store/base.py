@@ -45,6 +45,7 @@ from guardproxy.drills.store.schema import (
     INSERT,
     MIGRATIONS,
     SCHEMA_VERSION,
+    SHADOW_DECISION_SQL,
     DrillFilter,
     filter_sql,
     record_from_row,
@@ -156,6 +157,7 @@ class DrillStore(ABC):
     """A drill database behind one writer thread. Subclasses supply connections and dialect details."""
 
     serial_type = "INTEGER PRIMARY KEY"
+    shadow_decision_sql = SHADOW_DECISION_SQL  # the queue's policy-and-action filter, in this database's dialect
     # Errors at open that mean "the database is down", not "misconfigured": the store starts degraded.
     degraded_start_errors: tuple[type[Exception], ...] = ()
     # Seconds each database call of the writer may take before the client breaks it off (``_interrupt``); None: the
@@ -596,11 +598,34 @@ class DrillStore(ABC):
         return await asyncio.wait_for(asyncio.wrap_future(op.future), timeout=wait_s + 30)
 
     # -- schema -----------------------------------------------------------------------------------------
+    def check_exists(self) -> None:
+        """Raise ``StoreError`` (one line naming the store and what is missing) unless a gateway created this store:
+        for a command that writes to a store (``guardproxy drills purge``, which migrates an older one) but must
+        not create one where a URL has a typo. Creates nothing."""
+        try:
+            with self._reader() as conn:
+                self._check_namespace(conn)
+                if "schema_version" not in self._tables(conn):
+                    raise StoreError(
+                        f"drill store {self.where}: no table schema_version (not a drill store, or never opened by a"
+                        " gateway)"
+                    )
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"drill store {self.where}: {one_line(exc)}") from exc
+
+    def _check_namespace(self, conn: Any) -> None:
+        """Raise ``StoreError`` if what holds the tables is missing (PostgreSQL: the schema; SQLite: nothing, the
+        CLI checks the file)."""
+        return None
+
     def _check_readable(self) -> None:
         """Read-only open: the tables are there, at this guardproxy's schema version. Creates nothing; each problem
         is one line naming the store and what is missing."""
         try:
             with self._reader() as conn:
+                self._check_namespace(conn)
                 self._check_tables(conn)
                 version = int(conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0)
         except StoreError:
@@ -730,19 +755,19 @@ class DrillStore(ABC):
         return found[0] if found else None
 
     async def find(self, f: DrillFilter = ANY_DRILL, *, limit: int = 50, offset: int = 0) -> list[StoredDrill]:
-        where, params = filter_sql(f)
+        where, params = filter_sql(f, self.shadow_decision_sql)
         tail = "ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
         return await self._read(lambda c: self._query(c, where, [*params, limit, offset], tail))
 
     async def count(self, f: DrillFilter = ANY_DRILL) -> int:
-        where, params = filter_sql(f)
+        where, params = filter_sql(f, self.shadow_decision_sql)
         return await self._read(
             lambda c: int(c.execute(self._sql(f"SELECT count(*) FROM drills{where}"), params).fetchone()[0])
         )
 
     async def neighbours(self, drill: DrillRecord, f: DrillFilter = ANY_DRILL) -> tuple[str | None, str | None]:
         """(newer, older) drill ids around ``drill`` in queue order, under the same filter."""
-        where, params = filter_sql(f)
+        where, params = filter_sql(f, self.shadow_decision_sql)
         joiner = " AND " if where else " WHERE "
 
         def run(c: Any) -> tuple[str | None, str | None]:
@@ -766,7 +791,7 @@ class DrillStore(ABC):
     async def all_drills(self, *, reviewed_only: bool = False, chunk: int = 1000) -> list[StoredDrill]:
         """Every drill, oldest first (export, report)."""
         f = DrillFilter(reviewed=True if reviewed_only else None)
-        where, params = filter_sql(f)
+        where, params = filter_sql(f, self.shadow_decision_sql)
 
         def run(c: Any) -> list[StoredDrill]:
             out: list[StoredDrill] = []

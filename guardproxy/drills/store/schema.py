@@ -54,7 +54,8 @@ INSERT = f"INSERT INTO drills ({COLUMNS}) VALUES ({', '.join('?' * 21)}) ON CONF
 
 @dataclass(frozen=True)
 class DrillFilter:
-    """Queue filters of the review page (each ``None`` means any)."""
+    """Queue filters of the review page (each ``None`` means any). ``action`` is the active policy's action; with
+    ``policy``, it is that policy's action, as the active policy or as a shadow (what a shadow alone would block)."""
 
     reason: str | None = None
     policy: str | None = None
@@ -70,21 +71,32 @@ def _like(value: str) -> str:
     return "%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def filter_sql(f: DrillFilter) -> tuple[str, list[Any]]:
+# A shadow decision of the JSON ``shadows`` column with a given policy and action (two parameters), in SQLite's
+# dialect; ``PostgresStore.shadow_decision_sql`` is PostgreSQL's.
+SHADOW_DECISION_SQL = (
+    "EXISTS (SELECT 1 FROM json_each(drills.shadows) AS s"
+    " WHERE json_extract(s.value, '$.policy') = ? AND json_extract(s.value, '$.action') = ?)"
+)
+
+
+def filter_sql(f: DrillFilter, shadow_decision_sql: str = SHADOW_DECISION_SQL) -> tuple[str, list[Any]]:
     where: list[str] = []
     params: list[Any] = []
     if f.reason:
         where.append("reasons LIKE ? ESCAPE '\\'")
         params.append(_like(json.dumps(f.reason)))
-    if f.policy:
+    if f.policy and f.action:
+        where.append(f"((active_policy = ? AND active_action = ?) OR {shadow_decision_sql})")
+        params += [f.policy, f.action, f.policy, f.action]
+    elif f.policy:
         where.append("(active_policy = ? OR shadows LIKE ? ESCAPE '\\')")
         params += [f.policy, _like('"policy": ' + json.dumps(f.policy))]
+    elif f.action:
+        where.append("active_action = ?")
+        params.append(f.action)
     if f.category:
         where.append("category = ?")
         params.append(f.category)
-    if f.action:
-        where.append("active_action = ?")
-        params.append(f.action)
     if f.reviewed is not None:
         exists = "EXISTS (SELECT 1 FROM labels l WHERE l.drill_id = drills.id)"
         where.append(exists if f.reviewed else "NOT " + exists)
