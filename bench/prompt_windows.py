@@ -20,7 +20,6 @@ what that changes, on the model's dev split (rows it never trained on; the train
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import random
 import statistics
@@ -30,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.trainer_rows import trainer_rows
 from guardproxy.classifier import PROMPT_WINDOW_LINE, OnnxClassifier
 from guardproxy.encoding import HEAD_FRACTION
 from guardproxy.normalize import normalize
@@ -121,12 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="dev")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    config = json.loads((args.model / "config.json").read_text(encoding="utf-8"))
-    seed = int(config.get("data", {}).get("seed", 0))
-    sources = importlib.import_module("guardproxy.training.sources")
-    splits = importlib.import_module("guardproxy.training.splits")
-    examples = sources.load_all(args.data, seed=seed, chat_turns=bool(config.get("data", {}).get("chat_turns")))
-    splits.assign_splits(examples, seed)
+    examples = trainer_rows(args.model, args.data)
+    seed = int(json.loads((args.model / "config.json").read_text(encoding="utf-8")).get("data", {}).get("seed", 0))
     rows = _rows(examples, args.split)
     clf = OnnxClassifier.load(args.model, cache_size=0)  # the whole model: no early exit, nothing cached
     budget = clf.info.max_length - 2

@@ -19,7 +19,6 @@ label, by source:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -27,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.trainer_rows import trainer_rows
 from guardproxy.classifier import OnnxClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="dev")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    config = json.loads((args.model / "config.json").read_text(encoding="utf-8"))
-    seed = int(config.get("data", {}).get("seed", 0))
-    sources = importlib.import_module("guardproxy.training.sources")
-    splits = importlib.import_module("guardproxy.training.splits")
-    examples = sources.load_all(args.data, seed=seed, chat_turns=bool(config.get("data", {}).get("chat_turns")))
-    splits.assign_splits(examples, seed)
+    examples = trainer_rows(args.model, args.data)
     rows = [e for e in examples if e.pair and e.reply_harm is not None and e.split == args.split]
     clf = OnnxClassifier.load(args.model)
     by_source: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
