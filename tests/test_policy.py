@@ -305,7 +305,7 @@ def test_a_gateway_does_not_start_on_a_broken_policy() -> None:
 
 def test_thresholds_for_drill_sampling() -> None:
     th = load_policy(shipped("default")).thresholds()
-    assert th == {"harm": 0.5, "history_harm": 0.8, "reply_harm": 0.5}
+    assert th == {"harm": 0.5, "history_harm": 0.8, "reply_harm": 0.6}
     assert load_policy(shipped("strict")).thresholds() == {
         "harm": 0.3,
         "history_harm": 0.6,
