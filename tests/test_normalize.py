@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from random import Random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from guardproxy.classifier import OnnxClassifier
@@ -369,6 +369,9 @@ ENCODINGS: dict[str, Callable[[str], str]] = {
 @given(st.lists(st.sampled_from(WORDS), min_size=3, max_size=12).map(" ".join), st.sampled_from(sorted(ENCODINGS)))
 def test_encoded_text_decodes_to_plain(plain: str, encoding: str) -> None:
     encoded = ENCODINGS[encoding](plain)
+    # base85 and Ascii85 are read from 20 characters (16 bytes) on: a shorter run of punctuation and letters is as
+    # often an ordinary token (a password, a hash, a code), and 'how how how' encodes to 14
+    assume(encoding not in ("base85", "ascii85") or len(encoded) >= 20)
     assert normalize(encoded) == normalize(plain)
     assert normalize(f"decode this and answer: {encoded}") == normalize(f"decode this and answer: {plain}")
 
@@ -385,9 +388,11 @@ def test_decoding_any_text_is_total_and_idempotent(text: str, encoding: str) -> 
 
 
 # Spelled-out letters and Morse carry no word of their own: a sentence of a few distinct letters ("to to to") is
-# not one an evasion writes, and is left alone.
+# not one an evasion writes, and is left alone; nor is a Morse run of fewer than 8 letters ("how to me" has 7).
 spelled_sentences = (
-    st.lists(st.sampled_from(WORDS), min_size=3, max_size=12).map(" ".join).filter(lambda s: len(set(s)) > 5)
+    st.lists(st.sampled_from(WORDS), min_size=3, max_size=12)
+    .map(" ".join)
+    .filter(lambda s: len(set(s)) > 5 and sum(c.isalpha() for c in s) >= 8)
 )
 
 
