@@ -57,7 +57,7 @@ from guardproxy.conversation.integrity import message_text, unbound_text
 from guardproxy.conversation.tracker import ConversationTracker as StateTracker
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
-from guardproxy.drills.record import PolicyDecision
+from guardproxy.drills.record import PolicyDecision, StageDecision
 from guardproxy.errors import StateBackendError
 from guardproxy.pipeline import Action, Early, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
@@ -149,13 +149,15 @@ class DrillSink(Protocol):
     ) -> bool: ...
 
 
-def drill_decision(decision: Decision) -> PolicyDecision:
+def drill_decision(decision: Decision, stages: Sequence[Decision] = ()) -> PolicyDecision:
+    """The drill's copy of one policy's ``decision`` on an exchange, with what it decided at each of ``stages``."""
     return PolicyDecision(
         policy=decision.policy,
         version=decision.version,
         action=decision.action.value,
         rule=decision.rule,
         category=decision.category,
+        stages=tuple(StageDecision(d.stage, d.action.value, d.rule) for d in stages),
     )
 
 
@@ -742,12 +744,11 @@ class GuardCheck:
                     # a stream cut mid-way: the client holds what went out before the cut, then the policy's text
                     await self._record(exchange, state, self._relayed_reply(exchange, state), refused=True)
             if self.drills is not None:
-                active = self._combined(state, state.active)
                 self.drills.submit_exchange(
                     exchange,
                     state.output_signals or state.signals,
-                    drill_decision(active),
-                    [drill_decision(self._combined(state, p)) for p in state.shadows],
+                    self._drill_decision(state, state.active),
+                    [self._drill_decision(state, p) for p in state.shadows],
                     thresholds=state.active.thresholds(),
                     family=self._family(state),
                 )
@@ -787,6 +788,14 @@ class GuardCheck:
         first = state.input[policy.ref]
         out = state.output.get(policy.ref)
         return out if out is not None and _SEVERITY[out.action] > _SEVERITY[first.action] else first
+
+    @classmethod
+    def _drill_decision(cls, state: _ExchangeState, policy: Policy) -> PolicyDecision:
+        """``policy``'s decision as a drill keeps it: the combined one (``_combined``: the output's replaces the
+        input's only when more severe, as the headers do) and each stage's, so the one it did not replace shows too."""
+        out = state.output.get(policy.ref)
+        stages = (state.input[policy.ref],) if out is None else (state.input[policy.ref], out)
+        return drill_decision(cls._combined(state, policy), stages)
 
     @staticmethod
     def _relayed_reply(exchange: Exchange, state: _ExchangeState) -> str | None:

@@ -14,8 +14,11 @@ outgrows its cap keeps its newest half behind a marker entry (``MARKER``), after
 The tenant's refusal memory is a separate short list (newest first) of the embeddings of refused requests,
 quantised to int8 and tagged with the embedding space they were written in (``pack_embedding``): replicas on
 another model, or a state kept from before the model was replaced, are never compared across spaces. Each carries
-its family (8 bytes): the refused request's own, or that of the earlier refused request it rewords, so a chain of
-rewordings after refusals stays one family (the drill report's decision consistency reads it).
+its family (8 bytes): the refused request's own, or that of the family it rewords (the drill report's decision
+consistency reads it). A request rewords a family when it is close to the family's anchor, its oldest refused request
+in the list (``ConversationTracker._rephrase``), not merely to some member: a chain of pairwise matches (B rewords A, C
+rewords B) would otherwise grow one family across unrelated requests. The anchor is one of the entries, so families
+cost no bytes beyond the 8 each entry carries.
 
 Beside the record, a conversation keeps the states of its last few user turns (``pack_turn_states``): what the
 window estimate (``guardproxy.early_exit.WindowEstimate``) reads instead of a window pass. A replica that did not

@@ -109,10 +109,10 @@ class Observation:
     # the guard reads their text. Empty for a verified history, whatever its length.
     unverified: tuple[int, ...] = ()
     rephrase_matches: tuple[tuple[float, float], ...] = ()  # (cosine, risk when refused) of the closest refusals
-    # The family (hex) of the refused request this one rewords (similarity at the tracker's ``rephrase_low``), else
-    # None. A refusal of this request joins that family; a refused request that rewords none starts its own
-    # (``family``). Drill records carry it, so the drill report's decision consistency compares the rewordings the
-    # guard itself matched.
+    # The family (hex) this request rewords: its anchor, the family's first refused request, is at the tracker's
+    # ``rephrase_low`` or closer (``ConversationTracker._rephrase``); else None. A refusal of this request joins that
+    # family; a refused request that rewords none starts its own (``family``). Drill records carry it, so the drill
+    # report's decision consistency compares the rewordings the guard itself matched.
     rephrase_family: str | None = None
     handle: _Handle | None = field(default=None, repr=False, compare=False)  # pass it back to record_reply
     # ``observe(defer_window=True)`` with a window pass to run: the final observation (these signals are provisional)
@@ -637,9 +637,15 @@ class ConversationTracker:
     def _rephrase(
         self, scores: Sequence[PromptScore], refused: tuple[bytes, ...]
     ) -> tuple[float, tuple[tuple[float, float], ...], bytes | None]:
-        """(max cosine, (cosine, risk when refused) of the closest few, the closest one's family when the cosine
-        reaches ``rephrase_low``) between this request's user turns and the tenant's refused requests. Turns that
-        exited early have no embedding and are left out."""
+        """(max cosine, (cosine, risk when refused) of the closest few, the family this request rewords) between
+        this request's user turns and the tenant's refused requests. Turns that exited early have no embedding and
+        are left out.
+
+        The family is the one whose anchor is closest, at ``rephrase_low`` or above; None when no anchor is that
+        close. A family's anchor is its oldest refused request still in memory: the one that started it, until newer
+        refusals push it out (the memory keeps the tenant's last 32 by default; then the oldest member left stands
+        in). Matching the anchor, not any member, keeps a family from chaining: B rewords A, C is close to B but not
+        to A, so C starts its own."""
         embeddings = [s.embedding for s in scores if not s.exited]
         if not refused or not embeddings:
             return 0.0, (), None
@@ -650,10 +656,10 @@ class ConversationTracker:
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         sims = np.clip(np.max(e @ memory.matrix.T, axis=0), -1.0, 1.0)
         top = np.argsort(-sims)[:4]
-        best = float(sims[top[0]])
-        family = memory.families[int(top[0])] if best >= self.params.rephrase_low else None
-        family = None if family == NO_FAMILY else family  # recorded before families were
-        return best, tuple((float(sims[i]), float(memory.risks[i])) for i in top), family
+        anchors = {f: i for i, f in enumerate(memory.families) if f != NO_FAMILY}  # newest first: the oldest wins
+        near = [(float(sims[i]), f) for f, i in anchors.items() if sims[i] >= self.params.rephrase_low]
+        family = max(near)[1] if near else None
+        return float(sims[top[0]]), tuple((float(sims[i]), float(memory.risks[i])) for i in top), family
 
     # -- the API --------------------------------------------------------------------------------------------------
 

@@ -116,6 +116,11 @@ def _common(drill: StoredDrill) -> dict[str, Any]:
         "sampled_because": list(r.reasons),
         "active_policy": f"{r.active.policy}@{r.active.version}",
         "active_action": r.active.action,
+        "active_rule": r.active.rule,
+        # what each stage decided (input, then output): a rule the other stage's did not outrank shows here only;
+        # [] for a drill recorded before stages were kept
+        "active_stages": [s.as_dict() for s in r.active.stages],
+        "history": r.history,  # verified | unverified | forged | none; null: not recorded
         # a refused request and the rewordings the guard matched to it: split a drill set by it, so one probe's
         # wordings never sit on both sides of a train/dev split
         "family": r.family,

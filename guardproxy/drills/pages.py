@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote, urlencode
 
-from guardproxy.drills.record import LABEL_TITLES, LABELS, DrillRecord, message_text
+from guardproxy.drills.record import LABEL_TITLES, LABELS, DrillRecord, PolicyDecision, message_text
 from guardproxy.drills.sampling import REASONS
 from guardproxy.drills.store.base import StoredDrill
 from guardproxy.taxonomy import CATEGORY_IDS
@@ -242,6 +242,17 @@ def _replies_html(r: DrillRecord) -> str:
     return note + "".join(f'<div class="role">{_e(title)}</div><pre class="msg">{_e(t)}</pre>' for title, t in named)
 
 
+def _stages_html(d: PolicyDecision) -> str:
+    """What ``d``'s policy decided at each stage (``PolicyDecision.stages``): the input and the output check can
+    both match a rule, and ``rule`` names only the one that set the action."""
+    if not d.stages:
+        return '<span class="muted">not recorded</span>'
+    return "<br>".join(
+        f'{_e(s.stage)}: <span class="{_e(s.action)}">{_e(s.action)}</span>{" " + _e(s.rule) if s.rule else ""}'
+        for s in d.stages
+    )
+
+
 def drill_page(
     drill: StoredDrill,
     *,
@@ -261,9 +272,11 @@ def drill_page(
         if isinstance(v, int | float)
     )
     signals += f"<tr><th>refusal</th><td>{_e(r.refusal or '-')}</td><td></td></tr>"
+    signals += f"<tr><th>history</th><td>{_e(r.history or 'not recorded')}</td><td></td></tr>"
     decisions = "".join(
         f'<tr><td>{_e(role)}</td><td>{_e(d.policy)}</td><td>{_e(d.version)}</td><td class="{_e(d.action)}">'
-        f"{_e(d.action)}</td><td>{_e(d.rule or '')}</td><td>{_e(d.category or '')}</td></tr>"
+        f"{_e(d.action)}</td><td>{_e(d.rule or '')}</td><td>{_stages_html(d)}</td><td>{_e(d.category or '')}</td>"
+        "</tr>"
         for role, d in [("active", r.active), *[("shadow", s) for s in r.shadows]]
     )
     history = "".join(
@@ -294,7 +307,7 @@ def drill_page(
         f"{' · texts stored as hashes' if r.hashed else ''}</p>"
         f"<h2>Conversation</h2>{conv}<h2>Reply</h2>{replies}"
         "<h2>Decisions</h2><table><tr><th>role</th><th>policy</th><th>version</th><th>action</th><th>rule</th>"
-        f"<th>category</th></tr>{decisions}</table>"
+        f"<th>by stage</th><th>category</th></tr>{decisions}</table>"
         f"<h2>Signals</h2><table><tr><th>signal</th><th>value</th><th>threshold</th></tr>{signals}</table>"
         f"<h2>Label</h2>{err}"
         f'<form method="post" action="{_e(BASE + "/drill/" + quote(r.id) + "/label")}" class="labels">'

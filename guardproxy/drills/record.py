@@ -34,22 +34,52 @@ LABEL_TITLES: Mapping[str, str] = {
 
 
 @dataclass(frozen=True)
+class StageDecision:
+    """What one policy decided at one stage of the exchange: the input check, or the output check of a reply."""
+
+    stage: str  # input | output
+    action: str  # allow | flag | block
+    rule: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"stage": self.stage, "action": self.action, "rule": self.rule}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StageDecision:
+        return cls(stage=str(data.get("stage", "")), action=str(data.get("action", "allow")), rule=data.get("rule"))
+
+
+@dataclass(frozen=True)
 class PolicyDecision:
-    """One policy's decision on the exchange (the active one, or a shadow)."""
+    """One policy's decision on the exchange (the active one, or a shadow).
+
+    ``action``, ``rule`` and ``category`` are the exchange's decision: the output check's when it was more severe
+    than the input check's, else the input's (``GuardCheck._combined``). ``stages`` keeps what each stage decided,
+    so an output rule that was no more severe is not lost: an input ``flag-jailbreak`` and an output
+    ``flag-false-refusal`` both show, though the client's ``x-guardproxy-flag`` header names the second. Empty for
+    drills recorded before stages were kept (2026-12-07)."""
 
     policy: str
     version: str
     action: str  # allow | flag | block
     rule: str | None = None
     category: str | None = None
+    stages: tuple[StageDecision, ...] = ()
 
-    def as_dict(self) -> dict[str, str | None]:
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The rule ids every stage matched, in stage order, each once; ``rule`` alone for an older drill."""
+        found = [s.rule for s in self.stages if s.rule] if self.stages else [self.rule] if self.rule else []
+        return tuple(dict.fromkeys(found))
+
+    def as_dict(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
             "version": self.version,
             "action": self.action,
             "rule": self.rule,
             "category": self.category,
+            "stages": [s.as_dict() for s in self.stages],
         }
 
     @classmethod
@@ -60,6 +90,7 @@ class PolicyDecision:
             action=str(data.get("action", "allow")),
             rule=data.get("rule"),
             category=data.get("category"),
+            stages=tuple(StageDecision.from_dict(s) for s in data.get("stages") or ()),
         )
 
 
@@ -96,6 +127,10 @@ class DrillRecord:
     created: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     hashed: bool = False  # texts are sha256 digests (settings.drills.hash_only)
+    # The conversation's history as the tracker read it (``ConversationSignals.history``): verified, unverified,
+    # forged or none; the evidence behind a forged-history rule (with ``signals["history_harm"]``). None for drills
+    # recorded before it was kept.
+    history: str | None = None
     # the request's own keys, for the redactor to cut out; ``Redactor.record`` empties it, so it is never stored
     secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
@@ -181,6 +216,7 @@ def signals_dict(signals: Signals) -> dict[str, float]:
         "escalation": conv.escalation,
         "refusal_events": float(conv.refusal_events),
         "rephrase_similarity": conv.rephrase_similarity,
+        "history_harm": signals.history_harm,
         "turn_index": float(conv.turn_index),
         "classifier_failed": float(signals.classifier_failed),
         "state_failed": float(signals.state_failed),
@@ -235,5 +271,6 @@ def from_exchange(
         reply_from_policy=from_policy,
         model=model if isinstance(model, str) else None,
         family=family,
+        history=signals.conversation.history,
         secrets=tuple(exchange.state.get(REQUEST_SECRETS, ())),
     )

@@ -259,7 +259,7 @@ def consistency(drills: Sequence[StoredDrill], inputs: ReportInputs) -> dict[str
             "size": len(members),
             "actions": dict(Counter(m.record.active.action for m in members)),
             "example": members[0].record.last_user_text()[:200],
-            "drill_ids": [m.record.id for m in members[:10]],
+            "drill_ids": [m.record.id for m in members],  # all of them: a reviewer opens each
         }
         for (kind, members), ok in zip(families, consistent, strict=True)
         if not ok
@@ -269,7 +269,8 @@ def consistency(drills: Sequence[StoredDrill], inputs: ReportInputs) -> dict[str
         "given": sum(k == "given" for k, _ in families),
         "inferred": sum(k == "inferred" for k, _ in families),
         "consistent_share": sum(consistent) / len(families),
-        "inconsistent": mixed[:20],
+        "inconsistent_families": len(mixed),
+        "inconsistent": mixed[:20],  # the first 20 (given families first, then inferred ones, largest first)
     }
 
 
@@ -346,7 +347,12 @@ def render_html(report: dict[str, Any]) -> str:
     )  # fmt: skip
     for fam in c.get("inconsistent", []):
         parts.append(f"<li>{fam['size']} drills, {e(json.dumps(fam['actions']))}: <q>{e(fam['example'])}</q></li>")
-    parts.append("</ul></body></html>")
+    parts.append("</ul>")
+    if len(c.get("inconsistent", [])) < c.get("inconsistent_families", 0):
+        parts.append(
+            f"<p>The first {len(c['inconsistent'])} of {c['inconsistent_families']} inconsistent families.</p>"
+        )
+    parts.append("</body></html>")
     return "".join(parts)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guardproxy.drills.record import LABELS, DrillRecord, PolicyDecision
+from guardproxy.drills.record import LABELS, DrillRecord, PolicyDecision, StageDecision
 
 _LABEL_LIST = ", ".join(f"'{label}'" for label in LABELS)
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -42,14 +42,24 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX labels_drill ON labels (drill_id, id)",
         ),
     ),
+    (
+        3,
+        (
+            # What each stage of the active policy decided (JSON, ``PolicyDecision.stages``; a shadow's rides in
+            # ``shadows``) and the conversation's history verdict. NULL on older drills: read as not recorded.
+            "ALTER TABLE drills ADD COLUMN active_stages TEXT",
+            "ALTER TABLE drills ADD COLUMN history TEXT",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 COLUMNS = (
     "id, request_id, tenant, created, model, messages, replies, reply_from_policy, signals, refusal, category,"
-    " harm, thresholds, active_policy, active_version, active_action, active_rule, shadows, reasons, family, hashed"
+    " harm, thresholds, active_policy, active_version, active_action, active_rule, shadows, reasons, family, hashed,"
+    " active_stages, history"
 )
-INSERT = f"INSERT INTO drills ({COLUMNS}) VALUES ({', '.join('?' * 21)}) ON CONFLICT DO NOTHING"
+INSERT = f"INSERT INTO drills ({COLUMNS}) VALUES ({', '.join('?' * 23)}) ON CONFLICT DO NOTHING"
 
 
 @dataclass(frozen=True)
@@ -126,12 +136,14 @@ def row_params(r: DrillRecord) -> tuple[Any, ...]:
         json.dumps(list(r.reasons)),
         r.family,
         r.hashed,
+        json.dumps([s.as_dict() for s in r.active.stages]),
+        r.history,
     )
 
 
 def record_from_row(row: Sequence[Any]) -> DrillRecord:
     (id_, request_id, tenant, created, model, messages, replies, from_policy, signals, refusal, category, _harm,
-     thresholds, policy, version, action, rule, shadows, reasons, family, hashed) = row  # fmt: skip
+     thresholds, policy, version, action, rule, shadows, reasons, family, hashed, stages, history) = row  # fmt: skip
     return DrillRecord(
         id=id_,
         request_id=request_id,
@@ -145,9 +157,17 @@ def record_from_row(row: Sequence[Any]) -> DrillRecord:
         refusal=refusal,
         category=category,
         thresholds=json.loads(thresholds),
-        active=PolicyDecision(policy=policy, version=version, action=action, rule=rule, category=category),
+        active=PolicyDecision(
+            policy=policy,
+            version=version,
+            action=action,
+            rule=rule,
+            category=category,
+            stages=tuple(StageDecision.from_dict(s) for s in json.loads(stages or "[]")),
+        ),
         shadows=tuple(PolicyDecision.from_dict(d) for d in json.loads(shadows)),
         reasons=tuple(json.loads(reasons)),
         family=family,
         hashed=bool(hashed),
+        history=history,
     )
