@@ -75,6 +75,7 @@ def scores_of(signals: Signals) -> dict[str, float | str | None]:
         "harm": round(signals.harm, 4),
         "jailbreak": round(signals.jailbreak, 4),
         "reply_harm": None if signals.reply_harm is None else round(signals.reply_harm, 4),
+        "joined_reply_harm": None if signals.joined_reply_harm is None else round(signals.joined_reply_harm, 4),
         "history_harm": round(signals.history_harm, 4),
         "refusal": signals.refusal,
         "escalation": round(conv.escalation, 4),

@@ -4,7 +4,8 @@
 the texts the guard scores, the classifier's ``PromptScore``s, the conversation tracker's escalation
 signals), hands the same ``signals.Signals`` to the active policy and to every shadow policy, and returns
 only the active decision to the gateway. ``check_output`` scores (prompt, reply) pairs for refusal and
-reply harm and asks the policies again. ``finish`` (off the request path) writes every decision of every
+reply harm, and the reply read after the assistant replies just before it (``joined_reply``, ``joined_harm``), and
+asks the policies again. ``finish`` (off the request path) writes every decision of every
 policy to the decision log, counts them, updates the conversation tracker and hands the exchange to the
 drills recorder.
 
@@ -186,6 +187,14 @@ MAX_SCORED_TEXTS = 64
 # request with more is partly scored (``_partly``), so the older ones never pass silently either.
 MAX_HISTORY_REPLIES = 32
 _SCORED_ROLES_WITH_SYSTEM = _SCORED_ROLES | {"system", "developer"}
+# How many assistant replies before a reply the output check reads together with it (``joined_reply``,
+# ``Signals.joined_reply_harm``): a procedure asked for one step a turn ("and then?", "go on") comes in pieces that
+# each read harmless; three turns hold a short one, and the joined text stays within a few pair passes.
+JOINED_REPLY_TURNS = 2
+# The joined text counts only where the earlier replies, read together without the new one, stay under the reply
+# harm operating point (``joined_harm``); they are read only when the joined text reaches it (rarely: 4.5% of the
+# calibration split's harmless replies), so most checks cost no extra pass.
+JOINED_EARLIER_LINE = 0.5
 
 
 @dataclass(frozen=True)
@@ -303,6 +312,55 @@ def _user_before(messages: Sequence[Any], i: int) -> str:
         if isinstance(m, Mapping) and m.get("role") == "user":
             return message_text(m)
     return ""
+
+
+@dataclass(frozen=True)
+class JoinedReply:
+    """The assistant replies just before a reply, read with it for ``Signals.joined_reply_harm`` (``joined_reply``)."""
+
+    prompt: str  # the user turn before the oldest of them: the ask the pieces answer
+    earlier: str  # their texts, oldest first, joined by blank lines
+
+    def pair(self, reply: str) -> tuple[str, str]:
+        """The (prompt, text) pair of ``reply`` read after the earlier replies."""
+        return self.prompt, f"{self.earlier}\n\n{reply}"
+
+    def earlier_pair(self) -> tuple[str, str]:
+        """The earlier replies read together without the new one."""
+        return self.prompt, self.earlier
+
+
+def joined_reply(messages: Sequence[Any], turns: int = JOINED_REPLY_TURNS) -> JoinedReply | None:
+    """The last ``turns`` assistant messages of ``messages`` with text, oldest first, and the user turn before the
+    oldest of them as the prompt. That is the ask the pieces answer ("how do I make X?"); the follow-ups after it
+    ("and then?") say nothing the model can use, and joining them would put them at the prompt's tail, the part a
+    pair pass reads. It also stays the same while a stream grows and across the first turns of a conversation, so
+    the classifier's cache answers the windows of the earlier text. None when ``messages`` has no assistant text (the
+    reply alone is what the output check already scores). Reads the messages from the end: a long history costs a
+    look at its last few."""
+    earlier: list[tuple[int, str]] = []
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if len(earlier) == turns:
+            break
+        if isinstance(m, Mapping) and m.get("role") == "assistant" and _has_words(text := message_text(m)):
+            earlier.append((i, text))
+    if not earlier:
+        return None
+    earlier.reverse()
+    return JoinedReply(_user_before(messages, earlier[0][0]), "\n\n".join(t for _, t in earlier))
+
+
+def joined_harm(joined: ReplyScore | None, earlier: ReplyScore | None) -> float | None:
+    """``Signals.joined_reply_harm`` from the joined text's score (None: no earlier reply) and the earlier replies'
+    read together without the new one (None: not read, because the joined text reads under ``JOINED_EARLIER_LINE``).
+    None where there is nothing the new reply completes: no earlier reply (the reply alone is ``reply_harm``'s), or
+    earlier replies that already read harmful. Those were relayed (each judged when it went out, a stream's up to the
+    cut) or written by the client (``history_harm`` reads those, with its own lines), and a harmless "thanks, that's
+    all" after them must not be stopped for them; a harmful reply after them is ``reply_harm``'s."""
+    if joined is None or (earlier is not None and earlier.reply_harm >= JOINED_EARLIER_LINE):
+        return None
+    return joined.reply_harm
 
 
 @dataclass(frozen=True)
@@ -689,15 +747,14 @@ class GuardCheck:
             if final and choice == 0 and not state.recorded:
                 await self._record(exchange, state, text, refused=False)
             return Verdict()
-        prompt = _prompt_for_reply(state.texts)
-        replies = None
+        reply = _scored_reply(text, exchange.reply_reasoning.get(choice))
+        joined = joined_reply(exchange.messages)
+        scored: tuple[ReplyScore, float | None] | None = None
         if not state.output_failed:
             with exchange.timed("inference"):
-                replies = await self._score_replies(
-                    [(prompt, _scored_reply(text, exchange.reply_reasoning.get(choice)))]
-                )
-            state.output_failed = replies is None
-        signals = _output_signals(state.signals, replies[0] if replies else None)
+                scored = await self._score_output(_prompt_for_reply(state.texts), reply, joined)
+            state.output_failed = scored is None
+        signals = _output_signals(state.signals, *(scored or (None, None)))
         state.output_signals = signals
         n = exchange.body.get("n", 1)
         retried = state.retried or bool(exchange.state.get("retried"))  # the gateway marks its re-ask too
@@ -860,6 +917,23 @@ class GuardCheck:
             return None
         return scores
 
+    async def _score_output(
+        self, prompt: str, reply: str, joined: JoinedReply | None
+    ) -> tuple[ReplyScore, float | None] | None:
+        """The reply's score and its joined reply harm (``joined_harm``); None when scoring failed. The reply and the
+        joined text go in one call (a stream's check waits out one timeout, not two); the earlier replies alone in a
+        second one, only when the joined text reaches ``JOINED_EARLIER_LINE``."""
+        pairs = [(prompt, reply)] if joined is None else [(prompt, reply), joined.pair(reply)]
+        scores = await self._score_replies(pairs)
+        if scores is None:
+            return None
+        if joined is None or scores[1].reply_harm < JOINED_EARLIER_LINE:
+            return scores[0], joined_harm(scores[1] if joined else None, None)
+        earlier = await self._score_replies([joined.earlier_pair()])
+        if earlier is None:
+            return None
+        return scores[0], joined_harm(scores[1], earlier[0])
+
     async def _score_replies(self, pairs: list[tuple[str, str]]) -> list[ReplyScore] | None:
         """Each reply over its whole length where the classifier can (``OnnxClassifier.score_whole_replies``: a
         harmful passage after a long harmless opening is read too), else as one pair pass."""
@@ -937,16 +1011,22 @@ def _decide_input(policy: Policy, signals: Signals) -> Decision:
     return policy.decide_input(signals)
 
 
-def _output_signals(inp: Signals, reply: ReplyScore | None) -> Signals:
+def _output_signals(inp: Signals, reply: ReplyScore | None, joined: float | None = None) -> Signals:
+    """``inp`` with the reply's scores and its joined reply harm (``joined_harm``)."""
     if reply is None:
         return dataclasses.replace(inp, classifier_failed=True)
     if inp.classifier_failed:
         # The reply was scored but the prompt was not: reply harm counts, refusal conditions (which need the
         # prompt's harm to tell a false refusal) must not match.
         return dataclasses.replace(
-            inp, classifier_failed=False, partly_scored=False, reply_harm=reply.reply_harm, refusal=None
+            inp,
+            classifier_failed=False,
+            partly_scored=False,
+            reply_harm=reply.reply_harm,
+            joined_reply_harm=joined,
+            refusal=None,
         )
-    return dataclasses.replace(inp, reply_harm=reply.reply_harm, refusal=reply.refusal)
+    return dataclasses.replace(inp, reply_harm=reply.reply_harm, joined_reply_harm=joined, refusal=reply.refusal)
 
 
 # --- wiring ----------------------------------------------------------------------------------------------

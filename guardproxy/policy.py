@@ -154,6 +154,7 @@ class OutputCondition(InputCondition):
     final check of a reply: the refusal class of half a reply is not settled."""
 
     reply_harm_at_least: Probability | None = None
+    joined_reply_harm_at_least: Probability | None = None
     refusal_in: tuple[RefusalClass, ...] | None = None
     false_refusal: Flag | None = None
 
@@ -161,6 +162,9 @@ class OutputCondition(InputCondition):
         if not super().matches(s, harm_threshold, final=final):
             return False
         if self.reply_harm_at_least is not None and (s.reply_harm is None or s.reply_harm < self.reply_harm_at_least):
+            return False
+        joined = self.joined_reply_harm_at_least
+        if joined is not None and (s.joined_reply_harm is None or s.joined_reply_harm < joined):
             return False
         needs_final = self.refusal_in is not None or self.false_refusal is not None
         if needs_final and (not final or s.refusal is None):

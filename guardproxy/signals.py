@@ -123,6 +123,11 @@ class Signals:
     conversation: ConversationSignals = ConversationSignals()
     refusal: RefusalClass | None = None
     reply_harm: float | None = None
+    # Reply harm of the reply read after the assistant replies just before it in the conversation (at most
+    # ``guard.JOINED_REPLY_TURNS``), joined in order and scored whole: a procedure handed out one step per turn
+    # reads harmless piece by piece. None where the new reply completes nothing: no earlier assistant reply, or
+    # earlier ones that already read harmful without it (``guard.joined_harm``).
+    joined_reply_harm: float | None = None
     classifier_failed: bool = False
     # With ``classifier_failed``: some of the request's texts were scored before the rest failed (timed out, or lay
     # beyond ``guard.MAX_SCORED_TEXTS``): harm, category, jailbreak and unreadable are theirs, a lower bound. The

@@ -305,13 +305,14 @@ def test_a_gateway_does_not_start_on_a_broken_policy() -> None:
 
 def test_thresholds_for_drill_sampling() -> None:
     th = load_policy(shipped("default")).thresholds()
-    assert th == {"harm": 0.5, "history_harm": 0.8, "reply_harm": 0.6}
+    assert th == {"harm": 0.5, "history_harm": 0.8, "reply_harm": 0.6}  # block rules only: flags are not lines
     assert load_policy(shipped("strict")).thresholds() == {
         "harm": 0.3,
         "history_harm": 0.6,
         "jailbreak": 0.5,
         "escalation": 0.6,
         "reply_harm": 0.3,
+        "joined_reply_harm": 0.5,
     }
 
 

@@ -224,6 +224,8 @@ def signals_dict(signals: Signals) -> dict[str, float]:
     }
     if signals.reply_harm is not None:
         out["reply_harm"] = signals.reply_harm
+    if signals.joined_reply_harm is not None:
+        out["joined_reply_harm"] = signals.joined_reply_harm
     return out
 
 
