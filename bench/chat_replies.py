@@ -15,11 +15,12 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.conversation_eval import load_conversations, read_jsonl
 from guardproxy.classifier import OnnxClassifier
+from guardproxy.signals import ReplyScore
 
 ROOT = Path(__file__).resolve().parent.parent
 LINES = (0.5, 0.55, 0.6, 0.65, 0.7, 0.8)
@@ -37,8 +38,23 @@ def reply_pairs(messages: Sequence[dict[str, object]]) -> list[tuple[str, str]]:
     return pairs
 
 
-def shares(values: Sequence[float]) -> dict[str, float]:
-    return {f"{line:.2f}": sum(v >= line for v in values) / max(len(values), 1) for line in LINES}
+def shares(values: Sequence[float], lines: Sequence[float] = LINES) -> dict[str, float]:
+    """The share of ``values`` at or above each line."""
+    return {f"{line:.2f}": sum(v >= line for v in values) / max(len(values), 1) for line in lines}
+
+
+def harmbench_replies(
+    data: Path, score: Callable[[list[tuple[str, str]]], list[ReplyScore]], lines: Sequence[float] = LINES
+) -> dict[str, dict[str, object]]:
+    """HarmBench's classifier validation replies (in training: flattering), harmful compliances and the rest, scored
+    by ``score``: how many reach each line."""
+    rows = list(read_jsonl(data / "responses" / "harmbench_classifier_val.jsonl"))
+    out: dict[str, dict[str, object]] = {}
+    for label in (True, False):
+        chosen = [r for r in rows if bool(r["harmful_compliance_human_majority"]) == label]
+        harms = [s.reply_harm for s in score([(r["prompt"], r["response"]) for r in chosen])]
+        out["harmful_compliance" if label else "not_harmful"] = {"n": len(chosen), "at_line": shares(harms, lines)}
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,15 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "harmless_replies": {k: {"n": len(v), "at_line": shares(v)} for k, v in sorted(replies.items())},
         "harmless_conversations": {k: {"n": len(v), "at_line": shares(v)} for k, v in sorted(maxima.items())},
     }
-    rows = list(read_jsonl(args.data / "responses" / "harmbench_classifier_val.jsonl"))
-    hb = {}
-    for label in (True, False):
-        chosen = [r for r in rows if bool(r["harmful_compliance_human_majority"]) == label]
-        scores = clf.score_whole_replies_sync([(r["prompt"], r["response"]) for r in chosen])
-        hb["harmful_compliance" if label else "not_harmful"] = {
-            "n": len(chosen),
-            "at_line": shares([s.reply_harm for s in scores]),
-        }
+    hb = harmbench_replies(args.data, clf.score_whole_replies_sync)
     result["harmbench_replies"] = hb
     print("share of replies at or above each line: " + "  ".join(f"{line:.2f}" for line in LINES))
     for key, row in result["harmless_replies"].items():  # type: ignore[attr-defined]

@@ -20,7 +20,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.conversation_eval import load_conversations, read_jsonl
+from bench.chat_replies import harmbench_replies, reply_pairs, shares
+from bench.conversation_eval import load_conversations
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.guard import MAX_HISTORY_REPLIES
 
@@ -30,18 +31,7 @@ LINES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def history_pairs(messages: Sequence[dict[str, object]]) -> list[tuple[str, str]]:
     """(user turn before it, assistant text) for each assistant turn with string content, the newest 32."""
-    pairs, last_user = [], ""
-    for m in messages:
-        content = m.get("content")
-        if m.get("role") == "user" and isinstance(content, str):
-            last_user = content
-        elif m.get("role") == "assistant" and isinstance(content, str) and content.strip():
-            pairs.append((last_user, content))
-    return pairs[-MAX_HISTORY_REPLIES:]
-
-
-def shares(values: Sequence[float]) -> dict[str, float]:
-    return {f"{line:.2f}": sum(v >= line for v in values) / max(len(values), 1) for line in LINES}
+    return reply_pairs(messages)[-MAX_HISTORY_REPLIES:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,15 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  harmless conversations {i}/{len(convs)}", file=sys.stderr)
     result: dict[str, object] = {
         "model": str(args.model),
-        "harmless_conversations": {s: {"n": len(m), "at_line": shares(m)} for s, m in sorted(maxima.items())},
+        "harmless_conversations": {s: {"n": len(m), "at_line": shares(m, LINES)} for s, m in sorted(maxima.items())},
     }
-    rows = list(read_jsonl(args.data / "responses" / "harmbench_classifier_val.jsonl"))
-    replies = {}
-    for label in (True, False):
-        chosen = [r for r in rows if bool(r["harmful_compliance_human_majority"]) == label]
-        scores = clf.score_replies_sync([(r["prompt"], r["response"]) for r in chosen])
-        name = "harmful_compliance" if label else "not_harmful"
-        replies[name] = {"n": len(chosen), "at_line": shares([s.reply_harm for s in scores])}
+    replies = harmbench_replies(args.data, clf.score_replies_sync, LINES)
     result["harmbench_replies"] = replies
     print("share at or above each line: " + "  ".join(f"{line:.2f}" for line in LINES))
     for split, row in result["harmless_conversations"].items():  # type: ignore[attr-defined]
