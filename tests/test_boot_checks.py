@@ -11,8 +11,6 @@ import logging
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,18 +25,6 @@ from tests.servers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SECRET = "boot-check-secret-of-forty-characters-xx"  # 40 characters
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A key prefix of this test alone; its keys are deleted afterwards."""
-    p = f"gptest:boot:{uuid.uuid4().hex}:"
-    yield p
-    client = aioredis.Redis(port=6379)
-    keys = [k async for k in client.scan_iter(match=f"{p}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 def _serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -56,9 +42,9 @@ def _serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     [(None, "is not set"), ("", "is not set"), ("short-but-not-empty", "shorter than 32 characters")],
 )
 def test_serve_with_redis_state_and_no_usable_secret_exits_naming_the_setting(
-    tmp_path: Path, prefix: str, secret: str | None, problem: str
+    tmp_path: Path, redis_prefix: str, secret: str | None, problem: str
 ) -> None:
-    env = {"GUARDPROXY_STATE__URL": REDIS_URL, "GUARDPROXY_STATE__PREFIX": prefix}
+    env = {"GUARDPROXY_STATE__URL": REDIS_URL, "GUARDPROXY_STATE__PREFIX": redis_prefix}
     if secret is not None:
         env["GUARDPROXY_STATE__HMAC_SECRET"] = secret
     proc = _serve(tmp_path, **env)
@@ -89,11 +75,11 @@ async def _stopped(server: GatewayServer, task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(task, timeout=20)
 
 
-def _settings(tmp_path: Path, prefix: str, *, url: str = REDIS_URL) -> Settings:
+def _settings(tmp_path: Path, redis_prefix: str, *, url: str = REDIS_URL) -> Settings:
     return Settings(
         server={"port": free_port(), "shutdown_timeout": 0.5},
         upstream={"base_url": "http://127.0.0.1:9/v1"},
-        state={"url": url, "hmac_secret": SECRET, "prefix": prefix},
+        state={"url": url, "hmac_secret": SECRET, "prefix": redis_prefix},
         drills={"store": f"sqlite:///{tmp_path / 'drills.db'}"},
     )
 
@@ -104,41 +90,42 @@ def _mismatch(server: GatewayServer) -> float | None:
 
 
 async def test_a_replica_whose_secret_differs_from_the_stored_fingerprint_reports_it_at_startup(
-    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = aioredis.Redis(port=6379)
     try:
         # another replica, on another secret, got there first
-        await client.set(f"{prefix}k:hmac", secret_fingerprint(b"the other replicas' secret, also long"), ex=60)
+        await client.set(f"{redis_prefix}k:hmac", secret_fingerprint(b"the other replicas' secret, also long"), ex=60)
         with caplog.at_level(logging.INFO, logger="guardproxy"):
-            server, task = await _started(_settings(tmp_path, prefix))
+            server, task = await _started(_settings(tmp_path, redis_prefix))
             try:
                 # no request yet: the check ran at startup
                 assert _mismatch(server) == 1.0
                 errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
                 assert len(errors) == 1, errors
-                assert "different state.hmac_secret values" in errors[0] and prefix in errors[0]
+                assert "different state.hmac_secret values" in errors[0] and redis_prefix in errors[0]
                 assert "GUARDPROXY_STATE__HMAC_SECRET" in errors[0]
             finally:
                 await _stopped(server, task)
         assert SECRET not in caplog.text
         # reported, not taken over: the other replicas' fingerprint stays
         assert (
-            await client.get(f"{prefix}k:hmac") == secret_fingerprint(b"the other replicas' secret, also long").encode()
+            await client.get(f"{redis_prefix}k:hmac")
+            == secret_fingerprint(b"the other replicas' secret, also long").encode()
         )
     finally:
         await client.aclose()
 
 
 async def test_a_replica_on_a_fresh_prefix_claims_the_fingerprint_at_startup(
-    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = aioredis.Redis(port=6379)
     try:
         with caplog.at_level(logging.INFO, logger="guardproxy"):
-            server, task = await _started(_settings(tmp_path, prefix))
+            server, task = await _started(_settings(tmp_path, redis_prefix))
             try:
-                assert await client.get(f"{prefix}k:hmac") == secret_fingerprint(SECRET.encode()).encode()
+                assert await client.get(f"{redis_prefix}k:hmac") == secret_fingerprint(SECRET.encode()).encode()
                 assert _mismatch(server) == 0.0
                 assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
             finally:
@@ -148,10 +135,10 @@ async def test_a_replica_on_a_fresh_prefix_claims_the_fingerprint_at_startup(
 
 
 async def test_redis_down_at_startup_is_a_warning_and_the_gateway_starts(
-    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="guardproxy"):
-        server, task = await _started(_settings(tmp_path, prefix, url=f"redis://127.0.0.1:{free_port()}/0"))
+        server, task = await _started(_settings(tmp_path, redis_prefix, url=f"redis://127.0.0.1:{free_port()}/0"))
         try:
             warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
             assert any("state.hmac_secret not checked at startup" in w for w in warnings), warnings

@@ -4,12 +4,10 @@ inconsistent family."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation import ConversationTracker, MemoryBackend
@@ -60,22 +58,10 @@ async def test_a_request_close_to_a_member_but_not_to_the_anchor_starts_its_own_
     assert obs_c2.rephrase_family == obs_c.family
 
 
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A Redis key prefix of this test alone (the machine's real Redis); its keys are deleted afterwards."""
-    p = f"gptest:{uuid.uuid4().hex}:"
-    yield p
-    client = aioredis.Redis(port=6379)
-    keys = [k async for k in client.scan_iter(match=f"{p}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-async def test_two_gateways_sharing_redis_agree_on_families(prefix: str) -> None:
+async def test_two_gateways_sharing_redis_agree_on_families(redis_prefix: str) -> None:
     one, two = (
         ConversationTracker(
-            RedisBackend("redis://127.0.0.1:6379/0", prefix=prefix),
+            RedisBackend("redis://127.0.0.1:6379/0", prefix=redis_prefix),
             FakeClassifier(),
             hmac_secret=SECRET,
             params=PARAMS,

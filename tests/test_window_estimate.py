@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -138,18 +137,6 @@ async def test_a_replica_that_did_not_score_the_earlier_turn_reads_its_state_fro
     same = await _second_request(ConversationTracker(MemoryBackend(), early, hmac_secret=b"s" * 32), "x", FOLLOW_UP)
     assert obs.signals.window_harm == pytest.approx(same.signals.window_harm, abs=2 / 254)  # type: ignore[attr-defined]
     await one.aclose()
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    """A key prefix on the machine's real Redis for this test alone; its keys are deleted afterwards."""
-    prefix = f"gptest:{uuid.uuid4().hex}:"
-    yield prefix
-    client = aioredis.Redis(port=6379)
-    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 def _replica(prefix: str, classifier: OnnxClassifier) -> ConversationTracker:
