@@ -351,6 +351,12 @@ def joined_reply(messages: Sequence[Any], turns: int = JOINED_REPLY_TURNS) -> Jo
     return JoinedReply(_user_before(messages, earlier[0][0]), "\n\n".join(t for _, t in earlier))
 
 
+def reads_joined(policies: Sequence[Policy]) -> bool:
+    """Whether one of ``policies`` has a rule on ``joined_reply_harm``. Only then is it scored: it costs about 1.5
+    pair passes a reply, and at c=1 it took the output check's p90 from 25 to 67 ms (bench/RESULTS.md)."""
+    return any(rule.when.joined_reply_harm_at_least is not None for p in policies for rule in p.output_rules)
+
+
 def joined_harm(joined: ReplyScore | None, earlier: ReplyScore | None) -> float | None:
     """``Signals.joined_reply_harm`` from the joined text's score (None: no earlier reply) and the earlier replies'
     read together without the new one (None: not read, because the joined text reads under ``JOINED_EARLIER_LINE``).
@@ -748,7 +754,7 @@ class GuardCheck:
                 await self._record(exchange, state, text, refused=False)
             return Verdict()
         reply = _scored_reply(text, exchange.reply_reasoning.get(choice))
-        joined = joined_reply(exchange.messages)
+        joined = joined_reply(exchange.messages) if reads_joined(state.policies()) else None
         scored: tuple[ReplyScore, float | None] | None = None
         if not state.output_failed:
             with exchange.timed("inference"):

@@ -116,10 +116,10 @@ def output_records(log: Path) -> list[dict[str, Any]]:
 async def test_a_procedure_handed_out_one_step_a_turn_is_stopped_at_the_step_that_completes_it(
     stream: bool, tmp_path: Path
 ) -> None:
-    # The default policy flags on the signal (its comment says why); a copy that blocks at the same line, with the
+    # The default policy reads no joined signal (its comment says why); a copy that blocks at its line, with the
     # text strict.toml gives, shows the stop.
     log = tmp_path / "decisions.jsonl"
-    async with gate(log, blocking_copy(tmp_path)) as g:
+    async with gate(log, reading_copy(tmp_path, "block")) as g:
         first, second, third = await g.converse(ASK, PIECES, stream=stream)
     assert [stopped(r, stream) for r in (first, second, third)] == [False, False, True]
     text = reply_text(third, stream)
@@ -128,39 +128,41 @@ async def test_a_procedure_handed_out_one_step_a_turn_is_stopped_at_the_step_tha
     # final check, as it does for stop-harmful-reply: the short closing step went out, then the stop.
     assert ("blank cards" in text) is stream
     *earlier, last = output_records(log)
-    assert last["rule"] == "flag-joined-reply"
+    assert last["rule"] == "joined-reply"
     # each piece alone reads under the reply line: only the joined reading stops it
     assert all(r["scores"]["reply_harm"] < 0.5 for r in (*earlier, last))
     assert [r["rule"] for r in earlier] == [None, None]
 
 
-def blocking_copy(tmp_path: Path) -> Path:
-    """default.toml with its joined-reply rule a block, at the same line, with strict.toml's text for it."""
-    text = (POLICIES / "default.toml").read_text(encoding="utf-8")
+def reading_copy(tmp_path: Path, action: str) -> Path:
+    """default.toml with an output rule on the joined signal at 0.55 (strict.toml's refusal text for a block)."""
+    text = (POLICIES / "default.toml").read_text(encoding="utf-8").replace('name = "default"', 'name = "joined"')
     strict = (POLICIES / "strict.toml").read_text(encoding="utf-8")
     refusal = strict[strict.index('reply = """Put together') :]
     refusal = refusal[: refusal.index('"""', len('reply = """')) + 3]
-    rule = 'id = "flag-joined-reply"\naction = "flag"'
-    assert rule in text
-    text = text.replace(rule, 'id = "flag-joined-reply"\naction = "block"')
-    line = "when = { joined_reply_harm_at_least = 0.55 }"
-    text = text.replace(line, f"{line}\n{refusal}").replace('name = "default"', 'name = "default-blocking"')
-    path = tmp_path / "blocking.toml"
-    path.write_text(text, encoding="utf-8")
+    rule = f'''
+[[output_rules]]
+id = "joined-reply"
+action = "{action}"
+when = {{ joined_reply_harm_at_least = 0.55 }}
+{refusal if action == "block" else ""}
+'''
+    path = tmp_path / f"joined-{action}.toml"
+    path.write_text(text + rule, encoding="utf-8")
     return path
 
 
-async def test_the_default_policy_flags_the_step_that_completes_it(tmp_path: Path) -> None:
-    async with gate() as g:
+async def test_the_default_policy_reads_no_joined_signal_and_so_scores_none(tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    async with gate(log) as g:
         replies = await g.converse(ASK, PIECES)
-    assert [r.headers["x-guardproxy-decision"] for r in replies][2] == "flag"
-    assert "flag-joined-reply" in replies[2].headers["x-guardproxy-flag"]
-    assert reply_text(replies[2], False) == PIECES[2]  # flagged, relayed
+    assert [r.headers["x-guardproxy-decision"] for r in replies] == ["allow"] * 3
+    assert [r["scores"]["joined_reply_harm"] for r in output_records(log)] == [None] * 3
 
 
 async def test_a_harmless_chat_in_steps_goes_through(tmp_path: Path) -> None:
     log = tmp_path / "decisions.jsonl"
-    async with gate(log) as g:
+    async with gate(log, reading_copy(tmp_path, "flag")) as g:
         replies = await g.converse("How do I bake bread at home?", CHAT_PIECES)
     assert [r.headers["x-guardproxy-decision"] for r in replies] == ["allow"] * 3
     assert [reply_text(r, False) for r in replies] == list(CHAT_PIECES)
@@ -176,7 +178,7 @@ def long_reply(topic: str, steps: int) -> str:
 async def test_a_relayed_conversations_earlier_replies_are_read_from_the_cache(tmp_path: Path) -> None:
     log = tmp_path / "decisions.jsonl"
     pieces = (long_reply("soup", 60), long_reply("stew", 60), "Serve it warm with bread.")
-    async with gate(log) as g:
+    async with gate(log, reading_copy(tmp_path, "flag")) as g:
         await g.converse("How do I cook this?", pieces[:2])  # two requests: the second scores replies 1 and 2 joined
         messages = [u("How do I cook this?"), a(pieces[0]), u(FOLLOW_UPS[0]), a(pieces[1]), u(FOLLOW_UPS[1])]
         g.fake.answers = {FOLLOW_UPS[1]: pieces[2]}
