@@ -617,4 +617,7 @@ def _limits_section(add: Any, config: dict[str, Any]) -> None:
     add("- Long inputs keep the first quarter and the last three quarters of the 256-id budget; a harmful ask buried")
     add("  in the middle of a long paste can be cut. The gateway's per-turn check reads that middle in 64-id")
     add("  windows as well (`OnnxClassifier.prompt_windows`, up to ~3,100 ids; `python -m bench.prompt_windows`).")
+    add("- Reply harm learnt from replies to harmful asks (HarmBench, PHTest, authored batches) and from few ordinary")
+    add("  chat replies: measure how often it reads those as harmful assistance before shipping an output line")
+    add("  (`python -m bench.chat_replies`), and expect short technical text to be misread both ways.")
     add("")
