@@ -75,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
         return _report(args)
     store = _open(args.store)
     try:
-        removed = asyncio.run(store.purge())
+        asyncio.run(store.purge())
     finally:
         store.close()
-    print(f"removed {removed} drills older than {store.retention_days} days")
+    # the store purges when it opens its connection too: count what both removed
+    print(f"removed {store.retention_removed} drills older than {store.retention_days} days")
     return 0
 
 

@@ -178,6 +178,8 @@ class DrillStore(ABC):
         self.redactor = redactor or Redactor()
         self.read_only = read_only
         self.retention_days = retention_days
+        # drills retention removed since this store opened: when the connection opens, every hour, and on ``purge``
+        self.retention_removed = 0
         self.batch_size = batch_size
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         # The queue is bounded in bytes too: a thousand 4 MB conversations must not become 4 GB of memory.
@@ -680,6 +682,7 @@ class DrillStore(ABC):
         n = max(int(cur.rowcount), 0)
         if n:
             log.info("drill store: retention removed %d drills older than %d days", n, self.retention_days)
+        self.retention_removed += n
         return n
 
     # -- writes callers wait for ------------------------------------------------------------------------
