@@ -43,6 +43,11 @@ def shares(values: Sequence[float], lines: Sequence[float] = LINES) -> dict[str,
     return {f"{line:.2f}": sum(v >= line for v in values) / max(len(values), 1) for line in lines}
 
 
+def cells(at_line: dict[str, float]) -> str:
+    """One table row's shares, as percentages."""
+    return "  ".join(f"{100 * v:5.1f}%" for v in at_line.values())
+
+
 def harmbench_replies(
     data: Path, score: Callable[[list[tuple[str, str]]], list[ReplyScore]], lines: Sequence[float] = LINES
 ) -> dict[str, dict[str, object]]:
@@ -86,13 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["harmbench_replies"] = hb
     print("share of replies at or above each line: " + "  ".join(f"{line:.2f}" for line in LINES))
     for key, row in result["harmless_replies"].items():  # type: ignore[attr-defined]
-        cells = "  ".join(f"{100 * v:5.1f}%" for v in row["at_line"].values())
         conv = result["harmless_conversations"][key]  # type: ignore[index]
         at = conv["at_line"]
-        print(f"{key:<24} replies {row['n']:5d}  {cells}   conversations with one: {at['0.50']:.1%}, {at['0.60']:.1%}")
+        shown = cells(row["at_line"])
+        print(f"{key:<24} replies {row['n']:5d}  {shown}   conversations with one: {at['0.50']:.1%}, {at['0.60']:.1%}")
     for name, row in hb.items():
-        cells = "  ".join(f"{100 * v:5.1f}%" for v in row["at_line"].values())
-        print(f"HarmBench {name:<18} {row['n']:5d}  {cells}")
+        print(f"HarmBench {name:<18} {row['n']:5d}  {cells(row['at_line'])}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0

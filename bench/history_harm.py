@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.chat_replies import harmbench_replies, reply_pairs, shares
+from bench.chat_replies import cells, harmbench_replies, reply_pairs, shares
 from bench.conversation_eval import load_conversations
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.guard import MAX_HISTORY_REPLIES
@@ -58,11 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["harmbench_replies"] = replies
     print("share at or above each line: " + "  ".join(f"{line:.2f}" for line in LINES))
     for split, row in result["harmless_conversations"].items():  # type: ignore[attr-defined]
-        cells = "  ".join(f"{100 * v:5.1f}%" for v in row["at_line"].values())
-        print(f"harmless conversations, {split:<11} {row['n']:5d}  {cells}")
+        print(f"harmless conversations, {split:<11} {row['n']:5d}  {cells(row['at_line'])}")
     for name, row in replies.items():
-        cells = "  ".join(f"{100 * v:5.1f}%" for v in row["at_line"].values())
-        print(f"HarmBench {name:<22} {row['n']:5d}  {cells}")
+        print(f"HarmBench {name:<22} {row['n']:5d}  {cells(row['at_line'])}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -82,7 +82,8 @@ class Classifier(Protocol):
         exact: bool = False,
     ) -> list[PromptScore]:
         """Scores of user turns (or windows of turns). ``max_length``: read at most this many ids of each text
-        (head and tail kept; never more than the model's own maximum); None reads what the model reads.
+        (head and tail kept; never more than the model's own maximum); None, with no ``newest``, is a per-turn check:
+        what the model reads, and a long turn's middle in windows besides (``OnnxClassifier.prompt_windows``).
         ``newest``: for windows, each text's newest turn (its last line); a model trained to pool over it
         (``guardproxy train --window-pool newest``) reads the window through that turn, others ignore it.
         ``exact``: never an early exit (``PromptScore.exited``): the whole model's scores and an embedding."""
