@@ -414,7 +414,7 @@ class V1Endpoint:
             call.tenant = gw.auth.tenant(headers)
             if gw.limiter is not None:
                 gw.limiter.acquire(call.tenant)
-            self._check_route(method, route)
+            self._check_route(route)
             if kind is RouteKind.UNGUARDED:
                 gw.metrics.unguarded.labels(label).inc()
             raw = await self._read_body(receive, headers.get("content-length"))
@@ -456,7 +456,7 @@ class V1Endpoint:
             # 499: the client went away before an answer (nginx's convention).
             gw.metrics.observe_request(label, call.status if call.started else 499, time.perf_counter() - t0)
 
-    def _check_route(self, method: str, route: V1Route) -> None:
+    def _check_route(self, route: V1Route) -> None:
         """Refuse what ``classify_route`` says is not to be forwarded as it is."""
         if route.kind is RouteKind.INVALID:
             raise RequestError(route.problem, code="invalid_path")
