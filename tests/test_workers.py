@@ -144,3 +144,94 @@ def test_many_submitters_at_once_every_job_runs_once_and_never_more_than_n_at_a_
     assert sorted(ran) == list(range(8 * 150))  # each job ran exactly once
     assert most == 2
     assert pool.queued() == 0
+
+
+def test_a_running_heavy_job_lets_a_light_job_submitted_meanwhile_run_between_its_steps() -> None:
+    pool = LowestIdleExecutor(1, thread_name_prefix="h")
+    order: list[str] = []
+    step, light_queued = threading.Event(), threading.Event()
+
+    def heavy() -> int:
+        order.append("heavy starts")
+        step.set()
+        assert light_queued.wait(10)
+        ran = pool.run_light()  # between two of its passes
+        order.append("heavy ends")
+        return ran
+
+    try:
+        done = pool.submit_heavy(heavy)
+        assert step.wait(10)
+        light = pool.submit(lambda: order.append("light") or _name())
+        assert pool.queued() == 1
+        light_queued.set()
+        assert done.result(10) == 1
+        assert light.result(10) == "h_0"  # on the heavy job's own thread, before it ended
+        assert order == ["heavy starts", "light", "heavy ends"]
+        assert pool.queued() == 0
+    finally:
+        pool.shutdown()
+
+
+def test_a_freed_thread_takes_waiting_light_jobs_before_heavy_ones_submitted_earlier() -> None:
+    pool = LowestIdleExecutor(1)
+    gate, started = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def held() -> None:
+        started.set()
+        assert gate.wait(10)
+
+    try:
+        first = pool.submit(held)
+        assert started.wait(10)
+        jobs = [pool.submit_heavy(order.append, "heavy"), pool.submit(order.append, "light")]
+        gate.set()
+        first.result(10)
+        for job in jobs:
+            job.result(10)
+        assert order == ["light", "heavy"]
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_run_light_does_nothing_outside_a_heavy_job() -> None:
+    pool = LowestIdleExecutor(1)
+    gate, started = threading.Event(), threading.Event()
+
+    def held() -> None:
+        started.set()
+        assert gate.wait(10)
+
+    try:
+        first = pool.submit(held)
+        assert started.wait(10)
+        waiting = pool.submit(_name)
+        # a light job, and a thread that is not the pool's, lend nothing: the waiting job stays queued
+        assert pool.run_light() == 0
+        assert pool.queued() == 1 and not waiting.done()
+        gate.set()
+        first.result(10)
+        waiting.result(10)
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_shutdown_cancels_waiting_heavy_jobs_too() -> None:
+    pool = LowestIdleExecutor(1)
+    gate, started = threading.Event(), threading.Event()
+
+    def held() -> None:
+        started.set()
+        assert gate.wait(10)
+
+    running = pool.submit(held)
+    assert started.wait(10)
+    heavy = pool.submit_heavy(_name)
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert heavy.cancelled()
+    assert pool.queued() == 0
+    gate.set()
+    assert running.result(10) is None
