@@ -25,6 +25,12 @@ of one-by-one, mixed lengths (16 to 256 tokens) ran 6% to 55% slower, and a 32-t
 RSS. Micro-batching would add a collection delay to every request for no throughput. Batching also changes the
 scores: dynamic int8 quantization computes activation scales over the whole batch, padding included (at one
 threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in batches of 32, 15.4% one at a time).
+A per-turn check reads its texts one after another, from the newest, so only a long text's windows batch.
+
+Oversized calls: a per-turn check that times out part way raises ``ClassifierPartial`` with the scores of the texts
+it finished (the newest first: a request's ask), never of a text read in part. A call that will run more than
+``LIGHT_CALL_PASSES`` passes is heavy: it waits behind light calls, at most ``workers`` heavy calls hold slots at
+once, and a running one lets the light calls that wait run between its passes (``LowestIdleExecutor.run_light``).
 
 Long user turns: a prompt pass reads a text's head and tail (``encoding.encode_prompt``). A per-turn check
 (``score_prompts`` without ``max_length`` or ``newest``: the gateway's, the tracker's per-turn scores, the CLI's)
@@ -77,7 +83,7 @@ from guardproxy.early_exit import (
     pooled,
 )
 from guardproxy.embedding_projection import EmbeddingProjection
-from guardproxy.errors import ClassifierBusy, ClassifierError, ConfigError
+from guardproxy.errors import ClassifierBusy, ClassifierError, ClassifierPartial, ConfigError
 from guardproxy.settings import GuardSettings
 from guardproxy.signals import REFUSAL_CLASSES, PromptScore, RefusalClass, ReplyScore, to_operating_scale
 from guardproxy.workers import LowestIdleExecutor
@@ -131,9 +137,28 @@ REPLY_WINDOW_ALLOWANCE_S = 0.05
 
 def whole_reply_allowance(pairs: Sequence[tuple[str, str]]) -> float:
     """Seconds beyond ``guard.timeout`` that scoring these replies whole may take (``REPLY_WINDOW_ALLOWANCE_S``)."""
-    per_window = REPLY_WINDOW_STRIDE * 3
-    windows = sum(min(MAX_REPLY_WINDOWS, min(len(r), RAW_REPLY_CHARS) // per_window) for _, r in pairs)
-    return windows * REPLY_WINDOW_ALLOWANCE_S
+    return sum(_reply_windows(r) for _, r in pairs) * REPLY_WINDOW_ALLOWANCE_S
+
+
+def _reply_windows(reply: str) -> int:
+    """The windows ``reply_parts`` will cut of ``reply``, estimated from its length (never too few)."""
+    return min(MAX_REPLY_WINDOWS, min(len(reply), RAW_REPLY_CHARS) // (REPLY_WINDOW_STRIDE * 3))
+
+
+# A call that will run more model passes than this is heavy (``LowestIdleExecutor.submit_heavy``): it waits behind
+# the light calls, lets those that wait run between its passes, and at most ``workers`` heavy calls are queued or
+# running at once. Without that, two requests padded with long texts held both inference threads for seconds and
+# every other tenant's check timed out waiting, to be decided by the policy's on_classifier_failure (the default
+# policy forwards it): a red-team walkthrough, 2026-12-08. 16 passes are a ~1,000-id turn with its windows, or 16
+# short turns: ~0.1-0.3 s on two cores.
+LIGHT_CALL_PASSES = 16
+
+
+def turn_passes(text: str, max_length: int) -> int:
+    """The passes a per-turn check of ``text`` will run (its head+tail pass and ``prompt_windows``), estimated from
+    its length at 3 characters an id (more ids than most text has, so never too few)."""
+    skipped = min(len(text), RAW_HEAD_CHARS + RAW_TAIL_CHARS) // 3 - (max_length - 2)
+    return 1 + (min(MAX_PROMPT_WINDOWS, -(-skipped // PROMPT_WINDOW_STRIDE)) if skipped > 0 else 0)
 
 
 def _bounded(text: str) -> str:
@@ -470,7 +495,9 @@ class OnnxClassifier:
         self._max_batch = max(1, max_batch)
         self._max_batch_tokens = max(info.max_length, max_batch_tokens)
         self._executor = LowestIdleExecutor(workers, thread_name_prefix="guardproxy-classifier")
-        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._workers = workers
+        # per event loop: the slots of every call, and of heavy calls (``LIGHT_CALL_PASSES``)
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore, asyncio.Semaphore] | None = None
         self._closed = False
         # Called from the worker thread with ("tokenize" | "model", seconds) once per job that ran the model:
         # the gateway feeds it into its per-stage histogram, so "inference" (the wait for scores, queue included)
@@ -650,7 +677,14 @@ class OnnxClassifier:
             # its own cache kind: a long turn's score is not the head+tail pass's that "raw-prompt" keys hold
             turn_keys = [_key(b"raw-turn:%d" % length, t) for t in texts]
             turn_job = functools.partial(self._turn_job, head=head)
-            return await self._submit(turn_keys, turn_job, list(texts), exact=head is None)
+            return await self._submit(
+                turn_keys,
+                turn_job,
+                list(texts),
+                exact=head is None,
+                cost=functools.partial(turn_passes, max_length=length),
+                partial=True,
+            )
         lasts = self._newest(texts, newest)
         raw_keys = [_key(b"raw-prompt:%d" % length, t, *last) for t, last in zip(texts, lasts, strict=True)]
         # each text travels with its newest turn: ``_submit`` hands the job only the texts the cache lacks
@@ -719,26 +753,39 @@ class OnnxClassifier:
                 break
         return windows
 
-    def _turn_job(self, texts: list[str], cancel: threading.Event, *, head: Head | None = None) -> list[PromptScore]:
-        """Per-turn checks in one job: each text's head+tail pass (exiting on ``head`` where it may) and, for a text
-        longer than that pass reads, its windows (``prompt_windows``, combined by ``_turn``). Windows run the whole
-        model: an exited window's harm is an estimate capped below the exit's lines and could never count. When a
-        window decides a turn whose pass exited, the pass runs again on the whole model, so the score has the
-        embedding and jailbreak score of an unexited one."""
+    def _turn_job(
+        self,
+        texts: list[str],
+        cancel: threading.Event,
+        *,
+        head: Head | None = None,
+        found: list[Any] | None = None,
+    ) -> list[PromptScore]:
+        """Per-turn checks in one job, one text after another from the last (the newest turn of a request, its ask):
+        each text's head+tail pass (exiting on ``head`` where it may) and, for a text longer than that pass reads, its
+        windows (``prompt_windows``, combined by ``_turn``). Each text's score goes into ``found`` as soon as it is
+        whole, so a call that times out still has the scores of the texts it finished (``ClassifierPartial``), and
+        never a turn read in part. Windows run the whole model: an exited window's harm is an estimate capped below
+        the exit's lines and could never count. When a window decides a turn whose pass exited, the pass runs again
+        on the whole model, so the score has the embedding and jailbreak score of an unexited one."""
+        out: list[PromptScore | None] = [None] * len(texts)
+        for i in reversed(range(len(texts))):
+            out[i] = self._one_turn(texts[i], cancel, head)
+            if found is not None:
+                found[i] = out[i]
+        return out  # type: ignore[return-value]
+
+    def _one_turn(self, text: str, cancel: threading.Event, head: Head | None) -> PromptScore:
         length = self.info.max_length
-        scores = self._prompt_job(texts, cancel, max_length=length, newest=[()] * len(texts), head=head)
-        parts = [self.prompt_windows(t) for t in texts]
-        flat = [w for ws in parts for w in ws]
-        if not flat:
-            return scores
-        scored = iter(self._prompt_job(flat, cancel, max_length=length, newest=[()] * len(flat)))
-        windows = [[next(scored) for _ in ws] for ws in parts]
-        out = [_turn(s, w) for s, w in zip(scores, windows, strict=True)]
-        redo = [i for i, (s, o) in enumerate(zip(scores, out, strict=True)) if s.exited and o is not s]
-        if redo:
-            whole = self._prompt_job([texts[i] for i in redo], cancel, max_length=length, newest=[()] * len(redo))
-            for i, score in zip(redo, whole, strict=True):
-                out[i] = _turn(score, windows[i])
+        (score,) = self._prompt_job([text], cancel, max_length=length, newest=[()], head=head)
+        parts = self.prompt_windows(text)
+        if not parts:
+            return score
+        windows = self._prompt_job(parts, cancel, max_length=length, newest=[()] * len(parts))
+        out = _turn(score, windows)
+        if score.exited and out is not score:
+            (whole,) = self._prompt_job([text], cancel, max_length=length, newest=[()])
+            out = _turn(whole, windows)
         return out
 
     async def score_whole_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
@@ -746,7 +793,9 @@ class OnnxClassifier:
         of its head and of its windows (``reply_parts``) that reach ``REPLY_WINDOW_LINE``."""
         raw_keys = [_key(b"raw-whole", p, r) for p, r in pairs]
         limit_s = self._timeout + whole_reply_allowance(pairs)
-        return await self._submit(raw_keys, self._whole_job, list(pairs), limit_s=limit_s)
+        return await self._submit(
+            raw_keys, self._whole_job, list(pairs), limit_s=limit_s, cost=lambda pair: 1 + _reply_windows(pair[1])
+        )
 
     def score_whole_replies_sync(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         return self._whole_job(list(pairs), threading.Event())
@@ -803,12 +852,14 @@ class OnnxClassifier:
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
-    def _semaphore(self) -> asyncio.Semaphore:
+    def _semaphore(self, heavy: bool = False) -> asyncio.Semaphore:
+        """The slots a call waits for: ``max_pending`` for a light call, ``workers`` for a heavy one."""
         # asyncio primitives belong to one loop; tests (and a CLI that runs several loops) get one per loop.
         loop = asyncio.get_running_loop()
         if self._slots is None or self._slots[0] is not loop:
-            self._slots = (loop, asyncio.Semaphore(self._max_pending))
-        return self._slots[1]
+            self._slots = (loop, asyncio.Semaphore(self._max_pending), asyncio.Semaphore(self._workers))
+        _, light, heavy_calls = self._slots
+        return heavy_calls if heavy else light
 
     async def _submit(
         self,
@@ -818,9 +869,14 @@ class OnnxClassifier:
         *,
         exact: bool = True,
         limit_s: float | None = None,
+        cost: Callable[[Any], int] | None = None,
+        partial: bool = False,
     ) -> list[T]:
         """``exact``: an exited score in the cache does not answer this call. ``limit_s``: the job's time limit, if
-        not the classifier's timeout."""
+        not the classifier's timeout. ``cost``: the model passes an item will run (one, if not given): a call of
+        more than ``LIGHT_CALL_PASSES`` is heavy. ``partial``: the job takes a ``found`` list and fills an item's
+        place when the item is done, and a call that times out with some done raises ``ClassifierPartial`` with
+        their scores (and caches them)."""
         if self._closed:
             raise ClassifierError("classifier is closed")
         cached = [_usable(self._cache.get(k), exact) for k in raw_keys]
@@ -833,11 +889,26 @@ class OnnxClassifier:
                 f"classifier circuit open after {breaker.failures} consecutive failures; "
                 f"next try in {breaker.retry_in():.1f} s"
             )
+        passes = sum(cost(items[i]) for i in todo) if cost is not None else len(todo)
+        found: list[Any] = [None] * len(todo)
+        run = job
+        if partial:
+            takes_found: Callable[..., list[T]] = job
+            run = functools.partial(takes_found, found=found)
         try:
-            results = await self._run_job(job, [items[i] for i in todo], limit_s)
-        except ClassifierBusy:
+            results = await self._run_job(run, [items[i] for i in todo], limit_s, heavy=passes > LIGHT_CALL_PASSES)
+        except ClassifierBusy as exc:
             breaker.release()  # saturated, not broken: overload must not open the circuit
-            raise
+            done = list(found)  # a snapshot: the job may still be filling it until it sees the cancel
+            if not any(s is not None for s in done):
+                raise
+            merged: list[Any] = list(cached)
+            for i, score in zip(todo, done, strict=True):
+                if score is not None:
+                    merged[i] = score
+                    self._cache.put(raw_keys[i], score)
+            read = sum(s is not None for s in done)
+            raise ClassifierPartial(f"{exc}; {read} of {len(todo)} texts scored", merged) from exc
         except ClassifierError:
             if not self._closed:
                 breaker.failure()
@@ -853,7 +924,12 @@ class OnnxClassifier:
         return out
 
     async def _run_job(
-        self, job: Callable[[list[Any], threading.Event], list[T]], items: list[Any], limit_s: float | None = None
+        self,
+        job: Callable[[list[Any], threading.Event], list[T]],
+        items: list[Any],
+        limit_s: float | None = None,
+        *,
+        heavy: bool = False,
     ) -> list[T]:
         """Run ``job(items)`` in the executor within the timeout; every failure is a ``ClassifierError``.
 
@@ -872,7 +948,7 @@ class OnnxClassifier:
                 return ClassifierBusy(f"classifier busy: {what} within {limit:g} s")
             return ClassifierError(f"classification timed out after {limit:g} s ({what}; no call finished)")
 
-        slots = self._semaphore()
+        slots = self._semaphore(heavy)
         try:
             async with asyncio.timeout_at(deadline):
                 await slots.acquire()
@@ -880,7 +956,8 @@ class OnnxClassifier:
             raise timed_out("no slot") from None
         cancel = threading.Event()
         try:
-            cfut: Future[list[T]] = self._executor.submit(self._finishing, job, items, cancel)
+            submit = self._executor.submit_heavy if heavy else self._executor.submit
+            cfut: Future[list[T]] = submit(self._finishing, job, items, cancel)
         except RuntimeError as exc:  # executor shut down between the check above and now
             slots.release()
             raise ClassifierError("classifier is closed") from exc
@@ -1065,6 +1142,7 @@ class OnnxClassifier:
             # the model works: a call that times out while batches keep finishing (its own, of an oversized call)
             # is busy, not broken, and must not count toward the circuit breaker that every tenant shares
             self._last_done = time.monotonic()
+            self._executor.run_light()  # a heavy call lets the light calls waiting now run (LIGHT_CALL_PASSES)
         return out  # type: ignore[return-value]
 
     def _count_exits(self, exited: int, checked: int, head: Head) -> None:

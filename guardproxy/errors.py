@@ -20,11 +20,15 @@ OpenAI-shaped error JSON in one place (``guardproxy.app``); domain code never bu
     │   ├── UpstreamHTTPError    the upstream answered 4xx/5xx: passed through with its body and Retry-After
     │   └── UpstreamStreamError  a 200 stream that carried an error payload or broke mid-way
     ├── ClassifierError          the guard model failed (raised, timed out, missing)
+    │   └── ClassifierBusy       saturated: timed out while other calls finished
+    │       └── ClassifierPartial   timed out with some of its texts scored (their scores ride along)
     ├── StateBackendError        conversation state backend failed (Redis down or slow)
     └── StoreError               the drill store failed (queue full, disk full, database down)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GuardProxyError(Exception):
@@ -141,6 +145,16 @@ class ClassifierError(GuardProxyError):
 
 class ClassifierBusy(ClassifierError):
     """The guard model is working but saturated: this call timed out while other calls completed."""
+
+
+class ClassifierPartial(ClassifierBusy):
+    """A call timed out after scoring some of its texts: ``scores`` has one entry per text of the call, None for
+    each text it did not read whole. The guard acts on the scores that came back (a block they earn stands) and the
+    policy's ``on_classifier_failure`` decides the rest."""
+
+    def __init__(self, message: str, scores: list[Any]) -> None:
+        super().__init__(message)
+        self.scores = scores
 
 
 class StateBackendError(GuardProxyError):

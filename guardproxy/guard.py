@@ -59,7 +59,7 @@ from guardproxy.conversation.tracker import ConversationTracker as StateTracker
 from guardproxy.conversation.tracker import Observation, subkey_of
 from guardproxy.decisions import DecisionLog, DecisionRecord, record_of
 from guardproxy.drills.record import PolicyDecision, StageDecision
-from guardproxy.errors import StateBackendError
+from guardproxy.errors import ClassifierPartial, StateBackendError
 from guardproxy.pipeline import Action, Early, Exchange, Pipeline, Verdict
 from guardproxy.policy import HEADER_DECISION, HEADER_POLICY, Decision, Policy
 from guardproxy.policyset import PolicySet, ReloadResult
@@ -182,6 +182,10 @@ _SCORED_ROLES = frozenset({"user", "tool", "function"})
 # partly scored, as when part of its scoring fails (``_partly``): a block the scored texts earn stands, otherwise
 # the policy's ``on_classifier_failure`` decides, so texts beyond the cap never pass silently.
 MAX_SCORED_TEXTS = 64
+# The guard waits this much longer for a classifier call (or the tracker's answer) than the call's own deadline
+# (guard.timeout), so that a call timing out part way answers with what it read (``ClassifierPartial``) before the
+# guard gives up on it: the tracker's state read comes before its call, and backend_timeout bounds it (0.05 s).
+PARTIAL_MARGIN_S = 0.25
 # The most assistant texts of a request's history the guard reads as replies (``history_pairs``), newest first: 32
 # holds a many-shot fake dialogue of 30 pairs, and one pair pass of 32 fits ``guard.timeout`` on two CPU cores. A
 # request with more is partly scored (``_partly``), so the older ones never pass silently either.
@@ -611,12 +615,15 @@ class GuardCheck:
                             exact=exact,
                             timings=exchange.timings,
                         ),
-                        self.timeout,
+                        self.timeout + PARTIAL_MARGIN_S,
                     )
                     state_failed = obs.state_failed
                 except StateBackendError as exc:
                     self._state_failed(exchange, exc)
                     state_failed = True
+                except ClassifierPartial as exc:  # the new turns it read (the newest first) still count
+                    self._classifier_failed(exc)
+                    return _partly([s for s in exc.scores if s is not None], ConversationSignals(), False), None
                 except Exception as exc:  # the tracker's only other dependency is the classifier
                     self._classifier_failed(exc)
                     return Signals(classifier_failed=True), None
@@ -716,8 +723,8 @@ class GuardCheck:
         groups = [g for g in ([t for t in kept if t.role == "user"], [t for t in kept if t.role != "user"]) if g]
         with exchange.timed("inference"):
             results = await asyncio.gather(*(self._score_prompts([t.text for t in g], exact=exact) for g in groups))
-        scores = tuple(s for r in results if r is not None for s in r)
-        return _Scored(scores, failed=len(kept) < len(texts) or any(r is None for r in results))
+        scores = tuple(s for r, _ in results for s in r)
+        return _Scored(scores, failed=len(kept) < len(texts) or not all(whole for _, whole in results))
 
     async def _score_history(self, exchange: Exchange, unverified: Sequence[int] | None = None) -> _HistoryHarm:
         """The reply harm of the history the guard cannot vouch for (``history_pairs``; ``unverified`` None: no
@@ -912,16 +919,23 @@ class GuardCheck:
                 self.metrics.observe_decision(policy.name, worst.action.value, shadow=role == "shadow")
         self.decision_log.submit(records)
 
-    async def _score_prompts(self, texts: list[str], *, exact: bool = False) -> list[PromptScore] | None:
+    async def _score_prompts(self, texts: list[str], *, exact: bool = False) -> tuple[list[PromptScore], bool]:
+        """The scores that came back, and whether every text's did. A call that timed out part way
+        (``ClassifierPartial``: it reads the newest text first) brings the texts it finished."""
         try:
-            scores = await asyncio.wait_for(self.classifier.score_prompts(texts, exact=exact), self.timeout)
+            scores = await asyncio.wait_for(
+                self.classifier.score_prompts(texts, exact=exact), self.timeout + PARTIAL_MARGIN_S
+            )
+        except ClassifierPartial as exc:
+            self._classifier_failed(exc)
+            return [s for s in exc.scores if s is not None], False
         except Exception as exc:  # raised, timed out, or broken: the policy's on_classifier_failure decides
             self._classifier_failed(exc)
-            return None
+            return [], False
         if len(scores) != len(texts):
             self._classifier_failed(RuntimeError(f"{len(scores)} scores for {len(texts)} texts"))
-            return None
-        return scores
+            return [], False
+        return scores, True
 
     async def _score_output(
         self, prompt: str, reply: str, joined: JoinedReply | None

@@ -121,10 +121,11 @@ class LimitSettings(_Section):
     max_user_turns: int = Field(
         512,
         ge=1,
-        description="user messages one request may carry: the guard scores every new one, and a request with more "
-        "than it can read within guard.timeout would fall to the policy's on_classifier_failure (the default policy "
-        "forwards it), so the limit keeps a client from buying its way past the input check with padding turns. "
-        "512 distinct turns take ~0.7-1.5 s to score on a 2-core CPU; lower it on a slower one",
+        description="user messages one request may carry: the guard scores every new one, from the newest; when they "
+        "take longer than guard.timeout, a block the turns read by then earn stands and the policy's "
+        "on_classifier_failure decides the rest (the default policy forwards it), so the limit bounds how far "
+        "padding turns can push an earlier ask out of reach. 512 distinct short turns take ~0.7-1.5 s to score on a "
+        "2-core CPU; lower it on a slower one",
     )
     max_header_bytes: int = Field(16 * 1024, ge=256)
     max_headers: int = Field(100, ge=1)
