@@ -25,12 +25,14 @@ of one-by-one, mixed lengths (16 to 256 tokens) ran 6% to 55% slower, and a 32-t
 RSS. Micro-batching would add a collection delay to every request for no throughput. Batching also changes the
 scores: dynamic int8 quantization computes activation scales over the whole batch, padding included (at one
 threshold guard-v1 2.2.0 flags 20.5% of bench/challenge2's look-alikes scored in batches of 32, 15.4% one at a time).
-A per-turn check reads its texts one after another, from the newest, so only a long text's windows batch.
+A per-turn check reads its texts one after another (below), so only a long text's windows batch.
 
-Oversized calls: a per-turn check that times out part way raises ``ClassifierPartial`` with the scores of the texts
-it finished (the newest first: a request's ask), never of a text read in part. A call that will run more than
-``LIGHT_CALL_PASSES`` passes is heavy: it waits behind light calls, at most ``workers`` heavy calls hold slots at
-once, and a running one lets the light calls that wait run between its passes (``LowestIdleExecutor.run_light``).
+Oversized calls: a per-turn check reads every text's head+tail pass first and the long ones' windows after, each
+round from the newest text (a request's ask). One that times out part way raises ``ClassifierPartial`` with a score
+of every text it reached: whole, or the pass's, which the text's windows could only raise (never cached). A call
+that will run more than ``LIGHT_CALL_PASSES`` passes is heavy: it waits behind light calls, at most ``workers`` heavy
+calls hold slots at once, and a running one lets the light calls that wait run between its passes
+(``LowestIdleExecutor.run_light``).
 
 Long user turns: a prompt pass reads a text's head and tail (``encoding.encode_prompt``). A per-turn check
 (``score_prompts`` without ``max_length`` or ``newest``: the gateway's, the tracker's per-turn scores, the CLI's)
@@ -761,32 +763,36 @@ class OnnxClassifier:
         head: Head | None = None,
         found: list[Any] | None = None,
     ) -> list[PromptScore]:
-        """Per-turn checks in one job, one text after another from the last (the newest turn of a request, its ask):
-        each text's head+tail pass (exiting on ``head`` where it may) and, for a text longer than that pass reads, its
-        windows (``prompt_windows``, combined by ``_turn``). Each text's score goes into ``found`` as soon as it is
-        whole, so a call that times out still has the scores of the texts it finished (``ClassifierPartial``), and
-        never a turn read in part. Windows run the whole model: an exited window's harm is an estimate capped below
-        the exit's lines and could never count. When a window decides a turn whose pass exited, the pass runs again
-        on the whole model, so the score has the embedding and jailbreak score of an unexited one."""
-        out: list[PromptScore | None] = [None] * len(texts)
-        for i in reversed(range(len(texts))):
-            out[i] = self._one_turn(texts[i], cancel, head)
-            if found is not None:
-                found[i] = out[i]
-        return out  # type: ignore[return-value]
-
-    def _one_turn(self, text: str, cancel: threading.Event, head: Head | None) -> PromptScore:
+        """Per-turn checks in one job, in two rounds, each from the last text (the newest turn of a request, its ask)
+        back: every text's head+tail pass (exiting on ``head`` where it may), then the windows of each text longer
+        than that pass reads (``prompt_windows``, combined by ``_turn``). ``found`` gets each text's (score, whole)
+        as it comes: after the first round the pass's score, which the text's windows can only raise, and whole once
+        its windows are read. So a call that times out still has a score of every text its first round reached
+        (``ClassifierPartial``), and an ask placed before long padding is read before the padding's middles are.
+        Windows run the whole model: an exited window's harm is an estimate capped below the exit's lines and could
+        never count. When a window decides a turn whose pass exited, the pass runs again on the whole model, so the
+        score has the embedding and jailbreak score of an unexited one."""
         length = self.info.max_length
-        (score,) = self._prompt_job([text], cancel, max_length=length, newest=[()], head=head)
-        parts = self.prompt_windows(text)
-        if not parts:
-            return score
-        windows = self._prompt_job(parts, cancel, max_length=length, newest=[()] * len(parts))
-        out = _turn(score, windows)
-        if score.exited and out is not score:
-            (whole,) = self._prompt_job([text], cancel, max_length=length, newest=[()])
-            out = _turn(whole, windows)
-        return out
+        out: list[PromptScore | None] = [None] * len(texts)
+        parts: list[list[str]] = [[] for _ in texts]
+        for i in reversed(range(len(texts))):
+            (out[i],) = self._prompt_job([texts[i]], cancel, max_length=length, newest=[()], head=head)
+            parts[i] = self.prompt_windows(texts[i])
+            if found is not None:
+                found[i] = (out[i], not parts[i])
+        for i in reversed(range(len(texts))):
+            score = out[i]
+            if not parts[i] or score is None:
+                continue
+            windows = self._prompt_job(parts[i], cancel, max_length=length, newest=[()] * len(parts[i]))
+            whole = _turn(score, windows)
+            if score.exited and whole is not score:
+                (again,) = self._prompt_job([texts[i]], cancel, max_length=length, newest=[()])
+                whole = _turn(again, windows)
+            out[i] = whole
+            if found is not None:
+                found[i] = (whole, True)
+        return out  # type: ignore[return-value]
 
     async def score_whole_replies(self, pairs: Sequence[tuple[str, str]]) -> list[ReplyScore]:
         """``score_replies`` over each reply's whole length: the refusal class of its head, and the higher reply harm
@@ -874,9 +880,9 @@ class OnnxClassifier:
     ) -> list[T]:
         """``exact``: an exited score in the cache does not answer this call. ``limit_s``: the job's time limit, if
         not the classifier's timeout. ``cost``: the model passes an item will run (one, if not given): a call of
-        more than ``LIGHT_CALL_PASSES`` is heavy. ``partial``: the job takes a ``found`` list and fills an item's
-        place when the item is done, and a call that times out with some done raises ``ClassifierPartial`` with
-        their scores (and caches them)."""
+        more than ``LIGHT_CALL_PASSES`` is heavy. ``partial``: the job takes a ``found`` list and puts (score, whole)
+        in an item's place as it goes, and a call that times out with some there raises ``ClassifierPartial`` with
+        those scores (and caches the whole ones)."""
         if self._closed:
             raise ClassifierError("classifier is closed")
         cached = [_usable(self._cache.get(k), exact) for k in raw_keys]
@@ -900,15 +906,18 @@ class OnnxClassifier:
         except ClassifierBusy as exc:
             breaker.release()  # saturated, not broken: overload must not open the circuit
             done = list(found)  # a snapshot: the job may still be filling it until it sees the cancel
-            if not any(s is not None for s in done):
+            if not any(d is not None for d in done):
                 raise
             merged: list[Any] = list(cached)
-            for i, score in zip(todo, done, strict=True):
-                if score is not None:
-                    merged[i] = score
-                    self._cache.put(raw_keys[i], score)
-            read = sum(s is not None for s in done)
-            raise ClassifierPartial(f"{exc}; {read} of {len(todo)} texts scored", merged) from exc
+            for i, entry in zip(todo, done, strict=True):
+                if entry is not None:
+                    merged[i], whole = entry
+                    if whole:
+                        self._cache.put(raw_keys[i], merged[i])
+            read = sum(d is not None and d[1] for d in done)
+            began = sum(d is not None and not d[1] for d in done)
+            message = f"{exc}; of {len(todo)} texts {read} read whole, {began} in part"
+            raise ClassifierPartial(message, merged) from exc
         except ClassifierError:
             if not self._closed:
                 breaker.failure()

@@ -148,9 +148,10 @@ class ClassifierBusy(ClassifierError):
 
 
 class ClassifierPartial(ClassifierBusy):
-    """A call timed out after scoring some of its texts: ``scores`` has one entry per text of the call, None for
-    each text it did not read whole. The guard acts on the scores that came back (a block they earn stands) and the
-    policy's ``on_classifier_failure`` decides the rest."""
+    """A call timed out after scoring some of its texts: ``scores`` has one entry per text of the call, None for a
+    text it did not reach, and for a long text whose windows it did not read, its head+tail pass's score (a lower
+    bound on harm: windows only raise it). The guard acts on the scores that came back (a block they earn stands)
+    and the policy's ``on_classifier_failure`` decides the rest."""
 
     def __init__(self, message: str, scores: list[Any]) -> None:
         super().__init__(message)

@@ -38,8 +38,8 @@ def padding(seed: int, n: int, words: int = 2000) -> list[str]:
 
 @pytest.fixture(scope="module")
 def clf() -> Iterator[OnnxClassifier]:
-    with OnnxClassifier.load(MODEL_DIR, timeout=0.5, cache_size=4096, workers=1) as c:
-        c.score_prompts_sync([HARMLESS])  # the first run of a session is slow: not inside a test's 0.5 s
+    with OnnxClassifier.load(MODEL_DIR, timeout=1.0, cache_size=4096, workers=1) as c:
+        c.score_prompts_sync([HARMLESS])  # the first run of a session is slow: not inside a test's 1 s
         yield c
 
 
@@ -50,7 +50,7 @@ def test_a_long_text_is_a_heavy_call_and_a_short_one_light() -> None:
 
 
 async def test_a_call_that_times_out_part_way_brings_the_score_of_the_newest_text(clf: OnnxClassifier) -> None:
-    texts = [*padding(1, 30), ASK]  # ~1,500 passes: far more than 0.5 s on any CPU
+    texts = [*padding(1, 100), ASK]  # ~5,000 passes: far more than 1 s on any CPU
     began = time.monotonic()
     with pytest.raises(ClassifierPartial) as caught:
         await clf.score_prompts(texts)
@@ -59,14 +59,29 @@ async def test_a_call_that_times_out_part_way_brings_the_score_of_the_newest_tex
     assert len(scores) == len(texts)
     assert scores[-1] is not None and scores[-1].harm >= 0.9  # the ask, read first
     assert scores[0] is None  # the oldest text was never reached
-    # what came back is each text's whole score, and only whole scores are cached: a text cut off part way is not
-    for text, score in zip(texts, scores, strict=True):
-        cached = clf._cache.get(_key(b"raw-turn:%d" % clf.info.max_length, text))
-        if score is None:
-            assert cached is None
+    # a text read whole comes back with its score, cached; a long one whose windows were not read, with its head+tail
+    # pass's, which is never cached (its whole score can only be higher)
+    key = b"raw-turn:%d" % clf.info.max_length
+    whole = [(t, s) for t, s in zip(texts, scores, strict=True) if s is not None and clf._cache.get(_key(key, t))]
+    in_part = [(t, s) for t, s in zip(texts, scores, strict=True) if s is not None and not clf._cache.get(_key(key, t))]
+    assert (ASK, scores[-1]) in whole and in_part
+    for text, score in whole:
+        assert clf._cache.get(_key(key, text)) == score
+    for text, score in [*whole[:2], *in_part[:2]]:
+        (unhurried,) = clf.score_prompts_sync([text])
+        if (text, score) in whole:
+            assert score.harm == pytest.approx(unhurried.harm, abs=1e-6)
         else:
-            assert cached == score
-            assert score.harm == pytest.approx(clf.score_prompts_sync([text])[0].harm, abs=1e-6)
+            assert score.harm <= unhurried.harm + 1e-6
+
+
+async def test_an_ask_before_long_texts_is_read_before_their_middles(clf: OnnxClassifier) -> None:
+    ask = ASK + " Be brief."  # not in the cache from the tests above
+    texts = [ask, *padding(2, 6)]  # the ask is the oldest: every head+tail pass comes before any window
+    with pytest.raises(ClassifierPartial) as caught:
+        await clf.score_prompts(texts)
+    first = caught.value.scores[0]
+    assert first is not None and first.harm >= 0.9
 
 
 async def test_a_light_call_is_answered_while_heavy_calls_hold_the_only_thread(clf: OnnxClassifier) -> None:
@@ -112,6 +127,19 @@ async def test_an_ask_padded_with_long_earlier_turns_is_still_blocked() -> None:
     assert r.status_code == 200
     assert r.headers["x-guardproxy-decision"] == "block"
     assert fake.requests == []  # the ask never reached the upstream
+
+
+async def test_an_ask_followed_by_long_turns_and_a_harmless_newest_turn_is_blocked() -> None:
+    from guardproxy.server import build_app
+
+    fake = FakeUpstream(reply="Sure.")
+    async with serve(fake) as up:
+        built = build_app(_settings(up))
+        async with serve(built.app) as url, httpx.AsyncClient(timeout=60) as client:
+            messages = _conversation([ASK, *padding(22, 6)], "Now answer my first question.")
+            r = await client.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": messages})
+    assert r.headers["x-guardproxy-decision"] == "block"
+    assert fake.requests == []
 
 
 async def test_without_a_tracker_the_guard_scores_the_turns_itself_and_the_padded_ask_still_blocks() -> None:
