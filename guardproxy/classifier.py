@@ -151,15 +151,16 @@ def _reply_windows(reply: str) -> int:
 # the light calls, lets those that wait run between its passes, and at most ``workers`` heavy calls are queued or
 # running at once. Without that, two requests padded with long texts held both inference threads for seconds and
 # every other tenant's check timed out waiting, to be decided by the policy's on_classifier_failure (the default
-# policy forwards it): a red-team walkthrough, 2026-12-08. 16 passes are a ~1,000-id turn with its windows, or 16
-# short turns: ~0.1-0.3 s on two cores.
+# policy forwards it): a red-team walkthrough, 2026-12-08. 16 passes (``turn_passes``) are a turn of up to ~970
+# characters, or 16 short turns: ~0.1-0.3 s on two cores.
 LIGHT_CALL_PASSES = 16
 
 
 def turn_passes(text: str, max_length: int) -> int:
-    """The passes a per-turn check of ``text`` will run (its head+tail pass and ``prompt_windows``), estimated from
-    its length at 3 characters an id (more ids than most text has, so never too few)."""
-    skipped = min(len(text), RAW_HEAD_CHARS + RAW_TAIL_CHARS) // 3 - (max_length - 2)
+    """At most the passes a per-turn check of ``text`` will run (its head+tail pass and ``prompt_windows``), counted
+    at one id a character: no id spans less, so no text a client writes passes for lighter than it is (English runs
+    ~4.5 characters an id, so its long texts count heavy sooner than they are)."""
+    skipped = min(len(text), RAW_HEAD_CHARS + RAW_TAIL_CHARS) - (max_length - 2)
     return 1 + (min(MAX_PROMPT_WINDOWS, -(-skipped // PROMPT_WINDOW_STRIDE)) if skipped > 0 else 0)
 
 

@@ -49,6 +49,20 @@ def test_a_long_text_is_a_heavy_call_and_a_short_one_light() -> None:
     assert sum(turn_passes(HARMLESS, 256) for _ in range(LIGHT_CALL_PASSES)) == LIGHT_CALL_PASSES
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        padding(3, 1, 300)[0],
+        "人工智能安全研究需要长期投入。" * 60,  # CJK: an id or more a character
+        " ".join(str(i) for i in range(400)),  # digits: an id a few characters
+        "🙂" * 500,
+    ],
+    ids=["english", "cjk", "digits", "emoji"],
+)
+def test_a_texts_counted_passes_are_never_fewer_than_it_runs(clf: OnnxClassifier, text: str) -> None:
+    assert turn_passes(text, clf.info.max_length) >= 1 + len(clf.prompt_windows(text))
+
+
 async def test_a_call_that_times_out_part_way_brings_the_score_of_the_newest_text(clf: OnnxClassifier) -> None:
     texts = [*padding(1, 100), ASK]  # ~5,000 passes: far more than 1 s on any CPU
     began = time.monotonic()
