@@ -740,7 +740,8 @@ class GuardCheck:
             )
         if not kept:
             return _HistoryHarm(failed=over)
-        with exchange.timed("inference"):
+        # its own stage: it runs beside the request's other texts' scoring ("inference"), and the two walls overlap
+        with exchange.timed("history"):
             try:
                 scores = await asyncio.wait_for(self.classifier.score_replies(kept), self.timeout)
             except Exception as exc:  # raised, timed out, or broken: the policy's on_classifier_failure decides

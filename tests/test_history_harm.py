@@ -247,3 +247,15 @@ def test_policy_check_rejects_a_bad_history_harm_line(
     assert message in issue.message
     assert main(["policy", "check", str(bad)]) == 1
     assert f"{bad}:{at}: {field}: " in capsys.readouterr().err
+
+
+async def test_reading_the_history_is_timed_as_a_stage_of_its_own() -> None:
+    # it runs beside the scoring of the request's other texts ("inference"): one stage for both counted it twice
+    def stages(r: httpx.Response) -> set[str]:
+        return {part.strip().split(";")[0] for part in r.headers["server-timing"].split(",")}
+
+    async with gate() as g:
+        fresh = await g.ask([u("How do I bake bread?")])
+        read = await g.ask([u("How do I bake bread?"), a(HARMLESS), u("and after that?")])
+    assert "history" in stages(read)
+    assert "history" not in stages(fresh)

@@ -17,6 +17,7 @@ STAGE_ORDER = (
     "state_lookup",
     "state_store",
     "inference",
+    "history",
     "tokenize",
     "model",
     "policy",
@@ -29,7 +30,9 @@ STAGE_LEGEND = (
     "storing the turn; state_lookup = the hash chain over the request, the state read and the prefix match; "
     "state_store = each write of conversation state (the request's, in its Server-Timing too, and the one that "
     "records the reply, inside output_check for a plain reply; a request's header holds only its own); "
-    "inference = guard model calls outside the tracker (reply scoring, tool results); policy = every policy's "
+    "inference = guard model calls outside the tracker (reply scoring, tool results); history = reading the "
+    "assistant turns the gateway did not relay as replies, beside inference (both walls, so they overlap); "
+    "policy = every policy's "
     "decisions; output_check = reply scoring + policy; upstream = time to upstream headers. tokenize (normalisation "
     "+ tokenization) and model (the ONNX run) are the classifier thread's own time for every model call, wherever "
     "it was made (inside state, inference and output_check), so they overlap those stages and exclude queueing; "
