@@ -205,7 +205,8 @@ JOINED_EARLIER_LINE = 0.5
 class ScoredText:
     index: int  # position of the message in ``messages``; -1 for a request field (``request_texts``)
     # user | tool | function | system | developer; "parts": what the tracker does not read of a user message's
-    # content parts; "request": text of the request outside its messages' content
+    # content parts; "request": text of the request outside its messages' content; "user-run": consecutive user
+    # messages joined (``user_runs``), at the index of the run's last
     role: str
     text: str
     new: bool  # after the last assistant message: not checked by an earlier request
@@ -249,6 +250,36 @@ def scored_texts(
                 out.append(ScoredText(i, "parts", "\n".join(other), i > last_assistant))
         elif tracked or other:
             out.append(ScoredText(i, role, "\n".join([*tracked, *other]), i > last_assistant))
+    out.extend(user_runs(messages, found, last_assistant, old_user_turns=old_user_turns))
+    return out
+
+
+def user_runs(
+    messages: Sequence[Any], roles: Sequence[Any], last_assistant: int, *, old_user_turns: bool = True
+) -> list[ScoredText]:
+    """Each run of two or more user messages with no assistant message between them, joined as one text (role
+    ``user-run``). The upstream model reads such a run as one ask (a chat template sets the messages one after
+    another), while the guard scores each message alone and the conversation window reads only the last few: an
+    ask split into five or more short user messages passed every per-turn check and the window (a red-team
+    walkthrough, 2026-12-08). ``old_user_turns=False``: only the run after the last assistant message (the tracker
+    vouches for the older ones, scored when they were new)."""
+    out = []
+    run: list[int] = []
+    for i in range(len(roles) + 1):
+        role = roles[i] if i < len(roles) else "assistant"  # the end closes the last run
+        if role == "user":
+            run.append(i)
+            continue
+        if role != "assistant" or len(run) < 2:
+            if role == "assistant":
+                run = []
+            continue
+        if old_user_turns or run[-1] > last_assistant:
+            texts = ["\n".join(content_strings(messages[j].get("content"))[0]) for j in run]
+            joined = "\n".join(t for t in texts if t.strip())
+            if joined:
+                out.append(ScoredText(run[-1], "user-run", joined, run[-1] > last_assistant))
+        run = []
     return out
 
 
