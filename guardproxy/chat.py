@@ -48,6 +48,7 @@ from guardproxy.streaming import (
     relay,
     sse_json,
     tool_inputs,
+    tool_names,
 )
 from guardproxy.validation import ChatRequest
 
@@ -442,12 +443,13 @@ class ChatHandler:
             self.metrics.upstream_malformed.labels("plain", exc.problem).inc()
             raise
         verdicts: dict[int, Verdict] = {}
+        declared = tool_names(ex.body)  # the tool-call names the check does not read (``streaming.tool_names``)
         with ex.timed("output_check"):
             for idx, choice in choices:
                 message = choice.get("message")
                 text = message_text(message)
                 ex.reply_texts[idx] = text
-                ex.reply_reasoning[idx] = reasoning_of(message) if isinstance(message, dict) else ""
+                ex.reply_reasoning[idx] = reasoning_of(message, declared) if isinstance(message, dict) else ""
                 verdicts[idx] = await self.pipeline.check_output(ex, idx, text, final=True)
         return verdicts
 

@@ -18,8 +18,9 @@ the same checks as the plain one.
 
 What a client gets is what the check read, or an end: ``read_choices`` refuses a reply or chunk whose shape leaves in
 doubt what a client shows (``choices`` not a list, a choice not an object, an index that is not a non-negative
-integer or that two choices of one reply or chunk share, a field the check reads that is not text), and a stream
-that turns malformed ends as a block ends. Text for a choice after its ``finish_reason`` (its last check has run) is
+integer or that two choices of one reply or chunk share, a field the check reads that is not text, a key that is a
+case variant of one the check reads, as ``Choices`` or ``Content``), and a stream that turns malformed ends as a block
+ends. Text for a choice after its ``finish_reason`` (its last check has run) is
 dropped, and nothing after ``[DONE]`` is read.
 """
 
@@ -185,15 +186,14 @@ def choice_text(content: str, tool_args: list[str]) -> str:
 
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # vLLM's reasoning parsers and DeepSeek; Ollama, OpenRouter
-# Content parts whose ``text`` is the reply itself; any other part's strings (Mistral's ``thinking``, ...) are read
-# beside it, as reasoning is.
-_TEXT_PARTS = frozenset({None, "text", "output_text"})
 _ESCAPE = re.compile(r"\\u[0-9a-fA-F]{4}(?:\\u[0-9a-fA-F]{4})?")
 
 
 def content_parts(parts: list[Any]) -> tuple[str, str]:
-    """(reply text, other text) of a content-part list: text parts make the reply; the strings of other parts
-    (``thinking``, a refusal part, ...) are read beside it, never recorded as the reply."""
+    """(reply text, other text) of a content-part list: each part's ``text`` makes the reply; every other string of
+    every part, text parts too (``{"type": "text", "content": ...}``, a part without ``text``, an annotation's title),
+    and the strings of other parts (``thinking``, a refusal part, ...) are read beside it, never recorded as the
+    reply; less what is under a ``REPLY_NOT_TEXT`` key (a text part's ``type``)."""
     text: list[str] = []
     other: list[str] = []
     for part in parts:
@@ -202,8 +202,7 @@ def content_parts(parts: list[Any]) -> tuple[str, str]:
         elif isinstance(part, dict):
             if isinstance(part.get("text"), str):
                 text.append(part["text"])
-            if part.get("type") not in _TEXT_PARTS:
-                other.extend(t for _, t in _leaves({k: v for k, v in part.items() if k != "text"}, ""))
+            other.extend(t for _, t in _leaves({k: v for k, v in part.items() if k != "text"}, ""))
     return "".join(text), "\n".join(other)
 
 
@@ -227,8 +226,9 @@ def _unescape_one(match: re.Match[str]) -> str:
 
 
 # Keys under which a reply carries no text a client shows, wherever they sit; every other string is read. A tool
-# call's ``name`` is skipped too, there only (``_tool_call_rest``). Strings elsewhere are read as written, data URIs
-# too: a stream splits any string across deltas, so no test of one piece could tell a payload from text.
+# call's ``name`` is skipped too where the request declared that name (``tool_names``, ``ChoiceText.reasoning_text``).
+# Strings elsewhere are read as written, data URIs too: a stream splits any string across deltas, so no test of one
+# piece could tell a payload from text.
 REPLY_NOT_TEXT = frozenset(
     {
         "id", "tool_call_id", "call_id",  # ids
@@ -244,9 +244,10 @@ _READ_APART = frozenset({"content", *REASONING_FIELDS})  # the reply text, or re
 def side_fields(obj: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, text) of every string a message or a delta carries beside its content, its reasoning and its function
     arguments, at any depth, less what is under a ``REPLY_NOT_TEXT`` key: a refusal, an audio transcript, a custom
-    tool call's input, and any field an upstream adds (``thinking``, ``reasoning_text``, ``analysis``, a vendor's own,
-    a list of thinking blocks). The path (``thinking/0/thinking``) names where the text sits, so a stream's pieces of
-    one field are joined (``ChoiceText``)."""
+    tool call's input, a tool call's name (``is_tool_name`` tells which paths hold one), and any field an upstream
+    adds (``thinking``, ``reasoning_text``, ``analysis``, a vendor's own, a list of thinking blocks). The path
+    (``thinking/0/thinking``) names where the text sits, so a stream's pieces of one field are joined
+    (``ChoiceText``)."""
     out: list[tuple[str, str]] = []
     for key, value in obj.items():
         if key in _READ_APART or key in REPLY_NOT_TEXT:
@@ -256,22 +257,46 @@ def side_fields(obj: dict[str, Any]) -> list[tuple[str, str]]:
                 if isinstance(tc, dict):
                     out.extend(_leaves(_tool_call_rest(tc), f"tool_calls/{_call_index(tc, pos)}"))
         elif key == "function_call" and isinstance(value, dict):
-            out.extend(_leaves({k: v for k, v in value.items() if k not in ("name", "arguments")}, key))
+            out.extend(_leaves({k: v for k, v in value.items() if k != "arguments"}, key))
         else:
             out.extend(_leaves(value, key))
     return out
 
 
 def _tool_call_rest(tc: dict[str, Any]) -> dict[str, Any]:
-    """A tool call less its function's arguments (the reply text reads them) and the ``name`` of its function or
-    custom tool: an identifier the client dispatches on, one the request declared; reading it would change what every
-    ordinary tool-call reply is scored as."""
-    out = dict(tc)
-    for kind, drop in (("function", ("name", "arguments")), ("custom", ("name",))):
-        part = out.get(kind)
-        if isinstance(part, dict):
-            out[kind] = {k: v for k, v in part.items() if k not in drop}
-    return out
+    """A tool call less its function's arguments (the reply text reads them). The function's or custom tool's
+    ``name`` stays: an upstream's tool parser (vLLM's, Ollama's) copies whatever name the model wrote."""
+    part = tc.get("function")
+    if isinstance(part, dict) and "arguments" in part:
+        return {**tc, "function": {k: v for k, v in part.items() if k != "arguments"}}
+    return tc
+
+
+_NAME_PATH = re.compile(r"(?:tool_calls/\d+/(?:function|custom)|function_call)/name")
+
+
+def is_tool_name(path: str) -> bool:
+    """Whether a ``side_fields`` path is where a tool call's (or a legacy ``function_call``'s) name sits."""
+    return _NAME_PATH.fullmatch(path) is not None
+
+
+def tool_names(body: dict[str, Any]) -> frozenset[str]:
+    """The names of the tools a request declares (``tools``: function and custom tools; legacy ``functions``). A
+    reply's tool call to one of them names nothing the client did not write, so the check does not read that name:
+    an ordinary tool-call reply reads as it did, and a tool named for risky work (``exploit_scan``) does not make
+    every call to it read as harm. Any other name is what the model wrote, and is read."""
+    names: set[str] = set()
+    tools, functions = body.get("tools"), body.get("functions")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict):
+            for kind in ("function", "custom"):
+                part = tool.get(kind)
+                if isinstance(part, dict) and isinstance(name := part.get("name"), str):
+                    names.add(name)
+    for fn in functions if isinstance(functions, list) else ():
+        if isinstance(fn, dict) and isinstance(name := fn.get("name"), str):
+            names.add(name)
+    return frozenset(names)
 
 
 def _call_index(tc: dict[str, Any], pos: int) -> int:
@@ -325,9 +350,38 @@ def _holds_text(part: Any, key: str) -> bool:
     return part is None or (isinstance(part, dict) and _text_or_none(part.get(key)))
 
 
+# The keys the output check reads by name, where they sit: a reply or chunk, a choice, a message or delta, a tool call,
+# its function or custom tool (a legacy ``function_call`` too), an audio reply. Go's ``encoding/json`` (Ollama's
+# clients, any Go client) matches a key to a field ignoring case (and folds ``K``/``ſ`` to ``k``/``s``): ``Choices``
+# or ``Content`` is the field to it, and to the check nothing, or a string read apart from what it is.
+_REPLY_KEYS = frozenset({"choices"})
+_CHOICE_KEYS = frozenset({"index", "message", "delta", "finish_reason", "logprobs"})
+_BODY_KEYS = frozenset({"content", "refusal", "audio", "tool_calls", "function_call", *REASONING_FIELDS})
+_CALL_KEYS = frozenset({"index", "function", "custom"})
+_FUNCTION_KEYS = frozenset({"name", "arguments", "input"})
+_AUDIO_KEYS = frozenset({"transcript"})
+
+
+def case_variant(obj: dict[str, Any], known: frozenset[str]) -> str | None:
+    """The known key that a key of ``obj`` equals ignoring case but not exactly (``Choices``, ``CONTENT``), or None.
+    The key itself is not returned: it is the upstream's text."""
+    for key in obj:
+        if key not in known and (fold := key.casefold()) in known:
+            return fold
+    return None
+
+
+def _variant_problem(obj: dict[str, Any], known: frozenset[str], where: str) -> str | None:
+    fold = case_variant(obj, known)
+    return None if fold is None else f"a case variant of {fold!r} in {where}"
+
+
 def field_problem(obj: dict[str, Any]) -> str | None:
     """What keeps the output check from reading a message or a delta as a client may show it: a field the check reads
-    (``choice_text``, ``reasoning_of``) in another shape than text, which the check would pass over. None if none."""
+    (``choice_text``, ``reasoning_of``) in another shape than text, which the check would pass over, or a key that is
+    a case variant of one (``case_variant``). None if none."""
+    if (problem := _variant_problem(obj, _BODY_KEYS, "a message")) is not None:
+        return problem
     content = obj.get("content")
     if isinstance(content, list):
         if not all(isinstance(p, str) or (isinstance(p, dict) and _text_or_none(p.get("text"))) for p in content):
@@ -337,18 +391,37 @@ def field_problem(obj: dict[str, Any]) -> str | None:
     for key in ("refusal", *REASONING_FIELDS):
         if not _text_or_none(obj.get(key)):
             return f"{key} that is not text"
-    if not _holds_text(obj.get("audio"), "transcript"):
+    audio = obj.get("audio")
+    if not _holds_text(audio, "transcript"):
         return "audio without a text transcript"
+    if isinstance(audio, dict) and (problem := _variant_problem(audio, _AUDIO_KEYS, "audio")) is not None:
+        return problem
     calls = obj.get("tool_calls")
     if calls is not None and not isinstance(calls, list):
         return "tool_calls that is not a list"
     for tc in calls or ():
-        if not (isinstance(tc, dict) and _holds_text(tc.get("function"), "arguments")):
-            return "a tool call whose arguments are not text"
-        if not _holds_text(tc.get("custom"), "input"):
-            return "a custom tool call whose input is not text"
-    if not _holds_text(obj.get("function_call"), "arguments"):
+        if (problem := _call_problem(tc)) is not None:
+            return problem
+    call = obj.get("function_call")
+    if not _holds_text(call, "arguments"):
         return "a function_call whose arguments are not text"
+    if isinstance(call, dict) and (problem := _variant_problem(call, _FUNCTION_KEYS, "function_call")) is not None:
+        return problem
+    return None
+
+
+def _call_problem(tc: Any) -> str | None:
+    """``field_problem`` of one tool call."""
+    if not (isinstance(tc, dict) and _holds_text(tc.get("function"), "arguments")):
+        return "a tool call whose arguments are not text"
+    if not _holds_text(tc.get("custom"), "input"):
+        return "a custom tool call whose input is not text"
+    if (problem := _variant_problem(tc, _CALL_KEYS, "a tool call")) is not None:
+        return problem
+    for kind in ("function", "custom"):
+        part = tc.get(kind)
+        if isinstance(part, dict) and (problem := _variant_problem(part, _FUNCTION_KEYS, kind)) is not None:
+            return problem
     return None
 
 
@@ -357,7 +430,10 @@ def read_choices(obj: dict[str, Any], part: str) -> list[tuple[int, dict[str, An
     an index is at its position. Raises ``MalformedReply`` where the shape leaves in doubt what a client shows: the
     gateway would check one thing and relay another. Two choices with one index (a client shows both, or the last, or
     joins them) fail closed rather than merge: no one merged text is what every client shows, or what the client sends
-    back as its history."""
+    back as its history. A key of the reply, a choice or its message that is a case variant of one the check reads
+    (``Choices``, ``Message``, ``Delta``, ``Content``: ``case_variant``) is malformed too."""
+    if (fold := case_variant(obj, _REPLY_KEYS)) is not None:
+        raise MalformedReply("choices", f"the reply has a case variant of {fold!r}")
     choices = obj.get("choices")
     if choices is None:
         return []
@@ -374,6 +450,8 @@ def read_choices(obj: dict[str, Any], part: str) -> list[tuple[int, dict[str, An
         if idx in seen:
             raise MalformedReply("index", f"two choices with index {idx}")
         seen.add(idx)
+        if (problem := _variant_problem(ch, _CHOICE_KEYS, "a choice")) is not None:
+            raise MalformedReply("field", f"choice {idx} has {problem}")
         body = ch.get(part)
         if body is not None and not isinstance(body, dict):
             raise MalformedReply("field", f"choice {idx} has a {part} that is not an object")
@@ -388,17 +466,18 @@ def reasoning(obj: dict[str, Any]) -> str:
     return "".join(v for k in REASONING_FIELDS if isinstance(v := obj.get(k), str))
 
 
-def reasoning_of(obj: dict[str, Any]) -> str:
+def reasoning_of(obj: dict[str, Any], declared: frozenset[str] = frozenset()) -> str:
     """What the output check reads of a message beside its reply text: the reasoning a reasoning model thinks aloud
-    (``REASONING_FIELDS``, first), the strings of non-text content parts, every other string of the message
-    (``side_fields``: a refusal, an audio transcript, ``thinking``, a vendor's field...), and tool-call arguments with
-    their JSON escapes decoded. A client may show any of it; none of it is the reply text the history records. ""
-    for a message with content and tool calls only (unescaped), so an ordinary reply reads as before."""
+    (``REASONING_FIELDS``, first), the strings of content parts other than their ``text``, every other string of the
+    message (``side_fields``: a refusal, an audio transcript, ``thinking``, a vendor's field, a tool call's name
+    unless the request ``declared`` it...), and tool-call arguments with their JSON escapes decoded. A client may show
+    any of it; none of it is the reply text the history records. "" for a message with content and calls to declared
+    tools only (unescaped), so an ordinary reply reads as before."""
     parts = [reasoning(obj)]
     content = obj.get("content")
     if isinstance(content, list):
         parts.append(content_parts(content)[1])
-    parts.extend(t for _, t in side_fields(obj))
+    parts.extend(t for path, t in side_fields(obj) if not (t in declared and is_tool_name(path)))
     parts.extend(unescaped(a) for _, a in tool_inputs(obj))
     return "\n".join(p for p in parts if p.strip())
 
@@ -443,10 +522,12 @@ class ChoiceText:
     def text(self) -> str:
         return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
 
-    def reasoning_text(self) -> str:
-        """The reasoning, then what else was streamed beside the content (``reasoning_of``'s fields), then the tool
-        calls' arguments with their JSON escapes decoded."""
-        parts = ["".join(self.reasoning), *("".join(v) for v in self.side.values())]
+    def reasoning_text(self, declared: frozenset[str] = frozenset()) -> str:
+        """The reasoning, then what else was streamed beside the content (``reasoning_of``'s fields: a tool call's
+        name, its pieces joined, unless the request ``declared`` it), then the tool calls' arguments with their JSON
+        escapes decoded."""
+        side = (("".join(v), path) for path, v in self.side.items())
+        parts = ["".join(self.reasoning), *(t for t, path in side if not (t in declared and is_tool_name(path)))]
         parts.extend(unescaped("".join(a)) for _, a in sorted(self.args.items()))
         return "\n".join(p for p in parts if p)
 
@@ -557,6 +638,7 @@ class StreamGuard:
         self.malformed: str | None = None
         self.late = False
         self.verdicts: list[Verdict] = []
+        self.declared = tool_names(ex.body)  # ``tool_names``: the tool-call names the check does not read
 
     @property
     def outcome(self) -> str:
@@ -631,7 +713,7 @@ class StreamGuard:
 
     async def _check(self, idx: int, st: ChoiceText, *, final: bool) -> bytes | None:
         text = st.text()
-        self.ex.reply_reasoning[idx] = st.reasoning_text()
+        self.ex.reply_reasoning[idx] = st.reasoning_text(self.declared)
         st.checked = st.size
         st.final_checked = st.final_checked or final
         with self.ex.timed("output_check"):

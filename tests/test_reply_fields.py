@@ -155,6 +155,58 @@ async def test_harmless_text_streamed_in_any_field_is_read_and_relayed_unchanged
     assert check.beside[-1] == MULLING  # the last check read all of it, the pieces joined
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def tool_call(name: str, arguments: str = '{"city": "Paris"}') -> dict[str, Any]:
+    return {"id": "t1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+@pytest.mark.parametrize(
+    ("name", "beside"), [("get_weather", ""), ("lookup_owls", "lookup_owls")], ids=["declared", "undeclared"]
+)
+@on_module_loop
+async def test_a_tool_name_the_request_did_not_declare_is_read_beside_the_reply(
+    name: str, beside: str, guarded: tuple[Env, Canned, Reading]
+) -> None:
+    """A declared name is the client's own text, so an ordinary tool-call reply reads as before; any other name is
+    what the model wrote, and a client may show it."""
+    env, canned, check = guarded
+    body = completion(content=None, tool_calls=[tool_call(name)])
+    canned.answer = lambda _h: (200, JSON, [body])
+    r = await env.client.post(CHAT, json={**HELLO, "tools": TOOLS})
+    assert r.status_code == 200 and r.content == body
+    assert check.beside == [beside]
+    first = {"index": 0, **tool_call(name, "")}
+    raw = (
+        event(role="assistant", content=None, tool_calls=[first])
+        + event(tool_calls=[{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}])
+        + event("tool_calls")
+        + DONE
+    )
+    canned.answer = lambda _h: (200, SSE, [raw])
+    r = await env.client.post(CHAT, json={**HELLO, "tools": TOOLS, "stream": True})
+    assert r.status_code == 200 and r.content == raw
+    assert check.beside[-1] == beside
+
+
+@pytest.mark.parametrize("where", ["tools", "functions", "custom"])
+@on_module_loop
+async def test_harmful_text_in_a_tool_name_is_blocked_unless_the_request_declared_that_name(
+    where: str, guarded: tuple[Env, Canned, Reading]
+) -> None:
+    env, canned, _ = guarded
+    declared = {
+        "tools": {"tools": TOOLS},
+        "functions": {"functions": [{"name": "get_weather", "parameters": {"type": "object"}}]},
+        "custom": {"tools": [{"type": "custom", "custom": {"name": "get_weather"}}]},
+    }[where]
+    canned.answer = lambda _h: (200, JSON, [completion(content=None, tool_calls=[tool_call(BAD + " now")])])
+    r = await env.client.post(CHAT, json={**HELLO, **declared})
+    assert r.status_code == 200 and BAD not in r.text
+    assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
@@ -215,6 +267,41 @@ async def test_the_guard_model_blocks_a_harmful_reply_in_a_side_field(
     r = await client.post(CHAT, json={"model": "m", "messages": [{"role": "user", "content": ASK}]})
     assert r.status_code == 200, r.text
     assert "pipe" not in r.text and r.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"content": None, "tool_calls": [tool_call(HARMFUL, "{}")]},
+        {"content": [{"type": "text", "content": HARMFUL}]},
+    ],
+    ids=["tool_name", "text_part_content"],
+)
+@on_module_loop
+async def test_the_guard_model_blocks_a_harmful_reply_where_a_client_shows_it(
+    message: dict[str, Any], modelled: tuple[httpx.AsyncClient, Canned]
+) -> None:
+    client, canned = modelled
+    canned.answer = lambda _h: (200, JSON, [completion(**message)])
+    r = await client.post(CHAT, json={"model": "m", "messages": [{"role": "user", "content": ASK}], "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    assert "pipe" not in r.text and r.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
+@on_module_loop
+async def test_the_guard_model_ends_a_stream_whose_tool_name_is_harmful(
+    modelled: tuple[httpx.AsyncClient, Canned],
+) -> None:
+    client, canned = modelled
+    call = {"index": 0, **tool_call(HARMFUL + AFTER, "")}  # over 256 characters: a check runs on this event
+    raw = event(role="assistant", content=None, tool_calls=[call]) + event("tool_calls") + DONE
+    canned.answer = lambda _h: (200, SSE, [raw])
+    body = {"model": "m", "messages": [{"role": "user", "content": ASK}], "tools": TOOLS, "stream": True}
+    r = await client.post(CHAT, json=body)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "content_filter"
+    assert "pipe" not in r.text
 
 
 @pytest.mark.parametrize("field", ["thinking", "text"])

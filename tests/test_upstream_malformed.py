@@ -105,6 +105,24 @@ MALFORMED_PLAIN = {
     "function_call_arguments_object": completion(
         message(content=None, function_call={"name": "f", "arguments": {"a": BAD}})
     ),
+    # a key a Go client (encoding/json) matches ignoring case, so reads as the field the check reads
+    "choices_case_variant": json.dumps({"id": "c1", "Choices": [message(0, content=BAD)]}).encode(),
+    "choices_upper_case": json.dumps({"id": "c1", "choices": [], "CHOICES": [message(0, content=BAD)]}).encode(),
+    "choices_long_s": json.dumps({"id": "c1", "choice\u017f": [message(0, content=BAD)]}).encode(),
+    "message_case_variant": completion({"index": 0, "Message": {"role": "assistant", "content": BAD}}),
+    "message_beside_message": completion(
+        {"index": 0, "message": {"role": "assistant", "content": FINE}, "MESSAGE": {"content": BAD}}
+    ),
+    "index_case_variant": completion(message(0, content=FINE), {"Index": 0, "message": {"content": BAD}}),
+    "logprobs_case_variant": completion({**message(0, content=BAD), "Logprobs": {"content": [{"token": BAD}]}}),
+    "content_case_variant": completion(message(content=None, Content=BAD)),
+    "tool_calls_case_variant": completion(
+        message(content=None, Tool_calls=[{"id": "t", "type": "function", "function": {"name": "f", "arguments": BAD}}])
+    ),
+    "arguments_case_variant": completion(
+        message(content=None, tool_calls=[{"id": "t", "type": "function", "function": {"name": "f", "Arguments": BAD}}])
+    ),
+    "reasoning_case_variant": completion(message(content=FINE, Reasoning_Content=BAD)),
 }
 
 
@@ -136,6 +154,16 @@ SAFE_PLAIN = {
     "function_call": message(1, content=None, function_call={"name": "f", "arguments": BAD}),
     "thinking_part": message(1, content=[{"type": "thinking", "thinking": BAD}, {"type": "text", "text": FINE}]),
     "index_beyond_n": message(7, content=BAD),
+    "tool_name": message(
+        1, content=None, tool_calls=[{"id": "t", "type": "function", "function": {"name": BAD, "arguments": "{}"}}]
+    ),
+    "custom_tool_name": message(
+        1, content=None, tool_calls=[{"id": "t", "type": "custom", "custom": {"name": BAD, "input": "x"}}]
+    ),
+    "function_call_name": message(1, content=None, function_call={"name": BAD, "arguments": "{}"}),
+    "text_part_content": message(1, content=[{"type": "text", "content": BAD}]),
+    "untyped_part_without_text": message(1, content=[{"value": BAD}]),
+    "output_text_part_beside_text": message(1, content=[{"type": "output_text", "text": FINE, "annotations": [BAD]}]),
 }
 
 
@@ -183,6 +211,11 @@ MALFORMED_STREAM = {
     "tool_calls_object": event(delta(tool_calls={"0": {"index": 0, "function": {"arguments": BAD}}})),
     "tool_arguments_object": event(delta(tool_calls=[{"index": 0, "function": {"arguments": {"a": BAD}}}])),
     "function_call_arguments_object": event(delta(function_call={"arguments": {"a": BAD}})),
+    "choices_case_variant": b"data: " + json.dumps({"id": "c1", "Choices": [delta(0, content=BAD)]}).encode() + b"\n\n",
+    "delta_case_variant": event({"index": 0, "Delta": {"content": BAD}, "finish_reason": None}),
+    "content_case_variant": event(delta(CONTENT=BAD)),
+    "tool_calls_case_variant": event(delta(Tool_calls=[{"index": 0, "function": {"arguments": BAD}}])),
+    "finish_reason_case_variant": event({"index": 0, "delta": {}, "Finish_reason": "stop"}),
 }
 
 
@@ -251,6 +284,11 @@ SAFE_STREAM = {
     "function_call": delta(function_call={"name": "f", "arguments": BAD}),
     "thinking_part": delta(content=[{"type": "thinking", "thinking": BAD}]),
     "index_beyond_n": delta(7, content=BAD),
+    "tool_name": delta(tool_calls=[{"index": 0, "id": "t", "type": "function", "function": {"name": BAD}}]),
+    "custom_tool_name": delta(tool_calls=[{"index": 0, "id": "t", "type": "custom", "custom": {"name": BAD}}]),
+    "function_call_name": delta(function_call={"name": BAD}),
+    "text_part_content": delta(content=[{"type": "text", "content": BAD}]),
+    "untyped_part_without_text": delta(content=[{"value": BAD}]),
 }
 
 
@@ -264,6 +302,22 @@ async def test_every_field_of_a_stream_a_client_shows_is_checked(choice: dict[st
     assert BAD not in r.text
     events = sse_events(r.text)
     assert events[-1] == "[DONE]" and "content_filter" in json.dumps(events[-2])
+
+
+async def test_a_tool_name_streamed_in_pieces_is_read_joined(guarded: Pair) -> None:
+    env, canned = guarded
+    call = {"index": 0, "id": "t", "type": "function", "function": {"name": BAD[:4], "arguments": ""}}
+    raw = (
+        event(delta(0, role="assistant", content=None, tool_calls=[call]))
+        + event(delta(0, tool_calls=[{"index": 0, "function": {"name": BAD[4:], "arguments": "{}"}}]))
+        + event(delta(0, "tool_calls"))
+        + DONE
+    )
+    canned.answer = lambda _h: (200, SSE, [raw])
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "content_filter"
+    assert BAD[4:] not in r.text  # the event that completed the name was withheld
 
 
 async def test_a_well_formed_stream_goes_out_byte_for_byte(guarded: Pair) -> None:
