@@ -103,7 +103,11 @@ REPLY_HEAD_IDS = 253  # no pair pass reads more of a reply (max_length 256 less 
 # A window's reply harm counts from here: on the calibration split (python -m bench.reply_windows --split
 # calibration), windows at 0.5 flagged 3.9% of PHTest's harmless replies against 2.3% for the head alone, at 0.6 2.5%.
 REPLY_WINDOW_LINE = 0.6
-MAX_REPLY_WINDOWS = 128  # ~12k ids: beyond that a reply is read no further
+# ~37k ids, RAW_REPLY_CHARS of English: beyond that a reply is read no further (``ReplyScore.unread``, counted in
+# guardproxy_reply_unread_total). 128 (~12k ids) let a harmful passage after 62k characters of harmless text through
+# (a red-team walkthrough, 2026-12-08). A stream's windows are scored as it grows, each once (cached); a plain
+# reply's all at once, in a heavy call (``LIGHT_CALL_PASSES``) that may take its windows' allowance.
+MAX_REPLY_WINDOWS = 384
 # Prompt windows (``OnnxClassifier.prompt_windows``): the middle of a user turn that the head+tail pass skips, read
 # in short windows: in a 128-id window of article text a short harmful ask is diluted. On the calibration split's
 # probe (python -m bench.prompt_windows --split calibration: short harmful asks put in the middle of long harmless
@@ -699,28 +703,33 @@ class OnnxClassifier:
         return await self._submit(raw_keys, self._pair_job, list(pairs))
 
     def reply_parts(self, reply: str) -> tuple[str, list[str]]:
+        return self._reply_parts(reply)[:2]
+
+    def _reply_parts(self, reply: str) -> tuple[str, list[str], bool]:
         """(head, windows) of ``reply``. A pair pass reads the reply's head (``encoding.encode_pair``); ``head`` is the
         reply cut where no pair pass reads further (so the head's score is cached while a stream grows), and
         ``windows`` the parts after the head that no pass would read: overlapping windows of ``REPLY_WINDOW_IDS``
         ids every ``REPLY_WINDOW_STRIDE`` ids after the first stride, cut from the normalised reply at the
         tokenizer's offsets; [] for a reply the head covers. Scored as (prompt, window) pairs, their reply harm finds
         harmful text after a long harmless opening, which the head alone never reads. At most
-        ``MAX_REPLY_WINDOWS``, from the start."""
+        ``MAX_REPLY_WINDOWS``, from the start; ``_reply_parts`` also says whether text was left unread (past those
+        or past ``RAW_REPLY_CHARS``)."""
         from guardproxy.normalize import normalize
 
         text = normalize(reply[:RAW_REPLY_CHARS])
+        cut = len(reply) > RAW_REPLY_CHARS
         offsets = self._tokenizer.encode(text, add_special_tokens=False).offsets
         head = text if len(offsets) <= REPLY_HEAD_IDS else text[: offsets[REPLY_HEAD_IDS - 1][1]]
         if len(offsets) <= REPLY_WINDOW_IDS:
-            return head, []
+            return head, [], cut
         windows = []
         last = len(offsets) - REPLY_WINDOW_IDS + REPLY_WINDOW_STRIDE
         for start in range(REPLY_WINDOW_STRIDE, last, REPLY_WINDOW_STRIDE):
             end = min(start + REPLY_WINDOW_IDS, len(offsets))
             windows.append(text[offsets[start][0] : offsets[end - 1][1]])
             if len(windows) == MAX_REPLY_WINDOWS:
-                break
-        return head, windows
+                return head, windows, cut or end < len(offsets)
+        return head, windows, cut
 
     def prompt_windows(self, text: str) -> list[str]:
         """The windows of ``text``'s middle, which a per-turn pass (``encoding.encode_prompt`` at the model's
@@ -810,9 +819,10 @@ class OnnxClassifier:
     def _whole_job(self, pairs: list[tuple[str, str]], cancel: threading.Event) -> list[ReplyScore]:
         out = []
         for prompt, reply in pairs:
-            head, windows = self.reply_parts(reply)
+            head, windows, unread = self._reply_parts(reply)
             scores = self._pair_job([(prompt, head), *((prompt, w) for w in windows)], cancel)
-            out.append(_whole(scores[0], [s.reply_harm for s in scores[1:]]))
+            whole = _whole(scores[0], [s.reply_harm for s in scores[1:]])
+            out.append(dataclasses.replace(whole, unread=True) if unread else whole)
         return out
 
     async def aclose(self) -> None:

@@ -173,6 +173,10 @@ _GUARD_COUNTERS = {
         "guardproxy_unreadable_requests",
         "requests with a scored turn mostly in scripts the guard model reads only letter by letter",
     ),
+    "reply_unread": (
+        "guardproxy_reply_unread",
+        "replies longer than the output check reads (classifier.MAX_REPLY_WINDOWS): their rest was relayed unread",
+    ),
 }
 
 _SCORED_ROLES = frozenset({"user", "tool", "function"})
@@ -799,6 +803,8 @@ class GuardCheck:
             with exchange.timed("inference"):
                 scored = await self._score_output(_prompt_for_reply(state.texts), reply, joined)
             state.output_failed = scored is None
+        if final and scored is not None and scored[0].unread:
+            self._reply_unread(exchange)
         signals = _output_signals(state.signals, *(scored or (None, None)))
         state.output_signals = signals
         n = exchange.body.get("n", 1)
@@ -1000,6 +1006,11 @@ class GuardCheck:
             self._classifier_failed(exc)
             return None
         return scores if len(scores) == len(pairs) else None
+
+    def _reply_unread(self, exchange: Exchange) -> None:
+        if self.metrics is not None:
+            self.metrics.counter(*_GUARD_COUNTERS["reply_unread"]).inc()
+        log.info("request %s: the reply runs past what the output check reads", exchange.request_id)
 
     def _classifier_failed(self, exc: BaseException) -> None:
         self.failures["classifier"] += 1

@@ -68,6 +68,8 @@ class ReplyScore:
     refusal: RefusalClass
     refusal_probs: tuple[float, float, float]  # none, partial, full
     reply_harm: float  # the reply carries harmful assistance, on the operating scale
+    # the reply runs past what the output check reads (``classifier.MAX_REPLY_WINDOWS``, ``RAW_REPLY_CHARS``)
+    unread: bool = False
 
 
 class Classifier(Protocol):
