@@ -666,7 +666,6 @@ class StreamGuard:
                 return Step(None)
             obj["choices"] = [ch for _, ch in kept]
             ev = SSEEvent(json.dumps(obj, separators=(",", ":"), ensure_ascii=False), ev.event, ev.id)
-        every = self.pipeline.output_check_chars
         touched: list[ChoiceText] = []
         for idx, ch in kept:
             st = self.choices.get(idx)
@@ -678,13 +677,15 @@ class StreamGuard:
                 st.add(delta)
             if ch.get("finish_reason") is not None:
                 st.finished = True
-                block = await self._check(idx, st, final=True)
-            elif st.size - st.checked >= every:
-                block = await self._check(idx, st, final=False)
-            else:
-                block = None
-            if block is not None:
-                return Step(None, block)  # the whole event is withheld: nothing of it was relayed
+                if (block := await self._check(idx, st, final=True)) is not None:
+                    return Step(None, block)  # the whole event is withheld: nothing of it was relayed
+        # The unchecked text of all choices together stays under output_check_chars: with n > 1 each choice had its
+        # own allowance, so n choices relayed up to n times as much of a reply the check then blocked (a red team).
+        unchecked = [(i, st) for i, st in self.choices.items() if not st.final_checked and st.size > st.checked]
+        if sum(st.size - st.checked for _, st in unchecked) >= self.pipeline.output_check_chars:
+            for idx, st in unchecked:
+                if (block := await self._check(idx, st, final=False)) is not None:
+                    return Step(None, block)
         for st in touched:
             st.relayed_chars = st.content_chars
         return Step(ev)

@@ -333,3 +333,20 @@ async def test_a_well_formed_stream_goes_out_byte_for_byte(guarded: Pair) -> Non
     canned.answer = lambda _h: (200, SSE, [raw])
     r = await env.client.post(CHAT, json={**HELLO, "stream": True, "n": 2})
     assert r.content == raw
+
+
+async def test_the_choices_of_a_stream_share_one_unchecked_allowance(guarded: Pair) -> None:
+    # A red team: with n > 1 each choice had its own output_check_chars, so n choices relayed up to n times as much
+    # of a reply the check then blocked. Four choices, ten characters each an event, an allowance of 25: the check
+    # runs once the four together hold 25 unchecked, and the event that brings the bad text is withheld.
+    env, canned = guarded
+    env.pipeline.output_check_chars = 25
+    first = event(*(delta(i, content="a" * 10) for i in range(4)))
+    second = event(*(delta(i, content=("b" * 3 + BAD) if i == 1 else "c" * 10) for i in range(4)))
+    ends = event(*(delta(i, "stop") for i in range(4)))
+    canned.answer = lambda _h: (200, SSE, [first + second + ends + DONE])
+    r = await env.client.post(CHAT, json={**HELLO, "stream": True, "n": 4})
+    assert BAD not in r.text
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and "content_filter" in json.dumps(events[-2])
+    assert "a" * 10 in r.text  # the first event, checked clean, was relayed
