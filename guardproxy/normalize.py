@@ -53,6 +53,7 @@ import codecs
 import html
 import re
 import unicodedata
+from collections import Counter
 
 __all__ = ["normalize"]
 
@@ -72,6 +73,31 @@ _INVISIBLE = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u17b4\u17b5\u
 _BLANK = "\u115f\u1160\u3164\uffa0\u2800"
 _BLANKS = re.compile(f"[{_BLANK}]+")
 _BLANK_WORD = re.compile(f"[^\\s]*[{_BLANK}][^\\s]*")
+
+# Upside-down text: the letters turned with the usual mapping (and the few turned capitals and marks that flip
+# tools use), the whole text reversed. A span of words made only of what a turned text holds (turned letters,
+# the ASCII letters that turn into ASCII ones: b, d, n, p, q, u swap, l, o, s, x, z stay; capitals, digits and
+# punctuation) with ``_MIN_TURNED`` turned letters in ``_MIN_TURNED_SPAN`` letters is read turned and reversed.
+# English always holds letters with no ASCII turned form (a, e, t, h...), so a phonetic transcription in a
+# sentence (``[ɹʌn]``) never forms such a span.
+_TURNED_LETTERS = "ɐɔǝɟƃɥᴉɾʞɯɹʇʌʍʎ∀Ɐ\u018e\u2132\u2141\u02e5\u0500\u1d1a\u22a5\u2229\u039b\u2144"
+_TURNED = dict(zip(_TURNED_LETTERS + "qpunbd\u00bf\u00a1\u02d9", "acefghijkmrtvwyAAEFGLPRTUVYbdnuqp?!.", strict=True))
+_TURNED_TABLE = str.maketrans(_TURNED)
+_TURNED_LETTER = re.compile(f"[{_TURNED_LETTERS}]")
+_TURNED_WORD = f"[{_TURNED_LETTERS}bdlnopqsuxzA-Z0-9\u00bf\u00a1\u02d9.,;:!?'\"-]+"
+_TURNED_SPAN = re.compile(rf"(?<!\S){_TURNED_WORD}(?:[ \t]+{_TURNED_WORD})*(?!\S)")
+_MIN_TURNED = 3
+_MIN_TURNED_SPAN = 6
+
+# Braille letters (Unicode Braille Patterns as the English grade-1 alphabet), with the capital sign (next letter
+# upper case) and the number sign (a-j after it read as 1-9, 0). A run of braille cells is read only when every
+# cell is one of those: braille art and other braille codes use the other patterns.
+_BRAILLE_LETTERS = "⠁⠃⠉⠙⠑⠋⠛⠓⠊⠚⠅⠇⠍⠝⠕⠏⠟⠗⠎⠞⠥⠧⠺⠭⠽⠵"
+_BRAILLE = dict(zip(_BRAILLE_LETTERS, "abcdefghijklmnopqrstuvwxyz", strict=True))
+_BRAILLE_DIGITS = dict(zip(_BRAILLE_LETTERS[:10], "1234567890", strict=True))
+_BRAILLE_CAPITAL = "⠠"
+_BRAILLE_NUMBER = "⠼"
+_BRAILLE_RUN = re.compile("[⠁-⣿]+")
 
 # Small capitals (IPA, Phonetic Extensions, Latin Extended-D, and the modifier small capitals once NFKC has made
 # them plain small capitals) and regional indicator letters; NFKC leaves all of them as they are. There is no
@@ -225,6 +251,21 @@ _SPACED = re.compile(r"(?<!\S)\S(?: {1,3}\S(?!\S))+")
 _DOTTED = re.compile(r"(?<![^\W_])[^\s.](?:\.[^\s.]){5,}(?![^\s.])")
 _WORD_GAP = re.compile(" {2,}")
 _MIN_SPELLED = 6
+# Letters spelled out with a punctuation mark or symbol between them (``p-i-p-e``, ``b_o_m_b``, ``g/u/n``,
+# ``k.i.l.l``): a whitespace-delimited token of single ASCII letters, one separator character repeated between
+# them (two or more of it between words: ``h-o-w--t-o``), maybe the separator after the last letter, spelled
+# punctuation (``h-o-m-e-?``) and quotes or brackets around it. Every piece between separators is one letter, so
+# ``well-known``, ``e-mail`` and ``x-ray`` never match, and a run needs ``_MIN_SEPARATED`` letters, so ``e-g``,
+# ``A/B``, ``i.e.`` and ``U.S.`` stay. Letters in alphabet order (``A,B,C``, ``x-y-z``) are a list, and up to
+# ``_ABBREVIATION`` capitals between dots (``P.P.S``, ``J.R.R.``) an abbreviation, unless next to another spelled
+# run (``P.I.P.E B.O.M.B``); in a text that spells two words or more with one separator, its two-letter words
+# (``d-o``) join too.
+_SEPARATOR = r"(?:[^\w\s\"'()\[\]{}<>`]|_)"
+_SEPARATED = re.compile(
+    rf"(?<!\S)([\"'(\[]?)([A-Za-z]({_SEPARATOR})\3*[A-Za-z](?:\3+[A-Za-z])*)\3?([.,!?;:]?[\"')\]]?[.,!?;:]?)(?!\S)"
+)
+_MIN_SEPARATED = 3
+_ABBREVIATION = 4
 
 # English function words: a sentence that has few as written but many in its ROT13 reading is ROT13.
 _STOPWORDS = frozenset(
@@ -276,6 +317,10 @@ def _pass(text: str) -> str:
         text = text.translate(_TAGS)
         text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
         text = _INVISIBLE.sub("", text)
+        if _TURNED_LETTER.search(text):
+            text = _TURNED_SPAN.sub(_unturn, text)
+        if _BRAILLE_RUN.search(text):
+            text = _BRAILLE_RUN.sub(_read_braille, text)
         if _BLANKS.search(text):
             text = _BLANK_WORD.sub(_unblank_word, text)
         text = unicodedata.normalize("NFKC", text)
@@ -294,6 +339,7 @@ def _pass(text: str) -> str:
     text = _B85_SPAN.sub(_decode_base85, text)
     text = _MORSE.sub(_decode_morse, text)
     text = _SPACED.sub(_join_spaced, text)
+    text = _join_separated(text)
     text = _DOTTED.sub(_join_dotted, text)
     text = _decode_rot13(text)
     text = _fold_leet(text)
@@ -310,6 +356,33 @@ def _unblank_word(match: re.Match[str]) -> str:
     if 2 * sum(1 for p in pieces if len(p) == 1) > len(pieces):
         return "".join(pieces)
     return " ".join(pieces)
+
+
+def _unturn(match: re.Match[str]) -> str:
+    span = match.group(0)
+    turned = len(_TURNED_LETTER.findall(span))
+    if turned < _MIN_TURNED or sum(1 for ch in span if ch.isalpha()) < _MIN_TURNED_SPAN:
+        return span
+    return span.translate(_TURNED_TABLE)[::-1]
+
+
+def _read_braille(match: re.Match[str]) -> str:
+    run = match.group(0)
+    out = []
+    capital = number = False
+    for cell in run:
+        if cell == _BRAILLE_CAPITAL:
+            capital = True
+        elif cell == _BRAILLE_NUMBER:
+            number = True
+        elif number and cell in _BRAILLE_DIGITS:
+            out.append(_BRAILLE_DIGITS[cell])
+        elif cell in _BRAILLE:
+            out.append(_BRAILLE[cell].upper() if capital else _BRAILLE[cell])
+            capital = number = False
+        else:  # a pattern that is no letter: braille art or another code, left as it is
+            return run
+    return "".join(out) if not (capital or number) or out else run
 
 
 def _fold_homoglyphs(match: re.Match[str]) -> str:
@@ -460,6 +533,58 @@ def _join_spaced(match: re.Match[str]) -> str:
     if not _spells_letters(span.replace(" ", "")):
         return span
     return " ".join(word.replace(" ", "") for word in _WORD_GAP.split(span))
+
+
+def _join_separated(text: str) -> str:
+    matches = list(_SEPARATED.finditer(text))
+    if not matches:
+        return text
+    runs = [(m, _separated_letters(m)) for m in matches]
+    # Runs next to each other (only whitespace between) spell words one after another.
+    together = [
+        (i and text[matches[i - 1].end() : m.start()].isspace())
+        or (i + 1 < len(matches) and text[m.end() : matches[i + 1].start()].isspace())
+        for i, m in enumerate(matches)
+    ]
+    word_runs = [
+        letters >= _MIN_SEPARATED and not _is_letter_list(m) and (together[i] or not _is_abbreviation(m))
+        for i, (m, letters) in enumerate(runs)
+    ]
+    # A text that spells two words or more with one separator spells its two-letter words with it too (``d-o``).
+    counts = Counter(m.group(3) for (m, _), word in zip(runs, word_runs, strict=True) if word)
+    spelling = {sep for sep, count in counts.items() if count >= 2}
+    out, at = [], 0
+    for i, ((m, letters), word) in enumerate(zip(runs, word_runs, strict=True)):
+        if word or (
+            letters == 2
+            and m.group(3) in spelling
+            and not _is_letter_list(m)
+            and (together[i] or not _is_abbreviation(m))
+        ):
+            opening, body, sep, closing = m.groups()
+            joined = " ".join(w.replace(sep, "") for w in re.split(f"{re.escape(sep)}{{2,}}", body))
+            out += [text[at : m.start()], opening, joined, closing]
+            at = m.end()
+    return "".join(out) + text[at:] if out else text
+
+
+def _separated_letters(match: re.Match[str]) -> int:
+    body, sep = match.group(2), match.group(3)
+    if sep * 2 in body and all(len(w) == 1 for w in re.split(f"{re.escape(sep)}{{2,}}", body)):
+        return 0  # "a--b--c": no letters spelled out together
+    return sum(1 for ch in body if ch != sep)
+
+
+def _is_letter_list(match: re.Match[str]) -> bool:
+    # letters in alphabet order: "A,B,C,D", "x/y/z", "a-b-c"
+    letters = match.group(2).replace(match.group(3), "").lower()
+    return all(ord(b) - ord(a) == 1 for a, b in zip(letters, letters[1:], strict=False))
+
+
+def _is_abbreviation(match: re.Match[str]) -> bool:
+    # up to _ABBREVIATION capitals between dots: "P.P.S", "J.R.R.", "U.S.A."
+    letters = match.group(2).replace(".", "")
+    return match.group(3) == "." and letters.isupper() and len(letters) <= _ABBREVIATION
 
 
 def _join_dotted(match: re.Match[str]) -> str:
