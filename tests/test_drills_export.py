@@ -502,3 +502,32 @@ async def test_report_counts_an_output_block_as_the_policys_refusal(tmp_path: Pa
     assert c["upstream"]["refusals"] == 1 and c["upstream"]["largest"][0]["example"] == partial
     assert c["policy"]["refusals"] == 3 and c["all"]["refusals"] == 4
     assert report["false_refusal_by_category"]["indiscriminate_weapons"]["refusals"] == 3
+
+
+async def test_a_drill_two_reviewers_label_differently_is_not_exported_until_they_agree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An operator walkthrough: two reviewers on two replicas labelled one drill differently, and the export kept
+    # the later label as gold, with no sign of the other.
+    db = tmp_path / "drills.db"
+    ids = await record_session(db)  # drill 3: "correct_answer" by "rev"
+    store = SqliteStore(db)
+    await store.start()
+
+    async def exported() -> dict[str, Any]:
+        out = tmp_path / f"export-{time.monotonic_ns()}"
+        assert await cli(["drills", "export", "--store", f"sqlite:///{db}", "--out", str(out), "--reviewed"]) == 0
+        return {r["drill_id"]: r for r in read_jsonl(out / "prompts.jsonl")}
+
+    try:
+        await store.add_label(ids[3], "missed_harm", "reads harmful to me", "bob")
+        drill = await store.get(ids[3])
+        assert drill is not None and drill.disputed
+        assert ids[3] not in await exported()
+        assert "reviewers_disagree 1" in capsys.readouterr().err
+        await store.add_label(ids[3], "correct_answer", "agreed after all", "bob")
+        agreed = await exported()
+        assert agreed[ids[3]]["label"] == "benign"
+        assert ids[0] in agreed  # drills one reviewer labelled are unaffected
+    finally:
+        await store.aclose()

@@ -410,3 +410,17 @@ async def test_behind_a_tls_balancer_the_review_login_needs_its_address_trusted(
     assert ok.status_code == 303
     (session,) = [c for c in ok.headers.get_list("set-cookie") if c.startswith(f"{SESSION_COOKIE}=")]
     assert "secure" in session.lower()
+
+
+async def test_the_drill_page_says_when_reviewers_disagree(seeded: tuple[DrillStore, list[DrillRecord]]):
+    store, records = seeded
+    target = records[1]
+    await store.add_label(target.id, "unclear", "", "ann")
+    async with serve(app_for(store)) as base, httpx.AsyncClient() as client:
+        await login(client, base)
+        page = f"{base}/guard/review/drill/{target.id}"
+        assert "Reviewers disagree" not in (await client.get(page)).text
+        await store.add_label(target.id, "false_refusal", "", "bob")
+        assert "Reviewers disagree" in (await client.get(page)).text
+        await store.add_label(target.id, "false_refusal", "", "ann")  # ann comes round
+        assert "Reviewers disagree" not in (await client.get(page)).text

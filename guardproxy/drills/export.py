@@ -48,7 +48,8 @@ written (counted as ``upstream_of_several_choices``).
 
 Unreviewed drills are written only without ``--reviewed``, with null labels (``guardproxy eval`` skips
 unlabelled prompt and conversation rows and scores such response rows without a gold refusal). Drills stored as
-hashes only have no text to export and are skipped (counted). Every row keeps ``source`` (``guardproxy-drills``),
+hashes only have no text to export and are skipped (counted), and so is a drill whose reviewers' latest labels
+differ (``StoredDrill.disputed``: no gold label until they agree). Every row keeps ``source`` (``guardproxy-drills``),
 the drill id and why it was sampled, so a metric can be traced back to the review page, and ``license``, its
 provenance: ``internal: reviewed live traffic`` for a reviewed drill, ``internal: live traffic, not reviewed`` for
 an unreviewed one.
@@ -151,6 +152,9 @@ def build_rows(drills: Iterable[StoredDrill], *, reviewed_only: bool = False) ->
         label = drill.label.label if drill.label else None
         if label is None and reviewed_only:
             out.skipped["not_reviewed"] += 1
+            continue
+        if drill.disputed:  # no gold label until the reviewers agree (a later label by either settles it)
+            out.skipped["reviewers_disagree"] += 1
             continue
         if label is not None and LABEL_MAP.get(label) is None:
             out.skipped[label] += 1

@@ -284,6 +284,12 @@ def drill_page(
         f"{' — ' + _e(lab.note) if lab.note else ''}</li>"
         for lab in drill.labels
     )
+    disputed = (
+        '<p class="err">Reviewers disagree (each one\'s latest label differs): the export leaves this drill out until '
+        "they agree.</p>"
+        if drill.disputed
+        else ""
+    )
     buttons = "".join(
         f'<button type="submit" name="label" value="{_e(label)}" data-key="{i}"><kbd>{i}</kbd> '
         f"{_e(LABEL_TITLES[label])}</button>"
@@ -317,7 +323,7 @@ def drill_page(
         f"<p>{buttons}</p></form>"
         f'<p class="muted">Keys: <kbd>1</kbd>-<kbd>5</kbd> label, <kbd>n</kbd> note, <kbd>j</kbd>/<kbd>k</kbd> '
         f"older/newer, <kbd>Esc</kbd> leave the note.</p>"
-        f"<h2>Labels so far</h2><ul>{history or '<li class=muted>none</li>'}</ul>"
+        f"<h2>Labels so far</h2><ul>{history or '<li class=muted>none</li>'}</ul>{disputed}"
     )
     return layout(f"Drill {r.id[:12]}", body, csrf=csrf, reviewer=reviewer)
 

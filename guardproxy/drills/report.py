@@ -288,6 +288,7 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         "drills": len(drills),
         "hash_only_skipped": len(drills) - len(usable),
         "reviewed": sum(d.label is not None for d in drills),
+        "disputed": sum(d.disputed for d in drills),  # reviewers' latest labels differ: not exported
         "embedding": inputs.embedding,
         "refusal_concentration": {k: concentration(v, inputs) for k, v in by_origin.items()},
         "refusal_reasoning": {k: reasoning(v) for k, v in by_origin.items()},

@@ -107,6 +107,22 @@ class StoredDrill:
     def label(self) -> LabelEntry | None:
         return self.labels[-1] if self.labels else None
 
+    @property
+    def reviewer_labels(self) -> dict[str, LabelEntry]:
+        """Each reviewer's latest label, in the order they first labelled."""
+        out: dict[str, LabelEntry] = {}
+        for entry in self.labels:
+            out.pop(entry.reviewer, None)
+            out[entry.reviewer] = entry
+        return out
+
+    @property
+    def disputed(self) -> bool:
+        """Whether two reviewers' latest labels differ: then ``label`` (the newest) is only who spoke last. Two
+        reviewers on two replicas labelled one drill differently and the export kept the later, with no sign of the
+        other (an operator walkthrough, 2026-12-08)."""
+        return len({e.label for e in self.reviewer_labels.values()}) > 1
+
 
 @dataclass(frozen=True)
 class DrillStats:
