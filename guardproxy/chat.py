@@ -227,8 +227,8 @@ class ChatHandler:
         self.speculative = speculative
         # Start the upstream call once the request's own turns pass, while a conversation window is still scored.
         self.speculative_window = speculative_window and not speculative
-        if speculative or speculative_window:  # at 0 from the start, as every counter a dashboard reads
-            self._speculative_cancelled()
+        # at 0 from the start, as every counter a dashboard or an absent() alert reads (0 for good without the modes)
+        self._speculative_cancelled()
         self.max_event_chars = max_event_chars
         self.spawn = spawn
         self.timing_header = timing_header

@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,14 @@ _GUARD_COUNTERS = {
         "replies longer than the output check reads (classifier.MAX_REPLY_WINDOWS): their rest was relayed unread",
     ),
 }
+
+# Which policies a replica enforces, and the reloads it refused (the policy files stay as they were).
+_POLICY_INFO = (
+    "guardproxy_policy_info",
+    "policies loaded, 1 per role (active or shadow), name, version and digest (sha256 of the parsed policy, 8 hex)",
+    ("role", "name", "version", "digest"),
+)
+_RELOAD_FAILURES = ("guardproxy_policy_reload_failures", "policy reloads rejected: the old policies stayed in force")
 
 _SCORED_ROLES = frozenset({"user", "tool", "function"})
 # The most texts the guard scores itself for one request (tool results, system messages with ``score_system``, user
@@ -516,6 +525,9 @@ class GuardCheck:
         if metrics is not None:  # exported at 0 from the start, so rate() and absent() alerts work before a first event
             for name, doc in _GUARD_COUNTERS.values():
                 metrics.counter(name, doc)
+        self._reload_lock = threading.Lock()
+        self._policy_series: set[tuple[str, str, str, str]] = set()  # guardproxy_policy_info's label sets
+        self._publish_policies()
         self.timeout = timeout
         self.score_system = score_system
         self.score_schemas = score_schemas
@@ -567,14 +579,46 @@ class GuardCheck:
         await self.classifier.aclose()
 
     def reload(self) -> ReloadResult:
-        """Reload every policy file; a file that fails validation leaves the old set in force."""
+        """Reload every policy file; a file that fails validation leaves the old set in force (logged and counted in
+        ``guardproxy_policy_reload_failures_total``). A policy whose content changed under the name@version it had
+        is reloaded with a warning: its decisions would otherwise be told apart from the old rules' by nothing."""
+        with self._reload_lock:  # SIGHUP, the admin endpoint and the watcher may reload at once, each in a thread
+            return self._reload()
+
+    def _reload(self) -> ReloadResult:
         result = self.policies.reload()
         if result.ok:
-            log.info("policies reloaded: %s", ", ".join(result.policies))
+            for u in result.unbumped:
+                log.warning(
+                    "policy %s: its content changed but its version was not bumped (%s, digest %s -> %s): the decision "
+                    "log, drills, metrics and `policy compare` now count two rule sets as %s; give it a new version",
+                    u.path, u.ref, u.old, u.new, u.ref,
+                )  # fmt: skip
+            log.info("policies reloaded: %s", ", ".join(result.described()))
             log_exit_readers(getattr(self.classifier, "early_exit", None), self.policies.all())
+            self._publish_policies()
         else:
             log.error("policy reload rejected, keeping %s: %s", ", ".join(result.policies), result.error)
+            if self.metrics is not None:
+                self.metrics.counter(*_RELOAD_FAILURES).inc()
         return result
+
+    def _publish_policies(self) -> None:
+        """``guardproxy_policy_info{role,name,version,digest}`` = 1 for each loaded policy in each role; the label
+        sets of policies no longer loaded are removed (after the new ones are set: a scrape never sees none)."""
+        if self.metrics is None:
+            return
+        self.metrics.counter(*_RELOAD_FAILURES)  # at 0 from the start
+        info = self.metrics.gauge(*_POLICY_INFO)
+        series: set[tuple[str, str, str, str]] = {
+            (p.role, p.name, p.version, p.digest) for p in self.policies.in_force()
+        }
+        for labels in series:
+            info.labels(*labels).set(1)
+        for labels in self._policy_series - series:
+            with contextlib.suppress(KeyError):
+                info.remove(*labels)
+        self._policy_series = series
 
     async def areload(self) -> ReloadResult:
         return await asyncio.to_thread(self.reload)

@@ -9,8 +9,9 @@ through the ``Metrics`` object on ``app.state.metrics``:
 - ``counter(name, doc, labels)`` / ``histogram(...)`` / ``gauge(...)``: a metric of their own in the same
   registry (idempotent: asking twice returns the same metric).
 
-Event counters whose label values are known in advance (``REJECT_REASONS``, ``OUTCOMES``, ``MALFORMED_SERIES``) have
-a series at 0 for each from the start, so ``rate()``, ``increase()`` and ``absent()`` work before a first event.
+Event counters whose label values are known in advance (``REJECT_REASONS``, ``OUTCOMES``, ``MALFORMED_SERIES``,
+``UNGUARDED_ROUTES``, ``STREAM_ERROR_CODES``) have a series at 0 for each from the start, so ``rate()``,
+``increase()`` and ``absent()`` work before a first event.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from guardproxy.errors import AuthError, RateLimited, RequestError, RouteNotGuarded
+from guardproxy.routes import KNOWN_RESOURCES, route_label
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -45,6 +47,17 @@ OUTCOMES = ("ok", "blocked_input", "blocked_output", "upstream_error", "client_d
 MALFORMED_PROBLEMS = ("choices", "index", "field")
 MALFORMED_SERIES = (*(("plain", p) for p in MALFORMED_PROBLEMS), *(("stream", p) for p in MALFORMED_PROBLEMS),
                     ("stream", "late_text"))  # fmt: skip
+
+# guardproxy_unguarded_forwards_total{route}: every label a forwarded unguarded route can have (``routes.route_label``:
+# the API's top-level resources and "other"; the chat resource is never forwarded unguarded).
+UNGUARDED_ROUTES = tuple(sorted({route_label(f"/v1/{r}") for r in KNOWN_RESOURCES if r != "chat"} | {"/v1/other"}))
+# guardproxy_stream_errors_total{code}: the codes of the gateway's own errors that can end a stream under way
+# (``app.error_payload(exc, in_band=True)``). Not the codes an upstream names in an HTTP error: that comes before a
+# stream starts, and its code is the upstream's, so its series appears with its first event.
+STREAM_ERROR_CODES = (
+    "upstream_stream_error", "upstream_malformed", "upstream_timeout", "upstream_unreachable", "upstream_error",
+    "overloaded", "guard_unavailable", "content_filter", "internal_error",
+)  # fmt: skip
 
 # Stage times are the gateway's own overhead: mostly well under a millisecond.
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -79,6 +92,8 @@ class Metrics:
         self.unguarded = Counter(
             "guardproxy_unguarded_forwards", "generating requests forwarded without a guard", ["route"], registry=r
         )
+        for route in UNGUARDED_ROUTES:
+            self.unguarded.labels(route)
         self.rejected = Counter(
             "guardproxy_rejected", "requests refused before the upstream, by reason", ["reason"], registry=r
         )
@@ -87,6 +102,8 @@ class Metrics:
         self.stream_errors = Counter(
             "guardproxy_stream_errors", "streams ended with an in-band error event", ["code"], registry=r
         )
+        for code in STREAM_ERROR_CODES:
+            self.stream_errors.labels(code)
         self.upstream_malformed = Counter(
             "guardproxy_upstream_malformed", "upstream replies failed closed, or late text dropped, by path, problem",
             ["path", "problem"], registry=r,

@@ -10,6 +10,8 @@ complete new set and swaps it in one assignment; a file that fails validation le
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,11 +180,51 @@ def check_mapping_file(path: str | Path) -> list[str]:
 # --- the loaded set: active and shadow policies, swapped whole on reload ------------------------------
 
 
+def policy_digest(policy: Policy) -> str:
+    """The sha256 (hex) of a policy's parsed content: every field, defaults filled in, keys sorted. A comment, a
+    blank line or the order of keys in the file leaves it as it was; any change to what the policy decides or
+    writes (a line, a rule, a refusal text) changes it. Equal on every replica that enforces the same rules."""
+    canonical = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def short_digest(digest: str) -> str:
+    """What logs and ``guardproxy_policy_info{digest}`` show: the first 8 hex digits."""
+    return digest[:8]
+
+
+@dataclass(frozen=True)
+class Unbumped:
+    """A policy reloaded under the name@version it had, with other content: its version was not bumped."""
+
+    path: Path
+    ref: str  # name@version
+    old: str  # short digests
+    new: str
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """One loaded policy in one role (``active`` or ``shadow``): a file active for one tenant and a shadow for
+    another is listed in both."""
+
+    role: Literal["active", "shadow"]
+    name: str
+    version: str
+    digest: str  # short
+
+
 @dataclass(frozen=True)
 class ReloadResult:
     ok: bool
     error: str | None
     policies: tuple[str, ...]  # name@version of every loaded policy (the old ones when ok is False)
+    digests: Mapping[str, str] = field(default_factory=dict)  # name@version -> short digest, of ``policies``
+    unbumped: tuple[Unbumped, ...] = ()  # policies whose content changed under an unchanged name@version
+
+    def described(self) -> tuple[str, ...]:
+        """``name@version (digest)`` of every loaded policy."""
+        return tuple(f"{ref} ({self.digests[ref]})" if ref in self.digests else ref for ref in self.policies)
 
 
 @dataclass(frozen=True)
@@ -190,6 +232,10 @@ class _Loaded:
     mapping: PolicyMapping
     policies: Mapping[Path, Policy]
     mtimes: Mapping[Path, float]
+    digests: Mapping[Path, str] = field(default_factory=dict)  # full sha256 hex, per policy file
+
+    def by_ref(self) -> dict[str, tuple[Path, str]]:
+        return {p.ref: (path, self.digests[path]) for path, p in self.policies.items()}
 
 
 class PolicySet:
@@ -216,15 +262,25 @@ class PolicySet:
         if problems:
             raise PolicyError(problems)
         watched = set(policies) | ({self._mapping.resolve()} if self._mapping else set())
-        return _Loaded(mapping, policies, {p: _mtime(p) for p in watched})
+        digests = {path: policy_digest(p) for path, p in policies.items()}
+        return _Loaded(mapping, policies, {p: _mtime(p) for p in watched}, digests)
 
     def reload(self) -> ReloadResult:
+        """Load every file again and swap the new set in whole; on a file that fails validation, keep the old set
+        and return the error. ``unbumped`` lists each policy whose content changed while its name@version did not
+        (reloaded all the same: an edit to a refusal text or a typo fix should not need a version to take effect)."""
         try:
             loaded = self._load()
         except PolicyError as exc:
-            return ReloadResult(False, "; ".join(exc.issues), self.refs())
+            return ReloadResult(False, "; ".join(exc.issues), self.refs(), self.digests())
+        before = self._loaded.by_ref()
+        unbumped = tuple(
+            Unbumped(path, ref, short_digest(before[ref][1]), short_digest(digest))
+            for ref, (path, digest) in sorted(loaded.by_ref().items())
+            if ref in before and before[ref][1] != digest
+        )
         self._loaded = loaded
-        return ReloadResult(True, None, self.refs())
+        return ReloadResult(True, None, self.refs(), self.digests(), unbumped)
 
     def changed(self) -> bool:
         """Whether any loaded file's modification time differs from when it was loaded."""
@@ -252,6 +308,24 @@ class PolicySet:
 
     def refs(self) -> tuple[str, ...]:
         return tuple(sorted(p.ref for p in self._loaded.policies.values()))
+
+    def digests(self) -> dict[str, str]:
+        """name@version -> short digest (``policy_digest``) of every loaded policy."""
+        return {ref: short_digest(digest) for ref, (_, digest) in self._loaded.by_ref().items()}
+
+    def in_force(self) -> tuple[LoadedPolicy, ...]:
+        """Every loaded policy with each role it has: active for the default or a mapping route, shadow for one."""
+        loaded = self._loaded
+        mapping = loaded.mapping
+        out: dict[LoadedPolicy, None] = {}
+        for active, shadows in [(mapping.default_active, mapping.default_shadows),
+                                *((r.active, r.shadows) for r in mapping.routes)]:  # fmt: skip
+            roles: list[tuple[Literal["active", "shadow"], Path]] = [("active", active)]
+            roles += [("shadow", s) for s in shadows if s != active]
+            for role, path in roles:
+                p = loaded.policies[path]
+                out[LoadedPolicy(role, p.name, p.version, short_digest(loaded.digests[path]))] = None
+        return tuple(out)
 
     def select(self, tenant: str, model: str | None) -> tuple[Policy, tuple[Policy, ...]]:
         loaded = self._loaded  # one read: a concurrent reload cannot mix old and new

@@ -69,7 +69,7 @@ GUARDED_DESCRIPTION = (
 
 # Metric labels: the OpenAI API's top-level resources. Anything else is "other": a label taken from the
 # client's path would let a client mint unbounded metric series.
-_KNOWN_RESOURCES = frozenset(
+KNOWN_RESOURCES = frozenset(
     {
         "assistants", "audio", "batches", "chat", "completions", "embeddings", "engines", "evals", "files",
         "fine_tuning", "images", "messages", "models", "moderations", "realtime", "rerank", "responses", "score",
@@ -147,4 +147,4 @@ def route_label(low: str) -> str:
     """A bounded metric label of a lower-cased canonical path: ``/v1/<known resource>``, or ``/v1/other``."""
     parts = low.split("/")
     seg = parts[2] if len(parts) > 2 and parts[1] == "v1" else "other"
-    return "/v1/" + (seg if seg in _KNOWN_RESOURCES else "other")
+    return "/v1/" + (seg if seg in KNOWN_RESOURCES else "other")

@@ -227,10 +227,15 @@ async def test_sighup_reload_logs_one_readable_line_and_debug_reaches_the_gatewa
     finally:
         await _stop(proc, seen)
     assert not any("ReloadResult" in line or "Traceback" in line for line in seen), seen
+    # the digest beside name@version: the parsed policy's sha256, first 8 hex digits
+    from guardproxy.policy import load_policy
+    from guardproxy.policyset import policy_digest
+
+    digest = policy_digest(load_policy(ROOT / "policies" / "default.toml"))[:8]
     # --log-level debug reaches guardproxy's own loggers, not only uvicorn's
     assert _ours(reloaded) == [
         "DEBUG guardproxy.server: SIGHUP: reloading the policy files",
-        "INFO guardproxy.guard: policies reloaded: default@2026.12.07.1",
+        f"INFO guardproxy.guard: policies reloaded: default@2026.12.07.1 ({digest})",
     ]
     debug, failure = _ours(rejected)
     assert debug == "DEBUG guardproxy.server: SIGHUP: reloading the policy files"
@@ -271,3 +276,54 @@ async def test_listening_is_logged_once_the_port_is_bound_and_never_on_a_port_cl
     bound = next(i for i, line in enumerate(seen) if "Uvicorn running on" in line)
     listening = [i for i, line in enumerate(seen) if "guardproxy listening on" in line]
     assert len(listening) == 1 and bound < listening[0], seen
+
+
+# --- counters a dashboard or an absent() alert reads are there at 0 before a first event ---------------------
+
+
+def _zero_series(text: str, name: str) -> set[str]:
+    """The label values (as written) of ``name``'s series at 0."""
+    prefix = name + "{"
+    return {line[len(prefix) :].rsplit("} ", 1)[0] for line in text.splitlines() if line.startswith(prefix)
+            and line.endswith(" 0.0")} | ({""} if f"{name} 0.0" in text.splitlines() else set())  # fmt: skip
+
+
+async def test_event_counters_are_exported_at_zero_before_a_first_event() -> None:
+    from guardproxy.routes import classify_route
+
+    async with gateway() as env:  # speculative modes off, unguarded routes refused: these counters never move here
+        text = (await env.client.get("/metrics")).text
+    assert "guardproxy_speculative_cancelled_total 0.0" in text.splitlines()
+    unguarded = _zero_series(text, "guardproxy_unguarded_forwards_total")
+    for path in ("/v1/completions", "/v1/images/generations", "/v1/responses", "/v1/assistants", "/v1/nonsense"):
+        route = classify_route("POST", path)
+        assert route.kind.value == "unguarded", path
+        assert f'route="{route.label}"' in unguarded, (path, unguarded)
+    streamed = _zero_series(text, "guardproxy_stream_errors_total")
+    for code in ("upstream_stream_error", "upstream_malformed", "upstream_timeout", "overloaded", "guard_unavailable"):
+        assert f'code="{code}"' in streamed, (code, streamed)
+
+
+async def test_every_code_a_stream_can_end_with_has_a_series_from_the_start() -> None:
+    """The in-band codes of the gateway's own errors; an upstream's HTTP error comes before a stream starts."""
+    from guardproxy import errors
+    from guardproxy.app import error_payload
+    from guardproxy.metrics import STREAM_ERROR_CODES
+    from guardproxy.streaming import MalformedReply, SSEError
+
+    raised_before_a_reply = (errors.RequestError, errors.AuthError, errors.RateLimited, errors.RouteNotGuarded,
+                             errors.UpstreamHTTPError, errors.ConfigError)  # fmt: skip
+    special: dict[type[BaseException], BaseException] = {  # those whose constructor takes more than a message
+        MalformedReply: MalformedReply("choices", "x"), errors.ClassifierPartial: errors.ClassifierPartial("x", []),
+    }  # fmt: skip
+
+    def classes(cls: type[BaseException]) -> set[type[BaseException]]:
+        return {cls, *(c for sub in cls.__subclasses__() for c in classes(sub))}
+
+    samples = [
+        special.get(c) or c("x") for c in classes(errors.GuardProxyError) if not issubclass(c, raised_before_a_reply)
+    ]
+    assert {errors.Overloaded, errors.UpstreamTimeout, SSEError, MalformedReply} <= {type(e) for e in samples}
+    for exc in samples:
+        code = error_payload(exc, in_band=True)[1]["error"]["code"]
+        assert code in STREAM_ERROR_CODES, (type(exc).__name__, code)

@@ -111,3 +111,34 @@ async def test_compare_over_the_drill_store_counts_drills_and_marks_input_only(
     (monitor,) = report["shadows"]
     assert report["requests"] == monitor["requests"] == 3
     assert monitor["confusion"]["block"] == {"flag": 2} and monitor["input_only_cells"] == {"block->flag": 1}
+
+
+async def test_compare_reads_the_decision_logs_of_several_replicas(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs = []
+    for replica, prompts in (("r1", ("harmful", "uncertain")), ("r2", ("benign",))):
+        (tmp_path / replica).mkdir()
+        log = tmp_path / replica / "decisions.jsonl"
+        async with gateway(tmp_path / replica, POLICIES / "default.toml", [POLICIES / "monitor.toml"]) as gw:
+            for prompt in prompts:
+                body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+                resp = await gw.client.post(f"{gw.url}/v1/chat/completions", json=body)
+                assert resp.status_code == 200
+        assert len({r["exchange_id"] for r in read_log(log)}) == len(prompts)  # flushed on close
+        logs.append(str(log))
+
+    def requests(args: list[str]) -> int:
+        assert main(["policy", "compare", "--json", *args]) == 0
+        return int(json.loads(capsys.readouterr().out)["requests"])
+
+    assert requests(["--log", logs[0], "--log", logs[1]]) == 3  # not the last one alone
+    assert requests(["--log", *logs]) == 3
+    assert requests(["--log", logs[0]]) == 2
+    assert requests(["--log", logs[0], "--log", logs[0]]) == 2  # a file given twice is read once
+    with pytest.raises(SystemExit):
+        main(["policy", "compare", "--help"])
+    assert "several" in capsys.readouterr().out
+    missing = tmp_path / "r3" / "decisions.jsonl"
+    assert main(["policy", "compare", "--log", logs[0], "--log", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err

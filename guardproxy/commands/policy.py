@@ -1,4 +1,4 @@
-"""``guardproxy policy check FILE...`` and ``guardproxy policy compare [--log FILE] [--json]``."""
+"""``guardproxy policy check FILE...`` and ``guardproxy policy compare [--log FILE...] [--json]``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--mapping", action="store_true", help="the files are mapping files: check them and every policy they name"
     )
     cmp = sub.add_parser("compare", help="agreement between the active and each shadow policy, from the decision log")
-    cmp.add_argument("--log", type=Path, help="JSONL decision log (default: settings.policy.decision_log)")
+    cmp.add_argument(
+        "--log", type=Path, nargs="+", action="extend", metavar="FILE",
+        help="JSONL decision log(s); give several (--log A --log B, or --log A B) to compare over the logs of several "
+        "replicas together, each file read once (default: settings.policy.decision_log)",
+    )  # fmt: skip
     cmp.add_argument(
         "--store", metavar="URL", help="compare over the drill store instead (sampled exchanges only: biased)"
     )
@@ -64,16 +68,19 @@ def _compare(args: argparse.Namespace) -> int:
         print("# over sampled drills: blocked and flagged exchanges are over-represented", file=sys.stderr)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
         return 0
-    log_path: Path | None = args.log
-    if log_path is None:
+    paths: list[Path] = list(dict.fromkeys(args.log or ()))  # a file named twice is read once
+    if not paths:
         from guardproxy.settings import load_settings
 
         log_path = load_settings(args.config).policy.decision_log
         if log_path is None:
             raise ConfigError("no decision log: pass --log FILE or set GUARDPROXY_POLICY__DECISION_LOG")
-    if not log_path.is_file():
-        raise ConfigError("decision log not found", where=str(log_path))
-    report = compare(read_log(log_path), examples=args.examples)
+        paths = [log_path]
+    for path in paths:  # every file checked before any is read
+        if not path.is_file():
+            raise ConfigError("decision log not found", where=str(path))
+    # exchange ids are random (uuid4), so the records of several replicas' logs never merge into one exchange
+    report = compare((rec for path in paths for rec in read_log(path)), examples=args.examples)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
     return 0
 
