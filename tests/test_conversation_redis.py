@@ -397,3 +397,87 @@ async def test_a_wrong_redis_url_is_logged_with_its_server_and_cause(
         assert "Passw0rdCANARY" not in caplog.text
     finally:
         await t.aclose()
+
+
+async def test_an_idle_cut_off_replica_probes_redis_and_replays_its_writes_without_traffic(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica knocked into local state finds Redis again by itself: no request needed to mark it up and replay
+    the writes it answered during the outage (a replica taken out of rotation gets none)."""
+    proxy = TcpCut(REDIS_PORT)
+    await proxy.start()
+    clf = FakeClassifier()
+    registry = CollectorRegistry()
+    one = redis_tracker(prefix, clf)  # replica A: straight to Redis
+    primary = RedisBackend(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, connect_timeout=0.5)
+    backend = ResilientBackend(primary, MemoryBackend(), timeout=0.2, retry_interval=0.3, registry=registry)
+    two = ConversationTracker(backend, clf, hmac_secret=SECRET, shared=True, reply_grace=0.05)  # replica B
+    messages: list[dict[str, Any]] = []
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name)
+
+    async def turn(replica: ConversationTracker, text: str) -> Any:
+        messages.append(u(text))
+        obs = await replica.observe("t1", None, messages)
+        await replica.record_reply("t1", None, messages, f"re: {text}", refused=False, observation=obs)
+        messages.append(a(f"re: {text}"))
+        return obs
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="guardproxy.conversation.redis_backend"):
+            await turn(one, "t1 on A")
+            assert (await turn(two, "t2 on B")).signals.history == "verified"
+            assert sample("guardproxy_state_backlog") == 0.0
+            proxy.cut()
+            for i in range(2):  # past down_after failures: B counts Redis as down
+                assert (await turn(two, f"on B, cut off {i}")).state_failed
+            assert backend.down and sample("guardproxy_state_backend_up") == 0.0
+            backlog = sample("guardproxy_state_backlog")
+            assert backlog is not None and backlog == backend.backlog > 0
+            await asyncio.sleep(1.5)  # no traffic, Redis still cut: probed in the background, quietly
+            assert backend.down and sample("guardproxy_state_backlog") == backlog
+            proxy.restore()  # ... and no request reaches B from here on
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline:
+                if sample("guardproxy_state_backend_up") == 1.0 and sample("guardproxy_state_backlog") == 0.0:
+                    break
+                await asyncio.sleep(0.05)
+            assert sample("guardproxy_state_backend_up") == 1.0 and not backend.down
+            assert sample("guardproxy_state_backlog") == 0.0 and backend.backlog == 0
+            # once per outage: the WARNING when it started and the line when Redis answered again, nothing else
+            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(lines) == 2 and "unavailable" in lines[0] and "answers again" in lines[1], lines
+            assert not [r for r in caplog.records if r.levelno < logging.WARNING and "probe" in r.getMessage()]
+        # the replies B relayed while cut off are in Redis: A reads the conversation verified
+        obs = await turn(one, "t5 on A, B idle since the outage")
+        assert not obs.state_failed and obs.signals.history == "verified"
+        await asyncio.sleep(0.5)
+        assert backend._probe_task is None or backend._probe_task.done()  # stopped once recovered
+    finally:
+        await one.aclose()
+        await two.aclose()
+        await proxy.aclose()
+
+
+async def test_the_background_probe_stops_on_close_while_redis_is_still_down(prefix: str) -> None:
+    proxy = TcpCut(REDIS_PORT)
+    await proxy.start()
+    two, backend = cut_off_replica(prefix, proxy, FakeClassifier())
+    try:
+        proxy.cut()
+        for i in range(3):
+            assert (await two.observe("t1", None, [u(f"cut off {i}")])).state_failed
+        assert backend.down
+        task = backend._probe_task
+        assert task is not None and not task.done()
+        for i in range(3):  # more fallbacks start no second probe
+            await two.observe("t1", None, [u(f"still cut off {i}")])
+        assert backend._probe_task is task
+        await asyncio.sleep(0.7)  # a couple of failed probes: it keeps going
+        assert not task.done()
+    finally:
+        await two.aclose()
+        await proxy.aclose()
+    assert task.done() and backend._probe_task is task  # stopped, and no new one started by the close
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "guardproxy-state-probe"]

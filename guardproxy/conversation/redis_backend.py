@@ -23,9 +23,10 @@ Redis's own message; never the password.
 ``ResilientBackend`` wraps the Redis backend: every call is bounded by ``timeout``; a failure or timeout
 answers from a local ``MemoryBackend`` instead, is logged once per outage, and counted
 (``guardproxy_state_fallbacks_total{op}``); while Redis is down it is probed at most once per
-``retry_interval`` and used again as soon as a probe succeeds. Reads consult the local state as well, and the
-writes answered locally are replayed to Redis when it returns, so a conversation that went on during an outage
-keeps its history, on this replica and the others.
+``retry_interval`` (by the requests, and by a background task while none come: a replica out of rotation recovers
+too) and used again as soon as a probe succeeds. Reads consult the local state as well, and the writes answered
+locally (``guardproxy_state_backlog``) are replayed to Redis when it returns, so a conversation that went on during
+an outage keeps its history, on this replica and the others.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ return keep + string.len(ARGV[3])
 _SECRET_KEY_TTL = 600
 # the startup check's deadline (``ResilientBackend.check_secret``): a connect timeout and a round trip, with room
 _STARTUP_CHECK_SECONDS = 5.0
+# the background probe's read, for a shared backend with no ``ping``: a root no conversation has
+_PROBE_ROOT = bytes(16)
 
 
 class RedisBackend:
@@ -182,6 +185,15 @@ class RedisBackend:
             await self._run("secret check", self.redis.expire(self._skkey(), _SECRET_KEY_TTL))
         return ours
 
+    async def ping(self) -> None:
+        """One round trip to tell whether Redis answers (``ResilientBackend``'s background probe while it is down):
+        the secret's fingerprint check when one is due (as a read would run it), else a PING. Raises
+        ``StateBackendError`` when Redis fails."""
+        if self._fingerprint is not None and time.monotonic() >= self._next_check:
+            await self.check_secret()
+        else:
+            await self._run("ping", self.redis.ping())
+
     async def load(self, root: bytes, tenant: bytes, *, tail_entries: int) -> Loaded:
         ck, tk, sk = self._ckey(root), self._tkey(tenant), self._skey(root)
         pipe = self.redis.pipeline(transaction=False)
@@ -264,6 +276,11 @@ class ResilientBackend:
     consecutive failures the shared backend counts as down (logged once): calls skip it, one call per
     ``retry_interval`` probes it. Writes answered locally are kept (up to ``backlog``) and replayed to the shared
     backend once it answers again, so the other replicas learn what this one relayed during the outage.
+
+    From the first fallback until the shared backend answers again and the backlog is replayed, one background task
+    (``_probe_loop``) does the same with no request needed: it probes once per ``retry_interval`` while down (the
+    primary's ``ping`` where it has one), marks the backend up and starts the replay, exactly as a request that
+    finds it back would. It logs nothing of its own, and stops then, or on ``aclose``.
     """
 
     def __init__(
@@ -290,23 +307,29 @@ class ResilientBackend:
         self._next_probe = 0.0
         self._backlog: deque[tuple[str, bytes, bytes]] = deque(maxlen=backlog)
         self._flush_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._closed = False
         doc = "state backend calls answered from local state (shared backend down or slow), by operation"
         up_doc = "1 while the shared state backend answers, 0 while local state stands in"
         mismatch_doc = "1 while the shared state's prefix holds another replica's state.hmac_secret fingerprint"
+        backlog_doc = "writes answered from local state during a shared backend outage, waiting to be replayed to it"
         reg = registry if registry is not None else CollectorRegistry()
         if metrics is not None:
             self.fallbacks = metrics.counter("guardproxy_state_fallbacks", doc, ["op"])
             self.up = metrics.gauge("guardproxy_state_backend_up", up_doc)
             self.secrets_differ = metrics.gauge("guardproxy_state_secret_mismatch", mismatch_doc)
+            self.backlog_size = metrics.gauge("guardproxy_state_backlog", backlog_doc)
         else:
             self.fallbacks = Counter("guardproxy_state_fallbacks", doc, ["op"], registry=reg)
             self.up = Gauge("guardproxy_state_backend_up", up_doc, registry=reg)
             self.secrets_differ = Gauge("guardproxy_state_secret_mismatch", mismatch_doc, registry=reg)
+            self.backlog_size = Gauge("guardproxy_state_backlog", backlog_doc, registry=reg)
         self.up.set(1)
         for op in ("load", "append", "add_refused"):
             self.fallbacks.labels(op)  # exported at 0 from the start: rate() and absent() alerts work at once
         # read at scrape time from the primary's last check (RedisBackend.check_secret); 0 where it checks none
         self.secrets_differ.set_function(lambda: float(getattr(primary, "secret_mismatch", False)))
+        self.backlog_size.set_function(lambda: float(len(self._backlog)))
 
     @property
     def down(self) -> bool:
@@ -342,6 +365,7 @@ class ResilientBackend:
         now = self._clock()
         if self._down_since is not None and now < self._next_probe:
             self.fallbacks.labels(op).inc()
+            self._start_probe()
             return False, None
         self._next_probe = now + self.retry_interval  # one probe at a time while down
         try:
@@ -356,15 +380,80 @@ class ResilientBackend:
                     self._timed_out(op) if isinstance(exc, TimeoutError) else exc,
                 )
             self.fallbacks.labels(op).inc()
+            self._start_probe()
             return False, None
+        self._answered(now)
+        return True, result
+
+    def _answered(self, now: float) -> None:
+        """The shared backend answered (a request's call or the background probe, begun at ``now``): up again
+        (the recovery line, once per outage), and the backlog's replay started unless it runs already."""
         self._failures = 0
         if self._down_since is not None:
             logger.warning("conversation state backend answers again after %.1f s", now - self._down_since)
             self._down_since = None
             self.up.set(1)
-        if self._backlog and (self._flush_task is None or self._flush_task.done()):
+        self._replay()
+
+    def _replay(self) -> None:
+        """Start replaying the backlog, unless it is empty or a replay runs already (never two)."""
+        if self._backlog and not self._closed and (self._flush_task is None or self._flush_task.done()):
             self._flush_task = asyncio.create_task(self._flush())
-        return True, result
+
+    def _start_probe(self) -> None:
+        """After a fallback: the background probe, unless it runs already (never two) or the backend is closed."""
+        if self._closed or (self._probe_task is not None and not self._probe_task.done()):
+            return
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="guardproxy-state-probe")
+
+    async def _probe(self) -> bool:
+        """One probe of the shared backend, bounded by ``timeout``: True when it answered. Never raises (but for
+        cancellation) and logs nothing above DEBUG: the outage's WARNING and recovery lines say it all."""
+        ping = getattr(self.primary, "ping", None)
+        try:
+            if ping is not None:
+                await asyncio.wait_for(ping(), self.timeout)
+            else:  # any StateBackend: a read of a record no conversation has
+                await asyncio.wait_for(self.primary.load_record(_PROBE_ROOT), self.timeout)
+        except (StateBackendError, TimeoutError, RedisError, OSError):
+            return False
+        except Exception:  # a bug, not an outage: the probe goes on
+            logger.debug("state backend probe failed unexpectedly", exc_info=True)
+            return False
+        return True
+
+    async def _probe_loop(self) -> None:
+        """While the shared backend is down or writes wait for it: probe it once per ``retry_interval`` (a request
+        that probed meanwhile counts, and a failed probe here holds the requests' probes off as theirs do), mark it
+        up when it answers, replay the backlog; return once it is up and nothing waits. Between probes it only
+        sleeps: the event loop never waits on it."""
+        wait = self.retry_interval
+        while not self._closed:
+            await asyncio.sleep(wait)
+            wait = self.retry_interval
+            if self._down_since is not None:
+                started = self._clock()
+                left = self._next_probe - started
+                if left > 0:  # a request probed less than retry_interval ago: the next probe is due then
+                    wait = min(max(left, 0.05), self.retry_interval)
+                    continue
+                # requests are not held off while this probe is out (a request's own probe may run beside it),
+                # only after it failed, as after a request's failed probe
+                if not await self._probe():
+                    self._next_probe = max(self._next_probe, started + self.retry_interval)
+                    continue
+                if self._closed:
+                    return
+                self._answered(started)  # a request may have found it back meanwhile: then this is a no-op
+            elif not self._backlog:
+                return
+            else:  # up, writes waiting (fewer failures than down_after, or a replay stopped at one): replay
+                self._replay()
+            flush = self._flush_task
+            if flush is not None and not flush.done():
+                await asyncio.wait({flush})  # cancelling this task leaves the replay to aclose
+            if self._down_since is None and not self._backlog:
+                return
 
     async def _flush(self) -> None:
         """Replay the writes answered locally during an outage; stop at the first failure (the rest waits)."""
@@ -418,10 +507,12 @@ class ResilientBackend:
         return ok
 
     async def aclose(self) -> None:
-        if self._flush_task is not None:
-            self._flush_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flush_task
+        self._closed = True
+        for task in (self._probe_task, self._flush_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         try:
             await asyncio.wait_for(self.primary.aclose(), self.timeout * 10)
         except (StateBackendError, TimeoutError, RedisError, OSError):
