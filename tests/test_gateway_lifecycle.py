@@ -320,8 +320,12 @@ async def test_every_code_a_stream_can_end_with_has_a_series_from_the_start() ->
     def classes(cls: type[BaseException]) -> set[type[BaseException]]:
         return {cls, *(c for sub in cls.__subclasses__() for c in classes(sub))}
 
+    # the gateway's own errors: a subclass elsewhere (the bench's NothingMeasured) is never raised in a stream
+    gateway = {"guardproxy.errors", "guardproxy.streaming"}
     samples = [
-        special.get(c) or c("x") for c in classes(errors.GuardProxyError) if not issubclass(c, raised_before_a_reply)
+        special.get(c) or c("x")
+        for c in classes(errors.GuardProxyError)
+        if not issubclass(c, raised_before_a_reply) and c.__module__ in gateway
     ]
     assert {errors.Overloaded, errors.UpstreamTimeout, SSEError, MalformedReply} <= {type(e) for e in samples}
     for exc in samples:
