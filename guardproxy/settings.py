@@ -297,6 +297,19 @@ class StateSettings(_Section):
 
 class DrillSettings(_Section):
     store: str = Field("sqlite:///guardproxy-drills.db", description="sqlite:///path or postgresql://...")
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        # Checked with the rest of the settings (the file's line named, before the model loads), as
+        # ``drills.store.open_store`` reads it; the message never repeats the URL, which may hold a password.
+        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("expected sqlite:///path or postgresql://user@host/db")
+        if scheme == "sqlite" and not re.match(r"^sqlite:///[^/]|^sqlite:////.", value):
+            raise ValueError("use sqlite:///relative/path or sqlite:////absolute/path")
+        return value
+
     sample_rate: float = Field(0.01, ge=0, le=1)
     unreadable_sample_rate: float = Field(
         0.1, ge=0, le=1, description="share of exchanges with a turn the model cannot read sampled for review"

@@ -250,7 +250,8 @@ def test_an_ordinary_reply_has_nothing_beside_its_text() -> None:
         "content": "plain text",
         "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": '{"a": "b\\nc"}'}}],
     }
-    assert reasoning_of(message) == ""
+    assert reasoning_of(message, frozenset({"f"})) == ""  # a call to a tool the request declared
+    assert reasoning_of(message) == "f"  # a name the request did not declare is what the model wrote: read
     assert reasoning_of({"content": [{"type": "text", "text": "x"}], "refusal": None}) == ""
 
 

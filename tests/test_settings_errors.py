@@ -174,3 +174,18 @@ def test_credentials_in_the_upstream_url_are_refused(monkeypatch: pytest.MonkeyP
     assert "secret" not in issue  # the value is never echoed
     monkeypatch.setenv("GUARDPROXY_UPSTREAM__BASE_URL", "http://127.0.0.1:8000/v1?x=a@b")  # an @ past the host is fine
     assert load_settings().upstream.base_url.endswith("x=a@b")
+
+
+def test_a_bad_drill_store_url_is_named_at_its_line_without_its_password(tmp_path: Path) -> None:
+    # An operator walkthrough: a misspelled scheme was reported only once the model had loaded, with no file line.
+    path = tmp_path / "gp.toml"
+    path.write_text(
+        '[server]\nport = 8080\n\n[drills]\nstore = "postgresq://walker:hunter2@db/guard"\n', encoding="utf-8"
+    )
+    with pytest.raises(InvalidSettings) as err:
+        load_settings(path)
+    assert list(err.value.issues) == [f"{path}:5: drills.store: expected sqlite:///path or postgresql://user@host/db"]
+    assert "hunter2" not in str(err.value)
+    for good in ("sqlite:///guardproxy-drills.db", "sqlite:////var/lib/gp/d.db", "postgresql://u@h/db?schema=s"):
+        path.write_text(f'[drills]\nstore = "{good}"\n', encoding="utf-8")
+        assert load_settings(path).drills.store == good
