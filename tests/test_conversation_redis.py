@@ -251,6 +251,15 @@ async def test_build_tracker_keeps_its_keys_under_the_configured_prefix(prefix: 
         await t.aclose()
 
 
+async def replica_turn(replica: ConversationTracker, messages: list[dict[str, Any]], text: str) -> Any:
+    """One turn of tenant t1's conversation on ``replica``: the user's ``text``, observed, and a reply recorded."""
+    messages.append(u(text))
+    obs = await replica.observe("t1", None, messages)
+    await replica.record_reply("t1", None, messages, f"re: {text}", refused=False, observation=obs)
+    messages.append(a(f"re: {text}"))
+    return obs
+
+
 def cut_off_replica(prefix: str, proxy: TcpCut, clf: FakeClassifier) -> tuple[ConversationTracker, ResilientBackend]:
     """A replica that reaches Redis through ``proxy`` (so a test can cut it off), as build_tracker wires one."""
     primary = RedisBackend(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, connect_timeout=0.5)
@@ -281,11 +290,7 @@ async def test_history_reads_verified_again_once_a_cut_off_replicas_writes_are_r
     messages: list[dict[str, Any]] = []
 
     async def turn(replica: ConversationTracker, text: str) -> Any:
-        messages.append(u(text))
-        obs = await replica.observe("t1", None, messages)
-        await replica.record_reply("t1", None, messages, f"re: {text}", refused=False, observation=obs)
-        messages.append(a(f"re: {text}"))
-        return obs
+        return await replica_turn(replica, messages, text)
 
     try:
         await turn(one, "t1 on A")
@@ -418,11 +423,7 @@ async def test_an_idle_cut_off_replica_probes_redis_and_replays_its_writes_witho
         return registry.get_sample_value(name)
 
     async def turn(replica: ConversationTracker, text: str) -> Any:
-        messages.append(u(text))
-        obs = await replica.observe("t1", None, messages)
-        await replica.record_reply("t1", None, messages, f"re: {text}", refused=False, observation=obs)
-        messages.append(a(f"re: {text}"))
-        return obs
+        return await replica_turn(replica, messages, text)
 
     try:
         with caplog.at_level(logging.DEBUG, logger="guardproxy.conversation.redis_backend"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -12,6 +12,19 @@ from guardproxy.workers import LowestIdleExecutor
 
 def _name() -> str:
     return threading.current_thread().name
+
+
+def _hold(pool: LowestIdleExecutor) -> tuple[threading.Event, Future[None]]:
+    """Keep ``pool``'s first thread busy until the returned gate is set: (gate, the busy job)."""
+    gate, started = threading.Event(), threading.Event()
+
+    def held() -> None:
+        started.set()
+        assert gate.wait(10)
+
+    busy = pool.submit(held)
+    assert started.wait(10)
+    return gate, busy
 
 
 def test_jobs_one_after_another_all_run_on_the_first_thread() -> None:
@@ -175,16 +188,9 @@ def test_a_running_heavy_job_lets_a_light_job_submitted_meanwhile_run_between_it
 
 def test_a_freed_thread_takes_waiting_light_jobs_before_heavy_ones_submitted_earlier() -> None:
     pool = LowestIdleExecutor(1)
-    gate, started = threading.Event(), threading.Event()
     order: list[str] = []
-
-    def held() -> None:
-        started.set()
-        assert gate.wait(10)
-
+    gate, first = _hold(pool)
     try:
-        first = pool.submit(held)
-        assert started.wait(10)
         jobs = [pool.submit_heavy(order.append, "heavy"), pool.submit(order.append, "light")]
         gate.set()
         first.result(10)
@@ -198,15 +204,8 @@ def test_a_freed_thread_takes_waiting_light_jobs_before_heavy_ones_submitted_ear
 
 def test_run_light_does_nothing_outside_a_heavy_job() -> None:
     pool = LowestIdleExecutor(1)
-    gate, started = threading.Event(), threading.Event()
-
-    def held() -> None:
-        started.set()
-        assert gate.wait(10)
-
+    gate, first = _hold(pool)
     try:
-        first = pool.submit(held)
-        assert started.wait(10)
         waiting = pool.submit(_name)
         # a light job, and a thread that is not the pool's, lend nothing: the waiting job stays queued
         assert pool.run_light() == 0
@@ -221,14 +220,7 @@ def test_run_light_does_nothing_outside_a_heavy_job() -> None:
 
 def test_shutdown_cancels_waiting_heavy_jobs_too() -> None:
     pool = LowestIdleExecutor(1)
-    gate, started = threading.Event(), threading.Event()
-
-    def held() -> None:
-        started.set()
-        assert gate.wait(10)
-
-    running = pool.submit(held)
-    assert started.wait(10)
+    gate, running = _hold(pool)
     heavy = pool.submit_heavy(_name)
     pool.shutdown(wait=False, cancel_futures=True)
     assert heavy.cancelled()
