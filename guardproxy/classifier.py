@@ -787,6 +787,7 @@ class OnnxClassifier:
         parts: list[list[str]] = [[] for _ in texts]
         for i in reversed(range(len(texts))):
             (out[i],) = self._prompt_job([texts[i]], cancel, max_length=length, newest=[()], head=head)
+            self._executor.run_light()  # a heavy call yields between its passes, and between normalising them too
             parts[i] = self.prompt_windows(texts[i])
             if found is not None:
                 found[i] = (out[i], not parts[i])
