@@ -531,3 +531,23 @@ async def test_a_drill_two_reviewers_label_differently_is_not_exported_until_the
         assert ids[0] in agreed  # drills one reviewer labelled are unaffected
     finally:
         await store.aclose()
+
+
+async def test_purge_reads_the_store_and_retention_from_the_gateways_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An operator walkthrough: drills purge had no --config, so it read only the environment, not the retention
+    # the gateway was configured with.
+    db = tmp_path / "drills.db"
+    store = SqliteStore(db)
+    await store.start()
+    store.submit(_stored(1, "I can't help with that.", created=time.time() - 10 * 86400).record)
+    store.submit(_stored(2, "I can't help with that.").record)
+    await store.flush()
+    await store.aclose()
+    config = tmp_path / "gp.toml"
+    config.write_text(f'[drills]\nstore = "sqlite:///{db}"\nretention_days = 5\n', encoding="utf-8")
+    assert await cli(["drills", "purge", "--store", f"sqlite:///{db}"]) == 0  # the default retention: 30 days
+    assert "removed 0 drills older than 30 days" in capsys.readouterr().out
+    assert await cli(["drills", "purge", "--config", str(config)]) == 0
+    assert "removed 1 drills older than 5 days" in capsys.readouterr().out

@@ -1,10 +1,11 @@
 """``guardproxy drills export|report|purge``: turn reviewed drills into a drill set, report refusal symptoms.
 
-    guardproxy drills export --store URL --out DIR [--reviewed]
-    guardproxy drills report --store URL --out DIR [--model DIR]
-    guardproxy drills purge  --store URL
+    guardproxy drills export [--store URL] [--config FILE] --out DIR [--reviewed]
+    guardproxy drills report [--store URL] [--config FILE] --out DIR [--model DIR]
+    guardproxy drills purge  [--store URL] [--config FILE]
 
-``--store`` defaults to ``settings.drills.store`` (``GUARDPROXY_DRILLS__STORE``).
+``--store`` defaults to ``settings.drills.store`` (``GUARDPROXY_DRILLS__STORE``, or the ``--config`` file's), and purge
+removes what is older than its ``drills.retention_days``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     purge = sub.add_parser("purge", help="delete drills older than drills.retention_days")
     for p in (export, report, purge):
         p.add_argument("--store", default=None, metavar="URL", help="sqlite:///path or postgresql://...")
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help="the gateway's TOML config file (or GUARDPROXY_CONFIG_FILE): its drills.store, unless --store is "
+            "given, and its drills.retention_days",
+        )
     for p in (export, report):
         p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     export.add_argument("--reviewed", action="store_true", help="only drills with a review label")
@@ -46,10 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ngram", action="store_true", help="embed with character 3-gram hashing vectors (the default)")
 
 
-def _open(url: str | None, *, read_only: bool = False) -> DrillStore:
+def _open(url: str | None, config: Path | None = None, *, read_only: bool = False) -> DrillStore:
     """The store, open. It must exist: no file, schema or table is created on a typo. ``read_only`` (export,
-    report): no writer, no migration; otherwise (purge) an older schema is migrated."""
-    settings = load_settings()
+    report): no writer, no migration; otherwise (purge) an older schema is migrated. ``config``: the settings file
+    (else the environment's)."""
+    settings = load_settings(config)
     url = url or settings.drills.store
     d = settings.drills
     store = open_store(url, queue_size=d.queue_size, retention_days=d.retention_days, read_only=read_only)
@@ -73,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return _export(args)
     if args.action == "report":
         return _report(args)
-    store = _open(args.store)
+    store = _open(args.store, args.config)
     try:
         asyncio.run(store.purge())
     finally:
@@ -86,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from guardproxy.drills.export import build_rows, write_rows
 
-    drills = _read(_open(args.store, read_only=True), reviewed_only=args.reviewed)
+    drills = _read(_open(args.store, args.config, read_only=True), reviewed_only=args.reviewed)
     rows = build_rows(drills, reviewed_only=args.reviewed)
     counts = write_rows(rows, args.out)
     for name, n in counts.items():
@@ -100,7 +110,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from guardproxy.drills.report import ReportInputs, build_report, ngram_embed, write_report
 
-    drills = _read(_open(args.store, read_only=True))
+    drills = _read(_open(args.store, args.config, read_only=True))
     embed: Embedder = ngram_embed
     embed_prompts: Embedder | None = None
     kind = "ngram"
