@@ -385,6 +385,14 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     text, data = _read_config(path)
     file_settings = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
     try:
+        if overrides:
+            # the file alone first: a value a command-line flag overrides is still the file's to get right (it is
+            # what the next start without the flag reads; an operator walkthrough found `port = "abc"` started fine)
+            try:
+                file_settings()
+            except ValidationError as exc:
+                where = (str(path), data, KeyLines(text))
+                raise InvalidSettings(_issues(exc, {}, where), where=str(path)) from exc
         return file_settings(**overrides)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise InvalidSettings(_issues(exc, overrides, (str(path), data, KeyLines(text))), where=str(path)) from exc

@@ -189,3 +189,14 @@ def test_a_bad_drill_store_url_is_named_at_its_line_without_its_password(tmp_pat
     for good in ("sqlite:///guardproxy-drills.db", "sqlite:////var/lib/gp/d.db", "postgresql://u@h/db?schema=s"):
         path.write_text(f'[drills]\nstore = "{good}"\n', encoding="utf-8")
         assert load_settings(path).drills.store == good
+
+
+def test_a_bad_value_in_the_file_is_an_error_even_where_a_flag_overrides_it(tmp_path: Path) -> None:
+    # An operator walkthrough: `port = "abc"` with --port started fine, and failed only once the flag was dropped.
+    path = tmp_path / "gp.toml"
+    path.write_text('[server]\nport = "abc"\n', encoding="utf-8")
+    with pytest.raises(InvalidSettings) as err:
+        load_settings(path, server={"port": 9000})
+    assert [i.split(": ")[0] for i in err.value.issues] == [f"{path}:2"]
+    path.write_text("[server]\nport = 8081\n", encoding="utf-8")
+    assert load_settings(path, server={"port": 9000}).server.port == 9000  # a good file: the flag wins
