@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 REDACTED = "[REDACTED]"
 # A known key shorter than this is a placeholder ("EMPTY", "none", "x": what a keyless upstream is given), not a
@@ -73,6 +75,31 @@ def install_redaction(logger: logging.Logger | None = None) -> None:
     for handler in target.handlers:
         if not any(isinstance(f, RedactionFilter) for f in handler.filters):
             handler.addFilter(RedactionFilter())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line (``server.log_format = "json"``): ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, and ``exc`` when the record carries a traceback. The redaction filter runs before it, on the handler,
+    so what it formats is already cut."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc"] = record.exc_text
+        return json.dumps(out, ensure_ascii=False)
+
+
+def use_json_logs(logger: logging.Logger | None = None) -> None:
+    """Format every handler of ``logger`` (the root logger by default) with ``JsonFormatter``."""
+    for handler in (logger or logging.getLogger()).handlers:
+        handler.setFormatter(JsonFormatter())
 
 
 # ``server.log_level`` names (uvicorn's, "trace" included) as logging levels.

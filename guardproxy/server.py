@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute
 from guardproxy.app import Gateway, create_app
 from guardproxy.auth import Authenticator
 from guardproxy.errors import ConfigError
-from guardproxy.logs import set_log_level
+from guardproxy.logs import set_log_level, use_json_logs
 from guardproxy.metrics import Metrics
 from guardproxy.pipeline import Pipeline
 from guardproxy.settings import Settings
@@ -77,6 +77,8 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
         "lifespan": "on",
         "log_level": srv.log_level,
+        # json: uvicorn configures no handlers of its own, so its lines go to the root handler, as JSON
+        **({"log_config": None} if srv.log_format == "json" else {}),
         "access_log": False,
         "server_header": False,
         # A backstop only: the gateway ends its own streams after shutdown_timeout.
@@ -152,6 +154,8 @@ async def check_shared_secret(built: Built) -> None:
 
 def run(settings: Settings, **guard_parts: Any) -> int:
     set_log_level(settings.server.log_level)  # before the guard loads: its lines follow --log-level too
+    if settings.server.log_format == "json":
+        use_json_logs()
     if settings.guard.enabled and (problem := settings.state.secret_problem()) is not None:
         raise ConfigError(problem)
     # httpx logs every request at INFO: on the hot path that costs more than the proxying itself.

@@ -48,6 +48,11 @@ class ServerSettings(_Section):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn's log level and the guardproxy loggers' (guardproxy.logs.LOG_LEVELS)"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one line a record; json: one JSON object a line (time, level, logger, message, and exc for "
+        "a traceback), uvicorn's lines too, for a log pipeline to ingest; secrets are cut from both",
+    )
     timing_header: bool = Field(True, description="send a Server-Timing header with the gateway's stage times")
     forwarded_allow_ips: str = Field(
         "127.0.0.1",

@@ -127,3 +127,84 @@ async def test_a_policy_flags_a_turn_the_shipped_model_cannot_read(tmp_path: Pat
     assert ru.headers["x-guardproxy-flag"] == "flag-unreadable"
     assert ru.json()["choices"][0]["message"]["content"] == fake.reply  # flagged, still answered
     assert de.headers["x-guardproxy-decision"] == "allow"
+
+
+def test_json_logs_are_one_object_a_line_uvicorns_too(tmp_path: Path) -> None:
+    # An operator walkthrough: no JSON log format for a log pipeline to ingest.
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "GUARDPROXY_SERVER__LOG_FORMAT": "json",
+        "GUARDPROXY_UPSTREAM__BASE_URL": "http://127.0.0.1:9/v1",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "guardproxy.cli",
+            "serve",
+            "--no-guard",
+            "--port",
+            str(port),
+            "--store",
+            f"sqlite:///{tmp_path}/d.db",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        for _ in range(200):  # a generous 20 s to start
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "m"}, timeout=5)  # a 400
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    loggers = {r["logger"] for r in records}
+    assert any(name.startswith("guardproxy") for name in loggers)
+    assert any(name.startswith("uvicorn") for name in loggers)
+    assert any("guardproxy listening on" in r["message"] for r in records)
+
+
+def test_a_json_log_line_is_cut_of_secrets_as_a_text_one() -> None:
+    import io
+    import json
+    import logging
+
+    from guardproxy.logs import JsonFormatter, RedactionFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactionFilter())
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("guardproxy.test_json_logs")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("upstream said: Authorization: Bearer sk-proj-abcdefghijklmnop1234")
+        try:
+            raise ValueError("token=abcdefghijklmnopqrstuvwxyz")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["level"] == "WARNING" and first["logger"] == "guardproxy.test_json_logs"
+    assert "sk-proj-abcdefghijklmnop1234" not in first["message"] and "[REDACTED]" in first["message"]
+    assert "ValueError" in second["exc"] and "abcdefghijklmnopqrstuvwxyz" not in second["exc"]
