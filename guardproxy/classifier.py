@@ -37,7 +37,9 @@ calls hold slots at once, and a running one lets the light calls that wait run b
 Long user turns: a prompt pass reads a text's head and tail (``encoding.encode_prompt``). A per-turn check
 (``score_prompts`` without ``max_length`` or ``newest``: the gateway's, the tracker's per-turn scores, the CLI's)
 also scores the middle that pass skips, in overlapping windows of ``PROMPT_WINDOW_IDS`` ids (``prompt_windows``), in
-the same job; a window's harm counts from ``PROMPT_WINDOW_LINE`` and then brings its category. Jailbreak, the
+the same job; a window's harm counts from ``PROMPT_WINDOW_LINE`` and then brings its category. A turn the pass reads
+whole but longer than one window is read in windows over its whole length too (a short ask beside a paragraph of
+other text is diluted in one pass), counted from ``WHOLE_TURN_WINDOW_LINE``. Jailbreak, the
 unreadable share and the embedding stay the head+tail pass's. A conversation window pass (a call that names its
 length) reads head and tail only, as the turns it joins are scored whole on their own.
 
@@ -123,6 +125,15 @@ PROMPT_WINDOW_STRIDE = 48
 PROMPT_WINDOW_LINE = 0.9
 # ~3,100 ids of middle after the head (a 2,000-id turn has 37 windows): beyond that it is read by no pass
 MAX_PROMPT_WINDOWS = 64
+# A turn the pass reads whole but longer than a window (65 to 254 ids) is read in windows over its whole length too,
+# counted from this line: a short harmful ask with a paragraph of harmless prose before or after it is diluted in
+# one pass (on dev, 192 ids of prose before an ask: 50.0% of the asks found at 0.5, 75.0% of them alone). The rule,
+# written before any window figure was read: the lowest line of 0.7, 0.8, 0.9, 0.95 at which, on the calibration
+# split, natural harmless prompts of 65-254 ids flagged rise by at most 1 point and the probe's harmless-ask control
+# by at most 3 on average; shipped only if on dev the probe's harmful asks are found 10 points more often on average
+# and the natural rise stays within 2. 0.8: calibration +0.9 and +1.7 points; dev asks +11.8 points, natural +0.6,
+# control +5.6; bench/RESULTS.md, "A harmful ask diluted in one pass" (python -m bench.prompt_dilution).
+WHOLE_TURN_WINDOW_LINE = 0.8
 _CHARS_PER_ID = 8  # as encoding's pre-cut: more characters than an id spans, so a prefix this long holds the windows
 # Before a text is normalised it is cut to its first RAW_HEAD_CHARS and last RAW_TAIL_CHARS characters (a reply to
 # its first RAW_REPLY_CHARS): normalising a 3.4 MB paste took seconds, past guard.timeout, so one oversized text made
@@ -164,8 +175,12 @@ def turn_passes(text: str, max_length: int) -> int:
     """At most the passes a per-turn check of ``text`` will run (its head+tail pass and ``prompt_windows``), counted
     at one id a character: no id spans less, so no text a client writes passes for lighter than it is (English runs
     ~4.5 characters an id, so its long texts count heavy sooner than they are)."""
-    skipped = min(len(text), RAW_HEAD_CHARS + RAW_TAIL_CHARS) - (max_length - 2)
-    return 1 + (min(MAX_PROMPT_WINDOWS, -(-skipped // PROMPT_WINDOW_STRIDE)) if skipped > 0 else 0)
+    budget = max_length - 2
+    size = min(PROMPT_WINDOW_IDS, budget)
+    skipped = min(len(text), RAW_HEAD_CHARS + RAW_TAIL_CHARS) - budget
+    if skipped > 0:
+        return 1 + min(MAX_PROMPT_WINDOWS, -(-skipped // PROMPT_WINDOW_STRIDE))
+    return 1 + (1 + -(-(len(text) - size) // PROMPT_WINDOW_STRIDE) if len(text) > size else 0)
 
 
 def _bounded(text: str) -> str:
@@ -258,12 +273,13 @@ def _whole(head: ReplyScore, windows: Sequence[float]) -> ReplyScore:
     return ReplyScore(head.refusal, head.refusal_probs, max(sure))
 
 
-def _turn(head: PromptScore, windows: Sequence[PromptScore]) -> PromptScore:
-    """A long user turn's score from its head+tail pass and its middle's windows. A window reads the turn from its
-    middle, out of context: its harm counts only at ``PROMPT_WINDOW_LINE`` or above, and then the highest such
-    window's harm and category replace the pass's when higher. Jailbreak, unreadable share, embedding and state stay
-    the pass's (the embedding feeds rephrase similarity, which compares whole turns)."""
-    sure = [w for w in windows if w.harm >= PROMPT_WINDOW_LINE]
+def _turn(head: PromptScore, windows: Sequence[PromptScore], line: float) -> PromptScore:
+    """A user turn's score from its pass and its windows (``prompt_windows``). A window reads the turn out of
+    context: its harm counts only at ``line`` or above (``PROMPT_WINDOW_LINE`` for a long turn's middle,
+    ``WHOLE_TURN_WINDOW_LINE`` for a turn the pass reads whole), and then the highest such window's harm and category
+    replace the pass's when higher. Jailbreak, unreadable share, embedding and state stay the pass's (the embedding
+    feeds rephrase similarity, which compares whole turns)."""
+    sure = [w for w in windows if w.harm >= line]
     decider = max(sure, key=lambda w: w.harm, default=None)
     if decider is None or decider.harm <= head.harm:
         return head
@@ -732,38 +748,50 @@ class OnnxClassifier:
         return head, windows, cut
 
     def prompt_windows(self, text: str) -> list[str]:
-        """The windows of ``text``'s middle, which a per-turn pass (``encoding.encode_prompt`` at the model's
-        ``max_length``) skips: that pass keeps a quarter of its ids from the normalised text's head and the rest from
-        its tail (63 and 191 for a 256-id model). Windows of ``PROMPT_WINDOW_IDS`` ids every ``PROMPT_WINDOW_STRIDE``
-        run from one overlap before the skipped ids to one overlap after them, so an ask across either edge is read
-        whole by one window; they are cut from the normalised text at the tokenizer's offsets. [] for a text within
-        ``max_length``. At most ``MAX_PROMPT_WINDOWS``, from the head on: the rest of a longer middle is read by no
-        pass (nor tokenized: only the prefix of the text that the windows can reach is)."""
+        """The windows a per-turn check reads of ``text`` besides its pass (``encoding.encode_prompt`` at the
+        model's ``max_length``), cut from the normalised text at the tokenizer's offsets: ``PROMPT_WINDOW_IDS`` ids
+        every ``PROMPT_WINDOW_STRIDE``, so an ask up to one overlap long is read whole by one window.
+
+        - A text the pass reads whole and longer than a window: windows over all of it (a short ask beside a
+          paragraph of other text is diluted in the pass), counted from ``WHOLE_TURN_WINDOW_LINE``.
+        - A longer text: windows of the middle the pass skips (it keeps a quarter of its ids from the head and the
+          rest from the tail, 63 and 191 for a 256-id model), from one overlap before the skipped ids to one overlap
+          after them, counted from ``PROMPT_WINDOW_LINE``. At most ``MAX_PROMPT_WINDOWS``, from the head on: the rest
+          of a longer middle is read by no pass (nor tokenized: only the prefix the windows can reach is).
+
+        [] for a text within one window."""
+        return self._prompt_windows(text)[0]
+
+    def _prompt_windows(self, text: str) -> tuple[list[str], float]:
+        """``prompt_windows`` and the line their harm counts from."""
         from guardproxy.encoding import HEAD_FRACTION
         from guardproxy.normalize import normalize
 
         text = normalize(_bounded(text))
         budget = self.info.max_length - 2
-        if len(text) <= budget:  # every id spans at least one character
-            return []
-        kept_head = int(budget * HEAD_FRACTION)
         size = min(PROMPT_WINDOW_IDS, budget)  # a window is read whole, even by a model shorter than the default
+        if len(text) <= size:  # every id spans at least one character
+            return [], PROMPT_WINDOW_LINE
+        kept_head = int(budget * HEAD_FRACTION)
         overlap = size - PROMPT_WINDOW_STRIDE
         reach = (kept_head + MAX_PROMPT_WINDOWS * PROMPT_WINDOW_STRIDE + size) * _CHARS_PER_ID
         cut = len(text) > reach
         offsets = self._tokenizer.encode(text[:reach] if cut else text, add_special_tokens=False).offsets
         n = len(offsets)
-        if not cut and n <= budget:
-            return []
-        # the pass skips ids [kept_head, n - (budget - kept_head)); in a cut text they run past the prefix
-        end = n if cut else min(n, n - (budget - kept_head) + overlap)
+        if n <= size:
+            return [], PROMPT_WINDOW_LINE
+        if not cut and n <= budget:  # read whole by the pass: windows over all of it
+            first, end, line = 0, n, WHOLE_TURN_WINDOW_LINE
+        else:  # the pass skips ids [kept_head, n - (budget - kept_head)); in a cut text they run past the prefix
+            first, line = max(0, kept_head - overlap), PROMPT_WINDOW_LINE
+            end = n if cut else min(n, n - (budget - kept_head) + overlap)
         windows = []
-        for start in range(max(0, kept_head - overlap), end, PROMPT_WINDOW_STRIDE):
+        for start in range(first, end, PROMPT_WINDOW_STRIDE):
             stop = min(start + size, n)
             windows.append(text[offsets[start][0] : offsets[stop - 1][1]])
             if stop >= end or len(windows) == MAX_PROMPT_WINDOWS:
                 break
-        return windows
+        return windows, line
 
     def _turn_job(
         self,
@@ -785,10 +813,11 @@ class OnnxClassifier:
         length = self.info.max_length
         out: list[PromptScore | None] = [None] * len(texts)
         parts: list[list[str]] = [[] for _ in texts]
+        lines = [PROMPT_WINDOW_LINE] * len(texts)
         for i in reversed(range(len(texts))):
             (out[i],) = self._prompt_job([texts[i]], cancel, max_length=length, newest=[()], head=head)
             self._executor.run_light()  # a heavy call yields between its passes, and between normalising them too
-            parts[i] = self.prompt_windows(texts[i])
+            parts[i], lines[i] = self._prompt_windows(texts[i])
             if found is not None:
                 found[i] = (out[i], not parts[i])
         for i in reversed(range(len(texts))):
@@ -796,10 +825,10 @@ class OnnxClassifier:
             if not parts[i] or score is None:
                 continue
             windows = self._prompt_job(parts[i], cancel, max_length=length, newest=[()] * len(parts[i]))
-            whole = _turn(score, windows)
+            whole = _turn(score, windows, lines[i])
             if score.exited and whole is not score:
                 (again,) = self._prompt_job([texts[i]], cancel, max_length=length, newest=[()])
-                whole = _turn(again, windows)
+                whole = _turn(again, windows, lines[i])
             out[i] = whole
             if found is not None:
                 found[i] = (whole, True)
