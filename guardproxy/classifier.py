@@ -178,9 +178,10 @@ def turn_passes(text: str, max_length: int) -> int:
     budget = max_length - 2
     size = min(PROMPT_WINDOW_IDS, budget)
     skipped = min(len(text), RAW_HEAD_CHARS + RAW_TAIL_CHARS) - budget
-    if skipped > 0:
-        return 1 + min(MAX_PROMPT_WINDOWS, -(-skipped // PROMPT_WINDOW_STRIDE))
-    return 1 + (1 + -(-(len(text) - size) // PROMPT_WINDOW_STRIDE) if len(text) > size else 0)
+    middle = min(MAX_PROMPT_WINDOWS, -(-skipped // PROMPT_WINDOW_STRIDE)) if skipped > 0 else 0
+    # a text of more characters than the pass reads ids may still be read whole by it, in windows over all of it
+    whole = 1 + -(-(min(len(text), budget) - size) // PROMPT_WINDOW_STRIDE) if len(text) > size else 0
+    return 1 + max(middle, whole)
 
 
 def _bounded(text: str) -> str:

@@ -56,8 +56,12 @@ def test_a_long_text_is_a_heavy_call_and_a_short_one_light() -> None:
         "人工智能安全研究需要长期投入。" * 60,  # CJK: an id or more a character
         " ".join(str(i) for i in range(400)),  # digits: an id a few characters
         "🙂" * 500,
+        "人工智能安全研究需要长期投入。" * 8,  # read whole by the pass, and in windows over all of it
+        " ".join(str(i) for i in range(150)),
+        "🙂 " * 120,
+        "a " * 130,  # more characters than the pass reads ids, and read whole: windows over all of it
     ],
-    ids=["english", "cjk", "digits", "emoji"],
+    ids=["english", "cjk", "digits", "emoji", "cjk-whole", "digits-whole", "emoji-whole", "english-whole"],
 )
 def test_a_texts_counted_passes_are_never_fewer_than_it_runs(clf: OnnxClassifier, text: str) -> None:
     assert turn_passes(text, clf.info.max_length) >= 1 + len(clf.prompt_windows(text))
