@@ -11,6 +11,13 @@ A data URI (RFC 2397, ``data:[<mediatype>][;base64],<data>``) is read by what it
 declares: a payload that decodes to text (``data:text/plain,...``, or an "image" whose bytes are prose) is the text
 a model reads, returned decoded; binary data (an image, a PDF) is left out. A string that merely starts with
 ``data:`` ("data: ..." as in a log line or an SSE event) is no data URI and is read as written.
+
+That holds under the keys left out too: a text file sent as ``image_url.url``, ``file.file_data`` or
+``input_audio.data`` is text a model reads (red team 4: such parts once went unread). So is the payload of a part
+that declares it text: an Anthropic-style ``document`` whose ``source`` is ``{"type": "text", "data": ...}``, or
+whose ``media_type`` (``mime_type``, a file's ``format``) is a text type, its ``data`` plain or base64. A raw base64
+payload (``input_audio.data``, an image ``source.data``) is read when its bytes are text. Binary media cost only the
+decoding of their head (``_HEAD_CHARS``): a payload not declared text whose head is binary is left out unread.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import binascii
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 # Keys whose values are no text a model reads as such, or that a client does not show: ids, enums, binary payloads.
 NOT_TEXT = frozenset(
@@ -43,11 +50,34 @@ _CHARSET = re.compile(r";charset=([^;,]+)", re.IGNORECASE)
 _NOT_TEXT_CHAR = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
 # A payload with more of those than this share of its characters is binary.
 _BINARY_SHARE = 0.1
+# Keys left out (``NOT_TEXT``) whose string value is a payload: raw base64 or, where its part declares so, text.
+_PAYLOAD_KEYS = frozenset({"data", "file_data"})
+# Keys that declare a payload's media type (a file part's ``format`` is one where it holds a slash).
+_MEDIA_KEYS = ("media_type", "mime_type", "mimeType", "format")
+# Media types that are text besides ``text/*`` and the ``+json`` / ``+xml`` suffixes.
+_TEXT_MEDIA = frozenset(
+    {"application/json", "application/xml", "application/javascript", "application/ecmascript", "application/yaml",
+     "application/x-yaml", "application/toml", "application/sql", "application/csv", "application/x-sh",
+     "application/x-python", "application/x-tex", "application/rtf", "application/x-ndjson", "application/jsonl",
+     "application/graphql", "application/x-www-form-urlencoded"}
+)  # fmt: skip
+# How much of a payload not declared text is decoded first: a binary head (an image's, an audio clip's) leaves it
+# out without decoding the megabytes after it.
+_HEAD_CHARS = 4096
+_BASE64_HEAD = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
+
+# How a value under a left-out key is read (``_payload_strings``): "skip", no payload key (``url``, ``image_url``,
+# ``id``...): only a data URI whose payload is text; "bytes", a payload key whose part declares no text: that too,
+# and raw base64 whose bytes are text; "text", the data of a ``type: text`` source: as written; "text-media", a
+# payload of a text media type: base64 of text decoded, anything else as written; "base64-text", declared base64 of
+# a text media type: decoded, as written where it is no base64, left out where it decodes to binary.
+Reading = Literal["skip", "bytes", "text", "text-media", "base64-text"]
 
 
 def strings_of(obj: Any, skip: frozenset[str] = NOT_TEXT, depth: int = 0) -> list[str]:
-    """Every non-empty string leaf of ``obj``, in order; values under ``skip`` keys left out, data URIs read as the
-    text their payload decodes to or, where it is binary, left out."""
+    """Every non-empty string leaf of ``obj``, in order; values under ``skip`` keys left out but for the text those
+    of them that are ``NOT_TEXT`` keys carry (``_payload_strings``: a text file sent as an image or a document's
+    text), data URIs read as the text their payload decodes to or, where it is binary, left out."""
     if isinstance(obj, str):
         if not obj.strip():
             return []
@@ -57,14 +87,105 @@ def strings_of(obj: Any, skip: frozenset[str] = NOT_TEXT, depth: int = 0) -> lis
         text = _data_uri_text(obj[uri.end() :], uri.group(1), base64_payload=uri.group(2) is not None)
         if text is None:  # not decodable as a data URI: read as written
             return [obj]
-        return [text] if text.strip() and _NOT_TEXT_CHAR.subn("", text)[1] <= _BINARY_SHARE * len(text) else []
+        return [text] if _is_text(text) else []
     if depth > MAX_DEPTH:
         return []
     if isinstance(obj, Mapping):
-        return [s for k, v in obj.items() if k not in skip for s in strings_of(v, skip, depth + 1)]
+        out: list[str] = []
+        for k, v in obj.items():
+            if k not in skip:
+                out += strings_of(v, skip, depth + 1)
+            elif k in NOT_TEXT:  # not the callers' own additions (schema keywords, a tool call's bound arguments)
+                out += _payload_strings(v, _reading(obj) if k in _PAYLOAD_KEYS else "skip", depth + 1)
+        return out
     if isinstance(obj, list | tuple):
         return [s for v in obj for s in strings_of(v, skip, depth + 1)]
     return []
+
+
+def _payload_strings(value: Any, reading: Reading, depth: int) -> list[str]:
+    """The text that ``value``, under a left-out key, carries as a payload, read as ``reading`` says (``Reading``)."""
+    if isinstance(value, str):
+        return _payload_string(value, reading) if value.strip() else []
+    if depth > MAX_DEPTH:
+        return []
+    if isinstance(value, Mapping):
+        return [
+            s
+            for k, v in value.items()
+            for s in _payload_strings(v, _reading(value) if k in _PAYLOAD_KEYS else "skip", depth + 1)
+        ]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _payload_strings(v, reading, depth + 1)]
+    return []
+
+
+def _payload_string(value: str, reading: Reading) -> list[str]:
+    uri = _DATA_URI.match(value)
+    if uri is not None:
+        media = value[5 : uri.start(1)]  # "" where the URI names no type
+        text = _payload_text(
+            value,
+            uri.end(),
+            uri.group(1),
+            base64_payload=uri.group(2) is not None,
+            head_first=not _is_text_media(media),
+        )
+        if text is None:  # no data URI after all: what the part declares decides
+            return [value] if reading in ("text", "text-media", "base64-text") else []
+        return [text] if _is_text(text) else []
+    if reading == "skip":
+        return []
+    if reading == "text":
+        return [value]
+    if reading == "bytes":  # raw base64 (``input_audio.data``, an image source's data): read only where it is text
+        if _BASE64_HEAD.fullmatch(value, 0, _HEAD_CHARS) is None:
+            return []
+        text = _payload_text(value, 0, "", base64_payload=True, head_first=True)
+        return [text] if text is not None and _is_text(text) else []
+    text = _payload_text(value, 0, "", base64_payload=True, head_first=False)
+    if text is None:
+        return [value]
+    if _is_text(text):
+        return [text]
+    return [value] if reading == "text-media" else []
+
+
+def _reading(part: Mapping[str, Any]) -> Reading:
+    """How the payload keys of ``part`` are read (``Reading``): a ``type: text`` source's data is text; a text media
+    type (``media_type``, ``mime_type``, a file's ``format``) makes its data text, base64 under ``type: base64``."""
+    kind = part.get("type")
+    if kind == "text":
+        return "text"
+    media = next((m for m in (part.get(k) for k in _MEDIA_KEYS) if isinstance(m, str) and "/" in m), "")
+    if not _is_text_media(media):
+        return "bytes"
+    return "base64-text" if kind == "base64" else "text-media"
+
+
+def _is_text_media(media: str) -> bool:
+    kind = media.split(";", 1)[0].strip().lower()
+    return kind.startswith("text/") or kind in _TEXT_MEDIA or kind.endswith(("+json", "+xml"))
+
+
+def _is_text(text: str) -> bool:
+    """Whether decoded bytes are text: not blank, at most ``_BINARY_SHARE`` of their characters ``_NOT_TEXT_CHAR``."""
+    return bool(text.strip()) and _NOT_TEXT_CHAR.subn("", text)[1] <= _BINARY_SHARE * len(text)
+
+
+def _payload_text(value: str, start: int, params: str, *, base64_payload: bool, head_first: bool) -> str | None:
+    """``_data_uri_text`` of the payload ``value[start:]`` under a left-out key. ``head_first`` (a payload not
+    declared text): a payload longer than ``_HEAD_CHARS`` whose head is no text is binary (None), and the rest of it
+    is never decoded (nor copied)."""
+    if head_first and len(value) - start > _HEAD_CHARS:
+        head = value[start : start + _HEAD_CHARS]
+        if base64_payload:  # whole base64 quanta: a cut one would make the head undecodable
+            head = "".join(head.split())
+            head = head[: len(head) - len(head) % 4]
+        text = _data_uri_text(head, params, base64_payload=base64_payload)
+        if text is None or not _is_text(text):
+            return None
+    return _data_uri_text(value[start:] if start else value, params, base64_payload=base64_payload)
 
 
 def _data_uri_text(payload: str, params: str, *, base64_payload: bool) -> str | None:
