@@ -36,6 +36,7 @@ import numpy as np
 from guardproxy.classifier import OnnxClassifier
 from guardproxy.conversation import ConversationTracker, MemoryBackend, TurnResult
 from guardproxy.conversation.escalation import WINDOW_MAX_IDS
+from guardproxy.conversation.integrity import message_text
 from guardproxy.pipeline import Action
 from guardproxy.policy import Policy
 from guardproxy.signals import PromptScore, ReplyScore, Signals
@@ -160,7 +161,8 @@ class RowScorer:
         self.close()
 
     def score(self, rows: Sequence[ParsedRow]) -> list[dict[str, Any]]:
-        texts = [row.prompt for row in rows if row.kind in ("prompt", "response")]
+        # as the gateway reads a user turn (``turn_text``); a reply's prompt as the output check reads it: as written
+        texts = [turn_text(row.prompt) for row in rows if row.kind in ("prompt", "response")]
         pairs = [(row.prompt, row.response) for row in rows if row.kind == "response"]
         prompt_scores = iter(self.classifier.score_prompts_sync(texts))
         reply_scores = iter(self.classifier.score_whole_replies_sync(pairs))  # as the gateway reads a reply
@@ -269,6 +271,14 @@ class RowScorer:
             "flagged": first_flag is not None,
             "first_flag_index": first_flag,
         }
+
+
+def turn_text(prompt: str) -> str:
+    """A prompt as the gateway scores a user turn: the conversation tracker reads it as ``integrity.message_text``
+    does (whitespace and zero-width characters one space, ends stripped), not as written. The normaliser deletes the
+    zero-width characters, so an ask with U+200B / U+200C / U+2060 between its words scored as run-together words
+    here and as the ask it is at the gateway (red team 4, finding 7). A prompt of whitespace alone stays as it is."""
+    return message_text({"role": "user", "content": prompt}) or prompt
 
 
 def error_row(path: Path | str, line: int, obj: dict[str, Any] | None, message: str) -> dict[str, Any]:
