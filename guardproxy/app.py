@@ -7,6 +7,13 @@ an HTTP error before the response headers went out, or as an SSE error event fol
 ``/v1/*`` is served by one raw ASGI endpoint (no per-request Request/Response objects on the hot path):
 header limits → request id → capacity → client auth → rate limit → route → body limit → the guarded
 chat handler or a plain forward.
+
+The access log (``server.access_log``): one line per finished request on ``guardproxy.access``
+(``logs.AccessRecord``), written where the request ends: in ``V1Endpoint``'s ``finally`` for ``/v1/*``, once the
+last body message went out or the client went away, beside the request metrics; in ``V1First`` for the other
+routes. The guard's verdicts and the exchange's outcome come from the exchange as the chat handler ends it
+(``Gateway.exchange_done``), the error code from ``send_error``, the upstream's status from ``proxy.Upstream.open``,
+all through ``logs.CURRENT_ACCESS``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import Token
 from typing import Any
 
 import aiohttp
@@ -51,9 +59,18 @@ from guardproxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from guardproxy.logs import cut_secrets, redact
+from guardproxy.logs import (
+    CURRENT_ACCESS,
+    AccessRecord,
+    access_log_on,
+    cut_secrets,
+    fallback_of,
+    loggable_method,
+    loggable_path,
+    redact,
+)
 from guardproxy.metrics import CONTENT_TYPE, Metrics
-from guardproxy.pipeline import Exchange, Pipeline
+from guardproxy.pipeline import Exchange, Pipeline, combine
 from guardproxy.proxy import (
     Upstream,
     UpstreamErrorReply,
@@ -95,6 +112,39 @@ def request_id(raw_headers: Sequence[tuple[bytes, bytes]]) -> str:
                 return rid
             break
     return f"{_RID_PREFIX}{next(_rid_counter):08x}"
+
+
+def loggable_request_id(rid: str) -> str:
+    """A request id as the access log shows it: a client's own one redacted (it could send a key as its id)."""
+    return rid if rid.startswith(_RID_PREFIX) else redact(rid)
+
+
+def guard_action(ex: Exchange) -> tuple[str | None, str | None]:
+    """The guard's action on an exchange (the most severe of its input and output verdicts; None when no verdict
+    was reached) and the failure fallback that decided it, if one did (``logs.fallback_of``)."""
+    verdicts = [v for v in (ex.input_verdict, ex.output_verdict) if v is not None]
+    if not verdicts:
+        return None, None
+    action = combine(verdicts).action
+    fallback = next((f for v in verdicts if v.action is action and (f := fallback_of(v.reason))), None)
+    return action.value, fallback
+
+
+class _CountedSend:
+    """An ASGI ``send`` that adds each body's bytes to the access record. A plain call that hands back the server's
+    own awaitable: no coroutine of its own on the path of every chunk."""
+
+    __slots__ = ("record", "send")
+
+    def __init__(self, send: Any, record: AccessRecord) -> None:
+        self.send = send
+        self.record = record
+
+    def __call__(self, message: dict[str, Any]) -> Any:
+        body = message.get("body")
+        if body:
+            self.record.bytes_sent += len(body)
+        return self.send(message)
 
 
 def upstream_host(base_url: str) -> str:
@@ -240,6 +290,9 @@ def _cut_all(obj: Any, secrets: Sequence[str]) -> Any:
 async def send_error(call: Call, exc: BaseException, secrets: Sequence[str] = ()) -> None:
     """Answer ``exc`` as well as the state of the response allows; ``secrets`` as for ``error_payload``."""
     status, body, headers = error_payload(exc, in_band=call.streaming, secrets=secrets)
+    access = CURRENT_ACCESS.get()
+    if access is not None:  # the gateway's own code: an upstream's error body may name any
+        access.error = f"upstream_{exc.status_code}" if isinstance(exc, UpstreamHTTPError) else body["error"]["code"]
     if call.finished:
         return
     if call.streaming:
@@ -264,6 +317,7 @@ class Gateway:
         self.metrics = metrics
         self.transport: httpx.AsyncBaseTransport | None = transport
         self.auth = Authenticator(settings)
+        self.access_log = settings.server.access_log
         self.upstream_host = upstream_host(settings.upstream.base_url)
         lim = settings.limits
         self.limiter = RateLimiter(lim.rate_per_second, lim.rate_burst) if lim.rate_per_second else None
@@ -291,7 +345,7 @@ class Gateway:
             speculative=self.settings.guard.speculative,
             speculative_window=self.settings.guard.speculative_window,
             max_event_chars=self.settings.limits.max_body_bytes,
-            spawn=self.spawn_finish,
+            spawn=self.exchange_done,
             timing_header=self.settings.server.timing_header,
             parse_pool=self.parse_pool,
         )
@@ -362,6 +416,15 @@ class Gateway:
             message,
         )
 
+    def exchange_done(self, ex: Exchange) -> None:
+        """A guarded exchange ended (the chat handler's ``spawn``): its verdicts go on the request's access line, then
+        ``pipeline.finish`` runs off the request path."""
+        access = CURRENT_ACCESS.get()
+        if access is not None:
+            access.action, access.fallback = guard_action(ex)
+            access.outcome = ex.outcome
+        self.spawn_finish(ex)
+
     def spawn_finish(self, ex: Exchange) -> None:
         if len(self.finish_tasks) >= self.max_pending_finish:
             # finish() is stuck somewhere (a state backend or store that hangs): drop, count and log once
@@ -401,6 +464,7 @@ class V1Endpoint:
         # The request id comes first: even a request refused for its headers gets one.
         call.request_id = request_id(scope["headers"])
         call.headers.append((b"x-request-id", call.request_id.encode()))
+        access = self._open_access(call, method, route, scope["path"])
         try:
             headers = self._check_headers(scope["headers"])
             if gw.draining:
@@ -455,6 +519,31 @@ class V1Endpoint:
                 gw.calls.discard(call)
             # 499: the client went away before an answer (nginx's convention).
             gw.metrics.observe_request(label, call.status if call.started else 499, time.perf_counter() - t0)
+            if access is not None:
+                self._close_access(access, call, t0)
+
+    def _open_access(
+        self, call: Call, method: str, route: V1Route, raw_path: str
+    ) -> tuple[AccessRecord, Token[AccessRecord | None]] | None:
+        """The request's access record, where the access log is on: its body bytes counted as they are sent, and the
+        record current for the exchange (``logs.CURRENT_ACCESS``)."""
+        if not access_log_on(self.gw.access_log):
+            return None
+        path = route.path if route.kind is RouteKind.GUARDED else loggable_path(route.path or raw_path)
+        record = AccessRecord(loggable_method(method), path, loggable_request_id(call.request_id))
+        call.send = _CountedSend(call.send, record)
+        return record, CURRENT_ACCESS.set(record)
+
+    @staticmethod
+    def _close_access(access: tuple[AccessRecord, Token[AccessRecord | None]], call: Call, t0: float) -> None:
+        """Write the request's access line: the response is complete, or the client went away."""
+        record, token = access
+        record.status = call.status if call.started else 499  # as the metrics count it
+        record.tenant = call.tenant or None
+        record.streamed = call.streaming
+        record.disconnected = call.disconnected
+        record.write(time.perf_counter() - t0)
+        CURRENT_ACCESS.reset(token)
 
     def _check_route(self, route: V1Route) -> None:
         """Refuse what ``classify_route`` says is not to be forwarded as it is."""
@@ -575,15 +664,35 @@ class V1First:
         if scope["path"].startswith("/v1/"):
             await self.endpoint(scope, receive, send)
             return
-        rid = (b"x-request-id", request_id(scope["headers"]).encode())
+        t0 = time.perf_counter()
+        rid_text = request_id(scope["headers"])
+        rid = (b"x-request-id", rid_text.encode())
+        access: AccessRecord | None = None
+        if access_log_on(self.endpoint.gw.access_log):
+            access = AccessRecord(
+                loggable_method(scope["method"]), loggable_path(scope["path"]), loggable_request_id(rid_text)
+            )
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
                 message = {**message, "headers": [*headers, rid]}
+                if access is not None:
+                    access.status = message["status"]
+            elif access is not None and (body := message.get("body")):
+                access.bytes_sent += len(body)
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        if access is None:
+            await self.app(scope, receive, send_with_id)
+            return
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            access.status = access.status or 500  # Starlette's error middleware answers it
+            raise
+        finally:
+            access.write(time.perf_counter() - t0)
 
 
 # -- health, readiness, metrics -------------------------------------------------------------------

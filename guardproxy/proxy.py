@@ -28,7 +28,7 @@ from guardproxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from guardproxy.logs import MIN_SECRET_CHARS, REDACTED
+from guardproxy.logs import CURRENT_ACCESS, MIN_SECRET_CHARS, REDACTED
 from guardproxy.routes import canonical_path, path_problem
 from guardproxy.settings import Settings
 
@@ -368,6 +368,9 @@ class Upstream:
             _SENT.reset(token)
             _resolve(sent)
         response.request = request
+        access = CURRENT_ACCESS.get()  # the request's access line, where the log is on: the upstream's status
+        if access is not None:
+            access.upstream_status = response.status_code
         body = response.stream
         if self._cut_key is not None and isinstance(body, httpx.AsyncByteStream):
             if response.headers.get("content-encoding", "identity").strip().lower() == "identity":

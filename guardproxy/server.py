@@ -68,7 +68,8 @@ def build_app(settings: Settings, **guard_parts: Any) -> Built:
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """uvloop and httptools where installed; no access log (metrics count requests); no Server header."""
+    """uvloop and httptools where installed; not uvicorn's access log (it prints the query string, which may carry a
+    key: the gateway writes its own, ``server.access_log``); no Server header."""
     srv = settings.server
     options: dict[str, Any] = {
         "host": srv.host,

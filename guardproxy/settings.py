@@ -51,7 +51,15 @@ class ServerSettings(_Section):
     log_format: Literal["text", "json"] = Field(
         "text",
         description="text: one line a record; json: one JSON object a line (time, level, logger, message, and exc for "
-        "a traceback), uvicorn's lines too, for a log pipeline to ingest; secrets are cut from both",
+        "a traceback; an access line's fields each a key of their own), uvicorn's lines too, for a log pipeline to "
+        "ingest; secrets are cut from both",
+    )
+    access_log: bool = Field(
+        True,
+        description="one INFO line per finished request on the guardproxy.access logger (so log_level warning or "
+        "above silences it too): method, path without its query, status, duration, request id, tenant, guard action, "
+        "fallback, outcome, error code, upstream status, bytes, streamed, disconnected; a field each in the json "
+        "format; never a header, key, query or body",
     )
     timing_header: bool = Field(True, description="send a Server-Timing header with the gateway's stage times")
     forwarded_allow_ips: str = Field(
