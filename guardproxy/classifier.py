@@ -134,6 +134,11 @@ MAX_PROMPT_WINDOWS = 64
 # and the natural rise stays within 2. 0.8: calibration +0.9 and +1.7 points; dev asks +11.8 points, natural +0.6,
 # control +5.6; bench/RESULTS.md, "A harmful ask diluted in one pass" (python -m bench.prompt_dilution).
 WHOLE_TURN_WINDOW_LINE = 0.8
+# ... and only where the pass reads at least this much harm: a diluted ask still reads above it, most harmless turns
+# below (the windows cost 2-3x the pass). The rule, written before any gate figure was read: the highest of 0.01,
+# 0.02, 0.05, 0.1 at which the calibration probe's harmful asks found fall by at most 1 point on average against no
+# gate. 0.02: calibration -0.6 points; dev -0.6, and 70.6% of natural harmless prompts of 65-254 ids skip the windows.
+WHOLE_TURN_WINDOW_GATE = 0.02
 _CHARS_PER_ID = 8  # as encoding's pre-cut: more characters than an id spans, so a prefix this long holds the windows
 # Before a text is normalised it is cut to its first RAW_HEAD_CHARS and last RAW_TAIL_CHARS characters (a reply to
 # its first RAW_REPLY_CHARS): normalising a 3.4 MB paste took seconds, past guard.timeout, so one oversized text made
@@ -763,8 +768,9 @@ class OnnxClassifier:
         [] for a text within one window."""
         return self._prompt_windows(text)[0]
 
-    def _prompt_windows(self, text: str) -> tuple[list[str], float]:
-        """``prompt_windows`` and the line their harm counts from."""
+    def _prompt_windows(self, text: str) -> tuple[list[str], bool]:
+        """``prompt_windows``, and whether they are a turn read whole by the pass (its windows counted from
+        ``WHOLE_TURN_WINDOW_LINE``, else from ``PROMPT_WINDOW_LINE``)."""
         from guardproxy.encoding import HEAD_FRACTION
         from guardproxy.normalize import normalize
 
@@ -772,7 +778,7 @@ class OnnxClassifier:
         budget = self.info.max_length - 2
         size = min(PROMPT_WINDOW_IDS, budget)  # a window is read whole, even by a model shorter than the default
         if len(text) <= size:  # every id spans at least one character
-            return [], PROMPT_WINDOW_LINE
+            return [], False
         kept_head = int(budget * HEAD_FRACTION)
         overlap = size - PROMPT_WINDOW_STRIDE
         reach = (kept_head + MAX_PROMPT_WINDOWS * PROMPT_WINDOW_STRIDE + size) * _CHARS_PER_ID
@@ -780,11 +786,12 @@ class OnnxClassifier:
         offsets = self._tokenizer.encode(text[:reach] if cut else text, add_special_tokens=False).offsets
         n = len(offsets)
         if n <= size:
-            return [], PROMPT_WINDOW_LINE
-        if not cut and n <= budget:  # read whole by the pass: windows over all of it
-            first, end, line = 0, n, WHOLE_TURN_WINDOW_LINE
+            return [], False
+        whole = not cut and n <= budget
+        if whole:  # read whole by the pass: windows over all of it
+            first, end = 0, n
         else:  # the pass skips ids [kept_head, n - (budget - kept_head)); in a cut text they run past the prefix
-            first, line = max(0, kept_head - overlap), PROMPT_WINDOW_LINE
+            first = max(0, kept_head - overlap)
             end = n if cut else min(n, n - (budget - kept_head) + overlap)
         windows = []
         for start in range(first, end, PROMPT_WINDOW_STRIDE):
@@ -792,7 +799,7 @@ class OnnxClassifier:
             windows.append(text[offsets[start][0] : offsets[stop - 1][1]])
             if stop >= end or len(windows) == MAX_PROMPT_WINDOWS:
                 break
-        return windows, line
+        return windows, whole
 
     def _turn_job(
         self,
@@ -814,11 +821,13 @@ class OnnxClassifier:
         length = self.info.max_length
         out: list[PromptScore | None] = [None] * len(texts)
         parts: list[list[str]] = [[] for _ in texts]
-        lines = [PROMPT_WINDOW_LINE] * len(texts)
+        whole_turn = [False] * len(texts)
         for i in reversed(range(len(texts))):
             (out[i],) = self._prompt_job([texts[i]], cancel, max_length=length, newest=[()], head=head)
             self._executor.run_light()  # a heavy call yields between its passes, and between normalising them too
-            parts[i], lines[i] = self._prompt_windows(texts[i])
+            parts[i], whole_turn[i] = self._prompt_windows(texts[i])
+            if whole_turn[i] and out[i].harm < WHOLE_TURN_WINDOW_GATE:  # type: ignore[union-attr]
+                parts[i] = []  # a turn read whole whose pass reads next to no harm: its windows are not read
             if found is not None:
                 found[i] = (out[i], not parts[i])
         for i in reversed(range(len(texts))):
@@ -826,10 +835,11 @@ class OnnxClassifier:
             if not parts[i] or score is None:
                 continue
             windows = self._prompt_job(parts[i], cancel, max_length=length, newest=[()] * len(parts[i]))
-            whole = _turn(score, windows, lines[i])
+            line = WHOLE_TURN_WINDOW_LINE if whole_turn[i] else PROMPT_WINDOW_LINE
+            whole = _turn(score, windows, line)
             if score.exited and whole is not score:
                 (again,) = self._prompt_job([texts[i]], cancel, max_length=length, newest=[()])
-                whole = _turn(again, windows, lines[i])
+                whole = _turn(again, windows, line)
             out[i] = whole
             if found is not None:
                 found[i] = (whole, True)

@@ -14,6 +14,7 @@ from guardproxy.classifier import (
     MAX_PROMPT_WINDOWS,
     PROMPT_WINDOW_IDS,
     PROMPT_WINDOW_LINE,
+    WHOLE_TURN_WINDOW_GATE,
     WHOLE_TURN_WINDOW_LINE,
     OnnxClassifier,
 )
@@ -102,6 +103,17 @@ def test_windows_cover_a_text_the_pass_reads_whole_and_only_the_skipped_middle_p
     assert first(fits).startswith(whole[0]) and first(fits).endswith(whole[-1])
     (window,) = clf.prompt_windows(first(fits + 1))  # one id skipped: one window around it
     assert 0 < len(window) < len(first(fits)) and not first(fits + 1).startswith(window)
+
+
+def test_a_turn_read_whole_is_read_in_windows_only_where_its_pass_reads_some_harm() -> None:
+    with OnnxClassifier.load(MODEL_DIR, timeout=30.0, cache_size=64) as fresh:
+        harmless = CONTROL + " " + OPENING + RAILWAYS
+        (plain,) = fresh.score_prompts_sync([harmless])
+        assert plain.harm < WHOLE_TURN_WINDOW_GATE and len(fresh.prompt_windows(harmless)) >= 2
+        assert fresh.cache_stats[2] == 1  # the turn's score only: none of its windows was read
+        (diluted,) = fresh.score_prompts_sync([DILUTED])
+        assert diluted.harm >= WHOLE_TURN_WINDOW_LINE
+        assert fresh.cache_stats[2] == 2 + len(fresh.prompt_windows(DILUTED))  # its windows were
 
 
 def test_a_harmful_ask_diluted_by_harmless_prose_within_one_pass_is_harmful(clf: OnnxClassifier) -> None:
