@@ -18,8 +18,9 @@ The line was chosen on the calibration split by a rule written before any window
 
     python -m bench.prompt_dilution --split dev --json bench/results/prompt_dilution_dev.json
 
-``--cost`` measures instead what the windows cost: the median time of a per-turn check of a turn of
-``COST_IDS`` ids, the pass alone and with its windows, interleaved (one classifier thread, nothing cached).
+``--cost`` measures instead what the windows cost: the median time of a turn of ``COST_IDS`` ids read by the pass
+alone, by the pass and its windows (a turn whose pass reads ``WHOLE_TURN_WINDOW_GATE`` or more), and by a per-turn
+check of this harmless turn (below the gate: the pass only), interleaved (one classifier thread, nothing cached).
 
     python -m bench.prompt_dilution --cost
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.trainer_rows import trainer_rows
-from guardproxy.classifier import PROMPT_WINDOW_IDS, WHOLE_TURN_WINDOW_LINE, OnnxClassifier
+from guardproxy.classifier import PROMPT_WINDOW_IDS, WHOLE_TURN_WINDOW_GATE, WHOLE_TURN_WINDOW_LINE, OnnxClassifier
 from guardproxy.normalize import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,14 +65,22 @@ def cost(clf: OnnxClassifier) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in COST_IDS:
         turn = text[: offsets[n - 1][1]]
-        times: dict[str, list[float]] = {"pass": [], "with_windows": []}
+        windows = clf.prompt_windows(turn)
+        times: dict[str, list[float]] = {"pass": [], "with_windows": [], "check": []}
         for _ in range(COST_RUNS):
-            for kind, length in (("pass", clf.info.max_length), ("with_windows", None)):
-                t0 = time.perf_counter()
-                clf.score_prompts_sync([turn], max_length=length)
-                times[kind].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            clf.score_prompts_sync([turn], max_length=clf.info.max_length)
+            t1 = time.perf_counter()
+            if windows:  # what a turn whose pass reads harm over WHOLE_TURN_WINDOW_GATE costs
+                clf.score_prompts_sync(windows, max_length=clf.info.max_length)
+            t2 = time.perf_counter()
+            clf.score_prompts_sync([turn])  # the per-turn check of this harmless turn: below the gate, no windows
+            t3 = time.perf_counter()
+            times["pass"].append(t1 - t0)
+            times["with_windows"].append(t2 - t0)
+            times["check"].append(t3 - t2)
         out[str(n)] = {
-            "windows": len(clf.prompt_windows(turn)),
+            "windows": len(windows),
             **{f"{k}_ms": round(1000 * statistics.median(v), 2) for k, v in times.items()},
         }
         print(f"{n:4} ids: {out[str(n)]}", file=sys.stderr)
@@ -124,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "n": n,
             "pass": sum(p.harm >= LINE for p in passes) / n,
+            "shipped": sum(  # the shipped line, windows read only where the pass reads the gate or more
+                p.harm >= LINE or (p.harm >= WHOLE_TURN_WINDOW_GATE and b >= WHOLE_TURN_WINDOW_LINE)
+                for p, b in zip(passes, best, strict=True)
+            )
+            / n,
+            "windows_skipped": sum(p.harm < WHOLE_TURN_WINDOW_GATE for p in passes) / n,
             "at_window_line": {
                 f"{line:.2f}": sum(p.harm >= LINE or b >= line for p, b in zip(passes, best, strict=True)) / n
                 for line in WINDOW_LINES
@@ -166,14 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         "split": args.split,
         "line": LINE,
         "shipped_window_line": WHOLE_TURN_WINDOW_LINE,
+        "shipped_window_gate": WHOLE_TURN_WINDOW_GATE,
         "padding_texts": len(long_texts),
         "probe": probe,
         "natural": natural,
     }
-    print(f"{'rows':56} {'n':>5} {'pass':>7}  " + " ".join(f"w>={x:.2f}" for x in WINDOW_LINES))
+    print(
+        f"{'rows':56} {'n':>5} {'pass':>7}  "
+        + " ".join(f"w>={x:.2f}" for x in WINDOW_LINES)
+        + f" {'shipped':>8} {'skipped':>8}"
+    )
     for name, r in [*probe.items(), *natural.items()]:
         grid = " ".join(f"{v:7.1%}" for v in r["at_window_line"].values())
-        print(f"{name:56} {r['n']:5} {r['pass']:7.1%}  {grid}")
+        print(f"{name:56} {r['n']:5} {r['pass']:7.1%}  {grid} {r['shipped']:8.1%} {r['windows_skipped']:8.1%}")
     _write(args.json, report)
     return 0
 
