@@ -33,11 +33,22 @@ Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
    the plain one and keeps the function idempotent.
 10. Letters spelled out one at a time (6+ single characters, mostly ASCII letters, one space apart and two or
     three between words, ``h o w  t o``, or one dot apart, ``h.o.w.t.o``) are joined into words.
-11. ROT13: a sentence with at least three distinct English stopwords in its ROT13 reading, a quarter of its
-    words, and three times as many as it has as written, is replaced by that reading; a text that passes that
-    test as a whole has each of its sentences with more such stopwords in ROT13 than as written replaced. The
-    test is symmetric, so a decoded text never flips back, and ordinary English (full of stopwords as written)
-    is never touched.
+11. Ciphers. A1Z26 runs (letters as their numbers 1-26, a hyphen between letters and a space or slash between
+    words, ``8-15-23 20-15``, or a space between letters and a slash between words, ``8 15 23 / 20 15``) are
+    replaced by their letters when those pass the test below. Then a sentence is read under each Caesar shift
+    1..25 (ROT13 is 13), Atbash (``a``<->``z``, ``b``<->``y``) and backwards. A reading passes with at least three
+    distinct English stopwords and one in four of the sentence's words, and at least three times as many, and two
+    or more, as the sentence has as written, not counting the ``a``, ``i`` and ``did`` that are stopwords both
+    ways; of the readings that pass, the one with the most stopwords replaces the sentence. Words are whole letter
+    runs (``h4ck`` is none). A sentence read backwards is reversed whole (``bmob epip a ekam ot woh``) or word by
+    word in place (``woh ot ekam a epip bmob``), as its word pairs (``how to``, ``of the``), its capital and its
+    end mark say. Sentences end at ``.!?:;`` before a space or the end, at a newline, and where a reversed
+    sentence meets an ordinary one (``.emoh Thanks``, ``eviG Thanks``), so a reversed sentence keeps its end
+    mark. A text that passes the test as a whole also has each other sentence with at least as many stopwords in
+    that reading as written read in it (short ones too), and a text reversed throughout is reversed whole. A
+    sentence of under three words, with a stopword in every three words as written, or with a code mark
+    (``=()[]{}<>_*\\|`~^#``) in every four words, is out at once. The test is symmetric, so a decoded text never
+    flips back, and ordinary English (full of stopwords as written) is never touched.
 12. Leetspeak is folded inside letter runs that hold a leet character between two letters (``b0mb``,
     ``h4ck3r``, ``k1ll``), never in e-mail addresses, URLs or hex strings, so ``mp3``, ``4k``, ``covid19`` and
     ``$100`` stay as written. In a text written in leet (``_LEET_TEXT_MIN`` such words, a fifth of its words)
@@ -54,6 +65,7 @@ import html
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 
 __all__ = ["normalize"]
 
@@ -274,11 +286,65 @@ _STOPWORDS = frozenset(
     " than that the their them then there these they this to up us was we were what when where which who why will"
     " with would you your".split()
 )
-_ROT13 = str.maketrans(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm"
-)
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-_SENTENCE = re.compile(r"[^.!?:;\n]+")
+# Cheap ciphers, as readings of a text: reading k (0..24) shifts every letter k + 1 places on (Caesar; k = 12 is
+# ROT13), _ATBASH mirrors the alphabet, _REVERSED reads the text backwards (whole, or each word in place).
+_LOWER, _UPPER = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ATBASH, _REVERSED = 25, 26
+_CIPHER_TABLES = [
+    str.maketrans(_LOWER + _UPPER, _LOWER[k:] + _LOWER[:k] + _UPPER[k:] + _UPPER[:k]) for k in range(1, 26)
+] + [str.maketrans(_LOWER + _UPPER, _LOWER[::-1] + _UPPER[::-1])]
+_ROT13 = 12
+
+
+def _cipher_words() -> dict[str, tuple[int, ...]]:
+    """Each written word that some reading turns into a stopword, with those readings."""
+    words: dict[str, tuple[int, ...]] = {}
+    for stopword in sorted(_STOPWORDS):
+        # the written word that a reading decodes to the stopword: the inverse shift (Atbash is its own inverse)
+        for reading in range(_REVERSED):
+            written = stopword.translate(_CIPHER_TABLES[24 - reading if reading < _ATBASH else _ATBASH])
+            words[written] = (*words.get(written, ()), reading)
+        words[stopword[::-1]] = (*words.get(stopword[::-1], ()), _REVERSED)
+    return words
+
+
+_CIPHER_WORDS = _cipher_words()
+_NEUTRAL = frozenset(w for w in _STOPWORDS if len(w) == 1 or w == w[::-1])
+# Sentences end at a run of ``.!?:;`` before a space (or the end) and at a newline: a reversed sentence keeps its
+# end mark (``.emoh ta``, ``?thguac``) inside it.
+_SENTENCE_END = re.compile(r"[.!?:;]+(?!\S)|\n")
+# Where a reversed sentence ends before an ordinary one: after its last word in place (``ta .emoh Thanks``), after
+# its first word whole (``eviG Thanks``). The word is checked on a match (a lookbehind at every position costs).
+_SEAM = re.compile(r"(?:[.!?]+[A-Za-z]+|[a-z][A-Z])(?=[^\S\n]+[A-Z])")
+_END_MARK = re.compile(r"(?<!\S)[.!?]+[A-Za-z]")
+_TOKEN = re.compile(r"\S+")
+_ALNUM_RUN = re.compile(r"[^\W_]+")
+_CODE_MARK = re.compile(r"[=(){}\[\]<>_*\\|`~^#]")
+# A1Z26, letters as their numbers 1-26: a hyphen between letters and a space or slash between words
+# (``8-15-23 20-15``, ``8-15-23/20-15``), or a space between letters and a slash between words (``8 15 23 / 20 15``).
+# Word edges are checked on a match.
+_A1Z26_NUMBER = "(?:2[0-6]|1[0-9]|0?[1-9])"
+_A1Z26 = re.compile(
+    rf"{_A1Z26_NUMBER}(?:-{_A1Z26_NUMBER})+(?:(?: ?/ ?| ){_A1Z26_NUMBER}(?:-{_A1Z26_NUMBER})*){{2,}}"
+    rf"|{_A1Z26_NUMBER}(?: {_A1Z26_NUMBER})*(?: ?/ ?{_A1Z26_NUMBER}(?: {_A1Z26_NUMBER})*){{2,}}"
+)
+_A1Z26_WORD_GAP = re.compile(" ?/ ?| ")
+_A1Z26_START = re.compile("[0-9](?:-| ?/ ?| )[0-9]")  # the cheap way out for most texts
+_SLASH_GAP = re.compile(" ?/ ?")
+# Word pairs common in English in this order, not the other: which way a reversed sentence reads, word by word or
+# whole (``woh ot ekam`` or ``ekam ot woh``).
+_ORDERED_PAIRS = frozenset(
+    tuple(pair.split())
+    for pair in (
+        "how to,how do,how can,do i,do you,can i,can you,i am,i have,i want,i need,i will,want to,need to,have to,"
+        "going to,to make,to get,to be,to do,to the,to a,tell me,give me,show me,help me,me how,me a,me to,of the,"
+        "in the,on the,at the,for the,from the,with the,by the,into the,and the,is the,is a,it is,this is,that is,"
+        "what is,there is,is there,you are,are you,will be,would be,could be,should i,has been,have been,one of,"
+        "out of,such as,in a,for a,with a,of a,as a,and i,if i,if you,so that,at home,a lot,what are,why is,"
+        "why do,where is,where can,when i,which is,who is,my own,your own,the best,the same,in my,of my,on my"
+    ).split(",")
+)
 
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
 _LEET_RUN = re.compile(r"[A-Za-z0-9@$]+")
@@ -341,7 +407,7 @@ def _pass(text: str) -> str:
     text = _SPACED.sub(_join_spaced, text)
     text = _join_separated(text)
     text = _DOTTED.sub(_join_dotted, text)
-    text = _decode_rot13(text)
+    text = _decode_ciphers(text)
     text = _fold_leet(text)
     text = _SPACES.sub(" ", text)
     text = _SPACE_AROUND_NEWLINE.sub("\n", text)
@@ -599,34 +665,141 @@ def _spells_letters(letters: str) -> bool:
     return len(letters) >= _MIN_SPELLED and 4 * ascii_letters >= 3 * len(letters) and len(set(letters)) >= 3
 
 
-def _decode_rot13(text: str) -> str:
+def _decode_ciphers(text: str) -> str:
+    if _A1Z26_START.search(text):
+        text = _A1Z26.sub(_decode_a1z26, text)
     lower = text.translate(_ASCII_LOWER)  # str.lower may change the length ("İ"): keep the offsets
-    rotated = lower.translate(_ROT13)
-    if len({w for w in _LETTER_RUN.findall(rotated) if w in _STOPWORDS}) < 3:  # the cheap way out for most texts
-        return text
-    # Per sentence: its words, stopwords as written, stopwords in its ROT13 reading (letter runs are whole words:
-    # one with an accent in it is no English word either way).
-    sentences = []
-    for m in _SENTENCE.finditer(text):
-        words = len(_LETTER_RUN.findall(lower, m.start(), m.end()))
-        plain = [w for w in _LETTER_RUN.findall(lower, m.start(), m.end()) if w in _STOPWORDS]
-        rot = [w for w in _LETTER_RUN.findall(rotated, m.start(), m.end()) if w in _STOPWORDS]
-        sentences.append((m.start(), m.end(), words, plain, rot))
-    every = _reads_as_rot13(
-        sum(s[2] for s in sentences), [w for s in sentences for w in s[3]], [w for s in sentences for w in s[4]]
-    )
-    out, at = [], 0
-    for start, end, words, plain, rot in sentences:
-        # A text that reads as ROT13 as a whole (short sentences too) decodes every sentence that leans that way.
-        if (len(rot) >= len(plain)) if every else _reads_as_rot13(words, plain, rot):
-            out += [text[at:start], text[start:end].translate(_ROT13)]
+    sentences = [(start, end, _words(lower, start, end)) for start, end in _sentences(text)]
+    readings = [_best_reading(words, text[start:end]) for start, end, words in sentences]
+    # The text as a whole: a text in cipher has each sentence that leans that way read in it, short ones too.
+    every = None
+    if len(sentences) > 1 and None in readings:
+        every = _best_reading([w for _, _, words in sentences for w in words], text)
+    out, at, all_reversed = [], 0, True
+    for (start, end, words), reading in zip(sentences, readings, strict=True):
+        if reading is None and every is not None and _leans(words, every):
+            reading = every
+        if reading is not None:
+            out += [text[at:start], _read(text[start:end], reading)]
             at = end
-    return "".join(out) + text[at:] if out else text
+        all_reversed = all_reversed and (reading == _REVERSED or not words)
+    if not out:
+        return text
+    if all_reversed and _reversal_order(text) == "text":
+        return text[::-1]  # the whole text written backwards: its sentences come back in their order too
+    return "".join(out) + text[at:]
 
 
-def _reads_as_rot13(words: int, plain: list[str], rot: list[str]) -> bool:
-    # Symmetric in the two readings, so a decoded text never reads as ROT13 again.
-    return len(set(rot)) >= 3 and 4 * len(rot) >= words and 3 * len(plain) < len(rot)
+def _decode_a1z26(match: re.Match[str]) -> str:
+    span = match.group(0)
+    end = match.end()
+    if not _at_word_edges(match) or (end < len(match.string) and match.string[end] in "-/"):
+        return span
+    hyphens = "-" in span  # letters joined by hyphens, or by spaces with slashes between words
+    words = [
+        "".join(chr(ord("a") + int(n) - 1) for n in (word.split("-") if hyphens else word.split()))
+        for word in (_A1Z26_WORD_GAP if hyphens else _SLASH_GAP).split(span)
+    ]
+    # as written a run of numbers holds no stopword: the reading must pass the test on its own
+    stopwords = [w for w in words if w in _STOPWORDS]
+    if not _reads_as_cipher(len(words), 0, len(stopwords), len(set(stopwords)), 0):
+        return span
+    return " ".join(words)
+
+
+def _sentences(text: str) -> Iterator[tuple[int, int]]:
+    cuts = [m.span() for m in _SENTENCE_END.finditer(text)]
+    seams = [(m.end(), m.end()) for m in _SEAM.finditer(text) if _is_seam(m)]
+    at = 0
+    for start, end in sorted(cuts + seams) if seams else cuts:
+        if start > at:
+            yield at, start
+        at = max(at, end)
+    if at < len(text):
+        yield at, len(text)
+
+
+def _is_seam(match: re.Match[str]) -> bool:
+    text, start = match.string, match.start()
+    if text[start] in ".!?":  # an end mark that starts a word: ".emoh"
+        return not start or text[start - 1].isspace()
+    word = text[max(text.rfind(" ", 0, start), text.rfind("\t", 0, start)) + 1 : match.end() - 1]
+    return word.isascii() and word.isalpha() and word.islower()  # "eviG", not "iPhone" or "McDonaldS"
+
+
+def _words(lower: str, start: int, end: int) -> list[str]:
+    # whole words only: the letters of "h4ck" or "som30ne" are no words in any reading
+    return [w for w in _ALNUM_RUN.findall(lower, start, end) if w.isalpha()]
+
+
+def _best_reading(words: list[str], span: str) -> int | None:
+    """The cipher the words read as: the reading with the most stopwords that passes the test, if any."""
+    plain = len([w for w in words if w in _STOPWORDS])
+    # Ordinary English (a stopword in every three words or more: a reading would need three times that, nearly
+    # every word) and texts of under three words are out at once.
+    if len(words) < 3 or 3 * plain >= len(words):
+        return None
+    hits = [w for w in words if w in _CIPHER_WORDS]
+    if 4 * len(hits) < len(words):  # no reading can have a stopword in every four words
+        return None
+    count: Counter[int] = Counter()
+    distinct: Counter[int] = Counter()
+    # "a", "i" and "did" written that are stopwords in the reading too (reversed; "a" and "i" shifted 8 places
+    # apart): no evidence either way
+    shared: Counter[int] = Counter()
+    for word, n in Counter(hits).items():
+        for reading in _CIPHER_WORDS[word]:
+            count[reading] += n
+            distinct[reading] += 1
+            if word in _NEUTRAL:
+                shared[reading] += n
+    passing = [r for r in count if _reads_as_cipher(len(words), plain, count[r], distinct[r], shared[r])]
+    # Code (``x = f(y)``, ``a_b[i]``): its one-letter names and short identifiers shift into stopwords too easily.
+    if not passing or 4 * len(_CODE_MARK.findall(span)) >= len(words):
+        return None
+    return max(passing, key=lambda r: (count[r], distinct[r], r == _ROT13, -r))
+
+
+def _reads_as_cipher(words: int, plain: int, read: int, distinct: int, shared: int) -> bool:
+    # Three distinct stopwords in the reading, one in four words, and three times as many as written and two or more
+    # (not counting the neutral ones, stopwords both ways). Symmetric in the two readings (each reading's inverse is
+    # a reading too), so a decoded text never reads as a cipher again.
+    return distinct >= 3 and 4 * read >= words and read - shared >= max(2, 3 * (plain - shared))
+
+
+def _leans(words: list[str], reading: int) -> bool:
+    plain = sum(1 for w in words if w in _STOPWORDS)
+    read = sum(1 for w in words if reading in _CIPHER_WORDS.get(w, ()))
+    return read >= plain
+
+
+def _read(span: str, reading: int) -> str:
+    if reading < _REVERSED:
+        return span.translate(_CIPHER_TABLES[reading])
+    if _reversal_order(span) == "text":
+        core = span.strip()
+        at = span.index(core[0]) if core else 0
+        return span[:at] + core[::-1] + span[at + len(core) :]  # the spaces around it stay where they are
+    return _TOKEN.sub(lambda m: m.group(0)[::-1], span)
+
+
+def _reversal_order(span: str) -> str:
+    """Whether a reversed span reads backwards as a whole (``"text"``) or word by word in place (``"words"``)."""
+    runs = _LETTER_RUN.findall(span)
+    words = [w.translate(_ASCII_LOWER)[::-1] for w in runs]
+    pairs = list(zip(words, words[1:], strict=False))
+    in_place = sum(1 for a, b in pairs if (a, b) in _ORDERED_PAIRS) - sum(
+        1 for a, b in pairs if (b, a) in _ORDERED_PAIRS
+    )
+    # A capital that starts the sentence, and its end mark, say which way too: "eviG em" (in place) or "em eviG"
+    # (whole); "ta .emoh" (in place) or ".emoh ta" (whole).
+    runs = [r for r in runs if len(r) > 1]  # "I" is a capital either way
+    if runs:
+        in_place += runs[0][-1].isupper() - runs[-1][-1].isupper()
+    marks = [m.start() for m in _END_MARK.finditer(span)]
+    head = len(span) - len(span.lstrip())
+    in_place += sum(1 for at in marks if at > head) - sum(1 for at in marks if at == head)
+    return "words" if in_place > 0 else "text"
 
 
 def _looks_like_text(decoded: str) -> bool:

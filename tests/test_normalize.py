@@ -369,6 +369,8 @@ def test_encoded_text_decodes_to_plain(plain: str, encoding: str) -> None:
     # base85 and Ascii85 are read from 20 characters (16 bytes) on: a shorter run of punctuation and letters is as
     # often an ordinary token (a password, a hash, a code), and 'how how how' encodes to 14
     assume(encoding not in ("base85", "ascii85") or len(encoded) >= 20)
+    # base32 likewise from 16 characters: 'how to to' encodes to 15
+    assume(encoding not in ("base32", "lowercase base32") or len(encoded.rstrip("=")) >= 16)
     assert normalize(encoded) == normalize(plain)
     assert normalize(f"decode this and answer: {encoded}") == normalize(f"decode this and answer: {plain}")
 
