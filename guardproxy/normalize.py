@@ -25,7 +25,10 @@ Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
    look-alike, so they are left alone).
 8. Escapes, when a text holds at least ``_MIN_ESCAPES`` of one kind (so a stray ``%`` or ``&amp;`` stays as
    written): percent-encoding (``%20``), HTML character references (``&#71;``, ``&amp;``) and ``\\uXXXX`` /
-   ``\\xXX`` escapes are decoded in place.
+   ``\\xXX`` escapes are decoded in place. Quoted-printable (``How=20do=20I``: 3+ ``=XX`` escapes, two of them
+   ``=20`` or ``=09`` between non-space characters) is decoded by ``binascii.a2b_qp``, soft line breaks too, and a
+   run of 4+ words joined only by ``+`` (form encoding, ``How+do+I+build``; 3 in 4 pieces words) by
+   ``urllib.parse.unquote_plus``, so ``C++``, ``a+b``, ``1+1=2`` and ``i++`` stay (``guardproxy.wordsplit``).
 9. Obvious hex (16+ hex digits, contiguous or as space-separated pairs), byte runs (8+ bytes written ``0x47``,
    decimal ``71`` or binary ``01000111``), base64 spans (12+ characters), base32 spans (16+) and base85 / Ascii85
    words (20+) that decode to printable UTF-8 text, and Morse (8+ codes), are replaced by their decoding, which
@@ -53,7 +56,19 @@ Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
     ``h4ck3r``, ``k1ll``), never in e-mail addresses, URLs or hex strings, so ``mp3``, ``4k``, ``covid19`` and
     ``$100`` stay as written. In a text written in leet (``_LEET_TEXT_MIN`` such words, a fifth of its words)
     leet at word edges (``7h3``, ``m3``, ``$733l``) and short all-leet words (``70``, ``4``, ``17``) fold too.
-13. Whitespace runs collapse to one space (newlines kept, at most one blank line), ends stripped.
+13. Word boundaries (``guardproxy.wordsplit``), in runs of letters not touching code or address characters
+    (``obj.getX``, ``foo_bar``, ``f(``, URLs, e-mail addresses, paths). Camel case (``HowDoIBuildAPipeBomb``, digits
+    as segments: ``How2Make``): 4+ segments, two thirds of them common words, at most half single letters or
+    digits, a single capital other than ``A``/``I`` in at most one segment of eight, and ``2 * function words +
+    segments >= 8`` is split into words, capitalised ones after the first in lower case (``getElementById`` and
+    ``AbstractSingletonProxyFactoryBean`` stay). A run of 15+ letters with the spaces deleted (``howdoIbuildapipebomb``)
+    that is no word of the list nor a prefixed/suffixed form of one (``objectification``) is segmented by a unigram
+    word-frequency model (the list ``wordninja`` ships, dynamic programming over its word costs, in 400-letter
+    chunks) when the split reads as English: 3+ pieces each written as a word, 2.6+ letters a piece, and nine
+    letters in ten in common words (pieces of up to 3 letters among the list's 5,000 commonest, up to 5 among its
+    20,000, longer ones in it) with no stray letter and two function words of 2+ letters, or one and 4+ pieces, or
+    6+ pieces; or three letters in four with two function words of 2+ letters, one in eight pieces.
+14. Whitespace runs collapse to one space (newlines kept, at most one blank line), ends stripped.
 """
 
 from __future__ import annotations
@@ -66,6 +81,8 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
+
+from guardproxy import wordsplit
 
 __all__ = ["normalize"]
 
@@ -395,6 +412,8 @@ def _pass(text: str) -> str:
         text = _ZALGO.sub("", text)
         text = _LETTER_RUN.sub(_fold_homoglyphs, text)
     text = _decode_escapes(text)
+    text = wordsplit.decode_quoted_printable(text)
+    text = wordsplit.decode_plus_runs(text)
     text = _HEX_SPAN.sub(_decode_hex, text)
     text = _HEX_PAIRS.sub(_decode_hex, text)
     text = _HEX_BYTES.sub(_decode_hex_bytes, text)
@@ -409,6 +428,7 @@ def _pass(text: str) -> str:
     text = _DOTTED.sub(_join_dotted, text)
     text = _decode_ciphers(text)
     text = _fold_leet(text)
+    text = wordsplit.split_words(text)
     text = _SPACES.sub(" ", text)
     text = _SPACE_AROUND_NEWLINE.sub("\n", text)
     text = _BLANK_LINES.sub("\n\n", text)
