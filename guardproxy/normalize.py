@@ -7,7 +7,10 @@ path; the whole function is a fixpoint iteration so that ``normalize(normalize(x
 
 Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
 
-1. Unicode tag characters (U+E0020..U+E007E, "ASCII smuggling") become the ASCII they encode.
+1. Unicode tag characters (U+E0020..U+E007E, "ASCII smuggling") become the ASCII they encode, and a run of
+   ``_MIN_SELECTOR_BYTES`` or more variation selectors ("emoji smuggling": VS1-VS16 the bytes 0-15, VS17-VS256
+   16-255, hidden behind an emoji) becomes the text its bytes decode to as UTF-8, set off by spaces, where they do
+   (an emoji needs one selector, never a run).
 2. Format characters (category Cf: zero-width space/joiners, bidi embeddings/overrides/isolates, BOM, soft
    hyphen, word joiner), variation selectors and the other invisible marks (combining grapheme joiner, Khmer
    inherent vowels, Mongolian free variation selectors, the rest of the tag block) are removed.
@@ -95,6 +98,9 @@ _TAGS[0xE007F] = None
 
 # Variation selectors and the invisible marks that are not category Cf: combining grapheme joiner, Khmer inherent
 # vowels, Mongolian free variation selectors, and what the tag translation leaves of the tag block.
+# Variation selectors as bytes ("emoji smuggling"): a run this long is data, never an emoji's presentation.
+_MIN_SELECTOR_BYTES = 4
+_SELECTOR_RUN = re.compile(f"[\ufe00-\ufe0f\U000e0100-\U000e01ef]{{{_MIN_SELECTOR_BYTES},}}")
 _INVISIBLE = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u17b4\u17b5\u180b-\u180f\U000e0000-\U000e007f]")
 
 # Letters that render as an empty cell: Hangul choseong/jungseong fillers, Hangul filler and its halfwidth form
@@ -395,10 +401,24 @@ def normalize(text: str) -> str:
     return text
 
 
+def _read_selectors(m: re.Match[str]) -> str:
+    """The text a run of variation selectors carries as bytes (VS1-VS16: 0-15, VS17-VS256: 16-255), set off by
+    spaces; "" (as the selectors alone read) where the bytes are no UTF-8 text."""
+    data = bytes(ord(ch) - 0xFE00 if ord(ch) <= 0xFE0F else ord(ch) - 0xE0100 + 16 for ch in m.group())
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    readable = text.strip() and all(ch in "\n\r\t" or unicodedata.category(ch) not in ("Cc", "Cn", "Co") for ch in text)
+    return f" {text} " if readable else ""
+
+
 def _pass(text: str) -> str:
     if not text.isascii():
         text = text.translate(_TAGS)
         text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+        if _SELECTOR_RUN.search(text):
+            text = _SELECTOR_RUN.sub(_read_selectors, text)
         text = _INVISIBLE.sub("", text)
         if _TURNED_LETTER.search(text):
             text = _TURNED_SPAN.sub(_unturn, text)
