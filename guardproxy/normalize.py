@@ -7,6 +7,9 @@ path; the whole function is a fixpoint iteration so that ``normalize(normalize(x
 
 Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
 
+0. A text that is one JSON object or array (``{"task": "instructions", "topic": "pipe bomb construction"}``) is read
+   as its string values, one a line, in order: the model reads a request split into fields poorly among the quotes
+   and braces (that ask 0.03, its values 0.97). One with no string value (``[1, 2, 3]``) stays as written.
 1. Unicode tag characters (U+E0020..U+E007E, "ASCII smuggling") become the ASCII they encode, and a run of
    ``_MIN_SELECTOR_BYTES`` or more variation selectors ("emoji smuggling": VS1-VS16 the bytes 0-15, VS17-VS256
    16-255, hidden behind an emoji) becomes the text its bytes decode to as UTF-8, set off by spaces, where they do
@@ -80,6 +83,7 @@ import base64
 import binascii
 import codecs
 import html
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -413,7 +417,32 @@ def _read_selectors(m: re.Match[str]) -> str:
     return f" {text} " if readable else ""
 
 
+def _json_values(text: str) -> str:
+    """Step 0: the string values of a text that is one JSON object or array, one a line; else ``text``."""
+    stripped = text.strip()
+    if stripped[:1] not in ("{", "[") or stripped[-1:] not in ("}", "]"):
+        return text
+    try:
+        data = json.loads(stripped)
+    except (ValueError, RecursionError):
+        return text
+    values: list[str] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if item.strip():
+                values.append(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+    return "\n".join(values) if values and isinstance(data, dict | list) else text
+
+
 def _pass(text: str) -> str:
+    if text[:1] in ("{", "[") or text.lstrip()[:1] in ("{", "["):
+        text = _json_values(text)
     if not text.isascii():
         text = text.translate(_TAGS)
         text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
