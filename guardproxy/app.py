@@ -81,7 +81,7 @@ from guardproxy.proxy import (
 )
 from guardproxy.routes import RouteKind, V1Route, classify_route
 from guardproxy.settings import Settings
-from guardproxy.streaming import MalformedReply, error_tail
+from guardproxy.streaming import MalformedReply, UpstreamErrorEvent, error_summary, error_tail
 from guardproxy.validation import parse_chat
 
 logger = logging.getLogger(__name__)
@@ -394,14 +394,20 @@ class Gateway:
         Never a header, a key or the upstream's URL path and query; the message is the gateway's own, with the
         upstream's error text where it sent one (in its error body or in the stream), redacted: ``secrets``
         (``proxy.request_secrets``: the gateway's upstream key, the caller's key) cut out exactly, and anything
-        shaped like a key."""
+        shaped like a key. With the output check on, the upstream's error text is not logged: it is the upstream's
+        text, unchecked (a hostile upstream's harmful reply as an error message); its code and type and the length
+        of its message are (``streaming.error_summary``; an in-stream error's message says as much already)."""
         if isinstance(exc, UpstreamHTTPError):  # the gateway's code, not one from the upstream's body
             code = f"upstream_{exc.status_code}"
-            text = upstream_error_body(exc.status_code, exc.body)["error"].get("message")
-            message = f"{exc}: {_clip(text)}" if isinstance(text, str) and text != str(exc) else str(exc)
+            error = upstream_error_body(exc.status_code, exc.body)["error"]
+            text = error.get("message")
+            if self.pipeline.passthrough:
+                message = f"{exc}: {_clip(text)}" if isinstance(text, str) and text != str(exc) else str(exc)
+            else:
+                message = f"{exc} ({error_summary(error)})"
         else:
             code = error_payload(exc, in_band=call.streaming)[1]["error"]["code"]
-            message = _clip(str(exc))
+            message = _clip(exc.log_message if isinstance(exc, UpstreamErrorEvent) else str(exc))
         key = self.upstream.replace_key if self.upstream is not None else None
         message = redact(message, (*secrets, key) if key else secrets)
         # An upstream 4xx other than 429 is the client's own problem passed through, not an upstream failure.

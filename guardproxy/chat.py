@@ -30,6 +30,7 @@ from guardproxy.errors import (
     GuardProxyError,
     Overloaded,
     UpstreamError,
+    UpstreamHTTPError,
     UpstreamStreamError,
     UpstreamTimeout,
 )
@@ -39,16 +40,25 @@ from guardproxy.proxy import Upstream, response_headers, upstream_failure
 from guardproxy.routes import GUARDED_PATH
 from guardproxy.streaming import (
     DONE_BYTES,
+    OPAQUE_CHARS,
+    Beside,
+    Logprobs,
     MalformedReply,
     StreamGuard,
+    choice_fields,
     choice_text,
     content_parts,
+    known_texts,
     read_choices,
+    reasoning,
     reasoning_of,
     relay,
     sse_json,
+    stop_strings,
+    string_leaves,
     tool_inputs,
     tool_names,
+    top_fields,
 )
 from guardproxy.validation import ChatRequest
 
@@ -62,6 +72,7 @@ PARSE_INLINE_BYTES = 256 * 1024  # JSON up to this size is parsed on the event l
 # with guard.speculative, the input check waits this long at most for the request to go out (the tracker waits
 # WINDOW_HOLD_S, the same, for a speculative window pass)
 SEND_HOLD_S = 0.005
+_KEPT_ON_BLOCK = frozenset({"choices", "id", "object", "created"})  # and any field with no text (``top_fields``)
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -164,6 +175,56 @@ def message_text(message: Any) -> str:
         content = content_parts(content)[0]
     args = [a for _, a in tool_inputs(message)]
     return choice_text(content if isinstance(content, str) else "", args)
+
+
+def choice_side(choice: dict[str, Any], text: str, stops: frozenset[str]) -> list[str]:
+    """What the output check reads of a reply's choice beside its message (``reasoning_of`` reads the message): its
+    other fields (``choice_fields``: a legacy ``text``, a vendor's field) and its logprobs' text (``Logprobs``), less
+    what repeats the message's content (``text``), its reasoning or its refusal. [] for an ordinary choice: its
+    logprobs spell its content, and its ``finish_reason`` is a token."""
+    message = choice.get("message")
+    msg = message if isinstance(message, dict) else {}
+    content = msg.get("content")
+    if isinstance(content, list):
+        content = content_parts(content)[0]
+    content = content if isinstance(content, str) else ""
+    refusal = msg.get("refusal")
+    think = reasoning(msg)
+    known = known_texts(text, content, think, think + content, refusal if isinstance(refusal, str) else "")
+    logprobs = Logprobs()
+    logprobs.add(choice.get("logprobs"))
+    beside = Beside()
+    beside.add([*choice_fields(choice, "message", stops), *logprobs.take_other()])
+    return [*beside.texts(known), *logprobs.texts(known)]
+
+
+def error_text(body: bytes) -> str:
+    """What the output check reads of an upstream's error body: every string of it as JSON, less ids and tokens
+    (``REPLY_NOT_TEXT``, ``Beside.texts``: a ``code``, a ``type``), or the body as text; "" when none is left."""
+    raw = body.decode("utf-8", "replace").strip()
+    try:
+        obj = json.loads(raw) if raw[:1] in ("{", "[", '"') else None
+    except ValueError:
+        obj = None
+    side = Beside()
+    side.add(string_leaves(obj) if obj is not None else [("", raw)])
+    return "\n".join(side.texts())
+
+
+def _error_tokens(body: bytes) -> dict[str, str]:
+    """The ``code`` and ``type`` of an upstream's JSON error body (OpenAI's shape or vLLM's flat one) that are tokens
+    (no whitespace, at most ``OPAQUE_CHARS``)."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return {}
+    err = obj.get("error") if isinstance(obj, dict) else None
+    fields = err if isinstance(err, dict) else obj if isinstance(obj, dict) else {}
+    return {
+        k: v
+        for k in ("code", "type")
+        if isinstance(v := fields.get(k), str) and v and len(v) <= OPAQUE_CHARS and not any(c.isspace() for c in v)
+    }
 
 
 def blocked_completion(body: dict[str, Any], request_id: str, verdict: Verdict, n: int) -> dict[str, Any]:
@@ -304,13 +365,36 @@ class ChatHandler:
             resp = opened
         try:
             if resp.status_code >= 400:
-                raise await self.upstream.error_from(resp)
+                raise await self._upstream_error(ex, resp)
             if req.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
                 await self._relay(call, ex, resp)
             else:
                 await self._plain(call, ex, req, resp)
         finally:
             await resp.aclose()
+
+    async def _upstream_error(self, ex: Exchange, resp: httpx.Response) -> UpstreamHTTPError:
+        """The upstream's error answer, which the client gets with its status, headers and body (``app``). With the
+        output check on, the body's text (``error_text``: less codes and ids) is read first, as choice 0's text beside
+        an empty reply: a hostile upstream's harmful reply as an error message is withheld (the status and headers
+        stay, the message says it was withheld), as is one the check could not read (it raised)."""
+        exc = await self.upstream.error_from(resp)
+        text = "" if self.pipeline.passthrough else error_text(exc.body)
+        if not text:
+            return exc
+        ex.reply_reasoning[0] = text
+        try:
+            with ex.timed("output_check"):
+                withheld = (await self.pipeline.check_output(ex, 0, "", final=False)).blocks
+        except GuardProxyError:
+            withheld = True
+        if withheld:
+            status = exc.status_code
+            message = f"upstream answered HTTP {status}; its message was withheld by the output check"
+            error = {"message": message, "type": "upstream_error", "param": None, "code": f"upstream_{status}"}
+            error.update(_error_tokens(exc.body))  # its code and type, where each is a token
+            exc.body, exc.content_type = _dumps({"error": error}), "application/json"
+        return exc
 
     def _speculative_cancelled(self) -> Counter:
         return self.metrics.counter(
@@ -403,7 +487,7 @@ class ChatHandler:
             retry = await self._open(call, ex, _dumps(body))
             try:
                 if retry.status_code >= 400:
-                    raise await self.upstream.error_from(retry)
+                    raise await self._upstream_error(ex, retry)
                 data = await self.upstream.read(retry, limit=MAX_REPLY_BYTES)
                 headers = response_headers(retry.headers, decoded=True)
             finally:
@@ -418,13 +502,19 @@ class ChatHandler:
             if worst.status_code is not None:
                 raise Blocked(worst.reply_text or worst.reason or "blocked by policy", status_code=worst.status_code,
                               category=worst.category)  # fmt: skip
-            for idx, choice in read_choices(reply, "message"):  # read, and so well-formed, by _check_choices
+            choices = reply.get("choices")
+            for pos, (idx, _choice) in enumerate(read_choices(reply, "message")):  # well-formed: _check_choices read it
                 v = verdicts.get(idx)
-                if v is not None and v.blocks:
-                    # nothing of the blocked reply stays: its reasoning went with the message, its tokens with these
-                    choice["message"] = {"role": "assistant", "content": v.reply_text or ""}
-                    choice["finish_reason"] = "content_filter"
-                    choice["logprobs"] = None
+                if v is not None and v.blocks and isinstance(choices, list):
+                    # nothing of the blocked choice stays: its reasoning went with the message, its tokens with its
+                    # logprobs, any other field (a legacy ``text``, a vendor's) with the rest
+                    choices[pos] = {"index": idx, "message": {"role": "assistant", "content": v.reply_text or ""},
+                                    "logprobs": None, "finish_reason": "content_filter"}  # fmt: skip
+            # nothing the reply carries beside its choices stays but its ids, tokens and usage: the check read the rest
+            # with choice 0, and a block may have come from it
+            for key in [k for k in reply if k not in _KEPT_ON_BLOCK]:
+                if top_fields({key: reply[key]}):
+                    del reply[key]
             # not the upstream's id: with store: true it names the stored, harmful completion (stored completions
             # are refused anyway, guardproxy.routes)
             reply["id"] = f"chatcmpl-guard-{call.request_id}"
@@ -436,7 +526,9 @@ class ChatHandler:
 
     async def _check_choices(self, ex: Exchange, reply: dict[str, Any]) -> dict[int, Verdict]:
         """The verdict of each choice, by index. A reply the check cannot read with certainty raises
-        ``MalformedReply`` (counted here): the client gets a 502, none of the reply."""
+        ``MalformedReply`` (counted here): the client gets a 502, none of the reply. What the reply carries beside its
+        choices (``top_fields``, less ids and tokens) is read with choice 0, or alone as choice 0's where the reply
+        has none (its verdict then under index 0)."""
         try:
             choices = read_choices(reply, "message")
         except MalformedReply as exc:
@@ -444,13 +536,24 @@ class ChatHandler:
             raise
         verdicts: dict[int, Verdict] = {}
         declared = tool_names(ex.body)  # the tool-call names the check does not read (``streaming.tool_names``)
+        stops = stop_strings(ex.body)
+        top = Beside()
+        top.add(top_fields(reply))
+        top_text = top.texts()
         with ex.timed("output_check"):
             for idx, choice in choices:
                 message = choice.get("message")
                 text = message_text(message)
                 ex.reply_texts[idx] = text
-                ex.reply_reasoning[idx] = reasoning_of(message, declared) if isinstance(message, dict) else ""
+                side = [reasoning_of(message, declared) if isinstance(message, dict) else ""]
+                side.extend(choice_side(choice, text, stops))
+                if idx == 0:
+                    side.extend(top_text)
+                ex.reply_reasoning[idx] = "\n".join(p for p in side if p)
                 verdicts[idx] = await self.pipeline.check_output(ex, idx, text, final=True)
+            if top_text and 0 not in verdicts:  # not final: no choice 0's reply to record
+                ex.reply_reasoning[0] = "\n".join(top_text)
+                verdicts[0] = await self.pipeline.check_output(ex, 0, "", final=False)
         return verdicts
 
     # -- streams ---------------------------------------------------------------------------------

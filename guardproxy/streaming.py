@@ -14,7 +14,11 @@ read beside the reply: reasoning deltas, every other string a delta carries, fie
 refusal, an audio transcript, a custom tool's input, ``thinking``, a vendor's own field...), non-text parts of a
 ``content`` sent as a list, decoded arguments) and runs ``check_output`` every ``pipeline.output_check_chars`` new
 characters and once more (``final=True``) before a choice's finishing chunk or ``[DONE]``: the streaming path runs
-the same checks as the plain one.
+the same checks as the plain one. Beside the delta it reads, as the plain path does beside the message, every other
+string of a choice (``choice_fields``: a legacy ``text``, a vendor's field, a ``message`` sent in a chunk) and the
+text its logprobs spell (``Logprobs``) where either does not repeat the content, and with choice 0 every string of a
+chunk outside its choices (``top_fields``), less ids and tokens (``Beside.texts``); an upstream's ``{"error": ...}``
+event is read so too before its message is relayed, and its text is never logged (``error_summary``).
 
 What a client gets is what the check read, or an end: ``read_choices`` refuses a reply or chunk whose shape leaves in
 doubt what a client shows (``choices`` not a list, a choice not an object, an index that is not a non-negative
@@ -321,6 +325,11 @@ def _leaves(value: Any, path: str) -> list[tuple[str, str]]:
     return out
 
 
+def string_leaves(value: Any) -> list[tuple[str, str]]:
+    """(path, string) of each non-empty string of a JSON value, less what is under a ``REPLY_NOT_TEXT`` key."""
+    return _leaves(value, "")
+
+
 LEGACY_CALL = 1 << 30  # the index of a legacy ``function_call``'s arguments: after every tool call's
 
 
@@ -340,6 +349,227 @@ def tool_inputs(obj: dict[str, Any]) -> list[tuple[int, str]]:
     if isinstance(legacy, dict) and isinstance(a := legacy.get("arguments"), str) and a:
         out.append((LEGACY_CALL, a))
     return out
+
+
+# Text beside a choice's message or delta (``choice_fields``), in its logprobs (``Logprobs``) and beside the choices
+# (``top_fields``) is read as the choice's side text (``Beside``), less what is an id or a token (``Beside.texts``).
+OPAQUE_CHARS = 64  # a string this short with no whitespace is an id, an enum or a token (``fp_44709d6fcb``, ``stop``)
+OPAQUE_BUDGET = 128  # past this many characters of such strings in one choice's fields, they are read too (words)
+LONG_TOKEN = 32  # an alternative token (``top_logprobs``) longer than this is read: no vocabulary's token is text
+_SPACE = re.compile(r"\s")
+# top-level keys of a reply or chunk that hold an id, a name or an enum: skipped when one token, at any length (a
+# model's path), counted in no budget (one string each); read when they hold whitespace
+_TOKEN_KEYS = frozenset({"object", "model", "system_fingerprint", "service_tier", "obfuscation"})
+_STOP_KEYS = frozenset({"stop_reason", "matched_stop"})  # vLLM's, SGLang's: the stop string that matched
+
+
+def stop_strings(body: dict[str, Any]) -> frozenset[str]:
+    """The stop sequences a request sets: a choice's ``stop_reason`` that is one of them echoes the client's text."""
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        return frozenset({stop})
+    return frozenset(s for s in stop if isinstance(s, str)) if isinstance(stop, list) else frozenset()
+
+
+def top_fields(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, text) of every string of a reply or chunk outside its choices, less what is under a ``REPLY_NOT_TEXT``
+    key and a ``_TOKEN_KEYS`` value with no whitespace (``system_fingerprint: "fp_..."``). A client may show any of
+    it (an ``output_text``, a vendor's note); an upstream's ``system_fingerprint`` with a sentence in it is read."""
+    out: list[tuple[str, str]] = []
+    for key, value in obj.items():
+        if key == "choices" or key in REPLY_NOT_TEXT:
+            continue
+        if key in _TOKEN_KEYS and isinstance(value, str) and not _SPACE.search(value):
+            continue
+        out.extend(_leaves(value, key))
+    return out
+
+
+def choice_fields(choice: dict[str, Any], part: str, stops: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """(path, text) of every string of a choice beside its ``part`` (message or delta, read apart) and its logprobs
+    (``Logprobs``): a legacy ``text``, a vendor's field, a ``finish_reason``, and in a stream chunk a ``message``
+    (Perplexity sends the message so far beside the delta: the same text, which ``Beside.texts`` skips). A
+    ``stop_reason`` that is one of the request's ``stops`` is the client's own text and is skipped."""
+    out: list[tuple[str, str]] = []
+    for key, value in choice.items():
+        if key in ("index", part, "logprobs") or key in REPLY_NOT_TEXT:
+            continue
+        if key in _STOP_KEYS and value in stops:
+            continue
+        out.extend(_leaves(value, key))
+    return out
+
+
+@dataclass
+class Beside:
+    """The side fields of one choice (or of a reply's top level), each path's text joined across a stream's chunks.
+    A piece that starts with the text so far replaces it (a field sent whole again, or the message so far), any
+    other is appended (a field sent in pieces)."""
+
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def add(self, pairs: list[tuple[str, str]]) -> int:
+        """Add the pieces; how many characters the text grew by."""
+        grown = 0
+        for path, text in pairs:
+            old = self.paths.get(path, "")
+            if text == old:
+                continue
+            new = text if text.startswith(old) else old + text
+            grown += max(0, len(new) - len(old))
+            self.paths[path] = new
+        return grown
+
+    def texts(self, known: Known | None = None) -> list[str]:
+        """What the check reads: each path's text, less one that is ``known`` (the choice's content, its reasoning:
+        read already) and one that is an id or a token (no whitespace, at most ``OPAQUE_CHARS``), unless such strings
+        together pass ``OPAQUE_BUDGET`` (a reply spread one word a field): then they are read, joined by spaces."""
+        read: list[str] = []
+        tokens: list[str] = []
+        size = 0
+        for text in self.paths.values():
+            bare = text.strip()
+            if not bare:
+                continue
+            if len(bare) <= OPAQUE_CHARS and not _SPACE.search(bare):
+                tokens.append(bare)
+                size += len(bare)
+            elif known is None or bare not in known:
+                read.append(text)
+        if size > OPAQUE_BUDGET:
+            read.append(" ".join(tokens))
+        return read
+
+
+def _byte_list(value: Any) -> bytes | None:
+    """A token's ``bytes`` (a list of integers 0-255), or None."""
+    if not isinstance(value, list):
+        return None
+    try:
+        return bytes(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Logprobs:
+    """A choice's logprobs, as text: the tokens of its content (and of its refusal, or a legacy ``tokens`` list)
+    joined, their ``bytes`` decoded, an alternative token longer than ``LONG_TOKEN`` and any other string (``other``,
+    read as side fields). The joined tokens are the content for any ordinary upstream: ``texts`` skips what is
+    ``known``, so a reply with logprobs reads as one without."""
+
+    tokens: dict[str, list[str]] = field(default_factory=dict)
+    raw: dict[str, bytearray] = field(default_factory=dict)
+    other: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, lp: Any) -> int:
+        """Add a choice's (or a chunk's) logprobs; how many characters of token text it brought."""
+        if lp is None:
+            return 0
+        if not isinstance(lp, dict):
+            self.other.extend(_leaves(lp, "logprobs"))
+            return 0
+        size = 0
+        for key, value in lp.items():
+            path = f"logprobs/{key}"
+            if key in ("content", "refusal") and isinstance(value, list):
+                for entry in value:
+                    size += self._entry(key, entry, path)
+            elif key == "tokens" and isinstance(value, list):  # the legacy completions shape
+                for tok in value:
+                    if isinstance(tok, str):
+                        self.tokens.setdefault(key, []).append(tok)
+                        size += len(tok)
+                    else:
+                        self.other.extend(_leaves(tok, path))
+            elif key == "top_logprobs" and isinstance(value, list):  # legacy: {token: logprob} per position
+                for alts in value:
+                    keys = alts.keys() if isinstance(alts, dict) else ()
+                    self.other.extend((path, k) for k in keys if isinstance(k, str) and len(k) > LONG_TOKEN)
+            elif key not in ("token_logprobs", "text_offset"):
+                self.other.extend(_leaves(value, path))
+        return size
+
+    def _entry(self, key: str, entry: Any, path: str) -> int:
+        if not isinstance(entry, dict):
+            self.other.extend(_leaves(entry, path))
+            return 0
+        size = 0
+        for name, value in entry.items():
+            if name == "logprob":
+                continue
+            if name == "token" and isinstance(value, str):
+                self.tokens.setdefault(key, []).append(value)
+                size += len(value)
+            elif name == "bytes" and (raw := _byte_list(value)) is not None:
+                self.raw.setdefault(key, bytearray()).extend(raw)
+            elif name == "top_logprobs" and isinstance(value, list):
+                self._alternatives(value, f"{path}/top_logprobs")
+            else:
+                self.other.extend(_leaves(value, f"{path}/{name}"))
+        return size
+
+    def _alternatives(self, alts: list[Any], path: str) -> None:
+        """The alternatives at one position: a token (or its bytes) longer than ``LONG_TOKEN`` is read, and any
+        string beside them; short tokens are not (a client shows one position's alternatives, not a text)."""
+        for alt in alts:
+            if not isinstance(alt, dict):
+                self.other.extend(_leaves(alt, path))
+                continue
+            for name, value in alt.items():
+                if name == "logprob":
+                    continue
+                if name == "token" and isinstance(value, str):
+                    if len(value) > LONG_TOKEN:
+                        self.other.append((path, value))
+                elif name == "bytes" and (raw := _byte_list(value)) is not None:
+                    if len(raw) > LONG_TOKEN:
+                        self.other.append((path, raw.decode("utf-8", "replace")))
+                else:
+                    self.other.extend(_leaves(value, f"{path}/{name}"))
+
+    def take_other(self) -> list[tuple[str, str]]:
+        other, self.other = self.other, []
+        return other
+
+    def texts(self, known: Known) -> list[str]:
+        """The joined tokens and decoded bytes of each kind that are not ``known`` text of the choice."""
+        out: list[str] = []
+        for key in sorted({*self.tokens, *self.raw}):
+            joined = "".join(self.tokens.get(key, ()))
+            decoded = self.raw[key].decode("utf-8", "replace") if key in self.raw else ""
+            for text in (joined, decoded) if decoded != joined else (joined,):
+                if (bare := text.strip()) and bare not in known:
+                    out.append(text)
+        return out
+
+
+_LAYOUT = re.compile(r"\s+|</?think>")  # what a token list may add to or drop from its text: spacing, think tags
+
+
+class Known:
+    """What a choice's side text may repeat without being read again: its content, its reasoning, both. Equal as
+    written (stripped), or else once whitespace and ``<think>`` tags are taken out (a reasoning model's logprobs
+    spell its reasoning and content as one, tags and all); the second form is made only when the first fails."""
+
+    def __init__(self, *texts: str) -> None:
+        self.texts = [t for t in texts if t.strip()]
+        self.exact = frozenset(t.strip() for t in self.texts)
+        self._compact: frozenset[str] | None = None
+
+    def __contains__(self, text: object) -> bool:
+        if not isinstance(text, str) or not self.texts:
+            return False
+        if text.strip() in self.exact:
+            return True
+        if self._compact is None:
+            self._compact = frozenset(_LAYOUT.sub("", t) for t in self.texts)
+        return _LAYOUT.sub("", text) in self._compact
+
+
+def known_texts(*texts: str) -> Known:
+    """``Known`` of a choice's texts."""
+    return Known(*texts)
 
 
 def _text_or_none(value: Any) -> bool:
@@ -492,6 +722,8 @@ class ChoiceText:
     args: dict[int, list[str]] = field(default_factory=dict)
     reasoning: list[str] = field(default_factory=list)
     side: dict[str, list[str]] = field(default_factory=dict)  # by path (``side_fields``); non-text parts: "content"
+    beside: Beside = field(default_factory=Beside)  # the choice's fields beside its delta (``choice_fields``)
+    logprobs: Logprobs = field(default_factory=Logprobs)
     size: int = 0
     content_chars: int = 0
     relayed_chars: int = 0  # of the content, what went out to the client (the events no check withheld)
@@ -519,21 +751,39 @@ class ChoiceText:
             self.args.setdefault(idx, []).append(a)
             self.size += len(a)
 
+    def add_choice(self, choice: dict[str, Any], stops: frozenset[str] = frozenset()) -> int:
+        """Add what a chunk's choice carries beside its delta (``choice_fields``, ``Logprobs``); how much it grew."""
+        grown = self.logprobs.add(choice.get("logprobs"))
+        grown += self.beside.add([*choice_fields(choice, "delta", stops), *self.logprobs.take_other()])
+        self.size += grown
+        return grown
+
     def text(self) -> str:
         return choice_text("".join(self.content), ["".join(a) for _, a in sorted(self.args.items())])
 
-    def reasoning_text(self, declared: frozenset[str] = frozenset()) -> str:
+    def reasoning_text(self, declared: frozenset[str] = frozenset(), top: list[str] | None = None) -> str:
         """The reasoning, then what else was streamed beside the content (``reasoning_of``'s fields: a tool call's
         name, its pieces joined, unless the request ``declared`` it), then the tool calls' arguments with their JSON
-        escapes decoded."""
+        escapes decoded, then the choice's fields beside its delta and its logprobs' text that do not repeat its
+        content (``Beside``, ``Logprobs``), then ``top``: the text beside the choices (``top_fields``)."""
         side = (("".join(v), path) for path, v in self.side.items())
-        parts = ["".join(self.reasoning), *(t for t, path in side if not (t in declared and is_tool_name(path)))]
+        reasoning = "".join(self.reasoning)
+        parts = [reasoning, *(t for t, path in side if not (t in declared and is_tool_name(path)))]
         parts.extend(unescaped("".join(a)) for _, a in sorted(self.args.items()))
+        if self.beside.paths or self.logprobs.tokens or self.logprobs.raw:
+            content = "".join(self.content)
+            known = known_texts(
+                content, reasoning, reasoning + content, self.text(), "".join(self.side.get("refusal", ()))
+            )
+            parts.extend(self.beside.texts(known))
+            parts.extend(self.logprobs.texts(known))
+        parts.extend(top or ())
         return "\n".join(p for p in parts if p)
 
 
 def raise_stream_error(data: str) -> None:
-    """An upstream ``{"error": ...}`` event inside a 200 stream is an error, not content."""
+    """An upstream ``{"error": ...}`` event inside a 200 stream is an error, not content (a pure passthrough: the
+    guarded relay checks its message first, ``StreamGuard``)."""
     try:
         obj = json.loads(data)
     except ValueError:
@@ -542,6 +792,31 @@ def raise_stream_error(data: str) -> None:
         err = obj["error"]
         msg = err.get("message") if isinstance(err, dict) else str(err)
         raise UpstreamStreamError(f"upstream error in stream: {msg}")
+
+
+class UpstreamErrorEvent(UpstreamStreamError):
+    """An upstream's in-stream error event whose message the output check read and passed: the client gets the
+    message (``str``), the gateway's log only ``log_message`` (``error_summary``): no upstream text."""
+
+    def __init__(self, message: str, log_message: str) -> None:
+        super().__init__(message)
+        self.log_message = log_message
+
+
+def error_summary(err: Any) -> str:
+    """An upstream error object told without its text: its ``code`` and ``type`` where each is a token (no
+    whitespace, at most ``OPAQUE_CHARS``), and the length of its message."""
+    parts = []
+    fields = err if isinstance(err, dict) else {}
+    for key in ("code", "type"):
+        value = fields.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and value and len(value) <= OPAQUE_CHARS and not _SPACE.search(value):
+            parts.append(f"{key} {value}")
+    msg = fields.get("message") if isinstance(err, dict) else err
+    parts.append(f"a message of {len(msg) if isinstance(msg, str) else 0} characters, not shown")
+    return ", ".join(parts)
 
 
 BodySender = Callable[[bytes, bool], Awaitable[None]]  # (data, more_body)
@@ -602,15 +877,13 @@ async def relay(
 
 
 def _chunk(data: str) -> dict[str, Any]:
-    """An event's JSON object; an upstream error event, or an event that is not a JSON object, raises."""
+    """An event's JSON object; an event that is not a JSON object raises."""
     try:
         obj = json.loads(data)
     except ValueError:
         raise UpstreamStreamError("upstream sent an event that is not valid JSON") from None
     if not isinstance(obj, dict):
         raise UpstreamStreamError("upstream sent an event that is not a JSON object")
-    if "error" in obj and "choices" not in obj:
-        raise_stream_error(data)
     return obj
 
 
@@ -639,6 +912,9 @@ class StreamGuard:
         self.late = False
         self.verdicts: list[Verdict] = []
         self.declared = tool_names(ex.body)  # ``tool_names``: the tool-call names the check does not read
+        self.stops = stop_strings(ex.body)  # ``choice_fields``: a stop_reason among them is not read
+        self.top = Beside()  # the chunks' text beside their choices (``top_fields``): read with choice 0
+        self.top_read: list[str] = []  # what of it the check read last
 
     @property
     def outcome(self) -> str:
@@ -651,6 +927,8 @@ class StreamGuard:
         """Account for one event: what of it to relay, or the bytes that end the stream (a check blocks, or the
         event is malformed)."""
         obj = _chunk(ev.data)
+        if "error" in obj and "choices" not in obj:
+            return await self._error_event(obj["error"])
         try:
             choices = read_choices(obj, "delta")
         except MalformedReply as exc:
@@ -660,6 +938,7 @@ class StreamGuard:
         for key in ("id", "created", "model"):
             if key in obj:
                 self.meta[key] = obj[key]
+        top_grew = self.top.add(top_fields(obj)) > 0
         kept = [(idx, ch) for idx, ch in choices if not self._late(idx, ch)]
         if len(kept) < len(choices):
             if not kept:
@@ -667,18 +946,10 @@ class StreamGuard:
             obj["choices"] = [ch for _, ch in kept]
             ev = SSEEvent(json.dumps(obj, separators=(",", ":"), ensure_ascii=False), ev.event, ev.id)
         touched: list[ChoiceText] = []
-        for idx, ch in kept:
-            st = self.choices.get(idx)
-            if st is None:
-                st = self.choices[idx] = ChoiceText()
-            touched.append(st)
-            delta = ch.get("delta")
-            if delta is not None:
-                st.add(delta)
-            if ch.get("finish_reason") is not None:
-                st.finished = True
-                if (block := await self._check(idx, st, final=True)) is not None:
-                    return Step(None, block)  # the whole event is withheld: nothing of it was relayed
+        if (block := await self._account(kept, touched)) is not None:
+            return Step(None, block)  # the whole event is withheld: nothing of it was relayed
+        if top_grew and self.top.texts() != self.top_read and (block := await self._check_top()) is not None:
+            return Step(None, block)
         # The unchecked text of all choices together stays under output_check_chars: with n > 1 each choice had its
         # own allowance, so n choices relayed up to n times as much of a reply the check then blocked (a red team).
         unchecked = [(i, st) for i, st in self.choices.items() if not st.final_checked and st.size > st.checked]
@@ -689,6 +960,26 @@ class StreamGuard:
         for st in touched:
             st.relayed_chars = st.content_chars
         return Step(ev)
+
+    async def _account(self, kept: list[tuple[int, dict[str, Any]]], touched: list[ChoiceText]) -> bytes | None:
+        """Add each choice of a chunk to its text (``touched``: theirs); a choice that finishes has its last check,
+        and one that brings text beside its delta after its last check (a chunk after its ``finish_reason`` without
+        a delta, which ``_late`` keeps) one more: the text goes out with this event. What ends the stream, if one
+        blocks."""
+        for idx, ch in kept:
+            st = self.choices.get(idx)
+            if st is None:
+                st = self.choices[idx] = ChoiceText()
+            touched.append(st)
+            delta = ch.get("delta")
+            if delta is not None:
+                st.add(delta)
+            grew = st.add_choice(ch, self.stops) > 0
+            if ch.get("finish_reason") is not None or (grew and st.final_checked):
+                st.finished = True
+                if (block := await self._check(idx, st, final=True)) is not None:
+                    return block
+        return None
 
     def _late(self, idx: int, ch: dict[str, Any]) -> bool:
         """Whether ``ch`` carries text for a choice that already finished: its last check has run, so it is dropped."""
@@ -712,11 +1003,41 @@ class StreamGuard:
         self.record()
         return None
 
+    async def _error_event(self, err: Any) -> Step:
+        """An upstream's ``{"error": ...}`` event: its text is read as text beside the choices (``_check_top``); a
+        block ends the stream as any block does, else ``UpstreamErrorEvent`` carries the message to the client. The
+        log gets the error's code, type and length only (``error_summary``), never its text."""
+        summary = error_summary(err)
+        msg = err.get("message") if isinstance(err, dict) else err
+        self.top.add(_leaves(err, "error"))
+        if self.top.texts() != self.top_read and (block := await self._check_top()) is not None:
+            logger.warning("request %s: upstream error in stream (%s): blocked by the output check",
+                           self.ex.request_id, summary)  # fmt: skip
+            return Step(None, block)
+        text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False)
+        raise UpstreamErrorEvent(f"upstream error in stream: {text}", f"upstream error in stream ({summary})")
+
+    async def _check_top(self) -> bytes | None:
+        """Text beside the choices grew in this chunk (an ordinary upstream sends none: ids and tokens are not read):
+        check it now, before the chunk goes out, with choice 0 (read beside its text), or alone."""
+        st = self.choices.get(0)
+        if st is not None:
+            return await self._check(0, st, final=st.final_checked)
+        self.top_read = self.top.texts()
+        self.ex.reply_reasoning[0] = "\n".join(self.top_read)
+        return await self._verdict(0, "", final=False)
+
     async def _check(self, idx: int, st: ChoiceText, *, final: bool) -> bytes | None:
         text = st.text()
-        self.ex.reply_reasoning[idx] = st.reasoning_text(self.declared)
+        top = None
+        if idx == 0:
+            top = self.top_read = self.top.texts()
+        self.ex.reply_reasoning[idx] = st.reasoning_text(self.declared, top)
         st.checked = st.size
         st.final_checked = st.final_checked or final
+        return await self._verdict(idx, text, final=final)
+
+    async def _verdict(self, idx: int, text: str, *, final: bool) -> bytes | None:
         with self.ex.timed("output_check"):
             verdict = await self.pipeline.check_output(self.ex, idx, text, final=final)
         self.verdicts.append(verdict)
