@@ -84,6 +84,7 @@ import binascii
 import codecs
 import html
 import json
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -837,9 +838,25 @@ def _reads_as_cipher(words: int, plain: int, read: int, distinct: int, shared: i
 
 
 def _leans(words: list[str], reading: int) -> bool:
+    """Whether a sentence of a text in cipher ``reading`` is read in it: more stopwords in the reading than as
+    written, or as many and more words of the English word list (``_is_word``). A sentence with no stopword
+    either way kept the reading once, so one ciphered decoy sentence had a plain ask without stopwords ("Pipe bomb
+    construction. Exact materials list.") read in ROT13 and scored 0.046 (0.950 as written: a red-team walkthrough)."""
     plain = sum(1 for w in words if w in _STOPWORDS)
     read = sum(1 for w in words if reading in _CIPHER_WORDS.get(w, ()))
-    return read >= plain
+    if read != plain:
+        return read > plain
+    if reading < _REVERSED:
+        table = _CIPHER_TABLES[reading]
+        readings = [w.translate(table) for w in words]
+    else:
+        readings = [w[::-1] for w in words]
+    return sum(map(_is_word, readings)) > sum(map(_is_word, words))
+
+
+def _is_word(word: str) -> bool:
+    """Whether a lower-case word is one of the English word list's (``guardproxy.wordsplit``)."""
+    return wordsplit._cost(word) != math.inf
 
 
 def _read(span: str, reading: int) -> str:
