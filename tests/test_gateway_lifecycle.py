@@ -309,12 +309,13 @@ async def test_every_code_a_stream_can_end_with_has_a_series_from_the_start() ->
     from guardproxy import errors
     from guardproxy.app import error_payload
     from guardproxy.metrics import STREAM_ERROR_CODES
-    from guardproxy.streaming import MalformedReply, SSEError
+    from guardproxy.streaming import MalformedReply, SSEError, UpstreamErrorEvent
 
     raised_before_a_reply = (errors.RequestError, errors.AuthError, errors.RateLimited, errors.RouteNotGuarded,
                              errors.UpstreamHTTPError, errors.ConfigError)  # fmt: skip
     special: dict[type[BaseException], BaseException] = {  # those whose constructor takes more than a message
         MalformedReply: MalformedReply("choices", "x"), errors.ClassifierPartial: errors.ClassifierPartial("x", []),
+        UpstreamErrorEvent: UpstreamErrorEvent("x", "x"),
     }  # fmt: skip
 
     def classes(cls: type[BaseException]) -> set[type[BaseException]]:
