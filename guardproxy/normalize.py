@@ -92,7 +92,7 @@ from collections.abc import Iterator
 
 from guardproxy import wordsplit
 
-__all__ = ["normalize"]
+__all__ = ["is_word", "normalize", "word_cost"]
 
 _MAX_PASSES = 4
 
@@ -839,7 +839,7 @@ def _reads_as_cipher(words: int, plain: int, read: int, distinct: int, shared: i
 
 def _leans(words: list[str], reading: int) -> bool:
     """Whether a sentence of a text in cipher ``reading`` is read in it: more stopwords in the reading than as
-    written, or as many and more words of the English word list (``_is_word``). A sentence with no stopword
+    written, or as many and more words of the English word list (``is_word``). A sentence with no stopword
     either way kept the reading once, so one ciphered decoy sentence had a plain ask without stopwords ("Pipe bomb
     construction. Exact materials list.") read in ROT13 and scored 0.046 (0.950 as written: a red-team walkthrough)."""
     plain = sum(1 for w in words if w in _STOPWORDS)
@@ -851,12 +851,18 @@ def _leans(words: list[str], reading: int) -> bool:
         readings = [w.translate(table) for w in words]
     else:
         readings = [w[::-1] for w in words]
-    return sum(map(_is_word, readings)) > sum(map(_is_word, words))
+    return sum(map(is_word, readings)) > sum(map(is_word, words))
 
 
-def _is_word(word: str) -> bool:
+def is_word(word: str) -> bool:
     """Whether a lower-case word is one of the English word list's (``guardproxy.wordsplit``)."""
-    return wordsplit._cost(word) != math.inf
+    return word_cost(word) != math.inf
+
+
+def word_cost(word: str) -> float:
+    """A lower-case word's cost in the English word list (``guardproxy.wordsplit``: the rarer, the dearer); ``inf``
+    for what is no word of it."""
+    return wordsplit._cost(word)
 
 
 def _read(span: str, reading: int) -> str:

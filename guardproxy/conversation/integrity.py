@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -65,7 +66,7 @@ _SKIPPED_ROLES = frozenset({"system", "developer"})
 # ``_role`` of the role strings ``build_chain`` reads without calling it (any other string is a user turn there too,
 # but goes the long way)
 _FAST_ROLE: dict[str, Role] = {"user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
-_SPACE = re.compile(r"[\s\u200b\u200c\u200d\u2060\ufeff]+")
+_SPACE = re.compile(r"\s+")
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 # The ASCII characters str.split() splits on, to delete from encoded ASCII text in one C pass: the same canonical
 # bytes as "".join(text.split()), about 6x faster on a 500-character turn (0.74 against 0.11 ms for the 201
@@ -128,8 +129,49 @@ def _raw_text(message: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def message_text(message: Mapping[str, Any]) -> str:
-    """The text of one message as the guard model sees it: content parts joined, whitespace collapsed."""
-    return _SPACE.sub(" ", _raw_text(message)[0]).strip()
+    """The text of one message as the guard model sees it: content parts joined, whitespace collapsed, zero-width
+    characters read as ``_unzero`` reads them."""
+    text = _raw_text(message)[0]
+    if _ZERO_WIDTH_RUN.search(text):
+        text = _ZERO_WIDTH_RUN.sub("", _ZERO_WIDTH_WORD.sub(_unzero, text))
+    return _SPACE.sub(" ", text).strip()
+
+
+# Zero-width characters between letters: in place of a space ("How\u200bdo\u200bI"), or inside a word
+# ("pi\u200bpe bo\u200bmb"). Read as spaces, the second made "pi pe bo mb" (0.016, allowed: a red-team walkthrough);
+# deleted, the first runs its words together. So each is decided by the English word list, as a word splitter
+# would: the pieces joined where the joined word costs no more than the two apart, or where it is no word and
+# neither piece is a word (``_strong``); else a space, and always before a capital that follows a small letter.
+# Elsewhere (between emoji, beside punctuation) they are deleted, as the normaliser deletes them.
+_ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff"
+_ZERO_WIDTH_RUN = re.compile(f"[{_ZERO_WIDTH_CHARS}]+")
+_ZERO_WIDTH_WORD = re.compile(f"[^\\W\\d_]+(?:[{_ZERO_WIDTH_CHARS}]+[^\\W\\d_]+)+")
+
+
+def _strong(piece: str) -> bool:
+    """A word of the list, of 4+ letters or among its 5,000 commonest: not "ri" or "cin", which it holds as
+    abbreviations."""
+    from guardproxy.normalize import word_cost
+
+    cost = word_cost(piece.lower())
+    return cost < math.inf and (len(piece) >= 4 or cost <= word_cost("the") + math.log(5_000))
+
+
+def _unzero(match: re.Match[str]) -> str:
+    from guardproxy.normalize import word_cost
+
+    pieces = _ZERO_WIDTH_RUN.split(match.group())
+    out = word = pieces[0]  # ``word``: the letters since the last space put in
+    for piece in pieces[1:]:
+        joined = word_cost((word + piece).lower())
+        if joined == math.inf:  # no word joined: apart, where either piece is a word ("Write" + "ransomware")
+            space = _strong(word) or _strong(piece)
+        else:  # a capital after a small letter starts a word ("do" + "I"), else the cheaper reading
+            space = (piece[0].isupper() and word[-1].islower()) or (
+                word_cost(word.lower()) + word_cost(piece.lower()) < joined
+            )
+        out, word = (f"{out} {piece}", piece) if space else (out + piece, word + piece)
+    return out
 
 
 # Keys of a message whose text the chain binds (``_raw_text``), or that the guard reads elsewhere (``name``: with the
