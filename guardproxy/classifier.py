@@ -59,6 +59,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -139,6 +140,29 @@ WHOLE_TURN_WINDOW_LINE = 0.8
 # 0.02, 0.05, 0.1 at which the calibration probe's harmful asks found fall by at most 1 point on average against no
 # gate. 0.02: calibration -0.6 points; dev -0.6, and 70.6% of natural harmless prompts of 65-254 ids skip the windows.
 WHOLE_TURN_WINDOW_GATE = 0.02
+# A turn with fenced code (```...```) is also read without it, as one more window counted from the line of the turn's
+# other windows, whatever its pass reads: code after a short ask dilutes it past what any window recovers (a
+# red-team walkthrough: 25 of 30 asks reached the upstream with a 12-line function after them; 0.992 -> 0.107).
+# python -m bench.prompt_code (short asks of the split with 4-25 lines of MBPP or HumanEval code after or before
+# them): on the calibration split the harmful asks with code after them were found 78.3% against 20.0%, those
+# with code before 87.5% against 72.5%, harmless ones flagged 0.0% either way; on dev 83.3% (20.0%), 87.5% (78.3%),
+# harmless 2.5% (0.8%) with code after, 1.7% either way before. The rule, written before its figures were read: at
+# least 10 points more of the asks with code after found on calibration, none lost with code before, at most 2
+# points more harmless ones flagged. A first candidate behind WHOLE_TURN_WINDOW_GATE passed it too (59.2% in a first
+# probe: an ask with code after it reads under the gate); this one costs one more pass per turn with fenced code.
+_FENCED = re.compile(r"```.*?(?:```|\Z)", re.S)
+_MIN_PROSE_WORDS = 3
+
+
+def prose_view(text: str) -> str | None:
+    """``text`` without its fenced code blocks (an unclosed fence runs to the end), where it has some and at least
+    ``_MIN_PROSE_WORDS`` words are left; else None."""
+    if "```" not in text:
+        return None
+    prose = _FENCED.sub("\n", text).strip()
+    return prose if len(prose.split()) >= _MIN_PROSE_WORDS and prose != text.strip() else None
+
+
 _CHARS_PER_ID = 8  # as encoding's pre-cut: more characters than an id spans, so a prefix this long holds the windows
 # Before a text is normalised it is cut to its first RAW_HEAD_CHARS and last RAW_TAIL_CHARS characters (a reply to
 # its first RAW_REPLY_CHARS): normalising a 3.4 MB paste took seconds, past guard.timeout, so one oversized text made
@@ -186,7 +210,7 @@ def turn_passes(text: str, max_length: int) -> int:
     middle = min(MAX_PROMPT_WINDOWS, -(-skipped // PROMPT_WINDOW_STRIDE)) if skipped > 0 else 0
     # a text of more characters than the pass reads ids may still be read whole by it, in windows over all of it
     whole = 1 + -(-(min(len(text), budget) - size) // PROMPT_WINDOW_STRIDE) if len(text) > size else 0
-    return 1 + max(middle, whole)
+    return 1 + max(middle, whole) + ("```" in text)  # and the prose view of a turn with fenced code
 
 
 def _bounded(text: str) -> str:
@@ -828,6 +852,9 @@ class OnnxClassifier:
             parts[i], whole_turn[i] = self._prompt_windows(texts[i])
             if whole_turn[i] and out[i].harm < WHOLE_TURN_WINDOW_GATE:  # type: ignore[union-attr]
                 parts[i] = []  # a turn read whole whose pass reads next to no harm: its windows are not read
+            view = prose_view(texts[i])
+            if view is not None:
+                parts[i] = [*parts[i], view]
             if found is not None:
                 found[i] = (out[i], not parts[i])
         for i in reversed(range(len(texts))):
