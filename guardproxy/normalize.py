@@ -62,18 +62,23 @@ Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
     ``h4ck3r``, ``k1ll``), never in e-mail addresses, URLs or hex strings, so ``mp3``, ``4k``, ``covid19`` and
     ``$100`` stay as written. In a text written in leet (``_LEET_TEXT_MIN`` such words, a fifth of its words)
     leet at word edges (``7h3``, ``m3``, ``$733l``) and short all-leet words (``70``, ``4``, ``17``) fold too.
-13. Word boundaries (``guardproxy.wordsplit``), in runs of letters not touching code or address characters
-    (``obj.getX``, ``foo_bar``, ``f(``, URLs, e-mail addresses, paths). Camel case (``HowDoIBuildAPipeBomb``, digits
-    as segments: ``How2Make``): 4+ segments, two thirds of them common words, at most half single letters or
-    digits, a single capital other than ``A``/``I`` in at most one segment of eight, and ``2 * function words +
-    segments >= 8`` is split into words, capitalised ones after the first in lower case (``getElementById`` and
-    ``AbstractSingletonProxyFactoryBean`` stay). A run of 15+ letters with the spaces deleted (``howdoIbuildapipebomb``)
-    that is no word of the list nor a prefixed/suffixed form of one (``objectification``) is segmented by a unigram
-    word-frequency model (the list ``wordninja`` ships, dynamic programming over its word costs, in 400-letter
-    chunks) when the split reads as English: 3+ pieces each written as a word, 2.6+ letters a piece, and nine
-    letters in ten in common words (pieces of up to 3 letters among the list's 5,000 commonest, up to 5 among its
-    20,000, longer ones in it) with no stray letter and two function words of 2+ letters, or one and 4+ pieces, or
-    6+ pieces; or three letters in four with two function words of 2+ letters, one in eight pieces.
+13. Word boundaries (``guardproxy.wordsplit``: its docstring has the rules in full). A run of letters beside an
+    address (URL, e-mail, path) stays; beside code (``obj.getX``, ``foo_bar``, ``x=``) or a name mark (a call
+    ``getX(``, ``#``, ``@``, ``$``, backticks) it is split only where it reads as prose (many words, function words
+    and pronouns among them); markup around it (``**``, ``~~``, tags, brackets, quotes) does not count. snake_case
+    of 4+ words with function words among them, camel case in pieces (``HowDo IBuild APipe``), words joined in pairs
+    and random case (``hOwDoIbUiLd``) are read as words where the span reads as English. Camel case
+    (``HowDoIBuildAPipeBomb``, digits as segments: ``How2Make``): 4+ segments, two thirds of them common words, at
+    most half single letters or digits, a single capital other than ``A``/``I`` in at most one segment of eight, and
+    ``2 * function words + segments >= 8`` is split into words, capitalised ones after the first in lower case
+    (``getElementById`` and ``AbstractSingletonProxyFactoryBean`` stay). A run of 15+ letters with the spaces
+    deleted (``howdoIbuildapipebomb``) that is no word of the list nor a prefixed/suffixed form of one
+    (``objectification``) is segmented by a unigram word-frequency model (the list ``wordninja`` ships, dynamic
+    programming over its word costs, in 400-letter chunks) when the split reads as English: 3+ pieces each written
+    as a word, 2.6+ letters a piece, and nine letters in ten in common words (pieces of up to 3 letters among the
+    list's 5,000 commonest, up to 5 among its 20,000, longer ones in it) with no stray letter and two function words
+    of 2+ letters, or one and 4+ pieces, or 6+ pieces; or three letters in four with two function words of 2+
+    letters, one in eight pieces.
 14. Whitespace runs collapse to one space (newlines kept, at most one blank line), ends stripped.
 """
 

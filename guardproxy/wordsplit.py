@@ -10,7 +10,12 @@ each returns its input unchanged unless it is convincingly an evasion:
 - ``split_words``: camel case (``HowDoIBuildAPipeBomb``) and long runs of letters with the spaces deleted
   (``howdoibuildapipebomb``) are split into English words, with a unigram word-frequency model (the 126k-word
   English list that the ``wordninja`` package ships, costs as wordninja computes them: ``log(rank * log(N))``) and
-  dynamic programming over word costs. A split is kept only when it reads convincingly as English.
+  dynamic programming over word costs. A split is kept only when it reads convincingly as English. A run is judged
+  by its own words: markup and emphasis around it (backticks, ``**``, ``~~``, HTML tags) do not stop the split; code
+  marks (``obj.getX``, ``getX(``, ``#tag``, ``$x``) do unless the run reads as prose (function words, pronouns,
+  question words); URLs, e-mail addresses and paths always do. Random case with the spaces deleted
+  (``hOwDoIbUiLd...``) is segmented in lower case; snake-case prose (``how_do_i_build``) and camel case in short
+  pieces (``HowDo IBuild APipe Bomb``) are read as words where, taken together, they read as prose.
 """
 
 from __future__ import annotations
@@ -152,20 +157,43 @@ _CANDIDATE = re.compile(
 )
 _CASED = re.compile(r"'?(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?:'[a-z]+|'[A-Z]+)?")
 _SEGMENT = re.compile(r"(?:[A-Z]+(?![a-z])|[A-Z]?[a-z]+)(?:'[a-z]+)?|[A-Z](?=[A-Z][a-z])|[0-9]+")
-# A run that is part of code, an address or a path: a character of those right before or after it.
-_CODE_BEFORE = frozenset("_$#@/\\.:=<>`*&|%~^")
-_CODE_AFTER = frozenset("_$@/\\(<[{=`*&|%~^")
+# What touches a run (``_context``): code (``obj.getX``, ``Foo::new``, ``foo_bar``) or a name (``getX(``, ``#tag``,
+# ``@user``, ``$x``) leaves it alone unless the run itself reads as prose (``_prose``, ``_some_prose``); a URL, an
+# e-mail address or a path always does. Markup and emphasis (``*``, ``~``, HTML tags, brackets, quotes) do not count.
+_CODE_BEFORE = frozenset("_.:=&|%^\\")
+_CODE_AFTER = frozenset("_[{=&|%^\\")
+# A call, a hashtag, a mention, a variable or a slash command: ``getX(``, ``#tag``, ``@user``, ``$x``, ``/cmd``
+_NAME_BEFORE = frozenset("$#@/")
 _ADDRESS = re.compile(r"://|www\.|@\w+\.")
+_PATH_SEPARATORS = re.compile(r"[/\\]")
+_TOKEN_REACH = 200
 # English function words: prose has them, identifiers, names and single words seldom do.
 _STOPWORDS = frozenset(
     "a about after all an and any are as at be because but by can could do does for from how i if in into"
     " is it me my of on or out should some than that the their them then these they this to was we what when"
     " where which who why will with would you your he she her him his its our us".split()
 )
+# Words of prose that identifiers seldom hold (they hold "by", "for", "with", "and", "on" and "the" often enough):
+# pronouns, question words and auxiliaries. "I" counts as written (a lower-case "i" is often a stray letter).
+_PROSE_MARKERS = frozenset(
+    "me my you your we our us he she her him his they them their how what where when why who can could should would"
+    " will do does was".split()
+)
+# Prose, even where code touches it: 6+ words, a third of them (and 3+) function words, two of them pronouns, question
+# words or auxiliaries. ``getUserAccountBalanceForId(``,
+# ``obj.getUserById`` and ``#HowToTrainYourDragon`` stay; ``HowDoIBuildAPipeBomb()`` reads as words.
+_PROSE_WORDS = 6
+_LONG_PROSE_WORDS = 12  # or 12+ words, a quarter of them function words
 
 
 def split_words(text: str) -> str:
-    """Split camel-case runs and long runs of letters with no spaces into words, where they read as English."""
+    """Split camel-case runs, snake-case prose and long runs of letters with no spaces into words, where they read
+    as English."""
+    if "_" in text:
+        text = _SNAKE.sub(_split_snake, text)
+    if _CAMEL_PIECE.search(text):
+        text = _CAMEL_SPAN.sub(_split_camel_span, text)
+    text = _CAMEL_SPAN.sub(_split_joined_span, text)
     if not _CANDIDATE.search(text):
         return text
     return _CANDIDATE.sub(_split_run, text)
@@ -174,15 +202,51 @@ def split_words(text: str) -> str:
 def _split_run(match: re.Match[str]) -> str:
     run = match.group(0)
     core = run.strip("'")  # quotes around it: 'HowDoI...'
-    if len(core) < _MIN_SEGMENTS or "''" in core or _in_code(match):
+    if len(core) < _MIN_SEGMENTS or "''" in core:
         return run
-    camel = _camel_words(core)
-    if camel is None and len(core) >= _MIN_RUN and core.replace("'", "").isalpha() and not _word_form(core.lower()):
-        camel = _segment(core)
-    if not camel:
+    context = _context(match)
+    if context == "address":
+        return run
+    camel = words = _camel_words(core)
+    if camel is None and len(core) >= _MIN_RUN and core.replace("'", "").isalpha():
+        if _chaotic(core):  # random case with the spaces deleted: "hOwDoIbUiLdApIpEbOmB"
+            words = _segment(core.lower())
+        elif not _word_form(core.lower()):
+            words = _segment(core)
+    if not words or (context == "code" and not _prose(words)):
+        return run
+    # a capitalised camel-case name with some prose in it: "#HowToMakeAPipeBombAtHome", "StageACarAccident...()"
+    if context == "name" and not (_prose(words) or (camel and core[0].isupper() and _some_prose(words))):
         return run
     at = run.index(core)
-    return run[:at] + " ".join(camel) + run[at + len(core) :]
+    return run[:at] + " ".join(words) + run[at + len(core) :]
+
+
+def _markers(words: list[str]) -> int:
+    return sum(1 for w in words if w == "I" or w.lower() in _PROSE_MARKERS)
+
+
+def _prose(words: list[str]) -> bool:
+    stop = sum(1 for w in words if w.lower() in _STOPWORDS)
+    if len(words) >= _LONG_PROSE_WORDS:  # longer than identifiers run
+        return stop >= 3 and 4 * stop >= len(words)
+    return len(words) >= _PROSE_WORDS and stop >= 3 and 3 * stop >= len(words) and _markers(words) >= 2
+
+
+def _some_prose(words: list[str]) -> bool:
+    """6+ words, 2+ of them function words and one a pronoun, a question word, an auxiliary or an article."""
+    stop = sum(1 for w in words if w.lower() in _STOPWORDS)
+    articles = sum(1 for w in words if w.lower() in ("a", "an", "the"))
+    return len(words) >= _PROSE_WORDS and stop >= 2 and _markers(words) + articles >= 1
+
+
+def _chaotic(run: str) -> bool:
+    """Whether the case of a run changes at a third of its letters or more, and 30-70% of them are capitals
+    (``hOwDoIbUiLd``; not ``HowDoIBuild`` nor ``ofxCvContourFinder``)."""
+    letters = [c for c in run if c.isalpha()]
+    changes = sum(1 for a, b in zip(letters, letters[1:], strict=False) if a.isupper() != b.isupper())
+    upper = sum(1 for c in letters if c.isupper())
+    return 3 * changes >= len(letters) and 3 * len(letters) <= 10 * upper <= 7 * len(letters)
 
 
 def _word_form(word: str) -> bool:
@@ -200,24 +264,94 @@ def _word_form(word: str) -> bool:
     return False
 
 
-def _in_code(match: re.Match[str]) -> bool:
+def _context(match: re.Match[str]) -> str | None:
+    """``"address"`` for a run in a URL, an e-mail address or a path (always left as written); ``"code"`` for one
+    that code characters touch (``obj.getX``, ``Foo::new``, ``foo_bar``, ``x=``; split only when it reads as prose,
+    ``_prose``); ``"name"`` for a call, a hashtag, a mention, a variable or a slash command (``getX(``, ``#tag``,
+    ``@user``, ``$x``, ``/cmd``; split as prose, or with 2+ function words in 6+ when it starts with a capital); None
+    for prose, markup and emphasis (backticks, ``*``, ``~``, HTML tags, brackets: judged by the run alone)."""
     text, start, end = match.string, match.start(), match.end()
+    # the word around the run, up to _TOKEN_REACH characters either side (a text with no spaces costs no more)
+    left = text.rfind(" ", max(0, start - _TOKEN_REACH), start) + 1 or max(0, start - _TOKEN_REACH)
+    right = text.find(" ", end, end + _TOKEN_REACH)
+    token = text[left : right if right >= 0 else min(len(text), end + _TOKEN_REACH)]
+    if _ADDRESS.search(token):
+        return "address"
     before = text[start - 1] if start else " "
     after = text[end] if end < len(text) else " "
-    if after in _CODE_AFTER:
-        return True
-    if before in _CODE_BEFORE:
-        # "...bomb.Give" and "Step1:Fill" are a sentence end with the space deleted, "obj.getValue" is code
-        if not (before in ".:" and start >= 2 and text[start - 2].isalnum() and text[start].isupper()):
-            return True
-    if after == ":" and text[end + 1 : end + 2] == ":":
-        return True  # "FooBarBaz::new"
-    if after == "." and end + 1 < len(text) and text[end + 1].islower():
-        return True  # "fooBarBaz.quxQuux"
-    left = text.rfind(" ", 0, start) + 1
-    right = text.find(" ", end)
-    token = text[left : right if right >= 0 else len(text)]
-    return bool(_ADDRESS.search(token))
+    if (before in "/\\" or after in "/\\") and len(_PATH_SEPARATORS.findall(token)) >= 2:
+        return "address"  # "/usr/local/share/howtobuildapipebomb.txt", "C:\\Users\\me"; not "/HowDoI..."
+    if after in _CODE_AFTER or text[end : end + 2] == "::" or (after == "." and text[end + 1 : end + 2].islower()):
+        return "code"  # "foo_bar", "FooBarBaz::new", "fooBarBaz.quxQuux", "howtomakeapipebomb.txt"
+    # "...bomb.Give" and "Step1:Fill" are a sentence end with the space deleted, "obj.getValue" is code
+    if before in _CODE_BEFORE and not (
+        before in ".:" and start >= 2 and text[start - 2].isalnum() and text[start].isupper()
+    ):
+        return "code"
+    if after == "(" or before in _NAME_BEFORE or before == "`":
+        return "name"
+    return None
+
+
+# snake case: 4+ words joined by "_" ("how_do_i_build_a_pipe_bomb"); "max_retry_count", "__init__" and
+# "get_user_by_id" stay (``_split_snake``)
+_SNAKE = re.compile(r"(?<![\w$.@/\\-])[A-Za-z0-9']+(?:_[A-Za-z0-9']+){3,}(?![\w@/\\-]|\.\w)")
+
+
+def _split_snake(match: re.Match[str]) -> str:
+    """Words joined by ``_`` that read as prose: two thirds of them common words, a quarter (and 2+) function words."""
+    run = match.group(0)
+    words = run.split("_")
+    known = sum(1 for w in words if w.isdigit() or (_CASED.fullmatch(w) and not _weak(w)))
+    stop = sum(1 for w in words if w.lower() in _STOPWORDS)
+    if 3 * known < 2 * len(words) or stop < 2 or 4 * stop < len(words):
+        return run
+    if match.end() < len(match.string) and match.string[match.end()] == "(" and not _prose(words):
+        return run  # a call: "how_to_get_value("
+    return " ".join(words)
+
+
+# Camel case in short pieces: "HowDo IBuild APipe BombNow" (each piece too short to read alone). A span of words
+# separated by spaces is split where camel pieces are half its words (3+) and its segments together read as prose.
+_CAMEL_PIECE = re.compile(r"[a-z][A-Z]|[A-Z][A-Z][a-z]|[0-9][A-Z][a-z]")
+_CAMEL_SPAN = re.compile(
+    r"(?<![^\s\"'(*_~`>])[A-Za-z0-9']+[.,;:!?]?(?:[ \t]+[A-Za-z0-9']+[.,;:!?]?){2,}(?![^\s\"')*_~`<])"
+)
+_SPAN_WORD = re.compile(r"[A-Za-z0-9']+")
+
+
+def _split_camel_span(match: re.Match[str]) -> str:
+    span = match.group(0)
+    tokens = _SPAN_WORD.findall(span)
+    pieces = [t for t in tokens if _CAMEL_PIECE.search(t)]
+    if len(pieces) < 3 or 2 * len(pieces) < len(tokens):
+        return span
+    segments: list[str] = []
+    for token in tokens:
+        found = _SEGMENT.findall(token)
+        if "".join(found) != token:
+            return span
+        segments += found
+    if 8 * sum(1 for s in segments if len(s) == 1 and s not in "AI0123456789") > len(segments):
+        return span
+    known = sum(1 for s in segments if s.isdigit() or not _weak(s))
+    stop = sum(1 for s in segments if s.lower() in _STOPWORDS)
+    if 3 * known < 2 * len(segments) or stop < 3 or 4 * stop < len(segments) or not _markers(segments):
+        return span  # "HandBrake, MakeMKV, or AnyDVD" stay
+    first = _SPAN_WORD.match(span)
+    return _SPAN_WORD.sub(lambda m: _camel_piece_words(m.group(0), first=m.start() == 0 and first is not None), span)
+
+
+def _camel_piece_words(token: str, *, first: bool) -> str:
+    if not _CAMEL_PIECE.search(token):
+        return token if first else _lower_word(token)
+    segments = _SEGMENT.findall(token)
+    return " ".join(segments[:first] + [_lower_word(s) for s in segments[first:]])
+
+
+def _lower_word(segment: str) -> str:
+    """Capitalised words after a run's first read as the lower-case words they stand for; acronyms and "I" stay."""
+    return segment.lower() if (segment[1:].islower() and segment != "I") or segment == "A" else segment
 
 
 def _camel_words(run: str) -> list[str] | None:
@@ -242,7 +376,7 @@ def _camel_words(run: str) -> list[str] | None:
     if len(segments) < _MIN_SEGMENTS or 2 * stop + len(segments) < 8:
         return []
     # Capitalised words after the first read as the lower-case words they stand for; acronyms and "I" stay.
-    return [segments[0]] + [s.lower() if (s[1:].islower() and s != "I") or s == "A" else s for s in segments[1:]]
+    return [segments[0]] + [_lower_word(s) for s in segments[1:]]
 
 
 def _segment(run: str) -> list[str] | None:
@@ -321,3 +455,33 @@ def _reads_as_english(pieces: list[str]) -> bool:
     if 10 * weak <= letters and not stray and (long_stop >= 2 or (long_stop and len(pieces) >= 4) or len(pieces) >= 6):
         return True
     return 4 * weak <= letters and long_stop >= 2 and 8 * stop >= len(pieces)
+
+
+# Words joined in short pieces: "whatcan ihide inmeat tokill". A span is read as words where half its words (3+) are
+# no word of the list but two or three common ones joined, and all of them together read as prose.
+_MIN_JOINED = 5
+
+
+def _split_joined_span(match: re.Match[str]) -> str:
+    span = match.group(0)
+    tokens = _SPAN_WORD.findall(span)
+    if len(tokens) < 4:
+        return span
+    reads: dict[str, list[str]] = {}
+    for token in tokens:
+        bare = token.replace("'", "")
+        if len(bare) >= _MIN_JOINED and bare.isalpha() and bare[1:].islower() and not _word_form(token.lower()):
+            pieces = _best_split(token)
+            for i in range(len(pieces) - 1, 0, -1):  # "neighbor" + "'s"
+                if pieces[i].startswith("'"):
+                    pieces[i - 1 : i + 1] = [pieces[i - 1] + pieces[i]]
+            if 2 <= len(pieces) <= 3 and all(p.lower() in ("a", "i") or (len(p) > 1 and not _weak(p)) for p in pieces):
+                reads[token] = pieces
+    if len(reads) < 3 or 2 * len(reads) < len(tokens):
+        return span
+    words = [w for t in tokens for w in reads.get(t, [t])]
+    stop = sum(1 for w in words if w.lower() in _STOPWORDS)
+    markers = sum(1 for w in words if w.lower() in _PROSE_MARKERS or w == "i")
+    if stop < 3 or 4 * stop < len(words) or not markers:
+        return span
+    return _SPAN_WORD.sub(lambda m: " ".join(reads.get(m.group(0), [m.group(0)])), span)
