@@ -16,7 +16,7 @@ import argparse
 import random
 from pathlib import Path
 
-from bench.trainer_rows import trainer_rows
+from bench.trainer_rows import prompt_rows, trainer_rows
 from guardproxy.classifier import WHOLE_TURN_WINDOW_LINE, OnnxClassifier, prose_view
 from guardproxy.normalize import normalize
 
@@ -33,15 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args(argv)
     examples = trainer_rows(args.model, args.data)
-    rows = [
-        e
-        for e in examples
-        if e.split == args.split
-        and not e.pair
-        and e.newest is None
-        and not e.text.startswith(("user: ", "assistant: "))
-        and e.harm is not None
-    ]
+    rows = prompt_rows(examples, args.split)
     clf = OnnxClassifier.load(args.model, cache_size=0)
     length = clf.info.max_length
 

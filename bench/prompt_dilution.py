@@ -37,7 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.trainer_rows import trainer_rows
+from bench.trainer_rows import prompt_rows, trainer_rows
 from guardproxy.classifier import PROMPT_WINDOW_IDS, WHOLE_TURN_WINDOW_GATE, WHOLE_TURN_WINDOW_LINE, OnnxClassifier
 from guardproxy.normalize import normalize
 
@@ -100,15 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.json, {"model": str(args.model), "cost": cost(OnnxClassifier.load(args.model, cache_size=0))})
         return 0
     examples = trainer_rows(args.model, args.data)
-    rows = [
-        e
-        for e in examples
-        if e.split == args.split
-        and not e.pair
-        and e.newest is None
-        and not e.text.startswith(("user: ", "assistant: "))
-        and e.harm is not None
-    ]
+    rows = prompt_rows(examples, args.split)
     clf = OnnxClassifier.load(args.model, cache_size=0)  # the whole model: no early exit, nothing cached
     budget = clf.info.max_length - 2
     size = min(PROMPT_WINDOW_IDS, budget)

@@ -19,3 +19,16 @@ def trainer_rows(model: Path, data: Path) -> list[Any]:
     examples: list[Any] = sources.load_all(data, seed=seed, chat_turns=bool(config.get("chat_turns")))
     splits.assign_splits(examples, seed)
     return examples
+
+
+def prompt_rows(examples: list[Any], split: str) -> list[Any]:
+    """The split's single-prompt rows with a harm label: no reply pairs, no conversation windows."""
+    return [
+        e
+        for e in examples
+        if e.split == split
+        and not e.pair
+        and e.newest is None
+        and not e.text.startswith(("user: ", "assistant: "))
+        and e.harm is not None
+    ]
