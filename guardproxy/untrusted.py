@@ -168,9 +168,19 @@ def _is_text_media(media: str) -> bool:
     return kind.startswith("text/") or kind in _TEXT_MEDIA or kind.endswith(("+json", "+xml"))
 
 
+# File formats whose signature is printable: a PDF's head is ASCII object syntax, and its text lies in compressed
+# streams that a model's provider extracts; read as written it is no text a model reads.
+_FILE_SIGNATURES = ("%PDF-", "GIF87a", "GIF89a", "RIFF", "ID3", "OggS", "fLaC")
+
+
 def _is_text(text: str) -> bool:
-    """Whether decoded bytes are text: not blank, at most ``_BINARY_SHARE`` of their characters ``_NOT_TEXT_CHAR``."""
-    return bool(text.strip()) and _NOT_TEXT_CHAR.subn("", text)[1] <= _BINARY_SHARE * len(text)
+    """Whether decoded bytes are text: not blank, at most ``_BINARY_SHARE`` of their characters ``_NOT_TEXT_CHAR``,
+    and no file format's signature (``_FILE_SIGNATURES``) at their start."""
+    return (
+        bool(text.strip())
+        and not text.startswith(_FILE_SIGNATURES)
+        and _NOT_TEXT_CHAR.subn("", text)[1] <= _BINARY_SHARE * len(text)
+    )
 
 
 def _payload_text(value: str, start: int, params: str, *, base64_payload: bool, head_first: bool) -> str | None:

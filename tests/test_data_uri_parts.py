@@ -229,3 +229,10 @@ async def test_a_real_png_in_image_url_is_not_read_as_text() -> None:
             r = await g.send(part)
             assert r.headers["x-guardproxy-decision"] == "allow", r.headers
         assert len(g.fake.requests) == 2
+
+
+def test_a_pdf_whose_head_is_printable_is_not_read_as_text() -> None:
+    # a PDF's head is ASCII object syntax; its text lies in compressed streams a provider extracts
+    pdf = base64.b64encode(b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n").decode()
+    part = {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{pdf}", "filename": "notes.pdf"}}
+    assert content_strings([part]) == ([], ["notes.pdf"])  # its file name only
