@@ -12,8 +12,9 @@ Steps, in order, repeated until nothing changes (at most ``_MAX_PASSES`` times):
    and braces (that ask 0.03, its values 0.97). One with no string value (``[1, 2, 3]``) stays as written.
 1. Unicode tag characters (U+E0020..U+E007E, "ASCII smuggling") become the ASCII they encode, and a run of
    ``_MIN_SELECTOR_BYTES`` or more variation selectors ("emoji smuggling": VS1-VS16 the bytes 0-15, VS17-VS256
-   16-255, hidden behind an emoji) becomes the text its bytes decode to as UTF-8, set off by spaces, where they do
-   (an emoji needs one selector, never a run).
+   16-255, hidden behind an emoji, or spread a few behind each of a row of emoji) becomes the text its bytes decode
+   to as UTF-8 (NUL and bytes that are no UTF-8 dropped), set off by spaces after the emoji, where they do (an emoji
+   needs one selector, never a run).
 2. Format characters (category Cf: zero-width space/joiners, bidi embeddings/overrides/isolates, BOM, soft
    hyphen, word joiner), variation selectors and the other invisible marks (combining grapheme joiner, Khmer
    inherent vowels, Mongolian free variation selectors, the rest of the tag block) are removed.
@@ -110,7 +111,11 @@ _TAGS[0xE007F] = None
 # vowels, Mongolian free variation selectors, and what the tag translation leaves of the tag block.
 # Variation selectors as bytes ("emoji smuggling"): a run this long is data, never an emoji's presentation.
 _MIN_SELECTOR_BYTES = 4
-_SELECTOR_RUN = re.compile(f"[\ufe00-\ufe0f\U000e0100-\U000e01ef]{{{_MIN_SELECTOR_BYTES},}}")
+_SELECTORS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
+# Runs spread over several carriers (a few bytes behind each of a row of emoji) are one payload: selectors, each run
+# of them after one carrier character.
+_SELECTOR_RUN = re.compile(f"[{_SELECTORS}]+(?:[^{_SELECTORS}\\s][{_SELECTORS}]+)*")
+_SELECTOR = re.compile(f"[{_SELECTORS}]")
 _INVISIBLE = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u17b4\u17b5\u180b-\u180f\U000e0000-\U000e007f]")
 
 # Letters that render as an empty cell: Hangul choseong/jungseong fillers, Hangul filler and its halfwidth form
@@ -412,15 +417,19 @@ def normalize(text: str) -> str:
 
 
 def _read_selectors(m: re.Match[str]) -> str:
-    """The text a run of variation selectors carries as bytes (VS1-VS16: 0-15, VS17-VS256: 16-255), set off by
-    spaces; "" (as the selectors alone read) where the bytes are no UTF-8 text."""
-    data = bytes(ord(ch) - 0xFE00 if ord(ch) <= 0xFE0F else ord(ch) - 0xE0100 + 16 for ch in m.group())
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return ""
+    """The text a run of variation selectors carries as bytes (VS1-VS16: 0-15, VS17-VS256: 16-255), with the carrier
+    characters between its pieces kept and the text after them, set off by spaces; the carriers alone (as the
+    selectors alone read) where there are under ``_MIN_SELECTOR_BYTES`` bytes or they are no UTF-8 text. NUL and
+    bytes that are no UTF-8 are dropped (a red team's encoders put them in to break the decoding)."""
+    span = m.group()
+    carriers = _SELECTOR.sub("", span)
+    codes = [ord(ch) for ch in span if _SELECTOR.fullmatch(ch)]
+    if len(codes) < _MIN_SELECTOR_BYTES:
+        return carriers
+    data = bytes(c - 0xFE00 if c <= 0xFE0F else c - 0xE0100 + 16 for c in codes)
+    text = data.decode("utf-8", errors="ignore").replace("\x00", "")
     readable = text.strip() and all(ch in "\n\r\t" or unicodedata.category(ch) not in ("Cc", "Cn", "Co") for ch in text)
-    return f" {text} " if readable else ""
+    return f"{carriers} {text} " if readable else carriers
 
 
 def _json_values(text: str) -> str:
