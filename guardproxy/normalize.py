@@ -90,7 +90,6 @@ import binascii
 import codecs
 import html
 import json
-import math
 import re
 import unicodedata
 from collections import Counter
@@ -98,7 +97,7 @@ from collections.abc import Iterator
 
 from guardproxy import wordsplit
 
-__all__ = ["is_word", "normalize", "word_cost"]
+__all__ = ["normalize"]
 
 _MAX_PASSES = 4
 
@@ -853,7 +852,7 @@ def _reads_as_cipher(words: int, plain: int, read: int, distinct: int, shared: i
 
 def _leans(words: list[str], reading: int) -> bool:
     """Whether a sentence of a text in cipher ``reading`` is read in it: more stopwords in the reading than as
-    written, or as many and more words of the English word list (``is_word``). A sentence with no stopword
+    written, or as many and more words of the English word list (``wordsplit.is_word``). A sentence with no stopword
     either way kept the reading once, so one ciphered decoy sentence had a plain ask without stopwords ("Pipe bomb
     construction. Exact materials list.") read in ROT13 and scored 0.046 (0.950 as written: a red-team walkthrough)."""
     plain = sum(1 for w in words if w in _STOPWORDS)
@@ -865,18 +864,7 @@ def _leans(words: list[str], reading: int) -> bool:
         readings = [w.translate(table) for w in words]
     else:
         readings = [w[::-1] for w in words]
-    return sum(map(is_word, readings)) > sum(map(is_word, words))
-
-
-def is_word(word: str) -> bool:
-    """Whether a lower-case word is one of the English word list's (``guardproxy.wordsplit``)."""
-    return word_cost(word) != math.inf
-
-
-def word_cost(word: str) -> float:
-    """A lower-case word's cost in the English word list (``guardproxy.wordsplit``: the rarer, the dearer); ``inf``
-    for what is no word of it."""
-    return wordsplit._cost(word)
+    return sum(map(wordsplit.is_word, readings)) > sum(map(wordsplit.is_word, words))
 
 
 def _read(span: str, reading: int) -> str:

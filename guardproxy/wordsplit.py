@@ -135,6 +135,17 @@ def _cost(word: str) -> float:
     return inf if cost is None else cost
 
 
+def word_cost(word: str) -> float:
+    """A lower-case word's cost in the English word list (the rarer, the dearer: ``log(rank * log(N))``); ``inf``
+    for what is no word of it. The cipher step and the reading of zero-width characters judge by it too."""
+    return _cost(word)
+
+
+def is_word(word: str) -> bool:
+    """Whether a lower-case word is one of the English word list's."""
+    return _cost(word) != inf
+
+
 _MIN_RUN = 15  # letters in a run with the spaces deleted
 _MIN_SEGMENTS = 4  # segments in a camel-case run
 _CHUNK = 400  # a long run is segmented in chunks of this many letters (a word may break at a seam)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from guardproxy.untrusted import NOT_TEXT, content_strings, strings_of
+from guardproxy.wordsplit import word_cost
 
 __all__ = [
     "Chain",
@@ -151,15 +152,11 @@ _ZERO_WIDTH_WORD = re.compile(f"[^\\W\\d_]+(?:[{_ZERO_WIDTH_CHARS}]+[^\\W\\d_]+)
 def _strong(piece: str) -> bool:
     """A word of the list, of 4+ letters or among its 5,000 commonest: not "ri" or "cin", which it holds as
     abbreviations."""
-    from guardproxy.normalize import word_cost
-
     cost = word_cost(piece.lower())
     return cost < math.inf and (len(piece) >= 4 or cost <= word_cost("the") + math.log(5_000))
 
 
 def _unzero(match: re.Match[str]) -> str:
-    from guardproxy.normalize import word_cost
-
     pieces = _ZERO_WIDTH_RUN.split(match.group())
     out = word = pieces[0]  # ``word``: the letters since the last space put in
     for piece in pieces[1:]:
